@@ -1,0 +1,425 @@
+"""Calibration and evaluation data: files, image folders or iterables, streamed as validated batches.
+
+Every source is turned into a stream of "chunks" (one file, one image, one item of an iterable),
+each checked against the model's inputs and then cut and re-glued into batches of a fixed size,
+so at most one batch of samples is materialised at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+
+from lowbit.errors import LowbitError
+
+ARRAY_SUFFIXES = (".npy", ".npz")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+_ACCEPTED = "a .npy/.npz file, or a folder of .npy/.npz files or of .jpg/.jpeg/.png/.bmp images"
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input; ints in `shape` are fixed dims, str/None are dynamic (dim 0 is the batch)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str | None, ...]
+
+
+def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
+    """Read the graph inputs of an ONNX model, skipping inputs that are really initializers."""
+    if isinstance(model, onnx.ModelProto):
+        proto = model
+    else:
+        path = Path(model)
+        if not path.is_file():
+            raise LowbitError(f"model not found: {path}; check the path")
+        try:
+            # Weights are irrelevant here, so external data is not read.
+            proto = onnx.load(str(path), load_external_data=False)
+        except (DecodeError, OSError, ValueError) as e:
+            raise LowbitError(f"{path} is not a valid ONNX model ({_one_line(e)}); re-export it") from None
+    graph = proto.graph
+    weights = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    specs = []
+    for inp in graph.input:
+        if inp.name in weights:
+            continue
+        if not inp.type.HasField("tensor_type"):
+            raise LowbitError(f"model input '{inp.name}' is not a tensor; only tensor inputs are supported")
+        tt = inp.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            raise LowbitError(f"model input '{inp.name}' has unsupported element type {tt.elem_type}") from None
+        if not tt.HasField("shape"):
+            raise LowbitError(
+                f"model input '{inp.name}' has no shape; re-export the model with input shapes declared"
+            )
+        # dim_value 0 is how some exporters spell "unknown", so treat it as dynamic.
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
+            for d in tt.shape.dim
+        )
+        specs.append(InputSpec(inp.name, dtype, shape))
+    return specs
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Resize the shorter side to `size`, center-crop `crop`, scale to [0, 1], normalise by mean/std."""
+
+    size: int = 256
+    crop: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    channels: Literal["RGB", "BGR"] = "RGB"
+
+    def __post_init__(self) -> None:
+        for field in ("size", "crop"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise LowbitError(f"image {field} must be a positive integer, got {value!r}")
+        if self.crop > self.size:
+            raise LowbitError(f"image crop ({self.crop}) must not exceed resize size ({self.size})")
+        for field in ("mean", "std"):
+            value = getattr(self, field)
+            try:
+                values = tuple(float(v) for v in value)
+            except (TypeError, ValueError):
+                values = ()
+            if len(values) != 3:
+                raise LowbitError(f"image {field} must be 3 numbers (one per R, G, B), got {value!r}")
+            # Lists are accepted (handy for configs) but stored as tuples to keep the class hashable.
+            object.__setattr__(self, field, values)
+        if not all(s > 0 for s in self.std):
+            raise LowbitError(f"image std values must all be > 0, got {self.std}")
+        if self.layout not in ("NCHW", "NHWC"):
+            raise LowbitError(f"image layout must be 'NCHW' or 'NHWC', got {self.layout!r}")
+        if self.channels not in ("RGB", "BGR"):
+            raise LowbitError(f"image channels must be 'RGB' or 'BGR', got {self.channels!r}")
+
+
+class DataSource:
+    """Iterates batches: dict input-name -> np.ndarray with a leading batch dim.
+
+    `num_samples` is the number of samples the iteration will yield, or None when it can't be known
+    up front (general iterables). A source built on an iterator or generator can be iterated once;
+    a second iteration raises LowbitError. Sources built on paths, lists or tuples can be re-iterated.
+    """
+
+    def __init__(
+        self,
+        chunks: Callable[[], Iterator[tuple[str, Mapping[str, Any]]]],
+        specs: list[InputSpec],
+        batch_size: int,
+        fixed_batch: bool,
+        limit: int | None,
+        num_samples: int | None,
+        one_shot: bool,
+    ) -> None:
+        self.specs = specs
+        self.batch_size = batch_size
+        self.num_samples = num_samples
+        self._chunks = chunks
+        self._fixed_batch = fixed_batch
+        self._limit = limit
+        self._one_shot = one_shot
+        self._used = False
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self._one_shot and self._used:
+            raise LowbitError(
+                "this data source wraps a one-shot iterator that was already consumed; pass a list or a path to iterate again"
+            )
+        self._used = True
+        return self._batches()
+
+    def _batches(self) -> Iterator[Batch]:
+        pending: list[Batch] = []
+        have = 0
+        left = self._limit if self._limit is not None else float("inf")
+        for where, arrays in self._chunks():
+            n, take = _check(where, arrays, self.specs)
+            full = {s.name: _as_batch(arrays[take[s.name]], s) for s in self.specs}
+            start = 0
+            while start < n and left > 0:
+                # Slice only what fits in the current batch, so a memory-mapped file is read piecewise.
+                stop = int(min(n, start + self.batch_size - have, start + left))
+                pending.append({s.name: _clean(where, s, start, full[s.name][start:stop]) for s in self.specs})
+                have += stop - start
+                left -= stop - start
+                start = stop
+                if have == self.batch_size:
+                    yield _concat(pending)
+                    pending, have = [], 0
+            if left <= 0:
+                break  # before fetching another chunk: a generator is not read past the limit
+        if pending:
+            if self._fixed_batch:
+                warnings.warn(
+                    f"dropping the last {have} samples: the model's batch size is fixed at {self.batch_size}",
+                    stacklevel=2,
+                )
+            else:
+                yield _concat(pending)
+
+
+def open_data(
+    source: str | os.PathLike | Iterable[Any],
+    specs: list[InputSpec],
+    batch_size: int = 8,
+    preprocess: ImagePreprocess | None = None,
+    limit: int | None = None,
+    *,
+    what: str = "calibration data",
+) -> DataSource:
+    """Open `source` (path to .npy/.npz, folder of arrays or images, or an iterable) as a DataSource.
+
+    `what` only changes the wording of "not found" errors (e.g. "evaluation data").
+    A bare ndarray or dict is taken as one item, not iterated row by row.
+    """
+    specs = list(specs)
+    if not specs:
+        raise LowbitError("the model has no inputs to feed data to")
+    for s in specs:
+        if len(s.shape) == 0:
+            raise LowbitError(f"model input '{s.name}' is a scalar; inputs need a leading batch dimension")
+    for label, value in (("batch_size", batch_size), ("limit", limit)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise LowbitError(f"{label} must be a positive integer, got {value!r}")
+    fixed = [s.shape[0] for s in specs if isinstance(s.shape[0], int)]
+    if len(set(fixed)) > 1:
+        raise LowbitError(f"model inputs disagree on the fixed batch size ({sorted(set(fixed))}); re-export the model")
+    batch = fixed[0] if fixed else batch_size
+
+    def finish(chunks, total: int | None, one_shot: bool = False) -> DataSource:
+        if total is not None:
+            total = min(total, limit) if limit is not None else total
+            if fixed:
+                total -= total % batch
+        return DataSource(chunks, specs, batch, bool(fixed), limit, total, one_shot)
+
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise LowbitError(f"{what} not found: {path}; expected {_ACCEPTED}")
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            arrays = [p for p in files if p.suffix.lower() in ARRAY_SUFFIXES]
+            images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+            if arrays and images:
+                raise LowbitError(f"{path} mixes array files and images; keep one kind of data per folder")
+            if images:
+                pre = preprocess if preprocess is not None else ImagePreprocess()
+                name = _image_input(specs, pre)
+                return finish(lambda: ((str(p), {name: _load_image(p, pre)}) for p in images), len(images))
+            if not arrays:
+                raise LowbitError(f"no usable data files in {path}; expected .npy/.npz files or .jpg/.jpeg/.png/.bmp images")
+        elif path.suffix.lower() in ARRAY_SUFFIXES:
+            arrays = [path]
+        else:
+            raise LowbitError(f"unsupported data file {path}; expected {_ACCEPTED}")
+        # Headers only: catches shape/dtype/name mistakes before any long run starts, and counts samples.
+        total = sum(_check(str(p), _read_headers(p, specs), specs)[0] for p in arrays)
+        return finish(lambda: ((str(p), _load_arrays(p, specs)) for p in arrays), total)
+
+    if isinstance(source, (np.ndarray, Mapping)):
+        source = [source]
+    if not isinstance(source, Iterable):
+        raise LowbitError(f"cannot read data from a {type(source).__name__}; pass a path or an iterable of arrays")
+
+    def items() -> Iterator[tuple[str, Mapping[str, Any]]]:
+        for i, item in enumerate(source):
+            yield _item(i, item, specs)
+
+    if isinstance(source, (list, tuple)):
+        # Shapes are known without reading data, so count (and validate) up front.
+        total = sum(_check(where, arrays, specs)[0] for where, arrays in items())
+        return finish(items, total)
+    return finish(items, None, one_shot=iter(source) is source)
+
+
+class _Header(NamedTuple):
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+def _one_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _shape_text(shape: tuple) -> str:
+    # Dynamic batch shows as N whatever the exporter called it; other dynamic dims keep their name.
+    dims = [str(d) if isinstance(d, int) else "N" if i == 0 else (d or "?") for i, d in enumerate(shape)]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _read_header(f, where: str) -> _Header:
+    try:
+        version = np.lib.format.read_magic(f)
+        fmt = np.lib.format
+        shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+    except (ValueError, OSError, EOFError) as e:
+        raise LowbitError(f"{where} is not a valid .npy array ({_one_line(e)}); re-save it with numpy.save") from None
+    return _Header(tuple(shape), dtype)
+
+
+def _single_input_key(path: Path, specs: list[InputSpec]) -> str:
+    if len(specs) != 1:
+        names = ", ".join(s.name for s in specs)
+        raise LowbitError(f"{path} holds one array but the model has {len(specs)} inputs ({names}); use a .npz keyed by input name")
+    return specs[0].name
+
+
+def _read_headers(path: Path, specs: list[InputSpec]) -> dict[str, _Header]:
+    if path.suffix.lower() == ".npy":
+        key = _single_input_key(path, specs)
+        with open(path, "rb") as f:
+            return {key: _read_header(f, str(path))}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            headers = {}
+            for member in zf.namelist():
+                if member.endswith(".npy"):
+                    with zf.open(member) as f:
+                        headers[member[:-4]] = _read_header(f, f"{path}:{member[:-4]}")
+            return headers
+    except (zipfile.BadZipFile, OSError) as e:
+        raise LowbitError(f"{path} is not a valid .npz archive ({_one_line(e)}); re-save it with numpy.savez") from None
+
+
+def _load_arrays(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+    try:
+        if path.suffix.lower() == ".npy":
+            # Memory-mapped so a large file is read slice by slice, never whole.
+            return {_single_input_key(path, specs): np.load(path, mmap_mode="r", allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as z:
+            keys = _pick_keys(str(path), set(z.files), specs)
+            return {key: z[key] for key in keys.values()}  # npz members can't be mapped; load only needed ones
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise LowbitError(f"cannot read {path} ({_one_line(e)}); re-save it with numpy.save/savez") from None
+
+
+def _item(i: int, item: Any, specs: list[InputSpec]) -> tuple[str, dict[str, np.ndarray]]:
+    where = f"item {i} of the data iterable"
+    if isinstance(item, Mapping):
+        return where, {str(k): np.asarray(v) for k, v in item.items()}
+    if isinstance(item, np.ndarray) or hasattr(item, "__array__"):
+        if len(specs) != 1:
+            names = ", ".join(s.name for s in specs)
+            raise LowbitError(f"{where} is an array but the model has {len(specs)} inputs ({names}); yield dicts keyed by input name")
+        return where, {specs[0].name: np.asarray(item)}
+    raise LowbitError(f"{where} is a {type(item).__name__}; yield numpy arrays or dicts of input name -> array")
+
+
+def _pick_keys(where: str, keys: set[str], specs: list[InputSpec]) -> dict[str, str]:
+    """Map each input name to the key that holds its data."""
+    names = [s.name for s in specs]
+    if all(n in keys for n in names):
+        return {n: n for n in names}
+    if len(names) == 1 and len(keys) == 1:
+        return {names[0]: next(iter(keys))}  # one input, one array: the key name doesn't matter
+    missing = next(n for n in names if n not in keys)
+    raise LowbitError(f"input '{missing}' missing in {where} (found keys: {sorted(keys)}); store arrays under the model's input names")
+
+
+def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tuple[int, dict[str, str]]:
+    """Validate names, shapes and dtypes (metadata only); return the sample count and name -> key."""
+    take = _pick_keys(where, set(arrays), specs)
+    counts = {}
+    for s in specs:
+        a = arrays[take[s.name]]
+        if a.dtype.hasobject:
+            # Object arrays can only be loaded by unpickling, which can run arbitrary code.
+            raise LowbitError(f"input '{s.name}' in {where} holds Python objects (pickled), which lowbit never loads; use a numeric array")
+        shape = tuple(a.shape)
+        rank = len(s.shape)
+        full = shape if len(shape) == rank else (1, *shape) if len(shape) == rank - 1 else None
+        bad_dim = full is None or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], full[1:]))
+        if bad_dim:
+            raise LowbitError(f"input '{s.name}': expected shape {_shape_text(s.shape)}, got {shape} in {where}")
+        if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
+            raise LowbitError(f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype")
+        counts[s.name] = full[0]
+    if len(set(counts.values())) > 1:
+        raise LowbitError(f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count")
+    return next(iter(counts.values())), take
+
+
+def _as_batch(a: np.ndarray, spec: InputSpec) -> np.ndarray:
+    return a[np.newaxis] if a.ndim == len(spec.shape) - 1 else a
+
+
+def _clean(where: str, spec: InputSpec, offset: int, a: np.ndarray) -> np.ndarray:
+    # Copy: detaches the batch from memory-mapped files and from the caller's arrays.
+    with np.errstate(over="ignore"):  # overflow becomes Inf, reported below with context
+        out = np.array(a, dtype=spec.dtype)
+    if out.dtype.kind in "fc":
+        bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
+        if bad.any():
+            cast = f" (after casting {a.dtype} to {spec.dtype})" if a.dtype != spec.dtype else ""
+            raise LowbitError(
+                f"input '{spec.name}' has NaN or Inf values{cast} in sample {offset + int(np.argmax(bad))} of {where}; fix or drop that sample"
+            )
+    return out
+
+
+def _concat(pieces: list[Batch]) -> Batch:
+    if len(pieces) == 1:
+        return pieces[0]
+    return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+
+
+def _image_input(specs: list[InputSpec], pre: ImagePreprocess) -> str:
+    """Check that the model takes one 4-D float image tensor matching `pre`; return its name."""
+    if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].dtype.kind != "f":
+        got = ", ".join(f"'{s.name}' {_shape_text(s.shape)} {s.dtype}" for s in specs)
+        raise LowbitError(f"an image folder needs a model with one 4-D float input, but it has: {got}; use .npy/.npz data")
+    s = specs[0]
+    _, c, h, w = s.shape if pre.layout == "NCHW" else (s.shape[0], s.shape[3], s.shape[1], s.shape[2])
+    if isinstance(c, int) and c != 3:
+        other = "NHWC" if pre.layout == "NCHW" else "NCHW"
+        raise LowbitError(f"input '{s.name}' {_shape_text(s.shape)} is not {pre.layout} with 3 channels; try layout='{other}'")
+    for dim in (h, w):
+        if isinstance(dim, int) and dim != pre.crop:
+            raise LowbitError(f"input '{s.name}' expects {h}x{w} images but the image crop is {pre.crop}; set crop to match")
+    return s.name
+
+
+def _load_image(path: Path, pre: ImagePreprocess) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            if w <= h:
+                nw, nh = pre.size, max(pre.size, round(h * pre.size / w))
+            else:
+                nw, nh = max(pre.size, round(w * pre.size / h)), pre.size
+            im = im.resize((nw, nh), Image.Resampling.BILINEAR)
+            left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+            im = im.crop((left, top, left + pre.crop, top + pre.crop))
+            x = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise LowbitError(f"cannot read image {path} ({_one_line(e)}); remove or replace it") from None
+    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
+    if pre.channels == "BGR":
+        x = x[..., ::-1]
+    if pre.layout == "NCHW":
+        x = x.transpose(2, 0, 1)
+    return np.ascontiguousarray(x)

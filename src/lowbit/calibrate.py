@@ -1,0 +1,91 @@
+"""Calibration: run the float model one batch at a time and stream every needed tensor into an observer.
+
+Activations of past batches are never kept, so peak memory depends on the batch size, not on how many
+samples are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm import tqdm
+
+from .errors import LowbitError
+from .observe import ChannelMinMax, Histogram
+
+
+@dataclass
+class Statistics:
+    histograms: dict[str, Histogram] = field(default_factory=dict)
+    channels: dict[str, ChannelMinMax] = field(default_factory=dict)
+    samples: int = 0
+
+
+def _augmented(model: ir.Model, names: list[str]) -> bytes:
+    """The model with every observed tensor added as an output, serialized for ONNX Runtime."""
+    proto = ir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return proto.SerializeToString()
+
+
+def calibrate(
+    model: ir.Model,
+    tensors: Iterable[str],
+    channel_axes: dict[str, int],
+    batches: Iterable[dict[str, np.ndarray]],
+    total: int | None = None,
+    progress: bool = True,
+    threads: int = 0,
+) -> Statistics:
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches."""
+    tensors = set(tensors)
+    inputs = {v.name for v in model.graph.inputs}
+    initializers = set(model.graph.initializers)
+    names = sorted(t for t in set(tensors) | set(channel_axes) if t not in initializers)
+    stats = Statistics()
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(_augmented(model, names), opts, providers=["CPUExecutionProvider"])
+    fetch = names
+    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=not progress, leave=False)
+    try:
+        for batch in batches:
+            n = len(next(iter(batch.values())))
+            feeds = {k: v for k, v in batch.items() if k in inputs}
+            try:
+                outs = session.run(fetch, feeds)
+            except Exception as e:  # ORT's messages are long; keep the first line
+                raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
+            for name, value in zip(fetch, outs):
+                if name in tensors:
+                    _update(stats.histograms, name, value, Histogram)
+                if name in channel_axes:
+                    obs = stats.channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
+                    obs.update(value)
+            stats.samples += n
+            bar.update(n)
+    finally:
+        bar.close()
+    if stats.samples == 0:
+        raise LowbitError("calibration data yielded no samples; point --calib at a non-empty source")
+    return stats
+
+
+def _update(store: dict, name: str, value: np.ndarray, kind: type) -> None:
+    if name not in store:
+        store[name] = kind()
+    try:
+        store[name].update(value)
+    except LowbitError:
+        raise LowbitError(
+            f"tensor '{name}' is NaN or Inf on the calibration data; check the data or the float model"
+        ) from None

@@ -1,0 +1,34 @@
+"""Op handlers: for one node, which inputs and outputs are quantized and which share a scale.
+
+A handler looks at a node and returns an OpSpec or a Skip with the reason; it never edits the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import onnx_ir as ir
+
+from .activation import HANDLERS as _ACTIVATION
+from .base import OpSpec, Skip
+from .conv import HANDLERS as _CONV
+from .elementwise import HANDLERS as _ELEMENTWISE
+from .matmul import HANDLERS as _MATMUL
+from .pooling import HANDLERS as _POOLING
+from .shape import HANDLERS as _SHAPE
+
+Handler = Callable[[ir.Node], "OpSpec | Skip"]
+
+HANDLERS: dict[str, Handler] = {**_CONV, **_MATMUL, **_ELEMENTWISE, **_POOLING, **_ACTIVATION, **_SHAPE}
+
+
+def spec_for(node: ir.Node) -> OpSpec | Skip:
+    if node.domain not in ("", "ai.onnx"):
+        return Skip(f"custom-domain op {node.domain}::{node.op_type} has no quantized form")
+    handler = HANDLERS.get(node.op_type)
+    if handler is None:
+        return Skip(f"no quantized form for {node.op_type} in lowbit")
+    return handler(node)
+
+
+__all__ = ["OpSpec", "Skip", "HANDLERS", "spec_for"]

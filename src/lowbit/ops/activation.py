@@ -1,0 +1,55 @@
+"""Activations. Relu and Clip(0, x) fold into the range of the op feeding them; the rest get their own range."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .base import OpSpec, Skip, const, float_input
+
+
+def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """(low, high) of a Relu/Clip with constant bounds, None otherwise."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    low, high = float("-inf"), float("inf")
+    if "min" in node.attributes:  # opset < 11
+        low = node.attributes.get_float("min")
+    if "max" in node.attributes:
+        high = node.attributes.get_float("max")
+    for i, default in ((1, None), (2, None)):
+        if i < len(node.inputs) and node.inputs[i] is not None:
+            v = const(node, i)
+            if v is None:
+                return None
+            if i == 1:
+                low = float(v)
+            else:
+                high = float(v)
+    return low, high
+
+
+def relu_clip(node: ir.Node) -> OpSpec | Skip:
+    if (bad := float_input(node)) is not None:
+        return bad
+    bounds = clip_bounds(node)
+    if bounds is None:
+        return Skip("Clip bounds are not constants")
+    return OpSpec(fusable_activation=bounds[0] == 0.0)
+
+
+def own_range(node: ir.Node) -> OpSpec | Skip:
+    if (bad := float_input(node)) is not None:
+        return bad
+    return OpSpec()
+
+
+HANDLERS = {
+    "Relu": relu_clip,
+    "Clip": relu_clip,
+    "Sigmoid": own_range,
+    "Softmax": own_range,
+    "HardSwish": own_range,
+    "HardSigmoid": own_range,
+    "LeakyRelu": own_range,
+    "Tanh": own_range,
+}

@@ -1,0 +1,24 @@
+"""Add, Mul, Concat: every float input is an activation with its own range; the output gets its own."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .base import OpSpec, Skip, float_input
+
+
+def binary(node: ir.Node) -> OpSpec | Skip:
+    for i in range(2):
+        if (bad := float_input(node, i)) is not None:
+            return bad
+    return OpSpec(activations=(0, 1))
+
+
+def concat(node: ir.Node) -> OpSpec | Skip:
+    for i in range(len(node.inputs)):
+        if (bad := float_input(node, i)) is not None:
+            return bad
+    return OpSpec(activations=tuple(range(len(node.inputs))))
+
+
+HANDLERS = {"Add": binary, "Mul": binary, "Concat": concat}

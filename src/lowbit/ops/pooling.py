@@ -1,0 +1,24 @@
+"""Pooling and reductions. MaxPool selects input values, so it keeps the input's scale."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .base import OpSpec, Skip, float_input
+
+
+def max_pool(node: ir.Node) -> OpSpec | Skip:
+    if (bad := float_input(node)) is not None:
+        return bad
+    if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].uses():
+        return Skip("MaxPool indices output is used")
+    return OpSpec(shares_input_scale=True)
+
+
+def averaging(node: ir.Node) -> OpSpec | Skip:
+    if (bad := float_input(node)) is not None:
+        return bad
+    return OpSpec()
+
+
+HANDLERS = {"MaxPool": max_pool, "AveragePool": averaging, "GlobalAveragePool": averaging, "ReduceMean": averaging}

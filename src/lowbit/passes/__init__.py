@@ -1,0 +1,24 @@
+"""Graph -> graph transforms that run before calibration. Each pass returns whether it changed the model."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+
+from .fold_batchnorm import fold_batchnorm
+from .fold_constants import fold_constants
+from .fold_pad import fold_pad
+
+
+def prepare(model: ir.Model) -> ir.Model:
+    """Make weights initializers, fold constants, BatchNorm and zero Pads into convs, infer shapes."""
+    common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    fold_constants(model)
+    fold_batchnorm(model)
+    fold_pad(model)
+    common.RemoveUnusedNodesPass()(model)
+    common.ShapeInferencePass()(model)
+    return model
+
+
+__all__ = ["prepare", "fold_constants", "fold_batchnorm", "fold_pad"]

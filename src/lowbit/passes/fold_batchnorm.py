@@ -1,0 +1,50 @@
+"""Fold inference-mode BatchNormalization into the Conv that feeds it."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+
+def _const(v: ir.Value | None) -> np.ndarray | None:
+    return None if v is None or v.const_value is None else v.const_value.numpy()
+
+
+def fold_batchnorm(model: ir.Model) -> bool:
+    graph = model.graph
+    changed = False
+    for bn in list(graph):
+        if bn.op_type != "BatchNormalization" or len(bn.outputs) != 1:
+            continue
+        conv = bn.inputs[0].producer()
+        if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1 or bn.inputs[0].is_graph_output():
+            continue
+        w = _const(conv.inputs[1])
+        b = _const(conv.inputs[2]) if len(conv.inputs) > 2 else None
+        gamma, beta, mean, var = (_const(v) for v in bn.inputs[1:5])
+        if w is None or any(x is None for x in (gamma, beta, mean, var)):
+            continue
+        eps = bn.attributes.get_float("epsilon", 1e-5)
+        factor = gamma / np.sqrt(var + eps)
+        new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+        new_b = ((b if b is not None else 0.0) - mean) * factor + beta
+        w_val = ir.Value(name=f"{conv.inputs[1].name}_bnfold", const_value=ir.tensor(new_w))
+        b_val = ir.Value(name=f"{bn.name or bn.outputs[0].name}_bias", const_value=ir.tensor(new_b.astype(w.dtype)))
+        for v in (w_val, b_val):
+            v.shape = ir.Shape(v.const_value.shape)
+            v.dtype = v.const_value.dtype
+            graph.register_initializer(v)
+        conv.replace_input_with(1, w_val)
+        if len(conv.inputs) > 2:
+            conv.replace_input_with(2, b_val)
+        else:
+            conv.resize_inputs(3)
+            conv.replace_input_with(2, b_val)
+        out = bn.outputs[0]
+        name = out.name
+        out.replace_all_uses_with(conv.outputs[0], replace_graph_outputs=True)
+        out.name = None
+        conv.outputs[0].name = name
+        graph.remove(bn, safe=True)
+        changed = True
+    return changed

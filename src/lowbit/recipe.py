@@ -1,0 +1,188 @@
+"""Recipes: what to quantize and how, as frozen, versioned data with a JSON round trip.
+
+Every option is validated here, before any model is loaded, so a typo fails in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from .errors import LowbitError
+
+RECIPE_VERSION = 1
+
+ActivationType = Literal["uint8", "int8", "uint16", "int16"]
+WeightType = Literal["int8", "uint8"]
+Calibration = Literal["minmax", "percentile", "entropy", "mse"]
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """How one node is quantized."""
+
+    activations: ActivationType = "uint8"  # uint8 activations + int8 weights is x86's fast integer path
+    weights: WeightType = "int8"
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    symmetric_weights: bool = True
+    calibration: Calibration = "minmax"
+    percentile: float = 99.99
+    # 7-bit weights everywhere (ORT's reduce_range); lowbit prefers `avoid_overflow`, which does it per channel.
+    reduce_range: bool = False
+    # Where u8 x s8 pair products could overflow int16 in AVX2 kernels without VNNI, shrink that channel's
+    # weight range just enough that no pair can: the integer kernels then agree with the float simulation.
+    avoid_overflow: bool = True
+
+    def __post_init__(self) -> None:
+        _check_literal(self, "activations", ActivationType)
+        _check_literal(self, "weights", WeightType)
+        _check_literal(self, "calibration", Calibration)
+        for name in ("per_channel", "symmetric_activations", "symmetric_weights", "reduce_range", "avoid_overflow"):
+            if not isinstance(getattr(self, name), bool):
+                raise LowbitError(f"recipe option '{name}' must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
+            raise LowbitError(f"recipe option 'percentile' must be in (50, 100], got {self.percentile!r}")
+        if self.symmetric_weights and self.weights == "uint8":
+            raise LowbitError("conflicting options: symmetric weights need a signed weight type; use weights=int8")
+        if self.reduce_range and self.activations in ("uint16", "int16"):
+            raise LowbitError("conflicting options: reduce_range is for 8-bit kernels, not 16-bit activations")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Nodes matching every given criterion get `scheme`, or stay float when scheme is None."""
+
+    names: tuple[str, ...] = ()  # fnmatch patterns on node names
+    op_types: tuple[str, ...] = ()
+    scheme: Scheme | None = None
+
+    def matches(self, node_name: str, op_type: str) -> bool:
+        if self.names and not any(fnmatchcase(node_name, p) for p in self.names):
+            return False
+        if self.op_types and op_type not in self.op_types:
+            return False
+        return bool(self.names or self.op_types)
+
+    def describe(self) -> str:
+        parts = [f"names={list(self.names)}" if self.names else "", f"op_types={list(self.op_types)}" if self.op_types else ""]
+        return "rule(" + ", ".join(p for p in parts if p) + ")"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A default scheme, ordered rules (first match wins), exclusions and calibration settings."""
+
+    default: Scheme = field(default_factory=Scheme)
+    rules: tuple[Rule, ...] = ()
+    exclude_names: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    calibration_samples: int = 256
+    batch_size: int = 8
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise LowbitError(f"recipe version {self.version} is not supported (this lowbit reads version {RECIPE_VERSION})")
+        for name in ("calibration_samples", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LowbitError(f"recipe option '{name}' must be a positive integer, got {value!r}")
+
+    def scheme_for(self, node_name: str, op_type: str) -> tuple[Scheme | None, str]:
+        """The scheme for a node (None = keep float) and what decided it."""
+        if any(fnmatchcase(node_name, p) for p in self.exclude_names):
+            return None, "excluded by name"
+        if op_type in self.exclude_op_types:
+            return None, f"excluded op type {op_type}"
+        for i, rule in enumerate(self.rules):
+            if rule.matches(node_name, op_type):
+                return rule.scheme, f"rule {i} {rule.describe()}"
+        return self.default, "default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+        _check_keys(data, cls, where)
+        kw = dict(data)
+        if "default" in kw:
+            kw["default"] = _scheme(kw["default"], f"{where}.default")
+        if "rules" in kw:
+            kw["rules"] = tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(kw["rules"]))
+        for key in ("exclude_names", "exclude_op_types"):
+            if key in kw:
+                kw[key] = tuple(_str_list(kw[key], f"{where}.{key}"))
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise LowbitError(f"recipe file not found: {p}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LowbitError(f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with `lowbit recipe --show default`") from None
+        if not isinstance(data, dict):
+            raise LowbitError(f"recipe file {p} must hold a JSON object")
+        return cls.from_dict(data, where=str(p))
+
+
+def _check_literal(obj: Any, name: str, kind: Any) -> None:
+    allowed = get_args(kind)
+    if getattr(obj, name) not in allowed:
+        raise LowbitError(f"recipe option '{name}' must be one of {', '.join(allowed)}; got {getattr(obj, name)!r}")
+
+
+def _check_keys(data: Any, cls: type, where: str) -> None:
+    if not isinstance(data, dict):
+        raise LowbitError(f"{where} must be a JSON object")
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise LowbitError(f"unknown recipe key '{unknown[0]}' in {where} (valid keys: {', '.join(sorted(valid))})")
+
+
+def _scheme(data: Any, where: str) -> Scheme:
+    _check_keys(data, Scheme, where)
+    return Scheme(**data)
+
+
+def _rule(data: Any, where: str) -> Rule:
+    _check_keys(data, Rule, where)
+    kw = dict(data)
+    for key in ("names", "op_types"):
+        if key in kw:
+            kw[key] = tuple(_str_list(kw[key], f"{where}.{key}"))
+    if kw.get("scheme") is not None:
+        kw["scheme"] = _scheme(kw["scheme"], f"{where}.scheme")
+    return Rule(**kw)
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise LowbitError(f"{where} must be a list of strings")
+    return value
+
+
+PRESETS: dict[str, Recipe] = {
+    "default": Recipe(),
+    "accurate": Recipe(default=Scheme(calibration="percentile")),
+    "int16-activations": Recipe(default=Scheme(activations="uint16")),
+}
+
+
+def preset(name: str) -> Recipe:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise LowbitError(f"unknown preset '{name}' (valid: {', '.join(PRESETS)})") from None

@@ -1,0 +1,155 @@
+"""Weight quantization, and the int16 overflow guard for u8 x s8 kernels on CPUs without dot-product instructions.
+
+x86 CPUs with AVX2 but without VNNI multiply uint8 activations by int8 weights with `vpmaddubsw`, which adds
+each pair of neighbouring products along the reduction axis into an int16 with saturation. When
+a[2j] * w[2j] + a[2j+1] * w[2j+1] leaves [-32768, 32767] the kernel silently clips it and the integer model
+stops matching its float simulation. CPUs with VNNI (and phones with dot-product instructions) accumulate in
+int32 and never clip. The guard finds the output channels where a pair could clip for activations up to their
+calibrated per-channel maximum, and fixes only those channels, choosing per channel the cheaper of:
+  * rescale: a larger weight scale for that channel (fewer effective bits for it alone), or
+  * trim: lower the magnitude of the offending pairs' weights by the few steps needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .numerics import dequantize, qrange, quantize, scale_zero_point
+
+INT16_MAX = 32767
+INT16_MIN = -32768
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    q: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None
+    guarded_channels: int = 0  # channels the overflow guard changed
+
+
+def quantize_weight(
+    w: np.ndarray, axis: int | None, dtype: str, symmetric: bool, reduce_range: bool = False
+) -> QuantizedWeight:
+    """Per-channel (axis) or per-tensor weight quantization; symmetric signed weights use the narrow range
+    [-127, 127], as the TFLite spec requires, so that zero point 0 and scale max|w|/127 represent +-max exactly."""
+    narrow = symmetric and dtype.startswith("int")
+    if axis is None:
+        a, b = np.float64(w.min()), np.float64(w.max())
+    else:
+        axis = axis % w.ndim
+        others = tuple(i for i in range(w.ndim) if i != axis)
+        a, b = w.min(axis=others).astype(np.float64), w.max(axis=others).astype(np.float64)
+    scale, zp = scale_zero_point(a, b, dtype, symmetric, narrow=narrow, reduce_range=reduce_range)
+    q = quantize(w, scale, zp, dtype, axis=axis, narrow=narrow)
+    return QuantizedWeight(q, scale, zp, axis)
+
+
+def pair_extremes(q: np.ndarray, bound: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For rows of a (M, K) int matrix in kernel order and per-position activation bounds (M, K) in [0, 255]:
+    the largest positive and most negative pair sum each pair can reach, shape (M, ceil(K/2))."""
+    q = q.astype(np.int64)
+    bound = bound.astype(np.int64)
+    if q.shape[1] % 2:
+        q = np.pad(q, ((0, 0), (0, 1)))
+        bound = np.pad(bound, ((0, 0), (0, 1)))
+    pos = bound * np.maximum(q, 0)
+    neg = bound * np.minimum(q, 0)
+    return pos[:, 0::2] + pos[:, 1::2], neg[:, 0::2] + neg[:, 1::2]
+
+
+def overflowing_rows(q: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    hi, lo = pair_extremes(q, bound)
+    return np.flatnonzero((hi.max(axis=1) > INT16_MAX) | (lo.min(axis=1) < INT16_MIN))
+
+
+def _rescale_row(w: np.ndarray, bound: np.ndarray, scale: float, qmin: int, qmax: int) -> tuple[np.ndarray, float]:
+    hi, lo = pair_extremes(quantize(w, scale, 0, "int8")[None].clip(qmin, qmax), bound[None])
+    factor = max(hi.max() / INT16_MAX, lo.min() / INT16_MIN, 1.0)
+    s = np.float32(scale * factor)
+    while True:
+        q = np.clip(quantize(w, s, 0, "int8"), qmin, qmax)
+        if not len(overflowing_rows(q[None], bound[None])):
+            return q, float(s)
+        s = np.float32(s * (1 + 1 / 512))
+
+
+def _trim_row(q: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """Lower |q| in overflowing pairs, taking steps from the element whose step removes the most."""
+    q = q.astype(np.int64).copy()
+    k = len(q)
+    for j in range(0, k - 1, 2):
+        for sign, limit in ((1, INT16_MAX), (-1, -INT16_MIN)):
+            i0, i1 = j, j + 1
+            while True:
+                m0, m1 = max(sign * q[i0], 0), max(sign * q[i1], 0)
+                total = bound[i0] * m0 + bound[i1] * m1
+                if total <= limit:
+                    break
+                excess = total - limit
+                # One cut of the needed size on the element with the larger activation bound costs the fewest steps.
+                i = i0 if (bound[i0] >= bound[i1] and m0 > 0) or m1 == 0 else i1
+                steps = max(1, int(np.ceil(excess / max(bound[i], 1))))
+                steps = min(steps, max(sign * q[i], 0))
+                q[i] -= sign * steps
+    return q
+
+
+def guard_overflow(
+    w_rows: np.ndarray, qw: QuantizedWeight, bound_rows: np.ndarray, rows_are_channels: bool
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Fix overflowing rows of the (M, K) weight matrix in kernel order. Returns new int rows, new per-row
+    scales (only meaningful when rows are channels) and how many rows changed."""
+    q_rows = _rows(qw.q, w_rows.shape)
+    scales = np.broadcast_to(np.asarray(qw.scale, np.float32), (w_rows.shape[0],)).copy() if rows_are_channels else None
+    bad = overflowing_rows(q_rows, bound_rows)
+    if not len(bad):
+        return q_rows, scales, 0
+    qmin, qmax = qrange("int8", narrow=True)
+    q_rows = q_rows.copy()
+    for r in bad:
+        s = float(scales[r]) if rows_are_channels else float(np.asarray(qw.scale).reshape(-1)[0])
+        trimmed = _trim_row(q_rows[r], bound_rows[r])
+        err_trim = float(np.sum((dequantize(trimmed, s, 0) - w_rows[r]) ** 2))
+        if rows_are_channels:
+            rescaled, s2 = _rescale_row(w_rows[r], bound_rows[r], s, qmin, qmax)
+            err_rescale = float(np.sum((dequantize(rescaled, s2, 0) - w_rows[r]) ** 2))
+            if err_rescale < err_trim:
+                q_rows[r], scales[r] = rescaled, s2
+                continue
+        q_rows[r] = trimmed
+    return q_rows, scales, len(bad)
+
+
+def _rows(q: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    return q.reshape(shape) if q.shape == shape else q
+
+
+# --- kernel order: how each op's weight is laid out along the reduction axis inside ONNX Runtime ---
+
+
+def conv_rows(w: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(M, K) rows of a Conv weight (M, C/g, k...) in (k..., c) order as the NHWC integer conv reduces over it,
+    with each position's input channel. None for depthwise convs, which accumulate in int32 directly."""
+    m, cg = w.shape[0], w.shape[1]
+    if cg == 1 and group > 1:
+        return None
+    rows = np.moveaxis(w, 1, -1).reshape(m, -1)
+    per_group = m // group
+    base = (np.arange(m) // per_group) * cg
+    channels = base[:, None] + np.tile(np.arange(cg), rows.shape[1] // cg)[None, :]
+    return rows, channels
+
+
+def conv_unrows(rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    m, cg = shape[0], shape[1]
+    return np.moveaxis(rows.reshape(m, *shape[2:], cg), -1, 1)
+
+
+def matmul_rows(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, K) rows of a (K, N) weight (axis 1) or (N, K) weight (axis 0), with each position's input feature."""
+    rows = w.T if axis in (None, 1) else w
+    return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)

@@ -1,0 +1,251 @@
+"""Streaming observers whose memory does not grow with the data: a mergeable histogram and per-channel min/max.
+
+The histogram's bins have width 2**e and are aligned to multiples of that width, so coarsening
+(adding adjacent pairs) is exact. Its exponent always ends up as the smallest one at which all data
+seen so far fits in max_bins bins, whatever the batching or merge order, so results are identical
+however calibration work is split across batches or workers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+# 2**-1074 is the smallest positive double: finer bins could not separate any two values.
+MIN_EXPONENT = -1074
+# Bin indices stay below 2**52 in magnitude, so they are exact as float64 and as int64.
+INDEX_BITS = 52
+
+
+def bin_indices(x: np.ndarray, e: int) -> np.ndarray:
+    """floor(x / 2**e) for every value, as int64, computed exactly."""
+    x = np.asarray(x, dtype=np.float64)
+    idx = np.floor(np.ldexp(x, -e)).astype(np.int64)
+    # A tiny negative value can underflow to -0.0 and would land in bin 0; it belongs in bin -1.
+    idx[(idx == 0) & (x < 0)] = -1
+    return idx
+
+
+def _as_finite_floats(x: Any, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise LowbitError(f"{what} input must be numeric: {err}") from None
+    if not np.isfinite(arr).all():
+        raise LowbitError(f"{what} input contains NaN or Inf; fix the model or data before calibrating")
+    return arr
+
+
+class Histogram:
+    """Counts of float values in power-of-two-wide bins; at most max_bins bins however much data is seen."""
+
+    def __init__(self, max_bins: int = 2048) -> None:
+        if isinstance(max_bins, bool) or not isinstance(max_bins, (int, np.integer)) or max_bins < 2:
+            # One bin can never hold values on both sides of 0 (bins -1 and 0 never merge).
+            raise LowbitError(f"Histogram max_bins must be an integer >= 2, got {max_bins!r}")
+        self.max_bins = int(max_bins)
+        self.e: int | None = None  # bin width is 2**e; None while empty
+        self.i0 = 0  # index of the first bin: it covers [i0 * 2**e, (i0 + 1) * 2**e)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self._min = math.inf
+        self._max = -math.inf
+
+    @property
+    def count(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def min(self) -> float:
+        self._require_data()
+        return self._min
+
+    @property
+    def max(self) -> float:
+        self._require_data()
+        return self._max
+
+    @property
+    def bin_width(self) -> float:
+        self._require_data()
+        return math.ldexp(1.0, self.e)
+
+    def edges(self) -> np.ndarray:
+        """Bin edges, length len(counts) + 1."""
+        self._require_data()
+        return np.ldexp(self.i0 + np.arange(len(self.counts) + 1, dtype=np.float64), self.e)
+
+    def centers(self) -> np.ndarray:
+        self._require_data()
+        return np.ldexp(self.i0 + np.arange(len(self.counts), dtype=np.float64) + 0.5, self.e)
+
+    def update(self, x: np.ndarray) -> None:
+        """Add every value of x (any shape)."""
+        arr = _as_finite_floats(x, "histogram").ravel()
+        if arr.size == 0:
+            return
+        lo = min(self._min, float(arr.min()))
+        hi = max(self._max, float(arr.max()))
+        e = self._fitting_exponent(lo, hi, self.e)
+        first, last = (int(i) for i in bin_indices(np.array([lo, hi]), e))
+        counts = self._counts_at(e, first, last - first + 1)
+        counts += np.bincount(bin_indices(arr, e) - first, minlength=len(counts))
+        self.e, self.i0, self.counts, self._min, self._max = e, first, counts, lo, hi
+
+    def merge(self, other: Histogram) -> Histogram:
+        """A new histogram holding the data of both; neither input changes."""
+        if not isinstance(other, Histogram):
+            raise LowbitError(f"can only merge a Histogram with a Histogram, got {type(other).__name__}")
+        if other.max_bins != self.max_bins:
+            raise LowbitError(f"cannot merge histograms with max_bins {self.max_bins} and {other.max_bins}")
+        if other.e is None:
+            return self.copy()
+        if self.e is None:
+            return other.copy()
+        lo, hi = min(self._min, other._min), max(self._max, other._max)
+        e = self._fitting_exponent(lo, hi, max(self.e, other.e))
+        first, last = (int(i) for i in bin_indices(np.array([lo, hi]), e))
+        n = last - first + 1
+        out = Histogram(self.max_bins)
+        out.e, out.i0, out._min, out._max = e, first, lo, hi
+        out.counts = self._counts_at(e, first, n) + other._counts_at(e, first, n)
+        return out
+
+    def copy(self) -> Histogram:
+        out = Histogram(self.max_bins)
+        out.e, out.i0, out.counts, out._min, out._max = self.e, self.i0, self.counts.copy(), self._min, self._max
+        return out
+
+    def to_dict(self) -> dict:
+        """Plain ints, floats and lists, for JSON."""
+        empty = self.e is None
+        return {
+            "max_bins": self.max_bins,
+            "e": self.e,
+            "i0": int(self.i0),
+            "counts": [int(c) for c in self.counts],
+            "min": None if empty else float(self._min),
+            "max": None if empty else float(self._max),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Histogram:
+        try:
+            out = cls(d["max_bins"])
+            counts = np.asarray(d["counts"], dtype=np.int64)
+            if d["e"] is None:
+                if counts.size:
+                    raise ValueError("counts given without an exponent")
+                return out
+            out.e, out.i0 = int(d["e"]), int(d["i0"])
+            out._min, out._max = float(d["min"]), float(d["max"])
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise LowbitError(f"not a valid histogram dict: {err!r}") from None
+        if counts.ndim != 1 or not 1 <= counts.size <= out.max_bins or (counts < 0).any():
+            raise LowbitError(f"not a valid histogram dict: bad counts (length {counts.size})")
+        if not out._min <= out._max or counts[0] == 0 or counts[-1] == 0:
+            raise LowbitError("not a valid histogram dict: min/max do not match counts")
+        out.counts = counts
+        return out
+
+    def __repr__(self) -> str:
+        if self.e is None:
+            return f"Histogram(max_bins={self.max_bins}, empty)"
+        return (f"Histogram(max_bins={self.max_bins}, count={self.count}, min={self._min}, max={self._max}, "
+                f"bins={len(self.counts)}, width=2**{self.e})")
+
+    def _require_data(self) -> None:
+        if self.e is None:
+            raise LowbitError("histogram is empty: call update() with calibration data first")
+
+    def _fitting_exponent(self, lo: float, hi: float, start: int | None) -> int:
+        # Valid exponents form an upward-closed set, and start never exceeds the smallest valid one for
+        # the combined data, so walking up from start finds that smallest one: the result depends only
+        # on the data, not on batching or merge order.
+        biggest = max(abs(lo), abs(hi))
+        e = MIN_EXPONENT if biggest == 0 else max(MIN_EXPONENT, math.frexp(biggest)[1] - INDEX_BITS)
+        if start is not None:
+            e = max(e, start)
+        ends = np.array([lo, hi])
+        while True:
+            first, last = bin_indices(ends, e)
+            if last - first + 1 <= self.max_bins:
+                return e
+            e += 1
+
+    def _counts_at(self, e: int, first: int, n: int) -> np.ndarray:
+        """This histogram's counts coarsened to exponent e, laid out over bins first .. first + n - 1."""
+        out = np.zeros(n, dtype=np.int64)
+        if self.e is None:
+            return out
+        # Indices are below 2**53, so any shift past 62 gives the same 0 / -1 and avoids int64 UB.
+        shift = min(e - self.e, 62)
+        idx = (np.arange(len(self.counts), dtype=np.int64) + self.i0) >> shift
+        np.add.at(out, idx - first, self.counts)
+        return out
+
+
+class ChannelMinMax:
+    """Exact running min and max of each channel along one axis."""
+
+    def __init__(self, axis: int = 1) -> None:
+        self.axis = int(axis)
+        self.min: np.ndarray | None = None  # shape (C,) once data has been seen
+        self.max: np.ndarray | None = None
+
+    def update(self, x: np.ndarray) -> None:
+        arr = _as_finite_floats(x, "channel min/max")
+        if not -arr.ndim <= self.axis < arr.ndim:
+            raise LowbitError(f"channel axis {self.axis} is out of range for input of shape {arr.shape}")
+        per_channel = np.moveaxis(arr, self.axis, 0)
+        channels = per_channel.shape[0]
+        if self.min is not None and channels != len(self.min):
+            raise LowbitError(f"input has {channels} channels on axis {self.axis}, earlier inputs had {len(self.min)}")
+        per_channel = per_channel.reshape(channels, -1)
+        if per_channel.shape[1] == 0:
+            return
+        lo, hi = per_channel.min(axis=1), per_channel.max(axis=1)
+        if self.min is None:
+            self.min, self.max = lo, hi
+        else:
+            self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
+
+    def merge(self, other: ChannelMinMax) -> ChannelMinMax:
+        """A new observer covering the data of both; neither input changes."""
+        if not isinstance(other, ChannelMinMax):
+            raise LowbitError(f"can only merge a ChannelMinMax with a ChannelMinMax, got {type(other).__name__}")
+        if other.axis != self.axis:
+            raise LowbitError(f"cannot merge channel min/max over axes {self.axis} and {other.axis}")
+        out = ChannelMinMax(self.axis)
+        if self.min is None or other.min is None:
+            src = other if self.min is None else self
+            if src.min is not None:
+                out.min, out.max = src.min.copy(), src.max.copy()
+            return out
+        if len(self.min) != len(other.min):
+            raise LowbitError(f"cannot merge channel min/max with {len(self.min)} and {len(other.min)} channels")
+        out.min, out.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "axis": self.axis,
+            "min": None if self.min is None else [float(v) for v in self.min],
+            "max": None if self.max is None else [float(v) for v in self.max],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ChannelMinMax:
+        try:
+            out = cls(d["axis"])
+            if d["min"] is not None:
+                out.min = np.asarray(d["min"], dtype=np.float64)
+                out.max = np.asarray(d["max"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise LowbitError(f"not a valid channel min/max dict: {err!r}") from None
+        if out.min is not None and (out.min.shape != out.max.shape or out.min.ndim != 1):
+            raise LowbitError("not a valid channel min/max dict: min and max must be equal-length lists")
+        return out

@@ -1,0 +1,248 @@
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.errors import LowbitError
+from lowbit.observe import METHODS, ChannelMinMax, Histogram, entropy, minmax, mse, percentile, select_range
+
+
+def state(h: Histogram) -> tuple:
+    return (h.e, h.i0, h.counts.tolist(), h.count, h.min, h.max)
+
+
+def one_shot(values: np.ndarray, max_bins: int) -> Histogram:
+    h = Histogram(max_bins)
+    h.update(values)
+    return h
+
+
+values_strategy = st.lists(
+    st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.floats(min_value=-10.0, max_value=10.0),
+        st.sampled_from([0.0, -0.0, 5e-324, -5e-324, 1.0, -1.0]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    values=values_strategy,
+    max_bins=st.sampled_from([2, 3, 8, 64, 2048]),
+    data=st.data(),
+)
+def test_batching_and_merge_order_do_not_change_the_histogram(values, max_bins, data):
+    arr = np.array(values)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(arr)), max_size=5)))
+    chunks = np.split(arr, cuts)
+    expected = state(one_shot(arr, max_bins))
+
+    streamed = Histogram(max_bins)
+    for chunk in chunks:
+        streamed.update(chunk)
+    assert state(streamed) == expected
+
+    parts = [one_shot(c, max_bins) for c in chunks]
+    order = data.draw(st.permutations(range(len(parts))))
+    merged = Histogram(max_bins)
+    for i in order:
+        merged = merged.merge(parts[i])
+    assert state(merged) == expected
+    assert merged.count == len(arr)
+    assert len(merged.counts) <= max_bins
+
+
+def test_merge_does_not_mutate_inputs():
+    a, b = one_shot(np.array([0.0, 1.0]), 8), one_shot(np.array([100.0, -3.0]), 8)
+    before = (state(a), state(b))
+    m = a.merge(b)
+    assert (state(a), state(b)) == before
+    assert m.count == 4 and m.min == -3.0 and m.max == 100.0
+
+
+def test_bins_stay_bounded_on_a_million_wide_range_values():
+    rng = np.random.default_rng(1)
+    h = Histogram(256)
+    for _ in range(10):
+        batch = rng.standard_normal(100_000) * np.exp(rng.uniform(-20, 20, 100_000))
+        h.update(batch.astype(np.float32))
+        assert len(h.counts) <= 256
+    assert h.count == 1_000_000
+    assert h.counts.sum() == 1_000_000
+
+
+def test_constant_data_is_one_bin_holding_everything():
+    for value in (0.0, 3.7, -1e30):
+        h = one_shot(np.full((4, 5), value), 2048)
+        assert len(h.counts) == 1 and h.count == 20 and h.min == h.max == value
+        for method in METHODS:
+            a, b = select_range(h, method)
+            assert a <= b and a <= max(value, 0.0) and b >= min(value, 0.0)
+            assert not (math.isnan(a) or math.isnan(b))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_raises(bad):
+    h = Histogram()
+    with pytest.raises(LowbitError, match="NaN or Inf"):
+        h.update(np.array([1.0, bad]))
+    with pytest.raises(LowbitError, match="NaN or Inf"):
+        ChannelMinMax().update(np.array([[1.0, bad]]))
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(LowbitError):
+        Histogram(1)
+    with pytest.raises(LowbitError):
+        Histogram(8).merge(Histogram(16))
+    with pytest.raises(LowbitError, match="empty"):
+        minmax(Histogram())
+    h = one_shot(np.arange(10.0), 64)
+    with pytest.raises(LowbitError, match="minmax.*percentile.*entropy.*mse"):
+        select_range(h, "kl")
+    with pytest.raises(LowbitError):
+        select_range(h, "percentile", q=3)
+    with pytest.raises(LowbitError):
+        percentile(h, 10.0)
+
+
+def test_dict_round_trip_through_json():
+    rng = np.random.default_rng(2)
+    h = one_shot(rng.standard_normal(10_000) * 3 + 1, 128)
+    back = Histogram.from_dict(json.loads(json.dumps(h.to_dict())))
+    assert state(back) == state(h)
+    empty = Histogram.from_dict(json.loads(json.dumps(Histogram(32).to_dict())))
+    assert empty.count == 0 and empty.max_bins == 32
+    with pytest.raises(LowbitError):
+        Histogram.from_dict({"max_bins": 8})
+
+
+def test_percentile_is_within_one_bin_of_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.gamma(2.0, 1.5, 500_000) - 2.0
+    h = one_shot(x, 2048)
+    for p in (99.0, 99.9, 99.99, 100.0):
+        a, b = percentile(h, p)
+        assert abs(a - np.percentile(x, 100 - p)) <= h.bin_width
+        assert abs(b - np.percentile(x, p)) <= h.bin_width
+        assert x.min() <= a <= b <= x.max()
+
+
+def normal_with_outliers() -> np.ndarray:
+    rng = np.random.default_rng(4)
+    return np.concatenate([rng.standard_normal(4_000_000), [1000.0] * 3])
+
+
+def test_entropy_and_mse_ignore_rare_outliers_that_minmax_keeps():
+    x = normal_with_outliers()
+    h = one_shot(x, 2048)
+    assert minmax(h)[1] == 1000.0
+    # The outliers make 2048 bins half a unit wide; TensorRT-style KL starts at 128 bins, so 64.
+    assert entropy(h)[1] == 64.0
+    # With bins fine enough to resolve the Gaussian, entropy clips right next to it.
+    fine = one_shot(x, 16384)
+    assert 4.0 < entropy(fine)[1] < 10.0
+    # MSE weighs rounding (N * step^2 / 12) against clipping (3 * (1000 - b)^2); its optimum is
+    # b = 1000 * f / (f + 1 / (12 * 255^2)) with f the outlier fraction: far inside 1000, not near 5.
+    f = 3 / len(x)
+    expected_b = 1000 * f / (f + 1 / (12 * 255**2))
+    a, b = mse(h)
+    assert abs(b - expected_b) < 0.05 * expected_b
+    assert -6.0 < a < 0.0
+
+
+def test_methods_agree_with_the_true_range_on_uniform_data():
+    rng = np.random.default_rng(5)
+    for low, high in ((-1.0, 1.0), (0.0, 5.0), (-2.0, 6.0)):
+        h = one_shot(rng.uniform(low, high, 200_000), 2048)
+        for method in METHODS:
+            a, b = select_range(h, method)
+            width = high - low
+            assert abs(a - low) < 0.1 * width and abs(b - high) < 0.1 * width, (method, a, b)
+        assert mse(h, symmetric=True)[1] >= 0.9 * max(abs(low), high)
+
+
+def test_entropy_one_sided_and_speed():
+    rng = np.random.default_rng(6)
+    h = one_shot(np.maximum(rng.standard_normal(100_000), 0.0), 2048)
+    a, b = entropy(h)
+    assert a == 0.0 and 1.5 < b <= h.max
+    h = one_shot(-np.abs(rng.standard_normal(100_000)), 2048)
+    a, b = entropy(h)
+    assert b == 0.0 and -h.min > -a > 1.5
+    h = one_shot(rng.standard_normal(100_000) * 10, 4096)
+    a, b = entropy(h)
+    assert h.min <= a < -20.0 and 20.0 < b <= h.max
+
+    h = one_shot(rng.uniform(0.0, 1.0, 100_000) ** 3, 2048)
+    assert len(h.counts) > 1500
+    start = time.perf_counter()
+    entropy(h)
+    assert time.perf_counter() - start < 0.5
+
+
+def brute_force_kl(c: np.ndarray, levels: int) -> np.ndarray:
+    """TensorRT's loop written out directly, one threshold at a time."""
+    out = []
+    for i in range(levels, len(c) + 1):
+        p = c[:i].copy()
+        p[-1] += c[i:].sum()
+        q = np.zeros(i)
+        bounds = np.arange(levels + 1) * i // levels
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            filled = c[lo:hi] > 0
+            if filled.any():
+                q[lo:hi][filled] = c[lo:hi].sum() / filled.sum()
+        p, q = p / p.sum(), q / q.sum()
+        q = np.where((q == 0) & (p > 0), 1e-4, q)
+        mask = p > 0
+        out.append(np.sum(p[mask] * np.log(p[mask] / q[mask])))
+    return np.array(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 50), min_size=5, max_size=40).filter(lambda c: c[0] > 0 and c[-1] > 0),
+    levels=st.integers(1, 5),
+)
+def test_vectorized_kl_matches_the_plain_loop(counts, levels):
+    from lowbit.observe.ranges import _kl_per_threshold
+
+    c = np.array(counts, dtype=np.float64)
+    np.testing.assert_allclose(_kl_per_threshold(c, levels), brute_force_kl(c, levels), atol=1e-9)
+
+
+def test_channel_minmax_matches_numpy_and_merges():
+    rng = np.random.default_rng(7)
+    batches = [rng.standard_normal((4, 3, 5, 5)) * np.arange(1, 4)[None, :, None, None] for _ in range(3)]
+    obs = ChannelMinMax(axis=1)
+    for b in batches:
+        obs.update(b)
+    allx = np.concatenate(batches)
+    np.testing.assert_array_equal(obs.min, allx.min(axis=(0, 2, 3)))
+    np.testing.assert_array_equal(obs.max, allx.max(axis=(0, 2, 3)))
+
+    left, right = ChannelMinMax(1), ChannelMinMax(1)
+    left.update(batches[0])
+    right.update(batches[1])
+    right.update(batches[2])
+    merged = right.merge(left).merge(ChannelMinMax(1))
+    np.testing.assert_array_equal(merged.min, obs.min)
+    np.testing.assert_array_equal(merged.max, obs.max)
+    back = ChannelMinMax.from_dict(json.loads(json.dumps(merged.to_dict())))
+    np.testing.assert_array_equal(back.max, obs.max)
+
+    last_axis = ChannelMinMax(axis=-1)
+    last_axis.update(allx)
+    np.testing.assert_array_equal(last_axis.max, allx.max(axis=(0, 1, 2)))
+    with pytest.raises(LowbitError, match="channels"):
+        obs.update(rng.standard_normal((2, 4, 5, 5)))
+    with pytest.raises(LowbitError, match="axis"):
+        ChannelMinMax(axis=3).update(np.zeros((2, 2)))

@@ -57,6 +57,7 @@ def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
     """value -> Q -> DQ, and every consumer (and graph output) reads the DQ result."""
     graph = model.graph
     name = value.name
+    uses = list(value.uses())
     s, z = _qdq_params(graph, name, p)
     dom = _domain(model, p.dtype)
     qn = ir.Node(dom, "QuantizeLinear", [value, s, z], name=f"{name}_QuantizeLinear")
@@ -66,7 +67,6 @@ def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
     dn = ir.Node(dom, "DequantizeLinear", [qn.outputs[0], s, z], name=f"{name}_DequantizeLinear")
     out = dn.outputs[0]
     out.dtype, out.shape = ir.DataType.FLOAT, value.shape
-    uses = [u for u in value.uses()]
     for use in uses:
         use.node.replace_input_with(use.idx, out)
     if value.is_graph_output():

@@ -29,24 +29,29 @@ def _domain(model: ir.Model, dtype: str) -> str:
 def _qdq_params(graph: ir.Graph, name: str, p: TensorParams) -> tuple[ir.Value, ir.Value]:
     scale, zp = p.arrays()
     t = qtype(p.dtype)
-    return _init(graph, f"{name}_scale", scale.astype(np.float32)), _init(graph, f"{name}_zero_point", zp.astype(t.np_dtype))
+    return _init(graph, f"{name}_s", scale.astype(np.float32)), _init(graph, f"{name}_zp", zp.astype(t.np_dtype))
 
 
 def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Node:
     s, z = _qdq_params(model.graph, name, p)
+    inputs = [q, s, z]
+    if p.kind == "bias" and not np.any(p.zero_point):
+        # Zero points default to 0; int32 biases save 4 bytes per channel (weights keep theirs: ORT's QGemm fusion needs them).
+        model.graph.initializers.pop(z.name)
+        inputs = [q, s]
     attrs = {"axis": ir.AttrInt64("axis", p.axis)} if p.axis is not None else {}
-    return ir.Node(_domain(model, p.dtype), "DequantizeLinear", [q, s, z], attrs, name=f"{name}_DequantizeLinear")
+    return ir.Node(_domain(model, p.dtype), "DequantizeLinear", inputs, attrs, name=f"{name}_DQ")
 
 
 def constant_dq(model: ir.Model, name: str, array: np.ndarray | None, q: np.ndarray, p: TensorParams) -> ir.Value:
     """A quantized initializer and the DequantizeLinear that feeds the float op."""
     t = qtype(p.dtype)
-    stored = _init(model.graph, f"{name}_quantized", q.astype(t.np_dtype))
+    stored = _init(model.graph, f"{name}_q", q.astype(t.np_dtype))
     if p.dtype in ("int4", "uint4"):
         stored.const_value = ir.PackedTensor(pack_int4(q), ir.DataType.INT4 if p.dtype == "int4" else ir.DataType.UINT4, shape=ir.Shape(q.shape))
         stored.dtype = stored.const_value.dtype
     node = _dq_node(model, name, stored, p)
-    node.outputs[0].name = f"{name}_dequantized"
+    node.outputs[0].name = f"{name}_dq"
     node.outputs[0].dtype = ir.DataType.FLOAT
     node.outputs[0].shape = ir.Shape(q.shape)
     model.graph.append(node)
@@ -60,11 +65,11 @@ def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
     uses = list(value.uses())
     s, z = _qdq_params(graph, name, p)
     dom = _domain(model, p.dtype)
-    qn = ir.Node(dom, "QuantizeLinear", [value, s, z], name=f"{name}_QuantizeLinear")
-    qn.outputs[0].name = f"{name}_quantized"
+    qn = ir.Node(dom, "QuantizeLinear", [value, s, z], name=f"{name}_Q")
+    qn.outputs[0].name = f"{name}_q"
     qn.outputs[0].dtype = ir.DataType.from_numpy(np.dtype(qtype(p.dtype).np_dtype))
     qn.outputs[0].shape = value.shape
-    dn = ir.Node(dom, "DequantizeLinear", [qn.outputs[0], s, z], name=f"{name}_DequantizeLinear")
+    dn = ir.Node(dom, "DequantizeLinear", [qn.outputs[0], s, z], name=f"{name}_DQ")
     out = dn.outputs[0]
     out.dtype, out.shape = ir.DataType.FLOAT, value.shape
     for use in uses:
@@ -77,7 +82,7 @@ def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
         value.name = f"{name}_float"
         out.name = name
     else:
-        out.name = f"{name}_dequantized"
+        out.name = f"{name}_dq"
     graph.append(qn)
     graph.append(dn)
 

@@ -25,6 +25,8 @@ HANDLERS: dict[str, Handler] = {**_CONV, **_MATMUL, **_ELEMENTWISE, **_POOLING, 
 def spec_for(node: ir.Node) -> OpSpec | Skip:
     if node.domain not in ("", "ai.onnx"):
         return Skip(f"custom-domain op {node.domain}::{node.op_type} has no quantized form")
+    if node.outputs and all(o.dtype is not None and o.dtype != ir.DataType.FLOAT for o in node.outputs):
+        return Skip(f"integer {node.op_type} (shape arithmetic): nothing to quantize")
     handler = HANDLERS.get(node.op_type)
     if handler is None:
         return Skip(f"no quantized form for {node.op_type} in lowbit")

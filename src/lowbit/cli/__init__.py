@@ -1,0 +1,1 @@
+"""The `lowbit` command: a thin shell over the public functions."""

@@ -1,0 +1,1 @@
+"""Measuring what quantization did: fidelity metrics and latency."""

@@ -1,0 +1,32 @@
+"""Latency of several models measured interleaved, so a noisy machine slows them alike and ratios hold."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+
+def interleaved_latency(
+    sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int = 50, warmup: int = 5
+) -> dict[str, list[float]]:
+    """Seconds per run for each session; run i of every session happens before run i+1 of any."""
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for i in range(runs):
+        order = list(sessions.items())
+        if i % 2:
+            order.reverse()
+        for name, s in order:
+            t = time.perf_counter()
+            s.run(None, feeds)
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median of per-round ratios: robust to slow spells that hit both models of a round."""
+    return float(np.median(np.asarray(times[num]) / np.asarray(times[den])))

@@ -1,0 +1,1 @@
+"""Adapters that run models: ONNX Runtime (integer kernels or float simulation)."""

@@ -56,7 +56,7 @@ def calibrate(
     opts.log_severity_level = 3
     session = ort.InferenceSession(_augmented(model, names), opts, providers=["CPUExecutionProvider"])
     fetch = names
-    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False)  # None: off when not a terminal
     try:
         for batch in batches:
             n = len(next(iter(batch.values())))

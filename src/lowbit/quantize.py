@@ -125,6 +125,7 @@ def _params(a: float, b: float, scheme: Scheme) -> TensorParams:
 def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> dict[str, TensorParams]:
     """Ranges from the observers, by each tensor's scheme; tensors sharing a scale copy their source's."""
     out: dict[str, TensorParams] = {}
+    outputs = {v.name for v in model.graph.outputs}
     for name, source in sorted(layout.tensors.items()):
         scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
         if _is_constant(model, source):
@@ -134,8 +135,10 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
             hist = stats.histograms.get(source)
             if hist is None:
                 raise RuntimeError(f"tensor {source} was not observed")
-            kw = {"p": scheme.percentile} if scheme.calibration == "percentile" else {}
-            a, b = select_range(hist, scheme.calibration, **kw)
+            # Clipping a model output clips exactly the largest logits, which decide the answer.
+            method = "minmax" if name in outputs else scheme.calibration
+            kw = {"p": scheme.percentile} if method == "percentile" else {}
+            a, b = select_range(hist, method, **kw)
         out[name] = _params(a, b, scheme)
     return out
 

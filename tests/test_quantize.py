@@ -1,0 +1,107 @@
+"""End to end through the Python API: plans, determinism, file safety, and a real model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import lowbit
+from conftest import tiny_cnn
+from lowbit.evaluate.metrics import fidelity, top1_agreement
+from lowbit.runtimes.ort import run_all, session
+
+
+def _calib(n: int = 32, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, 3, 16, 16)).astype(np.float32)
+
+
+def test_three_lines_of_python(tiny_model: Path, tmp_path: Path) -> None:
+    result = lowbit.quantize(tiny_model, tmp_path / "q.onnx", calib=_calib(), progress=False)
+    assert (tmp_path / "q.onnx").exists() and (tmp_path / "q.plan.json").exists()
+    x = _calib(16, seed=7)
+    ref = run_all(session(tiny_model), [{"x": x}])[0]
+    out = run_all(session(result.model), [{"x": x}])[0]
+    assert fidelity(ref, out)["cosine"] > 0.99
+
+
+def test_same_input_same_bytes(tiny_model: Path, tmp_path: Path) -> None:
+    lowbit.quantize(tiny_model, tmp_path / "a.onnx", calib=_calib(), progress=False)
+    lowbit.quantize(tiny_model, tmp_path / "b.onnx", calib=_calib(), progress=False)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert (tmp_path / "a.plan.json").read_text() == (tmp_path / "b.plan.json").read_text()
+
+
+def test_input_model_untouched(tiny_model: Path, tmp_path: Path) -> None:
+    before = tiny_model.read_bytes()
+    lowbit.quantize(tiny_model, tmp_path / "q.onnx", calib=_calib(), progress=False)
+    assert tiny_model.read_bytes() == before
+    with pytest.raises(lowbit.LowbitError):
+        lowbit.quantize(tiny_model, tiny_model, calib=_calib(), progress=False)
+    assert tiny_model.read_bytes() == before
+
+
+def test_plan_reapplies_to_retrained_model(tiny_model: Path, tmp_path: Path) -> None:
+    first = lowbit.quantize(tiny_model, tmp_path / "q.onnx", calib=_calib(), progress=False)
+    retrained = tiny_cnn(seed=0)
+    for init in retrained.graph.initializer:  # a "retrained" model: same structure, nudged weights
+        if init.name in ("w1", "w2", "w3"):
+            arr = numpy_helper.to_array(init)
+            init.CopyFrom(numpy_helper.from_array(arr * 1.05, init.name))
+    path = tmp_path / "retrained.onnx"
+    onnx.save(retrained, str(path))
+    second = lowbit.quantize(path, tmp_path / "q2.onnx", plan=tmp_path / "q.plan.json", progress=False)
+    acts = {k: v for k, v in first.plan.tensors.items() if v.kind == "activation"}
+    assert acts and all(second.plan.tensors[k].scale == v.scale for k, v in acts.items())
+    assert second.plan.tensors["conv1:1"].scale != first.plan.tensors["conv1:1"].scale
+    x = _calib(8, seed=3)
+    ref = run_all(session(path), [{"x": x}])[0]
+    out = run_all(session(second.model), [{"x": x}])[0]
+    assert fidelity(ref, out)["cosine"] > 0.98
+
+
+def test_plan_for_another_model_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    lowbit.quantize(tiny_model, tmp_path / "q.onnx", calib=_calib(), progress=False)
+    other = tiny_cnn()
+    other.graph.node[5].output[0] = "renamed"
+    other.graph.node[6].input[0] = "renamed"
+    with pytest.raises(lowbit.LowbitError, match="plan does not match"):
+        lowbit.quantize(other, plan=tmp_path / "q.plan.json", progress=False)
+
+
+def test_calibration_state_does_not_grow_with_samples(tiny_model: Path) -> None:
+    """Observers keep fixed-size histograms: 10 or 400 samples, the same number of bins."""
+    from lowbit.calibrate import calibrate
+    from lowbit.graph import load_model
+    from lowbit.passes import prepare
+    from lowbit.planner import make_layout
+
+    sizes = []
+    for n in (10, 400):
+        model = prepare(load_model(tiny_model))
+        layout = make_layout(model, lowbit.Recipe())
+        batches = ({"x": _calib(10, seed=i)} for i in range(n // 10))
+        stats = calibrate(model, layout.sources(), layout.channel_stats, batches, progress=False)
+        assert stats.samples == n
+        sizes.append(sum(h.counts.size for h in stats.histograms.values()))
+    assert sizes[1] <= max(sizes[0], 2048 * len(stats.histograms))
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_int8(tmp_path: Path) -> None:
+    from lowbit._zoo import efficientnet_lite0_onnx, photo_crops
+
+    float_path = efficientnet_lite0_onnx(tmp_path / "effnet.onnx")
+    result = lowbit.quantize(float_path, tmp_path / "q.onnx", calib=photo_crops(64, "calib"), progress=False)
+    crops = photo_crops(200, "eval")
+    batches = [{"input": crops[i:i + 25]} for i in range(0, len(crops), 25)]
+    ref = run_all(session(float_path), batches)[0]
+    kern = run_all(session(tmp_path / "q.onnx", "kernels"), batches)[0]
+    sim = run_all(session(tmp_path / "q.onnx", "simulate"), batches)[0]
+    assert top1_agreement(ref, kern) >= 0.80
+    assert abs(top1_agreement(ref, kern) - top1_agreement(ref, sim)) <= 0.02
+    assert (tmp_path / "q.onnx").stat().st_size <= 0.27 * float_path.stat().st_size
+    assert sum(1 for e in result.plan.nodes.values() if e.op_type == "Conv" and e.quantized) == 49

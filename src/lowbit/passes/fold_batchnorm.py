@@ -42,6 +42,11 @@ def fold_batchnorm(model: ir.Model) -> bool:
             conv.replace_input_with(2, b_val)
         out = bn.outputs[0]
         name = out.name
+        # The conv output takes the BN output's place (maybe as a graph output): keep its declared type.
+        if conv.outputs[0].type is None:
+            conv.outputs[0].type = out.type
+        if conv.outputs[0].shape is None:
+            conv.outputs[0].shape = out.shape
         out.replace_all_uses_with(conv.outputs[0], replace_graph_outputs=True)
         out.name = None
         conv.outputs[0].name = name

@@ -151,10 +151,12 @@ def fixed_point_multiplier(m: float) -> tuple[int, int]:
             return 0, 0
         raise LowbitError(f"requantization multiplier must be positive, got {m}")
     frac, shift = np.frexp(np.float64(m))
-    m0 = int(np.rint(frac * 2**31))
+    m0 = int(np.floor(frac * 2**31 + 0.5))  # TFLite rounds ties away from zero (std::round); exact in float64
     if m0 == 2**31:
         m0 //= 2
         shift += 1
+    if shift < -31:  # below 2**-32 no int32 accumulator rounds to nonzero; TFLite stores 0 (and shifts stay < 64)
+        return 0, 0
     return m0, int(shift)
 
 

@@ -37,7 +37,8 @@ class Layout:
     biases: list[tuple[str, int, str, int]] = field(default_factory=list)
     # fused Relu/Clip node name -> (producer node name, clip bounds)
     fused: dict[str, tuple[str, tuple[float, float]]] = field(default_factory=dict)
-    # activation tensors feeding weighted ops whose per-channel ranges the overflow guard needs -> channel axis
+    # activation tensors feeding weighted ops -> channel axis; the overflow guard needs per-channel maxima
+    # and bias correction per-channel means
     channel_stats: dict[str, int] = field(default_factory=dict)
 
     def sources(self) -> set[str]:
@@ -135,11 +136,8 @@ def make_layout(model: ir.Model, recipe: Recipe) -> Layout:
             layout.weights.append((node.name, idx, axis if scheme.per_channel else None))
             if spec.bias is not None:
                 layout.biases.append((node.name, spec.bias, node.inputs[0].name, idx))
-            if scheme.avoid_overflow and scheme.activations == "uint8" and scheme.weights == "int8":
-                rank = node.inputs[0].shape.rank() if node.inputs[0].shape is not None else None
-                axis_c = 1 if node.op_type in ("Conv", "ConvTranspose") else -1
-                if node.op_type not in ("Conv", "ConvTranspose") or rank is None or rank >= 3:
-                    layout.channel_stats[node.inputs[0].name] = axis_c
+            if (scheme.avoid_overflow or scheme.bias_correction) and node.op_type != "ConvTranspose":
+                layout.channel_stats[node.inputs[0].name] = 1 if node.op_type == "Conv" else -1
     for d in layout.nodes.values():
         if d.quantized and not d.reason:
             d.reason = _describe(d)

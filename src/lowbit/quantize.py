@@ -15,15 +15,13 @@ from .calibrate import Statistics, calibrate
 from .data import ImagePreprocess, input_specs, open_data
 from .errors import LowbitError
 from .graph.io import check_output_path, load_model, save_model
-from .numerics import quantize as quantize_array
 from .numerics import scale_zero_point
 from .observe import select_range
 from .passes import prepare
 from .plan import NodeEntry, Plan, TensorParams, plan_path
 from .planner import Layout, make_layout
 from .recipe import Recipe, Scheme
-from .rewrite import constant_dq, fuse_activation, insert_qdq, quantize_constant
-from .weights import conv_rows, conv_unrows, guard_overflow, matmul_rows, quantize_weight
+from .apply import apply
 
 
 @dataclass
@@ -153,93 +151,4 @@ def _activations_from_plan(model: ir.Model, layout: Layout, plan: Plan) -> dict[
     return {t: plan.tensors[t] for t in layout.tensors}
 
 
-def apply(model: ir.Model, layout: Layout, plan: Plan, channels: dict) -> None:
-    graph = model.graph
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        values.update({o.name: o for o in node.outputs})
-    values.update(graph.initializers)
-    act_scale: dict[str, np.ndarray] = {}
-    for name, p in plan.tensors.items():
-        if p.kind == "activation":
-            act_scale[name] = p.arrays()[0]
-    for node_name, idx, axis in layout.weights:
-        _quantize_weight(model, graph.node(node_name), idx, axis, layout, plan, channels)
-    for node_name, idx, act, widx in layout.biases:
-        node = graph.node(node_name)
-        bias = node.inputs[idx].const_value.numpy().astype(np.float64)
-        w_scale = np.asarray(plan.tensors[f"{node_name}:{widx}"].scale, np.float64)
-        s = (np.float64(act_scale[act]) * w_scale).astype(np.float32)
-        s = np.broadcast_to(s, bias.shape).copy()
-        q = np.clip(np.rint(bias / s.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
-        p = TensorParams("int32", s.tolist(), [0] * len(s), 0, "bias")
-        plan.tensors[f"{node_name}:{idx}"] = p
-        node.replace_input_with(idx, constant_dq(model, f"{node_name}_bias", bias, q, p))
-    for name in layout.fused:
-        fuse_activation(graph, name)
-    values = {v.name: v for v in graph.inputs}
-    for node in graph:
-        values.update({o.name: o for o in node.outputs})
-    for name, p in sorted(layout_activations(plan).items()):
-        if name in graph.initializers:
-            quantize_constant(model, graph.initializers[name], p)
-        else:
-            insert_qdq(model, values[name], p)
-    graph.sort()
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input()]:
-        graph.initializers.pop(name)
-
-
-def layout_activations(plan: Plan) -> dict[str, TensorParams]:
-    return {k: v for k, v in plan.tensors.items() if v.kind == "activation"}
-
-
-def _quantize_weight(model, node, idx, axis, layout: Layout, plan: Plan, channels: dict) -> None:
-    scheme = layout.nodes[node.name].scheme
-    w = node.inputs[idx].const_value.numpy().astype(np.float32)
-    qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
-    q, scale = qw.q, np.asarray(qw.scale)
-    act = node.inputs[0].name
-    guarded = 0
-    if act in channels and act in plan.tensors and scheme.symmetric_weights:
-        q, scale, guarded = _guard(node, w, qw, axis, channels[act], plan.tensors[act])
-    if guarded:
-        plan.overflow_guard[node.name] = guarded
-    p = TensorParams(scheme.weights, np.atleast_1d(scale).astype(float).tolist(),
-                     np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")
-    plan.tensors[f"{node.name}:{idx}"] = p
-    node.replace_input_with(idx, constant_dq(model, f"{node.name}_w{idx}", w, q, p))
-
-
-def _guard(node, w, qw, axis, chan, act: TensorParams):
-    """Per-position activation bounds in kernel order, then the overflow guard on the weight rows."""
-    s, z = act.arrays()
-    raw_max = np.clip(np.rint(chan.max / float(s)) + int(z), 0, 255).astype(np.int64)
-    if node.op_type == "Conv":
-        layout = conv_rows(w, node.attributes.get_int("group", 1))
-        if layout is None:
-            return qw.q, np.asarray(qw.scale), 0
-        rows, in_ch = layout
-        q_rows = conv_rows(qw.q, node.attributes.get_int("group", 1))[0]
-        unrows = lambda r: conv_unrows(r, w.shape)  # noqa: E731
-    elif node.op_type in ("Gemm", "MatMul"):
-        rows, in_ch = matmul_rows(w, axis if node.op_type == "MatMul" else (0 if node.attributes.get_int("transB", 0) else 1))
-        q_rows = matmul_rows(qw.q, axis if node.op_type == "MatMul" else (0 if node.attributes.get_int("transB", 0) else 1))[0]
-        transposed = rows.shape != w.shape
-        unrows = (lambda r: r.T) if transposed else (lambda r: r)  # noqa: E731
-    else:
-        return qw.q, np.asarray(qw.scale), 0
-    if raw_max.size != in_ch.max() + 1:
-        return qw.q, np.asarray(qw.scale), 0
-    bound = raw_max[in_ch]
-    per_channel = qw.axis is not None
-    from .weights import QuantizedWeight
-
-    new_rows, scales, changed = guard_overflow(rows, QuantizedWeight(q_rows, qw.scale, qw.zero_point, qw.axis), bound, per_channel)
-    if not changed:
-        return qw.q, np.asarray(qw.scale), 0
-    scale = scales if per_channel else np.asarray(qw.scale)
-    return unrows(new_rows).astype(np.int8), scale, changed
-
-
-__all__ = ["quantize", "QuantizeResult", "quantize_array"]
+__all__ = ["quantize", "QuantizeResult"]

@@ -37,12 +37,15 @@ class Scheme:
     # Where u8 x s8 pair products could overflow int16 in AVX2 kernels without VNNI, shrink that channel's
     # weight range just enough that no pair can: the integer kernels then agree with the float simulation.
     avoid_overflow: bool = True
+    # Subtract from each output channel's bias the mean shift its rounded weights cause on calibration data.
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         _check_literal(self, "activations", ActivationType)
         _check_literal(self, "weights", WeightType)
         _check_literal(self, "calibration", Calibration)
-        for name in ("per_channel", "symmetric_activations", "symmetric_weights", "reduce_range", "avoid_overflow"):
+        for name in ("per_channel", "symmetric_activations", "symmetric_weights", "reduce_range", "avoid_overflow",
+                     "bias_correction"):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"recipe option '{name}' must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:

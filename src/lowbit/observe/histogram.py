@@ -189,12 +189,18 @@ class Histogram:
 
 
 class ChannelMinMax:
-    """Exact running min and max of each channel along one axis."""
+    """Exact running min, max and mean of each channel along one axis."""
 
     def __init__(self, axis: int = 1) -> None:
         self.axis = int(axis)
         self.min: np.ndarray | None = None  # shape (C,) once data has been seen
         self.max: np.ndarray | None = None
+        self.sum: np.ndarray | None = None  # float64 sums and the count per channel give the mean
+        self.count = 0
+
+    @property
+    def mean(self) -> np.ndarray | None:
+        return None if self.sum is None else self.sum / max(self.count, 1)
 
     def update(self, x: np.ndarray) -> None:
         arr = _as_finite_floats(x, "channel min/max")
@@ -208,10 +214,13 @@ class ChannelMinMax:
         if per_channel.shape[1] == 0:
             return
         lo, hi = per_channel.min(axis=1), per_channel.max(axis=1)
+        total = per_channel.sum(axis=1, dtype=np.float64)
         if self.min is None:
-            self.min, self.max = lo, hi
+            self.min, self.max, self.sum = lo, hi, total
         else:
             self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
+            self.sum = self.sum + total
+        self.count += per_channel.shape[1]
 
     def merge(self, other: ChannelMinMax) -> ChannelMinMax:
         """A new observer covering the data of both; neither input changes."""
@@ -223,11 +232,12 @@ class ChannelMinMax:
         if self.min is None or other.min is None:
             src = other if self.min is None else self
             if src.min is not None:
-                out.min, out.max = src.min.copy(), src.max.copy()
+                out.min, out.max, out.sum, out.count = src.min.copy(), src.max.copy(), src.sum.copy(), src.count
             return out
         if len(self.min) != len(other.min):
             raise LowbitError(f"cannot merge channel min/max with {len(self.min)} and {len(other.min)} channels")
         out.min, out.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)
+        out.sum, out.count = self.sum + other.sum, self.count + other.count
         return out
 
     def to_dict(self) -> dict:
@@ -235,6 +245,8 @@ class ChannelMinMax:
             "axis": self.axis,
             "min": None if self.min is None else [float(v) for v in self.min],
             "max": None if self.max is None else [float(v) for v in self.max],
+            "sum": None if self.sum is None else [float(v) for v in self.sum],
+            "count": self.count,
         }
 
     @classmethod
@@ -244,6 +256,8 @@ class ChannelMinMax:
             if d["min"] is not None:
                 out.min = np.asarray(d["min"], dtype=np.float64)
                 out.max = np.asarray(d["max"], dtype=np.float64)
+                out.sum = np.asarray(d.get("sum", np.zeros_like(out.min)), dtype=np.float64)
+                out.count = int(d.get("count", 0))
         except (KeyError, TypeError, ValueError) as err:
             raise LowbitError(f"not a valid channel min/max dict: {err!r}") from None
         if out.min is not None and (out.min.shape != out.max.shape or out.min.ndim != 1):

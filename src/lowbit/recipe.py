@@ -120,6 +120,8 @@ class Recipe:
         if "default" in kw:
             kw["default"] = _scheme(kw["default"], f"{where}.default")
         if "rules" in kw:
+            if not isinstance(kw["rules"], list):
+                raise LowbitError(f"{where}.rules must be a list of rule objects")
             kw["rules"] = tuple(_rule(r, f"{where}.rules[{i}]") for i, r in enumerate(kw["rules"]))
         for key in ("exclude_names", "exclude_op_types"):
             if key in kw:
@@ -133,6 +135,8 @@ class Recipe:
             data = json.loads(p.read_text())
         except FileNotFoundError:
             raise LowbitError(f"recipe file not found: {p}") from None
+        except OSError as e:
+            raise LowbitError(f"cannot read recipe file {p}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LowbitError(f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with `lowbit recipe --show default`") from None
         if not isinstance(data, dict):

@@ -115,6 +115,7 @@ def test_unknown_key_in_file_names_the_file(tmp_path):
         ({"per_channel": "yes"}, "per_channel"),
         ({"per_channel": 1}, "per_channel"),
         ({"reduce_range": None}, "reduce_range"),
+        ({"bias_correction": "no"}, "bias_correction"),
         ({"percentile": 50}, "percentile"),
         ({"percentile": 100.5}, "percentile"),
         ({"percentile": "99"}, "percentile"),

@@ -1,0 +1,409 @@
+"""lowbit vs onnxruntime.quantization.quantize_static on EfficientNet-Lite0 and a MobileNetV2-style CNN.
+
+One command measures, for both models and both quantizers given the same calibration crops:
+  * top-1 agreement with the float model and output cosine / SQNR on eval crops, each quantized model
+    run with ORT's integer kernels (default optimizations) and as float simulation (ORT_DISABLE_ALL);
+  * latency at 1 and 2 threads, batch 1: float, lowbit, ORT-quantized, measured interleaved;
+    medians and paired median ratios lowbit/float and lowbit/ORT;
+  * file sizes; quantization wall time and peak RSS (each quantizer in a fresh subprocess);
+  * calibration peak RSS with few vs many calibration samples, fed from a generator (fresh subprocesses).
+
+Usage: .venv/bin/python bench/run.py [--quick] [--workdir DIR] [--out bench/RESULTS.md]
+
+The tables are written between the result markers of the output Markdown file (text outside the
+markers is kept); --quick writes to WORKDIR/RESULTS.quick.md unless --out is given.
+Workers: bench/run.py --worker JSON (internal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+# --------------------------------------------------------------------------------------------
+# Workers (each runs in a fresh interpreter, so its peak RSS is its own)
+# --------------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _rss_now_kib() -> int:
+    return _status_kib("VmRSS")
+
+
+def _peak_rss_kib() -> int:
+    """This process's peak RSS since exec (VmHWM). Not getrusage's ru_maxrss: Linux carries that across
+    fork+exec, so a child would report at least the parent's RSS at the time it was spawned."""
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _crop_chunks(n: int, split: str, seed: int, chunk: int):
+    """Photo crops generated on the fly, `chunk` at a time (same crops as _zoo.photo_crops(n, ...))."""
+    import numpy as np
+    from PIL import Image
+
+    from lowbit import _zoo
+
+    plan = _zoo._crop_plan(n, split, seed)
+    mean = np.asarray(_zoo.IMAGENET_MEAN, np.float32)
+    std = np.asarray(_zoo.IMAGENET_STD, np.float32)
+    for i in range(0, n, chunk):
+        out = np.empty((min(chunk, n - i), 224, 224, 3), np.uint8)
+        for j, (name, top, left, side, flip) in enumerate(plan[i : i + chunk]):
+            patch = _zoo.load_photo(name)[top : top + side, left : left + side]
+            if flip:
+                patch = patch[:, ::-1]
+            out[j] = np.asarray(Image.fromarray(np.ascontiguousarray(patch)).resize((224, 224), Image.Resampling.BILINEAR))
+        x = (out.astype(np.float32) / np.float32(255.0) - mean) / std
+        yield np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def worker(job: dict) -> dict:
+    kind = job["kind"]
+    if kind == "build":
+        return _build(job)
+    import numpy as np
+
+    if kind == "lowbit":
+        import lowbit
+
+        base = _rss_now_kib()
+        if job.get("calib_npy"):
+            calib = job["calib_npy"]  # lowbit memory-maps .npy files and reads them batch by batch
+        else:
+            calib = _crop_chunks(job["n"], "calib", job.get("seed", 0), chunk=8)
+        recipe = lowbit.Recipe(calibration_samples=job["n"])
+        t = time.perf_counter()
+        res = lowbit.quantize(job["model"], job["out"], calib=calib, recipe=recipe, progress=False)
+        wall = time.perf_counter() - t
+        extra = {"timings": res.timings, "samples": res.plan.calibration_samples}
+    elif kind == "ort":
+        import onnxruntime.quantization as oq
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        base = _rss_now_kib()
+        t = time.perf_counter()
+        src = job["model"]
+        pre_s = 0.0
+        if job.get("pre"):
+            quant_pre_process(job["model"], job["pre"])
+            src = job["pre"]
+            pre_s = time.perf_counter() - t
+        if job.get("calib_npy"):
+            arr = np.load(job["calib_npy"], mmap_mode="r")[: job["n"]]
+            items = (np.array(arr[i : i + 1]) for i in range(len(arr)))
+        else:
+            items = (c[i : i + 1] for c in _crop_chunks(job["n"], "calib", job.get("seed", 0), chunk=8) for i in range(len(c)))
+        count = {"n": 0}
+
+        class Reader(oq.CalibrationDataReader):
+            def get_next(self):
+                x = next(items, None)
+                if x is None:
+                    return None
+                count["n"] += 1
+                return {"input": x}
+
+        oq.quantize_static(
+            src, job["out"], Reader(),
+            quant_format=oq.QuantFormat.QDQ, activation_type=oq.QuantType.QUInt8, weight_type=oq.QuantType.QInt8,
+            per_channel=True, reduce_range=False, calibrate_method=oq.CalibrationMethod.MinMax,
+        )
+        wall = time.perf_counter() - t
+        extra = {"pre_process_s": pre_s, "samples": count["n"]}
+    else:
+        raise ValueError(kind)
+    peak = _peak_rss_kib()
+    return {"wall_s": wall, "rss_base_kib": base, "rss_peak_kib": peak, **extra}
+
+
+def _build(job: dict) -> dict:
+    """Float models + calibration/eval crops (needs torch; kept out of the measuring process)."""
+    import numpy as np
+
+    sys.path.insert(0, str(HERE))
+    from models import mobilenet_v2_onnx
+
+    from lowbit import _zoo
+
+    work = Path(job["work"])
+    calib = _zoo.photo_crops(job["n_calib"], "calib", seed=0)
+    np.save(work / "calib.npy", calib)
+    np.save(work / "eval.npy", _zoo.photo_crops(job["n_eval"], "eval", seed=0))
+    eff = work / "efficientnet_lite0.onnx"
+    if not eff.exists():
+        art = ROOT / "artifacts" / "efficientnet_lite0.onnx"
+        if art.exists():
+            shutil.copyfile(art, eff)
+        else:
+            _zoo.efficientnet_lite0_onnx(eff)
+    _, params = mobilenet_v2_onnx(work / f"mobilenet_v2_bn{job['n_calib']}.onnx", calib)
+    import onnx
+
+    eff_params = sum(int(np.prod(t.dims)) for t in onnx.load(str(eff)).graph.initializer if t.data_type == 1)
+    return {"mnv2_params": params, "eff_params": eff_params}
+
+
+def run_worker(job: dict) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+                       capture_output=True, text=True, env=env)
+    if p.returncode != 0:
+        raise RuntimeError(f"worker {job['kind']} failed:\n{p.stderr[-3000:]}")
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements in the parent process (no torch imported here)
+# --------------------------------------------------------------------------------------------
+
+
+def cpu_info() -> dict:
+    txt = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((l.split(":", 1)[1].strip() for l in txt.splitlines() if l.startswith("model name")), platform.processor())
+    flags = set()
+    for l in txt.splitlines():
+        if l.startswith("flags"):
+            flags = set(l.split(":", 1)[1].split())
+            break
+    keep = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16") if f in flags]
+    return {"model": model, "cpus": os.cpu_count(), "flags": " ".join(keep) or "(none)"}
+
+
+def fidelity_block(float_path, qpath, evalx):
+    from lowbit.evaluate.metrics import fidelity
+    from lowbit.runtimes.ort import run_all, session
+
+    bs = 32
+    batches = [{"input": evalx[i : i + bs]} for i in range(0, len(evalx), bs)]
+    ref = run_all(session(str(float_path), "kernels"), batches)[0]
+    kern = run_all(session(str(qpath), "kernels"), batches)[0]
+    sim = run_all(session(str(qpath), "simulate"), batches)[0]
+    return ref, {"kernels": fidelity(ref, kern), "simulate": fidelity(ref, sim), "kern_vs_sim": fidelity(sim, kern)}
+
+
+def latency_block(paths: dict, x1, threads: int, runs: int, warmup: int):
+    from lowbit.evaluate.latency import interleaved_latency, paired_ratio
+    from lowbit.runtimes.ort import session
+
+    sessions = {k: session(str(p), "kernels", threads=threads) for k, p in paths.items()}
+    times = interleaved_latency(sessions, {"input": x1}, runs=runs, warmup=warmup)
+    return {
+        "median_ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
+        "lowbit/float": paired_ratio(times, "lowbit", "float"),
+        "lowbit/ort": paired_ratio(times, "lowbit", "ort"),
+        "ort/float": paired_ratio(times, "ort", "float"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="reduced sizes for a smoke test (a few minutes)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    q = args.quick
+    cfg = dict(
+        n_calib=16 if q else 64, n_eval=64 if q else 256, runs=20 if q else 100, warmup=3 if q else 10,
+        mem_lowbit=(10, 50) if q else (10, 100, 1000), mem_ort=(10, 20) if q else (10, 100),
+    )
+    work = args.workdir or Path(tempfile.gettempdir()) / ("lowbit_bench_quick" if q else "lowbit_bench")
+    work.mkdir(parents=True, exist_ok=True)
+    out_md = args.out or (work / "RESULTS.quick.md" if q else HERE / "RESULTS.md")
+    sys.path.insert(0, str(ROOT / "src"))
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    import lowbit
+
+    t_all = time.perf_counter()
+    log = lambda *a: print(f"[{time.perf_counter() - t_all:7.1f}s]", *a, flush=True)  # noqa: E731
+    info = {"cpu": cpu_info(), "versions": {
+        "lowbit": lowbit.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
+        "numpy": np.__version__, "python": sys.version.split()[0]}, "cfg": cfg, "quick": q}
+    log(f"workdir {work}; {info['cpu']}")
+    info["build"] = run_worker({"kind": "build", "work": str(work), "n_calib": cfg["n_calib"], "n_eval": cfg["n_eval"]})
+    log("built models and crops", info["build"])
+    calib_npy = work / "calib.npy"
+    evalx = np.load(work / "eval.npy")
+    models = {
+        "EfficientNet-Lite0": work / "efficientnet_lite0.onnx",
+        "MobileNetV2-style (random init, BN re-estimated)": work / f"mobilenet_v2_bn{cfg['n_calib']}.onnx",
+    }
+    results = {}
+    for label, fp in models.items():
+        stem = fp.stem
+        r = results[label] = {}
+        lq = work / f"{stem}.lowbit.onnx"
+        oqp = work / f"{stem}.ort.onnx"
+        r["quant_lowbit"] = run_worker({"kind": "lowbit", "model": str(fp), "out": str(lq),
+                                        "calib_npy": str(calib_npy), "n": cfg["n_calib"]})
+        log(label, "lowbit quantize", r["quant_lowbit"])
+        r["quant_ort"] = run_worker({"kind": "ort", "model": str(fp), "pre": str(work / f"{stem}.pre.onnx"),
+                                     "out": str(oqp), "calib_npy": str(calib_npy), "n": cfg["n_calib"]})
+        log(label, "ORT quantize_static", r["quant_ort"])
+        ref, r["fid_lowbit"] = fidelity_block(fp, lq, evalx)
+        _, r["fid_ort"] = fidelity_block(fp, oqp, evalx)
+        top = np.sort(ref, axis=1)[:, -2:]
+        r["float_top1"] = {"distinct_classes": int(len(np.unique(ref.argmax(1)))),
+                           "median_margin": float(np.median(top[:, 1] - top[:, 0])),
+                           "most_common_share": float(np.bincount(ref.argmax(1)).max() / len(ref))}
+        log(label, "fidelity lowbit", r["fid_lowbit"]["kernels"], "ort", r["fid_ort"]["kernels"])
+        r["sizes"] = {"float": fp.stat().st_size, "lowbit": lq.stat().st_size, "ort": oqp.stat().st_size}
+        r["latency"] = {}
+        for th in (1, 2):
+            r["latency"][th] = latency_block({"float": fp, "lowbit": lq, "ort": oqp}, evalx[:1], th, cfg["runs"], cfg["warmup"])
+            log(label, f"latency {th} thread(s)", r["latency"][th])
+
+    eff = models["EfficientNet-Lite0"]
+    mem = {"lowbit": {}, "ort": {}}
+    for n in cfg["mem_lowbit"]:
+        mem["lowbit"][n] = run_worker({"kind": "lowbit", "model": str(eff), "out": str(work / f"mem_lowbit_{n}.onnx"), "n": n})
+        log(f"calib memory lowbit n={n}", mem["lowbit"][n])
+    pre = work / "efficientnet_lite0.pre.onnx"
+    for n in cfg["mem_ort"]:
+        mem["ort"][n] = run_worker({"kind": "ort", "model": str(pre), "out": str(work / f"mem_ort_{n}.onnx"), "n": n})
+        log(f"calib memory ORT n={n}", mem["ort"][n])
+    info["total_s"] = time.perf_counter() - t_all
+    (work / ("results.quick.json" if q else "results.json")).write_text(json.dumps(
+        {"info": info, "results": results, "mem": mem}, indent=1, default=str))
+    write_markdown(out_md, info, results, mem, cfg)
+    log(f"wrote {out_md}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+
+
+def _mib(kib: float) -> str:
+    return f"{kib / 1024:.0f}"
+
+
+def write_markdown(path: Path, info, results, mem, cfg) -> None:
+    L = []
+    c = info["cpu"]
+    v = info["versions"]
+    L.append(f"Generated by `.venv/bin/python bench/run.py{' --quick' if info['quick'] else ''}` "
+             f"in {info['total_s'] / 60:.1f} min.\n")
+    L.append(f"- CPU: {c['model']}, {c['cpus']} logical CPUs (shared with other work); relevant flags: `{c['flags']}`")
+    L.append(f"- lowbit {v['lowbit']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, numpy {v['numpy']}, python {v['python']}")
+    L.append(f"- calibration: the same {cfg['n_calib']} photo crops (`_zoo.photo_crops(n, 'calib', 0)`, saved as one .npy) "
+             f"for both quantizers; evaluation: {cfg['n_eval']} crops of disjoint photos (`'eval'`), batch 32")
+    L.append("- lowbit: default `Recipe()` (u8 asymmetric activations, s8 symmetric per-channel weights, minmax, "
+             "overflow guard on). ORT: `quant_pre_process` then `quantize_static` (QDQ, QUInt8 activations, "
+             "QInt8 per-channel weights, MinMax, reduce_range=False), fed one sample at a time")
+    b = info["build"]
+    L.append(f"- parameters: EfficientNet-Lite0 {b['eff_params'] / 1e6:.2f} M; MobileNetV2-style (width 0.75) "
+             f"{b['mnv2_params'] / 1e6:.2f} M\n")
+
+    L.append("### Fidelity vs the float model\n")
+    L.append("`kernels`: ORT default optimizations (Q/DQ fused into integer kernels); `simulate`: ORT_DISABLE_ALL "
+             "(float ops between Q/DQ). `kern vs sim`: top-1 agreement of the two runs of the same quantized model.\n")
+    L.append("| model | quantizer | top-1 kernels | top-1 simulate | cosine kernels | cosine simulate | SQNR dB kernels | SQNR dB simulate | kern vs sim top-1 |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        for qn, key in (("lowbit", "fid_lowbit"), ("ORT quantize_static", "fid_ort")):
+            f = r[key]
+            L.append(f"| {label} | {qn} | {f['kernels']['top1_agreement']:.4f} | {f['simulate']['top1_agreement']:.4f} | "
+                     f"{f['kernels']['cosine']:.4f} | {f['simulate']['cosine']:.4f} | {f['kernels']['sqnr_db']:.1f} | "
+                     f"{f['simulate']['sqnr_db']:.1f} | {f['kern_vs_sim']['top1_agreement']:.4f} |")
+    L.append("")
+    for label, r in results.items():
+        t = r["float_top1"]
+        L.append(f"- {label}: float top-1 over the eval crops spans {t['distinct_classes']} classes "
+                 f"(most common class {t['most_common_share']:.0%} of crops), median top-1 margin {t['median_margin']:.2f} logits")
+    L.append("")
+
+    L.append(f"### Latency, batch 1 (interleaved, {cfg['runs']} runs after {cfg['warmup']} warm-up, medians in ms)\n")
+    L.append("Ratios are medians of per-round ratios (`paired_ratio`); < 1 means lowbit is faster.\n")
+    L.append("| model | threads | float | lowbit | ORT | lowbit/float | lowbit/ORT | ORT/float |")
+    L.append("|---|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        for th, lat in r["latency"].items():
+            m = lat["median_ms"]
+            L.append(f"| {label} | {th} | {m['float']:.2f} | {m['lowbit']:.2f} | {m['ort']:.2f} | "
+                     f"{lat['lowbit/float']:.3f} | {lat['lowbit/ort']:.3f} | {lat['ort/float']:.3f} |")
+    L.append("")
+
+    L.append("### File size and quantization cost\n")
+    L.append("Each quantizer ran in a fresh subprocess. Wall time is the quantize call (ORT: `quant_pre_process` + "
+             "`quantize_static`, pre-processing share in brackets). Peak RSS is the subprocess's VmHWM (peak since exec; "
+             "`ru_maxrss` is not used: Linux carries it over from the parent across fork+exec); 'after imports' is its RSS just before quantizing.\n")
+    L.append("| model | quantizer | file KiB | size / float | wall s | peak RSS MiB | RSS after imports MiB |")
+    L.append("|---|---|---|---|---|---|---|")
+    for label, r in results.items():
+        s = r["sizes"]
+        L.append(f"| {label} | float | {s['float'] / 1024:.0f} | 1.000 | | | |")
+        ql, qo = r["quant_lowbit"], r["quant_ort"]
+        L.append(f"| {label} | lowbit | {s['lowbit'] / 1024:.0f} | {s['lowbit'] / s['float']:.3f} | {ql['wall_s']:.1f} | "
+                 f"{_mib(ql['rss_peak_kib'])} | {_mib(ql['rss_base_kib'])} |")
+        L.append(f"| {label} | ORT | {s['ort'] / 1024:.0f} | {s['ort'] / s['float']:.3f} | {qo['wall_s']:.1f} "
+                 f"({qo['pre_process_s']:.1f}) | {_mib(qo['rss_peak_kib'])} | {_mib(qo['rss_base_kib'])} |")
+    L.append("")
+
+    L.append("### Calibration peak memory vs number of samples (EfficientNet-Lite0)\n")
+    L.append("Fresh subprocess per row; samples are photo crops generated on the fly in chunks of 8 "
+             "(lowbit: a generator passed as `calib`, batch size 8 from the recipe; ORT: a CalibrationDataReader "
+             "yielding one sample at a time), so the input data is never all in RAM. ORT quantizes the "
+             "`quant_pre_process`ed model, without pre-processing time in its row.\n")
+    L.append("| quantizer | samples | peak RSS MiB | above after-imports RSS MiB | wall s |")
+    L.append("|---|---|---|---|---|")
+    for qn in ("lowbit", "ort"):
+        for n, m in mem[qn].items():
+            L.append(f"| {'lowbit' if qn == 'lowbit' else 'ORT'} | {m['samples']} | {_mib(m['rss_peak_kib'])} | "
+                     f"{_mib(m['rss_peak_kib'] - m['rss_base_kib'])} | {m['wall_s']:.1f} |")
+    for qn in ("lowbit", "ort"):
+        ns = sorted(mem[qn])
+        name = "lowbit" if qn == "lowbit" else "ORT"
+        big = mem[qn][ns[-1]]
+        for n in ns[:-1]:
+            a = mem[qn][n]
+            L.append(f"\n{name}: peak RSS with {ns[-1]} samples / with {n} = "
+                     f"**{big['rss_peak_kib'] / a['rss_peak_kib']:.3f}** (above after-imports RSS: "
+                     f"{(big['rss_peak_kib'] - big['rss_base_kib']) / max(1, a['rss_peak_kib'] - a['rss_base_kib']):.3f})")
+    L.append("")
+    body = "\n".join(L)
+
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[: old.index(BEGIN) + len(BEGIN)] + "\n" + body + "\n" + old[old.index(END):]
+    else:
+        new = f"# lowbit vs onnxruntime quantize_static\n\n{BEGIN}\n{body}\n{END}\n"
+    path.write_text(new)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        sys.path.insert(0, str(ROOT / "src"))
+    raise SystemExit(main())

@@ -54,6 +54,8 @@ def calibrate(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False
+    opts.enable_mem_pattern = False
     session = ort.InferenceSession(_augmented(model, names), opts, providers=["CPUExecutionProvider"])
     fetch = names
     bar = tqdm(total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False)  # None: off when not a terminal
@@ -65,12 +67,17 @@ def calibrate(
                 outs = session.run(fetch, feeds)
             except Exception as e:  # ORT's messages are long; keep the first line
                 raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
-            for name, value in zip(fetch, outs):
+            # Observe and drop one output at a time: only one batch of activations is ever alive.
+            outs.reverse()
+            for name in fetch:
+                value = outs.pop()
                 if name in tensors:
                     _update(stats.histograms, name, value, Histogram)
                 if name in channel_axes:
                     obs = stats.channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
                     obs.update(value)
+                del value
+            del outs, feeds, batch
             stats.samples += n
             bar.update(n)
     finally:

@@ -30,14 +30,24 @@ def bin_indices(x: np.ndarray, e: int) -> np.ndarray:
     return idx
 
 
-def _as_finite_floats(x: Any, what: str) -> np.ndarray:
-    try:
-        arr = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise LowbitError(f"{what} input must be numeric: {err}") from None
-    if not np.isfinite(arr).all():
-        raise LowbitError(f"{what} input contains NaN or Inf; fix the model or data before calibrating")
+CHUNK = 1 << 18
+
+
+def _numeric(x: Any, what: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "fiub":
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError) as err:
+            raise LowbitError(f"{what} input must be numeric: {err}") from None
     return arr
+
+
+def _finite_extremes(lo: Any, hi: Any, what: str) -> tuple[float, float]:
+    lo, hi = float(lo), float(hi)  # min/max propagate NaN, and +-Inf show up as extremes
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise LowbitError(f"{what} input contains NaN or Inf; fix the model or data before calibrating")
+    return lo, hi
 
 
 class Histogram:
@@ -84,15 +94,17 @@ class Histogram:
 
     def update(self, x: np.ndarray) -> None:
         """Add every value of x (any shape)."""
-        arr = _as_finite_floats(x, "histogram").ravel()
-        if arr.size == 0:
+        flat = _numeric(x, "histogram").reshape(-1)
+        if flat.size == 0:
             return
-        lo = min(self._min, float(arr.min()))
-        hi = max(self._max, float(arr.max()))
+        lo, hi = _finite_extremes(flat.min(), flat.max(), "histogram")
+        lo, hi = min(self._min, lo), max(self._max, hi)
         e = self._fitting_exponent(lo, hi, self.e)
         first, last = (int(i) for i in bin_indices(np.array([lo, hi]), e))
         counts = self._counts_at(e, first, last - first + 1)
-        counts += np.bincount(bin_indices(arr, e) - first, minlength=len(counts))
+        # In slices: float64 indices of a whole activation tensor would cost 8x its size in temporaries.
+        for start in range(0, flat.size, CHUNK):
+            counts += np.bincount(bin_indices(flat[start:start + CHUNK], e) - first, minlength=len(counts))
         self.e, self.i0, self.counts, self._min, self._max = e, first, counts, lo, hi
 
     def merge(self, other: Histogram) -> Histogram:
@@ -203,24 +215,26 @@ class ChannelMinMax:
         return None if self.sum is None else self.sum / max(self.count, 1)
 
     def update(self, x: np.ndarray) -> None:
-        arr = _as_finite_floats(x, "channel min/max")
+        arr = _numeric(x, "channel min/max")
         if not -arr.ndim <= self.axis < arr.ndim:
             raise LowbitError(f"channel axis {self.axis} is out of range for input of shape {arr.shape}")
-        per_channel = np.moveaxis(arr, self.axis, 0)
-        channels = per_channel.shape[0]
+        axis = self.axis % arr.ndim
+        channels = arr.shape[axis]
         if self.min is not None and channels != len(self.min):
             raise LowbitError(f"input has {channels} channels on axis {self.axis}, earlier inputs had {len(self.min)}")
-        per_channel = per_channel.reshape(channels, -1)
-        if per_channel.shape[1] == 0:
+        if arr.size == 0:
             return
-        lo, hi = per_channel.min(axis=1), per_channel.max(axis=1)
-        total = per_channel.sum(axis=1, dtype=np.float64)
+        # Reductions over the other axes, without moving the channel axis first: no copy of the tensor.
+        others = tuple(i for i in range(arr.ndim) if i != axis)
+        lo, hi = arr.min(axis=others).astype(np.float64), arr.max(axis=others).astype(np.float64)
+        _finite_extremes(lo.min(), hi.max(), "channel min/max")
+        total = arr.sum(axis=others, dtype=np.float64)
         if self.min is None:
             self.min, self.max, self.sum = lo, hi, total
         else:
             self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
             self.sum = self.sum + total
-        self.count += per_channel.shape[1]
+        self.count += arr.size // channels
 
     def merge(self, other: ChannelMinMax) -> ChannelMinMax:
         """A new observer covering the data of both; neither input changes."""

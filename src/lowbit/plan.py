@@ -49,6 +49,8 @@ class Plan:
     tensors: dict[str, TensorParams] = field(default_factory=dict)
     nodes: dict[str, NodeEntry] = field(default_factory=dict)
     overflow_guard: dict[str, int] = field(default_factory=dict)  # node -> channels changed
+    # per-channel means of weighted ops' inputs on the calibration data, for bias correction on re-use
+    channel_means: dict[str, list[float]] = field(default_factory=dict)
     calibration_samples: int = 0
     version: int = PLAN_VERSION
     lowbit_version: str = __version__
@@ -72,6 +74,7 @@ class Plan:
                 tensors={k: TensorParams(**v) for k, v in data["tensors"].items()},
                 nodes={k: NodeEntry(**v) for k, v in data["nodes"].items()},
                 overflow_guard=data.get("overflow_guard", {}),
+                channel_means=data.get("channel_means", {}),
                 calibration_samples=data.get("calibration_samples", 0),
                 version=data["version"],
                 lowbit_version=data.get("lowbit_version", "?"),

@@ -37,8 +37,7 @@ class Layout:
     biases: list[tuple[str, int, str, int]] = field(default_factory=list)
     # fused Relu/Clip node name -> (producer node name, clip bounds)
     fused: dict[str, tuple[str, tuple[float, float]]] = field(default_factory=dict)
-    # activation tensors feeding weighted ops -> channel axis; the overflow guard needs per-channel maxima
-    # and bias correction per-channel means
+    # activation tensors feeding weighted ops -> channel axis, for the per-channel means bias correction needs
     channel_stats: dict[str, int] = field(default_factory=dict)
 
     def sources(self) -> set[str]:
@@ -136,7 +135,7 @@ def make_layout(model: ir.Model, recipe: Recipe) -> Layout:
             layout.weights.append((node.name, idx, axis if scheme.per_channel else None))
             if spec.bias is not None:
                 layout.biases.append((node.name, spec.bias, node.inputs[0].name, idx))
-            if (scheme.avoid_overflow or scheme.bias_correction) and node.op_type != "ConvTranspose":
+            if scheme.bias_correction and node.op_type != "ConvTranspose":
                 layout.channel_stats[node.inputs[0].name] = 1 if node.op_type == "Conv" else -1
     for d in layout.nodes.values():
         if d.quantized and not d.reason:

@@ -78,16 +78,16 @@ def quantize(
         stats = calibrate(ir_model, observed, layout.channel_stats, source, total=total, progress=progress)
         tensors = decide_activations(ir_model, layout, stats)
         samples = stats.samples
-        channels = stats.channels
+        means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
     else:
         tensors = _activations_from_plan(ir_model, layout, plan)
-        samples, channels = plan.calibration_samples, {}
+        samples, means = plan.calibration_samples, plan.channel_means
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    new_plan = Plan(recipe=recipe.to_dict(), tensors=tensors, calibration_samples=samples)
+    new_plan = Plan(recipe=recipe.to_dict(), tensors=tensors, calibration_samples=samples, channel_means=means)
     new_plan.nodes = {d.name: NodeEntry(d.op_type, d.quantized, d.reason, d.rule) for d in layout.nodes.values()}
-    apply(ir_model, layout, new_plan, channels)
+    apply(ir_model, layout, new_plan)
     proto = ir.to_proto(ir_model)
     proto.producer_name, proto.producer_version = "lowbit", new_plan.lowbit_version
     try:

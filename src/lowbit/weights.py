@@ -4,8 +4,8 @@ x86 CPUs with AVX2 but without VNNI multiply uint8 activations by int8 weights w
 each pair of neighbouring products along the reduction axis into an int16 with saturation. When
 a[2j] * w[2j] + a[2j+1] * w[2j+1] leaves [-32768, 32767] the kernel silently clips it and the integer model
 stops matching its float simulation. CPUs with VNNI (and phones with dot-product instructions) accumulate in
-int32 and never clip. The guard finds the output channels where a pair could clip for activations up to their
-calibrated per-channel maximum, and fixes only those channels, choosing per channel the cheaper of:
+int32 and never clip. The guard finds the output channels where a pair could clip for some uint8 input, and
+fixes only those channels, choosing per channel the cheaper (in squared weight error) of:
   * rescale: a larger weight scale for that channel (fewer effective bits for it alone), or
   * trim: lower the magnitude of the offending pairs' weights by the few steps needed.
 """

@@ -3,12 +3,14 @@
 One command measures, for both models and both quantizers given the same calibration crops:
   * top-1 agreement with the float model and output cosine / SQNR on eval crops, each quantized model
     run with ORT's integer kernels (default optimizations) and as float simulation (ORT_DISABLE_ALL);
+  * EfficientNet-Lite0 only: the same under emulated AVX2-without-VNNI kernels (u8 x s8 pairs saturating
+    to int16, `lowbit.runtimes.emulate`), one crop at a time, plus saturated-pair counts (skip: --no-emulate);
   * latency at 1 and 2 threads, batch 1: float, lowbit, ORT-quantized, measured interleaved;
     medians and paired median ratios lowbit/float and lowbit/ORT;
   * file sizes; quantization wall time and peak RSS (each quantizer in a fresh subprocess);
   * calibration peak RSS with few vs many calibration samples, fed from a generator (fresh subprocesses).
 
-Usage: .venv/bin/python bench/run.py [--quick] [--workdir DIR] [--out bench/RESULTS.md]
+Usage: .venv/bin/python bench/run.py [--quick] [--no-emulate] [--workdir DIR] [--out bench/RESULTS.md]
 
 The tables are written between the result markers of the output Markdown file (text outside the
 markers is kept); --quick writes to WORKDIR/RESULTS.quick.md unless --out is given.
@@ -82,6 +84,8 @@ def worker(job: dict) -> dict:
     kind = job["kind"]
     if kind == "build":
         return _build(job)
+    if kind == "emulate":
+        return _emulate(job)
     import numpy as np
 
     if kind == "lowbit":
@@ -164,6 +168,32 @@ def _build(job: dict) -> dict:
     return {"mnv2_params": params, "eff_params": eff_params}
 
 
+def _emulate(job: dict) -> dict:
+    """One quantized model under the emulated non-VNNI AVX2 kernels: fidelity against the float logits on the
+    first n eval crops (one crop per run), and saturation_report summed over the first n_sat crops."""
+    import numpy as np
+    import onnx
+
+    from lowbit.evaluate.metrics import fidelity
+    from lowbit.runtimes.emulate import run_emulated, saturation_report
+
+    model = onnx.load(job["model"])  # loaded once; run_emulated re-plans per call (a few % of a run)
+    evalx = np.load(job["eval_npy"], mmap_mode="r")
+    ref = np.load(job["ref_npy"])[: job["n"]]
+    t = time.perf_counter()
+    out = np.concatenate([run_emulated(model, {"input": np.array(evalx[i : i + 1])}, saturate=True)[0]
+                          for i in range(job["n"])])
+    run_s = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = saturation_report(model, ({"input": np.array(evalx[i : i + 1])} for i in range(job["n_sat"])))
+    sat_s = time.perf_counter() - t
+    tot = {k: int(sum(v[k] for v in rep.values())) for k in ("pairs_total", "pairs_saturated", "outputs_affected")}
+    worst = sorted(((v["pairs_saturated"], k) for k, v in rep.items() if v["pairs_saturated"]), reverse=True)[:3]
+    return {"n": job["n"], "fid": fidelity(ref, out.reshape(len(ref), -1)), "n_sat": job["n_sat"], "saturation": tot,
+            "int_ops": len(rep), "ops_saturating": sum(1 for v in rep.values() if v["pairs_saturated"]),
+            "worst_ops": [[k, c] for c, k in worst], "run_s": run_s, "report_s": sat_s, "rss_peak_kib": _peak_rss_kib()}
+
+
 def run_worker(job: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
@@ -224,6 +254,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="reduced sizes for a smoke test (a few minutes)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--no-emulate", action="store_true",
+                    help="skip EfficientNet-Lite0 under emulated AVX2-without-VNNI kernels (slow: ~1 s per crop and model)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -234,7 +266,9 @@ def main() -> int:
     cfg = dict(
         n_calib=16 if q else 64, n_eval=64 if q else 256, runs=20 if q else 100, warmup=3 if q else 10,
         mem_lowbit=(10, 50) if q else (10, 100, 1000), mem_ort=(10, 20) if q else (10, 100),
+        emulate=not args.no_emulate, n_emulate=16 if q else 256, n_sat=8,
     )
+    cfg["n_emulate"] = min(cfg["n_emulate"], cfg["n_eval"])
     work = args.workdir or Path(tempfile.gettempdir()) / ("lowbit_bench_quick" if q else "lowbit_bench")
     work.mkdir(parents=True, exist_ok=True)
     out_md = args.out or (work / "RESULTS.quick.md" if q else HERE / "RESULTS.md")
@@ -272,6 +306,7 @@ def main() -> int:
                                      "out": str(oqp), "calib_npy": str(calib_npy), "n": cfg["n_calib"]})
         log(label, "ORT quantize_static", r["quant_ort"])
         ref, r["fid_lowbit"] = fidelity_block(fp, lq, evalx)
+        np.save(work / f"{stem}.float_logits.npy", ref)
         _, r["fid_ort"] = fidelity_block(fp, oqp, evalx)
         top = np.sort(ref, axis=1)[:, -2:]
         r["float_top1"] = {"distinct_classes": int(len(np.unique(ref.argmax(1)))),
@@ -285,6 +320,14 @@ def main() -> int:
             log(label, f"latency {th} thread(s)", r["latency"][th])
 
     eff = models["EfficientNet-Lite0"]
+    if cfg["emulate"]:
+        # Fresh subprocesses, after the latency runs, so neither timing nor memory elsewhere sees the emulator.
+        emu = results["EfficientNet-Lite0"]["emulated"] = {}
+        for qn in ("lowbit", "ort"):
+            emu[qn] = run_worker({"kind": "emulate", "model": str(work / f"{eff.stem}.{qn}.onnx"),
+                                  "eval_npy": str(work / "eval.npy"), "ref_npy": str(work / f"{eff.stem}.float_logits.npy"),
+                                  "n": cfg["n_emulate"], "n_sat": min(cfg["n_sat"], cfg["n_emulate"])})
+            log(f"EfficientNet-Lite0 {qn} emulated AVX2 without VNNI", emu[qn])
     mem = {"lowbit": {}, "ort": {}}
     for n in cfg["mem_lowbit"]:
         mem["lowbit"][n] = run_worker({"kind": "lowbit", "model": str(eff), "out": str(work / f"mem_lowbit_{n}.onnx"), "n": n})
@@ -344,6 +387,35 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
         L.append(f"- {label}: float top-1 over the eval crops spans {t['distinct_classes']} classes "
                  f"(most common class {t['most_common_share']:.0%} of crops), median top-1 margin {t['median_margin']:.2f} logits")
     L.append("")
+
+    emu = results.get("EfficientNet-Lite0", {}).get("emulated")
+    if emu:
+        el, eo = emu["lowbit"], emu["ort"]
+        same = "the same" if el["n"] == cfg["n_eval"] else f"the first {el['n']} of the"
+        L.append("### Emulated AVX2 without VNNI (x86 without dot-product instructions)\n")
+        L.append("This CPU has VNNI, so ORT's u8 x s8 kernels accumulate in int32 and never saturate. On x86 CPUs "
+                 "with AVX2 but without VNNI they add neighbouring pairs of products into int16 with saturation "
+                 "(`vpmaddubsw`). EfficientNet-Lite0 run under that arithmetic with `lowbit.runtimes.emulate."
+                 f"run_emulated(..., saturate=True)`, one crop at a time, over {same} {cfg['n_eval']} eval crops; "
+                 "compared with the float model's logits. Saturated pairs: `saturation_report` summed over all "
+                 f"integer Conv/Gemm/MatMul ops on the first {el['n_sat']} crops ('outputs affected': output "
+                 "elements that differ from int32 accumulation).\n")
+        L.append("| EfficientNet-Lite0 | lowbit | ORT quantize_static |")
+        L.append("|---|---|---|")
+        L.append(f"| top-1 agreement with float ({el['n']} crops) | {el['fid']['top1_agreement']:.4f} | {eo['fid']['top1_agreement']:.4f} |")
+        L.append(f"| cosine with float | {el['fid']['cosine']:.4f} | {eo['fid']['cosine']:.4f} |")
+        L.append(f"| SQNR dB | {el['fid']['sqnr_db']:.1f} | {eo['fid']['sqnr_db']:.1f} |")
+        sl, so = el["saturation"], eo["saturation"]
+        L.append(f"| saturated pairs on {el['n_sat']} crops | {sl['pairs_saturated']:,} of {sl['pairs_total']:,} | "
+                 f"{so['pairs_saturated']:,} of {so['pairs_total']:,} |")
+        L.append(f"| outputs affected on {el['n_sat']} crops | {sl['outputs_affected']:,} | {so['outputs_affected']:,} |")
+        L.append(f"| integer ops with any saturated pair | {el['ops_saturating']} of {el['int_ops']} | "
+                 f"{eo['ops_saturating']} of {eo['int_ops']} |")
+        if el["n"] == cfg["n_eval"]:
+            fl, fo = results["EfficientNet-Lite0"]["fid_lowbit"], results["EfficientNet-Lite0"]["fid_ort"]
+            L.append(f"| for reference: top-1, this CPU's ORT kernels | {fl['kernels']['top1_agreement']:.4f} | {fo['kernels']['top1_agreement']:.4f} |")
+            L.append(f"| for reference: top-1, float simulation | {fl['simulate']['top1_agreement']:.4f} | {fo['simulate']['top1_agreement']:.4f} |")
+        L.append("")
 
     L.append(f"### Latency, batch 1 (interleaved, {cfg['runs']} runs after {cfg['warmup']} warm-up, medians in ms)\n")
     L.append("Ratios are medians of per-round ratios (`paired_ratio`); < 1 means lowbit is faster.\n")

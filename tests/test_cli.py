@@ -41,7 +41,8 @@ def test_quantize_writes_model_plan_and_summary(tiny_model: Path, tiny_calib: Pa
     onnx.checker.check_model(onnx.load(str(out)))
     plan = json.loads((tmp_path / "out.plan.json").read_text())
     assert plan["nodes"]["relu1"]["reason"].startswith("folded into")
-    assert plan["tensors"]["y"]["dtype"] == "uint8"
+    assert plan["tensors"]["s"]["dtype"] == "uint8"
+    assert "y" not in plan["tensors"]  # the Gemm's model output stays float (QGemm writes float)
 
 
 def test_json_summary(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> None:

@@ -56,9 +56,14 @@ def ort_quantized(m: onnx.ModelProto, tmp_path: Path, per_channel: bool) -> onnx
 
 
 def output_step(m: onnx.ModelProto) -> float:
-    dq = next(n for n in m.graph.node if n.output[0] == m.graph.output[0].name)
-    assert dq.op_type == "DequantizeLinear"
-    return float(next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == dq.input[1]))
+    """The output's quantization step; for a float output (lowbit keeps a Gemm's model output float),
+    the step of the Gemm's input times its largest weight scale, what one input step moves an output by."""
+    last = next(n for n in m.graph.node if m.graph.output[0].name in n.output)
+    scale = lambda name: float(np.max(next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == name)))  # noqa: E731
+    if last.op_type == "DequantizeLinear":
+        return scale(last.input[1])
+    dqs = {n.output[0]: n for n in m.graph.node if n.op_type == "DequantizeLinear"}
+    return scale(dqs[last.input[0]].input[1]) * scale(dqs[last.input[1]].input[1]) * 128
 
 
 @pytest.mark.parametrize("source", ["lowbit", "ort", "ort_per_channel"])

@@ -7,6 +7,12 @@ import onnx_ir as ir
 from .base import OpSpec, Skip, const, float_input, has_input
 
 
+def _outputs(node: ir.Node) -> tuple[int, ...]:
+    """A model output made by a weighted Gemm/MatMul stays float: ONNX Runtime's QGemm and
+    MatMulIntegerToFloat write float directly, so this costs no speed and keeps the logits exact."""
+    return () if node.outputs[0].is_graph_output() else (0,)
+
+
 def gemm(node: ir.Node) -> OpSpec | Skip:
     if (bad := float_input(node)) is not None:
         return bad
@@ -23,9 +29,9 @@ def gemm(node: ir.Node) -> OpSpec | Skip:
         c = const(node, 2)
         unit = node.attributes.get_float("alpha", 1.0) == 1.0 and node.attributes.get_float("beta", 1.0) == 1.0
         if c is None or c.ndim != 1 or not unit:
-            return OpSpec(weight=(1, axis))  # C stays float: it is not a plain per-column bias
+            return OpSpec(weight=(1, axis), outputs=_outputs(node))  # C stays float: not a plain per-column bias
         bias = 2
-    return OpSpec(weight=(1, axis), bias=bias)
+    return OpSpec(weight=(1, axis), bias=bias, outputs=_outputs(node))
 
 
 def matmul(node: ir.Node) -> OpSpec | Skip:
@@ -38,7 +44,7 @@ def matmul(node: ir.Node) -> OpSpec | Skip:
         return OpSpec(activations=(0, 1))
     if b.ndim != 2:
         return OpSpec(activations=(0,), weight=(1, None))
-    return OpSpec(weight=(1, 1))
+    return OpSpec(weight=(1, 1), outputs=_outputs(node))
 
 
 HANDLERS = {"Gemm": gemm, "MatMul": matmul}

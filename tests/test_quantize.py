@@ -105,3 +105,11 @@ def test_efficientnet_lite0_int8(tmp_path: Path) -> None:
     assert abs(top1_agreement(ref, kern) - top1_agreement(ref, sim)) <= 0.02
     assert (tmp_path / "q.onnx").stat().st_size <= 0.27 * float_path.stat().st_size
     assert sum(1 for e in result.plan.nodes.values() if e.op_type == "Conv" and e.quantized) == 49
+
+
+def test_plan_carries_its_recipe(tiny_model: Path, tmp_path: Path) -> None:
+    recipe = lowbit.Recipe(exclude_names=("conv2",))
+    lowbit.quantize(tiny_model, tmp_path / "q.onnx", calib=_calib(), recipe=recipe, progress=False)
+    again = lowbit.quantize(tiny_model, tmp_path / "q2.onnx", plan=tmp_path / "q.plan.json", progress=False)
+    assert not again.plan.nodes["conv2"].quantized and again.plan.nodes["conv2"].reason == "excluded by name"
+    assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "q2.onnx").read_bytes()

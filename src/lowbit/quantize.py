@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from .apply import apply
 from .calibrate import Statistics, calibrate
 from .data import ImagePreprocess, input_specs, open_data
 from .errors import LowbitError
@@ -21,7 +22,6 @@ from .passes import prepare
 from .plan import NodeEntry, Plan, TensorParams, plan_path
 from .planner import Layout, make_layout
 from .recipe import Recipe, Scheme
-from .apply import apply
 
 
 @dataclass
@@ -52,16 +52,19 @@ def quantize(
     (`OUT.plan.json`) are written atomically.
     """
     start = time.perf_counter()
-    recipe = _recipe(recipe)
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
+    # Re-applying a plan without a recipe means the plan's own recipe: the same nodes get the same treatment.
+    recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
     if output is not None:
         check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
     if calib is None and plan is None:
         raise LowbitError("calibration data is required: pass --calib DATA (or --plan PLAN.json to reuse ranges)")
 
-    ir_model = load_model(model) if isinstance(model, (str, Path)) else ir.from_proto(model)
-    float_bytes = ir.to_proto(ir_model).ByteSize()
+    if isinstance(model, (str, Path)):
+        ir_model, float_bytes = load_model(model), Path(model).stat().st_size
+    else:
+        ir_model, float_bytes = ir.from_proto(model), model.ByteSize()
     specs = input_specs(ir.to_proto(ir_model))
     timings: dict[str, float] = {}
     t = time.perf_counter()

@@ -59,10 +59,6 @@ def ensure_node_names(graph: ir.Graph) -> None:
         seen.add(name)
 
 
-def _weighted(spec: OpSpec) -> bool:
-    return spec.weight is not None
-
-
 def make_layout(model: ir.Model, recipe: Recipe) -> Layout:
     graph = model.graph
     ensure_node_names(graph)

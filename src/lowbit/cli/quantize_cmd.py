@@ -1,0 +1,94 @@
+"""`lowbit quantize`: static int8 post-training quantization."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from ..recipe import PRESETS, Recipe, Scheme, preset
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="static int8 post-training quantization of an ONNX model",
+                       description="Quantize a float ONNX model to int8 QDQ form. Writes OUT and OUT.plan.json "
+                       "(every tensor's parameters and why each float node stayed float).")
+    q.add_argument("model", help="float ONNX model")
+    q.add_argument("-o", "--output", required=True, help="where to write the quantized model (.onnx)")
+    q.add_argument("--calib", metavar="DATA", help="calibration data: .npy/.npz file or folder, or an image folder")
+    q.add_argument("--plan", metavar="PLAN.json", help="reuse ranges from an earlier plan instead of calibrating")
+    q.add_argument("--recipe", metavar="FILE", help="recipe JSON (see `lowbit recipe --show default`)")
+    q.add_argument("--preset", choices=sorted(PRESETS), help="start from a built-in recipe")
+    g = q.add_argument_group("scheme (override the recipe's default scheme)")
+    g.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "mse"])
+    g.add_argument("--percentile", type=float)
+    g.add_argument("--activations", choices=["uint8", "int8", "uint16", "int16"])
+    g.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
+    g.add_argument("--reduce-range", action="store_true", help="7-bit weights everywhere (usually not needed)")
+    g.add_argument("--no-overflow-guard", action="store_true",
+                   help="do not adjust channels whose u8 x s8 pair sums could overflow int16 on AVX2")
+    g.add_argument("--exclude-names", nargs="+", default=[], metavar="PATTERN", help="node names to keep float")
+    g.add_argument("--exclude-op-types", nargs="+", default=[], metavar="OP", help="op types to keep float")
+    g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
+    g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
+    i = q.add_argument_group("image folders")
+    i.add_argument("--image-size", type=int, default=256, help="resize the shorter side to this (default 256)")
+    i.add_argument("--crop", type=int, default=224, help="center crop (default 224)")
+    i.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
+    i.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
+    i.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
+    i.add_argument("--bgr", action="store_true", help="feed channels as BGR")
+    q.add_argument("--check", type=int, default=32, metavar="N",
+                   help="compare integer kernels with float simulation on N calibration samples (0: skip)")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(run=run)
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    base = Recipe.load(args.recipe) if args.recipe else preset(args.preset) if args.preset else Recipe()
+    overrides = {
+        "calibration": args.calibration,
+        "percentile": args.percentile,
+        "activations": args.activations,
+        "per_channel": False if args.per_tensor else None,
+        "reduce_range": True if args.reduce_range else None,
+        "avoid_overflow": False if args.no_overflow_guard else None,
+    }
+    scheme: Scheme = dataclasses.replace(base.default, **{k: v for k, v in overrides.items() if v is not None})
+    top = {"calibration_samples": args.samples, "batch_size": args.batch_size}
+    return dataclasses.replace(
+        base,
+        default=scheme,
+        exclude_names=base.exclude_names + tuple(args.exclude_names),
+        exclude_op_types=base.exclude_op_types + tuple(args.exclude_op_types),
+        **{k: v for k, v in top.items() if v is not None},
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import ImagePreprocess, input_specs, open_data
+    from ..evaluate.check import runtime_check
+    from ..quantize import quantize
+    from .summary import summary_text
+
+    recipe = _recipe(args)
+    pre = ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
+                          layout=args.layout, channels="BGR" if args.bgr else "RGB")
+    result = quantize(args.model, args.output, calib=args.calib, recipe=recipe, plan=args.plan,
+                      preprocess=pre, progress=not args.quiet)
+    check = None
+    if args.check and args.calib:
+        data = open_data(args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre,
+                         limit=args.check)
+        check = runtime_check(args.model, result.model, data)
+    if args.json:
+        print(json.dumps({"output": str(result.output), "float_bytes": result.float_bytes,
+                          "quantized_bytes": result.quantized_bytes, "seconds": result.seconds,
+                          "overflow_guard": result.plan.overflow_guard, "check": check,
+                          "nodes": {k: dataclasses.asdict(v) for k, v in result.plan.nodes.items()}}, indent=1))
+    else:
+        print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
+        print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
+    return 0

@@ -1,0 +1,16 @@
+"""`lowbit diagnose` (being built)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import LowbitError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("diagnose", help="(not available yet)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    raise LowbitError("'lowbit diagnose' is not available in this version")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .numerics import dequantize, qrange, quantize, scale_zero_point
+from .numerics import qrange, quantize, scale_zero_point
 
 INT16_MAX = 32767
 INT16_MIN = -32768
@@ -66,36 +66,42 @@ def overflowing_rows(q: np.ndarray, bound: np.ndarray) -> np.ndarray:
     return np.flatnonzero((hi.max(axis=1) > INT16_MAX) | (lo.min(axis=1) < INT16_MIN))
 
 
-def _rescale_row(w: np.ndarray, bound: np.ndarray, scale: float, qmin: int, qmax: int) -> tuple[np.ndarray, float]:
-    hi, lo = pair_extremes(quantize(w, scale, 0, "int8")[None].clip(qmin, qmax), bound[None])
-    factor = max(hi.max() / INT16_MAX, lo.min() / INT16_MIN, 1.0)
-    s = np.float32(scale * factor)
+def _rescale(w: np.ndarray, bound: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the smallest larger scale (in steps of 1/512) at which no pair overflows."""
+    q = np.clip(quantize(w, scale, 0, "int8", axis=0), qmin, qmax)
+    hi, lo = pair_extremes(q, bound)
+    factor = np.maximum(np.maximum(hi.max(axis=1) / INT16_MAX, lo.min(axis=1) / INT16_MIN), 1.0)
+    s = (scale * factor).astype(np.float32)
     while True:
-        q = np.clip(quantize(w, s, 0, "int8"), qmin, qmax)
-        if not len(overflowing_rows(q[None], bound[None])):
-            return q, float(s)
-        s = np.float32(s * (1 + 1 / 512))
+        q = np.clip(quantize(w, s, 0, "int8", axis=0), qmin, qmax)
+        bad = overflowing_rows(q, bound)
+        if not len(bad):
+            return q, s
+        s[bad] = (s[bad] * (1 + 1 / 512)).astype(np.float32)
 
 
-def _trim_row(q: np.ndarray, bound: np.ndarray) -> np.ndarray:
-    """Lower |q| in overflowing pairs, taking steps from the element whose step removes the most."""
-    q = q.astype(np.int64).copy()
-    k = len(q)
-    for j in range(0, k - 1, 2):
-        for sign, limit in ((1, INT16_MAX), (-1, -INT16_MIN)):
-            i0, i1 = j, j + 1
-            while True:
-                m0, m1 = max(sign * q[i0], 0), max(sign * q[i1], 0)
-                total = bound[i0] * m0 + bound[i1] * m1
-                if total <= limit:
-                    break
-                excess = total - limit
-                # One cut of the needed size on the element with the larger activation bound costs the fewest steps.
-                i = i0 if (bound[i0] >= bound[i1] and m0 > 0) or m1 == 0 else i1
-                steps = max(1, int(np.ceil(excess / max(bound[i], 1))))
-                steps = min(steps, max(sign * q[i], 0))
-                q[i] -= sign * steps
-    return q
+def _trim(q: np.ndarray, bound: np.ndarray) -> np.ndarray:
+    """Lower |q| in every overflowing pair just enough, splitting the cut between the two weights in
+    proportion to their activation bounds (which minimises the squared change)."""
+    q = q.astype(np.int64)
+    odd = q.shape[1] % 2
+    if odd:
+        q = np.pad(q, ((0, 0), (0, 1)))
+        bound = np.pad(bound, ((0, 0), (0, 1)))
+    q = q.copy()
+    b0, b1 = bound[:, 0::2].astype(np.int64), bound[:, 1::2].astype(np.int64)
+    for sign, limit in ((1, INT16_MAX), (-1, -INT16_MIN)):
+        m0, m1 = np.maximum(sign * q[:, 0::2], 0), np.maximum(sign * q[:, 1::2], 0)
+        excess = np.maximum(b0 * m0 + b1 * m1 - limit, 0)
+        denom = np.maximum(b0 * b0 + b1 * b1, 1)
+        d0 = np.minimum(m0, -(-excess * b0 // denom))
+        left = np.maximum(b0 * (m0 - d0) + b1 * m1 - limit, 0)
+        d1 = np.minimum(m1, -(-left // np.maximum(b1, 1)))
+        left = np.maximum(b0 * (m0 - d0) + b1 * (m1 - d1) - limit, 0)
+        d0 = np.minimum(m0, d0 + -(-left // np.maximum(b0, 1)))
+        q[:, 0::2] -= sign * d0
+        q[:, 1::2] -= sign * d1
+    return q[:, :-1] if odd else q
 
 
 def guard_overflow(
@@ -108,19 +114,19 @@ def guard_overflow(
     bad = overflowing_rows(q_rows, bound_rows)
     if not len(bad):
         return q_rows, scales, 0
-    qmin, qmax = qrange("int8", narrow=True)
     q_rows = q_rows.copy()
-    for r in bad:
-        s = float(scales[r]) if rows_are_channels else float(np.asarray(qw.scale).reshape(-1)[0])
-        trimmed = _trim_row(q_rows[r], bound_rows[r])
-        err_trim = float(np.sum((dequantize(trimmed, s, 0) - w_rows[r]) ** 2))
-        if rows_are_channels:
-            rescaled, s2 = _rescale_row(w_rows[r], bound_rows[r], s, qmin, qmax)
-            err_rescale = float(np.sum((dequantize(rescaled, s2, 0) - w_rows[r]) ** 2))
-            if err_rescale < err_trim:
-                q_rows[r], scales[r] = rescaled, s2
-                continue
-        q_rows[r] = trimmed
+    s = scales[bad] if rows_are_channels else np.full(len(bad), np.asarray(qw.scale).reshape(-1)[0], np.float32)
+    trimmed = _trim(q_rows[bad], bound_rows[bad])
+    err_trim = np.sum((trimmed * s[:, None].astype(np.float64) - w_rows[bad]) ** 2, axis=1)
+    chosen = trimmed
+    if rows_are_channels:
+        qmin, qmax = qrange("int8", narrow=True)
+        rescaled, s2 = _rescale(w_rows[bad], bound_rows[bad], s, qmin, qmax)
+        err_rescale = np.sum((rescaled * s2[:, None].astype(np.float64) - w_rows[bad]) ** 2, axis=1)
+        better = err_rescale < err_trim
+        chosen = np.where(better[:, None], rescaled, trimmed)
+        scales[bad] = np.where(better, s2, s)
+    q_rows[bad] = chosen
     return q_rows, scales, len(bad)
 
 

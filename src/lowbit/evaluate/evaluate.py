@@ -1,0 +1,250 @@
+"""Evaluate a model on data: accuracy against labels, and fidelity against a reference (float) model.
+
+Data is streamed batch by batch; only the outputs are kept. Results are plain JSON-able dicts: infinite
+or NaN metrics (an SQNR of a model compared with itself is +inf) are written as the strings "inf", "-inf",
+"nan", which `float()` turns back into numbers, so `float(result[...]["sqnr_db"])` always works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from ..data import ImagePreprocess, InputSpec, input_specs, open_data
+from ..errors import LowbitError
+from ..runtimes.ort import session
+from .metrics import fidelity
+
+ModelLike = str | os.PathLike | onnx.ModelProto
+MODES = ("kernels", "simulate")
+
+
+def evaluate(
+    model: ModelLike,
+    data: str | os.PathLike | Iterable[Any],
+    labels: str | os.PathLike | Sequence[int] | np.ndarray | None = None,
+    reference: ModelLike | None = None,
+    mode: str = "kernels",
+    batch_size: int = 32,
+    preprocess: ImagePreprocess | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run `model` over `data`; report top-1/top-5 accuracy (with `labels`) and per-output fidelity (with `reference`).
+
+    `labels`: a .npy file (int array of shape (N,)), a text file with one integer per line, or an array.
+    `mode`: "kernels" (ORT default optimizations: fused integer kernels) or "simulate" (optimizations off).
+    The reference always runs with default optimizations, as the float model it normally is.
+    """
+    if mode not in MODES:
+        raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    specs = input_specs(model)
+    if reference is not None:
+        _check_reference_inputs(specs, input_specs(reference), _name(reference))
+    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, what="evaluation data")
+    wanted = _load_labels(labels) if labels is not None else None
+    counted = wanted is not None and _match_labels(wanted, labels, data, specs, batch_size, preprocess)
+
+    sess = _session(model, mode)
+    ref_sess = _session(reference, "kernels") if reference is not None else None
+    out_names = [o.name for o in sess.get_outputs()]
+    if ref_sess is not None:
+        _check_outputs({o.name: o.shape for o in sess.get_outputs()}, {o.name: o.shape for o in ref_sess.get_outputs()})
+    in_names = {i.name for i in sess.get_inputs()}
+    ref_in = {i.name for i in ref_sess.get_inputs()} if ref_sess is not None else set()
+    ref_names = [o.name for o in ref_sess.get_outputs()] if ref_sess is not None else []
+    # Only outputs something is computed from are kept: all with a reference, else the scores for accuracy.
+    keep = out_names if ref_sess is not None else out_names[:1] if wanted is not None else []
+
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in keep}
+    refs: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
+    seen = 0
+    bar = tqdm(total=source.num_samples, desc="evaluating", unit="sample", disable=None if progress else True, leave=False)
+    try:
+        for batch in source:
+            res = dict(zip(out_names, sess.run(None, {k: v for k, v in batch.items() if k in in_names})))
+            if ref_sess is not None:
+                ref_res = dict(zip(ref_names, ref_sess.run(None, {k: v for k, v in batch.items() if k in ref_in})))
+                if seen == 0:  # static shapes can be missing; the first real outputs settle it
+                    _check_outputs({n: res[n].shape for n in out_names}, {n: ref_res[n].shape for n in out_names})
+                for n in out_names:
+                    refs[n].append(np.atleast_1d(ref_res[n]))
+            if wanted is not None and seen == 0:
+                _check_label_range(wanted, res[out_names[0]].shape, out_names[0])
+            for n in keep:
+                outs[n].append(np.atleast_1d(res[n]))
+            n_batch = len(next(iter(batch.values())))
+            seen += n_batch
+            bar.update(n_batch)
+    finally:
+        bar.close()
+    if seen == 0:
+        raise LowbitError(f"no samples to evaluate in {_name(data)}; check the data (or --limit)")
+    if wanted is not None and not counted and (len(wanted) < seen or (limit is None and len(wanted) != seen)):
+        raise LowbitError(f"{_name(labels)} has {len(wanted)} labels but {_name(data)} gave {seen} samples; "
+                          "give exactly one label per sample")
+
+    result: dict[str, Any] = {
+        "model": _name(model),
+        "samples": seen,
+        "mode": mode,
+        "accuracy": None,
+        "outputs": None,
+        "reference": _name(reference) if reference is not None else None,
+    }
+    if wanted is not None:
+        logits = np.concatenate(outs[out_names[0]])
+        result["accuracy"] = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
+    if ref_sess is not None:
+        result["outputs"] = {
+            n: {k: _json_float(v) for k, v in fidelity(np.concatenate(refs[n]), np.concatenate(outs[n])).items()}
+            for n in out_names
+        }
+    return result
+
+
+def _name(thing: Any) -> str:
+    if isinstance(thing, (str, os.PathLike)):
+        return str(thing)
+    if isinstance(thing, onnx.ModelProto):
+        return "<in-memory model>"
+    return f"the {type(thing).__name__} passed in"
+
+
+def _json_float(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)  # str(inf) == "inf", str(nan) == "nan"
+
+
+def _session(model: ModelLike, mode: str):
+    try:
+        return session(model, mode)
+    except Exception as e:  # ORT raises its own exception types for models it cannot load
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LowbitError(f"ONNX Runtime cannot load {_name(model)} ({first}); check or re-export the model") from None
+
+
+def _shape_text(shape: Sequence[Any]) -> str:
+    dims = ["N" if i == 0 else str(d) if isinstance(d, int) else (d or "?") for i, d in enumerate(shape)]
+    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
+
+
+def _check_reference_inputs(specs: list[InputSpec], ref_specs: list[InputSpec], ref_name: str) -> None:
+    mine = {s.name: s for s in specs}
+    for r in ref_specs:
+        s = mine.get(r.name)
+        if s is None:
+            raise LowbitError(f"reference {ref_name} takes input '{r.name}', which the model does not have; "
+                              "compare models with the same inputs")
+        if len(s.shape) != len(r.shape) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(s.shape[1:], r.shape[1:])
+        ):
+            raise LowbitError(f"input '{r.name}' differs: model takes {_shape_text(s.shape)}, reference takes "
+                              f"{_shape_text(r.shape)}; compare models with the same inputs")
+
+
+def _check_outputs(model_shapes: dict[str, Sequence[Any]], ref_shapes: dict[str, Sequence[Any]]) -> None:
+    """Same output names, and the same shapes apart from the batch axis (unknown dims match anything)."""
+    for name in model_shapes:
+        if name not in ref_shapes:
+            raise LowbitError(f"model output '{name}' is not an output of the reference (which has "
+                              f"{', '.join(ref_shapes)}); compare models with the same outputs")
+    for name in ref_shapes:
+        if name not in model_shapes:
+            raise LowbitError(f"reference output '{name}' is not an output of the model (which has "
+                              f"{', '.join(model_shapes)}); compare models with the same outputs")
+    for name, a in model_shapes.items():
+        b = ref_shapes[name]
+        if len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a[1:], b[1:])):
+            raise LowbitError(f"output '{name}' differs: model gives {_shape_text(a)}, reference gives "
+                              f"{_shape_text(b)}; compare models with the same outputs")
+
+
+def _load_labels(labels: str | os.PathLike | Sequence[int] | np.ndarray) -> np.ndarray:
+    if isinstance(labels, (str, os.PathLike)):
+        path = Path(labels).expanduser()
+        if not path.is_file():
+            raise LowbitError(f"label file not found: {path}; expected a .npy int array or a text file with one integer per line")
+        if path.suffix.lower() == ".npy":
+            try:
+                arr = np.load(path, allow_pickle=False)
+            except (ValueError, OSError, EOFError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise LowbitError(f"cannot read label file {path} ({first}); save it with numpy.save") from None
+            where = str(path)
+        else:
+            arr = _read_text_labels(path)
+            where = str(path)
+    else:
+        arr = np.asarray(labels)
+        where = "the labels"
+    if arr.ndim != 1:
+        raise LowbitError(f"{where} has shape {arr.shape}; labels must be one integer class per sample, shape (N,)")
+    if arr.dtype.kind not in "iu":
+        raise LowbitError(f"{where} holds {arr.dtype} values; labels must be integers (class indices)")
+    return arr.astype(np.int64)
+
+
+def _read_text_labels(path: Path) -> np.ndarray:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise LowbitError(f"cannot read label file {path} ({type(e).__name__}); expected one integer per line") from None
+    while lines and not lines[-1].strip():
+        lines.pop()  # a trailing newline or two is not a missing label
+    values = []
+    for i, line in enumerate(lines, 1):
+        try:
+            values.append(int(line.strip()))
+        except ValueError:
+            raise LowbitError(f"line {i} of label file {path} is {line.strip()!r}, not an integer; "
+                              "write one integer class index per line") from None
+    return np.asarray(values, dtype=np.int64)
+
+
+def _match_labels(
+    wanted: np.ndarray, labels: Any, data: Any, specs: list[InputSpec], batch_size: int,
+    preprocess: ImagePreprocess | None,
+) -> bool:
+    """Labels must number the data's samples before --limit (and before dropping a partial fixed batch).
+
+    Returns whether the count was checked; a generator's samples are only known after the run.
+    """
+    where = _name(labels)
+    total = None
+    if isinstance(data, (str, os.PathLike, list, tuple)):
+        # Counting with a dynamic batch axis gives the raw sample count, cheaply (file headers only).
+        loose = [dataclasses.replace(s, shape=(None, *s.shape[1:])) for s in specs]
+        total = open_data(data, loose, batch_size=batch_size, preprocess=preprocess, what="evaluation data").num_samples
+    if total is not None and len(wanted) != total:
+        raise LowbitError(f"{where} has {len(wanted)} labels but {_name(data)} has {total} samples; "
+                          "give exactly one label per sample")
+    return total is not None
+
+
+def _check_label_range(wanted: np.ndarray, shape: tuple[int, ...], output: str) -> None:
+    if len(shape) < 2 or int(np.prod(shape[1:])) != shape[-1]:
+        raise LowbitError(f"output '{output}' has shape {shape}; accuracy needs (N, classes) scores as the first output")
+    classes = shape[-1]
+    bad = np.flatnonzero((wanted < 0) | (wanted >= classes))
+    if len(bad):
+        i = int(bad[0])
+        raise LowbitError(f"label {int(wanted[i])} (sample {i}) is out of range for output '{output}' with {classes} "
+                          f"classes; labels must be in 0..{classes - 1}")
+
+
+def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    top1 = float(np.mean(logits.argmax(1) == labels))
+    top5 = None
+    if logits.shape[1] >= 5:
+        # A label is in the top 5 when fewer than 5 classes score strictly higher than it.
+        mine = logits[np.arange(len(labels)), labels]
+        top5 = float(np.mean((logits > mine[:, None]).sum(1) < 5))
+    return {"top1": top1, "top5": top5}

@@ -113,3 +113,10 @@ def test_plan_carries_its_recipe(tiny_model: Path, tmp_path: Path) -> None:
     again = lowbit.quantize(tiny_model, tmp_path / "q2.onnx", plan=tmp_path / "q.plan.json", progress=False)
     assert not again.plan.nodes["conv2"].quantized and again.plan.nodes["conv2"].reason == "excluded by name"
     assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "q2.onnx").read_bytes()
+
+
+def test_callers_proto_is_not_modified() -> None:
+    model = tiny_cnn()
+    before = model.SerializeToString()
+    lowbit.quantize(model, calib=_calib(), progress=False)
+    assert model.SerializeToString() == before

@@ -64,7 +64,10 @@ def quantize(
     if isinstance(model, (str, Path)):
         ir_model, float_bytes = load_model(model), Path(model).stat().st_size
     else:
-        ir_model, float_bytes = ir.from_proto(model), model.ByteSize()
+        # onnx-ir shares tensor buffers with the proto it reads; the caller's model must not change.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        ir_model, float_bytes = ir.from_proto(copy), model.ByteSize()
     specs = input_specs(ir.to_proto(ir_model))
     timings: dict[str, float] = {}
     t = time.perf_counter()

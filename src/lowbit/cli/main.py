@@ -6,6 +6,7 @@ Each command lives in its own module with `add_parser(subparsers)`, which sets `
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .._version import __version__
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lowbit: interrupted; no output was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `lowbit ... | head`: the reader left; say nothing more
+        sys.stdout = open(os.devnull, "w")
+        return 141
 
 
 if __name__ == "__main__":

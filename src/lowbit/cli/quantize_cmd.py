@@ -70,8 +70,9 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 def run(args: argparse.Namespace) -> int:
     from ..data import ImagePreprocess, input_specs, open_data
     from ..evaluate.check import runtime_check
+    from ..evaluate.lint import lint
     from ..quantize import quantize
-    from .summary import summary_text
+    from .summary import lint_text, summary_text
 
     recipe = _recipe(args)
     pre = ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
@@ -83,12 +84,14 @@ def run(args: argparse.Namespace) -> int:
         data = open_data(args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre,
                          limit=args.check)
         check = runtime_check(args.model, result.model, data)
+    findings = lint(result.model, plan=result.plan)
     if args.json:
         print(json.dumps({"output": str(result.output), "float_bytes": result.float_bytes,
                           "quantized_bytes": result.quantized_bytes, "seconds": result.seconds,
-                          "overflow_guard": result.plan.overflow_guard, "check": check,
+                          "overflow_guard": result.plan.overflow_guard, "check": check, "lint": findings,
                           "nodes": {k: dataclasses.asdict(v) for k, v in result.plan.nodes.items()}}, indent=1))
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
+        print(lint_text(findings))
         print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
     return 0

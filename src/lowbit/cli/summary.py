@@ -42,3 +42,12 @@ def summary_text(plan: Plan, float_bytes: int, quant_bytes: int, seconds: float,
         )
         lines.append(f"  {check['cpu_note']}")
     return "\n".join(lines)
+
+
+def lint_text(findings: list[dict]) -> str:
+    """The "performance lint:" section: one line per finding of `lowbit.evaluate.lint.lint`."""
+    if not findings:
+        return "performance lint: nothing found"
+    lines = ["performance lint:"]
+    lines += [f"  {f['kind']}: {f['message']}; fix: {f['fix']}" for f in findings]
+    return "\n".join(lines)

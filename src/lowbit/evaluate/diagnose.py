@@ -1,0 +1,266 @@
+"""`diagnose`: which layers make a quantized model lose accuracy, what to change, and how much that recovers.
+
+1. per tensor: the QDQ model's activations against the float model's, paired by name (layerwise.py);
+2. per layer: final-output SQNR with only that layer quantized ("alone"), for the layers whose output loses
+   the most SQNR relative to their inputs (a budget keeps big models quick);
+3. for the worst layers, candidate fixes (per-channel weights, percentile ranges, 16-bit activations) are each
+   tried alone by re-applying the plan, and the best gain per cost is kept; keep-float is the last resort;
+4. the fixes become recipe rules, the float model is calibrated and quantized with them, and re-measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..data import ImagePreprocess, input_specs, open_data
+from ..errors import LowbitError
+from ..graph.io import atomic_write_bytes, check_output_path, load_model
+from ..numerics import scale_zero_point
+from ..observe import Histogram, percentile
+from ..passes import prepare
+from ..plan import Plan, TensorParams, plan_path
+from ..quantize import quantize
+from ..recipe import Recipe, Rule, Scheme
+from .layerwise import Layer, Trials, escape, final_fidelity, layers, measure_tensors, pair_tensors
+
+# Relative cost of a fix on the device: per-channel weights and percentile ranges are free, 16-bit activations
+# run as com.microsoft Q/DQ around float ops in ONNX Runtime (no integer kernel), float costs the most.
+COST = {"per_channel": 1.0, "percentile": 1.0, "uint16": 2.0}
+MIN_GAIN_DB = 1.0  # a fix must buy at least this much final-output SQNR to be suggested
+OUTLIER_RATIO = 2.0  # min-max range this many times the 99.99% range: outliers set the scale
+HIST_BINS = 64
+
+
+def diagnose(
+    float_model: str | Path | onnx.ModelProto,
+    quant_model: str | Path | onnx.ModelProto,
+    data: Any,
+    plan: Plan | str | Path | None = None,
+    top: int = 5,
+    limit: int = 64,
+    progress: bool = True,
+    *,
+    budget: int = 20,
+    output: str | Path | None = None,
+    recipe_out: str | Path | None = None,
+    preprocess: ImagePreprocess | None = None,
+) -> dict[str, Any]:
+    """Rank the layers of `quant_model` by the error they cause, suggest fixes and measure them; JSON-able dict
+    (non-finite numbers are None). `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically."""
+    for label, value in (("top", top), ("limit", limit), ("budget", budget)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LowbitError(f"{label} must be a positive integer, got {value!r}")
+    if output is not None:
+        check_output_path(output, [m for m in (float_model, quant_model) if isinstance(m, (str, Path))])
+    if recipe_out is not None and not Path(recipe_out).parent.exists():
+        raise LowbitError(f"folder {Path(recipe_out).parent} does not exist; create it first")
+    plan_obj = _plan(quant_model, plan)
+    float_proto = _proto(float_model)
+    quant_proto = _proto(quant_model)
+    prepared = ir.to_proto(prepare(ir.from_proto(float_proto)))
+
+    source = open_data(data, input_specs(float_proto), batch_size=4, preprocess=preprocess, limit=limit,
+                       what="diagnose data")
+    batches = list(source)  # inputs only (limit samples); every pass re-reads them
+    if not batches:
+        raise LowbitError("diagnose data yielded no samples; point --data at a non-empty source")
+
+    pairs = pair_tensors(prepared, quant_proto, plan_obj)
+    quantized = [t for t in pairs if t in plan_obj.tensors]
+    if not quantized:
+        raise LowbitError("the plan does not describe this quantized model (no quantized tensor found); pass the "
+                          "plan written beside it with --plan")
+    found = layers(quant_proto, plan_obj, pairs)
+    stats = measure_tensors(prepared, quant_proto, pairs, batches, [x.output for x in found if x.output],
+                            progress=progress)
+    before = final_fidelity(stats.ref_outputs[0], stats.quant_outputs[0])
+    trials = Trials(prepared, plan_obj, batches, stats.ref_outputs[0])
+
+    rows = {x.node: _row(x, stats) for x in found}
+    # Where a layer's output is much worse than its inputs, the layer itself added the error.
+    by_drop = sorted(found, key=lambda x: (-rows[x.node]["drop_db"], rows[x.node]["sqnr_db"]))
+    bar = _bar(min(budget, len(by_drop)), "layers alone", progress)
+    for x in by_drop[:budget]:
+        rows[x.node]["alone_sqnr_db"] = trials.alone(x)["sqnr_db"]
+        bar.update(1)
+    bar.close()
+    ranked = sorted(found, key=lambda x: (_key(rows[x.node].get("alone_sqnr_db")), _key(rows[x.node]["sqnr_db"])))
+    measured = [rows[x.node]["alone_sqnr_db"] for x in found if "alone_sqnr_db" in rows[x.node]]
+    typical = float(np.median([min(v, 100.0) for v in measured])) if measured else math.inf
+
+    fixes: list[Rule] = []
+    worst = [x for x in ranked if "alone_sqnr_db" in rows[x.node]][:top]
+    bar = _bar(len(worst), "trying fixes", progress)
+    for x in worst:
+        suggestion, rule = _suggest(x, rows[x.node], stats, trials, typical)
+        rows[x.node]["suggestion"] = suggestion
+        if rule is not None:
+            fixes.append(rule)
+        bar.update(1)
+    bar.close()
+
+    recipe = replace(trials.recipe, rules=tuple(fixes) + trials.recipe.rules)
+    if fixes or output is not None:
+        fixed = quantize(float_model if isinstance(float_model, (str, Path)) else float_proto, output=output,
+                         calib=batches, recipe=recipe, preprocess=preprocess, progress=progress)
+        after = trials.measure(fixed.model)
+    else:
+        after = dict(before)
+    if recipe_out is not None:
+        atomic_write_bytes((recipe.to_json() + "\n").encode(), recipe_out)
+
+    result = {
+        "samples": stats.samples,
+        "mode": "simulate",
+        "before": before,
+        "layers": [{"node": x.node, "op_type": x.op_type, "tensor": x.output, **rows[x.node]} for x in ranked],
+        "tensors": {t: stats.sqnr(t) for t in quantized},
+        "histograms": {x.output: _histogram(stats.histograms[x.output], plan_obj.tensors.get(x.output))
+                       for x in ranked[:top] if x.output in stats.histograms},
+        "recipe": recipe.to_dict(),
+        "after": after,
+        "gain": {k: after[k] - before[k] for k in ("top1_agreement", "sqnr_db")},
+        "trials": trials.runs,
+        "lint": _lint(quant_proto, plan_obj),
+        "output": str(output) if output is not None else None,
+        "recipe_path": str(recipe_out) if recipe_out is not None else None,
+    }
+    return _jsonable(result)
+
+
+def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
+    if isinstance(plan, Plan):
+        return plan
+    if plan is not None:
+        return Plan.load(plan)
+    if not isinstance(quant_model, (str, Path)):
+        raise LowbitError("the quantized model was given in memory: pass its plan (plan=...)")
+    path = plan_path(quant_model)
+    if not path.is_file():
+        raise LowbitError(f"no plan beside {quant_model} (expected {path}); pass the plan lowbit quantize wrote with --plan")
+    return Plan.load(path)
+
+
+def _proto(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(load_model(model))
+
+
+def _key(v: float | None) -> float:
+    return math.inf if v is None or math.isnan(v) else v
+
+
+def _row(x: Layer, stats) -> dict[str, Any]:
+    out = stats.sqnr(x.output) if x.output else math.nan
+    ins = [stats.sqnr(t) for t in x.inputs]
+    incoming = min(ins) if ins else math.inf
+    return {"sqnr_db": out, "input_sqnr_db": incoming, "drop_db": min(incoming, 100.0) - min(_key(out), 100.0),
+            "suggestion": {"kind": "none", "why": "not among the worst layers"}}
+
+
+def _outlier_ratio(h: Histogram | None) -> float:
+    if h is None:
+        return 1.0
+    a, b = percentile(h, 99.99)
+    return (h.max - h.min) / (b - a) if b > a else math.inf if h.max > h.min else 1.0
+
+
+def _params(old: TensorParams, a: float, b: float, dtype: str, symmetric: bool) -> TensorParams:
+    s, z = scale_zero_point(a, b, dtype, symmetric)
+    return TensorParams(dtype, [float(s)], [int(z)], None, "activation", [float(a), float(b)])
+
+
+def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, Scheme, dict[str, TensorParams]]]:
+    """(kind, scheme, tensor overrides) for every fix that applies to this layer."""
+    found = []
+    if x.has_weight and not x.per_channel:
+        found.append(("per_channel", replace(scheme, per_channel=True), {}))
+    old = plan.tensors.get(x.output) if x.output else None
+    is_output = x.output in stats.outputs  # model outputs are never clipped by calibration
+    if old is not None and old.range is not None and not is_output:
+        h = stats.histograms.get(x.output)
+        if scheme.calibration != "percentile" and _outlier_ratio(h) >= OUTLIER_RATIO:
+            a, b = percentile(h, scheme.percentile)
+            found.append(("percentile", replace(scheme, calibration="percentile"),
+                          {x.output: _params(old, a, b, old.dtype, scheme.symmetric_activations)}))
+        if old.dtype not in ("uint16", "int16"):
+            wide = "int16" if old.dtype == "int8" else "uint16"
+            found.append(("uint16", replace(scheme, activations=wide, reduce_range=False),
+                          {x.output: _params(old, *old.range, wide, scheme.symmetric_activations)}))
+    return found
+
+
+def _suggest(x: Layer, row: dict, stats, trials: Trials, typical: float) -> tuple[dict, Rule | None]:
+    scheme = trials.scheme(x.node, x.op_type)
+    base = row["alone_sqnr_db"]
+    tried: dict[str, float] = {}
+    best = None
+    for kind, new, tensors in _candidates(x, scheme, stats, trials.plan):
+        got = trials.alone(x, new, tensors)["sqnr_db"]
+        tried[kind] = got
+        gain = min(got, 100.0) - min(base, 100.0)
+        if gain >= MIN_GAIN_DB and (best is None or gain / COST[kind] > best[0]):
+            best = (gain / COST[kind], kind, new, got)
+    rule_names = (escape(x.node),)
+    if best is not None:
+        _, kind, new, got = best
+        why = f"alone SQNR {_db(base)} -> {_db(got)} with {_LABEL[kind]}"
+        if kind == "uint16":
+            why += "; ONNX Runtime runs 16-bit Q/DQ (com.microsoft) around float ops, so this layer gets slower"
+        return {"kind": kind, "why": why, "tried": tried}, Rule(names=rule_names, scheme=new)
+    if base < typical - 6.0:
+        why = (f"alone SQNR {_db(base)} (typical layer {_db(typical)}) and no cheaper fix gained {MIN_GAIN_DB:g} dB"
+               + (f" (tried {', '.join(tried)})" if tried else ""))
+        return {"kind": "keep_float", "why": why, "tried": tried}, Rule(names=rule_names, scheme=None)
+    return {"kind": "none", "why": f"alone SQNR {_db(base)} is typical and no fix gained {MIN_GAIN_DB:g} dB",
+            "tried": tried}, None
+
+
+_LABEL = {"per_channel": "per-channel weights", "percentile": "percentile calibration",
+          "uint16": "16-bit activations"}
+
+
+def _db(v: float) -> str:
+    return "inf dB" if math.isinf(v) else f"{v:.1f} dB"
+
+
+def _histogram(h: Histogram, params: TensorParams | None) -> dict[str, Any]:
+    """A coarse histogram for display: HIST_BINS equal bins over [min, max], and the quantization range."""
+    lo, hi = h.min, h.max
+    edges = np.linspace(lo, hi, HIST_BINS + 1) if hi > lo else np.array([lo, lo + 1.0])
+    counts, _ = np.histogram(np.clip(h.centers(), lo, hi), bins=edges, weights=h.counts)
+    rng = params.range if params is not None and params.range is not None else [lo, hi]
+    return {"edges": edges.tolist(), "counts": [int(c) for c in counts], "range": [float(v) for v in rng],
+            "outlier_ratio": _outlier_ratio(h)}
+
+
+def _bar(total: int, desc: str, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if progress else True, leave=False)
+
+
+def _lint(model: onnx.ModelProto, plan: Plan) -> list:
+    try:
+        from .lint import lint
+    except ImportError:
+        return []
+    return list(lint(model, plan=plan))
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    return v

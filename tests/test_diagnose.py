@@ -1,0 +1,182 @@
+"""`lowbit diagnose`: tensor pairing, ranking of a planted bad layer, the fixed recipe, CLI output and errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import tiny_cnn
+
+import lowbit
+from lowbit.cli.main import main
+from lowbit.evaluate.diagnose import _jsonable, diagnose
+from lowbit.evaluate.layerwise import pair_tensors
+
+PER_TENSOR = lowbit.Recipe(default=lowbit.Scheme(per_channel=False))
+
+
+def _data(n: int = 32, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0, 1, (n, 3, 16, 16)).astype(np.float32)
+
+
+def _outlier_model() -> onnx.ModelProto:
+    """tiny_cnn whose conv2 has one output channel with a huge weight: per-tensor weights starve the rest."""
+    m = tiny_cnn()
+    for t in m.graph.initializer:
+        if t.name == "w2":
+            w = numpy_helper.to_array(t).copy()
+            w[3] *= 0.001
+            w[3, 0, 0, 0] = 40.0
+            t.CopyFrom(numpy_helper.from_array(w, "w2"))
+    return m
+
+
+@pytest.fixture
+def bad_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    model, data = tmp_path / "bad.onnx", tmp_path / "data.npy"
+    onnx.save(_outlier_model(), str(model))
+    np.save(data, _data())
+    lowbit.quantize(model, tmp_path / "bad.int8.onnx", calib=data, recipe=PER_TENSOR, progress=False)
+    return model, tmp_path / "bad.int8.onnx", data
+
+
+def test_pairing_finds_every_quantized_tensor() -> None:
+    import onnx_ir as ir
+
+    from lowbit.passes import prepare
+
+    m, x = tiny_cnn(), _data()
+    r = lowbit.quantize(m, calib=[x], progress=False)
+    prepared = ir.to_proto(prepare(ir.from_proto(m)))
+    activations = {k for k, p in r.plan.tensors.items() if p.kind == "activation"}
+    pairs = pair_tensors(prepared, r.model, r.plan)
+    assert activations <= set(pairs)
+    assert pairs["r1"] == "r1_dq"  # the folded Relu's output name, read back after DequantizeLinear
+    report = diagnose(m, r.model, [x], plan=r.plan, progress=False)
+    assert set(report["tensors"]) == activations
+    assert all(v is None or v > 10 for v in report["tensors"].values())
+    # Every compute node is a layer; folded Relu/Clip and Flatten (shares its input's scale) are not.
+    assert {row["node"] for row in report["layers"]} == {"conv1", "conv2", "add", "gap", "fc"}
+
+
+def test_bad_layer_ranks_first_and_is_fixed_per_channel() -> None:
+    m, x = _outlier_model(), _data()
+    r = lowbit.quantize(m, calib=[x], recipe=PER_TENSOR, progress=False)
+    report = diagnose(m, r.model, [x], plan=r.plan, top=2, progress=False)
+    first = report["layers"][0]
+    assert first["node"] == "conv2"
+    assert first["suggestion"]["kind"] == "per_channel"
+    assert first["suggestion"]["tried"]["per_channel"] > first["alone_sqnr_db"] + 10
+    rules = report["recipe"]["rules"]
+    assert rules[0]["names"] == ["conv2"] and rules[0]["scheme"]["per_channel"] is True
+    assert report["after"]["sqnr_db"] > report["before"]["sqnr_db"] + 10
+    assert report["gain"]["sqnr_db"] == pytest.approx(report["after"]["sqnr_db"] - report["before"]["sqnr_db"])
+    assert "conv2" in report["histograms"] or "r2" in report["histograms"]
+    h = report["histograms"]["r2"]
+    assert len(h["counts"]) == len(h["edges"]) - 1 and sum(h["counts"]) == 32 * 8 * 16 * 16
+
+
+def test_outlier_activation_tries_percentile() -> None:
+    """A patch aligned with one conv1 filter makes conv1's output range 4x its 99.99% range: percentile
+    calibration is tried there, and the suggestion is whichever tried fix bought the most SQNR per cost."""
+    m = tiny_cnn()
+    w1 = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}["w1"]
+    x = _data(64)
+    k = int(np.argmax(np.abs(w1).sum((1, 2, 3))))
+    x[0, :, 4:7, 4:7] = 4 * np.sign(w1[k])  # inputs stay in range; only conv1's output spikes
+    r = lowbit.quantize(m, calib=[x], progress=False)
+    report = diagnose(m, r.model, [x], plan=r.plan, top=5, progress=False)
+    assert report["histograms"]["r1"]["outlier_ratio"] > 2
+    row = next(row for row in report["layers"] if row["node"] == "conv1")
+    tried = row["suggestion"]["tried"]
+    assert set(tried) == {"percentile", "uint16"}  # no per-channel: its weights already are
+    cost = {"percentile": 1.0, "uint16": 2.0}
+    best = max(tried, key=lambda k: (tried[k] - row["alone_sqnr_db"]) / cost[k])
+    if tried[best] - row["alone_sqnr_db"] >= 1:
+        assert row["suggestion"]["kind"] == best
+    else:
+        assert row["suggestion"]["kind"] in ("none", "keep_float")
+    assert report["after"]["sqnr_db"] > report["before"]["sqnr_db"]
+
+
+def test_cli_json_and_written_files(bad_files: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
+    model, quant, data = bad_files
+    fixed, recipe = tmp_path / "fixed.onnx", tmp_path / "fix.json"
+    assert main(["diagnose", str(model), str(quant), "--data", str(data), "--top", "2", "--json", "--quiet",
+                 "-o", str(fixed), "--recipe-out", str(recipe)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layers"][0]["node"] == "conv2" and report["samples"] == 32
+    loaded = lowbit.Recipe.load(recipe)
+    assert loaded.rules[0].names == ("conv2",) and loaded.rules[0].scheme.per_channel
+    plan = lowbit.Plan.load(tmp_path / "fixed.plan.json")
+    assert plan.tensors["conv2:1"].axis == 0  # the fix: per-channel weights for conv2
+    onnx.checker.check_model(str(fixed))
+
+
+def test_cli_human_output(bad_files: tuple[Path, Path, Path], capsys) -> None:
+    model, quant, data = bad_files
+    assert main(["diagnose", str(model), str(quant), "--data", str(data), "--top", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert "alone dB" in lines[1]
+    assert lines[2].split()[0] == "conv2" and lines[2].endswith("per channel")
+    assert any(line.startswith("before:") for line in lines) and any(line.startswith("after:") for line in lines)
+
+
+def test_infinite_sqnr_is_null() -> None:
+    assert _jsonable({"a": [math.inf, -math.inf, math.nan, np.float32(1.5)]}) == {"a": [None, None, None, 1.5]}
+    from lowbit.evaluate.layerwise import Energy
+
+    exact = Energy()
+    exact.add(np.ones(4, np.float32), np.ones(4, np.float32))
+    assert exact.sqnr_db == math.inf and _jsonable({"sqnr_db": exact.sqnr_db}) == {"sqnr_db": None}
+    # The CLI's --json printer refuses NaN/Infinity (json.dumps(allow_nan=False)); test_cli_json parses it.
+
+
+def test_missing_plan_is_one_line_error(bad_files: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
+    model, quant, data = bad_files
+    lonely = tmp_path / "lonely.onnx"
+    lonely.write_bytes(quant.read_bytes())
+    assert main(["diagnose", str(model), str(lonely), "--data", str(data)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plan" in err and "--plan" in err
+
+
+def test_wrong_data_shape_is_one_line_error(bad_files: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
+    model, quant, _ = bad_files
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((4, 3, 8, 8), np.float32))
+    assert main(["diagnose", str(model), str(quant), "--data", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shape" in err
+    assert not (tmp_path / "fixed.onnx").exists()
+
+
+@pytest.mark.slow
+def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path) -> None:
+    """Per-tensor EfficientNet-Lite0 loses top-1 agreement; the diagnosed recipe wins back at least half."""
+    from lowbit._zoo import efficientnet_lite0_onnx, photo_crops
+    from lowbit.evaluate.metrics import top1_agreement
+    from lowbit.runtimes.ort import run_all, session
+
+    model = efficientnet_lite0_onnx(Path("/tmp/w/effl0.onnx") if Path("/tmp/w/effl0.onnx").exists()
+                                    else tmp_path / "effl0.onnx")
+    calib, evaluation = photo_crops(64, "calib"), photo_crops(256, "eval")
+    quant = tmp_path / "pt.onnx"
+    lowbit.quantize(model, quant, calib=[calib], recipe=PER_TENSOR, progress=False)
+    fixed = tmp_path / "fixed.onnx"
+    report = diagnose(model, quant, [calib], progress=False, output=fixed)
+    assert report["layers"][0]["suggestion"]["kind"] == "per_channel"
+    name = session(model).get_inputs()[0].name
+    batches = [{name: evaluation[i:i + 32]} for i in range(0, len(evaluation), 32)]
+    ref = run_all(session(model), batches)[0]
+    before = top1_agreement(ref, run_all(session(quant), batches)[0])
+    after = top1_agreement(ref, run_all(session(fixed), batches)[0])
+    assert before < 0.8  # per-tensor really hurts this model
+    assert after - before >= 0.5 * (1.0 - before)

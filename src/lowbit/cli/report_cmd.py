@@ -213,6 +213,10 @@ def _latency(paths: dict[str, str], batches: list[dict], args: argparse.Namespac
     return {k: 1000 * float(np.median(v)) for k, v in times.items()}
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
 def _summary(args: argparse.Namespace, plan, plan_file: Path | None, samples: int, sizes: dict) -> list[list[str]]:
     from ..runtimes.ort import cpu_has_vnni
 
@@ -220,8 +224,7 @@ def _summary(args: argparse.Namespace, plan, plan_file: Path | None, samples: in
             ["data", f"{args.data} ({samples} samples)"]]
     float_size = sizes[args.float_model]
     for q in args.quant_models:
-        rows.append([f"size of {q}", f"{sizes[q] / 1e6:.2f} MB ({sizes[q] / float_size:.0%} of "
-                                     f"{float_size / 1e6:.2f} MB float)"])
+        rows.append([f"size of {q}", f"{_size(sizes[q])} ({sizes[q] / float_size:.0%} of {_size(float_size)} float)"])
     if plan is None:
         rows.append(["plan", f"none found beside {args.quant_models[0]}; node decisions and ranges not shown"])
     else:
@@ -388,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
         worst = sorted((l for l in data["layers"] if not math.isnan(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:3]
         for v in data["variants"][1:]:
             print(f"{v['name']}: top-1 agreement {v['top1_agreement']:.1%}, cosine {v['cosine']:.4f}, "
-                  f"{v['size_bytes'] / 1e6:.2f} MB")
+                  f"{_size(v['size_bytes'])}")
         if worst:
             print("lowest SQNR: " + ", ".join(f"{l['node']} {l['sqnr_db']:.1f} dB" for l in worst))
         print(f"wrote {out}")

@@ -156,8 +156,10 @@ def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_sc
         return ""
     width, height, left, bottom, top_pad, right = 440, 300, 56, 40, 24, 24
     x_max = max(x for _, x, _ in pts) * 1.25 or 1.0
-    y_min = min(min(y for _, _, y in pts) - 0.05, 0.9)
-    y_min = max(0.0, math.floor(y_min * 20) / 20)
+    y_min = min(min(y for _, _, y in pts) - 0.02, 0.9)
+    step = 0.05 if y_min >= 0.75 else 0.1 if y_min >= 0.5 else 0.25  # round percentages on the axis
+    y_min = max(0.0, math.floor(y_min / step + 1e-9) * step)
+    ticks = round((1 - y_min) / step)
 
     def px(x: float) -> float:
         return left + (width - left - right) * x / x_max
@@ -167,10 +169,11 @@ def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_sc
 
     out = [f'<svg class="chart" id="{chart_id}" width="{width}" height="{height}" role="img" '
            f'aria-label="top-1 agreement vs {_e(x_label)}">']
-    for k in range(5):
-        yv = y_min + (1 - y_min) * k / 4
+    for k in range(ticks + 1):
+        yv = y_min + step * k
         out.append(f'<line class="grid" x1="{left}" y1="{_num(py(yv))}" x2="{width - right}" y2="{_num(py(yv))}"/>'
                    f'<text x="{left - 4}" y="{_num(py(yv) + 4)}" text-anchor="end">{100 * yv:.0f}%</text>')
+    for k in range(5):
         xv = x_max * k / 4
         out.append(f'<text x="{_num(px(xv))}" y="{height - bottom + 14}" text-anchor="middle">{xv:.3g}</text>')
     out.append(f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}"/>'

@@ -171,7 +171,7 @@ def _outlier_ratio(h: Histogram | None) -> float:
     return (h.max - h.min) / (b - a) if b > a else math.inf if h.max > h.min else 1.0
 
 
-def _params(old: TensorParams, a: float, b: float, dtype: str, symmetric: bool) -> TensorParams:
+def _params(a: float, b: float, dtype: str, symmetric: bool) -> TensorParams:
     s, z = scale_zero_point(a, b, dtype, symmetric)
     return TensorParams(dtype, [float(s)], [int(z)], None, "activation", [float(a), float(b)])
 
@@ -188,11 +188,11 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
         if scheme.calibration != "percentile" and _outlier_ratio(h) >= OUTLIER_RATIO:
             a, b = percentile(h, scheme.percentile)
             found.append(("percentile", replace(scheme, calibration="percentile"),
-                          {x.output: _params(old, a, b, old.dtype, scheme.symmetric_activations)}))
+                          {x.output: _params(a, b, old.dtype, scheme.symmetric_activations)}))
         if old.dtype not in ("uint16", "int16"):
             wide = "int16" if old.dtype == "int8" else "uint16"
             found.append(("uint16", replace(scheme, activations=wide, reduce_range=False),
-                          {x.output: _params(old, *old.range, wide, scheme.symmetric_activations)}))
+                          {x.output: _params(*old.range, wide, scheme.symmetric_activations)}))
     return found
 
 

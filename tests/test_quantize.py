@@ -120,3 +120,19 @@ def test_callers_proto_is_not_modified() -> None:
     before = model.SerializeToString()
     lowbit.quantize(model, calib=_calib(), progress=False)
     assert model.SerializeToString() == before
+
+
+def test_activation_after_a_float_op_quantizes_only_its_output(tiny_model: Path) -> None:
+    """conv1 kept float: relu1 is not folded, and its input (conv1's raw output) is not quantized."""
+    recipe = lowbit.Recipe(exclude_names=("conv1",))
+    result = lowbit.quantize(tiny_model, calib=_calib(), recipe=recipe, progress=False)
+    assert "c1" not in result.plan.tensors and "r1" in result.plan.tensors
+    assert result.plan.tensors["r1"].range[0] == 0.0
+
+
+def test_plan_in_memory_round_trips() -> None:
+    model = tiny_cnn()
+    recipe = lowbit.Recipe(rules=(lowbit.Rule(names=("conv2",), scheme=lowbit.Scheme(per_channel=False)),))
+    first = lowbit.quantize(model, calib=_calib(), recipe=recipe, progress=False)
+    again = lowbit.quantize(model, plan=first.plan, progress=False)
+    assert again.model.SerializeToString() == first.model.SerializeToString()

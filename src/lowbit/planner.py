@@ -93,7 +93,9 @@ def make_layout(model: ir.Model, recipe: Recipe) -> Layout:
             layout.fused[node.name] = (producer.name, clip_bounds(node))
             layout.nodes[node.name].reason = f"folded into the output range of {producer.name}"
         else:
-            specs[node.name] = OpSpec()  # quantized on its own: input and output ranges
+            # On its own only its output is worth quantizing: quantizing its input would spend the 256 levels on
+            # the pre-activation range (e.g. [-111, 129] before a Clip to [0, 6]).
+            specs[node.name] = OpSpec(activations=())
 
     touched: set[str] = set()
     for name, spec in specs.items():

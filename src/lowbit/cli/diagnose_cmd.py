@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from .common import add_image_args, image_preprocess
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -24,24 +26,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=64, metavar="N", help="samples to use (default 64)")
     p.add_argument("-o", "--output", metavar="FIXED.onnx", help="write the model quantized with the fixed recipe")
     p.add_argument("--recipe-out", metavar="FIX.json", help="write the fixed recipe")
-    i = p.add_argument_group("image folders")
-    i.add_argument("--image-size", type=int, default=256, help="resize the shorter side to this (default 256)")
-    i.add_argument("--crop", type=int, default=224, help="center crop (default 224)")
-    i.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
-    i.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
-    i.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
-    i.add_argument("--bgr", action="store_true", help="feed channels as BGR")
+    add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (infinite SQNR is null)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import ImagePreprocess
     from ..evaluate.diagnose import diagnose
 
-    pre = ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
-                          layout=args.layout, channels="BGR" if args.bgr else "RGB")
+    pre = image_preprocess(args)
     report = diagnose(args.float_model, args.quant_model, args.data, plan=args.plan, top=args.top,
                       limit=args.limit, progress=not args.quiet, budget=args.budget, output=args.output,
                       recipe_out=args.recipe_out, preprocess=pre)

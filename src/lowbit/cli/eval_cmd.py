@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_image_args, image_preprocess
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy on labelled data, fidelity against a reference model",
@@ -20,14 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="kernels: ONNX Runtime integer kernels (default); simulate: quantized math in float")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
-    # Same image options as `lowbit quantize`, so one folder preprocesses the same way for both.
-    i = p.add_argument_group("image folders")
-    i.add_argument("--image-size", type=int, default=256, help="resize the shorter side to this (default 256)")
-    i.add_argument("--crop", type=int, default=224, help="center crop (default 224)")
-    i.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
-    i.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
-    i.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
-    i.add_argument("--bgr", action="store_true", help="feed channels as BGR")
+    add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -69,11 +64,9 @@ def eval_text(result: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import ImagePreprocess
     from ..evaluate.evaluate import evaluate
 
-    pre = ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
-                          layout=args.layout, channels="BGR" if args.bgr else "RGB")
+    pre = image_preprocess(args)
     result = evaluate(args.model, args.data, labels=args.labels, reference=args.reference, mode=args.mode,
                       batch_size=args.batch_size, preprocess=pre, limit=args.limit, progress=not args.quiet)
     print(json.dumps(result, indent=1) if args.json else eval_text(result))

@@ -1,0 +1,22 @@
+"""Options several commands share, so one image folder is read the same way by all of them."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data import ImagePreprocess
+
+
+def add_image_args(parser: argparse.ArgumentParser) -> None:
+    i = parser.add_argument_group("image folders")
+    i.add_argument("--image-size", type=int, default=256, help="resize the shorter side to this (default 256)")
+    i.add_argument("--crop", type=int, default=224, help="center crop (default 224)")
+    i.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
+    i.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
+    i.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
+    i.add_argument("--bgr", action="store_true", help="feed channels as BGR")
+
+
+def image_preprocess(args: argparse.Namespace) -> ImagePreprocess:
+    return ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
+                           layout=args.layout, channels="BGR" if args.bgr else "RGB")

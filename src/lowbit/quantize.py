@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +44,21 @@ def quantize(
     plan: Plan | str | Path | None = None,
     preprocess: ImagePreprocess | None = None,
     progress: bool = True,
+    example_inputs: Any = None,
 ) -> QuantizeResult:
     """Quantize a float ONNX model to QDQ int8.
 
     `calib` is anything `open_data` reads (.npy/.npz file or folder, image folder, iterable of arrays or dicts).
     With `plan` (from an earlier run) no calibration happens: activation ranges come from the plan and
-    weights are quantized from this model's values. With `output`, the model and its plan
+    weights are quantized from this model's values. A torch.nn.Module is exported to ONNX with
+    `example_inputs` (a tuple of tensors) first. With `output`, the model and its plan
     (`OUT.plan.json`) are written atomically.
     """
     start = time.perf_counter()
+    # A torch.nn.Module (with example_inputs) is exported to ONNX first; torch is only imported if already loaded.
+    if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
+        from .torch.onnx_export import module_to_onnx
+        model = module_to_onnx(model, example_inputs)
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     # Re-applying a plan without a recipe means the plan's own recipe: the same nodes get the same treatment.

@@ -1,0 +1,104 @@
+"""Conversion state: which TFLite tensors stand for each ONNX value, in which layout and number type.
+
+Every ONNX value may have up to four TFLite representations: float or int8 ("f"/"q"), in ONNX's own dimension
+order or NHWC. A value is produced once, in the representation its producer computes; a consumer that needs
+another one gets it through QUANTIZE / DEQUANTIZE / TRANSPOSE, made once and cached. 4-D activations live in
+NHWC from the graph input on, so convolutional graphs need no TRANSPOSE inside.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...errors import LowbitError
+from .qdq import Graph
+from .writer import FlatModel, Operator, QuantParams, Tensor
+
+TO_NHWC = (0, 2, 3, 1)
+TO_NCHW = (0, 3, 1, 2)
+
+
+def nhwc_axis(axis: int, rank: int) -> int:
+    """Where an NCHW axis lands in NHWC."""
+    axis = axis + rank if axis < 0 else axis
+    return TO_NHWC.index(axis) if rank == 4 else axis
+
+
+class Context:
+    def __init__(self, graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.g = graph
+        self.shapes = shapes
+        self.fm = FlatModel()
+        self.reps: dict[str, dict[tuple[str, bool], int]] = {}
+        self.nhwc: dict[str, bool] = {}
+        self.float_nodes: list[str] = []  # nodes that run in float inside a quantized graph
+        self.transposes: list[str] = []  # values transposed inside the graph (should stay empty for CNNs)
+
+    # -- values -------------------------------------------------------------------------------------
+    def shape(self, name: str, nhwc: bool | None = None) -> tuple[int, ...]:
+        shape = self.shapes[name]
+        nhwc = self.nhwc.get(name, False) if nhwc is None else nhwc
+        return tuple(shape[i] for i in TO_NHWC) if nhwc and len(shape) == 4 else tuple(shape)
+
+    def quant(self, name: str) -> QuantParams | None:
+        return self.g.quant.get(name)
+
+    def produce(self, name: str, kind: str, nhwc: bool) -> int:
+        """The TFLite tensor an operator writes `name` into."""
+        self.nhwc[name] = nhwc and len(self.shapes[name]) == 4
+        nhwc = self.nhwc[name]
+        idx = self.fm.add_tensor(self._tensor(name, kind, self.shape(name, nhwc)))
+        self.reps.setdefault(name, {})[(kind, nhwc)] = idx
+        return idx
+
+    def _tensor(self, name: str, kind: str, shape: tuple[int, ...]) -> Tensor:
+        if kind == "q":
+            qp = self.quant(name)
+            if qp is None:
+                raise LowbitError(f"internal: {name} has no quantization parameters")
+            return Tensor(name, shape, "int8", quant=qp)
+        return Tensor(name, shape, "float32")
+
+    def get(self, name: str, kind: str, nhwc: bool | None = None) -> int:
+        """`name` as a float ("f") or int8 ("q") tensor; nhwc None means in whatever layout it has."""
+        if name in self.g.consts:
+            raise LowbitError(f"internal: constant {name} must be placed by its consumer")
+        if name not in self.reps:
+            raise LowbitError(f"internal: {name} used before it was produced")
+        have = self.nhwc[name]
+        want = have if nhwc is None or len(self.shapes[name]) != 4 else nhwc
+        reps = self.reps[name]
+        if (kind, want) in reps:
+            return reps[(kind, want)]
+        if (kind, have) not in reps:
+            other = "f" if kind == "q" else "q"
+            src = reps[(other, have)]
+            dst = self.fm.add_tensor(self._tensor(f"{name}_{kind}", kind, self.shape(name, have)))
+            self.op("QUANTIZE" if kind == "q" else "DEQUANTIZE", [src], [dst])
+            reps[(kind, have)] = dst
+        if want == have:
+            return reps[(kind, have)]
+        perm = TO_NHWC if want else TO_NCHW
+        dst = self.fm.add_tensor(self._tensor(f"{name}_{'nhwc' if want else 'nchw'}", kind,
+                                              self.shape(name, want)))
+        self.op("TRANSPOSE", [reps[(kind, have)], self.const_int(perm, f"{name}_perm")], [dst])
+        self.transposes.append(name)
+        reps[(kind, want)] = dst
+        return dst
+
+    # -- constants ----------------------------------------------------------------------------------
+    def const(self, name: str, data: np.ndarray, quant: QuantParams | None = None) -> int:
+        data = np.ascontiguousarray(data)
+        dtype = str(data.dtype)
+        if dtype == "float64":
+            data, dtype = data.astype(np.float32), "float32"
+        return self.fm.add_tensor(Tensor(name, tuple(data.shape), dtype, data=data, quant=quant))
+
+    def const_int(self, values: Any, name: str) -> int:
+        return self.const(name, np.asarray(values, np.int32))
+
+    # -- operators ----------------------------------------------------------------------------------
+    def op(self, op: str, inputs: list[int], outputs: list[int], options: str | None = None, **fields: Any) -> None:
+        self.fm.add_op(Operator(op, inputs, outputs, options, fields))

@@ -1,0 +1,240 @@
+"""ONNX (float or lowbit's QDQ int8) -> TFLite flatbuffer, without TensorFlow.
+
+Layout: 4-D inputs are declared NHWC in the .tflite file (what camera pipelines on phones hand over); the
+caller transposes NCHW data once, at the edge, and no TRANSPOSE is left inside a convolutional graph. 4-D outputs
+are NHWC too. Batch size is fixed at export (TFLite resizes inputs at run time, as `resize_tensor_input`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from ..._version import __version__
+from ...errors import LowbitError
+from ...graph import load_model
+from ...passes import prepare
+from .context import Context
+from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
+from .qdq import Graph, read_graph
+from .writer import QuantParams, Tensor, serialize
+
+IO_KINDS = ("float", "int8", "uint8")
+
+
+@dataclass
+class ExportResult:
+    data: bytes
+    quantized: bool
+    io: str
+    ops: dict[str, int]
+    float_nodes: list[str] = field(default_factory=list)  # left in float by the quantizer
+    fallbacks: list[str] = field(default_factory=list)  # quantized in ONNX, float in TFLite (user allowed)
+    transposes: list[str] = field(default_factory=list)
+    path: Path | None = None
+
+
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
+    recipe = None
+    if isinstance(model, onnx.ModelProto):
+        irm = ir.from_proto(model)
+    else:
+        irm = load_model(model)
+        from ...plan import Plan, plan_path
+
+        if plan_path(model).is_file():
+            try:
+                recipe = Plan.load(plan_path(model)).recipe
+            except (LowbitError, ValueError, KeyError, OSError):
+                recipe = None
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
+        prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
+    return ir.to_proto(irm), recipe
+
+
+def _static_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, tuple[int, ...]]:
+    inits = {t.name for t in proto.graph.initializer}
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if not d.HasField("dim_value"):
+                if i != 0:
+                    raise LowbitError(f"input {vi.name} has a symbolic dimension {d.dim_param!r} past the batch axis;"
+                                      " TFLite export needs fixed sizes (export the model with fixed shapes)")
+                d.dim_value = batch
+    for vi in proto.graph.output:
+        vi.type.tensor_type.ClearField("shape")
+    del proto.graph.value_info[:]
+    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    shapes = {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return shapes
+
+
+def _fold(g: Graph, shapes: dict[str, tuple[int, ...]], opsets: dict[str, int]) -> None:
+    """Evaluate nodes on constants (the exporter's shape arithmetic) so only real compute remains."""
+    from onnx.reference import ReferenceEvaluator
+
+    kept = []
+    for node in g.nodes:
+        inputs = [i for i in node.input if i]
+        if node.op_type == "Shape" and node.input[0] in shapes:
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            g.consts[node.output[0]] = np.array(shapes[node.input[0]], np.int64)[a.get("start", 0):a.get("end")]
+        elif inputs and all(i in g.consts for i in inputs):
+            sess = ReferenceEvaluator(helper.make_graph(
+                [node], "fold", [helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in inputs],
+                [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]), opsets=opsets)
+            for name, value in zip(node.output, sess.run(None, {i: g.consts[i] for i in inputs})):
+                g.consts[name] = np.asarray(value)
+        else:
+            kept.append(node)
+    g.nodes = kept
+
+
+def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[str, int]:
+    """Relu / Clip(0, 6) right after an op that can absorb it become that op's fused_activation_function."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    uses = Counter(i for n in g.nodes for i in n.input)
+    acts: dict[str, int] = {}
+    kept = []
+    for node in g.nodes:
+        if node.op_type in ("Relu", "Clip"):
+            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+            code = fused_code(clip_bounds(ctx, node, a))
+            x, y = node.input[0], node.output[0]
+            p = producer.get(x)
+            qx, qy = g.quant.get(x), g.quant.get(y)
+            same_q = (qx is None and qy is None) or (qx is not None and qy is not None
+                                                     and np.array_equal(qx.scale, qy.scale)
+                                                     and np.array_equal(qx.zero_point, qy.zero_point))
+            if (code is not None and p is not None and p.op_type in FUSES and uses[x] == 1 and x not in graph_outputs
+                    and acts.get(p.name or p.output[0], NONE) == NONE and same_q):
+                acts[p.name or p.output[0]] = code
+                p.output[0] = y
+                continue
+        kept.append(node)
+    g.nodes = kept
+    return acts
+
+
+def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks: list[str]) -> str:
+    g = ctx.g
+    ins = [i for i in node.input if i and i not in g.consts]
+    if not (all(o in g.quant for o in node.output) and all(i in g.quant for i in ins)):
+        return "f"
+    op = node.op_type
+    out_q = g.quant[node.output[0]]
+    reason = None
+    if op in FLOAT_ONLY:
+        reason = "TFLite has no int8 kernel for it"
+    elif op in SAME_PARAMS and any(not (np.allclose(g.quant[i].scale, out_q.scale, rtol=1e-6)
+                                        and np.array_equal(g.quant[i].zero_point, out_q.zero_point)) for i in ins):
+        reason = "TFLite's int8 kernel needs the same scale and zero point on input and output"
+    elif op in FIXED_OUTPUT and not (np.isclose(out_q.scale[0], FIXED_OUTPUT[op][0], rtol=1e-6)
+                                     and int(out_q.zero_point[0]) == FIXED_OUTPUT[op][1]):
+        s, z = FIXED_OUTPUT[op]
+        reason = f"TFLite's int8 kernel needs output scale {s:g} and zero point {z}"
+    elif op in ("Conv", "Gemm", "MatMul") and node.input[1] not in g.qconsts:
+        reason = "its weights are float"
+    elif op in ("Add", "Sub", "Mul") and any(i in g.consts and i not in g.qconsts for i in node.input):
+        reason = "a float constant operand"
+    if reason is None:
+        return "q"
+    if not allow_fallback:
+        raise LowbitError(f"node {node.name or node.output[0]} ({op}): {reason}; "
+                          "pass --allow-float-fallback to run it in float")
+    fallbacks.append(f"{node.name or node.output[0]} ({op}): {reason}")
+    return "f"
+
+
+def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_fallback: bool = False,
+            batch: int = 1) -> ExportResult:
+    """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file)."""
+    if io not in IO_KINDS:
+        raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
+    proto, recipe = _load(model)
+    shapes = _static_shapes(proto, batch)
+    g = read_graph(proto)
+    _fold(g, shapes, {d.domain: d.version for d in proto.opset_import})
+    ctx = Context(g, shapes)
+    outputs = [o.name for o in proto.graph.output]
+    acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
+    quantized = bool(g.quant)
+    if io != "float" and not quantized:
+        raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        inputs.append(_input(ctx, vi.name, io))
+    fallbacks: list[str] = []
+    for node in g.nodes:
+        conv = CONVERTERS.get(node.op_type)
+        name = node.name or node.output[0]
+        if conv is None:
+            raise LowbitError(f"node {name} ({node.op_type}): no TFLite equivalent is exported")
+        for o in node.output:
+            if o not in shapes:
+                raise LowbitError(f"node {name} ({node.op_type}): output {o} has no static shape; "
+                                  "export the model with fixed input sizes")
+        kind = _decide(ctx, node, allow_float_fallback, fallbacks)
+        if kind == "f" and quantized and node.op_type != "Identity":
+            ctx.float_nodes.append(f"{name} ({node.op_type})")
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        conv(ctx, node, a, kind, acts.get(name, NONE))
+    ctx.fm.inputs = inputs
+    ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
+    ctx.fm.metadata["lowbit"] = json.dumps({
+        "lowbit_version": __version__, "io": io, "layout": "4-D inputs and outputs are NHWC",
+        "recipe": recipe}).encode()
+    data = serialize(ctx.fm)
+    float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
+    return ExportResult(data, quantized, io, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
+                        fallbacks, sorted(set(ctx.transposes)))
+
+
+def _input(ctx: Context, name: str, io: str) -> int:
+    if io == "float" or ctx.quant(name) is None:
+        if io != "float":
+            raise LowbitError(f"--io {io}: input {name} is not quantized in the model; use --io float")
+        return ctx.produce(name, "f", True)
+    if io == "int8":
+        return ctx.produce(name, "q", True)
+    q = ctx.quant(name)
+    idx = ctx.fm.add_tensor(Tensor(name, ctx.shape(name, True), "uint8",
+                                   quant=QuantParams(q.scale, q.zero_point + 128)))
+    out = ctx.produce(name, "q", True)
+    ctx.fm.tensors[out].name = f"{name}_int8"
+    ctx.op("QUANTIZE", [idx], [out])
+    return idx
+
+
+def _output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
+    if io == "float" or ctx.quant(name) is None:
+        if io != "float":
+            raise LowbitError(f"--io {io}: output {onnx_name} is not quantized in the model; use --io float")
+        idx = ctx.get(name, "f")
+    else:
+        idx = ctx.get(name, "q")
+        if io == "uint8":
+            q = ctx.quant(name)
+            src = idx
+            idx = ctx.fm.add_tensor(Tensor(onnx_name, ctx.fm.tensors[src].shape, "uint8",
+                                           quant=QuantParams(q.scale, q.zero_point + 128)))
+            ctx.op("QUANTIZE", [src], [idx])
+    ctx.fm.tensors[idx].name = onnx_name
+    return idx

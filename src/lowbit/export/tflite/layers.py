@@ -1,0 +1,212 @@
+"""Converters for the layers that carry weights or windows: Conv, Gemm/MatMul, pooling, mean.
+
+Weight layouts: CONV_2D wants OHWI, DEPTHWISE_CONV_2D wants 1HWO, FULLY_CONNECTED wants (out, in). Per-channel
+int8 weights put quantized_dimension on the output-channel axis of that layout (0, 3 and 0), zero point 0;
+biases are int32 with scale s_in * s_w per channel, as the TFLite quantization spec requires.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ...errors import LowbitError
+from .context import Context, nhwc_axis
+from .writer import QuantParams, Tensor
+
+SAME, VALID = 0, 1
+
+
+def fail(node: onnx.NodeProto, why: str) -> LowbitError:
+    return LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): {why}")
+
+
+def padding(node: onnx.NodeProto, a: dict[str, Any], in_hw: tuple[int, int], k: tuple[int, int],
+            s: tuple[int, int], d: tuple[int, int]) -> tuple[int, list[int] | None]:
+    """TFLite padding mode, plus explicit [top, bottom, left, right] pads when neither SAME nor VALID fits."""
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    same = []
+    for i in range(2):
+        eff = (k[i] - 1) * d[i] + 1
+        total = max((math.ceil(in_hw[i] / s[i]) - 1) * s[i] + eff - in_hw[i], 0)
+        same += [total // 2, total - total // 2]
+    if auto == "VALID":
+        return VALID, None
+    if auto == "SAME_UPPER":
+        return SAME, None
+    if auto == "SAME_LOWER":
+        raise fail(node, "auto_pad SAME_LOWER has no TFLite padding mode")
+    p = list(a.get("pads", [0, 0, 0, 0]))
+    tb_lr = [p[0], p[2], p[1], p[3]]
+    if not any(tb_lr):
+        return VALID, None
+    if tb_lr == same:
+        return SAME, None
+    return VALID, tb_lr
+
+
+def _pad(ctx: Context, node: onnx.NodeProto, x: str, kind: str, pads: list[int]) -> int:
+    n, h, w, c = ctx.shape(x, True)
+    shape = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
+    t = ctx._tensor(x, kind, shape)
+    t.name = f"{node.name or x}_pad"
+    out = ctx.fm.add_tensor(t)
+    paddings = ctx.const_int([[0, 0], pads[:2], pads[2:], [0, 0]], f"{t.name}_paddings")
+    # int8 PAD fills with the tensor's zero point: real 0, as ONNX's zero padding
+    ctx.op("PAD", [ctx.get(x, kind, True), paddings], [out])
+    return out
+
+
+def _window(a: dict[str, Any], k: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    return tuple(a.get("strides", [1, 1])), tuple(a.get("dilations", [1, 1]))
+
+
+def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, w = node.input[0], node.input[1]
+    b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if w not in ctx.g.consts:
+        raise fail(node, "weights computed at run time; TFLite convolutions need constant weights")
+    weight = ctx.g.consts[w]
+    if weight.ndim != 4:
+        raise fail(node, f"{weight.ndim - 2}-D convolution; only 2-D convolutions are exported")
+    cout, cin_g, kh, kw = weight.shape
+    cin = ctx.shapes[x][1]
+    group = a.get("group", 1)
+    depthwise = group > 1 and group == cin and cin_g == 1
+    if group != 1 and not depthwise:
+        raise fail(node, f"grouped convolution (group={group}) is neither plain nor depthwise; TFLite has no form")
+    (sh, sw), (dh, dw) = _window(a, (kh, kw))
+    mode, pads = padding(node, a, ctx.shapes[x][2:], (kh, kw), (sh, sw), (dh, dw))
+    xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
+    perm = (1, 2, 3, 0) if depthwise else (0, 2, 3, 1)
+    name = node.name or node.output[0]
+    if kind == "q":
+        qw = ctx.g.qconsts[w]
+        if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
+            raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
+        if qw.quant.scale.size > 1 and qw.quant.axis != 0:
+            raise fail(node, "per-channel weight scales must be on the output-channel axis")
+        s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
+        wq = QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), 3 if depthwise else 0)
+        wi = ctx.const(f"{name}_weights", qw.data.transpose(perm), wq)
+        s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
+        if b is not None and b in ctx.g.qconsts:
+            bias = ctx.g.qconsts[b].data.astype(np.int32)
+        elif b is not None:  # a float bias next to int8 weights: quantize it with the scale TFLite expects
+            bias = np.round(ctx.g.consts[b] / s_b).astype(np.int32)
+        else:
+            bias = np.zeros(cout, np.int32)
+        bi = ctx.const(f"{name}_bias", bias, QuantParams(s_b, np.zeros(cout, np.int64), 0))
+    else:
+        wi = ctx.const(f"{name}_weights", weight.astype(np.float32).transpose(perm))
+        bias = ctx.g.consts[b].astype(np.float32) if b is not None else np.zeros(cout, np.float32)
+        bi = ctx.const(f"{name}_bias", bias)
+    out = ctx.produce(node.output[0], kind, True)
+    common = dict(padding=mode, stride_w=sw, stride_h=sh, fused_activation_function=act,
+                  dilation_w_factor=dw, dilation_h_factor=dh)
+    if depthwise:
+        ctx.op("DEPTHWISE_CONV_2D", [xin, wi, bi], [out], "DepthwiseConv2DOptions",
+               depth_multiplier=cout // cin, **common)
+    else:
+        ctx.op("CONV_2D", [xin, wi, bi], [out], "Conv2DOptions", **common)
+
+
+def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, w = node.input[0], node.input[1]
+    b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if w not in ctx.g.consts:
+        raise fail(node, "second operand computed at run time; only constant weights map to FULLY_CONNECTED")
+    gemm = node.op_type == "Gemm"
+    if gemm and (a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0)):
+        raise fail(node, "alpha/beta other than 1 or transA=1 have no FULLY_CONNECTED form")
+    trans = gemm and a.get("transB", 0)
+    weight = ctx.g.consts[w]
+    if weight.ndim != 2:
+        raise fail(node, f"weights of rank {weight.ndim}; FULLY_CONNECTED needs a 2-D weight")
+    out_axis = 0 if trans else 1
+    weight = weight if trans else weight.T
+    cout = weight.shape[0]
+    name = node.name or node.output[0]
+    if b is not None and ctx.g.consts[b].size != cout:
+        raise fail(node, "bias does not have one value per output; FULLY_CONNECTED cannot broadcast it")
+    xin = ctx.get(x, kind, False)
+    if kind == "q":
+        qw = ctx.g.qconsts[w]
+        if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
+            raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
+        if qw.quant.scale.size > 1 and qw.quant.axis != out_axis:
+            raise fail(node, "per-channel weight scales must be on the output axis")
+        data = qw.data if trans else qw.data.T
+        s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
+        wi = ctx.const(f"{name}_weights", data, QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), 0))
+        s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
+        if b is not None and b in ctx.g.qconsts:
+            bias = ctx.g.qconsts[b].data.astype(np.int32).ravel()
+        elif b is not None:
+            bias = np.round(ctx.g.consts[b].ravel() / s_b).astype(np.int32)
+        else:
+            bias = np.zeros(cout, np.int32)
+        bi = ctx.const(f"{name}_bias", bias, QuantParams(s_b, np.zeros(cout, np.int64), 0))
+    else:
+        wi = ctx.const(f"{name}_weights", np.ascontiguousarray(weight, np.float32))
+        bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
+        bi = ctx.const(f"{name}_bias", bias)
+    out = ctx.produce(node.output[0], kind, False)
+    ctx.op("FULLY_CONNECTED", [xin, wi, bi], [out], "FullyConnectedOptions", fused_activation_function=act,
+           keep_num_dims=len(ctx.shapes[node.output[0]]) > 2)
+
+
+def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x = node.input[0]
+    if len(ctx.shapes[x]) != 4:
+        raise fail(node, "only 2-D pooling is exported")
+    k = tuple(a["kernel_shape"])
+    (sh, sw), d = _window(a, k)
+    if tuple(d) != (1, 1) or a.get("ceil_mode", 0):
+        raise fail(node, "dilated or ceil_mode pooling has no TFLite form")
+    mode, pads = padding(node, a, ctx.shapes[x][2:], k, (sh, sw), (1, 1))
+    average = node.op_type == "AveragePool"
+    p = list(a.get("pads", [0, 0, 0, 0]))
+    if average and a.get("count_include_pad", 0) and any(p):  # zeros count: pad explicitly, then VALID
+        mode, pads = VALID, [p[0], p[2], p[1], p[3]]
+    elif pads:
+        raise fail(node, "padding that is neither SAME nor VALID; TFLite pooling cannot express it")
+    xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
+    out = ctx.produce(node.output[0], kind, True)
+    ctx.op("AVERAGE_POOL_2D" if average else "MAX_POOL_2D", [xin], [out], "Pool2DOptions", padding=mode,
+           stride_w=sw, stride_h=sh, filter_width=k[1], filter_height=k[0], fused_activation_function=act)
+
+
+def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, y = node.input[0], node.output[0]
+    rank = len(ctx.shapes[x])
+    if node.op_type == "GlobalAveragePool":
+        axes, keep = list(range(2, rank)), 1
+    else:
+        axes = list(a["axes"]) if "axes" in a else (
+            [int(v) for v in ctx.g.consts[node.input[1]]] if len(node.input) > 1 and node.input[1] else None)
+        if axes is None:
+            axes = list(range(rank))
+        keep = a.get("keepdims", 1)
+    axes = [v + rank if v < 0 else v for v in axes]
+    nhwc = ctx.nhwc.get(x, False)
+    if nhwc and not keep:
+        rest = [v for v in (0, 2, 3, 1) if v not in axes]
+        nhwc = rest == sorted(rest)  # else the kept dims come out in another order: reduce in ONNX layout
+    tfl_axes = [nhwc_axis(v, rank) if nhwc else v for v in axes]
+    xin = ctx.get(x, kind, nhwc)
+    out = ctx.produce(y, kind, nhwc and bool(keep))
+    if not keep and nhwc:
+        ctx.nhwc[y] = False
+    ctx.op("MEAN", [xin, ctx.const_int(sorted(tfl_axes), f"{node.name or y}_axes")], [out], "ReducerOptions",
+           keep_dims=bool(keep))
+
+
+def temp(ctx: Context, name: str, like: str, kind: str, shape: tuple[int, ...]) -> int:
+    t: Tensor = ctx._tensor(like, kind, shape)
+    t.name = name
+    return ctx.fm.add_tensor(t)

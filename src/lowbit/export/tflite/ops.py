@@ -1,0 +1,173 @@
+"""Converters for elementwise ops, activations and data movement, and the table of all converters.
+
+Each converter gets the node, its attributes, the number kind it runs in ("f" float32 or "q" int8) and the
+fused activation code, places its constants and emits TFLite operators through the Context.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+import onnx
+
+from .context import TO_NHWC, Context, nhwc_axis
+from .layers import conv, fail, fully_connected, mean, pool
+from .writer import QuantParams
+
+NONE, RELU, RELU_N1_TO_1, RELU6 = 0, 1, 2, 3
+
+
+def _uses_nhwc(ctx: Context, names: list[str]) -> bool:
+    return any(ctx.nhwc.get(n, False) for n in names if n not in ctx.g.consts)
+
+
+def _const_operand(ctx: Context, node: onnx.NodeProto, name: str, kind: str, rank: int, nhwc: bool) -> int:
+    """A constant operand broadcast to the op's rank and, in NHWC graphs, permuted like the activations."""
+    qt = ctx.g.qconsts.get(name) if kind == "q" else None
+    data = qt.data if qt is not None else ctx.g.consts[name].astype(np.float32)
+    if kind == "q" and qt is None:
+        raise fail(node, "a float constant operand in an int8 op")
+    data = data.reshape((1,) * (rank - data.ndim) + data.shape) if data.ndim < rank else data
+    if nhwc and data.ndim == 4:
+        data = data.transpose(TO_NHWC)
+    quant = None
+    if qt is not None:
+        if qt.quant.scale.size != 1:
+            raise fail(node, "a per-channel constant operand; TFLite elementwise ops take one scale")
+        quant = QuantParams(qt.quant.scale, qt.quant.zero_point)
+    return ctx.const(f"{node.name or node.output[0]}_{name}", np.ascontiguousarray(data), quant)
+
+
+def binary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    y = node.output[0]
+    rank = len(ctx.shapes[y])
+    nhwc = rank == 4 and _uses_nhwc(ctx, list(node.input))
+    inputs = []
+    for name in node.input:
+        if name in ctx.g.consts:
+            inputs.append(_const_operand(ctx, node, name, kind, rank, nhwc))
+        elif nhwc and len(ctx.shapes[name]) != 4 and int(np.prod(ctx.shapes[name])) != 1:
+            raise fail(node, "broadcasting a lower-rank tensor against an NHWC map is not exported")
+        else:
+            inputs.append(ctx.get(name, kind, nhwc))
+    op, options = {"Add": ("ADD", "AddOptions"), "Sub": ("SUB", "SubOptions"), "Mul": ("MUL", "MulOptions"),
+                   "Div": ("DIV", "DivOptions")}[node.op_type]
+    out = ctx.produce(y, kind, nhwc)
+    ctx.op(op, inputs, [out], options, fused_activation_function=act)
+
+
+def clip_bounds(ctx: Context, node: onnx.NodeProto, a: dict[str, Any]) -> tuple[float, float]:
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    lo, hi = a.get("min", -np.inf), a.get("max", np.inf)
+    if len(node.input) > 1 and node.input[1]:
+        lo = float(ctx.g.consts[node.input[1]])
+    if len(node.input) > 2 and node.input[2]:
+        hi = float(ctx.g.consts[node.input[2]])
+    return float(lo), float(hi)
+
+
+def fused_code(bounds: tuple[float, float]) -> int | None:
+    return {(0.0, float("inf")): RELU, (0.0, 6.0): RELU6, (-1.0, 1.0): RELU_N1_TO_1}.get(bounds)
+
+
+def clip(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, y = node.input[0], node.output[0]
+    code = fused_code(clip_bounds(ctx, node, a))
+    xin = ctx.get(x, kind)
+    out = ctx.produce(y, kind, ctx.nhwc[x])
+    if code is not None:
+        ctx.op({RELU: "RELU", RELU6: "RELU6", RELU_N1_TO_1: "RELU_N1_TO_1"}[code], [xin], [out])
+        return
+    if kind == "q":
+        raise fail(node, "an int8 clip to bounds other than relu/relu6/[-1,1]")
+    lo, hi = clip_bounds(ctx, node, a)
+    name = node.name or y
+    mid = ctx.fm.add_tensor(ctx._tensor(y, kind, ctx.shape(y)))
+    ctx.fm.tensors[mid].name = f"{name}_max"
+    ctx.op("MAXIMUM", [xin, ctx.const(f"{name}_lo", np.float32(lo).reshape(1))], [mid])
+    ctx.op("MINIMUM", [mid, ctx.const(f"{name}_hi", np.float32(hi).reshape(1))], [out])
+
+
+def unary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, y = node.input[0], node.output[0]
+    op = {"Sigmoid": "LOGISTIC", "HardSwish": "HARD_SWISH", "Tanh": "TANH"}[node.op_type]
+    xin = ctx.get(x, kind)
+    ctx.op(op, [xin], [ctx.produce(y, kind, ctx.nhwc[x])])
+
+
+def softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, y = node.input[0], node.output[0]
+    rank = len(ctx.shapes[x])
+    axis = a.get("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    if axis != rank - 1:
+        raise fail(node, f"softmax over axis {axis} of {rank}; TFLite's SOFTMAX works on the last axis only")
+    xin = ctx.get(x, kind, False)
+    ctx.op("SOFTMAX", [xin], [ctx.produce(y, kind, False)], "SoftmaxOptions", beta=1.0)
+
+
+def _same_order(shape: tuple[int, ...]) -> bool:
+    """An NCHW map whose NHWC bytes are in the same order (H*W == 1 or C == 1): reshape needs no transpose."""
+    return len(shape) == 4 and (shape[2] * shape[3] == 1 or shape[1] == 1)
+
+
+def reshape(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, y = node.input[0], node.output[0]
+    keep_nhwc = ctx.nhwc.get(x, False) and _same_order(ctx.shapes[x])
+    xin = ctx.get(x, kind, True if keep_nhwc else False)
+    out_nhwc = _same_order(ctx.shapes[y])
+    out = ctx.produce(y, kind, out_nhwc)
+    shape = list(ctx.shape(y, out_nhwc))
+    if shape and ctx.shapes[x] and shape[0] == ctx.shapes[x][0]:
+        shape[0] = -1  # keeps the batch axis free, so LiteRT's resize_tensor_input works through it
+    ctx.op("RESHAPE", [xin, ctx.const_int(shape, f"{node.name or y}_shape")], [out])
+
+
+def transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    x, y = node.input[0], node.output[0]
+    perm = a.get("perm", list(reversed(range(len(ctx.shapes[x])))))
+    xin = ctx.get(x, kind, False)
+    out = ctx.produce(y, kind, False)
+    ctx.op("TRANSPOSE", [xin, ctx.const_int(perm, f"{node.name or y}_perm")], [out])
+
+
+def concat(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    y = node.output[0]
+    rank = len(ctx.shapes[y])
+    if any(n in ctx.g.consts for n in node.input):
+        raise fail(node, "concatenating a constant with activations is not exported")
+    nhwc = rank == 4 and all(ctx.nhwc.get(n, False) for n in node.input)
+    axis = nhwc_axis(a["axis"], rank) if nhwc else a["axis"] % rank
+    inputs = [ctx.get(n, kind, nhwc) for n in node.input]
+    ctx.op("CONCATENATION", inputs, [ctx.produce(y, kind, nhwc)], "ConcatenationOptions", axis=axis,
+           fused_activation_function=act)
+
+
+def identity(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """Identity, or a second quantization of one tensor (QDQ requantize): QUANTIZE rescales int8 -> int8."""
+    x, y = node.input[0], node.output[0]
+    xin = ctx.get(x, kind)
+    out = ctx.produce(y, kind, ctx.nhwc[x])
+    ctx.op("QUANTIZE" if kind == "q" else "RESHAPE",
+           [xin] if kind == "q" else [xin, ctx.const_int(list(ctx.shape(y)), f"{y}_shape")], [out])
+
+
+Converter = Callable[[Context, onnx.NodeProto, dict, str, int], None]
+CONVERTERS: dict[str, Converter] = {
+    "Conv": conv, "Gemm": fully_connected, "MatMul": fully_connected,
+    "Add": binary, "Sub": binary, "Mul": binary, "Div": binary,
+    "AveragePool": pool, "MaxPool": pool, "GlobalAveragePool": mean, "ReduceMean": mean,
+    "Relu": clip, "Clip": clip, "Sigmoid": unary, "HardSwish": unary, "Tanh": unary, "Softmax": softmax,
+    "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose,
+    "Concat": concat, "Identity": identity,
+}
+# Ops that may absorb a following Relu/Clip as fused_activation_function.
+FUSES = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "MaxPool", "Concat"}
+# Ops whose int8 TFLite kernels need the same scale and zero point on input and output.
+SAME_PARAMS = {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat"}
+# Ops without an int8 kernel in TFLite's builtin resolver.
+FLOAT_ONLY = {"Div"}
+# int8 kernels with fixed output parameters: (scale, zero point).
+FIXED_OUTPUT = {"Softmax": (1 / 256, -128), "Sigmoid": (1 / 256, -128), "Tanh": (1 / 128, 0)}

@@ -1,0 +1,133 @@
+"""Read an ONNX graph (float or QDQ) into compute nodes plus quantization annotations.
+
+QDQ form says "X is quantized with (s, z)" as X -> QuantizeLinear -> DequantizeLinear -> consumers. TFLite says
+it with one int8 tensor carrying (s, z). So the Q/DQ pairs disappear here: the DQ output becomes another name for
+X, X gets the parameters, and constant weights behind a DQ keep their integers. uint8 activations become int8
+with the zero point shifted by -128: q - z is unchanged, so the real values are exactly the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ...errors import LowbitError
+from .writer import QuantParams
+
+
+@dataclass
+class QTensor:
+    """Integer data (TFLite dtype) with its parameters; axis is the ONNX axis for per-channel."""
+
+    data: np.ndarray
+    quant: QuantParams
+
+    def real(self) -> np.ndarray:
+        shape = [1] * self.data.ndim
+        if self.quant.scale.size > 1:
+            shape[self.quant.axis] = -1
+        s = self.quant.scale.reshape(shape)
+        z = self.quant.zero_point.reshape(shape)
+        return ((self.data.astype(np.float64) - z) * s).astype(np.float32)
+
+
+@dataclass
+class Graph:
+    nodes: list[onnx.NodeProto]
+    consts: dict[str, np.ndarray] = field(default_factory=dict)  # float (or int) constants by name
+    qconsts: dict[str, QTensor] = field(default_factory=dict)  # quantized constants (weights, biases)
+    quant: dict[str, QuantParams] = field(default_factory=dict)  # activation name -> TFLite int8 params
+    alias: dict[str, str] = field(default_factory=dict)
+
+    def name(self, n: str) -> str:
+        while n in self.alias:
+            n = self.alias[n]
+        return n
+
+
+def _params(node: onnx.NodeProto, consts: dict[str, np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray, str]:
+    scale = consts.get(node.input[1])
+    if scale is None:
+        raise LowbitError(f"{node.op_type} {node.name or node.output[0]}: {what} scale is not a constant; "
+                          "TFLite needs fixed quantization parameters")
+    zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    dtype = str(zp.dtype) if zp is not None else "uint8"
+    zp = np.zeros_like(scale, np.int64) if zp is None else zp.astype(np.int64)
+    return np.asarray(scale, np.float32).ravel(), np.asarray(zp).ravel(), dtype
+
+
+def _activation_params(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> QuantParams:
+    scale, zp, dtype = _params(node, consts, "activation")
+    if scale.size != 1:
+        raise LowbitError(f"{node.op_type} {node.name}: per-channel activation quantization has no TFLite form; "
+                          "quantize activations per tensor")
+    if dtype == "uint8":
+        zp = zp - 128
+    elif dtype != "int8":
+        raise LowbitError(f"{node.op_type} {node.name}: {dtype} activations are not exported to TFLite yet; "
+                          "quantize with --activations uint8 or int8")
+    return QuantParams(scale, zp)
+
+
+def _weight(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> QTensor:
+    q = consts[node.input[0]]
+    scale, zp, _ = _params(node, consts, "weight")
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.size > 1 else 0
+    if axis < 0:
+        axis += q.ndim
+    if q.dtype == np.uint8:  # shift to int8 as for activations: same real values
+        q = (q.astype(np.int16) - 128).astype(np.int8)
+        zp = zp - 128
+    elif q.dtype not in (np.int8, np.int32):
+        raise LowbitError(f"DequantizeLinear {node.name}: {q.dtype} constants are not exported to TFLite yet")
+    return QTensor(q, QuantParams(scale, zp, axis))
+
+
+def read_graph(proto: onnx.ModelProto) -> Graph:
+    consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    g = Graph(nodes=[], consts=consts)
+    quantize_of: dict[str, tuple[str, QuantParams]] = {}
+    for node in proto.graph.node:
+        if node.op_type == "Constant":
+            continue
+        if node.op_type == "QuantizeLinear":
+            quantize_of[node.output[0]] = (g.name(node.input[0]), _activation_params(node, consts))
+        elif node.op_type == "DequantizeLinear" and node.input[0] in consts:
+            qt = _weight(node, consts)
+            g.qconsts[node.output[0]] = qt
+            g.consts[node.output[0]] = qt.real()
+        elif node.op_type == "DequantizeLinear":
+            if node.input[0] not in quantize_of:
+                raise LowbitError(f"DequantizeLinear {node.name}: its input {node.input[0]} is neither a constant "
+                                  "nor a QuantizeLinear output; integer graph inputs are not exported yet")
+            source, qp = quantize_of[node.input[0]]
+            if source not in g.quant and source not in consts:
+                g.quant[source] = qp
+                g.alias[node.output[0]] = source
+            elif source in g.quant and _same(g.quant[source], qp):
+                g.alias[node.output[0]] = source
+            else:  # a second quantization of the same tensor: TFLite rescales int8 -> int8
+                g.quant[node.output[0]] = qp
+                g.nodes.append(onnx.helper.make_node("Identity", [source], [node.output[0]], name=node.name))
+        else:
+            node = _renamed(node, g)
+            g.nodes.append(node)
+    return g
+
+
+def _same(a: QuantParams, b: QuantParams) -> bool:
+    return bool(np.array_equal(a.scale, b.scale) and np.array_equal(a.zero_point, b.zero_point))
+
+
+def _renamed(node: onnx.NodeProto, g: Graph) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    del copy.input[:]
+    copy.input.extend(g.name(i) if i else i for i in node.input)
+    return copy

@@ -1,0 +1,233 @@
+"""A TFLite model as plain data, and its serialization to a flatbuffer ("TFL3", schema version 3).
+
+The schema's generated builders come from the `tflite` package; nothing here depends on TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import flatbuffers
+import numpy as np
+
+SCHEMA_VERSION = 3
+FILE_IDENTIFIER = b"TFL3"
+# Oldest runtime that reads what we write (per-channel int8 and HARD_SWISH need TFLite 2.x kernels).
+MIN_RUNTIME_VERSION = "2.3.0"
+
+TENSOR_TYPES = {  # numpy dtype name -> tflite.TensorType
+    "float32": 0, "float16": 1, "int32": 2, "uint8": 3, "int64": 4, "int16": 7, "int8": 9,
+}
+
+
+def _module(name: str) -> Any:
+    # `import tflite` star-imports every table, so same-named helpers (Start, End...) shadow each other;
+    # the per-table modules keep them apart.
+    return importlib.import_module(f"tflite.{name}")
+
+
+def builtin_code(op: str) -> int:
+    return getattr(_module("BuiltinOperator").BuiltinOperator, op)
+
+
+@dataclass
+class QuantParams:
+    """TFLite per-tensor (one scale) or per-channel (`axis` set) affine quantization."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int = 0
+
+
+@dataclass
+class Tensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    data: np.ndarray | None = None
+    quant: QuantParams | None = None
+
+
+@dataclass
+class Operator:
+    op: str  # BuiltinOperator name, e.g. "CONV_2D"
+    inputs: list[int]
+    outputs: list[int]
+    options: str | None = None  # BuiltinOptions name, e.g. "Conv2DOptions"
+    fields: dict[str, Any] = field(default_factory=dict)  # snake_case option fields
+
+
+@dataclass
+class FlatModel:
+    tensors: list[Tensor] = field(default_factory=list)
+    operators: list[Operator] = field(default_factory=list)
+    inputs: list[int] = field(default_factory=list)
+    outputs: list[int] = field(default_factory=list)
+    metadata: dict[str, bytes] = field(default_factory=dict)
+    description: str = "lowbit"
+
+    def add_tensor(self, t: Tensor) -> int:
+        self.tensors.append(t)
+        return len(self.tensors) - 1
+
+    def add_op(self, op: Operator) -> None:
+        self.operators.append(op)
+
+
+def _camel(snake: str) -> str:
+    return "".join(part.capitalize() for part in snake.split("_"))
+
+
+def _int_vector(b: flatbuffers.Builder, values: list[int], elem: str = "int32") -> int:
+    return b.CreateNumpyVector(np.asarray(values, dtype=elem))
+
+
+def _byte_buffer(b: flatbuffers.Builder, data: bytes) -> int:
+    # 16-byte aligned so kernels may read weights in place (XNNPACK and the int8 kernels assume it).
+    b.StartVector(1, len(data), 16)
+    b.head -= len(data)
+    b.Bytes[b.head:b.head + len(data)] = data
+    return b.EndVector()
+
+
+def _quant(b: flatbuffers.Builder, q: QuantParams) -> int:
+    m = _module("QuantizationParameters")
+    scale = b.CreateNumpyVector(np.asarray(q.scale, np.float32).ravel())
+    zp = b.CreateNumpyVector(np.asarray(q.zero_point, np.int64).ravel())
+    m.Start(b)
+    m.AddScale(b, scale)
+    m.AddZeroPoint(b, zp)
+    m.AddQuantizedDimension(b, int(q.axis))
+    return m.End(b)
+
+
+def _options(b: flatbuffers.Builder, name: str, fields: dict[str, Any]) -> int:
+    m = _module(name)
+    vectors = {k: _int_vector(b, v) for k, v in fields.items() if isinstance(v, (list, tuple))}
+    m.Start(b)
+    for k, v in fields.items():
+        getattr(m, "Add" + _camel(k))(b, vectors.get(k, v))
+    return m.End(b)
+
+
+def serialize(model: FlatModel) -> bytes:
+    """The model as a .tflite flatbuffer: one subgraph, buffer 0 empty by convention."""
+    b = flatbuffers.Builder(1024)
+    buffers: list[bytes | None] = [None]
+    tensor_offsets = []
+    for t in model.tensors:
+        buf_index = 0
+        if t.data is not None:
+            buffers.append(np.ascontiguousarray(t.data).tobytes())
+            buf_index = len(buffers) - 1
+        name = b.CreateString(t.name)
+        shape = _int_vector(b, list(t.shape))
+        quant = _quant(b, t.quant) if t.quant is not None else None
+        m = _module("Tensor")
+        m.Start(b)
+        m.AddShape(b, shape)
+        m.AddType(b, TENSOR_TYPES[t.dtype])
+        m.AddBuffer(b, buf_index)
+        m.AddName(b, name)
+        if quant is not None:
+            m.AddQuantization(b, quant)
+        tensor_offsets.append(m.End(b))
+
+    codes: list[str] = []
+    op_offsets = []
+    options_enum = _module("BuiltinOptions").BuiltinOptions
+    for op in model.operators:
+        if op.op not in codes:
+            codes.append(op.op)
+        inputs = _int_vector(b, op.inputs)
+        outputs = _int_vector(b, op.outputs)
+        opts = _options(b, op.options, op.fields) if op.options else None
+        m = _module("Operator")
+        m.Start(b)
+        m.AddOpcodeIndex(b, codes.index(op.op))
+        m.AddInputs(b, inputs)
+        m.AddOutputs(b, outputs)
+        if opts is not None:
+            m.AddBuiltinOptionsType(b, getattr(options_enum, op.options))
+            m.AddBuiltinOptions(b, opts)
+        op_offsets.append(m.End(b))
+
+    sg = _module("SubGraph")
+    tensors_vec = _table_vector(b, sg.StartTensorsVector, tensor_offsets)
+    ops_vec = _table_vector(b, sg.StartOperatorsVector, op_offsets)
+    in_vec = _int_vector(b, model.inputs)
+    out_vec = _int_vector(b, model.outputs)
+    sg_name = b.CreateString("main")
+    sg.Start(b)
+    sg.AddTensors(b, tensors_vec)
+    sg.AddOperators(b, ops_vec)
+    sg.AddInputs(b, in_vec)
+    sg.AddOutputs(b, out_vec)
+    sg.AddName(b, sg_name)
+    subgraph = sg.End(b)
+
+    oc = _module("OperatorCode")
+    code_offsets = []
+    for name in codes:
+        code = builtin_code(name)
+        oc.Start(b)
+        oc.AddDeprecatedBuiltinCode(b, min(code, 127))  # readers older than 2.4 look only here
+        oc.AddBuiltinCode(b, code)
+        oc.AddVersion(b, 1)
+        code_offsets.append(oc.End(b))
+
+    meta = {"min_runtime_version": MIN_RUNTIME_VERSION.encode().ljust(16, b"\0"), **model.metadata}
+    meta_offsets = []
+    for name, data in meta.items():
+        buffers.append(data)
+        s = b.CreateString(name)
+        md = _module("Metadata")
+        md.Start(b)
+        md.AddName(b, s)
+        md.AddBuffer(b, len(buffers) - 1)
+        meta_offsets.append(md.End(b))
+
+    buffer_offsets = []
+    bm = _module("Buffer")
+    for data in buffers:
+        vec = _byte_buffer(b, data) if data else None
+        bm.Start(b)
+        if vec is not None:
+            bm.AddData(b, vec)
+        buffer_offsets.append(bm.End(b))
+
+    mm = _module("Model")
+    codes_vec = _table_vector(b, mm.StartOperatorCodesVector, code_offsets)
+    sgs_vec = _table_vector(b, mm.StartSubgraphsVector, [subgraph])
+    bufs_vec = _table_vector(b, mm.StartBuffersVector, buffer_offsets)
+    meta_vec = _table_vector(b, mm.StartMetadataVector, meta_offsets)
+    desc = b.CreateString(model.description)
+    mm.Start(b)
+    mm.AddVersion(b, SCHEMA_VERSION)
+    mm.AddOperatorCodes(b, codes_vec)
+    mm.AddSubgraphs(b, sgs_vec)
+    mm.AddDescription(b, desc)
+    mm.AddBuffers(b, bufs_vec)
+    mm.AddMetadata(b, meta_vec)
+    b.Finish(mm.End(b), file_identifier=FILE_IDENTIFIER)
+    return bytes(b.Output())
+
+
+def _table_vector(b: flatbuffers.Builder, start: Any, offsets: list[int]) -> int:
+    start(b, len(offsets))
+    for off in reversed(offsets):
+        b.PrependUOffsetTRelative(off)
+    return b.EndVector()
+
+
+def read_metadata(data: bytes) -> dict[str, bytes]:
+    """Metadata entries of a .tflite file, read back through the schema (used by tests and `lowbit eval`)."""
+    model = _module("Model").Model.GetRootAs(data, 0)
+    out = {}
+    for i in range(model.MetadataLength()):
+        md = model.Metadata(i)
+        buf = model.Buffers(md.Buffer())
+        out[md.Name().decode()] = buf.DataAsNumpy().tobytes() if buf.DataLength() else b""
+    return out

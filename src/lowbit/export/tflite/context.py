@@ -53,13 +53,13 @@ class Context:
         self.reps.setdefault(name, {})[(kind, nhwc)] = idx
         return idx
 
-    def _tensor(self, name: str, kind: str, shape: tuple[int, ...]) -> Tensor:
+    def _tensor(self, name: str, kind: str, shape: tuple[int, ...], label: str | None = None) -> Tensor:
         if kind == "q":
             qp = self.quant(name)
             if qp is None:
                 raise LowbitError(f"internal: {name} has no quantization parameters")
-            return Tensor(name, shape, "int8", quant=qp)
-        return Tensor(name, shape, "float32")
+            return Tensor(label or name, shape, "int8", quant=qp)
+        return Tensor(label or name, shape, "float32")
 
     def get(self, name: str, kind: str, nhwc: bool | None = None) -> int:
         """`name` as a float ("f") or int8 ("q") tensor; nhwc None means in whatever layout it has."""
@@ -75,14 +75,14 @@ class Context:
         if (kind, have) not in reps:
             other = "f" if kind == "q" else "q"
             src = reps[(other, have)]
-            dst = self.fm.add_tensor(self._tensor(f"{name}_{kind}", kind, self.shape(name, have)))
+            dst = self.fm.add_tensor(self._tensor(name, kind, self.shape(name, have), f"{name}_{kind}"))
             self.op("QUANTIZE" if kind == "q" else "DEQUANTIZE", [src], [dst])
             reps[(kind, have)] = dst
         if want == have:
             return reps[(kind, have)]
         perm = TO_NHWC if want else TO_NCHW
-        dst = self.fm.add_tensor(self._tensor(f"{name}_{'nhwc' if want else 'nchw'}", kind,
-                                              self.shape(name, want)))
+        dst = self.fm.add_tensor(self._tensor(name, kind, self.shape(name, want),
+                                              f"{name}_{'nhwc' if want else 'nchw'}"))
         self.op("TRANSPOSE", [reps[(kind, have)], self.const_int(perm, f"{name}_perm")], [dst])
         self.transposes.append(name)
         reps[(kind, want)] = dst

@@ -11,8 +11,12 @@ import onnx_ir as ir
 from .numerics import dequantize
 from .plan import Plan, TensorParams
 from .planner import Layout
-from .rewrite import constant_dq, fuse_activation, insert_qdq, quantize_constant
-from .weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, quantize_weight
+from .ops.matmul import weight_matmul
+from .passes.float16 import convert_float16
+from .recipe import Scheme
+from .rewrite import (constant_dq, dynamic_matmul, fuse_activation, gather_block_quantized, gather_rows_int8,
+                      insert_qdq, matmul_nbits, quantize_constant)
+from .weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, pack_nibbles, quantize_blocks, quantize_weight
 
 
 def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
@@ -48,6 +52,13 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
             quantize_constant(model, graph.initializers[name], p)
         else:
             insert_qdq(model, values[name], p)
+    cache: dict[str, tuple] = {}
+    for name, scheme in layout.dynamic.items():
+        _dynamic(model, graph.node(name), scheme, plan, cache)
+    for name, scheme in layout.weight_only.items():
+        _weight_only(model, graph.node(name), scheme, plan)
+    if layout.float16:
+        convert_float16(model, layout.float16)
     graph.sort()
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input()]:
         graph.initializers.pop(name)
@@ -125,3 +136,80 @@ def _guard(node: ir.Node, w: np.ndarray, qw: QuantizedWeight) -> QuantizedWeight
         return qw
     return replace(qw, q=unrows(new_rows).astype(np.int8), scale=scales if per_channel else qw.scale,
                    guarded_channels=changed)
+
+
+def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool, np.ndarray | ir.Value | None]:
+    """The weight as stored (alpha folded in), whether it is (N, K), and the bias to add (beta folded in)."""
+    _, transposed = weight_matmul(node)
+    w = node.inputs[1].const_value.numpy().astype(np.float32)
+    bias = None
+    if node.op_type == "Gemm":
+        w = w * np.float32(node.attributes.get_float("alpha", 1.0))
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            c = node.inputs[2]
+            beta = np.float32(node.attributes.get_float("beta", 1.0))
+            bias = c.const_value.numpy().astype(np.float32) * beta if c.const_value is not None else c
+    return w, transposed, bias
+
+
+def _record(plan: Plan, node: ir.Node, dtype: str, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> None:
+    plan.tensors[f"{node.name}:1" if node.op_type != "Gather" else f"{node.name}:0"] = TensorParams(
+        dtype, np.ravel(scale).astype(float).tolist(), np.ravel(zp).astype(int).tolist(), axis, "weight")
+
+
+def _dynamic(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan, cache: dict) -> None:
+    w, transposed, bias = _matmul_weight(node)
+    axis = (0 if transposed else 1) if scheme.per_channel else None
+    qw = quantize_weight(w, axis, "int8", scheme.symmetric_weights, scheme.reduce_range)
+    # DynamicQuantizeLinear gives uint8 inputs anywhere in [0, 255], so the u8 x s8 guard applies in full.
+    if scheme.avoid_overflow:
+        qw = _guard(node, w, qw)
+        if qw.guarded_channels:
+            plan.overflow_guard[node.name] = qw.guarded_channels
+    _record(plan, node, "int8", qw.scale, qw.zero_point, 1 if axis is not None else None)
+    q = qw.q.T if transposed else qw.q
+    per = (lambda a: np.atleast_1d(a)) if axis is not None else (lambda a: np.asarray(a))  # noqa: E731
+    dynamic_matmul(model, node, q, per(qw.scale), per(qw.zero_point), bias, cache)
+
+
+def _weight_only(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> None:
+    g = model.graph
+    if node.op_type == "Gather":
+        table = node.inputs[0].const_value.numpy().astype(np.float32)
+        if scheme.weights == "int4":
+            block = min(scheme.int4_block, table.shape[1])
+            b = quantize_blocks(table, block, scheme.symmetric_weights)
+            nb = b.scale.shape[1]
+            codes = b.codes.reshape(table.shape[0], -1)[:, : table.shape[1]]
+            zp = None if scheme.symmetric_weights else b.zero_point
+            q = codes.astype(np.int16) - 8 if zp is None else codes
+            _record(plan, node, "int4", b.scale, b.zero_point if zp is not None else np.zeros(b.scale.shape), 1)
+            gather_block_quantized(model, node, q, b.scale.reshape(-1, nb), zp, block)
+        else:
+            qw = quantize_weight(table, 0, scheme.weights, True)
+            _record(plan, node, scheme.weights, qw.scale, qw.zero_point, 0)
+            gather_rows_int8(model, node, qw.q, qw.scale)
+        return
+    if node.op_type in ("MatMul", "Gemm") and scheme.weights == "int4":
+        w, transposed, bias = _matmul_weight(node)
+        rows = w if transposed else w.T  # (N, K)
+        b = quantize_blocks(rows, scheme.int4_block, scheme.symmetric_weights)
+        zp = None if scheme.symmetric_weights else pack_nibbles(b.zero_point)
+        _record(plan, node, "int4", b.scale, b.zero_point, 0)
+        matmul_nbits(model, node, pack_nibbles(b.codes), b.scale, zp, rows.shape[1], rows.shape[0],
+                     scheme.int4_block, bias)
+        return
+    # int8 (or uint8) weights behind a DequantizeLinear; the op itself runs in float.
+    if node.op_type in ("MatMul", "Gemm"):
+        _, transposed = weight_matmul(node)
+        axis = (0 if transposed else 1) if scheme.per_channel else None
+    elif node.op_type == "Conv":
+        axis = 0 if scheme.per_channel else None
+    else:  # ConvTranspose: output channels on axis 1 only without groups
+        axis = 1 if scheme.per_channel and node.attributes.get_int("group", 1) == 1 else None
+    w = node.inputs[1].const_value.numpy().astype(np.float32)
+    qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
+    p = TensorParams(scheme.weights, np.atleast_1d(qw.scale).astype(float).tolist(),
+                     np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")
+    plan.tensors[f"{node.name}:1"] = p
+    node.replace_input_with(1, constant_dq(model, f"{node.name}_w1", w, qw.q, p))

@@ -3,13 +3,20 @@ must be observed during calibration."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from .ops import OpSpec, Skip, spec_for
+from .errors import LowbitError
+from .ops import FLOAT16_FRAGILE, FLOAT16_OPS, OpSpec, Skip, spec_for
 from .ops.activation import clip_bounds
+from .ops.matmul import embedding_table, weight_matmul
 from .recipe import Recipe, Scheme
+
+CONV_DYNAMIC_REASON = "dynamic quantization of convolutions is several times slower than float on x86 (ConvInteger)"
+RECURRENT = ("LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention")
 
 
 @dataclass
@@ -39,6 +46,10 @@ class Layout:
     fused: dict[str, tuple[str, tuple[float, float]]] = field(default_factory=dict)
     # activation tensors feeding weighted ops -> channel axis, for the per-channel means bias correction needs
     channel_stats: dict[str, int] = field(default_factory=dict)
+    # Nodes handled outside the static QDQ path, by mode (node name -> scheme).
+    dynamic: dict[str, Scheme] = field(default_factory=dict)
+    weight_only: dict[str, Scheme] = field(default_factory=dict)
+    float16: set[str] = field(default_factory=set)
 
     def sources(self) -> set[str]:
         return set(self.tensors.values())
@@ -59,16 +70,25 @@ def ensure_node_names(graph: ir.Graph) -> None:
         seen.add(name)
 
 
-def make_layout(model: ir.Model, recipe: Recipe) -> Layout:
+def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True) -> Layout:
+    """`calibrated`: whether calibration data (or a plan) will be given, so static quantization is possible."""
     graph = model.graph
     ensure_node_names(graph)
     layout = Layout()
     specs: dict[str, OpSpec] = {}
+    matched: set[str] = set()
     for node in graph:
         scheme, rule = recipe.scheme_for(node.name, node.op_type)
-        if scheme is None:
-            layout.nodes[node.name] = NodeDecision(node.name, node.op_type, False, rule, rule)
+        if rule.startswith("rule "):
+            matched.add(rule.split(" ", 2)[1])
+        if scheme is None or scheme.mode == "float":
+            reason = rule if scheme is None else f"kept float ({rule}: mode float)"
+            layout.nodes[node.name] = NodeDecision(node.name, node.op_type, False, reason, rule)
             continue
+        if scheme.mode != "static":
+            scheme = _other_mode(node, scheme, rule, layout, calibrated)
+            if scheme is None:
+                continue
         spec = spec_for(node)
         if isinstance(spec, Skip):
             layout.nodes[node.name] = NodeDecision(node.name, node.op_type, False, spec.reason, rule)
@@ -138,7 +158,82 @@ def make_layout(model: ir.Model, recipe: Recipe) -> Layout:
     for d in layout.nodes.values():
         if d.quantized and not d.reason:
             d.reason = _describe(d)
+    for i, rule in enumerate(recipe.rules):
+        if str(i) not in matched:
+            warnings.warn(f"recipe {rule.describe()} (rule {i}) matches no node of this model", stacklevel=2)
     return layout
+
+
+def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibrated: bool) -> Scheme | None:
+    """Decide a dynamic / weight-only / float16 node. Returns a scheme when the node falls back to static."""
+    name, op = node.name, node.op_type
+
+    def keep(reason: str) -> None:
+        layout.nodes[name] = NodeDecision(name, op, False, reason, rule)
+
+    def take(store: dict, reason: str) -> None:
+        store[name] = scheme
+        layout.nodes[name] = NodeDecision(name, op, True, reason, rule, scheme)
+
+    if scheme.mode == "float16":
+        if op in FLOAT16_FRAGILE:
+            keep(f"numerically fragile in float16: {op} stays float32")
+        elif node.domain not in ("", "ai.onnx") or op not in FLOAT16_OPS:
+            keep(f"no float16 form for {op} in lowbit: stays float32")
+        elif any(v is not None and v.dtype not in (None, ir.DataType.FLOAT) and v.dtype.is_floating_point()
+                 for v in list(node.inputs) + list(node.outputs)):
+            keep(f"{op} has a non-float32 floating-point input or output")
+        else:
+            layout.float16.add(name)
+            layout.nodes[name] = NodeDecision(name, op, True, "float16 weights and compute", rule, scheme)
+        return None
+    if op in ("Conv", "ConvTranspose"):
+        if scheme.weights == "int4":
+            raise LowbitError(f"int4 weights cannot be used on {op} node '{name}' ({rule}): ONNX Runtime has int4 "
+                              "kernels for MatMul/Gemm/Gather only; add a rule giving convolutions weights=int8")
+        if scheme.mode == "weight_only":
+            spec = spec_for(node)
+            if isinstance(spec, Skip):
+                keep(spec.reason)
+            else:
+                take(layout.weight_only, f"weight-only int8 {'per-channel' if scheme.per_channel else 'per-tensor'} weights, float activations")
+            return None
+        if calibrated:  # dynamic mode: convolutions get static quantization instead
+            return dataclasses.replace(scheme, mode="static")
+        keep(CONV_DYNAMIC_REASON + "; give calibration data to quantize them statically")
+        return None
+    if op in ("MatMul", "Gemm"):
+        found = weight_matmul(node)
+        if isinstance(found, Skip):
+            keep(found.reason)
+        elif scheme.mode == "dynamic":
+            take(layout.dynamic, "dynamic int8: uint8 activations quantized per input at run time, int8 "
+                 f"{'per-channel' if scheme.per_channel else 'per-tensor'} weights")
+        else:
+            take(layout.weight_only, _weight_only_reason(scheme))
+        return None
+    if op == "Gather" and scheme.mode == "weight_only":
+        found = embedding_table(node)
+        if isinstance(found, Skip):
+            keep(found.reason)
+        else:
+            take(layout.weight_only, _weight_only_reason(scheme, rows=True))
+        return None
+    if op in RECURRENT:
+        keep(f"{scheme.mode.replace('_', '-')} {op} (ONNX Runtime's DynamicQuantizeLSTM) is not implemented in lowbit yet")
+    elif scheme.mode == "dynamic":
+        keep(f"dynamic mode quantizes MatMul/Gemm only; {op} stays float")
+    else:
+        keep(f"weight-only mode: {op} has no weights to quantize")
+    return None
+
+
+def _weight_only_reason(scheme: Scheme, rows: bool = False) -> str:
+    if scheme.weights == "int4":
+        how = "row-wise" if rows else "MatMulNBits"
+        return f"weight-only int4 {'symmetric' if scheme.symmetric_weights else 'affine'} blocks of {scheme.int4_block} ({how}), float activations"
+    gran = "per-row" if rows else "per-channel" if scheme.per_channel else "per-tensor"
+    return f"weight-only {scheme.weights} {gran} weights, float activations"
 
 
 def _has(node: ir.Node, i: int) -> bool:

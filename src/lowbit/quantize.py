@@ -65,8 +65,6 @@ def quantize(
     recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
     if output is not None:
         check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
-    if calib is None and plan is None:
-        raise LowbitError("calibration data is required: pass --calib DATA (or --plan PLAN.json to reuse ranges)")
 
     if isinstance(model, (str, Path)):
         ir_model, float_bytes = load_model(model), Path(model).stat().st_size
@@ -79,11 +77,17 @@ def quantize(
     timings: dict[str, float] = {}
     t = time.perf_counter()
     prepare(ir_model)
-    layout = make_layout(ir_model, recipe)
+    layout = make_layout(ir_model, recipe, calibrated=calib is not None or plan is not None)
+    # Only static quantization needs activation ranges; dynamic, weight-only and float16 nodes need no data.
+    if calib is None and plan is None and layout.tensors:
+        raise LowbitError("calibration data is required for static quantization: pass --calib DATA (or --plan "
+                          "PLAN.json to reuse ranges), or choose a mode that needs none (--mode dynamic)")
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if plan is None:
+    if plan is None and not layout.tensors:
+        tensors, samples, means = {}, 0, {}
+    elif plan is None:
         source = open_data(calib, specs, batch_size=recipe.batch_size, preprocess=preprocess,
                            limit=recipe.calibration_samples)
         observed = {s for s in layout.sources() if not _is_constant(ir_model, s)}

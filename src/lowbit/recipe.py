@@ -17,14 +17,19 @@ from .errors import LowbitError
 RECIPE_VERSION = 1
 
 ActivationType = Literal["uint8", "int8", "uint16", "int16"]
-WeightType = Literal["int8", "uint8"]
+WeightType = Literal["int8", "uint8", "int4"]
 Calibration = Literal["minmax", "percentile", "entropy", "mse"]
+# static: calibrated activation ranges (QDQ); dynamic: int8 weights, activation ranges computed per input at run
+# time; weight_only: quantized weights, float activations; float16: fp16 weights and compute; float: untouched.
+Mode = Literal["static", "dynamic", "weight_only", "float16", "float"]
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass(frozen=True)
 class Scheme:
     """How one node is quantized."""
 
+    mode: Mode = "static"
     activations: ActivationType = "uint8"  # uint8 activations + int8 weights is x86's fast integer path
     weights: WeightType = "int8"
     per_channel: bool = True
@@ -39,8 +44,11 @@ class Scheme:
     avoid_overflow: bool = True
     # Subtract from each output channel's bias the mean shift its rounded weights cause on calibration data.
     bias_correction: bool = True
+    # int4 weights: values per scale along the reduction axis (weight_only MatMul/Gemm/Gather); None = 32.
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
+        _check_literal(self, "mode", Mode)
         _check_literal(self, "activations", ActivationType)
         _check_literal(self, "weights", WeightType)
         _check_literal(self, "calibration", Calibration)
@@ -54,6 +62,20 @@ class Scheme:
             raise LowbitError("conflicting options: symmetric weights need a signed weight type; use weights=int8")
         if self.reduce_range and self.activations in ("uint16", "int16"):
             raise LowbitError("conflicting options: reduce_range is for 8-bit kernels, not 16-bit activations")
+        if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
+            raise LowbitError(f"recipe option 'block_size' must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
+        if self.block_size is not None and self.weights != "int4":
+            raise LowbitError("conflicting options: block_size applies to int4 weights only; set weights=int4 or drop block_size")
+        if self.weights == "int4" and self.mode != "weight_only":
+            raise LowbitError(f"conflicting options: int4 weights need mode weight_only (ONNX Runtime has no int4 {self.mode} kernels); set mode=weight_only or weights=int8")
+        if self.mode == "dynamic" and self.activations != "uint8":
+            raise LowbitError(f"conflicting options: dynamic mode quantizes activations to uint8 at run time (DynamicQuantizeLinear), not {self.activations}; drop 'activations' or use mode=static")
+        if self.mode == "dynamic" and self.weights != "int8":
+            raise LowbitError("conflicting options: dynamic mode needs int8 weights (u8 x s8 integer kernels); use weights=int8")
+
+    @property
+    def int4_block(self) -> int:
+        return self.block_size or 32
 
 
 @dataclass(frozen=True)
@@ -186,6 +208,18 @@ PRESETS: dict[str, Recipe] = {
     "default": Recipe(),
     "accurate": Recipe(default=Scheme(calibration="percentile")),
     "int16-activations": Recipe(default=Scheme(activations="uint16")),
+    "dynamic": Recipe(default=Scheme(mode="dynamic")),
+    "weight-only-int8": Recipe(default=Scheme(mode="weight_only")),
+    # Convolutions take no int4 form; they keep int8 weights.
+    "weight-only-int4": Recipe(
+        default=Scheme(mode="weight_only", weights="int4", block_size=32),
+        rules=(Rule(op_types=("Conv", "ConvTranspose"), scheme=Scheme(mode="weight_only")),),
+    ),
+    "float16": Recipe(default=Scheme(mode="float16")),
+    # 16-bit activations where dynamic ranges are wide (attention scores, normalisation), int8 weights everywhere.
+    "mixed-16x8": Recipe(
+        rules=(Rule(op_types=("Softmax", "Add", "Mul", "Concat"), scheme=Scheme(activations="uint16")),),
+    ),
 }
 
 

@@ -107,3 +107,104 @@ def fuse_activation(graph: ir.Graph, node_name: str) -> None:
     graph.remove(node, safe=True)
     dst.name = None
     src.name = name
+
+
+# --- dynamic and weight-only forms: the node is replaced by a small subgraph writing the same output ---
+
+
+def _node(graph: ir.Graph, op: str, inputs: list, name: str, domain: str = "", dtype=ir.DataType.FLOAT, **attrs) -> ir.Value:
+    n = ir.Node(domain, op, inputs, [ir.convenience.convert_attribute(k, v) for k, v in attrs.items()], name=name)
+    n.outputs[0].name = f"{name}_out"
+    n.outputs[0].dtype = dtype
+    graph.append(n)
+    return n.outputs[0]
+
+
+def take_output(graph: ir.Graph, node: ir.Node, new: ir.Value) -> None:
+    """`new` replaces node's output everywhere, under the old name; the node goes."""
+    old = node.outputs[0]
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
+    old.name = None
+    new.name = name
+    new.shape = new.shape or old.shape
+
+
+def _add_bias(model: ir.Model, node: ir.Node, y: ir.Value, bias: np.ndarray | ir.Value | None) -> ir.Value:
+    if bias is None:
+        return y
+    b = bias if isinstance(bias, ir.Value) else _init(model.graph, f"{node.name}_bias", bias.astype(np.float32))
+    return _node(model.graph, "Add", [y, b], f"{node.name}_bias_add")
+
+
+def dynamic_quantize(model: ir.Model, x: ir.Value, cache: dict[str, tuple]) -> tuple:
+    """One DynamicQuantizeLinear per activation, shared by every MatMul that reads it (e.g. Q, K, V projections)."""
+    if x.name not in cache:
+        n = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{x.name}_DynQ")
+        for o, suffix, t in zip(n.outputs, ("q", "s", "zp"), (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)):
+            o.name, o.dtype = f"{x.name}_dyn_{suffix}", t
+        model.graph.append(n)
+        cache[x.name] = tuple(n.outputs)
+    return cache[x.name]
+
+
+def dynamic_matmul(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bias,
+                   cache: dict) -> None:
+    """x -> DynamicQuantizeLinear -> MatMulInteger(int8 W (K, N)) -> Cast -> Mul(x_scale * w_scale) [-> Add bias].
+    Standard ONNX ops that ONNX Runtime fuses into one DynamicQuantizeMatMul kernel (measured: same speed)."""
+    g, name = model.graph, node.name
+    xq, xs, xz = dynamic_quantize(model, node.inputs[0], cache)
+    wq = _init(g, f"{name}_w_q", q.astype(np.int8))
+    wz = _init(g, f"{name}_w_zp", zp.astype(np.int8))
+    ws = _init(g, f"{name}_w_s", np.asarray(scale, np.float32))
+    acc = _node(g, "MatMulInteger", [xq, wq, xz, wz], f"{name}_MatMulInteger", dtype=ir.DataType.INT32)
+    acc_f = _node(g, "Cast", [acc], f"{name}_Cast", to=ir.DataType.FLOAT)
+    s = _node(g, "Mul", [xs, ws], f"{name}_scale")
+    y = _node(g, "Mul", [acc_f, s], f"{name}_rescale")
+    take_output(g, node, _add_bias(model, node, y, bias))
+
+
+def matmul_nbits(model: ir.Model, node: ir.Node, packed: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
+                 k: int, n: int, block: int, bias) -> None:
+    """ONNX Runtime's com.microsoft.MatMulNBits: B uint8 (N, n_blocks, block/2), scales (N * n_blocks),
+    zero points packed two per byte per row (absent: 8)."""
+    g, name = model.graph, node.name
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    inputs = [node.inputs[0], _init(g, f"{name}_w_q4", packed), _init(g, f"{name}_w_s", scale.astype(np.float32).ravel())]
+    if zp is not None:
+        inputs.append(_init(g, f"{name}_w_zp4", zp.ravel()))
+    y = _node(g, "MatMulNBits", inputs, f"{name}_MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block)
+    take_output(g, node, _add_bias(model, node, y, bias))
+
+
+def gather_rows_int8(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray) -> None:
+    """Gather int8 rows first, then scale only them: the table is never dequantized whole."""
+    g, name = model.graph, node.name
+    idx = node.inputs[1]
+    rows = _node(g, "Gather", [_init(g, f"{name}_table_q", q.astype(np.int8)), idx], f"{name}_Gather_q", dtype=ir.DataType.INT8)
+    rows_f = _node(g, "Cast", [rows], f"{name}_Cast", to=ir.DataType.FLOAT)
+    s = _node(g, "Gather", [_init(g, f"{name}_table_s", scale.reshape(-1, 1).astype(np.float32)), idx], f"{name}_Gather_s")
+    take_output(g, node, _node(g, "Mul", [rows_f, s], f"{name}_rescale"))
+
+
+def gather_block_quantized(model: ir.Model, node: ir.Node, codes: np.ndarray, scale: np.ndarray,
+                           zp: np.ndarray | None, block: int) -> None:
+    """int4 rows in blocks along D: ONNX Runtime's com.microsoft.GatherBlockQuantized (INT4 data, zero point 0;
+    affine: UINT4 data and zero points)."""
+    g, name = model.graph, node.name
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    kind = ir.DataType.UINT4 if zp is not None else ir.DataType.INT4
+
+    def int4_init(suffix: str, values: np.ndarray) -> ir.Value:
+        v = _init(g, f"{name}_{suffix}", values.astype(np.int8 if kind == ir.DataType.INT4 else np.uint8))
+        v.const_value = ir.PackedTensor(pack_int4(values), kind, shape=ir.Shape(values.shape))
+        v.dtype = kind
+        return v
+
+    inputs = [int4_init("table_q4", codes), node.inputs[1], _init(g, f"{name}_table_s", scale.astype(np.float32))]
+    if zp is not None:
+        inputs.append(int4_init("table_zp4", zp))
+    y = _node(g, "GatherBlockQuantized", inputs, f"{name}_GatherBlockQuantized", domain=MS_DOMAIN,
+              gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+    take_output(g, node, y)

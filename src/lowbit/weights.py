@@ -159,3 +159,49 @@ def matmul_rows(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray
     """(N, K) rows of a (K, N) weight (axis 1) or (N, K) weight (axis 0), with each position's input feature."""
     rows = w.T if axis in (None, 1) else w
     return rows, np.broadcast_to(np.arange(rows.shape[1]), rows.shape)
+
+
+@dataclass(frozen=True)
+class BlockQuantizedRows:
+    """int4 rows (N, K) quantized in blocks along K: codes (N, n_blocks, block) in [0, 15] (symmetric: q + 8),
+    scales (N, n_blocks), zero points (N, n_blocks) (8 for symmetric)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    k: int
+
+    def dequantize(self) -> np.ndarray:
+        """(N, K) float32, as ONNX Runtime's MatMulNBits computes (code - zero point) * scale."""
+        x = (self.codes.astype(np.float32) - self.zero_point[..., None].astype(np.float32)) * self.scale[..., None]
+        return x.reshape(x.shape[0], -1)[:, : self.k]
+
+
+def quantize_blocks(rows: np.ndarray, block: int, symmetric: bool) -> BlockQuantizedRows:
+    """Round-to-nearest int4 blocks of `block` values along each row's last axis (zero-padded to a whole block).
+    Symmetric uses [-7, 7] around zero point 8 so +-max is exact; affine uses [0, 15] with a per-block zero point."""
+    n, k = rows.shape
+    nb = -(-k // block)
+    x = np.zeros((n, nb * block), np.float32)
+    x[:, :k] = rows
+    x = x.reshape(n, nb, block).astype(np.float64)
+    if symmetric:
+        scale = np.abs(x).max(axis=2) / 7.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        q = np.clip(np.rint(x / scale[..., None].astype(np.float64)), -7, 7) + 8
+        zp = np.full(scale.shape, 8, np.uint8)
+    else:
+        lo, hi = np.minimum(x.min(axis=2), 0.0), np.maximum(x.max(axis=2), 0.0)
+        scale = (hi - lo) / 15.0
+        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+        zp = np.clip(np.rint(-lo / scale.astype(np.float64)), 0, 15).astype(np.uint8)
+        q = np.clip(np.rint(x / scale[..., None].astype(np.float64)) + zp[..., None], 0, 15)
+    return BlockQuantizedRows(q.astype(np.uint8), scale, zp, k)
+
+
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """Pairs along the last axis into one byte, first value in the low nibble (padding the axis to even)."""
+    c = codes.astype(np.uint8)
+    if c.shape[-1] % 2:
+        c = np.concatenate([c, np.zeros(c.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8)

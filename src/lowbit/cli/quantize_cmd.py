@@ -1,10 +1,12 @@
-"""`lowbit quantize`: static int8 post-training quantization."""
+"""`lowbit quantize`: static, dynamic, weight-only or float16 post-training quantization."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
+import warnings
 from pathlib import Path
 
 from ..recipe import PRESETS, Recipe, Scheme, preset
@@ -21,6 +23,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--recipe", metavar="FILE", help="recipe JSON (see `lowbit recipe --show default`)")
     q.add_argument("--preset", choices=sorted(PRESETS), help="start from a built-in recipe")
     g = q.add_argument_group("scheme (override the recipe's default scheme)")
+    g.add_argument("--mode", choices=["static", "dynamic", "weight_only", "float16", "float"],
+                   help="static (calibrated, default), dynamic (activations quantized at run time, no data needed), "
+                   "weight_only (int8/int4 weights, float activations), float16")
+    g.add_argument("--weights", choices=["int8", "int4"], help="weight type (int4: weight_only MatMul/Gemm/Gather)")
+    g.add_argument("--block-size", type=int, help="values per scale for int4 weights (32, 64, 128; default 32)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "mse"])
     g.add_argument("--percentile", type=float)
     g.add_argument("--activations", choices=["uint8", "int8", "uint16", "int16"])
@@ -49,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _recipe(args: argparse.Namespace) -> Recipe:
     base = Recipe.load(args.recipe) if args.recipe else preset(args.preset) if args.preset else Recipe()
     overrides = {
+        "mode": args.mode,
+        "weights": args.weights,
+        "block_size": args.block_size,
         "calibration": args.calibration,
         "percentile": args.percentile,
         "activations": args.activations,
@@ -77,8 +87,12 @@ def run(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     pre = ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
                           layout=args.layout, channels="BGR" if args.bgr else "RGB")
-    result = quantize(args.model, args.output, calib=args.calib, recipe=recipe, plan=args.plan,
-                      preprocess=pre, progress=not args.quiet)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = quantize(args.model, args.output, calib=args.calib, recipe=recipe, plan=args.plan,
+                          preprocess=pre, progress=not args.quiet)
+    for w in caught:
+        print(f"lowbit: warning: {w.message}", file=sys.stderr)
     check = None
     if args.check and args.calib:
         data = open_data(args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre,

@@ -21,6 +21,21 @@ Handler = Callable[[ir.Node], "OpSpec | Skip"]
 
 HANDLERS: dict[str, Handler] = {**_CONV, **_MATMUL, **_ELEMENTWISE, **_POOLING, **_ACTIVATION, **_SHAPE}
 
+# float16 mode: ops converted to fp16 (their float inputs, outputs and constants). The fragile ones stay float32:
+# exponentials and reductions overflow fp16's 65504 maximum or lose the small differences they are about
+# (Softmax/Exp of logits, LayerNormalization's variance, sums of squares, Pow, Sqrt, Reciprocal, Log...).
+FLOAT16_OPS = frozenset({
+    "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
+    "HardSigmoid", "LeakyRelu", "Gelu", "Erf", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape",
+    "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat", "Split", "Identity", "Pad",
+    "DepthToSpace", "SpaceToDepth", "Where", "Neg", "Abs", "Max", "Min",
+})
+FLOAT16_FRAGILE = frozenset({
+    "Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
+    "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow",
+    "Sqrt", "Exp", "Log", "Reciprocal", "Div", "CumSum", "Softplus",
+})
+
 
 def spec_for(node: ir.Node) -> OpSpec | Skip:
     if node.domain not in ("", "ai.onnx"):
@@ -33,4 +48,4 @@ def spec_for(node: ir.Node) -> OpSpec | Skip:
     return handler(node)
 
 
-__all__ = ["OpSpec", "Skip", "HANDLERS", "spec_for"]
+__all__ = ["OpSpec", "Skip", "HANDLERS", "spec_for", "FLOAT16_OPS", "FLOAT16_FRAGILE"]

@@ -48,3 +48,35 @@ def matmul(node: ir.Node) -> OpSpec | Skip:
 
 
 HANDLERS = {"Gemm": gemm, "MatMul": matmul}
+
+
+def weight_matmul(node: ir.Node) -> tuple[int, bool] | Skip:
+    """For dynamic and weight-only modes: (weight input, whether stored (N, K)) of a MatMul/Gemm whose right-hand
+    side is a constant matrix, or why not."""
+    if (bad := float_input(node)) is not None:
+        return bad
+    if node.op_type == "Gemm":
+        if node.attributes.get_int("transA", 0):
+            return Skip("transA=1 is not quantized (fold the transpose into the producer first)")
+        if has_input(node, 2) and const(node, 2) is None and node.attributes.get_float("beta", 1.0) != 1.0:
+            return Skip("Gemm with a computed C and beta != 1 is not quantized")
+    elif const(node, 0) is not None:
+        return Skip("constant left-hand side is not quantized")
+    b = const(node, 1)
+    if b is None:
+        return Skip("right-hand side is computed at run time (no constant weight)")
+    if b.ndim != 2:
+        return Skip(f"weight has rank {b.ndim}, expected 2")
+    return 1, node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+
+
+def embedding_table(node: ir.Node) -> int | Skip:
+    """For weight-only mode: a Gather along axis 0 of a constant 2-D float table (an embedding); returns 0."""
+    data = const(node, 0)
+    if data is None:
+        return Skip("Gather data is computed at run time (not an embedding table)")
+    if data.dtype.kind != "f" or data.ndim != 2:
+        return Skip(f"Gather table is {data.dtype} of rank {data.ndim}, not a float matrix")
+    if node.attributes.get_int("axis", 0) != 0:
+        return Skip("Gather along axis != 0 is not a row lookup")
+    return 0

@@ -1,0 +1,162 @@
+"""export: a QAT module -> the QDQ ONNX model and plan lowbit's PTQ would write, with the learned parameters.
+
+The module's frozen float form (BatchNorm folded, weights on their quantization grid) is exported with its
+activation quantizers as QuantizeLinear/DequantizeLinear pairs; those pairs give each tensor its learned scale
+by ONNX name and are then removed. lowbit's planner decides the layout of that float graph exactly as for
+PTQ, the learned parameters become its plan, and the integers of every weight and bias are written from the
+module's own grid, so the ONNX model computes what the fake-quant module computes.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from onnx import numpy_helper
+
+from ..errors import LowbitError
+from ..graph.io import check_output_path, save_model
+from ..passes import prepare
+from ..plan import Plan, TensorParams, plan_path
+from ..planner import make_layout
+from ..quantize import QuantizeResult, quantize
+from ..recipe import Recipe, Scheme
+from .fakequant import ActFakeQuant, ExportConv, ExportLinear, QConvBnAct, QLinearAct
+from .onnx_export import module_to_onnx
+
+# Overflow guard and bias correction would move weights off the grid the module trained on.
+EXPORT_RECIPE = Recipe(default=Scheme(avoid_overflow=False, bias_correction=False))
+
+
+def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int]]:
+    """Float copy for export, and the bits of each exported weight (by parameter name)."""
+    clone = copy.deepcopy(module).eval()
+    bits: dict[str, int] = {}
+    for name, m in list(clone.named_modules()):
+        if isinstance(m, (QConvBnAct, QLinearAct)):
+            with torch.no_grad():
+                new = ExportConv(m) if isinstance(m, QConvBnAct) else ExportLinear(m)
+            parent, _, leaf = name.rpartition(".")
+            setattr(clone.get_submodule(parent) if parent else clone, leaf, new)
+            bits[f"{name}.weight"] = m.bits
+        elif isinstance(m, ActFakeQuant):
+            m.freeze_for_export()
+    if isinstance(clone, torch.fx.GraphModule):
+        clone.recompile()
+    return clone, bits
+
+
+def _const(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    for t in graph.initializer:
+        if t.name == name:
+            return numpy_helper.to_array(t)
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            return numpy_helper.to_array(n.attribute[0].t)
+    raise RuntimeError(f"exported Q/DQ parameter {name} is not a constant")
+
+
+def _strip_activation_qdq(proto: onnx.ModelProto) -> dict[str, tuple[float, int]]:
+    """Remove the Q->DQ pairs of activation quantizers; return tensor name -> (scale, zero point)."""
+    g = proto.graph
+    by_output = {o: n for n in g.node for o in n.output}
+    params: dict[str, tuple[float, int]] = {}
+    rename: dict[str, str] = {}
+    drop = []
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in by_output:
+            continue
+        q = by_output[n.input[0]]
+        if q.op_type != "QuantizeLinear":
+            continue
+        src = q.input[0]
+        params[src] = (float(_const(g, q.input[1])), int(_const(g, q.input[2])))
+        rename[n.output[0]] = src
+        drop += [q, n]
+    for n in drop:
+        g.node.remove(n)
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name in rename:
+                n.input[i] = rename[name]
+    for o in g.output:
+        if o.name in rename:
+            raise LowbitError(f"a model output ({o.name}) is fake-quantized; lowbit keeps model outputs of weighted ops "
+                              "in float")
+    return params
+
+
+def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple[float, int]]) -> dict[str, TensorParams]:
+    copy_ = onnx.ModelProto()
+    copy_.CopyFrom(float_proto)
+    model = ir.from_proto(copy_)
+    prepare(model)
+    layout = make_layout(model, EXPORT_RECIPE)
+    missing = sorted(set(layout.sources()) - set(params) - set(model.graph.initializers))
+    extra = sorted(set(params) - set(layout.tensors))
+    if missing or extra:
+        raise LowbitError(f"this module's structure is not supported by QAT export yet: lowbit's planner quantizes "
+                          f"{missing[:3]} without a fake quantizer, fake quantizers on {extra[:3]} are not quantized by it")
+    out = {}
+    for name, src in layout.tensors.items():
+        s, z = params[src]
+        out[name] = TensorParams("uint8", [s], [z], None, "activation", [float((0 - z) * s), float((255 - z) * s)])
+    return out
+
+
+def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict[str, int]) -> None:
+    """Weights and int32 biases from the module's grid (exact integers, its own scales); 4-bit weights are
+    stored in int8 containers holding values in [-7, 7]."""
+    g = result.model.graph
+    inits = {t.name: t for t in g.initializer}
+    fnodes = {n.name: n for n in float_proto.graph.node}
+    finits = {t.name: numpy_helper.to_array(t) for t in float_proto.graph.initializer}
+    dq_by_out = {n.output[0]: n for n in g.node if n.op_type == "DequantizeLinear"}
+    plan = result.plan
+    for node in g.node:
+        if node.op_type not in ("Conv", "Gemm") or node.name not in fnodes or f"{node.name}:1" not in plan.tensors:
+            continue
+        fnode = fnodes[node.name]
+        w = finits[fnode.input[1]].astype(np.float64)
+        qmax = 2 ** (bits.get(fnode.input[1], 8) - 1) - 1
+        flat = w.reshape(w.shape[0], -1)
+        scale = (np.abs(flat).max(axis=1) / qmax).astype(np.float32)
+        scale = np.where(scale > 0, scale, np.float32(1e-12))
+        k = np.clip(np.rint(flat / scale[:, None]), -qmax, qmax).astype(np.int8).reshape(w.shape)
+        dq = dq_by_out[node.input[1]]
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(k, dq.input[0]))
+        inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))
+        plan.tensors[f"{node.name}:1"].scale = scale.astype(float).tolist()
+        if len(node.input) > 2 and node.input[2] and f"{node.name}:2" in plan.tensors:
+            b = finits[fnode.input[2]].astype(np.float64)
+            s_in = np.float64(plan.tensors[fnode.input[0]].scale[0])
+            sb = (s_in * scale.astype(np.float64)).astype(np.float32)
+            qb = np.clip(np.rint(b / sb.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+            bdq = dq_by_out[node.input[2]]
+            inits[bdq.input[0]].CopyFrom(numpy_helper.from_array(qb, bdq.input[0]))
+            inits[bdq.input[1]].CopyFrom(numpy_helper.from_array(sb, bdq.input[1]))
+            plan.tensors[f"{node.name}:2"].scale = sb.astype(float).tolist()
+
+
+def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any) -> QuantizeResult:
+    """Write the QDQ model to `path` (and `path`.plan.json beside it); returns the QuantizeResult."""
+    if path is not None:
+        check_output_path(path, [])
+    clone, bits = _frozen_copy(module)
+    proto = module_to_onnx(clone, example_inputs)
+    params = _strip_activation_qdq(proto)
+    tensors = _plan_tensors(proto, params)
+    plan = Plan(recipe=EXPORT_RECIPE.to_dict(), tensors=tensors)
+    result = quantize(proto, plan=plan, recipe=EXPORT_RECIPE, progress=False)
+    _write_grid(result, proto, bits)
+    onnx.checker.check_model(result.model)
+    if path is not None:
+        save_model(result.model, path)
+        result.plan.save(plan_path(path))
+        result.output = Path(path)
+    return result

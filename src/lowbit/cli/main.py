@@ -12,7 +12,7 @@ import sys
 from .._version import __version__
 from ..errors import LowbitError
 from ..recipe import PRESETS, preset
-from . import bench_cmd, diagnose_cmd, eval_cmd, quantize_cmd, report_cmd
+from . import bench_cmd, diagnose_cmd, eval_cmd, export_cmd, quantize_cmd, report_cmd
 
 EPILOG = """examples:
   lowbit quantize model.onnx -o model.int8.onnx --calib images/
@@ -22,7 +22,7 @@ EPILOG = """examples:
   lowbit recipe --show default > my_recipe.json
 """
 
-COMMANDS = [quantize_cmd, eval_cmd, bench_cmd, diagnose_cmd, report_cmd]
+COMMANDS = [quantize_cmd, eval_cmd, bench_cmd, diagnose_cmd, report_cmd, export_cmd]
 
 
 def _show_recipe(args: argparse.Namespace) -> int:

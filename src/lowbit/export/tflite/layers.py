@@ -102,7 +102,7 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
             bias = np.zeros(cout, np.int32)
         bi = ctx.const(f"{name}_bias", bias, QuantParams(s_b, np.zeros(cout, np.int64), 0))
     else:
-        wi = ctx.const(f"{name}_weights", weight.astype(np.float32).transpose(perm))
+        wi = _float_weight(ctx, w, f"{name}_weights", perm, 3 if depthwise else 0)
         bias = ctx.g.consts[b].astype(np.float32) if b is not None else np.zeros(cout, np.float32)
         bi = ctx.const(f"{name}_bias", bias)
     out = ctx.produce(node.output[0], kind, True)
@@ -113,6 +113,19 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
                depth_multiplier=cout // cin, **common)
     else:
         ctx.op("CONV_2D", [xin, wi, bi], [out], "Conv2DOptions", **common)
+
+
+def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_axis: int) -> int:
+    """Float weights for a float kernel. Weights the quantizer made int8 stay int8 in the file, behind a
+    DEQUANTIZE: the same real values as ONNX's DequantizeLinear, at a quarter of the size."""
+    qt = ctx.g.qconsts.get(w)
+    if qt is None or qt.data.dtype != np.int8 or (qt.quant.scale.size > 1 and perm[out_axis] != qt.quant.axis):
+        return ctx.const(label, np.ascontiguousarray(ctx.g.consts[w].astype(np.float32).transpose(perm)))
+    q = ctx.const(f"{label}_int8", qt.data.transpose(perm), QuantParams(qt.quant.scale, qt.quant.zero_point,
+                                                                        out_axis))
+    out = ctx.fm.add_tensor(Tensor(label, tuple(ctx.fm.tensors[q].shape), "float32"))
+    ctx.op("DEQUANTIZE", [q], [out])
+    return out
 
 
 def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -152,7 +165,7 @@ def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind:
             bias = np.zeros(cout, np.int32)
         bi = ctx.const(f"{name}_bias", bias, QuantParams(s_b, np.zeros(cout, np.int64), 0))
     else:
-        wi = ctx.const(f"{name}_weights", np.ascontiguousarray(weight, np.float32))
+        wi = _float_weight(ctx, w, f"{name}_weights", (0, 1) if trans else (1, 0), 0)
         bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
         bi = ctx.const(f"{name}_bias", bias)
     out = ctx.produce(node.output[0], kind, False)

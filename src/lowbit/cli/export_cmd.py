@@ -1,0 +1,58 @@
+"""`lowbit export`: write a model in another runtime's format (TFLite for LiteRT), without TensorFlow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import LowbitError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a float or int8 ONNX model as .tflite for LiteRT",
+                       description="Convert a float ONNX model, or lowbit's int8 QDQ output, into a TensorFlow Lite "
+                       "flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs and outputs "
+                       "become NHWC: transpose NCHW data once before feeding it.")
+    p.add_argument("model", help="ONNX model (float, or lowbit's int8 QDQ output)")
+    p.add_argument("--to", choices=["tflite"], default="tflite", help="target format (default tflite)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="output file (never the input)")
+    p.add_argument("--io", choices=["float", "int8", "uint8"], default="float",
+                   help="int8 models: float inputs/outputs with QUANTIZE/DEQUANTIZE at the edges (default), "
+                   "or integer ones")
+    p.add_argument("--allow-float-fallback", action="store_true",
+                   help="run in float the quantized ops whose int8 form TFLite cannot express, instead of failing")
+    p.add_argument("--batch", type=int, default=1, help="batch size fixed in the file (default 1; LiteRT can "
+                   "resize classifier inputs at run time)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(run=run)
+
+
+def export_text(summary: dict) -> str:
+    kind = "full-integer int8" if summary["quantized"] else "float32"
+    lines = [f"wrote {summary['output']} ({kind}, {summary['size_bytes'] / 1e6:.2f} MB, io {summary['io']}, "
+             "4-D tensors NHWC)", "operators:"]
+    lines += [f"  {op:<22} {n:>4}" for op, n in sorted(summary["ops"].items(), key=lambda kv: -kv[1])]
+    if summary["float_nodes"]:
+        lines.append(f"left in float by the quantizer: {len(summary['float_nodes'])} nodes")
+        lines += [f"  {n}" for n in summary["float_nodes"]]
+    if summary["fallbacks"]:
+        lines.append(f"float fallbacks (int8 form not expressible in TFLite): {len(summary['fallbacks'])}")
+        lines += [f"  {n}" for n in summary["fallbacks"]]
+    if summary["transposes"]:
+        lines.append("transposes inside the graph (flattening a spatial map): " + ", ".join(summary["transposes"]))
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.batch < 1:
+        raise LowbitError(f"--batch must be at least 1, got {args.batch}")
+    from ..export.tflite import export_tflite  # keeps `lowbit --help` fast
+
+    result = export_tflite(args.model, args.output, io=args.io, allow_float_fallback=args.allow_float_fallback,
+                           batch=args.batch)
+    summary = {"model": str(args.model), "output": str(Path(args.output)), "format": args.to,
+               "quantized": result.quantized, "io": result.io, "size_bytes": len(result.data), "ops": result.ops,
+               "float_nodes": result.float_nodes, "fallbacks": result.fallbacks, "transposes": result.transposes}
+    print(json.dumps(summary, indent=2) if args.json else export_text(summary))
+    return 0

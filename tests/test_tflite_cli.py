@@ -1,0 +1,84 @@
+"""`lowbit export --to tflite`, and EfficientNet-Lite0 float32 and int8 in LiteRT against ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import tiny_cnn
+from onnx import TensorProto, helper
+
+import lowbit
+from lowbit.cli.main import main
+
+litert = pytest.importorskip("ai_edge_litert.interpreter")
+
+
+def _run(data: bytes, x: np.ndarray) -> np.ndarray:
+    it = litert.Interpreter(model_content=data, num_threads=1)
+    inp = it.get_input_details()[0]
+    outs = []
+    it.allocate_tensors()
+    for xi in x:  # the file is batch 1
+        it.set_tensor(inp["index"], xi[None].transpose(0, 2, 3, 1))
+        it.invoke()
+        outs.append(it.get_tensor(it.get_output_details()[0]["index"]).copy())
+    return np.concatenate(outs)
+
+
+def test_cli_exports_int8_and_prints_summary(tmp_path: Path, capsys) -> None:
+    q = tmp_path / "q.onnx"
+    calib = np.random.default_rng(1).normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
+    lowbit.quantize(tiny_cnn(), q, calib=calib, progress=False)
+    out = tmp_path / "q.tflite"
+    assert main(["export", str(q), "--to", "tflite", "-o", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["quantized"] and summary["ops"]["CONV_2D"] == 2 and summary["float_nodes"] == ["fc (Gemm)"]
+    assert out.stat().st_size == summary["size_bytes"]
+    # the quantizer leaves the classifier's Gemm output float: integer outputs cannot be promised
+    assert main(["export", str(q), "-o", str(tmp_path / "u.tflite"), "--io", "uint8"]) == 2
+    assert "output y is not quantized in the model; use --io float" in capsys.readouterr().err
+
+
+def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_cnn(), str(path))
+    assert main(["export", str(path), "-o", str(path)]) == 2
+    assert main(["export", str(path), "-o", str(tmp_path / "m.tflite"), "--io", "int8"]) == 2
+    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"], name="erf1")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    bad = tmp_path / "erf.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(bad))
+    assert main(["export", str(bad), "-o", str(tmp_path / "erf.tflite")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(line.startswith("lowbit: error: ") for line in err)
+    assert "is the input model" in err[0] and "needs a quantized" in err[1] and "node erf1 (Erf)" in err[2]
+    assert not list(tmp_path.glob("*.tflite"))
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path) -> None:
+    from lowbit._zoo import efficientnet_lite0_onnx, photo_crops
+    from lowbit.evaluate.metrics import cosine, top1_agreement
+    from lowbit.export.tflite import export_tflite
+    from lowbit.runtimes.ort import run_all, session
+
+    float_path = efficientnet_lite0_onnx(tmp_path / "effnet.onnx")
+    crops = photo_crops(16, "eval")
+    batches = [{"input": crops[i:i + 8]} for i in range(0, len(crops), 8)]
+    ref = run_all(session(float_path), batches)[0]
+    f32 = _run(export_tflite(float_path, tmp_path / "f.tflite").data, crops[:4])
+    assert np.abs(f32 - ref[:4]).max() <= 1e-4 * np.abs(ref[:4]).max()
+
+    q = tmp_path / "q.onnx"
+    lowbit.quantize(float_path, q, calib=photo_crops(64, "calib"), progress=False)
+    result = export_tflite(q, tmp_path / "q.tflite")
+    assert result.transposes == [] and result.ops["CONV_2D"] + result.ops["DEPTHWISE_CONV_2D"] == 49
+    got = _run(result.data, crops)
+    onnx_int8 = run_all(session(q, "kernels"), batches)[0]
+    assert top1_agreement(onnx_int8, got) >= 0.99
+    assert cosine(onnx_int8, got) >= 0.999

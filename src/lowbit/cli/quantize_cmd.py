@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from ..recipe import PRESETS, Recipe, Scheme, preset
+from .common import add_image_args, image_preprocess
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,13 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--exclude-op-types", nargs="+", default=[], metavar="OP", help="op types to keep float")
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
-    i = q.add_argument_group("image folders")
-    i.add_argument("--image-size", type=int, default=256, help="resize the shorter side to this (default 256)")
-    i.add_argument("--crop", type=int, default=224, help="center crop (default 224)")
-    i.add_argument("--mean", type=float, nargs=3, default=(0.485, 0.456, 0.406))
-    i.add_argument("--std", type=float, nargs=3, default=(0.229, 0.224, 0.225))
-    i.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW")
-    i.add_argument("--bgr", action="store_true", help="feed channels as BGR")
+    add_image_args(q)
     q.add_argument("--check", type=int, default=32, metavar="N",
                    help="compare integer kernels with float simulation on N calibration samples (0: skip)")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -78,15 +73,14 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import ImagePreprocess, input_specs, open_data
+    from ..data import input_specs, open_data
     from ..evaluate.check import runtime_check
     from ..evaluate.lint import lint
     from ..quantize import quantize
     from .summary import lint_text, summary_text
 
     recipe = _recipe(args)
-    pre = ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
-                          layout=args.layout, channels="BGR" if args.bgr else "RGB")
+    pre = image_preprocess(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quantize(args.model, args.output, calib=args.calib, recipe=recipe, plan=args.plan,

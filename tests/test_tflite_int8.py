@@ -153,3 +153,19 @@ def test_int8_softmax_with_other_output_scale_needs_fallback():
         convert(qmodel)
     result = convert(qmodel, allow_float_fallback=True)
     assert result.fallbacks and result.fallbacks[0].startswith("sm (Softmax)")
+
+
+@pytest.mark.parametrize("scheme", [lowbit.Scheme(per_channel=False), lowbit.Scheme(activations="int8")])
+def test_per_tensor_weights_and_int8_activations(scheme):
+    model = residual_model()
+    qmodel = lowbit.quantize(model, calib=[_calib(model, 1)], recipe=lowbit.Recipe(default=scheme),
+                             progress=False).model
+    before = qmodel.SerializeToString()
+    result = convert(qmodel, io="int8")
+    assert qmodel.SerializeToString() == before  # the caller's model is left alone
+    x = _calib(model, 2, 8)
+    y_tfl, s, z = _tflite_int(result.data, x)
+    s_in, z_in = litert.Interpreter(model_content=result.data).get_input_details()[0]["quantization"]
+    xq = ((np.clip(np.round(x / s_in) + z_in, -128, 127) - z_in) * s_in).astype(np.float32)
+    q_ort = np.round(session(qmodel, "kernels").run(None, {"x": xq})[0] / s) + z
+    assert np.abs(q_ort - y_tfl).max() <= 1

@@ -61,7 +61,7 @@ def _pad(ctx: Context, node: onnx.NodeProto, x: str, kind: str, pads: list[int])
     return out
 
 
-def _window(a: dict[str, Any], k: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+def _window(a: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
     return tuple(a.get("strides", [1, 1])), tuple(a.get("dilations", [1, 1]))
 
 
@@ -79,7 +79,7 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     depthwise = group > 1 and group == cin and cin_g == 1
     if group != 1 and not depthwise:
         raise fail(node, f"grouped convolution (group={group}) is neither plain nor depthwise; TFLite has no form")
-    (sh, sw), (dh, dw) = _window(a, (kh, kw))
+    (sh, sw), (dh, dw) = _window(a)
     mode, pads = padding(node, a, ctx.shapes[x][2:], (kh, kw), (sh, sw), (dh, dw))
     xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
     perm = (1, 2, 3, 0) if depthwise else (0, 2, 3, 1)
@@ -100,7 +100,7 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
             bias = np.round(ctx.g.consts[b] / s_b).astype(np.int32)
         else:
             bias = np.zeros(cout, np.int32)
-        bi = ctx.const(f"{name}_bias", bias, QuantParams(s_b, np.zeros(cout, np.int64), 0))
+        bi = ctx.const(f"{name}_bias", bias, _bias_quant(s_b, qw.quant.scale.size))
     else:
         wi = _float_weight(ctx, w, f"{name}_weights", perm, 3 if depthwise else 0)
         bias = ctx.g.consts[b].astype(np.float32) if b is not None else np.zeros(cout, np.float32)
@@ -126,6 +126,12 @@ def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_a
     out = ctx.fm.add_tensor(Tensor(label, tuple(ctx.fm.tensors[q].shape), "float32"))
     ctx.op("DEQUANTIZE", [q], [out])
     return out
+
+
+def _bias_quant(s_b: np.ndarray, weight_scales: int) -> QuantParams:
+    # bias scales mirror the weights': one per channel, or one for the tensor (XNNPACK rejects a mismatch)
+    s_b = s_b if weight_scales > 1 else s_b[:1]
+    return QuantParams(s_b, np.zeros(s_b.size, np.int64), 0)
 
 
 def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -163,7 +169,7 @@ def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind:
             bias = np.round(ctx.g.consts[b].ravel() / s_b).astype(np.int32)
         else:
             bias = np.zeros(cout, np.int32)
-        bi = ctx.const(f"{name}_bias", bias, QuantParams(s_b, np.zeros(cout, np.int64), 0))
+        bi = ctx.const(f"{name}_bias", bias, _bias_quant(s_b, qw.quant.scale.size))
     else:
         wi = _float_weight(ctx, w, f"{name}_weights", (0, 1) if trans else (1, 0), 0)
         bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
@@ -178,7 +184,7 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     if len(ctx.shapes[x]) != 4:
         raise fail(node, "only 2-D pooling is exported")
     k = tuple(a["kernel_shape"])
-    (sh, sw), d = _window(a, k)
+    (sh, sw), d = _window(a)
     if tuple(d) != (1, 1) or a.get("ceil_mode", 0):
         raise fail(node, "dilated or ceil_mode pooling has no TFLite form")
     mode, pads = padding(node, a, ctx.shapes[x][2:], k, (sh, sw), (1, 1))
@@ -218,8 +224,3 @@ def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     ctx.op("MEAN", [xin, ctx.const_int(sorted(tfl_axes), f"{node.name or y}_axes")], [out], "ReducerOptions",
            keep_dims=bool(keep))
 
-
-def temp(ctx: Context, name: str, like: str, kind: str, shape: tuple[int, ...]) -> int:
-    t: Tensor = ctx._tensor(like, kind, shape)
-    t.name = name
-    return ctx.fm.add_tensor(t)

@@ -147,6 +147,8 @@ def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any
     """Write the QDQ model to `path` (and `path`.plan.json beside it); returns the QuantizeResult."""
     if path is not None:
         check_output_path(path, [])
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        module = module.module
     clone, bits = _frozen_copy(module)
     proto = module_to_onnx(clone, example_inputs)
     params = _strip_activation_qdq(proto)

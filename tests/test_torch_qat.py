@@ -162,3 +162,17 @@ def test_untrusted_checkpoint_is_refused(tmp_path: Path, capsys) -> None:
     assert torch.equal(fresh.fc.weight, m.fc.weight)
     with pytest.raises(lowbit.LowbitError, match="does not fit"):
         lt.load_checkpoint(good, Branchy())
+
+
+def test_lowbit_eval_and_diagnose_work_on_the_export(tmp_path: Path, capsys) -> None:
+    from lowbit.cli.main import main as cli
+
+    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches(), weight_bits=4).eval()
+    lt.export(q, tmp_path / "q.onnx", (batches(1)[0][:1],), float_output=tmp_path / "f.onnx")
+    np.save(tmp_path / "d.npy", data(16, seed=4))
+    np.save(tmp_path / "l.npy", np.arange(16) % 10)
+    assert cli(["eval", str(tmp_path / "q.onnx"), "--data", str(tmp_path / "d.npy"), "--labels",
+                str(tmp_path / "l.npy"), "--reference", str(tmp_path / "f.onnx"), "--json", "--quiet"]) == 0
+    assert cli(["diagnose", str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), "--data", str(tmp_path / "d.npy"),
+                "--quiet", "--top", "1", "--budget", "3"]) == 0
+    assert "SQNR" in capsys.readouterr().out

@@ -143,16 +143,24 @@ def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict
             plan.tensors[f"{node.name}:2"].scale = sb.astype(float).tolist()
 
 
-def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any) -> QuantizeResult:
-    """Write the QDQ model to `path` (and `path`.plan.json beside it); returns the QuantizeResult."""
-    if path is not None:
-        check_output_path(path, [])
+def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any,
+           float_output: str | Path | None = None) -> QuantizeResult:
+    """Write the QDQ model to `path` (and `path`.plan.json beside it); returns the QuantizeResult.
+
+    `float_output` also writes the module's float form (BatchNorm folded, weights on their grid, no
+    activation quantization) with the same tensor names: the reference `lowbit diagnose` compares with.
+    """
+    for out in (path, float_output):
+        if out is not None:
+            check_output_path(out, [])
     if isinstance(module, torch.nn.parallel.DistributedDataParallel):
         module = module.module
     clone, bits = _frozen_copy(module)
     proto = module_to_onnx(clone, example_inputs)
     params = _strip_activation_qdq(proto)
     tensors = _plan_tensors(proto, params)
+    if float_output is not None:
+        save_model(proto, float_output)
     plan = Plan(recipe=EXPORT_RECIPE.to_dict(), tensors=tensors)
     result = quantize(proto, plan=plan, recipe=EXPORT_RECIPE, progress=False)
     _write_grid(result, proto, bits)

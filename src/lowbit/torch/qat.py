@@ -48,8 +48,8 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _weight_bits(name: str, recipe: Recipe, weight_bits: int | dict[str, int] | None) -> int:
-    scheme, _ = recipe.scheme_for(name, "Conv")
+def _weight_bits(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None) -> int:
+    scheme, _ = recipe.scheme_for(name, op_type)
     if scheme is None:
         raise LowbitError(f"QAT keeps every layer quantized; the recipe leaves '{name}' in float, which QAT does not "
                           "support yet: remove that rule or exclusion")
@@ -114,7 +114,8 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | None = None, example_i
         act = _act_kind(nxt, modules) if nxt is not None else None
         if act is not None:
             tail = nxt
-        bits = _weight_bits(node.target, recipe, weight_bits)
+        op_type = "Conv" if isinstance(layer, torch.nn.Conv2d) else "Gemm"  # the ONNX op, as PTQ recipes name it
+        bits = _weight_bits(node.target, op_type, recipe, weight_bits)
         fused = QConvBnAct(layer, bn, act, bits, freeze_bn_after) if isinstance(layer, torch.nn.Conv2d) \
             else QLinearAct(layer, act, bits)
         gm.add_submodule(node.target, fused)

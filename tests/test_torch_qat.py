@@ -176,3 +176,16 @@ def test_lowbit_eval_and_diagnose_work_on_the_export(tmp_path: Path, capsys) -> 
     assert cli(["diagnose", str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), "--data", str(tmp_path / "d.npy"),
                 "--quiet", "--top", "1", "--budget", "3"]) == 0
     assert "SQNR" in capsys.readouterr().out
+
+
+def test_mixed_weight_bits_per_layer_and_recipe_file(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.json"
+    recipe.write_text(lowbit.Recipe(rules=(lowbit.Rule(names=("features.*",), scheme=lowbit.Scheme()),)).to_json())
+    q = lt.prepare_qat(small_cnn(), str(recipe), example_inputs=(batches(1)[0][:1],), calib=batches(),
+                       weight_bits={"features.3": 4}).eval()
+    res = lt.export(q, None, (batches(1)[0][:1],))
+    from onnx import numpy_helper
+    peak = {i.name: int(np.abs(numpy_helper.to_array(i)).max()) for i in res.model.graph.initializer
+            if i.name.endswith("_w1_q")}
+    assert peak.pop("/features.3/Conv_w1_q") == 7
+    assert set(peak.values()) == {127}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import operator
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
@@ -79,7 +80,7 @@ def _check_patterns(recipe: Recipe, weight_bits: Any, names: list[str]) -> None:
                               f"(layers: {', '.join(names[:6])}{'...' if len(names) > 6 else ''})")
 
 
-def prepare_qat(module: torch.nn.Module, recipe: Recipe | None = None, example_inputs: Any = None,
+def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = None, example_inputs: Any = None,
                 calib: Iterable[Any] | None = None, weight_bits: int | dict[str, int] | None = None,
                 freeze_bn_after: int | None = None) -> fx.GraphModule:
     """A fake-quantized copy of `module`, calibrated on `calib` (batches of inputs; default: example_inputs).
@@ -88,7 +89,7 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | None = None, example_i
     type yet, so `weight_bits` (4 or 8, or {name pattern: bits}) chooses the weight width. BatchNorm
     statistics stop updating after `freeze_bn_after` training steps (None: never).
     """
-    recipe = recipe or Recipe()
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe() if recipe is None else Recipe.load(recipe)
     inputs = as_tuple(example_inputs)
     try:
         gm = fx.symbolic_trace(copy.deepcopy(module))

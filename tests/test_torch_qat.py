@@ -189,3 +189,18 @@ def test_mixed_weight_bits_per_layer_and_recipe_file(tmp_path: Path) -> None:
             if i.name.endswith("_w1_q")}
     assert peak.pop("/features.3/Conv_w1_q") == 7
     assert set(peak.values()) == {127}
+
+
+def test_sixteen_bit_activations_from_the_recipe(tmp_path: Path) -> None:
+    recipe = lowbit.Recipe(rules=(lowbit.Rule(names=("body.0",), scheme=lowbit.Scheme(activations="uint16")),))
+    q = lt.prepare_qat(Features().eval(), recipe, example_inputs=(batches(1)[0][:1],), calib=batches())
+    train_steps(q, 2)
+    res = lt.export(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
+    dtypes = {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "activation"}
+    assert dtypes["x"] == "uint16" and dtypes["/body.0/Clip_output_0"] == "uint16"
+    assert sum(d == "uint8" for d in dtypes.values()) >= 3
+    x = data(16, seed=8)
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x)).numpy()
+    out = session(res.model, mode="kernels").run(None, {"x": x})[0]
+    assert np.abs(out - ref).max() <= res.plan.tensors["y"].scale[0] * 1.001

@@ -33,10 +33,12 @@ from .onnx_export import module_to_onnx
 EXPORT_RECIPE = Recipe(default=Scheme(avoid_overflow=False, bias_correction=False))
 
 
-def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int]]:
-    """Float copy for export, and the bits of each exported weight (by parameter name)."""
+def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int], dict[float, tuple]]:
+    """Float copy for export, the bits of each exported weight (by parameter name), and marker scale ->
+    real (scale, zero point, dtype) of 16-bit activations."""
     clone = copy.deepcopy(module).eval()
     bits: dict[str, int] = {}
+    markers: dict[float, tuple] = {}
     for name, m in list(clone.named_modules()):
         if isinstance(m, (QConvBnAct, QLinearAct)):
             with torch.no_grad():
@@ -45,10 +47,14 @@ def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, in
             setattr(clone.get_submodule(parent) if parent else clone, leaf, new)
             bits[f"{name}.weight"] = m.bits
         elif isinstance(m, ActFakeQuant):
-            m.freeze_for_export()
+            if m.dtype == "uint8":
+                m.freeze_for_export()
+            else:
+                marker = 1000.0 + len(markers)  # no real activation scale is this large
+                markers[marker] = m.freeze_for_export(marker)
     if isinstance(clone, torch.fx.GraphModule):
         clone.recompile()
-    return clone, bits
+    return clone, bits, markers
 
 
 def _const(graph: onnx.GraphProto, name: str) -> np.ndarray:
@@ -61,8 +67,8 @@ def _const(graph: onnx.GraphProto, name: str) -> np.ndarray:
     raise RuntimeError(f"exported Q/DQ parameter {name} is not a constant")
 
 
-def _strip_activation_qdq(proto: onnx.ModelProto) -> dict[str, tuple[float, int]]:
-    """Remove the Q->DQ pairs of activation quantizers; return tensor name -> (scale, zero point)."""
+def _strip_activation_qdq(proto: onnx.ModelProto, markers: dict[float, tuple]) -> dict[str, tuple]:
+    """Remove the Q->DQ pairs of activation quantizers; return tensor name -> (scale, zero point, dtype)."""
     g = proto.graph
     by_output = {o: n for n in g.node for o in n.output}
     params: dict[str, tuple[float, int]] = {}
@@ -75,7 +81,8 @@ def _strip_activation_qdq(proto: onnx.ModelProto) -> dict[str, tuple[float, int]
         if q.op_type != "QuantizeLinear":
             continue
         src = q.input[0]
-        params[src] = (float(_const(g, q.input[1])), int(_const(g, q.input[2])))
+        s = float(_const(g, q.input[1]))
+        params[src] = markers.get(s, (s, int(_const(g, q.input[2])), "uint8"))
         rename[n.output[0]] = src
         drop += [q, n]
     for n in drop:
@@ -91,7 +98,7 @@ def _strip_activation_qdq(proto: onnx.ModelProto) -> dict[str, tuple[float, int]
     return params
 
 
-def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple[float, int]]) -> dict[str, TensorParams]:
+def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple]) -> dict[str, TensorParams]:
     copy_ = onnx.ModelProto()
     copy_.CopyFrom(float_proto)
     model = ir.from_proto(copy_)
@@ -104,8 +111,9 @@ def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple[float, i
                           f"{missing[:3]} without a fake quantizer, fake quantizers on {extra[:3]} are not quantized by it")
     out = {}
     for name, src in layout.tensors.items():
-        s, z = params[src]
-        out[name] = TensorParams("uint8", [s], [z], None, "activation", [float((0 - z) * s), float((255 - z) * s)])
+        s, z, dtype = params[src]
+        qmax = 255 if dtype == "uint8" else 65535
+        out[name] = TensorParams(dtype, [s], [z], None, "activation", [float((0 - z) * s), float((qmax - z) * s)])
     return out
 
 
@@ -155,9 +163,9 @@ def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any
             check_output_path(out, [])
     if isinstance(module, torch.nn.parallel.DistributedDataParallel):
         module = module.module
-    clone, bits = _frozen_copy(module)
+    clone, bits, markers = _frozen_copy(module)
     proto = module_to_onnx(clone, example_inputs)
-    params = _strip_activation_qdq(proto)
+    params = _strip_activation_qdq(proto, markers)
     tensors = _plan_tensors(proto, params)
     if float_output is not None:
         save_model(proto, float_output)

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 
 
 class ActFakeQuant(torch.nn.Module):
-    """uint8 fake quantization of one tensor; `lo/hi` are bounds the tensor is known to respect (a fused
-    ReLU6 gives [0, 6]): the range is kept inside them so the exported graph can drop the clamp."""
+    """uint8 (or uint16) fake quantization of one tensor; `lo/hi` are bounds the tensor is known to respect (a
+    fused ReLU6 gives [0, 6]): the range is kept inside them so the exported graph can drop the clamp."""
 
-    def __init__(self, lo: float = -math.inf, hi: float = math.inf) -> None:
+    def __init__(self, lo: float = -math.inf, hi: float = math.inf, dtype: str = "uint8") -> None:
         super().__init__()
-        self.lo, self.hi = lo, hi
+        self.lo, self.hi, self.dtype = lo, hi, dtype
+        self.qmax = {"uint8": 255, "uint16": 65535}[dtype]
         self.scale = torch.nn.Parameter(torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0.0))
         self.register_buffer("seen_min", torch.tensor(math.inf))
@@ -32,7 +33,7 @@ class ActFakeQuant(torch.nn.Module):
         s = self.scale.abs().clamp(min=1e-8)
         # Keep 255 * s inside the known upper bound when the zero point is 0 (post-ReLU6 tensors).
         if self.hi < math.inf and float(self.zero_point) == 0.0:
-            s = s.clamp(max=self.hi / 255.0)
+            s = s.clamp(max=self.hi / self.qmax)
         return s
 
     def init_from_observed(self) -> None:
@@ -41,8 +42,8 @@ class ActFakeQuant(torch.nn.Module):
         a, b = max(a, self.lo), min(b, self.hi)
         if b - a < 1e-8:
             b = a + 1e-8
-        s = (b - a) / 255.0
-        z = min(255.0, max(0.0, round(-a / s)))
+        s = (b - a) / self.qmax
+        z = min(float(self.qmax), max(0.0, round(-a / s)))
         with torch.no_grad():
             self.scale.fill_(s)
             self.zero_point.fill_(z)
@@ -58,13 +59,17 @@ class ActFakeQuant(torch.nn.Module):
             assert self.export_params is not None
             s, z = self.export_params
             return torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)
-        grad_factor = 1.0 / math.sqrt(x.numel() * 255.0)  # LSQ's step-size gradient scale
+        grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)  # LSQ's step-size gradient scale
         return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.effective_scale().reshape(1), self.zero_point.reshape(1), 0, 255, grad_factor)
+            x, self.effective_scale().reshape(1), self.zero_point.reshape(1), 0, self.qmax, grad_factor)
 
-    def freeze_for_export(self) -> None:
-        self.export_params = (float(self.effective_scale().detach()), int(self.zero_point))
+    def freeze_for_export(self, marker: float | None = None) -> tuple[float, int, str]:
+        """Export as a uint8 Q/DQ pair the exporter understands; a 16-bit tensor is exported with a `marker`
+        scale that the exporter maps back to its real parameters. Returns (scale, zero point, dtype)."""
+        real = (float(self.effective_scale().detach()), int(self.zero_point), self.dtype)
+        self.export_params = (real[0], real[1]) if marker is None else (marker, 0)
         self.mode = "export"
+        return real
 
 
 def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:

@@ -49,14 +49,16 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _weight_bits(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None) -> int:
+def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None) -> tuple[int, str]:
+    """(weight bits, activation type of the layer's output) for one conv/linear."""
     scheme, _ = recipe.scheme_for(name, op_type)
     if scheme is None:
         raise LowbitError(f"QAT keeps every layer quantized; the recipe leaves '{name}' in float, which QAT does not "
                           "support yet: remove that rule or exclusion")
-    if scheme.activations != "uint8" or not scheme.per_channel or not scheme.symmetric_weights:
-        raise LowbitError(f"QAT supports uint8 activations with per-channel symmetric weights; the recipe asks "
-                          f"{scheme.activations} activations for '{name}'")
+    if scheme.activations not in ("uint8", "uint16") or not scheme.per_channel or not scheme.symmetric_weights:
+        raise LowbitError(f"QAT supports uint8/uint16 activations with per-channel symmetric weights; the recipe "
+                          f"asks {scheme.activations} activations, per_channel={scheme.per_channel}, "
+                          f"symmetric_weights={scheme.symmetric_weights} for '{name}'")
     bits = 8
     if isinstance(weight_bits, int):
         bits = weight_bits
@@ -67,7 +69,7 @@ def _weight_bits(name: str, op_type: str, recipe: Recipe, weight_bits: int | dic
                 break
     if bits not in (4, 8):
         raise LowbitError(f"weight_bits must be 4 or 8, got {bits!r}")
-    return bits
+    return bits, scheme.activations
 
 
 def _check_patterns(recipe: Recipe, weight_bits: Any, names: list[str]) -> None:
@@ -116,7 +118,7 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
         if act is not None:
             tail = nxt
         op_type = "Conv" if isinstance(layer, torch.nn.Conv2d) else "Gemm"  # the ONNX op, as PTQ recipes name it
-        bits = _weight_bits(node.target, op_type, recipe, weight_bits)
+        bits, act_dtype = _layer_choice(node.target, op_type, recipe, weight_bits)
         fused = QConvBnAct(layer, bn, act, bits, freeze_bn_after) if isinstance(layer, torch.nn.Conv2d) \
             else QLinearAct(layer, act, bits)
         gm.add_submodule(node.target, fused)
@@ -127,16 +129,18 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
                 prev = cur.args[0]
                 g.erase_node(cur)
                 cur = prev
+        fused.act_dtype = act_dtype
     modules = dict(gm.named_modules())
 
-    # 2. activation quantizers
+    # 2. activation quantizers (16-bit where the recipe gives the producing layer uint16, as PTQ does)
+    default_dtype = recipe.default.activations if recipe.default.activations in ("uint8", "uint16") else "uint8"
     count = 0
 
-    def add_fq(after: fx.Node, act: str | None) -> None:
+    def add_fq(after: fx.Node, act: str | None, dtype: str = default_dtype) -> None:
         nonlocal count
         name = f"lowbit_fq{count}"
         count += 1
-        gm.add_submodule(name, ActFakeQuant(*ACT_BOUNDS[act]))
+        gm.add_submodule(name, ActFakeQuant(*ACT_BOUNDS[act], dtype=dtype))
         with g.inserting_after(after):
             fq = g.call_module(name, (after,))
         after.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
@@ -144,14 +148,15 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
     for node in list(g.nodes):
         if node.op in ("placeholder", "output", "get_attr"):
             if node.op == "placeholder":
-                add_fq(node, None)
+                first = modules.get(next(iter(node.users)).target) if node.users else None
+                add_fq(node, None, getattr(first, "act_dtype", default_dtype))
             continue
         m = modules.get(node.target) if node.op == "call_module" else None
         if isinstance(m, (QConvBnAct, QLinearAct)):
             users = list(node.users)
             if isinstance(m, QLinearAct) and all(u.op == "output" for u in users):
                 continue  # lowbit keeps a weighted op's model output in float
-            add_fq(node, m.act)
+            add_fq(node, m.act, m.act_dtype)
         elif isinstance(m, _POOL_MODULES) or (node.op == "call_function" and node.target in _ADD_FUNCS) or \
                 (node.op == "call_method" and node.target == "add"):
             nxt = _only_user(node)

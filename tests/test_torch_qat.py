@@ -204,3 +204,25 @@ def test_sixteen_bit_activations_from_the_recipe(tmp_path: Path) -> None:
         ref = q(torch.from_numpy(x)).numpy()
     out = session(res.model, mode="kernels").run(None, {"x": x})[0]
     assert np.abs(out - ref).max() <= res.plan.tensors["y"].scale[0] * 1.001
+
+
+def test_tflite_export_runs_the_qat_model(tmp_path: Path) -> None:
+    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    from lowbit.export.tflite import export_tflite
+
+    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches(), weight_bits=4)
+    train_steps(q, 2)
+    res = lt.export(q, tmp_path / "q.onnx", (batches(1)[0][:1],))
+    export_tflite(tmp_path / "q.onnx", tmp_path / "q.tflite")
+    it = litert.Interpreter(model_path=str(tmp_path / "q.tflite"), num_threads=1)
+    x = data(1, seed=6)
+    inp = it.get_input_details()[0]
+    it.allocate_tensors()
+    it.set_tensor(inp["index"], x.transpose(0, 2, 3, 1).copy())
+    it.invoke()
+    out = it.get_tensor(it.get_output_details()[0]["index"])
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x)).numpy()
+    fc_in = res.plan.tensors[next(k for k in res.plan.tensors if k.endswith("Flatten_output_0"))].scale[0]
+    bound = fc_in * q.fc.linear.weight.detach().abs().sum(1).numpy()
+    assert np.all(np.abs(out - ref) <= 2 * bound)

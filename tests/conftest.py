@@ -51,3 +51,11 @@ def tiny_calib(tmp_path: Path) -> Path:
     path = tmp_path / "calib.npy"
     np.save(path, np.random.default_rng(1).normal(0, 1, (32, 3, 16, 16)).astype(np.float32))
     return path
+
+
+@pytest.fixture(scope="session")
+def efficientnet_lite0(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """EfficientNet-Lite0 exported once per test session (slow tests share it)."""
+    from lowbit._zoo import efficientnet_lite0_onnx
+
+    return efficientnet_lite0_onnx(tmp_path_factory.mktemp("zoo") / "efficientnet_lite0.onnx")

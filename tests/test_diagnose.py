@@ -159,14 +159,13 @@ def test_wrong_data_shape_is_one_line_error(bad_files: tuple[Path, Path, Path], 
 
 
 @pytest.mark.slow
-def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path) -> None:
+def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path, efficientnet_lite0: Path) -> None:
     """Per-tensor EfficientNet-Lite0 loses top-1 agreement; the diagnosed recipe wins back at least half."""
-    from lowbit._zoo import efficientnet_lite0_onnx, photo_crops
+    from lowbit._zoo import photo_crops
     from lowbit.evaluate.metrics import top1_agreement
     from lowbit.runtimes.ort import run_all, session
 
-    model = efficientnet_lite0_onnx(Path("/tmp/w/effl0.onnx") if Path("/tmp/w/effl0.onnx").exists()
-                                    else tmp_path / "effl0.onnx")
+    model = efficientnet_lite0
     calib, evaluation = photo_crops(64, "calib"), photo_crops(256, "eval")
     quant = tmp_path / "pt.onnx"
     lowbit.quantize(model, quant, calib=[calib], recipe=PER_TENSOR, progress=False)

@@ -91,10 +91,10 @@ def test_calibration_state_does_not_grow_with_samples(tiny_model: Path) -> None:
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_int8(tmp_path: Path) -> None:
-    from lowbit._zoo import efficientnet_lite0_onnx, photo_crops
+def test_efficientnet_lite0_int8(tmp_path: Path, efficientnet_lite0: Path) -> None:
+    from lowbit._zoo import photo_crops
 
-    float_path = efficientnet_lite0_onnx(tmp_path / "effnet.onnx")
+    float_path = efficientnet_lite0
     result = lowbit.quantize(float_path, tmp_path / "q.onnx", calib=photo_crops(64, "calib"), progress=False)
     crops = photo_crops(200, "eval")
     batches = [{"input": crops[i:i + 25]} for i in range(0, len(crops), 25)]

@@ -61,13 +61,13 @@ def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
 
 
 @pytest.mark.slow
-def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path) -> None:
-    from lowbit._zoo import efficientnet_lite0_onnx, photo_crops
+def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path, efficientnet_lite0: Path) -> None:
+    from lowbit._zoo import photo_crops
     from lowbit.evaluate.metrics import cosine, top1_agreement
     from lowbit.export.tflite import export_tflite
     from lowbit.runtimes.ort import run_all, session
 
-    float_path = efficientnet_lite0_onnx(tmp_path / "effnet.onnx")
+    float_path = efficientnet_lite0
     crops = photo_crops(16, "eval")
     batches = [{"input": crops[i:i + 8]} for i in range(0, len(crops), 8)]
     ref = run_all(session(float_path), batches)[0]

@@ -6,6 +6,8 @@ samples are used.
 
 from __future__ import annotations
 
+import ctypes
+
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -24,6 +26,23 @@ class Statistics:
     histograms: dict[str, Histogram] = field(default_factory=dict)
     channels: dict[str, ChannelMinMax] = field(default_factory=dict)
     samples: int = 0
+
+
+def _fixed_mmap_threshold() -> None:
+    """Keep glibc from raising its mmap threshold as large blocks are freed.
+
+    Each batch fetches ~100 activation tensors of up to tens of MB. With glibc's default dynamic threshold, once
+    the first batch's blocks are freed, later ones of that size come from the heap instead of mmap, and the
+    heap's fragmentation raised peak memory by ~15% from the second batch on (EfficientNet-Lite0: 528 MiB with
+    10 samples, 607 with 100). A fixed threshold (glibc's own default, 128 KiB) returns every large block to the
+    system when freed: measured 441 vs 443 MiB for 10 vs 200 samples. Process-wide, but only changes where
+    large blocks live; does nothing off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _augmented(model: ir.Model, names: list[str]) -> bytes:
@@ -46,6 +65,7 @@ def calibrate(
     threads: int = 0,
 ) -> Statistics:
     """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches."""
+    _fixed_mmap_threshold()
     tensors = set(tensors)
     inputs = {v.name for v in model.graph.inputs}
     initializers = set(model.graph.initializers)

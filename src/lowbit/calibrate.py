@@ -12,13 +12,13 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
 from .errors import LowbitError
 from .observe import ChannelMinMax, Histogram
+from .runtimes.ort import with_outputs
 
 
 @dataclass
@@ -45,16 +45,6 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def _augmented(model: ir.Model, names: list[str]) -> bytes:
-    """The model with every observed tensor added as an output, serialized for ONNX Runtime."""
-    proto = ir.to_proto(model)
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    return proto.SerializeToString()
-
-
 def calibrate(
     model: ir.Model,
     tensors: Iterable[str],
@@ -76,7 +66,8 @@ def calibrate(
     opts.log_severity_level = 3
     opts.enable_cpu_mem_arena = False
     opts.enable_mem_pattern = False
-    session = ort.InferenceSession(_augmented(model, names), opts, providers=["CPUExecutionProvider"])
+    augmented = with_outputs(ir.to_proto(model), names).SerializeToString()
+    session = ort.InferenceSession(augmented, opts, providers=["CPUExecutionProvider"])
     fetch = names
     bar = tqdm(total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False)  # None: off when not a terminal
     try:

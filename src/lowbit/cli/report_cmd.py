@@ -69,15 +69,6 @@ def _load(path: str) -> onnx.ModelProto:
         raise LowbitError(f"{path} is not an ONNX model ({type(e).__name__})") from None
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None))
-    return m
-
 
 def _float_tensors(model: onnx.ModelProto) -> list[str]:
     """Float node outputs in graph order (types from shape inference)."""
@@ -113,13 +104,13 @@ def _pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[t
 
 def _layer_sqnr(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: list[dict]) -> tuple[list, dict]:
     """Per-layer SQNR (quantized model simulated in float, errors of earlier layers included), streamed."""
-    from ..runtimes.ort import session
+    from ..runtimes.ort import session, with_outputs
 
     pairs = _pairs(float_model, quant_model)
     if not pairs:
         return [], {}
-    fs = session(_with_outputs(float_model, [p[0] for p in pairs]), "kernels")
-    qs = session(_with_outputs(quant_model, [p[1] for p in pairs]), "simulate")
+    fs = session(with_outputs(float_model, [p[0] for p in pairs]), "kernels")
+    qs = session(with_outputs(quant_model, [p[1] for p in pairs]), "simulate")
     f_in, q_in = {i.name for i in fs.get_inputs()}, {i.name for i in qs.get_inputs()}
     sums = {t: [0.0, 0.0, math.inf, -math.inf] for t, _, _ in pairs}  # signal, noise, min, max
     for batch in batches:
@@ -141,7 +132,7 @@ def _layer_sqnr(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batc
 
 
 def _histograms(float_model: onnx.ModelProto, batches: list[dict], layers: list[dict], extent: dict, plan) -> dict:
-    from ..runtimes.ort import session
+    from ..runtimes.ort import session, with_outputs
 
     ranked = sorted((l for l in layers if not math.isnan(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:HIST_LAYERS]
     ranges = {}
@@ -159,7 +150,7 @@ def _histograms(float_model: onnx.ModelProto, batches: list[dict], layers: list[
     if not edges:
         return {}
     names = list(edges)
-    sess = session(_with_outputs(float_model, names), "kernels")
+    sess = session(with_outputs(float_model, names), "kernels")
     feed_names = {i.name for i in sess.get_inputs()}
     counts = {t: np.zeros(HIST_BINS, np.int64) for t in names}
     for batch in batches:

@@ -21,7 +21,7 @@ from ..observe import Histogram
 from ..plan import Plan, TensorParams
 from ..quantize import quantize
 from ..recipe import Recipe, Rule, Scheme
-from ..runtimes.ort import session
+from ..runtimes.ort import session, with_outputs
 from .metrics import fidelity
 
 Batches = list[dict[str, np.ndarray]]
@@ -98,15 +98,6 @@ def pair_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pla
     return pairs
 
 
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    have = {o.name for o in out.graph.output}
-    for name in names:
-        if name not in have:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-            have.add(name)
-    return out
 
 
 def measure_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: dict[str, str],
@@ -121,8 +112,8 @@ def measure_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, 
     outputs = [o.name for o in float_model.graph.output]
     fnames = list(dict.fromkeys(outputs + list(pairs)))
     qnames = [pairs.get(n, n) for n in fnames]
-    fsess = session(_with_outputs(float_model, fnames), "kernels")
-    qsess = session(_with_outputs(quant_model, qnames), "simulate")
+    fsess = session(with_outputs(float_model, fnames), "kernels")
+    qsess = session(with_outputs(quant_model, qnames), "simulate")
     finputs = {i.name for i in fsess.get_inputs()}
     qinputs = {i.name for i in qsess.get_inputs()}
     hist_names = set(histograms)

@@ -32,6 +32,18 @@ def session(model: str | Path | bytes | onnx.ModelProto, mode: Mode = "kernels",
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
+def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of the model that also outputs the named intermediate tensors (to observe or compare them)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    have = {o.name for o in out.graph.output}
+    for name in names:
+        if name not in have:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            have.add(name)
+    return out
+
+
 def run_all(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Every output, concatenated over batches."""
     names = {i.name for i in sess.get_inputs()}

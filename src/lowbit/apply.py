@@ -14,6 +14,7 @@ from .planner import Layout
 from .ops.matmul import weight_matmul
 from .passes.float16 import convert_float16
 from .recipe import Scheme
+from .recurrent import dynamic_lstm
 from .rewrite import (constant_dq, dynamic_matmul, fuse_activation, gather_block_quantized, gather_rows_int8,
                       insert_qdq, matmul_nbits, quantize_constant)
 from .weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, pack_nibbles, quantize_blocks, quantize_weight
@@ -54,7 +55,10 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
             insert_qdq(model, values[name], p)
     cache: dict[str, tuple] = {}
     for name, scheme in layout.dynamic.items():
-        _dynamic(model, graph.node(name), scheme, plan, cache)
+        if graph.node(name).op_type == "LSTM":
+            dynamic_lstm(model, graph.node(name), scheme, plan)
+        else:
+            _dynamic(model, graph.node(name), scheme, plan, cache)
     for name, scheme in layout.weight_only.items():
         _weight_only(model, graph.node(name), scheme, plan)
     if layout.float16:

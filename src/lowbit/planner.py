@@ -14,6 +14,7 @@ from .ops import FLOAT16_FRAGILE, FLOAT16_OPS, OpSpec, Skip, spec_for
 from .ops.activation import clip_bounds
 from .ops.matmul import embedding_table, weight_matmul
 from .recipe import Recipe, Scheme
+from .recurrent import lstm_float_reason, recurrent_float_reason
 
 CONV_DYNAMIC_REASON = "dynamic quantization of convolutions is several times slower than float on x86 (ConvInteger)"
 RECURRENT = ("LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention")
@@ -219,8 +220,15 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
         else:
             take(layout.weight_only, _weight_only_reason(scheme, rows=True))
         return None
-    if op in RECURRENT:
-        keep(f"{scheme.mode.replace('_', '-')} {op} (ONNX Runtime's DynamicQuantizeLSTM) is not implemented in lowbit yet")
+    if op == "LSTM":
+        why = lstm_float_reason(node, scheme)
+        if why:
+            keep(why)
+        else:
+            take(layout.dynamic, "dynamic int8 (DynamicQuantizeLSTM): input and hidden state quantized per step at "
+                 f"run time, int8 {'per-channel' if scheme.per_channel else 'per-tensor'} W and R")
+    elif op in RECURRENT:
+        keep(recurrent_float_reason(op, scheme))
     elif scheme.mode == "dynamic":
         keep(f"dynamic mode quantizes MatMul/Gemm only; {op} stays float")
     else:

@@ -7,6 +7,7 @@ tracer warnings about that are turned into a one-line LowbitError instead of a w
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from typing import Any
 
@@ -14,6 +15,8 @@ import onnx
 import torch
 
 from ..errors import LowbitError
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
 def as_tuple(example_inputs: Any) -> tuple[torch.Tensor, ...]:
@@ -53,7 +56,9 @@ def module_to_onnx(module: torch.nn.Module, example_inputs: Any, opset: int = 17
             torch.onnx.export(module, inputs, buf, dynamo=False, opset_version=opset, input_names=in_names,
                               output_names=out_names,
                               dynamic_axes={n: {0: "N"} for n in in_names + out_names})
-        traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        # torch's own modules warn on their shape checks (nn.LSTM compares input.size(-1)); only user code counts.
+        traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+                  and not str(w.filename).startswith(_TORCH_DIR)]
         if traced:
             w = traced[0]
             raise LowbitError(f"cannot export {type(module).__name__} to ONNX: its forward depends on tensor values "

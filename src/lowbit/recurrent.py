@@ -1,0 +1,110 @@
+"""Dynamic int8 recurrent layers: ONNX LSTM -> ONNX Runtime's com.microsoft.DynamicQuantizeLSTM.
+
+The contrib op takes the LSTM's inputs unchanged except W and R, which are int8 and stored transposed
+relative to ONNX LSTM: W (num_directions, input_size, 4*hidden), R (num_directions, hidden, 4*hidden), followed
+by W_scale, W_zero_point, R_scale, R_zero_point of shape (num_directions,) per tensor or
+(num_directions, 4*hidden) per output channel. The kernel quantizes X and the hidden state to uint8 at every
+step and runs u8 x s8 GEMMs, so the same int16 pair-overflow guard as dynamic MatMul applies.
+
+ONNX Runtime has no integer kernel for GRU or RNN; those stay float (their MatMul/Gemm neighbours still
+quantize).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .plan import Plan, TensorParams
+from .recipe import Scheme
+from .rewrite import MS_DOMAIN, _init
+from .weights import QuantizedWeight, guard_overflow, quantize_weight
+
+NO_INTEGER_KERNEL = {
+    "GRU": "ONNX Runtime has no dynamic integer GRU kernel (only DynamicQuantizeLSTM); GRU stays float",
+    "RNN": "ONNX Runtime has no dynamic integer RNN kernel (only DynamicQuantizeLSTM); RNN stays float",
+}
+
+
+def lstm_float_reason(node: ir.Node, scheme: Scheme) -> str | None:
+    """Why this LSTM cannot become a DynamicQuantizeLSTM under `scheme`, or None when it can."""
+    if scheme.mode != "dynamic":
+        return f"{scheme.mode.replace('_', '-')} LSTM: ONNX Runtime's only integer LSTM is dynamic (DynamicQuantizeLSTM); use mode dynamic"
+    if not scheme.symmetric_weights:
+        return "DynamicQuantizeLSTM takes only zero weight zero points: set symmetric_weights true for LSTM"
+    if node.domain not in ("", "ai.onnx"):
+        return f"LSTM in domain {node.domain} is not the ONNX LSTM"
+    if node.attributes.get_int("layout", 0) != 0:
+        return "LSTM with layout=1 (batch first): DynamicQuantizeLSTM only takes [seq, batch, input]"
+    for i, what in ((1, "W"), (2, "R")):
+        v = node.inputs[i] if i < len(node.inputs) else None
+        if v is None or v.const_value is None or len(v.const_value.shape) != 3:
+            return f"LSTM weight {what} is not a constant 3-D tensor"
+    return None
+
+
+def recurrent_float_reason(op: str, scheme: Scheme) -> str:
+    if op in NO_INTEGER_KERNEL:
+        return NO_INTEGER_KERNEL[op]
+    return f"{scheme.mode.replace('_', '-')} {op} is not implemented in lowbit yet"
+
+
+def _quantize_gates(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
+    """Quantize an ONNX-layout LSTM weight (D, 4H, K): one scale per direction, or per (direction, gate row).
+    Each (4H, K) slice is in kernel order already (rows are outputs, K is the reduction axis)."""
+    d, n, k = w.shape
+    if scheme.per_channel:
+        qw = quantize_weight(w.reshape(d * n, k), 0, "int8", scheme.symmetric_weights, scheme.reduce_range)
+        q, scale, zp = qw.q.reshape(d, n, k), qw.scale.reshape(d, n), qw.zero_point.reshape(d, n)
+    else:
+        per = [quantize_weight(w[i], None, "int8", scheme.symmetric_weights, scheme.reduce_range) for i in range(d)]
+        q = np.stack([p.q for p in per])
+        scale = np.array([p.scale for p in per], np.float32)
+        zp = np.array([p.zero_point for p in per]).astype(np.int8)
+    guarded = 0
+    # The kernel feeds uint8 anywhere in [0, 255] (dynamic ranges), so every weight pair is guarded in full.
+    if scheme.avoid_overflow:
+        q, scale = q.copy(), scale.copy()
+        bound = np.full((n, k), 255, np.int64)
+        for i in range(d):
+            one = QuantizedWeight(q[i], scale[i] if scheme.per_channel else scale[i].reshape(()), zp[i], None)
+            rows, s, changed = guard_overflow(w[i], one, bound, scheme.per_channel)
+            q[i] = rows
+            if scheme.per_channel:
+                scale[i] = s
+            guarded += changed
+    return QuantizedWeight(q.astype(np.int8), np.asarray(scale, np.float32), np.asarray(zp, np.int8), None, guarded)
+
+
+def dynamic_lstm(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> None:
+    """Replace an ONNX LSTM by DynamicQuantizeLSTM with int8 W and R; record their parameters in the plan."""
+    g, name = model.graph, node.name
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    inputs: list[ir.Value | None] = list(node.inputs) + [None] * (8 - len(node.inputs))
+    quantized: list[ir.Value] = []
+    guarded = 0
+    for idx, what in ((1, "W"), (2, "R")):
+        w = inputs[idx].const_value.numpy().astype(np.float32)
+        qw = _quantize_gates(w, scheme)
+        guarded += qw.guarded_channels
+        # Plan: flat per (direction, gate row) along axis 1 of the ONNX weight, or one per direction (axis 0).
+        plan.tensors[f"{name}:{idx}"] = TensorParams(
+            "int8", qw.scale.ravel().astype(float).tolist(), qw.zero_point.ravel().astype(int).tolist(),
+            1 if scheme.per_channel else 0, "weight")
+        quantized += [_init(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1))),
+                      _init(g, f"{name}_{what}_s", qw.scale), _init(g, f"{name}_{what}_zp", qw.zero_point)]
+    if guarded:
+        plan.overflow_guard[name] = guarded
+    w_q, w_s, w_zp, r_q, r_s, r_zp = quantized
+    attrs = [a for a in node.attributes.values() if a.name != "layout"]
+    new = ir.Node(MS_DOMAIN, "DynamicQuantizeLSTM", [inputs[0], w_q, r_q, *inputs[3:8], w_s, w_zp, r_s, r_zp],
+                  attrs, num_outputs=len(node.outputs), name=f"{name}_DynamicQuantizeLSTM")
+    for old, out in zip(node.outputs, new.outputs):
+        out.dtype, out.shape = old.dtype, old.shape
+    g.insert_after(node, new)
+    for old, out in zip(node.outputs, new.outputs):
+        old_name = old.name
+        old.replace_all_uses_with(out, replace_graph_outputs=True)
+        old.name = None
+        out.name = old_name
+    g.remove(node, safe=True)

@@ -82,3 +82,22 @@ def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path, efficientne
     onnx_int8 = run_all(session(q, "kernels"), batches)[0]
     assert top1_agreement(onnx_int8, got) >= 0.99
     assert cosine(onnx_int8, got) >= 0.999
+
+
+def test_cli_precision_float16_and_dynamic(tmp_path: Path, capsys) -> None:
+    from lowbit.cli.export_cmd import PRECISIONS
+    from lowbit.export.tflite import PRECISIONS as LIB_PRECISIONS
+
+    assert PRECISIONS == LIB_PRECISIONS
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_cnn(), str(path))
+    sizes = {}
+    for precision in ("float32", "float16", "dynamic"):
+        out = tmp_path / f"{precision}.tflite"
+        assert main(["export", str(path), "-o", str(out), "--precision", precision, "--json"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert summary["precision"] == precision and summary["size_bytes"] == out.stat().st_size
+        sizes[precision] = summary["size_bytes"]
+    assert sizes["float16"] < sizes["float32"]
+    assert main(["export", str(path), "-o", str(tmp_path / "h.tflite"), "--precision", "float16"]) == 0
+    assert "(float16 weights, " in capsys.readouterr().out

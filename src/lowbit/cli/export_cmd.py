@@ -8,6 +8,10 @@ from pathlib import Path
 
 from ..errors import LowbitError
 
+PRECISIONS = ("auto", "float32", "float16", "dynamic")  # as lowbit.export.tflite.PRECISIONS, without importing it
+KINDS = {"int8": "full-integer int8", "float32": "float32", "float16": "float16 weights",
+         "dynamic": "dynamic-range: int8 weights, float activations"}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a float or int8 ONNX model as .tflite for LiteRT",
@@ -20,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--io", choices=["float", "int8", "uint8"], default="float",
                    help="int8 models: float inputs/outputs with QUANTIZE/DEQUANTIZE at the edges (default), "
                    "or integer ones")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="float models: float32, float16 (weights stored fp16, half the size) or dynamic (int8 "
+                   "weights, float activations quantized on the fly by TFLite's hybrid kernels). auto (default): "
+                   "float32, float16 for lowbit's float16-mode output, full-integer int8 for QDQ models")
     p.add_argument("--allow-float-fallback", action="store_true",
                    help="run in float the quantized ops whose int8 form TFLite cannot express, instead of failing")
     p.add_argument("--batch", type=int, default=1, help="batch size fixed in the file (default 1; LiteRT can "
@@ -29,7 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def export_text(summary: dict) -> str:
-    kind = "full-integer int8" if summary["quantized"] else "float32"
+    kind = KINDS[summary["precision"]]
     lines = [f"wrote {summary['output']} ({kind}, {summary['size_bytes'] / 1e6:.2f} MB, io {summary['io']}, "
              "4-D tensors NHWC)", "operators:"]
     lines += [f"  {op:<22} {n:>4}" for op, n in sorted(summary["ops"].items(), key=lambda kv: -kv[1])]
@@ -50,9 +58,9 @@ def run(args: argparse.Namespace) -> int:
     from ..export.tflite import export_tflite  # keeps `lowbit --help` fast
 
     result = export_tflite(args.model, args.output, io=args.io, allow_float_fallback=args.allow_float_fallback,
-                           batch=args.batch)
+                           batch=args.batch, precision=args.precision)
     summary = {"model": str(args.model), "output": str(Path(args.output)), "format": args.to,
-               "quantized": result.quantized, "io": result.io, "size_bytes": len(result.data), "ops": result.ops,
+               "quantized": result.quantized, "precision": result.precision, "io": result.io, "size_bytes": len(result.data), "ops": result.ops,
                "float_nodes": result.float_nodes, "fallbacks": result.fallbacks, "transposes": result.transposes}
     print(json.dumps(summary, indent=2) if args.json else export_text(summary))
     return 0

@@ -8,13 +8,13 @@ import onnx
 
 from ...errors import LowbitError
 from ...graph.io import atomic_write_bytes, same_file
-from .convert import IO_KINDS, ExportResult, convert
+from .convert import IO_KINDS, PRECISIONS, ExportResult, convert
 from .writer import read_metadata
 
 
 def export_tflite(model: str | Path | onnx.ModelProto, output: str | Path, io: str = "float",
-                  allow_float_fallback: bool = False, batch: int = 1) -> ExportResult:
-    """Convert `model` (float or lowbit's QDQ int8 ONNX) and write `output` atomically."""
+                  allow_float_fallback: bool = False, batch: int = 1, precision: str = "auto") -> ExportResult:
+    """Convert `model` (float, lowbit's float16 or QDQ int8 ONNX) and write `output` atomically; see `convert`."""
     out = Path(output)
     if not isinstance(model, onnx.ModelProto) and same_file(out, model):
         raise LowbitError(f"output {out} is the input model; choose another path with -o")
@@ -22,10 +22,10 @@ def export_tflite(model: str | Path | onnx.ModelProto, output: str | Path, io: s
         raise LowbitError(f"output {out} must end in .tflite")
     if not out.parent.exists():
         raise LowbitError(f"output folder {out.parent} does not exist; create it first")
-    result = convert(model, io=io, allow_float_fallback=allow_float_fallback, batch=batch)
+    result = convert(model, io=io, allow_float_fallback=allow_float_fallback, batch=batch, precision=precision)
     atomic_write_bytes(result.data, out)
     result.path = out
     return result
 
 
-__all__ = ["export_tflite", "convert", "ExportResult", "IO_KINDS", "read_metadata"]
+__all__ = ["export_tflite", "convert", "ExportResult", "IO_KINDS", "PRECISIONS", "read_metadata"]

@@ -18,6 +18,7 @@ from .writer import FlatModel, Operator, QuantParams, Tensor
 
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
+FP16_MAX = 65504.0
 
 
 def nhwc_axis(axis: int, rank: int) -> int:
@@ -27,9 +28,10 @@ def nhwc_axis(axis: int, rank: int) -> int:
 
 
 class Context:
-    def __init__(self, graph: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, graph: Graph, shapes: dict[str, tuple[int, ...]], precision: str = "float32") -> None:
         self.g = graph
         self.shapes = shapes
+        self.precision = precision  # float32, float16 (fp16 constants), dynamic (int8 weights), int8 (QDQ)
         self.fm = FlatModel()
         self.reps: dict[str, dict[tuple[str, bool], int]] = {}
         self.nhwc: dict[str, bool] = {}
@@ -94,6 +96,13 @@ class Context:
         dtype = str(data.dtype)
         if dtype == "float64":
             data, dtype = data.astype(np.float32), "float32"
+        if dtype == "float32" and self.precision == "float16" and np.all(np.abs(data) <= FP16_MAX):
+            # TFLite's float16 form: the constant stored fp16, DEQUANTIZE'd to float32 once when the model loads
+            half = self.fm.add_tensor(Tensor(f"{name}_fp16", tuple(data.shape), "float16",
+                                             data=data.astype(np.float16)))
+            out = self.fm.add_tensor(Tensor(name, tuple(data.shape), "float32"))
+            self.op("DEQUANTIZE", [half], [out])
+            return out
         return self.fm.add_tensor(Tensor(name, tuple(data.shape), dtype, data=data, quant=quant))
 
     def const_int(self, values: Any, name: str) -> int:

@@ -28,6 +28,10 @@ from .qdq import Graph, read_graph
 from .writer import QuantParams, Tensor, serialize
 
 IO_KINDS = ("float", "int8", "uint8")
+# auto: float32 for float models, float16 for lowbit's float16-mode output, int8 for QDQ models.
+PRECISIONS = ("auto", "float32", "float16", "dynamic")
+# lowbit's dynamic-mode ONNX: TFLite's hybrid kernels quantize activations themselves, from float weights.
+_DYNAMIC_FORM = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits", "GatherBlockQuantized"}
 
 
 @dataclass
@@ -35,6 +39,7 @@ class ExportResult:
     data: bytes
     quantized: bool
     io: str
+    precision: str
     ops: dict[str, int]
     float_nodes: list[str] = field(default_factory=list)  # left in float by the quantizer
     fallbacks: list[str] = field(default_factory=list)  # quantized in ONNX, float in TFLite (user allowed)
@@ -60,7 +65,7 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     return ir.to_proto(irm), recipe
 
 
-def _static_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, tuple[int, ...]]:
+def _static_shapes(proto: onnx.ModelProto, batch: int) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     inits = {t.name for t in proto.graph.initializer}
     for vi in proto.graph.input:
         if vi.name in inits:
@@ -75,12 +80,30 @@ def _static_shapes(proto: onnx.ModelProto, batch: int) -> dict[str, tuple[int, .
         vi.type.tensor_type.ClearField("shape")
     del proto.graph.value_info[:]
     inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    shapes = {}
+    shapes, dtypes = {}, {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         dims = vi.type.tensor_type.shape.dim
+        dtypes[vi.name] = vi.type.tensor_type.elem_type
         if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
             shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
-    return shapes
+    return shapes, dtypes
+
+
+def _precision(g: Graph, precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise LowbitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if g.quant:
+        if precision != "auto":
+            raise LowbitError(f"--precision {precision} is for float models; this one is int8 QDQ and exports "
+                              "as full-integer (leave --precision at auto)")
+        return "int8"
+    for node in g.nodes:
+        if node.op_type in _DYNAMIC_FORM:
+            raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): lowbit's dynamic and weight-only "
+                              "ONNX forms are not converted; export the float model with --precision dynamic")
+    if precision == "auto":
+        return "float16" if g.fp16 else "float32"
+    return precision
 
 
 def _fold(g: Graph, shapes: dict[str, tuple[int, ...]], opsets: dict[str, int]) -> None:
@@ -161,15 +184,20 @@ def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks:
 
 
 def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_fallback: bool = False,
-            batch: int = 1) -> ExportResult:
-    """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file)."""
+            batch: int = 1, precision: str = "auto") -> ExportResult:
+    """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
+
+    precision (float models): float32; float16 (constants stored fp16, DEQUANTIZE'd to float32 at load);
+    dynamic (conv / fully-connected weights int8 per output channel, float activations that TFLite's hybrid
+    kernels quantize on the fly). QDQ models export as full-integer int8."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
     proto, recipe = _load(model)
-    shapes = _static_shapes(proto, batch)
-    g = read_graph(proto)
+    shapes, dtypes = _static_shapes(proto, batch)
+    g = read_graph(proto, dtypes)
+    precision = _precision(g, precision)
     _fold(g, shapes, {d.domain: d.version for d in proto.opset_import})
-    ctx = Context(g, shapes)
+    ctx = Context(g, shapes, precision)
     outputs = [o.name for o in proto.graph.output]
     acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
     quantized = bool(g.quant)
@@ -199,11 +227,11 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     ctx.fm.inputs = inputs
     ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
     ctx.fm.metadata["lowbit"] = json.dumps({
-        "lowbit_version": __version__, "io": io, "layout": "4-D inputs and outputs are NHWC",
+        "lowbit_version": __version__, "io": io, "precision": precision, "layout": "4-D inputs and outputs are NHWC",
         "recipe": recipe}).encode()
     data = serialize(ctx.fm)
     float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
-    return ExportResult(data, quantized, io, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
+    return ExportResult(data, quantized, io, precision, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
                         fallbacks, sorted(set(ctx.transposes)))
 
 

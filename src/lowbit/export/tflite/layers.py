@@ -14,10 +14,13 @@ import numpy as np
 import onnx
 
 from ...errors import LowbitError
+from ...numerics import quantize, scale_zero_point
 from .context import Context, nhwc_axis
 from .writer import QuantParams, Tensor
 
 SAME, VALID = 0, 1
+# Smaller weights stay float in dynamic-range files (TFLite's converter default): little to save, more error.
+HYBRID_MIN_WEIGHTS = 1024
 
 
 def fail(node: onnx.NodeProto, why: str) -> LowbitError:
@@ -117,8 +120,11 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
 
 def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_axis: int) -> int:
     """Float weights for a float kernel. Weights the quantizer made int8 stay int8 in the file, behind a
-    DEQUANTIZE: the same real values as ONNX's DequantizeLinear, at a quarter of the size."""
+    DEQUANTIZE: the same real values as ONNX's DequantizeLinear, at a quarter of the size. With precision
+    dynamic, float weights become int8 and the kernel runs hybrid (int8 weights, float activations)."""
     qt = ctx.g.qconsts.get(w)
+    if qt is None and ctx.precision == "dynamic" and ctx.g.consts[w].size >= HYBRID_MIN_WEIGHTS:
+        return hybrid_weight(ctx, ctx.g.consts[w].astype(np.float32).transpose(perm), label, out_axis)
     if qt is None or qt.data.dtype != np.int8 or (qt.quant.scale.size > 1 and perm[out_axis] != qt.quant.axis):
         return ctx.const(label, np.ascontiguousarray(ctx.g.consts[w].astype(np.float32).transpose(perm)))
     q = ctx.const(f"{label}_int8", qt.data.transpose(perm), QuantParams(qt.quant.scale, qt.quant.zero_point,
@@ -126,6 +132,14 @@ def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_a
     out = ctx.fm.add_tensor(Tensor(label, tuple(ctx.fm.tensors[q].shape), "float32"))
     ctx.op("DEQUANTIZE", [q], [out])
     return out
+
+
+def hybrid_weight(ctx: Context, data: np.ndarray, label: str, axis: int) -> int:
+    """Symmetric int8 weights in [-127, 127], one scale per output channel, as TFLite's hybrid kernels take."""
+    reduce = tuple(i for i in range(data.ndim) if i != axis)
+    scale, zp = scale_zero_point(data.min(axis=reduce), data.max(axis=reduce), "int8", symmetric=True, narrow=True)
+    q = quantize(data, scale, zp, "int8", axis=axis, narrow=True)
+    return ctx.const(label, np.ascontiguousarray(q), QuantParams(scale, zp.astype(np.int64), axis))
 
 
 def _bias_quant(s_b: np.ndarray, weight_scales: int) -> QuantParams:
@@ -176,7 +190,8 @@ def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind:
         bi = ctx.const(f"{name}_bias", bias)
     out = ctx.produce(node.output[0], kind, False)
     ctx.op("FULLY_CONNECTED", [xin, wi, bi], [out], "FullyConnectedOptions", fused_activation_function=act,
-           keep_num_dims=len(ctx.shapes[node.output[0]]) > 2)
+           keep_num_dims=len(ctx.shapes[node.output[0]]) > 2,
+           asymmetric_quantize_inputs=ctx.fm.tensors[wi].dtype == "int8" and kind == "f")
 
 
 def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:

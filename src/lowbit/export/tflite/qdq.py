@@ -41,6 +41,7 @@ class Graph:
     qconsts: dict[str, QTensor] = field(default_factory=dict)  # quantized constants (weights, biases)
     quant: dict[str, QuantParams] = field(default_factory=dict)  # activation name -> TFLite int8 params
     alias: dict[str, str] = field(default_factory=dict)
+    fp16: bool = False  # the model stored float16 constants (lowbit's float16 mode)
 
     def name(self, n: str) -> str:
         while n in self.alias:
@@ -86,12 +87,20 @@ def _weight(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> QTensor:
     return QTensor(q, QuantParams(scale, zp, axis))
 
 
-def read_graph(proto: onnx.ModelProto) -> Graph:
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+def read_graph(proto: onnx.ModelProto, dtypes: dict[str, int] | None = None) -> Graph:
+    """dtypes: ONNX element type of each value, where known (tells float16 <-> float32 Casts apart)."""
     consts = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     for node in proto.graph.node:
         if node.op_type == "Constant":
             consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    g = Graph(nodes=[], consts=consts)
+    fp16 = any(v.dtype == np.float16 for v in consts.values())
+    # float16 constants are read as float32; the export decides how to store them (--precision)
+    consts = {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in consts.items()}
+    g = Graph(nodes=[], consts=consts, fp16=fp16)
+    dtypes = dtypes or {}
     quantize_of: dict[str, tuple[str, QuantParams]] = {}
     for node in proto.graph.node:
         if node.op_type == "Constant":
@@ -115,6 +124,9 @@ def read_graph(proto: onnx.ModelProto) -> Graph:
             else:  # a second quantization of the same tensor: TFLite rescales int8 -> int8
                 g.quant[node.output[0]] = qp
                 g.nodes.append(onnx.helper.make_node("Identity", [source], [node.output[0]], name=node.name))
+        elif (node.op_type == "Cast" and node.input[0] not in consts and dtypes.get(node.input[0]) in FLOATS
+              and next(a.i for a in node.attribute if a.name == "to") in FLOATS):
+            g.alias[node.output[0]] = g.name(node.input[0])  # float16 <-> float32: TFLite computes in float32
         else:
             node = _renamed(node, g)
             g.nodes.append(node)

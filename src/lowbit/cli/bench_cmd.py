@@ -11,12 +11,15 @@ from typing import Any
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="latency, memory, time per op type and an energy estimate of one or more models",
-        description="Benchmark ONNX models side by side in ONNX Runtime (integer kernels). Several models are "
-        "timed interleaved so their ratios hold on a busy machine; ratios are against the first model. "
+        description="Benchmark models side by side: .onnx in ONNX Runtime (integer kernels), .tflite in LiteRT "
+        "(XNNPACK). Several models are timed interleaved so their ratios hold on a busy machine; ratios are "
+        "against the first model. Time per op type and the energy estimate are for ONNX models only. "
         "Energy is an ESTIMATE from operation counts (Horowitz, ISSCC 2014), not a measurement.")
-    p.add_argument("models", nargs="+", metavar="MODEL.onnx", help="models to compare; the first is the reference")
+    p.add_argument("models", nargs="+", metavar="MODEL",
+                   help=".onnx or .tflite models to compare; the first is the reference")
     # Strings, validated by lowbit, so a bad value is a one-line error like every other user mistake.
-    p.add_argument("--threads", nargs="+", default=["1"], metavar="N", help="intra-op thread counts (default 1)")
+    p.add_argument("--threads", nargs="+", default=["1"], metavar="N",
+                   help="thread counts (ORT intra-op threads, LiteRT num_threads; default 1)")
     p.add_argument("--runs", default="100", metavar="N", help="timed runs per model and thread count (default 100)")
     p.add_argument("--warmup", default="10", metavar="N", help="untimed runs before timing (default 10)")
     p.add_argument("--batch", default="1", metavar="N", help="batch size for dynamic batch dims (default 1)")
@@ -62,15 +65,19 @@ def text(result: dict[str, Any]) -> str:
     short = [Path(k).name for k in models]
     names = {k: s if short.count(s) == 1 else k for k, s in zip(models, short)}
     width = max(12, *(len(n) for n in names.values()))
+    runtimes = {k: e.get("runtime", "onnxruntime").replace("onnxruntime", "ORT").replace("litert", "LiteRT")
+                for k, e in models.items()}
+    rw = max(7, *(len(r) for r in runtimes.values()))
     for t, ratios in result["ratios"].items():
         lines.append("")
         lines.append(f"latency, {t} thread{'s' if t != '1' else ''} (ms; ratio = median of per-round "
                      f"ratios vs {names[next(iter(models))]}):")
-        lines.append(f"  {'model':<{width}}  {'size':>9}  {'p50':>8}  {'p90':>8}  {'p99':>8}  {'ratio':>6}")
+        lines.append(f"  {'model':<{width}}  {'runtime':<{rw}}  {'size':>9}  {'p50':>8}  {'p90':>8}  {'p99':>8}"
+                     f"  {'ratio':>6}")
         for k, e in models.items():
             lat = e["latency_ms"][t]
-            lines.append(f"  {names[k]:<{width}}  {_size(e['size_bytes']):>9}  {lat['p50']:8.3f}  {lat['p90']:8.3f}"
-                         f"  {lat['p99']:8.3f}  {ratios[k]:5.2f}x")
+            lines.append(f"  {names[k]:<{width}}  {runtimes[k]:<{rw}}  {_size(e['size_bytes']):>9}  {lat['p50']:8.3f}"
+                         f"  {lat['p90']:8.3f}  {lat['p99']:8.3f}  {ratios[k]:5.2f}x")
     lines.append("")
     first_t = next(iter(result["ratios"]))
     for k, e in models.items():
@@ -78,6 +85,8 @@ def text(result: dict[str, Any]) -> str:
         mem_text = f"peak memory {mem:.1f} MB" if mem is not None else "peak memory unknown on this OS"
         lines.append(f"{names[k]}: {mem_text} ({first_t} thread{'s' if first_t != '1' else ''})")
         ops = e.get("op_time_ms")
+        if "op_time_ms" in e and ops is None:
+            lines.append("  time per op type: n/a (ORT's profiler; not available for LiteRT models)")
         if ops:
             total = sum(ops.values()) or 1.0
             for op, ms in list(ops.items())[:5]:
@@ -87,8 +96,13 @@ def text(result: dict[str, Any]) -> str:
     lines.append(f"  {'model':<{width}}  {'total uJ':>9}  {'compute':>9}  {'memory':>9}  {'MACs':>12}  precision")
     for k, e in models.items():
         en = e["energy"]
+        if en is None:
+            lines.append(f"  {names[k]:<{width}}  n/a (estimated from ONNX graphs only)")
+            continue
         precs = ", ".join(f"{p} {v['macs']:,}" for p, v in en["by_precision"].items() if v["macs"]) or "-"
         lines.append(f"  {names[k]:<{width}}  {en['total_uj']:9.3f}  {en['compute_uj']:9.3f}  {en['memory_uj']:9.3f}"
                      f"  {en['macs']:>12,}  {precs}")
-    lines.append(f"  note: {next(iter(models.values()))['energy']['note']}")
+    note = next((e["energy"]["note"] for e in models.values() if e["energy"] is not None), None)
+    if note:
+        lines.append(f"  note: {note}")
     return "\n".join(lines)

@@ -13,13 +13,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run a model over data; with --labels report top-1/top-5 accuracy, with "
                        "--reference compare every output with a reference (float) model. In --json output an "
                        "infinite SQNR (identical outputs) is the string \"inf\".")
-    p.add_argument("model", help="ONNX model to evaluate (usually the int8 one)")
+    p.add_argument("model", help="ONNX or .tflite model to evaluate (usually the int8 one; .tflite runs in LiteRT)")
     p.add_argument("--data", required=True, metavar="DATA",
                    help="evaluation data: .npy/.npz file or folder, or an image folder")
     p.add_argument("--labels", metavar="FILE", help="class labels: .npy int array (N,) or text, one integer per line")
     p.add_argument("--reference", metavar="FLOAT.onnx", help="reference model to compare outputs with (run in float)")
     p.add_argument("--mode", choices=["kernels", "simulate"], default="kernels",
-                   help="kernels: ONNX Runtime integer kernels (default); simulate: quantized math in float")
+                   help="kernels: ONNX Runtime integer kernels (default); simulate: quantized math in float "
+                   "(ONNX models only)")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
     add_image_args(p)
@@ -45,9 +46,14 @@ def eval_text(result: dict) -> str:
     """The human summary: what ran, accuracy, and a per-output fidelity table."""
     # "kernels" is ORT's default optimizations: integer kernels for a QDQ model, plain float for a float one.
     how = "ORT default optimizations" if result["mode"] == "kernels" else "ORT optimizations off: float simulation"
+    runtime = result.get("runtime", "onnxruntime")
+    if runtime != "onnxruntime":
+        how = runtime.replace("litert", "LiteRT")
     lines = [f"model      {result['model']} ({how}), {result['samples']} samples"]
     if result["reference"] is not None:
-        lines.append(f"reference  {result['reference']} (float, default optimizations)")
+        ref_runtime = result.get("reference_runtime", "onnxruntime")
+        ref_how = "float, default optimizations" if ref_runtime == "onnxruntime" else ref_runtime.replace("litert", "LiteRT")
+        lines.append(f"reference  {result['reference']} ({ref_how})")
     acc = result["accuracy"]
     if acc is not None:
         lines.append(f"accuracy   top-1 {_pct(acc['top1'])}   top-5 {_pct(acc['top5'])}")

@@ -1,12 +1,15 @@
-"""Benchmark ONNX models side by side: latency, peak memory, time per op type and an energy ESTIMATE.
+"""Benchmark ONNX and .tflite models side by side: latency, peak memory, time per op type and an energy ESTIMATE.
 
 Several models are timed interleaved (round-robin, alternating order each round) so that a noisy machine
 slows them alike, and their sessions are created in opposite orders in the two halves of the runs: session
 creation order alone shifted the latency ratio of two identical-kernel models by ~2.5% on our 2-core machine.
+`.tflite` files run in LiteRT (XNNPACK) in the same loop; time per op type and the energy estimate read ONNX
+graphs, so they are None for them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -25,6 +28,7 @@ from tqdm import tqdm
 
 from ..errors import LowbitError
 from ..graph.io import load_model
+from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import cpu_has_vnni, session
 from . import energy
 from .latency import interleaved_latency, paired_ratio
@@ -42,6 +46,30 @@ class _Fed:
         return self.sess.run(outputs, self.feeds)
 
 
+class _FedLite:
+    """A LiteRT model bound to its inputs already in the file's layout and number type: only the interpreter
+    is timed, not the NCHW->NHWC transpose or quantization lowbit adds to feed it NCHW float data."""
+
+    def __init__(self, sess: LiteRTSession, feeds: dict[str, np.ndarray]) -> None:
+        self.sess, self.native = sess, sess.prepare(feeds)
+
+    def run(self, _outputs: Any, _feeds: Any) -> Any:
+        return self.sess.invoke(self.native)
+
+
+def _fed(path: str, feeds: dict[str, np.ndarray], threads: int) -> _Fed | _FedLite:
+    if is_tflite(path):
+        return _FedLite(LiteRTSession(path, threads=threads), feeds)
+    return _Fed(session(path, "kernels", threads=threads), feeds)
+
+
+def runtime_name(path: str) -> str:
+    """Which runtime bench and eval use for a model file (XNNPACK named when LiteRT reports its delegate)."""
+    if not is_tflite(path):
+        return "onnxruntime"
+    return "litert (XNNPACK)" if LiteRTSession(path, threads=1).delegate_partitions() else "litert"
+
+
 def benchmark(
     models: Sequence[str | Path],
     threads: Iterable[int] = (1,),
@@ -52,17 +80,21 @@ def benchmark(
     profile: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Measure `models` interleaved; returns a JSON-able dict (see docs/energy.md for the energy model)."""
+    """Measure `models` (.onnx in ONNX Runtime, .tflite in LiteRT) interleaved; returns a JSON-able dict
+    (see docs/energy.md for the energy model). LiteRT models get "op_time_ms" and "energy" None."""
     models = [str(m) for m in models]
     if not models:
-        raise LowbitError("no model to benchmark; pass one or more .onnx files")
+        raise LowbitError("no model to benchmark; pass one or more .onnx or .tflite files")
     threads = check_threads(threads)
     for label, value, low in (("runs", runs, 1), ("warmup", warmup, 0), ("batch", batch, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LowbitError(f"{label} must be an integer >= {low}, got {value!r}")
     keys = _unique_keys(models)
-    protos = {}
+    protos: dict[str, onnx.ModelProto | LiteRTSession] = {}
     for key, path in zip(keys, models):
+        if is_tflite(path):
+            protos[key] = LiteRTSession(path, threads=1)  # one-line errors for missing or corrupt files
+            continue
         load_model(path)  # one-line errors for missing, corrupt or invalid files
         protos[key] = onnx.load(path)
     paths = dict(zip(keys, models))
@@ -75,7 +107,9 @@ def benchmark(
     for t in threads:
         times_by_threads[t] = _latency(paths, feeds, t, runs, warmup, bar)
     for key in keys:
-        entry: dict[str, Any] = {"size_bytes": os.path.getsize(paths[key]), "latency_ms": {}}
+        lite = isinstance(protos[key], LiteRTSession)
+        entry: dict[str, Any] = {"runtime": runtime_name(paths[key]), "size_bytes": os.path.getsize(paths[key]),
+                                 "latency_ms": {}}
         for t, times in times_by_threads.items():
             ms = 1e3 * np.asarray(times[key])
             p50, p90, p99 = np.percentile(ms, [50, 90, 99])
@@ -86,9 +120,9 @@ def benchmark(
         bar.update()
         if profile:
             bar.set_description(f"profile {Path(paths[key]).name}")
-            entry["op_time_ms"] = op_times(paths[key], feeds[key], threads[0], min(runs, PROFILE_RUNS))
+            entry["op_time_ms"] = None if lite else op_times(paths[key], feeds[key], threads[0], min(runs, PROFILE_RUNS))
             bar.update()
-        entry["energy"] = energy.estimate(protos[key], _batch_of(feeds[key], batch))
+        entry["energy"] = None if lite else energy.estimate(protos[key], _batch_of(feeds[key], batch))
         result["models"][key] = entry
     bar.close()
     first = keys[0]
@@ -137,13 +171,16 @@ def _unique_keys(models: list[str]) -> list[str]:
     return keys
 
 
-def _feeds(protos: dict[str, onnx.ModelProto], batch: int, data: Any) -> dict[str, dict[str, np.ndarray]]:
+def _feeds(protos: dict[str, onnx.ModelProto | LiteRTSession], batch: int, data: Any) -> dict[str, dict[str, np.ndarray]]:
     from ..data import input_specs, open_data
 
     by_specs: dict[tuple, dict[str, np.ndarray]] = {}  # models with the same inputs get the same arrays
     out = {}
     for key, proto in protos.items():
-        specs = input_specs(proto)
+        specs = proto.input_specs() if isinstance(proto, LiteRTSession) else input_specs(proto)
+        # The batch axis's name does not matter ('N' in ONNX, None in LiteRT): same data for both.
+        specs = [s if not s.shape or isinstance(s.shape[0], int) else dataclasses.replace(s, shape=(None, *s.shape[1:]))
+                 for s in specs]
         sig = tuple((s.name, str(s.dtype), s.shape) for s in specs)
         if sig not in by_specs:
             if data is None:
@@ -189,7 +226,7 @@ def _latency(
     for order, n in zip((list(paths), list(reversed(paths))), halves):
         bar.set_description(f"latency, {threads} thread{'s' if threads > 1 else ''}")
         if n:
-            sessions = {k: _Fed(session(paths[k], "kernels", threads=threads), feeds[k]) for k in order}
+            sessions = {k: _fed(paths[k], feeds[k], threads) for k in order}
             half = interleaved_latency(sessions, {}, runs=n, warmup=warmup)  # type: ignore[arg-type]
             for k, v in half.items():
                 times[k].extend(v)
@@ -255,14 +292,19 @@ def _peak_worker(path: str, feeds_file: str, threads: str) -> None:
     """Runs in the child: VmHWM after session + runs, minus VmRSS before (ru_maxrss would carry the parent's)."""
     with np.load(feeds_file) as z:
         feeds = {k: z[k] for k in z.files}
+    if is_tflite(path):
+        # Import LiteRT and the metadata reader now, so their code does not count as the model's memory.
+        import ai_edge_litert.interpreter  # noqa: F401
+
+        from ..export.tflite import writer  # noqa: F401
     try:
         # Reset the high-water mark so import-time transients do not count (Linux >= 4.0).
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
     before = _status_kb("VmRSS")
-    sess = session(path, "kernels", threads=int(threads))
+    sess = _fed(path, feeds, int(threads))
     for _ in range(3):
-        sess.run(None, feeds)
+        sess.run(None, None)
     peak = _status_kb("VmHWM")
     print(json.dumps({"peak_mb": max(peak - before, 0) / 1024}))

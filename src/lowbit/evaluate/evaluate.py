@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..data import ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
+from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import session
 from .metrics import fidelity
 
@@ -43,18 +44,29 @@ def evaluate(
     `labels`: a .npy file (int array of shape (N,)), a text file with one integer per line, or an array.
     `mode`: "kernels" (ORT default optimizations: fused integer kernels) or "simulate" (optimizations off).
     The reference always runs with default optimizations, as the float model it normally is.
+    A `.tflite` model (or reference) runs in LiteRT with XNNPACK; it takes the same NCHW data as its ONNX twin.
     """
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    specs = input_specs(model)
+    if mode == "simulate" and is_tflite(model):
+        raise LowbitError("mode simulate runs an ONNX model's quantized math in float; it does not apply to "
+                          f"{_name(model)}, a .tflite file (use mode kernels)")
+    lite = LiteRTSession(model) if is_tflite(model) else None
+    ref_lite = LiteRTSession(reference) if is_tflite(reference) else None
+    specs = lite.input_specs() if lite is not None else input_specs(model)
     if reference is not None:
-        _check_reference_inputs(specs, input_specs(reference), _name(reference))
+        ref_specs = ref_lite.input_specs() if ref_lite is not None else input_specs(reference)
+        _check_reference_inputs(specs, ref_specs, _name(reference))
+        if lite is not None:  # a .tflite runs any batch; a reference with a fixed one sets it for both
+            fixed = {r.name: r.shape[0] for r in ref_specs if r.shape and isinstance(r.shape[0], int)}
+            specs = [dataclasses.replace(s, shape=(fixed[s.name], *s.shape[1:])) if s.name in fixed else s
+                     for s in specs]
     source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, what="evaluation data")
     wanted = _load_labels(labels) if labels is not None else None
     counted = wanted is not None and _match_labels(wanted, labels, data, specs, batch_size, preprocess)
 
-    sess = _session(model, mode)
-    ref_sess = _session(reference, "kernels") if reference is not None else None
+    sess = lite if lite is not None else _session(model, mode)
+    ref_sess = ref_lite if ref_lite is not None else _session(reference, "kernels") if reference is not None else None
     out_names = [o.name for o in sess.get_outputs()]
     if ref_sess is not None:
         _check_outputs({o.name: o.shape for o in sess.get_outputs()}, {o.name: o.shape for o in ref_sess.get_outputs()})
@@ -96,9 +108,11 @@ def evaluate(
         "model": _name(model),
         "samples": seen,
         "mode": mode,
+        "runtime": _runtime(lite),
         "accuracy": None,
         "outputs": None,
         "reference": _name(reference) if reference is not None else None,
+        "reference_runtime": _runtime(ref_lite) if reference is not None else None,
     }
     if wanted is not None:
         logits = np.concatenate(outs[out_names[0]])
@@ -117,6 +131,12 @@ def _name(thing: Any) -> str:
     if isinstance(thing, onnx.ModelProto):
         return "<in-memory model>"
     return f"the {type(thing).__name__} passed in"
+
+
+def _runtime(lite: LiteRTSession | None) -> str:
+    if lite is None:
+        return "onnxruntime"
+    return "litert (XNNPACK)" if lite.delegate_partitions() else "litert"
 
 
 def _json_float(x: float) -> float | str:

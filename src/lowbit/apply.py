@@ -156,9 +156,11 @@ def _matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool, np.ndarray | ir.Val
     return w, transposed, bias
 
 
-def _record(plan: Plan, node: ir.Node, dtype: str, scale: np.ndarray, zp: np.ndarray, axis: int | None) -> None:
+def _record(plan: Plan, node: ir.Node, dtype: str, scale: np.ndarray, zp: np.ndarray, axis: int | None,
+            block: int | None = None) -> None:
     plan.tensors[f"{node.name}:1" if node.op_type != "Gather" else f"{node.name}:0"] = TensorParams(
-        dtype, np.ravel(scale).astype(float).tolist(), np.ravel(zp).astype(int).tolist(), axis, "weight")
+        dtype, np.ravel(scale).astype(float).tolist(), np.ravel(zp).astype(int).tolist(), axis, "weight",
+        block_size=block)
 
 
 def _dynamic(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan, cache: dict) -> None:
@@ -181,13 +183,14 @@ def _weight_only(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> 
     if node.op_type == "Gather":
         table = node.inputs[0].const_value.numpy().astype(np.float32)
         if scheme.weights == "int4":
-            block = min(scheme.int4_block, table.shape[1])
+            # A block longer than the row is one scale per row: GatherBlockQuantized takes any power of two >= 16.
+            block = scheme.int4_block
             b = quantize_blocks(table, block, scheme.symmetric_weights)
             nb = b.scale.shape[1]
             codes = b.codes.reshape(table.shape[0], -1)[:, : table.shape[1]]
             zp = None if scheme.symmetric_weights else b.zero_point
             q = codes.astype(np.int16) - 8 if zp is None else codes
-            _record(plan, node, "int4", b.scale, b.zero_point if zp is not None else np.zeros(b.scale.shape), 1)
+            _record(plan, node, "int4", b.scale, b.zero_point if zp is not None else np.zeros(b.scale.shape), 1, block)
             gather_block_quantized(model, node, q, b.scale.reshape(-1, nb), zp, block)
         else:
             qw = quantize_weight(table, 0, scheme.weights, True)
@@ -199,7 +202,7 @@ def _weight_only(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> 
         rows = w if transposed else w.T  # (N, K)
         b = quantize_blocks(rows, scheme.int4_block, scheme.symmetric_weights)
         zp = None if scheme.symmetric_weights else pack_nibbles(b.zero_point)
-        _record(plan, node, "int4", b.scale, b.zero_point, 0)
+        _record(plan, node, "int4", b.scale, b.zero_point, 0, scheme.int4_block)
         matmul_nbits(model, node, pack_nibbles(b.codes), b.scale, zp, rows.shape[1], rows.shape[0],
                      scheme.int4_block, bias)
         return

@@ -28,6 +28,8 @@ class TensorParams:
     axis: int | None = None
     kind: str = "activation"  # activation | weight | bias
     range: list[float] | None = None  # calibrated [a, b] for activations
+    # int4 weights: values per scale along `axis` (scales are stored flat, n_blocks per row)
+    block_size: int | None = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         s = np.asarray(self.scale, np.float32)

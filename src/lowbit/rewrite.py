@@ -174,13 +174,20 @@ def matmul_nbits(model: ir.Model, node: ir.Node, packed: np.ndarray, scale: np.n
     take_output(g, node, _add_bias(model, node, y, bias))
 
 
+def _shared_init(graph: ir.Graph, name: str, make) -> ir.Value:
+    """One quantized copy of a table however many Gathers read it (a tied embedding is stored once)."""
+    return graph.initializers[name] if name in graph.initializers else make(name)
+
+
 def gather_rows_int8(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray) -> None:
     """Gather int8 rows first, then scale only them: the table is never dequantized whole."""
-    g, name = model.graph, node.name
+    g, name, t = model.graph, node.name, node.inputs[0].name
     idx = node.inputs[1]
-    rows = _node(g, "Gather", [_init(g, f"{name}_table_q", q.astype(np.int8)), idx], f"{name}_Gather_q", dtype=ir.DataType.INT8)
+    table = _shared_init(g, f"{t}_q8", lambda n: _init(g, n, q.astype(np.int8)))
+    rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.INT8)
     rows_f = _node(g, "Cast", [rows], f"{name}_Cast", to=ir.DataType.FLOAT)
-    s = _node(g, "Gather", [_init(g, f"{name}_table_s", scale.reshape(-1, 1).astype(np.float32)), idx], f"{name}_Gather_s")
+    scales = _shared_init(g, f"{t}_s8", lambda n: _init(g, n, scale.reshape(-1, 1).astype(np.float32)))
+    s = _node(g, "Gather", [scales, idx], f"{name}_Gather_s")
     take_output(g, node, _node(g, "Mul", [rows_f, s], f"{name}_rescale"))
 
 
@@ -189,18 +196,20 @@ def gather_block_quantized(model: ir.Model, node: ir.Node, codes: np.ndarray, sc
     """int4 rows in blocks along D: ONNX Runtime's com.microsoft.GatherBlockQuantized (INT4 data, zero point 0;
     affine: UINT4 data and zero points)."""
     g, name = model.graph, node.name
+    t, tag = node.inputs[0].name, f"4_{block}{'u' if zp is not None else ''}"  # one copy per table and format
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     kind = ir.DataType.UINT4 if zp is not None else ir.DataType.INT4
 
-    def int4_init(suffix: str, values: np.ndarray) -> ir.Value:
-        v = _init(g, f"{name}_{suffix}", values.astype(np.int8 if kind == ir.DataType.INT4 else np.uint8))
+    def int4_init(vname: str, values: np.ndarray) -> ir.Value:
+        v = _init(g, vname, values.astype(np.int8 if kind == ir.DataType.INT4 else np.uint8))
         v.const_value = ir.PackedTensor(pack_int4(values), kind, shape=ir.Shape(values.shape))
         v.dtype = kind
         return v
 
-    inputs = [int4_init("table_q4", codes), node.inputs[1], _init(g, f"{name}_table_s", scale.astype(np.float32))]
+    inputs = [_shared_init(g, f"{t}_q{tag}", lambda n: int4_init(n, codes)), node.inputs[1],
+              _shared_init(g, f"{t}_s{tag}", lambda n: _init(g, n, scale.astype(np.float32)))]
     if zp is not None:
-        inputs.append(int4_init("table_zp4", zp))
+        inputs.append(_shared_init(g, f"{t}_z{tag}", lambda n: int4_init(n, zp)))
     y = _node(g, "GatherBlockQuantized", inputs, f"{name}_GatherBlockQuantized", domain=MS_DOMAIN,
               gather_axis=0, quantize_axis=1, block_size=block, bits=4)
     take_output(g, node, y)

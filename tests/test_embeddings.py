@@ -1,0 +1,129 @@
+"""Embedding tables in weight-only mode as recommendation models use them: several tables, a table read by two
+Gathers, index tensors of rank 1 and 2 (int64 and int32, negative ids), rows shorter than or not a multiple of the
+int4 block, hybrid recipes per table, and plans that reproduce int4 models byte for byte."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from helpers import op_counts, rel_rms, run, weight
+from onnx import TensorProto, helper, numpy_helper
+
+import lowbit
+from lowbit import Recipe, Rule, Scheme
+from lowbit.weights import quantize_blocks
+
+INT8 = Scheme(mode="weight_only")
+
+
+def int4(block: int = 32, symmetric: bool = True) -> Scheme:
+    return Scheme(mode="weight_only", weights="int4", block_size=block, symmetric_weights=symmetric)
+
+
+def tables_model(tables: dict[str, tuple[int, int]], lookups: list[tuple[str, str, list, int]]) -> onnx.ModelProto:
+    """Gathers `name` = table[ids] for lookups (node name, table, index shape, index dtype); every output is a graph
+    output, so each lookup is checked on its own."""
+    inits = [numpy_helper.from_array(weight(shape, seed=i), t) for i, (t, shape) in enumerate(tables.items())]
+    nodes = [helper.make_node("Gather", [t, f"{n}_ids"], [n], name=n) for n, t, _, _ in lookups]
+    inputs = [helper.make_tensor_value_info(f"{n}_ids", dt, shape) for n, _, shape, dt in lookups]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape + [tables[t][1]]) for n, t, shape, _ in lookups]
+    m = helper.make_model(helper.make_graph(nodes, "tables", inputs, outputs, inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def feeds_for(m: onnx.ModelProto, tables: dict[str, tuple[int, int]], lookups: list, batch: int = 5) -> dict:
+    r = np.random.default_rng(3)
+    out = {}
+    for n, t, shape, dt in lookups:
+        dims = [batch if isinstance(d, str) else d for d in shape]
+        v = tables[t][0]
+        out[f"{n}_ids"] = r.integers(-v, v, dims).astype(np.int64 if dt == TensorProto.INT64 else np.int32)
+    return out
+
+
+def table_of(m: onnx.ModelProto, name: str) -> np.ndarray:
+    return next(numpy_helper.to_array(t) for t in m.graph.initializer if t.name == name)
+
+
+def stored_bytes(m: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in m.graph.initializer)
+
+
+@pytest.mark.parametrize("scheme,limit", [(INT8, 0.01), (int4(32), 0.15), (int4(16, False), 0.12)],
+                         ids=["int8", "int4", "int4-affine"])
+def test_a_table_read_by_two_gathers_is_stored_once(scheme, limit):
+    tables = {"items": (3000, 32)}
+    lookups = [("item", "items", ["N"], TensorProto.INT64), ("history", "items", ["N", 4], TensorProto.INT64)]
+    m = tables_model(tables, lookups)
+    res = lowbit.quantize(m, recipe=Recipe(default=scheme), progress=False)
+    feeds = feeds_for(m, tables, lookups)
+    ref, got = run(m, [feeds], float_model=True), run(res.model, [feeds], mode="kernels")
+    for r, g in zip(ref, got):
+        assert r.shape == g.shape and rel_rms(r, g) < limit
+    one = lowbit.quantize(tables_model(tables, lookups[:1]), recipe=Recipe(default=scheme), progress=False)
+    assert stored_bytes(res.model) == stored_bytes(one.model) < 3000 * 32 * 4 * 0.3
+    assert res.plan.nodes["item"].quantized and res.plan.nodes["history"].quantized
+
+
+@pytest.mark.parametrize("dim,block", [(24, 32), (16, 32), (8, 16), (48, 32), (17, 16)])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_int4_rows_not_a_multiple_of_the_block(dim, block, symmetric):
+    """ONNX Runtime needs a power-of-two block >= 16 even when rows are shorter; the last block may be partial."""
+    tables = {"t": (500, dim)}
+    lookups = [("e", "t", ["N", 3], TensorProto.INT32)]
+    m = tables_model(tables, lookups)
+    res = lowbit.quantize(m, recipe=Recipe(default=int4(block, symmetric)), progress=False)
+    gbq = next(n for n in res.model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert helper.get_attribute_value(next(a for a in gbq.attribute if a.name == "block_size")) == block
+    feeds = feeds_for(m, tables, lookups)
+    got = run(res.model, [feeds], mode="kernels")[0]
+    deq = quantize_blocks(table_of(m, "t"), block, symmetric).dequantize()
+    want = deq[feeds["e_ids"]]
+    assert got.shape == (5, 3, dim) and np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    p = res.plan.tensors["e:0"]
+    assert p.block_size == block and len(p.scale) == 500 * -(-dim // block)
+
+
+def test_hybrid_recipe_per_table():
+    tables = {"users": (2000, 16), "ads": (1000, 32), "tiny": (20, 8)}
+    lookups = [("user", "users", ["N"], TensorProto.INT64), ("ad", "ads", ["N"], TensorProto.INT64),
+               ("small", "tiny", ["N"], TensorProto.INT64)]
+    m = tables_model(tables, lookups)
+    rec = Recipe(default=INT8, rules=(Rule(names=("ad",), scheme=int4(32)), Rule(names=("small",), scheme=None)))
+    res = lowbit.quantize(m, recipe=rec, progress=False)
+    counts = op_counts(res.model)
+    assert counts["GatherBlockQuantized"] == 1 and counts["Gather"] == 1 + 2  # float 'small' + int8 rows and scales
+    assert not res.plan.nodes["small"].quantized and res.plan.nodes["small"].rule.startswith("rule 1")
+    assert "int4" in res.plan.nodes["ad"].reason and "int8 per-row" in res.plan.nodes["user"].reason
+    feeds = feeds_for(m, tables, lookups)
+    ref, got = run(m, [feeds], float_model=True), run(res.model, [feeds], mode="kernels")
+    assert np.array_equal(ref[2], got[2])  # kept float
+    assert rel_rms(ref[0], got[0]) < 0.01 and rel_rms(ref[1], got[1]) < 0.15
+
+
+def test_reapplying_an_int4_plan_reproduces_the_model(tmp_path):
+    tables = {"t": (400, 48)}
+    lookups = [("e", "t", ["N"], TensorProto.INT64)]
+    emb = tables_model(tables, lookups)
+    # Add an MLP layer so the plan holds MatMulNBits blocks as well as GatherBlockQuantized ones.
+    g = emb.graph
+    g.initializer.append(numpy_helper.from_array(weight((48, 40), 5), "w"))
+    g.node.append(helper.make_node("MatMul", ["e", "w"], ["y"], name="fc"))
+    g.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 40]))
+    src = tmp_path / "m.onnx"
+    onnx.save(emb, src)
+    rec = Recipe(default=int4(64, symmetric=False), rules=(Rule(op_types=("Gather",), scheme=int4(16)),))
+    first = lowbit.quantize(src, tmp_path / "a.onnx", recipe=rec, progress=False)
+    again = lowbit.quantize(src, tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    plan = lowbit.Plan.load(tmp_path / "a.plan.json")
+    assert plan.tensors["e:0"].block_size == 16 and plan.tensors["fc:1"].block_size == 64
+    assert len(plan.tensors["fc:1"].scale) == 40 * 1  # K = 48 in one block of 64
+    assert again.plan.tensors == first.plan.tensors
+    blocks = {n.op_type: helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size"))
+              for n in first.model.graph.node if n.op_type in ("GatherBlockQuantized", "MatMulNBits")}
+    assert blocks == {"GatherBlockQuantized": 16, "MatMulNBits": 64}

@@ -101,3 +101,21 @@ def test_cli_precision_float16_and_dynamic(tmp_path: Path, capsys) -> None:
     assert sizes["float16"] < sizes["float32"]
     assert main(["export", str(path), "-o", str(tmp_path / "h.tflite"), "--precision", "float16"]) == 0
     assert "(float16 weights, " in capsys.readouterr().out
+
+
+def test_cli_shape_fixes_symbolic_sizes(tmp_path: Path, capsys) -> None:
+    from test_tflite_transformer import tiny_encoder
+
+    model = tiny_encoder()
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.shape.dim[1].dim_param = "sequence"
+    path = tmp_path / "enc.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "enc.tflite"
+    assert main(["export", str(path), "-o", str(out)]) == 2
+    assert "pass --shape ids=1x..." in capsys.readouterr().err
+    assert main(["export", str(path), "-o", str(out), "--shape", "ids=1x8", "--shape", "mask=1x8",
+                 "--precision", "dynamic"]) == 0
+    assert "dynamic-range" in capsys.readouterr().out and out.is_file()
+    assert main(["export", str(path), "-o", str(out), "--shape", "ids=1xN"]) == 2
+    assert "expected INPUT=SIZExSIZE" in capsys.readouterr().err

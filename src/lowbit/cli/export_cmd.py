@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="run in float the quantized ops whose int8 form TFLite cannot express, instead of failing")
     p.add_argument("--batch", type=int, default=1, help="batch size fixed in the file (default 1; LiteRT can "
                    "resize classifier inputs at run time)")
+    p.add_argument("--shape", action="append", default=[], metavar="INPUT=1x128",
+                   help="fix an input's sizes (repeatable), e.g. a transformer's sequence length: "
+                   "--shape input_ids=1x128 --shape attention_mask=1x128")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 
@@ -52,13 +55,28 @@ def export_text(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+    shapes = {}
+    for item in items:
+        name, _, dims = item.rpartition("=")
+        try:
+            sizes = tuple(int(d) for d in dims.lower().replace(",", "x").split("x"))
+        except ValueError:
+            sizes = ()
+        if not name or not sizes or min(sizes) < 1:
+            raise LowbitError(f"--shape {item!r}: expected INPUT=SIZExSIZE..., e.g. input_ids=1x128")
+        shapes[name] = sizes
+    return shapes
+
+
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise LowbitError(f"--batch must be at least 1, got {args.batch}")
+    shapes = parse_shapes(args.shape)
     from ..export.tflite import export_tflite  # keeps `lowbit --help` fast
 
     result = export_tflite(args.model, args.output, io=args.io, allow_float_fallback=args.allow_float_fallback,
-                           batch=args.batch, precision=args.precision)
+                           batch=args.batch, precision=args.precision, shapes=shapes)
     summary = {"model": str(args.model), "output": str(Path(args.output)), "format": args.to,
                "quantized": result.quantized, "precision": result.precision, "io": result.io, "size_bytes": len(result.data), "ops": result.ops,
                "float_nodes": result.float_nodes, "fallbacks": result.fallbacks, "transposes": result.transposes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ...errors import LowbitError
 from .qdq import Graph
@@ -19,6 +20,10 @@ from .writer import FlatModel, Operator, QuantParams, Tensor
 TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 FP16_MAX = 65504.0
+# ONNX element type -> TFLite tensor type of a float-kind value (float16 values are computed in float32)
+DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float32", onnx.TensorProto.INT64: "int64",
+          onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.INT8: "int8",
+          onnx.TensorProto.UINT8: "uint8"}
 
 
 def nhwc_axis(axis: int, rank: int) -> int:
@@ -28,9 +33,11 @@ def nhwc_axis(axis: int, rank: int) -> int:
 
 
 class Context:
-    def __init__(self, graph: Graph, shapes: dict[str, tuple[int, ...]], precision: str = "float32") -> None:
+    def __init__(self, graph: Graph, shapes: dict[str, tuple[int, ...]], precision: str = "float32",
+                 dtypes: dict[str, int] | None = None) -> None:
         self.g = graph
         self.shapes = shapes
+        self.dtypes = dtypes or {}  # ONNX element types: tells int64 indices and bool masks from float values
         self.precision = precision  # float32, float16 (fp16 constants), dynamic (int8 weights), int8 (QDQ)
         self.fm = FlatModel()
         self.reps: dict[str, dict[tuple[str, bool], int]] = {}
@@ -61,7 +68,10 @@ class Context:
             if qp is None:
                 raise LowbitError(f"internal: {name} has no quantization parameters")
             return Tensor(label or name, shape, "int8", quant=qp)
-        return Tensor(label or name, shape, "float32")
+        dtype = DTYPES.get(self.dtypes.get(name, onnx.TensorProto.FLOAT))
+        if dtype is None:
+            raise LowbitError(f"value {name}: ONNX element type {self.dtypes[name]} has no TFLite tensor type")
+        return Tensor(label or name, shape, dtype)
 
     def get(self, name: str, kind: str, nhwc: bool | None = None) -> int:
         """`name` as a float ("f") or int8 ("q") tensor; nhwc None means in whatever layout it has."""

@@ -25,6 +25,7 @@ from ...passes import prepare
 from .context import Context
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, read_graph
+from .transformer import fuse_gelu
 from .writer import QuantParams, Tensor, serialize
 
 IO_KINDS = ("float", "int8", "uint8")
@@ -65,27 +66,57 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     return ir.to_proto(irm), recipe
 
 
-def _static_shapes(proto: onnx.ModelProto, batch: int) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+def _static_shapes(proto: onnx.ModelProto, batch: int, fixed: dict[str, tuple[int, ...]]
+                   ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     inits = {t.name for t in proto.graph.initializer}
+    names = [vi.name for vi in proto.graph.input if vi.name not in inits]
+    for name in fixed:
+        if name not in names:
+            raise LowbitError(f"--shape {name}: the model has no input {name} (inputs: {', '.join(names)})")
     for vi in proto.graph.input:
         if vi.name in inits:
             continue
-        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+        dims = vi.type.tensor_type.shape.dim
+        if vi.name in fixed:
+            if len(fixed[vi.name]) != len(dims):
+                raise LowbitError(f"--shape {vi.name}: {len(fixed[vi.name])} sizes for an input of rank {len(dims)}")
+            for d, size in zip(dims, fixed[vi.name]):
+                d.dim_value = int(size)
+        for i, d in enumerate(dims):
             if not d.HasField("dim_value"):
                 if i != 0:
                     raise LowbitError(f"input {vi.name} has a symbolic dimension {d.dim_param!r} past the batch axis;"
-                                      " TFLite export needs fixed sizes (export the model with fixed shapes)")
+                                      f" TFLite needs fixed sizes: pass --shape {vi.name}=1x... with every size")
                 d.dim_value = batch
-    for vi in proto.graph.output:
-        vi.type.tensor_type.ClearField("shape")
-    del proto.graph.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
-    shapes, dtypes = {}, {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        dims = vi.type.tensor_type.shape.dim
-        dtypes[vi.name] = vi.type.tensor_type.elem_type
-        if vi.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
-            shapes[vi.name] = tuple(int(d.dim_value) for d in dims)
+    return _probe(proto)
+
+
+def _probe(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    """Shape and element type of every value, from one ONNX Runtime run on zeros at the fixed input sizes:
+    exact where shape inference gives up (exporters' shape arithmetic around masks and positions)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    del probe.graph.output[:]
+    del probe.graph.value_info[:]
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = [vi for vi in proto.graph.input if vi.name not in inits]
+    names = [vi.name for vi in inputs] + list(dict.fromkeys(o for n in proto.graph.node for o in n.output if o))
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    feeds = {vi.name: np.zeros([d.dim_value for d in vi.type.tensor_type.shape.dim],
+                               helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
+    options.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        values = sess.run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
+        raise LowbitError(f"ONNX Runtime cannot run the model at the fixed input sizes, so tensor shapes are "
+                          f"unknown ({str(e).splitlines()[0][:200]}); check --shape / --batch") from None
+    shapes = {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values)}
+    dtypes = {n: helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype) for n, v in zip(names, values)}
     return shapes, dtypes
 
 
@@ -108,23 +139,34 @@ def _precision(g: Graph, precision: str) -> str:
 
 def _fold(g: Graph, shapes: dict[str, tuple[int, ...]], opsets: dict[str, int]) -> None:
     """Evaluate nodes on constants (the exporter's shape arithmetic) so only real compute remains."""
-    from onnx.reference import ReferenceEvaluator
-
     kept = []
     for node in g.nodes:
         inputs = [i for i in node.input if i]
         if node.op_type == "Shape" and node.input[0] in shapes:
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
             g.consts[node.output[0]] = np.array(shapes[node.input[0]], np.int64)[a.get("start", 0):a.get("end")]
-        elif inputs and all(i in g.consts for i in inputs):
-            sess = ReferenceEvaluator(helper.make_graph(
-                [node], "fold", [helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in inputs],
-                [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None) for o in node.output]), opsets=opsets)
-            for name, value in zip(node.output, sess.run(None, {i: g.consts[i] for i in inputs})):
-                g.consts[name] = np.asarray(value)
+        elif inputs and all(i in g.consts for i in inputs) and node.domain in ("", "ai.onnx"):
+            g.consts.update(zip(node.output, _evaluate(node, g.consts, opsets)))
         else:
             kept.append(node)
     g.nodes = kept
+
+
+def _evaluate(node: onnx.NodeProto, consts: dict[str, np.ndarray], opsets: dict[str, int]) -> list[np.ndarray]:
+    """One node on constant inputs, in ONNX Runtime (the reference evaluator misses broadcasting cases)."""
+    import onnxruntime as ort
+
+    inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), consts[i].shape)
+              for i in dict.fromkeys(i for i in node.input if i)]
+    graph = helper.make_graph([node], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in node.output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+    model.ir_version = 8
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return [np.asarray(v) for v in sess.run(None, {i.name: consts[i.name] for i in inputs})]
+    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad node
+        raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): cannot evaluate it on its "
+                          f"constant inputs ({str(e).splitlines()[0][:200]})") from None
 
 
 def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[str, int]:
@@ -143,7 +185,8 @@ def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[s
             same_q = (qx is None and qy is None) or (qx is not None and qy is not None
                                                      and np.array_equal(qx.scale, qy.scale)
                                                      and np.array_equal(qx.zero_point, qy.zero_point))
-            if (code is not None and p is not None and p.op_type in FUSES and uses[x] == 1 and x not in graph_outputs
+            fusable = p is not None and p.op_type in FUSES and not (p.op_type == "MatMul" and p.input[1] not in g.consts)
+            if (code is not None and fusable and uses[x] == 1 and x not in graph_outputs
                     and acts.get(p.name or p.output[0], NONE) == NONE and same_q):
                 acts[p.name or p.output[0]] = code
                 p.output[0] = y
@@ -184,20 +227,23 @@ def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks:
 
 
 def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_fallback: bool = False,
-            batch: int = 1, precision: str = "auto") -> ExportResult:
+            batch: int = 1, precision: str = "auto", shapes: dict[str, tuple[int, ...]] | None = None
+            ) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
     precision (float models): float32; float16 (constants stored fp16, DEQUANTIZE'd to float32 at load);
     dynamic (conv / fully-connected weights int8 per output channel, float activations that TFLite's hybrid
-    kernels quantize on the fly). QDQ models export as full-integer int8."""
+    kernels quantize on the fly). QDQ models export as full-integer int8. shapes fixes input sizes by name
+    (e.g. a transformer's sequence length); other symbolic batch axes become `batch`."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
     proto, recipe = _load(model)
-    shapes, dtypes = _static_shapes(proto, batch)
+    shapes, dtypes = _static_shapes(proto, batch, dict(shapes or {}))
     g = read_graph(proto, dtypes)
     precision = _precision(g, precision)
     _fold(g, shapes, {d.domain: d.version for d in proto.opset_import})
-    ctx = Context(g, shapes, precision)
+    fuse_gelu(g)
+    ctx = Context(g, shapes, precision, dtypes)
     outputs = [o.name for o in proto.graph.output]
     acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
     quantized = bool(g.quant)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from .context import TO_NHWC, Context, nhwc_axis
+from . import transformer
 from .layers import conv, fail, fully_connected, mean, pool
 from .writer import QuantParams
 
@@ -161,13 +162,14 @@ CONVERTERS: dict[str, Converter] = {
     "AveragePool": pool, "MaxPool": pool, "GlobalAveragePool": mean, "ReduceMean": mean,
     "Relu": clip, "Clip": clip, "Sigmoid": unary, "HardSwish": unary, "Tanh": unary, "Softmax": softmax,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose,
-    "Concat": concat, "Identity": identity,
+    "Concat": concat, "Identity": identity, **transformer.CONVERTERS,
 }
 # Ops that may absorb a following Relu/Clip as fused_activation_function.
 FUSES = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "MaxPool", "Concat"}
 # Ops whose int8 TFLite kernels need the same scale and zero point on input and output.
-SAME_PARAMS = {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat"}
+SAME_PARAMS = {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat",
+               "Gather", "Expand"}
 # Ops without an int8 kernel in TFLite's builtin resolver.
-FLOAT_ONLY = {"Div"}
+FLOAT_ONLY = {"Div"} | set(transformer.CONVERTERS) - transformer.INT8_OK
 # int8 kernels with fixed output parameters: (scale, zero point).
 FIXED_OUTPUT = {"Softmax": (1 / 256, -128), "Sigmoid": (1 / 256, -128), "Tanh": (1 / 128, 0)}

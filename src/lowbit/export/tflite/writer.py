@@ -17,8 +17,11 @@ FILE_IDENTIFIER = b"TFL3"
 # Oldest runtime that reads what we write (per-channel int8 and HARD_SWISH need TFLite 2.x kernels).
 MIN_RUNTIME_VERSION = "2.3.0"
 
+# Operators whose kernels register from a later version than 1.
+OP_VERSIONS = {"BROADCAST_TO": 2}
+
 TENSOR_TYPES = {  # numpy dtype name -> tflite.TensorType
-    "float32": 0, "float16": 1, "int32": 2, "uint8": 3, "int64": 4, "int16": 7, "int8": 9,
+    "float32": 0, "float16": 1, "int32": 2, "uint8": 3, "int64": 4, "int16": 7, "int8": 9, "bool": 6,
 }
 
 
@@ -175,7 +178,7 @@ def serialize(model: FlatModel) -> bytes:
         oc.Start(b)
         oc.AddDeprecatedBuiltinCode(b, min(code, 127))  # readers older than 2.4 look only here
         oc.AddBuiltinCode(b, code)
-        oc.AddVersion(b, 1)
+        oc.AddVersion(b, OP_VERSIONS.get(name, 1))
         code_offsets.append(oc.End(b))
 
     meta = {"min_runtime_version": MIN_RUNTIME_VERSION.encode().ljust(16, b"\0"), **model.metadata}

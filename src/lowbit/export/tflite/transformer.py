@@ -1,0 +1,222 @@
+"""Converters that transformer graphs need: embeddings (GATHER), attention (BATCH_MATMUL), LayerNormalization,
+GELU, reductions, and the mask arithmetic exporters leave (CAST, comparisons, logic, SELECT_V2, BROADCAST_TO).
+
+These run in float (int8 where noted); 4-D values here are attention maps and masks, kept in ONNX's order.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .context import DTYPES, Context
+from .layers import fail, fully_connected, hybrid_weight
+from .qdq import Graph
+
+# Converters here with int8 TFLite kernels; the rest run in float inside quantized graphs.
+INT8_OK = {"MatMul", "Gather", "Gelu", "Expand"}
+
+
+def operand(ctx: Context, node: onnx.NodeProto, name: str, kind: str) -> int:
+    """An input in ONNX's own order: a constant placed here, or an activation."""
+    if name in ctx.g.consts:
+        return ctx.const(f"{node.name or node.output[0]}_{name}", np.asarray(ctx.g.consts[name]))
+    return ctx.get(name, kind, False)
+
+
+def _emit(ctx: Context, node: onnx.NodeProto, op: str, inputs: list[int], kind: str = "f",
+          options: str | None = None, **fields: Any) -> int:
+    out = ctx.produce(node.output[0], kind, False)
+    ctx.op(op, inputs, [out], options, **fields)
+    return out
+
+
+def matmul(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """Constant 2-D weights: FULLY_CONNECTED; two activations (attention scores, context): BATCH_MATMUL."""
+    if node.input[1] in ctx.g.consts and ctx.g.consts[node.input[1]].ndim == 2:
+        return fully_connected(ctx, node, a, kind, act)
+    if act:
+        raise fail(node, "internal: BATCH_MATMUL has no fused activation")
+    ins = [operand(ctx, node, i, kind) for i in node.input[:2]]
+    _emit(ctx, node, "BATCH_MATMUL", ins, kind, "BatchMatMulOptions", adj_x=False, adj_y=False,
+          asymmetric_quantize_inputs=False)
+
+
+def gather(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    data, idx = node.input[0], node.input[1]
+    axis = a.get("axis", 0) % len(ctx.shapes.get(data, ctx.g.consts.get(data, np.zeros(0)).shape))
+    if data in ctx.g.consts and kind == "f" and ctx.precision == "dynamic" and ctx.g.consts[data].ndim == 2:
+        # embedding tables: int8 rows (one scale each) in the file, DEQUANTIZE'd once when the model loads
+        q = hybrid_weight(ctx, ctx.g.consts[data].astype(np.float32), f"{node.name}_table_int8", 0)
+        table = ctx.fm.add_tensor(ctx._tensor(node.output[0], "f", ctx.fm.tensors[q].shape, f"{node.name}_table"))
+        ctx.op("DEQUANTIZE", [q], [table])
+    else:
+        table = operand(ctx, node, data, kind)
+    if idx in ctx.g.consts and np.any(ctx.g.consts[idx] < 0):
+        ctx.g.consts[idx] = np.where(ctx.g.consts[idx] < 0, ctx.g.consts[idx] + ctx.fm.tensors[table].shape[axis],
+                                     ctx.g.consts[idx])
+    _emit(ctx, node, "GATHER", [table, operand(ctx, node, idx, "f")], kind, "GatherOptions", axis=axis,
+          batch_dims=0)
+
+
+def layer_norm(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """(x - mean) * rsqrt(var + eps) * gamma + beta over the trailing axes, in six float ops."""
+    x, y = node.input[0], node.output[0]
+    rank = len(ctx.shapes[x])
+    axes = list(range(a.get("axis", -1) % rank, rank))
+    name = node.name or y
+    xin = ctx.get(x, "f", False)
+    axes_t = ctx.const_int(axes, f"{name}_axes")
+    reduced = tuple(1 if i in axes else d for i, d in enumerate(ctx.shapes[x]))
+
+    def tmp(label: str, shape: tuple[int, ...]) -> int:
+        return ctx.fm.add_tensor(ctx._tensor(y, "f", shape, f"{name}_{label}"))
+
+    mean, diff, var, inv, norm = (tmp("mean", reduced), tmp("centered", ctx.shapes[x]), tmp("var", reduced),
+                                  tmp("rstd", reduced), tmp("norm", ctx.shapes[x]))
+    ctx.op("MEAN", [xin, axes_t], [mean], "ReducerOptions", keep_dims=True)
+    ctx.op("SUB", [xin, mean], [diff], "SubOptions", fused_activation_function=0)
+    sq = tmp("squared", ctx.shapes[x])
+    ctx.op("MUL", [diff, diff], [sq], "MulOptions", fused_activation_function=0)
+    ctx.op("MEAN", [sq, axes_t], [var], "ReducerOptions", keep_dims=True)
+    eps = ctx.const(f"{name}_epsilon", np.float32(a.get("epsilon", 1e-5)).reshape(1))
+    var_eps = tmp("var_eps", reduced)
+    ctx.op("ADD", [var, eps], [var_eps], "AddOptions", fused_activation_function=0)
+    ctx.op("RSQRT", [var_eps], [inv])
+    ctx.op("MUL", [diff, inv], [norm], "MulOptions", fused_activation_function=0)
+    out = norm
+    if len(node.input) > 1 and node.input[1]:
+        out2 = tmp("scaled", ctx.shapes[x])
+        ctx.op("MUL", [out, operand(ctx, node, node.input[1], "f")], [out2], "MulOptions", fused_activation_function=0)
+        out = out2
+    final = ctx.produce(y, "f", False)
+    if len(node.input) > 2 and node.input[2]:
+        ctx.op("ADD", [out, operand(ctx, node, node.input[2], "f")], [final], "AddOptions", fused_activation_function=0)
+    else:
+        ctx.op("RESHAPE", [out, ctx.const_int(list(ctx.shapes[y]), f"{name}_shape")], [final])
+
+
+def gelu(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    approx = a.get("approximate", "none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    _emit(ctx, node, "GELU", [ctx.get(node.input[0], kind, False)], kind, "GeluOptions", approximate=approx == "tanh")
+
+
+def unary_math(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    op = {"Sqrt": "SQRT", "Exp": "EXP", "Log": "LOG", "Neg": "NEG", "Abs": "ABS", "Not": "LOGICAL_NOT",
+          "Reciprocal": None}[node.op_type]
+    x = ctx.get(node.input[0], kind, False)
+    if op is None:  # 1 / x
+        _emit(ctx, node, "DIV", [ctx.const(f"{node.name}_one", np.float32(1).reshape(1)), x], kind, "DivOptions",
+              fused_activation_function=0)
+    else:
+        _emit(ctx, node, op, [x], kind)
+
+
+def elementwise(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """Comparisons, logic, select, pow and max/min over operands in ONNX's order (broadcasting as ONNX)."""
+    op = {"Equal": "EQUAL", "Greater": "GREATER", "GreaterOrEqual": "GREATER_EQUAL", "Less": "LESS",
+          "LessOrEqual": "LESS_EQUAL", "And": "LOGICAL_AND", "Or": "LOGICAL_OR", "Where": "SELECT_V2",
+          "Pow": "POW", "Max": "MAXIMUM", "Min": "MINIMUM"}[node.op_type]
+    if node.op_type == "Pow" and node.input[1] in ctx.g.consts and float(np.asarray(ctx.g.consts[node.input[1]])) == 2:
+        x = ctx.get(node.input[0], kind, False)
+        _emit(ctx, node, "MUL", [x, x], kind, "MulOptions", fused_activation_function=0)
+        return
+    if node.op_type in ("Max", "Min") and len(node.input) != 2:
+        raise fail(node, f"{len(node.input)} operands; only two map to {op}")
+    _emit(ctx, node, op, [operand(ctx, node, i, kind) for i in node.input], kind)
+
+
+def cast(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    to = DTYPES.get(a["to"])
+    if to is None:
+        raise fail(node, f"cast to ONNX type {a['to']} has no TFLite tensor type")
+    _emit(ctx, node, "CAST", [ctx.get(node.input[0], "f", False)], "f")
+
+
+def expand(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    shape = ctx.const_int(list(ctx.shapes[node.output[0]]), f"{node.name}_shape")
+    _emit(ctx, node, "BROADCAST_TO", [operand(ctx, node, node.input[0], kind), shape], kind)
+
+
+def reduce(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """ReduceSum / ReduceMax / ReduceL2 (as sqrt of the sum of squares) in ONNX's order."""
+    x, y = node.input[0], node.output[0]
+    rank = len(ctx.shapes[x])
+    axes = list(a["axes"]) if "axes" in a else (
+        [int(v) for v in ctx.g.consts[node.input[1]]] if len(node.input) > 1 and node.input[1] else list(range(rank)))
+    keep = bool(a.get("keepdims", 1))
+    axes_t = ctx.const_int(sorted(v % rank for v in axes), f"{node.name or y}_axes")
+    xin = ctx.get(x, kind, False)
+    if node.op_type == "ReduceL2":
+        sq = ctx.fm.add_tensor(ctx._tensor(y, "f", ctx.shapes[x], f"{node.name or y}_squared"))
+        ctx.op("MUL", [xin, xin], [sq], "MulOptions", fused_activation_function=0)
+        total = ctx.fm.add_tensor(ctx._tensor(y, "f", ctx.shapes[y], f"{node.name or y}_sum"))
+        ctx.op("SUM", [sq, axes_t], [total], "ReducerOptions", keep_dims=keep)
+        _emit(ctx, node, "SQRT", [total])
+        return
+    op = {"ReduceSum": "SUM", "ReduceMax": "REDUCE_MAX", "ReduceMin": "REDUCE_MIN", "ReduceProd": "REDUCE_PROD"}
+    _emit(ctx, node, op[node.op_type], [xin, axes_t], kind, "ReducerOptions", keep_dims=keep)
+
+
+def fuse_gelu(g: Graph) -> None:
+    """x * 0.5 * (1 + erf(x / sqrt 2)), as PyTorch exports nn.GELU, becomes one Gelu node (TFLite GELU)."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    uses = Counter(i for n in g.nodes for i in n.input)
+
+    def const(name: str, value: float) -> bool:
+        return name in g.consts and g.consts[name].size == 1 and np.isclose(float(g.consts[name].ravel()[0]), value,
+                                                                            rtol=1e-4)
+
+    def other(node: onnx.NodeProto, name: str) -> str:
+        return node.input[1] if node.input[0] == name else node.input[0]
+
+    drop: set[int] = set()
+    replace: dict[int, onnx.NodeProto] = {}
+    for erf in g.nodes:
+        if erf.op_type != "Erf":
+            continue
+        scale = producer.get(erf.input[0])
+        if scale is None or not ((scale.op_type == "Div" and const(scale.input[1], np.sqrt(2)))
+                                 or (scale.op_type == "Mul" and const(other(scale, scale.input[0]), 1 / np.sqrt(2)))):
+            continue
+        x = scale.input[0] if scale.op_type == "Div" or scale.input[1] in g.consts else scale.input[1]
+        chain = [scale, erf]
+        add = users.get(erf.output[0], [None])[0]
+        if add is None or add.op_type != "Add" or not const(other(add, erf.output[0]), 1.0):
+            continue
+        chain.append(add)
+        mul = users.get(add.output[0], [None])[0]
+        if mul is None or mul.op_type != "Mul" or other(mul, add.output[0]) != x:
+            continue
+        chain.append(mul)
+        half = users.get(mul.output[0], [None])[0]
+        if half is None or half.op_type != "Mul" or not const(other(half, mul.output[0]), 0.5):
+            continue
+        chain.append(half)
+        if any(uses[n.output[0]] != 1 for n in chain[:-1]):
+            continue
+        for n in chain[:-1]:
+            drop.add(id(n))
+        replace[id(half)] = helper.make_node("Gelu", [x], [half.output[0]], name=erf.name or half.name)
+    g.nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in drop]
+
+
+CONVERTERS = {
+    "MatMul": matmul, "Gather": gather, "LayerNormalization": layer_norm, "Gelu": gelu,
+    "Sqrt": unary_math, "Exp": unary_math, "Log": unary_math, "Neg": unary_math, "Abs": unary_math,
+    "Not": unary_math, "Reciprocal": unary_math,
+    "Equal": elementwise, "Greater": elementwise, "GreaterOrEqual": elementwise, "Less": elementwise,
+    "LessOrEqual": elementwise, "And": elementwise, "Or": elementwise, "Where": elementwise, "Pow": elementwise,
+    "Max": elementwise, "Min": elementwise,
+    "Cast": cast, "Expand": expand,
+    "ReduceSum": reduce, "ReduceMax": reduce, "ReduceMin": reduce, "ReduceProd": reduce, "ReduceL2": reduce,
+}

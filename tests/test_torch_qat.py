@@ -30,6 +30,16 @@ class Features(torch.nn.Module):
         return self.body(x)
 
 
+W4 = lowbit.Recipe(default=lowbit.Scheme(weights="int4"))
+
+
+def int4_weights(model) -> dict[str, np.ndarray]:
+    """Quantized weight initializers stored as ONNX INT4, as int8 arrays."""
+    from onnx import TensorProto, numpy_helper
+    return {i.name: numpy_helper.to_array(i).astype(np.int8) for i in model.graph.initializer
+            if i.data_type == TensorProto.INT4 and i.name.endswith("_w1_q")}
+
+
 def batches(n: int = 4) -> list:
     return [torch.from_numpy(data(16, seed=10 + i)) for i in range(n)]
 
@@ -51,7 +61,7 @@ def train_steps(q, steps: int = 3) -> None:
 def test_export_matches_fake_quant_within_one_step(tmp_path: Path, bits: int) -> None:
     torch.manual_seed(0)
     m = Features().eval()
-    q = lt.prepare_qat(m, example_inputs=(batches(1)[0][:1],), calib=batches(), weight_bits=bits)
+    q = lt.prepare_qat(m, W4 if bits == 4 else None, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q)
     out_path = tmp_path / "f.onnx"
     res = lt.export(q, out_path, example_inputs=(batches(1)[0][:1],))
@@ -65,12 +75,14 @@ def test_export_matches_fake_quant_within_one_step(tmp_path: Path, bits: int) ->
     assert np.abs(ref).max() > 20 * step  # a real signal, not all zeros
     plan = lowbit.Plan.load(lowbit.plan.plan_path(out_path))
     weights = [t for t in plan.tensors.values() if t.kind == "weight"]
-    assert weights and all(t.axis == 0 and t.dtype == "int8" for t in weights)
+    assert len(weights) == 3 and all(t.axis == 0 and t.dtype == f"int{bits}" for t in weights)
     assert all(t.dtype == "uint8" for t in plan.tensors.values() if t.kind == "activation")
     assert all(t.dtype == "int32" for t in plan.tensors.values() if t.kind == "bias")
-    q_ints = [i for i in res.model.graph.initializer if i.name.endswith("_w1_q")]
+    stored = int4_weights(res.model) if bits == 4 else \
+        {i.name: lowbit_arr(i) for i in res.model.graph.initializer if i.name.endswith("_w1_q")}
+    assert len(stored) == 3
     limit = 2 ** (bits - 1) - 1
-    vals = np.concatenate([lowbit_arr(i).ravel() for i in q_ints])
+    vals = np.concatenate([v.ravel() for v in stored.values()])
     assert vals.min() >= -limit and vals.max() <= limit and np.abs(vals).max() == limit
 
 
@@ -80,8 +92,7 @@ def lowbit_arr(t):
 
 
 def test_classifier_export_agrees_with_module(tmp_path: Path) -> None:
-    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches(), weight_bits=4,
-                       freeze_bn_after=1)
+    q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches(), freeze_bn_after=1)
     train_steps(q)
     res = lt.export(q, tmp_path / "c.onnx", example_inputs=(batches(1)[0][:1],))
     x = data(64, seed=5)
@@ -132,8 +143,14 @@ def test_recipe_naming_a_missing_layer_is_one_line_error() -> None:
     with pytest.raises(lowbit.LowbitError) as e:
         lt.prepare_qat(small_cnn(), recipe, example_inputs=(batches(1)[0][:1],))
     assert "features.99" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(lowbit.LowbitError, match="nope"):
+    with pytest.raises(lowbit.LowbitError, match="nope"), pytest.warns(DeprecationWarning):
         lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), weight_bits={"nope*": 4})
+    bad = lowbit.Recipe(exclude_names=("classifier",))
+    with pytest.raises(lowbit.LowbitError, match="'classifier', which matches no layer"):
+        lt.prepare_qat(small_cnn(), bad, example_inputs=(batches(1)[0][:1],))
+    dynamic = lowbit.Recipe(rules=(lowbit.Rule(names=("fc",), scheme=lowbit.Scheme(mode="dynamic")),))
+    with pytest.raises(lowbit.LowbitError, match="mode dynamic for 'fc'"):
+        lt.prepare_qat(small_cnn(), dynamic, example_inputs=(batches(1)[0][:1],))
 
 
 def test_untraceable_module_is_one_line_error() -> None:
@@ -167,7 +184,7 @@ def test_untrusted_checkpoint_is_refused(tmp_path: Path, capsys) -> None:
 def test_lowbit_eval_and_diagnose_work_on_the_export(tmp_path: Path, capsys) -> None:
     from lowbit.cli.main import main as cli
 
-    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches(), weight_bits=4).eval()
+    q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches()).eval()
     lt.export(q, tmp_path / "q.onnx", (batches(1)[0][:1],), float_output=tmp_path / "f.onnx")
     np.save(tmp_path / "d.npy", data(16, seed=4))
     np.save(tmp_path / "l.npy", np.arange(16) % 10)
@@ -178,17 +195,103 @@ def test_lowbit_eval_and_diagnose_work_on_the_export(tmp_path: Path, capsys) -> 
     assert "SQNR" in capsys.readouterr().out
 
 
-def test_mixed_weight_bits_per_layer_and_recipe_file(tmp_path: Path) -> None:
+def test_deprecated_weight_bits_still_chooses_per_layer_widths(tmp_path: Path) -> None:
     recipe = tmp_path / "r.json"
     recipe.write_text(lowbit.Recipe(rules=(lowbit.Rule(names=("features.*",), scheme=lowbit.Scheme()),)).to_json())
-    q = lt.prepare_qat(small_cnn(), str(recipe), example_inputs=(batches(1)[0][:1],), calib=batches(),
-                       weight_bits={"features.3": 4}).eval()
+    with pytest.warns(DeprecationWarning, match="weight_bits"):
+        q = lt.prepare_qat(small_cnn(), str(recipe), example_inputs=(batches(1)[0][:1],), calib=batches(),
+                           weight_bits={"features.3": 4}).eval()
     res = lt.export(q, None, (batches(1)[0][:1],))
-    from onnx import numpy_helper
-    peak = {i.name: int(np.abs(numpy_helper.to_array(i)).max()) for i in res.model.graph.initializer
-            if i.name.endswith("_w1_q")}
-    assert peak.pop("/features.3/Conv_w1_q") == 7
-    assert set(peak.values()) == {127}
+    assert list(int4_weights(res.model)) == ["/features.3/Conv_w1_q"]
+    assert {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "weight"} == {
+        "/features.0/Conv:1": "int8", "/features.3/Conv:1": "int4", "/features.6/Conv:1": "int8", "/fc/Gemm:1": "int8"}
+
+
+MIXED = lowbit.Recipe(rules=(
+    lowbit.Rule(names=("features.3",), scheme=lowbit.Scheme(mode="float")),
+    lowbit.Rule(names=("features.6",), scheme=lowbit.Scheme(weights="int4", activations="uint16")),
+    lowbit.Rule(op_types=("Gemm",), scheme=lowbit.Scheme(weights="int4")),
+))
+
+
+def test_mixed_recipe_int4_int8_uint16_and_a_float_layer(tmp_path: Path) -> None:
+    """One recipe file: features.0 int8, features.3 kept float, features.6 int4 weights with 16-bit output,
+    the classifier int4; the export follows it and matches the fake-quant module."""
+    path = tmp_path / "mixed.json"
+    path.write_text(MIXED.to_json())
+    q = lt.prepare_qat(small_cnn(), str(path), example_inputs=(batches(1)[0][:1],), calib=batches(),
+                       freeze_bn_after=1)
+    assert q.get_submodule("features.3").bits is None and q.get_submodule("features.6").bits == 4
+    train_steps(q, 2)
+    res = lt.export(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
+    plan = res.plan
+    assert {k: t.dtype for k, t in plan.tensors.items() if t.kind == "weight"} == {
+        "/features.0/Conv:1": "int8", "/features.6/Conv:1": "int4", "/fc/Gemm:1": "int4"}
+    assert not plan.nodes["/features.3/Conv"].quantized and "mode float" in plan.nodes["/features.3/Conv"].reason
+    acts = {k: t.dtype for k, t in plan.tensors.items() if t.kind == "activation"}
+    assert acts["/features.6/Relu_output_0"] == "uint16" and acts["x"] == "uint8"
+    # The float conv reads a quantized tensor and its output is quantized again only where a quantized op reads
+    # it (features.6's input): no Q/DQ between the float conv and its fused ReLU6.
+    conv3 = next(n for n in res.model.graph.node if n.name == "/features.3/Conv")
+    assert any(i.name == conv3.input[1] for i in res.model.graph.initializer)  # float weight, no DequantizeLinear
+    assert [n.op_type for n in res.model.graph.node if conv3.output[0] in n.input] == ["Clip"]
+    assert sorted(int4_weights(res.model)) == ["/fc/Gemm_w1_q", "/features.6/Conv_w1_q"]
+    x = data(64, seed=12)
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x)).numpy()
+    out = session(str(tmp_path / "m.onnx"), mode="kernels").run(None, {"x": x})[0]
+    fc_in = plan.tensors[next(k for k in plan.tensors if k.endswith("Flatten_output_0"))].scale[0]
+    assert np.all(np.abs(out - ref) <= fc_in * q.fc.linear.weight.detach().abs().sum(1).numpy() * 1.001)
+
+
+@pytest.mark.parametrize("keep", ["body.0", "body.3"])
+def test_float_layer_export_matches_within_one_step(tmp_path: Path, keep: str) -> None:
+    """A layer kept float (first layer: the model input stays float too; middle layer: its output is quantized
+    by its reader) trains without fake quantization and exports float; the export matches within one step."""
+    recipe = lowbit.Recipe(exclude_names=(keep,)) if keep == "body.0" else \
+        lowbit.Recipe(rules=(lowbit.Rule(names=(keep,), scheme=lowbit.Scheme(mode="float")),))
+    q = lt.prepare_qat(Features().eval(), recipe, example_inputs=(batches(1)[0][:1],), calib=batches())
+    train_steps(q, 2)
+    res = lt.export(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
+    conv = f"/{keep}/Conv"
+    assert not res.plan.nodes[conv].quantized and f"{conv}:1" not in res.plan.tensors
+    assert len([t for t in res.plan.tensors.values() if t.kind == "weight"]) == 2
+    assert ("x" in res.plan.tensors) == (keep != "body.0")
+    x = data(32, seed=21)
+    with torch.no_grad():
+        ref = q(torch.from_numpy(x)).numpy()
+    step = res.plan.tensors["y"].scale[0]
+    for mode in ("simulate", "kernels"):
+        out = session(str(tmp_path / "m.onnx"), mode=mode).run(None, {"x": x})[0]
+        assert np.abs(out - ref).max() <= step * 1.001, mode
+    assert np.abs(ref).max() > 20 * step
+
+
+def test_one_recipe_for_ptq_and_qat_int4_weights_shrink_the_file(tmp_path: Path) -> None:
+    """The same W4A8 recipe drives PTQ (lowbit.quantize on the module) and QAT; both store INT4 weights, two
+    per byte, and ONNX Runtime runs them close to float."""
+    m, x = small_cnn(), data(64, seed=2)
+    example = (batches(1)[0][:1],)
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x)).numpy()
+    n_weights = sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.ndim > 1)
+    sizes = {}
+    for name, recipe in (("w8", lowbit.Recipe()), ("w4", W4)):
+        ptq = lowbit.quantize(m, tmp_path / f"ptq_{name}.onnx", example_inputs=example, calib=data(64), recipe=recipe,
+                              progress=False)
+        q = lt.prepare_qat(m, recipe, example_inputs=example, calib=batches())
+        qat = lt.export(q, tmp_path / f"qat_{name}.onnx", example)
+        for res in (ptq, qat):
+            weights = {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "weight"}
+            assert len(weights) == 4 and set(weights.values()) == {"int8" if name == "w8" else "int4"}
+            stored = [i for i in res.model.graph.initializer if i.name.endswith("_w1_q")]
+            # INT4: two weights per byte (each of these tensors has an even size)
+            assert sum(len(i.raw_data) for i in stored) == n_weights // (2 if name == "w4" else 1)
+            out = session(res.model, mode="kernels").run(None, {"x": x})[0]
+            cos = float(np.sum(out * ref) / np.linalg.norm(out) / np.linalg.norm(ref))
+            assert cos > 0.98, (name, cos)
+        sizes[name] = [(tmp_path / f"{k}_{name}.onnx").stat().st_size for k in ("ptq", "qat")]
+    assert all(w4 < w8 for w8, w4 in zip(sizes["w8"], sizes["w4"]))
 
 
 def test_sixteen_bit_activations_from_the_recipe(tmp_path: Path) -> None:
@@ -210,7 +313,7 @@ def test_tflite_export_runs_the_qat_model(tmp_path: Path) -> None:
     litert = pytest.importorskip("ai_edge_litert.interpreter")
     from lowbit.export.tflite import export_tflite
 
-    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches(), weight_bits=4)
+    q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q, 2)
     res = lt.export(q, tmp_path / "q.onnx", (batches(1)[0][:1],))
     export_tflite(tmp_path / "q.onnx", tmp_path / "q.tflite")

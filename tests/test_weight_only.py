@@ -108,8 +108,9 @@ def test_int4_on_a_conv_is_a_one_line_error():
 
 
 @pytest.mark.parametrize("bad,match", [
-    ({"weights": "int4"}, "int4 weights need mode weight_only"),
-    ({"mode": "weight_only", "block_size": 32}, "block_size applies to int4"),
+    ({"mode": "dynamic", "weights": "int4"}, "int4 weights need mode weight_only or static"),
+    ({"weights": "int4", "block_size": 32}, "block_size applies to weight_only int4"),
+    ({"mode": "weight_only", "block_size": 32}, "block_size applies to weight_only int4"),
     ({"mode": "weight_only", "weights": "int4", "block_size": 48}, "'block_size' must be one of"),
 ])
 def test_bad_int4_options(bad, match):

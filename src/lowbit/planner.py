@@ -191,7 +191,7 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
     if op in ("Conv", "ConvTranspose"):
         if scheme.weights == "int4":
             raise LowbitError(f"int4 weights cannot be used on {op} node '{name}' ({rule}): ONNX Runtime has int4 "
-                              "kernels for MatMul/Gemm/Gather only; add a rule giving convolutions weights=int8")
+                              "kernels for MatMul/Gemm/Gather only; add a rule giving convolutions weights=int8, or mode=static for int4 QDQ")
         if scheme.mode == "weight_only":
             spec = spec_for(node)
             if isinstance(spec, Skip):

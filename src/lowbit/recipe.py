@@ -45,6 +45,8 @@ class Scheme:
     # Subtract from each output channel's bias the mean shift its rounded weights cause on calibration data.
     bias_correction: bool = True
     # int4 weights: values per scale along the reduction axis (weight_only MatMul/Gemm/Gather); None = 32.
+    # Static int4 weights are per channel (or per tensor) behind an INT4 DequantizeLinear: a file about half the
+    # size of int8, but ONNX Runtime has no integer kernel for them and runs those ops in float.
     block_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,10 +66,11 @@ class Scheme:
             raise LowbitError("conflicting options: reduce_range is for 8-bit kernels, not 16-bit activations")
         if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
             raise LowbitError(f"recipe option 'block_size' must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
-        if self.block_size is not None and self.weights != "int4":
-            raise LowbitError("conflicting options: block_size applies to int4 weights only; set weights=int4 or drop block_size")
-        if self.weights == "int4" and self.mode != "weight_only":
-            raise LowbitError(f"conflicting options: int4 weights need mode weight_only (ONNX Runtime has no int4 {self.mode} kernels); set mode=weight_only or weights=int8")
+        if self.block_size is not None and (self.weights != "int4" or self.mode != "weight_only"):
+            raise LowbitError("conflicting options: block_size applies to weight_only int4 weights only (static int4 "
+                              "weights are per channel); set mode=weight_only, weights=int4 or drop block_size")
+        if self.weights == "int4" and self.mode not in ("weight_only", "static"):
+            raise LowbitError(f"conflicting options: int4 weights need mode weight_only or static, not {self.mode}; set weights=int8")
         if self.mode == "dynamic" and self.activations != "uint8":
             raise LowbitError(f"conflicting options: dynamic mode quantizes activations to uint8 at run time (DynamicQuantizeLinear), not {self.activations}; drop 'activations' or use mode=static")
         if self.mode == "dynamic" and self.weights != "int8":

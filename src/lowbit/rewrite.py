@@ -20,17 +20,28 @@ def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 
 def _domain(model: ir.Model, dtype: str) -> str:
-    """16-bit QDQ needs opset 21; older models use ONNX Runtime's com.microsoft operators instead."""
-    if dtype in ("int16", "uint16") and model.opset_imports.get("", 1) < 21:
+    """16-bit and 4-bit QDQ need opset 21; older models use ONNX Runtime's com.microsoft operators instead."""
+    if dtype in ("int16", "uint16", "int4", "uint4") and model.opset_imports.get("", 1) < 21:
         model.opset_imports.setdefault(MS_DOMAIN, 1)
         return MS_DOMAIN
     return ""
 
 
+def _packed4(value: ir.Value, q: np.ndarray, dtype: str) -> ir.Value:
+    """Store a 4-bit initializer two values per byte (ONNX INT4/UINT4)."""
+    value.const_value = ir.PackedTensor(pack_int4(q), ir.DataType.INT4 if dtype == "int4" else ir.DataType.UINT4,
+                                        shape=ir.Shape(np.shape(q)))
+    value.dtype = value.const_value.dtype
+    return value
+
+
 def _qdq_params(graph: ir.Graph, name: str, p: TensorParams) -> tuple[ir.Value, ir.Value]:
     scale, zp = p.arrays()
     t = qtype(p.dtype)
-    return _init(graph, f"{name}_s", scale.astype(np.float32)), _init(graph, f"{name}_zp", zp.astype(t.np_dtype))
+    z = _init(graph, f"{name}_zp", zp.astype(t.np_dtype))
+    if p.dtype in ("int4", "uint4"):  # the zero point has the type of the quantized tensor
+        _packed4(z, zp, p.dtype)
+    return _init(graph, f"{name}_s", scale.astype(np.float32)), z
 
 
 def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Node:
@@ -49,8 +60,7 @@ def constant_dq(model: ir.Model, name: str, array: np.ndarray | None, q: np.ndar
     t = qtype(p.dtype)
     stored = _init(model.graph, f"{name}_q", q.astype(t.np_dtype))
     if p.dtype in ("int4", "uint4"):
-        stored.const_value = ir.PackedTensor(pack_int4(q), ir.DataType.INT4 if p.dtype == "int4" else ir.DataType.UINT4, shape=ir.Shape(q.shape))
-        stored.dtype = stored.const_value.dtype
+        _packed4(stored, q, p.dtype)
     node = _dq_node(model, name, stored, p)
     node.outputs[0].name = f"{name}_dq"
     node.outputs[0].dtype = ir.DataType.FLOAT

@@ -10,6 +10,8 @@ module's own grid, so the ONNX model computes what the fake-quant module compute
 from __future__ import annotations
 
 import copy
+import dataclasses
+import glob
 from pathlib import Path
 from typing import Any
 
@@ -21,21 +23,23 @@ from onnx import numpy_helper
 
 from ..errors import LowbitError
 from ..graph.io import check_output_path, save_model
+from ..numerics import pack_int4
 from ..passes import prepare
 from ..plan import Plan, TensorParams, plan_path
 from ..planner import make_layout
 from ..quantize import QuantizeResult, quantize
-from ..recipe import Recipe, Scheme
+from ..recipe import Recipe, Rule, Scheme
 from .fakequant import ActFakeQuant, ExportConv, ExportLinear, QConvBnAct, QLinearAct
 from .onnx_export import module_to_onnx
 
 # Overflow guard and bias correction would move weights off the grid the module trained on.
 EXPORT_RECIPE = Recipe(default=Scheme(avoid_overflow=False, bias_correction=False))
+INT4 = dataclasses.replace(EXPORT_RECIPE.default, weights="int4")
 
 
-def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int], dict[float, tuple]]:
-    """Float copy for export, the bits of each exported weight (by parameter name), and marker scale ->
-    real (scale, zero point, dtype) of 16-bit activations."""
+def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, int | None], dict[float, tuple]]:
+    """Float copy for export, the bits of each exported weight (by parameter name; None: a float layer), and
+    marker scale -> real (scale, zero point, dtype) of 16-bit activations."""
     clone = copy.deepcopy(module).eval()
     bits: dict[str, int] = {}
     markers: dict[float, tuple] = {}
@@ -98,12 +102,33 @@ def _strip_activation_qdq(proto: onnx.ModelProto, markers: dict[float, tuple]) -
     return params
 
 
-def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple]) -> dict[str, TensorParams]:
+def _export_recipe(float_proto: onnx.ModelProto, bits: dict[str, int | None]) -> Recipe:
+    """EXPORT_RECIPE plus one rule per layer that is not int8: int4 weights by the layer's ONNX node, and mode
+    float for every node of a float layer (its conv/linear and fused activation share the layer's scope)."""
+    rules = []
+    for node in float_proto.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or bits.get(node.input[1], 8) == 8:
+            continue
+        if bits[node.input[1]] is None:
+            scope = node.name.rpartition("/")[0]
+            names = (glob.escape(scope) + "/*",) if scope else (glob.escape(node.name),)
+            rules.append(Rule(names=names, scheme=Scheme(mode="float")))
+        else:
+            rules.append(Rule(names=(glob.escape(node.name),), scheme=INT4))
+    found = len(rules)
+    expected = sum(b != 8 for b in bits.values())
+    if found != expected:
+        raise LowbitError(f"QAT export found {found} of the {expected} int4/float layers in the exported graph; "
+                          "their weights were renamed by the ONNX export")
+    return dataclasses.replace(EXPORT_RECIPE, rules=tuple(rules))
+
+
+def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple], recipe: Recipe) -> dict[str, TensorParams]:
     copy_ = onnx.ModelProto()
     copy_.CopyFrom(float_proto)
     model = ir.from_proto(copy_)
     prepare(model)
-    layout = make_layout(model, EXPORT_RECIPE)
+    layout = make_layout(model, recipe)
     missing = sorted(set(layout.sources()) - set(params) - set(model.graph.initializers))
     extra = sorted(set(params) - set(layout.tensors))
     if missing or extra:
@@ -117,9 +142,9 @@ def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple]) -> dic
     return out
 
 
-def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict[str, int]) -> None:
+def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict[str, int | None]) -> None:
     """Weights and int32 biases from the module's grid (exact integers, its own scales); 4-bit weights are
-    stored in int8 containers holding values in [-7, 7]."""
+    stored as packed INT4, two per byte."""
     g = result.model.graph
     inits = {t.name: t for t in g.initializer}
     fnodes = {n.name: n for n in float_proto.graph.node}
@@ -137,7 +162,9 @@ def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict
         scale = np.where(scale > 0, scale, np.float32(1e-12))
         k = np.clip(np.rint(flat / scale[:, None]), -qmax, qmax).astype(np.int8).reshape(w.shape)
         dq = dq_by_out[node.input[1]]
-        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(k, dq.input[0]))
+        stored = numpy_helper.from_array(k, dq.input[0]) if qmax == 127 else \
+            onnx.helper.make_tensor(dq.input[0], onnx.TensorProto.INT4, k.shape, pack_int4(k).tobytes(), raw=True)
+        inits[dq.input[0]].CopyFrom(stored)
         inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))
         plan.tensors[f"{node.name}:1"].scale = scale.astype(float).tolist()
         if len(node.input) > 2 and node.input[2] and f"{node.name}:2" in plan.tensors:
@@ -166,11 +193,12 @@ def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any
     clone, bits, markers = _frozen_copy(module)
     proto = module_to_onnx(clone, example_inputs)
     params = _strip_activation_qdq(proto, markers)
-    tensors = _plan_tensors(proto, params)
+    recipe = _export_recipe(proto, bits)
+    tensors = _plan_tensors(proto, params, recipe)
     if float_output is not None:
         save_model(proto, float_output)
-    plan = Plan(recipe=EXPORT_RECIPE.to_dict(), tensors=tensors)
-    result = quantize(proto, plan=plan, recipe=EXPORT_RECIPE, progress=False)
+    plan = Plan(recipe=recipe.to_dict(), tensors=tensors)
+    result = quantize(proto, plan=plan, recipe=recipe, progress=False)
     _write_grid(result, proto, bits)
     onnx.checker.check_model(result.model)
     if path is not None:

@@ -1,9 +1,10 @@
 """Fake-quantization modules for QAT, numerically the same as lowbit's QDQ graph in float simulation.
 
-Activations: uint8, asymmetric, scale learned LSQ-style (gradient with a straight-through estimator through
+Activations: uint8 (or uint16), asymmetric, scale learned LSQ-style (gradient with a straight-through estimator through
 the rounding); the zero point is fixed by calibration. Weights: per-channel symmetric on the narrow range
 [-qmax, qmax] (int8: 127, int4: 7), scale max|w|/qmax per output channel, as lowbit's PTQ computes it, with
-a straight-through estimator for the weights. BatchNorm is folded into the conv weights during training.
+a straight-through estimator for the weights. BatchNorm is folded into the conv weights during training. A layer
+the recipe keeps float is the same module with bits None: BatchNorm folded, no rounding.
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ class ActFakeQuant(torch.nn.Module):
         return real
 
 
-def fake_quant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-output-channel symmetric fake quantization; gradients pass straight through to w."""
+def fake_quant_weight(w: torch.Tensor, bits: int | None) -> torch.Tensor:
+    """Per-output-channel symmetric fake quantization; gradients pass straight through to w. bits None: a
+    layer kept float, returned as is."""
+    if bits is None:
+        return w
     qmax = 2 ** (bits - 1) - 1
     scale = (w.detach().abs().amax(dim=tuple(range(1, w.ndim))).clamp(min=1e-12) / qmax).float()
     zp = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
@@ -99,7 +103,7 @@ class QConvBnAct(torch.nn.Module):
     the running statistics are folded for good, which is what the exported model computes.
     """
 
-    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, act: str | None, bits: int,
+    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, act: str | None, bits: int | None,
                  freeze_bn_after: int | None) -> None:
         super().__init__()
         self.conv, self.bn, self.act, self.bits = conv, bn, act, bits
@@ -138,7 +142,7 @@ class QConvBnAct(torch.nn.Module):
 
 
 class QLinearAct(torch.nn.Module):
-    def __init__(self, linear: torch.nn.Linear, act: str | None, bits: int) -> None:
+    def __init__(self, linear: torch.nn.Linear, act: str | None, bits: int | None) -> None:
         super().__init__()
         self.linear, self.act, self.bits = linear, act, bits
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import warnings
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable
@@ -49,17 +50,20 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None) -> tuple[int, str]:
-    """(weight bits, activation type of the layer's output) for one conv/linear."""
+def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None
+                  ) -> tuple[int | None, str]:
+    """(weight bits, or None to keep the layer float; activation type of the layer's output) for one conv/linear."""
     scheme, _ = recipe.scheme_for(name, op_type)
-    if scheme is None:
-        raise LowbitError(f"QAT keeps every layer quantized; the recipe leaves '{name}' in float, which QAT does not "
-                          "support yet: remove that rule or exclusion")
+    if scheme is None or scheme.mode == "float":
+        return None, "float"
+    if scheme.mode != "static":
+        raise LowbitError(f"QAT trains static quantization (or keeps a layer float); the recipe asks mode "
+                          f"{scheme.mode} for '{name}': use mode static or float for it")
     if scheme.activations not in ("uint8", "uint16") or not scheme.per_channel or not scheme.symmetric_weights:
         raise LowbitError(f"QAT supports uint8/uint16 activations with per-channel symmetric weights; the recipe "
                           f"asks {scheme.activations} activations, per_channel={scheme.per_channel}, "
                           f"symmetric_weights={scheme.symmetric_weights} for '{name}'")
-    bits = 8
+    bits = 4 if scheme.weights == "int4" else 8
     if isinstance(weight_bits, int):
         bits = weight_bits
     elif isinstance(weight_bits, dict):
@@ -87,11 +91,16 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
                 freeze_bn_after: int | None = None) -> fx.GraphModule:
     """A fake-quantized copy of `module`, calibrated on `calib` (batches of inputs; default: example_inputs).
 
-    The recipe's rule name patterns match module names (e.g. "features.3"); its Scheme has no 4-bit weight
-    type yet, so `weight_bits` (4 or 8, or {name pattern: bits}) chooses the weight width. BatchNorm
-    statistics stop updating after `freeze_bn_after` training steps (None: never).
+    The recipe's rule name patterns match module names (e.g. "features.3") and op types "Conv" / "Gemm";
+    a layer's Scheme gives its weights (int8, or int4 with mode static) and output activations (uint8 or
+    uint16); mode float (or an exclusion) keeps the layer float. `weight_bits` (4, 8 or {name pattern: bits})
+    is deprecated: it overrides the recipe's weight type. BatchNorm statistics stop updating after
+    `freeze_bn_after` training steps (None: never).
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe() if recipe is None else Recipe.load(recipe)
+    if weight_bits is not None:
+        warnings.warn("prepare_qat(weight_bits=...) is deprecated: give 4-bit layers a recipe rule with "
+                      "Scheme(weights='int4')", DeprecationWarning, stacklevel=2)
     inputs = as_tuple(example_inputs)
     try:
         gm = fx.symbolic_trace(copy.deepcopy(module))
@@ -103,8 +112,18 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
     layer_names = [n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     _check_patterns(recipe, weight_bits, layer_names)
     g = gm.graph
+    _fuse_layers(gm, recipe, weight_bits, freeze_bn_after)
+    _add_fake_quantizers(gm, recipe)
+    g.lint()
+    gm.recompile()
+    calibrate_qat(gm, calib if calib is not None else [inputs])
+    gm.train(module.training)
+    return gm
 
-    # 1. fuse Conv [+BN] [+act] and Linear [+act] into fake-quantized modules, named after the conv/linear
+
+def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn_after: int | None) -> None:
+    """Conv [+BN] [+act] and Linear [+act] become one (fake-quantized or float) module, named after the layer."""
+    g, modules = gm.graph, dict(gm.named_modules())
     for node in list(g.nodes):
         if node.op != "call_module" or not isinstance(modules.get(node.target), (torch.nn.Conv2d, torch.nn.Linear)):
             continue
@@ -130,9 +149,23 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
                 g.erase_node(cur)
                 cur = prev
         fused.act_dtype = act_dtype
-    modules = dict(gm.named_modules())
 
-    # 2. activation quantizers (16-bit where the recipe gives the producing layer uint16, as PTQ does)
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADD_FUNCS) or (node.op == "call_method" and node.target == "add")
+
+
+def _is_pass(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
+    m = modules.get(node.target) if node.op == "call_module" else None
+    return isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCS) or \
+        (node.op == "call_method" and node.target in _PASS_METHODS)
+
+
+def _add_fake_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
+    """An activation quantizer on every tensor lowbit's PTQ quantizes: outputs of quantized layers, pools and
+    adds (after a ReLU when one follows), and then the inputs of quantized ops that nothing quantized yet
+    (model inputs, outputs of float layers), 16-bit where the recipe gives the layer uint16."""
+    g, modules = gm.graph, dict(gm.named_modules())
     default_dtype = recipe.default.activations if recipe.default.activations in ("uint8", "uint16") else "uint8"
     count = 0
 
@@ -145,44 +178,58 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
             fq = g.call_module(name, (after,))
         after.replace_all_uses_with(fq, delete_user_cb=lambda u: u is not fq)
 
+    def layer(node: fx.Node) -> QConvBnAct | QLinearAct | None:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        return m if isinstance(m, (QConvBnAct, QLinearAct)) else None
+
+    consumers: list[tuple[fx.Node, str]] = []  # ops that quantize their inputs, with the dtype they would give them
     for node in list(g.nodes):
         if node.op in ("placeholder", "output", "get_attr"):
-            if node.op == "placeholder":
-                first = modules.get(next(iter(node.users)).target) if node.users else None
-                add_fq(node, None, getattr(first, "act_dtype", default_dtype))
             continue
         m = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(m, (QConvBnAct, QLinearAct)):
-            users = list(node.users)
-            if isinstance(m, QLinearAct) and all(u.op == "output" for u in users):
+        q = layer(node)
+        if q is not None:
+            if q.bits is None:
+                continue  # a float layer; whoever reads it quantizes its output if they need to
+            consumers.append((node, q.act_dtype))
+            if isinstance(q, QLinearAct) and all(u.op == "output" for u in node.users):
                 continue  # lowbit keeps a weighted op's model output in float
-            add_fq(node, m.act, m.act_dtype)
-        elif isinstance(m, _POOL_MODULES) or (node.op == "call_function" and node.target in _ADD_FUNCS) or \
-                (node.op == "call_method" and node.target == "add"):
+            add_fq(node, q.act, q.act_dtype)
+        elif isinstance(m, _POOL_MODULES) or _is_add(node):
+            consumers.append((node, default_dtype))
             nxt = _only_user(node)
             act = _act_kind(nxt, modules) if nxt is not None else None
             add_fq(nxt if act else node, act)
         elif _act_kind(node, modules) is not None:
             prev = node.args[0]
-            if isinstance(prev, fx.Node) and prev.op == "call_module" and \
-                    isinstance(modules.get(prev.target), _POOL_MODULES):
+            if isinstance(prev, fx.Node) and ((prev.op == "call_module" and isinstance(modules.get(prev.target),
+                                                                                      _POOL_MODULES)) or _is_add(prev)):
                 continue  # handled with its producer
-            if isinstance(prev, fx.Node) and ((prev.op == "call_function" and prev.target in _ADD_FUNCS) or
-                                              (prev.op == "call_method" and prev.target == "add")):
-                continue
             add_fq(node, _act_kind(node, modules))
-        elif isinstance(m, (_PASS_MODULES, ActFakeQuant)) or (node.op == "call_function" and node.target in _PASS_FUNCS) \
-                or (node.op == "call_method" and node.target in _PASS_METHODS):
+        elif isinstance(m, torch.nn.MaxPool2d):
+            consumers.append((node, default_dtype))  # quantizes its input and shares its scale
+        elif isinstance(m, ActFakeQuant) or _is_pass(node, modules):
             continue
         else:
             what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
             raise LowbitError(f"QAT does not support {what} (at '{node.name}') yet; supported: Conv2d, BatchNorm2d, "
                               "Linear, ReLU, ReLU6, add, average/max pooling, flatten")
-    g.lint()
-    gm.recompile()
-    calibrate_qat(gm, calib if calib is not None else [inputs])
-    gm.train(module.training)
-    return gm
+    modules = dict(gm.named_modules())
+
+    def quantized(node: fx.Node) -> bool:
+        while not isinstance(modules.get(node.target) if node.op == "call_module" else None, ActFakeQuant):
+            if not _is_pass(node, modules) or not node.args or not isinstance(node.args[0], fx.Node):
+                return False
+            node = node.args[0]
+        return True
+
+    for node, dtype in consumers:
+        args = node.args if _is_add(node) else node.args[:1]
+        for a in args:
+            if isinstance(a, fx.Node) and not quantized(a):
+                q = layer(a)
+                add_fq(a, q.act if q is not None else _act_kind(a, modules), dtype)
+                modules = dict(gm.named_modules())
 
 
 def fake_quantizers(gm: torch.nn.Module) -> list[ActFakeQuant]:

@@ -79,6 +79,8 @@ def _weight(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> QTensor:
     axis = next((a.i for a in node.attribute if a.name == "axis"), 1) if scale.size > 1 else 0
     if axis < 0:
         axis += q.ndim
+    if q.dtype.name in ("int4", "uint4"):  # 4-bit weights (ml_dtypes arrays): TFLite gets them in 8-bit tensors
+        q = q.astype(np.int8 if q.dtype.name == "int4" else np.uint8)
     if q.dtype == np.uint8:  # shift to int8 as for activations: same real values
         q = (q.astype(np.int16) - 128).astype(np.int8)
         zp = zp - 128

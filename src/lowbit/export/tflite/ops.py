@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 
 from .context import TO_NHWC, Context, nhwc_axis
-from . import transformer
+from . import spatial, transformer
 from .layers import conv, fail, fully_connected, mean, pool
 from .writer import QuantParams
 
@@ -163,12 +163,13 @@ CONVERTERS: dict[str, Converter] = {
     "Relu": clip, "Clip": clip, "Sigmoid": unary, "HardSwish": unary, "Tanh": unary, "Softmax": softmax,
     "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose,
     "Concat": concat, "Identity": identity, **transformer.CONVERTERS,
+    **spatial.CONVERTERS,
 }
 # Ops that may absorb a following Relu/Clip as fused_activation_function.
 FUSES = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "MaxPool", "Concat"}
 # Ops whose int8 TFLite kernels need the same scale and zero point on input and output.
 SAME_PARAMS = {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat",
-               "Gather", "Expand"}
+               "Gather", "Expand", "Resize", "Pad"}
 # Ops without an int8 kernel in TFLite's builtin resolver.
 FLOAT_ONLY = {"Div"} | set(transformer.CONVERTERS) - transformer.INT8_OK
 # int8 kernels with fixed output parameters: (scale, zero point).

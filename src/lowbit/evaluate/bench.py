@@ -57,7 +57,8 @@ class _FedLite:
         return self.sess.invoke(self.native)
 
 
-def _fed(path: str, feeds: dict[str, np.ndarray], threads: int) -> _Fed | _FedLite:
+def bound_session(path: str, feeds: dict[str, np.ndarray], threads: int) -> _Fed | _FedLite:
+    """`path` (.onnx in ORT, .tflite in LiteRT) bound to `feeds`: `.run(None, None)` runs it once."""
     if is_tflite(path):
         return _FedLite(LiteRTSession(path, threads=threads), feeds)
     return _Fed(session(path, "kernels", threads=threads), feeds)
@@ -226,7 +227,7 @@ def _latency(
     for order, n in zip((list(paths), list(reversed(paths))), halves):
         bar.set_description(f"latency, {threads} thread{'s' if threads > 1 else ''}")
         if n:
-            sessions = {k: _fed(paths[k], feeds[k], threads) for k in order}
+            sessions = {k: bound_session(paths[k], feeds[k], threads) for k in order}
             half = interleaved_latency(sessions, {}, runs=n, warmup=warmup)  # type: ignore[arg-type]
             for k, v in half.items():
                 times[k].extend(v)
@@ -303,7 +304,7 @@ def _peak_worker(path: str, feeds_file: str, threads: str) -> None:
     except OSError:
         pass
     before = _status_kb("VmRSS")
-    sess = _fed(path, feeds, int(threads))
+    sess = bound_session(path, feeds, int(threads))
     for _ in range(3):
         sess.run(None, None)
     peak = _status_kb("VmHWM")

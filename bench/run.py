@@ -290,6 +290,9 @@ def litert_block(float_path: Path, qpath: Path, work: Path, evalx, lowbit_fid: d
         sess = LiteRTSession(pth, threads=1)
         lite[k] = (np.concatenate([sess.run(None, b)[0] for b in batches]), sess.delegate_partitions())
     f_out, i_out = lite["float"][0], lite["int8"][0]
+    # LiteRT's own int8 kernels (no XNNPACK) round requantization differently from XNNPACK and ORT
+    builtin = LiteRTSession(qt, threads=1, xnnpack=False)
+    b_out = np.concatenate([builtin.run(None, b)[0] for b in batches])
     out = {
         "sizes": {"float": ft.stat().st_size, "int8": qt.stat().st_size},
         "export_s": export_s, "int8_ops": res.ops, "int8_float_nodes": res.float_nodes,
@@ -298,6 +301,9 @@ def litert_block(float_path: Path, qpath: Path, work: Path, evalx, lowbit_fid: d
                           "max_rel_error": float(np.max(np.abs(f_out - ref)) / np.max(np.abs(ref)))},
         "int8_vs_float": fidelity(ref, i_out),
         "int8_vs_onnx_int8": fidelity(q_onnx, i_out),
+        "builtin_int8_vs_onnx_int8": fidelity(q_onnx, b_out),
+        "builtin_int8_vs_xnnpack_int8": fidelity(i_out, b_out),
+        "builtin_int8_vs_float": fidelity(ref, b_out),
         "onnx_int8_vs_float": lowbit_fid,
         "latency": {},
     }
@@ -343,6 +349,11 @@ def litert_markdown(lr: dict, cfg: dict, n_eval: int) -> list[str]:
              f"{iv['max_abs_error']:.3f} |")
     L.append(f"| lowbit's int8 ONNX (ORT kernels) vs float ONNX | {ov['top1_agreement']:.4f} | {ov['cosine']:.4f} | "
              f"{ov['sqnr_db']:.1f} | {ov['max_abs_error']:.3f} |")
+    for label, key in (("lowbit's int8 ONNX (ORT kernels)", "builtin_int8_vs_onnx_int8"),
+                       ("int8 .tflite with XNNPACK", "builtin_int8_vs_xnnpack_int8"), ("float ONNX", "builtin_int8_vs_float")):
+        b = lr[key]
+        L.append(f"| int8 .tflite, LiteRT built-in kernels (no XNNPACK) vs {label} | {b['top1_agreement']:.4f} | "
+                 f"{b['cosine']:.5f} | {b['sqnr_db']:.1f} | {b['max_abs_error']:.3f} |")
     L.append("")
     s = lr["sizes"]
     L.append(f"File sizes: float .tflite {s['float'] / 1024:.0f} KiB, int8 .tflite {s['int8'] / 1024:.0f} KiB. "

@@ -167,3 +167,11 @@ def test_user_mistakes_with_tflite_are_one_line(d, tmp_path, capsys):
     # a reference with other outputs than the .tflite
     _one_line_error(["eval", str(d / "q.tflite"), "--data", data, "--reference", str(d / "cq.onnx")], capsys,
                     "reference")
+
+
+def test_builtin_kernels_without_xnnpack(d):
+    x = np.load(d / "x.npy")[:8]
+    with_x, without = LiteRTSession(d / "q.tflite"), LiteRTSession(d / "q.tflite", xnnpack=False)
+    assert with_x.delegate_partitions() >= 1 and without.delegate_partitions() == 0
+    a, b = with_x.run(None, {"x": x})[0], without.run(None, {"x": x})[0]
+    assert (a.argmax(1) == b.argmax(1)).all() and np.abs(a - b).max() < 0.05

@@ -42,17 +42,21 @@ def _table(rows: list[list[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
 
 
+def _runtime_text(runtime: str) -> str:
+    return {"litert (XNNPACK)": "LiteRT with XNNPACK", "litert": "LiteRT, built-in kernels"}.get(runtime, runtime)
+
+
 def eval_text(result: dict) -> str:
     """The human summary: what ran, accuracy, and a per-output fidelity table."""
     # "kernels" is ORT's default optimizations: integer kernels for a QDQ model, plain float for a float one.
     how = "ORT default optimizations" if result["mode"] == "kernels" else "ORT optimizations off: float simulation"
     runtime = result.get("runtime", "onnxruntime")
     if runtime != "onnxruntime":
-        how = runtime.replace("litert", "LiteRT")
+        how = _runtime_text(runtime)
     lines = [f"model      {result['model']} ({how}), {result['samples']} samples"]
     if result["reference"] is not None:
         ref_runtime = result.get("reference_runtime", "onnxruntime")
-        ref_how = "float, default optimizations" if ref_runtime == "onnxruntime" else ref_runtime.replace("litert", "LiteRT")
+        ref_how = "float, default optimizations" if ref_runtime == "onnxruntime" else _runtime_text(ref_runtime)
         lines.append(f"reference  {result['reference']} ({ref_how})")
     acc = result["accuracy"]
     if acc is not None:

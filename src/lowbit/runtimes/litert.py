@@ -45,7 +45,8 @@ def _one_line(e: BaseException) -> str:
 class LiteRTSession:
     """A .tflite model in LiteRT's CPU interpreter; `run(None, feeds)` works as ORT's does."""
 
-    def __init__(self, path: str | os.PathLike, threads: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int = 0, xnnpack: bool = True) -> None:
+        """`threads` 0: LiteRT's default; `xnnpack` False: LiteRT's built-in kernels only (to compare them)."""
         self.path = Path(path)
         if not self.path.is_file():
             raise LowbitError(f"model not found: {self.path}; check the path")
@@ -54,6 +55,7 @@ class LiteRTSession:
         if len(self.data) < 8 or self.data[4:8] != b"TFL3":
             raise LowbitError(f"{self.path} is not a TFLite model (no TFL3 identifier); re-export it")
         self.threads = threads
+        self.xnnpack = xnnpack
         self.nchw = self._lowbit_layout()
         self._it = self._interpreter()
         self._inputs = self._it.get_input_details()
@@ -79,11 +81,13 @@ class LiteRTSession:
 
     def _interpreter(self) -> Any:
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            from ai_edge_litert.interpreter import Interpreter, OpResolverType
         except ImportError:
             raise LowbitError("running .tflite files needs LiteRT: pip install ai-edge-litert") from None
+        resolver = OpResolverType.AUTO if self.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            it = Interpreter(model_content=self.data, num_threads=self.threads or None)
+            it = Interpreter(model_content=self.data, num_threads=self.threads or None,
+                             experimental_op_resolver_type=resolver)
             it.allocate_tensors()
         except Exception as e:  # LiteRT raises ValueError/RuntimeError with multi-line C++ logs
             raise LowbitError(f"LiteRT cannot load {self.path} ({_one_line(e)}); check or re-export the model") from None

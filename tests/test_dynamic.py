@@ -47,6 +47,16 @@ def test_dynamic_matmuls_are_integer_and_close_to_float():
     assert p.dtype == "int8" and p.kind == "weight" and len(p.scale) == 48
 
 
+def test_output_carries_no_inferred_shapes(tmp_path):
+    # Written-out symbolic shapes made ORT fuse Add+LayerNormalization into its slower SkipLayerNormalization.
+    m = mlp()
+    assert not m.graph.value_info
+    res = lowbit.quantize(m, tmp_path / "q.onnx", recipe=DYNAMIC, progress=False)
+    assert len(res.model.graph.value_info) == 0
+    assert len(onnx.load(str(tmp_path / "q.onnx")).graph.value_info) == 0
+    assert [o.type for o in res.model.graph.output] == [o.type for o in m.graph.output]  # outputs keep their shapes
+
+
 def test_dynamic_weights_match_the_plan():
     m = mlp()
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)

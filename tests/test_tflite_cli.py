@@ -38,9 +38,16 @@ def test_cli_exports_int8_and_prints_summary(tmp_path: Path, capsys) -> None:
     summary = json.loads(capsys.readouterr().out)
     assert summary["quantized"] and summary["ops"]["CONV_2D"] == 2 and summary["float_nodes"] == ["fc (Gemm)"]
     assert out.stat().st_size == summary["size_bytes"]
-    # the quantizer leaves the classifier's Gemm output float: integer outputs cannot be promised
+    # the quantizer leaves the classifier's Gemm output float: integer outputs need its range measured
     assert main(["export", str(q), "-o", str(tmp_path / "u.tflite"), "--io", "uint8"]) == 2
-    assert "output y is not quantized in the model; use --io float" in capsys.readouterr().err
+    assert "output y is float in the model" in capsys.readouterr().err
+    np.save(tmp_path / "calib.npy", calib)
+    assert main(["export", str(q), "-o", str(tmp_path / "u.tflite"), "--io", "uint8", "--calib",
+                 str(tmp_path / "calib.npy"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["float_nodes"] == [] and "DEQUANTIZE" not in summary["ops"]
+    out_detail = litert.Interpreter(model_path=str(tmp_path / "u.tflite")).get_output_details()[0]
+    assert out_detail["dtype"] == np.uint8
 
 
 def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:

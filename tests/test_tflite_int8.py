@@ -169,3 +169,24 @@ def test_per_tensor_weights_and_int8_activations(scheme):
     xq = ((np.clip(np.round(x / s_in) + z_in, -128, 127) - z_in) * s_in).astype(np.float32)
     q_ort = np.round(session(qmodel, "kernels").run(None, {"x": xq})[0] / s) + z
     assert np.abs(q_ort - y_tfl).max() <= 1
+
+
+def test_int8_io_quantizes_a_float_classifier_output_from_calibration():
+    from conftest import tiny_cnn
+
+    model = tiny_cnn()
+    calib = _calib(model, 1)
+    qmodel = lowbit.quantize(model, calib=[calib], progress=False).model
+    assert convert(qmodel).float_nodes == ["fc (Gemm)"]
+    with pytest.raises(LowbitError, match="^output y is float in the model .* pass --calib DATA"):
+        convert(qmodel, io="int8")
+    result = convert(qmodel, io="int8", calib=[calib])
+    assert not result.float_nodes and "DEQUANTIZE" not in result.ops
+    x = _calib(model, 2, 8)
+    y_tfl, s, z = _tflite_int(result.data, x)
+    assert y_tfl.dtype == np.int8 and s > 0
+    s_in, z_in = litert.Interpreter(model_content=result.data).get_input_details()[0]["quantization"]
+    xq = ((np.clip(np.round(x / s_in) + z_in, -128, 127) - z_in) * s_in).astype(np.float32)
+    y_ort = session(qmodel, "kernels").run(None, {"x": xq})[0]  # float logits from QGemm
+    q_ort = np.clip(np.round(y_ort / s) + z, -128, 127)
+    assert np.abs(q_ort - y_tfl).max() <= 1

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from ..errors import LowbitError
+from .common import add_image_args, image_preprocess
 
 PRECISIONS = ("auto", "float32", "float16", "dynamic")  # as lowbit.export.tflite.PRECISIONS, without importing it
 KINDS = {"int8": "full-integer int8", "float32": "float32", "float16": "float16 weights",
@@ -35,6 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", action="append", default=[], metavar="INPUT=1x128",
                    help="fix an input's sizes (repeatable), e.g. a transformer's sequence length: "
                    "--shape input_ids=1x128 --shape attention_mask=1x128")
+    p.add_argument("--calib", metavar="DATA", help="with --io int8/uint8: data (.npy/.npz, or an image folder) to "
+                   "measure the range of outputs the quantizer left float (a classifier's final Gemm)")
+    add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 
@@ -76,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from ..export.tflite import export_tflite  # keeps `lowbit --help` fast
 
     result = export_tflite(args.model, args.output, io=args.io, allow_float_fallback=args.allow_float_fallback,
-                           batch=args.batch, precision=args.precision, shapes=shapes)
+                           batch=args.batch, precision=args.precision, shapes=shapes,
+                           calib=args.calib, preprocess=image_preprocess(args))
     summary = {"model": str(args.model), "output": str(Path(args.output)), "format": args.to,
                "quantized": result.quantized, "precision": result.precision, "io": result.io, "size_bytes": len(result.data), "ops": result.ops,
                "float_nodes": result.float_nodes, "fallbacks": result.fallbacks, "transposes": result.transposes}

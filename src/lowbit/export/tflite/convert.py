@@ -227,14 +227,16 @@ def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks:
 
 
 def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_fallback: bool = False,
-            batch: int = 1, precision: str = "auto", shapes: dict[str, tuple[int, ...]] | None = None
-            ) -> ExportResult:
+            batch: int = 1, precision: str = "auto", shapes: dict[str, tuple[int, ...]] | None = None,
+            calib: Any = None, preprocess: Any = None) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
     precision (float models): float32; float16 (constants stored fp16, DEQUANTIZE'd to float32 at load);
     dynamic (conv / fully-connected weights int8 per output channel, float activations that TFLite's hybrid
     kernels quantize on the fly). QDQ models export as full-integer int8. shapes fixes input sizes by name
-    (e.g. a transformer's sequence length); other symbolic batch axes become `batch`."""
+    (e.g. a transformer's sequence length); other symbolic batch axes become `batch`. calib (anything
+    `lowbit.data.open_data` reads, with `preprocess` for image folders) measures the range of float model
+    outputs that integer io needs: lowbit leaves a weighted Gemm/MatMul's model output float."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
     proto, recipe = _load(model)
@@ -249,6 +251,8 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     quantized = bool(g.quant)
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
+    if io != "float":
+        _quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess)
     inits = {t.name for t in proto.graph.initializer}
     inputs = []
     for vi in proto.graph.input:
@@ -279,6 +283,41 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
     return ExportResult(data, quantized, io, precision, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
                         fallbacks, sorted(set(ctx.transposes)))
+
+
+def _quantize_float_outputs(g: Graph, model: str | Path | onnx.ModelProto, outputs: list[str], calib: Any,
+                            preprocess: Any) -> None:
+    """Integer outputs from a weighted layer the quantizer left float at the model's edge: measure the output's
+    range on calibration data (ONNX Runtime, the int8 model) and give it int8 parameters, so the layer runs int8."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    todo = []
+    for name in outputs:
+        node = producer.get(name)
+        if name in g.quant or node is None or node.op_type not in ("Gemm", "MatMul", "Conv"):
+            continue
+        if node.input[1] in g.qconsts and node.input[0] in g.quant:
+            todo.append(name)
+    if not todo:
+        return
+    if calib is None:
+        raise LowbitError(f"output {todo[0]} is float in the model (lowbit keeps a weighted layer's model output "
+                          "float); pass --calib DATA so the export can measure its range, or use --io float")
+    from ...data import input_specs, open_data
+    from ...numerics import scale_zero_point
+    from ...runtimes.ort import session, with_outputs
+
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    sess = session(with_outputs(proto, todo), "kernels")
+    index = [o.name for o in sess.get_outputs()]
+    lo, hi = {n: np.inf for n in todo}, {n: -np.inf for n in todo}
+    for batch in open_data(calib, input_specs(proto), preprocess=preprocess):
+        values = sess.run(None, batch)
+        for n in todo:
+            v = values[index.index(n)]
+            lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
+    for n in todo:
+        scale, zp = scale_zero_point(lo[n], hi[n], "int8", symmetric=False)
+        g.quant[n] = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
 
 
 def _input(ctx: Context, name: str, io: str) -> int:

@@ -127,3 +127,45 @@ def test_reapplying_an_int4_plan_reproduces_the_model(tmp_path):
     blocks = {n.op_type: helper.get_attribute_value(next(a for a in n.attribute if a.name == "block_size"))
               for n in first.model.graph.node if n.op_type in ("GatherBlockQuantized", "MatMulNBits")}
     assert blocks == {"GatherBlockQuantized": 16, "MatMulNBits": 64}
+
+
+def _dlrm_example():
+    """examples/dlrm.py as a module: the test trains the same model on the same kind of generated clicks."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("dlrm_example", Path(__file__).parents[1] / "examples" / "dlrm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_tiny_dlrm_keeps_its_auc_with_int8_and_int4_tables(tmp_path):
+    torch = pytest.importorskip("torch")
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    ex = _dlrm_example()
+    cards = (20_000, 5_000, 2_000, 1_000)
+    train, test = ex.make_clicks(60_000, seed=0, cardinalities=cards), ex.make_clicks(20_000, seed=1, cardinalities=cards)
+    torch.manual_seed(0)
+    model = ex.DLRM(cards)
+    ex.train(model, train, epochs=1)
+    src = tmp_path / "dlrm.onnx"
+    ex.export(model, test, src)
+    auc = {"float": sklearn_metrics.roc_auc_score(test.label, ex.predict(src, test))}
+    sizes = {"float": src.stat().st_size}
+    recipes = ex.recipes()
+    chosen = {"int8": "lowbit int8 emb + dynamic int8 MLP", "int4": "lowbit int4 emb (block 32 = row) + dynamic MLP"}
+    for key, label in chosen.items():
+        res = lowbit.quantize(src, tmp_path / f"{key}.onnx", recipe=recipes[label], progress=False)
+        auc[key] = sklearn_metrics.roc_auc_score(test.label, ex.predict(res.output, test))
+        sizes[key] = res.output.stat().st_size
+        gathers = [d for d in res.plan.nodes.values() if d.op_type == "Gather" and d.quantized]
+        assert len(gathers) == len(cards) + 1  # every table, and the history lookup into the item table
+    # It learned something beyond the base rate (the hidden model allows ~0.85 here) ...
+    assert auc["float"] > 0.68, auc
+    # ... and quantized tables keep it; a wrong scale, sign or nibble order would cost far more than this.
+    assert abs(auc["int8"] - auc["float"]) < 0.005, auc
+    assert abs(auc["int4"] - auc["float"]) < 0.015, auc
+    # The item table is read by two Gathers and stored once: int8 ~ 1/4 (+ a scale per row), int4 ~ 1/8 (+ scales).
+    assert sizes["int8"] < 0.31 * sizes["float"] and sizes["int4"] < 0.19 * sizes["float"], sizes

@@ -190,3 +190,44 @@ def test_int8_io_quantizes_a_float_classifier_output_from_calibration():
     y_ort = session(qmodel, "kernels").run(None, {"x": xq})[0]  # float logits from QGemm
     q_ort = np.clip(np.round(y_ort / s) + z, -128, 127)
     assert np.abs(q_ort - y_tfl).max() <= 1
+
+
+def test_int8_parameter_tflite_cannot_express_falls_back_to_float_when_allowed():
+    inits = [numpy_helper.from_array(_w((4, 4, 1, 1), 8), "w1"), numpy_helper.from_array(_w((4, 4, 1, 1), 9), "w2"),
+             numpy_helper.from_array(np.array(-0.5, np.float32), "lo"),
+             numpy_helper.from_array(np.array(4.0, np.float32), "hi")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c"], name="conv1"),
+             helper.make_node("Clip", ["c", "lo", "hi"], ["k"], name="clip"),
+             helper.make_node("Conv", ["k", "w2"], ["y"], name="conv2")]
+    model = _model(nodes, inits, [1, 4, 8, 8], [1, 4, 8, 8])
+    qmodel = lowbit.quantize(model, calib=[_calib(model, 1)], progress=False).model
+    with pytest.raises(LowbitError, match=r"^node clip \(Clip\): an int8 clip .*; pass --allow-float-fallback"):
+        convert(qmodel)
+    result = convert(qmodel, allow_float_fallback=True)
+    assert result.fallbacks == ["clip (Clip): an int8 clip to bounds other than relu/relu6/[-1,1]"]
+    assert result.ops["MAXIMUM"] == 1 and result.ops["CONV_2D"] == 2
+    x = _calib(model, 2, 1)
+    it = litert.Interpreter(model_content=result.data, num_threads=1)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x.transpose(0, 2, 3, 1))
+    it.invoke()
+    y = it.get_tensor(it.get_output_details()[0]["index"]).transpose(0, 3, 1, 2)
+    ref = session(qmodel, "kernels").run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() <= 2 * float(np.abs(ref).max()) / 127
+
+
+def test_add_of_scales_too_far_apart_for_tflite_is_refused_not_crashed():
+    # an attention-mask-like operand (huge range) next to a normal one: TFLite's int8 ADD would abort at load
+    inits = [numpy_helper.from_array(_w((4, 4, 1, 1), 10), "w1"),
+             numpy_helper.from_array(_w((4, 4, 1, 1), 11) * 1e12, "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
+             helper.make_node("Conv", ["x", "w2"], ["b"], name="conv2"),
+             helper.make_node("Add", ["a", "b"], ["y"], name="add")]
+    model = _model(nodes, inits, [1, 4, 8, 8], [1, 4, 8, 8])
+    qmodel = lowbit.quantize(model, calib=[_calib(model, 1)], progress=False).model
+    with pytest.raises(LowbitError, match=r"^node add \(Add\): input scales .* too far apart"):
+        convert(qmodel)
+    result = convert(qmodel, allow_float_fallback=True)
+    it = litert.Interpreter(model_content=result.data, num_threads=1)
+    it.allocate_tensors()  # loads: the add runs in float
+    assert result.fallbacks[0].startswith("add (Add)")

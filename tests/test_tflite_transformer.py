@@ -146,3 +146,25 @@ def test_minilm_float_and_dynamic_range_in_litert(tmp_path: Path) -> None:
             assert result.ops["FULLY_CONNECTED"] == 36 and len(result.data) < 0.3 * 90e6
     assert cos["float32"].min() > 0.99999
     assert cos["dynamic"].min() > 0.995  # measured 0.9984 (mean 0.9989) on 8 sentences at 128 tokens
+
+
+def test_tiny_encoder_int8_runs_attention_matmuls_in_int8():
+    import importlib
+
+    import lowbit
+
+    qmodel = lowbit.quantize(tiny_encoder(), calib=[_feeds(i) for i in range(16)], progress=False).model
+    with pytest.raises(LowbitError, match="pass --allow-float-fallback"):
+        convert(qmodel)  # LayerNormalization and the float mask operands have no int8 TFLite form
+    result = convert(qmodel, allow_float_fallback=True)
+    assert any("LayerNormalization" in f for f in result.fallbacks)
+    m = importlib.import_module("tflite.Model").Model.GetRootAs(result.data, 0)
+    sg = m.Subgraphs(0)
+    bmm = [sg.Operators(i) for i in range(sg.OperatorsLength())
+           if m.OperatorCodes(sg.Operators(i).OpcodeIndex()).BuiltinCode() == 126]
+    assert len(bmm) == 2 and all(sg.Tensors(int(j)).Type() == 9 for op in bmm for j in op.InputsAsNumpy())
+    sess = session(qmodel)
+    for seed in range(3):
+        feeds = _feeds(seed)
+        y, ref = run_litert(result.data, feeds).ravel(), sess.run(None, feeds)[0].ravel()
+        assert float(y @ ref / np.linalg.norm(y) / np.linalg.norm(ref)) > 0.999

@@ -196,6 +196,11 @@ def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[s
     return acts
 
 
+def _scale_ratio(a: QuantParams, b: QuantParams) -> float:
+    sa, sb = float(a.scale[0]), float(b.scale[0])
+    return min(sa, sb) / max(sa, sb)
+
+
 def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks: list[str]) -> str:
     g = ctx.g
     ins = [i for i in node.input if i and i not in g.consts]
@@ -213,10 +218,14 @@ def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks:
                                      and int(out_q.zero_point[0]) == FIXED_OUTPUT[op][1]):
         s, z = FIXED_OUTPUT[op]
         reason = f"TFLite's int8 kernel needs output scale {s:g} and zero point {z}"
-    elif op in ("Conv", "Gemm", "MatMul") and node.input[1] not in g.qconsts:
+    elif op in ("Conv", "Gemm", "MatMul") and node.input[1] in g.consts and node.input[1] not in g.qconsts:
         reason = "its weights are float"
     elif op in ("Add", "Sub", "Mul") and any(i in g.consts and i not in g.qconsts for i in node.input):
         reason = "a float constant operand"
+    elif op in ("Add", "Sub") and len(ins) == 2 and _scale_ratio(g.quant[ins[0]], g.quant[ins[1]]) < 2.0 ** -30:
+        # TFLite rescales both inputs by s_i / (2 max s): below 2**-31 its fixed-point multiplier check aborts
+        reason = (f"input scales {float(g.quant[ins[0]].scale[0]):.3g} and {float(g.quant[ins[1]].scale[0]):.3g} "
+                  "are too far apart for TFLite's int8 kernel")
     if reason is None:
         return "q"
     if not allow_fallback:
@@ -273,7 +282,19 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
         if kind == "f" and quantized and node.op_type != "Identity":
             ctx.float_nodes.append(f"{name} ({node.op_type})")
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-        conv(ctx, node, a, kind, acts.get(name, NONE))
+        if kind == "f":
+            conv(ctx, node, a, kind, acts.get(name, NONE))
+            continue
+        undo = _checkpoint(ctx)
+        try:
+            conv(ctx, node, a, "q", acts.get(name, NONE))
+        except LowbitError as e:  # an int8 parameter TFLite cannot express: float if the user allows it
+            undo()
+            conv(ctx, node, a, "f", acts.get(name, NONE))  # fails on its own if float cannot express it either
+            if not allow_float_fallback:
+                raise LowbitError(f"{e}; pass --allow-float-fallback to run it in float") from None
+            fallbacks.append(f"{name} ({node.op_type}): {str(e).split('): ', 1)[-1]}")
+            ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
     ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
     ctx.fm.metadata["lowbit"] = json.dumps({
@@ -283,6 +304,19 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
     return ExportResult(data, quantized, io, precision, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
                         fallbacks, sorted(set(ctx.transposes)))
+
+
+def _checkpoint(ctx: Context):
+    """A function that puts the conversion state back as it is now (drops a failed converter's tensors/ops)."""
+    n_tensors, n_ops = len(ctx.fm.tensors), len(ctx.fm.operators)
+    reps = {k: dict(v) for k, v in ctx.reps.items()}
+    nhwc, n_transposes = dict(ctx.nhwc), len(ctx.transposes)
+
+    def undo() -> None:
+        del ctx.fm.tensors[n_tensors:], ctx.fm.operators[n_ops:], ctx.transposes[n_transposes:]
+        ctx.reps, ctx.nhwc = {k: dict(v) for k, v in reps.items()}, dict(nhwc)
+
+    return undo
 
 
 def _quantize_float_outputs(g: Graph, model: str | Path | onnx.ModelProto, outputs: list[str], calib: Any,

@@ -93,7 +93,8 @@ def test_embedding_rows(recipe):
     assert rel_rms(ref, got) < limit
     assert res.plan.nodes["emb"].quantized and "Gather" not in [n.op_type for n in res.model.graph.node
                                                                if n.input and n.input[0] == "table"]
-    assert res.quantized_bytes < (0.32 if recipe.default.weights == "int8" else 0.2) * res.float_bytes  # + a scale per row (block)
+    # + a scale per row (block); int4 also a few unpacking nodes, which weigh in this 13 KB toy
+    assert res.quantized_bytes < (0.32 if recipe.default.weights == "int8" else 0.25) * res.float_bytes
 
 
 def test_int4_on_a_conv_is_a_one_line_error():

@@ -15,8 +15,8 @@ from .ops.matmul import weight_matmul
 from .passes.float16 import convert_float16
 from .recipe import Scheme
 from .recurrent import dynamic_lstm
-from .rewrite import (constant_dq, dynamic_matmul, fuse_activation, gather_block_quantized, gather_rows_int8,
-                      insert_qdq, matmul_nbits, quantize_constant)
+from .rewrite import (constant_dq, dynamic_matmul, fuse_activation, gather_block_quantized, gather_int4_nibbles,
+                      gather_rows_int8, insert_qdq, matmul_nbits, quantize_constant)
 from .weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, pack_nibbles, quantize_blocks, quantize_weight
 
 
@@ -191,7 +191,10 @@ def _weight_only(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> 
             zp = None if scheme.symmetric_weights else b.zero_point
             q = codes.astype(np.int16) - 8 if zp is None else codes
             _record(plan, node, "int4", b.scale, b.zero_point if zp is not None else np.zeros(b.scale.shape), 1, block)
-            gather_block_quantized(model, node, q, b.scale.reshape(-1, nb), zp, block)
+            if zp is None and table.shape[1] % 2 == 0:
+                gather_int4_nibbles(model, node, codes, b.scale.reshape(-1, nb), block)
+            else:  # affine blocks or odd rows: ONNX Runtime's (slower) contrib kernel
+                gather_block_quantized(model, node, q, b.scale.reshape(-1, nb), zp, block)
         else:
             qw = quantize_weight(table, 0, scheme.weights, True)
             _record(plan, node, scheme.weights, qw.scale, qw.zero_point, 0)

@@ -110,6 +110,13 @@ def test_latency_is_interleaved_and_creation_order_alternates(monkeypatch: pytes
         assert all(x != y for x, y in zip(firsts, firsts[1:]))  # and the order alternates
 
 
+def test_interleaved_times_shares_feeds_and_keeps_every_run(pair: tuple[Path, Path]) -> None:
+    x = {"x": np.random.default_rng(2).normal(0, 1, (1, 3, 16, 16)).astype(np.float32)}
+    times = bench.interleaved_times({"float": str(pair[0]), "int8": str(pair[1])}, x, threads=1, runs=5, warmup=1)
+    assert sorted(times) == ["float", "int8"] and [len(v) for v in times.values()] == [5, 5]
+    assert all(t > 0 for v in times.values() for t in v)
+
+
 def conv_gemm_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     inits = [

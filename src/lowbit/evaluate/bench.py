@@ -218,6 +218,14 @@ def _batch_of(feeds: dict[str, np.ndarray], default: int) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else default
 
 
+def interleaved_times(
+    paths: dict[str, str], feeds: dict[str, np.ndarray], threads: int = 1, runs: int = 100, warmup: int = 10
+) -> dict[str, list[float]]:
+    """Seconds per run of each model on the same feeds, timed as :func:`benchmark` times them (for paired ratios)."""
+    with tqdm(total=2, disable=True) as bar:
+        return _latency(paths, {k: feeds for k in paths}, threads, runs, warmup, bar)
+
+
 def _latency(
     paths: dict[str, str], feeds: dict, threads: int, runs: int, warmup: int, bar: tqdm
 ) -> dict[str, list[float]]:

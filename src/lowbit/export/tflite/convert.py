@@ -25,7 +25,7 @@ from ...passes import prepare
 from .context import Context
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, read_graph
-from .transformer import fuse_gelu
+from .transformer import fuse_bias, fuse_gelu
 from .writer import QuantParams, Tensor, serialize
 
 IO_KINDS = ("float", "int8", "uint8")
@@ -254,8 +254,9 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     precision = _precision(g, precision)
     _fold(g, shapes, {d.domain: d.version for d in proto.opset_import})
     fuse_gelu(g)
-    ctx = Context(g, shapes, precision, dtypes)
     outputs = [o.name for o in proto.graph.output]
+    fuse_bias(g, {g.name(o) for o in outputs})
+    ctx = Context(g, shapes, precision, dtypes)
     acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
     quantized = bool(g.quant)
     if io != "float" and not quantized:

@@ -85,10 +85,12 @@ def clip(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
         raise fail(node, "an int8 clip to bounds other than relu/relu6/[-1,1]")
     lo, hi = clip_bounds(ctx, node, a)
     name = node.name or y
-    mid = ctx.fm.add_tensor(ctx._tensor(y, kind, ctx.shape(y)))
-    ctx.fm.tensors[mid].name = f"{name}_max"
-    ctx.op("MAXIMUM", [xin, ctx.const(f"{name}_lo", np.float32(lo).reshape(1))], [mid])
-    ctx.op("MINIMUM", [mid, ctx.const(f"{name}_hi", np.float32(hi).reshape(1))], [out])
+    mid = xin
+    if lo > -np.inf:  # one-sided clips (a floor under a divisor) need one op
+        mid = out if hi == np.inf else ctx.fm.add_tensor(ctx._tensor(y, kind, ctx.shape(y), f"{name}_max"))
+        ctx.op("MAXIMUM", [xin, ctx.const(f"{name}_lo", np.float32(lo).reshape(1))], [mid])
+    if hi < np.inf or mid == xin:
+        ctx.op("MINIMUM", [mid, ctx.const(f"{name}_hi", np.float32(hi).reshape(1))], [out])
 
 
 def unary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:

@@ -163,6 +163,30 @@ def reduce(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     _emit(ctx, node, op[node.op_type], [xin, axes_t], kind, "ReducerOptions", keep_dims=keep)
 
 
+def fuse_bias(g: Graph, graph_outputs: set[str]) -> None:
+    """Float MatMul(x, W) + b (b one value per output column) becomes one FULLY_CONNECTED with a bias, as
+    exporters split nn.Linear. Quantized ones stay apart: the MatMul output has its own int8 parameters."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    uses = Counter(i for n in g.nodes for i in n.input)
+    drop = set()
+    for add in g.nodes:
+        if add.op_type != "Add" or add.output[0] in g.quant:
+            continue
+        for mm_out, b in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
+            mm = producer.get(mm_out)
+            if (mm is None or mm.op_type != "MatMul" or len(mm.input) != 2 or uses[mm_out] != 1
+                    or mm_out in graph_outputs or mm_out in g.quant or b not in g.consts or b in g.qconsts
+                    or mm.input[1] not in g.consts or g.consts[mm.input[1]].ndim != 2):
+                continue
+            if g.consts[b].size != g.consts[mm.input[1]].shape[1] or g.consts[b].shape[-1:] != (g.consts[b].size,):
+                continue
+            mm.input.append(b)
+            mm.output[0] = add.output[0]
+            drop.add(id(add))
+            break
+    g.nodes = [n for n in g.nodes if id(n) not in drop]
+
+
 def fuse_gelu(g: Graph) -> None:
     """x * 0.5 * (1 + erf(x / sqrt 2)), as PyTorch exports nn.GELU, becomes one Gelu node (TFLite GELU)."""
     producer = {o: n for n in g.nodes for o in n.output}

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--mode", choices=["static", "dynamic", "weight_only", "float16", "float"],
                    help="static (calibrated, default), dynamic (activations quantized at run time, no data needed), "
                    "weight_only (int8/int4 weights, float activations), float16")
-    g.add_argument("--weights", choices=["int8", "int4"], help="weight type (int4: weight_only MatMul/Gemm/Gather)")
+    g.add_argument("--weights", choices=["int8", "int4"], help="weight type (int4: weight_only MatMulNBits/Gather blocks; static: per-channel INT4 QDQ, a smaller file that ONNX Runtime runs in float)")
     g.add_argument("--block-size", type=int, help="values per scale for int4 weights (32, 64, 128; default 32)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "mse"])
     g.add_argument("--percentile", type=float)

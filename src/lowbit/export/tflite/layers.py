@@ -70,7 +70,6 @@ def _window(a: dict[str, Any]) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x, w = node.input[0], node.input[1]
-    b = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if w not in ctx.g.consts:
         raise fail(node, "weights computed at run time; TFLite convolutions need constant weights")
     weight = ctx.g.consts[w]
@@ -86,28 +85,7 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     mode, pads = padding(node, a, ctx.shapes[x][2:], (kh, kw), (sh, sw), (dh, dw))
     xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
     perm = (1, 2, 3, 0) if depthwise else (0, 2, 3, 1)
-    name = node.name or node.output[0]
-    if kind == "q":
-        qw = ctx.g.qconsts[w]
-        if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
-            raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
-        if qw.quant.scale.size > 1 and qw.quant.axis != 0:
-            raise fail(node, "per-channel weight scales must be on the output-channel axis")
-        s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
-        wq = QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), 3 if depthwise else 0)
-        wi = ctx.const(f"{name}_weights", qw.data.transpose(perm), wq)
-        s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
-        if b is not None and b in ctx.g.qconsts:
-            bias = ctx.g.qconsts[b].data.astype(np.int32)
-        elif b is not None:  # a float bias next to int8 weights: quantize it with the scale TFLite expects
-            bias = np.round(ctx.g.consts[b] / s_b).astype(np.int32)
-        else:
-            bias = np.zeros(cout, np.int32)
-        bi = ctx.const(f"{name}_bias", bias, _bias_quant(s_b, qw.quant.scale.size))
-    else:
-        wi = _float_weight(ctx, w, f"{name}_weights", perm, 3 if depthwise else 0)
-        bias = ctx.g.consts[b].astype(np.float32) if b is not None else np.zeros(cout, np.float32)
-        bi = ctx.const(f"{name}_bias", bias)
+    wi, bi = weights_and_bias(ctx, node, kind, perm, 0, 3 if depthwise else 0, cout)
     out = ctx.produce(node.output[0], kind, True)
     common = dict(padding=mode, stride_w=sw, stride_h=sh, fused_activation_function=act,
                   dilation_w_factor=dw, dilation_h_factor=dh)
@@ -116,6 +94,36 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
                depth_multiplier=cout // cin, **common)
     else:
         ctx.op("CONV_2D", [xin, wi, bi], [out], "Conv2DOptions", **common)
+
+
+def weights_and_bias(ctx: Context, node: onnx.NodeProto, kind: str, perm: tuple[int, ...], onnx_axis: int,
+                     tfl_axis: int, cout: int) -> tuple[int, int]:
+    """A weighted kernel's weight and bias tensors (inputs 1 and 2 of `node`): weights transposed by `perm` into
+    TFLite's layout, whose output channels sit on `tfl_axis` (`onnx_axis` in ONNX's). int8: symmetric weights,
+    per-channel scales, int32 bias with scale s_in * s_w; float: see _float_weight."""
+    x, w = node.input[0], node.input[1]
+    b = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    name = node.name or node.output[0]
+    if kind != "q":
+        wi = _float_weight(ctx, w, f"{name}_weights", perm, tfl_axis)
+        bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
+        return wi, ctx.const(f"{name}_bias", bias)
+    qw = ctx.g.qconsts[w]
+    if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
+        raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
+    if qw.quant.scale.size > 1 and qw.quant.axis != onnx_axis:
+        raise fail(node, "per-channel weight scales must be on the output-channel axis")
+    wq = QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), tfl_axis)
+    wi = ctx.const(f"{name}_weights", np.ascontiguousarray(qw.data.transpose(perm)), wq)
+    s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
+    s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
+    if b is not None and b in ctx.g.qconsts:
+        bias = ctx.g.qconsts[b].data.astype(np.int32).ravel()
+    elif b is not None:  # a float bias next to int8 weights: quantize it with the scale TFLite expects
+        bias = np.round(ctx.g.consts[b].ravel() / s_b).astype(np.int32)
+    else:
+        bias = np.zeros(cout, np.int32)
+    return wi, ctx.const(f"{name}_bias", bias, _bias_quant(s_b, qw.quant.scale.size))
 
 
 def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_axis: int) -> int:
@@ -163,31 +171,10 @@ def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind:
     out_axis = 0 if trans else 1
     weight = weight if trans else weight.T
     cout = weight.shape[0]
-    name = node.name or node.output[0]
     if b is not None and ctx.g.consts[b].size != cout:
         raise fail(node, "bias does not have one value per output; FULLY_CONNECTED cannot broadcast it")
     xin = ctx.get(x, kind, False)
-    if kind == "q":
-        qw = ctx.g.qconsts[w]
-        if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
-            raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
-        if qw.quant.scale.size > 1 and qw.quant.axis != out_axis:
-            raise fail(node, "per-channel weight scales must be on the output axis")
-        data = qw.data if trans else qw.data.T
-        s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
-        wi = ctx.const(f"{name}_weights", data, QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), 0))
-        s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
-        if b is not None and b in ctx.g.qconsts:
-            bias = ctx.g.qconsts[b].data.astype(np.int32).ravel()
-        elif b is not None:
-            bias = np.round(ctx.g.consts[b].ravel() / s_b).astype(np.int32)
-        else:
-            bias = np.zeros(cout, np.int32)
-        bi = ctx.const(f"{name}_bias", bias, _bias_quant(s_b, qw.quant.scale.size))
-    else:
-        wi = _float_weight(ctx, w, f"{name}_weights", (0, 1) if trans else (1, 0), 0)
-        bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
-        bi = ctx.const(f"{name}_bias", bias)
+    wi, bi = weights_and_bias(ctx, node, kind, (0, 1) if trans else (1, 0), out_axis, 0, cout)
     out = ctx.produce(node.output[0], kind, False)
     ctx.op("FULLY_CONNECTED", [xin, wi, bi], [out], "FullyConnectedOptions", fused_activation_function=act,
            keep_num_dims=len(ctx.shapes[node.output[0]]) > 2,

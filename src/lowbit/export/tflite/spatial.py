@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 
 from .context import Context
-from .layers import _bias_quant, _float_weight, fail
-from .writer import QuantParams
+from .layers import fail, weights_and_bias
 
 SAME, VALID = 0, 1
 
@@ -24,12 +23,11 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
     """ONNX scatters each input pixel through the kernel, then crops pads[begin] / pads[end]. TFLite crops
     nothing at the top with VALID and floor(total / 2) with SAME, and takes the output size as given."""
     x, w, y = node.input[0], node.input[1], node.output[0]
-    b = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if w not in ctx.g.consts or ctx.g.consts[w].ndim != 4:
         raise fail(node, "only 2-D transposed convolutions with constant weights are exported")
     if a.get("group", 1) != 1 or any(d != 1 for d in a.get("dilations", [1, 1])):
         raise fail(node, "grouped or dilated transposed convolution has no TFLite form")
-    cin, cout, kh, kw = ctx.g.consts[w].shape
+    _, cout, kh, kw = ctx.g.consts[w].shape
     sh, sw = a.get("strides", [1, 1])
     in_hw, out_hw = ctx.shapes[x][2:], ctx.shapes[y][2:]
     pads = list(a.get("pads", [0, 0, 0, 0]))
@@ -52,24 +50,8 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
         raise fail(node, f"pads {list(a.get('pads', []))} crop the output in a way TFLite's TRANSPOSE_CONV "
                          "(VALID or SAME) cannot express")
     name = node.name or y
-    perm = (1, 2, 3, 0)  # (Cin, Cout, kH, kW) -> (Cout, kH, kW, Cin)
-    if kind == "q":
-        qw = ctx.g.qconsts[w]
-        if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
-            raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
-        if qw.quant.scale.size > 1 and qw.quant.axis != 1:
-            raise fail(node, "per-channel weight scales must be on the output-channel axis")
-        wi = ctx.const(f"{name}_weights", qw.data.transpose(perm),
-                       QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), 0))
-        s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
-        s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
-        bias = (ctx.g.qconsts[b].data.astype(np.int32) if b in ctx.g.qconsts else
-                np.round(ctx.g.consts[b] / s_b).astype(np.int32) if b is not None else np.zeros(cout, np.int32))
-        bi = ctx.const(f"{name}_bias", bias, _bias_quant(s_b, qw.quant.scale.size))
-    else:
-        wi = _float_weight(ctx, w, f"{name}_weights", perm, 0)
-        bi = ctx.const(f"{name}_bias", ctx.g.consts[b].astype(np.float32) if b is not None
-                       else np.zeros(cout, np.float32))
+    # (Cin, Cout, kH, kW) -> (Cout, kH, kW, Cin)
+    wi, bi = weights_and_bias(ctx, node, kind, (1, 2, 3, 0), 1, 0, cout)
     shape = ctx.const_int(list(ctx.shape(y, True)), f"{name}_output_shape")
     xin = ctx.get(x, kind, True)
     out = ctx.produce(y, kind, True)

@@ -78,8 +78,14 @@ def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path, efficientne
     crops = photo_crops(16, "eval")
     batches = [{"input": crops[i:i + 8]} for i in range(0, len(crops), 8)]
     ref = run_all(session(float_path), batches)[0]
-    f32 = _run(export_tflite(float_path, tmp_path / "f.tflite").data, crops[:4])
+    f32_data = export_tflite(float_path, tmp_path / "f.tflite").data
+    f32 = _run(f32_data, crops[:4])
     assert np.abs(f32 - ref[:4]).max() <= 1e-4 * np.abs(ref[:4]).max()
+    # float16 weights: half the file, same answers (measured: 9.29 vs 18.54 MB, max error 0.5% of the top logit)
+    f16 = export_tflite(float_path, tmp_path / "h.tflite", precision="float16")
+    assert len(f16.data) < 0.52 * len(f32_data)
+    y16 = _run(f16.data, crops[:4])
+    assert np.abs(y16 - ref[:4]).max() <= 1e-2 * np.abs(ref[:4]).max() and cosine(ref[:4], y16) > 0.9999
 
     q = tmp_path / "q.onnx"
     lowbit.quantize(float_path, q, calib=photo_crops(64, "calib"), progress=False)

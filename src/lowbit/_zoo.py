@@ -198,6 +198,34 @@ def _efficientnet_lite0_torch():
     return model
 
 
+def _export_onnx(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict,
+                 quiet: list[tuple[str, type[Warning]]]) -> None:
+    """torch.onnx.export (TorchScript exporter, opset 17) to a temporary file renamed into place.
+
+    A concurrent reader never sees a partial file. ``quiet`` lists (message regex, category) warnings
+    that are expected for this model; the legacy-exporter deprecation notices are always silenced
+    because the TorchScript exporter is chosen on purpose (byte-reproducible output).
+    """
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            for message, category in quiet:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            torch.onnx.export(model, args, tmp, dynamo=False, opset_version=17, input_names=inputs,
+                              output_names=outputs, dynamic_axes=axes)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def efficientnet_lite0_onnx(path: str | Path) -> Path:
     """Export the pretrained EfficientNet-Lite0 to ONNX at ``path`` (skipped if it exists).
 
@@ -215,32 +243,9 @@ def efficientnet_lite0_onnx(path: str | Path) -> Path:
     import torch
 
     model = _efficientnet_lite0_torch()
-    dummy = torch.zeros(1, 3, 224, 224, dtype=torch.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Expected noise: the legacy exporter is chosen on purpose (dynamo=False), and the
-            # "same"-padding Slice ops (step -1) are not constant-folded by torch.
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
-            torch.onnx.export(
-                model,
-                (dummy,),
-                tmp,
-                dynamo=False,
-                opset_version=17,
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            )
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # The "same"-padding Slice ops (step -1) are not constant-folded by torch: expected, harmless.
+    _export_onnx(model, (torch.zeros(1, 3, 224, 224, dtype=torch.float32),), path, ["input"], ["logits"],
+                 {"input": {0: "batch"}, "logits": {0: "batch"}}, quiet=[("Constant folding - Only steps=1", UserWarning)])
     return path
 
 
@@ -317,35 +322,11 @@ def minilm_onnx(path: str | Path) -> Path:
     model = _MiniLMSentence.build()
     feeds = minilm_tokenize(["An example sentence to trace the graph.", "Another one."])
     args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-            # the mask code's index ops only see non-negative indices, the case the warning says is exact
-            warnings.filterwarnings("ignore", message="Exporting aten::index", category=UserWarning)
-            torch.onnx.export(
-                model,
-                args,
-                tmp,
-                dynamo=False,
-                opset_version=17,
-                input_names=["input_ids", "attention_mask"],
-                output_names=["sentence_embedding"],
-                dynamic_axes={
-                    "input_ids": {0: "batch", 1: "sequence"},
-                    "attention_mask": {0: "batch", 1: "sequence"},
-                    "sentence_embedding": {0: "batch"},
-                },
-            )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # The mask code's index ops only see non-negative indices, the case the warning says is exact.
+    quiet = [("", torch.jit.TracerWarning), ("Exporting aten::index", UserWarning)]
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
+            "sentence_embedding": {0: "batch"}}
+    _export_onnx(model, args, path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes, quiet)
     return path
 
 

@@ -273,13 +273,13 @@ the same model: lowbit's default (`--preset dynamic`) {vs_ort:.3f}, lowbit per-t
 lowbit writes `com.microsoft.DynamicQuantizeLSTM` with int8 W and R and `DynamicQuantizeLinear -> MatMulInteger`
 for the Linear layers, which ONNX Runtime fuses; ops in lowbit's model: {', '.join(ops)}.
 Its default gives W and R one scale per gate row (per-channel) and the int16 overflow guard for AVX2 CPUs
-without VNNI. ONNX Runtime's DynamicQuantizeLSTM kernel runs per-channel scales about 10% slower than one scale
-per direction (measured on this machine for hidden sizes 128 and 256), so the default trades that for
-accuracy. The "{PER_TENSOR}" row is the recipe
-`{{"default": {{"mode": "dynamic", "per_channel": false, "avoid_overflow": false}}}}`, the same form as ONNX
-Runtime's: use it on CPUs with VNNI or dot-product instructions. Per-tensor weights WITH the guard are a poor
-choice for LSTMs: a single scale cannot be raised for just the overflowing gate rows, so the guard trims
-their largest weights.
+without VNNI. ONNX Runtime's DynamicQuantizeLSTM kernel runs per-channel scales more slowly than one scale per
+direction (compare the two lowbit rows). On this model the per-tensor form is as accurate, so on CPUs with VNNI
+or dot-product instructions the recipe `{{"default": {{"mode": "dynamic", "per_channel": false,
+"avoid_overflow": false}}}}` ("{PER_TENSOR}", the same form as ONNX Runtime's) is the better choice. With the
+guard on, per-tensor weights lose more: one scale cannot be raised for just the overflowing gate rows, so lowbit
+either trims their largest weights or raises the whole direction's scale, whichever is closer to the float
+weights.
 """
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(args.results).with_suffix(".tmp")

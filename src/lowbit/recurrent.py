@@ -18,7 +18,9 @@ import onnx_ir as ir
 from .plan import Plan, TensorParams
 from .recipe import Scheme
 from .rewrite import MS_DOMAIN, _init
-from .weights import QuantizedWeight, guard_overflow, quantize_weight
+from .numerics import quantize
+from .weights import (INT16_MAX, INT16_MIN, QuantizedWeight, guard_overflow, overflowing_rows, pair_extremes,
+                      quantize_weight)
 
 NO_INTEGER_KERNEL = {
     "GRU": "ONNX Runtime has no dynamic integer GRU kernel (only DynamicQuantizeLSTM); GRU stays float",
@@ -69,11 +71,30 @@ def _quantize_gates(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
         for i in range(d):
             one = QuantizedWeight(q[i], scale[i] if scheme.per_channel else scale[i].reshape(()), zp[i], None)
             rows, s, changed = guard_overflow(w[i], one, bound, scheme.per_channel)
+            if changed and not scheme.per_channel:
+                rows, scale[i] = _cheaper_of(w[i], rows, scale[i], bound)
             q[i] = rows
             if scheme.per_channel:
                 scale[i] = s
             guarded += changed
     return QuantizedWeight(q.astype(np.int8), np.asarray(scale, np.float32), np.asarray(zp, np.int8), None, guarded)
+
+
+def _cheaper_of(w: np.ndarray, trimmed: np.ndarray, scale: np.float32, bound: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """With one scale per direction the guard can only trim the overflowing pairs, which cuts the largest
+    weights of a gate row (on the keyword-spotting example's LSTM: logits 10% off float, 3% with this).
+    Raising that one scale until no pair overflows (about 7-bit weights) can cost less; keep whichever is
+    closer to w."""
+    s = np.float32(scale)
+    hi, lo = pair_extremes(quantize(w, s, 0, "int8", narrow=True), bound)
+    s = np.float32(s * max(hi.max() / INT16_MAX, lo.min() / INT16_MIN, 1.0))
+    while True:
+        q = quantize(w, s, 0, "int8", narrow=True)
+        if not len(overflowing_rows(q, bound)):
+            break
+        s = np.float32(s * (1 + 1 / 512))
+    err = lambda q_, s_: float(np.sum((q_.astype(np.float64) * s_ - w) ** 2))  # noqa: E731
+    return (q, s) if err(q, s) < err(trimmed, scale) else (trimmed, np.float32(scale))
 
 
 def dynamic_lstm(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> None:

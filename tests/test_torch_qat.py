@@ -244,6 +244,36 @@ def test_mixed_recipe_int4_int8_uint16_and_a_float_layer(tmp_path: Path) -> None
     assert np.all(np.abs(out - ref) <= fc_in * q.fc.linear.weight.detach().abs().sum(1).numpy() * 1.001)
 
 
+def test_one_recipe_with_onnx_node_names_selects_the_same_layers_in_ptq_and_qat() -> None:
+    """Rules naming ONNX nodes as PTQ (and diagnose) write them select the same layers in QAT."""
+    recipe = lowbit.Recipe(rules=(
+        lowbit.Rule(names=("/features/features.3/Conv",), scheme=lowbit.Scheme(mode="float")),
+        lowbit.Rule(names=("*/features.6/*",), scheme=lowbit.Scheme(weights="int4", activations="uint16")),
+        lowbit.Rule(op_types=("Gemm",), scheme=lowbit.Scheme(weights="int4")),
+    ))
+    example = (batches(1)[0][:1],)
+    ptq = lowbit.quantize(small_cnn(), example_inputs=example, calib=data(32), recipe=recipe, progress=False)
+    qat = lt.export(lt.prepare_qat(small_cnn(), recipe, example_inputs=example, calib=batches()), None, example)
+
+    def layers(plan) -> dict[str, str]:
+        """layer -> weight type, or float (plan keys: PTQ '/features/features.3/Conv', QAT '/features.3/Conv')"""
+        out = {}
+        for name, d in plan.nodes.items():
+            if d.op_type in ("Conv", "Gemm"):
+                t = plan.tensors.get(f"{name}:1")
+                out[name.split("/")[-2]] = t.dtype if d.quantized and t is not None else "float"
+        return out
+
+    assert layers(ptq.plan) == layers(qat.plan) == {
+        "features.0": "int8", "features.3": "float", "features.6": "int4", "fc": "int4"}
+    # features.6's output (after its ReLU, module features.8) is 16-bit in both
+    assert ptq.plan.tensors["/features/features.8/Relu_output_0"].dtype == "uint16"
+    assert qat.plan.tensors["/features.6/Relu_output_0"].dtype == "uint16"
+    with pytest.raises(lowbit.LowbitError, match="'/features/features.99/Conv', which matches no layer"):
+        lt.prepare_qat(small_cnn(), lowbit.Recipe(exclude_names=("/features/features.99/Conv",)),
+                       example_inputs=example)
+
+
 @pytest.mark.parametrize("keep", ["body.0", "body.3"])
 def test_float_layer_export_matches_within_one_step(tmp_path: Path, keep: str) -> None:
     """A layer kept float (first layer: the model input stays float too; middle layer: its output is quantized

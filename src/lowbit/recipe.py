@@ -121,14 +121,16 @@ class Recipe:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LowbitError(f"recipe option '{name}' must be a positive integer, got {value!r}")
 
-    def scheme_for(self, node_name: str, op_type: str) -> tuple[Scheme | None, str]:
-        """The scheme for a node (None = keep float) and what decided it."""
-        if any(fnmatchcase(node_name, p) for p in self.exclude_names):
+    def scheme_for(self, node_name: str, op_type: str, aliases: tuple[str, ...] = ()) -> tuple[Scheme | None, str]:
+        """The scheme for a node (None = keep float) and what decided it; name patterns may match the node's
+        name or one of its `aliases` (QAT: a layer's module name and its ONNX node name)."""
+        names = (node_name, *aliases)
+        if any(fnmatchcase(n, p) for n in names for p in self.exclude_names):
             return None, "excluded by name"
         if op_type in self.exclude_op_types:
             return None, f"excluded op type {op_type}"
         for i, rule in enumerate(self.rules):
-            if rule.matches(node_name, op_type):
+            if any(rule.matches(n, op_type) for n in names):
                 return rule.scheme, f"rule {i} {rule.describe()}"
         return self.default, "default"
 

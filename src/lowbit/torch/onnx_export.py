@@ -37,8 +37,10 @@ def _where(e: object) -> str:
     return text[0] if text else type(e).__name__
 
 
-def module_to_onnx(module: torch.nn.Module, example_inputs: Any, opset: int = 17) -> onnx.ModelProto:
-    """Export with a dynamic batch axis; inputs are named x (or x0, x1...), outputs y (or y0, y1...)."""
+def module_to_onnx(module: torch.nn.Module, example_inputs: Any, opset: int = 17,
+                   fold_constants: bool = True) -> onnx.ModelProto:
+    """Export with a dynamic batch axis; inputs are named x (or x0, x1...), outputs y (or y0, y1...).
+    Without `fold_constants` BatchNorm stays separate and every weight keeps its parameter name."""
     inputs = as_tuple(example_inputs)
     in_names = ["x"] if len(inputs) == 1 else [f"x{i}" for i in range(len(inputs))]
     was_training = module.training
@@ -54,7 +56,7 @@ def module_to_onnx(module: torch.nn.Module, example_inputs: Any, opset: int = 17
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
             torch.onnx.export(module, inputs, buf, dynamo=False, opset_version=opset, input_names=in_names,
-                              output_names=out_names,
+                              output_names=out_names, do_constant_folding=fold_constants,
                               dynamic_axes={n: {0: "N"} for n in in_names + out_names})
         # torch's own modules warn on their shape checks (nn.LSTM compares input.size(-1)); only user code counts.
         traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)

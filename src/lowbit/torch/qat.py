@@ -3,7 +3,9 @@
 The module is traced with torch.fx; Conv2d [+ BatchNorm2d] [+ ReLU/ReLU6] and Linear [+ ReLU] become one
 fake-quantized module each, and an activation quantizer follows every tensor lowbit's ONNX planner gives its
 own scale (model inputs, outputs of convs/linears/adds/average pools, after a ReLU when one follows).
-Data movement (flatten, reshape, max pooling, dropout) shares its input's scale and gets none.
+Data movement (flatten, reshape, max pooling, dropout) shares its input's scale and gets none. A layer the
+recipe keeps float (mode float, or excluded) is fused the same way without fake quantization; as in PTQ, its
+output is quantized only where a quantized op reads it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch.fx as fx
 from ..errors import LowbitError
 from ..recipe import Recipe
 from .fakequant import ACT_BOUNDS, ActFakeQuant, QConvBnAct, QLinearAct
-from .onnx_export import as_tuple
+from .onnx_export import as_tuple, module_to_onnx
 
 _PASS_MODULES = (torch.nn.MaxPool2d, torch.nn.Flatten, torch.nn.Dropout, torch.nn.Identity)
 _PASS_FUNCS = {torch.flatten, torch.reshape}
@@ -50,10 +52,10 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None
-                  ) -> tuple[int | None, str]:
+def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None,
+                  aliases: tuple[str, ...] = ()) -> tuple[int | None, str]:
     """(weight bits, or None to keep the layer float; activation type of the layer's output) for one conv/linear."""
-    scheme, _ = recipe.scheme_for(name, op_type)
+    scheme, _ = recipe.scheme_for(name, op_type, aliases)
     if scheme is None or scheme.mode == "float":
         return None, "float"
     if scheme.mode != "static":
@@ -76,8 +78,21 @@ def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | di
     return bits, scheme.activations
 
 
+def _name_patterns(recipe: Recipe) -> list[str]:
+    return [p for r in recipe.rules for p in r.names] + list(recipe.exclude_names)
+
+
+def _ptq_names(module: torch.nn.Module, inputs: tuple) -> dict[str, str]:
+    """Module name -> the ONNX node name `lowbit.quantize(module, ...)` gives that conv/linear (e.g. "features.3"
+    -> "/features/features.3/Conv"), so one recipe's name rules select the same layers in PTQ and QAT. Exported
+    without constant folding, every weight keeps its parameter name."""
+    proto = module_to_onnx(module, inputs, fold_constants=False)
+    return {n.input[1][: -len(".weight")]: n.name for n in proto.graph.node
+            if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1].endswith(".weight")}
+
+
 def _check_patterns(recipe: Recipe, weight_bits: Any, names: list[str]) -> None:
-    patterns = [p for r in recipe.rules for p in r.names] + list(recipe.exclude_names)
+    patterns = _name_patterns(recipe)
     if isinstance(weight_bits, dict):
         patterns += list(weight_bits)
     for p in patterns:
@@ -91,7 +106,8 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
                 freeze_bn_after: int | None = None) -> fx.GraphModule:
     """A fake-quantized copy of `module`, calibrated on `calib` (batches of inputs; default: example_inputs).
 
-    The recipe's rule name patterns match module names (e.g. "features.3") and op types "Conv" / "Gemm";
+    The recipe's rule name patterns match module names (e.g. "features.3") or the ONNX node names PTQ of the
+    same module uses (e.g. "/features/features.3/Conv"), and op types "Conv" / "Gemm";
     a layer's Scheme gives its weights (int8, or int4 with mode static) and output activations (uint8 or
     uint16); mode float (or an exclusion) keeps the layer float. `weight_bits` (4, 8 or {name pattern: bits})
     is deprecated: it overrides the recipe's weight type. BatchNorm statistics stop updating after
@@ -110,9 +126,11 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
                           f"({first}); remove data-dependent control flow") from None
     modules = dict(gm.named_modules())
     layer_names = [n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    _check_patterns(recipe, weight_bits, layer_names)
+    # Module names never hold "/": patterns that do are ONNX node names, as a PTQ recipe or diagnose writes them.
+    onnx_names = _ptq_names(module, inputs) if any("/" in p for p in _name_patterns(recipe)) else {}
+    _check_patterns(recipe, weight_bits, layer_names + list(onnx_names.values()))
     g = gm.graph
-    _fuse_layers(gm, recipe, weight_bits, freeze_bn_after)
+    _fuse_layers(gm, recipe, weight_bits, freeze_bn_after, onnx_names)
     _add_fake_quantizers(gm, recipe)
     g.lint()
     gm.recompile()
@@ -121,7 +139,8 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
     return gm
 
 
-def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn_after: int | None) -> None:
+def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn_after: int | None,
+                 onnx_names: dict[str, str]) -> None:
     """Conv [+BN] [+act] and Linear [+act] become one (fake-quantized or float) module, named after the layer."""
     g, modules = gm.graph, dict(gm.named_modules())
     for node in list(g.nodes):
@@ -137,7 +156,8 @@ def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn
         if act is not None:
             tail = nxt
         op_type = "Conv" if isinstance(layer, torch.nn.Conv2d) else "Gemm"  # the ONNX op, as PTQ recipes name it
-        bits, act_dtype = _layer_choice(node.target, op_type, recipe, weight_bits)
+        aliases = (onnx_names[node.target],) if node.target in onnx_names else ()
+        bits, act_dtype = _layer_choice(node.target, op_type, recipe, weight_bits, aliases)
         fused = QConvBnAct(layer, bn, act, bits, freeze_bn_after) if isinstance(layer, torch.nn.Conv2d) \
             else QLinearAct(layer, act, bits)
         gm.add_submodule(node.target, fused)

@@ -161,7 +161,7 @@ def test_tiny_dlrm_keeps_its_auc_with_int8_and_int4_tables(tmp_path):
     auc = {"float": sklearn_metrics.roc_auc_score(test.label, ex.predict(src, test))}
     sizes = {"float": src.stat().st_size}
     recipes = ex.recipes()
-    chosen = {"int8": "lowbit int8 emb + dynamic int8 MLP", "int4": "lowbit int4 emb (block 32 = row) + dynamic MLP"}
+    chosen = {"int8": "int8 rows, weight-only int8 MLP", "int4": "int4 rows (block 32 = row), weight-only int8 MLP"}
     for key, label in chosen.items():
         res = lowbit.quantize(src, tmp_path / f"{key}.onnx", recipe=recipes[label], progress=False)
         auc[key] = sklearn_metrics.roc_auc_score(test.label, ex.predict(res.output, test))

@@ -175,3 +175,28 @@ def test_tiny_dlrm_keeps_its_auc_with_int8_and_int4_tables(tmp_path):
     assert abs(auc["int4"] - auc["float"]) < 0.015, auc
     # The item table is read by two Gathers and stored once: int8 ~ 1/4 (+ a scale per row), int4 ~ 1/8 (+ scales).
     assert sizes["int8"] < 0.31 * sizes["float"] and sizes["int4"] < 0.19 * sizes["float"], sizes
+
+
+def test_one_scale_per_table_is_a_dequantize_after_the_gather():
+    tables = {"t": (1000, 32)}
+    lookups = [("e", "t", ["N", 2], TensorProto.INT64)]
+    m = tables_model(tables, lookups)
+    # An Unsqueeze after the lookup, as DLRM's stacking has: ONNX Runtime propagates the DequantizeLinear past it.
+    m.graph.output[0].name = "y"
+    m.graph.output[0].type.tensor_type.shape.dim.insert(1, onnx.TensorShapeProto.Dimension(dim_value=1))
+    m.graph.initializer.append(numpy_helper.from_array(np.array([1]), "axis1"))
+    m.graph.node.append(helper.make_node("Unsqueeze", ["e", "axis1"], ["y"], name="unsqueeze"))
+    res = lowbit.quantize(m, recipe=Recipe(default=Scheme(mode="weight_only", per_channel=False)), progress=False)
+    counts = op_counts(res.model)
+    assert counts["Gather"] == 1 and counts["DequantizeLinear"] == 1 and counts["Mul"] == 0  # one lookup per id
+    feeds = feeds_for(m, tables, lookups)
+    assert rel_rms(run(m, [feeds], float_model=True)[0], run(res.model, [feeds], mode="kernels")[0]) < 0.02
+    assert "per-tensor" in res.plan.nodes["e"].reason and res.plan.tensors["e:0"].axis is None
+
+
+def test_uint8_tables_are_a_one_line_error():
+    m = tables_model({"t": (100, 16)}, [("e", "t", ["N"], TensorProto.INT64)])
+    rec = Recipe(default=Scheme(mode="weight_only", weights="uint8", symmetric_weights=False))
+    with pytest.raises(lowbit.LowbitError, match="uint8 weights cannot be used on Gather node 'e'") as e:
+        lowbit.quantize(m, recipe=rec, progress=False)
+    assert "\n" not in str(e.value)

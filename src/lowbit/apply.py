@@ -196,8 +196,9 @@ def _weight_only(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> 
             else:  # affine blocks or odd rows: ONNX Runtime's (slower) contrib kernel
                 gather_block_quantized(model, node, q, b.scale.reshape(-1, nb), zp, block)
         else:
-            qw = quantize_weight(table, 0, scheme.weights, True)
-            _record(plan, node, scheme.weights, qw.scale, qw.zero_point, 0)
+            axis = 0 if scheme.per_channel else None  # per row, or one scale for the table
+            qw = quantize_weight(table, axis, scheme.weights, True)
+            _record(plan, node, scheme.weights, qw.scale, qw.zero_point, axis)
             gather_rows_int8(model, node, qw.q, qw.scale)
         return
     if node.op_type in ("MatMul", "Gemm") and scheme.weights == "int4":

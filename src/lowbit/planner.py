@@ -217,6 +217,9 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
         found = embedding_table(node)
         if isinstance(found, Skip):
             keep(found.reason)
+        elif scheme.weights == "uint8":
+            raise LowbitError(f"uint8 weights cannot be used on Gather node '{name}' ({rule}): embedding tables are "
+                              "int8 (symmetric) or int4; add a rule giving Gather weights=int8")
         else:
             take(layout.weight_only, _weight_only_reason(scheme, rows=True))
         return None
@@ -240,7 +243,7 @@ def _weight_only_reason(scheme: Scheme, rows: bool = False) -> str:
     if scheme.weights == "int4":
         how = "row-wise" if rows else "MatMulNBits"
         return f"weight-only int4 {'symmetric' if scheme.symmetric_weights else 'affine'} blocks of {scheme.int4_block} ({how}), float activations"
-    gran = "per-row" if rows else "per-channel" if scheme.per_channel else "per-tensor"
+    gran = ("per-row" if rows else "per-channel") if scheme.per_channel else "per-tensor"
     return f"weight-only {scheme.weights} {gran} weights, float activations"
 
 

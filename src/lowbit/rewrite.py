@@ -190,11 +190,19 @@ def _shared_init(graph: ir.Graph, name: str, make) -> ir.Value:
 
 
 def gather_rows_int8(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray) -> None:
-    """Gather int8 rows first, then scale only them: the table is never dequantized whole."""
+    """Gather int8 rows first, then scale only them: the table is never dequantized whole. One scale for the
+    table (per-tensor) is a DequantizeLinear after the Gather: one lookup per id instead of two."""
     g, name, t = model.graph, node.name, node.inputs[0].name
     idx = node.inputs[1]
     table = _shared_init(g, f"{t}_q8", lambda n: _init(g, n, q.astype(np.int8)))
     rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.INT8)
+    if np.ndim(scale) == 0:
+        s = _shared_init(g, f"{t}_s8", lambda n: _init(g, n, np.asarray(scale, np.float32)))
+        # An explicit int8 zero point: ONNX Runtime's QDQ propagation copies it into the Q/DQ pairs it adds after
+        # Unsqueeze/Reshape; without one those default to uint8 and clip every negative value to 0.
+        z = _shared_init(g, f"{t}_z8", lambda n: _init(g, n, np.array(0, np.int8)))
+        take_output(g, node, _node(g, "DequantizeLinear", [rows, s, z], f"{name}_DQ"))
+        return
     rows_f = _node(g, "Cast", [rows], f"{name}_Cast", to=ir.DataType.FLOAT)
     scales = _shared_init(g, f"{t}_s8", lambda n: _init(g, n, scale.reshape(-1, 1).astype(np.float32)))
     s = _node(g, "Gather", [scales, idx], f"{name}_Gather_s")

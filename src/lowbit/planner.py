@@ -233,7 +233,7 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
     elif op in RECURRENT:
         keep(recurrent_float_reason(op, scheme))
     elif scheme.mode == "dynamic":
-        keep(f"dynamic mode quantizes MatMul/Gemm only; {op} stays float")
+        keep(f"dynamic mode quantizes LSTM and MatMul/Gemm only; {op} stays float")
     else:
         keep(f"weight-only mode: {op} has no weights to quantize")
     return None

@@ -143,7 +143,9 @@ def test_precision_mistakes_are_one_line_errors():
         convert(qdq, precision="dynamic")
     with pytest.raises(LowbitError, match="precision must be one of"):
         convert(model, precision="int4")
-    dyn = lowbit.quantize(model, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="dynamic")), progress=False).model
-    assert any(n.op_type == "DynamicQuantizeLinear" for n in dyn.graph.node)
-    with pytest.raises(LowbitError, match=r"\(DynamicQuantizeLinear\): .*export the float model with --precision dyn"):
-        convert(dyn)
+    mlp = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+                 [numpy_helper.from_array(_w((64, 32), 1), "w")], [1, 64], "y", [1, 32])
+    w4 = lowbit.quantize(mlp, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="weight_only", weights="int4")),
+                         progress=False).model
+    with pytest.raises(LowbitError, match=r"\(MatMulNBits\): .*export the float model with --precision dynamic"):
+        convert(w4)

@@ -15,11 +15,11 @@ KINDS = {"int8": "full-integer int8", "float32": "float32", "float16": "float16 
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a float or int8 ONNX model as .tflite for LiteRT",
-                       description="Convert a float ONNX model, or lowbit's int8 QDQ output, into a TensorFlow Lite "
-                       "flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs and outputs "
-                       "become NHWC: transpose NCHW data once before feeding it.")
-    p.add_argument("model", help="ONNX model (float, or lowbit's int8 QDQ output)")
+    p = sub.add_parser("export", help="write a float or quantized ONNX model as .tflite for LiteRT",
+                       description="Convert a float ONNX model, or lowbit's int8 QDQ, dynamic or float16 output, into "
+                       "a TensorFlow Lite flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs "
+                       "and outputs become NHWC: transpose NCHW data once before feeding it.")
+    p.add_argument("model", help="ONNX model (float, or lowbit's int8 QDQ / dynamic / float16 output)")
     p.add_argument("--to", choices=["tflite"], default="tflite", help="target format (default tflite)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="output file (never the input)")
     p.add_argument("--io", choices=["float", "int8", "uint8"], default="float",
@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="float models: float32, float16 (weights stored fp16, half the size) or dynamic (int8 "
                    "weights, float activations quantized on the fly by TFLite's hybrid kernels). auto (default): "
-                   "float32, float16 for lowbit's float16-mode output, full-integer int8 for QDQ models")
+                   "float32; float16 or dynamic for lowbit's float16- or dynamic-mode output; full-integer int8 for "
+                   "QDQ models")
     p.add_argument("--allow-float-fallback", action="store_true",
                    help="run in float the quantized ops whose int8 form TFLite cannot express, instead of failing")
     p.add_argument("--batch", type=int, default=1, help="batch size fixed in the file (default 1; LiteRT can "

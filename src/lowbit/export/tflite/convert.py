@@ -24,14 +24,14 @@ from ...graph import load_model
 from ...passes import prepare
 from .context import Context
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
-from .qdq import Graph, read_graph
+from .qdq import Graph, fold_dynamic, read_graph
 from .transformer import fuse_bias, fuse_gelu
 from .writer import QuantParams, Tensor, serialize
 
 IO_KINDS = ("float", "int8", "uint8")
 # auto: float32 for float models, float16 for lowbit's float16-mode output, int8 for QDQ models.
 PRECISIONS = ("auto", "float32", "float16", "dynamic")
-# lowbit's dynamic-mode ONNX: TFLite's hybrid kernels quantize activations themselves, from float weights.
+# lowbit's dynamic / weight-only forms left after fold_dynamic (MatMulInteger with int8 weights folds back).
 _DYNAMIC_FORM = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMulNBits", "GatherBlockQuantized"}
 
 
@@ -120,7 +120,7 @@ def _probe(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str
     return shapes, dtypes
 
 
-def _precision(g: Graph, precision: str) -> str:
+def _precision(g: Graph, precision: str, dynamic_form: bool) -> str:
     if precision not in PRECISIONS:
         raise LowbitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if g.quant:
@@ -130,10 +130,10 @@ def _precision(g: Graph, precision: str) -> str:
         return "int8"
     for node in g.nodes:
         if node.op_type in _DYNAMIC_FORM:
-            raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): lowbit's dynamic and weight-only "
-                              "ONNX forms are not converted; export the float model with --precision dynamic")
+            raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): this form of lowbit's dynamic "
+                              "or weight-only output is not converted; export the float model with --precision dynamic")
     if precision == "auto":
-        return "float16" if g.fp16 else "float32"
+        return "dynamic" if dynamic_form else "float16" if g.fp16 else "float32"
     return precision
 
 
@@ -251,7 +251,7 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     proto, recipe = _load(model)
     shapes, dtypes = _static_shapes(proto, batch, dict(shapes or {}))
     g = read_graph(proto, dtypes)
-    precision = _precision(g, precision)
+    precision = _precision(g, precision, fold_dynamic(g))
     _fold(g, shapes, {d.domain: d.version for d in proto.opset_import})
     fuse_gelu(g)
     outputs = [o.name for o in proto.graph.output]

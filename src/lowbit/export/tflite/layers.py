@@ -133,6 +133,10 @@ def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_a
     qt = ctx.g.qconsts.get(w)
     if qt is None and ctx.precision == "dynamic" and ctx.g.consts[w].size >= HYBRID_MIN_WEIGHTS:
         return hybrid_weight(ctx, ctx.g.consts[w].astype(np.float32).transpose(perm), label, out_axis)
+    if (qt is not None and ctx.precision == "dynamic" and qt.data.dtype == np.int8 and not qt.quant.zero_point.any()
+            and (qt.quant.scale.size == 1 or perm[out_axis] == qt.quant.axis)):  # lowbit's dynamic weights, as they are
+        return ctx.const(label, np.ascontiguousarray(qt.data.transpose(perm)),
+                         QuantParams(qt.quant.scale, qt.quant.zero_point, out_axis))
     if qt is None or qt.data.dtype != np.int8 or (qt.quant.scale.size > 1 and perm[out_axis] != qt.quant.axis):
         return ctx.const(label, np.ascontiguousarray(ctx.g.consts[w].astype(np.float32).transpose(perm)))
     q = ctx.const(f"{label}_int8", qt.data.transpose(perm), QuantParams(qt.quant.scale, qt.quant.zero_point,

@@ -145,3 +145,46 @@ def _renamed(node: onnx.NodeProto, g: Graph) -> onnx.NodeProto:
     del copy.input[:]
     copy.input.extend(g.name(i) if i else i for i in node.input)
     return copy
+
+
+def fold_dynamic(g: Graph) -> bool:
+    """lowbit's dynamic form, x -> DynamicQuantizeLinear -> MatMulInteger(int8 W) -> Cast -> Mul(x_scale * w_scale),
+    back to one MatMul whose weight keeps its integers: TFLite's hybrid kernel quantizes x itself at run time."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.nodes:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+
+    def only_user(name: str, op: str) -> onnx.NodeProto | None:
+        u = users.get(name, [])
+        return u[0] if len(u) == 1 and u[0].op_type == op else None
+
+    drop, replace = set(), {}
+    for mmi in g.nodes:
+        if mmi.op_type != "MatMulInteger" or mmi.input[1] not in g.consts or g.consts[mmi.input[1]].dtype != np.int8:
+            continue
+        dql = producer.get(mmi.input[0])
+        cast = only_user(mmi.output[0], "Cast")
+        mul = cast and only_user(cast.output[0], "Mul")
+        scale = mul and producer.get(mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0])
+        if dql is None or dql.op_type != "DynamicQuantizeLinear" or scale is None or scale.op_type != "Mul":
+            continue
+        w_scale = scale.input[1] if scale.input[0] == dql.output[1] else scale.input[0]
+        if dql.output[1] not in scale.input or w_scale not in g.consts:
+            continue
+        q = g.consts[mmi.input[1]]
+        s = np.asarray(g.consts[w_scale], np.float32).ravel()
+        zp = g.consts[mmi.input[3]] if len(mmi.input) > 3 and mmi.input[3] else np.zeros(s.size)
+        weight = f"{mmi.name or mmi.output[0]}_weight"
+        g.qconsts[weight] = QTensor(q, QuantParams(s, np.asarray(zp, np.int64).ravel(), 1 if s.size > 1 else 0))
+        g.consts[weight] = g.qconsts[weight].real()
+        name = (mmi.name or mul.output[0]).removesuffix("_MatMulInteger")
+        replace[id(mul)] = onnx.helper.make_node("MatMul", [dql.input[0], weight], [mul.output[0]], name=name)
+        drop |= {id(mmi), id(cast), id(scale)}
+    if not replace:
+        return False
+    g.nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in drop]
+    read = {i for n in g.nodes for i in n.input}
+    g.nodes = [n for n in g.nodes if n.op_type != "DynamicQuantizeLinear" or any(o in read for o in n.output)]
+    return True

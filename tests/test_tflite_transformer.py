@@ -151,6 +151,20 @@ def test_lowbit_dynamic_mode_onnx_becomes_hybrid_kernels_with_its_own_weights():
         assert np.abs(y - y_float).max() < 0.03 * np.abs(y_float).max()
 
 
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_lowbit_weight_only_onnx_computes_what_its_graph_says(per_channel):
+    import lowbit
+
+    scheme = lowbit.Scheme(mode="weight_only", per_channel=per_channel)
+    wo = lowbit.quantize(tiny_encoder(), recipe=lowbit.Recipe(default=scheme), progress=False).model
+    result = convert(wo)  # int8 tables and weights stay int8: GATHER + CAST + MUL, DEQUANTIZE for the weights
+    assert result.precision == "weight_only" and result.ops["DEQUANTIZE"] == 5
+    sess = session(wo, "simulate")  # the graph as written (ORT's fused kernels quantize activations too)
+    for seed in range(2):
+        feeds = _feeds(seed)
+        np.testing.assert_allclose(run_litert(result.data, feeds), sess.run(None, feeds)[0], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_minilm_float_and_dynamic_range_in_litert(tmp_path: Path) -> None:
     from lowbit._zoo import minilm_onnx, minilm_tokenize, text_sentences

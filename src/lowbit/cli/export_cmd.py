@@ -11,7 +11,8 @@ from .common import add_image_args, image_preprocess
 
 PRECISIONS = ("auto", "float32", "float16", "dynamic")  # as lowbit.export.tflite.PRECISIONS, without importing it
 KINDS = {"int8": "full-integer int8", "float32": "float32", "float16": "float16 weights",
-         "dynamic": "dynamic-range: int8 weights, float activations"}
+         "dynamic": "dynamic-range: int8 weights, float activations",
+         "weight_only": "int8 weights dequantized at load, float compute"}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

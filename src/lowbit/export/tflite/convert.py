@@ -133,7 +133,10 @@ def _precision(g: Graph, precision: str, dynamic_form: bool) -> str:
             raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): this form of lowbit's dynamic "
                               "or weight-only output is not converted; export the float model with --precision dynamic")
     if precision == "auto":
-        return "dynamic" if dynamic_form else "float16" if g.fp16 else "float32"
+        if dynamic_form:
+            return "dynamic"
+        # lowbit's weight-only output: int8 weights stay int8 in the file, DEQUANTIZE'd when the model loads
+        return "float16" if g.fp16 else "weight_only" if g.qconsts else "float32"
     return precision
 
 

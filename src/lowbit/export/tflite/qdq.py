@@ -113,10 +113,9 @@ def read_graph(proto: onnx.ModelProto, dtypes: dict[str, int] | None = None) -> 
             qt = _weight(node, consts)
             g.qconsts[node.output[0]] = qt
             g.consts[node.output[0]] = qt.real()
+        elif node.op_type == "DequantizeLinear" and node.input[0] not in quantize_of:
+            g.nodes.append(_renamed(node, g))  # integers computed at run time (int8 embedding rows): CAST, scale
         elif node.op_type == "DequantizeLinear":
-            if node.input[0] not in quantize_of:
-                raise LowbitError(f"DequantizeLinear {node.name}: its input {node.input[0]} is neither a constant "
-                                  "nor a QuantizeLinear output; integer graph inputs are not exported yet")
             source, qp = quantize_of[node.input[0]]
             if source not in g.quant and source not in consts:
                 g.quant[source] = qp

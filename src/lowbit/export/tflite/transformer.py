@@ -163,6 +163,28 @@ def reduce(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     _emit(ctx, node, op[node.op_type], [xin, axes_t], kind, "ReducerOptions", keep_dims=keep)
 
 
+def dequantize(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """DequantizeLinear of integers computed at run time (rows gathered from an int8 table): (q - z) * s."""
+    x, y = node.input[0], node.output[0]
+    name = node.name or y
+    rank = len(ctx.shapes[x])
+    scale = np.asarray(ctx.g.consts[node.input[1]], np.float32)
+    zp = np.asarray(ctx.g.consts[node.input[2]] if len(node.input) > 2 and node.input[2] else 0, np.float32)
+    if scale.size > 1:  # per-axis: shape the parameters to broadcast along that axis
+        shape = [1] * rank
+        shape[a.get("axis", 1) % rank] = scale.size
+        scale, zp = scale.reshape(shape), np.broadcast_to(zp, scale.shape).reshape(shape)
+    value = ctx.fm.add_tensor(ctx._tensor(y, "f", ctx.shapes[x], f"{name}_float"))
+    ctx.op("CAST", [ctx.get(x, "f", False)], [value])
+    if zp.any():
+        centered = ctx.fm.add_tensor(ctx._tensor(y, "f", ctx.shapes[x], f"{name}_centered"))
+        ctx.op("SUB", [value, ctx.const(f"{name}_zero_point", zp.reshape(scale.shape))], [centered], "SubOptions",
+               fused_activation_function=0)
+        value = centered
+    _emit(ctx, node, "MUL", [value, ctx.const(f"{name}_scale", scale.reshape(scale.shape or (1,)))], "f",
+          "MulOptions", fused_activation_function=0)
+
+
 def fuse_bias(g: Graph, graph_outputs: set[str]) -> None:
     """Float MatMul(x, W) + b (b one value per output column) becomes one FULLY_CONNECTED with a bias, as
     exporters split nn.Linear. Quantized ones stay apart: the MatMul output has its own int8 parameters."""
@@ -241,6 +263,6 @@ CONVERTERS = {
     "Equal": elementwise, "Greater": elementwise, "GreaterOrEqual": elementwise, "Less": elementwise,
     "LessOrEqual": elementwise, "And": elementwise, "Or": elementwise, "Where": elementwise, "Pow": elementwise,
     "Max": elementwise, "Min": elementwise,
-    "Cast": cast, "Expand": expand,
+    "Cast": cast, "Expand": expand, "DequantizeLinear": dequantize,
     "ReduceSum": reduce, "ReduceMax": reduce, "ReduceMin": reduce, "ReduceProd": reduce, "ReduceL2": reduce,
 }

@@ -120,7 +120,8 @@ def reshape(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, ac
     x, y = node.input[0], node.output[0]
     keep_nhwc = ctx.nhwc.get(x, False) and _same_order(ctx.shapes[x])
     xin = ctx.get(x, kind, True if keep_nhwc else False)
-    out_nhwc = _same_order(ctx.shapes[y])
+    # a (N, C, 1, 1) vector joins NHWC maps (squeeze-excite); a (N, 1, H, W) one only if it came from one (not masks)
+    out_nhwc = _same_order(ctx.shapes[y]) and (keep_nhwc or ctx.shapes[y][2] * ctx.shapes[y][3] == 1)
     out = ctx.produce(y, kind, out_nhwc)
     shape = list(ctx.shape(y, out_nhwc))
     if shape and ctx.shapes[x] and shape[0] == ctx.shapes[x][0]:

@@ -179,3 +179,79 @@ def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path, efficientn
     after = top1_agreement(ref, run_all(session(fixed), batches)[0])
     assert before < 0.8  # per-tensor really hurts this model
     assert after - before >= 0.5 * (1.0 - before)
+
+
+def _mlp(outlier: bool = False) -> onnx.ModelProto:
+    """MatMul -> Relu -> Gemm -> MatMul; `outlier`: the Gemm's weight rows each hold one huge value, so int4
+    blocks of 32 around it lose the rest of the block."""
+    from helpers import model, node, weight
+
+    w2 = weight((64, 128), 2)
+    if outlier:
+        w2[:, ::32] *= 30.0
+    return model([node("MatMul", ["x", "w1"], ["h1"], "mm1"), node("Relu", ["h1"], ["r1"], "relu"),
+                  node("Gemm", ["r1", "w2", "b2"], ["h2"], "gemm", transB=1), node("MatMul", ["h2", "w3"], ["y"], "mm3")],
+                 {"x": ("N", 64)}, {"y": ("N", 10)},
+                 {"w1": weight((64, 128), 1), "w2": w2, "b2": weight((64,), 3), "w3": weight((64, 10), 4)})
+
+
+def _mlp_data() -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 1, (32, 64)).astype(np.float32)
+
+
+def test_dynamic_model_pairs_node_outputs() -> None:
+    """A dynamic model has no quantized activations: each rewritten node's output (same name) is compared."""
+    m = _mlp()
+    q = lowbit.quantize(m, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="dynamic")), progress=False)
+    assert "MatMulInteger" in {n.op_type for n in q.model.graph.node}
+    r = diagnose(m, q.model, _mlp_data(), plan=q.plan, progress=False)
+    assert r["paired"] == "node outputs"
+    rows = {x["node"]: x for x in r["layers"]}
+    assert set(rows) == {"mm1", "gemm", "mm3"}
+    for x in rows.values():
+        assert 20.0 < x["sqnr_db"] < 80.0 and 20.0 < x["alone_sqnr_db"] < 80.0
+        assert set(x["suggestion"].get("tried", {})) <= {"per_channel"}  # no activation fixes for dynamic nodes
+    assert rows["mm3"]["sqnr_db"] == pytest.approx(r["before"]["sqnr_db"], abs=1e-6)  # y is the model output
+    assert set(r["tensors"]) == {"h1", "h2", "y"}
+
+
+def test_weight_only_int4_bad_layer_gets_a_weight_fix(tmp_path: Path, capsys) -> None:
+    m, data = tmp_path / "m.onnx", tmp_path / "d.npy"
+    onnx.save(_mlp(outlier=True), str(m))
+    np.save(data, _mlp_data())
+    assert main(["quantize", str(m), "-o", str(tmp_path / "q.onnx"), "--mode", "weight_only", "--weights", "int4",
+                 "--block-size", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["diagnose", str(m), str(tmp_path / "q.onnx"), "--data", str(data), "--top", "1", "--json",
+                 "--quiet", "--recipe-out", str(tmp_path / "fix.json")]) == 0
+    r = json.loads(capsys.readouterr().out)
+    worst = r["layers"][0]
+    assert worst["node"] == "gemm" and set(worst["suggestion"]["tried"]) == {"smaller_block", "int8_weights"}
+    assert worst["suggestion"]["kind"] in ("smaller_block", "int8_weights")
+    assert r["after"]["sqnr_db"] > r["before"]["sqnr_db"] + 3.0
+    rule = json.loads((tmp_path / "fix.json").read_text())["rules"][0]
+    assert rule["names"] == ["gemm"] and rule["scheme"]["mode"] == "weight_only"
+
+
+def test_fix_rules_drop_the_qat_rules_they_replace(tmp_path: Path) -> None:
+    """A QAT export's recipe has one rule per int4 layer; a fix for that layer must not leave it matching no
+    node (the planner warns about such rules)."""
+    import warnings
+
+    pytest.importorskip("torch")
+    import lowbit.torch as lt
+    from test_torch import data, small_cnn
+    import torch
+
+    example = (torch.from_numpy(data(1, seed=0)),)
+    calib = [torch.from_numpy(data(16, seed=10 + i)) for i in range(2)]
+    q = lt.prepare_qat(small_cnn(), lowbit.Recipe(default=lowbit.Scheme(weights="int4")), example_inputs=example,
+                       calib=calib).eval()
+    lt.export(q, tmp_path / "q.onnx", example, float_output=tmp_path / "f.onnx")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = diagnose(tmp_path / "f.onnx", tmp_path / "q.onnx", data(16, seed=4), top=5, budget=8, progress=False)
+    fixed = {n for rule in r["recipe"]["rules"][:len([x for x in r["layers"] if x["suggestion"]["kind"] != "none"])]
+             for n in rule["names"]}
+    assert fixed & {"/fc/Gemm", "/features.0/Conv", "/features.3/Conv", "/features.6/Conv"}  # a QAT rule was hit
+    assert not [w for w in caught if "matches no node" in str(w.message)]

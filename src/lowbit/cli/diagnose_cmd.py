@@ -58,8 +58,10 @@ def _fid(f: dict[str, Any]) -> str:
 def report_text(r: dict[str, Any], rows: int = 15) -> str:
     measured = [x for x in r["layers"] if "alone_sqnr_db" in x]
     width = max([len(x["node"]) for x in measured[:rows]] + [4])
-    lines = [f"layers ranked by the final-output SQNR they cause alone ({r['samples']} samples, float simulation):",
-             f"  {'node':<{width}}  {'op':<18} {'SQNR dB':>8} {'alone dB':>9}  suggestion"]
+    lines = [f"layers ranked by the final-output SQNR they cause alone ({r['samples']} samples, float simulation):"]
+    if r.get("paired") == "node outputs":  # dynamic / weight-only: SQNR dB is each quantized node's own output
+        lines.append("  (no quantized activations in this model: SQNR dB compares each quantized node's output)")
+    lines.append(f"  {'node':<{width}}  {'op':<18} {'SQNR dB':>8} {'alone dB':>9}  suggestion")
     for x in measured[:rows]:
         s = x["suggestion"]
         lines.append(f"  {x['node']:<{width}}  {x['op_type']:<18} {_db(x['sqnr_db']):>8} "

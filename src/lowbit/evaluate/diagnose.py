@@ -27,12 +27,16 @@ from ..observe import Histogram, percentile
 from ..passes import prepare
 from ..plan import Plan, TensorParams, plan_path
 from ..quantize import quantize
-from ..recipe import Recipe, Rule, Scheme
-from .layerwise import Layer, Trials, escape, final_fidelity, layers, measure_tensors, pair_tensors
+from ..recipe import BLOCK_SIZES, Recipe, Rule, Scheme
+from .layerwise import (Layer, Trials, escape, final_fidelity, layers, measure_tensors, output_layers, pair_outputs,
+                        pair_tensors)
 
 # Relative cost of a fix on the device: per-channel weights and percentile ranges are free, 16-bit activations
 # run as com.microsoft Q/DQ around float ops in ONNX Runtime (no integer kernel), float costs the most.
 COST = {"per_channel": 1.0, "percentile": 1.0, "uint16": 2.0}
+# Weight-only int4: halving the block size adds one float scale per block (file a little larger), int8 weights
+# double the layer's weight bytes; both keep the same kind of kernel.
+COST.update({"smaller_block": 1.0, "int8_weights": 2.0})
 MIN_GAIN_DB = 1.0  # a fix must buy at least this much final-output SQNR to be suggested
 OUTLIER_RATIO = 2.0  # min-max range this many times the 99.99% range: outliers set the scale
 HIST_BINS = 64
@@ -74,10 +78,16 @@ def diagnose(
 
     pairs = pair_tensors(prepared, quant_proto, plan_obj)
     quantized = [t for t in pairs if t in plan_obj.tensors]
-    if not quantized:
-        raise LowbitError("the plan does not describe this quantized model (no quantized tensor found); pass the "
-                          "plan written beside it with --plan")
-    found = layers(quant_proto, plan_obj, pairs)
+    static = bool(quantized)
+    if static:
+        found = layers(quant_proto, plan_obj, pairs)
+    else:  # dynamic / weight-only: no quantized activations, compare each quantized node's output instead
+        pairs = pair_outputs(prepared, quant_proto, plan_obj)
+        found = output_layers(prepared, plan_obj, pairs)
+        quantized = [x.output for x in found]
+    if not found:
+        raise LowbitError("the plan does not describe this quantized model (no quantized tensor or node output "
+                          "found); pass the plan written beside it with --plan")
     stats = measure_tensors(prepared, quant_proto, pairs, batches, [x.output for x in found if x.output],
                             progress=progress)
     before = final_fidelity(stats.ref_outputs[0], stats.quant_outputs[0])
@@ -106,10 +116,14 @@ def diagnose(
         bar.update(1)
     bar.close()
 
-    recipe = replace(trials.recipe, rules=tuple(fixes) + trials.recipe.rules)
+    recipe = _with_fixes(trials.recipe, fixes, plan_obj)
     if fixes or output is not None:
+        # No calibration for a model without quantized activations: with --calib, dynamic mode would quantize
+        # convolutions statically, a different model from the one diagnosed.
+        calibrated = any(t.kind == "activation" for t in plan_obj.tensors.values())
         fixed = quantize(float_model if isinstance(float_model, (str, Path)) else float_proto, output=output,
-                         calib=batches, recipe=recipe, preprocess=preprocess, progress=progress)
+                         calib=batches if calibrated else None, recipe=recipe, preprocess=preprocess,
+                         progress=progress)
         after = trials.measure(fixed.model)
     else:
         after = dict(before)
@@ -119,6 +133,7 @@ def diagnose(
     result = {
         "samples": stats.samples,
         "mode": "simulate",
+        "paired": "activations" if static else "node outputs",
         "before": before,
         "layers": [{"node": x.node, "op_type": x.op_type, "tensor": x.output, **rows[x.node]} for x in ranked],
         "tensors": {t: stats.sqnr(t) for t in quantized},
@@ -133,6 +148,23 @@ def diagnose(
         "recipe_path": str(recipe_out) if recipe_out is not None else None,
     }
     return _jsonable(result)
+
+
+def _with_fixes(recipe: Recipe, fixes: list[Rule], plan: Plan) -> Recipe:
+    """`recipe` with the fix rules first. An original rule whose every node a fix now decides is dropped: it
+    would match no node (QAT exports carry one rule per int4 layer) and the planner would warn about it."""
+    def first_rule(name: str, op: str) -> int | None:
+        return next((i for i, r in enumerate(recipe.rules) if r.matches(name, op)), None)
+
+    decided: dict[int, list[str]] = {}
+    for name, entry in plan.nodes.items():
+        i = first_rule(name, entry.op_type)
+        if i is not None:
+            decided.setdefault(i, []).append(name)
+    fixed = {n for n, e in plan.nodes.items() if any(f.matches(n, e.op_type) for f in fixes)}
+    # Rules that decided no node by its name (QAT module-name aliases) are kept as they are.
+    kept = [r for i, r in enumerate(recipe.rules) if not decided.get(i) or not set(decided[i]) <= fixed]
+    return replace(recipe, rules=tuple(fixes) + tuple(kept))
 
 
 def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
@@ -181,6 +213,11 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
     found = []
     if x.has_weight and not x.per_channel:
         found.append(("per_channel", replace(scheme, per_channel=True), {}))
+    if scheme.mode == "weight_only" and scheme.weights == "int4":
+        block = scheme.block_size or 32
+        if block // 2 in BLOCK_SIZES:
+            found.append(("smaller_block", replace(scheme, block_size=block // 2), {}))
+        found.append(("int8_weights", replace(scheme, weights="int8", block_size=None), {}))
     old = plan.tensors.get(x.output) if x.output else None
     is_output = x.output in stats.outputs  # model outputs are never clipped by calibration
     if old is not None and old.range is not None and not is_output:
@@ -223,7 +260,7 @@ def _suggest(x: Layer, row: dict, stats, trials: Trials, typical: float) -> tupl
 
 
 _LABEL = {"per_channel": "per-channel weights", "percentile": "percentile calibration",
-          "uint16": "16-bit activations"}
+          "uint16": "16-bit activations", "smaller_block": "half the int4 block size", "int8_weights": "int8 weights"}
 
 
 def _db(v: float) -> str:

@@ -98,6 +98,39 @@ def pair_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pla
     return pairs
 
 
+def pair_outputs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, plan: Plan) -> dict[str, str]:
+    """float tensor name -> the same name in the quantized model, for the outputs of quantized nodes.
+
+    Dynamic and weight-only nodes have no activation tensors in the plan: lowbit replaces the node by a small
+    subgraph (DynamicQuantizeLinear -> MatMulInteger, MatMulNBits, DynamicQuantizeLSTM, ...) that writes the
+    same output name, so the node's output is what can be compared. Model outputs are paired too.
+    """
+    qvals = _values(quant_model.graph)
+    pairs: dict[str, str] = {}
+    for n in float_model.graph.node:
+        entry = plan.nodes.get(n.name)
+        if entry is not None and entry.quantized and n.output and n.output[0] in qvals:
+            pairs[n.output[0]] = n.output[0]
+    qouts = {o.name for o in quant_model.graph.output}
+    for o in float_model.graph.output:
+        if o.name in qouts:
+            pairs.setdefault(o.name, o.name)
+    return pairs
+
+
+def output_layers(float_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str]) -> list[Layer]:
+    """Quantized nodes of the float graph whose output is paired, in graph order (dynamic / weight-only)."""
+    found = []
+    for n in float_model.graph.node:
+        entry = plan.nodes.get(n.name)
+        if entry is None or not entry.quantized or not n.output or n.output[0] not in pairs:
+            continue
+        # The weight is input 1 (MatMul/Gemm/LSTM W) or the table, input 0 (Gather).
+        w = plan.tensors.get(f"{n.name}:1") or plan.tensors.get(f"{n.name}:0")
+        has_weight = w is not None and w.kind == "weight"
+        found.append(Layer(n.name, entry.op_type, [i for i in n.input if i in pairs], n.output[0], has_weight,
+                           bool(has_weight and w.axis is not None)))
+    return found
 
 
 def measure_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: dict[str, str],

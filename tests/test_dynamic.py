@@ -42,9 +42,23 @@ def test_dynamic_matmuls_are_integer_and_close_to_float():
     assert fused["MatMul"] == 0 and fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 3
     nodes = res.plan.nodes
     assert nodes["up"].quantized and "dynamic int8" in nodes["up"].reason and nodes["up"].rule == "default"
-    assert not nodes["residual"].quantized and "MatMul/Gemm only" in nodes["residual"].reason
+    assert not nodes["residual"].quantized and "embedding tables only" in nodes["residual"].reason
     p = res.plan.tensors["up:1"]
     assert p.dtype == "int8" and p.kind == "weight" and len(p.scale) == 48
+
+
+def test_dynamic_mode_stores_embedding_tables_int8():
+    # A transformer's word-embedding table is most of its file; left float, "dynamic int8" would be 65% of float.
+    d, v = 32, 400
+    m = model([node("Gather", ["table", "ids"], ["e"], "emb"), node("MatMul", ["e", "w"], ["y"], "proj")],
+              {"ids": (2, 6)}, {"y": (2, 6, d)}, {"table": weight((v, d), 4), "w": weight((d, d), 5, 0.3)})
+    m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
+    res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
+    assert res.plan.nodes["emb"].quantized and "per-row" in res.plan.nodes["emb"].reason
+    assert res.plan.nodes["proj"].quantized and "dynamic int8" in res.plan.nodes["proj"].reason
+    assert res.quantized_bytes < 0.3 * res.float_bytes
+    ids = {"ids": np.random.default_rng(1).integers(0, v, (2, 6))}
+    assert rel_rms(run(m, [ids], float_model=True)[0], run(res.model, [ids], mode="kernels")[0]) < 0.02
 
 
 def test_output_carries_no_inferred_shapes(tmp_path):

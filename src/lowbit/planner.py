@@ -213,7 +213,9 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
         else:
             take(layout.weight_only, _weight_only_reason(scheme))
         return None
-    if op == "Gather" and scheme.mode == "weight_only":
+    # An embedding table is a weight: dynamic mode stores it int8 too (the lookup has no activation to quantize),
+    # which on a transformer is most of the file.
+    if op == "Gather" and scheme.mode in ("weight_only", "dynamic"):
         found = embedding_table(node)
         if isinstance(found, Skip):
             keep(found.reason)
@@ -233,7 +235,7 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
     elif op in RECURRENT:
         keep(recurrent_float_reason(op, scheme))
     elif scheme.mode == "dynamic":
-        keep(f"dynamic mode quantizes LSTM and MatMul/Gemm only; {op} stays float")
+        keep(f"dynamic mode quantizes LSTM, MatMul/Gemm and embedding tables only; {op} stays float")
     else:
         keep(f"weight-only mode: {op} has no weights to quantize")
     return None

@@ -4,10 +4,12 @@ Per-operation energies are the 45 nm, 0.9 V table of M. Horowitz, "Computing's e
 can do about it)", IEEE ISSCC 2014, pp. 10-14. The absolute numbers belong to that process node; what the
 estimate is good for is comparing two versions of one model (float vs int8) under the same simple model:
 
-- compute: Conv/ConvTranspose/Gemm/MatMul count multiply-accumulates from their shapes. Their precision is
-  int8 when both operands are DequantizeLinear outputs of 8-bit tensors (8-bit mult + 32-bit add), else the
-  float type of the operands (fp32: 32-bit mult + 32-bit add). Other integer widths (16-bit quantization,
-  integer shape math) are costed as 32-bit integer ops. Every other compute op costs one add per output
+- compute: Conv/ConvTranspose/Gemm/MatMul/MatMulNBits and LSTM/GRU/RNN count multiply-accumulates from their
+  shapes. Their precision is int8 when both operands are DequantizeLinear outputs of 8-bit tensors (8-bit
+  mult + 32-bit add), else the float type of the operands (fp32: 32-bit mult + 32-bit add). 4-bit operands
+  are priced as 8-bit ones (the table has no 4-bit entry); other integer widths (16-bit quantization, integer
+  shape math) are costed as 32-bit integer ops. Shapes ONNX inference cannot see (com.microsoft ops) come
+  from one ONNX Runtime run on zeros. Every other compute op costs one add per output
   element at its precision (pools: one add per input element read). Q/DQ pairs cost nothing: integer kernels
   fuse them; requantization inside those kernels is not counted.
 - memory: every weight (initializer) is read once from DRAM; every activation is written once by its producer
@@ -53,8 +55,11 @@ NOTE = (
     "(100 pJ/64 bit); no cache reuse, requantization or control overhead; per run of the batch"
 )
 
-MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
-INTEGER_MAC_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+# MatMulNBits (int4 weight-only) dequantizes its weights and multiplies in float: float MACs, 4-bit weight bytes.
+MAC_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "MatMulNBits", "LSTM", "GRU", "RNN"}
+INTEGER_MAC_OPS = {"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "DynamicQuantizeLSTM"}
+# Recurrent layers: gates per step (each a matrix product with the input and one with the hidden state).
+RECURRENT_GATES = {"LSTM": 4, "DynamicQuantizeLSTM": 4, "GRU": 3, "RNN": 1}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # Views: no arithmetic, and ONNX Runtime usually aliases their buffers instead of copying.
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape", "Size"}
@@ -77,7 +82,50 @@ def with_fixed_dims(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
                 d.dim_value = batch if i == 0 else 1
     # Stale value_info from the exporter could carry the old symbolic dims; inference rebuilds them.
     del m.graph.value_info[:]
-    return onnx.shape_inference.infer_shapes(m, data_prop=True)
+    m = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    return _runtime_shapes(m) if _unknown_outputs(m) else m
+
+
+def _unknown_outputs(m: onnx.ModelProto) -> list[str]:
+    known = {name for name, (_, shape) in _tensor_types(m).items() if shape is not None}
+    return [o for n in m.graph.node for o in n.output if o and o not in known]
+
+
+def _runtime_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
+    """Fill shapes ONNX inference cannot see (com.microsoft ops: 4/16-bit DequantizeLinear below opset 21,
+    MatMulNBits, DynamicQuantizeLSTM) from one ONNX Runtime run on zeros. On failure `m` is returned as is and
+    those nodes are reported as not counted."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    missing = _unknown_outputs(m)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(o) for o in missing)
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor by name
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        feeds = {}
+        for i in sess.get_inputs():
+            dtype = helper.tensor_dtype_to_np_dtype(_elem_type(probe, i.name))
+            feeds[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], dtype)
+        values = sess.run(missing, feeds)
+    except Exception:  # noqa: BLE001 - an estimate should not fail on a model ORT cannot run on zeros
+        return m
+    stale = set(missing)
+    kept = [v for v in m.graph.value_info if v.name not in stale]  # partial shapes (symbolic or unknown dims)
+    del m.graph.value_info[:]
+    m.graph.value_info.extend(kept)
+    for name, v in zip(missing, values):
+        v = np.asarray(v)
+        m.graph.value_info.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype),
+                                                                list(v.shape)))
+    return m
+
+
+def _elem_type(m: onnx.ModelProto, name: str) -> int:
+    return next(i.type.tensor_type.elem_type for i in m.graph.input if i.name == name)
 
 
 def _prepared(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -116,7 +164,9 @@ def _precision(elem_type: int) -> str:
         return "fp16"
     if elem_type in (TensorProto.FLOAT, TensorProto.DOUBLE):
         return "fp32"
-    if elem_type in (TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL):
+    # No 4-bit entry in Horowitz's table: 4-bit operands are priced as 8-bit ones (an upper bound for compute;
+    # their storage is counted at 4 bits, see _initializer_bytes).
+    if elem_type in (TensorProto.INT8, TensorProto.UINT8, TensorProto.BOOL, TensorProto.INT4, TensorProto.UINT4):
         return "int8"
     return "int32"
 
@@ -213,6 +263,8 @@ def _macs(n: onnx.NodeProto, types: dict) -> int | None:
     shape = lambda i: types.get(n.input[i], (0, None))[1] if len(n.input) > i and n.input[i] else None  # noqa: E731
     out = types.get(n.output[0], (0, None))[1]
     op = n.op_type
+    if op in RECURRENT_GATES:
+        return _recurrent_macs(n, types)
     if op in ("QLinearConv", "ConvInteger"):
         w_index = 3 if op == "QLinearConv" else 1
         w = shape(w_index)
@@ -237,6 +289,18 @@ def _macs(n: onnx.NodeProto, types: dict) -> int | None:
     # MatMul, MatMulInteger: numpy semantics, the reduced axis is A's last.
     a = shape(0)
     return math.prod(out) * a[-1] if out is not None and a is not None else None
+
+
+def _recurrent_macs(n: onnx.NodeProto, types: dict) -> int | None:
+    """Per step, direction and batch row: gates x hidden x (input + hidden) MACs (X W^T and H R^T)."""
+    x = types.get(n.input[0], (0, None))[1]
+    w = types.get(n.input[1], (0, None))[1] if len(n.input) > 1 else None
+    hidden = next((a.i for a in n.attribute if a.name == "hidden_size"), 0)
+    if x is None or w is None or not hidden or len(x) != 3:
+        return None
+    layout = next((a.i for a in n.attribute if a.name == "layout"), 0)
+    steps, batch = (x[1], x[0]) if layout else (x[0], x[1])
+    return steps * batch * w[0] * RECURRENT_GATES[n.op_type] * hidden * (x[2] + hidden)
 
 
 def _window_reads(n: onnx.NodeProto, types: dict) -> int | None:

@@ -191,3 +191,33 @@ def test_quantize_cli_prints_lint(tiny_model: Path, tiny_calib: Path, tmp_path: 
                    "--activations", "int8")
     section = proc.stdout[proc.stdout.index("performance lint:"):].splitlines()
     assert section[0] == "performance lint:" and section[1].startswith("  missing-fusion: ")
+
+
+def test_static_int4_weights_are_named_as_the_reason_and_last_layer_included() -> None:
+    """Static int4 weights (com.microsoft DequantizeLinear below opset 21) run in float in ORT: the finding says
+    why and offers int8 or MatMulNBits, not 're-quantize with lowbit'; the model's last MatMul (no Q after it)
+    runs in float too and is named."""
+    from test_energy_forms import CALIB, _mlp
+
+    q = lowbit.quantize(_mlp(), calib=CALIB, recipe=lowbit.Recipe(default=lowbit.Scheme(weights="int4")),
+                        progress=False)
+    assert any(n.domain == "com.microsoft" and n.op_type == "DequantizeLinear" for n in q.model.graph.node)
+    found = lint(q.model, plan=q.plan)
+    assert [f["kind"] for f in found] == ["missing-fusion"]
+    assert found[0]["nodes"] == ["mm1", "gemm", "mm3"]
+    assert "4-bit weights" in found[0]["message"] and "MatMulNBits" in found[0]["fix"]
+    assert "re-quantize" not in found[0]["fix"]
+
+
+@pytest.mark.parametrize("scheme", [lowbit.Scheme(mode="dynamic"), lowbit.Scheme(mode="weight_only"),
+                                    lowbit.Scheme(mode="weight_only", weights="int4", block_size=32)])
+def test_dynamic_and_weight_only_models_are_clean(scheme: lowbit.Scheme) -> None:
+    from test_energy_forms import _mlp
+    from test_recurrent import lstm_model
+
+    for m in (_mlp(), lstm_model()):
+        if scheme.weights == "int4" and m.graph.node[0].op_type == "LSTM":
+            continue  # weight-only LSTM stays float: nothing quantized to lint
+        q = lowbit.quantize(m, recipe=lowbit.Recipe(default=scheme), progress=False)
+        assert any(e.quantized for e in q.plan.nodes.values())
+        assert lint(q.model, plan=q.plan) == []

@@ -224,9 +224,31 @@ def _dynamic_convs(orig: _Graph) -> list[int]:
     return out
 
 
+_FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
+def _four_bit_weight(g: _Graph, i: int) -> str | None:
+    """The 4-bit initializer behind node i's weight DequantizeLinear, if any."""
+    n = g.nodes[i]
+    if n.op_type not in _WEIGHTED or len(n.input) < 2 or g.op_of(n.input[1]) != "DequantizeLinear":
+        return None
+    w = g.inits.get(g.nodes[g.producer[n.input[1]]].input[0])
+    return w.name if w is not None and w.data_type in _FOUR_BIT else None
+
+
+def _four_bit_fix(nodes: list[onnx.NodeProto]) -> tuple[str, str]:
+    why = "4-bit weights: ORT has no CPU integer kernel for static int4 weights and dequantizes them to float"
+    fix = "use int8 weights where speed matters (--weights int8 or a recipe rule)"
+    if all(n.op_type in ("MatMul", "Gemm") for n in nodes):
+        fix += "; for a smaller file, weight-only int4 (--mode weight_only --weights int4) runs as MatMulNBits"
+    return why, fix
+
+
 def _fusion_fix(orig: _Graph, i: int) -> tuple[str, str]:
     """Why ORT likely left a QDQ op unfused, and what to do."""
     n = orig.nodes[i]
+    if _four_bit_weight(orig, i):
+        return _four_bit_fix([n])
     relus = [r for r in orig.readers(i) if orig.nodes[r].op_type in ("Relu", "Clip")]
     if relus:
         return ("a Relu/Clip sits between the op and its QuantizeLinear",
@@ -331,6 +353,13 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
     unfused: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i in fusion:
         unfused[_fusion_fix(orig, i)].append(i)
+    # Ops with 4-bit weights whose output is not re-quantized (the model's last layer) are no Q/DQ island but
+    # run in float all the same, as long as ORT kept the weight's DequantizeLinear.
+    kept_dq = {n.input[0] for n in opt.nodes if n.op_type == "DequantizeLinear"}
+    four = [i for i in range(len(orig.nodes)) if i not in fusion and i not in taken
+            and (_four_bit_weight(orig, i) or "") in kept_dq]
+    if four:
+        unfused[_four_bit_fix([orig.nodes[i] for i in four])].extend(four)
     for (why, fix), members in unfused.items():
         nodes = [orig.nodes[i] for i in members]
         ops = ", ".join(dict.fromkeys(n.op_type for n in nodes))

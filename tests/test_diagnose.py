@@ -255,3 +255,17 @@ def test_fix_rules_drop_the_qat_rules_they_replace(tmp_path: Path) -> None:
              for n in rule["names"]}
     assert fixed & {"/fc/Gemm", "/features.0/Conv", "/features.3/Conv", "/features.6/Conv"}  # a QAT rule was hit
     assert not [w for w in caught if "matches no node" in str(w.message)]
+
+
+def test_dynamic_recipe_with_calibration_mixes_static_convs_and_dynamic_gemm() -> None:
+    """Dynamic mode with calibration: convolutions fall back to static (their fixes are static schemes), the
+    Gemm is dynamic and is compared by its output; both are ranked."""
+    m = tiny_cnn()
+    dyn = lowbit.Recipe(default=lowbit.Scheme(mode="dynamic"))
+    q = lowbit.quantize(m, calib=_data(16), recipe=dyn, progress=False)
+    assert "MatMulInteger" in {n.op_type for n in q.model.graph.node}
+    r = diagnose(m, q.model, _data(16), plan=q.plan, top=3, progress=False)
+    rows = {x["node"]: x for x in r["layers"]}
+    assert {"conv1", "conv2", "fc"} <= set(rows) and r["paired"] == "activations"
+    assert "uint16" in rows["conv1"]["suggestion"]["tried"]
+    assert "uint16" not in rows["fc"]["suggestion"].get("tried", {})

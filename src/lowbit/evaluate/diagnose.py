@@ -1,9 +1,11 @@
 """`diagnose`: which layers make a quantized model lose accuracy, what to change, and how much that recovers.
 
-1. per tensor: the QDQ model's activations against the float model's, paired by name (layerwise.py);
+1. per tensor: the QDQ model's activations against the float model's, paired by name (layerwise.py); dynamic
+   and weight-only nodes have no quantized activations, so their outputs (same name in both models) are paired;
 2. per layer: final-output SQNR with only that layer quantized ("alone"), for the layers whose output loses
    the most SQNR relative to their inputs (a budget keeps big models quick);
-3. for the worst layers, candidate fixes (per-channel weights, percentile ranges, 16-bit activations) are each
+3. for the worst layers, candidate fixes that apply to the layer (per-channel weights, percentile ranges,
+   16-bit activations; for weight-only int4: half the block size, int8 weights) are each
    tried alone by re-applying the plan, and the best gain per cost is kept; keep-float is the last resort;
 4. the fixes become recipe rules, the float model is calibrated and quantized with them, and re-measured.
 """
@@ -81,6 +83,12 @@ def diagnose(
     static = bool(quantized)
     if static:
         found = layers(quant_proto, plan_obj, pairs)
+        # Dynamic / weight-only nodes beside static ones (dynamic mode with calibration): compared by output.
+        kept = {n.name for n in quant_proto.graph.node}
+        rewritten = pair_outputs(prepared, quant_proto, plan_obj)
+        extra = [x for x in output_layers(prepared, plan_obj, rewritten) if x.node not in kept]
+        pairs.update({x.output: x.output for x in extra if x.output not in pairs})
+        found += extra
     else:  # dynamic / weight-only: no quantized activations, compare each quantized node's output instead
         pairs = pair_outputs(prepared, quant_proto, plan_obj)
         found = output_layers(prepared, plan_obj, pairs)
@@ -219,16 +227,19 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
             found.append(("smaller_block", replace(scheme, block_size=block // 2), {}))
         found.append(("int8_weights", replace(scheme, weights="int8", block_size=None), {}))
     old = plan.tensors.get(x.output) if x.output else None
+    # A node with quantized activations under a dynamic recipe is a convolution that fell back to static (calibration
+    # was given): its activation fixes are static schemes, which the dynamic mode could not express.
+    static = replace(scheme, mode="static") if scheme.mode != "static" and old is not None else scheme
     is_output = x.output in stats.outputs  # model outputs are never clipped by calibration
     if old is not None and old.range is not None and not is_output:
         h = stats.histograms.get(x.output)
         if scheme.calibration != "percentile" and _outlier_ratio(h) >= OUTLIER_RATIO:
             a, b = percentile(h, scheme.percentile)
-            found.append(("percentile", replace(scheme, calibration="percentile"),
+            found.append(("percentile", replace(static, calibration="percentile"),
                           {x.output: _params(a, b, old.dtype, scheme.symmetric_activations)}))
         if old.dtype not in ("uint16", "int16"):
             wide = "int16" if old.dtype == "int8" else "uint16"
-            found.append(("uint16", replace(scheme, activations=wide, reduce_range=False),
+            found.append(("uint16", replace(static, activations=wide, reduce_range=False),
                           {x.output: _params(*old.range, wide, scheme.symmetric_activations)}))
     return found
 

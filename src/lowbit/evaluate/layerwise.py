@@ -125,6 +125,8 @@ def output_layers(float_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str
         entry = plan.nodes.get(n.name)
         if entry is None or not entry.quantized or not n.output or n.output[0] not in pairs:
             continue
+        if entry.reason.startswith(FOLDED) or entry.reason == SHARED:  # static: no error of their own
+            continue
         # The weight is input 1 (MatMul/Gemm/LSTM W) or the table, input 0 (Gather).
         w = plan.tensors.get(f"{n.name}:1") or plan.tensors.get(f"{n.name}:0")
         has_weight = w is not None and w.kind == "weight"

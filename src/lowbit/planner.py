@@ -18,6 +18,11 @@ from .recurrent import lstm_float_reason, recurrent_float_reason
 
 CONV_DYNAMIC_REASON = "dynamic quantization of convolutions is several times slower than float on x86 (ConvInteger)"
 RECURRENT = ("LSTM", "GRU", "RNN", "Attention", "MultiHeadAttention")
+# A calibrated value this large is a sentinel, not a signal: attention masks add -1e4, float32's lowest
+# (-3.4e38) or finfo.min to the scores they hide. One such value stretches an 8- or 16-bit grid so far that every
+# real value rounds to zero (MiniLM static int8: embedding cosine 0.15), so ops quantizing such a tensor stay float.
+SENTINEL = 1e4
+SENTINEL_REASON = "calibrated range reaches"
 
 
 @dataclass
@@ -51,6 +56,8 @@ class Layout:
     dynamic: dict[str, Scheme] = field(default_factory=dict)
     weight_only: dict[str, Scheme] = field(default_factory=dict)
     float16: set[str] = field(default_factory=set)
+    # static node -> the activation tensors it quantizes (inputs and outputs)
+    node_tensors: dict[str, list[str]] = field(default_factory=dict)
 
     def sources(self) -> set[str]:
         return set(self.tensors.values())
@@ -71,8 +78,11 @@ def ensure_node_names(graph: ir.Graph) -> None:
         seen.add(name)
 
 
-def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True) -> Layout:
-    """`calibrated`: whether calibration data (or a plan) will be given, so static quantization is possible."""
+def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True,
+                keep_float: dict[str, str] | None = None) -> Layout:
+    """`calibrated`: whether calibration data (or a plan) will be given, so static quantization is possible.
+    `keep_float`: static nodes to keep float anyway (node name -> reason), e.g. from `sentinel_nodes`."""
+    keep_float = keep_float or {}
     graph = model.graph
     ensure_node_names(graph)
     layout = Layout()
@@ -90,6 +100,9 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True) -> Lay
             scheme = _other_mode(node, scheme, rule, layout, calibrated)
             if scheme is None:
                 continue
+        if node.name in keep_float:
+            layout.nodes[node.name] = NodeDecision(node.name, node.op_type, False, keep_float[node.name], rule)
+            continue
         spec = spec_for(node)
         if isinstance(spec, Skip):
             layout.nodes[node.name] = NodeDecision(node.name, node.op_type, False, spec.reason, rule)
@@ -141,12 +154,15 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True) -> Lay
         if spec is None or node.name in layout.fused:
             continue
         scheme = layout.nodes[node.name].scheme
+        mine = layout.node_tensors.setdefault(node.name, [])
         for i in spec.activations:
             if _has(node, i):
                 _add_tensor(layout, node.inputs[i].name, node.inputs[i].name, scheme)
+                mine.append(node.inputs[i].name)
         for i in spec.outputs:
             if i < len(node.outputs):
                 out = _out_name(node, i, layout)
+                mine.append(out)
                 src = layout.tensors.get(node.inputs[0].name, node.inputs[0].name) if spec.shares_input_scale else out
                 _add_tensor(layout, out, src, scheme)
         if spec.weight is not None:
@@ -163,6 +179,22 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True) -> Lay
         if str(i) not in matched:
             warnings.warn(f"recipe {rule.describe()} (rule {i}) matches no node of this model", stacklevel=2)
     return layout
+
+
+def sentinel_nodes(layout: Layout, extremes: dict[str, tuple[float, float]]) -> dict[str, str]:
+    """Static nodes that would quantize a tensor whose calibrated range (`extremes`: tensor -> (min, max), as
+    observed, before any clipping) reaches |x| >= SENTINEL -> why they stay float. Tensors sharing a scale are
+    judged by their source's range."""
+    out: dict[str, str] = {}
+    for node, tensors in layout.node_tensors.items():
+        for t in tensors:
+            lo, hi = extremes.get(layout.tensors.get(t, t), (0.0, 0.0))
+            if max(-lo, hi) >= SENTINEL:
+                edge = lo if -lo >= hi else hi
+                out[node] = (f"{SENTINEL_REASON} {edge:.3g} at '{t}': a mask or sentinel value, not a signal "
+                             "(no 8- or 16-bit grid holds both); kept float")
+                break
+    return out
 
 
 def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibrated: bool) -> Scheme | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from .numerics import scale_zero_point
 from .observe import select_range
 from .passes import prepare
 from .plan import NodeEntry, Plan, TensorParams, plan_path
-from .planner import Layout, make_layout
+from .planner import SENTINEL_REASON, Layout, make_layout, sentinel_nodes
 from .recipe import Recipe, Scheme
 
 
@@ -93,10 +94,15 @@ def quantize(
         observed = {s for s in layout.sources() if not _is_constant(ir_model, s)}
         total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
         stats = calibrate(ir_model, observed, layout.channel_stats, source, total=total, progress=progress)
+        layout = _without_sentinels(ir_model, recipe, layout, stats)
         tensors = decide_activations(ir_model, layout, stats)
         samples = stats.samples
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
     else:
+        # The plan's sentinel decisions were made on data this run does not see: repeat them.
+        keep = {n: e.reason for n, e in plan.nodes.items() if not e.quantized and e.reason.startswith(SENTINEL_REASON)}
+        if keep:
+            layout = _relayout(ir_model, recipe, keep)
         tensors = _activations_from_plan(ir_model, layout, plan)
         samples, means = plan.calibration_samples, plan.channel_means
     timings["calibrate"] = time.perf_counter() - t
@@ -130,6 +136,23 @@ def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     return Recipe.load(recipe)
+
+
+def _relayout(model: ir.Model, recipe: Recipe, keep_float: dict[str, str]) -> Layout:
+    with warnings.catch_warnings():  # unmatched recipe rules were reported by the first layout
+        warnings.simplefilter("ignore")
+        return make_layout(model, recipe, calibrated=True, keep_float=keep_float)
+
+
+def _without_sentinels(model: ir.Model, recipe: Recipe, layout: Layout, stats: Statistics) -> Layout:
+    """Keep float every static node that would quantize a mask-like tensor (see planner.SENTINEL), until none does:
+    a node kept float can leave its neighbours quantizing what it produced or consumed."""
+    extremes = {k: (h.min, h.max) for k, h in stats.histograms.items() if h.count}
+    keep: dict[str, str] = {}
+    while more := sentinel_nodes(layout, extremes):
+        keep.update(more)
+        layout = _relayout(model, recipe, keep)
+    return layout
 
 
 def _is_constant(model: ir.Model, name: str) -> bool:

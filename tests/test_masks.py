@@ -1,0 +1,55 @@
+"""Attention masks: tensors whose calibrated range reaches a sentinel (-1e4, float32's lowest) stay float."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import lowbit
+from helpers import model, node, rel_rms, rng, run, weight
+
+
+def _attention(sentinel: float):
+    """scores = x Wq (x Wk)^T + mask, mask = Where(keep, 0, sentinel) over the key axis; out = softmax(scores) x Wv."""
+    inits = {"wq": weight((8, 8), 1), "wk": weight((8, 8), 2), "wv": weight((8, 8), 3),
+             "zero": np.zeros((), np.float32), "hide": np.array(sentinel, np.float32), "ax": np.array([1])}
+    nodes = [
+        node("MatMul", ["x", "wq"], ["q"]), node("MatMul", ["x", "wk"], ["k"]), node("MatMul", ["x", "wv"], ["v"]),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), node("MatMul", ["q", "kt"], ["s"]),
+        node("Cast", ["keep"], ["keepb"], to=9), node("Where", ["keepb", "zero", "hide"], ["m2"]),
+        node("Unsqueeze", ["m2", "ax"], ["m"]), node("Add", ["s", "m"], ["sm"], name="mask_add"),
+        node("Softmax", ["sm"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"]),
+    ]
+    return model(nodes, {"x": (1, 6, 8), "keep": (1, 6)}, {"y": (1, 6, 8)}, inits)
+
+
+def _feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    r = rng(seed)
+    out = []
+    for i in range(n):
+        keep = np.ones((1, 6), np.float32)
+        keep[0, 6 - i % 3:] = 0  # 0, 1 or 2 padded positions
+        out.append({"x": r.normal(0, 1, (1, 6, 8)).astype(np.float32), "keep": keep})
+    return out
+
+
+@pytest.mark.parametrize("sentinel", [float(np.finfo(np.float32).min), -1e4])
+def test_mask_add_stays_float_and_output_is_sane(sentinel: float) -> None:
+    m = _attention(sentinel)
+    res = lowbit.quantize(m, calib=_feeds(24, 1), progress=False)
+    add = res.plan.nodes["mask_add"]
+    assert not add.quantized and add.reason.startswith("calibrated range reaches")
+    assert not res.plan.nodes["Softmax_p"].quantized  # its input holds the sentinel too
+    assert res.plan.nodes["MatMul_s"].quantized  # the scores' MatMul is still int8
+    feeds = _feeds(12, 7)
+    ref = run(m, feeds, float_model=True)[0]
+    for mode in ("simulate", "kernels"):
+        assert rel_rms(ref, run(res.model, feeds, mode=mode)[0]) < 0.05
+
+
+def test_plan_reuse_keeps_the_mask_float(tmp_path) -> None:
+    m = _attention(float(np.finfo(np.float32).min))
+    first = lowbit.quantize(m, tmp_path / "a.onnx", calib=_feeds(24, 1), progress=False)
+    again = lowbit.quantize(m, tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
+    assert not again.plan.nodes["mask_add"].quantized
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

@@ -14,6 +14,7 @@ from .planner import Layout
 from .ops.matmul import weight_matmul
 from .passes.float16 import convert_float16
 from .recipe import Scheme
+from .attention import dynamic_attention, is_attention
 from .recurrent import dynamic_lstm
 from .rewrite import (constant_dq, dynamic_matmul, fuse_activation, gather_block_quantized, gather_int4_nibbles,
                       gather_rows_int8, insert_qdq, matmul_nbits, quantize_constant)
@@ -57,6 +58,8 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
     for name, scheme in layout.dynamic.items():
         if graph.node(name).op_type == "LSTM":
             dynamic_lstm(model, graph.node(name), scheme, plan)
+        elif is_attention(graph.node(name)):
+            dynamic_attention(model, graph.node(name), scheme, plan, cache)
         else:
             _dynamic(model, graph.node(name), scheme, plan, cache)
     for name, scheme in layout.weight_only.items():

@@ -14,6 +14,7 @@ from .ops import FLOAT16_FRAGILE, FLOAT16_OPS, OpSpec, Skip, spec_for
 from .ops.activation import clip_bounds
 from .ops.matmul import embedding_table, weight_matmul
 from .recipe import Recipe, Scheme
+from .attention import attention_float_reason, is_attention
 from .recurrent import lstm_float_reason, recurrent_float_reason
 
 CONV_DYNAMIC_REASON = "dynamic quantization of convolutions is several times slower than float on x86 (ConvInteger)"
@@ -257,7 +258,14 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
         else:
             take(layout.weight_only, _weight_only_reason(scheme, rows=True))
         return None
-    if op == "LSTM":
+    if is_attention(node):
+        why = attention_float_reason(node, scheme)
+        if why:
+            keep(why)
+        else:
+            take(layout.dynamic, "dynamic int8 (QAttention): uint8 input quantized per input at run time, int8 "
+                 f"{'per-column' if scheme.per_channel else 'per-tensor'} Q/K/V weights")
+    elif op == "LSTM":
         why = lstm_float_reason(node, scheme)
         if why:
             keep(why)
@@ -267,7 +275,7 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
     elif op in RECURRENT:
         keep(recurrent_float_reason(op, scheme))
     elif scheme.mode == "dynamic":
-        keep(f"dynamic mode quantizes LSTM, MatMul/Gemm and embedding tables only; {op} stays float")
+        keep(f"dynamic mode quantizes LSTM, com.microsoft Attention, MatMul/Gemm and embedding tables only; {op} stays float")
     else:
         keep(f"weight-only mode: {op} has no weights to quantize")
     return None

@@ -38,6 +38,9 @@ FLOAT16_FRAGILE = frozenset({
 
 
 def spec_for(node: ir.Node) -> OpSpec | Skip:
+    if node.domain == "com.microsoft" and node.op_type == "Attention":
+        return Skip("static com.microsoft::Attention: ONNX Runtime's integer attention (QAttention) is dynamic; "
+                    "use mode dynamic for it")
     if node.domain not in ("", "ai.onnx"):
         return Skip(f"custom-domain op {node.domain}::{node.op_type} has no quantized form")
     if node.outputs and all(o.dtype is not None and o.dtype != ir.DataType.FLOAT for o in node.outputs):

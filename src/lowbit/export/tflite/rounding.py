@@ -6,11 +6,13 @@ float32 and rounds half to even; XNNPACK's quantized add turns the two scale rat
 significant bits and shifts right with rounding half up. The results differ by one step where the exact value
 sits within about 1e-4 of a half step. Conv, depthwise conv and fully-connected in XNNPACK scale the int32
 accumulator in float32 and round half to even, as ONNX Runtime does, so they agree exactly.
+`snap_add_scales` nudges a QDQ model's Add scales so that the two ADD rules agree as well.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
 Params = tuple[float, int]  # (scale, zero point) of one tensor
 
@@ -41,3 +43,107 @@ def exact_add(a: np.ndarray, b: np.ndarray, pa: Params, pb: Params, pc: Params) 
     """The real-valued result before rounding (float64), to see how close to a half step a disagreement is."""
     (sa, za), (sb, zb), (sc, zc) = pa, pb, pc
     return (float(sa) * (a - za) + float(sb) * (b - zb)) / float(sc) + zc
+
+
+def _shift(ra: np.float32, rb: np.float32) -> int:
+    return 21 - int(np.frexp(max(ra, rb))[1])
+
+
+def _exact(num: np.float32, den: np.float32, shift: int) -> bool:
+    """float32(num / den) is an integer multiple of 2**-shift: both runtimes then use the same ratio."""
+    m = float(np.float32(num / den)) * 2.0**shift
+    return m == round(m)
+
+
+def _candidates(start: np.float32, ok, count: int, window: int = 1 << 16):
+    """Up to `count` float32 values nearest `start` (in ulps) for which ok(value) holds."""
+    bits = int(np.array(start, np.float32).view(np.int32))
+    found = 0
+    for step in range(window):
+        for b in (bits + step, bits - step) if step else (bits,):
+            v = np.array(b, np.int32).view(np.float32)[()]
+            if np.isfinite(v) and v > 0 and ok(v):
+                yield v
+                found += 1
+                if found == count:
+                    return
+
+
+def snap_add_scales(model: onnx.ModelProto) -> list[str]:
+    """Nudge the scales around each quantized Add (by about 1e-7 relative) so that both ratios sa/sc and sb/sc
+    are exact with 21 significant bits and the two rules above give the same integer for every pair of int8
+    inputs. XNNPACK's fixed-point ADD then computes what ONNX Runtime's float32 QLinearAdd does (up to
+    ONNX Runtime's own float evaluation order, see `ort_add`); measured on EfficientNet-Lite0 in docs/tflite.md.
+    Changes `model` in place; returns the Add nodes changed. The output scale and one operand scale move; the
+    operand must be a tensor only this Add reads, made by something other than an Add."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    scale_users: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1:
+            scale_users[n.input[1]] = scale_users.get(n.input[1], 0) + 1
+
+    def scale_of(dq_output: str) -> tuple[str, str] | None:
+        """(tensor, scale initializer) of a DequantizeLinear's per-tensor scale."""
+        dq = producer.get(dq_output)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
+            return None
+        if numpy_helper.to_array(inits[dq.input[1]]).size != 1:
+            return None
+        return dq.input[0], dq.input[1]
+
+    def value(name: str) -> np.float32:
+        return np.float32(numpy_helper.to_array(inits[name]).reshape(()))
+
+    changed = []
+    for node in model.graph.node:
+        if node.op_type != "Add" or len(node.input) != 2:
+            continue
+        ops = [scale_of(i) for i in node.input]
+        outs = readers.get(node.output[0], [])
+        if None in ops or len(outs) != 1 or outs[0].op_type != "QuantizeLinear" or outs[0].input[1] not in inits:
+            continue
+        c_scale = outs[0].input[1]
+
+        def own(t: tuple[str, str]) -> bool:  # only this Add reads it, and no Add made it
+            q = producer.get(t[0])
+            made_by = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            return (q is not None and q.op_type == "QuantizeLinear" and len(readers.get(t[0], [])) == 1
+                    and (made_by is None or made_by.op_type != "Add") and scale_users.get(t[1], 0) == 2)
+
+        movable = [k for k in (0, 1) if own(ops[k])]
+        if not movable or scale_users.get(c_scale, 0) < 2:
+            continue
+        k = movable[0]
+        a_name, b_name = ops[k][1], ops[1 - k][1]
+        sa, sb, sc = value(a_name), value(b_name), value(c_scale)
+        za, zb, zc = (int(numpy_helper.to_array(inits[n.input[2]])) if len(n.input) > 2 and n.input[2] in inits else 0
+                      for n in (producer[node.input[k]], producer[node.input[1 - k]], outs[0]))
+        zdt = inits[outs[0].input[2]].data_type if len(outs[0].input) > 2 and outs[0].input[2] in inits else 2
+        info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zdt))
+        qa, qb = np.meshgrid(np.arange(info.min, info.max + 1), np.arange(info.min, info.max + 1))
+        shift = _shift(np.float32(sa / sc), np.float32(sb / sc))
+
+        def agree(sa2: np.float32, sc2: np.float32) -> bool:
+            """Exact ratios, same shift, and the two rules give the same integer for every input pair."""
+            if _shift(np.float32(sa2 / sc2), np.float32(sb / sc2)) != shift:
+                return False
+            pair = [(float(sa2), za), (float(sb), zb)]
+            args = (*(pair if k == 0 else pair[::-1]), (float(sc2), zc), int(info.min), int(info.max))  # ONNX order
+            return bool(np.array_equal(ort_add(qa, qb, *args), xnnpack_add(qa, qb, *args)))
+
+        pick = next(((sa2, sc2) for sc2 in _candidates(sc, lambda v: _exact(sb, v, shift), 8)
+                     for sa2 in _candidates(sa, lambda v: _exact(v, sc2, shift), 8) if agree(sa2, sc2)), None)
+        if pick is None:
+            continue
+        sa2, sc2 = pick
+        for name, v in ((a_name, sa2), (c_scale, sc2)):
+            inits[name].CopyFrom(numpy_helper.from_array(np.array(v, np.float32), name))
+        changed.append(node.name or node.output[0])
+    return changed

@@ -127,3 +127,21 @@ def test_dynamic_and_int4_weight_only_keep_the_embeddings(minilm, tmp_path):
     cos4 = _cosines(_embed(tmp_path / "int4.onnx", sentences), ref)
     assert cos4.mean() >= 0.93 and cos4.min() > 0.85, (cos4.mean(), cos4.min())  # measured 0.955 / 0.90 on 512
     assert onnx.load(str(tmp_path / "int4.onnx")).graph.output[0].name == "sentence_embedding"
+
+
+@pytest.mark.slow
+def test_static_int8_keeps_the_attention_mask_float(minilm, tmp_path):
+    import lowbit
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **_zoo.minilm_tokenize(_zoo.text_sentences(32, "calib")))  # padded: the mask hides tokens
+    res = lowbit.quantize(minilm, tmp_path / "s.onnx", calib=calib, progress=False)
+    masked = [n for n, e in res.plan.nodes.items() if e.reason.startswith("calibrated range reaches")]
+    assert len(masked) == 12 and not any(res.plan.nodes[n].quantized for n in masked)  # 6 x (mask Add, Softmax)
+    assert all(res.plan.nodes[n].op_type in ("Add", "Softmax") for n in masked)
+    assert all(abs(p.range[0]) < 1e4 and abs(p.range[1]) < 1e4 for p in res.plan.tensors.values() if p.range)
+    sentences = _zoo.text_sentences(48, "eval", seed=5)
+    cos = _cosines(_embed(tmp_path / "s.onnx", sentences), _embed(minilm, sentences))
+    # measured 0.81 / 0.68 on 256 sentences (64 calibration sentences); 0.37 / 0.15 when the mask was quantized.
+    # Dynamic int8 (0.993 / 0.982) stays the better choice for transformers: see bench/RESULTS_MINILM.md.
+    assert cos.mean() >= 0.7 and cos.min() > 0.5, (cos.mean(), cos.min())

@@ -196,3 +196,29 @@ def test_minilm_fused_attention_becomes_qattention(tmp_path):
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
     # measured 0.9928 mean / 0.984 min over 200 sentences (bench/minilm_attention.py)
     assert cos.mean() >= 0.99 and cos.min() > 0.97, (cos.mean(), cos.min())
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_affine_weights_keep_their_zero_points(per_channel):
+    m = attention_model()
+    scheme = Scheme(mode="dynamic", per_channel=per_channel, symmetric_weights=False)
+    res = lowbit.quantize(m, recipe=Recipe(default=scheme), progress=False)
+    q = qattention(res.model)
+    zp = next(numpy_helper.to_array(t) for t in res.model.graph.initializer if t.name == q.input[7])
+    assert zp.dtype == np.int8 and zp.shape == ((3 * D,) if per_channel else ()) and zp.any()
+    assert res.plan.tensors["att:1"].zero_point == np.ravel(zp).astype(int).tolist()
+    data = feeds()
+    assert rel_rms(run(m, data, float_model=True)[0], run(res.model, data, mode="kernels")[0]) < 0.03
+
+
+def test_equal_qkv_hidden_sizes_and_unidirectional_are_kept():
+    """QAttention has no qkv_hidden_sizes: equal sizes are what it assumes, so the attribute can go."""
+    m = attention_model(qkv_hidden_sizes=[D, D, D], unidirectional=1)
+    res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
+    attrs = {a.name: helper.get_attribute_value(a) for a in qattention(res.model).attribute}
+    assert "qkv_hidden_sizes" not in attrs and attrs["unidirectional"] == 1
+    data = feeds()
+    ref = run(m, data, float_model=True)[0]
+    assert rel_rms(ref, run(res.model, data, mode="kernels")[0]) < 0.04
+    # the causal mask really is applied: the bidirectional float model differs
+    assert rel_rms(ref, run(attention_model(), data, float_model=True)[0]) > 0.05

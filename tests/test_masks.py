@@ -1,4 +1,5 @@
-"""Attention masks: tensors whose calibrated range reaches a sentinel (-1e4, float32's lowest) stay float."""
+"""Transformer blocks: tensors whose calibrated range reaches a sentinel (-1e4, float32's lowest) stay float, and so
+do Add/Mul whose output only float ops read (the residual Add before LayerNormalization)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,19 @@ def test_plan_reuse_keeps_the_mask_float(tmp_path) -> None:
     again = lowbit.quantize(m, tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
     assert not again.plan.nodes["mask_add"].quantized
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_residual_add_before_layernorm_stays_float() -> None:
+    # x W + b + x -> LayerNorm -> W2: the two Adds feed only the float LayerNorm (directly or through each other)
+    inits = {"w": weight((8, 8), 1), "b": weight((8,), 2), "g": np.ones(8, np.float32), "beta": np.zeros(8, np.float32),
+             "w2": weight((8, 8), 3)}
+    nodes = [node("MatMul", ["x", "w"], ["h"]), node("Add", ["h", "b"], ["hb"], name="bias"),
+             node("Add", ["hb", "x"], ["r"], name="residual"),
+             node("LayerNormalization", ["r", "g", "beta"], ["n"], axis=-1), node("MatMul", ["n", "w2"], ["y"]),
+             node("Add", ["y", "b"], ["z"], name="kept")]
+    m = model(nodes, {"x": (1, 6, 8)}, {"z": (1, 6, 8)}, inits)
+    res = lowbit.quantize(m, calib=[{"x": f["x"]} for f in _feeds(16, 1)], progress=False)
+    for name in ("bias", "residual"):
+        assert not res.plan.nodes[name].quantized and "only float ops" in res.plan.nodes[name].reason
+    assert res.plan.nodes["kept"].quantized  # a model output: kept as before
+    assert res.plan.nodes["MatMul_h"].quantized and res.plan.nodes["MatMul_y"].quantized

@@ -132,6 +132,19 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True,
             # the pre-activation range (e.g. [-111, 129] before a Clip to [0, 6]).
             specs[node.name] = OpSpec(activations=())
 
+    # Add/Mul whose output only float ops read (LayerNormalization after a residual Add, Erf...): ONNX Runtime can
+    # only run them in float, so quantizing them would just round what the float op reads. Backwards, so a chain of
+    # them (bias Add -> residual Add -> LayerNorm) stays float as a whole.
+    for node in reversed(list(graph)):
+        if node.op_type not in ("Add", "Mul") or node.name not in specs or node.outputs[0].is_graph_output():
+            continue
+        readers = {u.node.name for u in node.outputs[0].uses()}
+        if readers and not readers & specs.keys():
+            del specs[node.name]
+            d = layout.nodes[node.name]
+            d.quantized, d.spec = False, None
+            d.reason = "its output feeds only float ops (nothing to gain, only rounding)"
+
     touched: set[str] = set()
     for name, spec in specs.items():
         if not spec.needs_quantized_neighbour and name not in layout.fused:

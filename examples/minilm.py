@@ -52,8 +52,8 @@ MODELS = {
         "recipe `{\"default\": {\"mode\": \"weight_only\", \"weights\": \"int4\", \"block_size\": 32, "
         "\"symmetric_weights\": false}}` (a zero point per block)"),
     "lowbit static int8": ("minilm.lowbit-static.onnx", "`lowbit quantize --calib` with the default recipe (uint8 "
-                           "activations calibrated on 64 sentences, int8 per-channel weights; the attention-mask Add "
-                           "and Softmax stay float)"),
+                           "activations calibrated on 64 sentences, int8 per-channel weights; the attention-mask Add, "
+                           "Softmax and the Adds feeding LayerNorm stay float)"),
 }
 CALIB_SENTENCES = 64
 
@@ -186,11 +186,10 @@ def write_results(args: argparse.Namespace, rows: list, header: list, head_to_he
         "shape inference\" on this model. Sentence embeddings are mean-pooled over the attention mask and "
         "L2-normalised inside the graph (`lowbit._zoo.minilm_onnx`).",
         "",
-        "Static int8 is the worst trade here: less accurate than dynamic and slower. Its activation ranges are fixed "
-        "on calibration data, per tensor, and a transformer's residual stream and GELU outputs have a few outlier "
-        "channels (ranges like [-9, 224]) that leave most values a handful of levels; dynamic quantization measures "
-        "each input's range at run time, and ONNX Runtime's MatMulInteger path needs no Q/DQ pairs around the float "
-        "LayerNorm, Softmax and GELU between the MatMuls. Use `--preset dynamic` for transformers.",
+        "Static int8 is the worst int8 trade here: less accurate than dynamic and slower. Its activation ranges are "
+        "fixed per tensor on calibration data, while dynamic quantization measures each input's range at run time; "
+        "and ONNX Runtime's dynamic MatMulInteger path needs no Q/DQ pairs around the float LayerNorm, Softmax and "
+        "GELU between the MatMuls. Use `--preset dynamic` for transformers.",
         "",
     ]
     args.results.write_text("\n".join(lines))

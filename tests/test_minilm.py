@@ -142,6 +142,7 @@ def test_static_int8_keeps_the_attention_mask_float(minilm, tmp_path):
     assert all(abs(p.range[0]) < 1e4 and abs(p.range[1]) < 1e4 for p in res.plan.tensors.values() if p.range)
     sentences = _zoo.text_sentences(48, "eval", seed=5)
     cos = _cosines(_embed(tmp_path / "s.onnx", sentences), _embed(minilm, sentences))
-    # measured 0.81 / 0.68 on 256 sentences (64 calibration sentences); 0.37 / 0.15 when the mask was quantized.
-    # Dynamic int8 (0.993 / 0.982) stays the better choice for transformers: see bench/RESULTS_MINILM.md.
-    assert cos.mean() >= 0.7 and cos.min() > 0.5, (cos.mean(), cos.min())
+    # measured 0.932 / 0.850 on 512 sentences (64 calibration sentences); 0.81 / 0.66 with the Adds before LayerNorm
+    # quantized, 0.37 / 0.15 with the mask quantized. Dynamic int8 (0.993 / 0.982) stays the better choice for
+    # transformers: see bench/RESULTS_MINILM.md.
+    assert cos.mean() >= 0.88 and cos.min() > 0.7, (cos.mean(), cos.min())

@@ -271,20 +271,17 @@ def _other_mode(node: ir.Node, scheme: Scheme, rule: str, layout: Layout, calibr
         else:
             take(layout.weight_only, _weight_only_reason(scheme, rows=True))
         return None
-    if is_attention(node):
-        why = attention_float_reason(node, scheme)
+    if is_attention(node) or op == "LSTM":  # ONNX Runtime's fused dynamic kernels
+        gran = ("per-column" if is_attention(node) else "per-channel") if scheme.per_channel else "per-tensor"
+        why = (attention_float_reason if is_attention(node) else lstm_float_reason)(node, scheme)
         if why:
             keep(why)
-        else:
-            take(layout.dynamic, "dynamic int8 (QAttention): uint8 input quantized per input at run time, int8 "
-                 f"{'per-column' if scheme.per_channel else 'per-tensor'} Q/K/V weights")
-    elif op == "LSTM":
-        why = lstm_float_reason(node, scheme)
-        if why:
-            keep(why)
+        elif is_attention(node):
+            take(layout.dynamic, f"dynamic int8 (QAttention): uint8 input quantized per input at run time, int8 {gran} "
+                 "Q/K/V weights")
         else:
             take(layout.dynamic, "dynamic int8 (DynamicQuantizeLSTM): input and hidden state quantized per step at "
-                 f"run time, int8 {'per-channel' if scheme.per_channel else 'per-tensor'} W and R")
+                 f"run time, int8 {gran} W and R")
     elif op in RECURRENT:
         keep(recurrent_float_reason(op, scheme))
     elif scheme.mode == "dynamic":

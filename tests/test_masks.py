@@ -70,3 +70,15 @@ def test_residual_add_before_layernorm_stays_float() -> None:
         assert not res.plan.nodes[name].quantized and "only float ops" in res.plan.nodes[name].reason
     assert res.plan.nodes["kept"].quantized  # a model output: kept as before
     assert res.plan.nodes["MatMul_h"].quantized and res.plan.nodes["MatMul_y"].quantized
+
+
+def test_mask_never_padded_in_calibration_still_stays_float() -> None:
+    # Calibration without padding never sees the sentinel; the mask constant upstream still marks the tensors.
+    m = _attention(float(np.finfo(np.float32).min))
+    unpadded = [{**f, "keep": np.ones((1, 6), np.float32)} for f in _feeds(24, 1)]
+    res = lowbit.quantize(m, calib=unpadded, progress=False)
+    assert not res.plan.nodes["mask_add"].quantized and "mask constant" in res.plan.nodes["mask_add"].reason
+    assert res.plan.nodes["MatMul_s"].quantized
+    feeds = _feeds(12, 7)  # padded at inference
+    ref = run(m, feeds, float_model=True)[0]
+    assert rel_rms(ref, run(res.model, feeds, mode="kernels")[0]) < 0.05

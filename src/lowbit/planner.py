@@ -7,6 +7,7 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 
 from .errors import LowbitError
@@ -205,9 +206,37 @@ def sentinel_nodes(layout: Layout, extremes: dict[str, tuple[float, float]]) -> 
             lo, hi = extremes.get(layout.tensors.get(t, t), (0.0, 0.0))
             if max(-lo, hi) >= SENTINEL:
                 edge = lo if -lo >= hi else hi
-                out[node] = (f"{SENTINEL_REASON} {edge:.3g} at '{t}': a mask or sentinel value, not a signal "
+                out[node] = (f"{SENTINEL_REASON} {edge:.3g} at '{t}' (observed, or a mask constant upstream): a mask "
+                             "or sentinel value, not a signal "
                              "(no 8- or 16-bit grid holds both); kept float")
                 break
+    return out
+
+
+# Ops that pass a mask constant's huge values on to their output (masks are built, broadcast and added to scores).
+_CARRIES = frozenset({"Add", "Sub", "Mul", "Where", "Max", "Min", "Neg", "Cast", "Identity", "Reshape", "Unsqueeze",
+                      "Squeeze", "Flatten", "Expand", "Tile", "Transpose", "Concat", "Slice", "Gather"})
+
+
+def constant_sentinels(model: ir.Model) -> dict[str, float]:
+    """Tensors that can carry a sentinel constant (|x| >= SENTINEL, e.g. a mask's -3.4e38) -> that value. A range
+    seen in calibration misses it when no calibration input had padding; then it would be clipped at inference."""
+    out: dict[str, float] = {}
+    for node in model.graph:
+        if node.op_type not in _CARRIES or node.domain not in ("", "ai.onnx"):
+            continue
+        found = None
+        for v in node.inputs:
+            if v is None:
+                continue
+            if v.name in out:
+                found = out[v.name]
+            elif v.const_value is not None and v.dtype is not None and v.dtype.is_floating_point():
+                arr = v.const_value.numpy()
+                if arr.size and np.abs(arr).max() >= SENTINEL:
+                    found = float(arr.flat[np.abs(arr).argmax()])
+        if found is not None:
+            out.update({o.name: found for o in node.outputs if o is not None})
     return out
 
 

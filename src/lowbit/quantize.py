@@ -22,7 +22,7 @@ from .numerics import scale_zero_point
 from .observe import select_range
 from .passes import prepare
 from .plan import NodeEntry, Plan, TensorParams, plan_path
-from .planner import SENTINEL_REASON, Layout, make_layout, sentinel_nodes
+from .planner import SENTINEL_REASON, Layout, constant_sentinels, make_layout, sentinel_nodes
 from .recipe import Recipe, Scheme
 
 
@@ -165,6 +165,9 @@ def _without_sentinels(model: ir.Model, recipe: Recipe, layout: Layout, stats: S
     """Keep float every static node that would quantize a mask-like tensor (see planner.SENTINEL), until none does:
     a node kept float can leave its neighbours quantizing what it produced or consumed."""
     extremes = {k: (h.min, h.max) for k, h in stats.histograms.items() if h.count}
+    for name, value in constant_sentinels(model).items():  # masks the calibration data never exercised
+        lo, hi = extremes.get(name, (0.0, 0.0))
+        extremes[name] = (min(lo, value), max(hi, value))
     keep: dict[str, str] = {}
     while more := sentinel_nodes(layout, extremes):
         keep.update(more)

@@ -17,10 +17,11 @@ from lowbit.export.tflite import convert, export_tflite, read_metadata
 litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 
-def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
-    """One NCHW input, transposed to the NHWC the .tflite declares; outputs as stored."""
+def run_tflite(data: bytes, x: np.ndarray, dequantize: bool = False) -> np.ndarray:
+    """One NCHW input, transposed to the NHWC the .tflite declares (quantized if the input is integer); the output
+    as stored, or as real values with `dequantize`."""
     it = litert.Interpreter(model_content=data, num_threads=1)
-    inp = it.get_input_details()[0]
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
     feed = x.transpose(0, 2, 3, 1) if x.ndim == 4 else x
     if inp["dtype"] != np.float32:
         s, z = inp["quantization"]
@@ -30,7 +31,11 @@ def run_tflite(data: bytes, x: np.ndarray) -> np.ndarray:
     it.allocate_tensors()
     it.set_tensor(inp["index"], feed)
     it.invoke()
-    return it.get_tensor(it.get_output_details()[0]["index"])
+    y = it.get_tensor(out["index"])
+    if dequantize and out["dtype"] != np.float32:
+        s, z = out["quantization"]
+        y = (y.astype(np.float32) - z) * s
+    return y
 
 
 def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:

@@ -151,7 +151,7 @@ def test_torch_lstm_classifier_exported_and_quantized():
 
 
 def test_per_tensor_guard_keeps_the_cheaper_of_trimming_and_a_larger_scale():
-    from lowbit.recurrent import _quantize_gates
+    from lowbit.ops.recurrent import _quantize_gates
     from lowbit.weights import guard_overflow, quantize_weight
 
     w = weight((1, 4 * H, H), 2, 0.3)

@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.export.tflite import convert
-from lowbit.export.tflite.rounding import exact_add, ort_add, snap_add_scales, xnnpack_add
+from lowbit.targets.add_rounding import exact_add, ort_add, snap_add_scales, xnnpack_add
 from lowbit.runtimes.ort import session
 
 litert = pytest.importorskip("ai_edge_litert.interpreter")

@@ -9,15 +9,18 @@ from __future__ import annotations
 import ctypes
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
+from .data import ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .observe import ChannelMinMax, Histogram
+from .planner import Layout
+from .recipe import Recipe
 from .runtimes.ort import with_outputs
 
 
@@ -26,6 +29,10 @@ class Statistics:
     histograms: dict[str, Histogram] = field(default_factory=dict)
     channels: dict[str, ChannelMinMax] = field(default_factory=dict)
     samples: int = 0
+
+    def extremes(self) -> dict[str, tuple[float, float]]:
+        """Each observed tensor's (min, max) as seen, before any range selection."""
+        return {k: (h.min, h.max) for k, h in self.histograms.items() if h.count}
 
 
 def _fixed_mmap_threshold() -> None:
@@ -107,3 +114,14 @@ def _update(store: dict, name: str, value: np.ndarray, kind: type) -> None:
         raise LowbitError(
             f"tensor '{name}' is NaN or Inf on the calibration data; check the data or the float model"
         ) from None
+
+
+def calibrate_layout(model: ir.Model, layout: Layout, calib: Any, specs: list[InputSpec], recipe: Recipe,
+                     preprocess: ImagePreprocess | None, progress: bool) -> Statistics:
+    """The calibrate stage: open the user's data, checked against the model's inputs, and observe what the
+    layout needs (constants need no observing)."""
+    source = open_data(calib, specs, batch_size=recipe.batch_size, preprocess=preprocess,
+                       limit=recipe.calibration_samples)
+    observed = {s for s in layout.sources() if s not in model.graph.initializers}
+    total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
+    return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress)

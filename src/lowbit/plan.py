@@ -7,6 +7,7 @@ A plan can be re-applied to a retrained model of the same structure: activation 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,10 +15,13 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
+from .decision import Decision, Reason
 from .errors import LowbitError
 from .graph.io import atomic_write_bytes
 
-PLAN_VERSION = 1
+# Version 2: node decisions carry a reason code, details and the deciding rule's index (version 1: sentences only).
+PLAN_VERSION = 2
+READS = (1, 2)
 
 
 @dataclass
@@ -37,12 +41,7 @@ class TensorParams:
         return (s.reshape(()) if self.axis is None else s), (z.reshape(()) if self.axis is None else z)
 
 
-@dataclass
-class NodeEntry:
-    op_type: str
-    quantized: bool
-    reason: str
-    rule: str
+NodeEntry = Decision  # a plan's record of one node
 
 
 @dataclass
@@ -57,8 +56,13 @@ class Plan:
     version: int = PLAN_VERSION
     lowbit_version: str = __version__
 
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["nodes"] = {k: v.to_dict() for k, v in self.nodes.items()}
+        return out
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     def save(self, path: str | Path) -> Path:
         atomic_write_bytes(self.to_json().encode(), path)
@@ -69,22 +73,50 @@ class Plan:
         p = Path(path)
         try:
             data = json.loads(p.read_text())
-            if data.get("version") != PLAN_VERSION:
-                raise LowbitError(f"plan {p} has version {data.get('version')}, this lowbit reads {PLAN_VERSION}")
+            if data.get("version") not in READS:
+                raise LowbitError(f"plan {p} has version {data.get('version')}; this lowbit reads versions "
+                                  f"{', '.join(map(str, READS))}: re-run calibration with --calib to make a new plan")
+            read_node = Decision.from_dict if data["version"] == 2 else _node_v1
             return cls(
                 recipe=data["recipe"],
                 tensors={k: TensorParams(**v) for k, v in data["tensors"].items()},
-                nodes={k: NodeEntry(**v) for k, v in data["nodes"].items()},
+                nodes={k: read_node(v) for k, v in data["nodes"].items()},
                 overflow_guard=data.get("overflow_guard", {}),
                 channel_means=data.get("channel_means", {}),
                 calibration_samples=data.get("calibration_samples", 0),
-                version=data["version"],
+                version=PLAN_VERSION,
                 lowbit_version=data.get("lowbit_version", "?"),
             )
         except FileNotFoundError:
             raise LowbitError(f"plan file not found: {p}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise LowbitError(f"{p} is not a lowbit plan file ({type(e).__name__}: {e})") from None
+
+
+_FOLDED_V1 = "folded into the output range of "
+_SENTINEL_V1 = re.compile(r"calibrated range reaches (\S+) at '(.*)' \(observed")
+
+
+def _node_v1(d: dict[str, Any]) -> Decision:
+    """A version-1 node kept only its sentence. The decisions later code branches on (a sentinel kept float, a
+    folded activation, a shared scale) are recovered as data; the rest keep their sentence."""
+    rule = d["rule"]
+    index = int(rule.split(" ", 2)[1]) if rule.startswith("rule ") else None
+    by = "rule" if index is not None else "default" if rule == "default" else \
+        "exclude_names" if rule == "excluded by name" else "exclude_op_types"
+    text = d["reason"]
+    found = _SENTINEL_V1.match(text) if not d["quantized"] else None
+    code: Reason
+    details: dict[str, Any]
+    if found:
+        code, details = Reason.SENTINEL, {"edge": float(found.group(1)), "tensor": found.group(2)}
+    elif d["quantized"] and text.startswith(_FOLDED_V1):
+        code, details = Reason.FOLDED, {"into": text[len(_FOLDED_V1):]}
+    elif d["quantized"] and text == "shares its input's scale":
+        code, details = Reason.SHARES_SCALE, {}
+    else:
+        code, details = Reason.LEGACY, {"text": d["reason"]}
+    return Decision(d["op_type"], bool(d["quantized"]), code, details, "unknown", rule, index, by)
 
 
 def plan_path(model_path: str | Path) -> Path:

@@ -1,29 +1,29 @@
-"""The main job, left to right: load -> prepare -> plan what to observe -> calibrate -> decide -> rewrite -> save."""
+"""The main job, stage by stage: load -> prepare -> layout -> calibrate -> decide -> rewrite -> verify -> save.
+
+Each stage lives in the module that owns it; this module only hands each one's result to the next."""
 
 from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from .apply import apply
-from .calibrate import Statistics, calibrate
-from .data import ImagePreprocess, input_specs, open_data
+from .calibrate import calibrate_layout
+from .data import ImagePreprocess, InputSpec, input_specs
+from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
 from .graph.io import check_output_path, load_model, save_model
-from .numerics import scale_zero_point
-from .observe import select_range
 from .passes import prepare
-from .plan import NodeEntry, Plan, TensorParams, plan_path
-from .planner import SENTINEL_REASON, Layout, constant_sentinels, make_layout, sentinel_nodes
-from .recipe import Recipe, Scheme
+from .plan import Plan, TensorParams, plan_path
+from .planner import Layout, make_layout, replay_sentinels, settle_sentinels
+from .recipe import Recipe
+from .verify import finish
 
 
 @dataclass
@@ -35,6 +35,25 @@ class QuantizeResult:
     seconds: float
     output: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Loaded:
+    """The load stage's hand-off: the float model as IR, its size on disk (or serialized) and its inputs."""
+
+    model: ir.Model
+    float_bytes: int
+    inputs: list[InputSpec]
+
+
+@dataclass
+class Decided:
+    """The calibrate and decide stages' hand-off: the final layout and every activation's parameters."""
+
+    layout: Layout
+    tensors: dict[str, TensorParams]
+    samples: int
+    channel_means: dict[str, list[float]]
 
 
 def quantize(
@@ -66,19 +85,12 @@ def quantize(
     recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
     if output is not None:
         check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
-
-    if isinstance(model, (str, Path)):
-        ir_model, float_bytes = load_model(model), Path(model).stat().st_size
-    else:
-        # onnx-ir shares tensor buffers with the proto it reads; the caller's model must not change.
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        ir_model, float_bytes = ir.from_proto(copy), model.ByteSize()
-    specs = input_specs(ir.to_proto(ir_model))
     timings: dict[str, float] = {}
+
+    loaded = load(model)
     t = time.perf_counter()
-    prepare(ir_model)
-    layout = make_layout(ir_model, recipe, calibrated=calib is not None or plan is not None)
+    prepare(loaded.model)
+    layout = make_layout(loaded.model, recipe, calibrated=calib is not None or plan is not None)
     # Only static quantization needs activation ranges; dynamic, weight-only and float16 nodes need no data.
     if calib is None and plan is None and layout.tensors:
         raise LowbitError("calibration data is required for static quantization: pass --calib DATA (or --plan "
@@ -86,65 +98,53 @@ def quantize(
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    if plan is None and not layout.tensors:
-        tensors, samples, means = {}, 0, {}
-    elif plan is None:
-        source = open_data(calib, specs, batch_size=recipe.batch_size, preprocess=preprocess,
-                           limit=recipe.calibration_samples)
-        observed = {s for s in layout.sources() if not _is_constant(ir_model, s)}
-        total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
-        stats = calibrate(ir_model, observed, layout.channel_stats, source, total=total, progress=progress)
-        layout = _without_sentinels(ir_model, recipe, layout, stats)
-        tensors = decide_activations(ir_model, layout, stats)
-        samples = stats.samples
-        means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
-    else:
-        # The plan's sentinel decisions were made on data this run does not see: repeat them.
-        keep = {n: e.reason for n, e in plan.nodes.items() if not e.quantized and e.reason.startswith(SENTINEL_REASON)}
-        if keep:
-            layout = _relayout(ir_model, recipe, keep)
-        tensors = _activations_from_plan(ir_model, layout, plan)
-        samples, means = plan.calibration_samples, plan.channel_means
+    decided = observe_and_decide(loaded, layout, recipe, calib, plan, preprocess, progress)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    new_plan = Plan(recipe=recipe.to_dict(), tensors=tensors, calibration_samples=samples, channel_means=means)
-    new_plan.nodes = {d.name: NodeEntry(d.op_type, d.quantized, d.reason, d.rule) for d in layout.nodes.values()}
-    apply(ir_model, layout, new_plan)
-    proto = ir.to_proto(ir_model)
-    # The shapes lowbit inferred are for planning only. Written out, their consistent symbolic dims let ONNX Runtime
-    # fuse residual Add + LayerNormalization into SkipLayerNormalization, whose CPU kernel ran 4-5x slower than the
-    # pair (ORT 1.32, 1 thread, MiniLM shapes): 15-20% of MiniLM's dynamic int8 latency. ORT infers what it needs.
-    del proto.graph.value_info[:]
-    _align_add_rounding(proto, new_plan)
-    proto.producer_name, proto.producer_version = "lowbit", new_plan.lowbit_version
-    try:
-        onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as e:  # a bug in lowbit, not a user mistake: keep the detail
-        raise RuntimeError(f"lowbit produced an invalid model: {e}") from e
+    new_plan = Plan(recipe=recipe.to_dict(), tensors=decided.tensors, calibration_samples=decided.samples,
+                    channel_means=decided.channel_means)
+    new_plan.nodes = decided.layout.decisions()
+    apply(loaded.model, decided.layout, new_plan)
+    proto = finish(loaded.model, new_plan, recipe.target)
     timings["rewrite"] = time.perf_counter() - t
-    result = QuantizeResult(proto, new_plan, float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings)
+    result = QuantizeResult(proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start,
+                            timings=timings)
     if output is not None:
-        save_model(proto, output)
-        new_plan.save(plan_path(output))
+        save(proto, new_plan, output)
         result.output = Path(output)
     return result
 
 
-def _align_add_rounding(proto: onnx.ModelProto, plan: Plan) -> None:
-    """LiteRT's (XNNPACK) int8 ADD rounds 21-bit scale ratios, ONNX Runtime's float32 ones; on EfficientNet-Lite0
-    a few values near half steps came out one step apart and flipped 4 of 256 top-1 answers. Nudging each Add's
-    scales by ~1e-7 makes both runtimes compute the same integers (docs/tflite.md). The plan keeps the nudged
-    scales, so re-applying it reproduces the same bytes."""
-    from .export.tflite.rounding import snap_add_scales
+def load(model: str | Path | onnx.ModelProto) -> Loaded:
+    if isinstance(model, (str, Path)):
+        ir_model, float_bytes = load_model(model), Path(model).stat().st_size
+    else:
+        # onnx-ir shares tensor buffers with the proto it reads; the caller's model must not change.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        ir_model, float_bytes = ir.from_proto(copy), model.ByteSize()
+    return Loaded(ir_model, float_bytes, input_specs(ir.to_proto(ir_model)))
 
-    if not snap_add_scales(proto):
-        return
-    inits = {t.name: t for t in proto.graph.initializer}
-    for n in proto.graph.node:
-        p = plan.tensors.get(n.input[0]) if n.op_type == "QuantizeLinear" else None
-        if p is not None and p.axis is None and n.input[1] in inits:
-            p.scale = [float(onnx.numpy_helper.to_array(inits[n.input[1]]).reshape(()))]
+
+def observe_and_decide(loaded: Loaded, layout: Layout, recipe: Recipe, calib: Any, plan: Plan | None,
+                       preprocess: ImagePreprocess | None, progress: bool) -> Decided:
+    """Calibrate and decide activation parameters, or take them from an earlier plan."""
+    model = loaded.model
+    if plan is None and not layout.tensors:
+        return Decided(layout, {}, 0, {})
+    if plan is None:
+        stats = calibrate_layout(model, layout, calib, loaded.inputs, recipe, preprocess, progress)
+        layout = settle_sentinels(model, recipe, layout, stats.extremes())
+        means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
+        return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)
+    layout = replay_sentinels(model, recipe, layout, plan.nodes)
+    return Decided(layout, activations_from_plan(layout, plan), plan.calibration_samples, plan.channel_means)
+
+
+def save(proto: onnx.ModelProto, plan: Plan, output: str | Path) -> None:
+    save_model(proto, output)
+    plan.save(plan_path(output))
 
 
 def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -153,66 +153,6 @@ def _recipe(recipe: Recipe | str | Path | None) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
     return Recipe.load(recipe)
-
-
-def _relayout(model: ir.Model, recipe: Recipe, keep_float: dict[str, str]) -> Layout:
-    with warnings.catch_warnings():  # unmatched recipe rules were reported by the first layout
-        warnings.simplefilter("ignore")
-        return make_layout(model, recipe, calibrated=True, keep_float=keep_float)
-
-
-def _without_sentinels(model: ir.Model, recipe: Recipe, layout: Layout, stats: Statistics) -> Layout:
-    """Keep float every static node that would quantize a mask-like tensor (see planner.SENTINEL), until none does:
-    a node kept float can leave its neighbours quantizing what it produced or consumed."""
-    extremes = {k: (h.min, h.max) for k, h in stats.histograms.items() if h.count}
-    for name, value in constant_sentinels(model).items():  # masks the calibration data never exercised
-        lo, hi = extremes.get(name, (0.0, 0.0))
-        extremes[name] = (min(lo, value), max(hi, value))
-    keep: dict[str, str] = {}
-    while more := sentinel_nodes(layout, extremes):
-        keep.update(more)
-        layout = _relayout(model, recipe, keep)
-    return layout
-
-
-def _is_constant(model: ir.Model, name: str) -> bool:
-    return name in model.graph.initializers
-
-
-def _params(a: float, b: float, scheme: Scheme) -> TensorParams:
-    s, z = scale_zero_point(a, b, scheme.activations, scheme.symmetric_activations)
-    return TensorParams(scheme.activations, [float(s)], [int(z)], None, "activation", [float(a), float(b)])
-
-
-def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> dict[str, TensorParams]:
-    """Ranges from the observers, by each tensor's scheme; tensors sharing a scale copy their source's."""
-    out: dict[str, TensorParams] = {}
-    outputs = {v.name for v in model.graph.outputs}
-    for name, source in sorted(layout.tensors.items()):
-        scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
-        if _is_constant(model, source):
-            arr = model.graph.initializers[source].const_value.numpy()
-            a, b = float(arr.min()), float(arr.max())
-        else:
-            hist = stats.histograms.get(source)
-            if hist is None:
-                raise RuntimeError(f"tensor {source} was not observed")
-            # Clipping a model output clips exactly the largest logits, which decide the answer.
-            method = "minmax" if name in outputs else scheme.calibration
-            kw = {"p": scheme.percentile} if method == "percentile" else {}
-            a, b = select_range(hist, method, **kw)
-        out[name] = _params(a, b, scheme)
-    return out
-
-
-def _activations_from_plan(model: ir.Model, layout: Layout, plan: Plan) -> dict[str, TensorParams]:
-    missing = [t for t in layout.tensors if t not in plan.tensors]
-    if missing:
-        raise LowbitError(
-            f"the plan does not match this model: no parameters for tensor '{missing[0]}' "
-            f"({len(missing)} missing); re-run calibration with --calib"
-        )
-    return {t: plan.tensors[t] for t in layout.tensors}
 
 
 __all__ = ["quantize", "QuantizeResult"]

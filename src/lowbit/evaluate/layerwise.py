@@ -17,6 +17,7 @@ from typing import Iterable
 import numpy as np
 import onnx
 
+from ..decision import Reason
 from ..observe import Histogram
 from ..plan import Plan, TensorParams
 from ..quantize import quantize
@@ -25,10 +26,9 @@ from ..runtimes.ort import session, with_outputs
 from .metrics import fidelity
 
 Batches = list[dict[str, np.ndarray]]
+_NO_OWN_ERROR = (Reason.FOLDED, Reason.SHARES_SCALE)
 # Nodes whose error is their own: they compute something. Folded Relu/Clip and scale-sharing data movement
 # have no error of their own (the producer's output range carries it).
-FOLDED = "folded into the output range of "
-SHARED = "shares its input's scale"
 
 
 @dataclass
@@ -125,7 +125,7 @@ def output_layers(float_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str
         entry = plan.nodes.get(n.name)
         if entry is None or not entry.quantized or not n.output or n.output[0] not in pairs:
             continue
-        if entry.reason.startswith(FOLDED) or entry.reason == SHARED:  # static: no error of their own
+        if entry.code in _NO_OWN_ERROR:  # static: no error of their own
             continue
         # The weight is input 1 (MatMul/Gemm/LSTM W) or the table, input 0 (Gather).
         w = plan.tensors.get(f"{n.name}:1") or plan.tensors.get(f"{n.name}:0")
@@ -198,12 +198,12 @@ def layers(quant_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str]) -> l
     qouts = {o.name for o in quant_model.graph.output}
     folded: dict[str, list[str]] = {}
     for name, entry in plan.nodes.items():
-        if entry.reason.startswith(FOLDED):
-            folded.setdefault(entry.reason[len(FOLDED):], []).append(name)
+        if entry.code is Reason.FOLDED:
+            folded.setdefault(entry.details["into"], []).append(name)
     found = []
     for n in quant_model.graph.node:
         entry = plan.nodes.get(n.name)
-        if entry is None or not entry.quantized or entry.reason.startswith(FOLDED) or entry.reason == SHARED:
+        if entry is None or not entry.quantized or entry.code in _NO_OWN_ERROR:
             continue
         ins = [i[:-3] for i in n.input if i.endswith("_dq") and pairs.get(i[:-3]) == i]
         out = n.output[0] if n.output else None

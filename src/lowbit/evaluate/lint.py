@@ -19,7 +19,7 @@ import onnxruntime as ort
 from google.protobuf.message import DecodeError
 
 from ..errors import LowbitError
-from ..ops import HANDLERS
+from ..ops import registered
 from ..plan import Plan, plan_path
 from ..runtimes import ort as ort_runtime
 
@@ -186,7 +186,7 @@ def _meant_quantized(orig: _Graph, i: int, plan: Plan | None) -> bool:
     if plan is not None and n.name in plan.nodes:
         return plan.nodes[n.name].quantized and _qdq_form(orig, i)
     # Without a plan, Q/DQ around an op no quantizer handles (Sin, Erf, ...) belong to its neighbours.
-    return _qdq_form(orig, i) and (n.op_type in HANDLERS or n.op_type in _OTHER_QUANTIZED)
+    return _qdq_form(orig, i) and (n.op_type in registered("static") or n.op_type in _OTHER_QUANTIZED)
 
 
 def _zero_point_type(g: _Graph, dq_output: str) -> int | None:
@@ -337,7 +337,7 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
     for members in regions.values():
         nodes = [orig.nodes[i] for i in members]
         ops = ", ".join(dict.fromkeys(n.op_type for n in nodes))
-        quantizable = any(n.op_type in HANDLERS for n in nodes)
+        quantizable = any(n.op_type in registered("static") for n in nodes)
         add("float-island", members,
             f"{_names(nodes)} ({ops}) run in float between quantized ops: ORT dequantizes before and quantizes "
             "after them on every run",

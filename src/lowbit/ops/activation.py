@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from ..decision import Reason
+from ..recipe import Scheme
+from .registry import register
 from .base import OpSpec, Skip, const, float_input
 
 
@@ -28,28 +31,20 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return low, high
 
 
-def relu_clip(node: ir.Node) -> OpSpec | Skip:
+def relu_clip(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     if (bad := float_input(node)) is not None:
         return bad
     bounds = clip_bounds(node)
     if bounds is None:
-        return Skip("Clip bounds are not constants")
+        return Skip(Reason.CLIP_BOUNDS)
     return OpSpec(fusable_activation=bounds[0] == 0.0)
 
 
-def own_range(node: ir.Node) -> OpSpec | Skip:
+def own_range(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     if (bad := float_input(node)) is not None:
         return bad
     return OpSpec()
 
 
-HANDLERS = {
-    "Relu": relu_clip,
-    "Clip": relu_clip,
-    "Sigmoid": own_range,
-    "Softmax": own_range,
-    "HardSwish": own_range,
-    "HardSigmoid": own_range,
-    "LeakyRelu": own_range,
-    "Tanh": own_range,
-}
+register("static", ["Relu", "Clip"], relu_clip)
+register("static", ["Sigmoid", "Softmax", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh"], own_range)

@@ -1,16 +1,22 @@
-"""What an op handler returns."""
+"""What an op family's decide function returns, and small helpers for reading a node's inputs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import onnx_ir as ir
+
+from ..decision import Reason
 
 FLOAT_TYPES = {ir.DataType.FLOAT}
 
 
 @dataclass(frozen=True)
 class OpSpec:
+    """Static mode: which inputs and outputs of the node are quantized, and how."""
+
     activations: tuple[int, ...] = (0,)  # inputs quantized with calibrated (or, if constant, their own) ranges
     weight: tuple[int, int | None] | None = None  # (input index, per-channel axis or None for per-tensor only)
     bias: int | None = None  # int32 bias input, scale = s_activation * s_weight
@@ -23,14 +29,44 @@ class OpSpec:
 
 @dataclass(frozen=True)
 class Skip:
-    reason: str
+    """The node stays float, for this reason."""
+
+    code: Reason
+    details: dict[str, Any] = field(default_factory=dict)
 
 
-def const(node: ir.Node, i: int):
+@dataclass(frozen=True)
+class Take:
+    """Dynamic, weight-only or float16 mode: the node is quantized by its family's rewrite function."""
+
+    code: Reason
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AsStatic:
+    """Quantize the node statically instead (calibration data given), or else keep it float for `otherwise`."""
+
+    otherwise: Skip
+
+
+Decided = OpSpec | Skip | Take | AsStatic
+
+
+class Refuse(Exception):
+    """The recipe asks for something this node cannot have: a user mistake, reported with the deciding rule."""
+
+    def __init__(self, what: str, fix: str) -> None:
+        super().__init__(what)
+        self.what, self.fix = what, fix
+
+
+def const(node: ir.Node, i: int) -> np.ndarray | None:
     """The constant array at input i, or None."""
-    if i >= len(node.inputs) or node.inputs[i] is None or node.inputs[i].const_value is None:
+    v = node.inputs[i] if i < len(node.inputs) else None
+    if v is None or v.const_value is None:
         return None
-    return node.inputs[i].const_value.numpy()
+    return v.const_value.numpy()
 
 
 def has_input(node: ir.Node, i: int) -> bool:
@@ -40,5 +76,5 @@ def has_input(node: ir.Node, i: int) -> bool:
 def float_input(node: ir.Node, i: int = 0) -> Skip | None:
     v = node.inputs[i]
     if v is not None and v.dtype is not None and v.dtype not in FLOAT_TYPES:
-        return Skip(f"input '{v.name}' is {v.dtype.name}, not float32")
+        return Skip(Reason.NOT_FLOAT32, {"input": v.name, "dtype": v.dtype.name})
     return None

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from ..decision import Reason
+from ..recipe import Scheme
+from .registry import register
 from .base import OpSpec, Skip, float_input
 
 
-def binary(node: ir.Node) -> OpSpec | Skip:
+def binary(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     for i in range(2):
         if (bad := float_input(node, i)) is not None:
             return bad
     return OpSpec(activations=(0, 1))
 
 
-def concat(node: ir.Node) -> OpSpec | Skip:
+def concat(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     for i in range(len(node.inputs)):
         if (bad := float_input(node, i)) is not None:
             return bad
     return OpSpec(activations=tuple(range(len(node.inputs))))
 
 
-HANDLERS = {"Add": binary, "Mul": binary, "Concat": concat}
+register("static", ["Add", "Mul"], binary)
+register("static", ["Concat"], concat)

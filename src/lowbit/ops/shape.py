@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from ..decision import Reason
+from ..recipe import Scheme
+from .registry import register
 from .base import OpSpec, Skip, float_input
 
 
-def data_movement(node: ir.Node) -> OpSpec | Skip:
+def data_movement(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     if (bad := float_input(node)) is not None:
         return bad
     return OpSpec(
@@ -15,26 +18,25 @@ def data_movement(node: ir.Node) -> OpSpec | Skip:
     )
 
 
-def resize(node: ir.Node) -> OpSpec | Skip:
+def resize(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     mode = node.attributes.get_string("mode", "nearest")
     if mode == "cubic":
-        return Skip("cubic Resize overshoots its input range; it stays float")
-    return data_movement(node)
+        return Skip(Reason.CUBIC_RESIZE)
+    return data_movement(node, scheme)
 
 
-def pad(node: ir.Node) -> OpSpec | Skip:
+def pad(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     if node.attributes.get_string("mode", "constant") != "constant":
-        return data_movement(node)
+        return data_movement(node, scheme)
     if len(node.inputs) > 2 and node.inputs[2] is not None:
         value = node.inputs[2].const_value
         if value is None or value.numpy().any():
-            return Skip("Pad with a non-zero constant value keeps float")
-    return data_movement(node)
+            return Skip(Reason.PAD_VALUE)
+    return data_movement(node, scheme)
 
 
-HANDLERS = {
-    op: data_movement
-    for op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split",
-               "DepthToSpace", "SpaceToDepth", "Identity")
-}
-HANDLERS.update({"Resize": resize, "Pad": pad})
+DATA_MOVEMENT = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "DepthToSpace",
+                 "SpaceToDepth", "Identity")
+register("static", DATA_MOVEMENT, data_movement)
+register("static", ["Resize"], resize)
+register("static", ["Pad"], pad)

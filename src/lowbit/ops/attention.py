@@ -18,11 +18,13 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from .plan import Plan, TensorParams
-from .recipe import Scheme
-from .recurrent import _cheaper_of
-from .rewrite import MS_DOMAIN, _init, dynamic_quantize
-from .weights import QuantizedWeight, guard_overflow, quantize_weight
+from ..decision import Reason, granularity
+from ..plan import TensorParams
+from ..recipe import Scheme
+from ..rewrite import MS_DOMAIN, add_initializer, dynamic_quantize
+from ..weights import QuantizedWeight, cheaper_of, guard_overflow, quantize_weight
+from .base import Skip, Take
+from .registry import RewriteContext, register
 
 # Attention attributes QAttention takes as they are.
 _COPIED = ("num_heads", "unidirectional", "scale", "mask_filter_value", "do_rotary")
@@ -32,35 +34,38 @@ def is_attention(node: ir.Node) -> bool:
     return node.domain == MS_DOMAIN and node.op_type == "Attention"
 
 
-def attention_float_reason(node: ir.Node, scheme: Scheme) -> str | None:
-    """Why this com.microsoft Attention cannot become a QAttention under `scheme`, or None when it can."""
+def decide_static(node: ir.Node, scheme: Scheme) -> Skip:
+    return Skip(Reason.STATIC_ATTENTION)
+
+
+def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
+    """QAttention when this com.microsoft Attention and the scheme allow it, else why not."""
     if scheme.mode != "dynamic":
-        return (f"{scheme.mode.replace('_', '-')} Attention: ONNX Runtime's only integer attention is dynamic "
-                "(QAttention); use mode dynamic")
+        return Skip(Reason.ATTENTION_NOT_DYNAMIC, {"mode": scheme.mode.replace("_", "-")})
     if scheme.weights != "int8":
-        return f"QAttention takes int8 weights; {scheme.weights} Attention weights are not supported"
+        return Skip(Reason.ATTENTION_WEIGHT_TYPE, {"weights": scheme.weights})
     inputs = list(node.inputs)
     x = inputs[0]
     if x is None or x.dtype not in (None, ir.DataType.FLOAT):
-        return "Attention input is not float32 (DynamicQuantizeLinear quantizes float32 only)"
+        return Skip(Reason.ATTENTION_INPUT)
     w = inputs[1] if len(inputs) > 1 else None
     if w is None or w.const_value is None or len(w.const_value.shape) != 2:
-        return "Attention weight is not a constant 2-D tensor: QAttention needs int8 weights stored in the model; stays float"
+        return Skip(Reason.ATTENTION_WEIGHT)
     for i, what in ((4, "past state"), (5, "attention_bias"), (6, "past_sequence_length")):
         if i < len(inputs) and inputs[i] is not None:
-            return f"Attention with {what} (input {i}): lowbit's QAttention form takes none; stays float"
+            return Skip(Reason.ATTENTION_EXTRA_INPUT, {"what": what, "index": i})
     if len(node.outputs) > 1 and node.outputs[1] is not None and node.outputs[1].name:
         if node.outputs[1].uses() or node.outputs[1].is_graph_output():
-            return "Attention with a present (key/value cache) output: lowbit's QAttention form takes none; stays float"
+            return Skip(Reason.ATTENTION_PRESENT)
     attrs = node.attributes
     sizes = attrs.get_ints("qkv_hidden_sizes", None)
     if sizes is not None and len(set(sizes)) != 1:
-        return f"Attention with unequal qkv_hidden_sizes {list(sizes)}: QAttention has no such attribute; stays float"
+        return Skip(Reason.ATTENTION_QKV_SIZES, {"sizes": list(sizes)})
     if "rotary_embedding_dim" in attrs:
-        return "Attention with rotary_embedding_dim: QAttention has no such attribute; stays float"
+        return Skip(Reason.ATTENTION_ROTARY)
     if attrs.get_int("past_present_share_buffer", 0):
-        return "Attention with past_present_share_buffer: lowbit's QAttention form takes no cache; stays float"
-    return None
+        return Skip(Reason.ATTENTION_SHARED_BUFFER)
+    return Take(Reason.DYNAMIC_ATTENTION, {"granularity": granularity(scheme.per_channel, "per-column")})
 
 
 def _quantize_qkv(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
@@ -78,12 +83,13 @@ def _quantize_qkv(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
         return qw
     if scheme.per_channel:
         return QuantizedWeight(q_rows.T.astype(np.int8), scales, qw.zero_point, axis, changed)
-    q_rows, s = _cheaper_of(rows, q_rows, np.float32(qw.scale), bound)
+    q_rows, s = cheaper_of(rows, q_rows, np.float32(qw.scale), bound)
     return QuantizedWeight(q_rows.T.astype(np.int8), np.asarray(s, np.float32), qw.zero_point, None, changed)
 
 
-def dynamic_attention(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan, cache: dict) -> None:
+def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     """Replace a com.microsoft Attention by QAttention with int8 weights; record their parameters in the plan."""
+    model, plan = ctx.model, ctx.plan
     g, name = model.graph, node.name
     inputs: list[ir.Value | None] = list(node.inputs) + [None] * (4 - len(node.inputs))
     w = inputs[1].const_value.numpy().astype(np.float32)
@@ -93,13 +99,13 @@ def dynamic_attention(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan
     plan.tensors[f"{name}:1"] = TensorParams(
         "int8", np.ravel(qw.scale).astype(float).tolist(), np.ravel(qw.zero_point).astype(int).tolist(),
         qw.axis, "weight")
-    xq, xs, xz = dynamic_quantize(model, inputs[0], cache)
-    wq = _init(g, f"{name}_w_q", np.ascontiguousarray(qw.q, np.int8))
-    ws = _init(g, f"{name}_w_s", np.asarray(qw.scale, np.float32))
-    wz = _init(g, f"{name}_w_zp", np.asarray(qw.zero_point, np.int8))
+    xq, xs, xz = dynamic_quantize(model, inputs[0], ctx.shared)
+    wq = add_initializer(g, f"{name}_w_q", np.ascontiguousarray(qw.q, np.int8))
+    ws = add_initializer(g, f"{name}_w_s", np.asarray(qw.scale, np.float32))
+    wz = add_initializer(g, f"{name}_w_zp", np.asarray(qw.zero_point, np.int8))
     bias = inputs[2]
     if bias is None:  # QAttention requires a bias
-        bias = _init(g, f"{name}_zero_bias", np.zeros(w.shape[1], np.float32))
+        bias = add_initializer(g, f"{name}_zero_bias", np.zeros(w.shape[1], np.float32))
     attrs = [a for a in node.attributes.values() if a.name in _COPIED]
     new = ir.Node(MS_DOMAIN, "QAttention", [xq, wq, bias, xs, ws, inputs[3], xz, wz], attrs,
                   name=f"{name}_QAttention")
@@ -111,3 +117,8 @@ def dynamic_attention(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan
     old.name = None
     out.name = old_name
     g.remove(node, safe=True)
+
+
+register("static", ["Attention"], decide_static, domain=MS_DOMAIN)
+register("dynamic", ["Attention"], decide, rewrite, domain=MS_DOMAIN)
+register("weight_only", ["Attention"], decide, domain=MS_DOMAIN)

@@ -15,40 +15,38 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from .plan import Plan, TensorParams
-from .recipe import Scheme
-from .rewrite import MS_DOMAIN, _init
-from .numerics import quantize
-from .weights import (INT16_MAX, INT16_MIN, QuantizedWeight, guard_overflow, overflowing_rows, pair_extremes,
-                      quantize_weight)
-
-NO_INTEGER_KERNEL = {
-    "GRU": "ONNX Runtime has no dynamic integer GRU kernel (only DynamicQuantizeLSTM); GRU stays float",
-    "RNN": "ONNX Runtime has no dynamic integer RNN kernel (only DynamicQuantizeLSTM); RNN stays float",
-}
+from ..decision import Reason, granularity
+from ..plan import TensorParams
+from ..recipe import Scheme
+from ..rewrite import MS_DOMAIN, add_initializer
+from ..weights import QuantizedWeight, cheaper_of, guard_overflow, quantize_weight
+from .base import Skip, Take
+from .registry import RewriteContext, register
 
 
-def lstm_float_reason(node: ir.Node, scheme: Scheme) -> str | None:
-    """Why this LSTM cannot become a DynamicQuantizeLSTM under `scheme`, or None when it can."""
+
+def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
+    """DynamicQuantizeLSTM when the LSTM and the scheme allow it, else why not."""
     if scheme.mode != "dynamic":
-        return f"{scheme.mode.replace('_', '-')} LSTM: ONNX Runtime's only integer LSTM is dynamic (DynamicQuantizeLSTM); use mode dynamic"
+        return Skip(Reason.LSTM_NOT_DYNAMIC, {"mode": scheme.mode.replace("_", "-")})
     if not scheme.symmetric_weights:
-        return "DynamicQuantizeLSTM takes only zero weight zero points: set symmetric_weights true for LSTM"
+        return Skip(Reason.LSTM_ASYMMETRIC)
     if node.domain not in ("", "ai.onnx"):
-        return f"LSTM in domain {node.domain} is not the ONNX LSTM"
+        return Skip(Reason.LSTM_DOMAIN, {"domain": node.domain})
     if node.attributes.get_int("layout", 0) != 0:
-        return "LSTM with layout=1 (batch first): DynamicQuantizeLSTM only takes [seq, batch, input]"
+        return Skip(Reason.LSTM_BATCH_FIRST)
     for i, what in ((1, "W"), (2, "R")):
         v = node.inputs[i] if i < len(node.inputs) else None
         if v is None or v.const_value is None or len(v.const_value.shape) != 3:
-            return f"LSTM weight {what} is not a constant 3-D tensor"
-    return None
+            return Skip(Reason.LSTM_WEIGHT, {"what": what})
+    return Take(Reason.DYNAMIC_LSTM, {"granularity": granularity(scheme.per_channel)})
 
 
-def recurrent_float_reason(op: str, scheme: Scheme) -> str:
-    if op in NO_INTEGER_KERNEL:
-        return NO_INTEGER_KERNEL[op]
-    return f"{scheme.mode.replace('_', '-')} {op} is not implemented in lowbit yet"
+def decide_other(node: ir.Node, scheme: Scheme) -> Skip:
+    """GRU, RNN and ONNX's own attention ops: ONNX Runtime has no integer kernel for GRU/RNN."""
+    if node.op_type in ("GRU", "RNN"):
+        return Skip(Reason.NO_RECURRENT_KERNEL, {"op": node.op_type})
+    return Skip(Reason.RECURRENT_NOT_IMPLEMENTED, {"mode": scheme.mode.replace("_", "-"), "op": node.op_type})
 
 
 def _quantize_gates(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
@@ -72,7 +70,7 @@ def _quantize_gates(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
             one = QuantizedWeight(q[i], scale[i] if scheme.per_channel else scale[i].reshape(()), zp[i], None)
             rows, s, changed = guard_overflow(w[i], one, bound, scheme.per_channel)
             if changed and not scheme.per_channel:
-                rows, scale[i] = _cheaper_of(w[i], rows, scale[i], bound)
+                rows, scale[i] = cheaper_of(w[i], rows, scale[i], bound)
             q[i] = rows
             if scheme.per_channel:
                 scale[i] = s
@@ -80,25 +78,9 @@ def _quantize_gates(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
     return QuantizedWeight(q.astype(np.int8), np.asarray(scale, np.float32), np.asarray(zp, np.int8), None, guarded)
 
 
-def _cheaper_of(w: np.ndarray, trimmed: np.ndarray, scale: np.float32, bound: np.ndarray) -> tuple[np.ndarray, np.float32]:
-    """With one scale per direction the guard can only trim the overflowing pairs, which cuts the largest
-    weights of a gate row (on the keyword-spotting example's LSTM: logits 10% off float, 3% with this).
-    Raising that one scale until no pair overflows (about 7-bit weights) can cost less; keep whichever is
-    closer to w."""
-    s = np.float32(scale)
-    hi, lo = pair_extremes(quantize(w, s, 0, "int8", narrow=True), bound)
-    s = np.float32(s * max(hi.max() / INT16_MAX, lo.min() / INT16_MIN, 1.0))
-    while True:
-        q = quantize(w, s, 0, "int8", narrow=True)
-        if not len(overflowing_rows(q, bound)):
-            break
-        s = np.float32(s * (1 + 1 / 512))
-    err = lambda q_, s_: float(np.sum((q_.astype(np.float64) * s_ - w) ** 2))  # noqa: E731
-    return (q, s) if err(q, s) < err(trimmed, scale) else (trimmed, np.float32(scale))
-
-
-def dynamic_lstm(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> None:
+def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     """Replace an ONNX LSTM by DynamicQuantizeLSTM with int8 W and R; record their parameters in the plan."""
+    model, plan = ctx.model, ctx.plan
     g, name = model.graph, node.name
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     inputs: list[ir.Value | None] = list(node.inputs) + [None] * (8 - len(node.inputs))
@@ -112,8 +94,8 @@ def dynamic_lstm(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> 
         plan.tensors[f"{name}:{idx}"] = TensorParams(
             "int8", qw.scale.ravel().astype(float).tolist(), qw.zero_point.ravel().astype(int).tolist(),
             1 if scheme.per_channel else 0, "weight")
-        quantized += [_init(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1))),
-                      _init(g, f"{name}_{what}_s", qw.scale), _init(g, f"{name}_{what}_zp", qw.zero_point)]
+        quantized += [add_initializer(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1))),
+                      add_initializer(g, f"{name}_{what}_s", qw.scale), add_initializer(g, f"{name}_{what}_zp", qw.zero_point)]
     if guarded:
         plan.overflow_guard[name] = guarded
     w_q, w_s, w_zp, r_q, r_s, r_zp = quantized
@@ -129,3 +111,8 @@ def dynamic_lstm(model: ir.Model, node: ir.Node, scheme: Scheme, plan: Plan) -> 
         old.name = None
         out.name = old_name
     g.remove(node, safe=True)
+
+
+register("dynamic", ["LSTM"], decide, rewrite, domain="*")
+register(["weight_only"], ["LSTM"], decide, domain="*")
+register(["dynamic", "weight_only"], ["GRU", "RNN", "Attention", "MultiHeadAttention"], decide_other, domain="*")

@@ -1,0 +1,50 @@
+"""The decide stage: activation parameters (scale, zero point) for every tensor the layout quantizes, from the
+calibration statistics or from an earlier plan."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from .calibrate import Statistics
+from .errors import LowbitError
+from .numerics import scale_zero_point
+from .observe import select_range
+from .plan import Plan, TensorParams
+from .planner import Layout
+from .recipe import Scheme
+
+
+def _params(a: float, b: float, scheme: Scheme) -> TensorParams:
+    s, z = scale_zero_point(a, b, scheme.activations, scheme.symmetric_activations)
+    return TensorParams(scheme.activations, [float(s)], [int(z)], None, "activation", [float(a), float(b)])
+
+
+def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> dict[str, TensorParams]:
+    """Ranges from the observers, by each tensor's scheme; tensors sharing a scale copy their source's."""
+    out: dict[str, TensorParams] = {}
+    outputs = {v.name for v in model.graph.outputs}
+    for name, source in sorted(layout.tensors.items()):
+        scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
+        if source in model.graph.initializers:
+            arr = model.graph.initializers[source].const_value.numpy()
+            a, b = float(arr.min()), float(arr.max())
+        else:
+            hist = stats.histograms.get(source)
+            if hist is None:
+                raise RuntimeError(f"tensor {source} was not observed")
+            # Clipping a model output clips exactly the largest logits, which decide the answer.
+            method = "minmax" if name in outputs else scheme.calibration
+            kw = {"p": scheme.percentile} if method == "percentile" else {}
+            a, b = select_range(hist, method, **kw)
+        out[name] = _params(a, b, scheme)
+    return out
+
+
+def activations_from_plan(layout: Layout, plan: Plan) -> dict[str, TensorParams]:
+    missing = [t for t in layout.tensors if t not in plan.tensors]
+    if missing:
+        raise LowbitError(
+            f"the plan does not match this model: no parameters for tensor '{missing[0]}' "
+            f"({len(missing)} missing); re-run calibration with --calib"
+        )
+    return {t: plan.tensors[t] for t in layout.tensors}

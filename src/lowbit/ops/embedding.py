@@ -1,0 +1,63 @@
+"""Embedding tables: a Gather along axis 0 of a constant float matrix. A table is a weight, so dynamic and
+weight-only modes store it int8 per row (or per table) or int4 in blocks; the lookup has no activation to quantize.
+In static mode Gather is data movement (ops/shape.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ..decision import Reason
+from ..recipe import Scheme
+from ..rewrite import gather_block_quantized, gather_int4_nibbles, gather_rows_int8
+from ..weights import quantize_blocks, quantize_weight
+from .base import Refuse, Skip, Take, const
+from .matmul import weight_only_details
+from .registry import RewriteContext, register
+from .weighted import record
+
+
+def embedding_table(node: ir.Node) -> Skip | None:
+    """None for a Gather along axis 0 of a constant 2-D float table, else why it is not one."""
+    data = const(node, 0)
+    if data is None:
+        return Skip(Reason.GATHER_COMPUTED)
+    if data.dtype.kind != "f" or data.ndim != 2:
+        return Skip(Reason.GATHER_NOT_MATRIX, {"dtype": str(data.dtype), "rank": data.ndim})
+    if node.attributes.get_int("axis", 0) != 0:
+        return Skip(Reason.GATHER_AXIS)
+    return None
+
+
+def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
+    if (why := embedding_table(node)) is not None:
+        return why
+    if scheme.weights == "uint8":
+        raise Refuse(f"uint8 weights cannot be used on Gather node '{node.name}'",
+                     "embedding tables are int8 (symmetric) or int4; add a rule giving Gather weights=int8")
+    return weight_only_details(scheme, rows=True)
+
+
+def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
+    table = node.inputs[0].const_value.numpy().astype(np.float32)
+    if scheme.weights != "int4":
+        axis = 0 if scheme.per_channel else None  # per row, or one scale for the table
+        qw = quantize_weight(table, axis, scheme.weights, True)
+        record(ctx.plan, node, scheme.weights, qw.scale, qw.zero_point, axis)
+        gather_rows_int8(ctx.model, node, qw.q, qw.scale)
+        return
+    # A block longer than the row is one scale per row: GatherBlockQuantized takes any power of two >= 16.
+    block = scheme.int4_block
+    b = quantize_blocks(table, block, scheme.symmetric_weights)
+    nb = b.scale.shape[1]
+    codes = b.codes.reshape(table.shape[0], -1)[:, : table.shape[1]]
+    zp = None if scheme.symmetric_weights else b.zero_point
+    q = codes.astype(np.int16) - 8 if zp is None else codes
+    record(ctx.plan, node, "int4", b.scale, b.zero_point if zp is not None else np.zeros(b.scale.shape), 1, block)
+    if zp is None and table.shape[1] % 2 == 0:
+        gather_int4_nibbles(ctx.model, node, codes, b.scale.reshape(-1, nb), block)
+    else:  # affine blocks or odd rows: ONNX Runtime's (slower) contrib kernel
+        gather_block_quantized(ctx.model, node, q, b.scale.reshape(-1, nb), zp, block)
+
+
+register(["dynamic", "weight_only"], ["Gather"], decide, rewrite)

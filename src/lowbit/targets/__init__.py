@@ -1,0 +1,52 @@
+"""What the runtimes a quantized model is meant for can express, as data the core reads.
+
+A recipe names its target. "portable" (the default) makes the QDQ model compute the same integers in ONNX Runtime
+and in LiteRT after `lowbit export --to tflite`; "onnxruntime" skips what only LiteRT needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from ..plan import Plan
+from .add_rounding import snap_add_scales
+
+from ..recipe import TargetName
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    # LiteRT's (XNNPACK) int8 ADD rounds 21-bit scale ratios, ONNX Runtime's float32 ones: nudge Add scales so both
+    # give the same integers (docs/tflite.md).
+    align_add_rounding: bool
+
+
+TARGETS: dict[str, Target] = {
+    "portable": Target("portable", align_add_rounding=True),
+    "onnxruntime": Target("onnxruntime", align_add_rounding=False),
+}
+
+
+def adapt(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
+    """Adjust a quantized model for its target in place; the plan keeps the adjusted parameters, so re-applying
+    it reproduces the same bytes."""
+    if TARGETS[target].align_add_rounding:
+        _align_add_rounding(proto, plan)
+
+
+def _align_add_rounding(proto: onnx.ModelProto, plan: Plan) -> None:
+    """On EfficientNet-Lite0 a few Add values near half steps came out one step apart in the two runtimes and
+    flipped 4 of 256 top-1 answers; nudging each Add's scales by ~1e-7 makes them compute the same integers."""
+    if not snap_add_scales(proto):
+        return
+    inits = {t.name: t for t in proto.graph.initializer}
+    for n in proto.graph.node:
+        p = plan.tensors.get(n.input[0]) if n.op_type == "QuantizeLinear" else None
+        if p is not None and p.axis is None and n.input[1] in inits:
+            p.scale = [float(onnx.numpy_helper.to_array(inits[n.input[1]]).reshape(()))]
+
+
+__all__ = ["Target", "TARGETS", "TargetName", "adapt", "snap_add_scales"]

@@ -127,6 +127,8 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
                       for n in (producer[node.input[k]], producer[node.input[1 - k]], outs[0]))
         zdt = inits[outs[0].input[2]].data_type if len(outs[0].input) > 2 and outs[0].input[2] in inits else 2
         info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zdt))
+        if info.bits > 8:  # 16-bit ADDs follow other rules in LiteRT, and 65536^2 pairs would not fit in memory
+            continue
         qa, qb = np.meshgrid(np.arange(info.min, info.max + 1), np.arange(info.min, info.max + 1))
         shift = _shift(np.float32(sa / sc), np.float32(sb / sc))
 

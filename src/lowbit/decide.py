@@ -26,7 +26,9 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
     for name, source in sorted(layout.tensors.items()):
         scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
         if source in model.graph.initializers:
-            arr = model.graph.initializers[source].const_value.numpy()
+            tensor = model.graph.initializers[source].const_value
+            assert tensor is not None
+            arr = tensor.numpy()
             a, b = float(arr.min()), float(arr.max())
         else:
             hist = stats.histograms.get(source)

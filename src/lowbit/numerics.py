@@ -114,7 +114,8 @@ def quantize(
     s = _broadcast(np.asarray(scale, np.float32), x.ndim, axis)
     z = _broadcast(np.asarray(zero_point).astype(np.int64), x.ndim, axis)
     q = np.rint(x / s).astype(np.float64) + z
-    return np.clip(q, qmin, qmax).astype(qtype(dtype).np_dtype)
+    out: np.ndarray = np.clip(q, qmin, qmax).astype(qtype(dtype).np_dtype)
+    return out
 
 
 def dequantize(
@@ -124,7 +125,8 @@ def dequantize(
     q = np.asarray(q)
     s = _broadcast(np.asarray(scale, np.float32), q.ndim, axis)
     z = _broadcast(np.asarray(zero_point).astype(np.int32), q.ndim, axis)
-    return ((q.astype(np.int32) - z).astype(np.float32) * s).astype(np.float32)
+    out: np.ndarray = ((q.astype(np.int32) - z).astype(np.float32) * s).astype(np.float32)
+    return out
 
 
 def pack_int4(q: np.ndarray) -> np.ndarray:

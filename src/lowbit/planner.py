@@ -125,13 +125,13 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True,
     specs: dict[str, OpSpec] = {}
     matched: set[int] = set()
     for node in graph:
-        scheme, match = recipe.match(node.name, node.op_type)
+        scheme, match = recipe.match(_nm(node), node.op_type)
         if match.index is not None:
             matched.add(match.index)
         fixed = _recipe_float(node, scheme, match)
         if fixed is not None or scheme is None:
             assert fixed is not None
-            layout.nodes[node.name] = NodeDecision(node.name, fixed)
+            layout.nodes[_nm(node)] = NodeDecision(_nm(node), fixed)
             continue
         try:
             found = decide(scheme.mode, node, scheme)
@@ -144,19 +144,19 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True,
         except Refuse as e:
             raise LowbitError(f"{e.what} ({match.text}): {e.fix}") from None
         if isinstance(found, Take):
-            layout.rewrites[node.name] = (scheme.mode, scheme)
+            layout.rewrites[_nm(node)] = (scheme.mode, scheme)
             decision = _decision(node, match, True, found.code, found.details, scheme.mode)
-            layout.nodes[node.name] = NodeDecision(node.name, decision, scheme)
+            layout.nodes[_nm(node)] = NodeDecision(_nm(node), decision, scheme)
             continue
-        if isinstance(found, OpSpec) and node.name in keep_float:
-            found = keep_float[node.name]
+        if isinstance(found, OpSpec) and _nm(node) in keep_float:
+            found = keep_float[_nm(node)]
         if isinstance(found, Skip):
-            layout.nodes[node.name] = NodeDecision(node.name, _decision(node, match, False, found.code, found.details))
+            layout.nodes[_nm(node)] = NodeDecision(_nm(node), _decision(node, match, False, found.code, found.details))
             continue
         assert isinstance(found, OpSpec)
-        specs[node.name] = found
+        specs[_nm(node)] = found
         decision = _decision(node, match, True, Reason.STATIC, mode="static")
-        layout.nodes[node.name] = NodeDecision(node.name, decision, scheme, found)
+        layout.nodes[_nm(node)] = NodeDecision(_nm(node), decision, scheme, found)
 
     _fold_activations(graph, layout, specs)
     _drop_float_only_arithmetic(graph, layout, specs)
@@ -172,13 +172,13 @@ def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec])
     """Relu/Clip(0, x) right after a quantized op: the quantization clamp does its work, so it disappears."""
 
     def is_quantized_compute(node: ir.Node | None) -> bool:
-        if node is None or node.name not in specs:
+        if node is None or _nm(node) not in specs:
             return False
-        s = specs[node.name]
+        s = specs[_nm(node)]
         return not s.shares_input_scale and not s.fusable_activation
 
     for node in graph:
-        spec = specs.get(node.name)
+        spec = specs.get(_nm(node))
         if spec is None or not spec.fusable_activation:
             continue
         src = node.inputs[0]
@@ -186,13 +186,13 @@ def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec])
         producer = src.producer()
         if producer is not None and is_quantized_compute(producer) and len(src.uses()) == 1 \
                 and not src.is_graph_output():
-            layout.fused[node.name] = (producer.name, clip_bounds(node))
-            d = layout.nodes[node.name].decision
-            d.code, d.details = Reason.FOLDED, {"into": producer.name}
+            layout.fused[_nm(node)] = (_nm(producer), clip_bounds(node))
+            d = layout.nodes[_nm(node)].decision
+            d.code, d.details = Reason.FOLDED, {"into": _nm(producer)}
         else:
             # On its own only its output is worth quantizing: quantizing its input would spend the 256 levels on
             # the pre-activation range (e.g. [-111, 129] before a Clip to [0, 6]).
-            specs[node.name] = OpSpec(activations=())
+            specs[_nm(node)] = OpSpec(activations=())
 
 
 def _drop_float_only_arithmetic(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) -> None:
@@ -200,12 +200,12 @@ def _drop_float_only_arithmetic(graph: ir.Graph, layout: Layout, specs: dict[str
     only run them in float, so quantizing them would just round what the float op reads. Backwards, so a chain of
     them (bias Add -> residual Add -> LayerNorm) stays float as a whole."""
     for node in reversed(list(graph)):
-        if node.op_type not in ("Add", "Mul") or node.name not in specs or node.outputs[0].is_graph_output():
+        if node.op_type not in ("Add", "Mul") or _nm(node) not in specs or node.outputs[0].is_graph_output():
             continue
-        readers = {u.node.name for u in node.outputs[0].uses()}
+        readers = {_nm(u.node) for u in node.outputs[0].uses()}
         if readers and not readers & specs.keys():
-            del specs[node.name]
-            layout.nodes[node.name].keep_float(Reason.FEEDS_ONLY_FLOAT)
+            del specs[_nm(node)]
+            layout.nodes[_nm(node)].keep_float(Reason.FEEDS_ONLY_FLOAT)
 
 
 def _drop_isolated_data_movement(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) -> None:
@@ -214,47 +214,47 @@ def _drop_isolated_data_movement(graph: ir.Graph, layout: Layout, specs: dict[st
     for name, spec in specs.items():
         if not spec.needs_quantized_neighbour and name not in layout.fused:
             node = graph.node(name)
-            touched.update(_input(node, i).name for i in spec.activations if _has(node, i))
+            touched.update(_nm(_input(node, i)) for i in spec.activations if _has(node, i))
             touched.update(_out_name(node, i, layout) for i in spec.outputs if i < len(node.outputs))
     for node in graph:
-        spec = specs.get(node.name)
-        if spec is None or not spec.needs_quantized_neighbour:
+        found = specs.get(_nm(node))
+        if found is None or not found.needs_quantized_neighbour:
             continue
-        if _input(node, 0).name in touched:
-            touched.update(o.name for o in node.outputs)
+        if _nm(_input(node, 0)) in touched:
+            touched.update(_nm(o) for o in node.outputs)
         else:
-            del specs[node.name]
-            layout.nodes[node.name].keep_float(Reason.ISOLATED_DATA_MOVEMENT)
+            del specs[_nm(node)]
+            layout.nodes[_nm(node)].keep_float(Reason.ISOLATED_DATA_MOVEMENT)
 
 
 def _collect_tensors(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) -> None:
     """The activation tensors, weights and biases the static nodes quantize; each quantized node's description."""
     for node in graph:
-        spec = specs.get(node.name)
-        if spec is None or node.name in layout.fused:
+        spec = specs.get(_nm(node))
+        if spec is None or _nm(node) in layout.fused:
             continue
-        d = layout.nodes[node.name]
+        d = layout.nodes[_nm(node)]
         scheme = d.scheme
         assert scheme is not None
-        mine = layout.node_tensors.setdefault(node.name, [])
+        mine = layout.node_tensors.setdefault(_nm(node), [])
         for i in spec.activations:
             if _has(node, i):
-                _add_tensor(layout, _input(node, i).name, _input(node, i).name, scheme)
-                mine.append(_input(node, i).name)
+                _add_tensor(layout, _nm(_input(node, i)), _nm(_input(node, i)), scheme)
+                mine.append(_nm(_input(node, i)))
         for i in spec.outputs:
             if i < len(node.outputs):
                 out = _out_name(node, i, layout)
                 mine.append(out)
-                first = _input(node, 0).name
+                first = _nm(_input(node, 0))
                 src = layout.tensors.get(first, first) if spec.shares_input_scale else out
                 _add_tensor(layout, out, src, scheme)
         if spec.weight is not None:
             idx, axis = spec.weight
-            layout.weights.append((node.name, idx, axis if scheme.per_channel else None))
+            layout.weights.append((_nm(node), idx, axis if scheme.per_channel else None))
             if spec.bias is not None:
-                layout.biases.append((node.name, spec.bias, _input(node, 0).name, idx))
+                layout.biases.append((_nm(node), spec.bias, _nm(_input(node, 0)), idx))
             if scheme.bias_correction and node.op_type != "ConvTranspose":
-                layout.channel_stats[_input(node, 0).name] = 1 if node.op_type == "Conv" else -1
+                layout.channel_stats[_nm(_input(node, 0))] = 1 if node.op_type == "Conv" else -1
         d.decision.code, d.decision.details = _static_reason(scheme, spec)
 
 
@@ -336,6 +336,12 @@ def constant_sentinels(model: ir.Model) -> dict[str, float]:
     return out
 
 
+def _nm(x: ir.Node | ir.Value) -> str:
+    """Names are set for every node (ensure_node_names) and value lowbit plans for."""
+    assert x.name is not None
+    return x.name
+
+
 def _has(node: ir.Node, i: int) -> bool:
     return i < len(node.inputs) and node.inputs[i] is not None
 
@@ -349,10 +355,10 @@ def _input(node: ir.Node, i: int) -> ir.Value:
 def _out_name(node: ir.Node, i: int, layout: Layout) -> str:
     """A fused Relu/Clip's output stands in for its producer's output."""
     out = node.outputs[i]
-    uses = out.uses()
-    if len(uses) == 1 and uses[0].node.name in layout.fused:
-        return str(uses[0].node.outputs[0].name)
-    return str(out.name)
+    uses = list(out.uses())
+    if len(uses) == 1 and _nm(uses[0].node) in layout.fused:
+        return _nm(uses[0].node.outputs[0])
+    return _nm(out)
 
 
 def _add_tensor(layout: Layout, name: str, source: str, scheme: Scheme) -> None:

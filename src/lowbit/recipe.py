@@ -146,7 +146,8 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types (lists, not tuples), so `from_dict(to_dict())` round-trips without a file."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        out: dict[str, Any] = json.loads(json.dumps(dataclasses.asdict(self)))
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)

@@ -23,7 +23,7 @@ from ..plan import TensorParams
 from ..recipe import Scheme
 from ..rewrite import MS_DOMAIN, add_initializer, dynamic_quantize
 from ..weights import QuantizedWeight, cheaper_of, guard_overflow, quantize_weight
-from .base import Skip, Take
+from .base import Skip, Take, name_of, weight_of
 from .registry import RewriteContext, register
 
 # Attention attributes QAttention takes as they are.
@@ -90,16 +90,18 @@ def _quantize_qkv(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
 def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     """Replace a com.microsoft Attention by QAttention with int8 weights; record their parameters in the plan."""
     model, plan = ctx.model, ctx.plan
-    g, name = model.graph, node.name
+    g, name = model.graph, name_of(node)
     inputs: list[ir.Value | None] = list(node.inputs) + [None] * (4 - len(node.inputs))
-    w = inputs[1].const_value.numpy().astype(np.float32)
+    w = weight_of(node, 1)
     qw = _quantize_qkv(w, scheme)
     if qw.guarded_channels:
         plan.overflow_guard[name] = qw.guarded_channels
     plan.tensors[f"{name}:1"] = TensorParams(
         "int8", np.ravel(qw.scale).astype(float).tolist(), np.ravel(qw.zero_point).astype(int).tolist(),
         qw.axis, "weight")
-    xq, xs, xz = dynamic_quantize(model, inputs[0], ctx.shared)
+    x = node.inputs[0]
+    assert x is not None  # decide checked it is float32
+    xq, xs, xz = dynamic_quantize(model, x, ctx.shared)
     wq = add_initializer(g, f"{name}_w_q", np.ascontiguousarray(qw.q, np.int8))
     ws = add_initializer(g, f"{name}_w_s", np.asarray(qw.scale, np.float32))
     wz = add_initializer(g, f"{name}_w_zp", np.asarray(qw.zero_point, np.int8))

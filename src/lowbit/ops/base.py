@@ -69,6 +69,19 @@ def const(node: ir.Node, i: int) -> np.ndarray | None:
     return v.const_value.numpy()
 
 
+def weight_of(node: ir.Node, i: int) -> np.ndarray:
+    """The float32 constant at input i, which the node's decision found there."""
+    found = const(node, i)
+    assert found is not None, f"{node.name} input {i} is not a constant"
+    return found.astype(np.float32)
+
+
+def name_of(x: ir.Node | ir.Value) -> str:
+    """The name of a node or value lowbit works on (every node is named before planning)."""
+    assert x.name is not None
+    return x.name
+
+
 def has_input(node: ir.Node, i: int) -> bool:
     return i < len(node.inputs) and node.inputs[i] is not None
 

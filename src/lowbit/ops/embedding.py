@@ -11,7 +11,7 @@ from ..decision import Reason
 from ..recipe import Scheme
 from ..rewrite import gather_block_quantized, gather_int4_nibbles, gather_rows_int8
 from ..weights import quantize_blocks, quantize_weight
-from .base import Refuse, Skip, Take, const
+from .base import Refuse, Skip, Take, const, weight_of
 from .matmul import weight_only_details
 from .registry import RewriteContext, register
 from .weighted import record
@@ -39,7 +39,7 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
 
 
 def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
-    table = node.inputs[0].const_value.numpy().astype(np.float32)
+    table = weight_of(node, 0)
     if scheme.weights != "int4":
         axis = 0 if scheme.per_channel else None  # per row, or one scale for the table
         qw = quantize_weight(table, axis, scheme.weights, True)

@@ -11,7 +11,7 @@ from ..decision import Reason, granularity
 from ..recipe import Scheme
 from ..rewrite import dynamic_matmul, matmul_nbits
 from ..weights import pack_nibbles, quantize_blocks, quantize_weight
-from .base import OpSpec, Skip, Take, const, float_input, has_input
+from .base import OpSpec, Skip, Take, const, float_input, has_input, name_of
 from .registry import RewriteContext, register
 from .weighted import guard, matmul_weight, record, weight_behind_dq, weight_matmul
 
@@ -86,7 +86,7 @@ def rewrite_dynamic(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     if scheme.avoid_overflow:
         qw = guard(node, w, qw)
         if qw.guarded_channels:
-            ctx.plan.overflow_guard[node.name] = qw.guarded_channels
+            ctx.plan.overflow_guard[name_of(node)] = qw.guarded_channels
     record(ctx.plan, node, "int8", qw.scale, qw.zero_point, 1 if axis is not None else None)
     q = qw.q.T if transposed else qw.q
     scale, zp = (np.atleast_1d(qw.scale), np.atleast_1d(qw.zero_point)) if axis is not None else \

@@ -20,7 +20,7 @@ from ..plan import TensorParams
 from ..recipe import Scheme
 from ..rewrite import MS_DOMAIN, add_initializer
 from ..weights import QuantizedWeight, cheaper_of, guard_overflow, quantize_weight
-from .base import Skip, Take
+from .base import Skip, Take, name_of, weight_of
 from .registry import RewriteContext, register
 
 
@@ -81,13 +81,13 @@ def _quantize_gates(w: np.ndarray, scheme: Scheme) -> QuantizedWeight:
 def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     """Replace an ONNX LSTM by DynamicQuantizeLSTM with int8 W and R; record their parameters in the plan."""
     model, plan = ctx.model, ctx.plan
-    g, name = model.graph, node.name
+    g, name = model.graph, name_of(node)
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     inputs: list[ir.Value | None] = list(node.inputs) + [None] * (8 - len(node.inputs))
     quantized: list[ir.Value] = []
     guarded = 0
     for idx, what in ((1, "W"), (2, "R")):
-        w = inputs[idx].const_value.numpy().astype(np.float32)
+        w = weight_of(node, idx)
         qw = _quantize_gates(w, scheme)
         guarded += qw.guarded_channels
         # Plan: flat per (direction, gate row) along axis 1 of the ONNX weight, or one per direction (axis 0).
@@ -103,7 +103,9 @@ def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     new = ir.Node(MS_DOMAIN, "DynamicQuantizeLSTM", [inputs[0], w_q, r_q, *inputs[3:8], w_s, w_zp, r_s, r_zp],
                   attrs, num_outputs=len(node.outputs), name=f"{name}_DynamicQuantizeLSTM")
     for old, out in zip(node.outputs, new.outputs):
-        out.dtype, out.shape = old.dtype, old.shape
+        out.shape = old.shape
+        if old.dtype is not None:
+            out.dtype = old.dtype
     g.insert_after(node, new)
     for old, out in zip(node.outputs, new.outputs):
         old_name = old.name

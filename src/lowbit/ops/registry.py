@@ -16,7 +16,7 @@ import onnx_ir as ir
 from ..decision import Reason
 from ..plan import Plan
 from ..recipe import Scheme
-from .base import Decided, Skip
+from .base import Decided, Skip, name_of
 
 ANY = "*"
 MODES = ("static", "dynamic", "weight_only", "float16")
@@ -34,7 +34,7 @@ class RewriteContext:
     deferred: dict[Callable[[ir.Model, list[str]], Any], list[str]] = field(default_factory=dict)
 
     def defer(self, fn: Callable[[ir.Model, list[str]], Any], node: ir.Node) -> None:
-        self.deferred.setdefault(fn, []).append(node.name)
+        self.deferred.setdefault(fn, []).append(name_of(node))
 
     def run_deferred(self) -> None:
         for fn, names in self.deferred.items():

@@ -13,7 +13,7 @@ from ..recipe import Scheme
 from ..rewrite import constant_dq
 from ..weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, quantize_weight
 from ..decision import Reason
-from .base import Skip, const, float_input, has_input
+from .base import Skip, const, float_input, has_input, weight_of
 from .registry import RewriteContext
 
 
@@ -51,7 +51,8 @@ def output_shift(node: ir.Node, error: np.ndarray, mean: np.ndarray) -> np.ndarr
             return None
         per_in = error.reshape(m, cg, -1).sum(axis=2)
         first = (np.arange(m) // (m // group)) * cg
-        return np.sum(per_in * mean[first[:, None] + np.arange(cg)], axis=1)
+        shift: np.ndarray = np.sum(per_in * mean[first[:, None] + np.arange(cg)], axis=1)
+        return shift
     if node.op_type in ("Gemm", "MatMul") and error.ndim == 2:
         rows = error if transposed_weight(node) else error.T  # (N, K)
         return rows @ mean if mean.size == rows.shape[1] else None
@@ -100,7 +101,7 @@ def matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool, np.ndarray | ir.Valu
     found = weight_matmul(node)
     assert not isinstance(found, Skip)
     transposed = found[1]
-    w = node.inputs[1].const_value.numpy().astype(np.float32)
+    w = weight_of(node, 1)
     bias: np.ndarray | ir.Value | None = None
     if node.op_type == "Gemm":
         w = w * np.float32(node.attributes.get_float("alpha", 1.0))
@@ -121,7 +122,7 @@ def record(plan: Plan, node: ir.Node, dtype: str, scale: np.ndarray, zp: np.ndar
 
 def weight_behind_dq(ctx: RewriteContext, node: ir.Node, axis: int | None, scheme: Scheme) -> None:
     """Weight-only int8 (or uint8): the weight stored quantized behind a DequantizeLinear; the op runs in float."""
-    w = node.inputs[1].const_value.numpy().astype(np.float32)
+    w = weight_of(node, 1)
     qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
     p = TensorParams(scheme.weights, np.atleast_1d(qw.scale).astype(float).tolist(),
                      np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")

@@ -144,8 +144,9 @@ def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True,
         except Refuse as e:
             raise LowbitError(f"{e.what} ({match.text}): {e.fix}") from None
         if isinstance(found, Take):
-            layout.rewrites[_nm(node)] = (scheme.mode, scheme)
-            decision = _decision(node, match, True, found.code, found.details, scheme.mode)
+            mode = found.mode or scheme.mode
+            layout.rewrites[_nm(node)] = (mode, scheme)
+            decision = _decision(node, match, True, found.code, found.details, mode)
             layout.nodes[_nm(node)] = NodeDecision(_nm(node), decision, scheme)
             continue
         if isinstance(found, OpSpec) and _nm(node) in keep_float:

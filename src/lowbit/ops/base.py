@@ -37,10 +37,12 @@ class Skip:
 
 @dataclass(frozen=True)
 class Take:
-    """Dynamic, weight-only or float16 mode: the node is quantized by its family's rewrite function."""
+    """Dynamic, weight-only or float16 mode: the node is quantized by its family's rewrite function (the one
+    registered for `mode`, when given: what a mode does to a node can be another mode's rewrite)."""
 
     code: Reason
     details: dict[str, Any] = field(default_factory=dict)
+    mode: str | None = None
 
 
 @dataclass(frozen=True)

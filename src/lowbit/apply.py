@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from .numerics import dequantize
 from .ops import RewriteContext, entry_for
+from .ops.base import const, name_of, weight_of
 from .ops.registry import MODES
 from .ops.weighted import guard, output_shift
 from .plan import Plan, TensorParams
@@ -31,7 +32,9 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
             corrections[node_name] = corr
     for node_name, idx, act, widx in layout.biases:
         node = graph.node(node_name)
-        bias = node.inputs[idx].const_value.numpy().astype(np.float64)
+        found = const(node, idx)
+        assert found is not None, f"{node_name} input {idx} is not a constant"
+        bias = found.astype(np.float64)
         if node_name in corrections:
             bias = bias - corrections[node_name]
         w_scale = np.asarray(plan.tensors[f"{node_name}:{widx}"].scale, np.float64)
@@ -71,15 +74,18 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
 def _quantize_weight(model: ir.Model, node: ir.Node, idx: int, axis: int | None, layout: Layout,
                      plan: Plan) -> np.ndarray | None:
     """Quantize one weight input in place; returns the bias correction for the node, if any."""
-    scheme = layout.nodes[node.name].scheme
-    w = node.inputs[idx].const_value.numpy().astype(np.float32)
+    scheme = layout.nodes[name_of(node)].scheme
+    assert scheme is not None  # a node with a weight to quantize is quantized, so it has a scheme
+    w = weight_of(node, idx)
     qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
-    mean = plan.channel_means.get(node.inputs[0].name)
-    act = plan.tensors.get(node.inputs[0].name)
+    x = node.inputs[0]
+    assert x is not None
+    mean = plan.channel_means.get(name_of(x))
+    act = plan.tensors.get(name_of(x))
     if scheme.avoid_overflow and act is not None and act.dtype == "uint8" and scheme.weights == "int8":
         qw = guard(node, w, qw)
         if qw.guarded_channels:
-            plan.overflow_guard[node.name] = qw.guarded_channels
+            plan.overflow_guard[name_of(node)] = qw.guarded_channels
     p = TensorParams(scheme.weights, np.atleast_1d(qw.scale).astype(float).tolist(),
                      np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")
     plan.tensors[f"{node.name}:{idx}"] = p

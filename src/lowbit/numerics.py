@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -102,7 +103,7 @@ def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 def quantize(
     x: np.ndarray,
-    scale: np.ndarray | float,
+    scale: np.ndarray | float | np.floating[Any],
     zero_point: np.ndarray | int,
     dtype: str,
     axis: int | None = None,

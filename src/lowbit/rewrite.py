@@ -12,6 +12,19 @@ from .plan import TensorParams
 MS_DOMAIN = "com.microsoft"
 
 
+def _name(x: ir.Node | ir.Value) -> str:
+    """The name of a node or value lowbit works on (as ops.base.name_of, which this module cannot import)."""
+    assert x.name is not None
+    return x.name
+
+
+def _input(node: ir.Node, i: int) -> ir.Value:
+    """Input i of a node that has it."""
+    v = node.inputs[i]
+    assert v is not None, f"{node.name} has no input {i}"
+    return v
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """A new initializer holding `array`, registered in `graph`."""
     v = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape))
@@ -50,7 +63,7 @@ def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Nod
     inputs = [q, s, z]
     if p.kind == "bias" and not np.any(p.zero_point):
         # Zero points default to 0; int32 biases save 4 bytes per channel (weights keep theirs: ORT's QGemm fusion needs them).
-        model.graph.initializers.pop(z.name)
+        model.graph.initializers.pop(_name(z))
         inputs = [q, s]
     attrs = {"axis": ir.AttrInt64("axis", p.axis)} if p.axis is not None else {}
     return ir.Node(_domain(model, p.dtype), "DequantizeLinear", inputs, attrs, name=f"{name}_DQ")
@@ -73,7 +86,7 @@ def constant_dq(model: ir.Model, name: str, array: np.ndarray | None, q: np.ndar
 def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
     """value -> Q -> DQ, and every consumer (and graph output) reads the DQ result."""
     graph = model.graph
-    name = value.name
+    name = _name(value)
     uses = list(value.uses())
     s, z = _qdq_params(graph, name, p)
     dom = _domain(model, p.dtype)
@@ -96,10 +109,11 @@ def insert_qdq(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
 
 def quantize_constant(model: ir.Model, value: ir.Value, p: TensorParams) -> None:
     """A constant that an op treats as an activation (Add with a constant): stored quantized."""
+    assert value.const_value is not None
     array = value.const_value.numpy()
     scale, zp = p.arrays()
     q = quantize(array, scale, zp, p.dtype, axis=p.axis)
-    out = constant_dq(model, value.name, array, q, p)
+    out = constant_dq(model, _name(value), array, q, p)
     for use in list(value.uses()):
         if use.node.op_type != "DequantizeLinear":
             use.node.replace_input_with(use.idx, out)
@@ -108,7 +122,7 @@ def quantize_constant(model: ir.Model, value: ir.Value, p: TensorParams) -> None
 def fuse_activation(graph: ir.Graph, node_name: str) -> None:
     """Remove a Relu/Clip whose work the producer's output quantization now does."""
     node = graph.node(node_name)
-    src, dst = node.inputs[0], node.outputs[0]
+    src, dst = _input(node, 0), node.outputs[0]
     name = dst.name
     dst.replace_all_uses_with(src, replace_graph_outputs=True)
     graph.remove(node, safe=True)
@@ -147,13 +161,14 @@ def _add_bias(model: ir.Model, node: ir.Node, y: ir.Value, bias: np.ndarray | ir
 
 def dynamic_quantize(model: ir.Model, x: ir.Value, cache: dict[str, tuple]) -> tuple:
     """One DynamicQuantizeLinear per activation, shared by every MatMul that reads it (e.g. Q, K, V projections)."""
-    if x.name not in cache:
-        n = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{x.name}_DynQ")
+    name = _name(x)
+    if name not in cache:
+        n = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3, name=f"{name}_DynQ")
         for o, suffix, t in zip(n.outputs, ("q", "s", "zp"), (ir.DataType.UINT8, ir.DataType.FLOAT, ir.DataType.UINT8)):
-            o.name, o.dtype = f"{x.name}_dyn_{suffix}", t
+            o.name, o.dtype = f"{name}_dyn_{suffix}", t
         model.graph.append(n)
-        cache[x.name] = tuple(n.outputs)
-    return cache[x.name]
+        cache[name] = tuple(n.outputs)
+    return cache[name]
 
 
 def dynamic_matmul(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bias,
@@ -161,7 +176,7 @@ def dynamic_matmul(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndar
     """x -> DynamicQuantizeLinear -> MatMulInteger(int8 W (K, N)) -> Cast -> Mul(x_scale * w_scale) [-> Add bias].
     Standard ONNX ops that ONNX Runtime fuses into one DynamicQuantizeMatMul kernel (measured: same speed)."""
     g, name = model.graph, node.name
-    xq, xs, xz = dynamic_quantize(model, node.inputs[0], cache)
+    xq, xs, xz = dynamic_quantize(model, _input(node, 0), cache)
     wq = add_initializer(g, f"{name}_w_q", q.astype(np.int8))
     wz = add_initializer(g, f"{name}_w_zp", zp.astype(np.int8))
     ws = add_initializer(g, f"{name}_w_s", np.asarray(scale, np.float32))
@@ -193,7 +208,7 @@ def _shared_init(graph: ir.Graph, name: str, make) -> ir.Value:
 def gather_rows_int8(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray) -> None:
     """Gather int8 rows first, then scale only them: the table is never dequantized whole. One scale for the
     table (per-tensor) is a DequantizeLinear after the Gather: one lookup per id instead of two."""
-    g, name, t = model.graph, node.name, node.inputs[0].name
+    g, name, t = model.graph, node.name, _input(node, 0).name
     idx = node.inputs[1]
     table = _shared_init(g, f"{t}_q8", lambda n: add_initializer(g, n, q.astype(np.int8)))
     rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.INT8)
@@ -215,7 +230,7 @@ def gather_int4_nibbles(model: ir.Model, node: ir.Node, codes: np.ndarray, scale
     and column j + D/2 in the high one: Gather bytes -> Mod / BitShift -> Concat -> DequantizeLinear(zero point 8)
     -> Mul by the gathered block scales. Standard opset-11 ops; measured 4-5x faster than ONNX Runtime's
     GatherBlockQuantized (256 rows of 32: 22 vs 104 us, 1 thread), with the same bytes and the same values."""
-    g, name, t = model.graph, node.name, node.inputs[0].name
+    g, name, t = model.graph, node.name, _input(node, 0).name
     idx, half = node.inputs[1], codes.shape[1] // 2
     packed = (codes[:, :half] | (codes[:, half:] << 4)).astype(np.uint8)
     table = _shared_init(g, f"{t}_n4_{block}", lambda n: add_initializer(g, n, packed))
@@ -240,7 +255,7 @@ def gather_block_quantized(model: ir.Model, node: ir.Node, codes: np.ndarray, sc
     """int4 rows in blocks along D: ONNX Runtime's com.microsoft.GatherBlockQuantized (INT4 data, zero point 0;
     affine: UINT4 data and zero points)."""
     g, name = model.graph, node.name
-    t, tag = node.inputs[0].name, f"4_{block}{'u' if zp is not None else ''}"  # one copy per table and format
+    t, tag = _input(node, 0).name, f"4_{block}{'u' if zp is not None else ''}"  # one copy per table and format
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     kind = ir.DataType.UINT4 if zp is not None else ir.DataType.INT4
 

@@ -13,6 +13,7 @@ fixes only those channels, choosing per channel the cheaper (in squared weight e
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -112,10 +113,11 @@ def guard_overflow(
     q_rows = _rows(qw.q, w_rows.shape)
     scales = np.broadcast_to(np.asarray(qw.scale, np.float32), (w_rows.shape[0],)).copy() if rows_are_channels else None
     bad = overflowing_rows(q_rows, bound_rows)
+    # scales is None unless rows are channels, and callers read it only then: the casts keep their types simple.
     if not len(bad):
-        return q_rows, scales, 0
+        return q_rows, cast(np.ndarray, scales), 0
     q_rows = q_rows.copy()
-    s = scales[bad] if rows_are_channels else np.full(len(bad), np.asarray(qw.scale).reshape(-1)[0], np.float32)
+    s = scales[bad] if scales is not None else np.full(len(bad), np.asarray(qw.scale).reshape(-1)[0], np.float32)
     trimmed = _trim(q_rows[bad], bound_rows[bad])
     err_trim = np.sum((trimmed * s[:, None].astype(np.float64) - w_rows[bad]) ** 2, axis=1)
     chosen = trimmed
@@ -125,9 +127,10 @@ def guard_overflow(
         err_rescale = np.sum((rescaled * s2[:, None].astype(np.float64) - w_rows[bad]) ** 2, axis=1)
         better = err_rescale < err_trim
         chosen = np.where(better[:, None], rescaled, trimmed)
+        assert scales is not None
         scales[bad] = np.where(better, s2, s)
     q_rows[bad] = chosen
-    return q_rows, scales, len(bad)
+    return q_rows, cast(np.ndarray, scales), len(bad)
 
 
 def cheaper_of(w: np.ndarray, trimmed: np.ndarray, scale: np.float32, bound: np.ndarray) -> tuple[np.ndarray, np.float32]:

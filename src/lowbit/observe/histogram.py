@@ -24,7 +24,7 @@ INDEX_BITS = 52
 def bin_indices(x: np.ndarray, e: int) -> np.ndarray:
     """floor(x / 2**e) for every value, as int64, computed exactly."""
     x = np.asarray(x, dtype=np.float64)
-    idx = np.floor(np.ldexp(x, -e)).astype(np.int64)
+    idx: np.ndarray = np.floor(np.ldexp(x, -e)).astype(np.int64)
     # A tiny negative value can underflow to -0.0 and would land in bin 0; it belongs in bin -1.
     idx[(idx == 0) & (x < 0)] = -1
     return idx
@@ -80,17 +80,16 @@ class Histogram:
 
     @property
     def bin_width(self) -> float:
-        self._require_data()
-        return math.ldexp(1.0, self.e)
+        return math.ldexp(1.0, self._exponent())
 
     def edges(self) -> np.ndarray:
         """Bin edges, length len(counts) + 1."""
-        self._require_data()
-        return np.ldexp(self.i0 + np.arange(len(self.counts) + 1, dtype=np.float64), self.e)
+        e = self._exponent()
+        return np.ldexp(self.i0 + np.arange(len(self.counts) + 1, dtype=np.float64), e)
 
     def centers(self) -> np.ndarray:
-        self._require_data()
-        return np.ldexp(self.i0 + np.arange(len(self.counts), dtype=np.float64) + 0.5, self.e)
+        e = self._exponent()
+        return np.ldexp(self.i0 + np.arange(len(self.counts), dtype=np.float64) + 0.5, e)
 
     def update(self, x: np.ndarray) -> None:
         """Add every value of x (any shape)."""
@@ -131,7 +130,7 @@ class Histogram:
         out.e, out.i0, out.counts, out._min, out._max = self.e, self.i0, self.counts.copy(), self._min, self._max
         return out
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain ints, floats and lists, for JSON."""
         empty = self.e is None
         return {
@@ -144,7 +143,7 @@ class Histogram:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Histogram:
+    def from_dict(cls, d: dict[str, Any]) -> Histogram:
         try:
             out = cls(d["max_bins"])
             counts = np.asarray(d["counts"], dtype=np.int64)
@@ -172,6 +171,12 @@ class Histogram:
     def _require_data(self) -> None:
         if self.e is None:
             raise LowbitError("histogram is empty: call update() with calibration data first")
+
+    def _exponent(self) -> int:
+        """The bin exponent e; raises like _require_data while empty."""
+        self._require_data()
+        assert self.e is not None
+        return self.e
 
     def _fitting_exponent(self, lo: float, hi: float, start: int | None) -> int:
         # Valid exponents form an upward-closed set, and start never exceeds the smallest valid one for
@@ -232,6 +237,7 @@ class ChannelMinMax:
         if self.min is None:
             self.min, self.max, self.sum = lo, hi, total
         else:
+            assert self.max is not None and self.sum is not None  # min, max and sum are set together
             self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
             self.sum = self.sum + total
         self.count += arr.size // channels
@@ -246,15 +252,17 @@ class ChannelMinMax:
         if self.min is None or other.min is None:
             src = other if self.min is None else self
             if src.min is not None:
+                assert src.max is not None and src.sum is not None  # min, max and sum are set together
                 out.min, out.max, out.sum, out.count = src.min.copy(), src.max.copy(), src.sum.copy(), src.count
             return out
         if len(self.min) != len(other.min):
             raise LowbitError(f"cannot merge channel min/max with {len(self.min)} and {len(other.min)} channels")
+        assert self.max is not None and self.sum is not None and other.max is not None and other.sum is not None
         out.min, out.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)
         out.sum, out.count = self.sum + other.sum, self.count + other.count
         return out
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "axis": self.axis,
             "min": None if self.min is None else [float(v) for v in self.min],
@@ -264,7 +272,7 @@ class ChannelMinMax:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> ChannelMinMax:
+    def from_dict(cls, d: dict[str, Any]) -> ChannelMinMax:
         try:
             out = cls(d["axis"])
             if d["min"] is not None:
@@ -274,6 +282,8 @@ class ChannelMinMax:
                 out.count = int(d.get("count", 0))
         except (KeyError, TypeError, ValueError) as err:
             raise LowbitError(f"not a valid channel min/max dict: {err!r}") from None
-        if out.min is not None and (out.min.shape != out.max.shape or out.min.ndim != 1):
-            raise LowbitError("not a valid channel min/max dict: min and max must be equal-length lists")
+        if out.min is not None:
+            assert out.max is not None  # set together with min above
+            if out.min.shape != out.max.shape or out.min.ndim != 1:
+                raise LowbitError("not a valid channel min/max dict: min and max must be equal-length lists")
         return out

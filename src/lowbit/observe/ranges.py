@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +71,7 @@ def _folded(h: Histogram) -> tuple[np.ndarray, float]:
     while (int(folded.max()) >> shift) + 1 > h.max_bins:
         shift += 1
     counts = np.bincount(folded >> shift, weights=h.counts.astype(np.float64))
+    assert h.e is not None  # the caller checked that h has data
     return counts, math.ldexp(1.0, h.e + shift)
 
 
@@ -146,7 +148,8 @@ def _squared_errors(centers: np.ndarray, counts: np.ndarray, lows: np.ndarray, h
     # The caller widens the range to include 0, so the step is taken over the widened range.
     step = (np.maximum(highs, 0.0)[None, :] - np.minimum(lows, 0.0)[:, None]) / (num_levels - 1)
     inside = counts.sum() - below[:, None] - above[None, :]
-    return clip_low[:, None] + clip_high[None, :] + inside * step**2 / 12.0
+    errors: np.ndarray = clip_low[:, None] + clip_high[None, :] + inside * step**2 / 12.0
+    return errors
 
 
 def mse(h: Histogram, num_levels: int = 256, symmetric: bool = False) -> tuple[float, float]:
@@ -173,7 +176,7 @@ def mse(h: Histogram, num_levels: int = 256, symmetric: bool = False) -> tuple[f
         if symmetric:
             k = l = int(np.argmin(np.diag(cost)))
         else:
-            k, l = np.unravel_index(int(np.argmin(cost)), cost.shape)
+            k, l = (int(i) for i in np.unravel_index(int(np.argmin(cost)), cost.shape))
         return float(fractions[k]), float(fractions[l])
 
     coarse = np.linspace(0.01, 1.0, 100)
@@ -193,7 +196,7 @@ def mse(h: Histogram, num_levels: int = 256, symmetric: bool = False) -> tuple[f
 METHODS = {"minmax": minmax, "percentile": percentile, "entropy": entropy, "mse": mse}
 
 
-def select_range(h: Histogram, method: str, **kw) -> tuple[float, float]:
+def select_range(h: Histogram, method: str, **kw: Any) -> tuple[float, float]:
     """Dispatch to one of METHODS by name, passing keyword options through."""
     if method not in METHODS:
         raise LowbitError(f"unknown range method {method!r}; choose one of: {', '.join(METHODS)}")

@@ -25,7 +25,7 @@ def convert_float16(model: ir.Model, names: set[str]) -> int:
                 o.dtype = F16
                 produced.add(id(o))
     casts = 0
-    halves: dict[str, ir.Value] = {}
+    halves: dict[str | None, ir.Value] = {}
     for node in region:
         for i, v in enumerate(node.inputs):
             if v is None or v.dtype != F32 or id(v) in produced:

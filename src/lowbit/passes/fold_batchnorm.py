@@ -16,23 +16,28 @@ def fold_batchnorm(model: ir.Model) -> bool:
     for bn in list(graph):
         if bn.op_type != "BatchNormalization" or len(bn.outputs) != 1:
             continue
-        conv = bn.inputs[0].producer()
-        if conv is None or conv.op_type != "Conv" or len(bn.inputs[0].uses()) != 1 or bn.inputs[0].is_graph_output():
+        x = bn.inputs[0]
+        assert x is not None  # BatchNormalization's input X is required
+        conv = x.producer()
+        if conv is None or conv.op_type != "Conv" or len(x.uses()) != 1 or x.is_graph_output():
             continue
-        w = _const(conv.inputs[1])
+        w_in = conv.inputs[1]
+        w = _const(w_in)
         b = _const(conv.inputs[2]) if len(conv.inputs) > 2 else None
         gamma, beta, mean, var = (_const(v) for v in bn.inputs[1:5])
-        if w is None or any(x is None for x in (gamma, beta, mean, var)):
+        if w_in is None or w is None or gamma is None or beta is None or mean is None or var is None:
             continue
         eps = bn.attributes.get_float("epsilon", 1e-5)
         factor = gamma / np.sqrt(var + eps)
         new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
         new_b = ((b if b is not None else 0.0) - mean) * factor + beta
-        w_val = ir.Value(name=f"{conv.inputs[1].name}_bnfold", const_value=ir.tensor(new_w))
+        w_val = ir.Value(name=f"{w_in.name}_bnfold", const_value=ir.tensor(new_w))
         b_val = ir.Value(name=f"{bn.name or bn.outputs[0].name}_bias", const_value=ir.tensor(new_b.astype(w.dtype)))
         for v in (w_val, b_val):
-            v.shape = ir.Shape(v.const_value.shape)
-            v.dtype = v.const_value.dtype
+            tensor = v.const_value
+            assert tensor is not None
+            v.shape = ir.Shape(tensor.shape.numpy())
+            v.dtype = tensor.dtype
             graph.register_initializer(v)
         conv.replace_input_with(1, w_val)
         if len(conv.inputs) > 2:

@@ -30,7 +30,9 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], opset: int) -> lis
     graph = onnx.helper.make_graph([proto], "fold", inputs, outputs)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
     feeds = {n: a for n, a in zip(names, arrays) if a is not None}
-    return ReferenceEvaluator(model).run(None, feeds)
+    results = ReferenceEvaluator(model).run(None, feeds)
+    assert isinstance(results, list)  # a dict only with intermediate=True
+    return results
 
 
 def fold_constants(model: ir.Model) -> bool:

@@ -33,7 +33,7 @@ def fold_pad(model: ir.Model) -> bool:
     for pad in list(graph):
         if pad.op_type != "Pad" or pad.outputs[0].is_graph_output():
             continue
-        uses = pad.outputs[0].uses()
+        uses = tuple(pad.outputs[0].uses())
         if not uses or any(u.node.op_type != "Conv" or u.idx != 0 for u in uses):
             continue
         w = _const(uses[0].node.inputs[1])

@@ -105,9 +105,10 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
     for node in model.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        ops = [scale_of(i) for i in node.input]
+        # Both inputs must come from a DequantizeLinear with a one-value scale.
+        ops = [t for t in (scale_of(i) for i in node.input) if t is not None]
         outs = readers.get(node.output[0], [])
-        if None in ops or len(outs) != 1 or outs[0].op_type != "QuantizeLinear" or outs[0].input[1] not in inits:
+        if len(ops) != 2 or len(outs) != 1 or outs[0].op_type != "QuantizeLinear" or outs[0].input[1] not in inits:
             continue
         c_scale = outs[0].input[1]
 
@@ -137,7 +138,8 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
             if _shift(np.float32(sa2 / sc2), np.float32(sb / sc2)) != shift:
                 return False
             pair = [(float(sa2), za), (float(sb), zb)]
-            args = (*(pair if k == 0 else pair[::-1]), (float(sc2), zc), int(info.min), int(info.max))  # ONNX order
+            first, second = pair if k == 0 else pair[::-1]
+            args = (first, second, (float(sc2), zc), int(info.min), int(info.max))  # ONNX order
             return bool(np.array_equal(ort_add(qa, qb, *args), xnnpack_add(qa, qb, *args)))
 
         pick = next(((sa2, sc2) for sc2 in _candidates(sc, lambda v: _exact(sb, v, shift), 8)

@@ -77,6 +77,8 @@ def model_name(model: object) -> str:
 
 
 def _check(model: str | onnx.ModelProto, name: str) -> None:
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        return  # the in-memory checker serializes the model, which protobuf refuses past 2 GB
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:

@@ -3,7 +3,7 @@
 A small MobileNet-style CNN (depthwise separable convs, BatchNorm, ReLU6) is trained here in float, then:
   * PTQ W8A8 / W4A8: `lowbit.quantize(module, example_inputs=..., calib=..., recipe=...)` (the ONNX path:
     min-max ranges, bias correction; W8A8 also the overflow guard);
-  * QAT W8A8 / W4A8: `lowbit.torch.prepare_qat(module, recipe, ...)`, a short fine-tune, `lowbit.torch.export`.
+  * QAT W8A8 / W4A8: `lowbit.torch.prepare_qat(module, recipe, ...)`, a short fine-tune, `lowbit.torch.export_onnx`.
 One recipe per width drives both workflows: W4A8 is `Recipe(default=Scheme(weights="int4"))`, per-channel
 4-bit weights stored as ONNX INT4 (two per byte) behind DequantizeLinear. Every quantized accuracy is measured
 on the exported ONNX model in ONNX Runtime (its kernels; it has no integer kernel for 4-bit weights and runs
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                  freeze_bn_after=steps_per_epoch * args.qat_epochs // 2)
             t = train(qat, xtr, ytr, args.qat_epochs, 2e-4, 128, args.seed + int(name[1]))
             out = Path(tmp) / f"qat_{name}.onnx"
-            res = lt.export(qat, out, example)
+            res = lt.export_onnx(qat, out, example)
             lowbit.Plan.load(lowbit.plan.plan_path(out))  # the plan is there for lowbit eval/diagnose
             rows.append((f"QAT {name}", ort_accuracy(res.model, xte, yte), torch_accuracy(qat, xte, yte), t,
                          out.stat().st_size))

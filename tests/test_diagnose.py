@@ -15,7 +15,8 @@ from conftest import tiny_cnn
 
 import lowbit
 from lowbit.cli.main import main
-from lowbit.evaluate.diagnose import _jsonable, diagnose
+from lowbit.evaluate.diagnose import diagnose
+from lowbit.evaluate.jsonable import jsonable as _jsonable
 from lowbit.evaluate.layerwise import pair_tensors
 
 PER_TENSOR = lowbit.Recipe(default=lowbit.Scheme(per_channel=False))
@@ -59,26 +60,26 @@ def test_pairing_finds_every_quantized_tensor() -> None:
     assert activations <= set(pairs)
     assert pairs["r1"] == "r1_dq"  # the folded Relu's output name, read back after DequantizeLinear
     report = diagnose(m, r.model, [x], plan=r.plan, progress=False)
-    assert set(report["tensors"]) == activations
-    assert all(v is None or v > 10 for v in report["tensors"].values())
+    assert set(report.tensors) == activations
+    assert all(v is None or v > 10 for v in report.tensors.values())
     # Every compute node is a layer; folded Relu/Clip and Flatten (shares its input's scale) are not.
-    assert {row["node"] for row in report["layers"]} == {"conv1", "conv2", "add", "gap", "fc"}
+    assert {row["node"] for row in report.layers} == {"conv1", "conv2", "add", "gap", "fc"}
 
 
 def test_bad_layer_ranks_first_and_is_fixed_per_channel() -> None:
     m, x = _outlier_model(), _data()
     r = lowbit.quantize(m, calib=[x], recipe=PER_TENSOR, progress=False)
     report = diagnose(m, r.model, [x], plan=r.plan, top=2, progress=False)
-    first = report["layers"][0]
+    first = report.layers[0]
     assert first["node"] == "conv2"
     assert first["suggestion"]["kind"] == "per_channel"
     assert first["suggestion"]["tried"]["per_channel"] > first["alone_sqnr_db"] + 10
-    rules = report["recipe"]["rules"]
+    rules = report.recipe["rules"]
     assert rules[0]["names"] == ["conv2"] and rules[0]["scheme"]["per_channel"] is True
-    assert report["after"]["sqnr_db"] > report["before"]["sqnr_db"] + 10
-    assert report["gain"]["sqnr_db"] == pytest.approx(report["after"]["sqnr_db"] - report["before"]["sqnr_db"])
-    assert "conv2" in report["histograms"] or "r2" in report["histograms"]
-    h = report["histograms"]["r2"]
+    assert report.after["sqnr_db"] > report.before["sqnr_db"] + 10
+    assert report.gain["sqnr_db"] == pytest.approx(report.after["sqnr_db"] - report.before["sqnr_db"])
+    assert "conv2" in report.histograms or "r2" in report.histograms
+    h = report.histograms["r2"]
     assert len(h["counts"]) == len(h["edges"]) - 1 and sum(h["counts"]) == 32 * 8 * 16 * 16
 
 
@@ -92,8 +93,8 @@ def test_outlier_activation_tries_percentile() -> None:
     x[0, :, 4:7, 4:7] = 4 * np.sign(w1[k])  # inputs stay in range; only conv1's output spikes
     r = lowbit.quantize(m, calib=[x], progress=False)
     report = diagnose(m, r.model, [x], plan=r.plan, top=5, progress=False)
-    assert report["histograms"]["r1"]["outlier_ratio"] > 2
-    row = next(row for row in report["layers"] if row["node"] == "conv1")
+    assert report.histograms["r1"]["outlier_ratio"] > 2
+    row = next(row for row in report.layers if row["node"] == "conv1")
     tried = row["suggestion"]["tried"]
     assert set(tried) == {"percentile", "uint16"}  # no per-channel: its weights already are
     cost = {"percentile": 1.0, "uint16": 2.0}
@@ -102,7 +103,7 @@ def test_outlier_activation_tries_percentile() -> None:
         assert row["suggestion"]["kind"] == best
     else:
         assert row["suggestion"]["kind"] in ("none", "keep_float")
-    assert report["after"]["sqnr_db"] > report["before"]["sqnr_db"]
+    assert report.after["sqnr_db"] > report.before["sqnr_db"]
 
 
 def test_cli_json_and_written_files(bad_files: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
@@ -171,7 +172,7 @@ def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path, efficientn
     lowbit.quantize(model, quant, calib=[calib], recipe=PER_TENSOR, progress=False)
     fixed = tmp_path / "fixed.onnx"
     report = diagnose(model, quant, [calib], progress=False, output=fixed)
-    assert report["layers"][0]["suggestion"]["kind"] == "per_channel"
+    assert report.layers[0]["suggestion"]["kind"] == "per_channel"
     name = session(model).get_inputs()[0].name
     batches = [{name: evaluation[i:i + 32]} for i in range(0, len(evaluation), 32)]
     ref = run_all(session(model), batches)[0]
@@ -205,14 +206,14 @@ def test_dynamic_model_pairs_node_outputs() -> None:
     q = lowbit.quantize(m, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="dynamic")), progress=False)
     assert "MatMulInteger" in {n.op_type for n in q.model.graph.node}
     r = diagnose(m, q.model, _mlp_data(), plan=q.plan, progress=False)
-    assert r["paired"] == "node outputs"
-    rows = {x["node"]: x for x in r["layers"]}
+    assert r.paired == "node outputs"
+    rows = {x["node"]: x for x in r.layers}
     assert set(rows) == {"mm1", "gemm", "mm3"}
     for x in rows.values():
         assert 20.0 < x["sqnr_db"] < 80.0 and 20.0 < x["alone_sqnr_db"] < 80.0
         assert set(x["suggestion"].get("tried", {})) <= {"per_channel"}  # no activation fixes for dynamic nodes
-    assert rows["mm3"]["sqnr_db"] == pytest.approx(r["before"]["sqnr_db"], abs=1e-6)  # y is the model output
-    assert set(r["tensors"]) == {"h1", "h2", "y"}
+    assert rows["mm3"]["sqnr_db"] == pytest.approx(r.before["sqnr_db"], abs=1e-6)  # y is the model output
+    assert set(r.tensors) == {"h1", "h2", "y"}
 
 
 def test_weight_only_int4_bad_layer_gets_a_weight_fix(tmp_path: Path, capsys) -> None:
@@ -247,11 +248,11 @@ def test_fix_rules_drop_the_qat_rules_they_replace(tmp_path: Path) -> None:
     calib = [torch.from_numpy(data(16, seed=10 + i)) for i in range(2)]
     q = lt.prepare_qat(small_cnn(), lowbit.Recipe(default=lowbit.Scheme(weights="int4")), example_inputs=example,
                        calib=calib).eval()
-    lt.export(q, tmp_path / "q.onnx", example, float_output=tmp_path / "f.onnx")
+    lt.export_onnx(q, tmp_path / "q.onnx", example, float_output=tmp_path / "f.onnx")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = diagnose(tmp_path / "f.onnx", tmp_path / "q.onnx", data(16, seed=4), top=5, budget=8, progress=False)
-    fixed = {n for rule in r["recipe"]["rules"][:len([x for x in r["layers"] if x["suggestion"]["kind"] != "none"])]
+    fixed = {n for rule in r.recipe["rules"][:len([x for x in r.layers if x["suggestion"]["kind"] != "none"])]
              for n in rule["names"]}
     assert fixed & {"/fc/Gemm", "/features.0/Conv", "/features.3/Conv", "/features.6/Conv"}  # a QAT rule was hit
     assert not [w for w in caught if "matches no node" in str(w.message)]
@@ -265,7 +266,7 @@ def test_dynamic_recipe_with_calibration_mixes_static_convs_and_dynamic_gemm() -
     q = lowbit.quantize(m, calib=_data(16), recipe=dyn, progress=False)
     assert "MatMulInteger" in {n.op_type for n in q.model.graph.node}
     r = diagnose(m, q.model, _data(16), plan=q.plan, top=3, progress=False)
-    rows = {x["node"]: x for x in r["layers"]}
-    assert {"conv1", "conv2", "fc"} <= set(rows) and r["paired"] == "activations"
+    rows = {x["node"]: x for x in r.layers}
+    assert {"conv1", "conv2", "fc"} <= set(rows) and r.paired == "activations"
     assert "uint16" in rows["conv1"]["suggestion"]["tried"]
     assert "uint16" not in rows["fc"]["suggestion"].get("tried", {})

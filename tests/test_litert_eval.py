@@ -55,10 +55,10 @@ def test_float_tflite_evaluates_like_onnx(d):
     kw = dict(labels=d / "labels.npy", reference=d / "f.onnx", batch_size=16, progress=False)
     onnx_r = evaluate(d / "f.onnx", d / "x.npy", **kw)
     lite_r = evaluate(d / "f.tflite", d / "x.npy", **kw)
-    assert lite_r["runtime"].startswith("litert") and onnx_r["runtime"] == "onnxruntime"
-    assert lite_r["samples"] == 40  # 16 + 16 + 8: the last, smaller batch resized the interpreter
-    assert lite_r["accuracy"] == onnx_r["accuracy"]
-    f = lite_r["outputs"]["y"]
+    assert lite_r.runtime.startswith("litert") and onnx_r.runtime == "onnxruntime"
+    assert lite_r.samples == 40  # 16 + 16 + 8: the last, smaller batch resized the interpreter
+    assert lite_r.accuracy == onnx_r.accuracy
+    f = lite_r.outputs["y"]
     assert f["top1_agreement"] == 1.0 and f["max_abs_error"] < 1e-4
 
 
@@ -67,12 +67,12 @@ def test_int8_tflite_evaluates_like_int8_onnx(d):
     kw = dict(labels=d / "labels.npy", reference=d / "f.onnx", progress=False)
     onnx_r = evaluate(d / "q.onnx", d / "x.npy", **kw)
     lite_r = evaluate(q_tfl, d / "x.npy", **kw)
-    assert lite_r["accuracy"] == onnx_r["accuracy"]
-    a, b = onnx_r["outputs"]["y"], lite_r["outputs"]["y"]
+    assert lite_r.accuracy == onnx_r.accuracy
+    a, b = onnx_r.outputs["y"], lite_r.outputs["y"]
     assert a["top1_agreement"] == b["top1_agreement"]
     assert abs(a["cosine"] - b["cosine"]) < 1e-5 and abs(float(a["sqnr_db"]) - float(b["sqnr_db"])) < 0.1
     # and directly: the .tflite as the candidate, lowbit's int8 ONNX model as the reference
-    direct = evaluate(q_tfl, d / "x.npy", reference=d / "q.onnx", progress=False)["outputs"]["y"]
+    direct = evaluate(q_tfl, d / "x.npy", reference=d / "q.onnx", progress=False).outputs["y"]
     assert direct["top1_agreement"] == 1.0 and direct["max_abs_error"] < 1e-3
 
 
@@ -86,7 +86,7 @@ def test_quantized_io_and_nchw_outputs(d):
     sess = LiteRTSession(d / "cq_int8.tflite")
     assert sess.get_inputs()[0].shape == (None, 3, 12, 12) and sess.get_outputs()[0].shape == (None, 8, 6, 6)
     step = sess._outputs[0]["quantization"][0]
-    r = evaluate(d / "cq_int8.tflite", d / "xc.npy", reference=d / "cq.onnx", progress=False)["outputs"]["y"]
+    r = evaluate(d / "cq_int8.tflite", d / "xc.npy", reference=d / "cq.onnx", progress=False).outputs["y"]
     assert r["max_abs_error"] <= 1.001 * step  # LiteRT's integers within one step of ORT's integer kernels
 
 
@@ -106,7 +106,7 @@ def test_batch_one_graph_that_cannot_resize_runs_per_sample(tmp_path):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     # with the batch-1 ONNX model as reference, eval feeds both one sample at a time
     r = evaluate(tmp_path / "r.tflite", tmp_path / "x.npy", reference=tmp_path / "r.onnx", progress=False)
-    assert r["samples"] == 5 and r["outputs"]["y"]["max_abs_error"] < 1e-5
+    assert r.samples == 5 and r.outputs["y"]["max_abs_error"] < 1e-5
 
 
 def test_bench_reports_onnx_and_tflite_side_by_side(d):

@@ -190,7 +190,7 @@ def test_cli_quick_layer_sqnr_without_diagnose(tiny_model: Path, tiny_calib: Pat
 
 
 def test_layer_sqnr_of_the_output_matches_the_output_fidelity(quantized: Path, tiny_calib: Path) -> None:
-    from lowbit.cli.report_cmd import _layer_sqnr
+    from lowbit.evaluate.report_data import _layer_sqnr
     from lowbit.evaluate.metrics import sqnr_db
     from lowbit.runtimes.ort import session
 

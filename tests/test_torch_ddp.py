@@ -44,7 +44,7 @@ dist.all_gather(gathered, flat)
 assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
 if rank == 0:
     model.eval()
-    lt.export(model, Path(sys.argv[1]) / "ddp.onnx", example_inputs=(calib[0][:1],))
+    lt.export_onnx(model, Path(sys.argv[1]) / "ddp.onnx", example_inputs=(calib[0][:1],))
     with torch.no_grad():
         np.save(Path(sys.argv[1]) / "ref.npy", q(torch.from_numpy(data(8, seed=7))).numpy())
 dist.barrier()

@@ -64,7 +64,7 @@ def test_export_matches_fake_quant_within_one_step(tmp_path: Path, bits: int) ->
     q = lt.prepare_qat(m, W4 if bits == 4 else None, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q)
     out_path = tmp_path / "f.onnx"
-    res = lt.export(q, out_path, example_inputs=(batches(1)[0][:1],))
+    res = lt.export_onnx(q, out_path, example_inputs=(batches(1)[0][:1],))
     x = data(32, seed=99)
     with torch.no_grad():
         ref = q(torch.from_numpy(x)).numpy()
@@ -94,7 +94,7 @@ def lowbit_arr(t):
 def test_classifier_export_agrees_with_module(tmp_path: Path) -> None:
     q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches(), freeze_bn_after=1)
     train_steps(q)
-    res = lt.export(q, tmp_path / "c.onnx", example_inputs=(batches(1)[0][:1],))
+    res = lt.export_onnx(q, tmp_path / "c.onnx", example_inputs=(batches(1)[0][:1],))
     x = data(64, seed=5)
     with torch.no_grad():
         ref = q(torch.from_numpy(x)).numpy()
@@ -185,7 +185,7 @@ def test_lowbit_eval_and_diagnose_work_on_the_export(tmp_path: Path, capsys) -> 
     from lowbit.cli.main import main as cli
 
     q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches()).eval()
-    lt.export(q, tmp_path / "q.onnx", (batches(1)[0][:1],), float_output=tmp_path / "f.onnx")
+    lt.export_onnx(q, tmp_path / "q.onnx", (batches(1)[0][:1],), float_output=tmp_path / "f.onnx")
     np.save(tmp_path / "d.npy", data(16, seed=4))
     np.save(tmp_path / "l.npy", np.arange(16) % 10)
     assert cli(["eval", str(tmp_path / "q.onnx"), "--data", str(tmp_path / "d.npy"), "--labels",
@@ -201,7 +201,7 @@ def test_deprecated_weight_bits_still_chooses_per_layer_widths(tmp_path: Path) -
     with pytest.warns(DeprecationWarning, match="weight_bits"):
         q = lt.prepare_qat(small_cnn(), str(recipe), example_inputs=(batches(1)[0][:1],), calib=batches(),
                            weight_bits={"features.3": 4}).eval()
-    res = lt.export(q, None, (batches(1)[0][:1],))
+    res = lt.export_onnx(q, None, (batches(1)[0][:1],))
     assert list(int4_weights(res.model)) == ["/features.3/Conv_w1_q"]
     assert {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "weight"} == {
         "/features.0/Conv:1": "int8", "/features.3/Conv:1": "int4", "/features.6/Conv:1": "int8", "/fc/Gemm:1": "int8"}
@@ -223,7 +223,7 @@ def test_mixed_recipe_int4_int8_uint16_and_a_float_layer(tmp_path: Path) -> None
                        freeze_bn_after=1)
     assert q.get_submodule("features.3").bits is None and q.get_submodule("features.6").bits == 4
     train_steps(q, 2)
-    res = lt.export(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
+    res = lt.export_onnx(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
     plan = res.plan
     assert {k: t.dtype for k, t in plan.tensors.items() if t.kind == "weight"} == {
         "/features.0/Conv:1": "int8", "/features.6/Conv:1": "int4", "/fc/Gemm:1": "int4"}
@@ -253,7 +253,7 @@ def test_one_recipe_with_onnx_node_names_selects_the_same_layers_in_ptq_and_qat(
     ))
     example = (batches(1)[0][:1],)
     ptq = lowbit.quantize(small_cnn(), example_inputs=example, calib=data(32), recipe=recipe, progress=False)
-    qat = lt.export(lt.prepare_qat(small_cnn(), recipe, example_inputs=example, calib=batches()), None, example)
+    qat = lt.export_onnx(lt.prepare_qat(small_cnn(), recipe, example_inputs=example, calib=batches()), None, example)
 
     def layers(plan) -> dict[str, str]:
         """layer -> weight type, or float (plan keys: PTQ '/features/features.3/Conv', QAT '/features.3/Conv')"""
@@ -282,7 +282,7 @@ def test_float_layer_export_matches_within_one_step(tmp_path: Path, keep: str) -
         lowbit.Recipe(rules=(lowbit.Rule(names=(keep,), scheme=lowbit.Scheme(mode="float")),))
     q = lt.prepare_qat(Features().eval(), recipe, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q, 2)
-    res = lt.export(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
+    res = lt.export_onnx(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
     conv = f"/{keep}/Conv"
     assert not res.plan.nodes[conv].quantized and f"{conv}:1" not in res.plan.tensors
     assert len([t for t in res.plan.tensors.values() if t.kind == "weight"]) == 2
@@ -310,7 +310,7 @@ def test_one_recipe_for_ptq_and_qat_int4_weights_shrink_the_file(tmp_path: Path)
         ptq = lowbit.quantize(m, tmp_path / f"ptq_{name}.onnx", example_inputs=example, calib=data(64), recipe=recipe,
                               progress=False)
         q = lt.prepare_qat(m, recipe, example_inputs=example, calib=batches())
-        qat = lt.export(q, tmp_path / f"qat_{name}.onnx", example)
+        qat = lt.export_onnx(q, tmp_path / f"qat_{name}.onnx", example)
         for res in (ptq, qat):
             weights = {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "weight"}
             assert len(weights) == 4 and set(weights.values()) == {"int8" if name == "w8" else "int4"}
@@ -328,7 +328,7 @@ def test_sixteen_bit_activations_from_the_recipe(tmp_path: Path) -> None:
     recipe = lowbit.Recipe(rules=(lowbit.Rule(names=("body.0",), scheme=lowbit.Scheme(activations="uint16")),))
     q = lt.prepare_qat(Features().eval(), recipe, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q, 2)
-    res = lt.export(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
+    res = lt.export_onnx(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
     dtypes = {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "activation"}
     assert dtypes["x"] == "uint16" and dtypes["/body.0/Clip_output_0"] == "uint16"
     assert sum(d == "uint8" for d in dtypes.values()) >= 3
@@ -345,7 +345,7 @@ def test_tflite_export_runs_the_qat_model(tmp_path: Path) -> None:
 
     q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q, 2)
-    res = lt.export(q, tmp_path / "q.onnx", (batches(1)[0][:1],))
+    res = lt.export_onnx(q, tmp_path / "q.onnx", (batches(1)[0][:1],))
     export_tflite(tmp_path / "q.onnx", tmp_path / "q.tflite")
     it = litert.Interpreter(model_path=str(tmp_path / "q.tflite"), num_threads=1)
     x = data(1, seed=6)
@@ -359,3 +359,11 @@ def test_tflite_export_runs_the_qat_model(tmp_path: Path) -> None:
     fc_in = res.plan.tensors[next(k for k in res.plan.tensors if k.endswith("Flatten_output_0"))].scale[0]
     bound = fc_in * q.fc.linear.weight.detach().abs().sum(1).numpy()
     assert np.all(np.abs(out - ref) <= 2 * bound)
+
+
+def test_old_export_name_warns_and_forwards(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    monkeypatch.setattr(lt, "export_onnx", lambda *a, **k: calls.append((a, k)) or "result")
+    with pytest.warns(DeprecationWarning, match="export_onnx"):
+        assert lt.export("module", "m.onnx", example_inputs=()) == "result"
+    assert calls == [(("module", "m.onnx"), {"example_inputs": ()})]

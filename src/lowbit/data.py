@@ -17,7 +17,6 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
 
 from lowbit.errors import LowbitError
 
@@ -39,17 +38,10 @@ class InputSpec:
 
 def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
     """Read the graph inputs of an ONNX model, skipping inputs that are really initializers."""
-    if isinstance(model, onnx.ModelProto):
-        proto = model
-    else:
-        path = Path(model)
-        if not path.is_file():
-            raise LowbitError(f"model not found: {path}; check the path")
-        try:
-            # Weights are irrelevant here, so external data is not read.
-            proto = onnx.load(str(path), load_external_data=False)
-        except (DecodeError, OSError, ValueError) as e:
-            raise LowbitError(f"{path} is not a valid ONNX model ({_one_line(e)}); re-export it") from None
+    from .graph.io import load_proto
+
+    # Only the inputs are read: no weights, no checker (whoever runs the model loads and checks all of it).
+    proto = model if isinstance(model, onnx.ModelProto) else load_proto(model, check=False, external_data=False)
     graph = proto.graph
     weights = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     specs = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -41,13 +40,14 @@ def _int(label: str, text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.bench import benchmark, check_threads
+    from ..evaluate.jsonable import dumps
 
     result = benchmark(
         args.models, threads=check_threads(args.threads), runs=_int("runs", args.runs),
         warmup=_int("warmup", args.warmup), batch=_int("batch", args.batch), data=args.data,
         profile=not args.no_profile, progress=not args.quiet,
     )
-    print(json.dumps(result, indent=2) if args.json else text(result))
+    print(dumps(result, indent=2) if args.json else text(result))
     return 0
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from .common import add_image_args, image_preprocess
@@ -39,10 +38,7 @@ def run(args: argparse.Namespace) -> int:
     report = diagnose(args.float_model, args.quant_model, args.data, plan=args.plan, top=args.top,
                       limit=args.limit, progress=not args.quiet, budget=args.budget, output=args.output,
                       recipe_out=args.recipe_out, preprocess=pre)
-    if args.json:
-        print(json.dumps(report, indent=1, allow_nan=False))
-    else:
-        print(report_text(report))
+    print(report.to_json(indent=1) if args.json else report_text(report.to_dict()))
     return 0
 
 
@@ -56,6 +52,7 @@ def _fid(f: dict[str, Any]) -> str:
 
 
 def report_text(r: dict[str, Any], rows: int = 15) -> str:
+    """`DiagnoseResult.to_dict()` as text (None SQNRs are infinite)."""
     measured = [x for x in r["layers"] if "alone_sqnr_db" in x]
     width = max([len(x["node"]) for x in measured[:rows]] + [4])
     lines = [f"layers ranked by the final-output SQNR they cause alone ({r['samples']} samples, float simulation):"]

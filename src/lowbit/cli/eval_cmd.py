@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
+from typing import TYPE_CHECKING
 
 from .common import add_image_args, image_preprocess
+
+if TYPE_CHECKING:
+    from ..evaluate.evaluate import EvalResult
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy on labelled data, fidelity against a reference model",
                        description="Run a model over data; with --labels report top-1/top-5 accuracy, with "
                        "--reference compare every output with a reference (float) model. In --json output an "
-                       "infinite SQNR (identical outputs) is the string \"inf\".")
+                       "infinite SQNR (identical outputs) is null.")
     p.add_argument("model", help="ONNX or .tflite model to evaluate (usually the int8 one; .tflite runs in LiteRT)")
     p.add_argument("--data", required=True, metavar="DATA",
                    help="evaluation data: .npy/.npz file or folder, or an image folder")
@@ -33,10 +36,6 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def _num(x: float | str, fmt: str) -> str:
-    return x if isinstance(x, str) else format(x, fmt)
-
-
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -46,29 +45,28 @@ def _runtime_text(runtime: str) -> str:
     return {"litert (XNNPACK)": "LiteRT with XNNPACK", "litert": "LiteRT, built-in kernels"}.get(runtime, runtime)
 
 
-def eval_text(result: dict) -> str:
+def eval_text(result: EvalResult) -> str:
     """The human summary: what ran, accuracy, and a per-output fidelity table."""
     # "kernels" is ORT's default optimizations: integer kernels for a QDQ model, plain float for a float one.
-    how = "ORT default optimizations" if result["mode"] == "kernels" else "ORT optimizations off: float simulation"
-    runtime = result.get("runtime", "onnxruntime")
-    if runtime != "onnxruntime":
-        how = _runtime_text(runtime)
-    lines = [f"model      {result['model']} ({how}), {result['samples']} samples"]
-    if result["reference"] is not None:
-        ref_runtime = result.get("reference_runtime", "onnxruntime")
+    how = "ORT default optimizations" if result.mode == "kernels" else "ORT optimizations off: float simulation"
+    if result.runtime != "onnxruntime":
+        how = _runtime_text(result.runtime)
+    lines = [f"model      {result.model} ({how}), {result.samples} samples"]
+    if result.reference is not None:
+        ref_runtime = result.reference_runtime or "onnxruntime"
         ref_how = "float, default optimizations" if ref_runtime == "onnxruntime" else _runtime_text(ref_runtime)
-        lines.append(f"reference  {result['reference']} ({ref_how})")
-    acc = result["accuracy"]
+        lines.append(f"reference  {result.reference} ({ref_how})")
+    acc = result.accuracy
     if acc is not None:
         lines.append(f"accuracy   top-1 {_pct(acc['top1'])}   top-5 {_pct(acc['top5'])}")
-    outputs = result["outputs"]
-    if outputs:
+    if result.outputs:
         rows = [["output", "top-1 agreement", "cosine", "SQNR (dB)", "max abs error"]]
-        for name, f in outputs.items():
-            rows.append([name, _pct(f["top1_agreement"]), _num(f["cosine"], ".4f"), _num(f["sqnr_db"], ".1f"),
-                         _num(f["max_abs_error"], ".4g")])
+        for name, f in result.outputs.items():
+            # format() writes an infinite SQNR (identical outputs) as "inf"
+            rows.append([name, _pct(f["top1_agreement"]), format(f["cosine"], ".4f"), format(f["sqnr_db"], ".1f"),
+                         format(f["max_abs_error"], ".4g")])
         lines += ["", *_table(rows)]
-    if acc is None and not outputs:
+    if acc is None and not result.outputs:
         lines.append("nothing to compare: pass --labels for accuracy or --reference for fidelity")
     return "\n".join(lines)
 
@@ -79,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
     pre = image_preprocess(args)
     result = evaluate(args.model, args.data, labels=args.labels, reference=args.reference, mode=args.mode,
                       batch_size=args.batch_size, preprocess=pre, limit=args.limit, progress=not args.quiet)
-    print(json.dumps(result, indent=1) if args.json else eval_text(result))
+    print(result.to_json(indent=1) if args.json else eval_text(result))
     return 0

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from ..errors import LowbitError
 from .common import add_image_args, image_preprocess
@@ -84,8 +82,5 @@ def run(args: argparse.Namespace) -> int:
     result = export_tflite(args.model, args.output, io=args.io, allow_float_fallback=args.allow_float_fallback,
                            batch=args.batch, precision=args.precision, shapes=shapes,
                            calib=args.calib, preprocess=image_preprocess(args))
-    summary = {"model": str(args.model), "output": str(Path(args.output)), "format": args.to,
-               "quantized": result.quantized, "precision": result.precision, "io": result.io, "size_bytes": len(result.data), "ops": result.ops,
-               "float_nodes": result.float_nodes, "fallbacks": result.fallbacks, "transposes": result.transposes}
-    print(json.dumps(summary, indent=2) if args.json else export_text(summary))
+    print(result.to_json(indent=2) if args.json else export_text(result.to_dict()))
     return 0

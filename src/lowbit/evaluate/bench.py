@@ -27,7 +27,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from ..errors import LowbitError
-from ..graph.io import load_model
+from ..graph.io import load_proto
 from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import cpu_has_vnni, session
 from . import energy
@@ -96,8 +96,7 @@ def benchmark(
         if is_tflite(path):
             protos[key] = LiteRTSession(path, threads=1)  # one-line errors for missing or corrupt files
             continue
-        load_model(path)  # one-line errors for missing, corrupt or invalid files
-        protos[key] = onnx.load(path)
+        protos[key] = load_proto(path)
     paths = dict(zip(keys, models))
     feeds = _feeds(protos, batch, data)
 

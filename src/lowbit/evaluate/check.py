@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 
 from ..runtimes.ort import cpu_has_vnni, run_all, session
+from .jsonable import jsonable
 from .metrics import fidelity
 
 
@@ -26,11 +27,12 @@ def runtime_check(
         note = "this CPU has no VNNI: u8 x s8 kernels add pairs in int16; the overflow guard keeps them exact"
     else:
         note = "CPU features unknown"
-    return {
+    # JSON-ready (non-finite SQNR -> None, as jsonable.py says): `lowbit quantize --json` prints it as it is.
+    return jsonable({
         "samples": len(ref),
         "kernels": fidelity(ref, kern),
         "simulate": fidelity(ref, sim),
         "kernels_vs_simulation": fidelity(sim, kern),
         "cpu_vnni": vnni,
         "cpu_note": note,
-    }
+    })

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,14 @@ import onnx_ir as ir
 
 from ..data import ImagePreprocess, input_specs, open_data
 from ..errors import LowbitError
-from ..graph.io import atomic_write_bytes, check_output_path, load_model
+from ..graph.io import atomic_write_bytes, check_output_path, load_proto
 from ..numerics import scale_zero_point
 from ..observe import Histogram, percentile
 from ..passes import prepare
 from ..plan import Plan, TensorParams, plan_path
 from ..quantize import quantize
 from ..recipe import BLOCK_SIZES, Recipe, Rule, Scheme
+from .jsonable import JsonResult
 from .layerwise import (Layer, Trials, escape, final_fidelity, layers, measure_tensors, output_layers, pair_outputs,
                         pair_tensors)
 
@@ -42,6 +43,29 @@ COST.update({"smaller_block": 1.0, "int8_weights": 2.0})
 MIN_GAIN_DB = 1.0  # a fix must buy at least this much final-output SQNR to be suggested
 OUTLIER_RATIO = 2.0  # min-max range this many times the 99.99% range: outliers set the scale
 HIST_BINS = 64
+
+
+@dataclass
+class DiagnoseResult(JsonResult):
+    """What `diagnose` found. Fidelities ("before", "after", "gain") are {"top1_agreement", "sqnr_db"} dicts;
+    "layers" rank the layers worst first, each {"node", "op_type", "tensor", "sqnr_db", "input_sqnr_db",
+    "drop_db", "alone_sqnr_db" (the measured ones), "suggestion": {"kind", "why", "tried"}}. SQNRs are floats
+    here (+inf: exact) and null in `to_dict()`/`to_json()`."""
+
+    samples: int
+    mode: str
+    paired: str  # "activations" (static models) or "node outputs" (dynamic / weight-only)
+    before: dict[str, float]
+    layers: list[dict[str, Any]]
+    tensors: dict[str, float]
+    histograms: dict[str, dict[str, Any]]
+    recipe: dict[str, Any]
+    after: dict[str, float]
+    gain: dict[str, float]
+    trials: int
+    lint: list[dict[str, Any]]
+    output: str | None = None
+    recipe_path: str | None = None
 
 
 def diagnose(
@@ -57,9 +81,9 @@ def diagnose(
     output: str | Path | None = None,
     recipe_out: str | Path | None = None,
     preprocess: ImagePreprocess | None = None,
-) -> dict[str, Any]:
-    """Rank the layers of `quant_model` by the error they cause, suggest fixes and measure them; JSON-able dict
-    (non-finite numbers are None). `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically."""
+) -> DiagnoseResult:
+    """Rank the layers of `quant_model` by the error they cause, suggest fixes and measure them.
+    `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically."""
     for label, value in (("top", top), ("limit", limit), ("budget", budget)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LowbitError(f"{label} must be a positive integer, got {value!r}")
@@ -68,8 +92,8 @@ def diagnose(
     if recipe_out is not None and not Path(recipe_out).parent.exists():
         raise LowbitError(f"folder {Path(recipe_out).parent} does not exist; create it first")
     plan_obj = _plan(quant_model, plan)
-    float_proto = _proto(float_model)
-    quant_proto = _proto(quant_model)
+    float_proto = load_proto(float_model)
+    quant_proto = load_proto(quant_model)
     prepared = ir.to_proto(prepare(ir.from_proto(float_proto)))
 
     source = open_data(data, input_specs(float_proto), batch_size=4, preprocess=preprocess, limit=limit,
@@ -138,24 +162,23 @@ def diagnose(
     if recipe_out is not None:
         atomic_write_bytes((recipe.to_json() + "\n").encode(), recipe_out)
 
-    result = {
-        "samples": stats.samples,
-        "mode": "simulate",
-        "paired": "activations" if static else "node outputs",
-        "before": before,
-        "layers": [{"node": x.node, "op_type": x.op_type, "tensor": x.output, **rows[x.node]} for x in ranked],
-        "tensors": {t: stats.sqnr(t) for t in quantized},
-        "histograms": {x.output: _histogram(stats.histograms[x.output], plan_obj.tensors.get(x.output))
-                       for x in ranked[:top] if x.output in stats.histograms},
-        "recipe": recipe.to_dict(),
-        "after": after,
-        "gain": {k: after[k] - before[k] for k in ("top1_agreement", "sqnr_db")},
-        "trials": trials.runs,
-        "lint": _lint(quant_proto, plan_obj),
-        "output": str(output) if output is not None else None,
-        "recipe_path": str(recipe_out) if recipe_out is not None else None,
-    }
-    return _jsonable(result)
+    return DiagnoseResult(
+        samples=stats.samples,
+        mode="simulate",
+        paired="activations" if static else "node outputs",
+        before=before,
+        layers=[{"node": x.node, "op_type": x.op_type, "tensor": x.output, **rows[x.node]} for x in ranked],
+        tensors={t: stats.sqnr(t) for t in quantized},
+        histograms={x.output: _histogram(stats.histograms[x.output], plan_obj.tensors.get(x.output))
+                    for x in ranked[:top] if x.output in stats.histograms},
+        recipe=recipe.to_dict(),
+        after=after,
+        gain={k: after[k] - before[k] for k in ("top1_agreement", "sqnr_db")},
+        trials=trials.runs,
+        lint=_lint(quant_proto, plan_obj),
+        output=str(output) if output is not None else None,
+        recipe_path=str(recipe_out) if recipe_out is not None else None,
+    )
 
 
 def _with_fixes(recipe: Recipe, fixes: list[Rule], plan: Plan) -> Recipe:
@@ -186,10 +209,6 @@ def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
     if not path.is_file():
         raise LowbitError(f"no plan beside {quant_model} (expected {path}); pass the plan lowbit quantize wrote with --plan")
     return Plan.load(path)
-
-
-def _proto(model: str | Path | onnx.ModelProto) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else ir.to_proto(load_model(model))
 
 
 def _key(v: float | None) -> float:
@@ -300,15 +319,3 @@ def _lint(model: onnx.ModelProto, plan: Plan) -> list:
     except ImportError:
         return []
     return list(lint(model, plan=plan))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    return v

@@ -1,14 +1,12 @@
 """Evaluate a model on data: accuracy against labels, and fidelity against a reference (float) model.
 
-Data is streamed batch by batch; only the outputs are kept. Results are plain JSON-able dicts: infinite
-or NaN metrics (an SQNR of a model compared with itself is +inf) are written as the strings "inf", "-inf",
-"nan", which `float()` turns back into numbers, so `float(result[...]["sqnr_db"])` always works.
+Data is streamed batch by batch; only the outputs are kept. The result is an `EvalResult`; its metrics are
+real floats (the SQNR of a model compared with itself is +inf), and its JSON form follows jsonable.py (null).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,12 +18,29 @@ from tqdm import tqdm
 
 from ..data import ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
+from ..graph.io import model_name
 from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import session
+from .jsonable import JsonResult
 from .metrics import fidelity
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 MODES = ("kernels", "simulate")
+
+
+@dataclasses.dataclass
+class EvalResult(JsonResult):
+    """What `evaluate` measured. `accuracy`: {"top1", "top5" (None under 5 classes)} with labels; `outputs`:
+    per output name {"top1_agreement", "cosine", "sqnr_db", "max_abs_error"} with a reference."""
+
+    model: str
+    samples: int
+    mode: str
+    runtime: str
+    accuracy: dict[str, float | None] | None = None
+    outputs: dict[str, dict[str, float]] | None = None
+    reference: str | None = None
+    reference_runtime: str | None = None
 
 
 def evaluate(
@@ -38,7 +53,7 @@ def evaluate(
     preprocess: ImagePreprocess | None = None,
     limit: int | None = None,
     progress: bool = True,
-) -> dict:
+) -> EvalResult:
     """Run `model` over `data`; report top-1/top-5 accuracy (with `labels`) and per-output fidelity (with `reference`).
 
     `labels`: a .npy file (int array of shape (N,)), a text file with one integer per line, or an array.
@@ -104,43 +119,25 @@ def evaluate(
         raise LowbitError(f"{_name(labels)} has {len(wanted)} labels but {_name(data)} gave {seen} samples; "
                           "give exactly one label per sample")
 
-    result: dict[str, Any] = {
-        "model": _name(model),
-        "samples": seen,
-        "mode": mode,
-        "runtime": _runtime(lite),
-        "accuracy": None,
-        "outputs": None,
-        "reference": _name(reference) if reference is not None else None,
-        "reference_runtime": _runtime(ref_lite) if reference is not None else None,
-    }
+    result = EvalResult(model=_name(model), samples=seen, mode=mode, runtime=_runtime(lite),
+                        reference=_name(reference) if reference is not None else None,
+                        reference_runtime=_runtime(ref_lite) if reference is not None else None)
     if wanted is not None:
         logits = np.concatenate(outs[out_names[0]])
-        result["accuracy"] = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
+        result.accuracy = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
     if ref_sess is not None:
-        result["outputs"] = {
-            n: {k: _json_float(v) for k, v in fidelity(np.concatenate(refs[n]), np.concatenate(outs[n])).items()}
-            for n in out_names
-        }
+        result.outputs = {n: fidelity(np.concatenate(refs[n]), np.concatenate(outs[n])) for n in out_names}
     return result
 
 
 def _name(thing: Any) -> str:
-    if isinstance(thing, (str, os.PathLike)):
-        return str(thing)
-    if isinstance(thing, onnx.ModelProto):
-        return "<in-memory model>"
-    return f"the {type(thing).__name__} passed in"
+    return model_name(thing)
 
 
 def _runtime(lite: LiteRTSession | None) -> str:
     if lite is None:
         return "onnxruntime"
     return "litert (XNNPACK)" if lite.delegate_partitions() else "litert"
-
-
-def _json_float(x: float) -> float | str:
-    return x if math.isfinite(x) else str(x)  # str(inf) == "inf", str(nan) == "nan"
 
 
 def _session(model: ModelLike, mode: str):

@@ -13,15 +13,17 @@ import re
 import tempfile
 from collections import defaultdict
 from pathlib import Path
+from typing import Any, Iterable, TypedDict
 
 import onnx
 import onnxruntime as ort
-from google.protobuf.message import DecodeError
 
 from ..errors import LowbitError
+from ..graph.io import load_proto, model_name
 from ..ops import registered
 from ..plan import Plan, plan_path
 from ..runtimes import ort as ort_runtime
+from .jsonable import dumps, jsonable
 
 KINDS = ("dynamic-conv", "float-island", "no-integer-kernel", "missing-fusion", "int8-activations-x86")
 
@@ -46,24 +48,39 @@ _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 _INT_GEMM_ZP = {"QLinearConv": 2, "QGemm": 2, "QLinearMatMul": 2}
 
 
+class Finding(TypedDict):
+    kind: str  # one of KINDS
+    level: str  # "warning" or "info"
+    nodes: list[str]
+    message: str
+    fix: str
+
+
+class LintResult(list):
+    """The findings of `lint` in order. It stays a list of Finding dicts (not a dataclass) so that it embeds in
+    other commands' JSON as it is (`lowbit quantize --json`, diagnose); `to_dict()`/`to_json()` as the others."""
+
+    def __init__(self, findings: Iterable[Finding] = (), model: str = "") -> None:
+        super().__init__(findings)
+        self.model = model
+
+    @property
+    def findings(self) -> list[Finding]:
+        return list(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"model": self.model, "findings": list(self)})
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return dumps(self.to_dict(), indent=indent)
+
+
 def _is_integer(n: onnx.NodeProto) -> bool:
     return n.op_type in _INTEGER or n.op_type.startswith("QLinear")
 
 
 def _is_float_compute(n: onnx.NodeProto) -> bool:
     return not (_is_integer(n) or n.op_type in _MOVEMENT or n.op_type in _SHAPE)
-
-
-def _load(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    p = Path(model)
-    if not p.is_file():
-        raise LowbitError(f"model file not found: {p}")
-    try:
-        return onnx.load(str(p))
-    except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise LowbitError(f"{p} is not a readable ONNX model (corrupt or truncated?): {e}".splitlines()[0]) from None
 
 
 def _optimized(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
@@ -80,7 +97,7 @@ def _optimized(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         except Exception as e:  # ORT raises its own exception types for models it cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LowbitError(f"ONNX Runtime cannot load the model to lint it: {first}") from None
-        return onnx.load(out)
+        return onnx.load(out)  # ORT's dump, not user input: no loader checks
 
 
 class _Graph:
@@ -202,7 +219,7 @@ def _names(nodes: list[onnx.NodeProto]) -> str:
     return shown + (f", ... ({len(nodes)} in all)" if len(nodes) > 3 else "")
 
 
-def _finding(kind: str, nodes: list[onnx.NodeProto], message: str, fix: str, level: str = "warning") -> dict:
+def _finding(kind: str, nodes: list[onnx.NodeProto], message: str, fix: str, level: str = "warning") -> Finding:
     return {"kind": kind, "level": level, "nodes": [_display(n) for n in nodes], "message": message, "fix": fix}
 
 
@@ -262,7 +279,7 @@ def _fusion_fix(orig: _Graph, i: int) -> tuple[str, str]:
             "re-quantize it with lowbit (constant scales and zero points, per-tensor activations)")
 
 
-def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan | None = None) -> list[dict]:
+def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan | None = None) -> LintResult:
     """Findings {"kind", "level", "nodes", "message", "fix"} about what runs slowly in ORT on the CPU.
 
     kind is one of KINDS, level "warning" or "info" (int8 activations on a CPU with VNNI); nodes are the
@@ -271,7 +288,7 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
     """
     if runtime != "ort":
         raise LowbitError(f"lint knows the runtime 'ort' only, not {runtime!r}; use runtime='ort'")
-    proto = _load(model)
+    proto = load_proto(model)
     if plan is None and not isinstance(model, onnx.ModelProto) and plan_path(model).is_file():
         plan = Plan.load(plan_path(model))
     orig, opt = _Graph(proto.graph), _Graph(_optimized(model).graph)
@@ -387,4 +404,4 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
             add("int8-activations-x86", signed,
                 f"{nodes} take int8 (signed) activations: ORT's fast x86 path without VNNI is uint8 activations x "
                 "int8 weights", "use --activations uint8")
-    return [f for _, _, f in sorted(found, key=lambda t: (t[0], t[1]))]
+    return LintResult((f for _, _, f in sorted(found, key=lambda t: (t[0], t[1]))), model_name(model))

@@ -2,7 +2,7 @@
 Python, a few lines of inline JS (table sorting). It never references the network, so it opens offline and
 can be mailed around. All text from models, plans and recipes is HTML-escaped.
 
-The renderer takes a plain dict (gathered by `lowbit.cli.report_cmd.gather`, or built by hand):
+The renderer takes a plain dict (gathered by `lowbit.evaluate.report_data.report`, or built by hand):
 
     {
       "title": str,

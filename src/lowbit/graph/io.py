@@ -1,4 +1,13 @@
-"""Model files in and out: clear errors for bad files, atomic writes, never over the input."""
+"""Model files in and out: one loader with clear errors for bad files, atomic writes, never over the input.
+
+Every user-supplied model is read by `load_proto` (or `load_model`, its onnx-ir form). Raw protobuf is kept on
+purpose where it is only read or handed on, never edited: sessions get serialized bytes (runtimes/ort.py), the
+lint, the report's layer pairing and the integer emulator walk `graph.node` (evaluate/lint.py, evaluate/
+report_data.py, runtimes/emulate.py), the TFLite converter reads protobuf nodes (export/tflite), and
+`data.input_specs` reads only the graph inputs (no checker, no external weights). Passes and the quantizer
+edit onnx-ir models from `load_model`. ORT's own optimized-graph dump (lint) is not user input and is read
+with plain onnx.load.
+"""
 
 from __future__ import annotations
 
@@ -13,23 +22,67 @@ from google.protobuf.message import DecodeError
 from ..errors import LowbitError
 
 
-def load_model(path: str | Path) -> ir.Model:
-    """Load and check an ONNX model; a corrupt, truncated or missing file is a one-line LowbitError."""
-    p = Path(path)
+def load_proto(model: str | os.PathLike | onnx.ModelProto, *, check: bool = True,
+               external_data: bool = True) -> onnx.ModelProto:
+    """The one reader of user-supplied models: a path or a ModelProto in, a checked ModelProto out.
+
+    Every problem is a one-line LowbitError: missing file, corrupt or truncated file, no graph nodes, missing
+    external data, ONNX checker failure. `check=False` skips the checker (it reads every weight) for callers
+    that only look at the graph's inputs; `external_data=False` leaves external weights unread.
+    """
+    if isinstance(model, onnx.ModelProto):
+        if not model.graph.node:
+            raise LowbitError("the in-memory model holds no graph nodes; pass a complete ONNX model")
+        if check:
+            _check(model, "the in-memory model")
+        return model
+    p = Path(model)
     if not p.is_file():
-        raise LowbitError(f"model file not found: {p}")
+        raise LowbitError(f"model not found: {p}; check the path")
     try:
-        proto = onnx.load(str(p))
+        proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise LowbitError(f"{p} is not a readable ONNX model (corrupt or truncated?): {_first_line(e)}") from None
+        raise LowbitError(f"{p} is not a readable ONNX model (corrupt, truncated or not a valid ONNX model file): "
+                          f"{_first_line(e)}") from None
     if not proto.graph.node:
         raise LowbitError(f"{p} holds no graph nodes (corrupt, truncated or not an ONNX model)")
+    external = _has_external_data(proto)
+    if check:
+        # By path, so models with external data (> 2 GB) are checked too.
+        _check(str(p), str(p))
+    if external and external_data:
+        try:
+            onnx.load_external_data_for_model(proto, str(p.parent))
+        except (OSError, ValueError, RuntimeError) as e:
+            raise LowbitError(f"{p} keeps its weights in external data files that cannot be read ({_first_line(e)}); "
+                              "keep them beside the model") from None
+    return proto
+
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> ir.Model:
+    """`load_proto` as an onnx-ir model (what lowbit's passes edit); external weights stay lazy, on disk."""
+    if isinstance(model, onnx.ModelProto):
+        return ir.from_proto(load_proto(model))
+    proto = load_proto(model, external_data=False)  # the path-based checker also finds missing external files
+    return ir.from_proto(proto) if not _has_external_data(proto) else ir.load(str(model))
+
+
+def model_name(model: object) -> str:
+    """How messages and results name a model argument."""
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    if isinstance(model, onnx.ModelProto):
+        return "<in-memory model>"
+    return f"the {type(model).__name__} passed in"
+
+
+def _check(model: str | onnx.ModelProto, name: str) -> None:
+    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
+        return  # the in-memory checker serializes the model, which protobuf refuses past 2 GB
     try:
-        # Path-based check so models with external data (> 2 GB) are checked too.
-        onnx.checker.check_model(str(p))
+        onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        raise LowbitError(f"{p} fails the ONNX checker (corrupt or truncated?): {_first_line(e)}") from None
-    return ir.from_proto(proto) if not _has_external_data(proto) else ir.load(str(p))
+        raise LowbitError(f"{name} fails the ONNX checker (corrupt or truncated?): {_first_line(e)}") from None
 
 
 def _has_external_data(proto: onnx.ModelProto) -> bool:

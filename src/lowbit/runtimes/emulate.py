@@ -18,6 +18,8 @@ import onnx
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from ..graph.io import load_proto
+
 INT16_MIN, INT16_MAX = -32768, 32767
 _CHUNK = 1 << 22  # elements per temporary int32 block: keeps memory modest on large images
 
@@ -64,7 +66,7 @@ def saturation_report(
 
 class _Emulator:
     def __init__(self, model: onnx.ModelProto | str | Path) -> None:
-        self.model = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+        self.model = model if isinstance(model, onnx.ModelProto) else load_proto(model)
         g = self.model.graph
         self.opsets = list(self.model.opset_import)
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}

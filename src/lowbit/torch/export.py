@@ -1,4 +1,4 @@
-"""export: a QAT module -> the QDQ ONNX model and plan lowbit's PTQ would write, with the learned parameters.
+"""export_onnx: a QAT module -> the QDQ ONNX model and plan lowbit's PTQ would write, with the learned parameters.
 
 The module's frozen float form (BatchNorm folded, weights on their quantization grid) is exported with its
 activation quantizers as QuantizeLinear/DequantizeLinear pairs; those pairs give each tensor its learned scale
@@ -178,8 +178,8 @@ def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict
             plan.tensors[f"{node.name}:2"].scale = sb.astype(float).tolist()
 
 
-def export(module: torch.nn.Module, path: str | Path | None, example_inputs: Any,
-           float_output: str | Path | None = None) -> QuantizeResult:
+def export_onnx(module: torch.nn.Module, path: str | Path | None, example_inputs: Any,
+                float_output: str | Path | None = None) -> QuantizeResult:
     """Write the QDQ model to `path` (and `path`.plan.json beside it); returns the QuantizeResult.
 
     `float_output` also writes the module's float form (BatchNorm folded, weights on their grid, no

@@ -20,7 +20,8 @@ from onnx import helper
 
 from ..._version import __version__
 from ...errors import LowbitError
-from ...graph import load_model
+from ...evaluate.jsonable import dumps, jsonable
+from ...graph.io import load_model, load_proto, model_name
 from ...passes import prepare
 from .context import Context
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
@@ -37,6 +38,8 @@ _DYNAMIC_FORM = {"DynamicQuantizeLinear", "MatMulInteger", "ConvInteger", "MatMu
 
 @dataclass
 class ExportResult:
+    """The flatbuffer (`data`) and what went into it; `to_dict()`/`to_json()` summarize it without the bytes."""
+
     data: bytes
     quantized: bool
     io: str
@@ -45,15 +48,23 @@ class ExportResult:
     float_nodes: list[str] = field(default_factory=list)  # left in float by the quantizer
     fallbacks: list[str] = field(default_factory=list)  # quantized in ONNX, float in TFLite (user allowed)
     transposes: list[str] = field(default_factory=list)
-    path: Path | None = None
+    path: Path | None = None  # where export_tflite wrote it
+    model: str = ""  # the ONNX model it came from
+
+    def to_dict(self) -> dict[str, Any]:
+        return jsonable({"model": self.model, "output": str(self.path) if self.path is not None else None,
+                         "format": "tflite", "quantized": self.quantized, "precision": self.precision, "io": self.io,
+                         "size_bytes": len(self.data), "ops": self.ops, "float_nodes": self.float_nodes,
+                         "fallbacks": self.fallbacks, "transposes": self.transposes})
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return dumps(self.to_dict(), indent=indent)
 
 
 def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
     recipe = None
-    if isinstance(model, onnx.ModelProto):
-        irm = ir.from_proto(model)
-    else:
-        irm = load_model(model)
+    irm = load_model(model)
+    if not isinstance(model, onnx.ModelProto):
         from ...plan import Plan, plan_path
 
         if plan_path(model).is_file():
@@ -307,7 +318,7 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
     data = serialize(ctx.fm)
     float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
     return ExportResult(data, quantized, io, precision, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
-                        fallbacks, sorted(set(ctx.transposes)))
+                        fallbacks, sorted(set(ctx.transposes)), model=model_name(model))
 
 
 def _checkpoint(ctx: Context):
@@ -344,7 +355,7 @@ def _quantize_float_outputs(g: Graph, model: str | Path | onnx.ModelProto, outpu
     from ...numerics import scale_zero_point
     from ...runtimes.ort import session, with_outputs
 
-    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model))
+    proto = load_proto(model)
     sess = session(with_outputs(proto, todo), "kernels")
     index = [o.name for o in sess.get_outputs()]
     lo, hi = {n: np.inf for n in todo}, {n: -np.inf for n in todo}

@@ -1,0 +1,354 @@
+"""The data `lowbit report` shows, measured: a float model against one or more quantized versions.
+
+`report()` gathers the dict that `lowbit.evaluate.report.render` draws (schema in that module's docstring) and
+writes the HTML: fidelity and size of every model, latency measured interleaved, per-layer SQNR of the first
+quantized model, histograms of its worst layers' activations with the ranges the plan chose, findings and the
+recipe. With a plan, `diagnose` supplies the layers, histograms and recipe; without one (or with
+diagnose=False) the per-layer SQNR is measured here in one streamed pass.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnx
+
+from ..errors import LowbitError
+from ..graph.io import load_proto, same_file
+from .jsonable import JsonResult
+
+HIST_LAYERS = 4  # histograms of this many lowest-SQNR layers
+HIST_BINS = 64
+LOW_SQNR_DB = 15.0
+DIAGNOSE_SAMPLES = 64  # below this a layer is reported as a finding (about 2.5 effective bits)
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class ReportResult(JsonResult):
+    """The report's data (the schema `render` draws; SQNRs are floats, +inf exact) and where the HTML went."""
+
+    title: str
+    generated: str
+    lowbit_version: str
+    summary: dict[str, Any]
+    variants: list[dict[str, Any]]
+    layers: list[dict[str, Any]]
+    histograms: dict[str, dict[str, Any]]
+    lint: list[dict[str, Any]]
+    recipe: dict[str, Any] | None
+    recipe_note: str
+    output: Path | None = None
+
+    _skip = ("output",)  # the JSON form is the report data, as `lowbit report --json` prints it
+
+
+def report(
+    float_model: PathLike,
+    quant_models: Sequence[PathLike],
+    data: Any,
+    output: PathLike | None = None,
+    *,
+    plan: PathLike | None = None,
+    bench: bool = True,
+    diagnose: bool = True,
+    limit: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ReportResult:
+    """Measure `quant_models` (files; the first is diagnosed) against `float_model` on `data` and, with
+    `output` (.html), write the self-contained HTML report there. `plan` defaults to the one beside the first
+    quantized model; `bench=False` skips latency, `diagnose=False` the layer-alone trials and fixes."""
+    from .report import write_report
+
+    float_model, quant_models = str(float_model), [str(q) for q in quant_models]
+    if not quant_models:
+        raise LowbitError("no quantized model to report on; pass one or more")
+    out = None
+    if output is not None:
+        inputs = [float_model, *quant_models, *([data] if isinstance(data, (str, os.PathLike)) else []),
+                  *([plan] if plan else [])]
+        out = check_report_output(output, inputs)
+    result = _gather(float_model, quant_models, data, plan, bench, diagnose, limit, batch_size, progress)
+    if out is not None:
+        write_report(result, out)
+    return ReportResult(**result, output=out)
+
+
+def check_report_output(output: PathLike, inputs: list[Any]) -> Path:
+    out = Path(output)
+    for src in inputs:
+        if same_file(out, src):
+            raise LowbitError(f"output {out} is one of the inputs; choose another path with -o")
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise LowbitError(f"output {out} must end in .html")
+    if not out.parent.exists():
+        raise LowbitError(f"output folder {out.parent} does not exist; create it first")
+    return out
+
+
+def _gather(float_path: str, quant_paths: list[str], data: Any, plan_arg: PathLike | None, bench: bool,
+            diagnose: bool, limit: int, batch_size: int, progress: bool) -> dict[str, Any]:
+    """Measure everything the report shows; raises LowbitError for user mistakes before any output exists."""
+    from .._version import __version__
+    from ..data import input_specs, open_data
+    from ..plan import Plan, plan_path
+
+    float_model = load_proto(float_path)
+    quant_model = load_proto(quant_paths[0])
+    for q in quant_paths[1:]:
+        load_proto(q)
+    if limit is not None and limit < 1:
+        raise LowbitError(f"--limit must be at least 1, got {limit}")
+    plan_file = Path(plan_arg) if plan_arg else plan_path(quant_paths[0])
+    plan = Plan.load(plan_file) if plan_arg or plan_file.exists() else None
+    batches = list(open_data(data, input_specs(float_model), batch_size=batch_size, limit=limit))
+    samples = sum(len(next(iter(b.values()))) for b in batches)
+    if samples == 0:
+        raise LowbitError(f"no samples in {data}; check the data (or --limit)")
+
+    labels = [Path(q).name for q in quant_paths]
+    if len(set(labels)) < len(labels) or "float" in labels:
+        labels = list(quant_paths)
+    paths = {"float": float_path, **dict(zip(labels, quant_paths))}
+    sizes = {p: Path(p).stat().st_size for p in [float_path, *quant_paths]}
+    latency = _latency(paths, data, progress) if bench else {}
+    variants = [{"name": "float", "size_bytes": sizes[float_path], "top1_agreement": 1.0, "cosine": 1.0,
+                 "latency_ms": latency.get("float")}]
+    for name, q in list(paths.items())[1:]:
+        variants.append({"name": name, "size_bytes": sizes[q],
+                         **_fidelity(float_path, q, data, batch_size, limit, progress), "latency_ms": latency.get(name)})
+
+    diag = None
+    if plan is not None and diagnose:
+        # layer-alone trials re-run the model per layer: a smaller sample keeps big models quick
+        from .diagnose import diagnose as run_diagnose
+
+        diag = run_diagnose(float_path, quant_paths[0], data, plan=plan, top=HIST_LAYERS,
+                            limit=min(limit or DIAGNOSE_SAMPLES, DIAGNOSE_SAMPLES), progress=progress).to_dict()
+    if diag is not None:
+        layers, histograms = _from_diagnose(diag, quant_model)
+        recipe = diag["recipe"]
+    else:
+        layers, extent = _layer_sqnr(float_model, quant_model, batches)
+        histograms = _histograms(float_model, batches, layers, extent, plan)
+        recipe = plan.recipe if plan is not None else None
+    rows = _summary(float_path, quant_paths, data, plan, plan_file if plan is not None else None, samples, sizes)
+    if diag is not None:
+        rows += _diagnose_rows(diag)
+    return {
+        "title": f"lowbit report: {Path(float_path).name} vs {', '.join(Path(q).name for q in quant_paths)}",
+        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "lowbit_version": __version__,
+        "summary": {"rows": rows},
+        "variants": variants,
+        "layers": [{k: v for k, v in l.items() if k != "tensor"} for l in layers],
+        "histograms": histograms,
+        "lint": diag["lint"] if diag is not None else _lint(quant_paths[0], plan, layers),
+        "recipe": recipe,
+        "recipe_note": ("the recipe diagnose suggests: the plan's recipe with rules for the worst layers prepended"
+                        if diag is not None else "the recipe recorded in the plan" if recipe is not None else ""),
+    }
+
+
+def _fidelity(float_path: str, quant_path: str, data: Any, batch_size: int, limit: int, progress: bool) -> dict:
+    from .evaluate import evaluate
+
+    res = evaluate(quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress)
+    first = next(iter(res.outputs.values()))
+    return {"top1_agreement": float(first["top1_agreement"]), "cosine": float(first["cosine"])}
+
+
+def _latency(paths: dict[str, str], data: Any, progress: bool) -> dict[str, float]:
+    """Median single-sample latency in ms per variant, 1 thread, timed interleaved."""
+    from .bench import benchmark
+
+    res = benchmark(list(paths.values()), threads=(1,), runs=30, warmup=3, batch=1, data=data, profile=False,
+                    progress=progress)
+    # entries come back in the order the models were given
+    return {name: float(entry["latency_ms"]["1"]["p50"]) for name, entry in zip(paths, res["models"].values())}
+
+
+def _float_tensors(model: onnx.ModelProto) -> list[str]:
+    """Float node outputs in graph order (types from shape inference)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    return [o for n in model.graph.node for o in n.output if types.get(o) == onnx.TensorProto.FLOAT]
+
+
+def _pairs(float_model: onnx.ModelProto, quant_model: onnx.ModelProto) -> list[tuple[str, str, onnx.NodeProto]]:
+    """(float tensor, quantized-model tensor that carries it, the quantized node computing it) per layer.
+
+    The quantized value of T is what later layers read: T_dq after a Q/DQ pair; a graph output keeps its
+    name on the DQ output while the node writes T_float.
+    """
+    producer = {o: n for n in quant_model.graph.node for o in n.output}
+    out, seen = [], set()
+    for t in _float_tensors(float_model):
+        dq = producer.get(t + "_dq")
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            q_name, node = t + "_dq", producer.get(t)
+        elif t in producer and producer[t].op_type == "DequantizeLinear":
+            q_name, node = t, producer.get(t + "_float")
+        elif t in producer and producer[t].op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            q_name, node = t, producer[t]
+        else:
+            continue
+        if node is None or node.op_type in ("QuantizeLinear", "DequantizeLinear") or id(node) in seen:
+            continue
+        seen.add(id(node))
+        out.append((t, q_name, node))
+    return out
+
+
+def _layer_sqnr(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batches: list[dict]) -> tuple[list, dict]:
+    """Per-layer SQNR (quantized model simulated in float, errors of earlier layers included), streamed."""
+    from ..runtimes.ort import session, with_outputs
+
+    pairs = _pairs(float_model, quant_model)
+    if not pairs:
+        return [], {}
+    fs = session(with_outputs(float_model, [p[0] for p in pairs]), "kernels")
+    qs = session(with_outputs(quant_model, [p[1] for p in pairs]), "simulate")
+    f_in, q_in = {i.name for i in fs.get_inputs()}, {i.name for i in qs.get_inputs()}
+    sums = {t: [0.0, 0.0, math.inf, -math.inf] for t, _, _ in pairs}  # signal, noise, min, max
+    for batch in batches:
+        fr = dict(zip([p[0] for p in pairs], fs.run([p[0] for p in pairs], {k: v for k, v in batch.items() if k in f_in})))
+        qr = dict(zip([p[0] for p in pairs], qs.run([p[1] for p in pairs], {k: v for k, v in batch.items() if k in q_in})))
+        for t, _, _ in pairs:
+            a = fr[t].astype(np.float64)
+            s = sums[t]
+            s[0] += float(np.sum(a * a))
+            s[1] += float(np.sum((a - qr[t]) ** 2))
+            if a.size:
+                s[2], s[3] = min(s[2], float(a.min())), max(s[3], float(a.max()))
+    layers = []
+    for t, _, node in pairs:
+        signal, noise = sums[t][0], sums[t][1]
+        sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
+        layers.append({"node": node.name or t, "op_type": node.op_type, "sqnr_db": sqnr, "tensor": t})
+    return layers, {t: (s[2], s[3]) for t, s in sums.items()}
+
+
+def _histograms(float_model: onnx.ModelProto, batches: list[dict], layers: list[dict], extent: dict, plan) -> dict:
+    from ..runtimes.ort import session, with_outputs
+
+    ranked = sorted((l for l in layers if not math.isnan(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:HIST_LAYERS]
+    ranges = {}
+    for l in ranked:
+        tp = plan.tensors.get(l["tensor"]) if plan is not None else None
+        ranges[l["tensor"]] = list(tp.range) if tp is not None and tp.range else None
+    edges = {}
+    for t, r in ranges.items():
+        lo, hi = extent[t]
+        if r is not None:
+            lo, hi = min(lo, r[0]), max(hi, r[1])
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            continue
+        edges[t] = np.linspace(lo, hi if hi > lo else lo + 1.0, HIST_BINS + 1)
+    if not edges:
+        return {}
+    names = list(edges)
+    sess = session(with_outputs(float_model, names), "kernels")
+    feed_names = {i.name for i in sess.get_inputs()}
+    counts = {t: np.zeros(HIST_BINS, np.int64) for t in names}
+    for batch in batches:
+        for t, a in zip(names, sess.run(names, {k: v for k, v in batch.items() if k in feed_names})):
+            counts[t] += np.histogram(a, bins=edges[t])[0]
+    node = {l["tensor"]: l["node"] for l in ranked}
+    return {t: {"edges": edges[t].tolist(), "counts": counts[t].tolist(), "range": ranges[t], "node": node[t]}
+            for t in names}
+
+
+def size_text(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
+
+
+def _summary(float_path: str, quant_paths: list[str], data: Any, plan, plan_file: Path | None, samples: int,
+             sizes: dict) -> list[list[str]]:
+    from ..runtimes.ort import cpu_has_vnni
+
+    rows = [["float model", float_path], ["quantized model(s)", ", ".join(quant_paths)],
+            ["data", f"{data} ({samples} samples)"]]
+    float_size = sizes[float_path]
+    for q in quant_paths:
+        rows.append([f"size of {q}", f"{size_text(sizes[q])} ({sizes[q] / float_size:.0%} of {size_text(float_size)} float)"])
+    if plan is None:
+        rows.append(["plan", f"none found beside {quant_paths[0]}; node decisions and ranges not shown"])
+    else:
+        quantized = sum(e.quantized for e in plan.nodes.values())
+        rows.append(["plan", str(plan_file)])
+        rows.append(["nodes quantized", f"{quantized} of {len(plan.nodes)}"])
+        skipped: dict[str, list[str]] = defaultdict(list)
+        for name, e in plan.nodes.items():
+            if not e.quantized:
+                skipped[e.reason].append(name)
+        for reason, names in sorted(skipped.items(), key=lambda kv: -len(kv[1])):
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            rows.append([f"left float: {reason}", shown])
+        if plan.overflow_guard:
+            rows.append(["overflow guard", f"{sum(plan.overflow_guard.values())} weight channels in "
+                                           f"{len(plan.overflow_guard)} layers adjusted (AVX2 without VNNI)"])
+        rows.append(["calibration samples", str(plan.calibration_samples)])
+    vnni = cpu_has_vnni()
+    rows.append(["this CPU", "VNNI (int32 accumulation)" if vnni else "no VNNI" if vnni is False else "unknown"])
+    return rows
+
+
+def _lint(quant_path: str, plan, layers: list[dict]) -> list[dict]:
+    from .lint import lint
+
+    found = list(lint(quant_path, plan=plan))
+    low = [l["node"] for l in layers if l["sqnr_db"] is not None and l["sqnr_db"] < LOW_SQNR_DB]
+    if not low:
+        return found
+    return found + [{"kind": "low-sqnr", "nodes": low,
+             "message": f"{len(low)} layer(s) below {LOW_SQNR_DB:.0f} dB SQNR (under ~2.5 effective bits)",
+             "fix": 'keep them float with a recipe rule {"names": [...], "scheme": null}, or try '
+                    "--calibration percentile / 16-bit activations for them"}]
+
+
+def _from_diagnose(diag: dict, quant_model: onnx.ModelProto) -> tuple[list[dict], dict]:
+    """diagnose ranks layers worst first; the chart shows them in graph order. None (not finite) is exact."""
+    order = {n.name: i for i, n in enumerate(quant_model.graph.node)}
+
+    def num(v: Any) -> float | None:
+        return math.inf if v is None else float(v)
+
+    layers = []
+    for l in sorted(diag["layers"], key=lambda l: order.get(l["node"], len(order))):
+        row = {"node": l["node"], "op_type": l["op_type"], "sqnr_db": num(l["sqnr_db"]), "tensor": l.get("tensor")}
+        if "alone_sqnr_db" in l:
+            row["alone_sqnr_db"] = num(l["alone_sqnr_db"])
+        s = l.get("suggestion") or {}
+        if s.get("kind") not in (None, "none"):
+            row["suggestion"] = f"{s['kind']}: {s.get('why', '')}"
+        layers.append(row)
+    node_of = {l.get("tensor"): l["node"] for l in diag["layers"]}
+    histograms = {t: {**h, "node": node_of.get(t)} for t, h in diag["histograms"].items()}
+    return layers, histograms
+
+
+def _diagnose_rows(diag: dict) -> list[list[str]]:
+    def pct(v: Any) -> str:
+        return "?" if v is None else f"{100 * v:.1f}%"
+
+    def db(v: Any) -> str:
+        return "exact" if v is None else f"{v:.1f} dB"
+
+    before, after = diag.get("before", {}), diag.get("after", {})
+    fixes = [l for l in diag["layers"] if (l.get("suggestion") or {}).get("kind") not in (None, "none")]
+    return [["diagnosed on", f"{diag.get('samples')} samples (float simulation of the quantized model)"],
+            ["suggested fixes", f"{len(fixes)} layer(s): " + ", ".join(l["node"] for l in fixes) if fixes else "none"],
+            ["top-1 agreement: now -> with the suggested recipe",
+             f"{pct(before.get('top1_agreement'))} -> {pct(after.get('top1_agreement'))}"],
+            ["output SQNR: now -> with the suggested recipe",
+             f"{db(before.get('sqnr_db'))} -> {db(after.get('sqnr_db'))}"]]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -75,6 +74,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 def run(args: argparse.Namespace) -> int:
     from ..data import input_specs, open_data
     from ..evaluate.check import runtime_check
+    from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
     from ..quantize import quantize
     from .summary import lint_text, summary_text
@@ -94,10 +94,10 @@ def run(args: argparse.Namespace) -> int:
         check = runtime_check(args.model, result.model, data)
     findings = lint(result.model, plan=result.plan)
     if args.json:
-        print(json.dumps({"output": str(result.output), "float_bytes": result.float_bytes,
-                          "quantized_bytes": result.quantized_bytes, "seconds": result.seconds,
-                          "overflow_guard": result.plan.overflow_guard, "check": check, "lint": findings,
-                          "nodes": {k: dataclasses.asdict(v) for k, v in result.plan.nodes.items()}}, indent=1))
+        print(dumps({"output": str(result.output), "float_bytes": result.float_bytes,
+                     "quantized_bytes": result.quantized_bytes, "seconds": result.seconds,
+                     "overflow_guard": result.plan.overflow_guard, "check": check, "lint": findings,
+                     "nodes": {k: v.to_dict() for k, v in result.plan.nodes.items()}}))
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
         print(lint_text(findings))

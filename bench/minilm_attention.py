@@ -13,21 +13,23 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # lowbit_zoo: MiniLM and sentences
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit._zoo import minilm_onnx, minilm_tokenize, text_sentences  # noqa: E402
 from lowbit.evaluate.bench import interleaved_times  # noqa: E402
 from lowbit.evaluate.latency import paired_ratio  # noqa: E402
 from lowbit.recipe import preset  # noqa: E402
 from lowbit.runtimes.ort import session  # noqa: E402
+from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, text_sentences  # noqa: E402
 
 
 def build(d: Path, opt_level: int) -> dict[str, Path]:

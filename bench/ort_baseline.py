@@ -29,6 +29,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # lowbit_zoo: models and photo crops
+
 N_CALIB = 64
 N_EVAL = 256
 
@@ -112,9 +114,9 @@ def model_baseline(work: Path) -> None:
         quantize_static,
     )
 
-    from lowbit import _zoo
+    from lowbit_zoo import zoo
 
-    fp32 = _zoo.efficientnet_lite0_onnx(work / "effnet_lite0.onnx")
+    fp32 = zoo.efficientnet_lite0_onnx(work / "effnet_lite0.onnx")
     pre = work / "effnet_lite0.pre.onnx"
     try:
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -127,8 +129,8 @@ def model_baseline(work: Path) -> None:
         src = fp32
         print(f"quant_pre_process: FAILED ({type(e).__name__}: {str(e)[:200]}); quantizing the raw export")
 
-    calib = _zoo.photo_crops(N_CALIB, "calib", seed=0)
-    evalx = _zoo.photo_crops(N_EVAL, "eval", seed=0)
+    calib = zoo.photo_crops(N_CALIB, "calib", seed=0)
+    evalx = zoo.photo_crops(N_EVAL, "eval", seed=0)
 
     class Reader(CalibrationDataReader):
         def __init__(self, x: np.ndarray):
@@ -189,8 +191,8 @@ def model_baseline(work: Path) -> None:
         )
         lat[f"int8 rr={rr}"] = latency_ms(q, x1)
 
-    print(f"\n{N_CALIB} calib crops ({', '.join(_zoo.CALIB_PHOTOS)}), "
-          f"{N_EVAL} eval crops ({', '.join(_zoo.EVAL_PHOTOS)})")
+    print(f"\n{N_CALIB} calib crops ({', '.join(zoo.CALIB_PHOTOS)}), "
+          f"{N_EVAL} eval crops ({', '.join(zoo.EVAL_PHOTOS)})")
     print("top-1 agreement with float model on eval crops:")
     print(f"{'reduce_range':>12} | {'kernels (default opt)':>21} | {'simulation (DISABLE_ALL)':>24} | "
           f"{'kernels vs sim':>14} | max|dlogit| kern/sim/kern-sim | rmse kern-sim")
@@ -198,12 +200,12 @@ def model_baseline(work: Path) -> None:
         print(f"{str(r['rr']):>12} | {r['kern_agree']:>21.4f} | {r['sim_agree']:>24.4f} | "
               f"{r['kern_vs_sim']:>14.4f} | {r['kern_err']:.3f} / {r['sim_err']:.3f} / {r['kern_sim_err']:.3f}"
               f" | {r['kern_sim_rmse']:.4f}   (quantize_static {r['quant_s']:.1f}s)")
-    photo = np.array([p[0] for p in _zoo._crop_plan(N_EVAL, "eval", 0)])
+    photo = np.array([p[0] for p in zoo._crop_plan(N_EVAL, "eval", 0)])
     # Float top-1 margin (logit gap between best and second best): low-margin crops flip first.
     top2 = np.sort(ref_logits, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     print("per eval photo: crops, median float top-1 margin, agreement kern/sim for each reduce_range")
-    for name in _zoo.EVAL_PHOTOS:
+    for name in zoo.EVAL_PHOTOS:
         sel = photo == name
         cells = "  ".join(
             f"rr={r['rr']}: {np.mean(r['kern_top1'][sel] == ref[sel]):.3f}/{np.mean(r['sim_top1'][sel] == ref[sel]):.3f}"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit._zoo import efficientnet_lite0_onnx, photo_crops, write_photo_folder
+from lowbit_zoo.zoo import efficientnet_lite0_onnx, photo_crops, write_photo_folder
 from lowbit.cli.main import main as lowbit_cli
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio
 from lowbit.evaluate.metrics import fidelity

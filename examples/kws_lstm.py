@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit import _speech as sp  # noqa: E402
+from lowbit_zoo import speech as sp  # noqa: E402
 from lowbit.evaluate.bench import machine  # noqa: E402
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio  # noqa: E402
 from lowbit import Recipe, Scheme  # noqa: E402

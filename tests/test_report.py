@@ -58,6 +58,7 @@ def rows(table: Element) -> list[Element]:
     return table.find("tbody").find_all("tr")
 
 
+@pytest.mark.browser
 def test_report_renders_every_chart_in_chromium(tmp_path: Path) -> None:
     data = sample_data()
     path = write_report(data, tmp_path / "r.html")
@@ -104,6 +105,7 @@ def test_report_renders_every_chart_in_chromium(tmp_path: Path) -> None:
     assert json.loads(page.root.find("pre", id="recipe").all_text()) == data["recipe"]
 
 
+@pytest.mark.browser
 def test_empty_report_renders_without_errors(tmp_path: Path) -> None:
     page = render(write_report({}, tmp_path / "empty.html"))
     assert page.console == [], page.console
@@ -112,6 +114,7 @@ def test_empty_report_renders_without_errors(tmp_path: Path) -> None:
     assert len(page.root.find_all("section")) == 6
 
 
+@pytest.mark.browser
 def test_text_is_escaped_everywhere(tmp_path: Path) -> None:
     data = sample_data(EVIL)
     text = render_html(data)
@@ -138,6 +141,7 @@ def quantized(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.browser
 def test_cli_writes_a_report_of_real_measurements(tiny_model: Path, tiny_calib: Path, quantized: Path,
                                                   tmp_path: Path) -> None:
     out = tmp_path / "report.html"

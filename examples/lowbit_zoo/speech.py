@@ -17,7 +17,7 @@ import numpy as np
 from scipy.io import wavfile
 from scipy.signal import resample_poly
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 RATE = 16000
 ESPEAK_RATE = 22050

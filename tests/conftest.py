@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,30 @@ from onnx import TensorProto, helper, numpy_helper
 
 # lowbit_zoo (models, photographs, sentences, speech for tests) lives in examples/, outside the installed package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+@dataclass
+class CliRun:
+    """What `lowbit ARGS...` did, with subprocess.CompletedProcess's names: exit code, stdout, stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliRun:
+    """`lowbit ARGS...` in this process, through lowbit.cli.main.main: for the one-line user-error tests, where a
+    subprocess adds only an interpreter start-up. argparse's own errors raise SystemExit with the exit code.
+    A few tests per command still run the real entry point (`python -m lowbit.cli.main`) in a subprocess."""
+    from lowbit.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return CliRun(code, out.getvalue(), err.getvalue())
 
 
 def tiny_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:

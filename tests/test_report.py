@@ -15,7 +15,7 @@ import pytest
 
 import lowbit
 from browser import Element, external_references, parse, render
-from conftest import tiny_cnn
+from conftest import run_cli, tiny_cnn
 from lowbit.evaluate.report import WORST, render as render_html, write_report
 
 EVIL = "<script>alert(1)</script>"
@@ -227,7 +227,7 @@ def test_cli_refuses_to_overwrite_an_input(which: str, tiny_model: Path, tiny_ca
                                            tmp_path: Path) -> None:
     target = {"float": tiny_model, "quant": quantized, "data": tiny_calib, "suffix": tmp_path / "r.txt"}[which]
     before = target.read_bytes() if target.exists() else None
-    proc = lowbit_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(target))
+    proc = run_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(target))
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lowbit: error:") and "Traceback" not in proc.stderr, err

@@ -41,9 +41,8 @@ def build(job: dict) -> dict:
     import numpy as np
 
     sys.path.insert(0, str(HERE))
-    from models import mobilenet_v2_onnx
-
     from lowbit_zoo import zoo
+    from models import mobilenet_v2_onnx
 
     work = Path(job["work"])
     calib = zoo.photo_crops(job["n_calib"], "calib", seed=0)

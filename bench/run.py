@@ -68,8 +68,12 @@ def worker(job: dict) -> dict:
 def run_worker(job: dict) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if p.returncode != 0:
         raise RuntimeError(f"worker {job['kind']} failed:\n{p.stderr[-3000:]}")
     out = json.loads(p.stdout.strip().splitlines()[-1])
@@ -84,13 +88,16 @@ def run_worker(job: dict) -> dict:
 
 def cpu_info() -> dict:
     txt = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((l.split(":", 1)[1].strip() for l in txt.splitlines() if l.startswith("model name")), platform.processor())
+    lines = txt.splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
     flags = set()
-    for l in txt.splitlines():
-        if l.startswith("flags"):
-            flags = set(l.split(":", 1)[1].split())
+    for ln in lines:
+        if ln.startswith("flags"):
+            flags = set(ln.split(":", 1)[1].split())
             break
-    keep = [f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16") if f in flags]
+    keep = [
+        f for f in ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16") if f in flags
+    ]
     return {"model": model, "cpus": os.cpu_count(), "flags": " ".join(keep) or "(none)"}
 
 
@@ -100,13 +107,18 @@ def litert_only(args, cfg: dict, work: Path, out_md: Path, log) -> int:
 
     eff = work / "efficientnet_lite0.onnx"
     evalx_path = work / "eval.npy"
-    if not (eff.exists() and evalx_path.exists() and (work / "calib.npy").exists()
-            and len(np.load(evalx_path, mmap_mode="r")) == cfg["n_eval"]):
+    if not (
+        eff.exists()
+        and evalx_path.exists()
+        and (work / "calib.npy").exists()
+        and len(np.load(evalx_path, mmap_mode="r")) == cfg["n_eval"]
+    ):
         run_worker({"kind": "build", "work": str(work), "n_calib": cfg["n_calib"], "n_eval": cfg["n_eval"]})
         log("built models and crops")
     lq = work / "efficientnet_lite0.lowbit.onnx"
-    run_worker({"kind": "lowbit", "model": str(eff), "out": str(lq), "calib_npy": str(work / "calib.npy"),
-                "n": cfg["n_calib"]})
+    run_worker(
+        {"kind": "lowbit", "model": str(eff), "out": str(lq), "calib_npy": str(work / "calib.npy"), "n": cfg["n_calib"]}
+    )
     log("lowbit quantize")
     evalx = np.load(evalx_path)
     _, fid = fidelity_block(eff, lq, evalx)
@@ -122,10 +134,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="reduced sizes for a smoke test (a few minutes)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--no-emulate", action="store_true",
-                    help="skip EfficientNet-Lite0 under emulated AVX2-without-VNNI kernels (slow: ~1 s per crop and model)")
-    ap.add_argument("--litert-only", action="store_true",
-                    help="measure only EfficientNet-Lite0 in LiteRT vs ONNX Runtime and rewrite only that table")
+    ap.add_argument(
+        "--no-emulate",
+        action="store_true",
+        help="skip EfficientNet-Lite0 under emulated AVX2-without-VNNI kernels (slow: ~1 s per crop and model)",
+    )
+    ap.add_argument(
+        "--litert-only",
+        action="store_true",
+        help="measure only EfficientNet-Lite0 in LiteRT vs ONNX Runtime and rewrite only that table",
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
@@ -134,9 +152,15 @@ def main() -> int:
 
     q = args.quick
     cfg = dict(
-        n_calib=16 if q else 64, n_eval=64 if q else 256, runs=20 if q else 300, warmup=3 if q else 10,
-        mem_lowbit=(10, 50) if q else (10, 100, 1000), mem_ort=(10, 20) if q else (10, 100),
-        emulate=not args.no_emulate, n_emulate=16 if q else 256, n_sat=8,
+        n_calib=16 if q else 64,
+        n_eval=64 if q else 256,
+        runs=20 if q else 300,
+        warmup=3 if q else 10,
+        mem_lowbit=(10, 50) if q else (10, 100, 1000),
+        mem_ort=(10, 20) if q else (10, 100),
+        emulate=not args.no_emulate,
+        n_emulate=16 if q else 256,
+        n_sat=8,
     )
     cfg["n_emulate"] = min(cfg["n_emulate"], cfg["n_eval"])
     work = args.workdir or Path(tempfile.gettempdir()) / ("lowbit_bench_quick" if q else "lowbit_bench")
@@ -151,9 +175,18 @@ def main() -> int:
 
     t_all = time.perf_counter()
     log = lambda *a: print(f"[{time.perf_counter() - t_all:7.1f}s]", *a, flush=True)  # noqa: E731
-    info = {"cpu": cpu_info(), "versions": {
-        "lowbit": lowbit.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-        "numpy": np.__version__, "python": sys.version.split()[0]}, "cfg": cfg, "quick": q}
+    info = {
+        "cpu": cpu_info(),
+        "versions": {
+            "lowbit": lowbit.__version__,
+            "onnxruntime": ort.__version__,
+            "onnx": onnx.__version__,
+            "numpy": np.__version__,
+            "python": sys.version.split()[0],
+        },
+        "cfg": cfg,
+        "quick": q,
+    }
     log(f"workdir {work}; {info['cpu']}")
     if args.litert_only:
         return litert_only(args, cfg, work, out_md, log)
@@ -171,49 +204,79 @@ def main() -> int:
         r = results[label] = {}
         lq = work / f"{stem}.lowbit.onnx"
         oqp = work / f"{stem}.ort.onnx"
-        r["quant_lowbit"] = run_worker({"kind": "lowbit", "model": str(fp), "out": str(lq),
-                                        "calib_npy": str(calib_npy), "n": cfg["n_calib"]})
+        r["quant_lowbit"] = run_worker(
+            {"kind": "lowbit", "model": str(fp), "out": str(lq), "calib_npy": str(calib_npy), "n": cfg["n_calib"]}
+        )
         log(label, "lowbit quantize", r["quant_lowbit"])
-        r["quant_ort"] = run_worker({"kind": "ort", "model": str(fp), "pre": str(work / f"{stem}.pre.onnx"),
-                                     "out": str(oqp), "calib_npy": str(calib_npy), "n": cfg["n_calib"]})
+        r["quant_ort"] = run_worker(
+            {
+                "kind": "ort",
+                "model": str(fp),
+                "pre": str(work / f"{stem}.pre.onnx"),
+                "out": str(oqp),
+                "calib_npy": str(calib_npy),
+                "n": cfg["n_calib"],
+            }
+        )
         log(label, "ORT quantize_static", r["quant_ort"])
         ref, r["fid_lowbit"] = fidelity_block(fp, lq, evalx)
         np.save(work / f"{stem}.float_logits.npy", ref)
         _, r["fid_ort"] = fidelity_block(fp, oqp, evalx)
         top = np.sort(ref, axis=1)[:, -2:]
-        r["float_top1"] = {"distinct_classes": int(len(np.unique(ref.argmax(1)))),
-                           "median_margin": float(np.median(top[:, 1] - top[:, 0])),
-                           "most_common_share": float(np.bincount(ref.argmax(1)).max() / len(ref))}
+        r["float_top1"] = {
+            "distinct_classes": int(len(np.unique(ref.argmax(1)))),
+            "median_margin": float(np.median(top[:, 1] - top[:, 0])),
+            "most_common_share": float(np.bincount(ref.argmax(1)).max() / len(ref)),
+        }
         log(label, "fidelity lowbit", r["fid_lowbit"]["kernels"], "ort", r["fid_ort"]["kernels"])
         r["sizes"] = {"float": fp.stat().st_size, "lowbit": lq.stat().st_size, "ort": oqp.stat().st_size}
         r["latency"] = {}
         for th in (1, 2):
-            r["latency"][th] = latency_block({"float": fp, "lowbit": lq, "ort": oqp}, evalx[:1], th, cfg["runs"], cfg["warmup"])
+            r["latency"][th] = latency_block(
+                {"float": fp, "lowbit": lq, "ort": oqp}, evalx[:1], th, cfg["runs"], cfg["warmup"]
+            )
             log(label, f"latency {th} thread(s)", r["latency"][th])
 
     eff = models["EfficientNet-Lite0"]
     results["EfficientNet-Lite0"]["litert"] = litert_block(
-        eff, work / f"{eff.stem}.lowbit.onnx", work, evalx, results["EfficientNet-Lite0"]["fid_lowbit"]["kernels"],
-        cfg["runs"], cfg["warmup"], log)
+        eff,
+        work / f"{eff.stem}.lowbit.onnx",
+        work,
+        evalx,
+        results["EfficientNet-Lite0"]["fid_lowbit"]["kernels"],
+        cfg["runs"],
+        cfg["warmup"],
+        log,
+    )
     if cfg["emulate"]:
         # Fresh subprocesses, after the latency runs, so neither timing nor memory elsewhere sees the emulator.
         emu = results["EfficientNet-Lite0"]["emulated"] = {}
         for qn in ("lowbit", "ort"):
-            emu[qn] = run_worker({"kind": "emulate", "model": str(work / f"{eff.stem}.{qn}.onnx"),
-                                  "eval_npy": str(work / "eval.npy"), "ref_npy": str(work / f"{eff.stem}.float_logits.npy"),
-                                  "n": cfg["n_emulate"], "n_sat": min(cfg["n_sat"], cfg["n_emulate"])})
+            emu[qn] = run_worker(
+                {
+                    "kind": "emulate",
+                    "model": str(work / f"{eff.stem}.{qn}.onnx"),
+                    "eval_npy": str(work / "eval.npy"),
+                    "ref_npy": str(work / f"{eff.stem}.float_logits.npy"),
+                    "n": cfg["n_emulate"],
+                    "n_sat": min(cfg["n_sat"], cfg["n_emulate"]),
+                }
+            )
             log(f"EfficientNet-Lite0 {qn} emulated AVX2 without VNNI", emu[qn])
     mem = {"lowbit": {}, "ort": {}}
     for n in cfg["mem_lowbit"]:
-        mem["lowbit"][n] = run_worker({"kind": "lowbit", "model": str(eff), "out": str(work / f"mem_lowbit_{n}.onnx"), "n": n})
+        mem["lowbit"][n] = run_worker(
+            {"kind": "lowbit", "model": str(eff), "out": str(work / f"mem_lowbit_{n}.onnx"), "n": n}
+        )
         log(f"calib memory lowbit n={n}", mem["lowbit"][n])
     pre = work / "efficientnet_lite0.pre.onnx"
     for n in cfg["mem_ort"]:
         mem["ort"][n] = run_worker({"kind": "ort", "model": str(pre), "out": str(work / f"mem_ort_{n}.onnx"), "n": n})
         log(f"calib memory ORT n={n}", mem["ort"][n])
     info["total_s"] = time.perf_counter() - t_all
-    (work / ("results.quick.json" if q else "results.json")).write_text(json.dumps(
-        {"info": info, "results": results, "mem": mem}, indent=1, default=str))
+    (work / ("results.quick.json" if q else "results.json")).write_text(
+        json.dumps({"info": info, "results": results, "mem": mem}, indent=1, default=str)
+    )
     write_markdown(out_md, info, results, mem, cfg)
     log(f"wrote {out_md}")
     return 0

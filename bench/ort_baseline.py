@@ -215,7 +215,8 @@ def model_baseline(work: Path) -> None:
     for name in zoo.EVAL_PHOTOS:
         sel = photo == name
         cells = "  ".join(
-            f"rr={r['rr']}: {np.mean(r['kern_top1'][sel] == ref[sel]):.3f}/{np.mean(r['sim_top1'][sel] == ref[sel]):.3f}"
+            f"rr={r['rr']}: "
+            f"{np.mean(r['kern_top1'][sel] == ref[sel]):.3f}/{np.mean(r['sim_top1'][sel] == ref[sel]):.3f}"
             for r in rows
         )
         print(f"  {name:<18} {sel.sum():>3}  margin {np.median(margin[sel]):5.2f}  {cells}")
@@ -223,8 +224,10 @@ def model_baseline(work: Path) -> None:
     for r in rows:
         print(
             f"reduce_range={r['rr']}: agreement on the half with the larger float margin "
-            f"kern {np.mean(r['kern_top1'][conf] == ref[conf]):.4f} / sim {np.mean(r['sim_top1'][conf] == ref[conf]):.4f}; "
-            f"smaller-margin half kern {np.mean(r['kern_top1'][~conf] == ref[~conf]):.4f} / sim {np.mean(r['sim_top1'][~conf] == ref[~conf]):.4f}"
+            f"kern {np.mean(r['kern_top1'][conf] == ref[conf]):.4f} / sim "
+            f"{np.mean(r['sim_top1'][conf] == ref[conf]):.4f}; "
+            f"smaller-margin half kern {np.mean(r['kern_top1'][~conf] == ref[~conf]):.4f} / sim "
+            f"{np.mean(r['sim_top1'][~conf] == ref[~conf]):.4f}"
         )
     for r in rows:
         print(f"reduce_range={r['rr']} QDQ model ops: {fmt_counts(r['qdq_ops'])}")
@@ -391,7 +394,8 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lowbit_ort_baseline_"))
     work.mkdir(parents=True, exist_ok=True)
     print(
-        f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}"
+        f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, python "
+        f"{sys.version.split()[0]}"
     )
     print(f"CPU: {cpu_model()}; {os.cpu_count()} logical CPUs; flags: {cpu_flags()}")
     print(f"workdir: {work}")

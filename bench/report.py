@@ -24,10 +24,12 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
     )
     L.append(f"- CPU: {c['model']}, {c['cpus']} logical CPUs (shared with other work); relevant flags: `{c['flags']}`")
     L.append(
-        f"- lowbit {v['lowbit']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, numpy {v['numpy']}, python {v['python']}"
+        f"- lowbit {v['lowbit']}, onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, numpy {v['numpy']}, python "
+        f"{v['python']}"
     )
     L.append(
-        f"- calibration: the same {cfg['n_calib']} photo crops (`lowbit_zoo.zoo.photo_crops(n, 'calib', 0)`, saved as one .npy) "
+        f"- calibration: the same {cfg['n_calib']} photo crops (`lowbit_zoo.zoo.photo_crops(n, 'calib', 0)`, saved "
+        "as one .npy) "
         f"for both quantizers; evaluation: {cfg['n_eval']} crops of disjoint photos (`'eval'`), batch 32"
     )
     L.append(
@@ -47,7 +49,8 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
         "(float ops between Q/DQ). `kern vs sim`: top-1 agreement of the two runs of the same quantized model.\n"
     )
     L.append(
-        "| model | quantizer | top-1 kernels | top-1 simulate | cosine kernels | cosine simulate | SQNR dB kernels | SQNR dB simulate | kern vs sim top-1 |"
+        "| model | quantizer | top-1 kernels | top-1 simulate | cosine kernels | cosine simulate | SQNR dB kernels | "
+        "SQNR dB simulate | kern vs sim top-1 |"
     )
     L.append("|---|---|---|---|---|---|---|---|---|")
     for label, r in results.items():
@@ -63,7 +66,8 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
         t = r["float_top1"]
         L.append(
             f"- {label}: float top-1 over the eval crops spans {t['distinct_classes']} classes "
-            f"(most common class {t['most_common_share']:.0%} of crops), median top-1 margin {t['median_margin']:.2f} logits"
+            f"(most common class {t['most_common_share']:.0%} of crops), median top-1 margin "
+            f"{t['median_margin']:.2f} logits"
         )
     L.append("")
 
@@ -84,7 +88,8 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
         L.append("| EfficientNet-Lite0 | lowbit | ORT quantize_static |")
         L.append("|---|---|---|")
         L.append(
-            f"| top-1 agreement with float ({el['n']} crops) | {el['fid']['top1_agreement']:.4f} | {eo['fid']['top1_agreement']:.4f} |"
+            f"| top-1 agreement with float ({el['n']} crops) | {el['fid']['top1_agreement']:.4f} | "
+            f"{eo['fid']['top1_agreement']:.4f} |"
         )
         L.append(f"| cosine with float | {el['fid']['cosine']:.4f} | {eo['fid']['cosine']:.4f} |")
         L.append(f"| SQNR dB | {el['fid']['sqnr_db']:.1f} | {eo['fid']['sqnr_db']:.1f} |")
@@ -103,10 +108,12 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
         if el["n"] == cfg["n_eval"]:
             fl, fo = results["EfficientNet-Lite0"]["fid_lowbit"], results["EfficientNet-Lite0"]["fid_ort"]
             L.append(
-                f"| for reference: top-1, this CPU's ORT kernels | {fl['kernels']['top1_agreement']:.4f} | {fo['kernels']['top1_agreement']:.4f} |"
+                f"| for reference: top-1, this CPU's ORT kernels | {fl['kernels']['top1_agreement']:.4f} | "
+                f"{fo['kernels']['top1_agreement']:.4f} |"
             )
             L.append(
-                f"| for reference: top-1, float simulation | {fl['simulate']['top1_agreement']:.4f} | {fo['simulate']['top1_agreement']:.4f} |"
+                f"| for reference: top-1, float simulation | {fl['simulate']['top1_agreement']:.4f} | "
+                f"{fo['simulate']['top1_agreement']:.4f} |"
             )
         L.append("")
 
@@ -132,7 +139,8 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
     L.append(
         "Each quantizer ran in a fresh subprocess. Wall time is the quantize call (ORT: `quant_pre_process` + "
         "`quantize_static`, pre-processing share in brackets). Peak RSS is the subprocess's VmHWM (peak since exec; "
-        "`ru_maxrss` is not used: Linux carries it over from the parent across fork+exec); 'after imports' is its RSS just before quantizing.\n"
+        "`ru_maxrss` is not used: Linux carries it over from the parent across fork+exec); 'after imports' is its "
+        "RSS just before quantizing.\n"
     )
     L.append("| model | quantizer | file KiB | size / float | wall s | peak RSS MiB | RSS after imports MiB |")
     L.append("|---|---|---|---|---|---|---|")

@@ -299,16 +299,22 @@ def main(argv: list[str] | None = None) -> int:
     ratios = latency_ratios(paths, test_set.feeds(rows), args.runs)
 
     float_bytes = float_path.stat().st_size
-    header = f"| model | AUC | log loss | mean abs prob. diff vs float | size MB | % of float | latency vs float (batch {args.batch}, 1 thread) |"
+    header = (
+        "| model | AUC | log loss | mean abs prob. diff vs float | size MB | % of float "
+        f"| latency vs float (batch {args.batch}, 1 thread) |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for k, p in probs.items():
         size = paths[k].stat().st_size
         lines.append(
-            f"| {k} | {roc_auc_score(test_set.label, p):.4f} | {log_loss(test_set.label, np.clip(p, 1e-7, 1 - 1e-7)):.4f} | "
-            f"{np.abs(p - probs['float']).mean():.5f} | {size / 1e6:.2f} | {100 * size / float_bytes:.1f}% | {ratios[k]:.2f}x |"
+            f"| {k} | {roc_auc_score(test_set.label, p):.4f} | "
+            f"{log_loss(test_set.label, np.clip(p, 1e-7, 1 - 1e-7)):.4f} | "
+            f"{np.abs(p - probs['float']).mean():.5f} | {size / 1e6:.2f} | {100 * size / float_bytes:.1f}% | "
+            f"{ratios[k]:.2f}x |"
         )
     print(
-        f"\nheld-out AUC (oracle {oracle:.4f}), {len(test_set)} impressions; latency: paired median of {args.runs} interleaved rounds\n"
+        f"\nheld-out AUC (oracle {oracle:.4f}), {len(test_set)} impressions; latency: paired median of {args.runs} "
+        "interleaved rounds\n"
     )
     print("\n".join(lines))
 
@@ -329,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"batch {args.batch}, median of {args.runs} rounds, sessions created in both orders).",
                 "",
                 f"Data: generated clicks ({len(train_set)} train / {len(test_set)} held-out impressions, CTR "
-                f"{train_set.label.mean():.3f}); the true click probabilities reach AUC {oracle:.4f} on the held-out set "
+                f"{train_set.label.mean():.3f}); the true click probabilities reach AUC {oracle:.4f} on the held-out "
+                "set "
                 "(the ceiling). Tables: " + ", ".join(f"{c:,}" for c in CARDINALITIES) + f" rows x {DIM}.",
                 "",
                 *lines,
@@ -337,12 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"onnxruntime quantize_dynamic (defaults): {ort_note}.",
                 "",
                 "Notes:",
-                "- The embedding tables are over 99% of the float file; the MLP form barely changes size. Weight-only int8 "
+                "- The embedding tables are over 99% of the float file; the MLP form barely changes size. "
+                "Weight-only int8 "
                 "MLP layers move the probabilities less than dynamic int8 ones; their speed is within the noise here.",
                 "- Symmetric int4 tables are stored as bytes of two nibbles, gathered, then unpacked by standard ops "
                 "(Mod, BitShift, Concat, DequantizeLinear, Mul); affine ones use ONNX Runtime's GatherBlockQuantized "
                 "kernel, whose row above shows its cost.",
-                "- Per-row int8 scales cost a second lookup (Gather of the scale) per id; one scale per table is a single "
+                "- Per-row int8 scales cost a second lookup (Gather of the scale) per id; one scale per table is a "
+                "single "
                 "Gather + DequantizeLinear, like quantize_dynamic's form. With these trained tables both lose no AUC.",
                 "- Latency ratios of the same model moved by up to ~0.3x between runs on this shared machine; "
                 "compare rows within one run.",

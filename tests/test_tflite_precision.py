@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest

@@ -1,17 +1,19 @@
-# Both targets build their own virtual environment from pinned dependencies on a fresh machine.
+# Every target builds its own virtual environment from pinned dependencies on a fresh machine:
+# pyproject.toml states compatible ranges, pins.txt the exact versions installed (pip's -c).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PINS := pins.txt
 
-.PHONY: demo test browser speech qat minilm kws dlrm clean
+.PHONY: demo test test-fast lint browser speech qat minilm kws dlrm clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PINS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[demo,test,examples]'
+	# torch first, at its pinned version: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q -c $(PINS) "$$(grep '^torch==' $(PINS))"
+	$(BIN)/python -m pip install -q -c $(PINS) -e '.[demo,test,examples]'
 	touch $(STAMP)
 
 # The HTML report is tested in headless Chromium (Debian packages chromium, chromium-driver).
@@ -29,8 +31,21 @@ speech:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
 	  else echo "install Debian package espeak-ng (needs root)"; exit 1; fi; }
 
+# The whole suite, as CI runs it (.ci/run): real-model tests, the HTML report in Chromium, espeak-ng speech.
 test: $(STAMP) browser speech
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The quick tier: no real-model (slow) tests and nothing to install beyond .venv (no Chromium, no espeak-ng).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m 'not slow and not browser'
+
+# ruff (lint and format) and mypy with the settings in pyproject.toml; runs all three, fails if any fails.
+lint: $(STAMP)
+	status=0; \
+	$(BIN)/ruff check src tests examples bench || status=1; \
+	$(BIN)/ruff format --check src tests examples bench || status=1; \
+	$(BIN)/mypy src/lowbit || status=1; \
+	exit $$status
 
 # Quantization-aware training on Fashion-MNIST (Debian package dataset-fashion-mnist).
 qat: $(STAMP)

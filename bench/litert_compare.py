@@ -10,7 +10,9 @@ from pathlib import Path
 LITE_BEGIN, LITE_END = "<!-- litert:begin -->", "<!-- litert:end -->"
 
 
-def litert_block(float_path: Path, qpath: Path, work: Path, evalx, lowbit_fid: dict, runs: int, warmup: int, log) -> dict:
+def litert_block(
+    float_path: Path, qpath: Path, work: Path, evalx, lowbit_fid: dict, runs: int, warmup: int, log
+) -> dict:
     """Export float and lowbit-int8 EfficientNet-Lite0 to .tflite, compare outputs with the ONNX models on the
     eval crops, and time all four interleaved (LiteRT with XNNPACK vs ONNX Runtime) at 1 and 2 threads."""
     import numpy as np
@@ -43,10 +45,14 @@ def litert_block(float_path: Path, qpath: Path, work: Path, evalx, lowbit_fid: d
     b_out = np.concatenate([builtin.run(None, b)[0] for b in batches])
     out = {
         "sizes": {"float": ft.stat().st_size, "int8": qt.stat().st_size},
-        "export_s": export_s, "int8_ops": res.ops, "int8_float_nodes": res.float_nodes,
+        "export_s": export_s,
+        "int8_ops": res.ops,
+        "int8_float_nodes": res.float_nodes,
         "delegate_partitions": {"float": lite["float"][1], "int8": lite["int8"][1]},
-        "float_vs_onnx": {**fidelity(ref, f_out),
-                          "max_rel_error": float(np.max(np.abs(f_out - ref)) / np.max(np.abs(ref)))},
+        "float_vs_onnx": {
+            **fidelity(ref, f_out),
+            "max_rel_error": float(np.max(np.abs(f_out - ref)) / np.max(np.abs(ref))),
+        },
         "int8_vs_float": fidelity(ref, i_out),
         "int8_vs_onnx_int8": fidelity(q_onnx, i_out),
         "builtin_int8_vs_onnx_int8": fidelity(q_onnx, b_out),
@@ -81,42 +87,65 @@ def litert_markdown(lr: dict, cfg: dict, n_eval: int) -> list[str]:
     import importlib.metadata
 
     L = [LITE_BEGIN, "### EfficientNet-Lite0 in LiteRT (.tflite) vs ONNX Runtime\n"]
-    L.append(f"`lowbit export --to tflite` of the float model and of lowbit's int8 model (float input/output, "
-             f"int8 inside), run in LiteRT {importlib.metadata.version('ai-edge-litert')} (CPU interpreter; XNNPACK "
-             f"delegate partitions: float {lr['delegate_partitions']['float']}, int8 "
-             f"{lr['delegate_partitions']['int8']}) through `lowbit.runtimes.litert`, on the {n_eval} eval crops "
-             "(batch 32, NCHW crops transposed to NHWC by the adapter).\n")
+    L.append(
+        f"`lowbit export --to tflite` of the float model and of lowbit's int8 model (float input/output, "
+        f"int8 inside), run in LiteRT {importlib.metadata.version('ai-edge-litert')} (CPU interpreter; XNNPACK "
+        f"delegate partitions: float {lr['delegate_partitions']['float']}, int8 "
+        f"{lr['delegate_partitions']['int8']}) through `lowbit.runtimes.litert`, on the {n_eval} eval crops "
+        "(batch 32, NCHW crops transposed to NHWC by the adapter).\n"
+    )
     fo, iv, io, ov = lr["float_vs_onnx"], lr["int8_vs_float"], lr["int8_vs_onnx_int8"], lr["onnx_int8_vs_float"]
     L.append("| comparison | top-1 agreement | cosine | SQNR dB | max abs error |")
     L.append("|---|---|---|---|---|")
-    L.append(f"| float .tflite vs float ONNX (max rel. error {fo['max_rel_error']:.1e}) | {fo['top1_agreement']:.4f} | "
-             f"{fo['cosine']:.6f} | {fo['sqnr_db']:.1f} | {fo['max_abs_error']:.2e} |")
-    L.append(f"| int8 .tflite vs lowbit's int8 ONNX (ORT kernels) | {io['top1_agreement']:.4f} | {io['cosine']:.5f} | "
-             f"{io['sqnr_db']:.1f} | {io['max_abs_error']:.3f} |")
-    L.append(f"| int8 .tflite vs float ONNX | {iv['top1_agreement']:.4f} | {iv['cosine']:.4f} | {iv['sqnr_db']:.1f} | "
-             f"{iv['max_abs_error']:.3f} |")
-    L.append(f"| lowbit's int8 ONNX (ORT kernels) vs float ONNX | {ov['top1_agreement']:.4f} | {ov['cosine']:.4f} | "
-             f"{ov['sqnr_db']:.1f} | {ov['max_abs_error']:.3f} |")
-    for label, key in (("lowbit's int8 ONNX (ORT kernels)", "builtin_int8_vs_onnx_int8"),
-                       ("int8 .tflite with XNNPACK", "builtin_int8_vs_xnnpack_int8"), ("float ONNX", "builtin_int8_vs_float")):
+    L.append(
+        f"| float .tflite vs float ONNX (max rel. error {fo['max_rel_error']:.1e}) | {fo['top1_agreement']:.4f} | "
+        f"{fo['cosine']:.6f} | {fo['sqnr_db']:.1f} | {fo['max_abs_error']:.2e} |"
+    )
+    L.append(
+        f"| int8 .tflite vs lowbit's int8 ONNX (ORT kernels) | {io['top1_agreement']:.4f} | {io['cosine']:.5f} | "
+        f"{io['sqnr_db']:.1f} | {io['max_abs_error']:.3f} |"
+    )
+    L.append(
+        f"| int8 .tflite vs float ONNX | {iv['top1_agreement']:.4f} | {iv['cosine']:.4f} | {iv['sqnr_db']:.1f} | "
+        f"{iv['max_abs_error']:.3f} |"
+    )
+    L.append(
+        f"| lowbit's int8 ONNX (ORT kernels) vs float ONNX | {ov['top1_agreement']:.4f} | {ov['cosine']:.4f} | "
+        f"{ov['sqnr_db']:.1f} | {ov['max_abs_error']:.3f} |"
+    )
+    for label, key in (
+        ("lowbit's int8 ONNX (ORT kernels)", "builtin_int8_vs_onnx_int8"),
+        ("int8 .tflite with XNNPACK", "builtin_int8_vs_xnnpack_int8"),
+        ("float ONNX", "builtin_int8_vs_float"),
+    ):
         b = lr[key]
-        L.append(f"| int8 .tflite, LiteRT built-in kernels (no XNNPACK) vs {label} | {b['top1_agreement']:.4f} | "
-                 f"{b['cosine']:.5f} | {b['sqnr_db']:.1f} | {b['max_abs_error']:.3f} |")
+        L.append(
+            f"| int8 .tflite, LiteRT built-in kernels (no XNNPACK) vs {label} | {b['top1_agreement']:.4f} | "
+            f"{b['cosine']:.5f} | {b['sqnr_db']:.1f} | {b['max_abs_error']:.3f} |"
+        )
     L.append("")
     s = lr["sizes"]
-    L.append(f"File sizes: float .tflite {s['float'] / 1024:.0f} KiB, int8 .tflite {s['int8'] / 1024:.0f} KiB. "
-             f"Export took {lr['export_s']['float']:.1f} s (float) and {lr['export_s']['int8']:.1f} s (int8).\n")
-    L.append(f"Latency, batch 1: the four models interleaved in one loop ({cfg['runs']} runs after {cfg['warmup']} "
-             "warm-up, sessions created in both orders), medians in ms; ratios are medians of per-round ratios. "
-             "LiteRT is timed on inputs already in its NHWC layout (no transpose in the loop).\n")
-    L.append("| threads | ORT float | LiteRT float | ORT int8 | LiteRT int8 | LiteRT/ORT float | LiteRT/ORT int8 | "
-             "LiteRT int8/float | ORT int8/float |")
+    L.append(
+        f"File sizes: float .tflite {s['float'] / 1024:.0f} KiB, int8 .tflite {s['int8'] / 1024:.0f} KiB. "
+        f"Export took {lr['export_s']['float']:.1f} s (float) and {lr['export_s']['int8']:.1f} s (int8).\n"
+    )
+    L.append(
+        f"Latency, batch 1: the four models interleaved in one loop ({cfg['runs']} runs after {cfg['warmup']} "
+        "warm-up, sessions created in both orders), medians in ms; ratios are medians of per-round ratios. "
+        "LiteRT is timed on inputs already in its NHWC layout (no transpose in the loop).\n"
+    )
+    L.append(
+        "| threads | ORT float | LiteRT float | ORT int8 | LiteRT int8 | LiteRT/ORT float | LiteRT/ORT int8 | "
+        "LiteRT int8/float | ORT int8/float |"
+    )
     L.append("|---|---|---|---|---|---|---|---|---|")
     for th, lat in lr["latency"].items():
         m = lat["median_ms"]
-        L.append(f"| {th} | {m['ort_float']:.2f} | {m['litert_float']:.2f} | {m['ort_int8']:.2f} | "
-                 f"{m['litert_int8']:.2f} | {lat['litert/ort float']:.3f} | {lat['litert/ort int8']:.3f} | "
-                 f"{lat['litert int8/float']:.3f} | {lat['ort int8/float']:.3f} |")
+        L.append(
+            f"| {th} | {m['ort_float']:.2f} | {m['litert_float']:.2f} | {m['ort_int8']:.2f} | "
+            f"{m['litert_int8']:.2f} | {lat['litert/ort float']:.3f} | {lat['litert/ort int8']:.3f} | "
+            f"{lat['litert int8/float']:.3f} | {lat['ort int8/float']:.3f} |"
+        )
     L.append(LITE_END)
     return L
 
@@ -127,9 +156,9 @@ def write_litert(path: Path, section: list[str], begin: str, end: str) -> None:
     old = path.read_text() if path.exists() else f"{begin}\n{end}\n"
     body = "\n".join(section)
     if LITE_BEGIN in old and LITE_END in old:
-        new = old[: old.index(LITE_BEGIN)] + body + old[old.index(LITE_END) + len(LITE_END):]
+        new = old[: old.index(LITE_BEGIN)] + body + old[old.index(LITE_END) + len(LITE_END) :]
     elif end in old:
-        new = old[: old.index(end)] + body + "\n" + old[old.index(end):]
+        new = old[: old.index(end)] + body + "\n" + old[old.index(end) :]
     else:
         new = old + f"\n{begin}\n{body}\n{end}\n"
     path.write_text(new)

@@ -59,7 +59,15 @@ def mobilenet_v2(width_mult: float = 0.75, num_classes: int = 1000, seed: int = 
     class MobileNetV2(nn.Module):
         def __init__(self):
             super().__init__()
-            cfg = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+            cfg = [
+                (1, 16, 1, 1),
+                (6, 24, 2, 2),
+                (6, 32, 3, 2),
+                (6, 64, 4, 2),
+                (6, 96, 3, 1),
+                (6, 160, 3, 2),
+                (6, 320, 1, 1),
+            ]
             cin = _make_divisible(32 * width_mult)
             last = _make_divisible(1280 * max(1.0, width_mult))
             feats = [ConvBNReLU(3, cin, stride=2)]
@@ -127,8 +135,13 @@ def mobilenet_v2_onnx(path: str | Path, calib: np.ndarray, width_mult: float = 0
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (torch.zeros(1, 3, 224, 224),), tmp, dynamo=False, opset_version=17,
-                input_names=["input"], output_names=["logits"],
+                model,
+                (torch.zeros(1, 3, 224, 224),),
+                tmp,
+                dynamo=False,
+                opset_version=17,
+                input_names=["input"],
+                output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
             )
         os.replace(tmp, path)

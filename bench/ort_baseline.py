@@ -29,6 +29,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # lowbit_zoo: models and photo crops
+
 N_CALIB = 64
 N_EVAL = 256
 
@@ -37,7 +39,9 @@ def cpu_flags() -> str:
     try:
         out = subprocess.run(
             ["grep", "-o", r"avx512_vnni\|avx_vnni\|avx512f\|avx2\|amx_int8", "/proc/cpuinfo"],
-            capture_output=True, text=True, check=False,
+            capture_output=True,
+            text=True,
+            check=False,
         ).stdout.split()
         return " ".join(sorted(set(out))) or "(none)"
     except OSError:
@@ -112,9 +116,9 @@ def model_baseline(work: Path) -> None:
         quantize_static,
     )
 
-    from lowbit import _zoo
+    from lowbit_zoo import zoo
 
-    fp32 = _zoo.efficientnet_lite0_onnx(work / "effnet_lite0.onnx")
+    fp32 = zoo.efficientnet_lite0_onnx(work / "effnet_lite0.onnx")
     pre = work / "effnet_lite0.pre.onnx"
     try:
         from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -127,8 +131,8 @@ def model_baseline(work: Path) -> None:
         src = fp32
         print(f"quant_pre_process: FAILED ({type(e).__name__}: {str(e)[:200]}); quantizing the raw export")
 
-    calib = _zoo.photo_crops(N_CALIB, "calib", seed=0)
-    evalx = _zoo.photo_crops(N_EVAL, "eval", seed=0)
+    calib = zoo.photo_crops(N_CALIB, "calib", seed=0)
+    evalx = zoo.photo_crops(N_EVAL, "eval", seed=0)
 
     class Reader(CalibrationDataReader):
         def __init__(self, x: np.ndarray):
@@ -189,32 +193,42 @@ def model_baseline(work: Path) -> None:
         )
         lat[f"int8 rr={rr}"] = latency_ms(q, x1)
 
-    print(f"\n{N_CALIB} calib crops ({', '.join(_zoo.CALIB_PHOTOS)}), "
-          f"{N_EVAL} eval crops ({', '.join(_zoo.EVAL_PHOTOS)})")
+    print(
+        f"\n{N_CALIB} calib crops ({', '.join(zoo.CALIB_PHOTOS)}), {N_EVAL} eval crops ({', '.join(zoo.EVAL_PHOTOS)})"
+    )
     print("top-1 agreement with float model on eval crops:")
-    print(f"{'reduce_range':>12} | {'kernels (default opt)':>21} | {'simulation (DISABLE_ALL)':>24} | "
-          f"{'kernels vs sim':>14} | max|dlogit| kern/sim/kern-sim | rmse kern-sim")
+    print(
+        f"{'reduce_range':>12} | {'kernels (default opt)':>21} | {'simulation (DISABLE_ALL)':>24} | "
+        f"{'kernels vs sim':>14} | max|dlogit| kern/sim/kern-sim | rmse kern-sim"
+    )
     for r in rows:
-        print(f"{str(r['rr']):>12} | {r['kern_agree']:>21.4f} | {r['sim_agree']:>24.4f} | "
-              f"{r['kern_vs_sim']:>14.4f} | {r['kern_err']:.3f} / {r['sim_err']:.3f} / {r['kern_sim_err']:.3f}"
-              f" | {r['kern_sim_rmse']:.4f}   (quantize_static {r['quant_s']:.1f}s)")
-    photo = np.array([p[0] for p in _zoo._crop_plan(N_EVAL, "eval", 0)])
+        print(
+            f"{str(r['rr']):>12} | {r['kern_agree']:>21.4f} | {r['sim_agree']:>24.4f} | "
+            f"{r['kern_vs_sim']:>14.4f} | {r['kern_err']:.3f} / {r['sim_err']:.3f} / {r['kern_sim_err']:.3f}"
+            f" | {r['kern_sim_rmse']:.4f}   (quantize_static {r['quant_s']:.1f}s)"
+        )
+    photo = np.array([p[0] for p in zoo._crop_plan(N_EVAL, "eval", 0)])
     # Float top-1 margin (logit gap between best and second best): low-margin crops flip first.
     top2 = np.sort(ref_logits, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     print("per eval photo: crops, median float top-1 margin, agreement kern/sim for each reduce_range")
-    for name in _zoo.EVAL_PHOTOS:
+    for name in zoo.EVAL_PHOTOS:
         sel = photo == name
         cells = "  ".join(
-            f"rr={r['rr']}: {np.mean(r['kern_top1'][sel] == ref[sel]):.3f}/{np.mean(r['sim_top1'][sel] == ref[sel]):.3f}"
+            f"rr={r['rr']}: "
+            f"{np.mean(r['kern_top1'][sel] == ref[sel]):.3f}/{np.mean(r['sim_top1'][sel] == ref[sel]):.3f}"
             for r in rows
         )
         print(f"  {name:<18} {sel.sum():>3}  margin {np.median(margin[sel]):5.2f}  {cells}")
     conf = margin >= np.median(margin)
     for r in rows:
-        print(f"reduce_range={r['rr']}: agreement on the half with the larger float margin "
-              f"kern {np.mean(r['kern_top1'][conf] == ref[conf]):.4f} / sim {np.mean(r['sim_top1'][conf] == ref[conf]):.4f}; "
-              f"smaller-margin half kern {np.mean(r['kern_top1'][~conf] == ref[~conf]):.4f} / sim {np.mean(r['sim_top1'][~conf] == ref[~conf]):.4f}")
+        print(
+            f"reduce_range={r['rr']}: agreement on the half with the larger float margin "
+            f"kern {np.mean(r['kern_top1'][conf] == ref[conf]):.4f} / sim "
+            f"{np.mean(r['sim_top1'][conf] == ref[conf]):.4f}; "
+            f"smaller-margin half kern {np.mean(r['kern_top1'][~conf] == ref[~conf]):.4f} / sim "
+            f"{np.mean(r['sim_top1'][~conf] == ref[~conf]):.4f}"
+        )
     for r in rows:
         print(f"reduce_range={r['rr']} QDQ model ops: {fmt_counts(r['qdq_ops'])}")
         print(f"reduce_range={r['rr']} optimized (default) ops: {fmt_counts(r['opt_ops'])}")
@@ -272,7 +286,11 @@ def _bias_dq(name: str, b: np.ndarray, in_scale: float, w_scale):
     s = numpy_helper.from_array(bscale, f"{name}_s")
     z = numpy_helper.from_array(np.zeros_like(bscale, dtype=np.int32), f"{name}_z")
     attrs = {"axis": 0} if bscale.ndim else {}
-    return [helper.make_node("DequantizeLinear", [qi.name, s.name, z.name], [f"{name}_dq"], **attrs)], [qi, s, z], f"{name}_dq"
+    return (
+        [helper.make_node("DequantizeLinear", [qi.name, s.name, z.name], [f"{name}_dq"], **attrs)],
+        [qi, s, z],
+        f"{name}_dq",
+    )
 
 
 def _probe(kind: str, *, axis, out_qdq: bool, opset: int, int_bias: bool = False, trans_b: int = 0):
@@ -324,8 +342,11 @@ def _probe(kind: str, *, axis, out_qdq: bool, opset: int, int_bias: bool = False
         inits += i
     nodes.append(helper.make_node("Identity", [out], ["y"]))
     g = helper.make_graph(
-        nodes, f"probe_{kind}", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)], inits,
+        nodes,
+        f"probe_{kind}",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        inits,
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8 if opset <= 17 else 10
@@ -372,7 +393,10 @@ def main() -> int:
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="lowbit_ort_baseline_"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, python {sys.version.split()[0]}")
+    print(
+        f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, python "
+        f"{sys.version.split()[0]}"
+    )
     print(f"CPU: {cpu_model()}; {os.cpu_count()} logical CPUs; flags: {cpu_flags()}")
     print(f"workdir: {work}")
     if not args.skip_probes:

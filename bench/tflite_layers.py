@@ -70,8 +70,11 @@ def main() -> None:
         p = producer.get(q.input[0])
         if p is None:
             continue
-        ins = [producer[i].input[0] for i in p.input if i in producer and producer[i].op_type == "DequantizeLinear"
-               and producer[i].input[0] in qby]
+        ins = [
+            producer[i].input[0]
+            for i in p.input
+            if i in producer and producer[i].op_type == "DequantizeLinear" and producer[i].input[0] in qby
+        ]
         if ins and p.op_type != "Reshape":  # Reshape's shape comes from the graph input; it moves bytes only
             path = os.path.join(tmp, f"s{k}.onnx")
             onnx.utils.extract_model(args.model, path, ins, [q.output[0]], check_model=False)
@@ -88,7 +91,7 @@ def main() -> None:
         lv = dict(zip(lnames, lite_s.run(None, feeds)))
         top1 += int(np.sum(ov["logits"].argmax(1) == lv["logits"].argmax(1)))
 
-        def lite_int(name):
+        def lite_int(name, lv=lv, ov=ov):
             q = qby[name]
             if q.input[0] not in lv:  # graph input: LiteRT's QUANTIZE matched ORT's (first conv agrees)
                 return ov[name].astype(np.int64)
@@ -98,8 +101,9 @@ def main() -> None:
         same = np.all((ov[last].astype(np.int64) == lite_int(last)).reshape(len(feeds["input"]), -1), axis=1)
         fc["crops_same_input"] += int(same.sum())
         if same.any():
-            fc["max_abs_logit_diff"] = max(fc["max_abs_logit_diff"],
-                                           float(np.abs(ov["logits"][same] - lv["logits"][same]).max()))
+            fc["max_abs_logit_diff"] = max(
+                fc["max_abs_logit_diff"], float(np.abs(ov["logits"][same] - lv["logits"][same]).max())
+            )
 
         for q in qnodes:
             name = q.output[0]
@@ -122,8 +126,9 @@ def main() -> None:
                     add_rule["mlas_rule_vs_ort"] += int(np.sum(emu_o != r))
                     add_rule["rules_differ"] += int(dist.size)
                     add_rule["rules_differ_at_exact_half"] += int(np.sum(dist == 0))
-                    add_rule["max_1e9_distance_from_half"] = max(add_rule["max_1e9_distance_from_half"],
-                                                                 int(dist.max() * 1e9) if dist.size else 0)
+                    add_rule["max_1e9_distance_from_half"] = max(
+                        add_rule["max_1e9_distance_from_half"], int(dist.max() * 1e9) if dist.size else 0
+                    )
     print(f"crops {len(x)}; top-1 agreement LiteRT vs ORT int8: {100 * top1 / len(x):.2f}%")
     print("| # | op | tensor | elements | local mismatches | cumulative mismatches |")
     print("|---|---|---|---|---|---|")

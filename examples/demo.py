@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit._zoo import efficientnet_lite0_onnx, photo_crops, write_photo_folder
 from lowbit.cli.main import main as lowbit_cli
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio
 from lowbit.evaluate.metrics import fidelity
 from lowbit.runtimes.ort import run_all, session
+from lowbit_zoo.zoo import efficientnet_lite0_onnx, photo_crops, write_photo_folder
 
 ART = Path(__file__).resolve().parent.parent / "artifacts"
 
@@ -29,14 +29,26 @@ def main() -> int:
         write_photo_folder(photos, 128, "calib")
     int8_path = ART / "efficientnet_lite0.int8.onnx"
     print(f"2. lowbit quantize {float_path.name} -o {int8_path.name} --calib {photos.name}/ --image-size 224\n")
-    code = lowbit_cli(["quantize", str(float_path), "-o", str(int8_path), "--calib", str(photos),
-                       "--image-size", "224", "--crop", "224"])
+    code = lowbit_cli(
+        [
+            "quantize",
+            str(float_path),
+            "-o",
+            str(int8_path),
+            "--calib",
+            str(photos),
+            "--image-size",
+            "224",
+            "--crop",
+            "224",
+        ]
+    )
     if code:
         return code
 
     print("\n3. float vs int8 on 256 crops of photos not used for calibration ...")
     crops = photo_crops(256, "eval")
-    batches = [{"input": crops[i:i + 32]} for i in range(0, len(crops), 32)]
+    batches = [{"input": crops[i : i + 32]} for i in range(0, len(crops), 32)]
     ref = run_all(session(float_path), batches)[0]
     kern = run_all(session(int8_path, "kernels"), batches)[0]
     sim = run_all(session(int8_path, "simulate"), batches)[0]
@@ -51,8 +63,12 @@ def main() -> int:
         ("top-1 agreement with float", "100%", f"{fk['top1_agreement']:.1%}", f"{fs['top1_agreement']:.1%}"),
         ("output cosine vs float", "1.0000", f"{fk['cosine']:.4f}", f"{fs['cosine']:.4f}"),
         ("file size", f"{size_f / 1e6:.2f} MB", f"{size_q / 1e6:.2f} MB ({size_q / size_f:.0%})", ""),
-        ("latency, 1 thread, batch 1", f"{med['float']:.2f} ms",
-         f"{med['int8']:.2f} ms ({paired_ratio(times, 'int8', 'float'):.2f}x)", ""),
+        (
+            "latency, 1 thread, batch 1",
+            f"{med['float']:.2f} ms",
+            f"{med['int8']:.2f} ms ({paired_ratio(times, 'int8', 'float'):.2f}x)",
+            "",
+        ),
     ]
     width = [max(len(r[i]) for r in rows) for i in range(4)]
     print()

@@ -78,7 +78,9 @@ def zipf_ids(rng: np.random.Generator, popular: np.ndarray, size: tuple) -> np.n
     return popular[rng.choice(len(popular), size=size, p=p / p.sum())].astype(np.int64)
 
 
-def make_clicks(n: int, seed: int = 0, cardinalities: tuple[int, ...] = CARDINALITIES, truth_seed: int = 1234) -> Clicks:
+def make_clicks(
+    n: int, seed: int = 0, cardinalities: tuple[int, ...] = CARDINALITIES, truth_seed: int = 1234
+) -> Clicks:
     """`n` impressions; the hidden model depends only on `truth_seed`, so train and test sets share it."""
     t = np.random.default_rng(truth_seed)
     bias = [t.normal(0, 0.6, c) for c in cardinalities]
@@ -110,8 +112,9 @@ def make_clicks(n: int, seed: int = 0, cardinalities: tuple[int, ...] = CARDINAL
 class DLRM(torch.nn.Module):
     def __init__(self, cardinalities: tuple[int, ...] = CARDINALITIES, dim: int = DIM) -> None:
         super().__init__()
-        self.bottom = torch.nn.Sequential(torch.nn.Linear(DENSE, 64), torch.nn.ReLU(), torch.nn.Linear(64, dim),
-                                          torch.nn.ReLU())
+        self.bottom = torch.nn.Sequential(
+            torch.nn.Linear(DENSE, 64), torch.nn.ReLU(), torch.nn.Linear(64, dim), torch.nn.ReLU()
+        )
         # sparse=True: an update touches only the rows of the batch (SparseAdam), as large tables need.
         self.tables = torch.nn.ModuleList(torch.nn.Embedding(c, dim, sparse=True) for c in cardinalities)
         for t in self.tables:
@@ -119,8 +122,13 @@ class DLRM(torch.nn.Module):
         k = len(cardinalities) + 2  # dense vector, one per table, history
         rows, cols = np.triu_indices(k, 1)
         self.register_buffer("pairs", torch.as_tensor(rows * k + cols), persistent=False)
-        self.top = torch.nn.Sequential(torch.nn.Linear(dim + len(rows), 128), torch.nn.ReLU(),
-                                       torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+        self.top = torch.nn.Sequential(
+            torch.nn.Linear(dim + len(rows), 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, 64),
+            torch.nn.ReLU(),
+            torch.nn.Linear(64, 1),
+        )
 
     def logits(self, dense: torch.Tensor, sparse: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         x = self.bottom(dense)
@@ -144,7 +152,7 @@ def train(model: DLRM, data: Clicks, epochs: int, batch: int = 1024, seed: int =
     for _ in range(epochs):
         perm = torch.as_tensor(order.permutation(len(data)))
         for i in range(0, len(data), batch):
-            idx = perm[i:i + batch]
+            idx = perm[i : i + batch]
             d, s, h, y = (t[idx] for t in tensors)
             loss = loss_fn(model.logits(d, s, h), y)
             for o in opts:
@@ -159,8 +167,16 @@ def export(model: DLRM, example: Clicks, path: Path) -> None:
     feeds = example.feeds(slice(0, 2))
     args = tuple(torch.as_tensor(feeds[k]) for k in ("dense", "sparse", "history"))
     names = ["dense", "sparse", "history"]
-    torch.onnx.export(model, args, str(path), dynamo=False, opset_version=17, input_names=names,
-                      output_names=["click"], dynamic_axes={n: {0: "N"} for n in names + ["click"]})
+    torch.onnx.export(
+        model,
+        args,
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=names,
+        output_names=["click"],
+        dynamic_axes={n: {0: "N"} for n in names + ["click"]},
+    )
 
 
 def recipes() -> dict[str, Recipe]:
@@ -174,21 +190,29 @@ def recipes() -> dict[str, Recipe]:
     return {
         "int8 rows, weight-only int8 MLP": Recipe(default=wo8, rules=(emb8,)),
         "int8 rows, dynamic int8 MLP": Recipe(default=Scheme(mode="dynamic"), rules=(emb8,)),
-        "int8, one scale per table, weight-only int8 MLP": Recipe(default=wo8, rules=(
-            Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only", per_channel=False)),)),
+        "int8, one scale per table, weight-only int8 MLP": Recipe(
+            default=wo8, rules=(Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only", per_channel=False)),)
+        ),
         "int4 rows (block 32 = row), weight-only int8 MLP": Recipe(default=wo8, rules=(emb4(32),)),
         "int4 blocks of 16, weight-only int8 MLP": Recipe(default=wo8, rules=(emb4(16),)),
         # Affine int4 tables run as ONNX Runtime's com.microsoft.GatherBlockQuantized: its speed, for comparison.
-        "int4 rows affine (GatherBlockQuantized), weight-only int8 MLP": Recipe(default=wo8, rules=(
-            Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only", weights="int4", block_size=32,
-                                                     symmetric_weights=False)),)),
+        "int4 rows affine (GatherBlockQuantized), weight-only int8 MLP": Recipe(
+            default=wo8,
+            rules=(
+                Rule(
+                    op_types=("Gather",),
+                    scheme=Scheme(mode="weight_only", weights="int4", block_size=32, symmetric_weights=False),
+                ),
+            ),
+        ),
     }
 
 
 def predict(path: Path, data: Clicks, batch: int = 4096) -> np.ndarray:
     sess = session(path, "kernels", threads=1)
-    return np.concatenate([sess.run(None, data.feeds(slice(i, i + batch)))[0]
-                           for i in range(0, len(data), batch)]).astype(np.float64)
+    return np.concatenate(
+        [sess.run(None, data.feeds(slice(i, i + batch)))[0] for i in range(0, len(data), batch)]
+    ).astype(np.float64)
 
 
 def latency_ratios(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
@@ -209,15 +233,23 @@ def ort_dynamic(src: Path, dst: Path) -> str:
     quantize_dynamic(str(src), str(dst))
     m = onnx.load(str(dst))
     inits = {t.name: t for t in m.graph.initializer}
-    tables = [n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2]
+    tables = [
+        n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits and len(inits[n.input[0]].dims) == 2
+    ]
     if not tables:
         return "no Gather reads a constant table any more"
     t = inits[tables[0].input[0]]
-    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in {o for g in tables for o in g.output}]
+    dq = [
+        n
+        for n in m.graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in {o for g in tables for o in g.output}
+    ]
     scale = inits.get(dq[0].input[1]) if dq else None
     dtype = onnx.TensorProto.DataType.Name(t.data_type)
-    return (f"{len(tables)} Gathers read {dtype} tables, then DequantizeLinear "
-            f"(scale shape {list(scale.dims) if scale is not None else '?'}: one scale per table)")
+    return (
+        f"{len(tables)} Gathers read {dtype} tables, then DequantizeLinear "
+        f"(scale shape {list(scale.dims) if scale is not None else '?'}: one scale per table)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train_set, test_set = make_clicks(args.train, seed=0), make_clicks(args.test, seed=1)
     oracle = roc_auc_score(test_set.label, test_set.truth)
-    print(f"data: {len(train_set)} train / {len(test_set)} test impressions, CTR {train_set.label.mean():.3f}, "
-          f"oracle AUC (true probabilities) {oracle:.4f} ({time.perf_counter() - t0:.0f} s)")
+    print(
+        f"data: {len(train_set)} train / {len(test_set)} test impressions, CTR {train_set.label.mean():.3f}, "
+        f"oracle AUC (true probabilities) {oracle:.4f} ({time.perf_counter() - t0:.0f} s)"
+    )
     model = DLRM()
     t0 = time.perf_counter()
     train(model, train_set, args.epochs)
@@ -265,41 +299,65 @@ def main(argv: list[str] | None = None) -> int:
     ratios = latency_ratios(paths, test_set.feeds(rows), args.runs)
 
     float_bytes = float_path.stat().st_size
-    header = f"| model | AUC | log loss | mean abs prob. diff vs float | size MB | % of float | latency vs float (batch {args.batch}, 1 thread) |"
+    header = (
+        "| model | AUC | log loss | mean abs prob. diff vs float | size MB | % of float "
+        f"| latency vs float (batch {args.batch}, 1 thread) |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for k, p in probs.items():
         size = paths[k].stat().st_size
-        lines.append(f"| {k} | {roc_auc_score(test_set.label, p):.4f} | {log_loss(test_set.label, np.clip(p, 1e-7, 1 - 1e-7)):.4f} | "
-                     f"{np.abs(p - probs['float']).mean():.5f} | {size / 1e6:.2f} | {100 * size / float_bytes:.1f}% | {ratios[k]:.2f}x |")
-    print(f"\nheld-out AUC (oracle {oracle:.4f}), {len(test_set)} impressions; latency: paired median of {args.runs} interleaved rounds\n")
+        lines.append(
+            f"| {k} | {roc_auc_score(test_set.label, p):.4f} | "
+            f"{log_loss(test_set.label, np.clip(p, 1e-7, 1 - 1e-7)):.4f} | "
+            f"{np.abs(p - probs['float']).mean():.5f} | {size / 1e6:.2f} | {100 * size / float_bytes:.1f}% | "
+            f"{ratios[k]:.2f}x |"
+        )
+    print(
+        f"\nheld-out AUC (oracle {oracle:.4f}), {len(test_set)} impressions; latency: paired median of {args.runs} "
+        "interleaved rounds\n"
+    )
     print("\n".join(lines))
 
     if args.results:
-        cmd = "python examples/dlrm.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        cmd = "python examples/dlrm.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+        )
         mach = machine()
-        text = "\n".join([
-            "# DLRM-style click model: float vs int8 / int4 embedding tables", "",
-            f"Command: `{cmd}` (also `make dlrm`), run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-            f"Machine: {mach['cpu']}, {mach['cores']} cores (VNNI: {mach['vnni']}), onnxruntime {ort.__version__}, "
-            f"torch {torch.__version__}; "
-            "shared with other jobs, so only the paired, interleaved latency ratios are meaningful (1 thread, "
-            f"batch {args.batch}, median of {args.runs} rounds, sessions created in both orders).", "",
-            f"Data: generated clicks ({len(train_set)} train / {len(test_set)} held-out impressions, CTR "
-            f"{train_set.label.mean():.3f}); the true click probabilities reach AUC {oracle:.4f} on the held-out set "
-            "(the ceiling). Tables: " + ", ".join(f"{c:,}" for c in CARDINALITIES) + f" rows x {DIM}.", "",
-            *lines, "",
-            f"onnxruntime quantize_dynamic (defaults): {ort_note}.", "",
-            "Notes:",
-            "- The embedding tables are over 99% of the float file; the MLP form barely changes size. Weight-only int8 "
-            "MLP layers move the probabilities less than dynamic int8 ones; their speed is within the noise here.",
-            "- Symmetric int4 tables are stored as bytes of two nibbles, gathered, then unpacked by standard ops "
-            "(Mod, BitShift, Concat, DequantizeLinear, Mul); affine ones use ONNX Runtime's GatherBlockQuantized "
-            "kernel, whose row above shows its cost.",
-            "- Per-row int8 scales cost a second lookup (Gather of the scale) per id; one scale per table is a single "
-            "Gather + DequantizeLinear, like quantize_dynamic's form. With these trained tables both lose no AUC.",
-            "- Latency ratios of the same model moved by up to ~0.3x between runs on this shared machine; "
-            "compare rows within one run.", "",
-        ])
+        text = "\n".join(
+            [
+                "# DLRM-style click model: float vs int8 / int4 embedding tables",
+                "",
+                f"Command: `{cmd}` (also `make dlrm`), run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+                "",
+                f"Machine: {mach['cpu']}, {mach['cores']} cores (VNNI: {mach['vnni']}), onnxruntime {ort.__version__}, "
+                f"torch {torch.__version__}; "
+                "shared with other jobs, so only the paired, interleaved latency ratios are meaningful (1 thread, "
+                f"batch {args.batch}, median of {args.runs} rounds, sessions created in both orders).",
+                "",
+                f"Data: generated clicks ({len(train_set)} train / {len(test_set)} held-out impressions, CTR "
+                f"{train_set.label.mean():.3f}); the true click probabilities reach AUC {oracle:.4f} on the held-out "
+                "set "
+                "(the ceiling). Tables: " + ", ".join(f"{c:,}" for c in CARDINALITIES) + f" rows x {DIM}.",
+                "",
+                *lines,
+                "",
+                f"onnxruntime quantize_dynamic (defaults): {ort_note}.",
+                "",
+                "Notes:",
+                "- The embedding tables are over 99% of the float file; the MLP form barely changes size. "
+                "Weight-only int8 "
+                "MLP layers move the probabilities less than dynamic int8 ones; their speed is within the noise here.",
+                "- Symmetric int4 tables are stored as bytes of two nibbles, gathered, then unpacked by standard ops "
+                "(Mod, BitShift, Concat, DequantizeLinear, Mul); affine ones use ONNX Runtime's GatherBlockQuantized "
+                "kernel, whose row above shows its cost.",
+                "- Per-row int8 scales cost a second lookup (Gather of the scale) per id; one scale per table is a "
+                "single "
+                "Gather + DequantizeLinear, like quantize_dynamic's form. With these trained tables both lose no AUC.",
+                "- Latency ratios of the same model moved by up to ~0.3x between runs on this shared machine; "
+                "compare rows within one run.",
+                "",
+            ]
+        )
         args.results.write_text(text)
         print(f"\nwrote {args.results}")
     return 0

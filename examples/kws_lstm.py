@@ -35,13 +35,13 @@ import torch  # noqa: E402
 from onnxruntime.quantization import QuantType, quantize_dynamic  # noqa: E402
 
 import lowbit  # noqa: E402
-from lowbit import _speech as sp  # noqa: E402
+from lowbit import Recipe, Scheme  # noqa: E402
 from lowbit.evaluate.bench import machine  # noqa: E402
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio  # noqa: E402
-from lowbit import Recipe, Scheme  # noqa: E402
 from lowbit.recipe import preset  # noqa: E402
 from lowbit.runtimes.ort import session  # noqa: E402
 from lowbit.torch.onnx_export import module_to_onnx  # noqa: E402
+from lowbit_zoo import speech as sp  # noqa: E402
 
 KEYWORDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]
 OTHER = ["bed", "bird", "cat", "dog", "happy", "house", "tree", "wow"]
@@ -105,8 +105,9 @@ def noise(rng: np.random.Generator, clips: list[np.ndarray]) -> np.ndarray:
     return sp.colored_noise(rng, sp.RATE, str(kind))
 
 
-def make_set(clips: list[np.ndarray], words: np.ndarray, copies: int, seed: int, noisy: bool = True,
-             clean: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def make_set(
+    clips: list[np.ndarray], words: np.ndarray, copies: int, seed: int, noisy: bool = True, clean: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Log-mel features (N, 49, 40) and class labels: each word `copies` times at random offsets with noise
     at 0-20 dB SNR (a `clean` fraction without), plus noise-only "_silence_" clips (one per class share)."""
     rng = np.random.default_rng(seed)
@@ -155,14 +156,17 @@ def train(x: np.ndarray, y: np.ndarray, epochs: int) -> KWS:
             sched.step()
             total += float(loss.detach()) * len(idx)
             correct += int((out.argmax(1) == yt[idx]).sum())
-        print(f"  epoch {epoch + 1:2d}/{epochs}: loss {total / len(x):.3f}, train acc {correct / len(x):.3f} "
-              f"({time.perf_counter() - t:.0f} s)", flush=True)
+        print(
+            f"  epoch {epoch + 1:2d}/{epochs}: loss {total / len(x):.3f}, train acc {correct / len(x):.3f} "
+            f"({time.perf_counter() - t:.0f} s)",
+            flush=True,
+        )
     return net.eval()
 
 
 def predict(path: Path, x: np.ndarray) -> np.ndarray:
     sess = session(path, "kernels")
-    return np.concatenate([sess.run(None, {"x": x[i:i + 256]})[0] for i in range(0, len(x), 256)]).argmax(1)
+    return np.concatenate([sess.run(None, {"x": x[i : i + 256]})[0] for i in range(0, len(x), 256)]).argmax(1)
 
 
 def paired_latency(models: dict[str, Path], feeds: dict[str, np.ndarray], runs: int = 300) -> dict[str, list[float]]:
@@ -191,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     train_takes, test_takes = speakers()
     tr_clips, tr_words = load_audio(train_takes, work, "train")
     te_clips, te_words = load_audio(test_takes, work, "test")
-    print(f"  train: {len(train_takes)} takes, {len(tr_clips)} words; held-out: {len(test_takes)} takes "
-          f"({', '.join(TEST_VOICES)} x {N_TEST_VARIANTS} unseen variants), {len(te_clips)} words")
+    print(
+        f"  train: {len(train_takes)} takes, {len(tr_clips)} words; held-out: {len(test_takes)} takes "
+        f"({', '.join(TEST_VOICES)} x {N_TEST_VARIANTS} unseen variants), {len(te_clips)} words"
+    )
 
     print("2. noise and log-mel features")
     x_tr, y_tr = make_set(tr_clips, tr_words, copies=1, seed=1, clean=0.15)
@@ -214,13 +220,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:24s} {d.op_type:8s} {'int8 ' if d.quantized else 'float'} {d.reason}")
     # Per-tensor W and R without the AVX2 overflow guard: for CPUs with VNNI or dot-product instructions.
     pt_path = work / "kws.lowbit_per_tensor.onnx"
-    lowbit.quantize(float_path, pt_path, recipe=Recipe(default=Scheme(mode="dynamic", per_channel=False,
-                                                                      avoid_overflow=False)), progress=False)
+    lowbit.quantize(
+        float_path,
+        pt_path,
+        recipe=Recipe(default=Scheme(mode="dynamic", per_channel=False, avoid_overflow=False)),
+        progress=False,
+    )
     quantize_dynamic(str(float_path), str(ort_path), weight_type=QuantType.QInt8)
 
     print("5. accuracy on held-out speakers, size, latency")
-    models = {"float": float_path, "lowbit dynamic int8": lowbit_path, PER_TENSOR: pt_path,
-              "ORT quantize_dynamic": ort_path}
+    models = {
+        "float": float_path,
+        "lowbit dynamic int8": lowbit_path,
+        PER_TENSOR: pt_path,
+        "ORT quantize_dynamic": ort_path,
+    }
     acc, agree = {}, {}
     ref = {k: predict(float_path, x) for k, x in (("noisy", x_te), ("clean", x_clean))}
     for label, path in models.items():
@@ -230,20 +244,35 @@ def main(argv: list[str] | None = None) -> int:
     times = paired_latency(models, {"x": x_te[:1]})
     rows = []
     for label, path in models.items():
-        rows.append((label, acc[label][0], acc[label][1], agree[label], path.stat().st_size,
-                     1e3 * float(np.median(times[label])), paired_ratio(times, label, "float")))
+        rows.append(
+            (
+                label,
+                acc[label][0],
+                acc[label][1],
+                agree[label],
+                path.stat().st_size,
+                1e3 * float(np.median(times[label])),
+                paired_ratio(times, label, "float"),
+            )
+        )
     vs_ort = paired_ratio(times, "lowbit dynamic int8", "ORT quantize_dynamic")
     pt_vs_ort = paired_ratio(times, PER_TENSOR, "ORT quantize_dynamic")
-    header = ("| model | held-out acc, noisy 0-20 dB | held-out acc, clean | top-1 agreement with float (noisy) "
-              "| size | p50 latency, batch 1, 1 thread | paired latency ratio vs float |")
+    header = (
+        "| model | held-out acc, noisy 0-20 dB | held-out acc, clean | top-1 agreement with float (noisy) "
+        "| size | p50 latency, batch 1, 1 thread | paired latency ratio vs float |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|"]
     for label, a_n, a_c, ag, size, p50, ratio in rows:
-        lines.append(f"| {label} | {100 * a_n:.1f}% | {100 * a_c:.1f}% | {100 * ag:.1f}% | {size / 1024:.0f} KiB "
-                     f"| {p50:.3f} ms | {ratio:.3f} |")
+        lines.append(
+            f"| {label} | {100 * a_n:.1f}% | {100 * a_c:.1f}% | {100 * ag:.1f}% | {size / 1024:.0f} KiB "
+            f"| {p50:.3f} ms | {ratio:.3f} |"
+        )
     table = "\n".join(lines)
     print(table)
-    print(f"  paired latency ratio vs ORT quantize_dynamic: lowbit {vs_ort:.3f}, lowbit per-tensor {pt_vs_ort:.3f} "
-          "(< 1: lowbit faster)")
+    print(
+        f"  paired latency ratio vs ORT quantize_dynamic: lowbit {vs_ort:.3f}, lowbit per-tensor {pt_vs_ort:.3f} "
+        "(< 1: lowbit faster)"
+    )
     ops = sorted({n.op_type for n in onnx.load(str(lowbit_path)).graph.node})
     took = time.perf_counter() - start
     print(f"  lowbit model ops: {', '.join(ops)}; total {took:.0f} s")
@@ -253,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         text = f"""# Keyword spotting: LSTM on espeak-ng speech, dynamic int8
 
 Command: `make kws` (`python examples/kws_lstm.py`), {datetime.date.today().isoformat()}, {took:.0f} s in all.
-Machine: {mach['cpu']}, {mach['cores']} cores, VNNI: {mach['vnni']}. The machine is shared with other jobs, so
+Machine: {mach["cpu"]}, {mach["cores"]} cores, VNNI: {mach["vnni"]}. The machine is shared with other jobs, so
 absolute latencies are noisy; the ratios are medians of per-round ratios of interleaved runs (300 runs per model,
 batch 1, one thread, session creation order alternated), which a slow spell affects alike.
 
 Data: espeak-ng {len(KEYWORDS)} keywords + {len(OTHER)} other words ("_unknown_") + noise-only "_silence_",
 {len(sp.VOICES)} English accents x {N_VARIANTS} voice variants, {TAKES} takes per speaker at random speed and pitch.
-Held-out speakers: accents {', '.join(TEST_VOICES)} x {N_TEST_VARIANTS} variants, none of either in training
+Held-out speakers: accents {", ".join(TEST_VOICES)} x {N_TEST_VARIANTS} variants, none of either in training
 ({len(y_te)} clips). Noise: white, pink, brown, mains hum or babble at 0-20 dB SNR. Features: 40 log-mels,
 30 ms windows every 20 ms, 1 s clips (49 frames). Model: LSTM(40 -> 128), mean over time, Linear(128, 64), ReLU,
 Linear(64, {len(CLASSES)}); {args.epochs} epochs of Adam in PyTorch on the CPU.
@@ -271,7 +300,7 @@ the same model: lowbit's default (`--preset dynamic`) {vs_ort:.3f}, lowbit per-t
 {pt_vs_ort:.3f} (below 1: lowbit faster).
 
 lowbit writes `com.microsoft.DynamicQuantizeLSTM` with int8 W and R and `DynamicQuantizeLinear -> MatMulInteger`
-for the Linear layers, which ONNX Runtime fuses; ops in lowbit's model: {', '.join(ops)}.
+for the Linear layers, which ONNX Runtime fuses; ops in lowbit's model: {", ".join(ops)}.
 Its default gives W and R one scale per gate row (per-channel) and the int16 overflow guard for AVX2 CPUs
 without VNNI. ONNX Runtime's DynamicQuantizeLSTM kernel runs per-channel scales more slowly than one scale per
 direction (compare the two lowbit rows). On this model the per-tensor form is as accurate, so on CPUs with VNNI

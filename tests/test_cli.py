@@ -11,14 +11,14 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import tiny_cnn
+from conftest import CliRun, run_cli
 
 
 def lowbit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lowbit.cli.main", *args], capture_output=True, text=True, cwd=cwd)
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+def assert_user_error(proc: CliRun | subprocess.CompletedProcess, *words: str) -> None:
     assert proc.returncode != 0
     err = proc.stderr.strip()
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -58,7 +58,7 @@ def test_json_summary(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> Non
 def test_corrupt_model(tmp_path: Path, tiny_calib: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not protobuf \xff\xff\xff")
-    assert_user_error(lowbit("quantize", str(bad), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
+    assert_user_error(run_cli("quantize", str(bad), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
                       "bad.onnx")
     assert no_outputs(tmp_path)
 
@@ -67,38 +67,39 @@ def test_truncated_model(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> 
     data = tiny_model.read_bytes()
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) // 2])
-    assert_user_error(lowbit("quantize", str(cut), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
+    assert_user_error(run_cli("quantize", str(cut), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
                       "cut.onnx")
     assert no_outputs(tmp_path)
 
 
 def test_missing_model(tmp_path: Path, tiny_calib: Path) -> None:
-    assert_user_error(lowbit("quantize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out.onnx"),
+    assert_user_error(run_cli("quantize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out.onnx"),
                              "--calib", str(tiny_calib)), "not found")
 
 
 def test_empty_calibration_folder(tmp_path: Path, tiny_model: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(empty)),
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(empty)),
                       "empty")
     assert no_outputs(tmp_path)
 
 
 def test_missing_calibration_folder(tmp_path: Path, tiny_model: Path) -> None:
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"),
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"),
                              "--calib", str(tmp_path / "nowhere")), "not found")
     assert no_outputs(tmp_path)
 
 
 def test_no_calibration_given(tmp_path: Path, tiny_model: Path) -> None:
+    # through the real entry point: argparse's error, its exit code and one line from `python -m lowbit.cli.main`
     assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx")), "--calib")
 
 
 def test_wrong_shape(tmp_path: Path, tiny_model: Path) -> None:
     data = tmp_path / "calib.npy"
     np.save(data, np.zeros((4, 3, 20, 20), np.float32))
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
                       "shape")
     assert no_outputs(tmp_path)
 
@@ -106,7 +107,7 @@ def test_wrong_shape(tmp_path: Path, tiny_model: Path) -> None:
 def test_wrong_dtype(tmp_path: Path, tiny_model: Path) -> None:
     data = tmp_path / "calib.npy"
     np.save(data, np.zeros((4, 3, 16, 16), np.int32))
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
                       "int32")
     assert no_outputs(tmp_path)
 
@@ -117,7 +118,7 @@ def test_nan_inf_in_calibration(tmp_path: Path, tiny_model: Path, bad: float) ->
     arr[2, 1, 3, 3] = bad
     data = tmp_path / "calib.npy"
     np.save(data, arr)
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
                       "nan")
     assert no_outputs(tmp_path)
 
@@ -125,14 +126,14 @@ def test_nan_inf_in_calibration(tmp_path: Path, tiny_model: Path, bad: float) ->
 def test_unknown_recipe_key(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> None:
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"default": {"activation": "uint8"}}))
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib",
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib",
                              str(tiny_calib), "--recipe", str(recipe)), "activation")
     assert no_outputs(tmp_path)
 
 
 def test_output_equal_to_input(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> None:
     before = tiny_model.read_bytes()
-    assert_user_error(lowbit("quantize", str(tiny_model), "-o", str(tiny_model), "--calib", str(tiny_calib)),
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tiny_model), "--calib", str(tiny_calib)),
                       "input")
     assert tiny_model.read_bytes() == before
 

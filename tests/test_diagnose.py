@@ -162,7 +162,7 @@ def test_wrong_data_shape_is_one_line_error(bad_files: tuple[Path, Path, Path], 
 @pytest.mark.slow
 def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path, efficientnet_lite0: Path) -> None:
     """Per-tensor EfficientNet-Lite0 loses top-1 agreement; the diagnosed recipe wins back at least half."""
-    from lowbit._zoo import photo_crops
+    from lowbit_zoo.zoo import photo_crops
     from lowbit.evaluate.metrics import top1_agreement
     from lowbit.runtimes.ort import run_all, session
 
@@ -239,7 +239,6 @@ def test_fix_rules_drop_the_qat_rules_they_replace(tmp_path: Path) -> None:
     node (the planner warns about such rules)."""
     import warnings
 
-    pytest.importorskip("torch")
     import lowbit.torch as lt
     from test_torch import data, small_cnn
     import torch

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
-from conftest import tiny_cnn
+from conftest import CliRun, run_cli, tiny_cnn
 from lowbit.errors import LowbitError
 from lowbit.evaluate.evaluate import evaluate
 
@@ -57,7 +57,7 @@ def strict_json(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def assert_user_error(proc: subprocess.CompletedProcess, *words: str) -> None:
+def assert_user_error(proc: CliRun | subprocess.CompletedProcess, *words: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     err = proc.stderr.strip()
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -162,53 +162,53 @@ def test_fixed_batch_model_counts_labels_before_dropping_the_partial_batch(tmp_p
 
 def test_error_outputs_with_different_names(scored: dict[str, str], tmp_path: Path) -> None:
     ref = save(linear(out="logits"), tmp_path / "ref.onnx")
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--reference", ref),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--reference", ref),
                       "'y'", "logits", "same outputs")
 
 
 def test_error_outputs_with_different_shapes(scored: dict[str, str], tmp_path: Path) -> None:
     ref = save(linear(classes=5), tmp_path / "ref.onnx")
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--reference", ref),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--reference", ref),
                       "output 'y'", "(N, 8)", "(N, 5)")
 
 
 def test_error_data_of_the_wrong_shape(scored: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 7), np.float32))
-    assert_user_error(lowbit_cli(scored["model"], "--data", str(bad), "--labels", scored["npy"]),
+    assert_user_error(run_cli("eval", scored["model"], "--data", str(bad), "--labels", scored["npy"]),
                       str(bad), "(N, 8)", "(4, 7)")
 
 
 def test_error_label_count_differs(scored: dict[str, str], tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("0\n1\n5\n")
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(short)),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(short)),
                       "3 labels", "4 samples", str(short))
     # --limit does not hide labels written for other data
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(short), "--limit", "2"),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(short), "--limit", "2"),
                       "3 labels", "4 samples")
 
 
 def test_error_labels_out_of_range(scored: dict[str, str], tmp_path: Path) -> None:
     for name, values in (("high.npy", [0, 5, 8, 5]), ("neg.npy", [0, -1, 5, 5])):
         np.save(tmp_path / name, np.array(values))
-        assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(tmp_path / name)),
+        assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(tmp_path / name)),
                           "out of range", "8 classes")
 
 
 def test_error_label_file_missing_or_unreadable(scored: dict[str, str], tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(missing)),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(missing)),
                       "not found", str(missing))
     words = tmp_path / "words.txt"
     words.write_text("0\ncat\n")
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(words)),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(words)),
                       "line 2", "'cat'", "integer")
     broken = tmp_path / "broken.npy"
     broken.write_bytes(b"not an array")
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(broken)),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(broken)),
                       "cannot read label file", str(broken))
     floats = tmp_path / "floats.npy"
     np.save(floats, LABELS.astype(np.float32))
-    assert_user_error(lowbit_cli(scored["model"], "--data", scored["data"], "--labels", str(floats)),
+    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(floats)),
                       "float32", "integers")

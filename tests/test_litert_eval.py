@@ -21,8 +21,6 @@ from lowbit.export.tflite import export_tflite
 from lowbit.runtimes.litert import LiteRTSession
 from lowbit.runtimes.ort import session
 
-pytest.importorskip("ai_edge_litert.interpreter")
-
 
 def conv_only(batch: int | str = "N") -> onnx.ModelProto:
     """Conv + Relu: its 4-D output is quantized, so it can be exported with int8/uint8 inputs and outputs."""

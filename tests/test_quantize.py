@@ -92,7 +92,7 @@ def test_calibration_state_does_not_grow_with_samples(tiny_model: Path) -> None:
 
 @pytest.mark.slow
 def test_efficientnet_lite0_int8(tmp_path: Path, efficientnet_lite0: Path) -> None:
-    from lowbit._zoo import photo_crops
+    from lowbit_zoo.zoo import photo_crops
 
     float_path = efficientnet_lite0
     result = lowbit.quantize(float_path, tmp_path / "q.onnx", calib=photo_crops(64, "calib"), progress=False)

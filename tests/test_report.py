@@ -15,7 +15,7 @@ import pytest
 
 import lowbit
 from browser import Element, external_references, parse, render
-from conftest import tiny_cnn
+from conftest import run_cli, tiny_cnn
 from lowbit.evaluate.report import WORST, render as render_html, write_report
 
 EVIL = "<script>alert(1)</script>"
@@ -58,6 +58,7 @@ def rows(table: Element) -> list[Element]:
     return table.find("tbody").find_all("tr")
 
 
+@pytest.mark.browser
 def test_report_renders_every_chart_in_chromium(tmp_path: Path) -> None:
     data = sample_data()
     path = write_report(data, tmp_path / "r.html")
@@ -104,6 +105,7 @@ def test_report_renders_every_chart_in_chromium(tmp_path: Path) -> None:
     assert json.loads(page.root.find("pre", id="recipe").all_text()) == data["recipe"]
 
 
+@pytest.mark.browser
 def test_empty_report_renders_without_errors(tmp_path: Path) -> None:
     page = render(write_report({}, tmp_path / "empty.html"))
     assert page.console == [], page.console
@@ -112,6 +114,7 @@ def test_empty_report_renders_without_errors(tmp_path: Path) -> None:
     assert len(page.root.find_all("section")) == 6
 
 
+@pytest.mark.browser
 def test_text_is_escaped_everywhere(tmp_path: Path) -> None:
     data = sample_data(EVIL)
     text = render_html(data)
@@ -138,6 +141,7 @@ def quantized(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> Path:
     return out
 
 
+@pytest.mark.browser
 def test_cli_writes_a_report_of_real_measurements(tiny_model: Path, tiny_calib: Path, quantized: Path,
                                                   tmp_path: Path) -> None:
     out = tmp_path / "report.html"
@@ -223,7 +227,7 @@ def test_cli_refuses_to_overwrite_an_input(which: str, tiny_model: Path, tiny_ca
                                            tmp_path: Path) -> None:
     target = {"float": tiny_model, "quant": quantized, "data": tiny_calib, "suffix": tmp_path / "r.txt"}[which]
     before = target.read_bytes() if target.exists() else None
-    proc = lowbit_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(target))
+    proc = run_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(target))
     assert proc.returncode == 2
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("lowbit: error:") and "Traceback" not in proc.stderr, err

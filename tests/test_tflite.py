@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -13,8 +14,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert, export_tflite, read_metadata
-
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 
 def run_tflite(data: bytes, x: np.ndarray, dequantize: bool = False) -> np.ndarray:

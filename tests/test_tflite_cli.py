@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest
@@ -13,8 +14,6 @@ from onnx import TensorProto, helper
 
 import lowbit
 from lowbit.cli.main import main
-
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 
 def _run(data: bytes, x: np.ndarray) -> np.ndarray:
@@ -69,7 +68,7 @@ def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path, efficientnet_lite0: Path) -> None:
-    from lowbit._zoo import photo_crops
+    from lowbit_zoo.zoo import photo_crops
     from lowbit.evaluate.metrics import cosine, top1_agreement
     from lowbit.export.tflite import export_tflite
     from lowbit.runtimes.ort import run_all, session

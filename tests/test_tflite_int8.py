@@ -8,6 +8,7 @@ LiteRT's built-in kernels (no XNNPACK) use 32-bit fixed-point multipliers and ro
 
 from __future__ import annotations
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest
@@ -18,8 +19,6 @@ from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert
 from lowbit.runtimes.ort import session
 from test_tflite import run_tflite
-
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 
 def _model(nodes, inits, x_shape, y_shape) -> onnx.ModelProto:

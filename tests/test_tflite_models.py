@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import pytest
 
 import lowbit
 
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -40,7 +40,7 @@ def test_mobilenet_v2_full_integer_agrees_with_int8_onnx(tmp_path: Path) -> None
     sys.path.insert(0, str(BENCH))
     from models import mobilenet_v2_onnx
 
-    from lowbit._zoo import photo_crops
+    from lowbit_zoo.zoo import photo_crops
     from lowbit.evaluate.metrics import cosine, top1_agreement
     from lowbit.export.tflite import convert
     from lowbit.runtimes.ort import run_all, session

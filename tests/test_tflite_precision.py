@@ -13,7 +13,6 @@ import lowbit
 from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert, read_metadata
 
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 helper = onnx.helper
 
 

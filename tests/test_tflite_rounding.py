@@ -6,16 +6,14 @@ only by one step, only where the exact value is within 1e-4 of a half step (docs
 
 from __future__ import annotations
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.export.tflite import convert
 from lowbit.targets.add_rounding import exact_add, ort_add, snap_add_scales, xnnpack_add
 from lowbit.runtimes.ort import session
-
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 
 SHAPE = [1, 1, 256, 256]  # every (a, b) pair of int8 values once
 # scale ratios sa/sc, sb/sc that need more than 21 bits (as calibrated scales do); zero points off-centre.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest
@@ -14,7 +15,6 @@ from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert
 from lowbit.runtimes.ort import session
 
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 C, S = 4, 6  # channels, input height/width
 
 

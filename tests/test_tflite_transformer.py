@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest
@@ -13,7 +14,6 @@ from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert
 from lowbit.runtimes.ort import session
 
-litert = pytest.importorskip("ai_edge_litert.interpreter")
 V, L, D, H = 50, 8, 32, 2  # vocabulary, tokens, width, heads
 
 
@@ -167,7 +167,7 @@ def test_lowbit_weight_only_onnx_computes_what_its_graph_says(per_channel):
 
 @pytest.mark.slow
 def test_minilm_float_and_dynamic_range_in_litert(tmp_path: Path) -> None:
-    from lowbit._zoo import minilm_onnx, minilm_tokenize, text_sentences
+    from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, text_sentences
 
     path = minilm_onnx(tmp_path / "minilm.onnx")
     n = 64

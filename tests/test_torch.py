@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 import lowbit  # noqa: E402

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
 import lowbit  # noqa: E402
@@ -340,7 +340,8 @@ def test_sixteen_bit_activations_from_the_recipe(tmp_path: Path) -> None:
 
 
 def test_tflite_export_runs_the_qat_model(tmp_path: Path) -> None:
-    litert = pytest.importorskip("ai_edge_litert.interpreter")
+    import ai_edge_litert.interpreter as litert
+
     from lowbit.export.tflite import export_tflite
 
     q = lt.prepare_qat(small_cnn(), W4, example_inputs=(batches(1)[0][:1],), calib=batches())

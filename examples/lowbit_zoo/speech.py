@@ -17,7 +17,7 @@ import numpy as np
 from scipy.io import wavfile
 from scipy.signal import resample_poly
 
-from .errors import LowbitError
+from lowbit.errors import LowbitError
 
 RATE = 16000
 ESPEAK_RATE = 22050
@@ -55,8 +55,21 @@ def variants() -> list[str]:
 def _run(take: Take, text: str, ssml: bool) -> np.ndarray:
     with tempfile.TemporaryDirectory() as d:
         wav = Path(d) / "out.wav"
-        cmd = [espeak(), "-v", f"{take.voice}+{take.variant}", "-s", str(take.speed), "-p", str(take.pitch),
-               "-w", str(wav)] + (["-m"] if ssml else []) + [text]
+        cmd = (
+            [
+                espeak(),
+                "-v",
+                f"{take.voice}+{take.variant}",
+                "-s",
+                str(take.speed),
+                "-p",
+                str(take.pitch),
+                "-w",
+                str(wav),
+            ]
+            + (["-m"] if ssml else [])
+            + [text]
+        )
         subprocess.run(cmd, check=True, capture_output=True)
         rate, x = wavfile.read(wav)
     if rate != ESPEAK_RATE:
@@ -66,7 +79,7 @@ def _run(take: Take, text: str, ssml: bool) -> np.ndarray:
 
 def _trim(x: np.ndarray, level: float = 2e-3) -> np.ndarray:
     loud = np.flatnonzero(np.abs(x) > level)
-    return x[loud[0]: loud[-1] + 1] if len(loud) else x[:0]
+    return x[loud[0] : loud[-1] + 1] if len(loud) else x[:0]
 
 
 def _split(x: np.ndarray, n: int, level: float = 2e-3) -> list[np.ndarray] | None:
@@ -99,7 +112,7 @@ def colored_noise(rng: np.random.Generator, n: int, kind: str) -> np.ndarray:
     """white, pink (1/f power) or brown (1/f^2) noise, unit RMS."""
     spec = np.fft.rfft(rng.standard_normal(n))
     f = np.maximum(np.fft.rfftfreq(n), 1.0 / n)
-    spec *= {"white": 1.0, "pink": f ** -0.5, "brown": 1.0 / f}[kind]
+    spec *= {"white": 1.0, "pink": f**-0.5, "brown": 1.0 / f}[kind]
     x = np.fft.irfft(spec, n)
     return (x / (np.sqrt(np.mean(x**2)) + 1e-12)).astype(np.float32)
 
@@ -126,19 +139,21 @@ def place(word: np.ndarray, rng: np.random.Generator, n: int = RATE) -> np.ndarr
     out = np.zeros(n, np.float32)
     if len(word) >= n:
         start = (len(word) - n) // 2
-        out[:] = word[start:start + n]
+        out[:] = word[start : start + n]
     else:
         at = int(rng.integers(0, n - len(word) + 1))
-        out[at:at + len(word)] = word
+        out[at : at + len(word)] = word
     return out
 
 
 # --- log-mel features ---
 
 
-def mel_filterbank(n_mels: int = 40, n_fft: int = 512, rate: int = RATE, fmin: float = 20.0,
-                   fmax: float = 7600.0) -> np.ndarray:
+def mel_filterbank(
+    n_mels: int = 40, n_fft: int = 512, rate: int = RATE, fmin: float = 20.0, fmax: float = 7600.0
+) -> np.ndarray:
     """(n_mels, n_fft // 2 + 1) triangular filters evenly spaced on the HTK mel scale."""
+
     def to_mel(f):
         return 2595.0 * np.log10(1.0 + np.asarray(f) / 700.0)
 
@@ -162,7 +177,7 @@ def log_mel(audio: np.ndarray, n_mels: int = 40, win: int = 480, hop: int = 320,
     window = np.hanning(win).astype(np.float32)
     out = np.empty((audio.shape[0], frames, n_mels), np.float32)
     for i in range(0, audio.shape[0], 128):  # batches small enough to stay in cache
-        x = np.lib.stride_tricks.sliding_window_view(audio[i:i + 128], win, axis=1)[:, ::hop][:, :frames] * window
+        x = np.lib.stride_tricks.sliding_window_view(audio[i : i + 128], win, axis=1)[:, ::hop][:, :frames] * window
         spec = np.fft.rfft(x, n_fft, axis=-1)
-        out[i:i + 128] = np.log((spec.real**2 + spec.imag**2) @ bank + 1e-6)
+        out[i : i + 128] = np.log((spec.real**2 + spec.imag**2) @ bank + 1e-6)
     return out

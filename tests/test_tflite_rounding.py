@@ -1,6 +1,6 @@
 """The one place LiteRT (XNNPACK) and ONNX Runtime round an int8 model differently: ADD's requantization.
 
-A QDQ Add on many random int8 pairs, exported to .tflite: LiteRT's integers equal lowbit.export.tflite.rounding's
+A QDQ Add on many random int8 pairs, exported to .tflite: LiteRT's integers equal lowbit.targets.add_rounding's
 emulation of XNNPACK's rule on every element, ONNX Runtime's equal the MLAS rule's, and the two runtimes differ
 only by one step, only where the exact value is within 1e-4 of a half step (docs/tflite.md). snap_add_scales removes the gap."""
 

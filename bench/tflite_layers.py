@@ -26,9 +26,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lowbit.export.tflite import export_tflite
-from lowbit.targets.add_rounding import exact_add, ort_add, xnnpack_add
 from lowbit.runtimes.litert import LiteRTSession
 from lowbit.runtimes.ort import session
+from lowbit.targets.add_rounding import exact_add, ort_add, xnnpack_add
 
 
 def main() -> None:

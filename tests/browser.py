@@ -16,34 +16,49 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000", "--dump-dom"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=5000",
+    "--dump-dom",
+]
 
 
 @dataclass
 class Element:
     tag: str
     attrs: dict[str, str]
-    parent: "Element | None" = None
-    children: list["Element"] = field(default_factory=list)
+    parent: Element | None = None
+    children: list[Element] = field(default_factory=list)
     text: str = ""
 
     @property
     def classes(self) -> set[str]:
         return set(self.attrs.get("class", "").split())
 
-    def find_all(self, tag: str | None = None, cls: str | None = None, id: str | None = None) -> list["Element"]:
+    def find_all(self, tag: str | None = None, cls: str | None = None, id: str | None = None) -> list[Element]:
         found = []
         stack = list(reversed(self.children))
         while stack:
             e = stack.pop()
-            if (tag is None or e.tag == tag) and (cls is None or cls in e.classes) and (id is None or e.attrs.get("id") == id):
+            if (
+                (tag is None or e.tag == tag)
+                and (cls is None or cls in e.classes)
+                and (id is None or e.attrs.get("id") == id)
+            ):
                 found.append(e)
             stack.extend(reversed(e.children))
         return found
 
-    def find(self, tag: str | None = None, cls: str | None = None, id: str | None = None) -> "Element":
+    def find(self, tag: str | None = None, cls: str | None = None, id: str | None = None) -> Element:
         found = self.find_all(tag, cls, id)
         assert found, f"no <{tag or '*'}> with class={cls} id={id} in the rendered DOM"
         return found[0]
@@ -98,12 +113,18 @@ class Rendered:
 def render(path: str | Path) -> Rendered:
     """Load `path` in headless Chromium, let its scripts run, return the resulting DOM and console lines."""
     if not Path(CHROMIUM).exists() and shutil.which("chromium") is None:
-        pytest.fail("headless Chromium is needed for the HTML report tests and is missing: install the Debian "
-                    "packages chromium and chromium-driver (make test does this)")
+        pytest.fail(
+            "headless Chromium is needed for the HTML report tests and is missing: install the Debian "
+            "packages chromium and chromium-driver (make test does this)"
+        )
     exe = CHROMIUM if Path(CHROMIUM).exists() else shutil.which("chromium")
     with tempfile.TemporaryDirectory(prefix="lowbit-chromium-") as profile:
-        proc = subprocess.run([exe, *FLAGS, f"--user-data-dir={profile}", Path(path).resolve().as_uri()],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [exe, *FLAGS, f"--user-data-dir={profile}", Path(path).resolve().as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert proc.returncode == 0, f"chromium exited with {proc.returncode}: {proc.stderr[-2000:]}"
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     return Rendered(proc.stdout, parse(proc.stdout), console)

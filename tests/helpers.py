@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx
@@ -27,7 +28,9 @@ def weight(shape: Iterable[int], seed: int = 0, scale: float = 0.5) -> np.ndarra
     return (rng(seed).standard_normal(tuple(shape)) * scale).astype(np.float32)
 
 
-def node(op: str, inputs: list[str], outputs: list[str], name: str | None = None, domain: str = "", **attrs: Any) -> onnx.NodeProto:
+def node(
+    op: str, inputs: list[str], outputs: list[str], name: str | None = None, domain: str = "", **attrs: Any
+) -> onnx.NodeProto:
     return helper.make_node(op, inputs, outputs, name=name or f"{op}_{outputs[0]}", domain=domain, **attrs)
 
 
@@ -44,7 +47,10 @@ def model(
         nodes,
         "tiny",
         [helper.make_tensor_value_info(n, FLOAT, s) for n, s in inputs.items()],
-        [helper.make_tensor_value_info(n, TensorProto.INT64 if n in int_outputs else FLOAT, s) for n, s in outputs.items()],
+        [
+            helper.make_tensor_value_info(n, TensorProto.INT64 if n in int_outputs else FLOAT, s)
+            for n, s in outputs.items()
+        ],
         [numpy_helper.from_array(np.asarray(a), n) for n, a in (inits or {}).items()],
     )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
@@ -61,10 +67,14 @@ def model(
 
 def const_node(name: str, array: np.ndarray) -> onnx.NodeProto:
     """A Constant node producing `name` (a weight stored in the graph rather than as an initializer)."""
-    return helper.make_node("Constant", [], [name], name=f"const_{name}", value=numpy_helper.from_array(np.asarray(array), name))
+    return helper.make_node(
+        "Constant", [], [name], name=f"const_{name}", value=numpy_helper.from_array(np.asarray(array), name)
+    )
 
 
-def samples(m: onnx.ModelProto, n: int = 16, seed: int = 1, low: float = -1.0, high: float = 1.0) -> list[dict[str, np.ndarray]]:
+def samples(
+    m: onnx.ModelProto, n: int = 16, seed: int = 1, low: float = -1.0, high: float = 1.0
+) -> list[dict[str, np.ndarray]]:
     """`n` random feeds (batch 1) for every graph input."""
     r = rng(seed)
     out = []
@@ -81,7 +91,9 @@ def quantize(m: onnx.ModelProto, recipe: lowbit.Recipe | None = None, **kw: Any)
     return lowbit.quantize(m, calib=samples(m, **kw), recipe=recipe, progress=False)
 
 
-def run(m: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], mode: str = "simulate", float_model: bool = False) -> list[np.ndarray]:
+def run(
+    m: onnx.ModelProto, feeds: list[dict[str, np.ndarray]], mode: str = "simulate", float_model: bool = False
+) -> list[np.ndarray]:
     """Every output of `m`, concatenated over `feeds`."""
     if float_model:
         opts = ort.SessionOptions()

@@ -14,9 +14,28 @@ import lowbit
 from conftest import tiny_cnn
 from lowbit.evaluate.jsonable import dumps, jsonable
 
-PUBLIC = ["__version__", "quantize", "QuantizeResult", "evaluate_model", "EvalResult", "diagnose", "DiagnoseResult",
-          "lint", "LintResult", "Finding", "report", "ReportResult", "export_tflite", "ExportResult", "Recipe", "Rule",
-          "Scheme", "Plan", "ImagePreprocess", "LowbitError"]
+PUBLIC = [
+    "__version__",
+    "quantize",
+    "QuantizeResult",
+    "evaluate_model",
+    "EvalResult",
+    "diagnose",
+    "DiagnoseResult",
+    "lint",
+    "LintResult",
+    "Finding",
+    "report",
+    "ReportResult",
+    "export_tflite",
+    "ExportResult",
+    "Recipe",
+    "Rule",
+    "Scheme",
+    "Plan",
+    "ImagePreprocess",
+    "LowbitError",
+]
 
 
 def test_public_api_is_pinned() -> None:
@@ -53,11 +72,14 @@ def test_results_have_to_dict_and_to_json(tmp_path: Path) -> None:
     assert summary["model"] == str(tmp_path / "q.onnx") and "data" not in summary
 
 
-@pytest.mark.parametrize("content, words", [
-    (None, ["model not found"]),
-    (b"\x08\x07 not protobuf \xff\xff", ["not a readable ONNX model", "not a valid ONNX model"]),
-    (b"", ["holds no graph nodes"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        (None, ["model not found"]),
+        (b"\x08\x07 not protobuf \xff\xff", ["not a readable ONNX model", "not a valid ONNX model"]),
+        (b"", ["holds no graph nodes"]),
+    ],
+)
 def test_one_loader_one_set_of_messages(tmp_path: Path, content: bytes | None, words: list[str]) -> None:
     from lowbit.data import input_specs
     from lowbit.graph.io import load_model, load_proto

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-from helpers import model, node, quantize, samples, weight
 
 import lowbit
+from helpers import model, node, quantize, samples, weight
 from lowbit.decision import TEMPLATES, Reason, render
 from lowbit.ops import OpSpec, Skip, registry
 from lowbit.ops.base import float_input
@@ -24,10 +24,16 @@ def test_every_reason_has_a_sentence() -> None:
 
 def _conv_sub() -> object:
     """Conv -> Sub(constant) -> Conv: Sub has no static handler in lowbit."""
-    nodes = [node("Conv", ["x", "w1"], ["c1"], name="conv1"), node("Sub", ["c1", "k"], ["s"], name="sub"),
-             node("Conv", ["s", "w2"], ["y"], name="conv2")]
-    inits = {"w1": weight((4, 3, 3, 3)), "w2": weight((4, 4, 3, 3), seed=1),
-             "k": np.full((1, 4, 1, 1), 0.25, np.float32)}
+    nodes = [
+        node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        node("Sub", ["c1", "k"], ["s"], name="sub"),
+        node("Conv", ["s", "w2"], ["y"], name="conv2"),
+    ]
+    inits = {
+        "w1": weight((4, 3, 3, 3)),
+        "w2": weight((4, 4, 3, 3), seed=1),
+        "k": np.full((1, 4, 1, 1), 0.25, np.float32),
+    }
     return model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, inits)
 
 
@@ -35,7 +41,11 @@ def test_a_new_op_family_is_one_registration(monkeypatch: pytest.MonkeyPatch) ->
     """The worked example of docs/architecture.md: Sub becomes quantizable by registering a decide function."""
     before = quantize(_conv_sub())
     sub = before.plan.nodes["sub"]
-    assert not sub.quantized and sub.code is Reason.NO_QUANTIZED_FORM and sub.reason == "no quantized form for Sub in lowbit"
+    assert (
+        not sub.quantized
+        and sub.code is Reason.NO_QUANTIZED_FORM
+        and sub.reason == "no quantized form for Sub in lowbit"
+    )
 
     def sub_family(n: ir.Node, scheme: Scheme) -> OpSpec | Skip:
         for i in range(2):
@@ -49,6 +59,7 @@ def test_a_new_op_family_is_one_registration(monkeypatch: pytest.MonkeyPatch) ->
     sub = after.plan.nodes["sub"]
     assert sub.quantized and sub.code is Reason.STATIC and sub.mode == "static"
     assert "s" in after.plan.tensors and "k" in after.plan.tensors  # its output and its constant operand
+
     def fed_by_dq(res: lowbit.QuantizeResult) -> int:
         made = {o: n.op_type for n in res.model.graph.node for o in n.output}
         sub_node = next(n for n in res.model.graph.node if n.op_type == "Sub")
@@ -72,8 +83,11 @@ def test_decisions_are_codes_with_details_and_the_deciding_rule(tmp_path: Path) 
     assert conv2["code"] == "mode_float" and conv2["rule_index"] == 0 and conv2["decided_by"] == "rule"
     assert conv2["reason"] == res.plan.nodes["conv2"].reason == "kept float (rule 0 rule(names=['conv2']): mode float)"
     conv1 = data["nodes"]["conv1"]
-    assert conv1["code"] == "static" and conv1["details"] == {"activations": "uint8", "weights": "int8",
-                                                             "granularity": "per-channel"}
+    assert conv1["code"] == "static" and conv1["details"] == {
+        "activations": "uint8",
+        "weights": "int8",
+        "granularity": "per-channel",
+    }
     assert conv1["rule_index"] is None and conv1["decided_by"] == "default"
     assert render(Reason(conv1["code"]), conv1["details"]) == "uint8 activations, int8 per-channel weights"
 
@@ -82,15 +96,20 @@ def _as_version_1(plan_file: Path) -> None:
     """Rewrite a plan file the way lowbit 0.1 stored it: each node's sentence only."""
     data = json.loads(plan_file.read_text())
     data["version"] = 1
-    data["nodes"] = {k: {"op_type": v["op_type"], "quantized": v["quantized"], "reason": v["reason"],
-                         "rule": v["rule"]} for k, v in data["nodes"].items()}
+    data["nodes"] = {
+        k: {"op_type": v["op_type"], "quantized": v["quantized"], "reason": v["reason"], "rule": v["rule"]}
+        for k, v in data["nodes"].items()
+    }
     plan_file.write_text(json.dumps(data))
 
 
 def test_version_1_plans_are_read_and_reapply_to_the_same_bytes(tmp_path: Path) -> None:
-    nodes = [node("Conv", ["x", "w1"], ["c1"], name="conv1"), node("Relu", ["c1"], ["r1"], name="relu1"),
-             node("MaxPool", ["r1"], ["p"], name="pool", kernel_shape=[2, 2]),
-             node("Conv", ["p", "w2"], ["y"], name="conv2")]
+    nodes = [
+        node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        node("Relu", ["c1"], ["r1"], name="relu1"),
+        node("MaxPool", ["r1"], ["p"], name="pool", kernel_shape=[2, 2]),
+        node("Conv", ["p", "w2"], ["y"], name="conv2"),
+    ]
     m = model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, {"w1": weight((4, 3, 3, 3)), "w2": weight((4, 4, 3, 3), 1)})
     first = lowbit.quantize(m, tmp_path / "q.onnx", calib=samples(m), progress=False)
     _as_version_1(tmp_path / "q.plan.json")
@@ -112,8 +131,12 @@ def test_a_plan_of_an_unknown_version_is_a_clear_error(tmp_path: Path) -> None:
 
 def _residual() -> object:
     """Two convs whose outputs are added: the Add is quantized, with a scale of its own on each side."""
-    nodes = [node("Conv", ["x", "w1"], ["a"], name="conv1"), node("Conv", ["x", "w2"], ["b"], name="conv2"),
-             node("Add", ["a", "b"], ["s"], name="add"), node("Conv", ["s", "w3"], ["y"], name="conv3")]
+    nodes = [
+        node("Conv", ["x", "w1"], ["a"], name="conv1"),
+        node("Conv", ["x", "w2"], ["b"], name="conv2"),
+        node("Add", ["a", "b"], ["s"], name="add"),
+        node("Conv", ["s", "w3"], ["y"], name="conv3"),
+    ]
     inits = {"w1": weight((4, 3, 3, 3)), "w2": weight((4, 3, 3, 3), 1), "w3": weight((4, 4, 3, 3), 2)}
     return model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, inits)
 
@@ -130,8 +153,12 @@ def test_the_target_decides_whether_add_scales_are_aligned_for_litert() -> None:
     for name, p in plain.plan.tensors.items():
         if p.kind == "activation":
             assert p.scale == [float(scale_zero_point(*p.range, "uint8", False)[0])], name
-    moved = [k for k, v in portable.plan.tensors.items() if v.kind == "activation" and v.scale != plain.plan.tensors[k].scale]
-    assert moved and all(abs(portable.plan.tensors[k].scale[0] / plain.plan.tensors[k].scale[0] - 1) < 1e-5 for k in moved)
+    moved = [
+        k for k, v in portable.plan.tensors.items() if v.kind == "activation" and v.scale != plain.plan.tensors[k].scale
+    ]
+    assert moved and all(
+        abs(portable.plan.tensors[k].scale[0] / plain.plan.tensors[k].scale[0] - 1) < 1e-5 for k in moved
+    )
     with pytest.raises(lowbit.LowbitError, match="'target' must be one of portable, onnxruntime"):
         lowbit.Recipe(target="tflite")  # type: ignore[arg-type]
 

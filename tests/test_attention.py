@@ -5,26 +5,37 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import op_counts, rel_rms, rng, run, weight
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from helpers import op_counts, rel_rms, rng, run, weight
 from lowbit import Recipe, Scheme
 
 DYNAMIC = Recipe(default=Scheme(mode="dynamic"))
 B, S, D, HEADS = 2, 6, 32, 4
 
 
-def attention_model(seed: int = 0, mask: bool = True, extra_inputs: tuple[str, ...] = (), present: bool = False,
-                    weight_input: bool = False, **attrs) -> onnx.ModelProto:
+def attention_model(
+    seed: int = 0,
+    mask: bool = True,
+    extra_inputs: tuple[str, ...] = (),
+    present: bool = False,
+    weight_input: bool = False,
+    **attrs,
+) -> onnx.ModelProto:
     """x -> com.microsoft Attention (num_heads 4) -> MatMul; x is also read by a second MatMul ("side")."""
     att_in = ["x", "w_qkv", "b_qkv", "mask" if mask else "", *extra_inputs]
     outs = ["att", "present"] if present else ["att"]
-    nodes = [helper.make_node("Attention", att_in, outs, name="att", domain="com.microsoft", num_heads=HEADS, **attrs),
-             helper.make_node("MatMul", ["att", "w_out"], ["y"], name="out"),
-             helper.make_node("MatMul", ["x", "w_side"], ["side"], name="side")]
-    inits = {"b_qkv": weight((3 * D,), 2 + seed, 0.1), "w_out": weight((D, 8), 3 + seed),
-             "w_side": weight((D, 4), 4 + seed)}
+    nodes = [
+        helper.make_node("Attention", att_in, outs, name="att", domain="com.microsoft", num_heads=HEADS, **attrs),
+        helper.make_node("MatMul", ["att", "w_out"], ["y"], name="out"),
+        helper.make_node("MatMul", ["x", "w_side"], ["side"], name="side"),
+    ]
+    inits = {
+        "b_qkv": weight((3 * D,), 2 + seed, 0.1),
+        "w_out": weight((D, 8), 3 + seed),
+        "w_side": weight((D, 4), 4 + seed),
+    }
     if not weight_input:
         inits["w_qkv"] = weight((D, 3 * D), 1 + seed, 0.3)
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, (B, S, D))]
@@ -35,8 +46,10 @@ def attention_model(seed: int = 0, mask: bool = True, extra_inputs: tuple[str, .
     shapes = {"past": (2, B, HEADS, 3, D // HEADS), "attention_bias": (1, HEADS, S, S)}
     for name in filter(None, extra_inputs):
         inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[name]))
-    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, (B, S, 8)),
-               helper.make_tensor_value_info("side", TensorProto.FLOAT, (B, S, 4))]
+    outputs = [
+        helper.make_tensor_value_info("y", TensorProto.FLOAT, (B, S, 8)),
+        helper.make_tensor_value_info("side", TensorProto.FLOAT, (B, S, 4)),
+    ]
     if present:
         outputs.append(helper.make_tensor_value_info("present", TensorProto.FLOAT, (2, B, HEADS, S, D // HEADS)))
     g = helper.make_graph(nodes, "att", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in inits.items()])
@@ -50,7 +63,7 @@ def feeds(n: int = 8, seed: int = 1) -> list[dict[str, np.ndarray]]:
     out = []
     for _ in range(n):
         mask = np.ones((B, S), np.int32)
-        mask[1, S - 2:] = 0  # padding in the second sequence
+        mask[1, S - 2 :] = 0  # padding in the second sequence
         out.append({"x": r.standard_normal((B, S, D)).astype(np.float32), "mask": mask})
     return out
 
@@ -118,7 +131,9 @@ def test_same_input_same_bytes_and_plan_reuse_reproduces_them(tmp_path):
     a = lowbit.quantize(path, tmp_path / "a.onnx", recipe=DYNAMIC, progress=False)
     b = lowbit.quantize(path, tmp_path / "b.onnx", recipe=DYNAMIC, progress=False)
     c = lowbit.quantize(path, tmp_path / "c.onnx", plan=tmp_path / "a.plan.json", progress=False)
-    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    assert (
+        (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()
+    )
     assert a.plan.tensors["att:1"] == c.plan.tensors["att:1"]
     # another model with the same plan: its own weights are quantized, same structure
     onnx.save(attention_model(seed=5), tmp_path / "m5.onnx")
@@ -134,13 +149,16 @@ def test_no_mask_and_no_bias_inputs():
     assert rel_rms(run(m, data, float_model=True)[0], run(res.model, data, mode="kernels")[0]) < 0.03
 
 
-@pytest.mark.parametrize("case, reason", [
-    (dict(weight_input=True), "not a constant"),
-    (dict(extra_inputs=("past",)), "past state"),
-    (dict(extra_inputs=("", "attention_bias")), "attention_bias"),
-    (dict(qkv_hidden_sizes=[D, D, 2 * D]), "qkv_hidden_sizes"),
-    (dict(present=True), "present"),
-])
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        (dict(weight_input=True), "not a constant"),
+        (dict(extra_inputs=("past",)), "past state"),
+        (dict(extra_inputs=("", "attention_bias")), "attention_bias"),
+        (dict(qkv_hidden_sizes=[D, D, 2 * D]), "qkv_hidden_sizes"),
+        (dict(present=True), "present"),
+    ],
+)
 def test_unsupported_attention_stays_float_with_reason(case, reason):
     m = attention_model(**case)
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
@@ -187,7 +205,7 @@ def test_minilm_fused_attention_becomes_qattention(tmp_path):
         so = ort.SessionOptions()
         so.intra_op_num_threads = 2
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        return np.concatenate([sess.run(None, zoo.minilm_tokenize(sentences[i:i + 16]))[0] for i in range(0, 48, 16)])
+        return np.concatenate([sess.run(None, zoo.minilm_tokenize(sentences[i : i + 16]))[0] for i in range(0, 48, 16)])
 
     ref, got = embed(plain), embed(tmp_path / "q.onnx")
     cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))

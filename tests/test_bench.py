@@ -102,9 +102,9 @@ def test_latency_is_interleaved_and_creation_order_alternates(monkeypatch: pytes
     creates = [n for kind, n in log if kind == "create"]
     assert creates == ["a", "b", "b", "a"]  # the two halves create sessions in opposite orders
     cut = [i for i, (kind, _) in enumerate(log) if kind == "create"][2]
-    for half in (log[2:cut], log[cut + 2:]):
+    for half in (log[2:cut], log[cut + 2 :]):
         runs = [n for _, n in half]
-        rounds = [runs[i:i + 2] for i in range(0, len(runs), 2)]
+        rounds = [runs[i : i + 2] for i in range(0, len(runs), 2)]
         assert all(sorted(r) == ["a", "b"] for r in rounds)  # every round runs each model once
         firsts = [r[0] for r in rounds]
         assert all(x != y for x, y in zip(firsts, firsts[1:]))  # and the order alternates
@@ -132,8 +132,13 @@ def conv_gemm_model() -> onnx.ModelProto:
         helper.make_node("Flatten", ["r"], ["f"]),
         helper.make_node("Gemm", ["f", "w3"], ["y"], transB=1),
     ]
-    graph = helper.make_graph(nodes, "cg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "cg",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -180,8 +185,9 @@ def lowbit_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_json_and_text(pair: tuple[Path, Path]) -> None:
-    proc = lowbit_cli("bench", str(pair[0]), str(pair[1]), "--runs", "4", "--warmup", "1", "--json",
-                      "--no-profile", "--quiet")
+    proc = lowbit_cli(
+        "bench", str(pair[0]), str(pair[1]), "--runs", "4", "--warmup", "1", "--json", "--no-profile", "--quiet"
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert list(data["ratios"]["1"]) == [str(pair[0]), str(pair[1])]
@@ -196,18 +202,22 @@ def bench_text(data: dict) -> str:
     return text(data)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["missing.onnx"], ["not found"]),
-    (["{bad}"], ["not a readable ONNX model"]),
-    (["{model}", "--threads", "0"], ["thread count"]),
-    (["{model}", "--threads", "two"], ["thread count"]),
-    (["{model}", "--threads", "1", "1"], ["twice"]),
-    (["{model}", "--runs", "0"], ["runs"]),
-    (["{model}", "--batch", "x"], ["--batch"]),
-    (["{model}", "--data", "{bad}"], ["unsupported data file"]),
-])
-def test_user_errors_are_one_line(args: list[str], words: list[str], tmp_path: Path, pair: tuple[Path, Path],
-                                  capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["missing.onnx"], ["not found"]),
+        (["{bad}"], ["not a readable ONNX model"]),
+        (["{model}", "--threads", "0"], ["thread count"]),
+        (["{model}", "--threads", "two"], ["thread count"]),
+        (["{model}", "--threads", "1", "1"], ["twice"]),
+        (["{model}", "--runs", "0"], ["runs"]),
+        (["{model}", "--batch", "x"], ["--batch"]),
+        (["{model}", "--data", "{bad}"], ["unsupported data file"]),
+    ],
+)
+def test_user_errors_are_one_line(
+    args: list[str], words: list[str], tmp_path: Path, pair: tuple[Path, Path], capsys: pytest.CaptureFixture
+) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07 not protobuf \xff\xff")
     args = [a.format(bad=bad, model=pair[0]) for a in args]
@@ -230,8 +240,13 @@ def test_exporter_padding_subgraph_is_counted_and_model_untouched() -> None:
         helper.make_node("Pad", ["x", "pads"], ["xp"]),
         helper.make_node("Conv", ["xp", "w"], ["y"]),
     ]
-    graph = helper.make_graph(nodes, "pad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "pad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     before = model.SerializeToString()

@@ -46,8 +46,18 @@ def test_quantize_writes_model_plan_and_summary(tiny_model: Path, tiny_calib: Pa
 
 
 def test_json_summary(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> None:
-    proc = lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib),
-                  "--quiet", "--json", "--check", "8")
+    proc = lowbit(
+        "quantize",
+        str(tiny_model),
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--calib",
+        str(tiny_calib),
+        "--quiet",
+        "--json",
+        "--check",
+        "8",
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["check"]["samples"] == 8
@@ -58,8 +68,9 @@ def test_json_summary(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> Non
 def test_corrupt_model(tmp_path: Path, tiny_calib: Path) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07garbage that is not protobuf \xff\xff\xff")
-    assert_user_error(run_cli("quantize", str(bad), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
-                      "bad.onnx")
+    assert_user_error(
+        run_cli("quantize", str(bad), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)), "bad.onnx"
+    )
     assert no_outputs(tmp_path)
 
 
@@ -67,27 +78,33 @@ def test_truncated_model(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> 
     data = tiny_model.read_bytes()
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) // 2])
-    assert_user_error(run_cli("quantize", str(cut), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
-                      "cut.onnx")
+    assert_user_error(
+        run_cli("quantize", str(cut), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)), "cut.onnx"
+    )
     assert no_outputs(tmp_path)
 
 
 def test_missing_model(tmp_path: Path, tiny_calib: Path) -> None:
-    assert_user_error(run_cli("quantize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out.onnx"),
-                             "--calib", str(tiny_calib)), "not found")
+    assert_user_error(
+        run_cli("quantize", str(tmp_path / "nope.onnx"), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib)),
+        "not found",
+    )
 
 
 def test_empty_calibration_folder(tmp_path: Path, tiny_model: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(empty)),
-                      "empty")
+    assert_user_error(
+        run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(empty)), "empty"
+    )
     assert no_outputs(tmp_path)
 
 
 def test_missing_calibration_folder(tmp_path: Path, tiny_model: Path) -> None:
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"),
-                             "--calib", str(tmp_path / "nowhere")), "not found")
+    assert_user_error(
+        run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(tmp_path / "nowhere")),
+        "not found",
+    )
     assert no_outputs(tmp_path)
 
 
@@ -99,16 +116,18 @@ def test_no_calibration_given(tmp_path: Path, tiny_model: Path) -> None:
 def test_wrong_shape(tmp_path: Path, tiny_model: Path) -> None:
     data = tmp_path / "calib.npy"
     np.save(data, np.zeros((4, 3, 20, 20), np.float32))
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
-                      "shape")
+    assert_user_error(
+        run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)), "shape"
+    )
     assert no_outputs(tmp_path)
 
 
 def test_wrong_dtype(tmp_path: Path, tiny_model: Path) -> None:
     data = tmp_path / "calib.npy"
     np.save(data, np.zeros((4, 3, 16, 16), np.int32))
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
-                      "int32")
+    assert_user_error(
+        run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)), "int32"
+    )
     assert no_outputs(tmp_path)
 
 
@@ -118,23 +137,34 @@ def test_nan_inf_in_calibration(tmp_path: Path, tiny_model: Path, bad: float) ->
     arr[2, 1, 3, 3] = bad
     data = tmp_path / "calib.npy"
     np.save(data, arr)
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)),
-                      "nan")
+    assert_user_error(
+        run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(data)), "nan"
+    )
     assert no_outputs(tmp_path)
 
 
 def test_unknown_recipe_key(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> None:
     recipe = tmp_path / "r.json"
     recipe.write_text(json.dumps({"default": {"activation": "uint8"}}))
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib",
-                             str(tiny_calib), "--recipe", str(recipe)), "activation")
+    assert_user_error(
+        run_cli(
+            "quantize",
+            str(tiny_model),
+            "-o",
+            str(tmp_path / "out.onnx"),
+            "--calib",
+            str(tiny_calib),
+            "--recipe",
+            str(recipe),
+        ),
+        "activation",
+    )
     assert no_outputs(tmp_path)
 
 
 def test_output_equal_to_input(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> None:
     before = tiny_model.read_bytes()
-    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tiny_model), "--calib", str(tiny_calib)),
-                      "input")
+    assert_user_error(run_cli("quantize", str(tiny_model), "-o", str(tiny_model), "--calib", str(tiny_calib)), "input")
     assert tiny_model.read_bytes() == before
 
 
@@ -143,8 +173,20 @@ def test_recipe_show_round_trips(tmp_path: Path, tiny_model: Path, tiny_calib: P
     assert proc.returncode == 0
     recipe = tmp_path / "r.json"
     recipe.write_text(proc.stdout)
-    proc = lowbit("quantize", str(tiny_model), "-o", str(tmp_path / "out.onnx"), "--calib", str(tiny_calib),
-                  "--recipe", str(recipe), "--quiet", "--check", "0", "--json")
+    proc = lowbit(
+        "quantize",
+        str(tiny_model),
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--calib",
+        str(tiny_calib),
+        "--recipe",
+        str(recipe),
+        "--quiet",
+        "--check",
+        "0",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads((tmp_path / "out.plan.json").read_text())
     assert plan["recipe"]["default"]["calibration"] == "percentile"

@@ -11,9 +11,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import tiny_cnn
-
 import lowbit
+from conftest import tiny_cnn
 from lowbit.cli.main import main
 from lowbit.evaluate.diagnose import diagnose
 from lowbit.evaluate.jsonable import jsonable as _jsonable
@@ -109,8 +108,26 @@ def test_outlier_activation_tries_percentile() -> None:
 def test_cli_json_and_written_files(bad_files: tuple[Path, Path, Path], tmp_path: Path, capsys) -> None:
     model, quant, data = bad_files
     fixed, recipe = tmp_path / "fixed.onnx", tmp_path / "fix.json"
-    assert main(["diagnose", str(model), str(quant), "--data", str(data), "--top", "2", "--json", "--quiet",
-                 "-o", str(fixed), "--recipe-out", str(recipe)]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                str(model),
+                str(quant),
+                "--data",
+                str(data),
+                "--top",
+                "2",
+                "--json",
+                "--quiet",
+                "-o",
+                str(fixed),
+                "--recipe-out",
+                str(recipe),
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["layers"][0]["node"] == "conv2" and report["samples"] == 32
     loaded = lowbit.Recipe.load(recipe)
@@ -162,9 +179,9 @@ def test_wrong_data_shape_is_one_line_error(bad_files: tuple[Path, Path, Path], 
 @pytest.mark.slow
 def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path, efficientnet_lite0: Path) -> None:
     """Per-tensor EfficientNet-Lite0 loses top-1 agreement; the diagnosed recipe wins back at least half."""
-    from lowbit_zoo.zoo import photo_crops
     from lowbit.evaluate.metrics import top1_agreement
     from lowbit.runtimes.ort import run_all, session
+    from lowbit_zoo.zoo import photo_crops
 
     model = efficientnet_lite0
     calib, evaluation = photo_crops(64, "calib"), photo_crops(256, "eval")
@@ -174,7 +191,7 @@ def test_efficientnet_per_tensor_recipe_recovers_half(tmp_path: Path, efficientn
     report = diagnose(model, quant, [calib], progress=False, output=fixed)
     assert report.layers[0]["suggestion"]["kind"] == "per_channel"
     name = session(model).get_inputs()[0].name
-    batches = [{name: evaluation[i:i + 32]} for i in range(0, len(evaluation), 32)]
+    batches = [{name: evaluation[i : i + 32]} for i in range(0, len(evaluation), 32)]
     ref = run_all(session(model), batches)[0]
     before = top1_agreement(ref, run_all(session(quant), batches)[0])
     after = top1_agreement(ref, run_all(session(fixed), batches)[0])
@@ -190,10 +207,17 @@ def _mlp(outlier: bool = False) -> onnx.ModelProto:
     w2 = weight((64, 128), 2)
     if outlier:
         w2[:, ::32] *= 30.0
-    return model([node("MatMul", ["x", "w1"], ["h1"], "mm1"), node("Relu", ["h1"], ["r1"], "relu"),
-                  node("Gemm", ["r1", "w2", "b2"], ["h2"], "gemm", transB=1), node("MatMul", ["h2", "w3"], ["y"], "mm3")],
-                 {"x": ("N", 64)}, {"y": ("N", 10)},
-                 {"w1": weight((64, 128), 1), "w2": w2, "b2": weight((64,), 3), "w3": weight((64, 10), 4)})
+    return model(
+        [
+            node("MatMul", ["x", "w1"], ["h1"], "mm1"),
+            node("Relu", ["h1"], ["r1"], "relu"),
+            node("Gemm", ["r1", "w2", "b2"], ["h2"], "gemm", transB=1),
+            node("MatMul", ["h2", "w3"], ["y"], "mm3"),
+        ],
+        {"x": ("N", 64)},
+        {"y": ("N", 10)},
+        {"w1": weight((64, 128), 1), "w2": w2, "b2": weight((64,), 3), "w3": weight((64, 10), 4)},
+    )
 
 
 def _mlp_data() -> np.ndarray:
@@ -220,11 +244,43 @@ def test_weight_only_int4_bad_layer_gets_a_weight_fix(tmp_path: Path, capsys) ->
     m, data = tmp_path / "m.onnx", tmp_path / "d.npy"
     onnx.save(_mlp(outlier=True), str(m))
     np.save(data, _mlp_data())
-    assert main(["quantize", str(m), "-o", str(tmp_path / "q.onnx"), "--mode", "weight_only", "--weights", "int4",
-                 "--block-size", "32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(m),
+                "-o",
+                str(tmp_path / "q.onnx"),
+                "--mode",
+                "weight_only",
+                "--weights",
+                "int4",
+                "--block-size",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["diagnose", str(m), str(tmp_path / "q.onnx"), "--data", str(data), "--top", "1", "--json",
-                 "--quiet", "--recipe-out", str(tmp_path / "fix.json")]) == 0
+    assert (
+        main(
+            [
+                "diagnose",
+                str(m),
+                str(tmp_path / "q.onnx"),
+                "--data",
+                str(data),
+                "--top",
+                "1",
+                "--json",
+                "--quiet",
+                "--recipe-out",
+                str(tmp_path / "fix.json"),
+            ]
+        )
+        == 0
+    )
     r = json.loads(capsys.readouterr().out)
     worst = r["layers"][0]
     assert worst["node"] == "gemm" and set(worst["suggestion"]["tried"]) == {"smaller_block", "int8_weights"}
@@ -239,20 +295,25 @@ def test_fix_rules_drop_the_qat_rules_they_replace(tmp_path: Path) -> None:
     node (the planner warns about such rules)."""
     import warnings
 
+    import torch
+
     import lowbit.torch as lt
     from test_torch import data, small_cnn
-    import torch
 
     example = (torch.from_numpy(data(1, seed=0)),)
     calib = [torch.from_numpy(data(16, seed=10 + i)) for i in range(2)]
-    q = lt.prepare_qat(small_cnn(), lowbit.Recipe(default=lowbit.Scheme(weights="int4")), example_inputs=example,
-                       calib=calib).eval()
+    q = lt.prepare_qat(
+        small_cnn(), lowbit.Recipe(default=lowbit.Scheme(weights="int4")), example_inputs=example, calib=calib
+    ).eval()
     lt.export_onnx(q, tmp_path / "q.onnx", example, float_output=tmp_path / "f.onnx")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r = diagnose(tmp_path / "f.onnx", tmp_path / "q.onnx", data(16, seed=4), top=5, budget=8, progress=False)
-    fixed = {n for rule in r.recipe["rules"][:len([x for x in r.layers if x["suggestion"]["kind"] != "none"])]
-             for n in rule["names"]}
+    fixed = {
+        n
+        for rule in r.recipe["rules"][: len([x for x in r.layers if x["suggestion"]["kind"] != "none"])]
+        for n in rule["names"]
+    }
     assert fixed & {"/fc/Gemm", "/features.0/Conv", "/features.3/Conv", "/features.6/Conv"}  # a QAT rule was hit
     assert not [w for w in caught if "matches no node" in str(w.message)]
 

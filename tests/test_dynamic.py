@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import tiny_cnn
-from helpers import model, node, op_counts, optimized, rel_rms, run, samples, weight
 
 import lowbit
+from conftest import tiny_cnn
+from helpers import model, node, op_counts, optimized, rel_rms, run, samples, weight
 from lowbit import LowbitError, Recipe, Rule, Scheme
 from lowbit.numerics import dequantize
 
@@ -18,10 +18,16 @@ DYNAMIC = Recipe(default=Scheme(mode="dynamic"))
 def mlp(d: int = 16, f: int = 48) -> onnx.ModelProto:
     """Transformer-like block: x -> MatMul -> Relu -> MatMul -> residual Add, plus a second projection of x."""
     return model(
-        [node("MatMul", ["x", "w1"], ["h"], "up"), node("Relu", ["h"], ["r"], "act"),
-         node("MatMul", ["r", "w2"], ["o"], "down"), node("Add", ["x", "o"], ["s"], "residual"),
-         node("MatMul", ["x", "w3"], ["p"], "proj"), node("Add", ["s", "p"], ["y"], "out")],
-        {"x": (2, 5, d)}, {"y": (2, 5, d)},
+        [
+            node("MatMul", ["x", "w1"], ["h"], "up"),
+            node("Relu", ["h"], ["r"], "act"),
+            node("MatMul", ["r", "w2"], ["o"], "down"),
+            node("Add", ["x", "o"], ["s"], "residual"),
+            node("MatMul", ["x", "w3"], ["p"], "proj"),
+            node("Add", ["s", "p"], ["y"], "out"),
+        ],
+        {"x": (2, 5, d)},
+        {"y": (2, 5, d)},
         {"w1": weight((d, f), 1, 0.3), "w2": weight((f, d), 2, 0.3), "w3": weight((d, d), 3, 0.3)},
     )
 
@@ -50,8 +56,12 @@ def test_dynamic_matmuls_are_integer_and_close_to_float():
 def test_dynamic_mode_stores_embedding_tables_int8():
     # A transformer's word-embedding table is most of its file; left float, "dynamic int8" would be 65% of float.
     d, v = 32, 400
-    m = model([node("Gather", ["table", "ids"], ["e"], "emb"), node("MatMul", ["e", "w"], ["y"], "proj")],
-              {"ids": (2, 6)}, {"y": (2, 6, d)}, {"table": weight((v, d), 4), "w": weight((d, d), 5, 0.3)})
+    m = model(
+        [node("Gather", ["table", "ids"], ["e"], "emb"), node("MatMul", ["e", "w"], ["y"], "proj")],
+        {"ids": (2, 6)},
+        {"y": (2, 6, d)},
+        {"table": weight((v, d), 4), "w": weight((d, d), 5, 0.3)},
+    )
     m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
     assert res.plan.nodes["emb"].quantized and "per-row" in res.plan.nodes["emb"].reason
@@ -83,8 +93,12 @@ def test_dynamic_weights_match_the_plan():
 
 def test_dynamic_gemm_with_bias_and_transb():
     d, n = 12, 7
-    m = model([node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=1, alpha=0.5, beta=2.0)],
-              {"x": (4, d)}, {"y": (4, n)}, {"w": weight((n, d), 4), "b": weight((n,), 5)})
+    m = model(
+        [node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=1, alpha=0.5, beta=2.0)],
+        {"x": (4, d)},
+        {"y": (4, n)},
+        {"w": weight((n, d), 4), "b": weight((n,), 5)},
+    )
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
     assert op_counts(res.model)["MatMulInteger"] == 1 and op_counts(res.model)["Gemm"] == 0
     feeds = samples(m, 4)
@@ -107,17 +121,24 @@ def test_convolutions_stay_float_without_data_and_go_static_with_it():
 
 
 def test_recurrent_ops_stay_float_with_a_reason():
-    m = model([node("GRU", ["x", "W", "R"], ["y", "h"], "gru", hidden_size=4)], {"x": (3, 1, 5)},
-              {"y": (3, 1, 1, 4), "h": (1, 1, 4)}, {"W": weight((1, 12, 5)), "R": weight((1, 12, 4))})
+    m = model(
+        [node("GRU", ["x", "W", "R"], ["y", "h"], "gru", hidden_size=4)],
+        {"x": (3, 1, 5)},
+        {"y": (3, 1, 1, 4), "h": (1, 1, 4)},
+        {"W": weight((1, 12, 5)), "R": weight((1, 12, 4))},
+    )
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
     assert not res.plan.nodes["gru"].quantized and "no dynamic integer GRU kernel" in res.plan.nodes["gru"].reason
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"mode": "dynamic", "activations": "uint16"}, "dynamic mode quantizes activations to uint8"),
-    ({"mode": "dynamic", "weights": "uint8", "symmetric_weights": False}, "dynamic mode needs int8 weights"),
-    ({"mode": "sometimes"}, "'mode' must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"mode": "dynamic", "activations": "uint16"}, "dynamic mode quantizes activations to uint8"),
+        ({"mode": "dynamic", "weights": "uint8", "symmetric_weights": False}, "dynamic mode needs int8 weights"),
+        ({"mode": "sometimes"}, "'mode' must be one of"),
+    ],
+)
 def test_conflicting_dynamic_options_are_one_line_errors(bad, match):
     with pytest.raises(LowbitError, match=match) as e:
         Recipe.from_dict({"default": bad})
@@ -126,5 +147,8 @@ def test_conflicting_dynamic_options_are_one_line_errors(bad, match):
 
 def test_static_recipe_still_needs_data():
     with pytest.raises(LowbitError, match="calibration data is required"):
-        lowbit.quantize(mlp(), recipe=Recipe(rules=(Rule(op_types=("Add",), scheme=Scheme()),),
-                                             default=Scheme(mode="dynamic")), progress=False)
+        lowbit.quantize(
+            mlp(),
+            recipe=Recipe(rules=(Rule(op_types=("Add",), scheme=Scheme()),), default=Scheme(mode="dynamic")),
+            progress=False,
+        )

@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import op_counts, rel_rms, run, weight
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from helpers import op_counts, rel_rms, run, weight
 from lowbit import Recipe, Rule, Scheme
 from lowbit.weights import quantize_blocks
 
@@ -27,9 +27,12 @@ def tables_model(tables: dict[str, tuple[int, int]], lookups: list[tuple[str, st
     inits = [numpy_helper.from_array(weight(shape, seed=i), t) for i, (t, shape) in enumerate(tables.items())]
     nodes = [helper.make_node("Gather", [t, f"{n}_ids"], [n], name=n) for n, t, _, _ in lookups]
     inputs = [helper.make_tensor_value_info(f"{n}_ids", dt, shape) for n, _, shape, dt in lookups]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape + [tables[t][1]]) for n, t, shape, _ in lookups]
-    m = helper.make_model(helper.make_graph(nodes, "tables", inputs, outputs, inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
+    outputs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, shape + [tables[t][1]]) for n, t, shape, _ in lookups
+    ]
+    m = helper.make_model(
+        helper.make_graph(nodes, "tables", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     m.ir_version = 8
     onnx.checker.check_model(m)
     return m
@@ -53,8 +56,9 @@ def stored_bytes(m: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in m.graph.initializer)
 
 
-@pytest.mark.parametrize("scheme,limit", [(INT8, 0.01), (int4(32), 0.15), (int4(16, False), 0.12)],
-                         ids=["int8", "int4", "int4-affine"])
+@pytest.mark.parametrize(
+    "scheme,limit", [(INT8, 0.01), (int4(32), 0.15), (int4(16, False), 0.12)], ids=["int8", "int4", "int4-affine"]
+)
 def test_a_table_read_by_two_gathers_is_stored_once(scheme, limit):
     tables = {"items": (3000, 32)}
     lookups = [("item", "items", ["N"], TensorProto.INT64), ("history", "items", ["N", 4], TensorProto.INT64)]
@@ -95,8 +99,11 @@ def test_int4_rows_not_a_multiple_of_the_block(dim, block, symmetric):
 
 def test_hybrid_recipe_per_table():
     tables = {"users": (2000, 16), "ads": (1000, 32), "tiny": (20, 8)}
-    lookups = [("user", "users", ["N"], TensorProto.INT64), ("ad", "ads", ["N"], TensorProto.INT64),
-               ("small", "tiny", ["N"], TensorProto.INT64)]
+    lookups = [
+        ("user", "users", ["N"], TensorProto.INT64),
+        ("ad", "ads", ["N"], TensorProto.INT64),
+        ("small", "tiny", ["N"], TensorProto.INT64),
+    ]
     m = tables_model(tables, lookups)
     rec = Recipe(default=INT8, rules=(Rule(names=("ad",), scheme=int4(32)), Rule(names=("small",), scheme=None)))
     res = lowbit.quantize(m, recipe=rec, progress=False)
@@ -150,9 +157,13 @@ def _dlrm_example():
 def test_tiny_dlrm_keeps_its_auc_with_int8_and_int4_tables(tmp_path):
     import sklearn.metrics as sklearn_metrics
     import torch
+
     ex = _dlrm_example()
     cards = (20_000, 5_000, 2_000, 1_000)
-    train, test = ex.make_clicks(60_000, seed=0, cardinalities=cards), ex.make_clicks(20_000, seed=1, cardinalities=cards)
+    train, test = (
+        ex.make_clicks(60_000, seed=0, cardinalities=cards),
+        ex.make_clicks(20_000, seed=1, cardinalities=cards),
+    )
     torch.manual_seed(0)
     model = ex.DLRM(cards)
     ex.train(model, train, epochs=1)

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import model, node, run, samples, weight
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from helpers import model, node, run, samples, weight
 from lowbit.runtimes.avx2 import im2col_nhwc, u8s8_matmul_avx2
 from lowbit.runtimes.emulate import _u8s8, run_emulated, saturation_report
 
@@ -33,9 +33,18 @@ def conv_net() -> onnx.ModelProto:
         node("Flatten", ["g"], ["f"]),
         node("Gemm", ["f", "w5", "b5"], ["y"], transB=1),
     ]
-    inits = dict(w1=w1, b1=weight((8,), 2), w2=weight((8, 1, 3, 3), 3), b2=weight((8,), 4),
-                 w3=weight((12, 8, 1, 1), 5), b3=weight((12,), 6), w4=weight((12, 8, 1, 1), 7),
-                 b4=weight((12,), 8), w5=weight((5, 12), 9), b5=weight((5,), 10))
+    inits = dict(
+        w1=w1,
+        b1=weight((8,), 2),
+        w2=weight((8, 1, 3, 3), 3),
+        b2=weight((8,), 4),
+        w3=weight((12, 8, 1, 1), 5),
+        b3=weight((12,), 6),
+        w4=weight((12, 8, 1, 1), 7),
+        b4=weight((12,), 8),
+        w5=weight((5, 12), 9),
+        b5=weight((5,), 10),
+    )
     return model(nodes, {"x": (1, 3, 10, 10)}, {"y": (1, 5)}, inits)
 
 
@@ -50,8 +59,15 @@ def ort_quantized(m: onnx.ModelProto, tmp_path: Path, per_channel: bool) -> onnx
             return next(self.it, None)
 
     out = tmp_path / "ort_q.onnx"
-    quantize_static(m, out, Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    quantize_static(
+        m,
+        out,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
     return onnx.load(out)
 
 
@@ -85,7 +101,9 @@ def test_without_saturation_matches_ort(source: str, tmp_path: Path) -> None:
 def test_pair_sums_clip_like_the_avx2_kernel() -> None:
     r = np.random.default_rng(0)
     a = np.where(r.random((300, 37)) < 0.6, 255, r.integers(0, 256, (300, 37))).astype(np.uint8)
-    w = np.where(r.random((9, 37)) < 0.5, r.choice([-127, 127], (9, 37)), r.integers(-128, 128, (9, 37))).astype(np.int8)
+    w = np.where(r.random((9, 37)) < 0.5, r.choice([-127, 127], (9, 37)), r.integers(-128, 128, (9, 37))).astype(
+        np.int8
+    )
     za, zw = 17, r.integers(-3, 4, 9)
     correction = za * w.sum(1, dtype=np.int64)[None] + zw[None] * a.sum(1, dtype=np.int64)[:, None] - 37 * za * zw[None]
     saturated = u8s8_matmul_avx2(a, w) - correction
@@ -97,17 +115,29 @@ def test_pair_sums_clip_like_the_avx2_kernel() -> None:
 
 def qdq_conv(w_q: np.ndarray, w_s: np.ndarray, x_shape: tuple, x_zp: int, **attrs: object) -> onnx.ModelProto:
     """x -> Q(scale 1, zp x_zp) -> DQ -> Conv(DQ(int8 w_q)) -> y, float output so nothing hides the accumulator."""
-    inits = [numpy_helper.from_array(a, n) for n, a in [
-        ("xs", np.array(1.0, np.float32)), ("xz", np.array(x_zp, np.uint8)),
-        ("wq", w_q.astype(np.int8)), ("ws", w_s.astype(np.float32)), ("wz", np.zeros(len(w_s), np.int8))]]
+    inits = [
+        numpy_helper.from_array(a, n)
+        for n, a in [
+            ("xs", np.array(1.0, np.float32)),
+            ("xz", np.array(x_zp, np.uint8)),
+            ("wq", w_q.astype(np.int8)),
+            ("ws", w_s.astype(np.float32)),
+            ("wz", np.zeros(len(w_s), np.int8)),
+        ]
+    ]
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="q"),
         helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
         helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="wdq", axis=0),
         helper.make_node("Conv", ["xd", "wd"], ["y"], name="conv", **attrs),
     ]
-    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    g = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -126,7 +156,9 @@ def test_adjacent_127_weights_on_255_inputs_clip_to_int16() -> None:
     np.testing.assert_allclose(clipped[0, 0], 32767 * 0.01, rtol=1e-6)
     np.testing.assert_array_equal(clipped[0, 1], exact[0, 1])
     np.testing.assert_allclose(exact, run(m, [feed])[0], rtol=1e-5)
-    assert saturation_report(m, feed) == {"conv": {"pairs_total": 9 * 2 * 2, "pairs_saturated": 9, "outputs_affected": 9}}
+    assert saturation_report(m, feed) == {
+        "conv": {"pairs_total": 9 * 2 * 2, "pairs_saturated": 9, "outputs_affected": 9}
+    }
 
 
 def test_padding_is_the_zero_point_and_can_clip() -> None:
@@ -154,11 +186,11 @@ def test_conv_is_the_avx2_kernel_in_kernel_order(group: int, stride: int) -> Non
     got = run_emulated(m, {"x": xq.astype(np.float32) - zp})[0]
     cg, mg = c // group, m_out // group
     for g in range(group):
-        cols = im2col_nhwc(xq[:, g * cg:(g + 1) * cg], 3, 3, (1, 1, 1, 1), pad_value=zp)
-        rows = np.moveaxis(w[g * mg:(g + 1) * mg], 1, -1).reshape(mg, -1).astype(np.int8)
+        cols = im2col_nhwc(xq[:, g * cg : (g + 1) * cg], 3, 3, (1, 1, 1, 1), pad_value=zp)
+        rows = np.moveaxis(w[g * mg : (g + 1) * mg], 1, -1).reshape(mg, -1).astype(np.int8)
         acc = u8s8_matmul_avx2(cols, rows) - zp * rows.sum(1, dtype=np.int64)
-        want = (acc * s[g * mg:(g + 1) * mg]).T.reshape(mg, 7, 7)[:, ::stride, ::stride]
-        np.testing.assert_allclose(got[0, g * mg:(g + 1) * mg], want, rtol=1e-6)
+        want = (acc * s[g * mg : (g + 1) * mg]).T.reshape(mg, 7, 7)[:, ::stride, ::stride]
+        np.testing.assert_allclose(got[0, g * mg : (g + 1) * mg], want, rtol=1e-6)
     assert saturation_report(m, {"x": xq.astype(np.float32) - zp})["conv"]["pairs_saturated"] > 0
 
 

@@ -16,10 +16,17 @@ MLP_MACS = 64 * 128 + 128 * 64 + 64 * 10
 
 
 def _mlp():
-    return model([node("MatMul", ["x", "w1"], ["h1"], "mm1"), node("Relu", ["h1"], ["r1"], "relu"),
-                  node("Gemm", ["r1", "w2", "b2"], ["h2"], "gemm", transB=1), node("MatMul", ["h2", "w3"], ["y"], "mm3")],
-                 {"x": ("N", 64)}, {"y": ("N", 10)},
-                 {"w1": weight((64, 128), 1), "w2": weight((64, 128), 2), "b2": weight((64,), 3), "w3": weight((64, 10), 4)})
+    return model(
+        [
+            node("MatMul", ["x", "w1"], ["h1"], "mm1"),
+            node("Relu", ["h1"], ["r1"], "relu"),
+            node("Gemm", ["r1", "w2", "b2"], ["h2"], "gemm", transB=1),
+            node("MatMul", ["h2", "w3"], ["y"], "mm3"),
+        ],
+        {"x": ("N", 64)},
+        {"y": ("N", 10)},
+        {"w1": weight((64, 128), 1), "w2": weight((64, 128), 2), "b2": weight((64,), 3), "w3": weight((64, 10), 4)},
+    )
 
 
 CALIB = [np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32)]
@@ -35,8 +42,9 @@ FORMS = {  # recipe scheme, precision of the MACs
 @pytest.mark.parametrize("form", list(FORMS))
 def test_every_form_counts_the_float_models_macs(form: str) -> None:
     scheme, precision = FORMS[form]
-    q = lowbit.quantize(_mlp(), calib=CALIB if scheme.mode == "static" else None,
-                        recipe=lowbit.Recipe(default=scheme), progress=False).model
+    q = lowbit.quantize(
+        _mlp(), calib=CALIB if scheme.mode == "static" else None, recipe=lowbit.Recipe(default=scheme), progress=False
+    ).model
     for batch in (1, 3):
         c = count_ops(q, batch)
         assert c["uncounted"] == []

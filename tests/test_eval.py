@@ -19,24 +19,32 @@ from lowbit.errors import LowbitError
 from lowbit.evaluate.evaluate import evaluate
 
 # Scores whose ranks are known by hand: label rank 1, 3, 6 and 5 -> top-1 1/4, top-5 3/4.
-SCORES = np.array([
-    [9, 1, 2, 3, 4, 5, 6, 7],  # label 0 ranks 1st
-    [1, 2, 3, 4, 5, 6, 7, 8],  # label 5 ranks 3rd
-    [8, 7, 6, 5, 4, 3, 2, 1],  # label 5 ranks 6th
-    [0, 9, 8, 7, 6, 5, 4, 3],  # label 5 ranks 5th
-], np.float32)
+SCORES = np.array(
+    [
+        [9, 1, 2, 3, 4, 5, 6, 7],  # label 0 ranks 1st
+        [1, 2, 3, 4, 5, 6, 7, 8],  # label 5 ranks 3rd
+        [8, 7, 6, 5, 4, 3, 2, 1],  # label 5 ranks 6th
+        [0, 9, 8, 7, 6, 5, 4, 3],  # label 5 ranks 5th
+    ],
+    np.float32,
+)
 LABELS = np.array([0, 5, 5, 5])
 
 
 def linear(classes: int = 8, out: str = "y", batch: int | str = "N", seed: int | None = None) -> onnx.ModelProto:
     """x (N, 8) -> Gemm -> out (N, classes); with seed=None the weight is the identity, so out == x."""
-    w = np.eye(8, classes, dtype=np.float32) if seed is None else \
-        np.random.default_rng(seed).normal(0, 1, (8, classes)).astype(np.float32)
+    w = (
+        np.eye(8, classes, dtype=np.float32)
+        if seed is None
+        else np.random.default_rng(seed).normal(0, 1, (8, classes)).astype(np.float32)
+    )
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w"], [out], name="fc")], "linear",
+        [helper.make_node("Gemm", ["x", "w"], [out], name="fc")],
+        "linear",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 8])],
         [helper.make_tensor_value_info(out, TensorProto.FLOAT, [batch, classes])],
-        [numpy_helper.from_array(w, "w")])
+        [numpy_helper.from_array(w, "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -54,6 +62,7 @@ def lowbit_cli(*args: str) -> subprocess.CompletedProcess:
 def strict_json(text: str) -> dict:
     def refuse(name: str) -> None:
         raise ValueError(f"not valid JSON: {name}")
+
     return json.loads(text, parse_constant=refuse)
 
 
@@ -73,8 +82,12 @@ def scored(tmp_path: Path) -> dict[str, str]:
     np.save(tmp_path / "scores.npy", SCORES)
     np.save(tmp_path / "labels.npy", LABELS)
     (tmp_path / "labels.txt").write_text("\n".join(map(str, LABELS)) + "\n\n")
-    return {"model": save(linear(), tmp_path / "id.onnx"), "data": str(tmp_path / "scores.npy"),
-            "npy": str(tmp_path / "labels.npy"), "txt": str(tmp_path / "labels.txt")}
+    return {
+        "model": save(linear(), tmp_path / "id.onnx"),
+        "data": str(tmp_path / "scores.npy"),
+        "npy": str(tmp_path / "labels.npy"),
+        "txt": str(tmp_path / "labels.txt"),
+    }
 
 
 def test_accuracy_matches_hand_computed_ranks(scored: dict[str, str]) -> None:
@@ -95,8 +108,9 @@ def test_top5_is_absent_with_fewer_than_five_classes() -> None:
 
 
 def test_model_against_itself_is_exact_and_json_stays_valid(scored: dict[str, str]) -> None:
-    proc = lowbit_cli(scored["model"], "--data", scored["data"], "--reference", scored["model"],
-                      "--labels", scored["txt"], "--json")
+    proc = lowbit_cli(
+        scored["model"], "--data", scored["data"], "--reference", scored["model"], "--labels", scored["txt"], "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     r = strict_json(proc.stdout)
     assert r["samples"] == 4 and r["mode"] == "kernels" and r["reference"] == scored["model"]
@@ -143,7 +157,7 @@ def test_generator_data_streams_and_label_count_is_checked_after_the_run() -> No
     def batches():
         for i in range(4):
             pulled.append(i)
-            yield SCORES[i:i + 1]
+            yield SCORES[i : i + 1]
 
     r = evaluate(linear(), batches(), labels=LABELS, batch_size=2, progress=False)
     assert r.accuracy["top5"] == 0.75 and pulled == [0, 1, 2, 3]
@@ -162,53 +176,72 @@ def test_fixed_batch_model_counts_labels_before_dropping_the_partial_batch(tmp_p
 
 def test_error_outputs_with_different_names(scored: dict[str, str], tmp_path: Path) -> None:
     ref = save(linear(out="logits"), tmp_path / "ref.onnx")
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--reference", ref),
-                      "'y'", "logits", "same outputs")
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--reference", ref), "'y'", "logits", "same outputs"
+    )
 
 
 def test_error_outputs_with_different_shapes(scored: dict[str, str], tmp_path: Path) -> None:
     ref = save(linear(classes=5), tmp_path / "ref.onnx")
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--reference", ref),
-                      "output 'y'", "(N, 8)", "(N, 5)")
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--reference", ref), "output 'y'", "(N, 8)", "(N, 5)"
+    )
 
 
 def test_error_data_of_the_wrong_shape(scored: dict[str, str], tmp_path: Path) -> None:
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((4, 7), np.float32))
-    assert_user_error(run_cli("eval", scored["model"], "--data", str(bad), "--labels", scored["npy"]),
-                      str(bad), "(N, 8)", "(4, 7)")
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", str(bad), "--labels", scored["npy"]), str(bad), "(N, 8)", "(4, 7)"
+    )
 
 
 def test_error_label_count_differs(scored: dict[str, str], tmp_path: Path) -> None:
     short = tmp_path / "short.txt"
     short.write_text("0\n1\n5\n")
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(short)),
-                      "3 labels", "4 samples", str(short))
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(short)),
+        "3 labels",
+        "4 samples",
+        str(short),
+    )
     # --limit does not hide labels written for other data
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(short), "--limit", "2"),
-                      "3 labels", "4 samples")
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(short), "--limit", "2"),
+        "3 labels",
+        "4 samples",
+    )
 
 
 def test_error_labels_out_of_range(scored: dict[str, str], tmp_path: Path) -> None:
     for name, values in (("high.npy", [0, 5, 8, 5]), ("neg.npy", [0, -1, 5, 5])):
         np.save(tmp_path / name, np.array(values))
-        assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(tmp_path / name)),
-                          "out of range", "8 classes")
+        assert_user_error(
+            run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(tmp_path / name)),
+            "out of range",
+            "8 classes",
+        )
 
 
 def test_error_label_file_missing_or_unreadable(scored: dict[str, str], tmp_path: Path) -> None:
     missing = tmp_path / "nope.txt"
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(missing)),
-                      "not found", str(missing))
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(missing)), "not found", str(missing)
+    )
     words = tmp_path / "words.txt"
     words.write_text("0\ncat\n")
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(words)),
-                      "line 2", "'cat'", "integer")
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(words)), "line 2", "'cat'", "integer"
+    )
     broken = tmp_path / "broken.npy"
     broken.write_bytes(b"not an array")
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(broken)),
-                      "cannot read label file", str(broken))
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(broken)),
+        "cannot read label file",
+        str(broken),
+    )
     floats = tmp_path / "floats.npy"
     np.save(floats, LABELS.astype(np.float32))
-    assert_user_error(run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(floats)),
-                      "float32", "integers")
+    assert_user_error(
+        run_cli("eval", scored["model"], "--data", scored["data"], "--labels", str(floats)), "float32", "integers"
+    )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from conftest import tiny_cnn
-from helpers import model, node, op_counts, rel_rms, run, samples, weight
 
 import lowbit
+from conftest import tiny_cnn
+from helpers import model, node, op_counts, rel_rms, run, samples, weight
 from lowbit import Recipe, Scheme
 
 FP16 = Recipe(default=Scheme(mode="float16"))
@@ -29,9 +29,17 @@ def test_cnn_in_float16_runs_close_to_float_with_two_casts():
 
 def test_fragile_ops_stay_float32_with_one_cast_per_crossing():
     d = 16
-    m = model([node("MatMul", ["x", "w1"], ["h"], "q"), node("Softmax", ["h"], ["p"], "softmax", axis=-1),
-               node("MatMul", ["p", "w2"], ["o"], "v"), node("Add", ["o", "h"], ["y"], "add")],
-              {"x": (2, 3, d)}, {"y": (2, 3, d)}, {"w1": weight((d, d), 1), "w2": weight((d, d), 2)})
+    m = model(
+        [
+            node("MatMul", ["x", "w1"], ["h"], "q"),
+            node("Softmax", ["h"], ["p"], "softmax", axis=-1),
+            node("MatMul", ["p", "w2"], ["o"], "v"),
+            node("Add", ["o", "h"], ["y"], "add"),
+        ],
+        {"x": (2, 3, d)},
+        {"y": (2, 3, d)},
+        {"w1": weight((d, d), 1), "w2": weight((d, d), 2)},
+    )
     res = lowbit.quantize(m, recipe=FP16, progress=False)
     nodes = res.plan.nodes
     assert not nodes["softmax"].quantized and "fragile" in nodes["softmax"].reason

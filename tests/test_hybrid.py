@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import warnings
 
-import numpy as np
 import onnx
 import pytest
-from helpers import model, node, op_counts, rel_rms, run, samples, weight
 
 import lowbit
+from helpers import model, node, op_counts, rel_rms, run, samples, weight
 from lowbit import LowbitError, Recipe, Rule, Scheme
 from lowbit.cli.main import main
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import model, node, samples, weight
 from onnx import helper, numpy_helper
 
 import lowbit
 import lowbit.runtimes.ort as ort_runtime
 from conftest import tiny_cnn
+from helpers import model, node, samples, weight
 from lowbit.evaluate.lint import lint
 from lowbit.plan import plan_path
 from test_cli import lowbit as run_cli
@@ -24,8 +24,10 @@ def sandwich(op: str, *more: str) -> onnx.ModelProto:
     nodes = [node("Conv", ["x", "w0"], ["c0"], name="conv0")]
     inits = {"w0": weight((4, 3, 1, 1))}
     for k, o in enumerate((op, *more)):
-        nodes += [node(o, [f"c{k}"], [f"m{k}"], name="mid" if k == 0 else f"mid{k + 1}"),
-                  node("Conv", [f"m{k}", f"w{k + 1}"], [f"c{k + 1}"], name=f"conv{k + 1}")]
+        nodes += [
+            node(o, [f"c{k}"], [f"m{k}"], name="mid" if k == 0 else f"mid{k + 1}"),
+            node("Conv", [f"m{k}", f"w{k + 1}"], [f"c{k + 1}"], name=f"conv{k + 1}"),
+        ]
         inits[f"w{k + 1}"] = weight((4, 4, 1, 1), k + 1)
     nodes[-1].output[0] = "y"
     return model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, inits)
@@ -89,14 +91,27 @@ def test_default_quantization_of_tiny_cnn_is_clean() -> None:
 
 def _qlinear_conv(act: type) -> onnx.ModelProto:
     """Quantize -> QLinearConv -> Dequantize with `act` (np.int8 or np.uint8) activations."""
-    inits = {"xs": np.float32(0.02), "xz": act(0), "w": np.ones((4, 3, 1, 1), np.int8), "ws": np.float32(0.01),
-             "wz": np.int8(0), "ys": np.float32(0.05), "yz": act(0)}
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="quant"),
-             helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"], name="qconv"),
-             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dequant")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
-                          [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    inits = {
+        "xs": np.float32(0.02),
+        "xz": act(0),
+        "w": np.ones((4, 3, 1, 1), np.int8),
+        "ws": np.float32(0.01),
+        "wz": np.int8(0),
+        "ys": np.float32(0.05),
+        "yz": act(0),
+    }
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="quant"),
+        helper.make_node("QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz"], ["yq"], name="qconv"),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dequant"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.checker.check_model(m)
@@ -128,18 +143,31 @@ def test_relu_between_conv_and_its_quantize() -> None:
     def const(name: str, a: np.ndarray) -> onnx.TensorProto:
         return numpy_helper.from_array(np.asarray(a), name)
 
-    inits = [const("xs", np.float32(0.02)), const("xz", np.uint8(128)), const("w", np.ones((4, 3, 1, 1), np.int8)),
-             const("ws", np.float32(0.01)), const("wz", np.int8(0)), const("ys", np.float32(0.05)),
-             const("yz", np.uint8(128))]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="qx"),
-             helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
-             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dqw"),
-             helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
-             helper.make_node("Relu", ["c"], ["r"], name="relu"),
-             helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["yq"], name="qy"),
-             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dqy")]
-    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    inits = [
+        const("xs", np.float32(0.02)),
+        const("xz", np.uint8(128)),
+        const("w", np.ones((4, 3, 1, 1), np.int8)),
+        const("ws", np.float32(0.01)),
+        const("wz", np.int8(0)),
+        const("ys", np.float32(0.05)),
+        const("yz", np.uint8(128)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"], name="qx"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dqx"),
+        helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="dqw"),
+        helper.make_node("Conv", ["xd", "wd"], ["c"], name="conv"),
+        helper.make_node("Relu", ["c"], ["r"], name="relu"),
+        helper.make_node("QuantizeLinear", ["r", "ys", "yz"], ["yq"], name="qy"),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["y"], name="dqy"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     findings = lint(m)
@@ -152,8 +180,11 @@ def test_findings_are_deterministic_and_not_duplicated() -> None:
     result = quantized(sandwich("HardSwish", "Erf", "Sin"))
     first, second = lint(result.model, plan=result.plan), lint(result.model)
     assert first == second
-    assert [(f["kind"], f["nodes"]) for f in first] == [("float-island", ["mid2"]), ("float-island", ["mid3"]),
-                                                        ("no-integer-kernel", ["mid"])]
+    assert [(f["kind"], f["nodes"]) for f in first] == [
+        ("float-island", ["mid2"]),
+        ("float-island", ["mid3"]),
+        ("no-integer-kernel", ["mid"]),
+    ]
     for f in first:
         assert set(f) == {"kind", "level", "nodes", "message", "fix"}
         assert "\n" not in f["message"] and "\n" not in f["fix"]
@@ -182,14 +213,37 @@ def test_quantize_cli_prints_lint(tiny_model: Path, tiny_calib: Path, tmp_path: 
     proc = run_cli("quantize", str(tiny_model), "-o", out, "--calib", str(tiny_calib), "--quiet", "--check", "0")
     assert proc.returncode == 0, proc.stderr
     assert "performance lint: nothing found" in proc.stdout
-    proc = run_cli("quantize", str(tiny_model), "-o", out, "--calib", str(tiny_calib), "--quiet", "--check", "0",
-                   "--activations", "int8", "--json")
+    proc = run_cli(
+        "quantize",
+        str(tiny_model),
+        "-o",
+        out,
+        "--calib",
+        str(tiny_calib),
+        "--quiet",
+        "--check",
+        "0",
+        "--activations",
+        "int8",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert "missing-fusion" in [f["kind"] for f in data["lint"]]
-    proc = run_cli("quantize", str(tiny_model), "-o", out, "--calib", str(tiny_calib), "--quiet", "--check", "0",
-                   "--activations", "int8")
-    section = proc.stdout[proc.stdout.index("performance lint:"):].splitlines()
+    proc = run_cli(
+        "quantize",
+        str(tiny_model),
+        "-o",
+        out,
+        "--calib",
+        str(tiny_calib),
+        "--quiet",
+        "--check",
+        "0",
+        "--activations",
+        "int8",
+    )
+    section = proc.stdout[proc.stdout.index("performance lint:") :].splitlines()
     assert section[0] == "performance lint:" and section[1].startswith("  missing-fusion: ")
 
 
@@ -199,8 +253,9 @@ def test_static_int4_weights_are_named_as_the_reason_and_last_layer_included() -
     runs in float too and is named."""
     from test_energy_forms import CALIB, _mlp
 
-    q = lowbit.quantize(_mlp(), calib=CALIB, recipe=lowbit.Recipe(default=lowbit.Scheme(weights="int4")),
-                        progress=False)
+    q = lowbit.quantize(
+        _mlp(), calib=CALIB, recipe=lowbit.Recipe(default=lowbit.Scheme(weights="int4")), progress=False
+    )
     assert any(n.domain == "com.microsoft" and n.op_type == "DequantizeLinear" for n in q.model.graph.node)
     found = lint(q.model, plan=q.plan)
     assert [f["kind"] for f in found] == ["missing-fusion"]
@@ -209,8 +264,14 @@ def test_static_int4_weights_are_named_as_the_reason_and_last_layer_included() -
     assert "re-quantize" not in found[0]["fix"]
 
 
-@pytest.mark.parametrize("scheme", [lowbit.Scheme(mode="dynamic"), lowbit.Scheme(mode="weight_only"),
-                                    lowbit.Scheme(mode="weight_only", weights="int4", block_size=32)])
+@pytest.mark.parametrize(
+    "scheme",
+    [
+        lowbit.Scheme(mode="dynamic"),
+        lowbit.Scheme(mode="weight_only"),
+        lowbit.Scheme(mode="weight_only", weights="int4", block_size=32),
+    ],
+)
 def test_dynamic_and_weight_only_models_are_clean(scheme: lowbit.Scheme) -> None:
     from test_energy_forms import _mlp
     from test_recurrent import lstm_model

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
+import lowbit
 from conftest import tiny_cnn
 from helpers import model as make_model
 from helpers import node, weight
-
-import lowbit
 from lowbit.cli.main import main
 from lowbit.errors import LowbitError
 from lowbit.evaluate import bench
@@ -26,8 +26,12 @@ def conv_only(batch: int | str = "N") -> onnx.ModelProto:
     """Conv + Relu: its 4-D output is quantized, so it can be exported with int8/uint8 inputs and outputs."""
     nodes = [node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]), node("Relu", ["c"], ["y"])]
     # 8 channels on a 6x6 map: a missed NHWC->NCHW transpose changes the shape, not only the values
-    return make_model(nodes, {"x": (batch, 3, 12, 12)}, {"y": (batch, 8, 6, 6)},
-                      {"w": weight((8, 3, 3, 3), 1, 0.4), "b": weight((8,), 2, 0.1)})
+    return make_model(
+        nodes,
+        {"x": (batch, 3, 12, 12)},
+        {"y": (batch, 8, 6, 6)},
+        {"w": weight((8, 3, 3, 3), 1, 0.4), "b": weight((8,), 2, 0.1)},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +94,12 @@ def test_quantized_io_and_nchw_outputs(d):
 
 def test_batch_one_graph_that_cannot_resize_runs_per_sample(tmp_path):
     # Reshape of one sample into two rows: XNNPACK cannot re-plan it for batch 5, so the adapter runs each sample
-    m = make_model([node("Conv", ["x", "w"], ["c"]), node("Reshape", ["c", "s"], ["y"])],
-                   {"x": (1, 3, 4, 4)}, {"y": (2, 32)},
-                   {"w": weight((4, 3, 1, 1), 3), "s": np.array([2, -1], np.int64)})
+    m = make_model(
+        [node("Conv", ["x", "w"], ["c"]), node("Reshape", ["c", "s"], ["y"])],
+        {"x": (1, 3, 4, 4)},
+        {"y": (2, 32)},
+        {"w": weight((4, 3, 1, 1), 3), "s": np.array([2, -1], np.int64)},
+    )
     onnx.save(m, str(tmp_path / "r.onnx"))
     export_tflite(tmp_path / "r.onnx", tmp_path / "r.tflite")
     x = np.random.default_rng(0).normal(0, 1, (5, 3, 4, 4)).astype(np.float32)
@@ -128,11 +135,26 @@ def test_bench_reports_onnx_and_tflite_side_by_side(d):
 
 
 def test_cli_eval_and_bench_with_tflite(d, capsys):
-    assert main(["eval", str(d / "q.tflite"), "--data", str(d / "x.npy"), "--reference", str(d / "f.onnx"),
-                 "--json", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(d / "q.tflite"),
+                "--data",
+                str(d / "x.npy"),
+                "--reference",
+                str(d / "f.onnx"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["runtime"] == "litert (XNNPACK)"
-    assert main(["eval", str(d / "q.tflite"), "--data", str(d / "x.npy"), "--reference", str(d / "f.onnx"),
-                 "--quiet"]) == 0
+    assert (
+        main(["eval", str(d / "q.tflite"), "--data", str(d / "x.npy"), "--reference", str(d / "f.onnx"), "--quiet"])
+        == 0
+    )
     assert "LiteRT" in capsys.readouterr().out
     assert main(["bench", str(d / "f.onnx"), str(d / "f.tflite"), "--runs", "3", "--no-profile", "--quiet"]) == 0
     assert "LiteRT" in capsys.readouterr().out
@@ -163,8 +185,9 @@ def test_user_mistakes_with_tflite_are_one_line(d, tmp_path, capsys):
     with pytest.raises(LowbitError, match=r"takes shape \(N, 3, 16, 16\)"):
         LiteRTSession(d / "f.tflite").run(None, {"x": np.zeros((2, 3, 8, 8), np.float32)})
     # a reference with other outputs than the .tflite
-    _one_line_error(["eval", str(d / "q.tflite"), "--data", data, "--reference", str(d / "cq.onnx")], capsys,
-                    "reference")
+    _one_line_error(
+        ["eval", str(d / "q.tflite"), "--data", data, "--reference", str(d / "cq.onnx")], capsys, "reference"
+    )
 
 
 def test_builtin_kernels_without_xnnpack(d):

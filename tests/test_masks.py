@@ -12,14 +12,26 @@ from helpers import model, node, rel_rms, rng, run, weight
 
 def _attention(sentinel: float):
     """scores = x Wq (x Wk)^T + mask, mask = Where(keep, 0, sentinel) over the key axis; out = softmax(scores) x Wv."""
-    inits = {"wq": weight((8, 8), 1), "wk": weight((8, 8), 2), "wv": weight((8, 8), 3),
-             "zero": np.zeros((), np.float32), "hide": np.array(sentinel, np.float32), "ax": np.array([1])}
+    inits = {
+        "wq": weight((8, 8), 1),
+        "wk": weight((8, 8), 2),
+        "wv": weight((8, 8), 3),
+        "zero": np.zeros((), np.float32),
+        "hide": np.array(sentinel, np.float32),
+        "ax": np.array([1]),
+    }
     nodes = [
-        node("MatMul", ["x", "wq"], ["q"]), node("MatMul", ["x", "wk"], ["k"]), node("MatMul", ["x", "wv"], ["v"]),
-        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), node("MatMul", ["q", "kt"], ["s"]),
-        node("Cast", ["keep"], ["keepb"], to=9), node("Where", ["keepb", "zero", "hide"], ["m2"]),
-        node("Unsqueeze", ["m2", "ax"], ["m"]), node("Add", ["s", "m"], ["sm"], name="mask_add"),
-        node("Softmax", ["sm"], ["p"], axis=-1), node("MatMul", ["p", "v"], ["y"]),
+        node("MatMul", ["x", "wq"], ["q"]),
+        node("MatMul", ["x", "wk"], ["k"]),
+        node("MatMul", ["x", "wv"], ["v"]),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kt"], ["s"]),
+        node("Cast", ["keep"], ["keepb"], to=9),
+        node("Where", ["keepb", "zero", "hide"], ["m2"]),
+        node("Unsqueeze", ["m2", "ax"], ["m"]),
+        node("Add", ["s", "m"], ["sm"], name="mask_add"),
+        node("Softmax", ["sm"], ["p"], axis=-1),
+        node("MatMul", ["p", "v"], ["y"]),
     ]
     return model(nodes, {"x": (1, 6, 8), "keep": (1, 6)}, {"y": (1, 6, 8)}, inits)
 
@@ -29,7 +41,7 @@ def _feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
     out = []
     for i in range(n):
         keep = np.ones((1, 6), np.float32)
-        keep[0, 6 - i % 3:] = 0  # 0, 1 or 2 padded positions
+        keep[0, 6 - i % 3 :] = 0  # 0, 1 or 2 padded positions
         out.append({"x": r.normal(0, 1, (1, 6, 8)).astype(np.float32), "keep": keep})
     return out
 
@@ -58,12 +70,21 @@ def test_plan_reuse_keeps_the_mask_float(tmp_path) -> None:
 
 def test_residual_add_before_layernorm_stays_float() -> None:
     # x W + b + x -> LayerNorm -> W2: the two Adds feed only the float LayerNorm (directly or through each other)
-    inits = {"w": weight((8, 8), 1), "b": weight((8,), 2), "g": np.ones(8, np.float32), "beta": np.zeros(8, np.float32),
-             "w2": weight((8, 8), 3)}
-    nodes = [node("MatMul", ["x", "w"], ["h"]), node("Add", ["h", "b"], ["hb"], name="bias"),
-             node("Add", ["hb", "x"], ["r"], name="residual"),
-             node("LayerNormalization", ["r", "g", "beta"], ["n"], axis=-1), node("MatMul", ["n", "w2"], ["y"]),
-             node("Add", ["y", "b"], ["z"], name="kept")]
+    inits = {
+        "w": weight((8, 8), 1),
+        "b": weight((8,), 2),
+        "g": np.ones(8, np.float32),
+        "beta": np.zeros(8, np.float32),
+        "w2": weight((8, 8), 3),
+    }
+    nodes = [
+        node("MatMul", ["x", "w"], ["h"]),
+        node("Add", ["h", "b"], ["hb"], name="bias"),
+        node("Add", ["hb", "x"], ["r"], name="residual"),
+        node("LayerNormalization", ["r", "g", "beta"], ["n"], axis=-1),
+        node("MatMul", ["n", "w2"], ["y"]),
+        node("Add", ["y", "b"], ["z"], name="kept"),
+    ]
     m = model(nodes, {"x": (1, 6, 8)}, {"z": (1, 6, 8)}, inits)
     res = lowbit.quantize(m, calib=[{"x": f["x"]} for f in _feeds(16, 1)], progress=False)
     for name in ("bias", "residual"):

@@ -56,6 +56,7 @@ def _private():
 
 # --- the real model (slow) ---------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """all-MiniLM-L6-v2 exported once per test session."""
@@ -94,9 +95,9 @@ def test_dynamic_and_int4_weight_only_keep_the_embeddings(minilm, tmp_path):
     import warnings
 
     import onnx
-    from helpers import op_counts, optimized
 
     import lowbit
+    from helpers import op_counts, optimized
     from lowbit.recipe import preset
 
     sentences = zoo.text_sentences(48, "eval", seed=5)

@@ -56,7 +56,7 @@ def _dims(rank: int) -> list[str]:
     return [f"d{i}" for i in range(rank)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _ort_session(op: str, dtype: str, rank: int, axis: int | None, opset: int) -> ort.InferenceSession:
     """One QuantizeLinear or DequantizeLinear node with dynamic shapes; scale and zero point are graph inputs
     (scalars per tensor, 1-D per axis). 4-bit tensors go through Cast nodes, see the module docstring."""
@@ -69,7 +69,10 @@ def _ort_session(op: str, dtype: str, rank: int, axis: int | None, opset: int) -
     if dtype in FOUR_BIT:
         nodes.append(helper.make_node("Cast", ["z_io"], ["z"], to=qt.onnx_dtype))
         zp_in = "z_io"
-    inputs = [helper.make_tensor_value_info("s", TensorProto.FLOAT, pshape), helper.make_tensor_value_info(zp_in, io_type, pshape)]
+    inputs = [
+        helper.make_tensor_value_info("s", TensorProto.FLOAT, pshape),
+        helper.make_tensor_value_info(zp_in, io_type, pshape),
+    ]
     if op == "QuantizeLinear":
         inputs.insert(0, helper.make_tensor_value_info("x", TensorProto.FLOAT, _dims(rank)))
         if dtype in FOUR_BIT:
@@ -344,8 +347,15 @@ def test_official_onnx_node_tests():
     for name, why in skipped.items():
         print(f"  not applicable: {name}: {why}")
     assert len(ran) > 5
-    for name in ("test_quantizelinear", "test_quantizelinear_axis", "test_dequantizelinear", "test_dequantizelinear_axis",
-                 "test_quantizelinear_int16", "test_dequantizelinear_uint16", "test_quantizelinear_int4"):
+    for name in (
+        "test_quantizelinear",
+        "test_quantizelinear_axis",
+        "test_dequantizelinear",
+        "test_dequantizelinear_axis",
+        "test_quantizelinear_int16",
+        "test_dequantizelinear_uint16",
+        "test_quantizelinear_int4",
+    ):
         assert name in ran, name
     # Only float8/float4/int2/blocked cases may be left out.
     assert all("blocked" in n or any(t in n for t in ("e4m3", "e5m2", "float4", "int2")) for n in skipped), skipped
@@ -466,7 +476,9 @@ def test_all_zero_range_gives_finite_positive_scale(dtype, symmetric):
     assert s.shape == (4,) and np.all(np.isfinite(s)) and np.all(s > 0)
 
 
-@pytest.mark.parametrize("a, b", [(np.nan, 1.0), (-1.0, np.nan), (-np.inf, 1.0), (0.0, np.inf), ([-1.0, np.nan], [1.0, 2.0])])
+@pytest.mark.parametrize(
+    "a, b", [(np.nan, 1.0), (-1.0, np.nan), (-np.inf, 1.0), (0.0, np.inf), ([-1.0, np.nan], [1.0, 2.0])]
+)
 def test_non_finite_range_raises(a, b):
     with pytest.raises(LowbitError, match="NaN or infinite"):
         scale_zero_point(a, b, "uint8", symmetric=False)

@@ -7,8 +7,8 @@ error of the float model, and ORT fuses it into the intended integer kernel.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -75,16 +75,26 @@ def conv_model(bias=True, group=1, cin=3, cout=4, k=3, hw=8, relu=None, wscale=0
 
 
 def unary_model(op, shape=(1, 4, 8, 8), out_shape=None, extra_inits=None, extra_inputs=(), **attrs):
-    return model([node(op, ["x", *extra_inputs], ["y"], name="op", **attrs)], {"x": shape}, {"y": out_shape},
-                 extra_inits)
+    return model(
+        [node(op, ["x", *extra_inputs], ["y"], name="op", **attrs)], {"x": shape}, {"y": out_shape}, extra_inits
+    )
 
 
 def binary_model(op, shape=(1, 4, 8, 8), **attrs):
     return model([node(op, ["a", "b"], ["y"], name="op", **attrs)], {"a": shape, "b": shape}, {"y": None})
 
 
-def between_convs(mid: list[onnx.NodeProto], mid_in: str, mid_out: str, tail: list[onnx.NodeProto],
-                  inits: dict, out_shape=None, cin=3, c1=4, hw=8):
+def between_convs(
+    mid: list[onnx.NodeProto],
+    mid_in: str,
+    mid_out: str,
+    tail: list[onnx.NodeProto],
+    inits: dict,
+    out_shape=None,
+    cin=3,
+    c1=4,
+    hw=8,
+):
     """x -> Conv(name conv1) -> mid... -> tail -> y: data movement sandwiched between quantized ops."""
     inits = {"w1": weight((c1, cin, 3, 3), seed=3), "b1": weight((c1,), seed=4, scale=0.2), **inits}
     nodes = [node("Conv", ["x", "w1", "b1"], [mid_in], name="conv1", pads=[1] * 4), *mid, *tail]
@@ -102,117 +112,207 @@ def _cases() -> dict[str, Callable[[], Case]]:
     c["conv_clip_fused"] = lambda: Case(conv_model(relu="Clip", wscale=2.0), bias=True, extra=_fused_clip, **conv_kw)
 
     def conv_transpose():
-        m = model([node("ConvTranspose", ["x", "w", "b"], ["y"], name="op", strides=[2, 2])],
-                  {"x": (1, 4, 4, 4)}, {"y": (1, 3, 8, 8)}, {"w": weight((4, 3, 2, 2), 5), "b": weight((3,), 6, 0.2)})
+        m = model(
+            [node("ConvTranspose", ["x", "w", "b"], ["y"], name="op", strides=[2, 2])],
+            {"x": (1, 4, 4, 4)},
+            {"y": (1, 3, 8, 8)},
+            {"w": weight((4, 3, 2, 2), 5), "b": weight((3,), 6, 0.2)},
+        )
         # ORT's CPU provider has no QDQ ConvTranspose fusion (QLinearConvTranspose is XNNPACK-only): it runs in
         # float between the DQs, so only the graph shape and the error are checked.
         return Case(m, "op", 0.03, weighted=True, weight_axis=1, bias=True, extra=_convtranspose_on_dq, integer=False)
+
     c["conv_transpose"] = conv_transpose
 
     def gemm(trans_b):
         w = weight((8, 16) if trans_b else (16, 8), 7)
-        m = model([node("Gemm", ["x", "w", "b"], ["y"], name="op", transB=trans_b)], {"x": (1, 16)}, {"y": (1, 8)},
-                  {"w": w, "b": weight((8,), 8, 0.2)})
-        return Case(m, "op", 0.03, kernels=("QGemm",), gone=("Gemm",), weighted=True, weight_axis=0 if trans_b else 1,
-                    bias=True)
+        m = model(
+            [node("Gemm", ["x", "w", "b"], ["y"], name="op", transB=trans_b)],
+            {"x": (1, 16)},
+            {"y": (1, 8)},
+            {"w": w, "b": weight((8,), 8, 0.2)},
+        )
+        return Case(
+            m, "op", 0.03, kernels=("QGemm",), gone=("Gemm",), weighted=True, weight_axis=0 if trans_b else 1, bias=True
+        )
+
     c["gemm_transB0"] = lambda: gemm(0)
     c["gemm_transB1"] = lambda: gemm(1)
 
     def matmul_const():
-        m = model([node("MatMul", ["x", "w"], ["y"], name="op")], {"x": (1, 5, 16)}, {"y": (1, 5, 8)},
-                  {"w": weight((16, 8), 9)})
+        m = model(
+            [node("MatMul", ["x", "w"], ["y"], name="op")],
+            {"x": (1, 5, 16)},
+            {"y": (1, 5, 8)},
+            {"w": weight((16, 8), 9)},
+        )
         # A model output stays float, so ORT runs MatMulIntegerToFloat instead of QLinearMatMul.
         return Case(m, "op", 0.03, kernels=("MatMulIntegerToFloat",), gone=("MatMul",), weighted=True, weight_axis=1)
+
     c["matmul_const"] = matmul_const
 
     def matmul_two():
         m = model([node("MatMul", ["a", "b"], ["y"], name="op")], {"a": (1, 4, 8), "b": (1, 8, 6)}, {"y": (1, 4, 6)})
         return Case(m, "op", 0.03, kernels=("QLinearMatMul",), gone=("MatMul",), activations=(0, 1))
+
     c["matmul_two_activations"] = matmul_two
 
     c["add"] = lambda: Case(binary_model("Add"), "op", 0.02, kernels=("QLinearAdd",), gone=("Add",), activations=(0, 1))
     c["mul"] = lambda: Case(binary_model("Mul"), "op", 0.03, kernels=("QLinearMul",), gone=("Mul",), activations=(0, 1))
-    c["concat"] = lambda: Case(binary_model("Concat", axis=1), "op", 0.02, kernels=("QLinearConcat",), gone=("Concat",),
-                               activations=(0, 1))
+    c["concat"] = lambda: Case(
+        binary_model("Concat", axis=1), "op", 0.02, kernels=("QLinearConcat",), gone=("Concat",), activations=(0, 1)
+    )
     # MaxPool has no QLinear kernel: ORT drops the Q/DQ pair around it and runs its uint8 MaxPool.
-    c["maxpool"] = lambda: Case(unary_model("MaxPool", kernel_shape=[2, 2], strides=[2, 2]), "op", 0.02,
-                                shares_scale=("op",), extra=_maxpool_on_uint8)
-    c["averagepool"] = lambda: Case(unary_model("AveragePool", kernel_shape=[2, 2], strides=[2, 2]), "op", 0.02,
-                                    kernels=("QLinearAveragePool",), gone=("AveragePool",))
-    c["globalaveragepool"] = lambda: Case(unary_model("GlobalAveragePool"), "op", 0.03,
-                                          kernels=("QLinearGlobalAveragePool",), gone=("GlobalAveragePool",))
+    c["maxpool"] = lambda: Case(
+        unary_model("MaxPool", kernel_shape=[2, 2], strides=[2, 2]),
+        "op",
+        0.02,
+        shares_scale=("op",),
+        extra=_maxpool_on_uint8,
+    )
+    c["averagepool"] = lambda: Case(
+        unary_model("AveragePool", kernel_shape=[2, 2], strides=[2, 2]),
+        "op",
+        0.02,
+        kernels=("QLinearAveragePool",),
+        gone=("AveragePool",),
+    )
+    c["globalaveragepool"] = lambda: Case(
+        unary_model("GlobalAveragePool"), "op", 0.03, kernels=("QLinearGlobalAveragePool",), gone=("GlobalAveragePool",)
+    )
     # No integer kernel in ORT's CPU provider for these: they run in float between Q/DQ.
     c["reducemean"] = lambda: Case(unary_model("ReduceMean", axes=[2, 3], keepdims=1), "op", 0.03, integer=False)
     c["sigmoid"] = lambda: Case(unary_model("Sigmoid"), "op", 0.02, kernels=("QLinearSigmoid",), gone=("Sigmoid",))
-    c["softmax"] = lambda: Case(unary_model("Softmax", axis=-1), "op", 0.03, kernels=("QLinearSoftmax",),
-                                gone=("Softmax",))
+    c["softmax"] = lambda: Case(
+        unary_model("Softmax", axis=-1), "op", 0.03, kernels=("QLinearSoftmax",), gone=("Softmax",)
+    )
     c["hardswish"] = lambda: Case(unary_model("HardSwish"), "op", 0.03, integer=False)
-    c["leakyrelu"] = lambda: Case(unary_model("LeakyRelu", alpha=0.1), "op", 0.02, kernels=("QLinearLeakyRelu",),
-                                  gone=("LeakyRelu",))
+    c["leakyrelu"] = lambda: Case(
+        unary_model("LeakyRelu", alpha=0.1), "op", 0.02, kernels=("QLinearLeakyRelu",), gone=("LeakyRelu",)
+    )
 
     # Data movement between quantized ops: it shares its input's scale.
     def resize():
-        m = between_convs([node("Resize", ["c1", "", "scales"], ["r"], name="op", mode="nearest")], "c1", "r",
-                          [node("Conv", ["r", "w2"], ["y"], name="conv2")],
-                          {"scales": np.array([1, 1, 2, 2], np.float32), "w2": weight((2, 4, 1, 1), 10)}, hw=4)
+        m = between_convs(
+            [node("Resize", ["c1", "", "scales"], ["r"], name="op", mode="nearest")],
+            "c1",
+            "r",
+            [node("Conv", ["r", "w2"], ["y"], name="conv2")],
+            {"scales": np.array([1, 1, 2, 2], np.float32), "w2": weight((2, 4, 1, 1), 10)},
+            hw=4,
+        )
         return Case(m, "op", 0.03, kernels=("QLinearConv",), gone=("Conv",), shares_scale=("op",))
+
     c["resize_nearest"] = resize
 
     def reshape():
-        m = between_convs([node("Reshape", ["c1", "shape"], ["r"], name="op")], "c1", "r",
-                          [node("Gemm", ["r", "w2"], ["y"], name="fc")],
-                          {"shape": np.array([1, 64], I64), "w2": weight((64, 5), 11)}, hw=4)
+        m = between_convs(
+            [node("Reshape", ["c1", "shape"], ["r"], name="op")],
+            "c1",
+            "r",
+            [node("Gemm", ["r", "w2"], ["y"], name="fc")],
+            {"shape": np.array([1, 64], I64), "w2": weight((64, 5), 11)},
+            hw=4,
+        )
         return Case(m, "op", 0.03, kernels=("QGemm", "QLinearConv"), gone=("Gemm", "Conv"), shares_scale=("op",))
+
     c["reshape"] = reshape
 
     def flatten():
-        m = between_convs([node("Flatten", ["c1"], ["r"], name="op", axis=1)], "c1", "r",
-                          [node("Gemm", ["r", "w2"], ["y"], name="fc")], {"w2": weight((64, 5), 12)}, hw=4)
+        m = between_convs(
+            [node("Flatten", ["c1"], ["r"], name="op", axis=1)],
+            "c1",
+            "r",
+            [node("Gemm", ["r", "w2"], ["y"], name="fc")],
+            {"w2": weight((64, 5), 12)},
+            hw=4,
+        )
         return Case(m, "op", 0.03, kernels=("QGemm",), gone=("Gemm",), shares_scale=("op",))
+
     c["flatten"] = flatten
 
     def transpose():
-        m = between_convs([node("Transpose", ["c1"], ["r"], name="op", perm=[0, 2, 3, 1])], "c1", "r",
-                          [node("MatMul", ["r", "w2"], ["y"], name="mm")], {"w2": weight((4, 3), 13)}, hw=4)
+        m = between_convs(
+            [node("Transpose", ["c1"], ["r"], name="op", perm=[0, 2, 3, 1])],
+            "c1",
+            "r",
+            [node("MatMul", ["r", "w2"], ["y"], name="mm")],
+            {"w2": weight((4, 3), 13)},
+            hw=4,
+        )
         return Case(m, "op", 0.03, kernels=("MatMulIntegerToFloat",), gone=("MatMul",), shares_scale=("op",))
+
     c["transpose"] = transpose
 
     def squeeze():
-        m = model([node("GlobalAveragePool", ["x"], ["g"], name="gap"),
-                   node("Squeeze", ["g", "axes"], ["s"], name="op"),
-                   node("Gemm", ["s", "w2"], ["y"], name="fc")],
-                  {"x": (1, 4, 8, 8)}, {"y": (1, 5)}, {"axes": np.array([2, 3], I64), "w2": weight((4, 5), 14)})
+        m = model(
+            [
+                node("GlobalAveragePool", ["x"], ["g"], name="gap"),
+                node("Squeeze", ["g", "axes"], ["s"], name="op"),
+                node("Gemm", ["s", "w2"], ["y"], name="fc"),
+            ],
+            {"x": (1, 4, 8, 8)},
+            {"y": (1, 5)},
+            {"axes": np.array([2, 3], I64), "w2": weight((4, 5), 14)},
+        )
         return Case(m, "op", 0.05, kernels=("QGemm", "QLinearGlobalAveragePool"), shares_scale=("op",))
+
     c["squeeze"] = squeeze
 
     def unsqueeze():
-        m = model([node("Gemm", ["x", "w1"], ["g"], name="fc"),
-                   node("Unsqueeze", ["g", "axes"], ["u"], name="op"),
-                   node("Conv", ["u", "w2"], ["y"], name="conv2")],
-                  {"x": (1, 16)}, {"y": (1, 3, 1, 1)},
-                  {"axes": np.array([2, 3], I64), "w1": weight((16, 8), 15), "w2": weight((3, 8, 1, 1), 16)})
+        m = model(
+            [
+                node("Gemm", ["x", "w1"], ["g"], name="fc"),
+                node("Unsqueeze", ["g", "axes"], ["u"], name="op"),
+                node("Conv", ["u", "w2"], ["y"], name="conv2"),
+            ],
+            {"x": (1, 16)},
+            {"y": (1, 3, 1, 1)},
+            {"axes": np.array([2, 3], I64), "w1": weight((16, 8), 15), "w2": weight((3, 8, 1, 1), 16)},
+        )
         return Case(m, "op", 0.03, kernels=("QGemm", "QLinearConv"), gone=("Conv", "Gemm"), shares_scale=("op",))
+
     c["unsqueeze"] = unsqueeze
 
     def slice_():
-        m = between_convs([node("Slice", ["c1", "st", "en", "ax"], ["r"], name="op")], "c1", "r",
-                          [node("Conv", ["r", "w2"], ["y"], name="conv2")],
-                          {"st": np.array([1], I64), "en": np.array([3], I64), "ax": np.array([1], I64),
-                           "w2": weight((3, 2, 1, 1), 17)})
+        m = between_convs(
+            [node("Slice", ["c1", "st", "en", "ax"], ["r"], name="op")],
+            "c1",
+            "r",
+            [node("Conv", ["r", "w2"], ["y"], name="conv2")],
+            {
+                "st": np.array([1], I64),
+                "en": np.array([3], I64),
+                "ax": np.array([1], I64),
+                "w2": weight((3, 2, 1, 1), 17),
+            },
+        )
         return Case(m, "op", 0.03, kernels=("QLinearConv",), gone=("Conv",), shares_scale=("op",))
+
     c["slice"] = slice_
 
     def gather():
-        m = between_convs([node("Gather", ["c1", "idx"], ["r"], name="op", axis=1)], "c1", "r",
-                          [node("Conv", ["r", "w2"], ["y"], name="conv2")],
-                          {"idx": np.array([0, 2, 3], I64), "w2": weight((3, 3, 1, 1), 18)})
+        m = between_convs(
+            [node("Gather", ["c1", "idx"], ["r"], name="op", axis=1)],
+            "c1",
+            "r",
+            [node("Conv", ["r", "w2"], ["y"], name="conv2")],
+            {"idx": np.array([0, 2, 3], I64), "w2": weight((3, 3, 1, 1), 18)},
+        )
         return Case(m, "op", 0.03, kernels=("QLinearConv",), gone=("Conv",), shares_scale=("op",))
+
     c["gather"] = gather
 
     def split():
-        m = between_convs([node("Split", ["c1", "sp"], ["p", "q"], name="op", axis=1)], "c1", "p",
-                          [node("Add", ["p", "q"], ["y"], name="add")], {"sp": np.array([2, 2], I64)})
+        m = between_convs(
+            [node("Split", ["c1", "sp"], ["p", "q"], name="op", axis=1)],
+            "c1",
+            "p",
+            [node("Add", ["p", "q"], ["y"], name="add")],
+            {"sp": np.array([2, 2], I64)},
+        )
         return Case(m, "op", 0.03, kernels=("QLinearConv", "QLinearAdd"), gone=("Conv", "Add"), shares_scale=("op",))
+
     c["split"] = split
     return c
 
@@ -243,8 +343,16 @@ def _fused_clip(case: Case, res: lowbit.QuantizeResult) -> None:
     assert lo == 0.0 and 0.0 < hi <= 6.0
     # the weights are large enough that the raw conv output exceeds 6: the upper clamp must still hold
     feeds = samples(case.model, 4, seed=9)
-    raw = run(model([node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4)], {"x": (1, 3, 8, 8)}, {"c": None},
-                    {"w": init(case.model, "w"), "b": init(case.model, "b")}), feeds, float_model=True)[0]
+    raw = run(
+        model(
+            [node("Conv", ["x", "w", "b"], ["c"], pads=[1] * 4)],
+            {"x": (1, 3, 8, 8)},
+            {"c": None},
+            {"w": init(case.model, "w"), "b": init(case.model, "b")},
+        ),
+        feeds,
+        float_model=True,
+    )[0]
     assert raw.max() > 6.0 and raw.min() < 0.0
     for mode in ("simulate", "kernels"):
         y = run(m, feeds, mode)[0]
@@ -356,7 +464,9 @@ def test_ort_fuses_integer_kernel(results, name):
     ops = op_counts(opt)
     if case.integer:
         # Model outputs made by a weighted Gemm/MatMul stay float (QGemm writes float): no DequantizeLinear.
-        assert ops["QuantizeLinear"] == len(opt.graph.input) and ops["DequantizeLinear"] <= len(opt.graph.output), dict(ops)
+        assert ops["QuantizeLinear"] == len(opt.graph.input) and ops["DequantizeLinear"] <= len(opt.graph.output), dict(
+            ops
+        )
     else:
         # the op runs in float on dequantized inputs (ORT rewrites HardSwish as HardSigmoid * x)
         assert not [k for k in ops if k.startswith("QLinear")] and ops["DequantizeLinear"] > len(opt.graph.output)
@@ -370,10 +480,16 @@ def test_ort_fuses_integer_kernel(results, name):
 
 
 def _two_convs():
-    return model([node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1] * 4),
-                  node("Sigmoid", ["a"], ["s"], name="sig"),
-                  node("Conv", ["s", "w2"], ["y"], name="conv2", pads=[1] * 4)],
-                 {"x": (1, 3, 8, 8)}, {"y": (1, 2, 8, 8)}, {"w1": weight((4, 3, 3, 3), 1), "w2": weight((2, 4, 3, 3), 2)})
+    return model(
+        [
+            node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1] * 4),
+            node("Sigmoid", ["a"], ["s"], name="sig"),
+            node("Conv", ["s", "w2"], ["y"], name="conv2", pads=[1] * 4),
+        ],
+        {"x": (1, 3, 8, 8)},
+        {"y": (1, 2, 8, 8)},
+        {"w1": weight((4, 3, 3, 3), 1), "w2": weight((2, 4, 3, 3), 2)},
+    )
 
 
 def _float_conv_inputs_untouched(m: onnx.ModelProto, name: str) -> None:
@@ -412,9 +528,12 @@ def test_excluded_by_op_type_stays_float():
 
 def test_runtime_weight_conv_stays_float():
     # the conv weight is the output of a node that depends on an input: it cannot be quantized ahead of time
-    m = model([node("Mul", ["wx", "g"], ["w"], name="scale_w"),
-               node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)],
-              {"x": (1, 3, 8, 8), "g": (1, 1, 1, 1)}, {"y": (1, 4, 8, 8)}, {"wx": weight((4, 3, 3, 3), 1)})
+    m = model(
+        [node("Mul", ["wx", "g"], ["w"], name="scale_w"), node("Conv", ["x", "w"], ["y"], name="conv", pads=[1] * 4)],
+        {"x": (1, 3, 8, 8), "g": (1, 1, 1, 1)},
+        {"y": (1, 4, 8, 8)},
+        {"wx": weight((4, 3, 3, 3), 1)},
+    )
     calib = [{"x": f["x"], "g": np.abs(f["g"]) + 0.5} for f in samples(m, 8)]
     res = lowbit.quantize(m, calib=calib, progress=False)
     d = res.plan.nodes["conv"]
@@ -434,9 +553,15 @@ def test_runtime_weight_conv_stays_float():
 def test_constant_node_weights_quantized_like_initializers():
     w, b = weight((4, 3, 3, 3), 1), weight((4,), 2, 0.2)
     with_inits = conv_model()  # same seeds: same values
-    with_consts = model([const_node("w", w), const_node("b", b),
-                         node("Conv", ["x", "w", "b"], ["y"], name="op", pads=[1] * 4, group=1)],
-                        {"x": (1, 3, 8, 8)}, {"y": (1, 4, 8, 8)})
+    with_consts = model(
+        [
+            const_node("w", w),
+            const_node("b", b),
+            node("Conv", ["x", "w", "b"], ["y"], name="op", pads=[1] * 4, group=1),
+        ],
+        {"x": (1, 3, 8, 8)},
+        {"y": (1, 4, 8, 8)},
+    )
     r1, r2 = quantize(with_inits), quantize(with_consts)
     assert not nodes_of(r2.model, "Constant")
     assert r2.plan.nodes["op"].quantized
@@ -452,9 +577,15 @@ def test_constant_node_weights_quantized_like_initializers():
 
 
 def test_quantized_graph_output_keeps_its_name():
-    m = model([node("Conv", ["x", "w"], ["logits"], name="conv", pads=[1] * 4),
-               node("Sigmoid", ["logits"], ["prob"], name="sig")],
-              {"x": (1, 3, 8, 8)}, {"logits": (1, 4, 8, 8), "prob": (1, 4, 8, 8)}, {"w": weight((4, 3, 3, 3), 1)})
+    m = model(
+        [
+            node("Conv", ["x", "w"], ["logits"], name="conv", pads=[1] * 4),
+            node("Sigmoid", ["logits"], ["prob"], name="sig"),
+        ],
+        {"x": (1, 3, 8, 8)},
+        {"logits": (1, 4, 8, 8), "prob": (1, 4, 8, 8)},
+        {"w": weight((4, 3, 3, 3), 1)},
+    )
     res = quantize(m)
     g = res.model.graph
     assert [o.name for o in g.output] == ["logits", "prob"]
@@ -474,15 +605,21 @@ def test_quantized_graph_output_keeps_its_name():
 
 def test_every_float_node_has_a_reason():
     inits = {"w1": weight((4, 3, 3, 3), 1), "w2": weight((2, 4, 1, 1), 2), "shape": np.array([1, -1], I64)}
-    m = model([node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1] * 4),
-               node("Erf", ["a"], ["e"], name="erf"),  # no quantized form
-               node("Conv", ["e", "w2"], ["c"], name="conv2"),
-               node("Shape", ["c"], ["shp"], name="shape_of"),  # integer shape arithmetic
-               node("Cos", ["u"], ["cx"], name="cos"),  # no quantized form
-               node("Reshape", ["cx", "shape"], ["flat"], name="reshape"),  # data movement between float ops
-               node("Conv", ["x", "w1"], ["z"], name="excluded"),
-               ], {"x": (1, 3, 8, 8), "u": (1, 6)}, {"c": None, "shp": None, "flat": None, "z": None}, inits,
-              int_outputs=("shp",))
+    m = model(
+        [
+            node("Conv", ["x", "w1"], ["a"], name="conv1", pads=[1] * 4),
+            node("Erf", ["a"], ["e"], name="erf"),  # no quantized form
+            node("Conv", ["e", "w2"], ["c"], name="conv2"),
+            node("Shape", ["c"], ["shp"], name="shape_of"),  # integer shape arithmetic
+            node("Cos", ["u"], ["cx"], name="cos"),  # no quantized form
+            node("Reshape", ["cx", "shape"], ["flat"], name="reshape"),  # data movement between float ops
+            node("Conv", ["x", "w1"], ["z"], name="excluded"),
+        ],
+        {"x": (1, 3, 8, 8), "u": (1, 6)},
+        {"c": None, "shp": None, "flat": None, "z": None},
+        inits,
+        int_outputs=("shp",),
+    )
     res = quantize(m, lowbit.Recipe(exclude_names=("excl*",)))
     floats = {k: v for k, v in res.plan.nodes.items() if not v.quantized}
     assert set(floats) >= {"erf", "shape_of", "cos", "reshape", "excluded"}

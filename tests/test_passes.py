@@ -48,8 +48,10 @@ def bn_model(bias: bool, extra_use: bool = False):
     if bias:
         inits["b"] = weight((4,), 2)
         ins.append("b")
-    nodes = [node("Conv", ins, ["c"], name="conv", pads=[1] * 4),
-             node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn", epsilon=1e-3)]
+    nodes = [
+        node("Conv", ins, ["c"], name="conv", pads=[1] * 4),
+        node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn", epsilon=1e-3),
+    ]
     outs = {"y": (1, 4, 8, 8)}
     if extra_use:
         nodes.append(node("Relu", ["c"], ["r"], name="relu"))
@@ -86,9 +88,15 @@ def pad_model(pads, value=None, mode="constant", conv_pads=(1, 1, 1, 1)):
     if value is not None:
         inits["v"] = np.array(value, np.float32)
         ins.append("v")
-    return model([node("Pad", ins, ["p"], name="pad", mode=mode),
-                  node("Conv", ["p", "w"], ["y"], name="conv", pads=list(conv_pads))],
-                 {"x": (1, 3, 8, 8)}, {"y": None}, inits)
+    return model(
+        [
+            node("Pad", ins, ["p"], name="pad", mode=mode),
+            node("Conv", ["p", "w"], ["y"], name="conv", pads=list(conv_pads)),
+        ],
+        {"x": (1, 3, 8, 8)},
+        {"y": None},
+        inits,
+    )
 
 
 @pytest.mark.parametrize("value", [None, 0.0])
@@ -130,8 +138,9 @@ def const_pads_model(with_shape_branch: bool = False):
     """Pad's pads computed by a constant subgraph: Constant -> ConstantOfShape -> Concat -> Reshape."""
     nodes = [
         const_node("n2", np.array([2], I64)),
-        helper.make_node("ConstantOfShape", ["n2"], ["zeros"], name="zeros_of",
-                         value=numpy_helper.from_array(np.array([0], I64))),
+        helper.make_node(
+            "ConstantOfShape", ["n2"], ["zeros"], name="zeros_of", value=numpy_helper.from_array(np.array([0], I64))
+        ),
         const_node("spatial", np.array([1, 2], I64)),
         node("Concat", ["zeros", "spatial", "zeros", "spatial"], ["cat"], name="cat", axis=0),
         const_node("flat", np.array([-1], I64)),
@@ -141,8 +150,10 @@ def const_pads_model(with_shape_branch: bool = False):
     ]
     outs: dict = {"y": None}
     if with_shape_branch:  # depends on the input: must stay
-        nodes += [node("Shape", ["x"], ["shp"], name="shape_of"),
-                  node("Reshape", ["x", "shp"], ["same"], name="reshape_x")]
+        nodes += [
+            node("Shape", ["x"], ["shp"], name="shape_of"),
+            node("Reshape", ["x", "shp"], ["same"], name="reshape_x"),
+        ]
         outs["same"] = (1, 3, 8, 8)
     return model(nodes, {"x": (1, 3, 8, 8)}, outs, {"w": weight((4, 3, 3, 3), 1)})
 
@@ -163,10 +174,21 @@ def test_fold_constants_folds_constant_subgraph():
 
 def test_fold_constants_keeps_large_results():
     # ConstantOfShape of a big shape would bloat the file: it stays a node
-    m = model([node("ConstantOfShape", ["big"], ["z"], name="zeros_big",
-                    value=numpy_helper.from_array(np.array([1.0], np.float32))),
-               node("Add", ["x", "z"], ["y"], name="add")],
-              {"x": (512, 256)}, {"y": (512, 256)}, {"big": np.array([512, 256], I64)})
+    m = model(
+        [
+            node(
+                "ConstantOfShape",
+                ["big"],
+                ["z"],
+                name="zeros_big",
+                value=numpy_helper.from_array(np.array([1.0], np.float32)),
+            ),
+            node("Add", ["x", "z"], ["y"], name="add"),
+        ],
+        {"x": (512, 256)},
+        {"y": (512, 256)},
+        {"big": np.array([512, 256], I64)},
+    )
     out, (changed,) = apply(m, fold_constants)
     assert not changed and op_counts(out)["ConstantOfShape"] == 1
 
@@ -180,8 +202,9 @@ def test_prepare_keeps_outputs():
     nodes = [
         const_node("w1", weight((c, 3, 3, 3), 1)),  # weights as Constant nodes
         const_node("n2", np.array([2], I64)),
-        helper.make_node("ConstantOfShape", ["n2"], ["zeros"], name="zeros_of",
-                         value=numpy_helper.from_array(np.array([0], I64))),
+        helper.make_node(
+            "ConstantOfShape", ["n2"], ["zeros"], name="zeros_of", value=numpy_helper.from_array(np.array([0], I64))
+        ),
         const_node("spatial", np.array([1, 1], I64)),
         node("Concat", ["zeros", "spatial", "zeros", "spatial"], ["pads"], name="cat", axis=0),
         node("Pad", ["x", "pads"], ["p"], name="pad"),
@@ -190,9 +213,14 @@ def test_prepare_keeps_outputs():
         node("Relu", ["bn"], ["r"], name="relu"),
         node("Conv", ["r", "w2"], ["y"], name="conv2", pads=[1] * 4),
     ]
-    inits = {"b1": weight((c,), 2), "g": r.uniform(0.5, 2, c).astype(np.float32),
-             "be": r.normal(size=c).astype(np.float32), "mu": r.normal(size=c).astype(np.float32),
-             "var": r.uniform(0.2, 2, c).astype(np.float32), "w2": weight((2, c, 3, 3), 3)}
+    inits = {
+        "b1": weight((c,), 2),
+        "g": r.uniform(0.5, 2, c).astype(np.float32),
+        "be": r.normal(size=c).astype(np.float32),
+        "mu": r.normal(size=c).astype(np.float32),
+        "var": r.uniform(0.2, 2, c).astype(np.float32),
+        "w2": weight((2, c, 3, 3), 3),
+    }
     m = model(nodes, {"x": (1, 3, 8, 8)}, {"y": (1, 2, 8, 8)}, inits)
     irm = ir.from_proto(m)
     prepare(irm)

@@ -97,7 +97,7 @@ def test_efficientnet_lite0_int8(tmp_path: Path, efficientnet_lite0: Path) -> No
     float_path = efficientnet_lite0
     result = lowbit.quantize(float_path, tmp_path / "q.onnx", calib=photo_crops(64, "calib"), progress=False)
     crops = photo_crops(200, "eval")
-    batches = [{"input": crops[i:i + 25]} for i in range(0, len(crops), 25)]
+    batches = [{"input": crops[i : i + 25]} for i in range(0, len(crops), 25)]
     ref = run_all(session(float_path), batches)[0]
     kern = run_all(session(tmp_path / "q.onnx", "kernels"), batches)[0]
     sim = run_all(session(tmp_path / "q.onnx", "simulate"), batches)[0]

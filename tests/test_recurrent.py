@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from helpers import model, node, op_counts, rel_rms, run, samples, weight
 
 import lowbit
+from helpers import model, node, op_counts, rel_rms, run, samples, weight
 from lowbit import Recipe, Rule, Scheme
 
 DYNAMIC = Recipe(default=Scheme(mode="dynamic"))
@@ -18,13 +18,20 @@ def lstm_model(direction: str = "forward", seed: int = 0, **attrs) -> onnx.Model
     """LSTM -> Y (T, D, B, H) read by a classifier MatMul on the last hidden state, plus Y_c as an output."""
     d = 2 if direction == "bidirectional" else 1
     return model(
-        [node("LSTM", ["x", "W", "R", "B"], ["y", "yh", "yc"], "lstm", hidden_size=H, direction=direction, **attrs),
-         node("Reshape", ["yh", "shape"], ["flat"], "flatten"),
-         node("MatMul", ["flat", "w_fc"], ["logits"], "fc")],
-        {"x": (T, B, I)}, {"logits": (B, 5), "yc": (d, B, H), "y": (T, d, B, H)},
-        {"W": weight((d, 4 * H, I), 1 + seed, 0.3), "R": weight((d, 4 * H, H), 2 + seed, 0.3),
-         "B": weight((d, 8 * H), 3 + seed, 0.1), "shape": np.array([B, d * H], np.int64),
-         "w_fc": weight((d * H, 5), 4 + seed)},
+        [
+            node("LSTM", ["x", "W", "R", "B"], ["y", "yh", "yc"], "lstm", hidden_size=H, direction=direction, **attrs),
+            node("Reshape", ["yh", "shape"], ["flat"], "flatten"),
+            node("MatMul", ["flat", "w_fc"], ["logits"], "fc"),
+        ],
+        {"x": (T, B, I)},
+        {"logits": (B, 5), "yc": (d, B, H), "y": (T, d, B, H)},
+        {
+            "W": weight((d, 4 * H, I), 1 + seed, 0.3),
+            "R": weight((d, 4 * H, H), 2 + seed, 0.3),
+            "B": weight((d, 8 * H), 3 + seed, 0.1),
+            "shape": np.array([B, d * H], np.int64),
+            "w_fc": weight((d * H, 5), 4 + seed),
+        },
     )
 
 
@@ -70,8 +77,9 @@ def test_lstm_weights_dequantize_to_the_float_weights():
 
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_overflow_guard_keeps_every_pair_in_int16(per_channel):
-    res = lowbit.quantize(lstm_model(), recipe=Recipe(default=Scheme(mode="dynamic", per_channel=per_channel)),
-                          progress=False)
+    res = lowbit.quantize(
+        lstm_model(), recipe=Recipe(default=Scheme(mode="dynamic", per_channel=per_channel)), progress=False
+    )
     q = {t.name: onnx.numpy_helper.to_array(t).astype(np.int64) for t in res.model.graph.initializer}
     assert res.plan.overflow_guard["lstm"] > 0
     for name in ("lstm_W_q", "lstm_R_q"):
@@ -105,21 +113,32 @@ def test_lstm_that_cannot_be_quantized_stays_float_with_a_reason():
     wo = lowbit.quantize(m, recipe=Recipe(default=Scheme(mode="weight_only")), progress=False)
     assert not wo.plan.nodes["lstm"].quantized and "use mode dynamic" in wo.plan.nodes["lstm"].reason
     # a rule keeps it float while the classifier is still quantized
-    kept = lowbit.quantize(m, recipe=Recipe(default=Scheme(mode="dynamic"), rules=(Rule(op_types=("LSTM",)),)),
-                           progress=False)
+    kept = lowbit.quantize(
+        m, recipe=Recipe(default=Scheme(mode="dynamic"), rules=(Rule(op_types=("LSTM",)),)), progress=False
+    )
     assert op_counts(kept.model)["LSTM"] == 1 and op_counts(kept.model)["MatMulInteger"] == 1
-    batch_first = model([node("LSTM", ["x", "W", "R"], ["y"], "lstm", hidden_size=4, layout=1)], {"x": (2, 3, 5)},
-                        {"y": (2, 3, 1, 4)}, {"W": weight((1, 16, 5)), "R": weight((1, 16, 4))}, opset=17)
+    batch_first = model(
+        [node("LSTM", ["x", "W", "R"], ["y"], "lstm", hidden_size=4, layout=1)],
+        {"x": (2, 3, 5)},
+        {"y": (2, 3, 1, 4)},
+        {"W": weight((1, 16, 5)), "R": weight((1, 16, 4))},
+        opset=17,
+    )
     res = lowbit.quantize(batch_first, recipe=DYNAMIC, progress=False)
     assert not res.plan.nodes["lstm"].quantized and "layout=1" in res.plan.nodes["lstm"].reason
 
 
 def test_gru_stays_float_but_its_classifier_is_quantized():
-    m = model([node("GRU", ["x", "W", "R"], ["y", "h"], "gru", hidden_size=4),
-               node("Reshape", ["h", "shape"], ["flat"], "flatten"), node("MatMul", ["flat", "w"], ["z"], "fc")],
-              {"x": (3, 1, 5)}, {"z": (1, 3)},
-              {"W": weight((1, 12, 5)), "R": weight((1, 12, 4)), "shape": np.array([1, 4], np.int64),
-               "w": weight((4, 3), 2)})
+    m = model(
+        [
+            node("GRU", ["x", "W", "R"], ["y", "h"], "gru", hidden_size=4),
+            node("Reshape", ["h", "shape"], ["flat"], "flatten"),
+            node("MatMul", ["flat", "w"], ["z"], "fc"),
+        ],
+        {"x": (3, 1, 5)},
+        {"z": (1, 3)},
+        {"W": weight((1, 12, 5)), "R": weight((1, 12, 4)), "shape": np.array([1, 4], np.int64), "w": weight((4, 3), 2)},
+    )
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
     assert not res.plan.nodes["gru"].quantized and "no dynamic integer GRU kernel" in res.plan.nodes["gru"].reason
     assert res.plan.nodes["fc"].quantized and op_counts(res.model)["MatMulInteger"] == 1
@@ -127,6 +146,7 @@ def test_gru_stays_float_but_its_classifier_is_quantized():
 
 def test_torch_lstm_classifier_exported_and_quantized():
     import torch
+
     torch.manual_seed(0)
 
     class Net(torch.nn.Module):

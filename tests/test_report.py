@@ -16,7 +16,8 @@ import pytest
 import lowbit
 from browser import Element, external_references, parse, render
 from conftest import run_cli, tiny_cnn
-from lowbit.evaluate.report import WORST, render as render_html, write_report
+from lowbit.evaluate.report import WORST, write_report
+from lowbit.evaluate.report import render as render_html
 
 EVIL = "<script>alert(1)</script>"
 
@@ -29,27 +30,56 @@ def sample_data(node_name: str = "conv") -> dict:
     hists = {}
     for i, (a, b) in enumerate([(0.0, 6.0), (-2.0, 3.5), (0.1, 1.6)]):
         counts, edges = np.histogram(rng.normal(1.0, 1.5, 5000), bins=40)
-        hists[f"t{i}_{node_name}"] = {"edges": edges.tolist(), "counts": counts.tolist(), "range": [a, b],
-                                      "node": f"{node_name}{i}"}
+        hists[f"t{i}_{node_name}"] = {
+            "edges": edges.tolist(),
+            "counts": counts.tolist(),
+            "range": [a, b],
+            "node": f"{node_name}{i}",
+        }
     return {
         "title": f"report for {node_name}",
         "generated": "2026-01-01T00:00:00+00:00",
         "lowbit_version": "0.1.0",
-        "summary": {"rows": [["float model", "m.onnx"], ["nodes quantized", "11 of 12"],
-                             [f"left float: {node_name}", "too sensitive"]]},
+        "summary": {
+            "rows": [
+                ["float model", "m.onnx"],
+                ["nodes quantized", "11 of 12"],
+                [f"left float: {node_name}", "too sensitive"],
+            ]
+        },
         "variants": [
             {"name": "float", "size_bytes": 18_600_000, "top1_agreement": 1.0, "cosine": 1.0, "latency_ms": 8.1},
-            {"name": f"int8 {node_name}", "size_bytes": 5_000_000, "top1_agreement": 0.90, "cosine": 0.989,
-             "latency_ms": 4.6},
-            {"name": "int8 percentile", "size_bytes": 5_000_000, "top1_agreement": 0.93, "cosine": 0.992,
-             "latency_ms": None},
+            {
+                "name": f"int8 {node_name}",
+                "size_bytes": 5_000_000,
+                "top1_agreement": 0.90,
+                "cosine": 0.989,
+                "latency_ms": 4.6,
+            },
+            {
+                "name": "int8 percentile",
+                "size_bytes": 5_000_000,
+                "top1_agreement": 0.93,
+                "cosine": 0.992,
+                "latency_ms": None,
+            },
         ],
         "layers": layers,
         "histograms": hists,
-        "lint": [{"kind": "low-sqnr", "nodes": [f"{node_name}5", f"{node_name}1"], "message": "two layers below 15 dB",
-                  "fix": "keep them float"},
-                 {"kind": "wide-range", "nodes": [f"{node_name}2"], "message": f"outliers in {node_name}2",
-                  "fix": "--calibration percentile"}],
+        "lint": [
+            {
+                "kind": "low-sqnr",
+                "nodes": [f"{node_name}5", f"{node_name}1"],
+                "message": "two layers below 15 dB",
+                "fix": "keep them float",
+            },
+            {
+                "kind": "wide-range",
+                "nodes": [f"{node_name}2"],
+                "message": f"outliers in {node_name}2",
+                "fix": "--calibration percentile",
+            },
+        ],
         "recipe": {"default": {"activations": "uint8"}, "rules": [{"names": [node_name], "scheme": None}]},
     }
 
@@ -142,11 +172,13 @@ def quantized(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.browser
-def test_cli_writes_a_report_of_real_measurements(tiny_model: Path, tiny_calib: Path, quantized: Path,
-                                                  tmp_path: Path) -> None:
+def test_cli_writes_a_report_of_real_measurements(
+    tiny_model: Path, tiny_calib: Path, quantized: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "report.html"
-    proc = lowbit_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(out),
-                      "--json", "--quiet")
+    proc = lowbit_cli(
+        "report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(out), "--json", "--quiet"
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     plan = lowbit.Plan.load(quantized.with_suffix(".plan.json"))
@@ -163,7 +195,9 @@ def test_cli_writes_a_report_of_real_measurements(tiny_model: Path, tiny_calib: 
         if tensor in plan.tensors:
             assert h["range"] == plan.tensors[tensor].range
         assert sum(h["counts"]) > 0 and h["edges"][0] <= h["range"][0] and h["edges"][-1] >= h["range"][1]
-    assert isinstance(data["recipe"], dict) and data["recipe"]["default"] == json.loads(json.dumps(plan.recipe))["default"]
+    assert (
+        isinstance(data["recipe"], dict) and data["recipe"]["default"] == json.loads(json.dumps(plan.recipe))["default"]
+    )
 
     page = render(out)
     assert page.console == [], page.console
@@ -174,11 +208,23 @@ def test_cli_writes_a_report_of_real_measurements(tiny_model: Path, tiny_calib: 
     assert len(rows(page.root.find("table", id="variants-table"))) == 2
 
 
-def test_cli_quick_layer_sqnr_without_diagnose(tiny_model: Path, tiny_calib: Path, quantized: Path,
-                                               tmp_path: Path) -> None:
+def test_cli_quick_layer_sqnr_without_diagnose(
+    tiny_model: Path, tiny_calib: Path, quantized: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "r.html"
-    proc = lowbit_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(out),
-                      "--no-bench", "--no-diagnose", "--json", "--quiet")
+    proc = lowbit_cli(
+        "report",
+        str(tiny_model),
+        str(quantized),
+        "--data",
+        str(tiny_calib),
+        "-o",
+        str(out),
+        "--no-bench",
+        "--no-diagnose",
+        "--json",
+        "--quiet",
+    )
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     plan = lowbit.Plan.load(quantized.with_suffix(".plan.json"))
@@ -194,8 +240,8 @@ def test_cli_quick_layer_sqnr_without_diagnose(tiny_model: Path, tiny_calib: Pat
 
 
 def test_layer_sqnr_of_the_output_matches_the_output_fidelity(quantized: Path, tiny_calib: Path) -> None:
-    from lowbit.evaluate.report_data import _layer_sqnr
     from lowbit.evaluate.metrics import sqnr_db
+    from lowbit.evaluate.report_data import _layer_sqnr
     from lowbit.runtimes.ort import session
 
     x = np.load(tiny_calib)
@@ -211,8 +257,20 @@ def test_layer_sqnr_of_the_output_matches_the_output_fidelity(quantized: Path, t
 def test_cli_without_plan_or_bench(tiny_model: Path, tiny_calib: Path, quantized: Path, tmp_path: Path) -> None:
     quantized.with_suffix(".plan.json").unlink()
     out = tmp_path / "r.html"
-    proc = lowbit_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(out),
-                      "--no-bench", "--limit", "8", "--json", "--quiet")  # no plan: no diagnosis
+    proc = lowbit_cli(
+        "report",
+        str(tiny_model),
+        str(quantized),
+        "--data",
+        str(tiny_calib),
+        "-o",
+        str(out),
+        "--no-bench",
+        "--limit",
+        "8",
+        "--json",
+        "--quiet",
+    )  # no plan: no diagnosis
     assert proc.returncode == 0, proc.stderr
     data = json.loads(proc.stdout)
     assert data["recipe"] is None and all(v["latency_ms"] is None for v in data["variants"])
@@ -223,8 +281,9 @@ def test_cli_without_plan_or_bench(tiny_model: Path, tiny_calib: Path, quantized
 
 
 @pytest.mark.parametrize("which", ["float", "quant", "data", "suffix"])
-def test_cli_refuses_to_overwrite_an_input(which: str, tiny_model: Path, tiny_calib: Path, quantized: Path,
-                                           tmp_path: Path) -> None:
+def test_cli_refuses_to_overwrite_an_input(
+    which: str, tiny_model: Path, tiny_calib: Path, quantized: Path, tmp_path: Path
+) -> None:
     target = {"float": tiny_model, "quant": quantized, "data": tiny_calib, "suffix": tmp_path / "r.txt"}[which]
     before = target.read_bytes() if target.exists() else None
     proc = run_cli("report", str(tiny_model), str(quantized), "--data", str(tiny_calib), "-o", str(target))

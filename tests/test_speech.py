@@ -6,9 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import op_counts, rel_rms
 
 import lowbit
+from helpers import op_counts, rel_rms
 from lowbit import Recipe, Scheme
 from lowbit_zoo import speech as sp
 
@@ -69,17 +69,22 @@ def test_mix_sets_the_signal_to_noise_ratio():
 def test_lstm_trained_on_espeak_words_keeps_its_accuracy_in_dynamic_int8():
     """4 words x 48 training speakers -> small LSTM; 6 held-out speakers (unseen variants and accents) at two speeds."""
     import torch
-    from lowbit.torch.onnx_export import module_to_onnx
+
     from lowbit.runtimes.ort import session
+    from lowbit.torch.onnx_export import module_to_onnx
 
     words = ["yes", "no", "stop", "go"]
     variants = sp.variants()
     r = np.random.default_rng(0)
     picked = [str(v) for v in r.permutation(variants)[:15]]
-    train_takes = [sp.Take(v, var, int(r.integers(130, 200)), int(r.integers(30, 70)))
-                   for v in ("en-us", "en", "en-gb-x-rp", "en-us-nyc") for var in picked[:12]]
-    test_takes = [sp.Take(v, var, speed, 50) for v in ("en-gb-scotland", "en-029") for var in picked[12:]
-                  for speed in (140, 180)]
+    train_takes = [
+        sp.Take(v, var, int(r.integers(130, 200)), int(r.integers(30, 70)))
+        for v in ("en-us", "en", "en-gb-x-rp", "en-us-nyc")
+        for var in picked[:12]
+    ]
+    test_takes = [
+        sp.Take(v, var, speed, 50) for v in ("en-gb-scotland", "en-029") for var in picked[12:] for speed in (140, 180)
+    ]
 
     def features(takes, seed):
         rng = np.random.default_rng(seed)

@@ -9,9 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import tiny_cnn
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import tiny_cnn
 from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert, export_tflite, read_metadata
 
@@ -43,8 +43,13 @@ def run_ort(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 
 def _model(nodes, inits, x_shape, y_name, y_shape) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
-                              [helper.make_tensor_value_info(y_name, TensorProto.FLOAT, y_shape)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(y_name, TensorProto.FLOAT, y_shape)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
@@ -62,9 +67,11 @@ def test_tiny_cnn_float_matches_ort_and_fuses_activations():
 
 def test_pools_pads_and_activations_float():
     rng = np.random.default_rng(3)
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32), "dw"),
-             numpy_helper.from_array(rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32), "k")]
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 3, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.normal(0, 0.3, (4, 1, 3, 3)).astype(np.float32), "dw"),
+        numpy_helper.from_array(rng.normal(0, 1, (1, 4, 1, 1)).astype(np.float32), "k"),
+    ]
     nodes = [
         # stride 2 with symmetric pads is not TFLite SAME: needs an explicit PAD
         helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv"),

@@ -9,10 +9,10 @@ import ai_edge_litert.interpreter as litert
 import numpy as np
 import onnx
 import pytest
-from conftest import tiny_cnn
 from onnx import TensorProto, helper
 
 import lowbit
+from conftest import tiny_cnn
 from lowbit.cli.main import main
 
 
@@ -41,8 +41,22 @@ def test_cli_exports_int8_and_prints_summary(tmp_path: Path, capsys) -> None:
     assert main(["export", str(q), "-o", str(tmp_path / "u.tflite"), "--io", "uint8"]) == 2
     assert "output y is float in the model" in capsys.readouterr().err
     np.save(tmp_path / "calib.npy", calib)
-    assert main(["export", str(q), "-o", str(tmp_path / "u.tflite"), "--io", "uint8", "--calib",
-                 str(tmp_path / "calib.npy"), "--json"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(q),
+                "-o",
+                str(tmp_path / "u.tflite"),
+                "--io",
+                "uint8",
+                "--calib",
+                str(tmp_path / "calib.npy"),
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["float_nodes"] == [] and "DEQUANTIZE" not in summary["ops"]
     out_detail = litert.Interpreter(model_path=str(tmp_path / "u.tflite")).get_output_details()[0]
@@ -54,9 +68,12 @@ def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
     onnx.save(tiny_cnn(), str(path))
     assert main(["export", str(path), "-o", str(path)]) == 2
     assert main(["export", str(path), "-o", str(tmp_path / "m.tflite"), "--io", "int8"]) == 2
-    graph = helper.make_graph([helper.make_node("Erf", ["x"], ["y"], name="erf1")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    graph = helper.make_graph(
+        [helper.make_node("Erf", ["x"], ["y"], name="erf1")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
     bad = tmp_path / "erf.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(bad))
     assert main(["export", str(bad), "-o", str(tmp_path / "erf.tflite")]) == 2
@@ -68,14 +85,14 @@ def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.slow
 def test_efficientnet_lite0_float_and_int8_in_litert(tmp_path: Path, efficientnet_lite0: Path) -> None:
-    from lowbit_zoo.zoo import photo_crops
     from lowbit.evaluate.metrics import cosine, top1_agreement
     from lowbit.export.tflite import export_tflite
     from lowbit.runtimes.ort import run_all, session
+    from lowbit_zoo.zoo import photo_crops
 
     float_path = efficientnet_lite0
     crops = photo_crops(16, "eval")
-    batches = [{"input": crops[i:i + 8]} for i in range(0, len(crops), 8)]
+    batches = [{"input": crops[i : i + 8]} for i in range(0, len(crops), 8)]
     ref = run_all(session(float_path), batches)[0]
     f32_data = export_tflite(float_path, tmp_path / "f.tflite").data
     f32 = _run(f32_data, crops[:4])
@@ -126,8 +143,12 @@ def test_cli_shape_fixes_symbolic_sizes(tmp_path: Path, capsys) -> None:
     out = tmp_path / "enc.tflite"
     assert main(["export", str(path), "-o", str(out)]) == 2
     assert "pass --shape ids=1x..." in capsys.readouterr().err
-    assert main(["export", str(path), "-o", str(out), "--shape", "ids=1x8", "--shape", "mask=1x8",
-                 "--precision", "dynamic"]) == 0
+    assert (
+        main(
+            ["export", str(path), "-o", str(out), "--shape", "ids=1x8", "--shape", "mask=1x8", "--precision", "dynamic"]
+        )
+        == 0
+    )
     assert "dynamic-range" in capsys.readouterr().out and out.is_file()
     assert main(["export", str(path), "-o", str(out), "--shape", "ids=1xN"]) == 2
     assert "expected INPUT=SIZExSIZE" in capsys.readouterr().err

@@ -38,19 +38,18 @@ def _run(data: bytes, x: np.ndarray) -> np.ndarray:
 @pytest.mark.slow
 def test_mobilenet_v2_full_integer_agrees_with_int8_onnx(tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCH))
-    from models import mobilenet_v2_onnx
-
-    from lowbit_zoo.zoo import photo_crops
     from lowbit.evaluate.metrics import cosine, top1_agreement
     from lowbit.export.tflite import convert
     from lowbit.runtimes.ort import run_all, session
+    from lowbit_zoo.zoo import photo_crops
+    from models import mobilenet_v2_onnx
 
     calib = photo_crops(32, "calib")
     path, _ = mobilenet_v2_onnx(tmp_path / "mnv2.onnx", calib)
     q = tmp_path / "mnv2_q.onnx"
     lowbit.quantize(path, q, calib=calib, progress=False)
     crops = photo_crops(32, "eval")
-    onnx_int8 = run_all(session(q, "kernels"), [{"input": crops[i:i + 8]} for i in range(0, len(crops), 8)])[0]
+    onnx_int8 = run_all(session(q, "kernels"), [{"input": crops[i : i + 8]} for i in range(0, len(crops), 8)])[0]
     result = convert(q)
     assert result.transposes == [] and result.float_nodes == ["/classifier/Gemm (Gemm)"]
     got = _run(result.data, crops)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import tiny_cnn
 from onnx import numpy_helper
-from test_tflite import _model, run_ort, run_tflite
 
 import lowbit
+from conftest import tiny_cnn
 from lowbit.errors import LowbitError
 from lowbit.export.tflite import convert, read_metadata
+from test_tflite import _model, run_ort, run_tflite
 
 helper = onnx.helper
 
@@ -23,8 +23,16 @@ def _w(shape, seed, scale=0.2) -> np.ndarray:
 def mobile_block() -> onnx.ModelProto:
     """EfficientNet-ish: conv stem, depthwise, squeeze-excite, projection, pooled classifier."""
     c = 48
-    inits = {"w1": _w((c, 3, 3, 3), 1), "b1": _w((c,), 2, 0.1), "dw": _w((c, 1, 3, 3), 3), "se1": _w((c, 16), 4),
-             "se2": _w((16, c), 5), "pw": _w((32, c, 1, 1), 6), "fc": _w((32, 100), 7), "fcb": _w((100,), 8, 0.1)}
+    inits = {
+        "w1": _w((c, 3, 3, 3), 1),
+        "b1": _w((c,), 2, 0.1),
+        "dw": _w((c, 1, 3, 3), 3),
+        "se1": _w((c, 16), 4),
+        "se2": _w((16, c), 5),
+        "pw": _w((32, c, 1, 1), 6),
+        "fc": _w((32, 100), 7),
+        "fcb": _w((100,), 8, 0.1),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2], name="stem"),
         helper.make_node("Clip", ["c1", "lo", "hi"], ["r1"], name="relu6"),
@@ -44,9 +52,11 @@ def mobile_block() -> onnx.ModelProto:
         helper.make_node("Gemm", ["f", "fc", "fcb"], ["y"], name="head"),
     ]
     inits_pb = [numpy_helper.from_array(v, k) for k, v in inits.items()]
-    inits_pb += [numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
-                 numpy_helper.from_array(np.array(0, np.float32), "lo"),
-                 numpy_helper.from_array(np.array(6, np.float32), "hi")]
+    inits_pb += [
+        numpy_helper.from_array(np.array([2, 3], np.int64), "axes"),
+        numpy_helper.from_array(np.array(0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6, np.float32), "hi"),
+    ]
     return _model(nodes, inits_pb, ["N", 3, 32, 32], "y", ["N", 100])
 
 
@@ -73,8 +83,9 @@ def test_float16_weights_halve_the_file_and_compute_in_float32():
     x = _x(1)
     y16 = run_tflite(f16.data, x)
     # LiteRT computes in float32 on fp16-rounded weights: the same as ONNX Runtime on those weights
-    np.testing.assert_allclose(y16, run_ort(_with_weights(model, lambda a: a.astype(np.float16)), x),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        y16, run_ort(_with_weights(model, lambda a: a.astype(np.float16)), x), rtol=1e-4, atol=1e-5
+    )
     ref = run_ort(model, x)
     err = np.abs(y16 - ref).max() / np.abs(ref).max()
     assert 0 < err < 2e-3
@@ -83,13 +94,15 @@ def test_float16_weights_halve_the_file_and_compute_in_float32():
 
 def test_lowbit_float16_mode_onnx_exports_as_float16():
     model = mobile_block()
-    fp16_onnx = lowbit.quantize(model, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="float16")),
-                                progress=False).model
+    fp16_onnx = lowbit.quantize(
+        model, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="float16")), progress=False
+    ).model
     result = convert(fp16_onnx)  # auto: the model's float16 constants stay float16
     assert result.precision == "float16" and "CAST" not in result.ops and "DEQUANTIZE" in result.ops
     x = _x(2)
-    np.testing.assert_allclose(run_tflite(result.data, x), run_tflite(convert(model, precision="float16").data, x),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        run_tflite(result.data, x), run_tflite(convert(model, precision="float16").data, x), rtol=1e-4, atol=1e-5
+    )
     assert convert(fp16_onnx, precision="float32").precision == "float32"
 
 
@@ -105,9 +118,16 @@ def _hybrid_fc(x: np.ndarray, q: np.ndarray, s_w: np.ndarray, b: np.ndarray) -> 
 
 def test_dynamic_range_fully_connected_matches_hybrid_arithmetic():
     w, b = _w((64, 96), 1), _w((96,), 2, 0.1)  # MatMul (in, out) -> FULLY_CONNECTED (out, in)
-    model = _model([helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
-                    helper.make_node("Add", ["m", "b"], ["y"], name="bias")],
-                   [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")], [4, 64], "y", [4, 96])
+    model = _model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+            helper.make_node("Add", ["m", "b"], ["y"], name="bias"),
+        ],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+        [4, 64],
+        "y",
+        [4, 96],
+    )
     result = convert(model, precision="dynamic")
     assert result.ops == {"FULLY_CONNECTED": 1}  # the bias Add rides in the FULLY_CONNECTED
     assert len(result.data) < 0.4 * len(convert(model).data)
@@ -142,9 +162,15 @@ def test_precision_mistakes_are_one_line_errors():
         convert(qdq, precision="dynamic")
     with pytest.raises(LowbitError, match="precision must be one of"):
         convert(model, precision="int4")
-    mlp = _model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
-                 [numpy_helper.from_array(_w((64, 32), 1), "w")], [1, 64], "y", [1, 32])
-    w4 = lowbit.quantize(mlp, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="weight_only", weights="int4")),
-                         progress=False).model
+    mlp = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        [numpy_helper.from_array(_w((64, 32), 1), "w")],
+        [1, 64],
+        "y",
+        [1, 32],
+    )
+    w4 = lowbit.quantize(
+        mlp, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="weight_only", weights="int4")), progress=False
+    ).model
     with pytest.raises(LowbitError, match=r"\(MatMulNBits\): .*export the float model with --precision dynamic"):
         convert(w4)

@@ -12,8 +12,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.export.tflite import convert
-from lowbit.targets.add_rounding import exact_add, ort_add, snap_add_scales, xnnpack_add
 from lowbit.runtimes.ort import session
+from lowbit.targets.add_rounding import exact_add, ort_add, snap_add_scales, xnnpack_add
 
 SHAPE = [1, 1, 256, 256]  # every (a, b) pair of int8 values once
 # scale ratios sa/sc, sb/sc that need more than 21 bits (as calibrated scales do); zero points off-centre.
@@ -24,14 +24,20 @@ PA, PB, PC = (0.06319457, -2), (0.07013416, -12), (0.03691267, 7)
 def add_model() -> onnx.ModelProto:
     inits, nodes = [], []
     for t, (s, z) in (("a", PA), ("b", PB), ("c", PC)):
-        inits += [numpy_helper.from_array(np.array(s, np.float32), f"{t}_s"),
-                  numpy_helper.from_array(np.array(z, np.int8), f"{t}_z")]
+        inits += [
+            numpy_helper.from_array(np.array(s, np.float32), f"{t}_s"),
+            numpy_helper.from_array(np.array(z, np.int8), f"{t}_z"),
+        ]
     for t in ("a", "b"):
-        nodes += [helper.make_node("QuantizeLinear", [t, f"{t}_s", f"{t}_z"], [f"{t}_q"]),
-                  helper.make_node("DequantizeLinear", [f"{t}_q", f"{t}_s", f"{t}_z"], [f"{t}_dq"])]
-    nodes += [helper.make_node("Add", ["a_dq", "b_dq"], ["c"], name="add"),
-              helper.make_node("QuantizeLinear", ["c", "c_s", "c_z"], ["c_q"]),
-              helper.make_node("DequantizeLinear", ["c_q", "c_s", "c_z"], ["y"])]
+        nodes += [
+            helper.make_node("QuantizeLinear", [t, f"{t}_s", f"{t}_z"], [f"{t}_q"]),
+            helper.make_node("DequantizeLinear", [f"{t}_q", f"{t}_s", f"{t}_z"], [f"{t}_dq"]),
+        ]
+    nodes += [
+        helper.make_node("Add", ["a_dq", "b_dq"], ["c"], name="add"),
+        helper.make_node("QuantizeLinear", ["c", "c_s", "c_z"], ["c_q"]),
+        helper.make_node("DequantizeLinear", ["c_q", "c_s", "c_z"], ["y"]),
+    ]
     io = [helper.make_tensor_value_info(t, TensorProto.FLOAT, SHAPE) for t in ("a", "b")]
     graph = helper.make_graph(nodes, "add", io, [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -49,8 +55,9 @@ def _both(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
     (sa, za), (sb, zb), (sc, zc) = ((np.float32(p[f"{t}_s"]), int(p[f"{t}_z"])) for t in "abc")
     qa, qb = _pairs()
     # float inputs that quantize back to exactly these integers in both runtimes
-    y = session(model, "kernels").run(None, {"a": ((qa - za) * sa).astype(np.float32),
-                                             "b": ((qb - zb) * sb).astype(np.float32)})[0]
+    y = session(model, "kernels").run(
+        None, {"a": ((qa - za) * sa).astype(np.float32), "b": ((qb - zb) * sb).astype(np.float32)}
+    )[0]
     q_ort = np.rint(y / sc).astype(np.int64) + zc
     result = convert(model, io="int8")
     assert result.ops.get("ADD") == 1 and "DEQUANTIZE" not in result.ops

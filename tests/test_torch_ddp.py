@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import torch.distributed  # noqa: E402
 
-WORKER = r'''
+WORKER = r"""
 import sys
 from pathlib import Path
 import numpy as np
@@ -49,7 +49,7 @@ if rank == 0:
         np.save(Path(sys.argv[1]) / "ref.npy", q(torch.from_numpy(data(8, seed=7))).numpy())
 dist.barrier()
 dist.destroy_process_group()
-'''
+"""
 
 
 # Machine-dependent: some torch builds (e.g. for other platforms) ship without torch.distributed; the pinned
@@ -59,12 +59,22 @@ def test_qat_two_processes_two_steps_export(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path), str(Path(__file__).parent)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        str(tmp_path),
+        str(Path(__file__).parent),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     from lowbit.runtimes.ort import session
     from test_torch import data
+
     out = session(str(tmp_path / "ddp.onnx"), mode="kernels").run(None, {"x": data(8, seed=7)})[0]
     ref = np.load(tmp_path / "ref.npy")
     assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max()

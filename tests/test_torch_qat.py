@@ -36,8 +36,12 @@ W4 = lowbit.Recipe(default=lowbit.Scheme(weights="int4"))
 def int4_weights(model) -> dict[str, np.ndarray]:
     """Quantized weight initializers stored as ONNX INT4, as int8 arrays."""
     from onnx import TensorProto, numpy_helper
-    return {i.name: numpy_helper.to_array(i).astype(np.int8) for i in model.graph.initializer
-            if i.data_type == TensorProto.INT4 and i.name.endswith("_w1_q")}
+
+    return {
+        i.name: numpy_helper.to_array(i).astype(np.int8)
+        for i in model.graph.initializer
+        if i.data_type == TensorProto.INT4 and i.name.endswith("_w1_q")
+    }
 
 
 def batches(n: int = 4) -> list:
@@ -78,8 +82,11 @@ def test_export_matches_fake_quant_within_one_step(tmp_path: Path, bits: int) ->
     assert len(weights) == 3 and all(t.axis == 0 and t.dtype == f"int{bits}" for t in weights)
     assert all(t.dtype == "uint8" for t in plan.tensors.values() if t.kind == "activation")
     assert all(t.dtype == "int32" for t in plan.tensors.values() if t.kind == "bias")
-    stored = int4_weights(res.model) if bits == 4 else \
-        {i.name: lowbit_arr(i) for i in res.model.graph.initializer if i.name.endswith("_w1_q")}
+    stored = (
+        int4_weights(res.model)
+        if bits == 4
+        else {i.name: lowbit_arr(i) for i in res.model.graph.initializer if i.name.endswith("_w1_q")}
+    )
     assert len(stored) == 3
     limit = 2 ** (bits - 1) - 1
     vals = np.concatenate([v.ravel() for v in stored.values()])
@@ -88,6 +95,7 @@ def test_export_matches_fake_quant_within_one_step(tmp_path: Path, bits: int) ->
 
 def lowbit_arr(t):
     from onnx import numpy_helper
+
     return numpy_helper.to_array(t)
 
 
@@ -188,10 +196,40 @@ def test_lowbit_eval_and_diagnose_work_on_the_export(tmp_path: Path, capsys) -> 
     lt.export_onnx(q, tmp_path / "q.onnx", (batches(1)[0][:1],), float_output=tmp_path / "f.onnx")
     np.save(tmp_path / "d.npy", data(16, seed=4))
     np.save(tmp_path / "l.npy", np.arange(16) % 10)
-    assert cli(["eval", str(tmp_path / "q.onnx"), "--data", str(tmp_path / "d.npy"), "--labels",
-                str(tmp_path / "l.npy"), "--reference", str(tmp_path / "f.onnx"), "--json", "--quiet"]) == 0
-    assert cli(["diagnose", str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), "--data", str(tmp_path / "d.npy"),
-                "--quiet", "--top", "1", "--budget", "3"]) == 0
+    assert (
+        cli(
+            [
+                "eval",
+                str(tmp_path / "q.onnx"),
+                "--data",
+                str(tmp_path / "d.npy"),
+                "--labels",
+                str(tmp_path / "l.npy"),
+                "--reference",
+                str(tmp_path / "f.onnx"),
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "diagnose",
+                str(tmp_path / "f.onnx"),
+                str(tmp_path / "q.onnx"),
+                "--data",
+                str(tmp_path / "d.npy"),
+                "--quiet",
+                "--top",
+                "1",
+                "--budget",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "SQNR" in capsys.readouterr().out
 
 
@@ -199,19 +237,30 @@ def test_deprecated_weight_bits_still_chooses_per_layer_widths(tmp_path: Path) -
     recipe = tmp_path / "r.json"
     recipe.write_text(lowbit.Recipe(rules=(lowbit.Rule(names=("features.*",), scheme=lowbit.Scheme()),)).to_json())
     with pytest.warns(DeprecationWarning, match="weight_bits"):
-        q = lt.prepare_qat(small_cnn(), str(recipe), example_inputs=(batches(1)[0][:1],), calib=batches(),
-                           weight_bits={"features.3": 4}).eval()
+        q = lt.prepare_qat(
+            small_cnn(),
+            str(recipe),
+            example_inputs=(batches(1)[0][:1],),
+            calib=batches(),
+            weight_bits={"features.3": 4},
+        ).eval()
     res = lt.export_onnx(q, None, (batches(1)[0][:1],))
     assert list(int4_weights(res.model)) == ["/features.3/Conv_w1_q"]
     assert {k: t.dtype for k, t in res.plan.tensors.items() if t.kind == "weight"} == {
-        "/features.0/Conv:1": "int8", "/features.3/Conv:1": "int4", "/features.6/Conv:1": "int8", "/fc/Gemm:1": "int8"}
+        "/features.0/Conv:1": "int8",
+        "/features.3/Conv:1": "int4",
+        "/features.6/Conv:1": "int8",
+        "/fc/Gemm:1": "int8",
+    }
 
 
-MIXED = lowbit.Recipe(rules=(
-    lowbit.Rule(names=("features.3",), scheme=lowbit.Scheme(mode="float")),
-    lowbit.Rule(names=("features.6",), scheme=lowbit.Scheme(weights="int4", activations="uint16")),
-    lowbit.Rule(op_types=("Gemm",), scheme=lowbit.Scheme(weights="int4")),
-))
+MIXED = lowbit.Recipe(
+    rules=(
+        lowbit.Rule(names=("features.3",), scheme=lowbit.Scheme(mode="float")),
+        lowbit.Rule(names=("features.6",), scheme=lowbit.Scheme(weights="int4", activations="uint16")),
+        lowbit.Rule(op_types=("Gemm",), scheme=lowbit.Scheme(weights="int4")),
+    )
+)
 
 
 def test_mixed_recipe_int4_int8_uint16_and_a_float_layer(tmp_path: Path) -> None:
@@ -219,14 +268,16 @@ def test_mixed_recipe_int4_int8_uint16_and_a_float_layer(tmp_path: Path) -> None
     the classifier int4; the export follows it and matches the fake-quant module."""
     path = tmp_path / "mixed.json"
     path.write_text(MIXED.to_json())
-    q = lt.prepare_qat(small_cnn(), str(path), example_inputs=(batches(1)[0][:1],), calib=batches(),
-                       freeze_bn_after=1)
+    q = lt.prepare_qat(small_cnn(), str(path), example_inputs=(batches(1)[0][:1],), calib=batches(), freeze_bn_after=1)
     assert q.get_submodule("features.3").bits is None and q.get_submodule("features.6").bits == 4
     train_steps(q, 2)
     res = lt.export_onnx(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
     plan = res.plan
     assert {k: t.dtype for k, t in plan.tensors.items() if t.kind == "weight"} == {
-        "/features.0/Conv:1": "int8", "/features.6/Conv:1": "int4", "/fc/Gemm:1": "int4"}
+        "/features.0/Conv:1": "int8",
+        "/features.6/Conv:1": "int4",
+        "/fc/Gemm:1": "int4",
+    }
     assert not plan.nodes["/features.3/Conv"].quantized and "mode float" in plan.nodes["/features.3/Conv"].reason
     acts = {k: t.dtype for k, t in plan.tensors.items() if t.kind == "activation"}
     assert acts["/features.6/Relu_output_0"] == "uint16" and acts["x"] == "uint8"
@@ -246,11 +297,13 @@ def test_mixed_recipe_int4_int8_uint16_and_a_float_layer(tmp_path: Path) -> None
 
 def test_one_recipe_with_onnx_node_names_selects_the_same_layers_in_ptq_and_qat() -> None:
     """Rules naming ONNX nodes as PTQ (and diagnose) write them select the same layers in QAT."""
-    recipe = lowbit.Recipe(rules=(
-        lowbit.Rule(names=("/features/features.3/Conv",), scheme=lowbit.Scheme(mode="float")),
-        lowbit.Rule(names=("*/features.6/*",), scheme=lowbit.Scheme(weights="int4", activations="uint16")),
-        lowbit.Rule(op_types=("Gemm",), scheme=lowbit.Scheme(weights="int4")),
-    ))
+    recipe = lowbit.Recipe(
+        rules=(
+            lowbit.Rule(names=("/features/features.3/Conv",), scheme=lowbit.Scheme(mode="float")),
+            lowbit.Rule(names=("*/features.6/*",), scheme=lowbit.Scheme(weights="int4", activations="uint16")),
+            lowbit.Rule(op_types=("Gemm",), scheme=lowbit.Scheme(weights="int4")),
+        )
+    )
     example = (batches(1)[0][:1],)
     ptq = lowbit.quantize(small_cnn(), example_inputs=example, calib=data(32), recipe=recipe, progress=False)
     qat = lt.export_onnx(lt.prepare_qat(small_cnn(), recipe, example_inputs=example, calib=batches()), None, example)
@@ -264,22 +317,29 @@ def test_one_recipe_with_onnx_node_names_selects_the_same_layers_in_ptq_and_qat(
                 out[name.split("/")[-2]] = t.dtype if d.quantized and t is not None else "float"
         return out
 
-    assert layers(ptq.plan) == layers(qat.plan) == {
-        "features.0": "int8", "features.3": "float", "features.6": "int4", "fc": "int4"}
+    assert (
+        layers(ptq.plan)
+        == layers(qat.plan)
+        == {"features.0": "int8", "features.3": "float", "features.6": "int4", "fc": "int4"}
+    )
     # features.6's output (after its ReLU, module features.8) is 16-bit in both
     assert ptq.plan.tensors["/features/features.8/Relu_output_0"].dtype == "uint16"
     assert qat.plan.tensors["/features.6/Relu_output_0"].dtype == "uint16"
     with pytest.raises(lowbit.LowbitError, match="'/features/features.99/Conv', which matches no layer"):
-        lt.prepare_qat(small_cnn(), lowbit.Recipe(exclude_names=("/features/features.99/Conv",)),
-                       example_inputs=example)
+        lt.prepare_qat(
+            small_cnn(), lowbit.Recipe(exclude_names=("/features/features.99/Conv",)), example_inputs=example
+        )
 
 
 @pytest.mark.parametrize("keep", ["body.0", "body.3"])
 def test_float_layer_export_matches_within_one_step(tmp_path: Path, keep: str) -> None:
     """A layer kept float (first layer: the model input stays float too; middle layer: its output is quantized
     by its reader) trains without fake quantization and exports float; the export matches within one step."""
-    recipe = lowbit.Recipe(exclude_names=(keep,)) if keep == "body.0" else \
-        lowbit.Recipe(rules=(lowbit.Rule(names=(keep,), scheme=lowbit.Scheme(mode="float")),))
+    recipe = (
+        lowbit.Recipe(exclude_names=(keep,))
+        if keep == "body.0"
+        else lowbit.Recipe(rules=(lowbit.Rule(names=(keep,), scheme=lowbit.Scheme(mode="float")),))
+    )
     q = lt.prepare_qat(Features().eval(), recipe, example_inputs=(batches(1)[0][:1],), calib=batches())
     train_steps(q, 2)
     res = lt.export_onnx(q, tmp_path / "m.onnx", (batches(1)[0][:1],))
@@ -307,8 +367,9 @@ def test_one_recipe_for_ptq_and_qat_int4_weights_shrink_the_file(tmp_path: Path)
     n_weights = sum(p.numel() for n, p in m.named_parameters() if n.endswith("weight") and p.ndim > 1)
     sizes = {}
     for name, recipe in (("w8", lowbit.Recipe()), ("w4", W4)):
-        ptq = lowbit.quantize(m, tmp_path / f"ptq_{name}.onnx", example_inputs=example, calib=data(64), recipe=recipe,
-                              progress=False)
+        ptq = lowbit.quantize(
+            m, tmp_path / f"ptq_{name}.onnx", example_inputs=example, calib=data(64), recipe=recipe, progress=False
+        )
         q = lt.prepare_qat(m, recipe, example_inputs=example, calib=batches())
         qat = lt.export_onnx(q, tmp_path / f"qat_{name}.onnx", example)
         for res in (ptq, qat):

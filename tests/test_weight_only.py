@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import tiny_cnn
-from helpers import model, node, op_counts, rel_rms, run, samples, weight
 from onnx import TensorProto, helper
 
 import lowbit
-from lowbit import LowbitError, Recipe, Rule, Scheme
+from conftest import tiny_cnn
+from helpers import model, node, op_counts, rel_rms, run, samples, weight
+from lowbit import LowbitError, Recipe, Scheme
 from lowbit.weights import quantize_blocks
 
 
@@ -20,7 +20,9 @@ def int4(block: int = 32, symmetric: bool = True) -> Recipe:
 
 
 def linear(k: int = 80, n: int = 24) -> onnx.ModelProto:
-    return model([node("MatMul", ["x", "w"], ["y"], "proj")], {"x": (3, 4, k)}, {"y": (3, 4, n)}, {"w": weight((k, n), 7)})
+    return model(
+        [node("MatMul", ["x", "w"], ["y"], "proj")], {"x": (3, 4, k)}, {"y": (3, 4, n)}, {"w": weight((k, n), 7)}
+    )
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -51,8 +53,12 @@ def test_int4_rounding_error_is_within_half_a_step():
 
 def test_int4_is_smaller_and_gemm_bias_transb_handled():
     d, n = 64, 32
-    m = model([node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=1, alpha=2.0)], {"x": (4, d)}, {"y": (4, n)},
-              {"w": weight((n, d), 4), "b": weight((n,), 5)})
+    m = model(
+        [node("Gemm", ["x", "w", "b"], ["y"], "fc", transB=1, alpha=2.0)],
+        {"x": (4, d)},
+        {"y": (4, n)},
+        {"w": weight((n, d), 4), "b": weight((n,), 5)},
+    )
     res = lowbit.quantize(m, recipe=int4(), progress=False)
     feeds = samples(m, 4)
     assert rel_rms(run(m, feeds, float_model=True)[0], run(res.model, feeds, mode="kernels")[0]) < 0.15
@@ -73,17 +79,23 @@ def test_int8_weight_only_keeps_float_activations():
 
 def embedding(v: int = 50, d: int = 64, opset: int = 17) -> onnx.ModelProto:
     table = weight((v, d), 9)
-    g = helper.make_graph([node("Gather", ["table", "ids"], ["e"], "emb"), node("Relu", ["e"], ["y"], "relu")],
-                          "emb", [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 6])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, d])],
-                          [onnx.numpy_helper.from_array(table, "table")])
+    g = helper.make_graph(
+        [node("Gather", ["table", "ids"], ["e"], "emb"), node("Relu", ["e"], ["y"], "relu")],
+        "emb",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, d])],
+        [onnx.numpy_helper.from_array(table, "table")],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
     m.ir_version = 8
     return m
 
 
-@pytest.mark.parametrize("recipe", [Recipe(default=Scheme(mode="weight_only")), int4(32), int4(32, False)],
-                         ids=["int8", "int4", "int4-affine"])
+@pytest.mark.parametrize(
+    "recipe",
+    [Recipe(default=Scheme(mode="weight_only")), int4(32), int4(32, False)],
+    ids=["int8", "int4", "int4-affine"],
+)
 def test_embedding_rows(recipe):
     m = embedding()
     res = lowbit.quantize(m, recipe=recipe, progress=False)
@@ -91,8 +103,9 @@ def test_embedding_rows(recipe):
     ref, got = run(m, [ids], float_model=True)[0], run(res.model, [ids], mode="kernels")[0]
     limit = 0.01 if recipe.default.weights == "int8" else 0.15
     assert rel_rms(ref, got) < limit
-    assert res.plan.nodes["emb"].quantized and "Gather" not in [n.op_type for n in res.model.graph.node
-                                                               if n.input and n.input[0] == "table"]
+    assert res.plan.nodes["emb"].quantized and "Gather" not in [
+        n.op_type for n in res.model.graph.node if n.input and n.input[0] == "table"
+    ]
     # + a scale per row (block); int4 also a few unpacking nodes, which weigh in this 13 KB toy
     assert res.quantized_bytes < (0.32 if recipe.default.weights == "int8" else 0.25) * res.float_bytes
 
@@ -108,12 +121,15 @@ def test_int4_on_a_conv_is_a_one_line_error():
     assert "MatMulNBits" in res.plan.nodes["fc"].reason
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"mode": "dynamic", "weights": "int4"}, "int4 weights need mode weight_only or static"),
-    ({"weights": "int4", "block_size": 32}, "block_size applies to weight_only int4"),
-    ({"mode": "weight_only", "block_size": 32}, "block_size applies to weight_only int4"),
-    ({"mode": "weight_only", "weights": "int4", "block_size": 48}, "'block_size' must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"mode": "dynamic", "weights": "int4"}, "int4 weights need mode weight_only or static"),
+        ({"weights": "int4", "block_size": 32}, "block_size applies to weight_only int4"),
+        ({"mode": "weight_only", "block_size": 32}, "block_size applies to weight_only int4"),
+        ({"mode": "weight_only", "weights": "int4", "block_size": 48}, "'block_size' must be one of"),
+    ],
+)
 def test_bad_int4_options(bad, match):
     with pytest.raises(LowbitError, match=match):
         Recipe.from_dict({"default": bad})

@@ -5,8 +5,6 @@ registered rewrite function, mode by mode in graph order."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import onnx_ir as ir
 
@@ -71,8 +69,9 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
         graph.initializers.pop(name)
 
 
-def _quantize_weight(model: ir.Model, node: ir.Node, idx: int, axis: int | None, layout: Layout,
-                     plan: Plan) -> np.ndarray | None:
+def _quantize_weight(
+    model: ir.Model, node: ir.Node, idx: int, axis: int | None, layout: Layout, plan: Plan
+) -> np.ndarray | None:
     """Quantize one weight input in place; returns the bias correction for the node, if any."""
     scheme = layout.nodes[name_of(node)].scheme
     assert scheme is not None  # a node with a weight to quantize is quantized, so it has a scheme
@@ -86,8 +85,13 @@ def _quantize_weight(model: ir.Model, node: ir.Node, idx: int, axis: int | None,
         qw = guard(node, w, qw)
         if qw.guarded_channels:
             plan.overflow_guard[name_of(node)] = qw.guarded_channels
-    p = TensorParams(scheme.weights, np.atleast_1d(qw.scale).astype(float).tolist(),
-                     np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")
+    p = TensorParams(
+        scheme.weights,
+        np.atleast_1d(qw.scale).astype(float).tolist(),
+        np.atleast_1d(qw.zero_point).astype(int).tolist(),
+        qw.axis,
+        "weight",
+    )
     plan.tensors[f"{node.name}:{idx}"] = p
     node.replace_input_with(idx, constant_dq(model, f"{node.name}_w{idx}", w, qw.q, p))
     if scheme.bias_correction and mean is not None and idx == 1:

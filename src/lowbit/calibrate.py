@@ -7,9 +7,9 @@ samples are used.
 from __future__ import annotations
 
 import ctypes
-
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -76,7 +76,9 @@ def calibrate(
     augmented = with_outputs(ir.to_proto(model), names).SerializeToString()
     session = ort.InferenceSession(augmented, opts, providers=["CPUExecutionProvider"])
     fetch = names
-    bar = tqdm(total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False)  # None: off when not a terminal
+    bar = tqdm(
+        total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False
+    )  # None: off when not a terminal
     try:
         for batch in batches:
             n = len(next(iter(batch.values())))
@@ -116,12 +118,20 @@ def _update(store: dict, name: str, value: np.ndarray, kind: type) -> None:
         ) from None
 
 
-def calibrate_layout(model: ir.Model, layout: Layout, calib: Any, specs: list[InputSpec], recipe: Recipe,
-                     preprocess: ImagePreprocess | None, progress: bool) -> Statistics:
+def calibrate_layout(
+    model: ir.Model,
+    layout: Layout,
+    calib: Any,
+    specs: list[InputSpec],
+    recipe: Recipe,
+    preprocess: ImagePreprocess | None,
+    progress: bool,
+) -> Statistics:
     """The calibrate stage: open the user's data, checked against the model's inputs, and observe what the
     layout needs (constants need no observing)."""
-    source = open_data(calib, specs, batch_size=recipe.batch_size, preprocess=preprocess,
-                       limit=recipe.calibration_samples)
+    source = open_data(
+        calib, specs, batch_size=recipe.batch_size, preprocess=preprocess, limit=recipe.calibration_samples
+    )
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
     return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress)

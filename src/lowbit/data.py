@@ -56,13 +56,10 @@ def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
         except (KeyError, TypeError, ValueError):
             raise LowbitError(f"model input '{inp.name}' has unsupported element type {tt.elem_type}") from None
         if not tt.HasField("shape"):
-            raise LowbitError(
-                f"model input '{inp.name}' has no shape; re-export the model with input shapes declared"
-            )
+            raise LowbitError(f"model input '{inp.name}' has no shape; re-export the model with input shapes declared")
         # dim_value 0 is how some exporters spell "unknown", so treat it as dynamic.
         shape = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None)
-            for d in tt.shape.dim
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None) for d in tt.shape.dim
         )
         specs.append(InputSpec(inp.name, dtype, shape))
     return specs
@@ -219,7 +216,9 @@ def open_data(
                 name = _image_input(specs, pre)
                 return finish(lambda: ((str(p), {name: _load_image(p, pre)}) for p in images), len(images))
             if not arrays:
-                raise LowbitError(f"no usable data files in {path}; expected .npy/.npz files or .jpg/.jpeg/.png/.bmp images")
+                raise LowbitError(
+                    f"no usable data files in {path}; expected .npy/.npz files or .jpg/.jpeg/.png/.bmp images"
+                )
         elif path.suffix.lower() in ARRAY_SUFFIXES:
             arrays = [path]
         else:
@@ -273,7 +272,9 @@ def _read_header(f, where: str) -> _Header:
 def _single_input_key(path: Path, specs: list[InputSpec]) -> str:
     if len(specs) != 1:
         names = ", ".join(s.name for s in specs)
-        raise LowbitError(f"{path} holds one array but the model has {len(specs)} inputs ({names}); use a .npz keyed by input name")
+        raise LowbitError(
+            f"{path} holds one array but the model has {len(specs)} inputs ({names}); use a .npz keyed by input name"
+        )
     return specs[0].name
 
 
@@ -313,7 +314,9 @@ def _item(i: int, item: Any, specs: list[InputSpec]) -> tuple[str, dict[str, np.
     if isinstance(item, np.ndarray) or hasattr(item, "__array__"):
         if len(specs) != 1:
             names = ", ".join(s.name for s in specs)
-            raise LowbitError(f"{where} is an array but the model has {len(specs)} inputs ({names}); yield dicts keyed by input name")
+            raise LowbitError(
+                f"{where} is an array but the model has {len(specs)} inputs ({names}); yield dicts keyed by input name"
+            )
         return where, {specs[0].name: np.asarray(item)}
     raise LowbitError(f"{where} is a {type(item).__name__}; yield numpy arrays or dicts of input name -> array")
 
@@ -326,7 +329,9 @@ def _pick_keys(where: str, keys: set[str], specs: list[InputSpec]) -> dict[str, 
     if len(names) == 1 and len(keys) == 1:
         return {names[0]: next(iter(keys))}  # one input, one array: the key name doesn't matter
     missing = next(n for n in names if n not in keys)
-    raise LowbitError(f"input '{missing}' missing in {where} (found keys: {sorted(keys)}); store arrays under the model's input names")
+    raise LowbitError(
+        f"input '{missing}' missing in {where} (found keys: {sorted(keys)}); store arrays under the model's input names"
+    )
 
 
 def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tuple[int, dict[str, str]]:
@@ -337,7 +342,9 @@ def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tup
         a = arrays[take[s.name]]
         if a.dtype.hasobject:
             # Object arrays can only be loaded by unpickling, which can run arbitrary code.
-            raise LowbitError(f"input '{s.name}' in {where} holds Python objects (pickled), which lowbit never loads; use a numeric array")
+            raise LowbitError(
+                f"input '{s.name}' in {where} holds Python objects (pickled), which lowbit never loads; use a numeric array"
+            )
         shape = tuple(a.shape)
         rank = len(s.shape)
         full = shape if len(shape) == rank else (1, *shape) if len(shape) == rank - 1 else None
@@ -345,10 +352,14 @@ def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tup
         if bad_dim:
             raise LowbitError(f"input '{s.name}': expected shape {_shape_text(s.shape)}, got {shape} in {where}")
         if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
-            raise LowbitError(f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype")
+            raise LowbitError(
+                f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype"
+            )
         counts[s.name] = full[0]
     if len(set(counts.values())) > 1:
-        raise LowbitError(f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count")
+        raise LowbitError(
+            f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count"
+        )
     return next(iter(counts.values())), take
 
 
@@ -380,15 +391,21 @@ def _image_input(specs: list[InputSpec], pre: ImagePreprocess) -> str:
     """Check that the model takes one 4-D float image tensor matching `pre`; return its name."""
     if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].dtype.kind != "f":
         got = ", ".join(f"'{s.name}' {_shape_text(s.shape)} {s.dtype}" for s in specs)
-        raise LowbitError(f"an image folder needs a model with one 4-D float input, but it has: {got}; use .npy/.npz data")
+        raise LowbitError(
+            f"an image folder needs a model with one 4-D float input, but it has: {got}; use .npy/.npz data"
+        )
     s = specs[0]
     _, c, h, w = s.shape if pre.layout == "NCHW" else (s.shape[0], s.shape[3], s.shape[1], s.shape[2])
     if isinstance(c, int) and c != 3:
         other = "NHWC" if pre.layout == "NCHW" else "NCHW"
-        raise LowbitError(f"input '{s.name}' {_shape_text(s.shape)} is not {pre.layout} with 3 channels; try layout='{other}'")
+        raise LowbitError(
+            f"input '{s.name}' {_shape_text(s.shape)} is not {pre.layout} with 3 channels; try layout='{other}'"
+        )
     for dim in (h, w):
         if isinstance(dim, int) and dim != pre.crop:
-            raise LowbitError(f"input '{s.name}' expects {h}x{w} images but the image crop is {pre.crop}; set crop to match")
+            raise LowbitError(
+                f"input '{s.name}' expects {h}x{w} images but the image crop is {pre.crop}; set crop to match"
+            )
     return s.name
 
 

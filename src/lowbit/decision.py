@@ -188,14 +188,30 @@ class Decision:
         return render(self.code, self.details)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"op_type": self.op_type, "quantized": self.quantized, "mode": self.mode, "code": self.code.value,
-                "details": self.details, "reason": self.reason, "rule": self.rule, "rule_index": self.rule_index,
-                "decided_by": self.decided_by}
+        return {
+            "op_type": self.op_type,
+            "quantized": self.quantized,
+            "mode": self.mode,
+            "code": self.code.value,
+            "details": self.details,
+            "reason": self.reason,
+            "rule": self.rule,
+            "rule_index": self.rule_index,
+            "decided_by": self.decided_by,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Decision:
-        return cls(d["op_type"], bool(d["quantized"]), Reason(d["code"]), dict(d.get("details") or {}),
-                   d.get("mode", "float"), d.get("rule", "default"), d.get("rule_index"), d.get("decided_by", "default"))
+        return cls(
+            d["op_type"],
+            bool(d["quantized"]),
+            Reason(d["code"]),
+            dict(d.get("details") or {}),
+            d.get("mode", "float"),
+            d.get("rule", "default"),
+            d.get("rule_index"),
+            d.get("decided_by", "default"),
+        )
 
 
 def granularity(per_channel: bool, per_channel_word: str = "per-channel") -> str:

@@ -1,6 +1,6 @@
 """Quantization arithmetic, matching ONNX QuantizeLinear/DequantizeLinear and the TFLite quantization spec.
 
-    q = clamp(round_half_to_even(x / s) + z, qmin, qmax)        x' = (q - z) * s
+q = clamp(round_half_to_even(x / s) + z, qmin, qmax)        x' = (q - z) * s
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def requantize(acc: np.ndarray, m0: int, shift: int, zero_point: int, qmin: int,
     # SaturatingRoundingDoublingHighMul: (x * m0 + nudge) / 2**31 rounded toward zero, nudge by sign.
     prod = x * np.int64(m0)
     nudge = np.where(prod >= 0, 1 << 30, 1 - (1 << 30))
-    high = (prod + nudge)
+    high = prod + nudge
     high = np.where(high >= 0, high >> 31, -((-high) >> 31))
     if right:
         mask = (1 << right) - 1

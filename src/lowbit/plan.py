@@ -69,13 +69,15 @@ class Plan:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         p = Path(path)
         try:
             data = json.loads(p.read_text())
             if data.get("version") not in READS:
-                raise LowbitError(f"plan {p} has version {data.get('version')}; this lowbit reads versions "
-                                  f"{', '.join(map(str, READS))}: re-run calibration with --calib to make a new plan")
+                raise LowbitError(
+                    f"plan {p} has version {data.get('version')}; this lowbit reads versions "
+                    f"{', '.join(map(str, READS))}: re-run calibration with --calib to make a new plan"
+                )
             read_node = Decision.from_dict if data["version"] == 2 else _node_v1
             return cls(
                 recipe=data["recipe"],
@@ -102,8 +104,15 @@ def _node_v1(d: dict[str, Any]) -> Decision:
     folded activation, a shared scale) are recovered as data; the rest keep their sentence."""
     rule = d["rule"]
     index = int(rule.split(" ", 2)[1]) if rule.startswith("rule ") else None
-    by = "rule" if index is not None else "default" if rule == "default" else \
-        "exclude_names" if rule == "excluded by name" else "exclude_op_types"
+    by = (
+        "rule"
+        if index is not None
+        else "default"
+        if rule == "default"
+        else "exclude_names"
+        if rule == "excluded by name"
+        else "exclude_op_types"
+    )
     text = d["reason"]
     found = _SENTINEL_V1.match(text) if not d["quantized"] else None
     code: Reason
@@ -111,7 +120,7 @@ def _node_v1(d: dict[str, Any]) -> Decision:
     if found:
         code, details = Reason.SENTINEL, {"edge": float(found.group(1)), "tensor": found.group(2)}
     elif d["quantized"] and text.startswith(_FOLDED_V1):
-        code, details = Reason.FOLDED, {"into": text[len(_FOLDED_V1):]}
+        code, details = Reason.FOLDED, {"into": text[len(_FOLDED_V1) :]}
     elif d["quantized"] and text == "shares its input's scale":
         code, details = Reason.SHARES_SCALE, {}
     else:

@@ -96,8 +96,14 @@ def ensure_node_names(graph: ir.Graph) -> None:
         seen.add(name)
 
 
-def _decision(node: ir.Node, match: RuleMatch, quantized: bool, code: Reason, details: dict[str, Any] | None = None,
-              mode: str = "float") -> Decision:
+def _decision(
+    node: ir.Node,
+    match: RuleMatch,
+    quantized: bool,
+    code: Reason,
+    details: dict[str, Any] | None = None,
+    mode: str = "float",
+) -> Decision:
     return Decision(node.op_type, quantized, code, details or {}, mode, match.text, match.index, match.by)
 
 
@@ -114,8 +120,9 @@ def _recipe_float(node: ir.Node, scheme: Scheme | None, match: RuleMatch) -> Dec
     return None
 
 
-def make_layout(model: ir.Model, recipe: Recipe, calibrated: bool = True,
-                keep_float: dict[str, Skip] | None = None) -> Layout:
+def make_layout(
+    model: ir.Model, recipe: Recipe, calibrated: bool = True, keep_float: dict[str, Skip] | None = None
+) -> Layout:
     """`calibrated`: whether calibration data (or a plan) will be given, so static quantization is possible.
     `keep_float`: static nodes to keep float anyway (node name -> why), e.g. from `sentinel_nodes`."""
     keep_float = keep_float or {}
@@ -185,8 +192,12 @@ def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec])
         src = node.inputs[0]
         assert src is not None
         producer = src.producer()
-        if producer is not None and is_quantized_compute(producer) and len(src.uses()) == 1 \
-                and not src.is_graph_output():
+        if (
+            producer is not None
+            and is_quantized_compute(producer)
+            and len(src.uses()) == 1
+            and not src.is_graph_output()
+        ):
             layout.fused[_nm(node)] = (_nm(producer), clip_bounds(node))
             d = layout.nodes[_nm(node)].decision
             d.code, d.details = Reason.FOLDED, {"into": _nm(producer)}
@@ -282,8 +293,9 @@ def sentinel_nodes(layout: Layout, extremes: dict[str, tuple[float, float]]) -> 
     return out
 
 
-def settle_sentinels(model: ir.Model, recipe: Recipe, layout: Layout,
-                     extremes: dict[str, tuple[float, float]]) -> Layout:
+def settle_sentinels(
+    model: ir.Model, recipe: Recipe, layout: Layout, extremes: dict[str, tuple[float, float]]
+) -> Layout:
     """Keep float every static node that would quantize a mask-like tensor (see SENTINEL), until none does: a node
     kept float can leave its neighbours quantizing what it produced or consumed. `extremes` are the calibrated
     (min, max) per tensor; mask constants the calibration data never exercised are added here."""
@@ -311,8 +323,29 @@ def relayout(model: ir.Model, recipe: Recipe, keep_float: dict[str, Skip]) -> La
 
 
 # Ops that pass a mask constant's huge values on to their output (masks are built, broadcast and added to scores).
-_CARRIES = frozenset({"Add", "Sub", "Mul", "Where", "Max", "Min", "Neg", "Cast", "Identity", "Reshape", "Unsqueeze",
-                      "Squeeze", "Flatten", "Expand", "Tile", "Transpose", "Concat", "Slice", "Gather"})
+_CARRIES = frozenset(
+    {
+        "Add",
+        "Sub",
+        "Mul",
+        "Where",
+        "Max",
+        "Min",
+        "Neg",
+        "Cast",
+        "Identity",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Expand",
+        "Tile",
+        "Transpose",
+        "Concat",
+        "Slice",
+        "Gather",
+    }
+)
 
 
 def constant_sentinels(model: ir.Model) -> dict[str, float]:

@@ -78,6 +78,7 @@ def quantize(
     # A torch.nn.Module (with example_inputs) is exported to ONNX first; torch is only imported if already loaded.
     if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
         from .torch.onnx_export import module_to_onnx
+
         model = module_to_onnx(model, example_inputs)
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
@@ -93,8 +94,10 @@ def quantize(
     layout = make_layout(loaded.model, recipe, calibrated=calib is not None or plan is not None)
     # Only static quantization needs activation ranges; dynamic, weight-only and float16 nodes need no data.
     if calib is None and plan is None and layout.tensors:
-        raise LowbitError("calibration data is required for static quantization: pass --calib DATA (or --plan "
-                          "PLAN.json to reuse ranges), or choose a mode that needs none (--mode dynamic)")
+        raise LowbitError(
+            "calibration data is required for static quantization: pass --calib DATA (or --plan "
+            "PLAN.json to reuse ranges), or choose a mode that needs none (--mode dynamic)"
+        )
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -102,14 +105,19 @@ def quantize(
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    new_plan = Plan(recipe=recipe.to_dict(), tensors=decided.tensors, calibration_samples=decided.samples,
-                    channel_means=decided.channel_means)
+    new_plan = Plan(
+        recipe=recipe.to_dict(),
+        tensors=decided.tensors,
+        calibration_samples=decided.samples,
+        channel_means=decided.channel_means,
+    )
     new_plan.nodes = decided.layout.decisions()
     apply(loaded.model, decided.layout, new_plan)
     proto = finish(loaded.model, new_plan, recipe.target)
     timings["rewrite"] = time.perf_counter() - t
-    result = QuantizeResult(proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start,
-                            timings=timings)
+    result = QuantizeResult(
+        proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
+    )
     if output is not None:
         save(proto, new_plan, output)
         result.output = Path(output)
@@ -127,8 +135,15 @@ def load(model: str | Path | onnx.ModelProto) -> Loaded:
     return Loaded(ir_model, float_bytes, input_specs(ir.to_proto(ir_model)))
 
 
-def observe_and_decide(loaded: Loaded, layout: Layout, recipe: Recipe, calib: Any, plan: Plan | None,
-                       preprocess: ImagePreprocess | None, progress: bool) -> Decided:
+def observe_and_decide(
+    loaded: Loaded,
+    layout: Layout,
+    recipe: Recipe,
+    calib: Any,
+    plan: Plan | None,
+    preprocess: ImagePreprocess | None,
+    progress: bool,
+) -> Decided:
     """Calibrate and decide activation parameters, or take them from an earlier plan."""
     model = loaded.model
     if plan is None and not layout.tensors:

@@ -57,8 +57,14 @@ class Scheme:
         _check_literal(self, "activations", ActivationType)
         _check_literal(self, "weights", WeightType)
         _check_literal(self, "calibration", Calibration)
-        for name in ("per_channel", "symmetric_activations", "symmetric_weights", "reduce_range", "avoid_overflow",
-                     "bias_correction"):
+        for name in (
+            "per_channel",
+            "symmetric_activations",
+            "symmetric_weights",
+            "reduce_range",
+            "avoid_overflow",
+            "bias_correction",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"recipe option '{name}' must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
@@ -68,16 +74,26 @@ class Scheme:
         if self.reduce_range and self.activations in ("uint16", "int16"):
             raise LowbitError("conflicting options: reduce_range is for 8-bit kernels, not 16-bit activations")
         if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
-            raise LowbitError(f"recipe option 'block_size' must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}")
+            raise LowbitError(
+                f"recipe option 'block_size' must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}"
+            )
         if self.block_size is not None and (self.weights != "int4" or self.mode != "weight_only"):
-            raise LowbitError("conflicting options: block_size applies to weight_only int4 weights only (static int4 "
-                              "weights are per channel); set mode=weight_only, weights=int4 or drop block_size")
+            raise LowbitError(
+                "conflicting options: block_size applies to weight_only int4 weights only (static int4 "
+                "weights are per channel); set mode=weight_only, weights=int4 or drop block_size"
+            )
         if self.weights == "int4" and self.mode not in ("weight_only", "static"):
-            raise LowbitError(f"conflicting options: int4 weights need mode weight_only or static, not {self.mode}; set weights=int8")
+            raise LowbitError(
+                f"conflicting options: int4 weights need mode weight_only or static, not {self.mode}; set weights=int8"
+            )
         if self.mode == "dynamic" and self.activations != "uint8":
-            raise LowbitError(f"conflicting options: dynamic mode quantizes activations to uint8 at run time (DynamicQuantizeLinear), not {self.activations}; drop 'activations' or use mode=static")
+            raise LowbitError(
+                f"conflicting options: dynamic mode quantizes activations to uint8 at run time (DynamicQuantizeLinear), not {self.activations}; drop 'activations' or use mode=static"
+            )
         if self.mode == "dynamic" and self.weights != "int8":
-            raise LowbitError("conflicting options: dynamic mode needs int8 weights (u8 x s8 integer kernels); use weights=int8")
+            raise LowbitError(
+                "conflicting options: dynamic mode needs int8 weights (u8 x s8 integer kernels); use weights=int8"
+            )
 
     @property
     def int4_block(self) -> int:
@@ -100,7 +116,10 @@ class Rule:
         return bool(self.names or self.op_types)
 
     def describe(self) -> str:
-        parts = [f"names={list(self.names)}" if self.names else "", f"op_types={list(self.op_types)}" if self.op_types else ""]
+        parts = [
+            f"names={list(self.names)}" if self.names else "",
+            f"op_types={list(self.op_types)}" if self.op_types else "",
+        ]
         return "rule(" + ", ".join(p for p in parts if p) + ")"
 
 
@@ -120,7 +139,9 @@ class Recipe:
     def __post_init__(self) -> None:
         _check_literal(self, "target", TargetName)
         if self.version != RECIPE_VERSION:
-            raise LowbitError(f"recipe version {self.version} is not supported (this lowbit reads version {RECIPE_VERSION})")
+            raise LowbitError(
+                f"recipe version {self.version} is not supported (this lowbit reads version {RECIPE_VERSION})"
+            )
         for name in ("calibration_samples", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -153,7 +174,7 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: dict[str, Any], where: str = "recipe") -> Recipe:
         _check_keys(data, cls, where)
         kw = dict(data)
         if "default" in kw:
@@ -168,7 +189,7 @@ class Recipe:
         return cls(**kw)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Recipe":
+    def load(cls, path: str | Path) -> Recipe:
         p = Path(path)
         try:
             data = json.loads(p.read_text())
@@ -177,7 +198,9 @@ class Recipe:
         except OSError as e:
             raise LowbitError(f"cannot read recipe file {p}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise LowbitError(f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with `lowbit recipe --show default`") from None
+            raise LowbitError(
+                f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with `lowbit recipe --show default`"
+            ) from None
         if not isinstance(data, dict):
             raise LowbitError(f"recipe file {p} must hold a JSON object")
         return cls.from_dict(data, where=str(p))

@@ -43,8 +43,9 @@ def _domain(model: ir.Model, dtype: str) -> str:
 
 def _packed4(value: ir.Value, q: np.ndarray, dtype: str) -> ir.Value:
     """Store a 4-bit initializer two values per byte (ONNX INT4/UINT4)."""
-    value.const_value = ir.PackedTensor(pack_int4(q), ir.DataType.INT4 if dtype == "int4" else ir.DataType.UINT4,
-                                        shape=ir.Shape(np.shape(q)))
+    value.const_value = ir.PackedTensor(
+        pack_int4(q), ir.DataType.INT4 if dtype == "int4" else ir.DataType.UINT4, shape=ir.Shape(np.shape(q))
+    )
     value.dtype = value.const_value.dtype
     return value
 
@@ -133,7 +134,9 @@ def fuse_activation(graph: ir.Graph, node_name: str) -> None:
 # --- dynamic and weight-only forms: the node is replaced by a small subgraph writing the same output ---
 
 
-def _node(graph: ir.Graph, op: str, inputs: list, name: str, domain: str = "", dtype=ir.DataType.FLOAT, **attrs) -> ir.Value:
+def _node(
+    graph: ir.Graph, op: str, inputs: list, name: str, domain: str = "", dtype=ir.DataType.FLOAT, **attrs
+) -> ir.Value:
     n = ir.Node(domain, op, inputs, [ir.convenience.convert_attribute(k, v) for k, v in attrs.items()], name=name)
     n.outputs[0].name = f"{name}_out"
     n.outputs[0].dtype = dtype
@@ -155,7 +158,11 @@ def take_output(graph: ir.Graph, node: ir.Node, new: ir.Value) -> None:
 def _add_bias(model: ir.Model, node: ir.Node, y: ir.Value, bias: np.ndarray | ir.Value | None) -> ir.Value:
     if bias is None:
         return y
-    b = bias if isinstance(bias, ir.Value) else add_initializer(model.graph, f"{node.name}_bias", bias.astype(np.float32))
+    b = (
+        bias
+        if isinstance(bias, ir.Value)
+        else add_initializer(model.graph, f"{node.name}_bias", bias.astype(np.float32))
+    )
     return _node(model.graph, "Add", [y, b], f"{node.name}_bias_add")
 
 
@@ -171,8 +178,9 @@ def dynamic_quantize(model: ir.Model, x: ir.Value, cache: dict[str, tuple]) -> t
     return cache[name]
 
 
-def dynamic_matmul(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bias,
-                   cache: dict) -> None:
+def dynamic_matmul(
+    model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, bias, cache: dict
+) -> None:
     """x -> DynamicQuantizeLinear -> MatMulInteger(int8 W (K, N)) -> Cast -> Mul(x_scale * w_scale) [-> Add bias].
     Standard ONNX ops that ONNX Runtime fuses into one DynamicQuantizeMatMul kernel (measured: same speed)."""
     g, name = model.graph, node.name
@@ -187,13 +195,26 @@ def dynamic_matmul(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.ndar
     take_output(g, node, _add_bias(model, node, y, bias))
 
 
-def matmul_nbits(model: ir.Model, node: ir.Node, packed: np.ndarray, scale: np.ndarray, zp: np.ndarray | None,
-                 k: int, n: int, block: int, bias) -> None:
+def matmul_nbits(
+    model: ir.Model,
+    node: ir.Node,
+    packed: np.ndarray,
+    scale: np.ndarray,
+    zp: np.ndarray | None,
+    k: int,
+    n: int,
+    block: int,
+    bias,
+) -> None:
     """ONNX Runtime's com.microsoft.MatMulNBits: B uint8 (N, n_blocks, block/2), scales (N * n_blocks),
     zero points packed two per byte per row (absent: 8)."""
     g, name = model.graph, node.name
     model.opset_imports.setdefault(MS_DOMAIN, 1)
-    inputs = [node.inputs[0], add_initializer(g, f"{name}_w_q4", packed), add_initializer(g, f"{name}_w_s", scale.astype(np.float32).ravel())]
+    inputs = [
+        node.inputs[0],
+        add_initializer(g, f"{name}_w_q4", packed),
+        add_initializer(g, f"{name}_w_s", scale.astype(np.float32).ravel()),
+    ]
     if zp is not None:
         inputs.append(add_initializer(g, f"{name}_w_zp4", zp.ravel()))
     y = _node(g, "MatMulNBits", inputs, f"{name}_MatMulNBits", domain=MS_DOMAIN, K=k, N=n, bits=4, block_size=block)
@@ -237,11 +258,21 @@ def gather_int4_nibbles(model: ir.Model, node: ir.Node, codes: np.ndarray, scale
     rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.UINT8)
     const = lambda n, v: _shared_init(g, f"lowbit_{n}", lambda k: add_initializer(g, k, v))  # noqa: E731
     lo = _node(g, "Mod", [rows, const("u8_16", np.array(16, np.uint8))], f"{name}_low", dtype=ir.DataType.UINT8)
-    hi = _node(g, "BitShift", [rows, const("u8_4", np.array(4, np.uint8))], f"{name}_high",
-               dtype=ir.DataType.UINT8, direction="RIGHT")
+    hi = _node(
+        g,
+        "BitShift",
+        [rows, const("u8_4", np.array(4, np.uint8))],
+        f"{name}_high",
+        dtype=ir.DataType.UINT8,
+        direction="RIGHT",
+    )
     both = _node(g, "Concat", [lo, hi], f"{name}_codes", dtype=ir.DataType.UINT8, axis=-1)
-    centred = _node(g, "DequantizeLinear", [both, const("f32_1", np.array(1, np.float32)),
-                                            const("u8_8", np.array(8, np.uint8))], f"{name}_centre")
+    centred = _node(
+        g,
+        "DequantizeLinear",
+        [both, const("f32_1", np.array(1, np.float32)), const("u8_8", np.array(8, np.uint8))],
+        f"{name}_centre",
+    )
     scales = _shared_init(g, f"{t}_s4_{block}", lambda n: add_initializer(g, n, scale.astype(np.float32)))
     s = _node(g, "Gather", [scales, idx], f"{name}_Gather_s")
     if scale.shape[1] > 1:  # one scale per block: spread them over the row's columns
@@ -250,8 +281,9 @@ def gather_int4_nibbles(model: ir.Model, node: ir.Node, codes: np.ndarray, scale
     take_output(g, node, _node(g, "Mul", [centred, s], f"{name}_rescale"))
 
 
-def gather_block_quantized(model: ir.Model, node: ir.Node, codes: np.ndarray, scale: np.ndarray,
-                           zp: np.ndarray | None, block: int) -> None:
+def gather_block_quantized(
+    model: ir.Model, node: ir.Node, codes: np.ndarray, scale: np.ndarray, zp: np.ndarray | None, block: int
+) -> None:
     """int4 rows in blocks along D: ONNX Runtime's com.microsoft.GatherBlockQuantized (INT4 data, zero point 0;
     affine: UINT4 data and zero points)."""
     g, name = model.graph, node.name
@@ -265,10 +297,22 @@ def gather_block_quantized(model: ir.Model, node: ir.Node, codes: np.ndarray, sc
         v.dtype = kind
         return v
 
-    inputs = [_shared_init(g, f"{t}_q{tag}", lambda n: int4add_initializer(n, codes)), node.inputs[1],
-              _shared_init(g, f"{t}_s{tag}", lambda n: add_initializer(g, n, scale.astype(np.float32)))]
+    inputs = [
+        _shared_init(g, f"{t}_q{tag}", lambda n: int4add_initializer(n, codes)),
+        node.inputs[1],
+        _shared_init(g, f"{t}_s{tag}", lambda n: add_initializer(g, n, scale.astype(np.float32))),
+    ]
     if zp is not None:
         inputs.append(_shared_init(g, f"{t}_z{tag}", lambda n: int4add_initializer(n, zp)))
-    y = _node(g, "GatherBlockQuantized", inputs, f"{name}_GatherBlockQuantized", domain=MS_DOMAIN,
-              gather_axis=0, quantize_axis=1, block_size=block, bits=4)
+    y = _node(
+        g,
+        "GatherBlockQuantized",
+        inputs,
+        f"{name}_GatherBlockQuantized",
+        domain=MS_DOMAIN,
+        gather_axis=0,
+        quantize_axis=1,
+        block_size=block,
+        bits=4,
+    )
     take_output(g, node, y)

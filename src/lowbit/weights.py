@@ -67,7 +67,9 @@ def overflowing_rows(q: np.ndarray, bound: np.ndarray) -> np.ndarray:
     return np.flatnonzero((hi.max(axis=1) > INT16_MAX) | (lo.min(axis=1) < INT16_MIN))
 
 
-def _rescale(w: np.ndarray, bound: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _rescale(
+    w: np.ndarray, bound: np.ndarray, scale: np.ndarray, qmin: int, qmax: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the smallest larger scale (in steps of 1/512) at which no pair overflows."""
     q = np.clip(quantize(w, scale, 0, "int8", axis=0), qmin, qmax)
     hi, lo = pair_extremes(q, bound)
@@ -133,7 +135,9 @@ def guard_overflow(
     return q_rows, cast(np.ndarray, scales), len(bad)
 
 
-def cheaper_of(w: np.ndarray, trimmed: np.ndarray, scale: np.float32, bound: np.ndarray) -> tuple[np.ndarray, np.float32]:
+def cheaper_of(
+    w: np.ndarray, trimmed: np.ndarray, scale: np.float32, bound: np.ndarray
+) -> tuple[np.ndarray, np.float32]:
     """With one scale per direction the guard can only trim the overflowing pairs, which cuts the largest
     weights of a gate row (on the keyword-spotting example's LSTM: logits 10% off float, 3% with this).
     Raising that one scale until no pair overflows (about 7-bit weights) can cost less; keep whichever is

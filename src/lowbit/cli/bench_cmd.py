@@ -9,16 +9,24 @@ from typing import Any
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "bench", help="latency, memory, time per op type and an energy estimate of one or more models",
+        "bench",
+        help="latency, memory, time per op type and an energy estimate of one or more models",
         description="Benchmark models side by side: .onnx in ONNX Runtime (integer kernels), .tflite in LiteRT "
         "(XNNPACK). Several models are timed interleaved so their ratios hold on a busy machine; ratios are "
         "against the first model. Time per op type and the energy estimate are for ONNX models only. "
-        "Energy is an ESTIMATE from operation counts (Horowitz, ISSCC 2014), not a measurement.")
-    p.add_argument("models", nargs="+", metavar="MODEL",
-                   help=".onnx or .tflite models to compare; the first is the reference")
+        "Energy is an ESTIMATE from operation counts (Horowitz, ISSCC 2014), not a measurement.",
+    )
+    p.add_argument(
+        "models", nargs="+", metavar="MODEL", help=".onnx or .tflite models to compare; the first is the reference"
+    )
     # Strings, validated by lowbit, so a bad value is a one-line error like every other user mistake.
-    p.add_argument("--threads", nargs="+", default=["1"], metavar="N",
-                   help="thread counts (ORT intra-op threads, LiteRT num_threads; default 1)")
+    p.add_argument(
+        "--threads",
+        nargs="+",
+        default=["1"],
+        metavar="N",
+        help="thread counts (ORT intra-op threads, LiteRT num_threads; default 1)",
+    )
     p.add_argument("--runs", default="100", metavar="N", help="timed runs per model and thread count (default 100)")
     p.add_argument("--warmup", default="10", metavar="N", help="untimed runs before timing (default 10)")
     p.add_argument("--batch", default="1", metavar="N", help="batch size for dynamic batch dims (default 1)")
@@ -43,9 +51,14 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.jsonable import dumps
 
     result = benchmark(
-        args.models, threads=check_threads(args.threads), runs=_int("runs", args.runs),
-        warmup=_int("warmup", args.warmup), batch=_int("batch", args.batch), data=args.data,
-        profile=not args.no_profile, progress=not args.quiet,
+        args.models,
+        threads=check_threads(args.threads),
+        runs=_int("runs", args.runs),
+        warmup=_int("warmup", args.warmup),
+        batch=_int("batch", args.batch),
+        data=args.data,
+        profile=not args.no_profile,
+        progress=not args.quiet,
     )
     print(dumps(result, indent=2) if args.json else text(result))
     return 0
@@ -65,19 +78,26 @@ def text(result: dict[str, Any]) -> str:
     short = [Path(k).name for k in models]
     names = {k: s if short.count(s) == 1 else k for k, s in zip(models, short)}
     width = max(12, *(len(n) for n in names.values()))
-    runtimes = {k: e.get("runtime", "onnxruntime").replace("onnxruntime", "ORT").replace("litert", "LiteRT")
-                for k, e in models.items()}
+    runtimes = {
+        k: e.get("runtime", "onnxruntime").replace("onnxruntime", "ORT").replace("litert", "LiteRT")
+        for k, e in models.items()
+    }
     rw = max(7, *(len(r) for r in runtimes.values()))
     for t, ratios in result["ratios"].items():
         lines.append("")
-        lines.append(f"latency, {t} thread{'s' if t != '1' else ''} (ms; ratio = median of per-round "
-                     f"ratios vs {names[next(iter(models))]}):")
-        lines.append(f"  {'model':<{width}}  {'runtime':<{rw}}  {'size':>9}  {'p50':>8}  {'p90':>8}  {'p99':>8}"
-                     f"  {'ratio':>6}")
+        lines.append(
+            f"latency, {t} thread{'s' if t != '1' else ''} (ms; ratio = median of per-round "
+            f"ratios vs {names[next(iter(models))]}):"
+        )
+        lines.append(
+            f"  {'model':<{width}}  {'runtime':<{rw}}  {'size':>9}  {'p50':>8}  {'p90':>8}  {'p99':>8}  {'ratio':>6}"
+        )
         for k, e in models.items():
             lat = e["latency_ms"][t]
-            lines.append(f"  {names[k]:<{width}}  {runtimes[k]:<{rw}}  {_size(e['size_bytes']):>9}  {lat['p50']:8.3f}"
-                         f"  {lat['p90']:8.3f}  {lat['p99']:8.3f}  {ratios[k]:5.2f}x")
+            lines.append(
+                f"  {names[k]:<{width}}  {runtimes[k]:<{rw}}  {_size(e['size_bytes']):>9}  {lat['p50']:8.3f}"
+                f"  {lat['p90']:8.3f}  {lat['p99']:8.3f}  {ratios[k]:5.2f}x"
+            )
     lines.append("")
     first_t = next(iter(result["ratios"]))
     for k, e in models.items():
@@ -100,8 +120,10 @@ def text(result: dict[str, Any]) -> str:
             lines.append(f"  {names[k]:<{width}}  n/a (estimated from ONNX graphs only)")
             continue
         precs = ", ".join(f"{p} {v['macs']:,}" for p, v in en["by_precision"].items() if v["macs"]) or "-"
-        lines.append(f"  {names[k]:<{width}}  {en['total_uj']:9.3f}  {en['compute_uj']:9.3f}  {en['memory_uj']:9.3f}"
-                     f"  {en['macs']:>12,}  {precs}")
+        lines.append(
+            f"  {names[k]:<{width}}  {en['total_uj']:9.3f}  {en['compute_uj']:9.3f}  {en['memory_uj']:9.3f}"
+            f"  {en['macs']:>12,}  {precs}"
+        )
     note = next((e["energy"]["note"] for e in models.values() if e["energy"] is not None), None)
     if note:
         lines.append(f"  note: {note}")

@@ -18,5 +18,11 @@ def add_image_args(parser: argparse.ArgumentParser) -> None:
 
 
 def image_preprocess(args: argparse.Namespace) -> ImagePreprocess:
-    return ImagePreprocess(size=args.image_size, crop=args.crop, mean=tuple(args.mean), std=tuple(args.std),
-                           layout=args.layout, channels="BGR" if args.bgr else "RGB")
+    return ImagePreprocess(
+        size=args.image_size,
+        crop=args.crop,
+        mean=tuple(args.mean),
+        std=tuple(args.std),
+        layout=args.layout,
+        channels="BGR" if args.bgr else "RGB",
+    )

@@ -10,18 +10,29 @@ from .common import add_image_args, image_preprocess
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "diagnose", help="find the layers that lose accuracy and a recipe that fixes them",
+        "diagnose",
+        help="find the layers that lose accuracy and a recipe that fixes them",
         description="Compare a quantized model (and the plan beside it) with its float model layer by layer, "
         "rank layers by the error they cause alone, try fixes (per-channel weights, percentile ranges, 16-bit "
-        "activations, float) and measure the recipe that applies the best ones.")
+        "activations, float) and measure the recipe that applies the best ones.",
+    )
     p.add_argument("float_model", metavar="FLOAT.onnx", help="the float model")
     p.add_argument("quant_model", metavar="QUANT.onnx", help="the quantized model made from it by lowbit")
-    p.add_argument("--data", required=True, metavar="DATA",
-                   help="inputs to measure on (.npy/.npz file or folder, or an image folder), like --calib")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="DATA",
+        help="inputs to measure on (.npy/.npz file or folder, or an image folder), like --calib",
+    )
     p.add_argument("--plan", metavar="PLAN.json", help="the quantized model's plan (default: QUANT.plan.json)")
     p.add_argument("--top", type=int, default=5, metavar="K", help="layers to find fixes for (default 5)")
-    p.add_argument("--budget", type=int, default=20, metavar="N",
-                   help="layers measured alone, the ones losing most SQNR first (default 20)")
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=20,
+        metavar="N",
+        help="layers measured alone, the ones losing most SQNR first (default 20)",
+    )
     p.add_argument("--limit", type=int, default=64, metavar="N", help="samples to use (default 64)")
     p.add_argument("-o", "--output", metavar="FIXED.onnx", help="write the model quantized with the fixed recipe")
     p.add_argument("--recipe-out", metavar="FIX.json", help="write the fixed recipe")
@@ -35,9 +46,19 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.diagnose import diagnose
 
     pre = image_preprocess(args)
-    report = diagnose(args.float_model, args.quant_model, args.data, plan=args.plan, top=args.top,
-                      limit=args.limit, progress=not args.quiet, budget=args.budget, output=args.output,
-                      recipe_out=args.recipe_out, preprocess=pre)
+    report = diagnose(
+        args.float_model,
+        args.quant_model,
+        args.data,
+        plan=args.plan,
+        top=args.top,
+        limit=args.limit,
+        progress=not args.quiet,
+        budget=args.budget,
+        output=args.output,
+        recipe_out=args.recipe_out,
+        preprocess=pre,
+    )
     print(report.to_json(indent=1) if args.json else report_text(report.to_dict()))
     return 0
 
@@ -47,8 +68,7 @@ def _db(v: float | None) -> str:
 
 
 def _fid(f: dict[str, Any]) -> str:
-    return (f"top-1 agreement {100 * f['top1_agreement']:.1f}%, cosine {f['cosine']:.4f}, "
-            f"SQNR {_db(f['sqnr_db'])} dB")
+    return f"top-1 agreement {100 * f['top1_agreement']:.1f}%, cosine {f['cosine']:.4f}, SQNR {_db(f['sqnr_db'])} dB"
 
 
 def report_text(r: dict[str, Any], rows: int = 15) -> str:
@@ -61,8 +81,10 @@ def report_text(r: dict[str, Any], rows: int = 15) -> str:
     lines.append(f"  {'node':<{width}}  {'op':<18} {'SQNR dB':>8} {'alone dB':>9}  suggestion")
     for x in measured[:rows]:
         s = x["suggestion"]
-        lines.append(f"  {x['node']:<{width}}  {x['op_type']:<18} {_db(x['sqnr_db']):>8} "
-                     f"{_db(x['alone_sqnr_db']):>9}  {s['kind'].replace('_', ' ')}")
+        lines.append(
+            f"  {x['node']:<{width}}  {x['op_type']:<18} {_db(x['sqnr_db']):>8} "
+            f"{_db(x['alone_sqnr_db']):>9}  {s['kind'].replace('_', ' ')}"
+        )
     if len(r["layers"]) > len(measured[:rows]):
         lines.append(f"  ... {len(r['layers']) - len(measured[:rows])} more layers (--json lists all)")
     why = [(x["node"], x["suggestion"]["why"]) for x in measured if x["suggestion"]["kind"] != "none"]
@@ -70,12 +92,16 @@ def report_text(r: dict[str, Any], rows: int = 15) -> str:
         lines.append("why:")
         lines += [f"  {node}: {text}" for node, text in why]
     lines.append(f"before: {_fid(r['before'])}")
-    lines.append(f"after:  {_fid(r['after'])}  ({100 * r['gain']['top1_agreement']:+.1f} points, "
-                 f"{r['gain']['sqnr_db'] if r['gain']['sqnr_db'] is not None else 0:+.1f} dB)")
+    lines.append(
+        f"after:  {_fid(r['after'])}  ({100 * r['gain']['top1_agreement']:+.1f} points, "
+        f"{r['gain']['sqnr_db'] if r['gain']['sqnr_db'] is not None else 0:+.1f} dB)"
+    )
     for item in r.get("lint") or []:
         lines.append(f"lint: {item.get('kind')}: {item.get('message')}")
     if r.get("recipe_path"):
-        lines.append(f"wrote recipe {r['recipe_path']} (use: lowbit quantize FLOAT.onnx --recipe {r['recipe_path']} ...)")
+        lines.append(
+            f"wrote recipe {r['recipe_path']} (use: lowbit quantize FLOAT.onnx --recipe {r['recipe_path']} ...)"
+        )
     if r.get("output"):
         lines.append(f"wrote {r['output']}")
     if not r.get("recipe_path"):

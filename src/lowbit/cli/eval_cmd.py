@@ -12,18 +12,25 @@ if TYPE_CHECKING:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="accuracy on labelled data, fidelity against a reference model",
-                       description="Run a model over data; with --labels report top-1/top-5 accuracy, with "
-                       "--reference compare every output with a reference (float) model. In --json output an "
-                       "infinite SQNR (identical outputs) is null.")
+    p = sub.add_parser(
+        "eval",
+        help="accuracy on labelled data, fidelity against a reference model",
+        description="Run a model over data; with --labels report top-1/top-5 accuracy, with "
+        "--reference compare every output with a reference (float) model. In --json output an "
+        "infinite SQNR (identical outputs) is null.",
+    )
     p.add_argument("model", help="ONNX or .tflite model to evaluate (usually the int8 one; .tflite runs in LiteRT)")
-    p.add_argument("--data", required=True, metavar="DATA",
-                   help="evaluation data: .npy/.npz file or folder, or an image folder")
+    p.add_argument(
+        "--data", required=True, metavar="DATA", help="evaluation data: .npy/.npz file or folder, or an image folder"
+    )
     p.add_argument("--labels", metavar="FILE", help="class labels: .npy int array (N,) or text, one integer per line")
     p.add_argument("--reference", metavar="FLOAT.onnx", help="reference model to compare outputs with (run in float)")
-    p.add_argument("--mode", choices=["kernels", "simulate"], default="kernels",
-                   help="kernels: ONNX Runtime integer kernels (default); simulate: quantized math in float "
-                   "(ONNX models only)")
+    p.add_argument(
+        "--mode",
+        choices=["kernels", "simulate"],
+        default="kernels",
+        help="kernels: ONNX Runtime integer kernels (default); simulate: quantized math in float (ONNX models only)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
     add_image_args(p)
@@ -63,8 +70,15 @@ def eval_text(result: EvalResult) -> str:
         rows = [["output", "top-1 agreement", "cosine", "SQNR (dB)", "max abs error"]]
         for name, f in result.outputs.items():
             # format() writes an infinite SQNR (identical outputs) as "inf"
-            rows.append([name, _pct(f["top1_agreement"]), format(f["cosine"], ".4f"), format(f["sqnr_db"], ".1f"),
-                         format(f["max_abs_error"], ".4g")])
+            rows.append(
+                [
+                    name,
+                    _pct(f["top1_agreement"]),
+                    format(f["cosine"], ".4f"),
+                    format(f["sqnr_db"], ".1f"),
+                    format(f["max_abs_error"], ".4g"),
+                ]
+            )
         lines += ["", *_table(rows)]
     if acc is None and not result.outputs:
         lines.append("nothing to compare: pass --labels for accuracy or --reference for fidelity")
@@ -75,7 +89,16 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.evaluate import evaluate
 
     pre = image_preprocess(args)
-    result = evaluate(args.model, args.data, labels=args.labels, reference=args.reference, mode=args.mode,
-                      batch_size=args.batch_size, preprocess=pre, limit=args.limit, progress=not args.quiet)
+    result = evaluate(
+        args.model,
+        args.data,
+        labels=args.labels,
+        reference=args.reference,
+        mode=args.mode,
+        batch_size=args.batch_size,
+        preprocess=pre,
+        limit=args.limit,
+        progress=not args.quiet,
+    )
     print(result.to_json(indent=1) if args.json else eval_text(result))
     return 0

@@ -8,36 +8,66 @@ from ..errors import LowbitError
 from .common import add_image_args, image_preprocess
 
 PRECISIONS = ("auto", "float32", "float16", "dynamic")  # as lowbit.export.tflite.PRECISIONS, without importing it
-KINDS = {"int8": "full-integer int8", "float32": "float32", "float16": "float16 weights",
-         "dynamic": "dynamic-range: int8 weights, float activations",
-         "weight_only": "int8 weights dequantized at load, float compute"}
+KINDS = {
+    "int8": "full-integer int8",
+    "float32": "float32",
+    "float16": "float16 weights",
+    "dynamic": "dynamic-range: int8 weights, float activations",
+    "weight_only": "int8 weights dequantized at load, float compute",
+}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="write a float or quantized ONNX model as .tflite for LiteRT",
-                       description="Convert a float ONNX model, or lowbit's int8 QDQ, dynamic or float16 output, into "
-                       "a TensorFlow Lite flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs "
-                       "and outputs become NHWC: transpose NCHW data once before feeding it.")
+    p = sub.add_parser(
+        "export",
+        help="write a float or quantized ONNX model as .tflite for LiteRT",
+        description="Convert a float ONNX model, or lowbit's int8 QDQ, dynamic or float16 output, into "
+        "a TensorFlow Lite flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs "
+        "and outputs become NHWC: transpose NCHW data once before feeding it.",
+    )
     p.add_argument("model", help="ONNX model (float, or lowbit's int8 QDQ / dynamic / float16 output)")
     p.add_argument("--to", choices=["tflite"], default="tflite", help="target format (default tflite)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="output file (never the input)")
-    p.add_argument("--io", choices=["float", "int8", "uint8"], default="float",
-                   help="int8 models: float inputs/outputs with QUANTIZE/DEQUANTIZE at the edges (default), "
-                   "or integer ones")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
-                   help="float models: float32, float16 (weights stored fp16, half the size) or dynamic (int8 "
-                   "weights, float activations quantized on the fly by TFLite's hybrid kernels). auto (default): "
-                   "float32; float16 or dynamic for lowbit's float16- or dynamic-mode output; full-integer int8 for "
-                   "QDQ models")
-    p.add_argument("--allow-float-fallback", action="store_true",
-                   help="run in float the quantized ops whose int8 form TFLite cannot express, instead of failing")
-    p.add_argument("--batch", type=int, default=1, help="batch size fixed in the file (default 1; LiteRT can "
-                   "resize classifier inputs at run time)")
-    p.add_argument("--shape", action="append", default=[], metavar="INPUT=1x128",
-                   help="fix an input's sizes (repeatable), e.g. a transformer's sequence length: "
-                   "--shape input_ids=1x128 --shape attention_mask=1x128")
-    p.add_argument("--calib", metavar="DATA", help="with --io int8/uint8: data (.npy/.npz, or an image folder) to "
-                   "measure the range of outputs the quantizer left float (a classifier's final Gemm)")
+    p.add_argument(
+        "--io",
+        choices=["float", "int8", "uint8"],
+        default="float",
+        help="int8 models: float inputs/outputs with QUANTIZE/DEQUANTIZE at the edges (default), or integer ones",
+    )
+    p.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        default="auto",
+        help="float models: float32, float16 (weights stored fp16, half the size) or dynamic (int8 "
+        "weights, float activations quantized on the fly by TFLite's hybrid kernels). auto (default): "
+        "float32; float16 or dynamic for lowbit's float16- or dynamic-mode output; full-integer int8 for "
+        "QDQ models",
+    )
+    p.add_argument(
+        "--allow-float-fallback",
+        action="store_true",
+        help="run in float the quantized ops whose int8 form TFLite cannot express, instead of failing",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=1,
+        help="batch size fixed in the file (default 1; LiteRT can resize classifier inputs at run time)",
+    )
+    p.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        metavar="INPUT=1x128",
+        help="fix an input's sizes (repeatable), e.g. a transformer's sequence length: "
+        "--shape input_ids=1x128 --shape attention_mask=1x128",
+    )
+    p.add_argument(
+        "--calib",
+        metavar="DATA",
+        help="with --io int8/uint8: data (.npy/.npz, or an image folder) to "
+        "measure the range of outputs the quantizer left float (a classifier's final Gemm)",
+    )
     add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
@@ -45,8 +75,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def export_text(summary: dict) -> str:
     kind = KINDS[summary["precision"]]
-    lines = [f"wrote {summary['output']} ({kind}, {summary['size_bytes'] / 1e6:.2f} MB, io {summary['io']}, "
-             "4-D tensors NHWC)", "operators:"]
+    lines = [
+        f"wrote {summary['output']} ({kind}, {summary['size_bytes'] / 1e6:.2f} MB, io {summary['io']}, "
+        "4-D tensors NHWC)",
+        "operators:",
+    ]
     lines += [f"  {op:<22} {n:>4}" for op, n in sorted(summary["ops"].items(), key=lambda kv: -kv[1])]
     if summary["float_nodes"]:
         lines.append(f"left in float by the quantizer: {len(summary['float_nodes'])} nodes")
@@ -79,8 +112,16 @@ def run(args: argparse.Namespace) -> int:
     shapes = parse_shapes(args.shape)
     from ..export.tflite import export_tflite  # keeps `lowbit --help` fast
 
-    result = export_tflite(args.model, args.output, io=args.io, allow_float_fallback=args.allow_float_fallback,
-                           batch=args.batch, precision=args.precision, shapes=shapes,
-                           calib=args.calib, preprocess=image_preprocess(args))
+    result = export_tflite(
+        args.model,
+        args.output,
+        io=args.io,
+        allow_float_fallback=args.allow_float_fallback,
+        batch=args.batch,
+        precision=args.precision,
+        shapes=shapes,
+        calib=args.calib,
+        preprocess=image_preprocess(args),
+    )
     print(result.to_json(indent=2) if args.json else export_text(result.to_dict()))
     return 0

@@ -13,9 +13,12 @@ from .common import add_image_args, image_preprocess
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    q = sub.add_parser("quantize", help="static int8 post-training quantization of an ONNX model",
-                       description="Quantize a float ONNX model to int8 QDQ form. Writes OUT and OUT.plan.json "
-                       "(every tensor's parameters and why each float node stayed float).")
+    q = sub.add_parser(
+        "quantize",
+        help="static int8 post-training quantization of an ONNX model",
+        description="Quantize a float ONNX model to int8 QDQ form. Writes OUT and OUT.plan.json "
+        "(every tensor's parameters and why each float node stayed float).",
+    )
     q.add_argument("model", help="float ONNX model")
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model (.onnx)")
     q.add_argument("--calib", metavar="DATA", help="calibration data: .npy/.npz file or folder, or an image folder")
@@ -23,25 +26,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--recipe", metavar="FILE", help="recipe JSON (see `lowbit recipe --show default`)")
     q.add_argument("--preset", choices=sorted(PRESETS), help="start from a built-in recipe")
     g = q.add_argument_group("scheme (override the recipe's default scheme)")
-    g.add_argument("--mode", choices=["static", "dynamic", "weight_only", "float16", "float"],
-                   help="static (calibrated, default), dynamic (activations quantized at run time, no data needed), "
-                   "weight_only (int8/int4 weights, float activations), float16")
-    g.add_argument("--weights", choices=["int8", "int4"], help="weight type (int4: weight_only MatMulNBits/Gather blocks; static: per-channel INT4 QDQ, a smaller file that ONNX Runtime runs in float)")
+    g.add_argument(
+        "--mode",
+        choices=["static", "dynamic", "weight_only", "float16", "float"],
+        help="static (calibrated, default), dynamic (activations quantized at run time, no data needed), "
+        "weight_only (int8/int4 weights, float activations), float16",
+    )
+    g.add_argument(
+        "--weights",
+        choices=["int8", "int4"],
+        help="weight type (int4: weight_only MatMulNBits/Gather blocks; static: per-channel INT4 QDQ, a smaller file that ONNX Runtime runs in float)",
+    )
     g.add_argument("--block-size", type=int, help="values per scale for int4 weights (32, 64, 128; default 32)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "mse"])
     g.add_argument("--percentile", type=float)
     g.add_argument("--activations", choices=["uint8", "int8", "uint16", "int16"])
     g.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")
     g.add_argument("--reduce-range", action="store_true", help="7-bit weights everywhere (usually not needed)")
-    g.add_argument("--no-overflow-guard", action="store_true",
-                   help="do not adjust channels whose u8 x s8 pair sums could overflow int16 on AVX2")
+    g.add_argument(
+        "--no-overflow-guard",
+        action="store_true",
+        help="do not adjust channels whose u8 x s8 pair sums could overflow int16 on AVX2",
+    )
     g.add_argument("--exclude-names", nargs="+", default=[], metavar="PATTERN", help="node names to keep float")
     g.add_argument("--exclude-op-types", nargs="+", default=[], metavar="OP", help="op types to keep float")
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
     add_image_args(q)
-    q.add_argument("--check", type=int, default=32, metavar="N",
-                   help="compare integer kernels with float simulation on N calibration samples (0: skip)")
+    q.add_argument(
+        "--check",
+        type=int,
+        default=32,
+        metavar="N",
+        help="compare integer kernels with float simulation on N calibration samples (0: skip)",
+    )
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(run=run)
@@ -83,21 +101,39 @@ def run(args: argparse.Namespace) -> int:
     pre = image_preprocess(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = quantize(args.model, args.output, calib=args.calib, recipe=recipe, plan=args.plan,
-                          preprocess=pre, progress=not args.quiet)
+        result = quantize(
+            args.model,
+            args.output,
+            calib=args.calib,
+            recipe=recipe,
+            plan=args.plan,
+            preprocess=pre,
+            progress=not args.quiet,
+        )
     for w in caught:
         print(f"lowbit: warning: {w.message}", file=sys.stderr)
     check = None
     if args.check and args.calib:
-        data = open_data(args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre,
-                         limit=args.check)
+        data = open_data(
+            args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
+        )
         check = runtime_check(args.model, result.model, data)
     findings = lint(result.model, plan=result.plan)
     if args.json:
-        print(dumps({"output": str(result.output), "float_bytes": result.float_bytes,
-                     "quantized_bytes": result.quantized_bytes, "seconds": result.seconds,
-                     "overflow_guard": result.plan.overflow_guard, "check": check, "lint": findings,
-                     "nodes": {k: v.to_dict() for k, v in result.plan.nodes.items()}}))
+        print(
+            dumps(
+                {
+                    "output": str(result.output),
+                    "float_bytes": result.float_bytes,
+                    "quantized_bytes": result.quantized_bytes,
+                    "seconds": result.seconds,
+                    "overflow_guard": result.plan.overflow_guard,
+                    "check": check,
+                    "lint": findings,
+                    "nodes": {k: v.to_dict() for k, v in result.plan.nodes.items()},
+                }
+            )
+        )
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
         print(lint_text(findings))

@@ -8,19 +8,26 @@ from __future__ import annotations
 import argparse
 import math
 
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="write a self-contained HTML report: float vs quantized models",
-                       description="Compare a float model with one or more quantized versions on DATA and write one "
-                       "HTML file (no network needed to open it): summary, accuracy vs size vs latency, per-layer "
-                       "SQNR, activation histograms of the worst layers with the chosen ranges, findings, recipe.")
+    p = sub.add_parser(
+        "report",
+        help="write a self-contained HTML report: float vs quantized models",
+        description="Compare a float model with one or more quantized versions on DATA and write one "
+        "HTML file (no network needed to open it): summary, accuracy vs size vs latency, per-layer "
+        "SQNR, activation histograms of the worst layers with the chosen ranges, findings, recipe.",
+    )
     p.add_argument("float_model", metavar="FLOAT.onnx", help="the float model")
     p.add_argument("quant_models", metavar="QUANT.onnx", nargs="+", help="quantized model(s); the first is diagnosed")
     p.add_argument("--data", required=True, help="evaluation data: .npy/.npz file or folder")
     p.add_argument("--plan", metavar="PLAN.json", help="plan of the first quantized model (default: beside it)")
     p.add_argument("-o", "--output", required=True, help="where to write the report (.html)")
     p.add_argument("--no-bench", action="store_true", help="skip the latency measurement")
-    p.add_argument("--no-diagnose", action="store_true",
-                   help="per-layer SQNR only: no layer-alone trials, suggested fixes or re-quantization")
+    p.add_argument(
+        "--no-diagnose",
+        action="store_true",
+        help="per-layer SQNR only: no layer-alone trials, suggested fixes or re-quantization",
+    )
     p.add_argument("--limit", type=int, default=256, metavar="N", help="samples of DATA to use (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="also print the report data as JSON")
@@ -31,16 +38,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.report_data import report, size_text
 
-    result = report(args.float_model, args.quant_models, args.data, args.output, plan=args.plan,
-                    bench=not args.no_bench, diagnose=not args.no_diagnose, limit=args.limit,
-                    batch_size=args.batch_size, progress=not args.quiet)
+    result = report(
+        args.float_model,
+        args.quant_models,
+        args.data,
+        args.output,
+        plan=args.plan,
+        bench=not args.no_bench,
+        diagnose=not args.no_diagnose,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
     if args.json:
         print(result.to_json(indent=1))
     else:
         worst = sorted((l for l in result.layers if not math.isnan(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:3]
         for v in result.variants[1:]:
-            print(f"{v['name']}: top-1 agreement {v['top1_agreement']:.1%}, cosine {v['cosine']:.4f}, "
-                  f"{size_text(v['size_bytes'])}")
+            print(
+                f"{v['name']}: top-1 agreement {v['top1_agreement']:.1%}, cosine {v['cosine']:.4f}, "
+                f"{size_text(v['size_bytes'])}"
+            )
         if worst:
             print("lowest SQNR: " + ", ".join(f"{l['node']} {l['sqnr_db']:.1f} dB" for l in worst))
         print(f"wrote {result.output}")

@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -108,19 +109,28 @@ def benchmark(
         times_by_threads[t] = _latency(paths, feeds, t, runs, warmup, bar)
     for key in keys:
         lite = isinstance(protos[key], LiteRTSession)
-        entry: dict[str, Any] = {"runtime": runtime_name(paths[key]), "size_bytes": os.path.getsize(paths[key]),
-                                 "latency_ms": {}}
+        entry: dict[str, Any] = {
+            "runtime": runtime_name(paths[key]),
+            "size_bytes": os.path.getsize(paths[key]),
+            "latency_ms": {},
+        }
         for t, times in times_by_threads.items():
             ms = 1e3 * np.asarray(times[key])
             p50, p90, p99 = np.percentile(ms, [50, 90, 99])
-            entry["latency_ms"][str(t)] = {"p50": float(p50), "p90": float(p90), "p99": float(p99),
-                                          "mean": float(ms.mean())}
+            entry["latency_ms"][str(t)] = {
+                "p50": float(p50),
+                "p90": float(p90),
+                "p99": float(p99),
+                "mean": float(ms.mean()),
+            }
         bar.set_description(f"memory {Path(paths[key]).name}")
         entry["peak_memory_mb"] = peak_memory_mb(paths[key], feeds[key], threads[0])
         bar.update()
         if profile:
             bar.set_description(f"profile {Path(paths[key]).name}")
-            entry["op_time_ms"] = None if lite else op_times(paths[key], feeds[key], threads[0], min(runs, PROFILE_RUNS))
+            entry["op_time_ms"] = (
+                None if lite else op_times(paths[key], feeds[key], threads[0], min(runs, PROFILE_RUNS))
+            )
             bar.update()
         entry["energy"] = None if lite else energy.estimate(protos[key], _batch_of(feeds[key], batch))
         result["models"][key] = entry
@@ -171,7 +181,9 @@ def _unique_keys(models: list[str]) -> list[str]:
     return keys
 
 
-def _feeds(protos: dict[str, onnx.ModelProto | LiteRTSession], batch: int, data: Any) -> dict[str, dict[str, np.ndarray]]:
+def _feeds(
+    protos: dict[str, onnx.ModelProto | LiteRTSession], batch: int, data: Any
+) -> dict[str, dict[str, np.ndarray]]:
     from ..data import input_specs, open_data
 
     by_specs: dict[tuple, dict[str, np.ndarray]] = {}  # models with the same inputs get the same arrays
@@ -179,8 +191,10 @@ def _feeds(protos: dict[str, onnx.ModelProto | LiteRTSession], batch: int, data:
     for key, proto in protos.items():
         specs = proto.input_specs() if isinstance(proto, LiteRTSession) else input_specs(proto)
         # The batch axis's name does not matter ('N' in ONNX, None in LiteRT): same data for both.
-        specs = [s if not s.shape or isinstance(s.shape[0], int) else dataclasses.replace(s, shape=(None, *s.shape[1:]))
-                 for s in specs]
+        specs = [
+            s if not s.shape or isinstance(s.shape[0], int) else dataclasses.replace(s, shape=(None, *s.shape[1:]))
+            for s in specs
+        ]
         sig = tuple((s.name, str(s.dtype), s.shape) for s in specs)
         if sig not in by_specs:
             if data is None:
@@ -190,7 +204,8 @@ def _feeds(protos: dict[str, onnx.ModelProto | LiteRTSession], batch: int, data:
                 first = next(iter(source), None)
                 if first is None:
                     raise LowbitError(
-                        f"no sample in the benchmark data fits {key}'s fixed batch size; give more samples")
+                        f"no sample in the benchmark data fits {key}'s fixed batch size; give more samples"
+                    )
                 by_specs[sig] = first
         out[key] = by_specs[sig]
     return out
@@ -263,8 +278,9 @@ def op_times(path: str, feeds: dict[str, np.ndarray], threads: int, runs: int) -
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # The first run is a warm-up (buffer allocation, first-touch): drop its kernels.
-    model_runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
-                        key=lambda e: e["ts"])
+    model_runs = sorted(
+        (e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"), key=lambda e: e["ts"]
+    )
     start = model_runs[0]["ts"] + model_runs[0]["dur"] if len(model_runs) > 1 else -1
     counted = max(len(model_runs) - 1, 1)
     total: dict[str, float] = defaultdict(float)
@@ -282,8 +298,9 @@ def peak_memory_mb(path: str, feeds: dict[str, np.ndarray], threads: int) -> flo
         feeds_file = os.path.join(tmp, "feeds.npz")
         np.savez(feeds_file, **feeds)
         code = "import sys; from lowbit.evaluate.bench import _peak_worker; _peak_worker(*sys.argv[1:])"
-        proc = subprocess.run([sys.executable, "-c", code, path, feeds_file, str(threads)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, path, feeds_file, str(threads)], capture_output=True, text=True
+        )
     if proc.returncode != 0:
         raise LowbitError(f"peak-memory run of {path} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]

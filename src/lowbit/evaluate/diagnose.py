@@ -31,8 +31,17 @@ from ..plan import Plan, TensorParams, plan_path
 from ..quantize import quantize
 from ..recipe import BLOCK_SIZES, Recipe, Rule, Scheme
 from .jsonable import JsonResult
-from .layerwise import (Layer, Trials, escape, final_fidelity, layers, measure_tensors, output_layers, pair_outputs,
-                        pair_tensors)
+from .layerwise import (
+    Layer,
+    Trials,
+    escape,
+    final_fidelity,
+    layers,
+    measure_tensors,
+    output_layers,
+    pair_outputs,
+    pair_tensors,
+)
 
 # Relative cost of a fix on the device: per-channel weights and percentile ranges are free, 16-bit activations
 # run as com.microsoft Q/DQ around float ops in ONNX Runtime (no integer kernel), float costs the most.
@@ -96,8 +105,9 @@ def diagnose(
     quant_proto = load_proto(quant_model)
     prepared = ir.to_proto(prepare(ir.from_proto(float_proto)))
 
-    source = open_data(data, input_specs(float_proto), batch_size=4, preprocess=preprocess, limit=limit,
-                       what="diagnose data")
+    source = open_data(
+        data, input_specs(float_proto), batch_size=4, preprocess=preprocess, limit=limit, what="diagnose data"
+    )
     batches = list(source)  # inputs only (limit samples); every pass re-reads them
     if not batches:
         raise LowbitError("diagnose data yielded no samples; point --data at a non-empty source")
@@ -118,10 +128,13 @@ def diagnose(
         found = output_layers(prepared, plan_obj, pairs)
         quantized = [x.output for x in found]
     if not found:
-        raise LowbitError("the plan does not describe this quantized model (no quantized tensor or node output "
-                          "found); pass the plan written beside it with --plan")
-    stats = measure_tensors(prepared, quant_proto, pairs, batches, [x.output for x in found if x.output],
-                            progress=progress)
+        raise LowbitError(
+            "the plan does not describe this quantized model (no quantized tensor or node output "
+            "found); pass the plan written beside it with --plan"
+        )
+    stats = measure_tensors(
+        prepared, quant_proto, pairs, batches, [x.output for x in found if x.output], progress=progress
+    )
     before = final_fidelity(stats.ref_outputs[0], stats.quant_outputs[0])
     trials = Trials(prepared, plan_obj, batches, stats.ref_outputs[0])
 
@@ -153,9 +166,14 @@ def diagnose(
         # No calibration for a model without quantized activations: with --calib, dynamic mode would quantize
         # convolutions statically, a different model from the one diagnosed.
         calibrated = any(t.kind == "activation" for t in plan_obj.tensors.values())
-        fixed = quantize(float_model if isinstance(float_model, (str, Path)) else float_proto, output=output,
-                         calib=batches if calibrated else None, recipe=recipe, preprocess=preprocess,
-                         progress=progress)
+        fixed = quantize(
+            float_model if isinstance(float_model, (str, Path)) else float_proto,
+            output=output,
+            calib=batches if calibrated else None,
+            recipe=recipe,
+            preprocess=preprocess,
+            progress=progress,
+        )
         after = trials.measure(fixed.model)
     else:
         after = dict(before)
@@ -169,8 +187,11 @@ def diagnose(
         before=before,
         layers=[{"node": x.node, "op_type": x.op_type, "tensor": x.output, **rows[x.node]} for x in ranked],
         tensors={t: stats.sqnr(t) for t in quantized},
-        histograms={x.output: _histogram(stats.histograms[x.output], plan_obj.tensors.get(x.output))
-                    for x in ranked[:top] if x.output in stats.histograms},
+        histograms={
+            x.output: _histogram(stats.histograms[x.output], plan_obj.tensors.get(x.output))
+            for x in ranked[:top]
+            if x.output in stats.histograms
+        },
         recipe=recipe.to_dict(),
         after=after,
         gain={k: after[k] - before[k] for k in ("top1_agreement", "sqnr_db")},
@@ -184,6 +205,7 @@ def diagnose(
 def _with_fixes(recipe: Recipe, fixes: list[Rule], plan: Plan) -> Recipe:
     """`recipe` with the fix rules first. An original rule whose every node a fix now decides is dropped: it
     would match no node (QAT exports carry one rule per int4 layer) and the planner would warn about it."""
+
     def first_rule(name: str, op: str) -> int | None:
         return next((i for i, r in enumerate(recipe.rules) if r.matches(name, op)), None)
 
@@ -207,7 +229,9 @@ def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
         raise LowbitError("the quantized model was given in memory: pass its plan (plan=...)")
     path = plan_path(quant_model)
     if not path.is_file():
-        raise LowbitError(f"no plan beside {quant_model} (expected {path}); pass the plan lowbit quantize wrote with --plan")
+        raise LowbitError(
+            f"no plan beside {quant_model} (expected {path}); pass the plan lowbit quantize wrote with --plan"
+        )
     return Plan.load(path)
 
 
@@ -219,8 +243,12 @@ def _row(x: Layer, stats) -> dict[str, Any]:
     out = stats.sqnr(x.output) if x.output else math.nan
     ins = [stats.sqnr(t) for t in x.inputs]
     incoming = min(ins) if ins else math.inf
-    return {"sqnr_db": out, "input_sqnr_db": incoming, "drop_db": min(incoming, 100.0) - min(_key(out), 100.0),
-            "suggestion": {"kind": "none", "why": "not among the worst layers"}}
+    return {
+        "sqnr_db": out,
+        "input_sqnr_db": incoming,
+        "drop_db": min(incoming, 100.0) - min(_key(out), 100.0),
+        "suggestion": {"kind": "none", "why": "not among the worst layers"},
+    }
 
 
 def _outlier_ratio(h: Histogram | None) -> float:
@@ -254,12 +282,22 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
         h = stats.histograms.get(x.output)
         if scheme.calibration != "percentile" and _outlier_ratio(h) >= OUTLIER_RATIO:
             a, b = percentile(h, scheme.percentile)
-            found.append(("percentile", replace(static, calibration="percentile"),
-                          {x.output: _params(a, b, old.dtype, scheme.symmetric_activations)}))
+            found.append(
+                (
+                    "percentile",
+                    replace(static, calibration="percentile"),
+                    {x.output: _params(a, b, old.dtype, scheme.symmetric_activations)},
+                )
+            )
         if old.dtype not in ("uint16", "int16"):
             wide = "int16" if old.dtype == "int8" else "uint16"
-            found.append(("uint16", replace(static, activations=wide, reduce_range=False),
-                          {x.output: _params(*old.range, wide, scheme.symmetric_activations)}))
+            found.append(
+                (
+                    "uint16",
+                    replace(static, activations=wide, reduce_range=False),
+                    {x.output: _params(*old.range, wide, scheme.symmetric_activations)},
+                )
+            )
     return found
 
 
@@ -282,15 +320,24 @@ def _suggest(x: Layer, row: dict, stats, trials: Trials, typical: float) -> tupl
             why += "; ONNX Runtime runs 16-bit Q/DQ (com.microsoft) around float ops, so this layer gets slower"
         return {"kind": kind, "why": why, "tried": tried}, Rule(names=rule_names, scheme=new)
     if base < typical - 6.0:
-        why = (f"alone SQNR {_db(base)} (typical layer {_db(typical)}) and no cheaper fix gained {MIN_GAIN_DB:g} dB"
-               + (f" (tried {', '.join(tried)})" if tried else ""))
+        why = f"alone SQNR {_db(base)} (typical layer {_db(typical)}) and no cheaper fix gained {MIN_GAIN_DB:g} dB" + (
+            f" (tried {', '.join(tried)})" if tried else ""
+        )
         return {"kind": "keep_float", "why": why, "tried": tried}, Rule(names=rule_names, scheme=None)
-    return {"kind": "none", "why": f"alone SQNR {_db(base)} is typical and no fix gained {MIN_GAIN_DB:g} dB",
-            "tried": tried}, None
+    return {
+        "kind": "none",
+        "why": f"alone SQNR {_db(base)} is typical and no fix gained {MIN_GAIN_DB:g} dB",
+        "tried": tried,
+    }, None
 
 
-_LABEL = {"per_channel": "per-channel weights", "percentile": "percentile calibration",
-          "uint16": "16-bit activations", "smaller_block": "half the int4 block size", "int8_weights": "int8 weights"}
+_LABEL = {
+    "per_channel": "per-channel weights",
+    "percentile": "percentile calibration",
+    "uint16": "16-bit activations",
+    "smaller_block": "half the int4 block size",
+    "int8_weights": "int8 weights",
+}
 
 
 def _db(v: float) -> str:
@@ -303,8 +350,12 @@ def _histogram(h: Histogram, params: TensorParams | None) -> dict[str, Any]:
     edges = np.linspace(lo, hi, HIST_BINS + 1) if hi > lo else np.array([lo, lo + 1.0])
     counts, _ = np.histogram(np.clip(h.centers(), lo, hi), bins=edges, weights=h.counts)
     rng = params.range if params is not None and params.range is not None else [lo, hi]
-    return {"edges": edges.tolist(), "counts": [int(c) for c in counts], "range": [float(v) for v in rng],
-            "outlier_ratio": _outlier_ratio(h)}
+    return {
+        "edges": edges.tolist(),
+        "counts": [int(c) for c in counts],
+        "range": [float(v) for v in rng],
+        "outlier_ratio": _outlier_ratio(h),
+    }
 
 
 def _bar(total: int, desc: str, progress: bool):

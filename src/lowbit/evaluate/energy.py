@@ -64,8 +64,17 @@ QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
 # Views: no arithmetic, and ONNX Runtime usually aliases their buffers instead of copying.
 VIEW_OPS = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape", "Size"}
 WINDOW_POOLS = {"MaxPool", "AveragePool", "LpPool"}
-GLOBAL_POOLS = {"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "ReduceMean", "ReduceSum", "ReduceMax",
-                "ReduceMin", "ReduceL2", "ReduceProd"}
+GLOBAL_POOLS = {
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "GlobalLpPool",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "ReduceMin",
+    "ReduceL2",
+    "ReduceProd",
+}
 
 
 def with_fixed_dims(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -119,8 +128,9 @@ def _runtime_shapes(m: onnx.ModelProto) -> onnx.ModelProto:
     m.graph.value_info.extend(kept)
     for name, v in zip(missing, values):
         v = np.asarray(v)
-        m.graph.value_info.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype),
-                                                                list(v.shape)))
+        m.graph.value_info.append(
+            helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+        )
     return m
 
 

@@ -64,8 +64,10 @@ def evaluate(
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "simulate" and is_tflite(model):
-        raise LowbitError("mode simulate runs an ONNX model's quantized math in float; it does not apply to "
-                          f"{_name(model)}, a .tflite file (use mode kernels)")
+        raise LowbitError(
+            "mode simulate runs an ONNX model's quantized math in float; it does not apply to "
+            f"{_name(model)}, a .tflite file (use mode kernels)"
+        )
     lite = LiteRTSession(model) if is_tflite(model) else None
     ref_lite = LiteRTSession(reference) if is_tflite(reference) else None
     specs = lite.input_specs() if lite is not None else input_specs(model)
@@ -74,8 +76,9 @@ def evaluate(
         _check_reference_inputs(specs, ref_specs, _name(reference))
         if lite is not None:  # a .tflite runs any batch; a reference with a fixed one sets it for both
             fixed = {r.name: r.shape[0] for r in ref_specs if r.shape and isinstance(r.shape[0], int)}
-            specs = [dataclasses.replace(s, shape=(fixed[s.name], *s.shape[1:])) if s.name in fixed else s
-                     for s in specs]
+            specs = [
+                dataclasses.replace(s, shape=(fixed[s.name], *s.shape[1:])) if s.name in fixed else s for s in specs
+            ]
     source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, what="evaluation data")
     wanted = _load_labels(labels) if labels is not None else None
     counted = wanted is not None and _match_labels(wanted, labels, data, specs, batch_size, preprocess)
@@ -94,7 +97,9 @@ def evaluate(
     outs: dict[str, list[np.ndarray]] = {n: [] for n in keep}
     refs: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
     seen = 0
-    bar = tqdm(total=source.num_samples, desc="evaluating", unit="sample", disable=None if progress else True, leave=False)
+    bar = tqdm(
+        total=source.num_samples, desc="evaluating", unit="sample", disable=None if progress else True, leave=False
+    )
     try:
         for batch in source:
             res = dict(zip(out_names, sess.run(None, {k: v for k, v in batch.items() if k in in_names})))
@@ -116,12 +121,19 @@ def evaluate(
     if seen == 0:
         raise LowbitError(f"no samples to evaluate in {_name(data)}; check the data (or --limit)")
     if wanted is not None and not counted and (len(wanted) < seen or (limit is None and len(wanted) != seen)):
-        raise LowbitError(f"{_name(labels)} has {len(wanted)} labels but {_name(data)} gave {seen} samples; "
-                          "give exactly one label per sample")
+        raise LowbitError(
+            f"{_name(labels)} has {len(wanted)} labels but {_name(data)} gave {seen} samples; "
+            "give exactly one label per sample"
+        )
 
-    result = EvalResult(model=_name(model), samples=seen, mode=mode, runtime=_runtime(lite),
-                        reference=_name(reference) if reference is not None else None,
-                        reference_runtime=_runtime(ref_lite) if reference is not None else None)
+    result = EvalResult(
+        model=_name(model),
+        samples=seen,
+        mode=mode,
+        runtime=_runtime(lite),
+        reference=_name(reference) if reference is not None else None,
+        reference_runtime=_runtime(ref_lite) if reference is not None else None,
+    )
     if wanted is not None:
         logits = np.concatenate(outs[out_names[0]])
         result.accuracy = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
@@ -158,37 +170,49 @@ def _check_reference_inputs(specs: list[InputSpec], ref_specs: list[InputSpec], 
     for r in ref_specs:
         s = mine.get(r.name)
         if s is None:
-            raise LowbitError(f"reference {ref_name} takes input '{r.name}', which the model does not have; "
-                              "compare models with the same inputs")
+            raise LowbitError(
+                f"reference {ref_name} takes input '{r.name}', which the model does not have; "
+                "compare models with the same inputs"
+            )
         if len(s.shape) != len(r.shape) or any(
             isinstance(a, int) and isinstance(b, int) and a != b for a, b in zip(s.shape[1:], r.shape[1:])
         ):
-            raise LowbitError(f"input '{r.name}' differs: model takes {_shape_text(s.shape)}, reference takes "
-                              f"{_shape_text(r.shape)}; compare models with the same inputs")
+            raise LowbitError(
+                f"input '{r.name}' differs: model takes {_shape_text(s.shape)}, reference takes "
+                f"{_shape_text(r.shape)}; compare models with the same inputs"
+            )
 
 
 def _check_outputs(model_shapes: dict[str, Sequence[Any]], ref_shapes: dict[str, Sequence[Any]]) -> None:
     """Same output names, and the same shapes apart from the batch axis (unknown dims match anything)."""
     for name in model_shapes:
         if name not in ref_shapes:
-            raise LowbitError(f"model output '{name}' is not an output of the reference (which has "
-                              f"{', '.join(ref_shapes)}); compare models with the same outputs")
+            raise LowbitError(
+                f"model output '{name}' is not an output of the reference (which has "
+                f"{', '.join(ref_shapes)}); compare models with the same outputs"
+            )
     for name in ref_shapes:
         if name not in model_shapes:
-            raise LowbitError(f"reference output '{name}' is not an output of the model (which has "
-                              f"{', '.join(model_shapes)}); compare models with the same outputs")
+            raise LowbitError(
+                f"reference output '{name}' is not an output of the model (which has "
+                f"{', '.join(model_shapes)}); compare models with the same outputs"
+            )
     for name, a in model_shapes.items():
         b = ref_shapes[name]
         if len(a) != len(b) or any(isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a[1:], b[1:])):
-            raise LowbitError(f"output '{name}' differs: model gives {_shape_text(a)}, reference gives "
-                              f"{_shape_text(b)}; compare models with the same outputs")
+            raise LowbitError(
+                f"output '{name}' differs: model gives {_shape_text(a)}, reference gives "
+                f"{_shape_text(b)}; compare models with the same outputs"
+            )
 
 
 def _load_labels(labels: str | os.PathLike | Sequence[int] | np.ndarray) -> np.ndarray:
     if isinstance(labels, (str, os.PathLike)):
         path = Path(labels).expanduser()
         if not path.is_file():
-            raise LowbitError(f"label file not found: {path}; expected a .npy int array or a text file with one integer per line")
+            raise LowbitError(
+                f"label file not found: {path}; expected a .npy int array or a text file with one integer per line"
+            )
         if path.suffix.lower() == ".npy":
             try:
                 arr = np.load(path, allow_pickle=False)
@@ -213,7 +237,9 @@ def _read_text_labels(path: Path) -> np.ndarray:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise LowbitError(f"cannot read label file {path} ({type(e).__name__}); expected one integer per line") from None
+        raise LowbitError(
+            f"cannot read label file {path} ({type(e).__name__}); expected one integer per line"
+        ) from None
     while lines and not lines[-1].strip():
         lines.pop()  # a trailing newline or two is not a missing label
     values = []
@@ -221,13 +247,19 @@ def _read_text_labels(path: Path) -> np.ndarray:
         try:
             values.append(int(line.strip()))
         except ValueError:
-            raise LowbitError(f"line {i} of label file {path} is {line.strip()!r}, not an integer; "
-                              "write one integer class index per line") from None
+            raise LowbitError(
+                f"line {i} of label file {path} is {line.strip()!r}, not an integer; "
+                "write one integer class index per line"
+            ) from None
     return np.asarray(values, dtype=np.int64)
 
 
 def _match_labels(
-    wanted: np.ndarray, labels: Any, data: Any, specs: list[InputSpec], batch_size: int,
+    wanted: np.ndarray,
+    labels: Any,
+    data: Any,
+    specs: list[InputSpec],
+    batch_size: int,
     preprocess: ImagePreprocess | None,
 ) -> bool:
     """Labels must number the data's samples before --limit (and before dropping a partial fixed batch).
@@ -241,20 +273,25 @@ def _match_labels(
         loose = [dataclasses.replace(s, shape=(None, *s.shape[1:])) for s in specs]
         total = open_data(data, loose, batch_size=batch_size, preprocess=preprocess, what="evaluation data").num_samples
     if total is not None and len(wanted) != total:
-        raise LowbitError(f"{where} has {len(wanted)} labels but {_name(data)} has {total} samples; "
-                          "give exactly one label per sample")
+        raise LowbitError(
+            f"{where} has {len(wanted)} labels but {_name(data)} has {total} samples; give exactly one label per sample"
+        )
     return total is not None
 
 
 def _check_label_range(wanted: np.ndarray, shape: tuple[int, ...], output: str) -> None:
     if len(shape) < 2 or int(np.prod(shape[1:])) != shape[-1]:
-        raise LowbitError(f"output '{output}' has shape {shape}; accuracy needs (N, classes) scores as the first output")
+        raise LowbitError(
+            f"output '{output}' has shape {shape}; accuracy needs (N, classes) scores as the first output"
+        )
     classes = shape[-1]
     bad = np.flatnonzero((wanted < 0) | (wanted >= classes))
     if len(bad):
         i = int(bad[0])
-        raise LowbitError(f"label {int(wanted[i])} (sample {i}) is out of range for output '{output}' with {classes} "
-                          f"classes; labels must be in 0..{classes - 1}")
+        raise LowbitError(
+            f"label {int(wanted[i])} (sample {i}) is out of range for output '{output}' with {classes} "
+            f"classes; labels must be in 0..{classes - 1}"
+        )
 
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:

@@ -49,8 +49,11 @@ class JsonResult:
     _skip: tuple[str, ...] = ()  # fields kept out of the JSON form (bytes, paths of written files)
 
     def to_dict(self) -> dict[str, Any]:
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)  # type: ignore[arg-type]
-                  if f.name not in self._skip}
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if f.name not in self._skip
+        }
         return jsonable(fields)
 
     def to_json(self, indent: int | None = 1) -> str:

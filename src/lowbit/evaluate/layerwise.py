@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -130,13 +130,27 @@ def output_layers(float_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str
         # The weight is input 1 (MatMul/Gemm/LSTM W) or the table, input 0 (Gather).
         w = plan.tensors.get(f"{n.name}:1") or plan.tensors.get(f"{n.name}:0")
         has_weight = w is not None and w.kind == "weight"
-        found.append(Layer(n.name, entry.op_type, [i for i in n.input if i in pairs], n.output[0], has_weight,
-                           bool(has_weight and w.axis is not None)))
+        found.append(
+            Layer(
+                n.name,
+                entry.op_type,
+                [i for i in n.input if i in pairs],
+                n.output[0],
+                has_weight,
+                bool(has_weight and w.axis is not None),
+            )
+        )
     return found
 
 
-def measure_tensors(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, pairs: dict[str, str],
-                    batches: Batches, histograms: Iterable[str] = (), progress: bool = False) -> TensorStats:
+def measure_tensors(
+    float_model: onnx.ModelProto,
+    quant_model: onnx.ModelProto,
+    pairs: dict[str, str],
+    batches: Batches,
+    histograms: Iterable[str] = (),
+    progress: bool = False,
+) -> TensorStats:
     """Stream `batches` through both models; sum signal/noise energy per paired tensor.
 
     The float model runs with ONNX Runtime's optimizations (it has no Q/DQ to fuse), the quantized one in
@@ -211,8 +225,17 @@ def layers(quant_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str]) -> l
             out = out[:-6]
         w = plan.tensors.get(f"{n.name}:1")
         has_weight = w is not None and w.kind == "weight"
-        found.append(Layer(n.name, entry.op_type, ins, out if out in pairs else None, has_weight,
-                           bool(has_weight and w.axis is not None), folded.get(n.name, [])))
+        found.append(
+            Layer(
+                n.name,
+                entry.op_type,
+                ins,
+                out if out in pairs else None,
+                has_weight,
+                bool(has_weight and w.axis is not None),
+                folded.get(n.name, []),
+            )
+        )
     return found
 
 
@@ -238,8 +261,9 @@ class Trials:
     def scheme(self, node: str, op_type: str) -> Scheme | None:
         return self.recipe.scheme_for(node, op_type)[0]
 
-    def alone(self, layer: Layer, scheme: Scheme | None = None,
-              tensors: dict[str, TensorParams] | None = None) -> dict[str, float]:
+    def alone(
+        self, layer: Layer, scheme: Scheme | None = None, tensors: dict[str, TensorParams] | None = None
+    ) -> dict[str, float]:
         """Final-output fidelity when only `layer` (and the Relu/Clip folded into it) is quantized."""
         own = scheme or self.scheme(layer.node, layer.op_type)
         rules = [Rule(names=(escape(layer.node),), scheme=own)]

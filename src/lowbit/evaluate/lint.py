@@ -12,8 +12,9 @@ import os
 import re
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, TypedDict
+from typing import Any, TypedDict
 
 import onnx
 import onnxruntime as ort
@@ -28,21 +29,68 @@ from .jsonable import dumps, jsonable
 KINDS = ("dynamic-conv", "float-island", "no-integer-kernel", "missing-fusion", "int8-activations-x86")
 
 # Ops ORT runs on integers (or that convert between int and float): they end a float region.
-_INTEGER = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "ConvInteger", "MatMulInteger",
-            "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QGemm", "QAttention", "QEmbedLayerNormalization"}
+_INTEGER = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "ConvInteger",
+    "MatMulInteger",
+    "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul",
+    "QGemm",
+    "QAttention",
+    "QEmbedLayerNormalization",
+}
 # Data movement: cheap in float and run on int8 by ORT when its Q/DQ neighbours allow; never reported,
 # but float regions are followed through them.
-_MOVEMENT = {"Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Concat",
-             "Gather", "GatherElements", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth", "MaxPool",
-             "Resize", "ReorderInput", "ReorderOutput", "Cast"}
+_MOVEMENT = {
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Slice",
+    "Split",
+    "Concat",
+    "Gather",
+    "GatherElements",
+    "Expand",
+    "Tile",
+    "Pad",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "MaxPool",
+    "Resize",
+    "ReorderInput",
+    "ReorderOutput",
+    "Cast",
+}
 # Shape arithmetic: integer outputs, nothing to run on int8.
 _SHAPE = {"Shape", "Size", "ConstantOfShape", "Range", "NonZero", "Constant"}
 # Ops ORT fuses into integer kernels when they sit in QDQ form (QLinearConv, QGemm, QLinearAdd, ...).
-_FUSIBLE = {"Conv", "MatMul", "Gemm", "Add", "Mul", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu",
-            "Softmax"}
+_FUSIBLE = {
+    "Conv",
+    "MatMul",
+    "Gemm",
+    "Add",
+    "Mul",
+    "AveragePool",
+    "GlobalAveragePool",
+    "Sigmoid",
+    "LeakyRelu",
+    "Softmax",
+}
 # Ops other quantizers (ORT's) put in QDQ form that lowbit does not.
-_OTHER_QUANTIZED = {"BatchNormalization", "InstanceNormalization", "LayerNormalization", "CumSum", "TopK", "Where",
-                    "ArgMax"}
+_OTHER_QUANTIZED = {
+    "BatchNormalization",
+    "InstanceNormalization",
+    "LayerNormalization",
+    "CumSum",
+    "TopK",
+    "Where",
+    "ArgMax",
+}
 _WEIGHTED = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 # ORT's integer GEMM-based kernels and the input index of the activation's zero point.
 _INT_GEMM_ZP = {"QLinearConv": 2, "QGemm": 2, "QLinearMatMul": 2}
@@ -195,7 +243,8 @@ def _qdq_form(orig: _Graph, i: int) -> bool:
     readers = orig.readers(i)
     return bool(readers) and all(
         to_quantize(r) or (orig.nodes[r].op_type in ("Relu", "Clip") and all(map(to_quantize, orig.readers(r))))
-        for r in readers)
+        for r in readers
+    )
 
 
 def _meant_quantized(orig: _Graph, i: int, plan: Plan | None) -> bool:
@@ -268,15 +317,19 @@ def _fusion_fix(orig: _Graph, i: int) -> tuple[str, str]:
         return _four_bit_fix([n])
     relus = [r for r in orig.readers(i) if orig.nodes[r].op_type in ("Relu", "Clip")]
     if relus:
-        return ("a Relu/Clip sits between the op and its QuantizeLinear",
-                "fold the Relu/Clip into the output range: quantize the float model with lowbit")
+        return (
+            "a Relu/Clip sits between the op and its QuantizeLinear",
+            "fold the Relu/Clip into the output range: quantize the float model with lowbit",
+        )
     zp = _zero_point_type(orig, n.input[0])
     if zp == onnx.TensorProto.INT8:
         return "int8 activations", "use --activations uint8 (ORT fuses QDQ ops on x86 with uint8 activations)"
     if zp in (onnx.TensorProto.INT16, onnx.TensorProto.UINT16):
         return "16-bit activations", "give these ops 8-bit activations (--activations uint8 or a recipe rule)"
-    return ("the Q/DQ pattern around it does not match ORT's fusion",
-            "re-quantize it with lowbit (constant scales and zero points, per-tensor activations)")
+    return (
+        "the Q/DQ pattern around it does not match ORT's fusion",
+        "re-quantize it with lowbit (constant scales and zero points, per-tensor activations)",
+    )
 
 
 def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan | None = None) -> LintResult:
@@ -304,10 +357,13 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
 
     dyn = _dynamic_convs(orig)
     if dyn:
-        add("dynamic-conv", dyn,
+        add(
+            "dynamic-conv",
+            dyn,
             f"{_names([orig.nodes[i] for i in dyn])}: dynamically quantized convolution, several times slower "
             "than float Conv on x86",
-            "use static quantization for convs (give --calib)")
+            "use static quantization for convs (give --calib)",
+        )
 
     # Float ops left between Q/DQ in the optimized graph, by the original node they come from.
     island = _island_nodes(opt)
@@ -355,34 +411,47 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
         nodes = [orig.nodes[i] for i in members]
         ops = ", ".join(dict.fromkeys(n.op_type for n in nodes))
         quantizable = any(n.op_type in registered("static") for n in nodes)
-        add("float-island", members,
+        add(
+            "float-island",
+            members,
             f"{_names(nodes)} ({ops}) run in float between quantized ops: ORT dequantizes before and quantizes "
             "after them on every run",
-            "quantize it: remove it from exclude_names/exclude_op_types" if quantizable
+            "quantize it: remove it from exclude_names/exclude_op_types"
+            if quantizable
             else "keep the op float and move it to the edge of the model, or replace it with an op that has an "
-                 "integer kernel")
+            "integer kernel",
+        )
     for op, members in no_kernel.items():
-        add("no-integer-kernel", members + [r for i in members for r in trailing[i]],
+        add(
+            "no-integer-kernel",
+            members + [r for i in members for r in trailing[i]],
             f"{_names([orig.nodes[i] for i in members])}: quantized {op} but ORT has no integer {op} kernel on "
             "the CPU, so it runs in float between DequantizeLinear and QuantizeLinear",
-            f"replace {op} with an op ORT runs on int8, or keep it float at the model's edge "
-            f"(--exclude-op-types {op})")
+            f"replace {op} with an op ORT runs on int8, or keep it float at the model's edge (--exclude-op-types {op})",
+        )
     unfused: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i in fusion:
         unfused[_fusion_fix(orig, i)].append(i)
     # Ops with 4-bit weights whose output is not re-quantized (the model's last layer) are no Q/DQ island but
     # run in float all the same, as long as ORT kept the weight's DequantizeLinear.
     kept_dq = {n.input[0] for n in opt.nodes if n.op_type == "DequantizeLinear"}
-    four = [i for i in range(len(orig.nodes)) if i not in fusion and i not in taken
-            and (_four_bit_weight(orig, i) or "") in kept_dq]
+    four = [
+        i
+        for i in range(len(orig.nodes))
+        if i not in fusion and i not in taken and (_four_bit_weight(orig, i) or "") in kept_dq
+    ]
     if four:
         unfused[_four_bit_fix([orig.nodes[i] for i in four])].extend(four)
     for (why, fix), members in unfused.items():
         nodes = [orig.nodes[i] for i in members]
         ops = ", ".join(dict.fromkeys(n.op_type for n in nodes))
-        add("missing-fusion", members + [r for i in members for r in trailing[i]],
+        add(
+            "missing-fusion",
+            members + [r for i in members for r in trailing[i]],
             f"{_names(nodes)} ({ops}): DequantizeLinear inputs left after ORT's optimizations, so they run in "
-            f"float, not as integer kernels ({why})", fix)
+            f"float, not as integer kernels ({why})",
+            fix,
+        )
 
     # Signed activations into ORT's integer GEMM kernels (after ORT's own s8 -> u8 conversion).
     signed = []
@@ -396,12 +465,20 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
     if signed:
         nodes = _names([orig.nodes[i] for i in sorted(set(signed))])
         if ort_runtime.cpu_has_vnni():
-            add("int8-activations-x86", signed,
+            add(
+                "int8-activations-x86",
+                signed,
                 f"info: {nodes} take int8 (signed) activations; this CPU has VNNI so they cost little here, "
                 "but x86 CPUs without VNNI run them on a slower path than uint8",
-                "use --activations uint8 if the model ships to x86 CPUs without VNNI", level="info")
+                "use --activations uint8 if the model ships to x86 CPUs without VNNI",
+                level="info",
+            )
         else:
-            add("int8-activations-x86", signed,
+            add(
+                "int8-activations-x86",
+                signed,
                 f"{nodes} take int8 (signed) activations: ORT's fast x86 path without VNNI is uint8 activations x "
-                "int8 weights", "use --activations uint8")
+                "int8 weights",
+                "use --activations uint8",
+            )
     return LintResult((f for _, _, f in sorted(found, key=lambda t: (t[0], t[1]))), model_name(model))

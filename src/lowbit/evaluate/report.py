@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..graph.io import atomic_write_bytes
 from .report_assets import CSS, JS
@@ -79,7 +80,9 @@ def _num(v: float) -> str:
     return f"{v:.1f}"
 
 
-def _table(table_id: str, head: list[str] | None, rows: Iterable[list[tuple[str, Any] | str]], sortable: bool = True) -> str:
+def _table(
+    table_id: str, head: list[str] | None, rows: Iterable[list[tuple[str, Any] | str]], sortable: bool = True
+) -> str:
     """rows hold cells as plain text or (text, sort value) pairs; numeric cells are right-aligned."""
     cls = ' class="sortable"' if sortable else ""
     out = [f'<table id="{table_id}"{cls}>']
@@ -114,12 +117,16 @@ def _sqnr_chart(layers: list[dict]) -> str:
     row, label_w, bar_w, width = 16, 280, 540, 900
     height = 24 + row * len(layers) + 24
     scale = bar_w / top
-    out = [f'<svg class="chart" id="sqnr-chart" width="{width}" height="{height}" role="img" '
-           f'aria-label="per-layer SQNR in dB">']
+    out = [
+        f'<svg class="chart" id="sqnr-chart" width="{width}" height="{height}" role="img" '
+        f'aria-label="per-layer SQNR in dB">'
+    ]
     for k in range(0, int(top) + 1, max(5, 5 * math.ceil(top / 50))):
         x = label_w + k * scale
-        out.append(f'<line class="grid" x1="{_num(x)}" y1="16" x2="{_num(x)}" y2="{height - 20}"/>'
-                   f'<text x="{_num(x)}" y="{height - 6}" text-anchor="middle">{k} dB</text>')
+        out.append(
+            f'<line class="grid" x1="{_num(x)}" y1="16" x2="{_num(x)}" y2="{height - 20}"/>'
+            f'<text x="{_num(x)}" y="{height - 6}" text-anchor="middle">{k} dB</text>'
+        )
     for i, layer in enumerate(layers):
         y = 20 + i * row
         name = str(layer.get("node", "?"))
@@ -131,18 +138,24 @@ def _sqnr_chart(layers: list[dict]) -> str:
         tip = f"{name} ({layer.get('op_type', '?')}): {_fmt(sqnr, 1, ' dB')}"
         if layer.get("alone_sqnr_db") is not None:
             tip += f"; quantized alone: {_fmt(layer['alone_sqnr_db'], 1, ' dB')}"
-        out.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{_e(shown)}</text>'
-                   f'<rect class="{cls}" data-node="{_e(name)}" x="{label_w}" y="{y + 2}" '
-                   f'width="{_num(length * scale)}" height="{row - 4}"><title>{_e(tip)}</title></rect>'
-                   f'<text x="{_num(label_w + length * scale + 4)}" y="{y + 11}">{_e(_fmt(sqnr, 1))}</text>')
+        out.append(
+            f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{_e(shown)}</text>'
+            f'<rect class="{cls}" data-node="{_e(name)}" x="{label_w}" y="{y + 2}" '
+            f'width="{_num(length * scale)}" height="{row - 4}"><title>{_e(tip)}</title></rect>'
+            f'<text x="{_num(label_w + length * scale + 4)}" y="{y + 11}">{_e(_fmt(sqnr, 1))}</text>'
+        )
         alone = layer.get("alone_sqnr_db")
         if _finite(alone):
-            out.append(f'<circle class="alone" cx="{_num(label_w + max(0.0, alone) * scale)}" cy="{y + row / 2}" '
-                       f'r="3.5"><title>{_e(name)} quantized alone: {_e(_fmt(alone, 1, " dB"))}</title></circle>')
+            out.append(
+                f'<circle class="alone" cx="{_num(label_w + max(0.0, alone) * scale)}" cy="{y + row / 2}" '
+                f'r="3.5"><title>{_e(name)} quantized alone: {_e(_fmt(alone, 1, " dB"))}</title></circle>'
+            )
     out.append(f'<line class="axis" x1="{label_w}" y1="16" x2="{label_w}" y2="{height - 20}"/></svg>')
-    legend = ['<p class="legend"><span><i style="background:var(--bar)"></i>SQNR of the layer output, errors of '
-              'earlier layers included</span><span><i style="background:var(--worst)"></i>'
-              f'{len(worst)} lowest</span>']
+    legend = [
+        '<p class="legend"><span><i style="background:var(--bar)"></i>SQNR of the layer output, errors of '
+        'earlier layers included</span><span><i style="background:var(--worst)"></i>'
+        f"{len(worst)} lowest</span>"
+    ]
     if any(_finite(l.get("alone_sqnr_db")) for l in layers):
         legend.append('<span><i style="background:var(--alone);border-radius:5px"></i>only this layer quantized</span>')
     legend.append("</p>")
@@ -167,30 +180,38 @@ def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_sc
     def py(y: float) -> float:
         return top_pad + (height - top_pad - bottom) * (1 - (y - y_min) / (1 - y_min or 1))
 
-    out = [f'<svg class="chart" id="{chart_id}" width="{width}" height="{height}" role="img" '
-           f'aria-label="top-1 agreement vs {_e(x_label)}">']
+    out = [
+        f'<svg class="chart" id="{chart_id}" width="{width}" height="{height}" role="img" '
+        f'aria-label="top-1 agreement vs {_e(x_label)}">'
+    ]
     for k in range(ticks + 1):
         yv = y_min + step * k
-        out.append(f'<line class="grid" x1="{left}" y1="{_num(py(yv))}" x2="{width - right}" y2="{_num(py(yv))}"/>'
-                   f'<text x="{left - 4}" y="{_num(py(yv) + 4)}" text-anchor="end">{100 * yv:.0f}%</text>')
+        out.append(
+            f'<line class="grid" x1="{left}" y1="{_num(py(yv))}" x2="{width - right}" y2="{_num(py(yv))}"/>'
+            f'<text x="{left - 4}" y="{_num(py(yv) + 4)}" text-anchor="end">{100 * yv:.0f}%</text>'
+        )
     for k in range(5):
         xv = x_max * k / 4
         out.append(f'<text x="{_num(px(xv))}" y="{height - bottom + 14}" text-anchor="middle">{xv:.3g}</text>')
-    out.append(f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}"/>'
-               f'<line class="axis" x1="{left}" y1="{top_pad}" x2="{left}" y2="{height - bottom}"/>'
-               f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{_e(x_label)}</text>'
-               f'<text x="12" y="{(top_pad + height - bottom) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 12 {(top_pad + height - bottom) / 2})">top-1 agreement with float</text>')
+    out.append(
+        f'<line class="axis" x1="{left}" y1="{height - bottom}" x2="{width - right}" y2="{height - bottom}"/>'
+        f'<line class="axis" x1="{left}" y1="{top_pad}" x2="{left}" y2="{height - bottom}"/>'
+        f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{_e(x_label)}</text>'
+        f'<text x="12" y="{(top_pad + height - bottom) / 2}" text-anchor="middle" '
+        f'transform="rotate(-90 12 {(top_pad + height - bottom) / 2})">top-1 agreement with float</text>'
+    )
     for i, (v, x, y) in enumerate(pts):
         cls = "point float" if i == 0 and variants and v is variants[0] else "point"
         name = str(v.get("name", "?"))
         # labels right of a point, or left of it in the right half; alternate heights so equal points stay legible
         right_half = px(x) > (left + width - right) / 2
         tx, anchor = (px(x) - 9, "end") if right_half else (px(x) + 9, "start")
-        out.append(f'<circle class="{cls}" cx="{_num(px(x))}" cy="{_num(py(y))}" r="6" data-variant="{_e(name)}">'
-                   f'<title>{_e(name)}: {x:.3g} {_e(x_label)}, top-1 {_pct(y)}</title></circle>'
-                   f'<text x="{_num(tx)}" y="{_num(py(y) - 8 + 22 * (i % 2))}" text-anchor="{anchor}">'
-                   f'{_e(name[:32])}</text>')
+        out.append(
+            f'<circle class="{cls}" cx="{_num(px(x))}" cy="{_num(py(y))}" r="6" data-variant="{_e(name)}">'
+            f"<title>{_e(name)}: {x:.3g} {_e(x_label)}, top-1 {_pct(y)}</title></circle>"
+            f'<text x="{_num(tx)}" y="{_num(py(y) - 8 + 22 * (i % 2))}" text-anchor="{anchor}">'
+            f"{_e(name[:32])}</text>"
+        )
     out.append("</svg>")
     return "".join(out)
 
@@ -203,13 +224,21 @@ def _variants(variants: list[dict]) -> str:
     for v in variants:
         size = v.get("size_bytes")
         ratio = size / base if size is not None and base else None
-        rows.append([str(v.get("name", "?")), (_mb(size), size), (_pct(ratio), ratio),
-                     (_pct(v.get("top1_agreement")), v.get("top1_agreement")),
-                     (_fmt(v.get("cosine"), 4), v.get("cosine")), (_fmt(v.get("latency_ms"), 3), v.get("latency_ms"))])
+        rows.append(
+            [
+                str(v.get("name", "?")),
+                (_mb(size), size),
+                (_pct(ratio), ratio),
+                (_pct(v.get("top1_agreement")), v.get("top1_agreement")),
+                (_fmt(v.get("cosine"), 4), v.get("cosine")),
+                (_fmt(v.get("latency_ms"), 3), v.get("latency_ms")),
+            ]
+        )
     charts = _scatter("variants-size-chart", variants, "size_bytes", "file size (MB)", 1e-6)
     charts += _scatter("variants-latency-chart", variants, "latency_ms", "latency (ms)", 1.0)
-    table = _table("variants-table", ["model", "size", "of float", "top-1 agreement", "cosine vs float", "latency ms"],
-                   rows)
+    table = _table(
+        "variants-table", ["model", "size", "of float", "top-1 agreement", "cosine vs float", "latency ms"], rows
+    )
     return f'<div class="histograms">{charts}</div>{table}'
 
 
@@ -231,26 +260,34 @@ def _histogram(tensor: str, h: dict) -> str:
         return left + (width - left - right) * (x - lo) / (hi - lo)
 
     base = height - bottom
-    out = [f'<svg class="chart histogram" data-tensor="{_e(tensor)}" width="{width}" height="{height}" role="img" '
-           f'aria-label="activation histogram of {_e(tensor)}">']
+    out = [
+        f'<svg class="chart histogram" data-tensor="{_e(tensor)}" width="{width}" height="{height}" role="img" '
+        f'aria-label="activation histogram of {_e(tensor)}">'
+    ]
     for i, c in enumerate(counts):
         if c <= 0:
             continue
         x0, x1 = px(edges[i]), px(edges[i + 1])
         bh = (base - top_pad) * math.log1p(c) / peak
-        out.append(f'<rect class="hist-bar" x="{x0:.2f}" y="{base - bh:.2f}" width="{max(x1 - x0, 0.5):.2f}" '
-                   f'height="{bh:.2f}"><title>[{edges[i]:.4g}, {edges[i + 1]:.4g}): {c:.0f}</title></rect>')
+        out.append(
+            f'<rect class="hist-bar" x="{x0:.2f}" y="{base - bh:.2f}" width="{max(x1 - x0, 0.5):.2f}" '
+            f'height="{bh:.2f}"><title>[{edges[i]:.4g}, {edges[i + 1]:.4g}): {c:.0f}</title></rect>'
+        )
     out.append(f'<line class="axis" x1="{left}" y1="{base}" x2="{width - right}" y2="{base}"/>')
-    out.append(f'<text x="{left}" y="{base + 13}">{lo:.3g}</text>'
-               f'<text x="{width - right}" y="{base + 13}" text-anchor="end">{hi:.3g}</text>')
+    out.append(
+        f'<text x="{left}" y="{base + 13}">{lo:.3g}</text>'
+        f'<text x="{width - right}" y="{base + 13}" text-anchor="end">{hi:.3g}</text>'
+    )
     if rng is not None:
         for side, v in (("a", float(rng[0])), ("b", float(rng[1]))):
             x = px(v)
             # the label sits inside the range, next to its line, so both fit at the chart's edges
             tx, anchor = (x + 3, "start") if side == "a" else (x - 3, "end")
-            out.append(f'<line class="range-line" data-bound="{side}" data-value="{v!r}" x1="{x:.2f}" '
-                       f'y1="{top_pad - 6}" x2="{x:.2f}" y2="{base}"><title>{side} = {v:.4g}</title></line>'
-                       f'<text x="{tx:.2f}" y="{top_pad - 8}" text-anchor="{anchor}">{side}={v:.3g}</text>')
+            out.append(
+                f'<line class="range-line" data-bound="{side}" data-value="{v!r}" x1="{x:.2f}" '
+                f'y1="{top_pad - 6}" x2="{x:.2f}" y2="{base}"><title>{side} = {v:.4g}</title></line>'
+                f'<text x="{tx:.2f}" y="{top_pad - 8}" text-anchor="{anchor}">{side}={v:.3g}</text>'
+            )
     out.append("</svg>")
     node = h.get("node")
     where = f" (output of {_e(node)})" if node else ""
@@ -260,15 +297,24 @@ def _histogram(tensor: str, h: dict) -> str:
         total = sum(counts) or 1.0
         outside = sum(c for i, c in enumerate(counts) if edges[i + 1] <= float(rng[0]) or edges[i] >= float(rng[1]))
         clipped = f"; {100 * outside / total:.2f}% of values in bins fully outside it"
-    return (f"<figure>{''.join(out)}<figcaption><b>{_e(tensor)}</b>{where}: {chosen}{clipped}; "
-            f"counts on a log scale</figcaption></figure>")
+    return (
+        f"<figure>{''.join(out)}<figcaption><b>{_e(tensor)}</b>{where}: {chosen}{clipped}; "
+        f"counts on a log scale</figcaption></figure>"
+    )
 
 
 def _lint(lint: list[dict]) -> str:
     if not lint:
         return '<p class="empty">No findings.</p>'
-    rows = [[str(f.get("kind", "")), ", ".join(str(n) for n in f.get("nodes", []) or []), str(f.get("message", "")),
-             str(f.get("fix", ""))] for f in lint]
+    rows = [
+        [
+            str(f.get("kind", "")),
+            ", ".join(str(n) for n in f.get("nodes", []) or []),
+            str(f.get("message", "")),
+            str(f.get("fix", "")),
+        ]
+        for f in lint
+    ]
     return _table("lint-table", ["kind", "nodes", "finding", "fix"], rows)
 
 
@@ -279,8 +325,15 @@ def render(data: dict) -> str:
     hists = dict(data.get("histograms") or {})
     summary_rows = [[str(k), str(v)] for k, v in (data.get("summary") or {}).get("rows", [])]
     layer_head = ["node", "op", "SQNR dB", "alone dB"]
-    layer_rows = [[str(l.get("node", "?")), str(l.get("op_type", "?")), (_fmt(l.get("sqnr_db"), 1), l.get("sqnr_db")),
-                   (_fmt(l.get("alone_sqnr_db"), 1), l.get("alone_sqnr_db"))] for l in layers]
+    layer_rows = [
+        [
+            str(l.get("node", "?")),
+            str(l.get("op_type", "?")),
+            (_fmt(l.get("sqnr_db"), 1), l.get("sqnr_db")),
+            (_fmt(l.get("alone_sqnr_db"), 1), l.get("alone_sqnr_db")),
+        ]
+        for l in layers
+    ]
     if any(l.get("suggestion") for l in layers):
         layer_head.append("suggestion")
         for row, l in zip(layer_rows, layers):
@@ -294,11 +347,12 @@ def render(data: dict) -> str:
         f"<h1>{_e(title)}</h1>",
         f'<p class="meta">generated {_e(data.get("generated", "?"))} by lowbit {_e(data.get("lowbit_version", "?"))}</p>',
         '<section id="summary"><h2>Summary</h2>',
-        _table("summary-table", None, summary_rows, sortable=False) if summary_rows else
-        '<p class="empty">Nothing to summarize.</p>',
+        _table("summary-table", None, summary_rows, sortable=False)
+        if summary_rows
+        else '<p class="empty">Nothing to summarize.</p>',
         "</section>",
         '<section id="variants"><h2>Accuracy, size and latency</h2>',
-        '<p class="note">Top-1 agreement and cosine compare each model\'s output with the float model\'s on the same '
+        "<p class=\"note\">Top-1 agreement and cosine compare each model's output with the float model's on the same "
         "data; latency is the median of interleaved single-batch runs.</p>",
         _variants(list(data.get("variants") or [])),
         "</section>",
@@ -310,7 +364,8 @@ def render(data: dict) -> str:
         "</section>",
         '<section id="histograms"><h2>Activations of the worst layers</h2>',
         '<div class="histograms">' + "".join(_histogram(str(t), h) for t, h in hists.items()) + "</div>"
-        if hists else '<p class="empty">No histograms.</p>',
+        if hists
+        else '<p class="empty">No histograms.</p>',
         "</section>",
         '<section id="lint"><h2>Findings</h2>',
         _lint(list(data.get("lint") or [])),
@@ -318,7 +373,8 @@ def render(data: dict) -> str:
         '<section id="recipe-section"><h2>Recipe</h2>',
         f'<p class="note">{_e(data["recipe_note"])}</p>' if data.get("recipe_note") else "",
         f'<pre id="recipe">{_e(json.dumps(recipe, indent=2, sort_keys=True, default=str))}</pre>'
-        if recipe is not None else '<p class="empty">No recipe (no plan was given).</p>',
+        if recipe is not None
+        else '<p class="empty">No recipe (no plan was given).</p>',
         "</section>",
         f"<script>{JS}</script>",
         "</body></html>",

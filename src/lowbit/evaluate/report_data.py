@@ -13,9 +13,10 @@ import datetime
 import math
 import os
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -74,8 +75,12 @@ def report(
         raise LowbitError("no quantized model to report on; pass one or more")
     out = None
     if output is not None:
-        inputs = [float_model, *quant_models, *([data] if isinstance(data, (str, os.PathLike)) else []),
-                  *([plan] if plan else [])]
+        inputs = [
+            float_model,
+            *quant_models,
+            *([data] if isinstance(data, (str, os.PathLike)) else []),
+            *([plan] if plan else []),
+        ]
         out = check_report_output(output, inputs)
     result = _gather(float_model, quant_models, data, plan, bench, diagnose, limit, batch_size, progress)
     if out is not None:
@@ -95,8 +100,17 @@ def check_report_output(output: PathLike, inputs: list[Any]) -> Path:
     return out
 
 
-def _gather(float_path: str, quant_paths: list[str], data: Any, plan_arg: PathLike | None, bench: bool,
-            diagnose: bool, limit: int, batch_size: int, progress: bool) -> dict[str, Any]:
+def _gather(
+    float_path: str,
+    quant_paths: list[str],
+    data: Any,
+    plan_arg: PathLike | None,
+    bench: bool,
+    diagnose: bool,
+    limit: int,
+    batch_size: int,
+    progress: bool,
+) -> dict[str, Any]:
     """Measure everything the report shows; raises LowbitError for user mistakes before any output exists."""
     from .._version import __version__
     from ..data import input_specs, open_data
@@ -121,19 +135,39 @@ def _gather(float_path: str, quant_paths: list[str], data: Any, plan_arg: PathLi
     paths = {"float": float_path, **dict(zip(labels, quant_paths))}
     sizes = {p: Path(p).stat().st_size for p in [float_path, *quant_paths]}
     latency = _latency(paths, data, progress) if bench else {}
-    variants = [{"name": "float", "size_bytes": sizes[float_path], "top1_agreement": 1.0, "cosine": 1.0,
-                 "latency_ms": latency.get("float")}]
+    variants = [
+        {
+            "name": "float",
+            "size_bytes": sizes[float_path],
+            "top1_agreement": 1.0,
+            "cosine": 1.0,
+            "latency_ms": latency.get("float"),
+        }
+    ]
     for name, q in list(paths.items())[1:]:
-        variants.append({"name": name, "size_bytes": sizes[q],
-                         **_fidelity(float_path, q, data, batch_size, limit, progress), "latency_ms": latency.get(name)})
+        variants.append(
+            {
+                "name": name,
+                "size_bytes": sizes[q],
+                **_fidelity(float_path, q, data, batch_size, limit, progress),
+                "latency_ms": latency.get(name),
+            }
+        )
 
     diag = None
     if plan is not None and diagnose:
         # layer-alone trials re-run the model per layer: a smaller sample keeps big models quick
         from .diagnose import diagnose as run_diagnose
 
-        diag = run_diagnose(float_path, quant_paths[0], data, plan=plan, top=HIST_LAYERS,
-                            limit=min(limit or DIAGNOSE_SAMPLES, DIAGNOSE_SAMPLES), progress=progress).to_dict()
+        diag = run_diagnose(
+            float_path,
+            quant_paths[0],
+            data,
+            plan=plan,
+            top=HIST_LAYERS,
+            limit=min(limit or DIAGNOSE_SAMPLES, DIAGNOSE_SAMPLES),
+            progress=progress,
+        ).to_dict()
     if diag is not None:
         layers, histograms = _from_diagnose(diag, quant_model)
         recipe = diag["recipe"]
@@ -146,7 +180,7 @@ def _gather(float_path: str, quant_paths: list[str], data: Any, plan_arg: PathLi
         rows += _diagnose_rows(diag)
     return {
         "title": f"lowbit report: {Path(float_path).name} vs {', '.join(Path(q).name for q in quant_paths)}",
-        "generated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "lowbit_version": __version__,
         "summary": {"rows": rows},
         "variants": variants,
@@ -154,8 +188,13 @@ def _gather(float_path: str, quant_paths: list[str], data: Any, plan_arg: PathLi
         "histograms": histograms,
         "lint": diag["lint"] if diag is not None else _lint(quant_paths[0], plan, layers),
         "recipe": recipe,
-        "recipe_note": ("the recipe diagnose suggests: the plan's recipe with rules for the worst layers prepended"
-                        if diag is not None else "the recipe recorded in the plan" if recipe is not None else ""),
+        "recipe_note": (
+            "the recipe diagnose suggests: the plan's recipe with rules for the worst layers prepended"
+            if diag is not None
+            else "the recipe recorded in the plan"
+            if recipe is not None
+            else ""
+        ),
     }
 
 
@@ -171,8 +210,9 @@ def _latency(paths: dict[str, str], data: Any, progress: bool) -> dict[str, floa
     """Median single-sample latency in ms per variant, 1 thread, timed interleaved."""
     from .bench import benchmark
 
-    res = benchmark(list(paths.values()), threads=(1,), runs=30, warmup=3, batch=1, data=data, profile=False,
-                    progress=progress)
+    res = benchmark(
+        list(paths.values()), threads=(1,), runs=30, warmup=3, batch=1, data=data, profile=False, progress=progress
+    )
     # entries come back in the order the models were given
     return {name: float(entry["latency_ms"]["1"]["p50"]) for name, entry in zip(paths, res["models"].values())}
 
@@ -180,7 +220,9 @@ def _latency(paths: dict[str, str], data: Any, progress: bool) -> dict[str, floa
 def _float_tensors(model: onnx.ModelProto) -> list[str]:
     """Float node outputs in graph order (types from shape inference)."""
     inferred = onnx.shape_inference.infer_shapes(model)
-    types = {v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+    }
     return [o for n in model.graph.node for o in n.output if types.get(o) == onnx.TensorProto.FLOAT]
 
 
@@ -221,8 +263,12 @@ def _layer_sqnr(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batc
     f_in, q_in = {i.name for i in fs.get_inputs()}, {i.name for i in qs.get_inputs()}
     sums = {t: [0.0, 0.0, math.inf, -math.inf] for t, _, _ in pairs}  # signal, noise, min, max
     for batch in batches:
-        fr = dict(zip([p[0] for p in pairs], fs.run([p[0] for p in pairs], {k: v for k, v in batch.items() if k in f_in})))
-        qr = dict(zip([p[0] for p in pairs], qs.run([p[1] for p in pairs], {k: v for k, v in batch.items() if k in q_in})))
+        fr = dict(
+            zip([p[0] for p in pairs], fs.run([p[0] for p in pairs], {k: v for k, v in batch.items() if k in f_in}))
+        )
+        qr = dict(
+            zip([p[0] for p in pairs], qs.run([p[1] for p in pairs], {k: v for k, v in batch.items() if k in q_in}))
+        )
         for t, _, _ in pairs:
             a = fr[t].astype(np.float64)
             s = sums[t]
@@ -264,23 +310,31 @@ def _histograms(float_model: onnx.ModelProto, batches: list[dict], layers: list[
         for t, a in zip(names, sess.run(names, {k: v for k, v in batch.items() if k in feed_names})):
             counts[t] += np.histogram(a, bins=edges[t])[0]
     node = {l["tensor"]: l["node"] for l in ranked}
-    return {t: {"edges": edges[t].tolist(), "counts": counts[t].tolist(), "range": ranges[t], "node": node[t]}
-            for t in names}
+    return {
+        t: {"edges": edges[t].tolist(), "counts": counts[t].tolist(), "range": ranges[t], "node": node[t]}
+        for t in names
+    }
 
 
 def size_text(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
-def _summary(float_path: str, quant_paths: list[str], data: Any, plan, plan_file: Path | None, samples: int,
-             sizes: dict) -> list[list[str]]:
+def _summary(
+    float_path: str, quant_paths: list[str], data: Any, plan, plan_file: Path | None, samples: int, sizes: dict
+) -> list[list[str]]:
     from ..runtimes.ort import cpu_has_vnni
 
-    rows = [["float model", float_path], ["quantized model(s)", ", ".join(quant_paths)],
-            ["data", f"{data} ({samples} samples)"]]
+    rows = [
+        ["float model", float_path],
+        ["quantized model(s)", ", ".join(quant_paths)],
+        ["data", f"{data} ({samples} samples)"],
+    ]
     float_size = sizes[float_path]
     for q in quant_paths:
-        rows.append([f"size of {q}", f"{size_text(sizes[q])} ({sizes[q] / float_size:.0%} of {size_text(float_size)} float)"])
+        rows.append(
+            [f"size of {q}", f"{size_text(sizes[q])} ({sizes[q] / float_size:.0%} of {size_text(float_size)} float)"]
+        )
     if plan is None:
         rows.append(["plan", f"none found beside {quant_paths[0]}; node decisions and ranges not shown"])
     else:
@@ -295,8 +349,13 @@ def _summary(float_path: str, quant_paths: list[str], data: Any, plan, plan_file
             shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
             rows.append([f"left float: {reason}", shown])
         if plan.overflow_guard:
-            rows.append(["overflow guard", f"{sum(plan.overflow_guard.values())} weight channels in "
-                                           f"{len(plan.overflow_guard)} layers adjusted (AVX2 without VNNI)"])
+            rows.append(
+                [
+                    "overflow guard",
+                    f"{sum(plan.overflow_guard.values())} weight channels in "
+                    f"{len(plan.overflow_guard)} layers adjusted (AVX2 without VNNI)",
+                ]
+            )
         rows.append(["calibration samples", str(plan.calibration_samples)])
     vnni = cpu_has_vnni()
     rows.append(["this CPU", "VNNI (int32 accumulation)" if vnni else "no VNNI" if vnni is False else "unknown"])
@@ -310,10 +369,15 @@ def _lint(quant_path: str, plan, layers: list[dict]) -> list[dict]:
     low = [l["node"] for l in layers if l["sqnr_db"] is not None and l["sqnr_db"] < LOW_SQNR_DB]
     if not low:
         return found
-    return found + [{"kind": "low-sqnr", "nodes": low,
-             "message": f"{len(low)} layer(s) below {LOW_SQNR_DB:.0f} dB SQNR (under ~2.5 effective bits)",
-             "fix": 'keep them float with a recipe rule {"names": [...], "scheme": null}, or try '
-                    "--calibration percentile / 16-bit activations for them"}]
+    return found + [
+        {
+            "kind": "low-sqnr",
+            "nodes": low,
+            "message": f"{len(low)} layer(s) below {LOW_SQNR_DB:.0f} dB SQNR (under ~2.5 effective bits)",
+            "fix": 'keep them float with a recipe rule {"names": [...], "scheme": null}, or try '
+            "--calibration percentile / 16-bit activations for them",
+        }
+    ]
 
 
 def _from_diagnose(diag: dict, quant_model: onnx.ModelProto) -> tuple[list[dict], dict]:
@@ -346,9 +410,12 @@ def _diagnose_rows(diag: dict) -> list[list[str]]:
 
     before, after = diag.get("before", {}), diag.get("after", {})
     fixes = [l for l in diag["layers"] if (l.get("suggestion") or {}).get("kind") not in (None, "none")]
-    return [["diagnosed on", f"{diag.get('samples')} samples (float simulation of the quantized model)"],
-            ["suggested fixes", f"{len(fixes)} layer(s): " + ", ".join(l["node"] for l in fixes) if fixes else "none"],
-            ["top-1 agreement: now -> with the suggested recipe",
-             f"{pct(before.get('top1_agreement'))} -> {pct(after.get('top1_agreement'))}"],
-            ["output SQNR: now -> with the suggested recipe",
-             f"{db(before.get('sqnr_db'))} -> {db(after.get('sqnr_db'))}"]]
+    return [
+        ["diagnosed on", f"{diag.get('samples')} samples (float simulation of the quantized model)"],
+        ["suggested fixes", f"{len(fixes)} layer(s): " + ", ".join(l["node"] for l in fixes) if fixes else "none"],
+        [
+            "top-1 agreement: now -> with the suggested recipe",
+            f"{pct(before.get('top1_agreement'))} -> {pct(after.get('top1_agreement'))}",
+        ],
+        ["output SQNR: now -> with the suggested recipe", f"{db(before.get('sqnr_db'))} -> {db(after.get('sqnr_db'))}"],
+    ]

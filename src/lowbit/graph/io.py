@@ -22,8 +22,9 @@ from google.protobuf.message import DecodeError
 from ..errors import LowbitError
 
 
-def load_proto(model: str | os.PathLike | onnx.ModelProto, *, check: bool = True,
-               external_data: bool = True) -> onnx.ModelProto:
+def load_proto(
+    model: str | os.PathLike | onnx.ModelProto, *, check: bool = True, external_data: bool = True
+) -> onnx.ModelProto:
     """The one reader of user-supplied models: a path or a ModelProto in, a checked ModelProto out.
 
     Every problem is a one-line LowbitError: missing file, corrupt or truncated file, no graph nodes, missing
@@ -42,8 +43,9 @@ def load_proto(model: str | os.PathLike | onnx.ModelProto, *, check: bool = True
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
-        raise LowbitError(f"{p} is not a readable ONNX model (corrupt, truncated or not a valid ONNX model file): "
-                          f"{_first_line(e)}") from None
+        raise LowbitError(
+            f"{p} is not a readable ONNX model (corrupt, truncated or not a valid ONNX model file): {_first_line(e)}"
+        ) from None
     if not proto.graph.node:
         raise LowbitError(f"{p} holds no graph nodes (corrupt, truncated or not an ONNX model)")
     external = _has_external_data(proto)
@@ -54,8 +56,10 @@ def load_proto(model: str | os.PathLike | onnx.ModelProto, *, check: bool = True
         try:
             onnx.load_external_data_for_model(proto, str(p.parent))
         except (OSError, ValueError, RuntimeError) as e:
-            raise LowbitError(f"{p} keeps its weights in external data files that cannot be read ({_first_line(e)}); "
-                              "keep them beside the model") from None
+            raise LowbitError(
+                f"{p} keeps its weights in external data files that cannot be read ({_first_line(e)}); "
+                "keep them beside the model"
+            ) from None
     return proto
 
 

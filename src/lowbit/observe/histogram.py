@@ -103,7 +103,7 @@ class Histogram:
         counts = self._counts_at(e, first, last - first + 1)
         # In slices: float64 indices of a whole activation tensor would cost 8x its size in temporaries.
         for start in range(0, flat.size, CHUNK):
-            counts += np.bincount(bin_indices(flat[start:start + CHUNK], e) - first, minlength=len(counts))
+            counts += np.bincount(bin_indices(flat[start : start + CHUNK], e) - first, minlength=len(counts))
         self.e, self.i0, self.counts, self._min, self._max = e, first, counts, lo, hi
 
     def merge(self, other: Histogram) -> Histogram:
@@ -165,8 +165,10 @@ class Histogram:
     def __repr__(self) -> str:
         if self.e is None:
             return f"Histogram(max_bins={self.max_bins}, empty)"
-        return (f"Histogram(max_bins={self.max_bins}, count={self.count}, min={self._min}, max={self._max}, "
-                f"bins={len(self.counts)}, width=2**{self.e})")
+        return (
+            f"Histogram(max_bins={self.max_bins}, count={self.count}, min={self._min}, max={self._max}, "
+            f"bins={len(self.counts)}, width=2**{self.e})"
+        )
 
     def _require_data(self) -> None:
         if self.e is None:

@@ -138,8 +138,9 @@ def entropy(h: Histogram, num_levels: int = 256) -> tuple[float, float]:
     return max(-float(threshold), h.min), min(float(threshold), h.max)
 
 
-def _squared_errors(centers: np.ndarray, counts: np.ndarray, lows: np.ndarray, highs: np.ndarray,
-                    num_levels: int) -> np.ndarray:
+def _squared_errors(
+    centers: np.ndarray, counts: np.ndarray, lows: np.ndarray, highs: np.ndarray, num_levels: int
+) -> np.ndarray:
     """Expected total squared error for every (lows[k], highs[l]) pair, as a matrix [k, l]."""
     clip_low = (np.maximum(lows[:, None] - centers, 0.0) ** 2) @ counts
     clip_high = (np.maximum(centers - highs[:, None], 0.0) ** 2) @ counts

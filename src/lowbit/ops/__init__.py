@@ -30,5 +30,17 @@ register("weight_only", [ANY], _no_weights, domain=ANY)
 
 FAMILIES = (activation, attention, conv, elementwise, embedding, float16, matmul, pooling, recurrent, shape)
 
-__all__ = ["OpSpec", "Skip", "Take", "AsStatic", "Decided", "Refuse", "RewriteContext", "decide", "entry_for",
-           "register", "registered", "FAMILIES"]
+__all__ = [
+    "OpSpec",
+    "Skip",
+    "Take",
+    "AsStatic",
+    "Decided",
+    "Refuse",
+    "RewriteContext",
+    "decide",
+    "entry_for",
+    "register",
+    "registered",
+    "FAMILIES",
+]

@@ -6,8 +6,8 @@ import onnx_ir as ir
 
 from ..decision import Reason
 from ..recipe import Scheme
-from .registry import register
 from .base import OpSpec, Skip, const, float_input
+from .registry import register
 
 
 def clip_bounds(node: ir.Node) -> tuple[float, float] | None:

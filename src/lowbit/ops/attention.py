@@ -97,8 +97,12 @@ def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     if qw.guarded_channels:
         plan.overflow_guard[name] = qw.guarded_channels
     plan.tensors[f"{name}:1"] = TensorParams(
-        "int8", np.ravel(qw.scale).astype(float).tolist(), np.ravel(qw.zero_point).astype(int).tolist(),
-        qw.axis, "weight")
+        "int8",
+        np.ravel(qw.scale).astype(float).tolist(),
+        np.ravel(qw.zero_point).astype(int).tolist(),
+        qw.axis,
+        "weight",
+    )
     x = node.inputs[0]
     assert x is not None  # decide checked it is float32
     xq, xs, xz = dynamic_quantize(model, x, ctx.shared)
@@ -109,8 +113,7 @@ def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     if bias is None:  # QAttention requires a bias
         bias = add_initializer(g, f"{name}_zero_bias", np.zeros(w.shape[1], np.float32))
     attrs = [a for a in node.attributes.values() if a.name in _COPIED]
-    new = ir.Node(MS_DOMAIN, "QAttention", [xq, wq, bias, xs, ws, inputs[3], xz, wz], attrs,
-                  name=f"{name}_QAttention")
+    new = ir.Node(MS_DOMAIN, "QAttention", [xq, wq, bias, xs, ws, inputs[3], xz, wz], attrs, name=f"{name}_QAttention")
     out, old = new.outputs[0], node.outputs[0]
     out.dtype, out.shape = old.dtype or ir.DataType.FLOAT, old.shape
     g.insert_after(node, new)

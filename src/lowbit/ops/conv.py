@@ -36,9 +36,11 @@ def conv_transpose(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
 
 def _no_int4(node: ir.Node, scheme: Scheme) -> None:
     if scheme.weights == "int4":
-        raise Refuse(f"int4 weights cannot be used on {node.op_type} node '{node.name}'",
-                     "ONNX Runtime has int4 kernels for MatMul/Gemm/Gather only; add a rule giving convolutions "
-                     "weights=int8, or mode=static for int4 QDQ")
+        raise Refuse(
+            f"int4 weights cannot be used on {node.op_type} node '{node.name}'",
+            "ONNX Runtime has int4 kernels for MatMul/Gemm/Gather only; add a rule giving convolutions "
+            "weights=int8, or mode=static for int4 QDQ",
+        )
 
 
 def weight_only(node: ir.Node, scheme: Scheme) -> Decided:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from ..decision import Reason
 from ..recipe import Scheme
-from .registry import register
 from .base import OpSpec, Skip, float_input
+from .registry import register
 
 
 def binary(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:

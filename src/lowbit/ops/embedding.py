@@ -33,8 +33,10 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
     if (why := embedding_table(node)) is not None:
         return why
     if scheme.weights == "uint8":
-        raise Refuse(f"uint8 weights cannot be used on Gather node '{node.name}'",
-                     "embedding tables are int8 (symmetric) or int4; add a rule giving Gather weights=int8")
+        raise Refuse(
+            f"uint8 weights cannot be used on Gather node '{node.name}'",
+            "embedding tables are int8 (symmetric) or int4; add a rule giving Gather weights=int8",
+        )
     # The lookup has no activation to quantize, so in dynamic mode too the table is stored weight-only.
     found = weight_only_details(scheme, rows=True)
     return Take(found.code, found.details, mode="weight_only")

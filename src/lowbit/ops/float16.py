@@ -16,17 +16,70 @@ from ..recipe import Scheme
 from .base import Skip, Take
 from .registry import ANY, RewriteContext, register
 
-FLOAT16_OPS = frozenset({
-    "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Sub", "Mul", "Relu", "Clip", "Sigmoid", "Tanh", "HardSwish",
-    "HardSigmoid", "LeakyRelu", "Gelu", "Erf", "MaxPool", "AveragePool", "GlobalAveragePool", "Reshape",
-    "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Concat", "Split", "Identity", "Pad",
-    "DepthToSpace", "SpaceToDepth", "Where", "Neg", "Abs", "Max", "Min",
-})
-FLOAT16_FRAGILE = frozenset({
-    "Softmax", "LogSoftmax", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
-    "BatchNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp", "Pow",
-    "Sqrt", "Exp", "Log", "Reciprocal", "Div", "CumSum", "Softplus",
-})
+FLOAT16_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MatMul",
+        "Gemm",
+        "Add",
+        "Sub",
+        "Mul",
+        "Relu",
+        "Clip",
+        "Sigmoid",
+        "Tanh",
+        "HardSwish",
+        "HardSigmoid",
+        "LeakyRelu",
+        "Gelu",
+        "Erf",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Slice",
+        "Gather",
+        "Concat",
+        "Split",
+        "Identity",
+        "Pad",
+        "DepthToSpace",
+        "SpaceToDepth",
+        "Where",
+        "Neg",
+        "Abs",
+        "Max",
+        "Min",
+    }
+)
+FLOAT16_FRAGILE = frozenset(
+    {
+        "Softmax",
+        "LogSoftmax",
+        "LayerNormalization",
+        "InstanceNormalization",
+        "GroupNormalization",
+        "BatchNormalization",
+        "ReduceMean",
+        "ReduceSum",
+        "ReduceSumSquare",
+        "ReduceL2",
+        "ReduceLogSumExp",
+        "Pow",
+        "Sqrt",
+        "Exp",
+        "Log",
+        "Reciprocal",
+        "Div",
+        "CumSum",
+        "Softplus",
+    }
+)
 
 
 def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
@@ -35,8 +88,10 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
         return Skip(Reason.FP16_FRAGILE, {"op": op})
     if node.domain not in ("", "ai.onnx") or op not in FLOAT16_OPS:
         return Skip(Reason.FP16_NO_FORM, {"op": op})
-    if any(v is not None and v.dtype not in (None, ir.DataType.FLOAT) and v.dtype.is_floating_point()
-           for v in list(node.inputs) + list(node.outputs)):
+    if any(
+        v is not None and v.dtype not in (None, ir.DataType.FLOAT) and v.dtype.is_floating_point()
+        for v in list(node.inputs) + list(node.outputs)
+    ):
         return Skip(Reason.FP16_MIXED_TYPES, {"op": op})
     return Take(Reason.FLOAT16)
 

@@ -66,9 +66,14 @@ def decide_dynamic(node: ir.Node, scheme: Scheme) -> Skip | Take:
 def weight_only_details(scheme: Scheme, rows: bool = False) -> Take:
     """How weight-only quantizes a matrix (MatMulNBits) or an embedding table (`rows`)."""
     if scheme.weights == "int4":
-        return Take(Reason.WEIGHT_ONLY_INT4, {
-            "symmetry": "symmetric" if scheme.symmetric_weights else "affine", "block": scheme.int4_block,
-            "how": "row-wise" if rows else "MatMulNBits"})
+        return Take(
+            Reason.WEIGHT_ONLY_INT4,
+            {
+                "symmetry": "symmetric" if scheme.symmetric_weights else "affine",
+                "block": scheme.int4_block,
+                "how": "row-wise" if rows else "MatMulNBits",
+            },
+        )
     gran = ("per-row" if rows else "per-channel") if scheme.per_channel else "per-tensor"
     return Take(Reason.WEIGHT_ONLY, {"weights": scheme.weights, "granularity": gran})
 
@@ -89,8 +94,11 @@ def rewrite_dynamic(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
             ctx.plan.overflow_guard[name_of(node)] = qw.guarded_channels
     record(ctx.plan, node, "int8", qw.scale, qw.zero_point, 1 if axis is not None else None)
     q = qw.q.T if transposed else qw.q
-    scale, zp = (np.atleast_1d(qw.scale), np.atleast_1d(qw.zero_point)) if axis is not None else \
-        (np.asarray(qw.scale), np.asarray(qw.zero_point))
+    scale, zp = (
+        (np.atleast_1d(qw.scale), np.atleast_1d(qw.zero_point))
+        if axis is not None
+        else (np.asarray(qw.scale), np.asarray(qw.zero_point))
+    )
     dynamic_matmul(ctx.model, node, q, scale, zp, bias, ctx.shared)
 
 
@@ -101,8 +109,9 @@ def rewrite_weight_only(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> N
         b = quantize_blocks(rows, scheme.int4_block, scheme.symmetric_weights)
         zp = None if scheme.symmetric_weights else pack_nibbles(b.zero_point)
         record(ctx.plan, node, "int4", b.scale, b.zero_point, 0, scheme.int4_block)
-        matmul_nbits(ctx.model, node, pack_nibbles(b.codes), b.scale, zp, rows.shape[1], rows.shape[0],
-                     scheme.int4_block, bias)
+        matmul_nbits(
+            ctx.model, node, pack_nibbles(b.codes), b.scale, zp, rows.shape[1], rows.shape[0], scheme.int4_block, bias
+        )
         return
     found = weight_matmul(node)
     assert not isinstance(found, Skip)

@@ -6,8 +6,8 @@ import onnx_ir as ir
 
 from ..decision import Reason
 from ..recipe import Scheme
-from .registry import register
 from .base import OpSpec, Skip, float_input
+from .registry import register
 
 
 def max_pool(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:

@@ -24,7 +24,6 @@ from .base import Skip, Take, name_of, weight_of
 from .registry import RewriteContext, register
 
 
-
 def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
     """DynamicQuantizeLSTM when the LSTM and the scheme allow it, else why not."""
     if scheme.mode != "dynamic":
@@ -92,16 +91,29 @@ def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
         guarded += qw.guarded_channels
         # Plan: flat per (direction, gate row) along axis 1 of the ONNX weight, or one per direction (axis 0).
         plan.tensors[f"{name}:{idx}"] = TensorParams(
-            "int8", qw.scale.ravel().astype(float).tolist(), qw.zero_point.ravel().astype(int).tolist(),
-            1 if scheme.per_channel else 0, "weight")
-        quantized += [add_initializer(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1))),
-                      add_initializer(g, f"{name}_{what}_s", qw.scale), add_initializer(g, f"{name}_{what}_zp", qw.zero_point)]
+            "int8",
+            qw.scale.ravel().astype(float).tolist(),
+            qw.zero_point.ravel().astype(int).tolist(),
+            1 if scheme.per_channel else 0,
+            "weight",
+        )
+        quantized += [
+            add_initializer(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1))),
+            add_initializer(g, f"{name}_{what}_s", qw.scale),
+            add_initializer(g, f"{name}_{what}_zp", qw.zero_point),
+        ]
     if guarded:
         plan.overflow_guard[name] = guarded
     w_q, w_s, w_zp, r_q, r_s, r_zp = quantized
     attrs = [a for a in node.attributes.values() if a.name != "layout"]
-    new = ir.Node(MS_DOMAIN, "DynamicQuantizeLSTM", [inputs[0], w_q, r_q, *inputs[3:8], w_s, w_zp, r_s, r_zp],
-                  attrs, num_outputs=len(node.outputs), name=f"{name}_DynamicQuantizeLSTM")
+    new = ir.Node(
+        MS_DOMAIN,
+        "DynamicQuantizeLSTM",
+        [inputs[0], w_q, r_q, *inputs[3:8], w_s, w_zp, r_s, r_zp],
+        attrs,
+        num_outputs=len(node.outputs),
+        name=f"{name}_DynamicQuantizeLSTM",
+    )
     for old, out in zip(node.outputs, new.outputs):
         out.shape = old.shape
         if old.dtype is not None:

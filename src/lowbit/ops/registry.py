@@ -54,8 +54,13 @@ class Entry:
 _TABLE: dict[tuple[str, str, str], Entry] = {}
 
 
-def register(modes: str | Iterable[str], op_types: Iterable[str], decide: Decide, rewrite: Rewrite | None = None,
-             domain: str = "") -> None:
+def register(
+    modes: str | Iterable[str],
+    op_types: Iterable[str],
+    decide: Decide,
+    rewrite: Rewrite | None = None,
+    domain: str = "",
+) -> None:
     """Register `decide` (and `rewrite`) for these ops in these modes. `domain` ANY matches every domain, and
     op_types (ANY,) every op of the mode not registered by name."""
     for mode in (modes,) if isinstance(modes, str) else modes:

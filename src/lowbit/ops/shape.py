@@ -6,16 +6,14 @@ import onnx_ir as ir
 
 from ..decision import Reason
 from ..recipe import Scheme
-from .registry import register
 from .base import OpSpec, Skip, float_input
+from .registry import register
 
 
 def data_movement(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     if (bad := float_input(node)) is not None:
         return bad
-    return OpSpec(
-        outputs=tuple(range(len(node.outputs))), shares_input_scale=True, needs_quantized_neighbour=True
-    )
+    return OpSpec(outputs=tuple(range(len(node.outputs))), shares_input_scale=True, needs_quantized_neighbour=True)
 
 
 def resize(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
@@ -35,8 +33,19 @@ def pad(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     return data_movement(node, scheme)
 
 
-DATA_MOVEMENT = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Slice", "Gather", "Split", "DepthToSpace",
-                 "SpaceToDepth", "Identity")
+DATA_MOVEMENT = (
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Slice",
+    "Gather",
+    "Split",
+    "DepthToSpace",
+    "SpaceToDepth",
+    "Identity",
+)
 register("static", DATA_MOVEMENT, data_movement)
 register("static", ["Resize"], resize)
 register("static", ["Pad"], pad)

@@ -8,11 +8,11 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
+from ..decision import Reason
 from ..plan import Plan, TensorParams
 from ..recipe import Scheme
 from ..rewrite import constant_dq
 from ..weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, quantize_weight
-from ..decision import Reason
 from .base import Skip, const, float_input, has_input, weight_of
 from .registry import RewriteContext
 
@@ -92,8 +92,9 @@ def guard(node: ir.Node, w: np.ndarray, qw: QuantizedWeight) -> QuantizedWeight:
     new_rows, scales, changed = guard_overflow(rows, replace(qw, q=q_rows), bound, per_channel)
     if not changed:
         return qw
-    return replace(qw, q=unrows(new_rows).astype(np.int8), scale=scales if per_channel else qw.scale,
-                   guarded_channels=changed)
+    return replace(
+        qw, q=unrows(new_rows).astype(np.int8), scale=scales if per_channel else qw.scale, guarded_channels=changed
+    )
 
 
 def matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool, np.ndarray | ir.Value | None]:
@@ -112,19 +113,30 @@ def matmul_weight(node: ir.Node) -> tuple[np.ndarray, bool, np.ndarray | ir.Valu
     return w, transposed, bias
 
 
-def record(plan: Plan, node: ir.Node, dtype: str, scale: np.ndarray, zp: np.ndarray, axis: int | None,
-           block: int | None = None) -> None:
+def record(
+    plan: Plan, node: ir.Node, dtype: str, scale: np.ndarray, zp: np.ndarray, axis: int | None, block: int | None = None
+) -> None:
     """A weight's parameters in the plan, under "node:input" (input 0 for Gather tables, else 1)."""
     plan.tensors[f"{node.name}:1" if node.op_type != "Gather" else f"{node.name}:0"] = TensorParams(
-        dtype, np.ravel(scale).astype(float).tolist(), np.ravel(zp).astype(int).tolist(), axis, "weight",
-        block_size=block)
+        dtype,
+        np.ravel(scale).astype(float).tolist(),
+        np.ravel(zp).astype(int).tolist(),
+        axis,
+        "weight",
+        block_size=block,
+    )
 
 
 def weight_behind_dq(ctx: RewriteContext, node: ir.Node, axis: int | None, scheme: Scheme) -> None:
     """Weight-only int8 (or uint8): the weight stored quantized behind a DequantizeLinear; the op runs in float."""
     w = weight_of(node, 1)
     qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
-    p = TensorParams(scheme.weights, np.atleast_1d(qw.scale).astype(float).tolist(),
-                     np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")
+    p = TensorParams(
+        scheme.weights,
+        np.atleast_1d(qw.scale).astype(float).tolist(),
+        np.atleast_1d(qw.zero_point).astype(int).tolist(),
+        qw.axis,
+        "weight",
+    )
     ctx.plan.tensors[f"{node.name}:1"] = p
     node.replace_input_with(1, constant_dq(ctx.model, f"{node.name}_w1", w, qw.q, p))

@@ -33,8 +33,12 @@ def convert_float16(model: ir.Model, names: set[str]) -> int:
             if v.name not in halves:
                 if v.const_value is not None and not v.is_graph_input():
                     arr = v.const_value.numpy().astype(np.float16)
-                    h = ir.Value(name=f"{v.name}_fp16", const_value=ir.tensor(arr, name=f"{v.name}_fp16"),
-                                 shape=ir.Shape(arr.shape), type=ir.TensorType(F16))
+                    h = ir.Value(
+                        name=f"{v.name}_fp16",
+                        const_value=ir.tensor(arr, name=f"{v.name}_fp16"),
+                        shape=ir.Shape(arr.shape),
+                        type=ir.TensorType(F16),
+                    )
                     graph.register_initializer(h)
                 else:
                     h = _cast(graph, v, F16, f"{v.name}_fp16")

@@ -10,8 +10,16 @@ from onnx.reference import ReferenceEvaluator
 # Folding a node that makes a large tensor from a small one (Expand, Tile, ConstantOfShape of a big shape)
 # would bloat the file; such nodes stay.
 MAX_FOLDED_ELEMENTS = 1 << 16
-NEVER_FOLD = {"QuantizeLinear", "DequantizeLinear", "RandomNormal", "RandomUniform", "RandomNormalLike",
-              "RandomUniformLike", "Multinomial", "Bernoulli"}
+NEVER_FOLD = {
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+}
 
 
 def _constant(v: ir.Value | None) -> np.ndarray | None:
@@ -24,8 +32,11 @@ def _evaluate(node: ir.Node, arrays: list[np.ndarray | None], opset: int) -> lis
     names = [f"in{i}" if a is not None else "" for i, a in enumerate(arrays)]
     proto = onnx.helper.make_node(node.op_type, names, [f"out{i}" for i in range(len(node.outputs))])
     proto.attribute.extend(ir.serde.serialize_attribute(a) for a in node.attributes.values())
-    inputs = [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
-              for n, a in zip(names, arrays) if a is not None]
+    inputs = [
+        onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape)
+        for n, a in zip(names, arrays)
+        if a is not None
+    ]
     outputs = [onnx.helper.make_empty_tensor_value_info(o) for o in proto.output]
     graph = onnx.helper.make_graph([proto], "fold", inputs, outputs)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])

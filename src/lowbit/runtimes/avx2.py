@@ -25,8 +25,9 @@ def u8s8_matmul_exact(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return (a.astype(np.int64) @ w.astype(np.int64).T).astype(np.int32)
 
 
-def im2col_nhwc(x: np.ndarray, kh: int, kw: int, pads: tuple[int, int, int, int] = (0, 0, 0, 0),
-                pad_value: int = 0) -> np.ndarray:
+def im2col_nhwc(
+    x: np.ndarray, kh: int, kw: int, pads: tuple[int, int, int, int] = (0, 0, 0, 0), pad_value: int = 0
+) -> np.ndarray:
     """(N, C, H, W) -> rows of (kh, kw, C) patches, the reduction order of the NHWC integer convolution
     (stride 1, no dilation, one group)."""
     n, c, h, w = x.shape
@@ -36,5 +37,5 @@ def im2col_nhwc(x: np.ndarray, kh: int, kw: int, pads: tuple[int, int, int, int]
     cols = np.empty((n, oh, ow, kh, kw, c), x.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, :, i, j, :] = xp[:, :, i:i + oh, j:j + ow].transpose(0, 2, 3, 1)
+            cols[:, :, :, i, j, :] = xp[:, :, i : i + oh, j : j + ow].transpose(0, 2, 3, 1)
     return cols.reshape(n * oh * ow, kh * kw * c)

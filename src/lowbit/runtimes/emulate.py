@@ -9,9 +9,9 @@ with graph optimizations off computes (the float simulation).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import onnx
@@ -46,7 +46,9 @@ class _Stats:
     outputs_affected: int = 0
 
 
-def run_emulated(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray], saturate: bool = True) -> list[np.ndarray]:
+def run_emulated(
+    model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray], saturate: bool = True
+) -> list[np.ndarray]:
     """The graph outputs, in order, as a non-VNNI AVX2 CPU computes them (saturate=False: as VNNI / int32 does)."""
     return _Emulator(model).run(feeds, saturate)
 
@@ -127,16 +129,22 @@ class _Emulator:
             return None  # per-channel along the reduction axis: no integer kernel takes that
         m = rows.shape[0]
         return _IntOp(
-            a_dq.input[0], a_dq.input[1], a_dq.input[2] if len(a_dq.input) > 2 and a_dq.input[2] else None,
+            a_dq.input[0],
+            a_dq.input[1],
+            a_dq.input[2] if len(a_dq.input) > 2 and a_dq.input[2] else None,
             np.ascontiguousarray(rows),
             np.broadcast_to(scale.astype(np.float64).reshape(-1), (m,)).copy(),
             np.broadcast_to(zp.astype(np.int64).reshape(-1), (m,)).copy(),
-            np.dtype(scale.dtype), n.op_type, a,
+            np.dtype(scale.dtype),
+            n.op_type,
+            a,
         )
 
     # --- execution ---
 
-    def run(self, feeds: dict[str, np.ndarray], saturate: bool, stats: dict[str, _Stats] | None = None) -> list[np.ndarray]:
+    def run(
+        self, feeds: dict[str, np.ndarray], saturate: bool, stats: dict[str, _Stats] | None = None
+    ) -> list[np.ndarray]:
         g = self.model.graph
         outputs = [o.name for o in g.output]
         missing = [i.name for i in g.input if i.name not in feeds and i.name not in self.consts]
@@ -176,8 +184,9 @@ class _Emulator:
             self._evaluators[i] = ReferenceEvaluator(fn)
         return self._evaluators[i]
 
-    def _integer(self, n: onnx.NodeProto, op: _IntOp, values: dict[str, np.ndarray], saturate: bool,
-                 st: _Stats | None) -> np.ndarray:
+    def _integer(
+        self, n: onnx.NodeProto, op: _IntOp, values: dict[str, np.ndarray], saturate: bool, st: _Stats | None
+    ) -> np.ndarray:
         x = values[op.act_q]
         za = int(values[op.act_zp].reshape(-1)[0]) if op.act_zp else 0
         s_a = float(np.asarray(values[op.act_scale], np.float64).reshape(-1)[0])
@@ -189,7 +198,7 @@ class _Emulator:
             acc = np.empty((flat.shape[0], op.w.shape[0]), np.float64)
             step = max(1, _CHUNK // max(flat.shape[1], op.w.shape[0]))
             for r in range(0, flat.shape[0], step):
-                acc[r:r + step] = _u8s8(flat[r:r + step], za, op.w, op.w_zp, saturate, st)
+                acc[r : r + step] = _u8s8(flat[r : r + step], za, op.w, op.w_zp, saturate, st)
             acc = acc.reshape(*x.shape[:-1], op.w.shape[0])
             scale = s_a * op.w_scale
         y = acc * scale
@@ -215,7 +224,9 @@ def _qdq(n: onnx.NodeProto, ins: list[np.ndarray | None]) -> np.ndarray:
     z = z.reshape(shape) if z.size > 1 else z.reshape(())
     if n.op_type == "DequantizeLinear":
         return ((x.astype(np.float32) - z.astype(np.float32)) * s).astype(s.dtype)
-    dtype = z.dtype if zp is not None or not a.get("output_dtype") else helper.tensor_dtype_to_np_dtype(a["output_dtype"])
+    dtype = (
+        z.dtype if zp is not None or not a.get("output_dtype") else helper.tensor_dtype_to_np_dtype(a["output_dtype"])
+    )
     if not np.issubdtype(dtype, np.integer):
         raise NotImplementedError(f"QuantizeLinear {n.name!r} to {dtype}")
     info = np.iinfo(dtype)
@@ -242,8 +253,8 @@ def _u8s8(a: np.ndarray, za: int, w: np.ndarray, zw: np.ndarray, saturate: bool,
     if not saturate or n == 0 or k < 2:
         return acc
     j_all = k // 2  # an odd K's last product has no partner and 255 * 128 fits int16
-    bound = a[:, :2 * j_all].max(axis=0).astype(np.int64)
-    w64 = w[:, :2 * j_all].astype(np.int64)
+    bound = a[:, : 2 * j_all].max(axis=0).astype(np.int64)
+    w64 = w[:, : 2 * j_all].astype(np.int64)
     hi = bound * np.maximum(w64, 0)
     lo = bound * np.minimum(w64, 0)
     can = (hi[:, 0::2] + hi[:, 1::2] > INT16_MAX) | (lo[:, 0::2] + lo[:, 1::2] < INT16_MIN)
@@ -255,7 +266,7 @@ def _u8s8(a: np.ndarray, za: int, w: np.ndarray, zw: np.ndarray, saturate: bool,
     step = max(1, _CHUNK // n)
     a32 = a.astype(np.int32)
     for c in range(0, len(mi), step):
-        cm, cj = mi[c:c + step], ji[c:c + step]
+        cm, cj = mi[c : c + step], ji[c : c + step]
         p = a32[:, 2 * cj] * w[cm, 2 * cj].astype(np.int32) + a32[:, 2 * cj + 1] * w[cm, 2 * cj + 1].astype(np.int32)
         d = np.clip(p, INT16_MIN, INT16_MAX) - p
         saturated += int(np.count_nonzero(d))
@@ -304,7 +315,7 @@ def _conv(x: np.ndarray, za: int, op: _IntOp, saturate: bool, st: _Stats | None)
     taps = [(i, j) for i in range(kh) for j in range(kw)]
 
     def tap(img: np.ndarray, i: int, j: int) -> np.ndarray:
-        return img[:, i * dh:i * dh + (oh - 1) * sh + 1:sh, j * dw:j * dw + (ow - 1) * sw + 1:sw]
+        return img[:, i * dh : i * dh + (oh - 1) * sh + 1 : sh, j * dw : j * dw + (ow - 1) * sw + 1 : sw]
 
     if cg == 1 and m == group and group > 1:
         # Depthwise: ORT's depthwise kernel accumulates in int32, no pairs, so nothing can clip.
@@ -319,7 +330,7 @@ def _conv(x: np.ndarray, za: int, op: _IntOp, saturate: bool, st: _Stats | None)
     mg = m // group
     for img in range(n):
         for g in range(group):
-            xg = xp[img, g * cg:(g + 1) * cg]
+            xg = xp[img, g * cg : (g + 1) * cg]
             cols = np.empty((oh, ow, kh, kw, cg), np.uint8)
             for i, j in taps:
                 cols[:, :, i, j, :] = tap(xg, i, j).transpose(1, 2, 0)
@@ -328,7 +339,7 @@ def _conv(x: np.ndarray, za: int, op: _IntOp, saturate: bool, st: _Stats | None)
             res = np.empty((oh * ow, mg))
             step = max(1, _CHUNK // max(cols.shape[1], mg))
             for r0 in range(0, oh * ow, step):
-                res[r0:r0 + step] = _u8s8(cols[r0:r0 + step], za, op.w[sl], op.w_zp[sl], saturate, st)
+                res[r0 : r0 + step] = _u8s8(cols[r0 : r0 + step], za, op.w[sl], op.w_zp[sl], saturate, st)
             out[img, sl] = res.T.reshape(mg, oh, ow)
     return out
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,8 +63,10 @@ class LiteRTSession:
         self._outputs = self._it.get_output_details()
         for d in (*self._inputs, *self._outputs):
             if len(d["quantization_parameters"]["scales"]) > 1:
-                raise LowbitError(f"{self.path}: tensor '{d['name']}' has per-channel quantization at the model's "
-                                  "edge; lowbit can only feed per-tensor quantized inputs and outputs")
+                raise LowbitError(
+                    f"{self.path}: tensor '{d['name']}' has per-channel quantization at the model's "
+                    "edge; lowbit can only feed per-tensor quantized inputs and outputs"
+                )
         self._batch = int(self._inputs[0]["shape"][0]) if self._inputs and len(self._inputs[0]["shape"]) else 1
         self._per_sample = False  # set when the graph cannot be resized to another batch
         self._shapes = [tuple(int(v) for v in d["shape"]) for d in self._inputs]  # as allocated now
@@ -86,11 +89,14 @@ class LiteRTSession:
             raise LowbitError("running .tflite files needs LiteRT: pip install ai-edge-litert") from None
         resolver = OpResolverType.AUTO if self.xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            it = Interpreter(model_content=self.data, num_threads=self.threads or None,
-                             experimental_op_resolver_type=resolver)
+            it = Interpreter(
+                model_content=self.data, num_threads=self.threads or None, experimental_op_resolver_type=resolver
+            )
             it.allocate_tensors()
         except Exception as e:  # LiteRT raises ValueError/RuntimeError with multi-line C++ logs
-            raise LowbitError(f"LiteRT cannot load {self.path} ({_one_line(e)}); check or re-export the model") from None
+            raise LowbitError(
+                f"LiteRT cannot load {self.path} ({_one_line(e)}); check or re-export the model"
+            ) from None
         return it
 
     def delegate_partitions(self) -> int | None:
@@ -134,8 +140,9 @@ class LiteRTSession:
             elif len(self._inputs) == 1 and len(feeds) == 1:
                 x = np.asarray(next(iter(feeds.values())))
             else:
-                raise LowbitError(f"no data for input '{d['name']}' of {self.path}; "
-                                  f"the data has {', '.join(feeds) or 'nothing'}")
+                raise LowbitError(
+                    f"no data for input '{d['name']}' of {self.path}; the data has {', '.join(feeds) or 'nothing'}"
+                )
             want = self._logical_shape(d, True)
             if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, x.shape)):
                 shown = ", ".join("N" if w is None else str(w) for w in want)

@@ -7,8 +7,9 @@ what the quantization math says the model computes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -17,7 +18,9 @@ import onnxruntime as ort
 Mode = Literal["kernels", "simulate"]
 
 
-def session(model: str | Path | bytes | onnx.ModelProto, mode: Mode = "kernels", threads: int = 0) -> ort.InferenceSession:
+def session(
+    model: str | Path | bytes | onnx.ModelProto, mode: Mode = "kernels", threads: int = 0
+) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if mode == "kernels" else ort.GraphOptimizationLevel.ORT_DISABLE_ALL

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 import onnx
 
 from ..plan import Plan
-from .add_rounding import snap_add_scales
-
 from ..recipe import TargetName
+from .add_rounding import snap_add_scales
 
 
 @dataclass(frozen=True)

@@ -115,8 +115,13 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
         def own(t: tuple[str, str]) -> bool:  # only this Add reads it, and no Add made it
             q = producer.get(t[0])
             made_by = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
-            return (q is not None and q.op_type == "QuantizeLinear" and len(readers.get(t[0], [])) == 1
-                    and (made_by is None or made_by.op_type != "Add") and scale_users.get(t[1], 0) == 2)
+            return (
+                q is not None
+                and q.op_type == "QuantizeLinear"
+                and len(readers.get(t[0], [])) == 1
+                and (made_by is None or made_by.op_type != "Add")
+                and scale_users.get(t[1], 0) == 2
+            )
 
         movable = [k for k in (0, 1) if own(ops[k])]
         if not movable or scale_users.get(c_scale, 0) < 2:
@@ -124,8 +129,10 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
         k = movable[0]
         a_name, b_name = ops[k][1], ops[1 - k][1]
         sa, sb, sc = value(a_name), value(b_name), value(c_scale)
-        za, zb, zc = (int(numpy_helper.to_array(inits[n.input[2]])) if len(n.input) > 2 and n.input[2] in inits else 0
-                      for n in (producer[node.input[k]], producer[node.input[1 - k]], outs[0]))
+        za, zb, zc = (
+            int(numpy_helper.to_array(inits[n.input[2]])) if len(n.input) > 2 and n.input[2] in inits else 0
+            for n in (producer[node.input[k]], producer[node.input[1 - k]], outs[0])
+        )
         zdt = inits[outs[0].input[2]].data_type if len(outs[0].input) > 2 and outs[0].input[2] in inits else 2
         info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zdt))
         if info.bits > 8:  # 16-bit ADDs follow other rules in LiteRT, and 65536^2 pairs would not fit in memory
@@ -142,8 +149,15 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
             args = (first, second, (float(sc2), zc), int(info.min), int(info.max))  # ONNX order
             return bool(np.array_equal(ort_add(qa, qb, *args), xnnpack_add(qa, qb, *args)))
 
-        pick = next(((sa2, sc2) for sc2 in _candidates(sc, lambda v: _exact(sb, v, shift), 8)
-                     for sa2 in _candidates(sa, lambda v: _exact(v, sc2, shift), 8) if agree(sa2, sc2)), None)
+        pick = next(
+            (
+                (sa2, sc2)
+                for sc2 in _candidates(sc, lambda v: _exact(sb, v, shift), 8)
+                for sa2 in _candidates(sa, lambda v: _exact(v, sc2, shift), 8)
+                if agree(sa2, sc2)
+            ),
+            None,
+        )
         if pick is None:
             continue
         sa2, sc2 = pick

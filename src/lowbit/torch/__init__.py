@@ -13,8 +13,11 @@ from .qat import calibrate_qat, freeze_bn, prepare_qat
 
 def export(*args, **kwargs):
     """Deprecated name of `export_onnx`: beside `lowbit.export_tflite` it did not say what it writes."""
-    _warnings.warn("lowbit.torch.export is deprecated; use lowbit.torch.export_onnx (same arguments)",
-                   DeprecationWarning, stacklevel=2)
+    _warnings.warn(
+        "lowbit.torch.export is deprecated; use lowbit.torch.export_onnx (same arguments)",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     return export_onnx(*args, **kwargs)
 
 

@@ -19,8 +19,10 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module | None = None) -> 
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise LowbitError(f"refusing to load {p}: it holds Python objects, not only tensors (loaded with "
-                          "weights_only=True, as untrusted files must be); save model.state_dict() instead") from None
+        raise LowbitError(
+            f"refusing to load {p}: it holds Python objects, not only tensors (loaded with "
+            "weights_only=True, as untrusted files must be); save model.state_dict() instead"
+        ) from None
     except (RuntimeError, EOFError, OSError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LowbitError(f"{p} is not a readable PyTorch checkpoint ({first})") from None

@@ -97,8 +97,9 @@ def _strip_activation_qdq(proto: onnx.ModelProto, markers: dict[float, tuple]) -
                 n.input[i] = rename[name]
     for o in g.output:
         if o.name in rename:
-            raise LowbitError(f"a model output ({o.name}) is fake-quantized; lowbit keeps model outputs of weighted ops "
-                              "in float")
+            raise LowbitError(
+                f"a model output ({o.name}) is fake-quantized; lowbit keeps model outputs of weighted ops in float"
+            )
     return params
 
 
@@ -118,8 +119,10 @@ def _export_recipe(float_proto: onnx.ModelProto, bits: dict[str, int | None]) ->
     found = len(rules)
     expected = sum(b != 8 for b in bits.values())
     if found != expected:
-        raise LowbitError(f"QAT export found {found} of the {expected} int4/float layers in the exported graph; "
-                          "their weights were renamed by the ONNX export")
+        raise LowbitError(
+            f"QAT export found {found} of the {expected} int4/float layers in the exported graph; "
+            "their weights were renamed by the ONNX export"
+        )
     return dataclasses.replace(EXPORT_RECIPE, rules=tuple(rules))
 
 
@@ -132,8 +135,10 @@ def _plan_tensors(float_proto: onnx.ModelProto, params: dict[str, tuple], recipe
     missing = sorted(set(layout.sources()) - set(params) - set(model.graph.initializers))
     extra = sorted(set(params) - set(layout.tensors))
     if missing or extra:
-        raise LowbitError(f"this module's structure is not supported by QAT export yet: lowbit's planner quantizes "
-                          f"{missing[:3]} without a fake quantizer, fake quantizers on {extra[:3]} are not quantized by it")
+        raise LowbitError(
+            f"this module's structure is not supported by QAT export yet: lowbit's planner quantizes "
+            f"{missing[:3]} without a fake quantizer, fake quantizers on {extra[:3]} are not quantized by it"
+        )
     out = {}
     for name, src in layout.tensors.items():
         s, z, dtype = params[src]
@@ -162,8 +167,11 @@ def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict
         scale = np.where(scale > 0, scale, np.float32(1e-12))
         k = np.clip(np.rint(flat / scale[:, None]), -qmax, qmax).astype(np.int8).reshape(w.shape)
         dq = dq_by_out[node.input[1]]
-        stored = numpy_helper.from_array(k, dq.input[0]) if qmax == 127 else \
-            onnx.helper.make_tensor(dq.input[0], onnx.TensorProto.INT4, k.shape, pack_int4(k).tobytes(), raw=True)
+        stored = (
+            numpy_helper.from_array(k, dq.input[0])
+            if qmax == 127
+            else onnx.helper.make_tensor(dq.input[0], onnx.TensorProto.INT4, k.shape, pack_int4(k).tobytes(), raw=True)
+        )
         inits[dq.input[0]].CopyFrom(stored)
         inits[dq.input[1]].CopyFrom(numpy_helper.from_array(scale, dq.input[1]))
         plan.tensors[f"{node.name}:1"].scale = scale.astype(float).tolist()
@@ -178,8 +186,9 @@ def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict
             plan.tensors[f"{node.name}:2"].scale = sb.astype(float).tolist()
 
 
-def export_onnx(module: torch.nn.Module, path: str | Path | None, example_inputs: Any,
-                float_output: str | Path | None = None) -> QuantizeResult:
+def export_onnx(
+    module: torch.nn.Module, path: str | Path | None, example_inputs: Any, float_output: str | Path | None = None
+) -> QuantizeResult:
     """Write the QDQ model to `path` (and `path`.plan.json beside it); returns the QuantizeResult.
 
     `float_output` also writes the module's float form (BatchNorm folded, weights on their grid, no

@@ -62,7 +62,8 @@ class ActFakeQuant(torch.nn.Module):
             return torch.fake_quantize_per_tensor_affine(x, s, z, 0, 255)
         grad_factor = 1.0 / math.sqrt(x.numel() * self.qmax)  # LSQ's step-size gradient scale
         return torch._fake_quantize_learnable_per_tensor_affine(
-            x, self.effective_scale().reshape(1), self.zero_point.reshape(1), 0, self.qmax, grad_factor)
+            x, self.effective_scale().reshape(1), self.zero_point.reshape(1), 0, self.qmax, grad_factor
+        )
 
     def freeze_for_export(self, marker: float | None = None) -> tuple[float, int, str]:
         """Export as a uint8 Q/DQ pair the exporter understands; a 16-bit tensor is exported with a `marker`
@@ -103,8 +104,14 @@ class QConvBnAct(torch.nn.Module):
     the running statistics are folded for good, which is what the exported model computes.
     """
 
-    def __init__(self, conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, act: str | None, bits: int | None,
-                 freeze_bn_after: int | None) -> None:
+    def __init__(
+        self,
+        conv: torch.nn.Conv2d,
+        bn: torch.nn.BatchNorm2d | None,
+        act: str | None,
+        bits: int | None,
+        freeze_bn_after: int | None,
+    ) -> None:
         super().__init__()
         self.conv, self.bn, self.act, self.bits = conv, bn, act, bits
         self.freeze_bn_after = freeze_bn_after
@@ -134,8 +141,16 @@ class QConvBnAct(torch.nn.Module):
             if c.bias is not None:
                 y = y + c.bias.reshape(1, -1, 1, 1)
             bn = self.bn
-            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True,
-                             bn.momentum if bn.momentum is not None else 0.1, bn.eps)
+            y = F.batch_norm(
+                y,
+                bn.running_mean,
+                bn.running_var,
+                bn.weight,
+                bn.bias,
+                True,
+                bn.momentum if bn.momentum is not None else 0.1,
+                bn.eps,
+            )
         else:
             y = F.conv2d(x, wq, b, c.stride, c.padding, c.dilation, c.groups)
         return _act(y, self.act)
@@ -166,8 +181,9 @@ class ExportConv(torch.nn.Module):
         self.act, self.bits = q.act, q.bits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _act(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups),
-                    self.act)
+        return _act(
+            F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups), self.act
+        )
 
 
 class ExportLinear(torch.nn.Module):

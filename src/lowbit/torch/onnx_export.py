@@ -37,8 +37,9 @@ def _where(e: object) -> str:
     return text[0] if text else type(e).__name__
 
 
-def module_to_onnx(module: torch.nn.Module, example_inputs: Any, opset: int = 17,
-                   fold_constants: bool = True) -> onnx.ModelProto:
+def module_to_onnx(
+    module: torch.nn.Module, example_inputs: Any, opset: int = 17, fold_constants: bool = True
+) -> onnx.ModelProto:
     """Export with a dynamic batch axis; inputs are named x (or x0, x1...), outputs y (or y0, y1...).
     Without `fold_constants` BatchNorm stays separate and every weight keeps its parameter name."""
     inputs = as_tuple(example_inputs)
@@ -55,22 +56,37 @@ def module_to_onnx(module: torch.nn.Module, example_inputs: Any, opset: int = 17
             warnings.simplefilter("always", torch.jit.TracerWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", FutureWarning)
-            torch.onnx.export(module, inputs, buf, dynamo=False, opset_version=opset, input_names=in_names,
-                              output_names=out_names, do_constant_folding=fold_constants,
-                              dynamic_axes={n: {0: "N"} for n in in_names + out_names})
+            torch.onnx.export(
+                module,
+                inputs,
+                buf,
+                dynamo=False,
+                opset_version=opset,
+                input_names=in_names,
+                output_names=out_names,
+                do_constant_folding=fold_constants,
+                dynamic_axes={n: {0: "N"} for n in in_names + out_names},
+            )
         # torch's own modules warn on their shape checks (nn.LSTM compares input.size(-1)); only user code counts.
-        traced = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
-                  and not str(w.filename).startswith(_TORCH_DIR)]
+        traced = [
+            w
+            for w in caught
+            if issubclass(w.category, torch.jit.TracerWarning) and not str(w.filename).startswith(_TORCH_DIR)
+        ]
         if traced:
             w = traced[0]
-            raise LowbitError(f"cannot export {type(module).__name__} to ONNX: its forward depends on tensor values "
-                              f"at {w.filename}:{w.lineno} ({_where(w.message).split('. ')[0]}); remove the data-dependent branch "
-                              "or export the model to ONNX yourself")
+            raise LowbitError(
+                f"cannot export {type(module).__name__} to ONNX: its forward depends on tensor values "
+                f"at {w.filename}:{w.lineno} ({_where(w.message).split('. ')[0]}); remove the data-dependent branch "
+                "or export the model to ONNX yourself"
+            )
     except LowbitError:
         raise
     except Exception as e:  # torch raises many unrelated types here; the user needs the first line only
-        raise LowbitError(f"cannot export {type(module).__name__} to ONNX ({type(e).__name__}: {_where(e)}); "
-                          "check example_inputs or export the model to ONNX yourself") from None
+        raise LowbitError(
+            f"cannot export {type(module).__name__} to ONNX ({type(e).__name__}: {_where(e)}); "
+            "check example_inputs or export the model to ONNX yourself"
+        ) from None
     finally:
         module.train(was_training)
     return onnx.load_from_string(buf.getvalue())

@@ -13,9 +13,10 @@ from __future__ import annotations
 import copy
 import operator
 import warnings
+from collections.abc import Iterable
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,19 +53,24 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _layer_choice(name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None,
-                  aliases: tuple[str, ...] = ()) -> tuple[int | None, str]:
+def _layer_choice(
+    name: str, op_type: str, recipe: Recipe, weight_bits: int | dict[str, int] | None, aliases: tuple[str, ...] = ()
+) -> tuple[int | None, str]:
     """(weight bits, or None to keep the layer float; activation type of the layer's output) for one conv/linear."""
     scheme, _ = recipe.scheme_for(name, op_type, aliases)
     if scheme is None or scheme.mode == "float":
         return None, "float"
     if scheme.mode != "static":
-        raise LowbitError(f"QAT trains static quantization (or keeps a layer float); the recipe asks mode "
-                          f"{scheme.mode} for '{name}': use mode static or float for it")
+        raise LowbitError(
+            f"QAT trains static quantization (or keeps a layer float); the recipe asks mode "
+            f"{scheme.mode} for '{name}': use mode static or float for it"
+        )
     if scheme.activations not in ("uint8", "uint16") or not scheme.per_channel or not scheme.symmetric_weights:
-        raise LowbitError(f"QAT supports uint8/uint16 activations with per-channel symmetric weights; the recipe "
-                          f"asks {scheme.activations} activations, per_channel={scheme.per_channel}, "
-                          f"symmetric_weights={scheme.symmetric_weights} for '{name}'")
+        raise LowbitError(
+            f"QAT supports uint8/uint16 activations with per-channel symmetric weights; the recipe "
+            f"asks {scheme.activations} activations, per_channel={scheme.per_channel}, "
+            f"symmetric_weights={scheme.symmetric_weights} for '{name}'"
+        )
     bits = 4 if scheme.weights == "int4" else 8
     if isinstance(weight_bits, int):
         bits = weight_bits
@@ -87,8 +93,11 @@ def _ptq_names(module: torch.nn.Module, inputs: tuple) -> dict[str, str]:
     -> "/features/features.3/Conv"), so one recipe's name rules select the same layers in PTQ and QAT. Exported
     without constant folding, every weight keeps its parameter name."""
     proto = module_to_onnx(module, inputs, fold_constants=False)
-    return {n.input[1][: -len(".weight")]: n.name for n in proto.graph.node
-            if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1].endswith(".weight")}
+    return {
+        n.input[1][: -len(".weight")]: n.name
+        for n in proto.graph.node
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 1 and n.input[1].endswith(".weight")
+    }
 
 
 def _check_patterns(recipe: Recipe, weight_bits: Any, names: list[str]) -> None:
@@ -97,13 +106,20 @@ def _check_patterns(recipe: Recipe, weight_bits: Any, names: list[str]) -> None:
         patterns += list(weight_bits)
     for p in patterns:
         if not any(fnmatchcase(n, p) for n in names):
-            raise LowbitError(f"the recipe names layer '{p}', which matches no layer of this module "
-                              f"(layers: {', '.join(names[:6])}{'...' if len(names) > 6 else ''})")
+            raise LowbitError(
+                f"the recipe names layer '{p}', which matches no layer of this module "
+                f"(layers: {', '.join(names[:6])}{'...' if len(names) > 6 else ''})"
+            )
 
 
-def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = None, example_inputs: Any = None,
-                calib: Iterable[Any] | None = None, weight_bits: int | dict[str, int] | None = None,
-                freeze_bn_after: int | None = None) -> fx.GraphModule:
+def prepare_qat(
+    module: torch.nn.Module,
+    recipe: Recipe | str | Path | None = None,
+    example_inputs: Any = None,
+    calib: Iterable[Any] | None = None,
+    weight_bits: int | dict[str, int] | None = None,
+    freeze_bn_after: int | None = None,
+) -> fx.GraphModule:
     """A fake-quantized copy of `module`, calibrated on `calib` (batches of inputs; default: example_inputs).
 
     The recipe's rule name patterns match module names (e.g. "features.3") or the ONNX node names PTQ of the
@@ -115,15 +131,20 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe() if recipe is None else Recipe.load(recipe)
     if weight_bits is not None:
-        warnings.warn("prepare_qat(weight_bits=...) is deprecated: give 4-bit layers a recipe rule with "
-                      "Scheme(weights='int4')", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "prepare_qat(weight_bits=...) is deprecated: give 4-bit layers a recipe rule with Scheme(weights='int4')",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     inputs = as_tuple(example_inputs)
     try:
         gm = fx.symbolic_trace(copy.deepcopy(module))
     except Exception as e:  # fx raises TraceError, TypeError, ... on dynamic control flow
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise LowbitError(f"cannot prepare {type(module).__name__} for QAT: torch.fx cannot trace its forward "
-                          f"({first}); remove data-dependent control flow") from None
+        raise LowbitError(
+            f"cannot prepare {type(module).__name__} for QAT: torch.fx cannot trace its forward "
+            f"({first}); remove data-dependent control flow"
+        ) from None
     modules = dict(gm.named_modules())
     layer_names = [n for n, m in modules.items() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     # Module names never hold "/": patterns that do are ONNX node names, as a PTQ recipe or diagnose writes them.
@@ -139,8 +160,9 @@ def prepare_qat(module: torch.nn.Module, recipe: Recipe | str | Path | None = No
     return gm
 
 
-def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn_after: int | None,
-                 onnx_names: dict[str, str]) -> None:
+def _fuse_layers(
+    gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn_after: int | None, onnx_names: dict[str, str]
+) -> None:
     """Conv [+BN] [+act] and Linear [+act] become one (fake-quantized or float) module, named after the layer."""
     g, modules = gm.graph, dict(gm.named_modules())
     for node in list(g.nodes):
@@ -148,8 +170,12 @@ def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn
             continue
         layer, tail, bn = modules[node.target], node, None
         nxt = _only_user(tail)
-        if isinstance(layer, torch.nn.Conv2d) and nxt is not None and nxt.op == "call_module" and \
-                isinstance(modules[nxt.target], torch.nn.BatchNorm2d):
+        if (
+            isinstance(layer, torch.nn.Conv2d)
+            and nxt is not None
+            and nxt.op == "call_module"
+            and isinstance(modules[nxt.target], torch.nn.BatchNorm2d)
+        ):
             bn, tail = modules[nxt.target], nxt
         nxt = _only_user(tail)
         act = _act_kind(nxt, modules) if nxt is not None else None
@@ -158,8 +184,11 @@ def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn
         op_type = "Conv" if isinstance(layer, torch.nn.Conv2d) else "Gemm"  # the ONNX op, as PTQ recipes name it
         aliases = (onnx_names[node.target],) if node.target in onnx_names else ()
         bits, act_dtype = _layer_choice(node.target, op_type, recipe, weight_bits, aliases)
-        fused = QConvBnAct(layer, bn, act, bits, freeze_bn_after) if isinstance(layer, torch.nn.Conv2d) \
+        fused = (
+            QConvBnAct(layer, bn, act, bits, freeze_bn_after)
+            if isinstance(layer, torch.nn.Conv2d)
             else QLinearAct(layer, act, bits)
+        )
         gm.add_submodule(node.target, fused)
         if tail is not node:
             tail.replace_all_uses_with(node)
@@ -172,13 +201,18 @@ def _fuse_layers(gm: fx.GraphModule, recipe: Recipe, weight_bits: Any, freeze_bn
 
 
 def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADD_FUNCS) or (node.op == "call_method" and node.target == "add")
+    return (node.op == "call_function" and node.target in _ADD_FUNCS) or (
+        node.op == "call_method" and node.target == "add"
+    )
 
 
 def _is_pass(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
     m = modules.get(node.target) if node.op == "call_module" else None
-    return isinstance(m, _PASS_MODULES) or (node.op == "call_function" and node.target in _PASS_FUNCS) or \
-        (node.op == "call_method" and node.target in _PASS_METHODS)
+    return (
+        isinstance(m, _PASS_MODULES)
+        or (node.op == "call_function" and node.target in _PASS_FUNCS)
+        or (node.op == "call_method" and node.target in _PASS_METHODS)
+    )
 
 
 def _add_fake_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
@@ -222,8 +256,9 @@ def _add_fake_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
             add_fq(nxt if act else node, act)
         elif _act_kind(node, modules) is not None:
             prev = node.args[0]
-            if isinstance(prev, fx.Node) and ((prev.op == "call_module" and isinstance(modules.get(prev.target),
-                                                                                      _POOL_MODULES)) or _is_add(prev)):
+            if isinstance(prev, fx.Node) and (
+                (prev.op == "call_module" and isinstance(modules.get(prev.target), _POOL_MODULES)) or _is_add(prev)
+            ):
                 continue  # handled with its producer
             add_fq(node, _act_kind(node, modules))
         elif isinstance(m, torch.nn.MaxPool2d):
@@ -232,8 +267,10 @@ def _add_fake_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
             continue
         else:
             what = type(m).__name__ if m is not None else getattr(node.target, "__name__", str(node.target))
-            raise LowbitError(f"QAT does not support {what} (at '{node.name}') yet; supported: Conv2d, BatchNorm2d, "
-                              "Linear, ReLU, ReLU6, add, average/max pooling, flatten")
+            raise LowbitError(
+                f"QAT does not support {what} (at '{node.name}') yet; supported: Conv2d, BatchNorm2d, "
+                "Linear, ReLU, ReLU6, add, average/max pooling, flatten"
+            )
     modules = dict(gm.named_modules())
 
     def quantized(node: fx.Node) -> bool:

@@ -13,10 +13,17 @@ from .convert import IO_KINDS, PRECISIONS, ExportResult, convert
 from .writer import read_metadata
 
 
-def export_tflite(model: str | Path | onnx.ModelProto, output: str | Path, io: str = "float",
-                  allow_float_fallback: bool = False, batch: int = 1, precision: str = "auto",
-                  shapes: dict[str, tuple[int, ...]] | None = None, calib: Any = None,
-                  preprocess: Any = None) -> ExportResult:
+def export_tflite(
+    model: str | Path | onnx.ModelProto,
+    output: str | Path,
+    io: str = "float",
+    allow_float_fallback: bool = False,
+    batch: int = 1,
+    precision: str = "auto",
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    calib: Any = None,
+    preprocess: Any = None,
+) -> ExportResult:
     """Convert `model` (float, lowbit's float16 or QDQ int8 ONNX) and write `output` atomically; see `convert`."""
     out = Path(output)
     if not isinstance(model, onnx.ModelProto) and same_file(out, model):
@@ -25,8 +32,16 @@ def export_tflite(model: str | Path | onnx.ModelProto, output: str | Path, io: s
         raise LowbitError(f"output {out} must end in .tflite")
     if not out.parent.exists():
         raise LowbitError(f"output folder {out.parent} does not exist; create it first")
-    result = convert(model, io=io, allow_float_fallback=allow_float_fallback, batch=batch, precision=precision,
-                     shapes=shapes, calib=calib, preprocess=preprocess)
+    result = convert(
+        model,
+        io=io,
+        allow_float_fallback=allow_float_fallback,
+        batch=batch,
+        precision=precision,
+        shapes=shapes,
+        calib=calib,
+        preprocess=preprocess,
+    )
     atomic_write_bytes(result.data, out)
     result.path = out
     return result

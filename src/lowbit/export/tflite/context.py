@@ -21,9 +21,15 @@ TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 FP16_MAX = 65504.0
 # ONNX element type -> TFLite tensor type of a float-kind value (float16 values are computed in float32)
-DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float32", onnx.TensorProto.INT64: "int64",
-          onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool", onnx.TensorProto.INT8: "int8",
-          onnx.TensorProto.UINT8: "uint8"}
+DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.BOOL: "bool",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+}
 
 
 def nhwc_axis(axis: int, rank: int) -> int:
@@ -33,8 +39,13 @@ def nhwc_axis(axis: int, rank: int) -> int:
 
 
 class Context:
-    def __init__(self, graph: Graph, shapes: dict[str, tuple[int, ...]], precision: str = "float32",
-                 dtypes: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        graph: Graph,
+        shapes: dict[str, tuple[int, ...]],
+        precision: str = "float32",
+        dtypes: dict[str, int] | None = None,
+    ) -> None:
         self.g = graph
         self.shapes = shapes
         self.dtypes = dtypes or {}  # ONNX element types: tells int64 indices and bool masks from float values
@@ -93,8 +104,9 @@ class Context:
         if want == have:
             return reps[(kind, have)]
         perm = TO_NHWC if want else TO_NCHW
-        dst = self.fm.add_tensor(self._tensor(name, kind, self.shape(name, want),
-                                              f"{name}_{'nhwc' if want else 'nchw'}"))
+        dst = self.fm.add_tensor(
+            self._tensor(name, kind, self.shape(name, want), f"{name}_{'nhwc' if want else 'nchw'}")
+        )
         self.op("TRANSPOSE", [reps[(kind, have)], self.const_int(perm, f"{name}_perm")], [dst])
         self.transposes.append(name)
         reps[(kind, want)] = dst
@@ -108,8 +120,9 @@ class Context:
             data, dtype = data.astype(np.float32), "float32"
         if dtype == "float32" and self.precision == "float16" and np.all(np.abs(data) <= FP16_MAX):
             # TFLite's float16 form: the constant stored fp16, DEQUANTIZE'd to float32 once when the model loads
-            half = self.fm.add_tensor(Tensor(f"{name}_fp16", tuple(data.shape), "float16",
-                                             data=data.astype(np.float16)))
+            half = self.fm.add_tensor(
+                Tensor(f"{name}_fp16", tuple(data.shape), "float16", data=data.astype(np.float16))
+            )
             out = self.fm.add_tensor(Tensor(name, tuple(data.shape), "float32"))
             self.op("DEQUANTIZE", [half], [out])
             return out

@@ -52,10 +52,21 @@ class ExportResult:
     model: str = ""  # the ONNX model it came from
 
     def to_dict(self) -> dict[str, Any]:
-        return jsonable({"model": self.model, "output": str(self.path) if self.path is not None else None,
-                         "format": "tflite", "quantized": self.quantized, "precision": self.precision, "io": self.io,
-                         "size_bytes": len(self.data), "ops": self.ops, "float_nodes": self.float_nodes,
-                         "fallbacks": self.fallbacks, "transposes": self.transposes})
+        return jsonable(
+            {
+                "model": self.model,
+                "output": str(self.path) if self.path is not None else None,
+                "format": "tflite",
+                "quantized": self.quantized,
+                "precision": self.precision,
+                "io": self.io,
+                "size_bytes": len(self.data),
+                "ops": self.ops,
+                "float_nodes": self.float_nodes,
+                "fallbacks": self.fallbacks,
+                "transposes": self.transposes,
+            }
+        )
 
     def to_json(self, indent: int | None = 2) -> str:
         return dumps(self.to_dict(), indent=indent)
@@ -77,8 +88,9 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
     return ir.to_proto(irm), recipe
 
 
-def _static_shapes(proto: onnx.ModelProto, batch: int, fixed: dict[str, tuple[int, ...]]
-                   ) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+def _static_shapes(
+    proto: onnx.ModelProto, batch: int, fixed: dict[str, tuple[int, ...]]
+) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
     inits = {t.name for t in proto.graph.initializer}
     names = [vi.name for vi in proto.graph.input if vi.name not in inits]
     for name in fixed:
@@ -96,8 +108,10 @@ def _static_shapes(proto: onnx.ModelProto, batch: int, fixed: dict[str, tuple[in
         for i, d in enumerate(dims):
             if not d.HasField("dim_value"):
                 if i != 0:
-                    raise LowbitError(f"input {vi.name} has a symbolic dimension {d.dim_param!r} past the batch axis;"
-                                      f" TFLite needs fixed sizes: pass --shape {vi.name}=1x... with every size")
+                    raise LowbitError(
+                        f"input {vi.name} has a symbolic dimension {d.dim_param!r} past the batch axis;"
+                        f" TFLite needs fixed sizes: pass --shape {vi.name}=1x... with every size"
+                    )
                 d.dim_value = batch
     return _probe(proto)
 
@@ -115,8 +129,13 @@ def _probe(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str
     inputs = [vi for vi in proto.graph.input if vi.name not in inits]
     names = [vi.name for vi in inputs] + list(dict.fromkeys(o for n in proto.graph.node for o in n.output if o))
     probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    feeds = {vi.name: np.zeros([d.dim_value for d in vi.type.tensor_type.shape.dim],
-                               helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)) for vi in inputs}
+    feeds = {
+        vi.name: np.zeros(
+            [d.dim_value for d in vi.type.tensor_type.shape.dim],
+            helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type),
+        )
+        for vi in inputs
+    }
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
     options.log_severity_level = 3
@@ -124,8 +143,10 @@ def _probe(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str
         sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         values = sess.run(None, feeds)
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
-        raise LowbitError(f"ONNX Runtime cannot run the model at the fixed input sizes, so tensor shapes are "
-                          f"unknown ({str(e).splitlines()[0][:200]}); check --shape / --batch") from None
+        raise LowbitError(
+            f"ONNX Runtime cannot run the model at the fixed input sizes, so tensor shapes are "
+            f"unknown ({str(e).splitlines()[0][:200]}); check --shape / --batch"
+        ) from None
     shapes = {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values)}
     dtypes = {n: helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype) for n, v in zip(names, values)}
     return shapes, dtypes
@@ -136,13 +157,17 @@ def _precision(g: Graph, precision: str, dynamic_form: bool) -> str:
         raise LowbitError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if g.quant:
         if precision != "auto":
-            raise LowbitError(f"--precision {precision} is for float models; this one is int8 QDQ and exports "
-                              "as full-integer (leave --precision at auto)")
+            raise LowbitError(
+                f"--precision {precision} is for float models; this one is int8 QDQ and exports "
+                "as full-integer (leave --precision at auto)"
+            )
         return "int8"
     for node in g.nodes:
         if node.op_type in _DYNAMIC_FORM:
-            raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): this form of lowbit's dynamic "
-                              "or weight-only output is not converted; export the float model with --precision dynamic")
+            raise LowbitError(
+                f"node {node.name or node.output[0]} ({node.op_type}): this form of lowbit's dynamic "
+                "or weight-only output is not converted; export the float model with --precision dynamic"
+            )
     if precision == "auto":
         if dynamic_form:
             return "dynamic"
@@ -158,7 +183,7 @@ def _fold(g: Graph, shapes: dict[str, tuple[int, ...]], opsets: dict[str, int]) 
         inputs = [i for i in node.input if i]
         if node.op_type == "Shape" and node.input[0] in shapes:
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            g.consts[node.output[0]] = np.array(shapes[node.input[0]], np.int64)[a.get("start", 0):a.get("end")]
+            g.consts[node.output[0]] = np.array(shapes[node.input[0]], np.int64)[a.get("start", 0) : a.get("end")]
         elif inputs and all(i in g.consts for i in inputs) and node.domain in ("", "ai.onnx"):
             g.consts.update(zip(node.output, _evaluate(node, g.consts, opsets)))
         else:
@@ -170,8 +195,10 @@ def _evaluate(node: onnx.NodeProto, consts: dict[str, np.ndarray], opsets: dict[
     """One node on constant inputs, in ONNX Runtime (the reference evaluator misses broadcasting cases)."""
     import onnxruntime as ort
 
-    inputs = [helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), consts[i].shape)
-              for i in dict.fromkeys(i for i in node.input if i)]
+    inputs = [
+        helper.make_tensor_value_info(i, helper.np_dtype_to_tensor_dtype(consts[i].dtype), consts[i].shape)
+        for i in dict.fromkeys(i for i in node.input if i)
+    ]
     graph = helper.make_graph([node], "fold", inputs, [helper.make_empty_tensor_value_info(o) for o in node.output])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
     model.ir_version = 8
@@ -179,8 +206,10 @@ def _evaluate(node: onnx.NodeProto, consts: dict[str, np.ndarray], opsets: dict[
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         return [np.asarray(v) for v in sess.run(None, {i.name: consts[i.name] for i in inputs})]
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad node
-        raise LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): cannot evaluate it on its "
-                          f"constant inputs ({str(e).splitlines()[0][:200]})") from None
+        raise LowbitError(
+            f"node {node.name or node.output[0]} ({node.op_type}): cannot evaluate it on its "
+            f"constant inputs ({str(e).splitlines()[0][:200]})"
+        ) from None
 
 
 def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[str, int]:
@@ -196,12 +225,23 @@ def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[s
             x, y = node.input[0], node.output[0]
             p = producer.get(x)
             qx, qy = g.quant.get(x), g.quant.get(y)
-            same_q = (qx is None and qy is None) or (qx is not None and qy is not None
-                                                     and np.array_equal(qx.scale, qy.scale)
-                                                     and np.array_equal(qx.zero_point, qy.zero_point))
-            fusable = p is not None and p.op_type in FUSES and not (p.op_type == "MatMul" and p.input[1] not in g.consts)
-            if (code is not None and fusable and uses[x] == 1 and x not in graph_outputs
-                    and acts.get(p.name or p.output[0], NONE) == NONE and same_q):
+            same_q = (qx is None and qy is None) or (
+                qx is not None
+                and qy is not None
+                and np.array_equal(qx.scale, qy.scale)
+                and np.array_equal(qx.zero_point, qy.zero_point)
+            )
+            fusable = (
+                p is not None and p.op_type in FUSES and not (p.op_type == "MatMul" and p.input[1] not in g.consts)
+            )
+            if (
+                code is not None
+                and fusable
+                and uses[x] == 1
+                and x not in graph_outputs
+                and acts.get(p.name or p.output[0], NONE) == NONE
+                and same_q
+            ):
                 acts[p.name or p.output[0]] = code
                 p.output[0] = y
                 continue
@@ -225,33 +265,49 @@ def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks:
     reason = None
     if op in FLOAT_ONLY:
         reason = "TFLite has no int8 kernel for it"
-    elif op in SAME_PARAMS and any(not (np.allclose(g.quant[i].scale, out_q.scale, rtol=1e-6)
-                                        and np.array_equal(g.quant[i].zero_point, out_q.zero_point)) for i in ins):
+    elif op in SAME_PARAMS and any(
+        not (
+            np.allclose(g.quant[i].scale, out_q.scale, rtol=1e-6)
+            and np.array_equal(g.quant[i].zero_point, out_q.zero_point)
+        )
+        for i in ins
+    ):
         reason = "TFLite's int8 kernel needs the same scale and zero point on input and output"
-    elif op in FIXED_OUTPUT and not (np.isclose(out_q.scale[0], FIXED_OUTPUT[op][0], rtol=1e-6)
-                                     and int(out_q.zero_point[0]) == FIXED_OUTPUT[op][1]):
+    elif op in FIXED_OUTPUT and not (
+        np.isclose(out_q.scale[0], FIXED_OUTPUT[op][0], rtol=1e-6) and int(out_q.zero_point[0]) == FIXED_OUTPUT[op][1]
+    ):
         s, z = FIXED_OUTPUT[op]
         reason = f"TFLite's int8 kernel needs output scale {s:g} and zero point {z}"
     elif op in ("Conv", "Gemm", "MatMul") and node.input[1] in g.consts and node.input[1] not in g.qconsts:
         reason = "its weights are float"
     elif op in ("Add", "Sub", "Mul") and any(i in g.consts and i not in g.qconsts for i in node.input):
         reason = "a float constant operand"
-    elif op in ("Add", "Sub") and len(ins) == 2 and _scale_ratio(g.quant[ins[0]], g.quant[ins[1]]) < 2.0 ** -30:
+    elif op in ("Add", "Sub") and len(ins) == 2 and _scale_ratio(g.quant[ins[0]], g.quant[ins[1]]) < 2.0**-30:
         # TFLite rescales both inputs by s_i / (2 max s): below 2**-31 its fixed-point multiplier check aborts
-        reason = (f"input scales {float(g.quant[ins[0]].scale[0]):.3g} and {float(g.quant[ins[1]].scale[0]):.3g} "
-                  "are too far apart for TFLite's int8 kernel")
+        reason = (
+            f"input scales {float(g.quant[ins[0]].scale[0]):.3g} and {float(g.quant[ins[1]].scale[0]):.3g} "
+            "are too far apart for TFLite's int8 kernel"
+        )
     if reason is None:
         return "q"
     if not allow_fallback:
-        raise LowbitError(f"node {node.name or node.output[0]} ({op}): {reason}; "
-                          "pass --allow-float-fallback to run it in float")
+        raise LowbitError(
+            f"node {node.name or node.output[0]} ({op}): {reason}; pass --allow-float-fallback to run it in float"
+        )
     fallbacks.append(f"{node.name or node.output[0]} ({op}): {reason}")
     return "f"
 
 
-def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_fallback: bool = False,
-            batch: int = 1, precision: str = "auto", shapes: dict[str, tuple[int, ...]] | None = None,
-            calib: Any = None, preprocess: Any = None) -> ExportResult:
+def convert(
+    model: str | Path | onnx.ModelProto,
+    io: str = "float",
+    allow_float_fallback: bool = False,
+    batch: int = 1,
+    precision: str = "auto",
+    shapes: dict[str, tuple[int, ...]] | None = None,
+    calib: Any = None,
+    preprocess: Any = None,
+) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
     precision (float models): float32; float16 (constants stored fp16, DEQUANTIZE'd to float32 at load);
@@ -291,8 +347,10 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
             raise LowbitError(f"node {name} ({node.op_type}): no TFLite equivalent is exported")
         for o in node.output:
             if o not in shapes:
-                raise LowbitError(f"node {name} ({node.op_type}): output {o} has no static shape; "
-                                  "export the model with fixed input sizes")
+                raise LowbitError(
+                    f"node {name} ({node.op_type}): output {o} has no static shape; "
+                    "export the model with fixed input sizes"
+                )
         kind = _decide(ctx, node, allow_float_fallback, fallbacks)
         if kind == "f" and quantized and node.op_type != "Identity":
             ctx.float_nodes.append(f"{name} ({node.op_type})")
@@ -312,13 +370,28 @@ def convert(model: str | Path | onnx.ModelProto, io: str = "float", allow_float_
             ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
     ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
-    ctx.fm.metadata["lowbit"] = json.dumps({
-        "lowbit_version": __version__, "io": io, "precision": precision, "layout": "4-D inputs and outputs are NHWC",
-        "recipe": recipe}).encode()
+    ctx.fm.metadata["lowbit"] = json.dumps(
+        {
+            "lowbit_version": __version__,
+            "io": io,
+            "precision": precision,
+            "layout": "4-D inputs and outputs are NHWC",
+            "recipe": recipe,
+        }
+    ).encode()
     data = serialize(ctx.fm)
     float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
-    return ExportResult(data, quantized, io, precision, dict(Counter(op.op for op in ctx.fm.operators)), float_nodes,
-                        fallbacks, sorted(set(ctx.transposes)), model=model_name(model))
+    return ExportResult(
+        data,
+        quantized,
+        io,
+        precision,
+        dict(Counter(op.op for op in ctx.fm.operators)),
+        float_nodes,
+        fallbacks,
+        sorted(set(ctx.transposes)),
+        model=model_name(model),
+    )
 
 
 def _checkpoint(ctx: Context):
@@ -334,8 +407,9 @@ def _checkpoint(ctx: Context):
     return undo
 
 
-def _quantize_float_outputs(g: Graph, model: str | Path | onnx.ModelProto, outputs: list[str], calib: Any,
-                            preprocess: Any) -> None:
+def _quantize_float_outputs(
+    g: Graph, model: str | Path | onnx.ModelProto, outputs: list[str], calib: Any, preprocess: Any
+) -> None:
     """Integer outputs from a weighted layer the quantizer left float at the model's edge: measure the output's
     range on calibration data (ONNX Runtime, the int8 model) and give it int8 parameters, so the layer runs int8."""
     producer = {o: n for n in g.nodes for o in n.output}
@@ -349,8 +423,10 @@ def _quantize_float_outputs(g: Graph, model: str | Path | onnx.ModelProto, outpu
     if not todo:
         return
     if calib is None:
-        raise LowbitError(f"output {todo[0]} is float in the model (lowbit keeps a weighted layer's model output "
-                          "float); pass --calib DATA so the export can measure its range, or use --io float")
+        raise LowbitError(
+            f"output {todo[0]} is float in the model (lowbit keeps a weighted layer's model output "
+            "float); pass --calib DATA so the export can measure its range, or use --io float"
+        )
     from ...data import input_specs, open_data
     from ...numerics import scale_zero_point
     from ...runtimes.ort import session, with_outputs
@@ -377,8 +453,9 @@ def _input(ctx: Context, name: str, io: str) -> int:
     if io == "int8":
         return ctx.produce(name, "q", True)
     q = ctx.quant(name)
-    idx = ctx.fm.add_tensor(Tensor(name, ctx.shape(name, True), "uint8",
-                                   quant=QuantParams(q.scale, q.zero_point + 128)))
+    idx = ctx.fm.add_tensor(
+        Tensor(name, ctx.shape(name, True), "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
+    )
     out = ctx.produce(name, "q", True)
     ctx.fm.tensors[out].name = f"{name}_int8"
     ctx.op("QUANTIZE", [idx], [out])
@@ -395,8 +472,9 @@ def _output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
         if io == "uint8":
             q = ctx.quant(name)
             src = idx
-            idx = ctx.fm.add_tensor(Tensor(onnx_name, ctx.fm.tensors[src].shape, "uint8",
-                                           quant=QuantParams(q.scale, q.zero_point + 128)))
+            idx = ctx.fm.add_tensor(
+                Tensor(onnx_name, ctx.fm.tensors[src].shape, "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
+            )
             ctx.op("QUANTIZE", [src], [idx])
     ctx.fm.tensors[idx].name = onnx_name
     return idx

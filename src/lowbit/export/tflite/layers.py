@@ -27,8 +27,14 @@ def fail(node: onnx.NodeProto, why: str) -> LowbitError:
     return LowbitError(f"node {node.name or node.output[0]} ({node.op_type}): {why}")
 
 
-def padding(node: onnx.NodeProto, a: dict[str, Any], in_hw: tuple[int, int], k: tuple[int, int],
-            s: tuple[int, int], d: tuple[int, int]) -> tuple[int, list[int] | None]:
+def padding(
+    node: onnx.NodeProto,
+    a: dict[str, Any],
+    in_hw: tuple[int, int],
+    k: tuple[int, int],
+    s: tuple[int, int],
+    d: tuple[int, int],
+) -> tuple[int, list[int] | None]:
     """TFLite padding mode, plus explicit [top, bottom, left, right] pads when neither SAME nor VALID fits."""
     auto = a.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
@@ -87,17 +93,25 @@ def conv(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     perm = (1, 2, 3, 0) if depthwise else (0, 2, 3, 1)
     wi, bi = weights_and_bias(ctx, node, kind, perm, 0, 3 if depthwise else 0, cout)
     out = ctx.produce(node.output[0], kind, True)
-    common = dict(padding=mode, stride_w=sw, stride_h=sh, fused_activation_function=act,
-                  dilation_w_factor=dw, dilation_h_factor=dh)
+    common = dict(
+        padding=mode,
+        stride_w=sw,
+        stride_h=sh,
+        fused_activation_function=act,
+        dilation_w_factor=dw,
+        dilation_h_factor=dh,
+    )
     if depthwise:
-        ctx.op("DEPTHWISE_CONV_2D", [xin, wi, bi], [out], "DepthwiseConv2DOptions",
-               depth_multiplier=cout // cin, **common)
+        ctx.op(
+            "DEPTHWISE_CONV_2D", [xin, wi, bi], [out], "DepthwiseConv2DOptions", depth_multiplier=cout // cin, **common
+        )
     else:
         ctx.op("CONV_2D", [xin, wi, bi], [out], "Conv2DOptions", **common)
 
 
-def weights_and_bias(ctx: Context, node: onnx.NodeProto, kind: str, perm: tuple[int, ...], onnx_axis: int,
-                     tfl_axis: int, cout: int) -> tuple[int, int]:
+def weights_and_bias(
+    ctx: Context, node: onnx.NodeProto, kind: str, perm: tuple[int, ...], onnx_axis: int, tfl_axis: int, cout: int
+) -> tuple[int, int]:
     """A weighted kernel's weight and bias tensors (inputs 1 and 2 of `node`): weights transposed by `perm` into
     TFLite's layout, whose output channels sit on `tfl_axis` (`onnx_axis` in ONNX's). int8: symmetric weights,
     per-channel scales, int32 bias with scale s_in * s_w; float: see _float_weight."""
@@ -133,14 +147,21 @@ def _float_weight(ctx: Context, w: str, label: str, perm: tuple[int, ...], out_a
     qt = ctx.g.qconsts.get(w)
     if qt is None and ctx.precision == "dynamic" and ctx.g.consts[w].size >= HYBRID_MIN_WEIGHTS:
         return hybrid_weight(ctx, ctx.g.consts[w].astype(np.float32).transpose(perm), label, out_axis)
-    if (qt is not None and ctx.precision == "dynamic" and qt.data.dtype == np.int8 and not qt.quant.zero_point.any()
-            and (qt.quant.scale.size == 1 or perm[out_axis] == qt.quant.axis)):  # lowbit's dynamic weights, as they are
-        return ctx.const(label, np.ascontiguousarray(qt.data.transpose(perm)),
-                         QuantParams(qt.quant.scale, qt.quant.zero_point, out_axis))
+    if (
+        qt is not None
+        and ctx.precision == "dynamic"
+        and qt.data.dtype == np.int8
+        and not qt.quant.zero_point.any()
+        and (qt.quant.scale.size == 1 or perm[out_axis] == qt.quant.axis)
+    ):  # lowbit's dynamic weights, as they are
+        return ctx.const(
+            label,
+            np.ascontiguousarray(qt.data.transpose(perm)),
+            QuantParams(qt.quant.scale, qt.quant.zero_point, out_axis),
+        )
     if qt is None or qt.data.dtype != np.int8 or (qt.quant.scale.size > 1 and perm[out_axis] != qt.quant.axis):
         return ctx.const(label, np.ascontiguousarray(ctx.g.consts[w].astype(np.float32).transpose(perm)))
-    q = ctx.const(f"{label}_int8", qt.data.transpose(perm), QuantParams(qt.quant.scale, qt.quant.zero_point,
-                                                                        out_axis))
+    q = ctx.const(f"{label}_int8", qt.data.transpose(perm), QuantParams(qt.quant.scale, qt.quant.zero_point, out_axis))
     out = ctx.fm.add_tensor(Tensor(label, tuple(ctx.fm.tensors[q].shape), "float32"))
     ctx.op("DEQUANTIZE", [q], [out])
     return out
@@ -180,9 +201,15 @@ def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind:
     xin = ctx.get(x, kind, False)
     wi, bi = weights_and_bias(ctx, node, kind, (0, 1) if trans else (1, 0), out_axis, 0, cout)
     out = ctx.produce(node.output[0], kind, False)
-    ctx.op("FULLY_CONNECTED", [xin, wi, bi], [out], "FullyConnectedOptions", fused_activation_function=act,
-           keep_num_dims=len(ctx.shapes[node.output[0]]) > 2,
-           asymmetric_quantize_inputs=ctx.fm.tensors[wi].dtype == "int8" and kind == "f")
+    ctx.op(
+        "FULLY_CONNECTED",
+        [xin, wi, bi],
+        [out],
+        "FullyConnectedOptions",
+        fused_activation_function=act,
+        keep_num_dims=len(ctx.shapes[node.output[0]]) > 2,
+        asymmetric_quantize_inputs=ctx.fm.tensors[wi].dtype == "int8" and kind == "f",
+    )
 
 
 def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -202,8 +229,18 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
         raise fail(node, "padding that is neither SAME nor VALID; TFLite pooling cannot express it")
     xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
     out = ctx.produce(node.output[0], kind, True)
-    ctx.op("AVERAGE_POOL_2D" if average else "MAX_POOL_2D", [xin], [out], "Pool2DOptions", padding=mode,
-           stride_w=sw, stride_h=sh, filter_width=k[1], filter_height=k[0], fused_activation_function=act)
+    ctx.op(
+        "AVERAGE_POOL_2D" if average else "MAX_POOL_2D",
+        [xin],
+        [out],
+        "Pool2DOptions",
+        padding=mode,
+        stride_w=sw,
+        stride_h=sh,
+        filter_width=k[1],
+        filter_height=k[0],
+        fused_activation_function=act,
+    )
 
 
 def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -212,8 +249,11 @@ def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     if node.op_type == "GlobalAveragePool":
         axes, keep = list(range(2, rank)), 1
     else:
-        axes = list(a["axes"]) if "axes" in a else (
-            [int(v) for v in ctx.g.consts[node.input[1]]] if len(node.input) > 1 and node.input[1] else None)
+        axes = (
+            list(a["axes"])
+            if "axes" in a
+            else ([int(v) for v in ctx.g.consts[node.input[1]]] if len(node.input) > 1 and node.input[1] else None)
+        )
         if axes is None:
             axes = list(range(rank))
         keep = a.get("keepdims", 1)
@@ -227,6 +267,10 @@ def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     out = ctx.produce(y, kind, nhwc and bool(keep))
     if not keep and nhwc:
         ctx.nhwc[y] = False
-    ctx.op("MEAN", [xin, ctx.const_int(sorted(tfl_axes), f"{node.name or y}_axes")], [out], "ReducerOptions",
-           keep_dims=bool(keep))
-
+    ctx.op(
+        "MEAN",
+        [xin, ctx.const_int(sorted(tfl_axes), f"{node.name or y}_axes")],
+        [out],
+        "ReducerOptions",
+        keep_dims=bool(keep),
+    )

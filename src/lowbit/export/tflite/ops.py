@@ -6,13 +6,14 @@ fused activation code, places its constants and emits TFLite operators through t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import onnx
 
-from .context import TO_NHWC, Context, nhwc_axis
 from . import spatial, transformer
+from .context import TO_NHWC, Context, nhwc_axis
 from .layers import conv, fail, fully_connected, mean, pool
 from .writer import QuantParams
 
@@ -52,8 +53,12 @@ def binary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
             raise fail(node, "broadcasting a lower-rank tensor against an NHWC map is not exported")
         else:
             inputs.append(ctx.get(name, kind, nhwc))
-    op, options = {"Add": ("ADD", "AddOptions"), "Sub": ("SUB", "SubOptions"), "Mul": ("MUL", "MulOptions"),
-                   "Div": ("DIV", "DivOptions")}[node.op_type]
+    op, options = {
+        "Add": ("ADD", "AddOptions"),
+        "Sub": ("SUB", "SubOptions"),
+        "Mul": ("MUL", "MulOptions"),
+        "Div": ("DIV", "DivOptions"),
+    }[node.op_type]
     out = ctx.produce(y, kind, nhwc)
     ctx.op(op, inputs, [out], options, fused_activation_function=act)
 
@@ -145,8 +150,14 @@ def concat(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     nhwc = rank == 4 and all(ctx.nhwc.get(n, False) for n in node.input)
     axis = nhwc_axis(a["axis"], rank) if nhwc else a["axis"] % rank
     inputs = [ctx.get(n, kind, nhwc) for n in node.input]
-    ctx.op("CONCATENATION", inputs, [ctx.produce(y, kind, nhwc)], "ConcatenationOptions", axis=axis,
-           fused_activation_function=act)
+    ctx.op(
+        "CONCATENATION",
+        inputs,
+        [ctx.produce(y, kind, nhwc)],
+        "ConcatenationOptions",
+        axis=axis,
+        fused_activation_function=act,
+    )
 
 
 def identity(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -154,25 +165,59 @@ def identity(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, a
     x, y = node.input[0], node.output[0]
     xin = ctx.get(x, kind)
     out = ctx.produce(y, kind, ctx.nhwc[x])
-    ctx.op("QUANTIZE" if kind == "q" else "RESHAPE",
-           [xin] if kind == "q" else [xin, ctx.const_int(list(ctx.shape(y)), f"{y}_shape")], [out])
+    ctx.op(
+        "QUANTIZE" if kind == "q" else "RESHAPE",
+        [xin] if kind == "q" else [xin, ctx.const_int(list(ctx.shape(y)), f"{y}_shape")],
+        [out],
+    )
 
 
 Converter = Callable[[Context, onnx.NodeProto, dict, str, int], None]
 CONVERTERS: dict[str, Converter] = {
-    "Conv": conv, "Gemm": fully_connected, "MatMul": fully_connected,
-    "Add": binary, "Sub": binary, "Mul": binary, "Div": binary,
-    "AveragePool": pool, "MaxPool": pool, "GlobalAveragePool": mean, "ReduceMean": mean,
-    "Relu": clip, "Clip": clip, "Sigmoid": unary, "HardSwish": unary, "Tanh": unary, "Softmax": softmax,
-    "Reshape": reshape, "Flatten": reshape, "Squeeze": reshape, "Unsqueeze": reshape, "Transpose": transpose,
-    "Concat": concat, "Identity": identity, **transformer.CONVERTERS,
+    "Conv": conv,
+    "Gemm": fully_connected,
+    "MatMul": fully_connected,
+    "Add": binary,
+    "Sub": binary,
+    "Mul": binary,
+    "Div": binary,
+    "AveragePool": pool,
+    "MaxPool": pool,
+    "GlobalAveragePool": mean,
+    "ReduceMean": mean,
+    "Relu": clip,
+    "Clip": clip,
+    "Sigmoid": unary,
+    "HardSwish": unary,
+    "Tanh": unary,
+    "Softmax": softmax,
+    "Reshape": reshape,
+    "Flatten": reshape,
+    "Squeeze": reshape,
+    "Unsqueeze": reshape,
+    "Transpose": transpose,
+    "Concat": concat,
+    "Identity": identity,
+    **transformer.CONVERTERS,
     **spatial.CONVERTERS,
 }
 # Ops that may absorb a following Relu/Clip as fused_activation_function.
 FUSES = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "MaxPool", "Concat"}
 # Ops whose int8 TFLite kernels need the same scale and zero point on input and output.
-SAME_PARAMS = {"MaxPool", "AveragePool", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat",
-               "Gather", "Expand", "Resize", "Pad"}
+SAME_PARAMS = {
+    "MaxPool",
+    "AveragePool",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Concat",
+    "Gather",
+    "Expand",
+    "Resize",
+    "Pad",
+}
 # Ops without an int8 kernel in TFLite's builtin resolver.
 FLOAT_ONLY = {"Div"} | set(transformer.CONVERTERS) - transformer.INT8_OK
 # int8 kernels with fixed output parameters: (scale, zero point).

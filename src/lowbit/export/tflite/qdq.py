@@ -52,8 +52,10 @@ class Graph:
 def _params(node: onnx.NodeProto, consts: dict[str, np.ndarray], what: str) -> tuple[np.ndarray, np.ndarray, str]:
     scale = consts.get(node.input[1])
     if scale is None:
-        raise LowbitError(f"{node.op_type} {node.name or node.output[0]}: {what} scale is not a constant; "
-                          "TFLite needs fixed quantization parameters")
+        raise LowbitError(
+            f"{node.op_type} {node.name or node.output[0]}: {what} scale is not a constant; "
+            "TFLite needs fixed quantization parameters"
+        )
     zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     dtype = str(zp.dtype) if zp is not None else "uint8"
     zp = np.zeros_like(scale, np.int64) if zp is None else zp.astype(np.int64)
@@ -63,13 +65,17 @@ def _params(node: onnx.NodeProto, consts: dict[str, np.ndarray], what: str) -> t
 def _activation_params(node: onnx.NodeProto, consts: dict[str, np.ndarray]) -> QuantParams:
     scale, zp, dtype = _params(node, consts, "activation")
     if scale.size != 1:
-        raise LowbitError(f"{node.op_type} {node.name}: per-channel activation quantization has no TFLite form; "
-                          "quantize activations per tensor")
+        raise LowbitError(
+            f"{node.op_type} {node.name}: per-channel activation quantization has no TFLite form; "
+            "quantize activations per tensor"
+        )
     if dtype == "uint8":
         zp = zp - 128
     elif dtype != "int8":
-        raise LowbitError(f"{node.op_type} {node.name}: {dtype} activations are not exported to TFLite yet; "
-                          "quantize with --activations uint8 or int8")
+        raise LowbitError(
+            f"{node.op_type} {node.name}: {dtype} activations are not exported to TFLite yet; "
+            "quantize with --activations uint8 or int8"
+        )
     return QuantParams(scale, zp)
 
 
@@ -125,8 +131,12 @@ def read_graph(proto: onnx.ModelProto, dtypes: dict[str, int] | None = None) -> 
             else:  # a second quantization of the same tensor: TFLite rescales int8 -> int8
                 g.quant[node.output[0]] = qp
                 g.nodes.append(onnx.helper.make_node("Identity", [source], [node.output[0]], name=node.name))
-        elif (node.op_type == "Cast" and node.input[0] not in consts and dtypes.get(node.input[0]) in FLOATS
-              and next(a.i for a in node.attribute if a.name == "to") in FLOATS):
+        elif (
+            node.op_type == "Cast"
+            and node.input[0] not in consts
+            and dtypes.get(node.input[0]) in FLOATS
+            and next(a.i for a in node.attribute if a.name == "to") in FLOATS
+        ):
             g.alias[node.output[0]] = g.name(node.input[0])  # float16 <-> float32: TFLite computes in float32
         else:
             node = _renamed(node, g)

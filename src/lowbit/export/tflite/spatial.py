@@ -47,31 +47,49 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
         else:
             modes.add(None)
     if len(modes) != 1 or None in modes:
-        raise fail(node, f"pads {list(a.get('pads', []))} crop the output in a way TFLite's TRANSPOSE_CONV "
-                         "(VALID or SAME) cannot express")
+        raise fail(
+            node,
+            f"pads {list(a.get('pads', []))} crop the output in a way TFLite's TRANSPOSE_CONV "
+            "(VALID or SAME) cannot express",
+        )
     name = node.name or y
     # (Cin, Cout, kH, kW) -> (Cout, kH, kW, Cin)
     wi, bi = weights_and_bias(ctx, node, kind, (1, 2, 3, 0), 1, 0, cout)
     shape = ctx.const_int(list(ctx.shape(y, True)), f"{name}_output_shape")
     xin = ctx.get(x, kind, True)
     out = ctx.produce(y, kind, True)
-    ctx.op("TRANSPOSE_CONV", [shape, wi, xin, bi], [out], "TransposeConvOptions", padding=modes.pop(),
-           stride_w=sw, stride_h=sh, fused_activation_function=act)
+    ctx.op(
+        "TRANSPOSE_CONV",
+        [shape, wi, xin, bi],
+        [out],
+        "TransposeConvOptions",
+        padding=modes.pop(),
+        stride_w=sw,
+        stride_h=sh,
+        fused_activation_function=act,
+    )
 
 
 def _onnx_nearest(out: int, size_in: int, scale: float, a: dict[str, Any]) -> np.ndarray:
     """ONNX Resize's source index for each output index along one axis (nearest mode)."""
     i = np.arange(out, dtype=np.float64)
     mode = _text(a, "coordinate_transformation_mode", "half_pixel")
-    src = {"half_pixel": (i + 0.5) / scale - 0.5,
-           "pytorch_half_pixel": (i + 0.5) / scale - 0.5 if out > 1 else 0 * i,
-           "align_corners": i * (size_in - 1) / (out - 1) if out > 1 else 0 * i,
-           "asymmetric": i / scale, "tf_half_pixel_for_nn": (i + 0.5) / scale}.get(mode)
+    src = {
+        "half_pixel": (i + 0.5) / scale - 0.5,
+        "pytorch_half_pixel": (i + 0.5) / scale - 0.5 if out > 1 else 0 * i,
+        "align_corners": i * (size_in - 1) / (out - 1) if out > 1 else 0 * i,
+        "asymmetric": i / scale,
+        "tf_half_pixel_for_nn": (i + 0.5) / scale,
+    }.get(mode)
     if src is None:
         return None
     rounding = _text(a, "nearest_mode", "round_prefer_floor")
-    idx = {"round_prefer_floor": np.ceil(src - 0.5), "round_prefer_ceil": np.floor(src + 0.5),
-           "floor": np.floor(src), "ceil": np.ceil(src)}[rounding]
+    idx = {
+        "round_prefer_floor": np.ceil(src - 0.5),
+        "round_prefer_ceil": np.floor(src + 0.5),
+        "floor": np.floor(src),
+        "ceil": np.ceil(src),
+    }[rounding]
     return np.clip(idx, 0, size_in - 1).astype(np.int64)
 
 
@@ -83,8 +101,12 @@ def _tflite_nearest(out: int, size_in: int, align_corners: bool, half_pixel: boo
     return np.clip(idx, 0, size_in - 1).astype(np.int64)
 
 
-LINEAR_MODES = {"half_pixel": (False, True), "pytorch_half_pixel": (False, True), "align_corners": (True, False),
-                "asymmetric": (False, False)}
+LINEAR_MODES = {
+    "half_pixel": (False, True),
+    "pytorch_half_pixel": (False, True),
+    "align_corners": (True, False),
+    "asymmetric": (False, False),
+}
 
 
 def resize(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -99,22 +121,31 @@ def resize(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     scales = [ys[i] / xs[i] for i in (2, 3)] if scales is None or scales.size == 0 else list(scales[2:])
     if mode == "linear":
         if coord not in LINEAR_MODES or (coord == "pytorch_half_pixel" and min(ys[2:]) == 1):
-            raise fail(node, f"coordinate_transformation_mode {coord} has no TFLite RESIZE_BILINEAR form "
-                             "(half_pixel, pytorch_half_pixel, align_corners and asymmetric do)")
+            raise fail(
+                node,
+                f"coordinate_transformation_mode {coord} has no TFLite RESIZE_BILINEAR form "
+                "(half_pixel, pytorch_half_pixel, align_corners and asymmetric do)",
+            )
         if any(abs(s - o / i) > 1e-6 * s for s, o, i in zip(scales, ys[2:], xs[2:])):
             raise fail(node, "scales that differ from output/input size; TFLite resizes by sizes")
         align, half = LINEAR_MODES[coord]
         op, options = "RESIZE_BILINEAR", "ResizeBilinearOptions"
     else:
         for align, half in ((False, False), (False, True), (True, False)):
-            ok = all((m := _onnx_nearest(ys[i], xs[i], scales[i - 2], a)) is not None
-                     and np.array_equal(m, _tflite_nearest(ys[i], xs[i], align, half)) for i in (2, 3))
+            ok = all(
+                (m := _onnx_nearest(ys[i], xs[i], scales[i - 2], a)) is not None
+                and np.array_equal(m, _tflite_nearest(ys[i], xs[i], align, half))
+                for i in (2, 3)
+            )
             if ok:
                 break
         else:
-            raise fail(node, f"nearest resize with coordinate_transformation_mode {coord} and nearest_mode "
-                             f"{_text(a, 'nearest_mode', 'round_prefer_floor')} picks other source pixels than "
-                             "any TFLite RESIZE_NEAREST_NEIGHBOR setting")
+            raise fail(
+                node,
+                f"nearest resize with coordinate_transformation_mode {coord} and nearest_mode "
+                f"{_text(a, 'nearest_mode', 'round_prefer_floor')} picks other source pixels than "
+                "any TFLite RESIZE_NEAREST_NEIGHBOR setting",
+            )
         op, options = "RESIZE_NEAREST_NEIGHBOR", "ResizeNearestNeighborOptions"
     size = ctx.const_int(list(ys[2:]), f"{node.name or y}_size")
     xin = ctx.get(x, kind, True)

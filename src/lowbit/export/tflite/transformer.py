@@ -28,8 +28,15 @@ def operand(ctx: Context, node: onnx.NodeProto, name: str, kind: str) -> int:
     return ctx.get(name, kind, False)
 
 
-def _emit(ctx: Context, node: onnx.NodeProto, op: str, inputs: list[int], kind: str = "f",
-          options: str | None = None, **fields: Any) -> int:
+def _emit(
+    ctx: Context,
+    node: onnx.NodeProto,
+    op: str,
+    inputs: list[int],
+    kind: str = "f",
+    options: str | None = None,
+    **fields: Any,
+) -> int:
     out = ctx.produce(node.output[0], kind, False)
     ctx.op(op, inputs, [out], options, **fields)
     return out
@@ -42,8 +49,17 @@ def matmul(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     if act:
         raise fail(node, "internal: BATCH_MATMUL has no fused activation")
     ins = [operand(ctx, node, i, kind) for i in node.input[:2]]
-    _emit(ctx, node, "BATCH_MATMUL", ins, kind, "BatchMatMulOptions", adj_x=False, adj_y=False,
-          asymmetric_quantize_inputs=False)
+    _emit(
+        ctx,
+        node,
+        "BATCH_MATMUL",
+        ins,
+        kind,
+        "BatchMatMulOptions",
+        adj_x=False,
+        adj_y=False,
+        asymmetric_quantize_inputs=False,
+    )
 
 
 def gather(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -57,10 +73,10 @@ def gather(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     else:
         table = operand(ctx, node, data, kind)
     if idx in ctx.g.consts and np.any(ctx.g.consts[idx] < 0):
-        ctx.g.consts[idx] = np.where(ctx.g.consts[idx] < 0, ctx.g.consts[idx] + ctx.fm.tensors[table].shape[axis],
-                                     ctx.g.consts[idx])
-    _emit(ctx, node, "GATHER", [table, operand(ctx, node, idx, "f")], kind, "GatherOptions", axis=axis,
-          batch_dims=0)
+        ctx.g.consts[idx] = np.where(
+            ctx.g.consts[idx] < 0, ctx.g.consts[idx] + ctx.fm.tensors[table].shape[axis], ctx.g.consts[idx]
+        )
+    _emit(ctx, node, "GATHER", [table, operand(ctx, node, idx, "f")], kind, "GatherOptions", axis=axis, batch_dims=0)
 
 
 def layer_norm(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -76,8 +92,13 @@ def layer_norm(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
     def tmp(label: str, shape: tuple[int, ...]) -> int:
         return ctx.fm.add_tensor(ctx._tensor(y, "f", shape, f"{name}_{label}"))
 
-    mean, diff, var, inv, norm = (tmp("mean", reduced), tmp("centered", ctx.shapes[x]), tmp("var", reduced),
-                                  tmp("rstd", reduced), tmp("norm", ctx.shapes[x]))
+    mean, diff, var, inv, norm = (
+        tmp("mean", reduced),
+        tmp("centered", ctx.shapes[x]),
+        tmp("var", reduced),
+        tmp("rstd", reduced),
+        tmp("norm", ctx.shapes[x]),
+    )
     ctx.op("MEAN", [xin, axes_t], [mean], "ReducerOptions", keep_dims=True)
     ctx.op("SUB", [xin, mean], [diff], "SubOptions", fused_activation_function=0)
     sq = tmp("squared", ctx.shapes[x])
@@ -107,21 +128,45 @@ def gelu(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
 
 
 def unary_math(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
-    op = {"Sqrt": "SQRT", "Exp": "EXP", "Log": "LOG", "Neg": "NEG", "Abs": "ABS", "Not": "LOGICAL_NOT",
-          "Reciprocal": None}[node.op_type]
+    op = {
+        "Sqrt": "SQRT",
+        "Exp": "EXP",
+        "Log": "LOG",
+        "Neg": "NEG",
+        "Abs": "ABS",
+        "Not": "LOGICAL_NOT",
+        "Reciprocal": None,
+    }[node.op_type]
     x = ctx.get(node.input[0], kind, False)
     if op is None:  # 1 / x
-        _emit(ctx, node, "DIV", [ctx.const(f"{node.name}_one", np.float32(1).reshape(1)), x], kind, "DivOptions",
-              fused_activation_function=0)
+        _emit(
+            ctx,
+            node,
+            "DIV",
+            [ctx.const(f"{node.name}_one", np.float32(1).reshape(1)), x],
+            kind,
+            "DivOptions",
+            fused_activation_function=0,
+        )
     else:
         _emit(ctx, node, op, [x], kind)
 
 
 def elementwise(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     """Comparisons, logic, select, pow and max/min over operands in ONNX's order (broadcasting as ONNX)."""
-    op = {"Equal": "EQUAL", "Greater": "GREATER", "GreaterOrEqual": "GREATER_EQUAL", "Less": "LESS",
-          "LessOrEqual": "LESS_EQUAL", "And": "LOGICAL_AND", "Or": "LOGICAL_OR", "Where": "SELECT_V2",
-          "Pow": "POW", "Max": "MAXIMUM", "Min": "MINIMUM"}[node.op_type]
+    op = {
+        "Equal": "EQUAL",
+        "Greater": "GREATER",
+        "GreaterOrEqual": "GREATER_EQUAL",
+        "Less": "LESS",
+        "LessOrEqual": "LESS_EQUAL",
+        "And": "LOGICAL_AND",
+        "Or": "LOGICAL_OR",
+        "Where": "SELECT_V2",
+        "Pow": "POW",
+        "Max": "MAXIMUM",
+        "Min": "MINIMUM",
+    }[node.op_type]
     if node.op_type == "Pow" and node.input[1] in ctx.g.consts and float(np.asarray(ctx.g.consts[node.input[1]])) == 2:
         x = ctx.get(node.input[0], kind, False)
         _emit(ctx, node, "MUL", [x, x], kind, "MulOptions", fused_activation_function=0)
@@ -147,8 +192,15 @@ def reduce(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     """ReduceSum / ReduceMax / ReduceL2 (as sqrt of the sum of squares) in ONNX's order."""
     x, y = node.input[0], node.output[0]
     rank = len(ctx.shapes[x])
-    axes = list(a["axes"]) if "axes" in a else (
-        [int(v) for v in ctx.g.consts[node.input[1]]] if len(node.input) > 1 and node.input[1] else list(range(rank)))
+    axes = (
+        list(a["axes"])
+        if "axes" in a
+        else (
+            [int(v) for v in ctx.g.consts[node.input[1]]]
+            if len(node.input) > 1 and node.input[1]
+            else list(range(rank))
+        )
+    )
     keep = bool(a.get("keepdims", 1))
     axes_t = ctx.const_int(sorted(v % rank for v in axes), f"{node.name or y}_axes")
     xin = ctx.get(x, kind, False)
@@ -178,11 +230,23 @@ def dequantize(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
     ctx.op("CAST", [ctx.get(x, "f", False)], [value])
     if zp.any():
         centered = ctx.fm.add_tensor(ctx._tensor(y, "f", ctx.shapes[x], f"{name}_centered"))
-        ctx.op("SUB", [value, ctx.const(f"{name}_zero_point", zp.reshape(scale.shape))], [centered], "SubOptions",
-               fused_activation_function=0)
+        ctx.op(
+            "SUB",
+            [value, ctx.const(f"{name}_zero_point", zp.reshape(scale.shape))],
+            [centered],
+            "SubOptions",
+            fused_activation_function=0,
+        )
         value = centered
-    _emit(ctx, node, "MUL", [value, ctx.const(f"{name}_scale", scale.reshape(scale.shape or (1,)))], "f",
-          "MulOptions", fused_activation_function=0)
+    _emit(
+        ctx,
+        node,
+        "MUL",
+        [value, ctx.const(f"{name}_scale", scale.reshape(scale.shape or (1,)))],
+        "f",
+        "MulOptions",
+        fused_activation_function=0,
+    )
 
 
 def fuse_bias(g: Graph, graph_outputs: set[str]) -> None:
@@ -196,9 +260,18 @@ def fuse_bias(g: Graph, graph_outputs: set[str]) -> None:
             continue
         for mm_out, b in ((add.input[0], add.input[1]), (add.input[1], add.input[0])):
             mm = producer.get(mm_out)
-            if (mm is None or mm.op_type != "MatMul" or len(mm.input) != 2 or uses[mm_out] != 1
-                    or mm_out in graph_outputs or mm_out in g.quant or b not in g.consts or b in g.qconsts
-                    or mm.input[1] not in g.consts or g.consts[mm.input[1]].ndim != 2):
+            if (
+                mm is None
+                or mm.op_type != "MatMul"
+                or len(mm.input) != 2
+                or uses[mm_out] != 1
+                or mm_out in graph_outputs
+                or mm_out in g.quant
+                or b not in g.consts
+                or b in g.qconsts
+                or mm.input[1] not in g.consts
+                or g.consts[mm.input[1]].ndim != 2
+            ):
                 continue
             if g.consts[b].size != g.consts[mm.input[1]].shape[1] or g.consts[b].shape[-1:] != (g.consts[b].size,):
                 continue
@@ -219,8 +292,11 @@ def fuse_gelu(g: Graph) -> None:
     uses = Counter(i for n in g.nodes for i in n.input)
 
     def const(name: str, value: float) -> bool:
-        return name in g.consts and g.consts[name].size == 1 and np.isclose(float(g.consts[name].ravel()[0]), value,
-                                                                            rtol=1e-4)
+        return (
+            name in g.consts
+            and g.consts[name].size == 1
+            and np.isclose(float(g.consts[name].ravel()[0]), value, rtol=1e-4)
+        )
 
     def other(node: onnx.NodeProto, name: str) -> str:
         return node.input[1] if node.input[0] == name else node.input[0]
@@ -231,8 +307,10 @@ def fuse_gelu(g: Graph) -> None:
         if erf.op_type != "Erf":
             continue
         scale = producer.get(erf.input[0])
-        if scale is None or not ((scale.op_type == "Div" and const(scale.input[1], np.sqrt(2)))
-                                 or (scale.op_type == "Mul" and const(other(scale, scale.input[0]), 1 / np.sqrt(2)))):
+        if scale is None or not (
+            (scale.op_type == "Div" and const(scale.input[1], np.sqrt(2)))
+            or (scale.op_type == "Mul" and const(other(scale, scale.input[0]), 1 / np.sqrt(2)))
+        ):
             continue
         x = scale.input[0] if scale.op_type == "Div" or scale.input[1] in g.consts else scale.input[1]
         chain = [scale, erf]
@@ -257,12 +335,34 @@ def fuse_gelu(g: Graph) -> None:
 
 
 CONVERTERS = {
-    "MatMul": matmul, "Gather": gather, "LayerNormalization": layer_norm, "Gelu": gelu,
-    "Sqrt": unary_math, "Exp": unary_math, "Log": unary_math, "Neg": unary_math, "Abs": unary_math,
-    "Not": unary_math, "Reciprocal": unary_math,
-    "Equal": elementwise, "Greater": elementwise, "GreaterOrEqual": elementwise, "Less": elementwise,
-    "LessOrEqual": elementwise, "And": elementwise, "Or": elementwise, "Where": elementwise, "Pow": elementwise,
-    "Max": elementwise, "Min": elementwise,
-    "Cast": cast, "Expand": expand, "DequantizeLinear": dequantize,
-    "ReduceSum": reduce, "ReduceMax": reduce, "ReduceMin": reduce, "ReduceProd": reduce, "ReduceL2": reduce,
+    "MatMul": matmul,
+    "Gather": gather,
+    "LayerNormalization": layer_norm,
+    "Gelu": gelu,
+    "Sqrt": unary_math,
+    "Exp": unary_math,
+    "Log": unary_math,
+    "Neg": unary_math,
+    "Abs": unary_math,
+    "Not": unary_math,
+    "Reciprocal": unary_math,
+    "Equal": elementwise,
+    "Greater": elementwise,
+    "GreaterOrEqual": elementwise,
+    "Less": elementwise,
+    "LessOrEqual": elementwise,
+    "And": elementwise,
+    "Or": elementwise,
+    "Where": elementwise,
+    "Pow": elementwise,
+    "Max": elementwise,
+    "Min": elementwise,
+    "Cast": cast,
+    "Expand": expand,
+    "DequantizeLinear": dequantize,
+    "ReduceSum": reduce,
+    "ReduceMax": reduce,
+    "ReduceMin": reduce,
+    "ReduceProd": reduce,
+    "ReduceL2": reduce,
 }

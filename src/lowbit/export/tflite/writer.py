@@ -21,7 +21,14 @@ MIN_RUNTIME_VERSION = "2.3.0"
 OP_VERSIONS = {"BROADCAST_TO": 2}
 
 TENSOR_TYPES = {  # numpy dtype name -> tflite.TensorType
-    "float32": 0, "float16": 1, "int32": 2, "uint8": 3, "int64": 4, "int16": 7, "int8": 9, "bool": 6,
+    "float32": 0,
+    "float16": 1,
+    "int32": 2,
+    "uint8": 3,
+    "int64": 4,
+    "int16": 7,
+    "int8": 9,
+    "bool": 6,
 }
 
 
@@ -91,7 +98,7 @@ def _byte_buffer(b: flatbuffers.Builder, data: bytes) -> int:
     # 16-byte aligned so kernels may read weights in place (XNNPACK and the int8 kernels assume it).
     b.StartVector(1, len(data), 16)
     b.head -= len(data)
-    b.Bytes[b.head:b.head + len(data)] = data
+    b.Bytes[b.head : b.head + len(data)] = data
     return b.EndVector()
 
 

@@ -87,7 +87,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.FOLDED: "folded into the output range of {into}",
     Reason.FEEDS_ONLY_FLOAT: "its output feeds only float ops (nothing to gain, only rounding)",
     Reason.ISOLATED_DATA_MOVEMENT: "data movement between float ops (nothing to gain)",
-    Reason.SENTINEL: "calibrated range reaches {edge:.3g} at '{tensor}' (observed, or a mask constant upstream): a mask "
+    Reason.SENTINEL: "calibrated range reaches {edge:.3g} at '{tensor}' (observed, or a mask constant upstream): a "
+    "mask "
     "or sentinel value, not a signal (no 8- or 16-bit grid holds both); kept float",
     Reason.NO_QUANTIZED_FORM: "no quantized form for {op} in lowbit",
     Reason.CUSTOM_DOMAIN: "custom-domain op {domain}::{op} has no quantized form",
@@ -109,7 +110,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.MAXPOOL_INDICES: "MaxPool indices output is used",
     Reason.CUBIC_RESIZE: "cubic Resize overshoots its input range; it stays float",
     Reason.PAD_VALUE: "Pad with a non-zero constant value keeps float",
-    Reason.DYNAMIC_MATMUL: "dynamic int8: uint8 activations quantized per input at run time, int8 {granularity} weights",
+    Reason.DYNAMIC_MATMUL: "dynamic int8: uint8 activations quantized per input at run time, int8 {granularity} "
+    "weights",
     Reason.DYNAMIC_LSTM: "dynamic int8 (DynamicQuantizeLSTM): input and hidden state quantized per step at run time, "
     "int8 {granularity} W and R",
     Reason.DYNAMIC_ATTENTION: "dynamic int8 (QAttention): uint8 input quantized per input at run time, int8 "
@@ -117,9 +119,11 @@ TEMPLATES: dict[Reason, str] = {
     Reason.WEIGHT_ONLY: "weight-only {weights} {granularity} weights, float activations",
     Reason.WEIGHT_ONLY_INT4: "weight-only int4 {symmetry} blocks of {block} ({how}), float activations",
     Reason.FLOAT16: "float16 weights and compute",
-    Reason.CONV_DYNAMIC: "dynamic quantization of convolutions is several times slower than float on x86 (ConvInteger); "
+    Reason.CONV_DYNAMIC: "dynamic quantization of convolutions is several times slower than float on x86 "
+    "(ConvInteger); "
     "give calibration data to quantize them statically",
-    Reason.DYNAMIC_OTHER: "dynamic mode quantizes LSTM, com.microsoft Attention, MatMul/Gemm and embedding tables only; "
+    Reason.DYNAMIC_OTHER: "dynamic mode quantizes LSTM, com.microsoft Attention, MatMul/Gemm and embedding tables "
+    "only; "
     "{op} stays float",
     Reason.NO_WEIGHTS: "weight-only mode: {op} has no weights to quantize",
     Reason.FP16_FRAGILE: "numerically fragile in float16: {op} stays float32",
@@ -127,26 +131,31 @@ TEMPLATES: dict[Reason, str] = {
     Reason.FP16_MIXED_TYPES: "{op} has a non-float32 floating-point input or output",
     Reason.LSTM_NOT_DYNAMIC: "{mode} LSTM: ONNX Runtime's only integer LSTM is dynamic (DynamicQuantizeLSTM); use mode "
     "dynamic",
-    Reason.LSTM_ASYMMETRIC: "DynamicQuantizeLSTM takes only zero weight zero points: set symmetric_weights true for LSTM",
+    Reason.LSTM_ASYMMETRIC: "DynamicQuantizeLSTM takes only zero weight zero points: set symmetric_weights true for "
+    "LSTM",
     Reason.LSTM_DOMAIN: "LSTM in domain {domain} is not the ONNX LSTM",
     Reason.LSTM_BATCH_FIRST: "LSTM with layout=1 (batch first): DynamicQuantizeLSTM only takes [seq, batch, input]",
     Reason.LSTM_WEIGHT: "LSTM weight {what} is not a constant 3-D tensor",
-    Reason.NO_RECURRENT_KERNEL: "ONNX Runtime has no dynamic integer {op} kernel (only DynamicQuantizeLSTM); {op} stays "
+    Reason.NO_RECURRENT_KERNEL: "ONNX Runtime has no dynamic integer {op} kernel (only DynamicQuantizeLSTM); {op} "
+    "stays "
     "float",
     Reason.RECURRENT_NOT_IMPLEMENTED: "{mode} {op} is not implemented in lowbit yet",
     Reason.ATTENTION_NOT_DYNAMIC: "{mode} Attention: ONNX Runtime's only integer attention is dynamic (QAttention); "
     "use mode dynamic",
     Reason.ATTENTION_WEIGHT_TYPE: "QAttention takes int8 weights; {weights} Attention weights are not supported",
     Reason.ATTENTION_INPUT: "Attention input is not float32 (DynamicQuantizeLinear quantizes float32 only)",
-    Reason.ATTENTION_WEIGHT: "Attention weight is not a constant 2-D tensor: QAttention needs int8 weights stored in the "
+    Reason.ATTENTION_WEIGHT: "Attention weight is not a constant 2-D tensor: QAttention needs int8 weights stored in "
+    "the "
     "model; stays float",
-    Reason.ATTENTION_EXTRA_INPUT: "Attention with {what} (input {index}): lowbit's QAttention form takes none; stays float",
+    Reason.ATTENTION_EXTRA_INPUT: "Attention with {what} (input {index}): lowbit's QAttention form takes none; stays "
+    "float",
     Reason.ATTENTION_PRESENT: "Attention with a present (key/value cache) output: lowbit's QAttention form takes none; "
     "stays float",
     Reason.ATTENTION_QKV_SIZES: "Attention with unequal qkv_hidden_sizes {sizes}: QAttention has no such attribute; "
     "stays float",
     Reason.ATTENTION_ROTARY: "Attention with rotary_embedding_dim: QAttention has no such attribute; stays float",
-    Reason.ATTENTION_SHARED_BUFFER: "Attention with past_present_share_buffer: lowbit's QAttention form takes no cache; "
+    Reason.ATTENTION_SHARED_BUFFER: "Attention with past_present_share_buffer: lowbit's QAttention form takes no "
+    "cache; "
     "stays float",
     Reason.LEGACY: "{text}",
 }

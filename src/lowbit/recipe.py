@@ -88,7 +88,8 @@ class Scheme:
             )
         if self.mode == "dynamic" and self.activations != "uint8":
             raise LowbitError(
-                f"conflicting options: dynamic mode quantizes activations to uint8 at run time (DynamicQuantizeLinear), not {self.activations}; drop 'activations' or use mode=static"
+                "conflicting options: dynamic mode quantizes activations to uint8 at run time "
+                f"(DynamicQuantizeLinear), not {self.activations}; drop 'activations' or use mode=static"
             )
         if self.mode == "dynamic" and self.weights != "int8":
             raise LowbitError(
@@ -199,7 +200,8 @@ class Recipe:
             raise LowbitError(f"cannot read recipe file {p}: {e.strerror}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise LowbitError(
-                f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with `lowbit recipe --show default`"
+                f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with "
+                "`lowbit recipe --show default`"
             ) from None
         if not isinstance(data, dict):
             raise LowbitError(f"recipe file {p} must hold a JSON object")

@@ -12,7 +12,7 @@ from .numerics import dequantize
 from .ops import RewriteContext, entry_for
 from .ops.base import const, name_of, weight_of
 from .ops.registry import MODES
-from .ops.weighted import guard, output_shift
+from .ops.weighted import guard, output_shift, weight_params
 from .plan import Plan, TensorParams
 from .planner import Layout
 from .rewrite import constant_dq, fuse_activation, insert_qdq, quantize_constant
@@ -85,13 +85,7 @@ def _quantize_weight(
         qw = guard(node, w, qw)
         if qw.guarded_channels:
             plan.overflow_guard[name_of(node)] = qw.guarded_channels
-    p = TensorParams(
-        scheme.weights,
-        np.atleast_1d(qw.scale).astype(float).tolist(),
-        np.atleast_1d(qw.zero_point).astype(int).tolist(),
-        qw.axis,
-        "weight",
-    )
+    p = weight_params(scheme.weights, qw)
     plan.tensors[f"{node.name}:{idx}"] = p
     node.replace_input_with(idx, constant_dq(model, f"{node.name}_w{idx}", w, qw.q, p))
     if scheme.bias_correction and mean is not None and idx == 1:

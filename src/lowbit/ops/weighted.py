@@ -127,16 +127,16 @@ def record(
     )
 
 
+def weight_params(dtype: str, qw: QuantizedWeight) -> TensorParams:
+    """The plan's record of a quantized weight (scales and zero points as flat lists)."""
+    scale = np.atleast_1d(qw.scale).astype(float).tolist()
+    return TensorParams(dtype, scale, np.atleast_1d(qw.zero_point).astype(int).tolist(), qw.axis, "weight")
+
+
 def weight_behind_dq(ctx: RewriteContext, node: ir.Node, axis: int | None, scheme: Scheme) -> None:
     """Weight-only int8 (or uint8): the weight stored quantized behind a DequantizeLinear; the op runs in float."""
     w = weight_of(node, 1)
     qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
-    p = TensorParams(
-        scheme.weights,
-        np.atleast_1d(qw.scale).astype(float).tolist(),
-        np.atleast_1d(qw.zero_point).astype(int).tolist(),
-        qw.axis,
-        "weight",
-    )
+    p = weight_params(scheme.weights, qw)
     ctx.plan.tensors[f"{node.name}:1"] = p
     node.replace_input_with(1, constant_dq(ctx.model, f"{node.name}_w1", w, qw.q, p))

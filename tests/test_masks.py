@@ -62,7 +62,7 @@ def test_mask_add_stays_float_and_output_is_sane(sentinel: float) -> None:
 
 def test_plan_reuse_keeps_the_mask_float(tmp_path) -> None:
     m = _attention(float(np.finfo(np.float32).min))
-    first = lowbit.quantize(m, tmp_path / "a.onnx", calib=_feeds(24, 1), progress=False)
+    lowbit.quantize(m, tmp_path / "a.onnx", calib=_feeds(24, 1), progress=False)
     again = lowbit.quantize(m, tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
     assert not again.plan.nodes["mask_add"].quantized
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()

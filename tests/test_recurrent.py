@@ -11,7 +11,7 @@ from helpers import model, node, op_counts, rel_rms, run, samples, weight
 from lowbit import Recipe, Rule, Scheme
 
 DYNAMIC = Recipe(default=Scheme(mode="dynamic"))
-H, I, T, B = 16, 10, 7, 2
+H, IN, T, B = 16, 10, 7, 2  # hidden size, input size, time steps, batch
 
 
 def lstm_model(direction: str = "forward", seed: int = 0, **attrs) -> onnx.ModelProto:
@@ -23,10 +23,10 @@ def lstm_model(direction: str = "forward", seed: int = 0, **attrs) -> onnx.Model
             node("Reshape", ["yh", "shape"], ["flat"], "flatten"),
             node("MatMul", ["flat", "w_fc"], ["logits"], "fc"),
         ],
-        {"x": (T, B, I)},
+        {"x": (T, B, IN)},
         {"logits": (B, 5), "yc": (d, B, H), "y": (T, d, B, H)},
         {
-            "W": weight((d, 4 * H, I), 1 + seed, 0.3),
+            "W": weight((d, 4 * H, IN), 1 + seed, 0.3),
             "R": weight((d, 4 * H, H), 2 + seed, 0.3),
             "B": weight((d, 8 * H), 3 + seed, 0.1),
             "shape": np.array([B, d * H], np.int64),
@@ -45,7 +45,7 @@ def test_lstm_becomes_dynamic_quantize_lstm_close_to_float(direction, per_channe
     q = {t.name: onnx.numpy_helper.to_array(t) for t in res.model.graph.initializer}
     d = 2 if direction == "bidirectional" else 1
     # ORT's layout: W (D, input, 4H), R (D, H, 4H), int8; scales per direction or per (direction, gate row).
-    assert q["lstm_W_q"].shape == (d, I, 4 * H) and q["lstm_W_q"].dtype == np.int8
+    assert q["lstm_W_q"].shape == (d, IN, 4 * H) and q["lstm_W_q"].dtype == np.int8
     assert q["lstm_R_q"].shape == (d, H, 4 * H)
     assert q["lstm_W_s"].shape == ((d, 4 * H) if per_channel else (d,))
     assert not q["lstm_W_zp"].any() and not q["lstm_R_zp"].any()
@@ -94,7 +94,7 @@ def test_same_input_same_bytes_and_plan_reuse_reproduces_them(tmp_path):
     path = tmp_path / "lstm.onnx"
     onnx.save(m, str(path))
     a = lowbit.quantize(path, tmp_path / "a.onnx", recipe=DYNAMIC, progress=False)
-    b = lowbit.quantize(path, tmp_path / "b.onnx", recipe=DYNAMIC, progress=False)
+    lowbit.quantize(path, tmp_path / "b.onnx", recipe=DYNAMIC, progress=False)
     c = lowbit.quantize(path, tmp_path / "c.onnx", plan=tmp_path / "a.plan.json", progress=False)
     first = (tmp_path / "a.onnx").read_bytes()
     assert first == (tmp_path / "b.onnx").read_bytes() == (tmp_path / "c.onnx").read_bytes()

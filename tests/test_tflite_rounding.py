@@ -2,7 +2,8 @@
 
 A QDQ Add on many random int8 pairs, exported to .tflite: LiteRT's integers equal lowbit.targets.add_rounding's
 emulation of XNNPACK's rule on every element, ONNX Runtime's equal the MLAS rule's, and the two runtimes differ
-only by one step, only where the exact value is within 1e-4 of a half step (docs/tflite.md). snap_add_scales removes the gap."""
+only by one step, only where the exact value is within 1e-4 of a half step (docs/tflite.md). snap_add_scales
+removes the gap."""
 
 from __future__ import annotations
 

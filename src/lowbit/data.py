@@ -131,7 +131,8 @@ class DataSource:
     def __iter__(self) -> Iterator[Batch]:
         if self._one_shot and self._used:
             raise LowbitError(
-                "this data source wraps a one-shot iterator that was already consumed; pass a list or a path to iterate again"
+                "this data source wraps a one-shot iterator that was already consumed; "
+                "pass a list or a path to iterate again"
             )
         self._used = True
         return self._batches()
@@ -343,13 +344,13 @@ def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tup
         if a.dtype.hasobject:
             # Object arrays can only be loaded by unpickling, which can run arbitrary code.
             raise LowbitError(
-                f"input '{s.name}' in {where} holds Python objects (pickled), which lowbit never loads; use a numeric array"
+                f"input '{s.name}' in {where} holds Python objects (pickled), which lowbit never loads; "
+                "use a numeric array"
             )
         shape = tuple(a.shape)
         rank = len(s.shape)
         full = shape if len(shape) == rank else (1, *shape) if len(shape) == rank - 1 else None
-        bad_dim = full is None or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], full[1:]))
-        if bad_dim:
+        if full is None or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], full[1:])):
             raise LowbitError(f"input '{s.name}': expected shape {_shape_text(s.shape)}, got {shape} in {where}")
         if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
             raise LowbitError(
@@ -376,7 +377,8 @@ def _clean(where: str, spec: InputSpec, offset: int, a: np.ndarray) -> np.ndarra
         if bad.any():
             cast = f" (after casting {a.dtype} to {spec.dtype})" if a.dtype != spec.dtype else ""
             raise LowbitError(
-                f"input '{spec.name}' has NaN or Inf values{cast} in sample {offset + int(np.argmax(bad))} of {where}; fix or drop that sample"
+                f"input '{spec.name}' has NaN or Inf values{cast} in sample {offset + int(np.argmax(bad))} of {where}; "
+                "fix or drop that sample"
             )
     return out
 
@@ -413,8 +415,8 @@ def _load_image(path: Path, pre: ImagePreprocess) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as opened:
+            im = opened.convert("RGB")
             w, h = im.size
             if w <= h:
                 nw, nh = pre.size, max(pre.size, round(h * pre.size / w))
@@ -423,7 +425,7 @@ def _load_image(path: Path, pre: ImagePreprocess) -> np.ndarray:
             im = im.resize((nw, nh), Image.Resampling.BILINEAR)
             left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
             im = im.crop((left, top, left + pre.crop, top + pre.crop))
-            x = np.asarray(im, dtype=np.float32) / 255.0
+            x: np.ndarray = np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise LowbitError(f"cannot read image {path} ({_one_line(e)}); remove or replace it") from None
     x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)

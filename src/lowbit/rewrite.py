@@ -63,7 +63,8 @@ def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Nod
     s, z = _qdq_params(model.graph, name, p)
     inputs = [q, s, z]
     if p.kind == "bias" and not np.any(p.zero_point):
-        # Zero points default to 0; int32 biases save 4 bytes per channel (weights keep theirs: ORT's QGemm fusion needs them).
+        # Zero points default to 0; int32 biases save 4 bytes per channel
+        # (weights keep theirs: ORT's QGemm fusion needs them).
         model.graph.initializers.pop(_name(z))
         inputs = [q, s]
     attrs = {"axis": ir.AttrInt64("axis", p.axis)} if p.axis is not None else {}

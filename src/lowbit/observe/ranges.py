@@ -175,10 +175,10 @@ def mse(h: Histogram, num_levels: int = 256, symmetric: bool = False) -> tuple[f
     def best(fractions: np.ndarray) -> tuple[float, float]:
         cost = _squared_errors(centers, counts, low_end * fractions, high_end * fractions, num_levels)
         if symmetric:
-            k = l = int(np.argmin(np.diag(cost)))
+            k = j = int(np.argmin(np.diag(cost)))
         else:
-            k, l = (int(i) for i in np.unravel_index(int(np.argmin(cost)), cost.shape))
-        return float(fractions[k]), float(fractions[l])
+            k, j = (int(i) for i in np.unravel_index(int(np.argmin(cost)), cost.shape))
+        return float(fractions[k]), float(fractions[j])
 
     coarse = np.linspace(0.01, 1.0, 100)
     fa, fb = best(coarse)
@@ -189,8 +189,8 @@ def mse(h: Histogram, num_levels: int = 256, symmetric: bool = False) -> tuple[f
         fine_a = np.clip(np.linspace(fa - 0.01, fa + 0.01, 41), 0.0, 1.0)
         fine_b = np.clip(np.linspace(fb - 0.01, fb + 0.01, 41), 0.0, 1.0)
         cost = _squared_errors(centers, counts, low_end * fine_a, high_end * fine_b, num_levels)
-        k, l = np.unravel_index(int(np.argmin(cost)), cost.shape)
-        fa, fb = float(fine_a[k]), float(fine_b[l])
+        k, j = np.unravel_index(int(np.argmin(cost)), cost.shape)
+        fa, fb = float(fine_a[k]), float(fine_b[j])
     return float(low_end * fa), float(high_end * fb)
 
 

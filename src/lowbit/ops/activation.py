@@ -19,7 +19,7 @@ def clip_bounds(node: ir.Node) -> tuple[float, float] | None:
         low = node.attributes.get_float("min")
     if "max" in node.attributes:
         high = node.attributes.get_float("max")
-    for i, default in ((1, None), (2, None)):
+    for i in (1, 2):
         if i < len(node.inputs) and node.inputs[i] is not None:
             v = const(node, i)
             if v is None:

@@ -31,9 +31,9 @@ def im2col_nhwc(
     """(N, C, H, W) -> rows of (kh, kw, C) patches, the reduction order of the NHWC integer convolution
     (stride 1, no dilation, one group)."""
     n, c, h, w = x.shape
-    t, l, b, r = pads
-    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=pad_value)
-    oh, ow = h + t + b - kh + 1, w + l + r - kw + 1
+    t, left, b, r = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)), constant_values=pad_value)
+    oh, ow = h + t + b - kh + 1, w + left + r - kw + 1
     cols = np.empty((n, oh, ow, kh, kw, c), x.dtype)
     for i in range(kh):
         for j in range(kw):

@@ -74,7 +74,9 @@ class _Emulator:
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         for n in g.node:  # Constant nodes are weights too (some exporters store them that way)
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-                self.consts[n.output[0]] = ReferenceEvaluator(n).run(None, {})[0]
+                outs = ReferenceEvaluator(n).run(None, {})
+                assert isinstance(outs, list)  # a dict only with intermediate=True
+                self.consts[n.output[0]] = outs[0]
         self.producer = {o: n for n in g.node for o in n.output}
         # Unnamed nodes get report names without touching the caller's model.
         self.names = [n.name or f"{n.op_type}_{i}" for i, n in enumerate(g.node)]
@@ -153,7 +155,7 @@ class _Emulator:
         values: dict[str, np.ndarray] = dict(self.consts)
         values.update(feeds)
         last_use = {t: i for i, n in enumerate(g.node) for t in n.input}
-        for i, n in enumerate(g.node):
+        for i in range(len(g.node)):
             if self.names[i] in self.int_ops:
                 q = self.int_ops[self.names[i]].act_q
                 last_use[q] = max(last_use[q], i)
@@ -212,6 +214,7 @@ def _qdq(n: onnx.NodeProto, ins: list[np.ndarray | None]) -> np.ndarray:
     """QuantizeLinear / DequantizeLinear as ORT computes them in float32 (onnx.reference has no opset < 19
     versions of these, and lowbit writes opset 17 models)."""
     x, scale = ins[0], np.asarray(ins[1])
+    assert x is not None  # input 0 is required
     zp = ins[2] if len(ins) > 2 else None
     a = _attrs(n)
     if a.get("block_size"):
@@ -291,14 +294,14 @@ def _conv_geometry(x_shape: tuple[int, ...], w_shape: tuple[int, int, int], attr
             total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
             small = total // 2
             pads.append((small, total - small) if auto == "SAME_UPPER" else (total - small, small))
-        (t, b), (l, r) = pads
+        (t, b), (left, r) = pads
     elif auto == "VALID":
-        t = l = b = r = 0
+        t = left = b = r = 0
     else:
-        t, l, b, r = attrs.get("pads", [0, 0, 0, 0])
+        t, left, b, r = attrs.get("pads", [0, 0, 0, 0])
     oh = (h + t + b - (kh - 1) * dh - 1) // sh + 1
-    ow = (wd + l + r - (kw - 1) * dw - 1) // sw + 1
-    return (t, l, b, r), (sh, sw), (dh, dw), (oh, ow)
+    ow = (wd + left + r - (kw - 1) * dw - 1) // sw + 1
+    return (t, left, b, r), (sh, sw), (dh, dw), (oh, ow)
 
 
 def _conv(x: np.ndarray, za: int, op: _IntOp, saturate: bool, st: _Stats | None) -> np.ndarray:
@@ -308,9 +311,9 @@ def _conv(x: np.ndarray, za: int, op: _IntOp, saturate: bool, st: _Stats | None)
     group = int(op.attrs.get("group", 1))
     m, cg = op.w.shape[0], c // group
     kh, kw = op.attrs["kernel_shape"]
-    (t, l, b, r), (sh, sw), (dh, dw), (oh, ow) = _conv_geometry(x.shape, (m, kh, kw), op.attrs)
+    (t, left, b, r), (sh, sw), (dh, dw), (oh, ow) = _conv_geometry(x.shape, (m, kh, kw), op.attrs)
     # The integer kernels pad with the zero point: a real zero, which is a large uint8 when za is large.
-    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)), constant_values=np.uint8(za))
+    xp = np.pad(x, ((0, 0), (0, 0), (t, b), (left, r)), constant_values=np.uint8(za))
     out = np.empty((n, m, oh, ow), np.float64)
     taps = [(i, j) for i in range(kh) for j in range(kw)]
 

@@ -11,6 +11,8 @@ accumulator in float32 and round half to even, as ONNX Runtime does, so they agr
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import onnx
 
@@ -67,6 +69,34 @@ def _candidates(start: np.float32, ok, count: int, window: int = 1 << 16):
                 found += 1
                 if found == count:
                     return
+
+
+def _pick_scales(
+    sa: np.float32, sb: np.float32, sc: np.float32, za: int, zb: int, zc: int, k: int, info: np.iinfo
+) -> tuple[np.float32, np.float32] | None:
+    """New (sa, sc) near the old ones for which the two ADD rules agree, or None. Operand k has scale sa and
+    zero point za; the other keeps sb and zb; info bounds the integer type."""
+    qa, qb = np.meshgrid(np.arange(info.min, info.max + 1), np.arange(info.min, info.max + 1))
+    shift = _shift(np.float32(sa / sc), np.float32(sb / sc))
+
+    def agree(sa2: np.float32, sc2: np.float32) -> bool:
+        """Exact ratios, same shift, and the two rules give the same integer for every input pair."""
+        if _shift(np.float32(sa2 / sc2), np.float32(sb / sc2)) != shift:
+            return False
+        pair = [(float(sa2), za), (float(sb), zb)]
+        first, second = pair if k == 0 else pair[::-1]
+        args = (first, second, (float(sc2), zc), int(info.min), int(info.max))  # ONNX order
+        return bool(np.array_equal(ort_add(qa, qb, *args), xnnpack_add(qa, qb, *args)))
+
+    return next(
+        (
+            (sa2, sc2)
+            for sc2 in _candidates(sc, partial(_exact, sb, shift=shift), 8)
+            for sa2 in _candidates(sa, partial(_exact, den=sc2, shift=shift), 8)
+            if agree(sa2, sc2)
+        ),
+        None,
+    )
 
 
 def snap_add_scales(model: onnx.ModelProto) -> list[str]:
@@ -137,27 +167,7 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
         info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zdt))
         if info.bits > 8:  # 16-bit ADDs follow other rules in LiteRT, and 65536^2 pairs would not fit in memory
             continue
-        qa, qb = np.meshgrid(np.arange(info.min, info.max + 1), np.arange(info.min, info.max + 1))
-        shift = _shift(np.float32(sa / sc), np.float32(sb / sc))
-
-        def agree(sa2: np.float32, sc2: np.float32) -> bool:
-            """Exact ratios, same shift, and the two rules give the same integer for every input pair."""
-            if _shift(np.float32(sa2 / sc2), np.float32(sb / sc2)) != shift:
-                return False
-            pair = [(float(sa2), za), (float(sb), zb)]
-            first, second = pair if k == 0 else pair[::-1]
-            args = (first, second, (float(sc2), zc), int(info.min), int(info.max))  # ONNX order
-            return bool(np.array_equal(ort_add(qa, qb, *args), xnnpack_add(qa, qb, *args)))
-
-        pick = next(
-            (
-                (sa2, sc2)
-                for sc2 in _candidates(sc, lambda v: _exact(sb, v, shift), 8)
-                for sa2 in _candidates(sa, lambda v: _exact(v, sc2, shift), 8)
-                if agree(sa2, sc2)
-            ),
-            None,
-        )
+        pick = _pick_scales(sa, sb, sc, za, zb, zc, k, info)
         if pick is None:
             continue
         sa2, sc2 = pick

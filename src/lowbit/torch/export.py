@@ -41,7 +41,7 @@ def _frozen_copy(module: torch.nn.Module) -> tuple[torch.nn.Module, dict[str, in
     """Float copy for export, the bits of each exported weight (by parameter name; None: a float layer), and
     marker scale -> real (scale, zero point, dtype) of 16-bit activations."""
     clone = copy.deepcopy(module).eval()
-    bits: dict[str, int] = {}
+    bits: dict[str, int | None] = {}
     markers: dict[float, tuple] = {}
     for name, m in list(clone.named_modules()):
         if isinstance(m, (QConvBnAct, QLinearAct)):
@@ -161,7 +161,9 @@ def _write_grid(result: QuantizeResult, float_proto: onnx.ModelProto, bits: dict
             continue
         fnode = fnodes[node.name]
         w = finits[fnode.input[1]].astype(np.float64)
-        qmax = 2 ** (bits.get(fnode.input[1], 8) - 1) - 1
+        layer_bits = bits.get(fnode.input[1], 8)
+        assert layer_bits is not None  # a float layer's weight is not in the plan
+        qmax = 2 ** (layer_bits - 1) - 1
         flat = w.reshape(w.shape[0], -1)
         scale = (np.abs(flat).max(axis=1) / qmax).astype(np.float32)
         scale = np.where(scale > 0, scale, np.float32(1e-12))

@@ -19,6 +19,11 @@ class ActFakeQuant(torch.nn.Module):
     """uint8 (or uint16) fake quantization of one tensor; `lo/hi` are bounds the tensor is known to respect (a
     fused ReLU6 gives [0, 6]): the range is kept inside them so the exported graph can drop the clamp."""
 
+    # Buffers (registered in __init__), declared for the type checker.
+    zero_point: torch.Tensor
+    seen_min: torch.Tensor
+    seen_max: torch.Tensor
+
     def __init__(self, lo: float = -math.inf, hi: float = math.inf, dtype: str = "uint8") -> None:
         super().__init__()
         self.lo, self.hi, self.dtype = lo, hi, dtype
@@ -104,6 +109,11 @@ class QConvBnAct(torch.nn.Module):
     the running statistics are folded for good, which is what the exported model computes.
     """
 
+    # Buffers (registered in __init__), declared for the type checker.
+    steps: torch.Tensor
+    bn_frozen: torch.Tensor
+    act_dtype: str  # the layer output's activation type, set by lowbit.torch.qat
+
     def __init__(
         self,
         conv: torch.nn.Conv2d,
@@ -123,10 +133,12 @@ class QConvBnAct(torch.nn.Module):
         w, b = self.conv.weight, self.conv.bias
         if self.bn is None:
             return w, b, None
-        factor = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        mean, var = self.bn.running_mean, self.bn.running_var
+        assert mean is not None and var is not None  # folding needs them (track_running_stats, the default)
+        factor = self.bn.weight / torch.sqrt(var + self.bn.eps)
         w = w * factor.reshape(-1, 1, 1, 1)
-        b0 = b if b is not None else torch.zeros_like(self.bn.running_mean)
-        return w, self.bn.bias + factor * (b0 - self.bn.running_mean), factor
+        b0 = b if b is not None else torch.zeros_like(mean)
+        return w, self.bn.bias + factor * (b0 - mean), factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -137,6 +149,7 @@ class QConvBnAct(torch.nn.Module):
         w, b, factor = self.folded()
         wq = fake_quant_weight(w, self.bits)
         if self.bn is not None and self.training and not bool(self.bn_frozen):
+            assert factor is not None  # folded() returns one whenever there is a BatchNorm
             y = F.conv2d(x, wq, None, c.stride, c.padding, c.dilation, c.groups) / factor.reshape(1, -1, 1, 1)
             if c.bias is not None:
                 y = y + c.bias.reshape(1, -1, 1, 1)
@@ -157,6 +170,8 @@ class QConvBnAct(torch.nn.Module):
 
 
 class QLinearAct(torch.nn.Module):
+    act_dtype: str  # the layer output's activation type, set by lowbit.torch.qat
+
     def __init__(self, linear: torch.nn.Linear, act: str | None, bits: int | None) -> None:
         super().__init__()
         self.linear, self.act, self.bits = linear, act, bits

@@ -59,7 +59,9 @@ def module_to_onnx(
             torch.onnx.export(
                 module,
                 inputs,
-                buf,
+                # The TorchScript exporter (dynamo=False) writes to file-like objects too; torch annotates f as a
+                # path only (torch's own call of that exporter ignores the same arg-type error).
+                buf,  # type: ignore[arg-type]
                 dynamo=False,
                 opset_version=opset,
                 input_names=in_names,

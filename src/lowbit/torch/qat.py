@@ -36,6 +36,7 @@ _ADD_FUNCS = {operator.add, torch.add}
 
 def _act_kind(node: fx.Node, modules: dict[str, torch.nn.Module]) -> str | None:
     if node.op == "call_module":
+        assert isinstance(node.target, str)  # a call_module node's target is the submodule's name
         m = modules[node.target]
         if isinstance(m, torch.nn.ReLU6):
             return "relu6"
@@ -207,7 +208,7 @@ def _is_add(node: fx.Node) -> bool:
 
 
 def _is_pass(node: fx.Node, modules: dict[str, torch.nn.Module]) -> bool:
-    m = modules.get(node.target) if node.op == "call_module" else None
+    m = modules.get(node.target) if node.op == "call_module" and isinstance(node.target, str) else None
     return (
         isinstance(m, _PASS_MODULES)
         or (node.op == "call_function" and node.target in _PASS_FUNCS)
@@ -253,7 +254,7 @@ def _add_fake_quantizers(gm: fx.GraphModule, recipe: Recipe) -> None:
             consumers.append((node, default_dtype))
             nxt = _only_user(node)
             act = _act_kind(nxt, modules) if nxt is not None else None
-            add_fq(nxt if act else node, act)
+            add_fq(nxt if nxt is not None and act else node, act)
         elif _act_kind(node, modules) is not None:
             prev = node.args[0]
             if isinstance(prev, fx.Node) and (

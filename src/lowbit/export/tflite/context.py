@@ -21,7 +21,7 @@ TO_NHWC = (0, 2, 3, 1)
 TO_NCHW = (0, 3, 1, 2)
 FP16_MAX = 65504.0
 # ONNX element type -> TFLite tensor type of a float-kind value (float16 values are computed in float32)
-DTYPES = {
+DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float32",
     onnx.TensorProto.INT64: "int64",

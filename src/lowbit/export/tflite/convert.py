@@ -148,7 +148,7 @@ def _probe(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str
             f"unknown ({str(e).splitlines()[0][:200]}); check --shape / --batch"
         ) from None
     shapes = {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values)}
-    dtypes = {n: helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype) for n, v in zip(names, values)}
+    dtypes: dict[str, int] = {n: helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype) for n, v in zip(names, values)}
     return shapes, dtypes
 
 
@@ -236,6 +236,7 @@ def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[s
             )
             if (
                 code is not None
+                and p is not None
                 and fusable
                 and uses[x] == 1
                 and x not in graph_outputs
@@ -446,13 +447,13 @@ def _quantize_float_outputs(
 
 
 def _input(ctx: Context, name: str, io: str) -> int:
-    if io == "float" or ctx.quant(name) is None:
+    q = ctx.quant(name)
+    if io == "float" or q is None:
         if io != "float":
             raise LowbitError(f"--io {io}: input {name} is not quantized in the model; use --io float")
         return ctx.produce(name, "f", True)
     if io == "int8":
         return ctx.produce(name, "q", True)
-    q = ctx.quant(name)
     idx = ctx.fm.add_tensor(
         Tensor(name, ctx.shape(name, True), "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
     )
@@ -463,14 +464,14 @@ def _input(ctx: Context, name: str, io: str) -> int:
 
 
 def _output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
-    if io == "float" or ctx.quant(name) is None:
+    q = ctx.quant(name)
+    if io == "float" or q is None:
         if io != "float":
             raise LowbitError(f"--io {io}: output {onnx_name} is not quantized in the model; use --io float")
         idx = ctx.get(name, "f")
     else:
         idx = ctx.get(name, "q")
         if io == "uint8":
-            q = ctx.quant(name)
             src = idx
             idx = ctx.fm.add_tensor(
                 Tensor(onnx_name, ctx.fm.tensors[src].shape, "uint8", quant=QuantParams(q.scale, q.zero_point + 128))

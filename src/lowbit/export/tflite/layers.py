@@ -30,8 +30,8 @@ def fail(node: onnx.NodeProto, why: str) -> LowbitError:
 def padding(
     node: onnx.NodeProto,
     a: dict[str, Any],
-    in_hw: tuple[int, int],
-    k: tuple[int, int],
+    in_hw: tuple[int, ...],
+    k: tuple[int, ...],
     s: tuple[int, int],
     d: tuple[int, int],
 ) -> tuple[int, list[int] | None]:
@@ -120,8 +120,8 @@ def weights_and_bias(
     name = node.name or node.output[0]
     if kind != "q":
         wi = _float_weight(ctx, w, f"{name}_weights", perm, tfl_axis)
-        bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
-        return wi, ctx.const(f"{name}_bias", bias)
+        float_bias = ctx.g.consts[b].astype(np.float32).ravel() if b is not None else np.zeros(cout, np.float32)
+        return wi, ctx.const(f"{name}_bias", float_bias)
     qw = ctx.g.qconsts[w]
     if np.any(qw.quant.zero_point != 0) or qw.data.dtype != np.int8:
         raise fail(node, "int8 weights must be symmetric (zero point 0) for TFLite")
@@ -130,7 +130,9 @@ def weights_and_bias(
     wq = QuantParams(qw.quant.scale, np.zeros_like(qw.quant.zero_point), tfl_axis)
     wi = ctx.const(f"{name}_weights", np.ascontiguousarray(qw.data.transpose(perm)), wq)
     s_w = np.broadcast_to(qw.quant.scale, (cout,)).astype(np.float32)
-    s_b = (ctx.quant(x).scale.astype(np.float64) * s_w).astype(np.float32)
+    qx = ctx.quant(x)
+    assert qx is not None  # an int8 kernel's input is quantized
+    s_b = (qx.scale.astype(np.float64) * s_w).astype(np.float32)
     if b is not None and b in ctx.g.qconsts:
         bias = ctx.g.qconsts[b].data.astype(np.int32).ravel()
     elif b is not None:  # a float bias next to int8 weights: quantize it with the scale TFLite expects
@@ -246,6 +248,7 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
 def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x, y = node.input[0], node.output[0]
     rank = len(ctx.shapes[x])
+    axes: list[int] | None
     if node.op_type == "GlobalAveragePool":
         axes, keep = list(range(2, rank)), 1
     else:

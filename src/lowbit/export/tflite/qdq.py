@@ -175,9 +175,11 @@ def fold_dynamic(g: Graph) -> bool:
             continue
         dql = producer.get(mmi.input[0])
         cast = only_user(mmi.output[0], "Cast")
-        mul = cast and only_user(cast.output[0], "Mul")
-        scale = mul and producer.get(mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0])
-        if dql is None or dql.op_type != "DynamicQuantizeLinear" or scale is None or scale.op_type != "Mul":
+        mul = only_user(cast.output[0], "Mul") if cast is not None else None
+        if dql is None or dql.op_type != "DynamicQuantizeLinear" or cast is None or mul is None:
+            continue
+        scale = producer.get(mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0])
+        if scale is None or scale.op_type != "Mul":
             continue
         w_scale = scale.input[1] if scale.input[0] == dql.output[1] else scale.input[0]
         if dql.output[1] not in scale.input or w_scale not in g.consts:

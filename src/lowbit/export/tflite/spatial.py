@@ -37,7 +37,7 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
             total = (in_hw[i] - 1) * s + k - out_hw[i]
             pads.append(total // 2 if _text(a, "auto_pad", "SAME_UPPER") != "SAME_LOWER" else total - total // 2)
         pads += [0, 0]
-    modes = set()
+    modes: set[int | None] = set()
     for i, (k, s) in enumerate(((kh, sh), (kw, sw))):
         total = (in_hw[i] - 1) * s + k - out_hw[i]  # what TFLite crops in all, from top and bottom
         if pads[i] == 0:
@@ -70,7 +70,7 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
     )
 
 
-def _onnx_nearest(out: int, size_in: int, scale: float, a: dict[str, Any]) -> np.ndarray:
+def _onnx_nearest(out: int, size_in: int, scale: float, a: dict[str, Any]) -> np.ndarray | None:
     """ONNX Resize's source index for each output index along one axis (nearest mode)."""
     i = np.arange(out, dtype=np.float64)
     mode = _text(a, "coordinate_transformation_mode", "half_pixel")
@@ -117,8 +117,8 @@ def resize(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     mode, coord = _text(a, "mode", "nearest"), _text(a, "coordinate_transformation_mode", "half_pixel")
     if a.get("antialias", 0) or mode == "cubic":
         raise fail(node, f"{'antialiased' if a.get('antialias', 0) else 'cubic'} resize has no TFLite kernel")
-    scales = ctx.g.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-    scales = [ys[i] / xs[i] for i in (2, 3)] if scales is None or scales.size == 0 else list(scales[2:])
+    given = ctx.g.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    scales = [ys[i] / xs[i] for i in (2, 3)] if given is None or given.size == 0 else list(given[2:])
     if mode == "linear":
         if coord not in LINEAR_MODES or (coord == "pytorch_half_pixel" and min(ys[2:]) == 1):
             raise fail(
@@ -183,7 +183,7 @@ def pad(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: i
     elif kind == "q":
         raise fail(node, "an int8 pad with a non-zero constant")
     else:
-        ctx.op("PADV2", [xin, paddings, ctx.const(f"{node.name or y}_value", np.float32(value).reshape(()))], [out])
+        ctx.op("PADV2", [xin, paddings, ctx.const(f"{node.name or y}_value", np.array(value, np.float32))], [out])
 
 
 CONVERTERS = {"ConvTranspose": conv_transpose, "Resize": resize, "Pad": pad}

@@ -295,7 +295,7 @@ def fuse_gelu(g: Graph) -> None:
         return (
             name in g.consts
             and g.consts[name].size == 1
-            and np.isclose(float(g.consts[name].ravel()[0]), value, rtol=1e-4)
+            and bool(np.isclose(float(g.consts[name].ravel()[0]), value, rtol=1e-4))
         )
 
     def other(node: onnx.NodeProto, name: str) -> str:

@@ -6,6 +6,7 @@ The schema's generated builders come from the `tflite` package; nothing here dep
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ def _camel(snake: str) -> str:
     return "".join(part.capitalize() for part in snake.split("_"))
 
 
-def _int_vector(b: flatbuffers.Builder, values: list[int], elem: str = "int32") -> int:
+def _int_vector(b: flatbuffers.Builder, values: Sequence[int], elem: str = "int32") -> int:
     return b.CreateNumpyVector(np.asarray(values, dtype=elem))
 
 
@@ -159,7 +160,7 @@ def serialize(model: FlatModel) -> bytes:
         m.AddOpcodeIndex(b, codes.index(op.op))
         m.AddInputs(b, inputs)
         m.AddOutputs(b, outputs)
-        if opts is not None:
+        if op.options:  # opts was built
             m.AddBuiltinOptionsType(b, getattr(options_enum, op.options))
             m.AddBuiltinOptions(b, opts)
         op_offsets.append(m.End(b))
@@ -201,8 +202,8 @@ def serialize(model: FlatModel) -> bytes:
 
     buffer_offsets = []
     bm = _module("Buffer")
-    for data in buffers:
-        vec = _byte_buffer(b, data) if data else None
+    for blob in buffers:
+        vec = _byte_buffer(b, blob) if blob else None
         bm.Start(b)
         if vec is not None:
             bm.AddData(b, vec)

@@ -100,13 +100,17 @@ def test_report_renders_every_chart_in_chromium(tmp_path: Path) -> None:
 
     chart = page.root.find("svg", id="sqnr-chart")
     bars = chart.find_all("rect", cls="bar")
-    assert [b.attrs["data-node"] for b in bars] == [l["node"] for l in data["layers"]]
-    lowest = sorted((l for l in data["layers"] if math.isfinite(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:WORST]
-    assert {b.attrs["data-node"] for b in bars if "worst" in b.classes} == {l["node"] for l in lowest}
+    assert [b.attrs["data-node"] for b in bars] == [layer["node"] for layer in data["layers"]]
+    lowest = sorted(
+        (layer for layer in data["layers"] if math.isfinite(layer["sqnr_db"])), key=lambda layer: layer["sqnr_db"]
+    )[:WORST]
+    assert {b.attrs["data-node"] for b in bars if "worst" in b.classes} == {layer["node"] for layer in lowest}
     # bar length follows SQNR; the exact layer (inf) is drawn as long as the best finite one
     widths = {b.attrs["data-node"]: float(b.attrs["width"]) for b in bars}
-    finite = sorted((l for l in data["layers"] if math.isfinite(l["sqnr_db"])), key=lambda l: l["sqnr_db"])
-    assert [widths[l["node"]] for l in finite] == sorted(widths[l["node"]] for l in finite)
+    finite = sorted(
+        (layer for layer in data["layers"] if math.isfinite(layer["sqnr_db"])), key=lambda layer: layer["sqnr_db"]
+    )
+    assert [widths[layer["node"]] for layer in finite] == sorted(widths[layer["node"]] for layer in finite)
     assert widths["conv3"] == max(widths.values()) > 0
     assert len(chart.find_all("circle", cls="alone")) == 1
 
@@ -123,9 +127,9 @@ def test_report_renders_every_chart_in_chromium(tmp_path: Path) -> None:
     for h in hists:
         assert len(h.find_all("rect", cls="hist-bar")) > 10
         lines = h.find_all("line", cls="range-line")
-        assert [l.attrs["data-bound"] for l in lines] == ["a", "b"]
+        assert [line.attrs["data-bound"] for line in lines] == ["a", "b"]
         want = data["histograms"][h.attrs["data-tensor"]]["range"]
-        assert [float(l.attrs["data-value"]) for l in lines] == want
+        assert [float(line.attrs["data-value"]) for line in lines] == want
         assert float(lines[0].attrs["x1"]) < float(lines[1].attrs["x1"])
 
     assert len(rows(page.root.find("table", id="summary-table"))) == 3
@@ -188,8 +192,8 @@ def test_cli_writes_a_report_of_real_measurements(
     assert q["size_bytes"] == quantized.stat().st_size and q["top1_agreement"] >= 0.9 and q["cosine"] > 0.99
     assert all(v["latency_ms"] > 0 for v in data["variants"])
     computing = {"conv1", "conv2", "add", "gap", "flatten", "fc"}  # Relu/Clip were folded away
-    assert {"conv1", "conv2", "fc"} <= {l["node"] for l in data["layers"]} <= computing
-    assert all(20 < float(l["sqnr_db"]) < 80 for l in data["layers"])
+    assert {"conv1", "conv2", "fc"} <= {layer["node"] for layer in data["layers"]} <= computing
+    assert all(20 < float(layer["sqnr_db"]) < 80 for layer in data["layers"])
     assert len(data["histograms"]) == 4
     for tensor, h in data["histograms"].items():
         if tensor in plan.tensors:
@@ -229,10 +233,10 @@ def test_cli_quick_layer_sqnr_without_diagnose(
     data = json.loads(proc.stdout)
     plan = lowbit.Plan.load(quantized.with_suffix(".plan.json"))
     # one entry per computing node of the quantized model, in graph order (Relu/Clip were folded away)
-    assert [l["node"] for l in data["layers"]] == ["conv1", "conv2", "add", "gap", "flatten", "fc"]
-    assert all(20 < float(l["sqnr_db"]) < 80 for l in data["layers"])
-    lowest = sorted(data["layers"], key=lambda l: float(l["sqnr_db"]))[:4]
-    assert sorted(h["node"] for h in data["histograms"].values()) == sorted(l["node"] for l in lowest)
+    assert [layer["node"] for layer in data["layers"]] == ["conv1", "conv2", "add", "gap", "flatten", "fc"]
+    assert all(20 < float(layer["sqnr_db"]) < 80 for layer in data["layers"])
+    lowest = sorted(data["layers"], key=lambda layer: float(layer["sqnr_db"]))[:4]
+    assert sorted(h["node"] for h in data["histograms"].values()) == sorted(layer["node"] for layer in lowest)
     for tensor, h in data["histograms"].items():
         assert h["range"] == plan.tensors[tensor].range
         assert sum(h["counts"]) == 32 * {"r1": 8 * 256, "r2": 8 * 256, "s": 8 * 256, "g": 8, "f": 8, "y": 10}[tensor]
@@ -249,7 +253,7 @@ def test_layer_sqnr_of_the_output_matches_the_output_fidelity(quantized: Path, t
     layers, extent = _layer_sqnr(tiny_cnn(), onnx.load(str(quantized)), batches)
     ref = session(tiny_cnn()).run(None, {"x": x})[0]
     out = session(str(quantized), "simulate").run(None, {"x": x})[0]
-    fc = next(l for l in layers if l["node"] == "fc")
+    fc = next(layer for layer in layers if layer["node"] == "fc")
     assert fc["sqnr_db"] == pytest.approx(sqnr_db(ref, out), abs=1e-3)
     assert extent["y"] == pytest.approx((float(ref.min()), float(ref.max())))
 

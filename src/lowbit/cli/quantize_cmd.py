@@ -35,7 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--weights",
         choices=["int8", "int4"],
-        help="weight type (int4: weight_only MatMulNBits/Gather blocks; static: per-channel INT4 QDQ, a smaller file that ONNX Runtime runs in float)",
+        help="weight type (int4: weight_only MatMulNBits/Gather blocks; static: per-channel INT4 QDQ, "
+        "a smaller file that ONNX Runtime runs in float)",
     )
     g.add_argument("--block-size", type=int, help="values per scale for int4 weights (32, 64, 128; default 32)")
     g.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "mse"])
@@ -137,5 +138,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
         print(lint_text(findings))
+        assert result.output is not None  # --output is required, and quantize() sets it when given
         print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
     return 0

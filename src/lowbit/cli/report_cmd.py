@@ -53,13 +53,15 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(result.to_json(indent=1))
     else:
-        worst = sorted((l for l in result.layers if not math.isnan(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:3]
+        worst = sorted(
+            (layer for layer in result.layers if not math.isnan(layer["sqnr_db"])), key=lambda layer: layer["sqnr_db"]
+        )[:3]
         for v in result.variants[1:]:
             print(
                 f"{v['name']}: top-1 agreement {v['top1_agreement']:.1%}, cosine {v['cosine']:.4f}, "
                 f"{size_text(v['size_bytes'])}"
             )
         if worst:
-            print("lowest SQNR: " + ", ".join(f"{l['node']} {l['sqnr_db']:.1f} dB" for l in worst))
+            print("lowest SQNR: " + ", ".join(f"{layer['node']} {layer['sqnr_db']:.1f} dB" for layer in worst))
         print(f"wrote {result.output}")
     return 0

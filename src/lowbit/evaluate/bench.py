@@ -84,21 +84,21 @@ def benchmark(
 ) -> dict[str, Any]:
     """Measure `models` (.onnx in ONNX Runtime, .tflite in LiteRT) interleaved; returns a JSON-able dict
     (see docs/energy.md for the energy model). LiteRT models get "op_time_ms" and "energy" None."""
-    models = [str(m) for m in models]
-    if not models:
+    model_paths = [str(m) for m in models]
+    if not model_paths:
         raise LowbitError("no model to benchmark; pass one or more .onnx or .tflite files")
     threads = check_threads(threads)
     for label, value, low in (("runs", runs, 1), ("warmup", warmup, 0), ("batch", batch, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LowbitError(f"{label} must be an integer >= {low}, got {value!r}")
-    keys = _unique_keys(models)
+    keys = _unique_keys(model_paths)
     protos: dict[str, onnx.ModelProto | LiteRTSession] = {}
-    for key, path in zip(keys, models):
+    for key, path in zip(keys, model_paths):
         if is_tflite(path):
             protos[key] = LiteRTSession(path, threads=1)  # one-line errors for missing or corrupt files
             continue
         protos[key] = load_proto(path)
-    paths = dict(zip(keys, models))
+    paths = dict(zip(keys, model_paths))
     feeds = _feeds(protos, batch, data)
 
     steps = 2 * len(threads) + len(keys) * (2 if profile else 1)
@@ -108,7 +108,8 @@ def benchmark(
     for t in threads:
         times_by_threads[t] = _latency(paths, feeds, t, runs, warmup, bar)
     for key in keys:
-        lite = isinstance(protos[key], LiteRTSession)
+        proto = protos[key]
+        lite = isinstance(proto, LiteRTSession)
         entry: dict[str, Any] = {
             "runtime": runtime_name(paths[key]),
             "size_bytes": os.path.getsize(paths[key]),
@@ -132,7 +133,9 @@ def benchmark(
                 None if lite else op_times(paths[key], feeds[key], threads[0], min(runs, PROFILE_RUNS))
             )
             bar.update()
-        entry["energy"] = None if lite else energy.estimate(protos[key], _batch_of(feeds[key], batch))
+        entry["energy"] = (
+            None if isinstance(proto, LiteRTSession) else energy.estimate(proto, _batch_of(feeds[key], batch))
+        )
         result["models"][key] = entry
     bar.close()
     first = keys[0]
@@ -250,7 +253,7 @@ def _latency(
         bar.set_description(f"latency, {threads} thread{'s' if threads > 1 else ''}")
         if n:
             sessions = {k: bound_session(paths[k], feeds[k], threads) for k in order}
-            half = interleaved_latency(sessions, {}, runs=n, warmup=warmup)  # type: ignore[arg-type]
+            half = interleaved_latency(sessions, {}, runs=n, warmup=warmup)
             for k, v in half.items():
                 times[k].extend(v)
             del sessions
@@ -296,7 +299,9 @@ def peak_memory_mb(path: str, feeds: dict[str, np.ndarray], threads: int) -> flo
         return None
     with tempfile.TemporaryDirectory(prefix="lowbit-mem-") as tmp:
         feeds_file = os.path.join(tmp, "feeds.npz")
-        np.savez(feeds_file, **feeds)
+        # Any: numpy's savez stub has allow_pickle: bool among the keywords the arrays are passed as
+        arrays: dict[str, Any] = feeds
+        np.savez(feeds_file, **arrays)
         code = "import sys; from lowbit.evaluate.bench import _peak_worker; _peak_worker(*sys.argv[1:])"
         proc = subprocess.run(
             [sys.executable, "-c", code, path, feeds_file, str(threads)], capture_output=True, text=True

@@ -29,7 +29,7 @@ from ..observe import Histogram, percentile
 from ..passes import prepare
 from ..plan import Plan, TensorParams, plan_path
 from ..quantize import quantize
-from ..recipe import BLOCK_SIZES, Recipe, Rule, Scheme
+from ..recipe import BLOCK_SIZES, ActivationType, Recipe, Rule, Scheme
 from .jsonable import JsonResult
 from .layerwise import (
     Layer,
@@ -121,12 +121,13 @@ def diagnose(
         kept = {n.name for n in quant_proto.graph.node}
         rewritten = pair_outputs(prepared, quant_proto, plan_obj)
         extra = [x for x in output_layers(prepared, plan_obj, rewritten) if x.node not in kept]
-        pairs.update({x.output: x.output for x in extra if x.output not in pairs})
+        # output_layers' layers all have an output (`is not None` only narrows the type)
+        pairs.update({x.output: x.output for x in extra if x.output is not None and x.output not in pairs})
         found += extra
     else:  # dynamic / weight-only: no quantized activations, compare each quantized node's output instead
         pairs = pair_outputs(prepared, quant_proto, plan_obj)
         found = output_layers(prepared, plan_obj, pairs)
-        quantized = [x.output for x in found]
+        quantized = [x.output for x in found if x.output is not None]  # all of them (see above)
     if not found:
         raise LowbitError(
             "the plan does not describe this quantized model (no quantized tensor or node output "
@@ -265,7 +266,7 @@ def _params(a: float, b: float, dtype: str, symmetric: bool) -> TensorParams:
 
 def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, Scheme, dict[str, TensorParams]]]:
     """(kind, scheme, tensor overrides) for every fix that applies to this layer."""
-    found = []
+    found: list[tuple[str, Scheme, dict[str, TensorParams]]] = []
     if x.has_weight and not x.per_channel:
         found.append(("per_channel", replace(scheme, per_channel=True), {}))
     if scheme.mode == "weight_only" and scheme.weights == "int4":
@@ -278,7 +279,8 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
     # was given): its activation fixes are static schemes, which the dynamic mode could not express.
     static = replace(scheme, mode="static") if scheme.mode != "static" and old is not None else scheme
     is_output = x.output in stats.outputs  # model outputs are never clipped by calibration
-    if old is not None and old.range is not None and not is_output:
+    # (old is only found under an output; `x.output is not None` narrows the type)
+    if x.output is not None and old is not None and old.range is not None and not is_output:
         h = stats.histograms.get(x.output)
         if scheme.calibration != "percentile" and _outlier_ratio(h) >= OUTLIER_RATIO:
             a, b = percentile(h, scheme.percentile)
@@ -290,12 +292,13 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
                 )
             )
         if old.dtype not in ("uint16", "int16"):
-            wide = "int16" if old.dtype == "int8" else "uint16"
+            wide: ActivationType = "int16" if old.dtype == "int8" else "uint16"
+            lo, hi = old.range
             found.append(
                 (
                     "uint16",
                     replace(static, activations=wide, reduce_range=False),
-                    {x.output: _params(*old.range, wide, scheme.symmetric_activations)},
+                    {x.output: _params(lo, hi, wide, scheme.symmetric_activations)},
                 )
             )
     return found
@@ -303,6 +306,7 @@ def _candidates(x: Layer, scheme: Scheme, stats, plan: Plan) -> list[tuple[str, 
 
 def _suggest(x: Layer, row: dict, stats, trials: Trials, typical: float) -> tuple[dict, Rule | None]:
     scheme = trials.scheme(x.node, x.op_type)
+    assert scheme is not None  # x is a quantized layer, so the recipe gives it a scheme
     base = row["alone_sqnr_db"]
     tried: dict[str, float] = {}
     best = None

@@ -20,7 +20,7 @@ from ..data import ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
 from ..graph.io import model_name
 from ..runtimes.litert import LiteRTSession, is_tflite
-from ..runtimes.ort import session
+from ..runtimes.ort import Mode, session
 from .jsonable import JsonResult
 from .metrics import fidelity
 
@@ -48,7 +48,7 @@ def evaluate(
     data: str | os.PathLike | Iterable[Any],
     labels: str | os.PathLike | Sequence[int] | np.ndarray | None = None,
     reference: ModelLike | None = None,
-    mode: str = "kernels",
+    mode: Mode = "kernels",
     batch_size: int = 32,
     preprocess: ImagePreprocess | None = None,
     limit: int | None = None,
@@ -69,7 +69,7 @@ def evaluate(
             f"{_name(model)}, a .tflite file (use mode kernels)"
         )
     lite = LiteRTSession(model) if is_tflite(model) else None
-    ref_lite = LiteRTSession(reference) if is_tflite(reference) else None
+    ref_lite = LiteRTSession(reference) if reference is not None and is_tflite(reference) else None
     specs = lite.input_specs() if lite is not None else input_specs(model)
     if reference is not None:
         ref_specs = ref_lite.input_specs() if ref_lite is not None else input_specs(reference)
@@ -152,9 +152,10 @@ def _runtime(lite: LiteRTSession | None) -> str:
     return "litert (XNNPACK)" if lite.delegate_partitions() else "litert"
 
 
-def _session(model: ModelLike, mode: str):
+def _session(model: ModelLike, mode: Mode):
+    # session() takes str or Path paths; ONNX Runtime reads any other os.PathLike through os.fspath too
     try:
-        return session(model, mode)
+        return session(os.fspath(model) if isinstance(model, os.PathLike) else model, mode)
     except Exception as e:  # ORT raises its own exception types for models it cannot load
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LowbitError(f"ONNX Runtime cannot load {_name(model)} ({first}); check or re-export the model") from None

@@ -137,7 +137,7 @@ def output_layers(float_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str
                 [i for i in n.input if i in pairs],
                 n.output[0],
                 has_weight,
-                bool(has_weight and w.axis is not None),
+                bool(has_weight and w is not None and w.axis is not None),
             )
         )
     return found
@@ -211,9 +211,9 @@ def layers(quant_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str]) -> l
     """Quantized compute nodes of the QDQ model, in graph order."""
     qouts = {o.name for o in quant_model.graph.output}
     folded: dict[str, list[str]] = {}
-    for name, entry in plan.nodes.items():
-        if entry.code is Reason.FOLDED:
-            folded.setdefault(entry.details["into"], []).append(name)
+    for name, decision in plan.nodes.items():
+        if decision.code is Reason.FOLDED:
+            folded.setdefault(decision.details["into"], []).append(name)
     found = []
     for n in quant_model.graph.node:
         entry = plan.nodes.get(n.name)
@@ -232,7 +232,7 @@ def layers(quant_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str]) -> l
                 ins,
                 out if out in pairs else None,
                 has_weight,
-                bool(has_weight and w.axis is not None),
+                bool(has_weight and w is not None and w.axis is not None),
                 folded.get(n.name, []),
             )
         )

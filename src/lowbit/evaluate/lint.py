@@ -346,7 +346,7 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
         plan = Plan.load(plan_path(model))
     orig, opt = _Graph(proto.graph), _Graph(_optimized(model).graph)
     names = {n.name: i for i, n in enumerate(orig.nodes) if n.name}
-    found: list[tuple[int, int, dict]] = []  # (kind rank, first node index, finding) for a stable order
+    found: list[tuple[int, int, Finding]] = []  # (kind rank, first node index, finding) for a stable order
     taken: set[int] = set()
 
     def add(kind: str, idx: list[int], message: str, fix: str, level: str = "warning") -> None:
@@ -459,16 +459,16 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
         k = _INT_GEMM_ZP.get(n.op_type)
         zp = opt.inits.get(n.input[k]) if k is not None and len(n.input) > k else None
         if zp is not None and zp.data_type == onnx.TensorProto.INT8:
-            i = _origin(j, opt, orig, names)
-            if i is not None and i not in taken:
-                signed.append(i)
+            orig_i = _origin(j, opt, orig, names)
+            if orig_i is not None and orig_i not in taken:
+                signed.append(orig_i)
     if signed:
-        nodes = _names([orig.nodes[i] for i in sorted(set(signed))])
+        shown = _names([orig.nodes[i] for i in sorted(set(signed))])
         if ort_runtime.cpu_has_vnni():
             add(
                 "int8-activations-x86",
                 signed,
-                f"info: {nodes} take int8 (signed) activations; this CPU has VNNI so they cost little here, "
+                f"info: {shown} take int8 (signed) activations; this CPU has VNNI so they cost little here, "
                 "but x86 CPUs without VNNI run them on a slower path than uint8",
                 "use --activations uint8 if the model ships to x86 CPUs without VNNI",
                 level="info",
@@ -477,7 +477,7 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
             add(
                 "int8-activations-x86",
                 signed,
-                f"{nodes} take int8 (signed) activations: ORT's fast x86 path without VNNI is uint8 activations x "
+                f"{shown} take int8 (signed) activations: ORT's fast x86 path without VNNI is uint8 activations x "
                 "int8 weights",
                 "use --activations uint8",
             )

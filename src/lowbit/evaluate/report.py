@@ -35,10 +35,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from ..graph.io import atomic_write_bytes
 from .report_assets import CSS, JS
@@ -50,7 +50,7 @@ def _e(value: Any) -> str:
     return escape(str(value), quote=True)
 
 
-def _finite(x: Any) -> bool:
+def _finite(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
@@ -81,7 +81,7 @@ def _num(v: float) -> str:
 
 
 def _table(
-    table_id: str, head: list[str] | None, rows: Iterable[list[tuple[str, Any] | str]], sortable: bool = True
+    table_id: str, head: list[str] | None, rows: Iterable[Sequence[tuple[str, Any] | str]], sortable: bool = True
 ) -> str:
     """rows hold cells as plain text or (text, sort value) pairs; numeric cells are right-aligned."""
     cls = ' class="sortable"' if sortable else ""
@@ -104,14 +104,16 @@ def _table(
 
 
 def _worst(layers: list[dict]) -> set[int]:
-    ranked = sorted((i for i, l in enumerate(layers) if _finite(l.get("sqnr_db"))), key=lambda i: layers[i]["sqnr_db"])
+    ranked = sorted(
+        (i for i, layer in enumerate(layers) if _finite(layer.get("sqnr_db"))), key=lambda i: layers[i]["sqnr_db"]
+    )
     return set(ranked[:WORST])
 
 
 def _sqnr_chart(layers: list[dict]) -> str:
     if not layers:
         return '<p class="empty">No per-layer measurements.</p>'
-    values = [l.get("sqnr_db") for l in layers] + [l.get("alone_sqnr_db") for l in layers]
+    values = [layer.get("sqnr_db") for layer in layers] + [layer.get("alone_sqnr_db") for layer in layers]
     top = max([v for v in values if _finite(v)] + [1.0])
     worst = _worst(layers)
     row, label_w, bar_w, width = 16, 280, 540, 900
@@ -156,15 +158,15 @@ def _sqnr_chart(layers: list[dict]) -> str:
         'earlier layers included</span><span><i style="background:var(--worst)"></i>'
         f"{len(worst)} lowest</span>"
     ]
-    if any(_finite(l.get("alone_sqnr_db")) for l in layers):
+    if any(_finite(layer.get("alone_sqnr_db")) for layer in layers):
         legend.append('<span><i style="background:var(--alone);border-radius:5px"></i>only this layer quantized</span>')
     legend.append("</p>")
     return "".join(out) + "".join(legend)
 
 
 def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_scale: float) -> str:
-    pts = [(v, v.get(x_key), v.get("top1_agreement")) for v in variants]
-    pts = [(v, x * x_scale, y) for v, x, y in pts if _finite(x) and _finite(y)]
+    raw = [(v, v.get(x_key), v.get("top1_agreement")) for v in variants]
+    pts = [(v, x * x_scale, y) for v, x, y in raw if _finite(x) and _finite(y)]
     if not pts:
         return ""
     width, height, left, bottom, top_pad, right = 440, 300, 56, 40, 24, 24
@@ -220,7 +222,7 @@ def _variants(variants: list[dict]) -> str:
     if not variants:
         return '<p class="empty">No models measured.</p>'
     base = variants[0].get("size_bytes")
-    rows = []
+    rows: list[list[tuple[str, Any] | str]] = []
     for v in variants:
         size = v.get("size_bytes")
         ratio = size / base if size is not None and base else None
@@ -325,19 +327,19 @@ def render(data: dict) -> str:
     hists = dict(data.get("histograms") or {})
     summary_rows = [[str(k), str(v)] for k, v in (data.get("summary") or {}).get("rows", [])]
     layer_head = ["node", "op", "SQNR dB", "alone dB"]
-    layer_rows = [
+    layer_rows: list[list[tuple[str, Any] | str]] = [
         [
-            str(l.get("node", "?")),
-            str(l.get("op_type", "?")),
-            (_fmt(l.get("sqnr_db"), 1), l.get("sqnr_db")),
-            (_fmt(l.get("alone_sqnr_db"), 1), l.get("alone_sqnr_db")),
+            str(layer.get("node", "?")),
+            str(layer.get("op_type", "?")),
+            (_fmt(layer.get("sqnr_db"), 1), layer.get("sqnr_db")),
+            (_fmt(layer.get("alone_sqnr_db"), 1), layer.get("alone_sqnr_db")),
         ]
-        for l in layers
+        for layer in layers
     ]
-    if any(l.get("suggestion") for l in layers):
+    if any(layer.get("suggestion") for layer in layers):
         layer_head.append("suggestion")
-        for row, l in zip(layer_rows, layers):
-            row.append(str(l.get("suggestion") or ""))
+        for row, layer in zip(layer_rows, layers):
+            row.append(str(layer.get("suggestion") or ""))
     recipe = data.get("recipe")
     parts = [
         "<!DOCTYPE html>",
@@ -345,7 +347,8 @@ def render(data: dict) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{_e(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
-        f'<p class="meta">generated {_e(data.get("generated", "?"))} by lowbit {_e(data.get("lowbit_version", "?"))}</p>',
+        f'<p class="meta">generated {_e(data.get("generated", "?"))} '
+        f"by lowbit {_e(data.get('lowbit_version', '?'))}</p>",
         '<section id="summary"><h2>Summary</h2>',
         _table("summary-table", None, summary_rows, sortable=False)
         if summary_rows

@@ -70,19 +70,19 @@ def report(
     quantized model; `bench=False` skips latency, `diagnose=False` the layer-alone trials and fixes."""
     from .report import write_report
 
-    float_model, quant_models = str(float_model), [str(q) for q in quant_models]
-    if not quant_models:
+    float_path, quant_paths = str(float_model), [str(q) for q in quant_models]
+    if not quant_paths:
         raise LowbitError("no quantized model to report on; pass one or more")
     out = None
     if output is not None:
         inputs = [
-            float_model,
-            *quant_models,
+            float_path,
+            *quant_paths,
             *([data] if isinstance(data, (str, os.PathLike)) else []),
             *([plan] if plan else []),
         ]
         out = check_report_output(output, inputs)
-    result = _gather(float_model, quant_models, data, plan, bench, diagnose, limit, batch_size, progress)
+    result = _gather(float_path, quant_paths, data, plan, bench, diagnose, limit, batch_size, progress)
     if out is not None:
         write_report(result, out)
     return ReportResult(**result, output=out)
@@ -184,7 +184,7 @@ def _gather(
         "lowbit_version": __version__,
         "summary": {"rows": rows},
         "variants": variants,
-        "layers": [{k: v for k, v in l.items() if k != "tensor"} for l in layers],
+        "layers": [{k: v for k, v in layer.items() if k != "tensor"} for layer in layers],
         "histograms": histograms,
         "lint": diag["lint"] if diag is not None else _lint(quant_paths[0], plan, layers),
         "recipe": recipe,
@@ -202,6 +202,7 @@ def _fidelity(float_path: str, quant_path: str, data: Any, batch_size: int, limi
     from .evaluate import evaluate
 
     res = evaluate(quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress)
+    assert res.outputs is not None  # evaluate measures outputs whenever it has a reference
     first = next(iter(res.outputs.values()))
     return {"top1_agreement": float(first["top1_agreement"]), "cosine": float(first["cosine"])}
 
@@ -287,11 +288,13 @@ def _layer_sqnr(float_model: onnx.ModelProto, quant_model: onnx.ModelProto, batc
 def _histograms(float_model: onnx.ModelProto, batches: list[dict], layers: list[dict], extent: dict, plan) -> dict:
     from ..runtimes.ort import session, with_outputs
 
-    ranked = sorted((l for l in layers if not math.isnan(l["sqnr_db"])), key=lambda l: l["sqnr_db"])[:HIST_LAYERS]
+    ranked = sorted(
+        (layer for layer in layers if not math.isnan(layer["sqnr_db"])), key=lambda layer: layer["sqnr_db"]
+    )[:HIST_LAYERS]
     ranges = {}
-    for l in ranked:
-        tp = plan.tensors.get(l["tensor"]) if plan is not None else None
-        ranges[l["tensor"]] = list(tp.range) if tp is not None and tp.range else None
+    for layer in ranked:
+        tp = plan.tensors.get(layer["tensor"]) if plan is not None else None
+        ranges[layer["tensor"]] = list(tp.range) if tp is not None and tp.range else None
     edges = {}
     for t, r in ranges.items():
         lo, hi = extent[t]
@@ -309,7 +312,7 @@ def _histograms(float_model: onnx.ModelProto, batches: list[dict], layers: list[
     for batch in batches:
         for t, a in zip(names, sess.run(names, {k: v for k, v in batch.items() if k in feed_names})):
             counts[t] += np.histogram(a, bins=edges[t])[0]
-    node = {l["tensor"]: l["node"] for l in ranked}
+    node = {layer["tensor"]: layer["node"] for layer in ranked}
     return {
         t: {"edges": edges[t].tolist(), "counts": counts[t].tolist(), "range": ranges[t], "node": node[t]}
         for t in names
@@ -366,7 +369,7 @@ def _lint(quant_path: str, plan, layers: list[dict]) -> list[dict]:
     from .lint import lint
 
     found = list(lint(quant_path, plan=plan))
-    low = [l["node"] for l in layers if l["sqnr_db"] is not None and l["sqnr_db"] < LOW_SQNR_DB]
+    low = [layer["node"] for layer in layers if layer["sqnr_db"] is not None and layer["sqnr_db"] < LOW_SQNR_DB]
     if not low:
         return found
     return found + [
@@ -388,15 +391,20 @@ def _from_diagnose(diag: dict, quant_model: onnx.ModelProto) -> tuple[list[dict]
         return math.inf if v is None else float(v)
 
     layers = []
-    for l in sorted(diag["layers"], key=lambda l: order.get(l["node"], len(order))):
-        row = {"node": l["node"], "op_type": l["op_type"], "sqnr_db": num(l["sqnr_db"]), "tensor": l.get("tensor")}
-        if "alone_sqnr_db" in l:
-            row["alone_sqnr_db"] = num(l["alone_sqnr_db"])
-        s = l.get("suggestion") or {}
+    for layer in sorted(diag["layers"], key=lambda layer: order.get(layer["node"], len(order))):
+        row = {
+            "node": layer["node"],
+            "op_type": layer["op_type"],
+            "sqnr_db": num(layer["sqnr_db"]),
+            "tensor": layer.get("tensor"),
+        }
+        if "alone_sqnr_db" in layer:
+            row["alone_sqnr_db"] = num(layer["alone_sqnr_db"])
+        s = layer.get("suggestion") or {}
         if s.get("kind") not in (None, "none"):
             row["suggestion"] = f"{s['kind']}: {s.get('why', '')}"
         layers.append(row)
-    node_of = {l.get("tensor"): l["node"] for l in diag["layers"]}
+    node_of = {layer.get("tensor"): layer["node"] for layer in diag["layers"]}
     histograms = {t: {**h, "node": node_of.get(t)} for t, h in diag["histograms"].items()}
     return layers, histograms
 
@@ -409,10 +417,13 @@ def _diagnose_rows(diag: dict) -> list[list[str]]:
         return "exact" if v is None else f"{v:.1f} dB"
 
     before, after = diag.get("before", {}), diag.get("after", {})
-    fixes = [l for l in diag["layers"] if (l.get("suggestion") or {}).get("kind") not in (None, "none")]
+    fixes = [layer for layer in diag["layers"] if (layer.get("suggestion") or {}).get("kind") not in (None, "none")]
     return [
         ["diagnosed on", f"{diag.get('samples')} samples (float simulation of the quantized model)"],
-        ["suggested fixes", f"{len(fixes)} layer(s): " + ", ".join(l["node"] for l in fixes) if fixes else "none"],
+        [
+            "suggested fixes",
+            f"{len(fixes)} layer(s): " + ", ".join(layer["node"] for layer in fixes) if fixes else "none",
+        ],
         [
             "top-1 agreement: now -> with the suggested recipe",
             f"{pct(before.get('top1_agreement'))} -> {pct(after.get('top1_agreement'))}",

@@ -9,7 +9,7 @@ import pytest
 import lowbit
 from helpers import model, node, weight
 from lowbit.evaluate.energy import count_ops
-from test_recurrent import B, H, I, T, lstm_model
+from test_recurrent import IN, B, H, T, lstm_model
 
 # MatMul (64 -> 128), Relu, Gemm (128 -> 64), MatMul (64 -> 10): MACs per sample.
 MLP_MACS = 64 * 128 + 128 * 64 + 64 * 10
@@ -56,7 +56,7 @@ def test_every_form_counts_the_float_models_macs(form: str) -> None:
 
 def test_lstm_macs_float_and_dynamic() -> None:
     m = lstm_model()
-    expected = T * B * 4 * H * (I + H) + B * H * 5  # LSTM gates over input and hidden state, then the classifier
+    expected = T * B * 4 * H * (IN + H) + B * H * 5  # LSTM gates over input and hidden state, then the classifier
     assert count_ops(m)["macs"] == {"fp32": expected}
     q = lowbit.quantize(m, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="dynamic")), progress=False).model
     assert "DynamicQuantizeLSTM" in {n.op_type for n in q.graph.node}

@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from ..errors import LowbitError
+from ..graph.index import GraphIndex
 from ..graph.io import load_proto, model_name
 from ..ops import registered
 from ..plan import Plan, plan_path
@@ -148,33 +149,11 @@ def _optimized(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         return onnx.load(out)  # ORT's dump, not user input: no loader checks
 
 
-class _Graph:
-    def __init__(self, g: onnx.GraphProto) -> None:
-        self.nodes = list(g.node)
-        self.inits = {t.name: t for t in g.initializer}
-        self.producer: dict[str, int] = {}
-        self.consumers: dict[str, list[int]] = defaultdict(list)
-        for i, n in enumerate(self.nodes):
-            for o in n.output:
-                if o:
-                    self.producer[o] = i
-            for t in n.input:
-                if t:
-                    self.consumers[t].append(i)
-
-    def op_of(self, tensor: str) -> str | None:
-        i = self.producer.get(tensor)
-        return None if i is None else self.nodes[i].op_type
-
-    def readers(self, i: int) -> list[int]:
-        return [c for o in self.nodes[i].output for c in self.consumers.get(o, [])]
-
-
 def _display(n: onnx.NodeProto) -> str:
     return n.name or f"{n.op_type}->{n.output[0]}"
 
 
-def _island_nodes(opt: _Graph) -> list[int]:
+def _island_nodes(opt: GraphIndex) -> list[int]:
     """Float compute ops of the optimized graph fed (through float ops/data movement) by a DequantizeLinear
     and feeding a QuantizeLinear: ORT converts int8 -> float -> int8 around them on every run."""
     passable = {i for i, n in enumerate(opt.nodes) if _is_float_compute(n) or n.op_type in _MOVEMENT}
@@ -202,7 +181,7 @@ def _by_name(n: onnx.NodeProto, names: dict[str, int]) -> int | None:
     return None
 
 
-def _origin(j: int, opt: _Graph, orig: _Graph, names: dict[str, int], depth: int = 0) -> int | None:
+def _origin(j: int, opt: GraphIndex, orig: GraphIndex, names: dict[str, int], depth: int = 0) -> int | None:
     """The original node optimized-graph node j comes from: same name, ORT's suffixed name, the node that made
     the same output tensor, or (for nodes ORT made when inlining a function such as HardSwish) the original
     producer of what its first named reader reads."""
@@ -227,7 +206,7 @@ def _origin(j: int, opt: _Graph, orig: _Graph, names: dict[str, int], depth: int
     return None
 
 
-def _qdq_form(orig: _Graph, i: int) -> bool:
+def _qdq_form(orig: GraphIndex, i: int) -> bool:
     """All computed inputs come from DequantizeLinear (weights too) and every reader of the output is a
     QuantizeLinear (or a Relu/Clip in front of one)."""
     n = orig.nodes[i]
@@ -247,7 +226,7 @@ def _qdq_form(orig: _Graph, i: int) -> bool:
     )
 
 
-def _meant_quantized(orig: _Graph, i: int, plan: Plan | None) -> bool:
+def _meant_quantized(orig: GraphIndex, i: int, plan: Plan | None) -> bool:
     n = orig.nodes[i]
     if plan is not None and n.name in plan.nodes:
         return plan.nodes[n.name].quantized and _qdq_form(orig, i)
@@ -255,7 +234,7 @@ def _meant_quantized(orig: _Graph, i: int, plan: Plan | None) -> bool:
     return _qdq_form(orig, i) and (n.op_type in registered("static") or n.op_type in _OTHER_QUANTIZED)
 
 
-def _zero_point_type(g: _Graph, dq_output: str) -> int | None:
+def _zero_point_type(g: GraphIndex, dq_output: str) -> int | None:
     p = g.producer.get(dq_output)
     if p is None or len(g.nodes[p].input) < 3:
         return None
@@ -272,7 +251,7 @@ def _finding(kind: str, nodes: list[onnx.NodeProto], message: str, fix: str, lev
     return {"kind": kind, "level": level, "nodes": [_display(n) for n in nodes], "message": message, "fix": fix}
 
 
-def _dynamic_convs(orig: _Graph) -> list[int]:
+def _dynamic_convs(orig: GraphIndex) -> list[int]:
     out = []
     for i, n in enumerate(orig.nodes):
         if n.op_type == "ConvInteger":
@@ -293,7 +272,7 @@ def _dynamic_convs(orig: _Graph) -> list[int]:
 _FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
 
 
-def _four_bit_weight(g: _Graph, i: int) -> str | None:
+def _four_bit_weight(g: GraphIndex, i: int) -> str | None:
     """The 4-bit initializer behind node i's weight DequantizeLinear, if any."""
     n = g.nodes[i]
     if n.op_type not in _WEIGHTED or len(n.input) < 2 or g.op_of(n.input[1]) != "DequantizeLinear":
@@ -310,7 +289,7 @@ def _four_bit_fix(nodes: list[onnx.NodeProto]) -> tuple[str, str]:
     return why, fix
 
 
-def _fusion_fix(orig: _Graph, i: int) -> tuple[str, str]:
+def _fusion_fix(orig: GraphIndex, i: int) -> tuple[str, str]:
     """Why ORT likely left a QDQ op unfused, and what to do."""
     n = orig.nodes[i]
     if _four_bit_weight(orig, i):
@@ -344,7 +323,7 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
     proto = load_proto(model)
     if plan is None and not isinstance(model, onnx.ModelProto) and plan_path(model).is_file():
         plan = Plan.load(plan_path(model))
-    orig, opt = _Graph(proto.graph), _Graph(_optimized(model).graph)
+    orig, opt = GraphIndex(proto.graph), GraphIndex(_optimized(model).graph)
     names = {n.name: i for i, n in enumerate(orig.nodes) if n.name}
     found: list[tuple[int, int, Finding]] = []  # (kind rank, first node index, finding) for a stable order
     taken: set[int] = set()

@@ -6,7 +6,7 @@ lint, the report's layer pairing and the integer emulator walk `graph.node` (eva
 report_data.py, runtimes/emulate.py), the TFLite converter reads protobuf nodes (export/tflite), and
 `data.input_specs` reads only the graph inputs (no checker, no external weights). Passes and the quantizer
 edit onnx-ir models from `load_model`. ORT's own optimized-graph dump (lint) is not user input and is read
-with plain onnx.load.
+with plain onnx.load. Walks over raw protobuf that need producers and readers share `graph.index.GraphIndex`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from functools import partial
 import numpy as np
 import onnx
 
+from ..graph.index import GraphIndex
+
 Params = tuple[float, int]  # (scale, zero point) of one tensor
 
 
@@ -108,12 +110,8 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
     operand must be a tensor only this Add reads, made by something other than an Add."""
     from onnx import numpy_helper
 
-    inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    g = GraphIndex(model.graph)
+    inits = g.inits
     scale_users: dict[str, int] = {}
     for n in model.graph.node:
         if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1:
@@ -121,7 +119,7 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
 
     def scale_of(dq_output: str) -> tuple[str, str] | None:
         """(tensor, scale initializer) of a DequantizeLinear's per-tensor scale."""
-        dq = producer.get(dq_output)
+        dq = g.producer_node(dq_output)
         if dq is None or dq.op_type != "DequantizeLinear" or dq.input[1] not in inits:
             return None
         if numpy_helper.to_array(inits[dq.input[1]]).size != 1:
@@ -137,18 +135,18 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
             continue
         # Both inputs must come from a DequantizeLinear with a one-value scale.
         ops = [t for t in (scale_of(i) for i in node.input) if t is not None]
-        outs = readers.get(node.output[0], [])
+        outs = g.reader_nodes(node.output[0])
         if len(ops) != 2 or len(outs) != 1 or outs[0].op_type != "QuantizeLinear" or outs[0].input[1] not in inits:
             continue
         c_scale = outs[0].input[1]
 
         def own(t: tuple[str, str]) -> bool:  # only this Add reads it, and no Add made it
-            q = producer.get(t[0])
-            made_by = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+            q = g.producer_node(t[0])
+            made_by = g.producer_node(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
             return (
                 q is not None
                 and q.op_type == "QuantizeLinear"
-                and len(readers.get(t[0], [])) == 1
+                and len(g.consumers.get(t[0], [])) == 1
                 and (made_by is None or made_by.op_type != "Add")
                 and scale_users.get(t[1], 0) == 2
             )
@@ -161,7 +159,7 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
         sa, sb, sc = value(a_name), value(b_name), value(c_scale)
         za, zb, zc = (
             int(numpy_helper.to_array(inits[n.input[2]])) if len(n.input) > 2 and n.input[2] in inits else 0
-            for n in (producer[node.input[k]], producer[node.input[1 - k]], outs[0])
+            for n in (g.nodes[g.producer[node.input[k]]], g.nodes[g.producer[node.input[1 - k]]], outs[0])
         )
         zdt = inits[outs[0].input[2]].data_type if len(outs[0].input) > 2 and outs[0].input[2] in inits else 2
         info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zdt))

@@ -132,39 +132,42 @@ def make_layout(
     specs: dict[str, OpSpec] = {}
     matched: set[int] = set()
     for node in graph:
-        scheme, match = recipe.match(_nm(node), node.op_type)
+        name = _nm(node)
+        scheme, match = recipe.match(name, node.op_type)
         if match.index is not None:
             matched.add(match.index)
         fixed = _recipe_float(node, scheme, match)
-        if fixed is not None or scheme is None:
-            assert fixed is not None
-            layout.nodes[_nm(node)] = NodeDecision(_nm(node), fixed)
+        if fixed is not None:
+            layout.nodes[name] = NodeDecision(name, fixed)
             continue
+        assert scheme is not None  # _recipe_float decides every node the recipe gives no scheme
         try:
             found = decide(scheme.mode, node, scheme)
             if isinstance(found, AsStatic):
-                if not calibrated:
-                    found = found.otherwise
-                else:
+                if calibrated:
                     scheme = dataclasses.replace(scheme, mode="static")
                     found = decide("static", node, scheme)
+                else:
+                    found = found.otherwise
         except Refuse as e:
             raise LowbitError(f"{e.what} ({match.text}): {e.fix}") from None
         if isinstance(found, Take):
             mode = found.mode or scheme.mode
-            layout.rewrites[_nm(node)] = (mode, scheme)
-            decision = _decision(node, match, True, found.code, found.details, mode)
-            layout.nodes[_nm(node)] = NodeDecision(_nm(node), decision, scheme)
+            layout.rewrites[name] = (mode, scheme)
+            layout.nodes[name] = NodeDecision(
+                name, _decision(node, match, True, found.code, found.details, mode), scheme
+            )
             continue
-        if isinstance(found, OpSpec) and _nm(node) in keep_float:
-            found = keep_float[_nm(node)]
+        if isinstance(found, OpSpec) and name in keep_float:
+            found = keep_float[name]
         if isinstance(found, Skip):
-            layout.nodes[_nm(node)] = NodeDecision(_nm(node), _decision(node, match, False, found.code, found.details))
+            layout.nodes[name] = NodeDecision(name, _decision(node, match, False, found.code, found.details))
             continue
         assert isinstance(found, OpSpec)
-        specs[_nm(node)] = found
-        decision = _decision(node, match, True, Reason.STATIC, mode="static")
-        layout.nodes[_nm(node)] = NodeDecision(_nm(node), decision, scheme, found)
+        specs[name] = found
+        layout.nodes[name] = NodeDecision(
+            name, _decision(node, match, True, Reason.STATIC, mode="static"), scheme, found
+        )
 
     _fold_activations(graph, layout, specs)
     _drop_float_only_arithmetic(graph, layout, specs)

@@ -131,6 +131,7 @@ def make_layout(
     layout = Layout()
     specs: dict[str, OpSpec] = {}
     matched: set[int] = set()
+    fold_only: dict[str, Skip] = {}  # static only if they fold into their producer, else float for this reason
     for node in graph:
         name = _nm(node)
         scheme, match = recipe.match(name, node.op_type)
@@ -144,11 +145,17 @@ def make_layout(
         try:
             found = decide(scheme.mode, node, scheme)
             if isinstance(found, AsStatic):
+                fallback = found
                 if calibrated:
                     scheme = dataclasses.replace(scheme, mode="static")
                     found = decide("static", node, scheme)
+                    if fallback.fold_only and isinstance(found, OpSpec):
+                        if found.fusable_activation:
+                            fold_only[name] = fallback.otherwise
+                        else:
+                            found = fallback.otherwise
                 else:
-                    found = found.otherwise
+                    found = fallback.otherwise
         except Refuse as e:
             raise LowbitError(f"{e.what} ({match.text}): {e.fix}") from None
         if isinstance(found, Take):
@@ -169,7 +176,7 @@ def make_layout(
             name, _decision(node, match, True, Reason.STATIC, mode="static"), scheme, found
         )
 
-    _fold_activations(graph, layout, specs)
+    _fold_activations(graph, layout, specs, fold_only)
     _drop_float_only_arithmetic(graph, layout, specs)
     _drop_isolated_data_movement(graph, layout, specs)
     _collect_tensors(graph, layout, specs)
@@ -179,7 +186,7 @@ def make_layout(
     return layout
 
 
-def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) -> None:
+def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec], fold_only: dict[str, Skip]) -> None:
     """Relu/Clip(0, x) right after a quantized op: the quantization clamp does its work, so it disappears."""
 
     def is_quantized_compute(node: ir.Node | None) -> bool:
@@ -204,6 +211,9 @@ def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec])
             layout.fused[_nm(node)] = (_nm(producer), clip_bounds(node))
             d = layout.nodes[_nm(node)].decision
             d.code, d.details = Reason.FOLDED, {"into": _nm(producer)}
+        elif _nm(node) in fold_only:
+            del specs[_nm(node)]
+            layout.nodes[_nm(node)].keep_float(fold_only[_nm(node)].code, fold_only[_nm(node)].details)
         else:
             # On its own only its output is worth quantizing: quantizing its input would spend the 256 levels on
             # the pre-activation range (e.g. [-111, 129] before a Clip to [0, 6]).

@@ -124,8 +124,16 @@ def entropy(h: Histogram, num_levels: int = 256) -> tuple[float, float]:
     levels = num_levels if one_sided else num_levels // 2
     top = max(abs(h.min), abs(h.max))
     counts, width = _folded(h)
-    if len(counts) <= levels:
-        # Every bin gets its own level: quantization loses nothing the histogram can show.
+    if one_sided:
+        # After ReLU/Clip most values can be exactly 0 (EfficientNet-Lite0: 34-78% per ReLU6 output). A range that
+        # includes 0 represents them exactly whatever the threshold, yet their spike in the first bin dominated
+        # the KL of every wide threshold (Q spreads it over its group), which picked T ~ 1.8 for ReLU6 outputs
+        # whose values reach 6: 0% top-1 agreement end to end. So the bin holding 0 is left out of the comparison.
+        counts = counts.copy()
+        counts[0] = 0.0
+    if len(counts) <= levels or not counts.any():
+        # Every bin gets its own level, or nothing lies outside the bin holding 0: quantization loses nothing the
+        # histogram can show.
         threshold = top
     else:
         best = int(np.argmin(_kl_per_threshold(counts, levels)))

@@ -6,7 +6,7 @@ import onnx_ir as ir
 
 from ..decision import Reason
 from ..recipe import Scheme
-from .base import OpSpec, Skip, const, float_input
+from .base import AsStatic, OpSpec, Skip, const, float_input
 from .registry import register
 
 
@@ -46,5 +46,13 @@ def own_range(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     return OpSpec()
 
 
+def dynamic_relu_clip(node: ir.Node, scheme: Scheme) -> AsStatic:
+    # Dynamic mode quantizes convolutions statically when given calibration data. Their Relu/Clip must fold into
+    # that static output range, or the output is quantized over the pre-activation range ([-111, 129] instead of
+    # [0, 6]): EfficientNet-Lite0 with the dynamic preset kept 64% top-1 agreement instead of ~89%.
+    return AsStatic(Skip(Reason.DYNAMIC_OTHER, {"op": node.op_type}), fold_only=True)
+
+
 register("static", ["Relu", "Clip"], relu_clip)
+register("dynamic", ["Relu", "Clip"], dynamic_relu_clip)
 register("static", ["Sigmoid", "Softmax", "HardSwish", "HardSigmoid", "LeakyRelu", "Tanh"], own_range)

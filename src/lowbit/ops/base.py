@@ -47,9 +47,12 @@ class Take:
 
 @dataclass(frozen=True)
 class AsStatic:
-    """Quantize the node statically instead (calibration data given), or else keep it float for `otherwise`."""
+    """Quantize the node statically instead (calibration data given), or else keep it float for `otherwise`.
+    `fold_only`: only where it folds into the range of a statically quantized producer (a Relu/Clip after a
+    convolution); anywhere else it stays float for `otherwise`."""
 
     otherwise: Skip
+    fold_only: bool = False
 
 
 Decided = OpSpec | Skip | Take | AsStatic

@@ -37,6 +37,9 @@ REEXPORT = "re-export the model at opset 13 or later (e.g. torch.onnx.export(...
 
 def ready_for_quantization(model: ir.Model, name: str) -> ir.Model:
     """The load stage's model checks; returns the model itself when nothing needs changing (opset >= 13)."""
+    if not [v for v in model.graph.inputs if v.name not in model.graph.initializers]:
+        # Otherwise a model of constants is "quantized" and written, and only the runtime check then fails.
+        raise LowbitError(f"{name} has no inputs, so there is nothing to calibrate or run; pass the model itself")
     check_runnable(model, name)
     return upgrade_opset(model, name)
 

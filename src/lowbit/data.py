@@ -220,13 +220,19 @@ def open_data(
                 raise LowbitError(
                     f"no usable data files in {path}; expected .npy/.npz files or .jpg/.jpeg/.png/.bmp images"
                 )
+        elif not path.is_file():
+            # A FIFO, socket or device would block or stream forever; only regular files are read.
+            raise LowbitError(f"{what} {path} is not a regular file (a pipe, socket or device); save it as {_ACCEPTED}")
         elif path.suffix.lower() in ARRAY_SUFFIXES:
             arrays = [path]
         else:
             raise LowbitError(f"unsupported data file {path}; expected {_ACCEPTED}")
         # Headers only: catches shape/dtype/name mistakes before any long run starts, and counts samples.
-        total = sum(_check(str(p), _read_headers(p, specs), specs)[0] for p in arrays)
-        return finish(lambda: ((str(p), _load_arrays(p, specs)) for p in arrays), total)
+        headers = {p: _read_headers(p, specs) for p in arrays}
+        total = sum(_check(str(p), h, specs)[0] for p, h in headers.items())
+        if batch > 1:
+            _same_dynamic_dims(headers, specs)
+        return finish(lambda: ((str(p), _load_arrays(p, specs, limit)) for p in arrays), total)
 
     if isinstance(source, (np.ndarray, Mapping)):
         source = [source]
@@ -296,16 +302,39 @@ def _read_headers(path: Path, specs: list[InputSpec]) -> dict[str, _Header]:
         raise LowbitError(f"{path} is not a valid .npz archive ({_one_line(e)}); re-save it with numpy.savez") from None
 
 
-def _load_arrays(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
+def _load_arrays(path: Path, specs: list[InputSpec], limit: int | None = None) -> dict[str, np.ndarray]:
     try:
         if path.suffix.lower() == ".npy":
             # Memory-mapped so a large file is read slice by slice, never whole.
             return {_single_input_key(path, specs): np.load(path, mmap_mode="r", allow_pickle=False)}
-        with np.load(path, allow_pickle=False) as z:
-            keys = _pick_keys(str(path), set(z.files), specs)
-            return {key: z[key] for key in keys.values()}  # npz members can't be mapped; load only needed ones
+        ranks = {s.name: len(s.shape) for s in specs}
+        with zipfile.ZipFile(path) as zf:
+            members = {m[:-4]: m for m in zf.namelist() if m.endswith(".npy")}
+            keys = _pick_keys(str(path), set(members), specs)
+            # npz members can't be memory-mapped: read only the needed members, and of each only the first
+            # `limit` samples, so `--samples 16` on a small file holding a huge compressed array stays small.
+            return {
+                key: _read_member(zf, members[key], ranks[name], limit, f"{path}:{key}") for name, key in keys.items()
+            }
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise LowbitError(f"cannot read {path} ({_one_line(e)}); re-save it with numpy.save/savez") from None
+
+
+def _read_member(zf: zipfile.ZipFile, member: str, rank: int, limit: int | None, where: str) -> np.ndarray:
+    with zf.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        # Only a C-ordered batch (leading sample axis) can be cut while streaming; anything else is read whole.
+        if fortran or dtype.hasobject or len(shape) != rank or not shape:
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+        rows = shape[0] if limit is None else min(shape[0], limit)
+        count = rows * int(np.prod(shape[1:], dtype=np.int64))
+        data = f.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise LowbitError(f"{where} is truncated; re-save it with numpy.savez")
+        return np.frombuffer(data, dtype=dtype, count=count).reshape((rows, *shape[1:]))
 
 
 def _item(i: int, item: Any, specs: list[InputSpec]) -> tuple[str, dict[str, np.ndarray]]:
@@ -386,7 +415,34 @@ def _clean(where: str, spec: InputSpec, offset: int, a: np.ndarray) -> np.ndarra
 def _concat(pieces: list[Batch]) -> Batch:
     if len(pieces) == 1:
         return pieces[0]
+    for name in pieces[0]:
+        shapes = sorted({p[name].shape[1:] for p in pieces})
+        if len(shapes) > 1:
+            raise LowbitError(
+                f"input '{name}': samples batched together differ in shape ({shapes[0]} and {shapes[1]} after "
+                f"the batch axis); {_SAME_SHAPE_FIX}"
+            )
     return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
+
+
+_SAME_SHAPE_FIX = "pad the samples to one length, or use a batch size of 1 (--batch-size 1)"
+
+
+def _same_dynamic_dims(headers: Mapping[Path, Mapping[str, Any]], specs: list[InputSpec]) -> None:
+    """Files whose samples differ in a dynamic dimension cannot share a batch: say so before calibration."""
+    for s in specs:
+        seen: dict[tuple, Path] = {}
+        for path, arrays in headers.items():
+            key = _pick_keys(str(path), set(arrays), specs)[s.name]
+            shape = tuple(arrays[key].shape)
+            dims = shape[1:] if len(shape) == len(s.shape) else shape
+            seen.setdefault(dims, path)
+            if len(seen) > 1:
+                (a, pa), (b, pb) = list(seen.items())[:2]
+                raise LowbitError(
+                    f"input '{s.name}': samples in {pa} have shape {a} after the batch axis but those in {pb} "
+                    f"have {b}; {_SAME_SHAPE_FIX}"
+                )
 
 
 def _image_input(specs: list[InputSpec], pre: ImagePreprocess) -> str:

@@ -18,8 +18,9 @@ from .calibrate import calibrate_layout
 from .data import ImagePreprocess, InputSpec, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
-from .graph.io import check_output_path, load_model, save_model
+from .graph.io import check_output_path, check_writable, load_model, model_name, save_model
 from .passes import prepare
+from .passes.opset import ready_for_quantization
 from .plan import Plan, TensorParams, plan_path
 from .planner import Layout, make_layout, replay_sentinels, settle_sentinels
 from .recipe import Recipe
@@ -86,6 +87,7 @@ def quantize(
     recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
     if output is not None:
         check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
+        check_writable(output)  # before calibration, not after it
     timings: dict[str, float] = {}
 
     loaded = load(model)
@@ -125,13 +127,9 @@ def quantize(
 
 
 def load(model: str | Path | onnx.ModelProto) -> Loaded:
-    if isinstance(model, (str, Path)):
-        ir_model, float_bytes = load_model(model), Path(model).stat().st_size
-    else:
-        # onnx-ir shares tensor buffers with the proto it reads; the caller's model must not change.
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        ir_model, float_bytes = ir.from_proto(copy), model.ByteSize()
+    ir_model = load_model(model)  # a ModelProto is copied: the caller's model must not change
+    float_bytes = Path(model).stat().st_size if isinstance(model, (str, Path)) else model.ByteSize()
+    ir_model = ready_for_quantization(ir_model, model_name(model))  # unknown ops, opset < 13
     return Loaded(ir_model, float_bytes, input_specs(ir.to_proto(ir_model)))
 
 

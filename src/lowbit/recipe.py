@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -139,6 +140,9 @@ class Recipe:
 
     def __post_init__(self) -> None:
         _check_literal(self, "target", TargetName)
+        if isinstance(self.version, bool) or not isinstance(self.version, int):
+            # "1" (a string) would otherwise read "version 1 is not supported (this lowbit reads version 1)".
+            raise LowbitError(f"recipe version must be the number {RECIPE_VERSION}, got {self.version!r}")
         if self.version != RECIPE_VERSION:
             raise LowbitError(
                 f"recipe version {self.version} is not supported (this lowbit reads version {RECIPE_VERSION})"
@@ -190,10 +194,19 @@ class Recipe:
         return cls(**kw)
 
     @classmethod
-    def load(cls, path: str | Path) -> Recipe:
+    def load(cls, path: str | Path | dict[str, Any]) -> Recipe:
+        """A recipe JSON file; a dict (what `to_dict` gives) is accepted too and read by `from_dict`."""
+        if isinstance(path, dict):
+            return cls.from_dict(path)
+        if not isinstance(path, (str, os.PathLike)):
+            raise LowbitError(
+                f"recipe must be a Recipe, a dict or a path to a recipe JSON file, got {type(path).__name__}"
+            )
         p = Path(path)
         try:
             data = json.loads(p.read_text())
+        except RecursionError:
+            raise LowbitError(f"recipe file {p} nests too deeply to be a recipe; fix the file") from None
         except FileNotFoundError:
             raise LowbitError(f"recipe file not found: {p}") from None
         except OSError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from .._version import __version__
 from ..errors import LowbitError
@@ -47,7 +48,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn_once() -> None:
+    """Warnings (third-party ones included) as `lowbit: warning: ...`, each message once, with no source line."""
+    seen: set[str] = set()
+
+    def show(message: Warning | str, *_: object, **__: object) -> None:
+        lines = str(message).strip().splitlines()
+        text = lines[0] if lines else type(message).__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"lowbit: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
+    shown = warnings.showwarning
+    _warn_once()
+    try:
+        return _main(argv)
+    finally:
+        warnings.showwarning = shown  # main() may run in-process (tests, notebooks)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from ..errors import LowbitError
 from ..graph.io import load_proto
+from ..passes.opset import check_runnable
 from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import cpu_has_vnni, session
 from . import energy
@@ -97,7 +98,8 @@ def benchmark(
         if is_tflite(path):
             protos[key] = LiteRTSession(path, threads=1)  # one-line errors for missing or corrupt files
             continue
-        protos[key] = load_proto(path)
+        loaded = protos[key] = load_proto(path)
+        check_runnable(loaded, path)  # an unknown custom op: one line now, not a traceback in the timing loop
     paths = dict(zip(keys, model_paths))
     feeds = _feeds(protos, batch, data)
 

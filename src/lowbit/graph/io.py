@@ -27,9 +27,10 @@ def load_proto(
 ) -> onnx.ModelProto:
     """The one reader of user-supplied models: a path or a ModelProto in, a checked ModelProto out.
 
-    Every problem is a one-line LowbitError: missing file, corrupt or truncated file, no graph nodes, missing
-    external data, ONNX checker failure. `check=False` skips the checker (it reads every weight) for callers
-    that only look at the graph's inputs; `external_data=False` leaves external weights unread.
+    Every problem is a one-line LowbitError: a wrong argument type, missing file, corrupt or truncated file, no
+    graph nodes, external data onnx refuses (outside the model's folder, absolute, missing, a symlink), ONNX
+    checker failure. `check=False` skips the checker (it reads every weight) for callers that only look at the
+    graph's inputs; `external_data=False` leaves external weights unread.
     """
     if isinstance(model, onnx.ModelProto):
         if not model.graph.node:
@@ -37,6 +38,8 @@ def load_proto(
         if check:
             _check(model, "the in-memory model")
         return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise LowbitError(f"model must be a path to an .onnx file or an onnx.ModelProto, got {type(model).__name__}")
     p = Path(model)
     if not p.is_file():
         raise LowbitError(f"model not found: {p}; check the path")
@@ -49,6 +52,9 @@ def load_proto(
     if not proto.graph.node:
         raise LowbitError(f"{p} holds no graph nodes (corrupt, truncated or not an ONNX model)")
     external = _has_external_data(proto)
+    if external:
+        # Before the checker: its messages about external files read like corruption, and they name no fix.
+        _check_external_locations(proto, p)
     if check:
         # By path, so models with external data (> 2 GB) are checked too.
         _check(str(p), str(p))
@@ -64,11 +70,67 @@ def load_proto(
 
 
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> ir.Model:
-    """`load_proto` as an onnx-ir model (what lowbit's passes edit); external weights stay lazy, on disk."""
+    """`load_proto` as an onnx-ir model (what lowbit's passes edit); external weights stay lazy, on disk.
+
+    An in-memory ModelProto is copied first: onnx-ir shares tensor buffers with the proto it reads, and the
+    caller's model must not change."""
     if isinstance(model, onnx.ModelProto):
-        return ir.from_proto(load_proto(model))
+        copy = onnx.ModelProto()
+        copy.CopyFrom(load_proto(model))
+        return ir.from_proto(copy)
     proto = load_proto(model, external_data=False)  # the path-based checker also finds missing external files
     return ir.from_proto(proto) if not _has_external_data(proto) else ir.load(str(model))
+
+
+def check_writable(output: str | os.PathLike) -> None:
+    """Refuse, before any long work, an output path that is a folder or lies in a folder we cannot write.
+
+    Probes with a real temporary file rather than os.access: that also catches read-only file systems, ACLs and
+    root on a read-only mount, which permission bits do not show."""
+    out = Path(output)
+    if out.is_dir():
+        raise LowbitError(f"output {out} is a folder; name a file inside it, e.g. -o {out / 'model.int8.onnx'}")
+    folder = out.parent
+    if not folder.is_dir():
+        raise LowbitError(f"output folder {folder} does not exist or is not a folder; create it first")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=folder)
+    except OSError as e:
+        raise LowbitError(
+            f"cannot write to output folder {folder} ({e.strerror or type(e).__name__}); "
+            "choose a writable folder with -o or fix its permissions"
+        ) from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
+def _check_external_locations(proto: onnx.ModelProto, p: Path) -> None:
+    """The external-data rules onnx enforces, each as a message naming the fix."""
+    folder = p.parent.resolve()
+    for t in proto.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        where = f"{p}: weight '{t.name}' is stored in external file '{location}'"
+        if not location:
+            raise LowbitError(f"{p}: weight '{t.name}' has external data without a location; re-save the model")
+        if os.path.isabs(location):
+            raise LowbitError(
+                f"{where}, an absolute path, which onnx refuses; move the file beside the model and re-save it "
+                "with a relative location (onnx.save(..., location='weights.bin'))"
+            )
+        target = p.parent / location
+        if not target.resolve().is_relative_to(folder):
+            raise LowbitError(
+                f"{where}, outside the model's folder, which onnx refuses; move it into {p.parent} and re-save "
+                "the model with a relative location"
+            )
+        if target.is_symlink():
+            raise LowbitError(f"{where}, a symbolic link, which onnx refuses; replace the link by the file itself")
+        if not target.is_file():
+            raise LowbitError(
+                f"{where}, which is missing or not a regular file; keep the model's external data files beside it"
+            )
 
 
 def model_name(model: object) -> str:

@@ -63,6 +63,7 @@ class Histogram:
         self.counts = np.zeros(0, dtype=np.int64)
         self._min = math.inf
         self._max = -math.inf
+        self.saw_empty = False
 
     @property
     def count(self) -> int:
@@ -95,6 +96,7 @@ class Histogram:
         """Add every value of x (any shape)."""
         flat = _numeric(x, "histogram").reshape(-1)
         if flat.size == 0:
+            self.saw_empty = True  # a zero-size tensor: observed, but with no values (ranges give [0, 0])
             return
         lo, hi = _finite_extremes(flat.min(), flat.max(), "histogram")
         lo, hi = min(self._min, lo), max(self._max, hi)

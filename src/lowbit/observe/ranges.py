@@ -210,6 +210,9 @@ def select_range(h: Histogram, method: str, **kw: Any) -> tuple[float, float]:
     if method not in METHODS:
         raise LowbitError(f"unknown range method {method!r}; choose one of: {', '.join(METHODS)}")
     func = METHODS[method]
+    if isinstance(h, Histogram) and h.count == 0 and h.saw_empty:
+        # The tensor exists but is always empty (e.g. a zero-length slice): any scale represents it exactly.
+        return 0.0, 0.0
     try:
         inspect.signature(func).bind(h, **kw)
     except TypeError as err:

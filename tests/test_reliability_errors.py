@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from lowbit.data import InputSpec, open_data
 from lowbit.observe import select_range
 from lowbit.observe.histogram import Histogram
 from lowbit.recipe import Recipe
+from lowbit.recipe import preset as preset_named
 
 
 def one_line_error(run: CliRun, *words: str) -> None:
@@ -338,3 +340,22 @@ def test_api_accepts_a_dict_recipe_like_from_dict(tiny_model: Path, calib: Path)
     as_dict = lowbit.quantize(tiny_model, calib=str(calib), recipe={"calibration_samples": 8}, progress=False)  # type: ignore[arg-type]
     as_recipe = lowbit.quantize(tiny_model, calib=str(calib), recipe=Recipe(calibration_samples=8), progress=False)
     assert as_dict.model.SerializeToString() == as_recipe.model.SerializeToString()
+
+
+@pytest.mark.parametrize("preset", ["default", "dynamic", "weight-only-int8", "weight-only-int4"])
+def test_an_empty_weight_stays_float_with_the_reason(preset: str) -> None:
+    """A (0, 4) MatMul weight has no range to quantize; it crashed in the weight quantizer (zero-size min)."""
+    from helpers import model, node
+
+    m = model(
+        [node("MatMul", ["x", "w"], ["y"], name="mm")], {"x": (1, 0)}, {"y": None}, {"w": np.zeros((0, 4), np.float32)}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight-only-int4's rule for convolutions matches nothing here
+        res = lowbit.quantize(
+            m, calib=[{"x": np.zeros((1, 0), np.float32)}], recipe=preset_named(preset), progress=False
+        )
+    assert (
+        not res.plan.nodes["mm"].quantized
+        and res.plan.nodes["mm"].reason == "weight is empty (shape [0, 4]): nothing to quantize"
+    )

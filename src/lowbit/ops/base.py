@@ -87,6 +87,14 @@ def name_of(x: ir.Node | ir.Value) -> str:
     return x.name
 
 
+def empty(node: ir.Node, i: int) -> Skip | None:
+    """Why a node whose constant input i holds no values is not quantized (its ranges would be undefined)."""
+    found = const(node, i)
+    if found is not None and found.size == 0:
+        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(found.shape)})
+    return None
+
+
 def has_input(node: ir.Node, i: int) -> bool:
     return i < len(node.inputs) and node.inputs[i] is not None
 

@@ -7,7 +7,7 @@ import onnx_ir as ir
 
 from ..decision import Reason, granularity
 from ..recipe import Scheme
-from .base import AsStatic, Decided, OpSpec, Refuse, Skip, Take, const, float_input, has_input
+from .base import AsStatic, Decided, OpSpec, Refuse, Skip, Take, const, empty, float_input, has_input
 from .registry import RewriteContext, register
 from .weighted import weight_behind_dq
 
@@ -17,6 +17,8 @@ def conv(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
         return bad
     if const(node, 1) is None:
         return Skip(Reason.WEIGHT_NOT_CONSTANT)
+    if (none := empty(node, 1)) is not None:
+        return none
     if has_input(node, 2) and const(node, 2) is None:
         return Skip(Reason.BIAS_NOT_CONSTANT)
     return OpSpec(weight=(1, 0), bias=2 if has_input(node, 2) else None)
@@ -27,6 +29,8 @@ def conv_transpose(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
         return bad
     if const(node, 1) is None:
         return Skip(Reason.WEIGHT_NOT_CONSTANT)
+    if (none := empty(node, 1)) is not None:
+        return none
     if has_input(node, 2) and const(node, 2) is None:
         return Skip(Reason.BIAS_NOT_CONSTANT)
     # Weight layout is (C_in, C_out / group, k...): output channels sit on axis 1 only when group == 1.

@@ -22,6 +22,8 @@ def embedding_table(node: ir.Node) -> Skip | None:
     data = const(node, 0)
     if data is None:
         return Skip(Reason.GATHER_COMPUTED)
+    if data.size == 0:
+        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(data.shape)})
     if data.dtype.kind != "f" or data.ndim != 2:
         return Skip(Reason.GATHER_NOT_MATRIX, {"dtype": str(data.dtype), "rank": data.ndim})
     if node.attributes.get_int("axis", 0) != 0:

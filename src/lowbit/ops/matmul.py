@@ -30,6 +30,8 @@ def gemm(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     b = const(node, 1)
     if b is None:
         return OpSpec(activations=(0, 1))
+    if b.size == 0:
+        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(b.shape)})
     if b.ndim != 2:
         return Skip(Reason.WEIGHT_RANK, {"rank": b.ndim})
     axis = 0 if node.attributes.get_int("transB", 0) else 1
@@ -51,6 +53,8 @@ def matmul(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     b = const(node, 1)
     if b is None:
         return OpSpec(activations=(0, 1))
+    if b.size == 0:
+        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(b.shape)})
     if b.ndim != 2:
         return OpSpec(activations=(0,), weight=(1, None))
     return OpSpec(weight=(1, 1), outputs=_outputs(node))

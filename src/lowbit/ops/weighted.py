@@ -32,6 +32,8 @@ def weight_matmul(node: ir.Node) -> tuple[int, bool] | Skip:
     b = const(node, 1)
     if b is None:
         return Skip(Reason.RHS_COMPUTED)
+    if b.size == 0:
+        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(b.shape)})
     if b.ndim != 2:
         return Skip(Reason.WEIGHT_RANK, {"rank": b.ndim})
     return 1, node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))

@@ -341,6 +341,8 @@ def test_negative_check_is_refused_before_any_work(tiny_model: Path, tiny_calib:
     one_line_error(r, "--check")
     r = run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "o.onnx"), "--reuse-ranges", "--calib", "x.npy")
     one_line_error(r, "--reuse-ranges")
+    r = run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "o.onnx"), "--calib", str(tmp_path / "nope.npy"))
+    one_line_error(r, "calibration data not found", "--calib")
     assert not (tmp_path / "o.onnx").exists()
 
 

@@ -136,6 +136,9 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
     check_paths(outputs(args.output), reads(args.model, args.calib, args.recipe, args.plan))
     if args.reuse_ranges and not args.plan:
         raise LowbitError("--reuse-ranges applies to --plan only; add --plan PLAN.json or drop --reuse-ranges")
+    # Found before the model is loaded and prepared (the data itself is checked as it is read).
+    if args.calib and not Path(args.calib).expanduser().exists():
+        raise LowbitError(f"calibration data not found: {args.calib}; check the --calib path")
     if not args.plan:
         return _recipe(args)
     if args.calib:

@@ -116,6 +116,13 @@ def test_old_opsets_are_upgraded_to_13_with_unchanged_outputs(tmp_path: Path, ca
     onnx.checker.check_model(out)
 
 
+def _wrong_shape(folder: Path) -> Path:
+    """Calibration data that exists but fits no test model here: an error about it means calibration began."""
+    path = folder / "wrong-shape.npy"
+    np.save(path, np.zeros((2, 5), np.float32))
+    return path
+
+
 def test_old_opset_that_cannot_be_upgraded_is_refused_before_calibration(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -126,8 +133,8 @@ def test_old_opset_that_cannot_be_upgraded_is_refused_before_calibration(
 
     monkeypatch.setattr(opset.version_converter, "convert_version", no_adapter)
     onnx.save(small(9), tmp_path / "old.onnx")
-    # The calibration path does not exist: the opset is refused first, before calibration opens it.
-    run = quantize(tmp_path / "old.onnx", tmp_path, tmp_path / "no-such-calib.npy")
+    # The calibration data has the wrong shape: the opset is refused first, before calibration reads it.
+    run = quantize(tmp_path / "old.onnx", tmp_path, _wrong_shape(tmp_path))
     one_line_error(run, "opset 9", "opset 13", "No Adapter", "re-export")
     assert nothing_written(tmp_path)
 
@@ -142,7 +149,7 @@ def test_old_opset_whose_upgrade_changes_outputs_is_refused(tmp_path: Path, monk
 
     monkeypatch.setattr(opset.version_converter, "convert_version", wrong)
     onnx.save(small(11), tmp_path / "old.onnx")
-    one_line_error(quantize(tmp_path / "old.onnx", tmp_path, tmp_path / "nope.npy"), "changes output 'y'")
+    one_line_error(quantize(tmp_path / "old.onnx", tmp_path, _wrong_shape(tmp_path)), "changes output 'y'")
 
 
 def test_models_at_opset_13_or_later_are_not_touched_by_the_upgrade(tmp_path: Path, calib: Path) -> None:
@@ -193,15 +200,15 @@ def test_external_data_onnx_refuses_is_one_line_naming_the_fix(tmp_path: Path, c
 
 
 def test_unwritable_output_folder_is_refused_before_calibration(tiny_model: Path, tmp_path: Path) -> None:
-    # /proc refuses new files even to root (chmod would not stop a root test run). The calibration path does
-    # not exist: the output check must come first.
-    one_line_error(quantize(tiny_model, Path("/proc"), tmp_path / "no-such-calib.npy"), "cannot write", "/proc")
+    # /proc refuses new files even to root (chmod would not stop a root test run). The calibration data has the
+    # wrong shape: the output check must come first.
+    one_line_error(quantize(tiny_model, Path("/proc"), _wrong_shape(tmp_path)), "cannot write", "/proc")
 
 
 def test_output_naming_a_folder_is_refused_before_calibration(tiny_model: Path, tmp_path: Path) -> None:
     (tmp_path / "dir.onnx").mkdir()
-    run = run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "dir.onnx"), "--calib", str(tmp_path / "nope"))
-    one_line_error(run, "is a folder", "name a file")
+    run = run_cli("quantize", str(tiny_model), "-o", str(tmp_path / "dir.onnx"), "--calib", str(_wrong_shape(tmp_path)))
+    one_line_error(run, "is a folder", "file path")
 
 
 def test_check_writable_is_a_separate_function(tmp_path: Path) -> None:

@@ -1,16 +1,26 @@
 """The quantization plan: every quantized tensor's parameters and every node's fate, as JSON beside the model.
 
 A plan can be re-applied to a retrained model of the same structure: activation ranges come from the plan
-(no calibration), weights are quantized afresh from the new values.
+(no calibration), weights are quantized afresh from the new values. "The same structure" is checked: a plan
+records `graph_fingerprint`, a hash of the prepared graph's node names, op types and tensor names (never weight
+values), and applying it to a graph with another fingerprint is refused unless ranges are reused on purpose.
+A saved plan also records `model_sha256`, the hash of the model file written with it, so a model and a plan that
+do not belong together are detectable (`Plan.check_model`).
+
+Plan values are validated when a plan is loaded or passed in (`Plan.validate`): a bad value is a one-line
+LowbitError naming the tensor, never a ValueError deep inside the rewrite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +28,10 @@ from ._version import __version__
 from .decision import Decision, Reason
 from .errors import LowbitError
 from .graph.io import atomic_write_bytes
+from .numerics import QTYPES
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 # Version 2: node decisions carry a reason code, details and the deciding rule's index (version 1: sentences only).
 PLAN_VERSION = 2
@@ -55,6 +69,9 @@ class Plan:
     calibration_samples: int = 0
     version: int = PLAN_VERSION
     lowbit_version: str = __version__
+    # Optional (no version bump; plans without them are read as before): see the module docstring.
+    graph_fingerprint: str | None = None
+    model_sha256: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -79,7 +96,7 @@ class Plan:
                     f"{', '.join(map(str, READS))}: re-run calibration with --calib to make a new plan"
                 )
             read_node = Decision.from_dict if data["version"] == 2 else _node_v1
-            return cls(
+            plan = cls(
                 recipe=data["recipe"],
                 tensors={k: TensorParams(**v) for k, v in data["tensors"].items()},
                 nodes={k: read_node(v) for k, v in data["nodes"].items()},
@@ -88,11 +105,142 @@ class Plan:
                 calibration_samples=data.get("calibration_samples", 0),
                 version=PLAN_VERSION,
                 lowbit_version=data.get("lowbit_version", "?"),
+                graph_fingerprint=data.get("graph_fingerprint"),
+                model_sha256=data.get("model_sha256"),
             )
         except FileNotFoundError:
             raise LowbitError(f"plan file not found: {p}") from None
+        except IsADirectoryError:
+            raise LowbitError(f"plan {p} is a folder; pass the .plan.json file") from None
+        except UnicodeDecodeError:
+            raise LowbitError(f"{p} is not a lowbit plan file (not text)") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise LowbitError(f"{p} is not a lowbit plan file ({type(e).__name__}: {e})") from None
+        plan.validate(f"plan {p}")
+        return plan
+
+    def validate(self, where: str = "the plan") -> None:
+        """Every value a rewrite will use, checked: one LowbitError naming the tensor and the fix, never a
+        ValueError or TypeError later. `where` names the plan in the message."""
+        fix = "re-run calibration with --calib to make a new plan"
+
+        def bad(what: str) -> LowbitError:
+            return LowbitError(f"{where}: {what}; {fix}")
+
+        if not isinstance(self.recipe, dict):
+            raise bad(f"its recipe is {type(self.recipe).__name__}, not an object")
+        if not isinstance(self.tensors, dict):
+            raise bad("its tensors are not an object of tensor name -> parameters")
+        for name, t in self.tensors.items():
+            if not isinstance(t, TensorParams):
+                raise bad(f"tensor '{name}' has no parameters (got {type(t).__name__})")
+            problem = _tensor_problem(t)
+            if problem:
+                raise bad(f"tensor '{name}' {problem}")
+        if not isinstance(self.channel_means, dict):
+            raise bad("its channel_means are not an object of tensor name -> list of numbers")
+        for name, means in self.channel_means.items():
+            if not isinstance(means, list) or not all(_finite(v) for v in means):
+                raise bad(f"channel means of '{name}' must be a list of finite numbers, got {_short(means)}")
+        if not isinstance(self.overflow_guard, dict) or not all(
+            _integer(v) and v >= 0 for v in self.overflow_guard.values()
+        ):
+            raise bad("its overflow_guard must map node names to channel counts")
+        if not isinstance(self.nodes, dict) or not all(isinstance(v, Decision) for v in self.nodes.values()):
+            raise bad("its nodes must map node names to decisions")
+        if not _integer(self.calibration_samples) or self.calibration_samples < 0:
+            raise bad(f"calibration_samples must be a count, got {_short(self.calibration_samples)}")
+        for label, value in (("graph_fingerprint", self.graph_fingerprint), ("model_sha256", self.model_sha256)):
+            if value is not None and not isinstance(value, str):
+                raise bad(f"{label} must be a string, got {_short(value)}")
+
+    def check_model(self, model_bytes: bytes, model: str | Path) -> None:
+        """Refuse a model file that is not the one this plan was saved with (plans from before `model_sha256`
+        are not checked)."""
+        if self.model_sha256 is not None and hashlib.sha256(model_bytes).hexdigest() != self.model_sha256:
+            raise LowbitError(
+                f"{model} is not the model its plan was written with (the plan records another sha256); "
+                "pass the plan written beside this model, or quantize again"
+            )
+
+
+def _finite(v: Any) -> bool:
+    # numbers.Real, not float: a Plan built in memory may hold numpy scalars
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+_F32_TINY = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def _tensor_problem(t: TensorParams) -> str | None:
+    """What is wrong with one tensor's parameters, or None."""
+    q = QTYPES.get(t.dtype) if isinstance(t.dtype, str) else None
+    if q is None:
+        return f"has dtype {_short(t.dtype)} (valid: {', '.join(QTYPES)})"
+    if t.kind not in ("activation", "weight", "bias"):
+        return f"has kind {_short(t.kind)} (valid: activation, weight, bias)"
+    if not isinstance(t.scale, list) or not t.scale:
+        return f"needs a non-empty list of scales, got {_short(t.scale)}"
+    if not isinstance(t.zero_point, list) or not t.zero_point:
+        return f"needs a non-empty list of zero points, got {_short(t.zero_point)}"
+    for s in t.scale:
+        if not _finite(s) or s <= 0:
+            return f"has scale {_short(s)}; scales must be finite numbers > 0"
+        # The rewrite stores scales as float32: 1e39 would become inf, 1e-46 zero.
+        if s > _F32_MAX or s < _F32_TINY:
+            return f"has scale {s!r}, which float32 cannot represent"
+    lo, hi = q.qmin, q.qmax
+    if t.kind == "weight" and q.signed:
+        hi = q.qmax - q.qmin  # MatMulNBits stores int4 blocks' zero points unsigned (8 = zero)
+    for z in t.zero_point:
+        if not _integer(z):
+            return f"has zero point {_short(z)}; zero points must be integers"
+        if not lo <= z <= hi:
+            return f"has zero point {z} outside {t.dtype}'s range [{lo}, {hi}]"
+    if t.axis is not None and not _integer(t.axis):
+        return f"has axis {_short(t.axis)}; an axis must be an integer or null"
+    if t.block_size is not None and (not _integer(t.block_size) or t.block_size < 1):
+        return f"has block_size {_short(t.block_size)}; it must be a positive integer or null"
+    if t.axis is None and (len(t.scale) != 1 or len(t.zero_point) != 1):
+        return f"has {len(t.scale)} scales and {len(t.zero_point)} zero points but no axis (per-tensor: one each)"
+    if len(t.zero_point) not in (1, len(t.scale)):
+        return f"has {len(t.scale)} scales but {len(t.zero_point)} zero points (one per scale)"
+    if t.range is not None and (
+        not isinstance(t.range, list) or len(t.range) != 2 or not all(_finite(v) for v in t.range)
+    ):
+        return f"has range {_short(t.range)}; a range is two finite numbers [low, high]"
+    if t.range is not None and t.range[0] > t.range[1]:
+        return f"has range {t.range}, low above high"
+    return None
+
+
+def graph_fingerprint(graph: ir.Graph) -> str:
+    """sha256 over the prepared graph's structure: inputs, outputs, and each node's name, domain, op type and
+    input/output names, in order. Weight values are left out on purpose: a retrained model of the same
+    structure has the same fingerprint, so its plan's ranges apply."""
+    h = hashlib.sha256()
+
+    def put(*words: str) -> None:
+        h.update(json.dumps(words).encode())
+        h.update(b"\n")
+
+    put("inputs", *(v.name or "" for v in graph.inputs))
+    put("outputs", *(v.name or "" for v in graph.outputs))
+    for node in graph:
+        ins = [(v.name or "") if v is not None else "" for v in node.inputs]
+        outs = [v.name or "" for v in node.outputs]
+        put(node.name or "", node.domain, node.op_type, "in", *ins, "out", *outs)
+    return h.hexdigest()
 
 
 _FOLDED_V1 = "folded into the output range of "

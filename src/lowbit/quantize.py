@@ -4,6 +4,7 @@ Each stage lives in the module that owns it; this module only hands each one's r
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,10 +19,18 @@ from .calibrate import calibrate_layout
 from .data import ImagePreprocess, InputSpec, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
-from .graph.io import check_output_path, check_writable, load_model, model_name, save_model
+from .graph.io import (
+    check_output_path,
+    check_paths,
+    check_writable,
+    load_model,
+    model_bytes,
+    model_name,
+    write_together,
+)
 from .passes import prepare
 from .passes.opset import ready_for_quantization
-from .plan import Plan, TensorParams, plan_path
+from .plan import Plan, TensorParams, graph_fingerprint, plan_path
 from .planner import Layout, make_layout, replay_sentinels, settle_sentinels
 from .recipe import Recipe
 from .verify import finish
@@ -66,14 +75,18 @@ def quantize(
     preprocess: ImagePreprocess | None = None,
     progress: bool = True,
     example_inputs: Any = None,
+    *,
+    reuse_ranges: bool = False,
 ) -> QuantizeResult:
     """Quantize a float ONNX model to QDQ int8.
 
     `calib` is anything `open_data` reads (.npy/.npz file or folder, image folder, iterable of arrays or dicts).
     With `plan` (from an earlier run) no calibration happens: activation ranges come from the plan and
-    weights are quantized from this model's values. A torch.nn.Module is exported to ONNX with
-    `example_inputs` (a tuple of tensors) first. With `output`, the model and its plan
-    (`OUT.plan.json`) are written atomically.
+    weights are quantized from this model's values. The plan must have been made for a graph of the same
+    structure (its fingerprint: node names, op types, tensor names); `reuse_ranges=True` applies its ranges to
+    a graph of another structure anyway (every activation the new graph quantizes still needs a range in the
+    plan). A torch.nn.Module is exported to ONNX with `example_inputs` (a tuple of tensors) first. With
+    `output`, the model and its plan (`OUT.plan.json`) are written together: both or neither (see `save`).
     """
     start = time.perf_counter()
     # A torch.nn.Module (with example_inputs) is exported to ONNX first; torch is only imported if already loaded.
@@ -81,19 +94,33 @@ def quantize(
         from .torch.onnx_export import module_to_onnx
 
         model = module_to_onnx(model, example_inputs)
-    if isinstance(plan, (str, Path)):
-        plan = Plan.load(plan)
-    # Re-applying a plan without a recipe means the plan's own recipe: the same nodes get the same treatment.
-    recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
+    # Before any work: nothing this run writes may be something it reads, however spelled.
     if output is not None:
         check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
+        check_paths(outputs(output), reads(model, calib, recipe, plan))
         check_writable(output)  # before calibration, not after it
+    if plan is not None and calib is not None:
+        raise LowbitError(
+            "calibration data is not used when a plan is given (its ranges are reused): drop --calib (calib=) "
+            "to re-apply the plan, or drop --plan (plan=) to calibrate afresh"
+        )
+    if isinstance(plan, (str, Path)):
+        plan = Plan.load(plan)
+    elif plan is not None:
+        if not isinstance(plan, Plan):
+            raise LowbitError(f"plan must be a Plan or a path to a .plan.json file, got {type(plan).__name__}")
+        plan.validate("the plan passed in")
+    # Re-applying a plan without a recipe means the plan's own recipe: the same nodes get the same treatment.
+    recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
     timings: dict[str, float] = {}
 
     loaded = load(model)
     t = time.perf_counter()
     prepare(loaded.model)
     layout = make_layout(loaded.model, recipe, calibrated=calib is not None or plan is not None)
+    fingerprint = graph_fingerprint(loaded.model.graph)  # after make_layout: every node has its unique name
+    if plan is not None:
+        _check_fingerprint(plan, fingerprint, reuse_ranges)
     # Only static quantization needs activation ranges; dynamic, weight-only and float16 nodes need no data.
     if calib is None and plan is None and layout.tensors:
         raise LowbitError(
@@ -112,6 +139,7 @@ def quantize(
         tensors=decided.tensors,
         calibration_samples=decided.samples,
         channel_means=decided.channel_means,
+        graph_fingerprint=fingerprint,
     )
     new_plan.nodes = decided.layout.decisions()
     apply(loaded.model, decided.layout, new_plan)
@@ -124,6 +152,27 @@ def quantize(
         save(proto, new_plan, output)
         result.output = Path(output)
     return result
+
+
+def outputs(output: str | Path) -> list[tuple[str, str | Path]]:
+    """What `quantize(..., output)` writes, labelled for error messages."""
+    return [("-o", output), ("plan file (beside -o)", plan_path(output))]
+
+
+def reads(model: Any, calib: Any, recipe: Any, plan: Any) -> list[tuple[str, Any]]:
+    """What `quantize` reads, labelled for error messages (in-memory values are skipped by `check_paths`)."""
+    return [("input model", model), ("calibration data", calib), ("recipe", recipe), ("plan", plan)]
+
+
+def _check_fingerprint(plan: Plan, fingerprint: str, reuse_ranges: bool) -> None:
+    # Plans from before fingerprints are applied as they always were; tensor names are still matched.
+    if plan.graph_fingerprint is None or plan.graph_fingerprint == fingerprint or reuse_ranges:
+        return
+    raise LowbitError(
+        "the plan does not match this model: it was made for a graph of another structure (node names, op types "
+        "or tensor names differ); re-run calibration with --calib, or pass --reuse-ranges (reuse_ranges=True) "
+        "to apply its ranges anyway"
+    )
 
 
 def load(model: str | Path | onnx.ModelProto) -> Loaded:
@@ -156,8 +205,17 @@ def observe_and_decide(
 
 
 def save(proto: onnx.ModelProto, plan: Plan, output: str | Path) -> None:
-    save_model(proto, output)
-    plan.save(plan_path(output))
+    """Write the model and its plan together: both or neither.
+
+    Both go to fsynced temporary files beside OUT first (a failure there, e.g. a full disk, leaves the old
+    pair untouched), then the plan is renamed into place and the model last, with SIGINT/SIGTERM held until
+    both renames are done; a failed model rename puts the old plan back (`graph.io.write_together`). The plan
+    records the sha256 of the model bytes written with it, so a pair that still does not belong together
+    (a crash of the machine between the two renames, or files copied by hand) is detectable
+    (`Plan.check_model`)."""
+    data = model_bytes(proto)
+    plan.model_sha256 = hashlib.sha256(data).hexdigest()
+    write_together([(plan_path(output), plan.to_json().encode()), (output, data)])
 
 
 def _recipe(recipe: Recipe | str | Path | None) -> Recipe:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from .._version import __version__
@@ -62,6 +64,10 @@ def _warn_once() -> None:
     warnings.showwarning = show
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM (kill, a CI timeout) ends lowbit as Ctrl-C does: temporaries removed
+
+
 def main(argv: list[str] | None = None) -> int:
     shown = warnings.showwarning
     _warn_once()
@@ -77,17 +83,32 @@ def _main(argv: list[str] | None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    from ..graph.io import written_paths
+
+    before = len(written_paths())
+    # Signal handlers can only be installed from the main thread (main() called from a thread keeps the default).
+    term = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if term is not None:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.run(args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("lowbit: interrupted; no output was written", file=sys.stderr)
+        # Writes are all-or-nothing (graph.io.write_together), so this says exactly what is on disk.
+        done = written_paths()[before:]
+        if done:
+            print(f"lowbit: interrupted after writing {', '.join(map(str, done))}", file=sys.stderr)
+        else:
+            print("lowbit: interrupted; no output was written", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `lowbit ... | head`: the reader left; say nothing more
         sys.stdout = open(os.devnull, "w")
         return 141
+    finally:
+        if term is not None:
+            signal.signal(signal.SIGTERM, term)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ import sys
 import warnings
 from pathlib import Path
 
+import onnx
+
+from ..errors import LowbitError
 from ..recipe import PRESETS, Recipe, Scheme, preset
 from .common import add_image_args, image_preprocess
 
@@ -22,7 +25,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("model", help="float ONNX model")
     q.add_argument("-o", "--output", required=True, help="where to write the quantized model (.onnx)")
     q.add_argument("--calib", metavar="DATA", help="calibration data: .npy/.npz file or folder, or an image folder")
-    q.add_argument("--plan", metavar="PLAN.json", help="reuse ranges from an earlier plan instead of calibrating")
+    q.add_argument(
+        "--plan",
+        metavar="PLAN.json",
+        help="reuse the ranges and the recipe of an earlier plan instead of calibrating (a retrained model of the "
+        "same structure); refused with --calib (the data would not be used) and with any recipe option "
+        "(--recipe, --preset, the scheme options, --samples, --batch-size): the plan's recipe is applied exactly",
+    )
+    q.add_argument(
+        "--reuse-ranges",
+        action="store_true",
+        help="with --plan: apply its ranges although the plan was made for a graph of another structure "
+        "(its graph fingerprint differs); every tensor quantized still needs a range in the plan",
+    )
     q.add_argument("--recipe", metavar="FILE", help="recipe JSON (see `lowbit recipe --show default`)")
     q.add_argument("--preset", choices=sorted(PRESETS), help="start from a built-in recipe")
     g = q.add_argument_group("scheme (override the recipe's default scheme)")
@@ -90,36 +105,91 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     )
 
 
+# Options that build the recipe: `--plan` applies the plan's own recipe, so none of them may be given with it.
+RECIPE_OPTIONS = {
+    "recipe": "--recipe",
+    "preset": "--preset",
+    "mode": "--mode",
+    "weights": "--weights",
+    "block_size": "--block-size",
+    "calibration": "--calibration",
+    "percentile": "--percentile",
+    "activations": "--activations",
+    "per_tensor": "--per-tensor",
+    "reduce_range": "--reduce-range",
+    "no_overflow_guard": "--no-overflow-guard",
+    "exclude_names": "--exclude-names",
+    "exclude_op_types": "--exclude-op-types",
+    "samples": "--samples",
+    "batch_size": "--batch-size",
+}
+
+
+def _early_checks(args: argparse.Namespace) -> Recipe | None:
+    """Everything that can be refused before any work; returns the recipe (None: the plan's own)."""
+    from ..graph.io import check_output_path, check_paths, check_writable
+    from ..quantize import outputs, reads
+
+    if args.check < 0:
+        raise LowbitError(f"--check must be 0 (off) or a number of samples, got {args.check}")
+    check_output_path(args.output, [args.model])
+    check_paths(outputs(args.output), reads(args.model, args.calib, args.recipe, args.plan))
+    check_writable(args.output)  # quantize() runs without output here: the CLI writes after --check and the lint
+    if args.reuse_ranges and not args.plan:
+        raise LowbitError("--reuse-ranges applies to --plan only; add --plan PLAN.json or drop --reuse-ranges")
+    # Found before the model is loaded and prepared (the data itself is checked as it is read).
+    if args.calib and not Path(args.calib).expanduser().exists():
+        raise LowbitError(f"calibration data not found: {args.calib}; check the --calib path")
+    if not args.plan:
+        return _recipe(args)
+    if args.calib:
+        raise LowbitError(
+            "--plan reuses the plan's ranges, so the --calib data would not be used: drop --calib to re-apply "
+            "the plan, or drop --plan to calibrate afresh"
+        )
+    given = [flag for dest, flag in RECIPE_OPTIONS.items() if getattr(args, dest) not in (None, False, [])]
+    if given:
+        raise LowbitError(
+            f"--plan applies the recipe stored in the plan; {', '.join(given)} would change it: drop "
+            f"{'it' if len(given) == 1 else 'them'}, or drop --plan and calibrate with --calib for a new recipe"
+        )
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..data import input_specs, open_data
     from ..evaluate.check import runtime_check
     from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
-    from ..quantize import quantize
+    from ..quantize import quantize, save
     from .summary import lint_text, summary_text
 
-    recipe = _recipe(args)
+    recipe = _early_checks(args)
     pre = image_preprocess(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quantize(
             args.model,
-            args.output,
             calib=args.calib,
             recipe=recipe,
             plan=args.plan,
             preprocess=pre,
             progress=not args.quiet,
+            reuse_ranges=args.reuse_ranges,
         )
     for w in caught:
         print(f"lowbit: warning: {w.message}", file=sys.stderr)
     check = None
     if args.check and args.calib:
+        assert recipe is not None  # --calib is refused with --plan, the only way to have no recipe here
         data = open_data(
             args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
         )
-        check = runtime_check(args.model, result.model, data)
+        check = runtime_check(_runnable(args.model), result.model, data)
     findings = lint(result.model, plan=result.plan)
+    # Written last: a failure in the check or the lint leaves nothing behind (and the old outputs as they were).
+    save(result.model, result.plan, args.output)
+    result.output = Path(args.output)
     if args.json:
         print(
             dumps(
@@ -138,6 +208,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
         print(lint_text(findings))
-        assert result.output is not None  # --output is required, and quantize() sets it when given
         print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
     return 0
+
+
+def _runnable(model: str) -> str | onnx.ModelProto:
+    """The float model as ONNX Runtime will load it: lowbit names nodes uniquely before quantizing, but ONNX
+    Runtime refuses a model whose node names repeat, so the check runs a copy with unique names."""
+    from ..graph.io import load_proto
+
+    proto = load_proto(model, check=False, external_data=False)
+    names = [n.name for n in proto.graph.node if n.name]
+    if len(names) == len(set(names)):
+        return model
+    proto = load_proto(model, check=False)
+    seen: set[str] = set()
+    for i, node in enumerate(proto.graph.node):
+        while not node.name or node.name in seen:
+            node.name = f"{node.name or node.op_type}_{i}"
+        seen.add(node.name)
+    return proto

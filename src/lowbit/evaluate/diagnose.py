@@ -23,12 +23,12 @@ import onnx_ir as ir
 
 from ..data import ImagePreprocess, input_specs, open_data
 from ..errors import LowbitError
-from ..graph.io import atomic_write_bytes, check_output_path, load_proto
+from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_proto
 from ..numerics import scale_zero_point
 from ..observe import Histogram, percentile
 from ..passes import prepare
 from ..plan import Plan, TensorParams, plan_path
-from ..quantize import quantize
+from ..quantize import outputs, quantize
 from ..recipe import BLOCK_SIZES, ActivationType, Recipe, Rule, Scheme
 from .jsonable import JsonResult
 from .layerwise import (
@@ -100,6 +100,14 @@ def diagnose(
         check_output_path(output, [m for m in (float_model, quant_model) if isinstance(m, (str, Path))])
     if recipe_out is not None and not Path(recipe_out).parent.exists():
         raise LowbitError(f"folder {Path(recipe_out).parent} does not exist; create it first")
+    # Before any work: no output may be a file this run reads (models, data, the plan), however spelled.
+    plan_read = plan if isinstance(plan, (str, Path)) else None
+    if plan is None and isinstance(quant_model, (str, Path)):
+        plan_read = plan_path(quant_model)
+    check_paths(
+        [*(outputs(output) if output is not None else []), ("--recipe-out", recipe_out)],
+        [("float model", float_model), ("quantized model", quant_model), ("data", data), ("plan", plan_read)],
+    )
     plan_obj = _plan(quant_model, plan)
     float_proto = load_proto(float_model)
     quant_proto = load_proto(quant_model)

@@ -112,7 +112,7 @@ def test_dynamic_and_int4_weight_only_keep_the_embeddings(minilm, tmp_path):
     assert counts["DynamicQuantizeLinear"] == 24  # Q, K and V share one quantized input per layer
     fused = op_counts(optimized(dyn.model))
     assert fused["DynamicQuantizeMatMul"] + fused["MatMulIntegerToFloat"] == 36 and fused["MatMulInteger"] == 0
-    assert fused["SkipLayerNormalization"] == 0  # ORT's slower kernel (see quantize.py): not triggered
+    assert fused["SkipLayerNormalization"] == 0  # ORT's slower kernel (see verify.py): not triggered
     # the word-embedding table is stored int8 too: measured 25.5% of float with it, 64.9% without
     assert (tmp_path / "dyn.onnx").stat().st_size <= 0.27 * minilm.stat().st_size
     cos = _cosines(_embed(tmp_path / "dyn.onnx", sentences), ref)

@@ -366,3 +366,28 @@ def test_an_empty_weight_stays_float_with_the_reason(preset: str) -> None:
         not res.plan.nodes["mm"].quantized
         and res.plan.nodes["mm"].reason == "weight is empty (shape [0, 4]): nothing to quantize"
     )
+
+
+def test_the_command_starts_without_loading_heavy_modules() -> None:
+    """Ctrl-C while numpy, ONNX Runtime and LiteRT load must be a one-line exit 130: they load inside the command,
+    where interrupts are handled, not while `lowbit.cli.main` is imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lowbit.cli.main; "
+        "print(sorted(m for m in ('numpy', 'onnx', 'onnxruntime', 'onnx_ir', 'torch', 'PIL') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_an_interrupt_while_a_command_loads_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lowbit.cli.quantize_cmd as quantize_cmd
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quantize_cmd, "run", interrupted)
+    res = run_cli("quantize", "m.onnx", "-o", "q.onnx", "--calib", "x.npy")
+    assert res.returncode == 130 and len(res.stderr.strip().splitlines()) == 1 and "interrupted" in res.stderr

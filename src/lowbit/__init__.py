@@ -3,20 +3,69 @@
 Every measuring function returns a dataclass-style result with `.to_dict()` and `.to_json()`; in JSON,
 non-finite numbers (an exact SQNR is +inf) are null (see lowbit/evaluate/jsonable.py).
 `evaluate_model` is not called `evaluate`: that name is the `lowbit.evaluate` subpackage.
+
+The names below are imported on first use: `import lowbit` stays cheap (the `lowbit` command starts without
+loading ONNX Runtime, LiteRT or numpy, so Ctrl-C at start-up is handled like anywhere else).
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .data import ImagePreprocess
 from .errors import LowbitError
-from .evaluate.diagnose import DiagnoseResult, diagnose
-from .evaluate.evaluate import EvalResult
-from .evaluate.evaluate import evaluate as evaluate_model
-from .evaluate.lint import Finding, LintResult, lint
-from .evaluate.report_data import ReportResult, report
-from .export.tflite import ExportResult, export_tflite
-from .plan import Plan
-from .quantize import QuantizeResult, quantize
-from .recipe import Recipe, Rule, Scheme
+
+if TYPE_CHECKING:
+    from .data import ImagePreprocess
+    from .evaluate.diagnose import DiagnoseResult, diagnose
+    from .evaluate.evaluate import EvalResult
+    from .evaluate.evaluate import evaluate as evaluate_model
+    from .evaluate.lint import Finding, LintResult, lint
+    from .evaluate.report_data import ReportResult, report
+    from .export.tflite import ExportResult, export_tflite
+    from .pipeline import QuantizeResult, quantize
+    from .plan import Plan
+    from .recipe import Recipe, Rule, Scheme
+
+# public name -> (module, attribute)
+_LAZY = {
+    "quantize": (".pipeline", "quantize"),
+    "QuantizeResult": (".pipeline", "QuantizeResult"),
+    "evaluate_model": (".evaluate.evaluate", "evaluate"),
+    "EvalResult": (".evaluate.evaluate", "EvalResult"),
+    "diagnose": (".evaluate.diagnose", "diagnose"),
+    "DiagnoseResult": (".evaluate.diagnose", "DiagnoseResult"),
+    "lint": (".evaluate.lint", "lint"),
+    "LintResult": (".evaluate.lint", "LintResult"),
+    "Finding": (".evaluate.lint", "Finding"),
+    "report": (".evaluate.report_data", "report"),
+    "ReportResult": (".evaluate.report_data", "ReportResult"),
+    "export_tflite": (".export.tflite", "export_tflite"),
+    "ExportResult": (".export.tflite", "ExportResult"),
+    "Recipe": (".recipe", "Recipe"),
+    "Rule": (".recipe", "Rule"),
+    "Scheme": (".recipe", "Scheme"),
+    "Plan": (".plan", "Plan"),
+    "ImagePreprocess": (".data", "ImagePreprocess"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        try:  # a submodule not imported yet (`lowbit.plan.plan_path`)
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'lowbit' has no attribute '{name}'") from None
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "__version__",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-from ..data import ImagePreprocess
+if TYPE_CHECKING:  # data.py loads numpy, onnx and Pillow: not before a command runs
+    from ..data import ImagePreprocess
 
 
 def add_image_args(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +20,8 @@ def add_image_args(parser: argparse.ArgumentParser) -> None:
 
 
 def image_preprocess(args: argparse.Namespace) -> ImagePreprocess:
+    from ..data import ImagePreprocess
+
     return ImagePreprocess(
         size=args.image_size,
         crop=args.crop,

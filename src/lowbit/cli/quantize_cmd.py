@@ -7,12 +7,14 @@ import dataclasses
 import sys
 import warnings
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from ..errors import LowbitError
 from ..recipe import PRESETS, Recipe, Scheme, preset
 from .common import add_image_args, image_preprocess
+
+if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
+    import onnx
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +130,7 @@ RECIPE_OPTIONS = {
 def _early_checks(args: argparse.Namespace) -> Recipe | None:
     """Everything that can be refused before any work; returns the recipe (None: the plan's own)."""
     from ..graph.io import check_output_path, check_paths, check_writable
-    from ..quantize import outputs, reads
+    from ..pipeline import outputs, reads
 
     if args.check < 0:
         raise LowbitError(f"--check must be 0 (off) or a number of samples, got {args.check}")
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.check import runtime_check
     from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
-    from ..quantize import quantize, save
+    from ..pipeline import quantize, save
     from .summary import lint_text, summary_text
 
     recipe = _early_checks(args)

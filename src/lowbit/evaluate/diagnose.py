@@ -27,8 +27,8 @@ from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_
 from ..numerics import scale_zero_point
 from ..observe import Histogram, percentile
 from ..passes import prepare
+from ..pipeline import outputs, quantize
 from ..plan import Plan, TensorParams, plan_path
-from ..quantize import outputs, quantize
 from ..recipe import BLOCK_SIZES, ActivationType, Recipe, Rule, Scheme
 from .jsonable import JsonResult
 from .layerwise import (

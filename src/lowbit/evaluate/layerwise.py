@@ -19,8 +19,8 @@ import onnx
 
 from ..decision import Reason
 from ..observe import Histogram
+from ..pipeline import quantize
 from ..plan import Plan, TensorParams
-from ..quantize import quantize
 from ..recipe import Recipe, Rule, Scheme
 from ..runtimes.ort import session, with_outputs
 from .metrics import fidelity

@@ -25,9 +25,9 @@ from ..errors import LowbitError
 from ..graph.io import check_output_path, save_model
 from ..numerics import pack_int4
 from ..passes import prepare
+from ..pipeline import QuantizeResult, quantize
 from ..plan import Plan, TensorParams, plan_path
 from ..planner import make_layout
-from ..quantize import QuantizeResult, quantize
 from ..recipe import Recipe, Rule, Scheme
 from .fakequant import ActFakeQuant, ExportConv, ExportLinear, QConvBnAct, QLinearAct
 from .onnx_export import module_to_onnx

@@ -214,6 +214,18 @@ def test_diagnose_outputs_never_overwrite_its_inputs(
     assert snapshot(*paths.values()) == before
 
 
+def test_a_plan_is_used_only_with_the_model_it_was_written_with(
+    tiny_model: Path, tiny_calib: Path, quantized: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.onnx"
+    r = run_cli("quantize", str(tiny_model), "-o", str(other), "--calib", str(tiny_calib), "--per-tensor", "--quiet")
+    assert r.returncode == 0, r.stderr
+    args = ["diagnose", str(tiny_model), str(quantized), "--data", str(tiny_calib), "--quiet"]
+    one_line_error(run_cli(*args, "--plan", str(other.with_suffix(".plan.json"))), "is not the model its plan")
+    with pytest.raises(lowbit.LowbitError, match="is not the model its plan"):
+        lowbit.report(tiny_model, [quantized], tiny_calib, plan=other.with_suffix(".plan.json"), bench=False)
+
+
 # 4. --plan applies the plan's own recipe
 
 

@@ -154,6 +154,11 @@ class Plan:
             if value is not None and not isinstance(value, str):
                 raise bad(f"{label} must be a string, got {_short(value)}")
 
+    def check_model_file(self, model: str | Path) -> None:
+        """`check_model` on a model file (a plan and the model it is used with must belong together)."""
+        if self.model_sha256 is not None:
+            self.check_model(Path(model).read_bytes(), model)
+
     def check_model(self, model_bytes: bytes, model: str | Path) -> None:
         """Refuse a model file that is not the one this plan was saved with (plans from before `model_sha256`
         are not checked)."""

@@ -233,7 +233,10 @@ def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
     if isinstance(plan, Plan):
         return plan
     if plan is not None:
-        return Plan.load(plan)
+        found = Plan.load(plan)
+        if isinstance(quant_model, (str, Path)):
+            found.check_model_file(quant_model)
+        return found
     if not isinstance(quant_model, (str, Path)):
         raise LowbitError("the quantized model was given in memory: pass its plan (plan=...)")
     path = plan_path(quant_model)
@@ -241,7 +244,9 @@ def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
         raise LowbitError(
             f"no plan beside {quant_model} (expected {path}); pass the plan lowbit quantize wrote with --plan"
         )
-    return Plan.load(path)
+    found = Plan.load(path)
+    found.check_model_file(quant_model)
+    return found
 
 
 def _key(v: float | None) -> float:

@@ -124,6 +124,8 @@ def _gather(
         raise LowbitError(f"--limit must be at least 1, got {limit}")
     plan_file = Path(plan_arg) if plan_arg else plan_path(quant_paths[0])
     plan = Plan.load(plan_file) if plan_arg or plan_file.exists() else None
+    if plan is not None:
+        plan.check_model_file(quant_paths[0])
     batches = list(open_data(data, input_specs(float_model), batch_size=batch_size, limit=limit))
     samples = sum(len(next(iter(b.values()))) for b in batches)
     if samples == 0:

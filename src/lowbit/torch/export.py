@@ -25,8 +25,8 @@ from ..errors import LowbitError
 from ..graph.io import check_output_path, save_model
 from ..numerics import pack_int4
 from ..passes import prepare
-from ..pipeline import QuantizeResult, quantize
-from ..plan import Plan, TensorParams, plan_path
+from ..pipeline import QuantizeResult, quantize, save
+from ..plan import Plan, TensorParams
 from ..planner import make_layout
 from ..recipe import Recipe, Rule, Scheme
 from .fakequant import ActFakeQuant, ExportConv, ExportLinear, QConvBnAct, QLinearAct
@@ -213,7 +213,6 @@ def export_onnx(
     _write_grid(result, proto, bits)
     onnx.checker.check_model(result.model)
     if path is not None:
-        save_model(result.model, path)
-        result.plan.save(plan_path(path))
+        save(result.model, result.plan, path)  # both files or neither, as `lowbit.quantize` writes them
         result.output = Path(path)
     return result

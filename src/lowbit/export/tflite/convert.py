@@ -371,6 +371,9 @@ def convert(
             ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
     ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
+    # the serving_default signature names them as the ONNX graph does
+    ctx.fm.input_names = [vi.name for vi in proto.graph.input if vi.name not in inits]
+    ctx.fm.output_names = outputs
     ctx.fm.metadata["lowbit"] = json.dumps(
         {
             "lowbit_version": __version__,

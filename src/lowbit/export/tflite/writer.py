@@ -13,8 +13,12 @@ from typing import Any
 import flatbuffers
 import numpy as np
 
+from ...errors import LowbitError
+
 SCHEMA_VERSION = 3
 FILE_IDENTIFIER = b"TFL3"
+# The signature TensorFlow's converter writes and ai-edge-quantizer / Android's `runSignature` look up by default.
+SIGNATURE_KEY = "serving_default"
 # Oldest runtime that reads what we write (per-channel int8 and HARD_SWISH need TFLite 2.x kernels).
 MIN_RUNTIME_VERSION = "2.3.0"
 
@@ -78,6 +82,9 @@ class FlatModel:
     outputs: list[int] = field(default_factory=list)
     metadata: dict[str, bytes] = field(default_factory=dict)
     description: str = "lowbit"
+    # Signature names of `inputs` / `outputs`, in order (the ONNX graph's); empty: the tensors' own names.
+    input_names: list[str] = field(default_factory=list)
+    output_names: list[str] = field(default_factory=list)
 
     def add_tensor(self, t: Tensor) -> int:
         self.tensors.append(t)
@@ -124,7 +131,8 @@ def _options(b: flatbuffers.Builder, name: str, fields: dict[str, Any]) -> int:
 
 
 def serialize(model: FlatModel) -> bytes:
-    """The model as a .tflite flatbuffer: one subgraph, buffer 0 empty by convention."""
+    """The model as a .tflite flatbuffer: one subgraph with its `serving_default` signature, buffer 0 empty by
+    convention."""
     b = flatbuffers.Builder(1024)
     buffers: list[bytes | None] = [None]
     tensor_offsets = []
@@ -179,6 +187,8 @@ def serialize(model: FlatModel) -> bytes:
     sg.AddName(b, sg_name)
     subgraph = sg.End(b)
 
+    signature = _signature(b, model)
+
     oc = _module("OperatorCode")
     code_offsets = []
     for name in codes:
@@ -214,6 +224,7 @@ def serialize(model: FlatModel) -> bytes:
     sgs_vec = _table_vector(b, mm.StartSubgraphsVector, [subgraph])
     bufs_vec = _table_vector(b, mm.StartBuffersVector, buffer_offsets)
     meta_vec = _table_vector(b, mm.StartMetadataVector, meta_offsets)
+    sigs_vec = _table_vector(b, mm.StartSignatureDefsVector, [signature])
     desc = b.CreateString(model.description)
     mm.Start(b)
     mm.AddVersion(b, SCHEMA_VERSION)
@@ -222,8 +233,37 @@ def serialize(model: FlatModel) -> bytes:
     mm.AddDescription(b, desc)
     mm.AddBuffers(b, bufs_vec)
     mm.AddMetadata(b, meta_vec)
+    mm.AddSignatureDefs(b, sigs_vec)
     b.Finish(mm.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
+
+
+def _signature(b: flatbuffers.Builder, model: FlatModel) -> int:
+    """SignatureDef `serving_default` of subgraph 0: each input / output name mapped to its tensor index."""
+    sd, tm = _module("SignatureDef"), _module("TensorMap")
+
+    def tensor_maps(indices: list[int], names: list[str], what: str) -> list[int]:
+        names = names or [model.tensors[i].name for i in indices]
+        if len(names) != len(indices) or len(set(names)) != len(names):
+            raise LowbitError(f"internal: signature {what} names {names} do not name tensors {indices} one to one")
+        offsets = []
+        for name, index in zip(names, indices):
+            s = b.CreateString(name)
+            tm.Start(b)
+            tm.AddName(b, s)
+            tm.AddTensorIndex(b, index)
+            offsets.append(tm.End(b))
+        return offsets
+
+    inputs = _table_vector(b, sd.StartInputsVector, tensor_maps(model.inputs, model.input_names, "input"))
+    outputs = _table_vector(b, sd.StartOutputsVector, tensor_maps(model.outputs, model.output_names, "output"))
+    key = b.CreateString(SIGNATURE_KEY)
+    sd.Start(b)
+    sd.AddInputs(b, inputs)
+    sd.AddOutputs(b, outputs)
+    sd.AddSignatureKey(b, key)
+    sd.AddSubgraphIndex(b, 0)
+    return sd.End(b)
 
 
 def _table_vector(b: flatbuffers.Builder, start: Any, offsets: list[int]) -> int:

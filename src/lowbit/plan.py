@@ -92,7 +92,7 @@ class Plan:
             data = json.loads(p.read_text())
             if data.get("version") not in READS:
                 raise LowbitError(
-                    f"plan {p} has version {data.get('version')}; this lowbit reads versions "
+                    f"plan {p} has version {_short(data.get('version'))}; this lowbit reads versions "
                     f"{', '.join(map(str, READS))}: re-run calibration with --calib to make a new plan"
                 )
             read_node = Decision.from_dict if data["version"] == 2 else _node_v1
@@ -108,6 +108,8 @@ class Plan:
                 graph_fingerprint=data.get("graph_fingerprint"),
                 model_sha256=data.get("model_sha256"),
             )
+        except RecursionError:
+            raise LowbitError(f"{p} nests too deeply to be a lowbit plan file") from None
         except FileNotFoundError:
             raise LowbitError(f"plan file not found: {p}") from None
         except IsADirectoryError:
@@ -117,6 +119,10 @@ class Plan:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
             raise LowbitError(f"{p} is not a lowbit plan file ({type(e).__name__}: {e})") from None
         plan.validate(f"plan {p}")
+        for t in plan.tensors.values():
+            # JSON may spell a scale or range as an integer (1e30 written out in digits): the rewrite needs floats.
+            t.scale = [float(v) for v in t.scale]
+            t.range = None if t.range is None else [float(v) for v in t.range]
         return plan
 
     def validate(self, where: str = "the plan") -> None:

@@ -67,16 +67,17 @@ class Scheme:
             "bias_correction",
         ):
             if not isinstance(getattr(self, name), bool):
-                raise LowbitError(f"recipe option '{name}' must be true or false, got {getattr(self, name)!r}")
+                raise LowbitError(f"recipe option '{name}' must be true or false, got {_show(getattr(self, name))}")
         if not isinstance(self.percentile, (int, float)) or not 50.0 < self.percentile <= 100.0:
-            raise LowbitError(f"recipe option 'percentile' must be in (50, 100], got {self.percentile!r}")
+            raise LowbitError(f"recipe option 'percentile' must be in (50, 100], got {_show(self.percentile)}")
         if self.symmetric_weights and self.weights == "uint8":
             raise LowbitError("conflicting options: symmetric weights need a signed weight type; use weights=int8")
         if self.reduce_range and self.activations in ("uint16", "int16"):
             raise LowbitError("conflicting options: reduce_range is for 8-bit kernels, not 16-bit activations")
         if self.block_size is not None and (isinstance(self.block_size, bool) or self.block_size not in BLOCK_SIZES):
             raise LowbitError(
-                f"recipe option 'block_size' must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size!r}"
+                f"recipe option 'block_size' must be one of {', '.join(map(str, BLOCK_SIZES))}, "
+                f"got {_show(self.block_size)}"
             )
         if self.block_size is not None and (self.weights != "int4" or self.mode != "weight_only"):
             raise LowbitError(
@@ -142,15 +143,15 @@ class Recipe:
         _check_literal(self, "target", TargetName)
         if isinstance(self.version, bool) or not isinstance(self.version, int):
             # "1" (a string) would otherwise read "version 1 is not supported (this lowbit reads version 1)".
-            raise LowbitError(f"recipe version must be the number {RECIPE_VERSION}, got {self.version!r}")
+            raise LowbitError(f"recipe version must be the number {RECIPE_VERSION}, got {_show(self.version)}")
         if self.version != RECIPE_VERSION:
             raise LowbitError(
-                f"recipe version {self.version} is not supported (this lowbit reads version {RECIPE_VERSION})"
+                f"recipe version {_show(self.version)} is not supported (this lowbit reads version {RECIPE_VERSION})"
             )
         for name in ("calibration_samples", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise LowbitError(f"recipe option '{name}' must be a positive integer, got {value!r}")
+                raise LowbitError(f"recipe option '{name}' must be a positive integer, got {_show(value)}")
 
     def match(self, node_name: str, op_type: str, aliases: tuple[str, ...] = ()) -> tuple[Scheme | None, RuleMatch]:
         """The scheme for a node (None = keep float) and what decided it; name patterns may match the node's
@@ -211,7 +212,7 @@ class Recipe:
             raise LowbitError(f"recipe file not found: {p}") from None
         except OSError as e:
             raise LowbitError(f"cannot read recipe file {p}: {e.strerror}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             raise LowbitError(
                 f"recipe file {p} is not valid JSON ({e}); fix the file or print a preset with "
                 "`lowbit recipe --show default`"
@@ -221,10 +222,20 @@ class Recipe:
         return cls.from_dict(data, where=str(p))
 
 
+def _show(value: Any) -> str:
+    """repr() for a message; a value nested too deeply or an integer too long to print is named by its type."""
+    try:
+        return repr(value)
+    except (RecursionError, ValueError):
+        return f"<{type(value).__name__} too large to print>"
+
+
 def _check_literal(obj: Any, name: str, kind: Any) -> None:
     allowed = get_args(kind)
     if getattr(obj, name) not in allowed:
-        raise LowbitError(f"recipe option '{name}' must be one of {', '.join(allowed)}; got {getattr(obj, name)!r}")
+        raise LowbitError(
+            f"recipe option '{name}' must be one of {', '.join(allowed)}; got {_show(getattr(obj, name))}"
+        )
 
 
 def _check_keys(data: Any, cls: type, where: str) -> None:
@@ -233,7 +244,7 @@ def _check_keys(data: Any, cls: type, where: str) -> None:
     valid = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - valid)
     if unknown:
-        raise LowbitError(f"unknown recipe key '{unknown[0]}' in {where} (valid keys: {', '.join(sorted(valid))})")
+        raise LowbitError(f"unknown recipe key {_show(unknown[0])} in {where} (valid keys: {', '.join(sorted(valid))})")
 
 
 def _scheme(data: Any, where: str) -> Scheme:

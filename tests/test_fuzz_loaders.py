@@ -32,7 +32,8 @@ from lowbit.recipe import PRESETS, Recipe, Rule, Scheme
 
 T = TypeVar("T")
 
-FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+# database=None: no examples replayed from earlier runs (a changed strategy would replay them inconsistently).
+FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def outcome(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | LowbitError:
@@ -54,6 +55,8 @@ def _tmp() -> Path:
 # JSON-like values and mutations of valid documents
 
 RECIPE_KEYS = sorted({f for cls in (Recipe, Scheme, Rule) for f in cls.__dataclass_fields__})
+# Drawn through copy.deepcopy: the edits below mutate containers in place, and a shared list would carry one
+# example's edits into the next (hypothesis then sees the same choices draw different data).
 ODD_VALUES = [
     None,
     True,
@@ -94,7 +97,14 @@ ODD_VALUES = [
 ]
 
 keys = st.sampled_from(RECIPE_KEYS) | st.text(max_size=8)
-leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12) | st.sampled_from(ODD_VALUES)
+leaves = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(ODD_VALUES).map(copy.deepcopy)
+)
 json_values = st.recursive(
     leaves,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=5),
@@ -152,7 +162,7 @@ def mutated(draw: st.DrawFn, base: Any, max_steps: int = 4) -> Any:
         elif op == "replace":
             container[slot] = draw(json_values)
         elif op == "odd":
-            container[slot] = draw(st.sampled_from(ODD_VALUES))
+            container[slot] = draw(st.sampled_from(ODD_VALUES).map(copy.deepcopy))
         elif op == "retype":
             container[slot] = draw(
                 st.sampled_from(
@@ -270,7 +280,10 @@ def odd_tensor_params(draw: st.DrawFn, base: dict[str, Any]) -> dict[str, Any]:
     name = draw(st.sampled_from(sorted(doc["tensors"])))
     t = doc["tensors"][name]
     key = draw(st.sampled_from(["scale", "zero_point", "axis", "range", "dtype", "kind", "block_size"]))
-    value = draw(st.sampled_from(ODD_PARAMS) | st.lists(st.sampled_from(ODD_PARAMS), max_size=4))
+    value = draw(
+        st.sampled_from(ODD_PARAMS).map(copy.deepcopy)
+        | st.lists(st.sampled_from(ODD_PARAMS).map(copy.deepcopy), max_size=4)
+    )
     if key in ("scale", "zero_point") and isinstance(t[key], list) and t[key] and draw(st.booleans()):
         i = draw(st.integers(0, len(t[key]) - 1))
         t[key][i] = value  # one element of the list
@@ -306,8 +319,6 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
 
 
 def quantize_with(model: onnx.ModelProto, plan: lowbit.Plan) -> None:
-    if any(s > 1e12 for t in plan.tensors.values() for s in t.scale):
-        return  # known bug in targets/add_rounding.py: see test_huge_activation_scale_in_plan
     result = outcome(lowbit.quantize, model, plan=plan, progress=False)
     if isinstance(result, LowbitError):
         return
@@ -526,11 +537,11 @@ def test_plan_scale_written_as_an_integer_is_read_as_a_float(
     assert lowbit.Plan.load(tmp_path / "q.plan.json").tensors["s"].scale == [1.0]
 
 
-@pytest.mark.xfail(raises=OverflowError, strict=True, reason="targets/add_rounding.py: huge scale ratio overflows")
 def test_huge_activation_scale_in_plan(real_plan: tuple[onnx.ModelProto, dict], tmp_path: Path) -> None:
     """A plan that validates (finite, float32-representable scales) but gives an Add an absurd scale: the
-    portable target's Add rounding check overflows instead of refusing it. Not a loader bug; reported."""
+    portable target's Add alignment overflowed (OverflowError); scale ratios XNNPACK refuses are left alone."""
     doc = copy.deepcopy(real_plan[1])
     doc["tensors"]["s"]["scale"] = [1e15]
     (tmp_path / "q.plan.json").write_text(json.dumps(doc))
-    outcome(lowbit.quantize, real_plan[0], plan=lowbit.Plan.load(tmp_path / "q.plan.json"), progress=False)
+    result = outcome(lowbit.quantize, real_plan[0], plan=lowbit.Plan.load(tmp_path / "q.plan.json"), progress=False)
+    assert not isinstance(result, LowbitError) and result.plan.tensors["s"].scale == [1e15]

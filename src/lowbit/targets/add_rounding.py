@@ -165,6 +165,9 @@ def snap_add_scales(model: onnx.ModelProto) -> list[str]:
         info = np.iinfo(onnx.helper.tensor_dtype_to_np_dtype(zdt))
         if info.bits > 8:  # 16-bit ADDs follow other rules in LiteRT, and 65536^2 pairs would not fit in memory
             continue
+        ratios = (np.float32(sa / sc), np.float32(sb / sc))
+        if not all(2.0**-10 <= r < 2.0**8 for r in ratios):
+            continue  # XNNPACK's int8 ADD takes only scale ratios in [2^-10, 2^8): nothing to align with
         pick = _pick_scales(sa, sb, sc, za, zb, zc, k, info)
         if pick is None:
             continue

@@ -28,6 +28,8 @@ PUBLIC = [
     "report",
     "ReportResult",
     "export_tflite",
+    "export_ort",
+    "OrtExportResult",
     "ExportResult",
     "Recipe",
     "Rule",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .evaluate.evaluate import evaluate as evaluate_model
     from .evaluate.lint import Finding, LintResult, lint
     from .evaluate.report_data import ReportResult, report
+    from .export.ort import OrtExportResult, export_ort
     from .export.tflite import ExportResult, export_tflite
     from .pipeline import QuantizeResult, quantize
     from .plan import Plan
@@ -43,6 +44,8 @@ _LAZY = {
     "ReportResult": (".evaluate.report_data", "ReportResult"),
     "export_tflite": (".export.tflite", "export_tflite"),
     "ExportResult": (".export.tflite", "ExportResult"),
+    "export_ort": (".export.ort", "export_ort"),
+    "OrtExportResult": (".export.ort", "OrtExportResult"),
     "Recipe": (".recipe", "Recipe"),
     "Rule": (".recipe", "Rule"),
     "Scheme": (".recipe", "Scheme"),
@@ -82,6 +85,8 @@ __all__ = [
     "ReportResult",
     "export_tflite",
     "ExportResult",
+    "export_ort",
+    "OrtExportResult",
     "Recipe",
     "Rule",
     "Scheme",

@@ -40,6 +40,11 @@ def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
     """Read the graph inputs of an ONNX model, skipping inputs that are really initializers."""
     from .graph.io import load_proto
 
+    if not isinstance(model, onnx.ModelProto):
+        from .runtimes.ort import is_ort_format, ort_format_input_specs
+
+        if is_ort_format(model):
+            return ort_format_input_specs(model)
     # Only the inputs are read: no weights, no checker (whoever runs the model loads and checks all of it).
     proto = model if isinstance(model, onnx.ModelProto) else load_proto(model, check=False, external_data=False)
     graph = proto.graph

@@ -162,6 +162,9 @@ class Plan:
 
     def check_model_file(self, model: str | Path) -> None:
         """`check_model` on a model file (a plan and the model it is used with must belong together)."""
+        from .graph.io import refuse_ort_format
+
+        refuse_ort_format(model)  # its bytes are never the ONNX file's: say why, not "another sha256"
         if self.model_sha256 is not None:
             self.check_model(Path(model).read_bytes(), model)
 

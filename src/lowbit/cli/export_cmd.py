@@ -20,14 +20,16 @@ KINDS = {
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a float or quantized ONNX model as .tflite for LiteRT",
+        help="write a float or quantized ONNX model as .tflite for LiteRT, or .ort for ONNX Runtime Mobile",
         description="Convert a float ONNX model, or lowbit's int8 QDQ, dynamic or float16 output, into "
         "a TensorFlow Lite flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs "
-        "and outputs become NHWC: transpose NCHW data once before feeding it.",
+        "and outputs become NHWC: transpose NCHW data once before feeding it. --to ort: ONNX Runtime's "
+        "ORT format (optimized once, as a phone's CPU runs it) and MODEL.required_operators.config beside "
+        "it for a reduced-size build; the options below apply to tflite only.",
     )
     p.add_argument("model", help="ONNX model (float, or lowbit's int8 QDQ / dynamic / float16 output)")
-    p.add_argument("--to", choices=["tflite"], default="tflite", help="target format (default tflite)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.tflite", help="output file (never the input)")
+    p.add_argument("--to", choices=["tflite", "ort"], default="tflite", help="target format (default tflite)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.tflite|OUT.ort", help="output file (never the input)")
     p.add_argument(
         "--io",
         choices=["float", "int8", "uint8"],
@@ -107,6 +109,8 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.to == "ort":
+        return run_ort(args)
     if args.batch < 1:
         raise LowbitError(f"--batch must be at least 1, got {args.batch}")
     shapes = parse_shapes(args.shape)
@@ -124,4 +128,32 @@ def run(args: argparse.Namespace) -> int:
         preprocess=image_preprocess(args),
     )
     print(result.to_json(indent=2) if args.json else export_text(result.to_dict()))
+    return 0
+
+
+def run_ort(args: argparse.Namespace) -> int:
+    tflite_only = {
+        "--io": args.io != "float",
+        "--precision": args.precision != "auto",
+        "--allow-float-fallback": args.allow_float_fallback,
+        "--batch": args.batch != 1,
+        "--shape": bool(args.shape),
+        "--calib": args.calib is not None,
+    }
+    given = [name for name, set_ in tflite_only.items() if set_]
+    if given:
+        raise LowbitError(
+            f"{', '.join(given)}: only for --to tflite; --to ort keeps the ONNX model's inputs as they are"
+        )
+    from ..export.ort import export_ort
+
+    result = export_ort(args.model, args.output)
+    summary = result.to_dict()
+    if args.json:
+        print(result.to_json(indent=2))
+        return 0
+    print(f"wrote {summary['output']} (ORT format, {summary['optimization']}, {summary['size_bytes'] / 1e6:.2f} MB)")
+    print(f"wrote {summary['config']} (operators for a reduced-size ONNX Runtime build):")
+    for domain, ops in summary["ops"].items():
+        print(f"  {domain:<18} {', '.join(ops)}")
     return 0

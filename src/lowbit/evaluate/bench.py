@@ -4,7 +4,8 @@ Several models are timed interleaved (round-robin, alternating order each round)
 slows them alike, and their sessions are created in opposite orders in the two halves of the runs: session
 creation order alone shifted the latency ratio of two identical-kernel models by ~2.5% on our 2-core machine.
 `.tflite` files run in LiteRT (XNNPACK) in the same loop; time per op type and the energy estimate read ONNX
-graphs, so they are None for them.
+graphs, so they are None for them. `.ort` files (ORT format) run in ONNX Runtime like .onnx ones; their time per
+op type comes from ORT's profiler, but the energy estimate reads an ONNX graph, so it is None for them.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ import onnx
 import onnxruntime as ort
 from tqdm import tqdm
 
+from ..data import InputSpec
 from ..errors import LowbitError
 from ..graph.io import load_proto
 from ..passes.opset import check_runnable
 from ..runtimes.litert import LiteRTSession, is_tflite
-from ..runtimes.ort import cpu_has_vnni, session
+from ..runtimes.ort import cpu_has_vnni, is_ort_format, ort_format_input_specs, session
 from . import energy
 from .latency import interleaved_latency, paired_ratio
 
@@ -93,10 +95,13 @@ def benchmark(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LowbitError(f"{label} must be an integer >= {low}, got {value!r}")
     keys = _unique_keys(model_paths)
-    protos: dict[str, onnx.ModelProto | LiteRTSession] = {}
+    protos: dict[str, onnx.ModelProto | LiteRTSession | list[InputSpec]] = {}
     for key, path in zip(keys, model_paths):
         if is_tflite(path):
             protos[key] = LiteRTSession(path, threads=1)  # one-line errors for missing or corrupt files
+            continue
+        if is_ort_format(path):
+            protos[key] = ort_format_input_specs(path)  # no ONNX graph: its inputs, from ONNX Runtime
             continue
         loaded = protos[key] = load_proto(path)
         check_runnable(loaded, path)  # an unknown custom op: one line now, not a traceback in the timing loop
@@ -136,7 +141,7 @@ def benchmark(
             )
             bar.update()
         entry["energy"] = (
-            None if isinstance(proto, LiteRTSession) else energy.estimate(proto, _batch_of(feeds[key], batch))
+            energy.estimate(proto, _batch_of(feeds[key], batch)) if isinstance(proto, onnx.ModelProto) else None
         )
         result["models"][key] = entry
     bar.close()
@@ -187,14 +192,17 @@ def _unique_keys(models: list[str]) -> list[str]:
 
 
 def _feeds(
-    protos: dict[str, onnx.ModelProto | LiteRTSession], batch: int, data: Any
+    protos: dict[str, onnx.ModelProto | LiteRTSession | list[InputSpec]], batch: int, data: Any
 ) -> dict[str, dict[str, np.ndarray]]:
     from ..data import input_specs, open_data
 
     by_specs: dict[tuple, dict[str, np.ndarray]] = {}  # models with the same inputs get the same arrays
     out = {}
     for key, proto in protos.items():
-        specs = proto.input_specs() if isinstance(proto, LiteRTSession) else input_specs(proto)
+        if isinstance(proto, list):
+            specs = proto
+        else:
+            specs = proto.input_specs() if isinstance(proto, LiteRTSession) else input_specs(proto)
         # The batch axis's name does not matter ('N' in ONNX, None in LiteRT): same data for both.
         specs = [
             s if not s.shape or isinstance(s.shape[0], int) else dataclasses.replace(s, shape=(None, *s.shape[1:]))

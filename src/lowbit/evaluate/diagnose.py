@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from ..data import ImagePreprocess, input_specs, open_data
 from ..errors import LowbitError
-from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_proto
+from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_proto, refuse_ort_format
 from ..numerics import scale_zero_point
 from ..observe import Histogram, percentile
 from ..passes import prepare
@@ -239,6 +239,7 @@ def _plan(quant_model: Any, plan: Plan | str | Path | None) -> Plan:
         return found
     if not isinstance(quant_model, (str, Path)):
         raise LowbitError("the quantized model was given in memory: pass its plan (plan=...)")
+    refuse_ort_format(quant_model)  # before "no plan beside": a .ort never has one
     path = plan_path(quant_model)
     if not path.is_file():
         raise LowbitError(

@@ -20,7 +20,7 @@ from ..data import ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
 from ..graph.io import model_name
 from ..runtimes.litert import LiteRTSession, is_tflite
-from ..runtimes.ort import Mode, session
+from ..runtimes.ort import Mode, is_ort_format, session
 from .jsonable import JsonResult
 from .metrics import fidelity
 
@@ -60,6 +60,7 @@ def evaluate(
     `mode`: "kernels" (ORT default optimizations: fused integer kernels) or "simulate" (optimizations off).
     The reference always runs with default optimizations, as the float model it normally is.
     A `.tflite` model (or reference) runs in LiteRT with XNNPACK; it takes the same NCHW data as its ONNX twin.
+    A `.ort` model (or reference) runs in ONNX Runtime as it is, in mode "kernels" only.
     """
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -67,6 +68,11 @@ def evaluate(
         raise LowbitError(
             "mode simulate runs an ONNX model's quantized math in float; it does not apply to "
             f"{_name(model)}, a .tflite file (use mode kernels)"
+        )
+    if mode == "simulate" and is_ort_format(model):
+        raise LowbitError(
+            f"mode simulate runs an ONNX model's quantized math in float; {_name(model)} is an ORT-format "
+            "file with its graph already optimized (use mode kernels, or simulate its ONNX model)"
         )
     lite = LiteRTSession(model) if is_tflite(model) else None
     ref_lite = LiteRTSession(reference) if reference is not None and is_tflite(reference) else None

@@ -48,6 +48,7 @@ def load_proto(
     p = Path(model)
     if not p.is_file():
         raise LowbitError(f"model not found: {p}; check the path")
+    refuse_ort_format(p)
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as e:
@@ -85,6 +86,16 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         return ir.from_proto(copy)
     proto = load_proto(model, external_data=False)  # the path-based checker also finds missing external files
     return ir.from_proto(proto) if not _has_external_data(proto) else ir.load(str(model))
+
+
+def refuse_ort_format(path: str | os.PathLike) -> None:
+    """One line for a `.ort` file where an ONNX graph is read: ORT format is a flatbuffer ONNX Runtime loads,
+    not ONNX protobuf (quantize, diagnose, report, lint, export need the ONNX model)."""
+    if Path(path).suffix.lower() == ".ort":
+        raise LowbitError(
+            f"{path} is an ORT-format model; this needs the ONNX model it was exported from "
+            "(.ort files run only in lowbit eval and bench)"
+        )
 
 
 def check_writable(output: str | os.PathLike) -> None:

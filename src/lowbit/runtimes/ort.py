@@ -1,5 +1,9 @@
 """ONNX Runtime sessions in the two ways a QDQ model can run.
 
+`.ort` files (ORT format, `lowbit export --to ort`) load here too, by path: ONNX Runtime reads them directly.
+Their graph is already optimized and is a flatbuffer, not ONNX protobuf, so they run only in "kernels" mode,
+and the commands that read the ONNX graph (quantize, diagnose, report, lint) need the ONNX model instead.
+
 "kernels": default graph optimizations fuse Q/DQ around ops into integer kernels (QLinearConv, QGemm, ...),
 as deployment does. "simulate": optimizations off, so every op runs in float between Q/DQ pairs, which is
 what the quantization math says the model computes.
@@ -7,6 +11,7 @@ what the quantization math says the model computes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -15,7 +20,40 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..data import InputSpec
+from ..errors import LowbitError
+
 Mode = Literal["kernels", "simulate"]
+
+
+def is_ort_format(model: object) -> bool:
+    """A path to an ORT-format model (by its `.ort` suffix, as ONNX Runtime itself tells the formats apart)."""
+    return isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".ort"
+
+
+def ort_format_input_specs(path: str | os.PathLike) -> list[InputSpec]:
+    """The inputs of a `.ort` file, read through an ONNX Runtime session (there is no ONNX graph to read)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LowbitError(f"model not found: {p}; check the path")
+    try:
+        sess = session(str(p))
+    except Exception as e:  # ORT raises its own exception types for files it cannot load
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LowbitError(f"ONNX Runtime cannot load {p} ({first}); check or re-export the model") from None
+    specs = []
+    for inp in sess.get_inputs():
+        kind = inp.type.removeprefix("tensor(").removesuffix(")")
+        try:
+            dtype = np.dtype(_ORT_TYPES.get(kind, kind))
+        except TypeError:
+            raise LowbitError(f"model input '{inp.name}' of {p} has unsupported type {inp.type}") from None
+        shape = tuple(d if isinstance(d, int) and d > 0 else (d if isinstance(d, str) else None) for d in inp.shape)
+        specs.append(InputSpec(inp.name, dtype, shape))
+    return specs
+
+
+_ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bool": "bool", "string": "object"}
 
 
 def session(

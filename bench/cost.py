@@ -14,6 +14,7 @@ Usage (from the repository root; lowbit is whatever `import lowbit` finds, so PY
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -47,6 +48,9 @@ def worker(kind: str, work: Path) -> dict:
             "cpu_s": cpu,
             "wall_s": wall,
             "timings": res.timings,
+            # The outputs' bytes: the same before and after a speed-up, or the speed-up changed results.
+            "model_sha256": hashlib.sha256(res.model.SerializeToString()).hexdigest(),
+            "plan_sha256": hashlib.sha256(res.plan.to_json().encode()).hexdigest(),
             "peak_rss_mib": _peak_rss_mib(),
         }
     from onnxruntime.quantization import (
@@ -127,6 +131,8 @@ def main() -> None:
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB{extra}",
                 flush=True,
             )
+            if "model_sha256" in r:
+                print(f"      model sha256 {r['model_sha256'][:16]}  plan sha256 {r['plan_sha256'][:16]}", flush=True)
     for kind in kinds:
         cpu = [r["cpu_s"] for r in runs if r["kind"] == kind]
         wall = [r["wall_s"] for r in runs if r["kind"] == kind]

@@ -258,3 +258,74 @@ def test_entropy_keeps_the_range_of_relu6_outputs_despite_their_zeros() -> None:
     h.update(x)
     lo, hi = entropy(h)
     assert lo == 0.0 and hi >= 4.0
+
+
+def _reference_counts(values: np.ndarray, e: int, first: int, n: int) -> np.ndarray:
+    """The float64 definition the float32 path must match: floor(v / 2**e) per value, counted from bin `first`."""
+    from lowbit.observe.histogram import bin_indices
+
+    return np.bincount(bin_indices(values.astype(np.float64), e) - first, minlength=n)
+
+
+def _float32_cases() -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    f32 = np.finfo(np.float32)
+    tiny = float(f32.smallest_subnormal)
+    cases = [
+        rng.standard_normal(100_000).astype(np.float32) * 3 + 1,  # mixed signs, more than one slice
+        np.abs(rng.standard_normal(5000)).astype(np.float32),  # non-negative only
+        -np.abs(rng.standard_normal(5000)).astype(np.float32) - 0.5,  # negative only
+        np.zeros(1000, np.float32),
+        np.array([-0.0, 0.0, -0.0], np.float32),
+        np.clip(rng.standard_normal(5000).astype(np.float32), 0, 6),  # ReLU6-like: most mass on 0 and 6
+        (rng.standard_normal(5000) * 1e6).astype(np.float32),  # wide range: bins wider than 1 (slow path)
+        np.array([-f32.max, f32.max, 0.0, -1.0, 1.0], np.float32),  # largest range float32 can hold
+        np.array([tiny, -tiny, 0.0, 2 * tiny], np.float32),  # subnormals only: e below -126 (slow path)
+        np.array([tiny, -tiny, 1.0, -1e-30], np.float32),  # subnormals next to normal values
+        np.array([1e-30, -1e-30, 1e-38, -3e-39], np.float32),
+        np.array([-1e30, 1e-40, -1e-40, 3.0], np.float32),  # tiny negatives in a huge range (underflow to -0.0)
+        (rng.integers(-2048, 2048, 5000) / 64).astype(np.float32),  # exactly on bin edges
+        np.nextafter((rng.integers(-2048, 2048, 5000) / 64).astype(np.float32), np.float32(-np.inf)),  # just below
+        (rng.standard_normal(5000) * 2.0**-100).astype(np.float32),
+        (rng.standard_normal(5000) * 2.0**20).astype(np.float32) + np.float32(2.0**23),  # far from 0, near 2**24
+        np.full(10, 16_777_215.0, np.float32),
+        np.array([16_777_200.0, 16_777_214.0, 16_777_213.0], np.float32),  # bin indices just below 2**24 at e=0
+        np.array([-8_388_608.5, 8_388_607.0, 123.25], np.float32),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_float32_cases())))
+@pytest.mark.parametrize("max_bins", [2, 3, 256, 2048])
+def test_float32_update_counts_like_the_float64_definition(case, max_bins):
+    from lowbit.observe.histogram import add_bin_counts, bin_indices
+
+    values = _float32_cases()[case]
+    h32, h64 = one_shot(values, max_bins), one_shot(values.astype(np.float64), max_bins)
+    assert state(h32) == state(h64)  # float64 input always takes the float64 path
+    assert h32.count == values.size
+    # And against floor(v / 2**e) directly, at the histogram's exponent and at finer/coarser ones that still fit.
+    assert h32.e is not None
+    for e in (h32.e, h32.e + 1, h32.e + 7, h32.e + 40):
+        first, last = (int(i) for i in bin_indices(np.array([values.min(), values.max()], np.float64), e))
+        n = last - first + 1
+        if n > 1 << 20:
+            continue
+        counts = np.zeros(n, np.int64)
+        add_bin_counts(counts, values, e, first)
+        np.testing.assert_array_equal(counts, _reference_counts(values, e, first, n))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=80),
+    max_bins=st.sampled_from([2, 5, 64, 2048]),
+    cut=st.integers(0, 80),
+)
+def test_float32_and_float64_inputs_give_the_same_histogram(values, max_bins, cut):
+    arr = np.array(values, dtype=np.float32)
+    streamed32, streamed64 = Histogram(max_bins), Histogram(max_bins)
+    for part in (arr[:cut], arr[cut:]):
+        streamed32.update(part)
+        streamed64.update(part.astype(np.float64))
+    assert state(streamed32) == state(streamed64) == state(one_shot(arr.astype(np.float64), max_bins))

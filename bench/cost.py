@@ -1,0 +1,147 @@
+"""CPU cost of quantizing EfficientNet-Lite0: lowbit's default `quantize` vs onnxruntime's `quantize_static` MinMax.
+
+Each run is a fresh process; CPU = user + sys seconds of that process (all its threads, `time.process_time`)
+around the quantization call only (imports, model download and crops are done before). ORT follows
+`bench/ort_baseline.py`: `quant_pre_process`, then `quantize_static` (QDQ, QUInt8 activations, QInt8
+per-channel weights, MinMax, reduce_range=False) fed one sample at a time; its CPU is reported for both steps.
+Both quantizers see the same calibration crops (`photo_crops(64, 'calib', 0)`, saved once as .npy; lowbit reads
+the .npy file the way `bench/run.py` does). Runs alternate lowbit/ORT, `--reps` times each.
+
+Usage (from the repository root; lowbit is whatever `import lowbit` finds, so PYTHONPATH picks the checkout):
+    PYTHONPATH=src:examples .venv/bin/python bench/cost.py [--reps 3] [--n 64] [--only lowbit|ort] [--out cost.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(kind: str, work: Path) -> dict:
+    model, calib = work / "effnet_lite0.onnx", work / "calib.npy"
+    if kind == "lowbit":
+        import lowbit
+        from lowbit import quantize  # lowbit loads its pipeline lazily: import it before timing
+
+        c0, t0 = time.process_time(), time.perf_counter()
+        res = quantize(str(model), calib=str(calib), progress=False)
+        cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        return {
+            "kind": kind,
+            "version": lowbit.__file__,
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "timings": res.timings,
+            # The outputs' bytes: the same before and after a speed-up, or the speed-up changed results.
+            "model_sha256": hashlib.sha256(res.model.SerializeToString()).hexdigest(),
+            "plan_sha256": hashlib.sha256(res.plan.to_json().encode()).hexdigest(),
+            "peak_rss_mib": _peak_rss_mib(),
+        }
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    x = np.load(calib)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, x: np.ndarray):
+            self._it = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    pre, out = work / "ort.pre.onnx", work / "ort.qdq.onnx"
+    c0, t0 = time.process_time(), time.perf_counter()
+    quant_pre_process(str(model), str(pre))
+    c1 = time.process_time()
+    quantize_static(
+        str(pre),
+        str(out),
+        Reader(x),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=False,
+        calibrate_method=CalibrationMethod.MinMax,
+    )
+    c2, wall = time.process_time(), time.perf_counter() - t0
+    return {
+        "kind": kind,
+        "cpu_s": c2 - c0,
+        "cpu_pre_process_s": c1 - c0,
+        "cpu_quantize_static_s": c2 - c1,
+        "wall_s": wall,
+        "peak_rss_mib": _peak_rss_mib(),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--n", type=int, default=64, help="calibration crops")
+    ap.add_argument("--only", choices=["lowbit", "ort"])
+    ap.add_argument("--workdir", default="/tmp/lowbit_cost")
+    ap.add_argument("--out", help="write every run's numbers here (JSON)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    work = Path(args.workdir)
+    if args.worker:
+        print(json.dumps(worker(args.worker, work)))
+        return
+    from lowbit_zoo import zoo
+
+    work.mkdir(parents=True, exist_ok=True)
+    zoo.efficientnet_lite0_onnx(work / "effnet_lite0.onnx")
+    np.save(work / "calib.npy", zoo.photo_crops(args.n, "calib", 0))
+    kinds = [args.only] if args.only else ["lowbit", "ort"]
+    runs: list[dict] = []
+    for rep in range(args.reps):
+        for kind in kinds:
+            cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            runs.append(r)
+            extra = (
+                f" timings {json.dumps({k: round(v, 2) for k, v in r['timings'].items()})}" if "timings" in r else ""
+            )
+            print(
+                f"rep {rep + 1} {kind:6s} cpu {r['cpu_s']:6.2f} s  wall {r['wall_s']:6.2f} s  "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB{extra}",
+                flush=True,
+            )
+            if "model_sha256" in r:
+                print(f"      model sha256 {r['model_sha256'][:16]}  plan sha256 {r['plan_sha256'][:16]}", flush=True)
+    for kind in kinds:
+        cpu = [r["cpu_s"] for r in runs if r["kind"] == kind]
+        wall = [r["wall_s"] for r in runs if r["kind"] == kind]
+        print(
+            f"{kind:6s} cpu {min(cpu):.2f}-{max(cpu):.2f} s   wall {min(wall):.2f}-{max(wall):.2f} s  ({len(cpu)} runs)"
+        )
+    if args.out:
+        Path(args.out).write_text(json.dumps(runs, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -156,6 +156,24 @@ def test_presets_and_calibration_methods_on_efficientnet_lite0(
         assert ("Conv", "static") in modes and ("Clip", "static") in modes and ("Gemm", "dynamic") in modes
 
 
+@pytest.mark.slow
+def test_onnxruntime_target_on_efficientnet_lite0(efficientnet_lite0: Path) -> None:
+    """`target: "onnxruntime"` keeps every scale as calibrated (no LiteRT Add alignment) at the default's quality."""
+    from lowbit.numerics import scale_zero_point
+    from lowbit_zoo.zoo import photo_crops
+
+    recipe = lowbit.Recipe(target="onnxruntime")
+    result = lowbit.quantize(efficientnet_lite0, calib=photo_crops(64, "calib"), recipe=recipe, progress=False)
+    crops = photo_crops(128, "eval")
+    batches = [{"input": crops[i : i + 16]} for i in range(0, len(crops), 16)]
+    ref = run_all(session(efficientnet_lite0), batches)[0]
+    out = run_all(session(result.model, "kernels"), batches)[0]
+    assert top1_agreement(ref, out) >= 0.85 and fidelity(ref, out)["cosine"] >= 0.98
+    for name, p in result.plan.tensors.items():
+        if p.kind == "activation" and p.range is not None:
+            assert p.scale == [float(scale_zero_point(*p.range, p.dtype, False)[0])], name
+
+
 def test_plan_carries_its_recipe(tiny_model: Path, tmp_path: Path) -> None:
     recipe = lowbit.Recipe(exclude_names=("conv2",))
     lowbit.quantize(tiny_model, tmp_path / "q.onnx", calib=_calib(), recipe=recipe, progress=False)

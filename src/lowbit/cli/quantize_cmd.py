@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from ..recipe import PRESETS, Recipe, Scheme, preset
 from .common import add_image_args, image_preprocess
 
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
+    import numpy as np
     import onnx
 
 
@@ -78,6 +80,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="compare integer kernels with float simulation on N calibration samples (0: skip)",
     )
+    q.add_argument(
+        "--no-speed-check",
+        action="store_true",
+        help="skip the short paired latency measurement (quantized vs float, 1 thread, one calibration batch)",
+    )
+    q.add_argument("--verbose", action="store_true", help="also print the time each stage took")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(run=run)
@@ -163,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluate.check import runtime_check
     from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
+    from ..evaluate.speed import speed_check, speed_text
     from ..pipeline import quantize, save
     from .summary import lint_text, summary_text
 
@@ -181,14 +190,26 @@ def run(args: argparse.Namespace) -> int:
         )
     for w in caught:
         print(f"lowbit: warning: {w.message}", file=sys.stderr)
-    check = None
-    if args.check and args.calib:
+    check = speed = None
+    timings = dict(result.timings)
+    if args.calib and (args.check or not args.no_speed_check):
         assert recipe is not None  # --calib is refused with --plan, the only way to have no recipe here
-        data = open_data(
-            args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
-        )
-        check = runtime_check(_runnable(args.model), result.model, data)
+        t = time.perf_counter()
+        limit = max(args.check, recipe.batch_size)
+        specs = input_specs(args.model)
+        data = list(open_data(args.calib, specs, batch_size=recipe.batch_size, preprocess=pre, limit=limit))
+        if args.check:
+            check = runtime_check(_runnable(args.model), result.model, _first(data, args.check))
+            timings["check"] = time.perf_counter() - t
+        if not args.no_speed_check and data:
+            t = time.perf_counter()
+            # Phones run one sample at a time: measure that, unless the model fixes its batch size.
+            one = all(not isinstance(s.shape[0], int) for s in specs)
+            speed = speed_check(_runnable(args.model), result.model, _first(data, 1)[0] if one else data[0])
+            timings["speed check"] = time.perf_counter() - t
+    t = time.perf_counter()
     findings = lint(result.model, plan=result.plan)
+    timings["lint"] = time.perf_counter() - t
     # Written last: a failure in the check or the lint leaves nothing behind (and the old outputs as they were).
     save(result.model, result.plan, args.output)
     result.output = Path(args.output)
@@ -202,16 +223,34 @@ def run(args: argparse.Namespace) -> int:
                     "seconds": result.seconds,
                     "overflow_guard": result.plan.overflow_guard,
                     "check": check,
+                    "speed": speed,
                     "lint": findings,
+                    "timings": timings,
                     "nodes": {k: v.to_dict() for k, v in result.plan.nodes.items()},
                 }
             )
         )
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
+        if speed is not None:
+            print(speed_text(speed, findings))
         print(lint_text(findings))
+        if args.verbose:
+            print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
         print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
     return 0
+
+
+def _first(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    """The first n samples of batches (the last batch cut short)."""
+    out, left = [], n
+    for b in batches:
+        if left <= 0:
+            break
+        k = min(left, len(next(iter(b.values()))))
+        out.append({name: v[:k] for name, v in b.items()})
+        left -= k
+    return out
 
 
 def _runnable(model: str) -> str | onnx.ModelProto:

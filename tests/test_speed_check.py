@@ -1,0 +1,50 @@
+"""`lowbit quantize` measures quantized vs float latency briefly and says so when int8 is not faster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from lowbit.evaluate.speed import speed_text
+
+
+def lowbit(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lowbit.cli.main", *args], capture_output=True, text=True)
+
+
+def _speed(ratio: float, verdict: str) -> dict:
+    return {"ratio": ratio, "verdict": verdict, "rounds": 5, "float_ms": 1.0, "quantized_ms": ratio, "cpu": "X"}
+
+
+def test_json_has_speed_and_stage_timings(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    proc = lowbit("quantize", str(tiny_model), "-o", str(out), "--calib", str(tiny_calib), "--quiet", "--json")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    speed = data["speed"]
+    assert speed["threads"] == 1 and speed["rounds"] >= 5
+    assert speed["ratio"] > 0 and speed["verdict"] in ("faster", "same", "slower")
+    assert speed["cpu"]
+    assert {"prepare", "calibrate", "rewrite", "check", "speed check", "lint"} <= set(data["timings"])
+
+
+def test_verbose_prints_stages_and_speed_can_be_skipped(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    args = ("quantize", str(tiny_model), "-o", str(out), "--calib", str(tiny_calib), "--quiet")
+    proc = lowbit(*args, "--verbose", "--no-speed-check")
+    assert proc.returncode == 0, proc.stderr
+    assert "stages: prepare" in proc.stdout and "lint" in proc.stdout
+    assert "speed:" not in proc.stdout and "speed check" not in proc.stdout
+    proc = lowbit(*args)
+    assert "speed: " in proc.stdout and "x float latency at 1 thread" in proc.stdout
+    assert "stages:" not in proc.stdout
+
+
+def test_not_faster_is_said_with_the_way_out() -> None:
+    assert "warning" not in speed_text(_speed(0.5, "faster"), [])
+    slow = speed_text(_speed(1.4, "slower"), [])
+    assert "1.40x float latency" in slow and "runs slower than float" in slow and "float model is the faster" in slow
+    same = speed_text(_speed(1.0, "same"), [{"kind": "float island", "message": "m", "fix": "f"}])
+    assert "no faster than float" in same and "float island" in same

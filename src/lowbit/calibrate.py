@@ -7,7 +7,7 @@ samples are used.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,22 +52,22 @@ def _fixed_mmap_threshold() -> None:
         pass
 
 
-def calibrate(
-    model: ir.Model,
-    tensors: Iterable[str],
-    channel_axes: dict[str, int],
-    batches: Iterable[dict[str, np.ndarray]],
-    total: int | None = None,
-    progress: bool = True,
-    threads: int = 0,
-) -> Statistics:
-    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches."""
-    _fixed_mmap_threshold()
-    tensors = set(tensors)
-    inputs = {v.name for v in model.graph.inputs}
-    initializers = set(model.graph.initializers)
-    names = sorted(t for t in set(tensors) | set(channel_axes) if t not in initializers)
-    stats = Statistics()
+# Channel sums are folded in chunks of this many batches (or more: at most MAX_CHUNKS chunks when the sample count
+# is known). Float sums depend on their order; a fixed chunking makes a sharded run (`shard.py`), whose workers
+# return per-chunk sums that are folded in chunk order, add exactly what a single process adds.
+CHUNK_BATCHES = 32
+MAX_CHUNKS = 512
+
+
+def chunk_batches(num_samples: int | None, batch_size: int) -> int:
+    """Batches per chunk for a source of `num_samples` samples (None: unknown)."""
+    if num_samples is None:
+        return CHUNK_BATCHES
+    return max(CHUNK_BATCHES, -(-num_samples // (batch_size * MAX_CHUNKS)))
+
+
+def calibration_session(model: ir.Model, names: list[str], threads: int = 0) -> ort.InferenceSession:
+    """A float session that also outputs every tensor in `names`."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
@@ -77,32 +77,104 @@ def calibrate(
     # per 64 EfficientNet-Lite0 samples on 2 cores, for no gain in wall time here. Values computed are the same.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     augmented = with_outputs(ir.to_proto(model), names).SerializeToString()
-    session = ort.InferenceSession(augmented, opts, providers=["CPUExecutionProvider"])
-    fetch = names
+    return ort.InferenceSession(augmented, opts, providers=["CPUExecutionProvider"])
+
+
+def fetched_names(model: ir.Model, tensors: Iterable[str], channel_axes: dict[str, int]) -> list[str]:
+    """The tensors a calibration run fetches: the observed ones that are not constants."""
+    initializers = set(model.graph.initializers)
+    return sorted(t for t in set(tensors) | set(channel_axes) if t not in initializers)
+
+
+def observe(
+    session: ort.InferenceSession,
+    inputs: set[str],
+    fetch: list[str],
+    tensors: set[str],
+    channel_axes: dict[str, int],
+    batches: Iterable[dict[str, np.ndarray]],
+    chunk: int,
+    on_chunk: Callable[[int, dict[str, ChannelMinMax]], None],
+    select: Callable[[int], bool] = lambda c: True,
+    bar: Any = None,
+) -> tuple[dict[str, Histogram], int]:
+    """Run the batches of the chunks `select` accepts; histograms of every fetched tensor, and each chunk's
+    channel observers handed to `on_chunk(index, observers)` in order. Returns (histograms, samples)."""
+    histograms: dict[str, Histogram] = {}
+    channels: dict[str, ChannelMinMax] = {}
+    samples = 0
+    current = -1
+    for b, batch in enumerate(batches):
+        c = b // chunk
+        if c != current:
+            if channels:
+                on_chunk(current, channels)
+            channels, current = {}, c
+        if not select(c):
+            continue
+        n = len(next(iter(batch.values())))
+        feeds = {k: v for k, v in batch.items() if k in inputs}
+        try:
+            outs = session.run(fetch, feeds)
+        except Exception as e:  # ORT's messages are long; keep the first line
+            raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
+        # Observe and drop one output at a time: only one batch of activations is ever alive.
+        outs.reverse()
+        for name in fetch:
+            value = outs.pop()
+            if name in tensors:
+                _update(histograms, name, value, Histogram)
+            if name in channel_axes:
+                obs = channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
+                obs.update(value)
+            del value
+        del outs, feeds, batch
+        samples += n
+        if bar is not None:
+            bar.update(n)
+    if channels:
+        on_chunk(current, channels)
+    return histograms, samples
+
+
+def fold_chunk(total: dict[str, ChannelMinMax], chunk: dict[str, ChannelMinMax]) -> None:
+    """Add one chunk's channel observers to the running totals (chunks must come in data order)."""
+    for name, obs in chunk.items():
+        total[name] = total[name].merge(obs) if name in total else obs
+
+
+def calibrate(
+    model: ir.Model,
+    tensors: Iterable[str],
+    channel_axes: dict[str, int],
+    batches: Iterable[dict[str, np.ndarray]],
+    total: int | None = None,
+    progress: bool = True,
+    threads: int = 0,
+    chunk: int = CHUNK_BATCHES,
+) -> Statistics:
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches."""
+    _fixed_mmap_threshold()
+    tensors = set(tensors)
+    names = fetched_names(model, tensors, channel_axes)
+    session = calibration_session(model, names, threads)
+    stats = Statistics()
     bar = tqdm(
         total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False
     )  # None: off when not a terminal
+    inputs = {v.name for v in model.graph.inputs if v.name}
     try:
-        for batch in batches:
-            n = len(next(iter(batch.values())))
-            feeds = {k: v for k, v in batch.items() if k in inputs}
-            try:
-                outs = session.run(fetch, feeds)
-            except Exception as e:  # ORT's messages are long; keep the first line
-                raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
-            # Observe and drop one output at a time: only one batch of activations is ever alive.
-            outs.reverse()
-            for name in fetch:
-                value = outs.pop()
-                if name in tensors:
-                    _update(stats.histograms, name, value, Histogram)
-                if name in channel_axes:
-                    obs = stats.channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
-                    obs.update(value)
-                del value
-            del outs, feeds, batch
-            stats.samples += n
-            bar.update(n)
+        stats.histograms, stats.samples = observe(
+            session,
+            inputs,
+            names,
+            tensors,
+            channel_axes,
+            batches,
+            chunk,
+            lambda _, c: fold_chunk(stats.channels, c),
+            bar=bar,
+        )
     finally:
         bar.close()
     if stats.samples == 0:
@@ -129,12 +201,32 @@ def calibrate_layout(
     recipe: Recipe,
     preprocess: ImagePreprocess | None,
     progress: bool,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> Statistics:
     """The calibrate stage: open the user's data, checked against the model's inputs, and observe what the
-    layout needs (constants need no observing)."""
+    layout needs (constants need no observing). With workers > 1 or a Ray address, Ray tasks share the work
+    (`shard.py`) and give bit-identical statistics."""
     source = open_data(
         calib, specs, batch_size=recipe.batch_size, preprocess=preprocess, limit=recipe.calibration_samples
     )
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
+    if workers > 1 or ray_address is not None:
+        from .shard import calibrate_sharded
+
+        return calibrate_sharded(
+            model,
+            observed,
+            layout.channel_stats,
+            calib,
+            specs,
+            recipe.batch_size,
+            preprocess,
+            recipe.calibration_samples,
+            workers,
+            ray_address,
+            progress,
+        )
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
-    return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress)
+    chunk = chunk_batches(source.num_samples, source.batch_size)
+    return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress, chunk=chunk)

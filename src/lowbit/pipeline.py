@@ -33,6 +33,7 @@ from .passes.opset import ready_for_quantization
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
 from .planner import Layout, make_layout, replay_sentinels, settle_sentinels
 from .recipe import Recipe
+from .shard import check_workers
 from .verify import finish
 
 
@@ -77,6 +78,8 @@ def quantize(
     example_inputs: Any = None,
     *,
     reuse_ranges: bool = False,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> QuantizeResult:
     """Quantize a float ONNX model to QDQ int8.
 
@@ -87,6 +90,8 @@ def quantize(
     a graph of another structure anyway (every activation the new graph quantizes still needs a range in the
     plan). A torch.nn.Module is exported to ONNX with `example_inputs` (a tuple of tensors) first. With
     `output`, the model and its plan (`OUT.plan.json`) are written together: both or neither (see `save`).
+    With `workers` > 1 (or a `ray_address`), calibration runs as Ray tasks (`pip install lowbit[ray]`; `calib`
+    must be a path) and gives the same bytes as one process.
     """
     start = time.perf_counter()
     # A torch.nn.Module (with example_inputs) is exported to ONNX first; torch is only imported if already loaded.
@@ -104,6 +109,7 @@ def quantize(
             "calibration data is not used when a plan is given (its ranges are reused): drop --calib (calib=) "
             "to re-apply the plan, or drop --plan (plan=) to calibrate afresh"
         )
+    check_workers(workers, calib, ray_address)
     if isinstance(plan, (str, Path)):
         plan = Plan.load(plan)
     elif plan is not None:
@@ -130,7 +136,7 @@ def quantize(
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    decided = observe_and_decide(loaded, layout, recipe, calib, plan, preprocess, progress)
+    decided = observe_and_decide(loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -190,13 +196,17 @@ def observe_and_decide(
     plan: Plan | None,
     preprocess: ImagePreprocess | None,
     progress: bool,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> Decided:
     """Calibrate and decide activation parameters, or take them from an earlier plan."""
     model = loaded.model
     if plan is None and not layout.tensors:
         return Decided(layout, {}, 0, {})
     if plan is None:
-        stats = calibrate_layout(model, layout, calib, loaded.inputs, recipe, preprocess, progress)
+        stats = calibrate_layout(
+            model, layout, calib, loaded.inputs, recipe, preprocess, progress, workers, ray_address
+        )
         layout = settle_sentinels(model, recipe, layout, stats.extremes())
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
         return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)

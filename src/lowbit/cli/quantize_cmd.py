@@ -73,6 +73,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
     add_image_args(q)
+    r = q.add_argument_group("scale (pip install 'lowbit[ray]'; the output is byte-identical to one process)")
+    r.add_argument("--workers", type=int, default=1, metavar="N", help="calibrate with N Ray workers (default 1)")
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join a running Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one",
+    )
     q.add_argument(
         "--check",
         type=int,
@@ -139,12 +146,14 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
     """Everything that can be refused before any work; returns the recipe (None: the plan's own)."""
     from ..graph.io import check_output_path, check_paths, check_writable
     from ..pipeline import outputs, reads
+    from ..shard import check_workers
 
     if args.check < 0:
         raise LowbitError(f"--check must be 0 (off) or a number of samples, got {args.check}")
     check_output_path(args.output, [args.model])
     check_paths(outputs(args.output), reads(args.model, args.calib, args.recipe, args.plan))
     check_writable(args.output)  # quantize() runs without output here: the CLI writes after --check and the lint
+    check_workers(args.workers, args.calib, args.ray_address)
     if args.reuse_ranges and not args.plan:
         raise LowbitError("--reuse-ranges applies to --plan only; add --plan PLAN.json or drop --reuse-ranges")
     # Found before the model is loaded and prepared (the data itself is checked as it is read).
@@ -187,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
             preprocess=pre,
             progress=not args.quiet,
             reuse_ranges=args.reuse_ranges,
+            workers=args.workers,
+            ray_address=args.ray_address,
         )
     for w in caught:
         print(f"lowbit: warning: {w.message}", file=sys.stderr)

@@ -1,0 +1,186 @@
+"""Calibration sharded over Ray workers (`pip install lowbit[ray]`; `--workers N`, `--ray-address ADDR`).
+
+What goes to workers: the float model's bytes once (Ray's object store), and each worker's share of the data as
+a path plus a range of chunk indices; every worker opens the data itself, so samples never travel through the
+driver. Each worker returns its histograms (merging them is exact in any order: `observe/histogram.py`) and one
+set of channel observers per chunk, which the driver folds in chunk order, as a single process does
+(`calibrate.observe`). So the statistics, and the quantized model, are bit-identical to a single-process run.
+
+A worker that dies is retried once by Ray (its share is recomputed from scratch: the work is deterministic); a
+second failure ends the run with one line, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from tqdm import tqdm
+
+from .calibrate import (
+    Statistics,
+    calibration_session,
+    chunk_batches,
+    fetched_names,
+    fold_chunk,
+    observe,
+)
+from .data import ImagePreprocess, InputSpec, open_data
+from .errors import LowbitError
+from .observe import ChannelMinMax, Histogram
+
+# Set by tests only, so that the retry and the failure paths run for real: the first share's worker process
+# kills itself once (the env value is a marker file recording that it did; the retry then proceeds), or always.
+_KILL_ONCE_ENV = "LOWBIT_TEST_KILL_SHARD_ONCE"
+_KILL_ALWAYS_ENV = "LOWBIT_TEST_KILL_SHARD_ALWAYS"
+
+
+def check_workers(workers: int, calib: Any, ray_address: str | None) -> None:
+    """Refuse, before any work, what sharding cannot do."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LowbitError(f"workers must be a positive integer, got {workers!r}")
+    if (workers == 1 and ray_address is None) or calib is None:
+        return  # no calibration to share (a plan's ranges are reused, or the mode needs no data)
+    if not isinstance(calib, (str, os.PathLike)):
+        raise LowbitError(
+            "sharded calibration reads the data on every worker, so it needs a path (a .npy/.npz file or a "
+            "folder): save the data to disk, or drop --workers/--ray-address (workers=, ray_address=)"
+        )
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise LowbitError("--workers/--ray-address need Ray: pip install 'lowbit[ray]' (or run without them)") from None
+
+
+def _shard(
+    model_bytes: bytes,
+    tensors: list[str],
+    channel_axes: dict[str, int],
+    calib: str,
+    specs: list[InputSpec],
+    batch_size: int,
+    preprocess: ImagePreprocess | None,
+    limit: int | None,
+    chunk: int,
+    first: int,
+    stop: int,
+    index: int,
+) -> tuple[dict[str, Histogram], list[tuple[int, dict[str, ChannelMinMax]]], int]:
+    """One worker's share: the chunks first .. stop-1. Runs in a Ray worker process."""
+    marker = os.environ.get(_KILL_ONCE_ENV)
+    if index == 0 and (os.environ.get(_KILL_ALWAYS_ENV) or (marker and not Path(marker).exists())):
+        if marker:
+            Path(marker).write_text("killed")
+        os._exit(1)
+    model = ir.from_proto(onnx.load_from_string(model_bytes))
+    names = fetched_names(model, tensors, channel_axes)
+    session = calibration_session(model, names, threads=1)
+    source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    chunks: list[tuple[int, dict[str, ChannelMinMax]]] = []
+    inputs = {v.name for v in model.graph.inputs if v.name}
+    histograms, samples = observe(
+        session,
+        inputs,
+        names,
+        set(tensors),
+        channel_axes,
+        source,
+        chunk,
+        lambda c, obs: chunks.append((c, obs)),
+        select=lambda c: first <= c < stop,
+    )
+    return histograms, chunks, samples
+
+
+def calibrate_sharded(
+    model: ir.Model,
+    tensors: set[str],
+    channel_axes: dict[str, int],
+    calib: str | os.PathLike,
+    specs: list[InputSpec],
+    batch_size: int,
+    preprocess: ImagePreprocess | None,
+    limit: int | None,
+    workers: int,
+    ray_address: str | None = None,
+    progress: bool = True,
+) -> Statistics:
+    """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks."""
+    import ray
+
+    source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    if source.num_samples is None:  # paths always know their size; kept as a guard for future sources
+        raise LowbitError("sharded calibration needs data whose size is known up front (a file or a folder)")
+    chunk = chunk_batches(source.num_samples, source.batch_size)
+    num_chunks = -(-source.num_samples // (source.batch_size * chunk))
+    shares = min(workers, max(num_chunks, 1))
+    bounds = [(i * num_chunks // shares, (i + 1) * num_chunks // shares) for i in range(shares)]
+    started_here = not ray.is_initialized()
+    if started_here:
+        kw: dict[str, Any] = {"address": ray_address} if ray_address else {"num_cpus": workers}
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kw)
+    try:
+        remote: Any = ray.remote  # Ray's type stubs cannot express a task with arguments
+        task = remote(max_retries=1, num_cpus=1)(_shard)
+        model_ref = ray.put(ir.to_proto(model).SerializeToString())
+        refs = [
+            task.remote(
+                model_ref,
+                sorted(tensors),
+                channel_axes,
+                str(calib),
+                specs,
+                batch_size,
+                preprocess,
+                limit,
+                chunk,
+                first,
+                stop,
+                i,
+            )
+            for i, (first, stop) in enumerate(bounds)
+        ]
+        results: list[Any] = [None] * len(refs)
+        index = {ref: i for i, ref in enumerate(refs)}
+        bar = tqdm(
+            total=source.num_samples,
+            desc=f"calibrating ({shares} workers)",
+            unit="sample",
+            disable=None if progress else True,
+            leave=False,
+        )
+        try:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    results[index[ref]] = ray.get(ref)
+                    bar.update(results[index[ref]][2])
+        except ray.exceptions.RayError as e:
+            first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise LowbitError(
+                f"a calibration worker failed twice ({type(e).__name__}: {first_line}); nothing was written: "
+                "check the workers' memory and the data, or run without --workers"
+            ) from None
+        finally:
+            bar.close()
+    finally:
+        if started_here:
+            ray.shutdown()
+    stats = Statistics()
+    for histograms, chunks, samples in results:  # shares in data order
+        for name, h in histograms.items():
+            stats.histograms[name] = stats.histograms[name].merge(h) if name in stats.histograms else h
+        for _, obs in chunks:
+            fold_chunk(stats.channels, obs)
+        stats.samples += samples
+    if stats.samples == 0:
+        raise LowbitError("calibration data yielded no samples; point --calib at a non-empty source")
+    return stats
+
+
+__all__ = ["calibrate_sharded", "check_workers"]

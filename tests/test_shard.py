@@ -1,0 +1,91 @@
+"""Calibration sharded over Ray: same statistics and bytes as one process; a dead worker is retried or the run
+stops with one line and writes nothing. Each test starts (and stops) a local 2-worker Ray cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import lowbit
+from conftest import run_cli, tiny_cnn
+from lowbit.calibrate import calibrate, chunk_batches
+from lowbit.data import input_specs, open_data
+from lowbit.errors import LowbitError
+from lowbit.shard import calibrate_sharded, check_workers
+
+RECIPE = lowbit.Recipe(calibration_samples=600, batch_size=4)
+
+
+@pytest.fixture
+def model_and_data(tmp_path: Path) -> tuple[Path, Path]:
+    model, data = tmp_path / "tiny.onnx", tmp_path / "calib.npy"
+    onnx.save(tiny_cnn(), str(model))
+    # 600 samples in batches of 4: five chunks of 32 batches, so the shares split inside the data.
+    np.save(data, np.random.default_rng(3).normal(0, 1, (600, 3, 16, 16)).astype(np.float32))
+    return model, data
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_statistics_and_model_are_bit_identical(model_and_data: tuple[Path, Path]) -> None:
+    model_path, data = model_and_data
+    assert chunk_batches(600, 4) == 32
+    model = ir.from_proto(onnx.load(str(model_path)))
+    specs = input_specs(str(model_path))
+    tensors = {"x", "r1", "s", "f"}
+    axes = {"r1": 1, "s": 1}
+    one = calibrate(model, tensors, axes, open_data(str(data), specs, batch_size=4), progress=False)
+    two = calibrate_sharded(model, tensors, axes, str(data), specs, 4, None, None, workers=2, progress=False)
+    assert one.samples == two.samples == 600
+    for name in tensors:
+        a, b = one.histograms[name], two.histograms[name]
+        assert (a.e, a.i0, a.min, a.max) == (b.e, b.i0, b.min, b.max)
+        assert np.array_equal(a.counts, b.counts)
+    for name in axes:
+        a, b = one.channels[name], two.channels[name]
+        assert a.count == b.count
+        for x, y in ((a.min, b.min), (a.max, b.max), (a.sum, b.sum)):
+            assert x is not None and y is not None and x.tobytes() == y.tobytes()
+
+    single = lowbit.quantize(str(model_path), calib=str(data), recipe=RECIPE, progress=False)
+    sharded = lowbit.quantize(str(model_path), calib=str(data), recipe=RECIPE, progress=False, workers=2)
+    assert single.model.SerializeToString() == sharded.model.SerializeToString()
+    assert single.plan.to_json() == sharded.plan.to_json()
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_a_killed_worker_is_retried(model_and_data: tuple[Path, Path], tmp_path: Path, monkeypatch) -> None:
+    model_path, data = model_and_data
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("LOWBIT_TEST_KILL_SHARD_ONCE", str(marker))
+    sharded = lowbit.quantize(str(model_path), calib=str(data), recipe=RECIPE, progress=False, workers=2)
+    assert marker.exists()  # the first attempt really died
+    monkeypatch.delenv("LOWBIT_TEST_KILL_SHARD_ONCE")
+    single = lowbit.quantize(str(model_path), calib=str(data), recipe=RECIPE, progress=False)
+    assert single.model.SerializeToString() == sharded.model.SerializeToString()
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_a_worker_that_keeps_dying_ends_the_run_with_one_line(
+    model_and_data: tuple[Path, Path], tmp_path: Path, monkeypatch
+) -> None:
+    model_path, data = model_and_data
+    monkeypatch.setenv("LOWBIT_TEST_KILL_SHARD_ALWAYS", "1")
+    out = tmp_path / "out.onnx"
+    run = run_cli("quantize", str(model_path), "-o", str(out), "--calib", str(data), "--workers", "2", "--quiet")
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith("lowbit: error: a calibration worker failed twice") and run.stderr.count("\n") == 1
+    assert "Traceback" not in run.stderr
+    assert not out.exists() and not out.with_suffix(".plan.json").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+
+
+def test_what_sharding_cannot_do_is_refused_before_work(tmp_path: Path) -> None:
+    with pytest.raises(LowbitError, match="needs a path"):
+        check_workers(2, [np.zeros((1, 3, 16, 16), np.float32)], None)
+    with pytest.raises(LowbitError, match="positive integer"):
+        check_workers(0, "data.npy", None)
+    check_workers(2, None, None)  # nothing to calibrate (a plan or a data-free mode): nothing to refuse

@@ -31,8 +31,9 @@ from .graph.io import (
 from .passes import prepare
 from .passes.opset import ready_for_quantization
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
-from .planner import Layout, make_layout, replay_sentinels, settle_sentinels
+from .planner import Layout, make_layout
 from .recipe import Recipe
+from .settle import replay, settle
 from .verify import finish
 
 
@@ -197,10 +198,10 @@ def observe_and_decide(
         return Decided(layout, {}, 0, {})
     if plan is None:
         stats = calibrate_layout(model, layout, calib, loaded.inputs, recipe, preprocess, progress)
-        layout = settle_sentinels(model, recipe, layout, stats.extremes())
+        layout = settle(model, recipe, layout, stats.extremes())
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
         return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)
-    layout = replay_sentinels(model, recipe, layout, plan.nodes)
+    layout = replay(model, recipe, layout, plan.nodes)
     return Decided(layout, activations_from_plan(layout, plan), plan.calibration_samples, plan.channel_means)
 
 

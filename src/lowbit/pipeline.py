@@ -30,6 +30,7 @@ from .graph.io import (
 )
 from .passes import prepare
 from .passes.opset import ready_for_quantization
+from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warning
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
 from .planner import Layout, make_layout
 from .recipe import Recipe
@@ -46,6 +47,8 @@ class QuantizeResult:
     seconds: float
     output: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Things the user should act on that do not stop the run (float weights full of subnormals), one sentence each.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +121,8 @@ def quantize(
     loaded = load(model)
     t = time.perf_counter()
     prepare(loaded.model)
+    if recipe.flush_subnormals:
+        flush_subnormals(loaded.model)
     layout = make_layout(loaded.model, recipe, calibrated=calib is not None or plan is not None)
     fingerprint = graph_fingerprint(loaded.model.graph)  # after make_layout: every node has its unique name
     if plan is not None:
@@ -143,12 +148,15 @@ def quantize(
         graph_fingerprint=fingerprint,
     )
     new_plan.nodes = decided.layout.decisions()
+    weights = set(loaded.model.graph.initializers)  # the model's own, not the quantization parameters apply adds
     apply(loaded.model, decided.layout, new_plan)
+    notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float
     proto = finish(loaded.model, new_plan, recipe.target)
     timings["rewrite"] = time.perf_counter() - t
     result = QuantizeResult(
         proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
     )
+    result.warnings = notes
     if output is not None:
         save(proto, new_plan, output)
         result.output = Path(output)

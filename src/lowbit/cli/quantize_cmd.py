@@ -68,6 +68,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--exclude-names", nargs="+", default=[], metavar="PATTERN", help="node names to keep float")
     g.add_argument("--exclude-op-types", nargs="+", default=[], metavar="OP", help="op types to keep float")
+    g.add_argument(
+        "--flush-subnormals",
+        action="store_true",
+        help="set subnormal float weights (|w| < 1.2e-38) to zero: weights left float that hold them make float ops "
+        "many times slower",
+    )
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
     add_image_args(q)
@@ -97,7 +103,11 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "avoid_overflow": False if args.no_overflow_guard else None,
     }
     scheme: Scheme = dataclasses.replace(base.default, **{k: v for k, v in overrides.items() if v is not None})
-    top = {"calibration_samples": args.samples, "batch_size": args.batch_size}
+    top = {
+        "calibration_samples": args.samples,
+        "batch_size": args.batch_size,
+        "flush_subnormals": True if args.flush_subnormals else None,
+    }
     return dataclasses.replace(
         base,
         default=scheme,
@@ -124,6 +134,7 @@ RECIPE_OPTIONS = {
     "exclude_op_types": "--exclude-op-types",
     "samples": "--samples",
     "batch_size": "--batch-size",
+    "flush_subnormals": "--flush-subnormals",
 }
 
 
@@ -203,12 +214,15 @@ def run(args: argparse.Namespace) -> int:
                     "overflow_guard": result.plan.overflow_guard,
                     "check": check,
                     "lint": findings,
+                    "warnings": result.warnings,
                     "nodes": {k: v.to_dict() for k, v in result.plan.nodes.items()},
                 }
             )
         )
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
+        for note in result.warnings:
+            print(f"warning: {note}")
         print(lint_text(findings))
         print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
     return 0

@@ -7,7 +7,7 @@ samples are used.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .data import ImagePreprocess, InputSpec, open_data
+from .data import BatchAxes, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .observe import ChannelMinMax, Histogram
 from .planner import Layout
@@ -60,8 +60,11 @@ def calibrate(
     total: int | None = None,
     progress: bool = True,
     threads: int = 0,
+    count: Callable[[dict[str, np.ndarray]], int] | None = None,
 ) -> Statistics:
-    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches."""
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches. `count` says how
+    many samples a batch holds (a DataSource's `count`: inputs need not be batch-first); default: the first input's
+    leading dimension."""
     _fixed_mmap_threshold()
     tensors = set(tensors)
     inputs = {v.name for v in model.graph.inputs}
@@ -84,7 +87,7 @@ def calibrate(
     )  # None: off when not a terminal
     try:
         for batch in batches:
-            n = len(next(iter(batch.values())))
+            n = count(batch) if count is not None else len(next(iter(batch.values())))
             feeds = {k: v for k, v in batch.items() if k in inputs}
             try:
                 outs = session.run(fetch, feeds)
@@ -129,12 +132,18 @@ def calibrate_layout(
     recipe: Recipe,
     preprocess: ImagePreprocess | None,
     progress: bool,
+    batch_axes: BatchAxes | None = None,
 ) -> Statistics:
     """The calibrate stage: open the user's data, checked against the model's inputs, and observe what the
-    layout needs (constants need no observing)."""
+    layout needs (constants need no observing). `batch_axes`: see `open_data`."""
     source = open_data(
-        calib, specs, batch_size=recipe.batch_size, preprocess=preprocess, limit=recipe.calibration_samples
+        calib,
+        specs,
+        batch_size=recipe.batch_size,
+        preprocess=preprocess,
+        limit=recipe.calibration_samples,
+        batch_axes=batch_axes,
     )
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
-    return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress)
+    return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress, count=source.count)

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from .apply import apply
 from .calibrate import calibrate_layout
-from .data import ImagePreprocess, InputSpec, input_specs
+from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
 from .graph.io import (
@@ -81,6 +81,7 @@ def quantize(
     example_inputs: Any = None,
     *,
     reuse_ranges: bool = False,
+    batch_axes: BatchAxes | None = None,
 ) -> QuantizeResult:
     """Quantize a float ONNX model to QDQ int8.
 
@@ -91,6 +92,8 @@ def quantize(
     a graph of another structure anyway (every activation the new graph quantizes still needs a range in the
     plan). A torch.nn.Module is exported to ONNX with `example_inputs` (a tuple of tensors) first. With
     `output`, the model and its plan (`OUT.plan.json`) are written together: both or neither (see `save`).
+    `batch_axes` maps an input to the axis its calibration samples are stacked on (recurrent state [2, B, 64]: 1) or
+    to None when it is constant across samples (a sample rate; 0-d inputs are, without saying); others use axis 0.
     """
     start = time.perf_counter()
     # A torch.nn.Module (with example_inputs) is exported to ONNX first; torch is only imported if already loaded.
@@ -136,7 +139,9 @@ def quantize(
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    decided = observe_and_decide(loaded, layout, recipe, calib, plan, preprocess, progress)
+    if batch_axes is not None:
+        batch_axes_for(loaded.inputs, batch_axes)  # names and axes, before any work
+    decided = observe_and_decide(loaded, layout, recipe, calib, plan, preprocess, progress, batch_axes)
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -199,13 +204,14 @@ def observe_and_decide(
     plan: Plan | None,
     preprocess: ImagePreprocess | None,
     progress: bool,
+    batch_axes: BatchAxes | None = None,
 ) -> Decided:
     """Calibrate and decide activation parameters, or take them from an earlier plan."""
     model = loaded.model
     if plan is None and not layout.tensors:
         return Decided(layout, {}, 0, {})
     if plan is None:
-        stats = calibrate_layout(model, layout, calib, loaded.inputs, recipe, preprocess, progress)
+        stats = calibrate_layout(model, layout, calib, loaded.inputs, recipe, preprocess, progress, batch_axes)
         layout = settle(model, recipe, layout, stats.extremes())
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
         return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)

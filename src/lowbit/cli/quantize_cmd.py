@@ -76,6 +76,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
+    q.add_argument(
+        "--batch-axis",
+        nargs="+",
+        default=[],
+        metavar="INPUT=AXIS",
+        help="the axis an input's calibration samples are stacked on when it is not 0 (recurrent state "
+        "[2, B, 64]: state=1), or INPUT=none for an input constant across samples (a sample rate; 0-d inputs are "
+        "constant without saying)",
+    )
     add_image_args(q)
     q.add_argument(
         "--check",
@@ -138,6 +147,20 @@ RECIPE_OPTIONS = {
 }
 
 
+def batch_axes(given: list[str]) -> dict[str, int | None]:
+    """`--batch-axis state=1 sr=none` as {"state": 1, "sr": None}; the names and ranges are checked against the
+    model's inputs by `quantize`."""
+    out: dict[str, int | None] = {}
+    for item in given:
+        name, sep, axis = item.rpartition("=")
+        if not sep or not name or not (axis.lower() == "none" or axis.lstrip("-").isdigit()):
+            raise LowbitError(
+                f"--batch-axis takes INPUT=AXIS (e.g. state=1) or INPUT=none, got {item!r}; write it as name=axis"
+            )
+        out[name] = None if axis.lower() == "none" else int(axis)
+    return out
+
+
 def _early_checks(args: argparse.Namespace) -> Recipe | None:
     """Everything that can be refused before any work; returns the recipe (None: the plan's own)."""
     from ..graph.io import check_output_path, check_paths, check_writable
@@ -148,6 +171,7 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
     check_output_path(args.output, [args.model])
     check_paths(outputs(args.output), reads(args.model, args.calib, args.recipe, args.plan))
     check_writable(args.output)  # quantize() runs without output here: the CLI writes after --check and the lint
+    batch_axes(args.batch_axis)
     if args.reuse_ranges and not args.plan:
         raise LowbitError("--reuse-ranges applies to --plan only; add --plan PLAN.json or drop --reuse-ranges")
     # Found before the model is loaded and prepared (the data itself is checked as it is read).
@@ -189,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             preprocess=pre,
             progress=not args.quiet,
             reuse_ranges=args.reuse_ranges,
+            batch_axes=batch_axes(args.batch_axis) or None,
         )
     for w in caught:
         print(f"lowbit: warning: {w.message}", file=sys.stderr)
@@ -196,7 +221,12 @@ def run(args: argparse.Namespace) -> int:
     if args.check and args.calib:
         assert recipe is not None  # --calib is refused with --plan, the only way to have no recipe here
         data = open_data(
-            args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
+            args.calib,
+            input_specs(args.model),
+            batch_size=recipe.batch_size,
+            preprocess=pre,
+            limit=args.check,
+            batch_axes=batch_axes(args.batch_axis) or None,
         )
         check = runtime_check(_runnable(args.model), result.model, data)
     findings = lint(result.model, plan=result.plan)

@@ -353,8 +353,11 @@ def _load_arrays(
         if path.suffix.lower() == ".npy":
             # Memory-mapped so a large file is read slice by slice, never whole.
             return {_single_input_key(path, specs): np.load(path, mmap_mode="r", allow_pickle=False)}
-        # Only inputs batched on axis 0 can be cut to `limit` rows while reading; the rest are read whole (rank -1).
-        ranks = {s.name: len(s.shape) if (axes or {}).get(s.name, 0) == 0 else -1 for s in specs}
+        ranks = {s.name: len(s.shape) for s in specs}
+        if any((axes or {}).get(s.name, 0) != 0 for s in specs):
+            # Only a batch on axis 0 can be cut to `limit` rows while reading; with another axis (or a constant)
+            # in the file, every member is read whole so their sample counts agree (the source still stops at limit).
+            limit = None
         with zipfile.ZipFile(path) as zf:
             members = {m[:-4]: m for m in zf.namelist() if m.endswith(".npy")}
             keys = _pick_keys(str(path), set(members), specs)

@@ -137,3 +137,27 @@ def test_cli_batch_axis(tmp_path) -> None:
     assert "calibrated on 8 samples" in ok.stdout
     bad = run_cli(*args, "-o", str(tmp_path / "r.onnx"), "--batch-axis", "state:1")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "INPUT=AXIS" in bad.stderr
+
+
+def _audio() -> onnx.ModelProto:
+    """x [N, 1, T] with T dynamic -> Conv1d -> Relu -> GlobalAveragePool: clips of any length."""
+    inits = {"w": weight((4, 1, 3), 1), "b": np.zeros(4, np.float32)}
+    nodes = [
+        node("Conv", ["x", "w", "b"], ["c"]),
+        node("Relu", ["c"], ["r"]),
+        node("GlobalAveragePool", ["r"], ["y"]),
+    ]
+    return model(nodes, {"x": ("N", 1, "T")}, {"y": ("N", 4, 1)}, inits)
+
+
+def test_folder_of_clips_of_several_lengths_calibrates(tmp_path) -> None:
+    """Files whose samples differ in a dynamic dimension: each length is batched on its own."""
+    r = np.random.default_rng(0)
+    lengths = [50, 50, 50, 80, 80, 120]
+    for i, t in enumerate(lengths):
+        np.save(tmp_path / f"clip{i}.npy", r.normal(0, 1, (1, 1, t)).astype(np.float32))
+    spec = [InputSpec("x", np.dtype(np.float32), ("N", 1, "T"))]
+    batches = list(open_data(tmp_path, spec, batch_size=4))
+    assert [b["x"].shape for b in batches] == [(3, 1, 50), (2, 1, 80), (1, 1, 120)]
+    res = lowbit.quantize(_audio(), calib=tmp_path, progress=False)
+    assert res.plan.calibration_samples == 6 and res.plan.nodes["Conv_c"].quantized

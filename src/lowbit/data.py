@@ -169,19 +169,22 @@ class DataSource:
         for where, raw in self._chunks():
             arrays, now = front(where, raw, self.inputs, self.axes)
             now = {k: _clean_constant(where, sp, now[k]) for sp in self.inputs if (k := sp.name) in now}
-            if pending and not all(np.array_equal(now[k], consts[k]) for k in now):
-                # A constant input changed value: the samples so far form a batch of their own.
-                if self._fixed_batch:
-                    raise LowbitError(
-                        f"a constant input changes value in {where} within one batch, but the model's batch size is "
-                        f"fixed at {self.batch_size}; give it one value for all samples, or re-export with a dynamic "
-                        "batch"
-                    )
-                yield self._out(_concat(pending), consts)
-                pending, have = [], 0
-            consts = now
             n = _check(where, arrays, self.specs)[0] if self.specs else 1
             full = {s.name: _as_batch(arrays[s.name], s) for s in self.specs}
+            moved = bool(pending) and any(not np.array_equal(now[k], consts[k]) for k in now)
+            changed = moved or any(full[k].shape[1:] != pending[0][k].shape[1:] for k in full if pending)
+            if changed and not self._fixed_batch:
+                # A constant input changed value, or a dynamic dimension changed size (audio clips of several
+                # lengths): the samples so far form a batch of their own. A fixed batch size must be filled, so
+                # there `_concat` (or the check below) says what to fix.
+                yield self._out(_concat(pending), consts)
+                pending, have = [], 0
+            if pending and moved:
+                raise LowbitError(
+                    f"a constant input changes value in {where} within one batch, but the model's batch size is "
+                    f"fixed at {self.batch_size}; give it one value for all samples, or re-export with a dynamic batch"
+                )
+            consts = now
             start = 0
             while start < n and left > 0:
                 # Slice only what fits in the current batch, so a memory-mapped file is read piecewise.
@@ -274,7 +277,7 @@ def open_data(
         # Headers only: catches shape/dtype/name mistakes before any long run starts, and counts samples.
         headers = {p: _read_headers(p, inputs) for p in arrays}
         total = sum(count(str(p), h) for p, h in headers.items())
-        if batch > 1:
+        if fixed and batch > 1:  # else batches split where the shape changes (`DataSource._batches`)
             _same_dynamic_dims({p: front(str(p), h, inputs, axes)[0] for p, h in headers.items()}, specs)
         return finish(lambda: ((str(p), _load_arrays(p, inputs, limit, axes)) for p in arrays), total)
 

@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .data import ImagePreprocess, InputSpec, open_data
+from .data import BatchAxes, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .observe import ChannelMinMax, Histogram
 from .planner import Layout
@@ -97,9 +97,12 @@ def observe(
     on_chunk: Callable[[int, dict[str, ChannelMinMax]], None],
     select: Callable[[int], bool] = lambda c: True,
     bar: Any = None,
+    count: Callable[[dict[str, np.ndarray]], int] | None = None,
 ) -> tuple[dict[str, Histogram], int]:
     """Run the batches of the chunks `select` accepts; histograms of every fetched tensor, and each chunk's
-    channel observers handed to `on_chunk(index, observers)` in order. Returns (histograms, samples)."""
+    channel observers handed to `on_chunk(index, observers)` in order. Returns (histograms, samples). `count` says
+    how many samples a batch holds (a DataSource's `count`: inputs need not be batch-first); default: the first
+    input's leading dimension."""
     histograms: dict[str, Histogram] = {}
     channels: dict[str, ChannelMinMax] = {}
     samples = 0
@@ -112,7 +115,7 @@ def observe(
             channels, current = {}, c
         if not select(c):
             continue
-        n = len(next(iter(batch.values())))
+        n = count(batch) if count is not None else len(next(iter(batch.values())))
         feeds = {k: v for k, v in batch.items() if k in inputs}
         try:
             outs = session.run(fetch, feeds)
@@ -152,8 +155,10 @@ def calibrate(
     progress: bool = True,
     threads: int = 0,
     chunk: int = CHUNK_BATCHES,
+    count: Callable[[dict[str, np.ndarray]], int] | None = None,
 ) -> Statistics:
-    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches."""
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`: see
+    `observe`)."""
     _fixed_mmap_threshold()
     tensors = set(tensors)
     names = fetched_names(model, tensors, channel_axes)
@@ -174,6 +179,7 @@ def calibrate(
             chunk,
             lambda _, c: fold_chunk(stats.channels, c),
             bar=bar,
+            count=count,
         )
     finally:
         bar.close()
@@ -203,12 +209,18 @@ def calibrate_layout(
     progress: bool,
     workers: int = 1,
     ray_address: str | None = None,
+    batch_axes: BatchAxes | None = None,
 ) -> Statistics:
     """The calibrate stage: open the user's data, checked against the model's inputs, and observe what the
     layout needs (constants need no observing). With workers > 1 or a Ray address, Ray tasks share the work
-    (`shard.py`) and give bit-identical statistics."""
+    (`shard.py`) and give bit-identical statistics. `batch_axes`: see `open_data`."""
     source = open_data(
-        calib, specs, batch_size=recipe.batch_size, preprocess=preprocess, limit=recipe.calibration_samples
+        calib,
+        specs,
+        batch_size=recipe.batch_size,
+        preprocess=preprocess,
+        limit=recipe.calibration_samples,
+        batch_axes=batch_axes,
     )
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
     if workers > 1 or ray_address is not None:
@@ -226,7 +238,10 @@ def calibrate_layout(
             workers,
             ray_address,
             progress,
+            batch_axes,
         )
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
     chunk = chunk_batches(source.num_samples, source.batch_size)
-    return calibrate(model, observed, layout.channel_stats, source, total=total, progress=progress, chunk=chunk)
+    return calibrate(
+        model, observed, layout.channel_stats, source, total=total, progress=progress, chunk=chunk, count=source.count
+    )

@@ -25,6 +25,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _ACCEPTED = "a .npy/.npz file, or a folder of .npy/.npz files or of .jpg/.jpeg/.png/.bmp images"
 
 Batch = dict[str, np.ndarray]
+# Input name -> the axis its samples are stacked on, or None: constant across samples (one value, no batch axis).
+BatchAxes = Mapping[str, int | None]
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,12 @@ class DataSource:
         limit: int | None,
         num_samples: int | None,
         one_shot: bool,
+        inputs: list[InputSpec] | None = None,
+        axes: dict[str, int | None] | None = None,
     ) -> None:
-        self.specs = specs
+        self.specs = specs  # the inputs with a batch axis, batch-first (as `front_spec` turns them)
+        self.inputs = inputs if inputs is not None else specs  # every model input, as the model declares it
+        self.axes = axes if axes is not None else {sp.name: 0 for sp in specs}
         self.batch_size = batch_size
         self.num_samples = num_samples
         self._chunks = chunks
@@ -142,13 +148,43 @@ class DataSource:
         self._used = True
         return self._batches()
 
+    def count(self, batch: Batch) -> int:
+        """How many samples a batch this source yielded holds (its batch axis need not be the first)."""
+        for sp in self.specs:
+            axis = self.axes[sp.name]
+            assert axis is not None  # self.specs are the inputs with a batch axis
+            return int(batch[sp.name].shape[axis])
+        return 1  # every input is constant across samples: one sample per batch
+
+    def _out(self, batch: Batch, consts: Batch) -> Batch:
+        """A batch as the model takes it: each batch axis back in its place, constant inputs beside."""
+        out = {k: np.moveaxis(v, 0, self.axes[k] or 0) for k, v in batch.items()}
+        return {sp.name: out[sp.name] if sp.name in out else consts[sp.name] for sp in self.inputs}
+
     def _batches(self) -> Iterator[Batch]:
         pending: list[Batch] = []
         have = 0
         left = self._limit if self._limit is not None else float("inf")
-        for where, arrays in self._chunks():
-            n, take = _check(where, arrays, self.specs)
-            full = {s.name: _as_batch(arrays[take[s.name]], s) for s in self.specs}
+        consts: Batch = {}
+        for where, raw in self._chunks():
+            arrays, now = front(where, raw, self.inputs, self.axes)
+            now = {k: _clean_constant(where, sp, now[k]) for sp in self.inputs if (k := sp.name) in now}
+            n = _check(where, arrays, self.specs)[0] if self.specs else 1
+            full = {s.name: _as_batch(arrays[s.name], s) for s in self.specs}
+            moved = bool(pending) and any(not np.array_equal(now[k], consts[k]) for k in now)
+            changed = moved or any(full[k].shape[1:] != pending[0][k].shape[1:] for k in full if pending)
+            if changed and not self._fixed_batch:
+                # A constant input changed value, or a dynamic dimension changed size (audio clips of several
+                # lengths): the samples so far form a batch of their own. A fixed batch size must be filled, so
+                # there `_concat` (or the check below) says what to fix.
+                yield self._out(_concat(pending), consts)
+                pending, have = [], 0
+            if pending and moved:
+                raise LowbitError(
+                    f"a constant input changes value in {where} within one batch, but the model's batch size is "
+                    f"fixed at {self.batch_size}; give it one value for all samples, or re-export with a dynamic batch"
+                )
+            consts = now
             start = 0
             while start < n and left > 0:
                 # Slice only what fits in the current batch, so a memory-mapped file is read piecewise.
@@ -158,7 +194,7 @@ class DataSource:
                 left -= stop - start
                 start = stop
                 if have == self.batch_size:
-                    yield _concat(pending)
+                    yield self._out(_concat(pending), consts)
                     pending, have = [], 0
             if left <= 0:
                 break  # before fetching another chunk: a generator is not read past the limit
@@ -169,7 +205,7 @@ class DataSource:
                     stacklevel=2,
                 )
             else:
-                yield _concat(pending)
+                yield self._out(_concat(pending), consts)
 
 
 def open_data(
@@ -180,32 +216,38 @@ def open_data(
     limit: int | None = None,
     *,
     what: str = "calibration data",
+    batch_axes: BatchAxes | None = None,
 ) -> DataSource:
     """Open `source` (path to .npy/.npz, folder of arrays or images, or an iterable) as a DataSource.
 
     `what` only changes the wording of "not found" errors (e.g. "evaluation data").
     A bare ndarray or dict is taken as one item, not iterated row by row.
+    `batch_axes`: input name -> the axis its samples are stacked on (recurrent state [2, B, 64]: 1), or None for an
+    input constant across samples (a sample rate; 0-d inputs are constant without saying). Others: axis 0.
     """
-    specs = list(specs)
-    if not specs:
+    inputs = list(specs)
+    if not inputs:
         raise LowbitError("the model has no inputs to feed data to")
-    for s in specs:
-        if len(s.shape) == 0:
-            raise LowbitError(f"model input '{s.name}' is a scalar; inputs need a leading batch dimension")
+    axes = batch_axes_for(inputs, batch_axes)
+    specs = [front_spec(s, axis) for s in inputs if (axis := axes[s.name]) is not None]
     for label, value in (("batch_size", batch_size), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise LowbitError(f"{label} must be a positive integer, got {value!r}")
     fixed = [s.shape[0] for s in specs if isinstance(s.shape[0], int)]
     if len(set(fixed)) > 1:
         raise LowbitError(f"model inputs disagree on the fixed batch size ({sorted(set(fixed))}); re-export the model")
-    batch = fixed[0] if fixed else batch_size
+    batch = fixed[0] if fixed else batch_size if specs else 1
+    single = not specs  # nothing has a batch axis: one sample per batch
 
     def finish(chunks, total: int | None, one_shot: bool = False) -> DataSource:
         if total is not None:
             total = min(total, limit) if limit is not None else total
             if fixed:
                 total -= total % batch
-        return DataSource(chunks, specs, batch, bool(fixed), limit, total, one_shot)
+        return DataSource(chunks, specs, batch, bool(fixed) or single, limit, total, one_shot, inputs, axes)
+
+    def count(where: str, arrays: Mapping[str, Any]) -> int:
+        return _check(where, front(where, arrays, inputs, axes)[0], specs)[0] if specs else 1
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
@@ -219,7 +261,7 @@ def open_data(
                 raise LowbitError(f"{path} mixes array files and images; keep one kind of data per folder")
             if images:
                 pre = preprocess if preprocess is not None else ImagePreprocess()
-                name = _image_input(specs, pre)
+                name = _image_input(inputs, pre)
                 return finish(lambda: ((str(p), {name: _load_image(p, pre)}) for p in images), len(images))
             if not arrays:
                 raise LowbitError(
@@ -233,11 +275,11 @@ def open_data(
         else:
             raise LowbitError(f"unsupported data file {path}; expected {_ACCEPTED}")
         # Headers only: catches shape/dtype/name mistakes before any long run starts, and counts samples.
-        headers = {p: _read_headers(p, specs) for p in arrays}
-        total = sum(_check(str(p), h, specs)[0] for p, h in headers.items())
-        if batch > 1:
-            _same_dynamic_dims(headers, specs)
-        return finish(lambda: ((str(p), _load_arrays(p, specs, limit)) for p in arrays), total)
+        headers = {p: _read_headers(p, inputs) for p in arrays}
+        total = sum(count(str(p), h) for p, h in headers.items())
+        if fixed and batch > 1:  # else batches split where the shape changes (`DataSource._batches`)
+            _same_dynamic_dims({p: front(str(p), h, inputs, axes)[0] for p, h in headers.items()}, specs)
+        return finish(lambda: ((str(p), _load_arrays(p, inputs, limit, axes)) for p in arrays), total)
 
     if isinstance(source, (np.ndarray, Mapping)):
         source = [source]
@@ -246,11 +288,11 @@ def open_data(
 
     def items() -> Iterator[tuple[str, Mapping[str, Any]]]:
         for i, item in enumerate(source):
-            yield _item(i, item, specs)
+            yield _item(i, item, inputs)
 
     if isinstance(source, (list, tuple)):
         # Shapes are known without reading data, so count (and validate) up front.
-        total = sum(_check(where, arrays, specs)[0] for where, arrays in items())
+        total = sum(count(where, arrays) for where, arrays in items())
         return finish(items, total)
     return finish(items, None, one_shot=iter(source) is source)
 
@@ -307,12 +349,18 @@ def _read_headers(path: Path, specs: list[InputSpec]) -> dict[str, _Header]:
         raise LowbitError(f"{path} is not a valid .npz archive ({_one_line(e)}); re-save it with numpy.savez") from None
 
 
-def _load_arrays(path: Path, specs: list[InputSpec], limit: int | None = None) -> dict[str, np.ndarray]:
+def _load_arrays(
+    path: Path, specs: list[InputSpec], limit: int | None = None, axes: Mapping[str, int | None] | None = None
+) -> dict[str, np.ndarray]:
     try:
         if path.suffix.lower() == ".npy":
             # Memory-mapped so a large file is read slice by slice, never whole.
             return {_single_input_key(path, specs): np.load(path, mmap_mode="r", allow_pickle=False)}
         ranks = {s.name: len(s.shape) for s in specs}
+        if any((axes or {}).get(s.name, 0) != 0 for s in specs):
+            # Only a batch on axis 0 can be cut to `limit` rows while reading; with another axis (or a constant)
+            # in the file, every member is read whole so their sample counts agree (the source still stops at limit).
+            limit = None
         with zipfile.ZipFile(path) as zf:
             members = {m[:-4]: m for m in zf.namelist() if m.endswith(".npy")}
             keys = _pick_keys(str(path), set(members), specs)
@@ -396,6 +444,76 @@ def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tup
             f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count"
         )
     return next(iter(counts.values())), take
+
+
+def batch_axes_for(specs: list[InputSpec], given: BatchAxes | None) -> dict[str, int | None]:
+    """Every input's batch axis: as given, None (constant) for a 0-d input, else 0; names and axes checked."""
+    given = dict(given or {})
+    names = [s.name for s in specs]
+    for name in given:
+        if name not in names:
+            raise LowbitError(
+                f"a batch axis is given for '{name}', which is not a model input (inputs: {', '.join(names)}); "
+                "check the name"
+            )
+    out: dict[str, int | None] = {}
+    for s in specs:
+        rank = len(s.shape)
+        axis = given[s.name] if s.name in given else (0 if rank else None)
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank):
+            raise LowbitError(
+                f"batch axis {axis!r} for input '{s.name}' does not fit its rank {rank} (shape {tuple(s.shape)}); "
+                f"give an axis from 0 to {rank - 1}, or none for an input constant across samples"
+            )
+        out[s.name] = None if axis is None else axis % rank
+    return out
+
+
+def front_spec(spec: InputSpec, axis: int) -> InputSpec:
+    """The input's spec with its batch axis moved first: how batches are cut and glued inside a DataSource."""
+    shape = list(spec.shape)
+    return InputSpec(spec.name, spec.dtype, (shape.pop(axis), *shape))
+
+
+def front(
+    where: str, arrays: Mapping[str, Any], inputs: list[InputSpec], axes: Mapping[str, int | None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One chunk's arrays (or headers) keyed by input name, batch axes moved first; and its constant inputs."""
+    take = _pick_keys(where, set(arrays), inputs)
+    batched, consts = {}, {}
+    for s in inputs:
+        a, axis = arrays[take[s.name]], axes[s.name]
+        if axis is None:
+            consts[s.name] = a
+            _check_constant(where, s, a)
+        elif axis and len(a.shape) == len(s.shape):  # a whole batch: its samples along `axis`
+            shape = list(a.shape)
+            moved = (shape.pop(axis), *shape)
+            batched[s.name] = _Header(moved, a.dtype) if isinstance(a, _Header) else np.moveaxis(a, axis, 0)
+        else:  # batch-first already, or one sample without its batch axis
+            batched[s.name] = a
+    return batched, consts
+
+
+def _check_constant(where: str, s: InputSpec, a: Any) -> None:
+    shape = tuple(a.shape)
+    if len(shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, shape)):
+        raise LowbitError(
+            f"input '{s.name}' is constant across samples (no batch axis): expected shape {tuple(s.shape)}, got "
+            f"{shape} in {where}; give one value per item or file, or name its batch axis (--batch-axis "
+            f"{s.name}=K)"
+        )
+    if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
+        raise LowbitError(
+            f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype"
+        )
+
+
+def _clean_constant(where: str, s: InputSpec, a: np.ndarray) -> np.ndarray:
+    out = np.array(a, dtype=s.dtype)
+    if out.dtype.kind in "fc" and not np.isfinite(out).all():
+        raise LowbitError(f"input '{s.name}' has NaN or Inf values in {where}; fix or drop that sample")
+    return out
 
 
 def _as_batch(a: np.ndarray, spec: InputSpec) -> np.ndarray:

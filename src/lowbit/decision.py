@@ -24,6 +24,7 @@ class Reason(StrEnum):
     FEEDS_ONLY_FLOAT = "feeds_only_float"
     ISOLATED_DATA_MOVEMENT = "isolated_data_movement"
     SENTINEL = "sentinel"
+    MIXED_RANGES = "mixed_ranges"
     NO_QUANTIZED_FORM = "no_quantized_form"
     CUSTOM_DOMAIN = "custom_domain"
     INTEGER_ONLY = "integer_only"
@@ -91,6 +92,9 @@ TEMPLATES: dict[Reason, str] = {
     Reason.SENTINEL: "calibrated range reaches {edge:.3g} at '{tensor}' (observed, or a mask constant upstream): a "
     "mask "
     "or sentinel value, not a signal (no 8- or 16-bit grid holds both); kept float",
+    Reason.MIXED_RANGES: "input '{tensor}' spans {span:.3g}, only {steps:.3g} steps of the output's scale (output "
+    "spans {output_span:.3g}; fewer than {min_steps} steps loses it): ranges too different for one scale; kept float, "
+    "each input keeps its own",
     Reason.NO_QUANTIZED_FORM: "no quantized form for {op} in lowbit",
     Reason.CUSTOM_DOMAIN: "custom-domain op {domain}::{op} has no quantized form",
     Reason.INTEGER_ONLY: "integer {op} (shape arithmetic): nothing to quantize",

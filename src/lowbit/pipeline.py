@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from .apply import apply
 from .calibrate import calibrate_layout
-from .data import ImagePreprocess, InputSpec, input_specs
+from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
 from .graph.io import (
@@ -30,9 +30,11 @@ from .graph.io import (
 )
 from .passes import prepare
 from .passes.opset import ready_for_quantization
+from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warning
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
-from .planner import Layout, make_layout, replay_sentinels, settle_sentinels
+from .planner import Layout, make_layout
 from .recipe import Recipe
+from .settle import replay, settle
 from .shard import check_workers
 from .verify import finish
 
@@ -46,6 +48,8 @@ class QuantizeResult:
     seconds: float
     output: Path | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Things the user should act on that do not stop the run (float weights full of subnormals), one sentence each.
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -80,6 +84,7 @@ def quantize(
     reuse_ranges: bool = False,
     workers: int = 1,
     ray_address: str | None = None,
+    batch_axes: BatchAxes | None = None,
 ) -> QuantizeResult:
     """Quantize a float ONNX model to QDQ int8.
 
@@ -92,6 +97,8 @@ def quantize(
     `output`, the model and its plan (`OUT.plan.json`) are written together: both or neither (see `save`).
     With `workers` > 1 (or a `ray_address`), calibration runs as Ray tasks (`pip install lowbit[ray]`; `calib`
     must be a path) and gives the same bytes as one process.
+    `batch_axes` maps an input to the axis its calibration samples are stacked on (recurrent state [2, B, 64]: 1) or
+    to None when it is constant across samples (a sample rate; 0-d inputs are, without saying); others use axis 0.
     """
     start = time.perf_counter()
     # A torch.nn.Module (with example_inputs) is exported to ONNX first; torch is only imported if already loaded.
@@ -123,6 +130,8 @@ def quantize(
     loaded = load(model)
     t = time.perf_counter()
     prepare(loaded.model)
+    if recipe.flush_subnormals:
+        flush_subnormals(loaded.model)
     layout = make_layout(loaded.model, recipe, calibrated=calib is not None or plan is not None)
     fingerprint = graph_fingerprint(loaded.model.graph)  # after make_layout: every node has its unique name
     if plan is not None:
@@ -136,7 +145,11 @@ def quantize(
     timings["prepare"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    decided = observe_and_decide(loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address)
+    if batch_axes is not None:
+        batch_axes_for(loaded.inputs, batch_axes)  # names and axes, before any work
+    decided = observe_and_decide(
+        loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address, batch_axes
+    )
     timings["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -148,12 +161,15 @@ def quantize(
         graph_fingerprint=fingerprint,
     )
     new_plan.nodes = decided.layout.decisions()
+    weights = set(loaded.model.graph.initializers)  # the model's own, not the quantization parameters apply adds
     apply(loaded.model, decided.layout, new_plan)
+    notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float
     proto = finish(loaded.model, new_plan, recipe.target)
     timings["rewrite"] = time.perf_counter() - t
     result = QuantizeResult(
         proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
     )
+    result.warnings = notes
     if output is not None:
         save(proto, new_plan, output)
         result.output = Path(output)
@@ -198,6 +214,7 @@ def observe_and_decide(
     progress: bool,
     workers: int = 1,
     ray_address: str | None = None,
+    batch_axes: BatchAxes | None = None,
 ) -> Decided:
     """Calibrate and decide activation parameters, or take them from an earlier plan."""
     model = loaded.model
@@ -205,12 +222,12 @@ def observe_and_decide(
         return Decided(layout, {}, 0, {})
     if plan is None:
         stats = calibrate_layout(
-            model, layout, calib, loaded.inputs, recipe, preprocess, progress, workers, ray_address
+            model, layout, calib, loaded.inputs, recipe, preprocess, progress, workers, ray_address, batch_axes
         )
-        layout = settle_sentinels(model, recipe, layout, stats.extremes())
+        layout = settle(model, recipe, layout, stats.extremes())
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
         return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)
-    layout = replay_sentinels(model, recipe, layout, plan.nodes)
+    layout = replay(model, recipe, layout, plan.nodes)
     return Decided(layout, activations_from_plan(layout, plan), plan.calibration_samples, plan.channel_means)
 
 

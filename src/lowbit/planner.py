@@ -1,6 +1,6 @@
 """Decide, before any data is seen, which nodes are quantized, in which mode, which stay float (and why), and which
-tensors must be observed during calibration. After calibration, `settle_sentinels` keeps float what would quantize a
-mask-like tensor, until no node does.
+tensors must be observed during calibration. What is decided after calibration (sentinels, mixed ranges) lives in
+`settle.py`.
 
 The planner is a generic loop: what each op does in each mode comes from the op registry (ops/).
 """
@@ -12,7 +12,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from .decision import Decision, Reason, RuleMatch
@@ -20,11 +19,6 @@ from .errors import LowbitError
 from .ops import AsStatic, OpSpec, Refuse, Skip, Take, decide
 from .ops.activation import clip_bounds
 from .recipe import Recipe, Scheme
-
-# A calibrated value this large is a sentinel, not a signal: attention masks add -1e4, float32's lowest
-# (-3.4e38) or finfo.min to the scores they hide. One such value stretches an 8- or 16-bit grid so far that every
-# real value rounds to zero (MiniLM static int8: embedding cosine 0.15), so ops quantizing such a tensor stay float.
-SENTINEL = 1e4
 
 
 @dataclass
@@ -290,97 +284,6 @@ def _static_reason(s: Scheme, spec: OpSpec) -> tuple[Reason, dict[str, Any]]:
         gran = "per-channel" if s.per_channel and spec.weight[1] is not None else "per-tensor"
         return Reason.STATIC, {"activations": s.activations, "weights": s.weights, "granularity": gran}
     return Reason.STATIC, {"activations": s.activations}
-
-
-def sentinel_nodes(layout: Layout, extremes: dict[str, tuple[float, float]]) -> dict[str, Skip]:
-    """Static nodes that would quantize a tensor whose calibrated range (`extremes`: tensor -> (min, max), as
-    observed, before any clipping) reaches |x| >= SENTINEL -> why they stay float. Tensors sharing a scale are
-    judged by their source's range."""
-    out: dict[str, Skip] = {}
-    for node, tensors in layout.node_tensors.items():
-        for t in tensors:
-            lo, hi = extremes.get(layout.tensors.get(t, t), (0.0, 0.0))
-            if max(-lo, hi) >= SENTINEL:
-                out[node] = Skip(Reason.SENTINEL, {"edge": float(lo if -lo >= hi else hi), "tensor": t})
-                break
-    return out
-
-
-def settle_sentinels(
-    model: ir.Model, recipe: Recipe, layout: Layout, extremes: dict[str, tuple[float, float]]
-) -> Layout:
-    """Keep float every static node that would quantize a mask-like tensor (see SENTINEL), until none does: a node
-    kept float can leave its neighbours quantizing what it produced or consumed. `extremes` are the calibrated
-    (min, max) per tensor; mask constants the calibration data never exercised are added here."""
-    extremes = dict(extremes)
-    for name, value in constant_sentinels(model).items():
-        lo, hi = extremes.get(name, (0.0, 0.0))
-        extremes[name] = (min(lo, value), max(hi, value))
-    keep: dict[str, Skip] = {}
-    while more := sentinel_nodes(layout, extremes):
-        keep.update(more)
-        layout = relayout(model, recipe, keep)
-    return layout
-
-
-def replay_sentinels(model: ir.Model, recipe: Recipe, layout: Layout, earlier: dict[str, Decision]) -> Layout:
-    """Repeat an earlier plan's sentinel decisions: they were made on data this run does not see."""
-    keep = {n: Skip(d.code, d.details) for n, d in earlier.items() if not d.quantized and d.code is Reason.SENTINEL}
-    return relayout(model, recipe, keep) if keep else layout
-
-
-def relayout(model: ir.Model, recipe: Recipe, keep_float: dict[str, Skip]) -> Layout:
-    with warnings.catch_warnings():  # unmatched recipe rules were reported by the first layout
-        warnings.simplefilter("ignore")
-        return make_layout(model, recipe, calibrated=True, keep_float=keep_float)
-
-
-# Ops that pass a mask constant's huge values on to their output (masks are built, broadcast and added to scores).
-_CARRIES = frozenset(
-    {
-        "Add",
-        "Sub",
-        "Mul",
-        "Where",
-        "Max",
-        "Min",
-        "Neg",
-        "Cast",
-        "Identity",
-        "Reshape",
-        "Unsqueeze",
-        "Squeeze",
-        "Flatten",
-        "Expand",
-        "Tile",
-        "Transpose",
-        "Concat",
-        "Slice",
-        "Gather",
-    }
-)
-
-
-def constant_sentinels(model: ir.Model) -> dict[str, float]:
-    """Tensors that can carry a sentinel constant (|x| >= SENTINEL, e.g. a mask's -3.4e38) -> that value. A range
-    seen in calibration misses it when no calibration input had padding; then it would be clipped at inference."""
-    out: dict[str, float] = {}
-    for node in model.graph:
-        if node.op_type not in _CARRIES or node.domain not in ("", "ai.onnx"):
-            continue
-        found = None
-        for v in node.inputs:
-            if v is None:
-                continue
-            if v.name in out:
-                found = out[v.name]
-            elif v.const_value is not None and v.dtype is not None and v.dtype.is_floating_point():
-                arr = v.const_value.numpy()
-                if arr.size and np.abs(arr).max() >= SENTINEL:
-                    found = float(arr.flat[np.abs(arr).argmax()])
-        if found is not None:
-            out.update({o.name: found for o in node.outputs if o is not None and o.name})
-    return out
 
 
 def _nm(x: ir.Node | ir.Value) -> str:

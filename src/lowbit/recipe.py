@@ -137,6 +137,9 @@ class Recipe:
     calibration_samples: int = 256
     batch_size: int = 8
     target: TargetName = "portable"
+    # Set subnormal float weights (|w| < 1.2e-38) to zero before quantizing: the ones left float would make every
+    # float op reading them slow (passes/subnormals.py); outputs move by less than float32 resolves.
+    flush_subnormals: bool = False
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -147,6 +150,10 @@ class Recipe:
         if self.version != RECIPE_VERSION:
             raise LowbitError(
                 f"recipe version {_show(self.version)} is not supported (this lowbit reads version {RECIPE_VERSION})"
+            )
+        if not isinstance(self.flush_subnormals, bool):
+            raise LowbitError(
+                f"recipe option 'flush_subnormals' must be true or false, got {_show(self.flush_subnormals)}"
             )
         for name in ("calibration_samples", "batch_size"):
             value = getattr(self, name)

@@ -29,7 +29,7 @@ from .calibrate import (
     fold_chunk,
     observe,
 )
-from .data import ImagePreprocess, InputSpec, open_data
+from .data import BatchAxes, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .observe import ChannelMinMax, Histogram
 
@@ -69,6 +69,7 @@ def _shard(
     first: int,
     stop: int,
     index: int,
+    batch_axes: BatchAxes | None,
 ) -> tuple[dict[str, Histogram], list[tuple[int, dict[str, ChannelMinMax]]], int]:
     """One worker's share: the chunks first .. stop-1. Runs in a Ray worker process."""
     marker = os.environ.get(_KILL_ONCE_ENV)
@@ -79,7 +80,7 @@ def _shard(
     model = ir.from_proto(onnx.load_from_string(model_bytes))
     names = fetched_names(model, tensors, channel_axes)
     session = calibration_session(model, names, threads=1)
-    source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=batch_axes)
     chunks: list[tuple[int, dict[str, ChannelMinMax]]] = []
     inputs = {v.name for v in model.graph.inputs if v.name}
     histograms, samples = observe(
@@ -92,6 +93,7 @@ def _shard(
         chunk,
         lambda c, obs: chunks.append((c, obs)),
         select=lambda c: first <= c < stop,
+        count=source.count,
     )
     return histograms, chunks, samples
 
@@ -108,11 +110,12 @@ def calibrate_sharded(
     workers: int,
     ray_address: str | None = None,
     progress: bool = True,
+    batch_axes: BatchAxes | None = None,
 ) -> Statistics:
     """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks."""
     import ray
 
-    source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=batch_axes)
     if source.num_samples is None:  # paths always know their size; kept as a guard for future sources
         raise LowbitError("sharded calibration needs data whose size is known up front (a file or a folder)")
     chunk = chunk_batches(source.num_samples, source.batch_size)
@@ -141,6 +144,7 @@ def calibrate_sharded(
                 first,
                 stop,
                 i,
+                batch_axes,
             )
             for i, (first, stop) in enumerate(bounds)
         ]

@@ -15,7 +15,6 @@ from ..recipe import PRESETS, Recipe, Scheme, preset
 from .common import add_image_args, image_preprocess
 
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
-    import numpy as np
     import onnx
 
 
@@ -70,8 +69,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--exclude-names", nargs="+", default=[], metavar="PATTERN", help="node names to keep float")
     g.add_argument("--exclude-op-types", nargs="+", default=[], metavar="OP", help="op types to keep float")
+    g.add_argument(
+        "--flush-subnormals",
+        action="store_true",
+        help="set subnormal float weights (|w| < 1.2e-38) to zero: weights left float that hold them make float ops "
+        "many times slower",
+    )
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
+    q.add_argument(
+        "--batch-axis",
+        nargs="+",
+        default=[],
+        metavar="INPUT=AXIS",
+        help="the axis an input's calibration samples are stacked on when it is not 0 (recurrent state "
+        "[2, B, 64]: state=1), or INPUT=none for an input constant across samples (a sample rate; 0-d inputs are "
+        "constant without saying)",
+    )
     add_image_args(q)
     r = q.add_argument_group("scale (pip install 'lowbit[ray]'; the output is byte-identical to one process)")
     r.add_argument("--workers", type=int, default=1, metavar="N", help="calibrate with N Ray workers (default 1)")
@@ -112,7 +126,11 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "avoid_overflow": False if args.no_overflow_guard else None,
     }
     scheme: Scheme = dataclasses.replace(base.default, **{k: v for k, v in overrides.items() if v is not None})
-    top = {"calibration_samples": args.samples, "batch_size": args.batch_size}
+    top = {
+        "calibration_samples": args.samples,
+        "batch_size": args.batch_size,
+        "flush_subnormals": True if args.flush_subnormals else None,
+    }
     return dataclasses.replace(
         base,
         default=scheme,
@@ -139,7 +157,22 @@ RECIPE_OPTIONS = {
     "exclude_op_types": "--exclude-op-types",
     "samples": "--samples",
     "batch_size": "--batch-size",
+    "flush_subnormals": "--flush-subnormals",
 }
+
+
+def batch_axes(given: list[str]) -> dict[str, int | None]:
+    """`--batch-axis state=1 sr=none` as {"state": 1, "sr": None}; the names and ranges are checked against the
+    model's inputs by `quantize`."""
+    out: dict[str, int | None] = {}
+    for item in given:
+        name, sep, axis = item.rpartition("=")
+        if not sep or not name or not (axis.lower() == "none" or axis.lstrip("-").isdigit()):
+            raise LowbitError(
+                f"--batch-axis takes INPUT=AXIS (e.g. state=1) or INPUT=none, got {item!r}; write it as name=axis"
+            )
+        out[name] = None if axis.lower() == "none" else int(axis)
+    return out
 
 
 def _early_checks(args: argparse.Namespace) -> Recipe | None:
@@ -154,6 +187,7 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
     check_paths(outputs(args.output), reads(args.model, args.calib, args.recipe, args.plan))
     check_writable(args.output)  # quantize() runs without output here: the CLI writes after --check and the lint
     check_workers(args.workers, args.calib, args.ray_address)
+    batch_axes(args.batch_axis)
     if args.reuse_ranges and not args.plan:
         raise LowbitError("--reuse-ranges applies to --plan only; add --plan PLAN.json or drop --reuse-ranges")
     # Found before the model is loaded and prepared (the data itself is checked as it is read).
@@ -176,7 +210,7 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import input_specs, open_data
+    from ..data import DataSource, input_specs, open_data
     from ..evaluate.check import runtime_check
     from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
@@ -198,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             reuse_ranges=args.reuse_ranges,
             workers=args.workers,
             ray_address=args.ray_address,
+            batch_axes=batch_axes(args.batch_axis) or None,
         )
     for w in caught:
         print(f"lowbit: warning: {w.message}", file=sys.stderr)
@@ -206,18 +241,22 @@ def run(args: argparse.Namespace) -> int:
     if args.calib and (args.check or not args.no_speed_check):
         assert recipe is not None  # --calib is refused with --plan, the only way to have no recipe here
         t = time.perf_counter()
-        limit = max(args.check, recipe.batch_size)
         specs = input_specs(args.model)
-        data = list(open_data(args.calib, specs, batch_size=recipe.batch_size, preprocess=pre, limit=limit))
+        axes = batch_axes(args.batch_axis) or None
+
+        def samples(n: int) -> DataSource:
+            return open_data(args.calib, specs, batch_size=recipe.batch_size, preprocess=pre, limit=n, batch_axes=axes)
+
         if args.check:
-            check = runtime_check(_runnable(args.model), result.model, _first(data, args.check))
+            check = runtime_check(_runnable(args.model), result.model, samples(args.check))
             timings["check"] = time.perf_counter() - t
-        if not args.no_speed_check and data:
+        if not args.no_speed_check:
             t = time.perf_counter()
             # Phones run one sample at a time: measure that, unless the model fixes its batch size.
-            one = all(not isinstance(s.shape[0], int) for s in specs)
-            speed = speed_check(_runnable(args.model), result.model, _first(data, 1)[0] if one else data[0])
-            timings["speed check"] = time.perf_counter() - t
+            first = next(iter(samples(1)), None) or next(iter(samples(recipe.batch_size)), None)
+            if first is not None:
+                speed = speed_check(_runnable(args.model), result.model, first)
+                timings["speed check"] = time.perf_counter() - t
     t = time.perf_counter()
     findings = lint(result.model, plan=result.plan)
     timings["lint"] = time.perf_counter() - t
@@ -237,12 +276,15 @@ def run(args: argparse.Namespace) -> int:
                     "speed": speed,
                     "lint": findings,
                     "timings": timings,
+                    "warnings": result.warnings,
                     "nodes": {k: v.to_dict() for k, v in result.plan.nodes.items()},
                 }
             )
         )
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
+        for note in result.warnings:
+            print(f"warning: {note}")
         if speed is not None:
             print(speed_text(speed, findings))
         print(lint_text(findings))
@@ -250,18 +292,6 @@ def run(args: argparse.Namespace) -> int:
             print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
         print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
     return 0
-
-
-def _first(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
-    """The first n samples of batches (the last batch cut short)."""
-    out, left = [], n
-    for b in batches:
-        if left <= 0:
-            break
-        k = min(left, len(next(iter(b.values()))))
-        out.append({name: v[:k] for name, v in b.items()})
-        left -= k
-    return out
 
 
 def _runnable(model: str) -> str | onnx.ModelProto:

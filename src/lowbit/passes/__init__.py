@@ -8,12 +8,15 @@ import onnx_ir.passes.common as common
 from .fold_batchnorm import fold_batchnorm
 from .fold_constants import fold_constants
 from .fold_pad import fold_pad
+from .inline_if import inline_constant_ifs
 
 
 def prepare(model: ir.Model) -> ir.Model:
     """Make weights initializers, fold constants, BatchNorm and zero Pads into convs, infer shapes."""
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     fold_constants(model)
+    if inline_constant_ifs(model):  # the taken branch's nodes may fold in turn
+        fold_constants(model)
     fold_batchnorm(model)
     fold_pad(model)
     common.RemoveUnusedNodesPass()(model)

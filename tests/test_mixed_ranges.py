@@ -1,0 +1,104 @@
+"""Concat of inputs whose ranges do not fit one output scale (a detector head: boxes in pixels beside class
+probabilities) stays float, so each input keeps its own scale; a Concat of similar ranges still shares one."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import lowbit
+from helpers import model, node, nodes_of, run, weight
+from lowbit import settle
+from lowbit.decision import Reason
+
+CLASSES = 10
+
+
+def _head(box_scale: float = 320.0):
+    """x -> Conv -> Relu -> {Conv -> Sigmoid -> Mul(box_scale): boxes, Conv -> Sigmoid: class probabilities}
+    -> Concat on channels -> out [N, 4 + CLASSES, 8, 8], as YOLOv8's head ends."""
+    inits = {
+        "w0": weight((8, 3, 3, 3), 1),
+        "b0": np.zeros(8, np.float32),
+        "wb": weight((4, 8, 1, 1), 2),
+        "wc": weight((CLASSES, 8, 1, 1), 3, scale=0.3),
+        "px": np.array(box_scale, np.float32),
+    }
+    nodes = [
+        node("Conv", ["x", "w0", "b0"], ["h0"], pads=[1, 1, 1, 1]),
+        node("Relu", ["h0"], ["h"]),
+        node("Conv", ["h", "wb"], ["bl"]),
+        node("Sigmoid", ["bl"], ["bs"]),
+        node("Mul", ["bs", "px"], ["boxes"]),
+        node("Conv", ["h", "wc"], ["cl"]),
+        node("Sigmoid", ["cl"], ["probs"]),
+        node("Concat", ["boxes", "probs"], ["out"], name="head_concat", axis=1),
+    ]
+    return model(nodes, {"x": (1, 3, 8, 8)}, {"out": (1, 4 + CLASSES, 8, 8)}, inits)
+
+
+def _feeds(n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    r = np.random.default_rng(seed)
+    return [{"x": r.normal(0, 1, (1, 3, 8, 8)).astype(np.float32)} for _ in range(n)]
+
+
+def _top_class(out: np.ndarray) -> np.ndarray:
+    """Per image and location, the class with the highest probability (the part after the 4 box channels)."""
+    return out[:, 4:].argmax(axis=1)
+
+
+def _agreement(m, q, feeds, mode: str = "simulate") -> float:
+    ref, got = run(m, feeds, float_model=True)[0], run(q, feeds, mode=mode)[0]
+    return float((_top_class(ref) == _top_class(got)).mean())
+
+
+def test_detector_concat_stays_float_and_keeps_the_class() -> None:
+    m = _head()
+    res = lowbit.quantize(m, calib=_feeds(32, 1), progress=False)
+    d = res.plan.nodes["head_concat"]
+    assert not d.quantized and d.code is Reason.MIXED_RANGES
+    assert d.details["tensor"] == "probs" and d.details["steps"] < 1
+    assert "ranges too different for one scale" in d.reason
+    assert res.plan.nodes["Conv_cl"].quantized and res.plan.nodes["Sigmoid_probs"].quantized
+    # The Concat reads each input through its own DequantizeLinear and writes float.
+    concat = nodes_of(res.model, "Concat")[0]
+    assert "out" not in res.plan.tensors
+    assert res.plan.tensors["probs"].scale[0] < 0.01  # its own scale, 1/255
+    for mode in ("simulate", "kernels"):  # measured 97.3% in both
+        agree = _agreement(m, res.model, _feeds(64, 9), mode)
+        assert agree >= 0.95, (mode, agree)
+    assert concat.output[0] == "out"
+
+
+def test_one_shared_scale_loses_the_class(monkeypatch) -> None:
+    """What happened before: with the check off, the Concat's output gets one scale (~1.25 for 0..320)."""
+    monkeypatch.setattr(settle, "MIN_STEPS", 0)
+    m = _head()
+    res = lowbit.quantize(m, calib=_feeds(32, 1), progress=False)
+    assert res.plan.nodes["head_concat"].quantized
+    assert res.plan.tensors["out"].scale[0] > 1.0
+    assert _agreement(m, res.model, _feeds(64, 9)) < 0.7  # measured 51%
+
+
+def test_similar_ranges_share_one_scale() -> None:
+    """A plain Concat of two branches of similar range (an Inception/EfficientNet-like block) stays int8."""
+    m = _head(box_scale=2.0)
+    res = lowbit.quantize(m, calib=_feeds(32, 1), progress=False)
+    assert res.plan.nodes["head_concat"].quantized
+    assert "out" in res.plan.tensors
+
+
+def test_plan_replays_the_mixed_ranges_decision(tmp_path) -> None:
+    m = _head()
+    first = lowbit.quantize(m, tmp_path / "a.onnx", calib=_feeds(32, 1), progress=False)
+    again = lowbit.quantize(m, tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
+    assert again.plan.nodes["head_concat"].code is Reason.MIXED_RANGES
+    assert again.plan.nodes["head_concat"].details == first.plan.nodes["head_concat"].details
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_summary_lists_the_float_concat() -> None:
+    from lowbit.cli.summary import summary_text
+
+    res = lowbit.quantize(_head(), calib=_feeds(16, 1), progress=False)
+    text = summary_text(res.plan, res.float_bytes, res.quantized_bytes, res.seconds, None)
+    assert "ranges too different for one scale" in text and "head_concat" in text

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from ..errors import LowbitError
 from ..recipe import PRESETS, Recipe, Scheme, preset
 from .common import add_image_args, image_preprocess
+from .eval_cmd import add_output_kind_arg, output_kinds
 
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
     import onnx
@@ -78,6 +79,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="compare integer kernels with float simulation on N calibration samples (0: skip)",
     )
+    add_output_kind_arg(q)
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(run=run)
@@ -167,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     from .summary import lint_text, summary_text
 
     recipe = _early_checks(args)
+    kinds = output_kinds(args, args.model)
     pre = image_preprocess(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -187,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         data = open_data(
             args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
         )
-        check = runtime_check(_runnable(args.model), result.model, data)
+        check = runtime_check(_runnable(args.model), result.model, data, kinds)
     findings = lint(result.model, plan=result.plan)
     # Written last: a failure in the check or the lint leaves nothing behind (and the old outputs as they were).
     save(result.model, result.plan, args.output)

@@ -85,7 +85,9 @@ def test_quantize_check_measures_every_output_with_its_own_metric(two_heads: tup
 def test_eval_json_reports_iou_for_the_map(two_heads: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = two_heads
     q = tmp_path / "q.onnx"
-    assert run_cli("quantize", str(model), "-o", str(q), "--calib", str(data), "--quiet", "--check", "0").returncode == 0
+    assert (
+        run_cli("quantize", str(model), "-o", str(q), "--calib", str(data), "--quiet", "--check", "0").returncode == 0
+    )
     r = run_cli("eval", str(q), "--data", str(data), "--reference", str(model), "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     outs = json.loads(r.stdout)["outputs"]

@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluate.outputs import headline_text
     from ..evaluate.report_data import report, size_text
 
     result = report(
@@ -57,10 +58,8 @@ def run(args: argparse.Namespace) -> int:
             (layer for layer in result.layers if not math.isnan(layer["sqnr_db"])), key=lambda layer: layer["sqnr_db"]
         )[:3]
         for v in result.variants[1:]:
-            print(
-                f"{v['name']}: top-1 agreement {v['top1_agreement']:.1%}, cosine {v['cosine']:.4f}, "
-                f"{size_text(v['size_bytes'])}"
-            )
+            # the headline that fits the first output's kind (top-1 only for class scores)
+            print(f"{v['name']}: {headline_text(v)}, cosine {v['cosine']:.4f}, {size_text(v['size_bytes'])}")
         if worst:
             print("lowest SQNR: " + ", ".join(f"{layer['node']} {layer['sqnr_db']:.1f} dB" for layer in worst))
         print(f"wrote {result.output}")

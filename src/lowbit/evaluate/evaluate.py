@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def evaluate(
     preprocess: ImagePreprocess | None = None,
     limit: int | None = None,
     progress: bool = True,
-    kinds: dict[str, str] | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> EvalResult:
     """Run `model` over `data`; report top-1/top-5 accuracy (with `labels`) and per-output fidelity (with `reference`).
 

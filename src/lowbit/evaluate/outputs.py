@@ -20,6 +20,7 @@ heuristic is small on purpose: its reason is returned (`why`) and the caller can
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -140,8 +141,9 @@ def _map(x: np.ndarray, name: str) -> OutputKind:
         return OutputKind("dense_map", f"{where} with values in [0, 1] (probability maps)", "binary")
     if k >= 2 and (k <= 32 or _hint(name, _SEG_NAMES)):
         return OutputKind("dense_map", f"{where}, unbounded, {k} channels (segmentation logits)", "multiclass")
-    return OutputKind("values", f"{where}, unbounded, {'one channel' if k == 1 else f'{k} channels'} (a feature "
-                      "or regression map)")
+    return OutputKind(
+        "values", f"{where}, unbounded, {'one channel' if k == 1 else f'{k} channels'} (a feature or regression map)"
+    )
 
 
 def _boxes(x: np.ndarray) -> OutputKind | None:
@@ -154,8 +156,10 @@ def _boxes(x: np.ndarray) -> OutputKind | None:
         cls = np.take(x, range(4, feats), axis=feat_axis)
         span_box, span_cls = float(np.ptp(box)), float(np.ptp(cls))
         if span_box > 8 * max(span_cls, 1e-6):
-            why = (f"{anchors} anchors x (4 box values + {feats - 4} scores); box values span {span_box:.3g}, "
-                   f"scores {span_cls:.3g} (a detector head)")
+            why = (
+                f"{anchors} anchors x (4 box values + {feats - 4} scores); box values span {span_box:.3g}, "
+                f"scores {span_cls:.3g} (a detector head)"
+            )
             return OutputKind("boxes", why, layout)
     return None
 
@@ -189,14 +193,13 @@ def check_kind(kind: str, name: str) -> Kind:
     return kind  # type: ignore[return-value]
 
 
-def check_kind_names(kinds: dict[str, str] | None, names: list[str]) -> None:
+def check_kind_names(kinds: Mapping[str, str] | None, names: list[str]) -> None:
     """Every overridden output must exist: a typo would otherwise silently leave the guess in place."""
     for name, kind in (kinds or {}).items():
         check_kind(kind, name)
         if name not in names:
             raise LowbitError(
-                f"output kind given for {name!r}, which is not an output (outputs: {', '.join(names)}); "
-                "fix the name"
+                f"output kind given for {name!r}, which is not an output (outputs: {', '.join(names)}); fix the name"
             )
 
 
@@ -207,13 +210,13 @@ def resolve(ref: np.ndarray, name: str, kind: str | OutputKind | None = None) ->
     guess = classify(ref, name)
     if kind is None or kind == guess.kind:
         return guess
-    kind = check_kind(kind, name)
+    given = check_kind(kind, name)
     variant = ""
-    if kind == "dense_map":
+    if given == "dense_map":
         variant = "multiclass" if ref.ndim == 4 and ref.shape[1] >= 2 and not _is_prob(ref) else "binary"
-    elif kind == "boxes":
+    elif given == "boxes":
         variant = "anchors_first" if ref.ndim == 3 and ref.shape[1] > ref.shape[2] else "anchors_last"
-    return OutputKind(kind, "given by the user", variant)  # type: ignore[arg-type]
+    return OutputKind(given, "given by the user", variant)
 
 
 def output_fidelity(
@@ -221,8 +224,8 @@ def output_fidelity(
 ) -> dict[str, Any]:
     """The generic measures, the ones that fit the output's kind, `kind`/`why`, and `task`: the headline
     {"metric", "label", "value", "threshold", "poor"}. `kind`: a `Kind` name to override the guess, or an
-    `OutputKind` already resolved (to measure two runs against each other as their float reference was). Values are floats (+inf SQNR: identical); None where
-    a measure does not fit or has nothing to count."""
+    `OutputKind` already resolved (to measure two runs against each other as their float reference was).
+    Values are floats (+inf SQNR: identical); None where a measure does not fit or has nothing to count."""
     ref, out = np.asarray(ref), np.asarray(out)
     k = resolve(ref, name, kind)
     r, o = ref.astype(np.float64), out.astype(np.float64)
@@ -234,7 +237,7 @@ def output_fidelity(
         "sqnr_db": m.sqnr_db(r, o),
         "max_abs_error": float(np.max(np.abs(r - o))) if r.size else 0.0,
     }
-    head = k.kind
+    head: str = k.kind
     if k.kind == "class_scores":
         f["top1_agreement"] = m.top1_agreement(r, o)
         classes = r[0].size
@@ -276,7 +279,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def headline_text(f: dict[str, Any]) -> str:
-    """"top-1 agreement 98.4%" / "IoU of maps > 0.5 0.973" / "SQNR dB 31.2" from an `output_fidelity` dict
+    """ "top-1 agreement 98.4%" / "IoU of maps > 0.5 0.973" / "SQNR dB 31.2" from an `output_fidelity` dict
     (or its JSON form)."""
     t = f["task"]
     return f"{t['label']} {format_value(t['metric'], t['value'])}"
@@ -292,12 +295,14 @@ def format_value(metric: str, value: float | None) -> str:
     return f"{100 * value:.1f}%"
 
 
-def poor_text(name: str, f: dict[str, Any], where: str = "") -> str | None:
-    """One warning line when the headline metric of output `name` is below its kind's threshold."""
+def poor_text(name: str, f: dict[str, Any], where: str = "", hint: bool = True) -> str | None:
+    """One warning line when the headline metric of output `name` is below its kind's threshold; `hint`
+    points to `lowbit diagnose` (not wanted in diagnose's own output)."""
     t = f["task"]
     if not t["poor"]:
         return None
-    return (
+    line = (
         f"warning: output '{name}' ({f['kind']}){where}: {t['label']} {format_value(t['metric'], t['value'])} is "
-        f"below {format_value(t['metric'], t['threshold'])}; run `lowbit diagnose` to find the layers that lose it"
+        f"below {format_value(t['metric'], t['threshold'])}"
     )
+    return line + ("; run `lowbit diagnose` to find the layers that lose it" if hint else "")

@@ -137,24 +137,19 @@ def _gather(
     paths = {"float": float_path, **dict(zip(labels, quant_paths))}
     sizes = {p: Path(p).stat().st_size for p in [float_path, *quant_paths]}
     latency = _latency(paths, data, progress) if bench else {}
-    variants = [
+    measured = [
         {
-            "name": "float",
-            "size_bytes": sizes[float_path],
-            "top1_agreement": 1.0,
-            "cosine": 1.0,
-            "latency_ms": latency.get("float"),
+            "name": name,
+            "size_bytes": sizes[q],
+            **_fidelity(float_path, q, data, batch_size, limit, progress),
+            "latency_ms": latency.get(name),
         }
+        for name, q in list(paths.items())[1:]
     ]
-    for name, q in list(paths.items())[1:]:
-        variants.append(
-            {
-                "name": name,
-                "size_bytes": sizes[q],
-                **_fidelity(float_path, q, data, batch_size, limit, progress),
-                "latency_ms": latency.get(name),
-            }
-        )
+    variants = [
+        {"name": "float", "size_bytes": sizes[float_path], **_perfect(measured[0]), "latency_ms": latency.get("float")}
+    ]
+    variants += measured
 
     diag = None
     if plan is not None and diagnose:
@@ -206,7 +201,25 @@ def _fidelity(float_path: str, quant_path: str, data: Any, batch_size: int, limi
     res = evaluate(quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress)
     assert res.outputs is not None  # evaluate measures outputs whenever it has a reference
     first = next(iter(res.outputs.values()))
-    return {"top1_agreement": float(first["top1_agreement"]), "cosine": float(first["cosine"])}
+    t = first["task"]
+    return {
+        "top1_agreement": first["top1_agreement"],  # None unless the first output is class scores
+        "cosine": float(first["cosine"]),
+        "kind": first["kind"],
+        "task": {"metric": t["metric"], "label": t["label"], "value": t["value"]},
+    }
+
+
+def _perfect(measured: dict) -> dict:
+    """The float model against itself, in the measured variants' terms: every agreement 1, SQNR infinite."""
+    t = measured["task"]
+    value = math.inf if t["metric"] == "sqnr_db" else 1.0
+    return {
+        "top1_agreement": 1.0 if measured["top1_agreement"] is not None else None,
+        "cosine": 1.0,
+        "kind": measured["kind"],
+        "task": {**t, "value": value},
+    }
 
 
 def _latency(paths: dict[str, str], data: Any, progress: bool) -> dict[str, float]:
@@ -412,8 +425,14 @@ def _from_diagnose(diag: dict, quant_model: onnx.ModelProto) -> tuple[list[dict]
 
 
 def _diagnose_rows(diag: dict) -> list[list[str]]:
-    def pct(v: Any) -> str:
-        return "?" if v is None else f"{100 * v:.1f}%"
+    from .outputs import format_value
+
+    def headline_label(f: dict) -> str:
+        return str(f["task"]["label"]) if f.get("task") else "top-1 agreement"
+
+    def headline_value(f: dict) -> str:
+        t = f.get("task")
+        return "?" if not t else format_value(t["metric"], t["value"])
 
     def db(v: Any) -> str:
         return "exact" if v is None else f"{v:.1f} dB"
@@ -427,8 +446,8 @@ def _diagnose_rows(diag: dict) -> list[list[str]]:
             f"{len(fixes)} layer(s): " + ", ".join(layer["node"] for layer in fixes) if fixes else "none",
         ],
         [
-            "top-1 agreement: now -> with the suggested recipe",
-            f"{pct(before.get('top1_agreement'))} -> {pct(after.get('top1_agreement'))}",
+            f"{headline_label(before)}: now -> with the suggested recipe",
+            f"{headline_value(before)} -> {headline_value(after)}",
         ],
         ["output SQNR: now -> with the suggested recipe", f"{db(before.get('sqnr_db'))} -> {db(after.get('sqnr_db'))}"],
     ]

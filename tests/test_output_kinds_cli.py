@@ -57,6 +57,11 @@ def two_heads(tmp_path: Path) -> tuple[Path, Path]:
     return path, data
 
 
+def _quantize(model: Path, data: Path, out: Path) -> None:
+    r = run_cli("quantize", str(model), "-o", str(out), "--calib", str(data), "--quiet", "--check", "0")
+    assert r.returncode == 0, r.stderr
+
+
 def test_quantize_check_measures_every_output_with_its_own_metric(two_heads: tuple[Path, Path], tmp_path: Path) -> None:
     model, data = two_heads
     args = ["quantize", str(model), "-o", str(tmp_path / "q.onnx"), "--calib", str(data), "--quiet", "--check", "8"]
@@ -134,3 +139,36 @@ def test_bad_output_kind_is_one_line_before_any_work(
     assert r.stderr.strip().count("\n") == 0 and not out.exists()
     r = run_cli("eval", str(model), "--data", str(data), "--reference", str(model), "--output-kind", kind)
     assert r.returncode == 2 and words in r.stderr and r.stderr.strip().count("\n") == 0
+
+
+def test_diagnose_and_report_use_the_map_metric(two_heads: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = two_heads
+    q = tmp_path / "q.onnx"
+    assert (
+        run_cli("quantize", str(model), "-o", str(q), "--calib", str(data), "--quiet", "--check", "0").returncode == 0
+    )
+    r = run_cli("diagnose", str(model), str(q), "--data", str(data), "--quiet", "--json", "--limit", "8")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    for when in ("before", "after"):
+        f = d[when]
+        assert f["kind"] == "dense_map" and f["top1_agreement"] is None and f["task"]["metric"] == "map_iou"
+        assert set(f["outputs"]) == {"prob", "logits"}
+        assert f["outputs"]["logits"]["task"]["metric"] == "top1_agreement"
+    assert d["gain"]["top1_agreement"] is None
+    assert d["gain"]["task"] == pytest.approx(d["after"]["task"]["value"] - d["before"]["task"]["value"])
+    text = run_cli("diagnose", str(model), str(q), "--data", str(data), "--quiet", "--limit", "8").stdout
+    before = next(x for x in text.splitlines() if x.startswith("before:"))
+    assert before.startswith("before: IoU of maps > 0.5") and "top-1" not in before
+
+    r = run_cli(
+        "report", str(model), str(q), "--data", str(data), "-o", str(tmp_path / "r.html"), "--quiet", "--no-bench",
+        "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    variants = json.loads(r.stdout)["variants"]
+    assert [v["task"]["metric"] for v in variants] == ["map_iou", "map_iou"]
+    assert variants[0]["task"]["value"] == 1.0 and variants[0]["top1_agreement"] is None  # float vs itself
+    assert variants[1]["top1_agreement"] is None and 0.5 < variants[1]["task"]["value"] <= 1.0
+    html = (tmp_path / "r.html").read_text()
+    assert "IoU of maps &gt; 0.5 with float" in html  # the chart's axis names the metric that fits

@@ -193,3 +193,49 @@ def test_parse_kinds_refuses_bad_values(given: list[str], words: str) -> None:
     with pytest.raises(LowbitError, match=words):
         parse_kinds(given)
     assert parse_kinds(["a=b=dense_map"]) == {"a=b": "dense_map"}  # the kind follows the last "="
+
+
+def test_summary_prints_each_outputs_headline_and_warns_on_poor_fidelity() -> None:
+    from lowbit.cli.summary import check_lines
+
+    ref = 1 / (1 + np.exp(-_rng().normal(0, 3, (4, 1, 16, 16))))
+    scores = _logits(4, 10)
+
+    def entry(name: str, r: np.ndarray, o: np.ndarray) -> dict:
+        f = output_fidelity(r, o, name)
+        return {"name": name, "kind": f["kind"], "kernels": f, "simulate": f, "kernels_vs_simulation": f}
+
+    check = jsonable(
+        {
+            "samples": 4,
+            "outputs": [entry("map", ref, ref), entry("y", scores, -scores)],  # negated scores: top-1 fails
+            "cpu_note": "cpu",
+        }
+    )
+    lines = check_lines(check)
+    assert lines[1].startswith("  map (dense_map): IoU of maps > 0.5 1.0000 / 1.0000")
+    assert lines[2].startswith("  y (class_scores): top-1 agreement 0.0% / 0.0%")
+    warns = [x for x in lines if x.startswith("warning:")]
+    assert len(warns) == 1 and "'y'" in warns[0] and "lowbit diagnose" in warns[0]
+
+
+@pytest.mark.slow
+def test_real_models_keep_the_metric_that_fits(efficientnet_lite0, tmp_path) -> None:
+    """EfficientNet-Lite0's logits stay class scores (top-1 reported), MiniLM's sentence embedding is an
+    embedding (cosine), with or without their names."""
+    import onnxruntime as ort
+
+    from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, photo_crops, text_sentences
+
+    s = ort.InferenceSession(str(efficientnet_lite0), providers=["CPUExecutionProvider"])
+    logits = s.run(None, {s.get_inputs()[0].name: photo_crops(8, "eval")})[0]
+    for name in ("logits", ""):
+        f = output_fidelity(logits, logits + 0.01, name)
+        assert f["kind"] == "class_scores" and f["task"]["metric"] == "top1_agreement", f["why"]
+    s = ort.InferenceSession(str(minilm_onnx(tmp_path / "minilm.onnx")), providers=["CPUExecutionProvider"])
+    feed = minilm_tokenize(text_sentences(8, "eval"))
+    names = [o.name for o in s.get_outputs()]
+    outs = s.run(None, {i.name: feed[i.name] for i in s.get_inputs()})
+    emb = outs[names.index("sentence_embedding")]
+    for name in ("sentence_embedding", ""):
+        assert classify(emb, name).kind == "embedding"

@@ -172,3 +172,21 @@ def test_diagnose_and_report_use_the_map_metric(two_heads: tuple[Path, Path], tm
     assert variants[1]["top1_agreement"] is None and 0.5 < variants[1]["task"]["value"] <= 1.0
     html = (tmp_path / "r.html").read_text()
     assert "IoU of maps &gt; 0.5 with float" in html  # the chart's axis names the metric that fits
+
+
+def test_report_takes_the_users_kind(two_heads: tuple[Path, Path], tmp_path: Path) -> None:
+    model, data = two_heads
+    q = tmp_path / "q.onnx"
+    _quantize(model, data, q)
+    r = run_cli(
+        "report", str(model), str(q), "--data", str(data), "-o", str(tmp_path / "r.html"), "--quiet", "--no-bench",
+        "--no-diagnose", "--json", "--output-kind", "prob=values",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    variants = json.loads(r.stdout)["variants"]
+    assert [v["kind"] for v in variants] == ["values", "values"]
+    assert variants[0]["task"]["value"] is None  # float against itself: infinite SQNR, null in JSON
+    assert variants[1]["task"]["metric"] == "sqnr_db" and variants[1]["task"]["value"] > 20
+    args = ["report", str(model), str(q), "--data", str(data), "-o", str(tmp_path / "r.html"), "--quiet"]
+    text = run_cli(*args, "--no-bench", "--no-diagnose", "--output-kind", "prob=values").stdout
+    assert any(x.startswith("q.onnx: SQNR dB ") for x in text.splitlines()), text

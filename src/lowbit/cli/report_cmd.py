@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .eval_cmd import add_output_kind_arg, output_kinds
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -30,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=256, metavar="N", help="samples of DATA to use (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
+    add_output_kind_arg(p)
     p.add_argument("--json", action="store_true", help="also print the report data as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -50,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        kinds=output_kinds(args, args.float_model),
     )
     if args.json:
         print(result.to_json(indent=1))

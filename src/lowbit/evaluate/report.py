@@ -270,18 +270,13 @@ def _variants(variants: list[dict]) -> str:
 
 
 def _headline_cell(v: dict) -> tuple[str, Any]:
+    from .outputs import format_value  # numpy comes with it: only when a table is drawn
+
     label, value = _headline(v)
     metric = (v.get("task") or {}).get("metric", "top1_agreement")
-    if value is None:
-        return "\u2013", None
-    shown = (
-        _fmt(value, 1, " dB")
-        if metric == "sqnr_db"
-        else _fmt(value, 4)
-        if metric in ("cosine", "map_iou")
-        else _pct(value)
-    )
-    return f"{label} {shown}", value
+    if value is None or not _finite(value):  # SQNR of float against itself: exact
+        return ("exact", None) if value is not None else ("\u2013", None)
+    return f"{label} {format_value(metric, value)}", value
 
 
 def _histogram(tensor: str, h: dict) -> str:

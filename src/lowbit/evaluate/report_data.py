@@ -64,10 +64,12 @@ def report(
     limit: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    kinds: dict[str, str] | None = None,
 ) -> ReportResult:
     """Measure `quant_models` (files; the first is diagnosed) against `float_model` on `data` and, with
     `output` (.html), write the self-contained HTML report there. `plan` defaults to the one beside the first
-    quantized model; `bench=False` skips latency, `diagnose=False` the layer-alone trials and fixes."""
+    quantized model; `bench=False` skips latency, `diagnose=False` the layer-alone trials and fixes. `kinds`
+    overrides the guessed kind of outputs by name (outputs.py)."""
     from .report import write_report
 
     float_path, quant_paths = str(float_model), [str(q) for q in quant_models]
@@ -82,7 +84,7 @@ def report(
             *([plan] if plan else []),
         ]
         out = check_report_output(output, inputs)
-    result = _gather(float_path, quant_paths, data, plan, bench, diagnose, limit, batch_size, progress)
+    result = _gather(float_path, quant_paths, data, plan, bench, diagnose, limit, batch_size, progress, kinds)
     if out is not None:
         write_report(result, out)
     return ReportResult(**result, output=out)
@@ -110,6 +112,7 @@ def _gather(
     limit: int,
     batch_size: int,
     progress: bool,
+    kinds: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Measure everything the report shows; raises LowbitError for user mistakes before any output exists."""
     from .._version import __version__
@@ -141,7 +144,7 @@ def _gather(
         {
             "name": name,
             "size_bytes": sizes[q],
-            **_fidelity(float_path, q, data, batch_size, limit, progress),
+            **_fidelity(float_path, q, data, batch_size, limit, progress, kinds),
             "latency_ms": latency.get(name),
         }
         for name, q in list(paths.items())[1:]
@@ -164,6 +167,7 @@ def _gather(
             top=HIST_LAYERS,
             limit=min(limit or DIAGNOSE_SAMPLES, DIAGNOSE_SAMPLES),
             progress=progress,
+            kinds=kinds,
         ).to_dict()
     if diag is not None:
         layers, histograms = _from_diagnose(diag, quant_model)
@@ -195,10 +199,14 @@ def _gather(
     }
 
 
-def _fidelity(float_path: str, quant_path: str, data: Any, batch_size: int, limit: int, progress: bool) -> dict:
+def _fidelity(
+    float_path: str, quant_path: str, data: Any, batch_size: int, limit: int, progress: bool, kinds: Any
+) -> dict:
     from .evaluate import evaluate
 
-    res = evaluate(quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress)
+    res = evaluate(
+        quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress, kinds=kinds
+    )
     assert res.outputs is not None  # evaluate measures outputs whenever it has a reference
     first = next(iter(res.outputs.values()))
     t = first["task"]

@@ -239,3 +239,9 @@ def test_real_models_keep_the_metric_that_fits(efficientnet_lite0, tmp_path) -> 
     emb = outs[names.index("sentence_embedding")]
     for name in ("sentence_embedding", ""):
         assert classify(emb, name).kind == "embedding"
+
+
+@pytest.mark.parametrize("kind", ["boxes", "dense_map", "sequence"])
+def test_override_to_a_kind_the_shape_cannot_be_is_refused(kind: str) -> None:
+    with pytest.raises(LowbitError, match=f"kind {kind} needs"):
+        output_fidelity(_logits(4, 10), _logits(4, 10), "y", kind=kind)

@@ -211,6 +211,13 @@ def resolve(ref: np.ndarray, name: str, kind: str | OutputKind | None = None) ->
     if kind is None or kind == guess.kind:
         return guess
     given = check_kind(kind, name)
+    need = {"dense_map": 4, "sequence": 3, "boxes": 3}.get(given)
+    if need is not None and (ref.ndim != need or (given == "boxes" and max(ref.shape[1:]) < 5)):
+        form = {"dense_map": "[N, K, H, W]", "sequence": "[N, T, C]", "boxes": "[N, 4 + C, A] or [N, A, 4 + C]"}
+        raise LowbitError(
+            f"output {name!r} has shape {list(ref.shape)}, but kind {given} needs {form[given]}; "
+            f"pick another kind (the guess was {guess.kind})"
+        )
     variant = ""
     if given == "dense_map":
         variant = "multiclass" if ref.ndim == 4 and ref.shape[1] >= 2 and not _is_prob(ref) else "binary"

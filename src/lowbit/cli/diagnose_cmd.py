@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from .common import add_image_args, image_preprocess
+from .eval_cmd import add_output_kind_arg, output_kinds
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="FIXED.onnx", help="write the model quantized with the fixed recipe")
     p.add_argument("--recipe-out", metavar="FIX.json", help="write the fixed recipe")
     add_image_args(p)
+    add_output_kind_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (infinite SQNR is null)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -45,6 +47,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.diagnose import diagnose
 
+    kinds = output_kinds(args, args.float_model)
     pre = image_preprocess(args)
     report = diagnose(
         args.float_model,
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
         output=args.output,
         recipe_out=args.recipe_out,
         preprocess=pre,
+        kinds=kinds,
     )
     print(report.to_json(indent=1) if args.json else report_text(report.to_dict()))
     return 0
@@ -68,11 +72,28 @@ def _db(v: float | None) -> str:
 
 
 def _fid(f: dict[str, Any]) -> str:
-    return f"top-1 agreement {100 * f['top1_agreement']:.1f}%, cosine {f['cosine']:.4f}, SQNR {_db(f['sqnr_db'])} dB"
+    """The headline that fits the output's kind (top-1 only for class scores), then cosine and SQNR."""
+    from ..evaluate.outputs import headline_text
+
+    return f"{headline_text(f)}, cosine {f['cosine']:.4f}, SQNR {_db(f['sqnr_db'])} dB"
+
+
+def _gain(r: dict[str, Any]) -> str:
+    """The headline's change: points for agreements, plain differences for cosine and IoU."""
+    metric, g = r["after"]["task"]["metric"], r["gain"]["task"]
+    if g is None:
+        return f"{metric} change unknown"
+    if metric == "sqnr_db":
+        return f"{g:+.1f} dB SQNR"
+    if metric in ("cosine", "map_iou"):
+        return f"{metric} {g:+.4f}"
+    return f"{100 * g:+.1f} points"
 
 
 def report_text(r: dict[str, Any], rows: int = 15) -> str:
     """`DiagnoseResult.to_dict()` as text (None SQNRs are infinite)."""
+    from ..evaluate.outputs import headline_text, poor_text
+
     measured = [x for x in r["layers"] if "alone_sqnr_db" in x]
     width = max([len(x["node"]) for x in measured[:rows]] + [4])
     lines = [f"layers ranked by the final-output SQNR they cause alone ({r['samples']} samples, float simulation):"]
@@ -91,11 +112,20 @@ def report_text(r: dict[str, Any], rows: int = 15) -> str:
     if why:
         lines.append("why:")
         lines += [f"  {node}: {text}" for node, text in why]
-    lines.append(f"before: {_fid(r['before'])}")
+    many = len(r["before"].get("outputs") or {}) > 1
+    first = next(iter(r["before"].get("outputs") or {"": None}))
+    lines.append(f"before: {_fid(r['before'])}" + (f" (output '{first}', {r['before']['kind']})" if many else ""))
     lines.append(
-        f"after:  {_fid(r['after'])}  ({100 * r['gain']['top1_agreement']:+.1f} points, "
+        f"after:  {_fid(r['after'])}  ({_gain(r)}, "
         f"{r['gain']['sqnr_db'] if r['gain']['sqnr_db'] is not None else 0:+.1f} dB)"
     )
+    if many:
+        for name, f in r["after"]["outputs"].items():
+            was = r["before"]["outputs"][name]
+            lines.append(f"  output '{name}' ({f['kind']}): {headline_text(was)} -> {headline_text(f)}")
+    for name, f in (r["after"].get("outputs") or {}).items():
+        if (w := poor_text(name, f, " after the suggested fixes", hint=False)) is not None:
+            lines.append(w)
     for item in r.get("lint") or []:
         lines.append(f"lint: {item.get('kind')}: {item.get('message')}")
     if r.get("recipe_path"):

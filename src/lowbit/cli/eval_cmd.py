@@ -11,6 +11,29 @@ if TYPE_CHECKING:
     from ..evaluate.evaluate import EvalResult
 
 
+def add_output_kind_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--output-kind",
+        action="append",
+        default=[],
+        metavar="NAME=KIND",
+        help="measure output NAME as KIND instead of the guessed kind: class_scores, dense_map, sequence, boxes, "
+        "embedding or values (repeatable)",
+    )
+
+
+def output_kinds(args: argparse.Namespace, model: str) -> dict[str, str]:
+    """--output-kind as {name: kind}, each name checked against the model's outputs before any work."""
+    from ..evaluate.outputs import check_kind_names, parse_kinds
+    from ..graph.io import load_proto
+
+    kinds: dict[str, str] = dict(parse_kinds(args.output_kind))
+    if kinds:
+        proto = load_proto(model, check=False, external_data=False)
+        check_kind_names(kinds, [o.name for o in proto.graph.output])
+    return kinds
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -34,6 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
     add_image_args(p)
+    add_output_kind_arg(p)
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -67,19 +91,26 @@ def eval_text(result: EvalResult) -> str:
     if acc is not None:
         lines.append(f"accuracy   top-1 {_pct(acc['top1'])}   top-5 {_pct(acc['top5'])}")
     if result.outputs:
-        rows = [["output", "top-1 agreement", "cosine", "SQNR (dB)", "max abs error"]]
+        from ..evaluate.outputs import format_value, poor_text
+
+        rows = [["output", "kind", "task metric", "value", "cosine", "SQNR (dB)", "max abs error"]]
         for name, f in result.outputs.items():
+            t = f["task"]
             # format() writes an infinite SQNR (identical outputs) as "inf"
             rows.append(
                 [
                     name,
-                    _pct(f["top1_agreement"]),
+                    f["kind"],
+                    t["label"],
+                    format_value(t["metric"], t["value"]),
                     format(f["cosine"], ".4f"),
                     format(f["sqnr_db"], ".1f"),
                     format(f["max_abs_error"], ".4g"),
                 ]
             )
         lines += ["", *_table(rows)]
+        lines += [f"  {name}: {f['why']}" for name, f in result.outputs.items()]
+        lines += [w for name, f in result.outputs.items() if (w := poor_text(name, f)) is not None]
     if acc is None and not result.outputs:
         lines.append("nothing to compare: pass --labels for accuracy or --reference for fidelity")
     return "\n".join(lines)
@@ -87,6 +118,7 @@ def eval_text(result: EvalResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluate.evaluate import evaluate
+    from ..evaluate.outputs import parse_kinds
 
     pre = image_preprocess(args)
     result = evaluate(
@@ -99,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         preprocess=pre,
         limit=args.limit,
         progress=not args.quiet,
+        kinds=parse_kinds(args.output_kind),
     )
     print(result.to_json(indent=1) if args.json else eval_text(result))
     return 0

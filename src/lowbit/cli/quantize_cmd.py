@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import LowbitError
 from ..recipe import PRESETS, Recipe, Scheme, preset
 from .common import add_image_args, image_preprocess
+from .eval_cmd import add_output_kind_arg, output_kinds
 
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
     import onnx
@@ -107,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="skip the short paired latency measurement (quantized vs float, 1 thread, one calibration batch)",
     )
     q.add_argument("--verbose", action="store_true", help="also print the time each stage took")
+    add_output_kind_arg(q)
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(run=run)
@@ -219,6 +221,7 @@ def run(args: argparse.Namespace) -> int:
     from .summary import lint_text, summary_text
 
     recipe = _early_checks(args)
+    kinds = output_kinds(args, args.model)
     pre = image_preprocess(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -248,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
             return open_data(args.calib, specs, batch_size=recipe.batch_size, preprocess=pre, limit=n, batch_axes=axes)
 
         if args.check:
-            check = runtime_check(_runnable(args.model), result.model, samples(args.check))
+            check = runtime_check(_runnable(args.model), result.model, samples(args.check), kinds)
             timings["check"] = time.perf_counter() - t
         if not args.no_speed_check:
             t = time.perf_counter()

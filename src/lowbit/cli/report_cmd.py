@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from .eval_cmd import add_output_kind_arg, output_kinds
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -30,12 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--limit", type=int, default=256, metavar="N", help="samples of DATA to use (default 256)")
     p.add_argument("--batch-size", type=int, default=8)
+    add_output_kind_arg(p)
     p.add_argument("--json", action="store_true", help="also print the report data as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluate.outputs import headline_text
     from ..evaluate.report_data import report, size_text
 
     result = report(
@@ -49,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         progress=not args.quiet,
+        kinds=output_kinds(args, args.float_model),
     )
     if args.json:
         print(result.to_json(indent=1))
@@ -57,10 +62,8 @@ def run(args: argparse.Namespace) -> int:
             (layer for layer in result.layers if not math.isnan(layer["sqnr_db"])), key=lambda layer: layer["sqnr_db"]
         )[:3]
         for v in result.variants[1:]:
-            print(
-                f"{v['name']}: top-1 agreement {v['top1_agreement']:.1%}, cosine {v['cosine']:.4f}, "
-                f"{size_text(v['size_bytes'])}"
-            )
+            # the headline that fits the first output's kind (top-1 only for class scores)
+            print(f"{v['name']}: {headline_text(v)}, cosine {v['cosine']:.4f}, {size_text(v['size_bytes'])}")
         if worst:
             print("lowest SQNR: " + ", ".join(f"{layer['node']} {layer['sqnr_db']:.1f} dB" for layer in worst))
         print(f"wrote {result.output}")

@@ -34,14 +34,28 @@ def summary_text(plan: Plan, float_bytes: int, quant_bytes: int, seconds: float,
     lines.append(f"size: {_mb(float_bytes)} -> {_mb(quant_bytes)} ({ratio:.0%} of float)")
     lines.append(f"time: {seconds:.1f} s, calibrated on {plan.calibration_samples} samples")
     if check:
-        lines.append(
-            f"check on {check['samples']} calibration samples: top-1 agreement with float "
-            f"{check['kernels']['top1_agreement']:.1%} (integer kernels) / {check['simulate']['top1_agreement']:.1%} "
-            f"(float simulation); kernels vs simulation {check['kernels_vs_simulation']['top1_agreement']:.1%}, "
-            f"cosine {check['kernels_vs_simulation']['cosine']:.4f}"
-        )
-        lines.append(f"  {check['cpu_note']}")
+        lines += check_lines(check)
     return "\n".join(lines)
+
+
+def check_lines(check: dict) -> list[str]:
+    """The quantize check, one line per output with the metric that fits it (outputs.py), then a warning per
+    output whose integer-kernel fidelity is poor."""
+    from ..evaluate.outputs import format_value, poor_text
+
+    outs = check["outputs"]
+    lines = [f"check on {check['samples']} calibration samples, against float (integer kernels / float simulation):"]
+    for o in outs:
+        k, s, kvs = o["kernels"], o["simulate"], o["kernels_vs_simulation"]
+        metric, label = k["task"]["metric"], k["task"]["label"]
+        lines.append(
+            f"  {o['name']} ({o['kind']}): {label} {format_value(metric, k['task']['value'])} / "
+            f"{format_value(metric, s['task']['value'])}; kernels vs simulation "
+            f"{format_value(metric, kvs['task']['value'])}, cosine {kvs['cosine']:.4f}"
+        )
+    lines.append(f"  {check['cpu_note']}")
+    lines += [w for o in outs if (w := poor_text(o["name"], o["kernels"], " with integer kernels")) is not None]
+    return lines
 
 
 def lint_text(findings: list[dict]) -> str:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,15 @@ from .jsonable import JsonResult
 from .layerwise import (
     Layer,
     Trials,
+    all_fidelity,
     escape,
-    final_fidelity,
     layers,
     measure_tensors,
     output_layers,
     pair_outputs,
     pair_tensors,
 )
+from .outputs import check_kind_names
 
 # Relative cost of a fix on the device: per-channel weights and percentile ranges are free, 16-bit activations
 # run as com.microsoft Q/DQ around float ops in ONNX Runtime (no integer kernel), float costs the most.
@@ -56,7 +58,10 @@ HIST_BINS = 64
 
 @dataclass
 class DiagnoseResult(JsonResult):
-    """What `diagnose` found. Fidelities ("before", "after", "gain") are {"top1_agreement", "sqnr_db"} dicts;
+    """What `diagnose` found. "before" and "after" are the first final output's fidelity measured with what fits
+    its kind (outputs.py: "kind", "why", "task" headline, "top1_agreement" (None unless class scores), "cosine",
+    "sqnr_db", ...), every output's under "outputs"; "gain" is after - before for "task" (the headline),
+    "top1_agreement" (None where it does not fit) and "sqnr_db";
     "layers" rank the layers worst first, each {"node", "op_type", "tensor", "sqnr_db", "input_sqnr_db",
     "drop_db", "alone_sqnr_db" (the measured ones), "suggestion": {"kind", "why", "tried"}}. SQNRs are floats
     here (+inf: exact) and null in `to_dict()`/`to_json()`."""
@@ -64,13 +69,13 @@ class DiagnoseResult(JsonResult):
     samples: int
     mode: str
     paired: str  # "activations" (static models) or "node outputs" (dynamic / weight-only)
-    before: dict[str, float]
+    before: dict[str, Any]
     layers: list[dict[str, Any]]
     tensors: dict[str, float]
     histograms: dict[str, dict[str, Any]]
     recipe: dict[str, Any]
-    after: dict[str, float]
-    gain: dict[str, float]
+    after: dict[str, Any]
+    gain: dict[str, float | None]
     trials: int
     lint: list[dict[str, Any]]
     output: str | None = None
@@ -90,9 +95,11 @@ def diagnose(
     output: str | Path | None = None,
     recipe_out: str | Path | None = None,
     preprocess: ImagePreprocess | None = None,
+    kinds: Mapping[str, str] | None = None,
 ) -> DiagnoseResult:
     """Rank the layers of `quant_model` by the error they cause, suggest fixes and measure them.
-    `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically."""
+    `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically. `kinds` overrides the guessed
+    kind of final outputs by name (outputs.py); layers are ranked by the first output's SQNR."""
     for label, value in (("top", top), ("limit", limit), ("budget", budget)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LowbitError(f"{label} must be a positive integer, got {value!r}")
@@ -111,6 +118,7 @@ def diagnose(
     plan_obj = _plan(quant_model, plan)
     float_proto = load_proto(float_model)
     quant_proto = load_proto(quant_model)
+    check_kind_names(kinds, [o.name for o in float_proto.graph.output])
     prepared = ir.to_proto(prepare(ir.from_proto(float_proto)))
 
     source = open_data(
@@ -144,8 +152,8 @@ def diagnose(
     stats = measure_tensors(
         prepared, quant_proto, pairs, batches, [x.output for x in found if x.output], progress=progress
     )
-    before = final_fidelity(stats.ref_outputs[0], stats.quant_outputs[0])
-    trials = Trials(prepared, plan_obj, batches, stats.ref_outputs[0])
+    trials = Trials(prepared, plan_obj, batches, stats.ref_outputs, stats.outputs, kinds)
+    before = all_fidelity(stats.ref_outputs, stats.quant_outputs, trials.kinds, stats.outputs)
 
     rows = {x.node: _row(x, stats) for x in found}
     # Where a layer's output is much worse than its inputs, the layer itself added the error.
@@ -203,12 +211,23 @@ def diagnose(
         },
         recipe=recipe.to_dict(),
         after=after,
-        gain={k: after[k] - before[k] for k in ("top1_agreement", "sqnr_db")},
+        gain=_gain(before, after),
         trials=trials.runs,
         lint=_lint(quant_proto, plan_obj),
         output=str(output) if output is not None else None,
         recipe_path=str(recipe_out) if recipe_out is not None else None,
     )
+
+
+def _gain(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    def diff(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else b - a
+
+    return {
+        "task": diff(before["task"]["value"], after["task"]["value"]),
+        "top1_agreement": diff(before["top1_agreement"], after["top1_agreement"]),
+        "sqnr_db": after["sqnr_db"] - before["sqnr_db"],  # inf - inf is NaN: null in JSON
+    }
 
 
 def _with_fixes(recipe: Recipe, fixes: list[Rule], plan: Plan) -> Recipe:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from ..graph.io import model_name
 from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import Mode, is_ort_format, session
 from .jsonable import JsonResult
-from .metrics import fidelity
+from .outputs import check_kind_names, output_fidelity
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 MODES = ("kernels", "simulate")
@@ -31,14 +31,15 @@ MODES = ("kernels", "simulate")
 @dataclasses.dataclass
 class EvalResult(JsonResult):
     """What `evaluate` measured. `accuracy`: {"top1", "top5" (None under 5 classes)} with labels; `outputs`:
-    per output name {"top1_agreement", "cosine", "sqnr_db", "max_abs_error"} with a reference."""
+    per output name, with a reference, the measures that fit its kind (`outputs.output_fidelity`): "kind", "why",
+    "task" (the headline), "top1_agreement" (None unless class scores), "cosine", "sqnr_db", "max_abs_error"."""
 
     model: str
     samples: int
     mode: str
     runtime: str
     accuracy: dict[str, float | None] | None = None
-    outputs: dict[str, dict[str, float]] | None = None
+    outputs: dict[str, dict[str, Any]] | None = None
     reference: str | None = None
     reference_runtime: str | None = None
 
@@ -53,6 +54,7 @@ def evaluate(
     preprocess: ImagePreprocess | None = None,
     limit: int | None = None,
     progress: bool = True,
+    kinds: Mapping[str, str] | None = None,
 ) -> EvalResult:
     """Run `model` over `data`; report top-1/top-5 accuracy (with `labels`) and per-output fidelity (with `reference`).
 
@@ -61,6 +63,8 @@ def evaluate(
     The reference always runs with default optimizations, as the float model it normally is.
     A `.tflite` model (or reference) runs in LiteRT with XNNPACK; it takes the same NCHW data as its ONNX twin.
     A `.ort` model (or reference) runs in ONNX Runtime as it is, in mode "kernels" only.
+    `kinds`: {output name: kind} overriding the guessed kind of an output (outputs.py: class_scores, dense_map,
+    sequence, boxes, embedding, values).
     """
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -92,6 +96,7 @@ def evaluate(
     sess = lite if lite is not None else _session(model, mode)
     ref_sess = ref_lite if ref_lite is not None else _session(reference, "kernels") if reference is not None else None
     out_names = [o.name for o in sess.get_outputs()]
+    check_kind_names(kinds, out_names)
     if ref_sess is not None:
         _check_outputs({o.name: o.shape for o in sess.get_outputs()}, {o.name: o.shape for o in ref_sess.get_outputs()})
     in_names = {i.name for i in sess.get_inputs()}
@@ -144,7 +149,10 @@ def evaluate(
         logits = np.concatenate(outs[out_names[0]])
         result.accuracy = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
     if ref_sess is not None:
-        result.outputs = {n: fidelity(np.concatenate(refs[n]), np.concatenate(outs[n])) for n in out_names}
+        result.outputs = {
+            n: output_fidelity(np.concatenate(refs[n]), np.concatenate(outs[n]), n, (kinds or {}).get(n))
+            for n in out_names
+        }
     return result
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import onnx
@@ -23,7 +24,7 @@ from ..pipeline import quantize
 from ..plan import Plan, TensorParams
 from ..recipe import Recipe, Rule, Scheme
 from ..runtimes.ort import session, with_outputs
-from .metrics import fidelity
+from .outputs import OutputKind, output_fidelity, resolve
 
 Batches = list[dict[str, np.ndarray]]
 _NO_OWN_ERROR = (Reason.FOLDED, Reason.SHARES_SCALE)
@@ -239,9 +240,20 @@ def layers(quant_model: onnx.ModelProto, plan: Plan, pairs: dict[str, str]) -> l
     return found
 
 
-def final_fidelity(ref: np.ndarray, out: np.ndarray) -> dict[str, float]:
-    f = fidelity(ref, out)
-    return {k: f[k] for k in ("top1_agreement", "cosine", "sqnr_db")}
+def final_fidelity(
+    ref: np.ndarray, out: np.ndarray, name: str = "", kind: str | OutputKind | None = None
+) -> dict[str, Any]:
+    """A final output's fidelity, measured with what fits its kind (outputs.py): "kind", "why", "task" (the
+    headline), "top1_agreement" (None unless class scores), "cosine", "sqnr_db" and the kind's own measures."""
+    return output_fidelity(ref, out, name, kind)
+
+
+def all_fidelity(
+    refs: list[np.ndarray], outs: list[np.ndarray], kinds: list[OutputKind], names: list[str]
+) -> dict[str, Any]:
+    """The first output's fidelity, with every output's under "outputs" (name -> fidelity)."""
+    every = {n: final_fidelity(r, o, n, k) for n, r, o, k in zip(names, refs, outs, kinds)}
+    return {**every[names[0]], "outputs": every}
 
 
 def escape(name: str) -> str:
@@ -252,8 +264,18 @@ def escape(name: str) -> str:
 class Trials:
     """Re-apply the plan (no calibration) with changed recipes/ranges and measure the final outputs."""
 
-    def __init__(self, float_model: onnx.ModelProto, plan: Plan, batches: Batches, ref: np.ndarray) -> None:
-        self.float_model, self.plan, self.batches, self.ref = float_model, plan, batches, ref
+    def __init__(
+        self,
+        float_model: onnx.ModelProto,
+        plan: Plan,
+        batches: Batches,
+        refs: list[np.ndarray],
+        names: list[str],
+        kinds: Mapping[str, str] | None = None,
+    ) -> None:
+        """`refs`: the float model's final outputs `names`; `kinds` overrides their guessed kinds by name."""
+        self.float_model, self.plan, self.batches, self.refs, self.names = float_model, plan, batches, refs, names
+        self.kinds = [resolve(r, n, (kinds or {}).get(n)) for r, n in zip(refs, names)]
         # Through JSON: an in-memory plan's recipe dict holds tuples, which Recipe.from_dict rejects.
         self.recipe = Recipe.from_dict(json.loads(json.dumps(plan.recipe)), "plan recipe")
         self.runs = 0
@@ -263,7 +285,7 @@ class Trials:
 
     def alone(
         self, layer: Layer, scheme: Scheme | None = None, tensors: dict[str, TensorParams] | None = None
-    ) -> dict[str, float]:
+    ) -> dict[str, Any]:
         """Final-output fidelity when only `layer` (and the Relu/Clip folded into it) is quantized."""
         own = scheme or self.scheme(layer.node, layer.op_type)
         rules = [Rule(names=(escape(layer.node),), scheme=own)]
@@ -274,9 +296,10 @@ class Trials:
         model = quantize(self.float_model, recipe=recipe, plan=plan, progress=False).model
         return self.measure(model)
 
-    def measure(self, model: onnx.ModelProto) -> dict[str, float]:
+    def measure(self, model: onnx.ModelProto) -> dict[str, Any]:
+        """The first output's fidelity (its SQNR ranks the layers), every output's under "outputs"."""
         from ..runtimes.ort import run_all
 
         self.runs += 1
-        out = run_all(session(model, "simulate"), self.batches)[0]
-        return final_fidelity(self.ref, out)
+        outs = run_all(session(model, "simulate"), self.batches)
+        return all_fidelity(self.refs, outs, self.kinds, self.names)

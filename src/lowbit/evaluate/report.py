@@ -11,7 +11,9 @@ The renderer takes a plain dict (gathered by `lowbit.evaluate.report_data.report
       "summary": {"rows": [[label, value], ...]},
       "variants": [                         # the float model first, then each quantized model
         {"name": str, "size_bytes": int, "top1_agreement": float | None,   # fraction 0..1, vs float
-         "cosine": float | None, "latency_ms": float | None}, ...],
+         "cosine": float | None, "latency_ms": float | None,
+         "kind": str, "task": {"metric": str, "label": str, "value": float | None}  # optional: the headline
+         }, ...],                           # that fits the first output (outputs.py); default top-1
       "layers": [                           # per-layer SQNR of the quantized model vs float, graph order
         {"node": str, "op_type": str, "sqnr_db": float,                    # inf = exact
          "alone_sqnr_db": float | None (optional: only this layer quantized),
@@ -68,6 +70,25 @@ def _fmt(x: Any, digits: int = 2, suffix: str = "") -> str:
 
 def _pct(x: Any) -> str:
     return "\u2013" if x is None else f"{100 * x:.1f}%"
+
+
+# headline metrics that are fractions 0..1, drawn on the charts' percentage axis; others (SQNR) draw cosine
+_FRACTIONS = ("top1_agreement", "map_iou", "pixel_agreement", "sequence_match", "class_agreement", "cosine")
+
+
+def _headline(v: dict) -> tuple[str, Any]:
+    """(label, value) of a variant's headline fidelity: its "task" when given, else top-1 agreement."""
+    t = v.get("task")
+    if not t:
+        return "top-1 agreement", v.get("top1_agreement")
+    return str(t.get("label", t.get("metric", "?"))), t.get("value")
+
+
+def _chart_y(v: dict) -> tuple[str, Any]:
+    t = v.get("task")
+    if t and t.get("metric") not in _FRACTIONS:
+        return "cosine", v.get("cosine")
+    return _headline(v)
 
 
 def _mb(n: Any) -> str:
@@ -165,10 +186,11 @@ def _sqnr_chart(layers: list[dict]) -> str:
 
 
 def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_scale: float) -> str:
-    raw = [(v, v.get(x_key), v.get("top1_agreement")) for v in variants]
+    raw = [(v, v.get(x_key), _chart_y(v)[1]) for v in variants]
     pts = [(v, x * x_scale, y) for v, x, y in raw if _finite(x) and _finite(y)]
     if not pts:
         return ""
+    y_label = _chart_y(variants[-1])[0]  # a quantized variant's: the float one may have no task
     width, height, left, bottom, top_pad, right = 440, 300, 56, 40, 24, 24
     x_max = max(x for _, x, _ in pts) * 1.25 or 1.0
     y_min = min(min(y for _, _, y in pts) - 0.02, 0.9)
@@ -184,7 +206,7 @@ def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_sc
 
     out = [
         f'<svg class="chart" id="{chart_id}" width="{width}" height="{height}" role="img" '
-        f'aria-label="top-1 agreement vs {_e(x_label)}">'
+        f'aria-label="{_e(y_label)} vs {_e(x_label)}">'
     ]
     for k in range(ticks + 1):
         yv = y_min + step * k
@@ -200,7 +222,7 @@ def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_sc
         f'<line class="axis" x1="{left}" y1="{top_pad}" x2="{left}" y2="{height - bottom}"/>'
         f'<text x="{(left + width - right) / 2}" y="{height - 6}" text-anchor="middle">{_e(x_label)}</text>'
         f'<text x="12" y="{(top_pad + height - bottom) / 2}" text-anchor="middle" '
-        f'transform="rotate(-90 12 {(top_pad + height - bottom) / 2})">top-1 agreement with float</text>'
+        f'transform="rotate(-90 12 {(top_pad + height - bottom) / 2})">{_e(y_label)} with float</text>'
     )
     for i, (v, x, y) in enumerate(pts):
         cls = "point float" if i == 0 and variants and v is variants[0] else "point"
@@ -210,7 +232,7 @@ def _scatter(chart_id: str, variants: list[dict], x_key: str, x_label: str, x_sc
         tx, anchor = (px(x) - 9, "end") if right_half else (px(x) + 9, "start")
         out.append(
             f'<circle class="{cls}" cx="{_num(px(x))}" cy="{_num(py(y))}" r="6" data-variant="{_e(name)}">'
-            f"<title>{_e(name)}: {x:.3g} {_e(x_label)}, top-1 {_pct(y)}</title></circle>"
+            f"<title>{_e(name)}: {x:.3g} {_e(x_label)}, {_e(y_label)} {_pct(y)}</title></circle>"
             f'<text x="{_num(tx)}" y="{_num(py(y) - 8 + 22 * (i % 2))}" text-anchor="{anchor}">'
             f"{_e(name[:32])}</text>"
         )
@@ -232,6 +254,7 @@ def _variants(variants: list[dict]) -> str:
                 (_mb(size), size),
                 (_pct(ratio), ratio),
                 (_pct(v.get("top1_agreement")), v.get("top1_agreement")),
+                _headline_cell(v),
                 (_fmt(v.get("cosine"), 4), v.get("cosine")),
                 (_fmt(v.get("latency_ms"), 3), v.get("latency_ms")),
             ]
@@ -239,9 +262,21 @@ def _variants(variants: list[dict]) -> str:
     charts = _scatter("variants-size-chart", variants, "size_bytes", "file size (MB)", 1e-6)
     charts += _scatter("variants-latency-chart", variants, "latency_ms", "latency (ms)", 1.0)
     table = _table(
-        "variants-table", ["model", "size", "of float", "top-1 agreement", "cosine vs float", "latency ms"], rows
+        "variants-table",
+        ["model", "size", "of float", "top-1 agreement", "task metric", "cosine vs float", "latency ms"],
+        rows,
     )
     return f'<div class="histograms">{charts}</div>{table}'
+
+
+def _headline_cell(v: dict) -> tuple[str, Any]:
+    from .outputs import format_value  # numpy comes with it: only when a table is drawn
+
+    label, value = _headline(v)
+    metric = (v.get("task") or {}).get("metric", "top1_agreement")
+    if value is None or not _finite(value):  # SQNR of float against itself: exact
+        return ("exact", None) if value is not None else ("\u2013", None)
+    return f"{label} {format_value(metric, value)}", value
 
 
 def _histogram(tensor: str, h: dict) -> str:

@@ -64,10 +64,12 @@ def report(
     limit: int = 256,
     batch_size: int = 8,
     progress: bool = True,
+    kinds: dict[str, str] | None = None,
 ) -> ReportResult:
     """Measure `quant_models` (files; the first is diagnosed) against `float_model` on `data` and, with
     `output` (.html), write the self-contained HTML report there. `plan` defaults to the one beside the first
-    quantized model; `bench=False` skips latency, `diagnose=False` the layer-alone trials and fixes."""
+    quantized model; `bench=False` skips latency, `diagnose=False` the layer-alone trials and fixes. `kinds`
+    overrides the guessed kind of outputs by name (outputs.py)."""
     from .report import write_report
 
     float_path, quant_paths = str(float_model), [str(q) for q in quant_models]
@@ -82,7 +84,7 @@ def report(
             *([plan] if plan else []),
         ]
         out = check_report_output(output, inputs)
-    result = _gather(float_path, quant_paths, data, plan, bench, diagnose, limit, batch_size, progress)
+    result = _gather(float_path, quant_paths, data, plan, bench, diagnose, limit, batch_size, progress, kinds)
     if out is not None:
         write_report(result, out)
     return ReportResult(**result, output=out)
@@ -110,6 +112,7 @@ def _gather(
     limit: int,
     batch_size: int,
     progress: bool,
+    kinds: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Measure everything the report shows; raises LowbitError for user mistakes before any output exists."""
     from .._version import __version__
@@ -137,24 +140,19 @@ def _gather(
     paths = {"float": float_path, **dict(zip(labels, quant_paths))}
     sizes = {p: Path(p).stat().st_size for p in [float_path, *quant_paths]}
     latency = _latency(paths, data, progress) if bench else {}
-    variants = [
+    measured = [
         {
-            "name": "float",
-            "size_bytes": sizes[float_path],
-            "top1_agreement": 1.0,
-            "cosine": 1.0,
-            "latency_ms": latency.get("float"),
+            "name": name,
+            "size_bytes": sizes[q],
+            **_fidelity(float_path, q, data, batch_size, limit, progress, kinds),
+            "latency_ms": latency.get(name),
         }
+        for name, q in list(paths.items())[1:]
     ]
-    for name, q in list(paths.items())[1:]:
-        variants.append(
-            {
-                "name": name,
-                "size_bytes": sizes[q],
-                **_fidelity(float_path, q, data, batch_size, limit, progress),
-                "latency_ms": latency.get(name),
-            }
-        )
+    variants = [
+        {"name": "float", "size_bytes": sizes[float_path], **_perfect(measured[0]), "latency_ms": latency.get("float")}
+    ]
+    variants += measured
 
     diag = None
     if plan is not None and diagnose:
@@ -169,6 +167,7 @@ def _gather(
             top=HIST_LAYERS,
             limit=min(limit or DIAGNOSE_SAMPLES, DIAGNOSE_SAMPLES),
             progress=progress,
+            kinds=kinds,
         ).to_dict()
     if diag is not None:
         layers, histograms = _from_diagnose(diag, quant_model)
@@ -200,13 +199,35 @@ def _gather(
     }
 
 
-def _fidelity(float_path: str, quant_path: str, data: Any, batch_size: int, limit: int, progress: bool) -> dict:
+def _fidelity(
+    float_path: str, quant_path: str, data: Any, batch_size: int, limit: int, progress: bool, kinds: Any
+) -> dict:
     from .evaluate import evaluate
 
-    res = evaluate(quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress)
+    res = evaluate(
+        quant_path, data, reference=float_path, batch_size=batch_size, limit=limit, progress=progress, kinds=kinds
+    )
     assert res.outputs is not None  # evaluate measures outputs whenever it has a reference
     first = next(iter(res.outputs.values()))
-    return {"top1_agreement": float(first["top1_agreement"]), "cosine": float(first["cosine"])}
+    t = first["task"]
+    return {
+        "top1_agreement": first["top1_agreement"],  # None unless the first output is class scores
+        "cosine": float(first["cosine"]),
+        "kind": first["kind"],
+        "task": {"metric": t["metric"], "label": t["label"], "value": t["value"]},
+    }
+
+
+def _perfect(measured: dict) -> dict:
+    """The float model against itself, in the measured variants' terms: every agreement 1, SQNR infinite."""
+    t = measured["task"]
+    value = math.inf if t["metric"] == "sqnr_db" else 1.0
+    return {
+        "top1_agreement": 1.0 if measured["top1_agreement"] is not None else None,
+        "cosine": 1.0,
+        "kind": measured["kind"],
+        "task": {**t, "value": value},
+    }
 
 
 def _latency(paths: dict[str, str], data: Any, progress: bool) -> dict[str, float]:
@@ -412,8 +433,14 @@ def _from_diagnose(diag: dict, quant_model: onnx.ModelProto) -> tuple[list[dict]
 
 
 def _diagnose_rows(diag: dict) -> list[list[str]]:
-    def pct(v: Any) -> str:
-        return "?" if v is None else f"{100 * v:.1f}%"
+    from .outputs import format_value
+
+    def headline_label(f: dict) -> str:
+        return str(f["task"]["label"]) if f.get("task") else "top-1 agreement"
+
+    def headline_value(f: dict) -> str:
+        t = f.get("task")
+        return "?" if not t else format_value(t["metric"], t["value"])
 
     def db(v: Any) -> str:
         return "exact" if v is None else f"{v:.1f} dB"
@@ -427,8 +454,8 @@ def _diagnose_rows(diag: dict) -> list[list[str]]:
             f"{len(fixes)} layer(s): " + ", ".join(layer["node"] for layer in fixes) if fixes else "none",
         ],
         [
-            "top-1 agreement: now -> with the suggested recipe",
-            f"{pct(before.get('top1_agreement'))} -> {pct(after.get('top1_agreement'))}",
+            f"{headline_label(before)}: now -> with the suggested recipe",
+            f"{headline_value(before)} -> {headline_value(after)}",
         ],
         ["output SQNR: now -> with the suggested recipe", f"{db(before.get('sqnr_db'))} -> {db(after.get('sqnr_db'))}"],
     ]

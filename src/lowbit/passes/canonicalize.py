@@ -127,9 +127,10 @@ def _opset_14_ok(model: ir.Model) -> bool:
         if node.domain not in ("", "ai.onnx"):
             continue
         try:
-            same = onnx.defs.get_schema(node.op_type, have).since_version == onnx.defs.get_schema(
-                node.op_type, 14
-            ).since_version
+            same = (
+                onnx.defs.get_schema(node.op_type, have).since_version
+                == onnx.defs.get_schema(node.op_type, 14).since_version
+            )
         except onnx.defs.SchemaError:
             return False
         # BatchNormalization 14 forbids the training outputs opset 13 allowed in inference.
@@ -178,9 +179,9 @@ def canonicalize(model: ir.Model) -> bool:
                 continue
             alpha, beta = hs.attributes.get_float("alpha", 0.2), hs.attributes.get_float("beta", 0.5)
             if np.isclose(alpha, SIXTH, 1e-6, 0.0) and np.isclose(beta, 0.5, 1e-6, 0.0):
-                x = mul.inputs[i]
-                assert x is not None
-                _replace(graph, [hs, mul], "HardSwish", x, [])
+                gated = mul.inputs[i]
+                assert gated is not None
+                _replace(graph, [hs, mul], "HardSwish", gated, [])
                 model.opset_imports[""] = max(14, model.opset_imports.get("", 0))
                 changed = True
                 break

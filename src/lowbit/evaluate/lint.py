@@ -311,6 +311,12 @@ def _fusion_fix(orig: GraphIndex, i: int) -> tuple[str, str]:
     )
 
 
+# ops/activation.py: the onnxruntime target runs these as a requantization (+ QLinearMul), no float island.
+_HARD_GATE_FIX = (
+    'quantize for ONNX Runtime: recipe target "onnxruntime" (Recipe(target="onnxruntime"), or "target": '
+    '"onnxruntime" in --recipe FILE) runs it as a requantization and QLinearMul; the default target keeps the QDQ '
+    "form that LiteRT runs as integer HARD_SWISH"
+)
 _KEEP_AT_EDGE = (
     "keep the op float and move it to the edge of the model, or replace it with an op that has an integer kernel"
 )
@@ -434,7 +440,10 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
             members + [r for i in members for r in trailing[i]],
             f"{_names([orig.nodes[i] for i in members])}: quantized {op} but ORT has no integer {op} kernel on "
             "the CPU, so it runs in float between DequantizeLinear and QuantizeLinear",
-            f"replace {op} with an op ORT runs on int8, or keep it float at the model's edge (--exclude-op-types {op})",
+            _HARD_GATE_FIX
+            if op in ("HardSwish", "HardSigmoid")
+            else f"replace {op} with an op ORT runs on int8, or keep it float at the model's edge (--exclude-op-types "
+            f"{op})",
         )
     unfused: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i in fusion:

@@ -137,3 +137,13 @@ def test_portable_target_keeps_the_qdq_form() -> None:
     plain = lowbit.quantize(m, calib=samples(m, n=8, low=-3, high=3), progress=False)
     assert {"HardSwish", "HardSigmoid"} <= {n.op_type for n in plain.model.graph.node}
     assert plain.plan.nodes["act"].code is Reason.STATIC
+
+
+def test_same_bytes_again_and_from_the_plan() -> None:
+    m = gated("HardSwish")
+    recipe = lowbit.Recipe(target="onnxruntime")
+    first = lowbit.quantize(m, calib=samples(m, n=8, low=-3, high=3), recipe=recipe, progress=False)
+    again = lowbit.quantize(m, calib=samples(m, n=8, low=-3, high=3), recipe=recipe, progress=False)
+    replay = lowbit.quantize(m, plan=first.plan, progress=False)
+    assert again.model.SerializeToString() == first.model.SerializeToString()
+    assert replay.model.SerializeToString() == first.model.SerializeToString()

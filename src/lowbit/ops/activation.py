@@ -1,4 +1,5 @@
-"""Activations. Relu and Clip(0, x) fold into the range of the op feeding them; the rest get their own range."""
+"""Activations. Relu and Clip(0, x) fold into the range of the op feeding them; the rest get their own range.
+For the onnxruntime target, HardSwish/HardSigmoid are then rewritten without a float island (requantize_hard_gates)."""
 
 from __future__ import annotations
 

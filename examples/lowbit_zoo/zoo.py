@@ -206,8 +206,9 @@ def _export_onnx(
     outputs: list[str],
     axes: dict,
     quiet: list[tuple[str, type[Warning]]],
+    opset: int = 17,
 ) -> None:
-    """torch.onnx.export (TorchScript exporter, opset 17) to a temporary file renamed into place.
+    """torch.onnx.export (TorchScript exporter, opset 17 unless told) to a temporary file renamed into place.
 
     A concurrent reader never sees a partial file. ``quiet`` lists (message regex, category) warnings
     that are expected for this model; the legacy-exporter deprecation notices are always silenced
@@ -231,7 +232,7 @@ def _export_onnx(
                 args,
                 tmp,
                 dynamo=False,
-                opset_version=17,
+                opset_version=opset,
                 input_names=inputs,
                 output_names=outputs,
                 dynamic_axes=axes,

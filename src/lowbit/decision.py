@@ -29,6 +29,7 @@ class Reason(StrEnum):
     CUSTOM_DOMAIN = "custom_domain"
     INTEGER_ONLY = "integer_only"
     STATIC_ATTENTION = "static_attention"
+    REQUANTIZED_GATE = "requantized_gate"  # onnxruntime target: HardSwish/HardSigmoid as Q/DQ (+ QLinearMul)
     # What one op's inputs rule out.
     NOT_FLOAT32 = "not_float32"
     WEIGHT_NOT_CONSTANT = "weight_not_constant"
@@ -98,6 +99,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.NO_QUANTIZED_FORM: "no quantized form for {op} in lowbit",
     Reason.CUSTOM_DOMAIN: "custom-domain op {domain}::{op} has no quantized form",
     Reason.INTEGER_ONLY: "integer {op} (shape arithmetic): nothing to quantize",
+    Reason.REQUANTIZED_GATE: "{activations} activations; for ONNX Runtime {op} runs as a requantization onto the "
+    "gate's 1/255 grid (times x as QLinearMul for HardSwish), not in float",
     Reason.STATIC_ATTENTION: "static com.microsoft::Attention: ONNX Runtime's integer attention (QAttention) is "
     "dynamic; use mode dynamic for it",
     Reason.NOT_FLOAT32: "input '{input}' is {dtype}, not float32",

@@ -311,6 +311,43 @@ def _fusion_fix(orig: GraphIndex, i: int) -> tuple[str, str]:
     )
 
 
+# ops/activation.py: the onnxruntime target runs these as a requantization (+ QLinearMul), no float island.
+_HARD_GATE_FIX = (
+    'quantize for ONNX Runtime: recipe target "onnxruntime" (Recipe(target="onnxruntime"), or "target": '
+    '"onnxruntime" in --recipe FILE) runs it as a requantization and QLinearMul; the default target keeps the QDQ '
+    "form that LiteRT runs as integer HARD_SWISH"
+)
+_KEEP_AT_EDGE = (
+    "keep the op float and move it to the edge of the model, or replace it with an op that has an integer kernel"
+)
+
+
+def _island_fix(nodes: list[onnx.NodeProto], plan: Plan | None) -> tuple[str, str]:
+    """(why, fix) for a float island, from what actually kept its ops float: advice to undo an exclusion only for
+    nodes the recipe excluded, the plan's own reason otherwise."""
+    decided = [(n, plan.nodes[n.name]) for n in nodes if plan is not None and n.name in plan.nodes]
+    for by in ("exclude_names", "exclude_op_types"):
+        hit = [n for n, d in decided if d.decided_by == by and not d.quantized]
+        if hit:
+            what = ", ".join(dict.fromkeys(n.name if by == "exclude_names" else n.op_type for n in hit))
+            return f" ({by} in the recipe)", f"quantize it: remove {what} from {by}"
+    ruled = [(n, d) for n, d in decided if d.decided_by == "rule" and not d.quantized]
+    if ruled:
+        n, d = ruled[0]
+        return (
+            f" (recipe rule {d.rule_index} keeps {n.name} float)",
+            f"quantize it: give rule {d.rule_index} a scheme or narrow it so that it does not match {n.name}",
+        )
+    floats = [(n, d) for n, d in decided if not d.quantized]
+    if floats:
+        n, d = floats[0]
+        return f" (lowbit kept {n.name} float: {d.reason})", _KEEP_AT_EDGE
+    quantizable = sorted({n.op_type for n in nodes if n.op_type in registered("static")})
+    if plan is None and quantizable:
+        return "", f"quantize the float model with lowbit, which has a quantized form for {', '.join(quantizable)}"
+    return "", _KEEP_AT_EDGE
+
+
 def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan | None = None) -> LintResult:
     """Findings {"kind", "level", "nodes", "message", "fix"} about what runs slowly in ORT on the CPU.
 
@@ -389,16 +426,13 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
     for members in regions.values():
         nodes = [orig.nodes[i] for i in members]
         ops = ", ".join(dict.fromkeys(n.op_type for n in nodes))
-        quantizable = any(n.op_type in registered("static") for n in nodes)
+        why, fix = _island_fix(nodes, plan)
         add(
             "float-island",
             members,
             f"{_names(nodes)} ({ops}) run in float between quantized ops: ORT dequantizes before and quantizes "
-            "after them on every run",
-            "quantize it: remove it from exclude_names/exclude_op_types"
-            if quantizable
-            else "keep the op float and move it to the edge of the model, or replace it with an op that has an "
-            "integer kernel",
+            f"after them on every run{why}",
+            fix,
         )
     for op, members in no_kernel.items():
         add(
@@ -406,7 +440,10 @@ def lint(model: onnx.ModelProto | str | Path, runtime: str = "ort", plan: Plan |
             members + [r for i in members for r in trailing[i]],
             f"{_names([orig.nodes[i] for i in members])}: quantized {op} but ORT has no integer {op} kernel on "
             "the CPU, so it runs in float between DequantizeLinear and QuantizeLinear",
-            f"replace {op} with an op ORT runs on int8, or keep it float at the model's edge (--exclude-op-types {op})",
+            _HARD_GATE_FIX
+            if op in ("HardSwish", "HardSigmoid")
+            else f"replace {op} with an op ORT runs on int8, or keep it float at the model's edge (--exclude-op-types "
+            f"{op})",
         )
     unfused: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i in fusion:

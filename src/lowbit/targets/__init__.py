@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import onnx
 
+from ..decision import Reason
+from ..ops.activation import requantize_hard_gates
 from ..plan import Plan
 from ..recipe import TargetName
 from .add_rounding import snap_add_scales
@@ -21,11 +23,14 @@ class Target:
     # LiteRT's (XNNPACK) int8 ADD rounds 21-bit scale ratios, ONNX Runtime's float32 ones: nudge Add scales so both
     # give the same integers (docs/tflite.md).
     align_add_rounding: bool
+    # ONNX Runtime has no integer HardSwish/HardSigmoid: run them as a requantization (+ QLinearMul for HardSwish)
+    # instead of a float island (ops/activation.py). LiteRT has integer HARD_SWISH and reads the plain QDQ form.
+    requantized_hard_gates: bool = False
 
 
 TARGETS: dict[str, Target] = {
     "portable": Target("portable", align_add_rounding=True),
-    "onnxruntime": Target("onnxruntime", align_add_rounding=False),
+    "onnxruntime": Target("onnxruntime", align_add_rounding=False, requantized_hard_gates=True),
 }
 
 
@@ -34,6 +39,11 @@ def adapt(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
     it reproduces the same bytes."""
     if TARGETS[target].align_add_rounding:
         _align_add_rounding(proto, plan)
+    if TARGETS[target].requantized_hard_gates:
+        for name in requantize_hard_gates(proto):
+            d = plan.nodes.get(name)
+            if d is not None and d.quantized:
+                d.code, d.details = Reason.REQUANTIZED_GATE, {**d.details, "op": d.op_type}
 
 
 def _align_add_rounding(proto: onnx.ModelProto, plan: Plan) -> None:

@@ -44,6 +44,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--recipe", metavar="FILE", help="recipe JSON (see `lowbit recipe --show default`)")
     q.add_argument("--preset", choices=sorted(PRESETS), help="start from a built-in recipe")
+    q.add_argument(
+        "--target",
+        choices=["portable", "onnxruntime"],
+        help="the runtimes the model is for: portable (default: ONNX Runtime and LiteRT compute the same integers; "
+        "exports to TFLite) or onnxruntime (scales exactly as calibrated; HardSwish/HardSigmoid as integer ops)",
+    )
     g = q.add_argument_group("scheme (override the recipe's default scheme)")
     g.add_argument(
         "--mode",
@@ -132,6 +138,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "calibration_samples": args.samples,
         "batch_size": args.batch_size,
         "flush_subnormals": True if args.flush_subnormals else None,
+        "target": args.target,
     }
     return dataclasses.replace(
         base,
@@ -160,6 +167,7 @@ RECIPE_OPTIONS = {
     "samples": "--samples",
     "batch_size": "--batch-size",
     "flush_subnormals": "--flush-subnormals",
+    "target": "--target",
 }
 
 

@@ -96,6 +96,10 @@ def report_text(r: dict[str, Any], rows: int = 15) -> str:
         f"after:  {_fid(r['after'])}  ({100 * r['gain']['top1_agreement']:+.1f} points, "
         f"{r['gain']['sqnr_db'] if r['gain']['sqnr_db'] is not None else 0:+.1f} dB)"
     )
+    if r.get("kernel_gap"):
+        from ..evaluate.kernel_gap import gap_text
+
+        lines.append(gap_text(r["kernel_gap"]))
     for item in r.get("lint") or []:
         lines.append(f"lint: {item.get('kind')}: {item.get('message')}")
     if r.get("recipe_path"):

@@ -41,6 +41,10 @@ def summary_text(plan: Plan, float_bytes: int, quant_bytes: int, seconds: float,
             f"cosine {check['kernels_vs_simulation']['cosine']:.4f}"
         )
         lines.append(f"  {check['cpu_note']}")
+        if check.get("kernel_gap"):  # set when kernels vs simulation cosine < 0.999 (quantize_cmd.py)
+            from ..evaluate.kernel_gap import gap_text
+
+            lines.append(f"  {gap_text(check['kernel_gap'])}")
     return "\n".join(lines)
 
 

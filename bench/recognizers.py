@@ -40,7 +40,9 @@ def render(n: int, seed: int) -> np.ndarray:
     """n captcha-like images, (n, 3, 60, 160) float32 BGR in 0..255."""
     from PIL import Image, ImageDraw, ImageFont
 
-    fonts = sorted(glob.glob("/usr/share/fonts/truetype/*/*Sans*.ttf")) or sorted(glob.glob("/usr/share/fonts/**/*.ttf"))
+    fonts = sorted(glob.glob("/usr/share/fonts/truetype/*/*Sans*.ttf")) or sorted(
+        glob.glob("/usr/share/fonts/**/*.ttf")
+    )
     if not fonts:
         raise SystemExit("no TrueType fonts found under /usr/share/fonts; install fonts-dejavu-core")
     rng = np.random.default_rng(seed)

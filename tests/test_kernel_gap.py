@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from helpers import model, node, weight
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from helpers import model, node, weight
 from lowbit.cli.summary import summary_text
 from lowbit.evaluate.kernel_gap import gap_text, locate, regions
 from lowbit.runtimes.ort import session

@@ -161,9 +161,8 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
 def run(args: argparse.Namespace) -> int:
     from ..data import input_specs, open_data
     from ..evaluate.check import runtime_check
-    from ..evaluate.jsonable import jsonable
+    from ..evaluate.jsonable import dumps, jsonable
     from ..evaluate.kernel_gap import GAP_COSINE, locate
-    from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
     from ..pipeline import quantize, save
     from .summary import lint_text, summary_text

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -107,13 +108,17 @@ def _exposed(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
     have = {o.name for o in out.graph.output}
     for name in names:
         if name not in have:
-            out.graph.output.append(onnx.helper.make_tensor_value_info(name, qtype.get(name, onnx.TensorProto.FLOAT), None))
+            out.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, qtype.get(name, onnx.TensorProto.FLOAT), None)
+            )
     return out
 
 
 def _zero_points(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"})
+    values.update(
+        {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    )
     zps = {}
     for n in model.graph.node:
         if n.op_type == _Q and len(n.input) > 2 and n.input[2] in values:
@@ -168,7 +173,9 @@ def locate(
                 acc[n].append(np.asarray(r))
     # Exposing the integers must not change what runs; where it does, a graph transform (not a kernel) is the gap.
     plain_sess = session(quant_model, "kernels")
-    plain = np.concatenate([plain_sess.run(order[:1], {k: v for k, v in b.items() if k in feeds})[0].ravel() for b in batches])
+    plain = np.concatenate(
+        [plain_sess.run(order[:1], {k: v for k, v in b.items() if k in feeds})[0].ravel() for b in batches]
+    )
     seen = np.concatenate([x.ravel() for x in kern[order[0]]])
     exposure_changed = not np.array_equal(plain, seen)
     zps = _zero_points(quant_model)
@@ -182,7 +189,7 @@ def locate(
             k, s = k - float(zp), s - float(zp)  # cosine of the real values (the scale cancels)
         cos[name] = _cosine(k, s)
         lsb[name] = int(np.max(np.abs(k - s))) if name in zps and k.size else -1
-    rows = []
+    rows: list[dict[str, Any]] = []
     for r in found:
         before = min((cos[i] for i in r.inputs), default=1.0)
         rows.append(

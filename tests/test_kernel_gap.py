@@ -109,3 +109,16 @@ def test_the_quantize_summary_names_the_op(tmp_path: Path) -> None:
     }
     text = summary_text(q.plan, 100, 50, 1.0, check)
     assert "kernels vs simulation part at Relu 'relu'" in text
+
+
+def test_diagnose_reports_where_kernels_part() -> None:
+    from lowbit.cli.diagnose_cmd import report_text
+    from lowbit.evaluate.diagnose import diagnose
+
+    m = _conv_net()
+    q = lowbit.quantize(m, calib=_batches(), progress=False)
+    x = np.concatenate([b["x"] for b in _batches(8, seed=2)])
+    report = diagnose(m, q.model, [x], plan=q.plan, top=1, budget=2, progress=False)
+    gap = report.to_dict()["kernel_gap"]
+    assert gap["output_cosine"] > 0.999 and gap["first"] is None
+    assert "kernels vs simulation: no region departs" in report_text(report.to_dict())

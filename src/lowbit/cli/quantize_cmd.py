@@ -189,7 +189,8 @@ def run(args: argparse.Namespace) -> int:
             args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
         )
         check = runtime_check(_runnable(args.model), result.model, data)
-        if check["kernels_vs_simulation"]["cosine"] < GAP_COSINE:  # name the op where they part (a second pass)
+        cos = check["kernels_vs_simulation"]["cosine"]  # None: not finite (jsonable)
+        if cos is None or cos < GAP_COSINE:  # name the op where they part (a second pass over the data)
             again = open_data(
                 args.calib, input_specs(args.model), batch_size=recipe.batch_size, preprocess=pre, limit=args.check
             )

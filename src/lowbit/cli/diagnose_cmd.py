@@ -126,6 +126,10 @@ def report_text(r: dict[str, Any], rows: int = 15) -> str:
     for name, f in (r["after"].get("outputs") or {}).items():
         if (w := poor_text(name, f, " after the suggested fixes", hint=False)) is not None:
             lines.append(w)
+    if r.get("kernel_gap"):
+        from ..evaluate.kernel_gap import gap_text
+
+        lines.append(gap_text(r["kernel_gap"]))
     for item in r.get("lint") or []:
         lines.append(f"lint: {item.get('kind')}: {item.get('message')}")
     if r.get("recipe_path"):

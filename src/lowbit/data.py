@@ -441,7 +441,8 @@ def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tup
         counts[s.name] = full[0]
     if len(set(counts.values())) > 1:
         raise LowbitError(
-            f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count"
+            f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count, or "
+            "name an input whose batch axis is not the first (--batch-axis state=1, batch_axes={'state': 1})"
         )
     return next(iter(counts.values())), take
 

@@ -66,6 +66,7 @@ class Entry:
     n_eval: int = 64
     licence: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    batch_axes: dict[str, int | None] | None = None  # inputs not stacked on axis 0 (lowbit's batch_axes=)
 
     def calib(self, model: Path, n: int | None = None) -> Feeds:
         return self.feeds(model, n or self.n_calib, CALIB_SEED, "calib")
@@ -224,6 +225,7 @@ ENTRIES: tuple[Entry, ...] = (
         _vad_feeds,
         (Output("output", "dense map", 0.5), Output("stateN", "scalar/state")),
         licence="built here",
+        batch_axes={"state": 1},
     ),
 )
 

@@ -26,6 +26,7 @@ from ...passes import prepare
 from .context import Context
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, fold_dynamic, read_graph
+from .rewrite import batchnorm, expand_1d, hard_sigmoid, hard_swish, requantize
 from .transformer import fuse_bias, fuse_gelu
 from .writer import QuantParams, Tensor, serialize
 
@@ -204,7 +205,8 @@ def _evaluate(node: onnx.NodeProto, consts: dict[str, np.ndarray], opsets: dict[
     model.ir_version = 8
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return [np.asarray(v) for v in sess.run(None, {i.name: consts[i.name] for i in inputs})]
+        # np.asarray: a 0-d constant may be held as a numpy scalar, which ONNX Runtime refuses as a feed
+        return [np.asarray(v) for v in sess.run(None, {i.name: np.asarray(consts[i.name]) for i in inputs})]
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad node
         raise LowbitError(
             f"node {node.name or node.output[0]} ({node.op_type}): cannot evaluate it on its "
@@ -327,6 +329,11 @@ def convert(
     fuse_gelu(g)
     outputs = [o.name for o in proto.graph.output]
     fuse_bias(g, {g.name(o) for o in outputs})
+    hard_swish(g, {g.name(o) for o in outputs})
+    hard_sigmoid(g, shapes, dtypes)
+    batchnorm(g, shapes, dtypes)
+    expand_1d(g, shapes, dtypes)
+    requantize(g, shapes, dtypes)
     ctx = Context(g, shapes, precision, dtypes)
     acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
     quantized = bool(g.quant)

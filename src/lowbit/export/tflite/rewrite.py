@@ -1,0 +1,238 @@
+"""Graph rewrites before conversion: forms with no one-op TFLite equivalent become ones that have one.
+
+They work on the read Graph (compute nodes plus int8 annotations), so the converters stay one op -> one kernel:
+- a 1-D Conv / ConvTranspose becomes the 2-D one on an expanded axis, between two Reshapes;
+- a BatchNormalization that no conv absorbed becomes a 1x1 depthwise Conv (per-channel scale and shift, one
+  kernel; in int8 its weights are exact: each channel's multiplier is +-127 times a scale of |w| / 127);
+- x * HardSigmoid(x) with alpha 1/6, beta 1/2 (hard-swish written out) becomes HardSwish;
+- where TFLite's int8 kernel needs the same parameters on input and output (Reshape, Concat, pooling...) or fixes
+  the output's (LOGISTIC, SOFTMAX, TANH) but lowbit chose others, an Identity between the two parameter sets,
+  which the identity converter writes as QUANTIZE int8 -> int8 (a requantize).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .ops import FIXED_OUTPUT, SAME_PARAMS
+from .qdq import Graph, QTensor
+from .writer import QuantParams
+
+class _Names:
+    """Fresh value names, stable across runs (same model -> same bytes)."""
+
+    def __init__(self, g: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
+        self.used = set(shapes) | set(g.consts) | {o for n in g.nodes for o in n.output}
+
+    def __call__(self, base: str) -> str:
+        name, i = base, 0
+        while name in self.used:
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+
+def same(a: QuantParams, b: QuantParams) -> bool:
+    return bool(np.allclose(a.scale, b.scale, rtol=1e-6) and np.array_equal(a.zero_point, b.zero_point))
+
+
+def _value(g: Graph, shapes: dict, dtypes: dict, new: str, like: str, shape: tuple[int, ...]) -> str:
+    """Register `new` as a value shaped `shape` with the number type and int8 parameters of `like`."""
+    shapes[new] = tuple(shape)
+    if like in dtypes:
+        dtypes[new] = dtypes[like]
+    if like in g.quant:
+        g.quant[new] = g.quant[like]
+    return new
+
+
+def _reshape(g: Graph, names: _Names, x: str, y: str, shape: tuple[int, ...], label: str) -> onnx.NodeProto:
+    target = names(f"{label}_shape")
+    g.consts[target] = np.asarray(shape, np.int64)
+    return helper.make_node("Reshape", [x, target], [y], name=label)
+
+
+def expand_1d(g: Graph, shapes: dict, dtypes: dict) -> None:
+    """Conv / ConvTranspose over one spatial axis -> the 2-D op over (L, 1): TFLite has only 2-D kernels."""
+    names = _Names(g, shapes)
+    out: list[onnx.NodeProto] = []
+    for node in g.nodes:
+        w = node.input[1] if len(node.input) > 1 else ""
+        if node.op_type not in ("Conv", "ConvTranspose") or w not in g.consts or g.consts[w].ndim != 3:
+            out.append(node)
+            continue
+        label = node.name or node.output[0]
+        x, y = node.input[0], node.output[0]
+        x4 = _value(g, shapes, dtypes, names(f"{x}_2d"), x, (*shapes[x], 1))
+        y4 = _value(g, shapes, dtypes, names(f"{y}_2d"), y, (*shapes[y], 1))
+        w4 = names(f"{w}_2d")
+        g.consts[w4] = g.consts[w][..., None]
+        if w in g.qconsts:
+            qt = g.qconsts[w]
+            g.qconsts[w4] = QTensor(qt.data[..., None], qt.quant)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        for key, extra in (("kernel_shape", 1), ("strides", 1), ("dilations", 1), ("output_padding", 0)):
+            if key in attrs:
+                attrs[key] = [*attrs[key], extra]
+        if "pads" in attrs:
+            attrs["pads"] = [attrs["pads"][0], 0, attrs["pads"][1], 0]
+        if "output_shape" in attrs:
+            attrs["output_shape"] = [*attrs["output_shape"], 1]
+        conv = helper.make_node(node.op_type, [x4, w4, *node.input[2:]], [y4], name=label, **attrs)
+        out += [_reshape(g, names, x, x4, shapes[x4], f"{label}_expand"), conv]
+        out.append(_reshape(g, names, y4, y, shapes[y], f"{label}_squeeze"))
+    g.nodes = out
+
+
+def batchnorm(g: Graph, shapes: dict, dtypes: dict) -> None:
+    """BatchNormalization (inference) -> y = x * w + b per channel, as a 1x1 depthwise Conv on a 4-D map."""
+    names = _Names(g, shapes)
+    out: list[onnx.NodeProto] = []
+    for node in g.nodes:
+        if node.op_type != "BatchNormalization" or not all(i in g.consts for i in node.input[1:5]):
+            out.append(node)
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        gamma, beta, mean, var = (g.consts[i].astype(np.float64).ravel() for i in node.input[1:5])
+        w = gamma / np.sqrt(var + eps)
+        b = beta - mean * w
+        label = node.name or node.output[0]
+        x, y = node.input[0], node.output[0]
+        c = shapes[x][1]
+        w_name, b_name = names(f"{label}_scale"), names(f"{label}_shift")
+        g.consts[w_name] = w.astype(np.float32).reshape(c, 1, 1, 1)
+        g.consts[b_name] = b.astype(np.float32)
+        if x in g.quant:  # exact int8 multipliers: q = +-127 with scale |w| / 127 (zero channels: q = 0)
+            scale = np.where(w == 0, 1.0, np.abs(w) / 127).astype(np.float32)
+            q = (np.sign(w) * 127 * (w != 0)).astype(np.int8).reshape(c, 1, 1, 1)
+            g.qconsts[w_name] = QTensor(q, QuantParams(scale, np.zeros(c, np.int64), 0))
+            g.consts[w_name] = g.qconsts[w_name].real()
+        rank = len(shapes[x])
+        four = (*shapes[x], *(1,) * (4 - rank))
+        x4 = x if rank == 4 else _value(g, shapes, dtypes, names(f"{x}_4d"), x, four)
+        y4 = y if rank == 4 else _value(g, shapes, dtypes, names(f"{y}_4d"), y, four)
+        if rank != 4:
+            out.append(_reshape(g, names, x, x4, four, f"{label}_expand"))
+        out.append(helper.make_node("Conv", [x4, w_name, b_name], [y4], name=label, group=c, kernel_shape=[1, 1]))
+        if rank != 4:
+            out.append(_reshape(g, names, y4, y, shapes[y], f"{label}_squeeze"))
+    g.nodes = out
+
+
+def hard_swish(g: Graph, graph_outputs: set[str]) -> None:
+    """Mul(x, HardSigmoid(x)) with alpha 1/6, beta 1/2 -> HardSwish(x): one int8 kernel, no rounding between."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    uses = Counter(i for n in g.nodes for i in n.input)
+    drop: set[int] = set()
+    for node in g.nodes:
+        if node.op_type != "Mul" or len(node.input) != 2:
+            continue
+        for h, x in (node.input, reversed(node.input)):
+            hs = producer.get(h)
+            if hs is None or hs.op_type != "HardSigmoid" or hs.input[0] != x or uses[h] != 1 or h in graph_outputs:
+                continue
+            attrs = {a.name: a.f for a in hs.attribute}
+            if abs(attrs.get("alpha", 0.2) - 1 / 6) > 1e-6 or abs(attrs.get("beta", 0.5) - 0.5) > 1e-6:
+                continue
+            drop.add(id(hs))
+            new = helper.make_node("HardSwish", [x], [node.output[0]], name=node.name or node.output[0])
+            node.CopyFrom(new)
+            break
+    g.nodes = [n for n in g.nodes if id(n) not in drop]
+
+
+def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
+    """HardSigmoid(x) = clip(alpha * x + beta, 0, 1) -> Mul, Add (and Clip in float). In int8 the Add's output
+    parameters (1/255, -128) span exactly [0, 1], so int8 saturation is the clip; the Mul's are alpha times x's,
+    so it moves no integer; alpha and beta are stored exactly (+-127 with scale |v| / 127)."""
+    names = _Names(g, shapes)
+    out: list[onnx.NodeProto] = []
+    for node in g.nodes:
+        if node.op_type != "HardSigmoid":
+            out.append(node)
+            continue
+        attrs = {a.name: a.f for a in node.attribute}
+        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+        label = node.name or node.output[0]
+        x, y = node.input[0], node.output[0]
+        int8 = x in g.quant and y in g.quant
+        k_alpha, k_beta = names(f"{label}_alpha"), names(f"{label}_beta")
+        for k, v in ((k_alpha, alpha), (k_beta, beta)):
+            g.consts[k] = np.full((1,) * len(shapes[x]), v, np.float32)
+            if int8:
+                scale = np.asarray([abs(v) / 127 if v else 1.0], np.float32)
+                q = np.full(g.consts[k].shape, 127 * np.sign(v), np.int8)
+                g.qconsts[k] = QTensor(q, QuantParams(scale, np.zeros(1, np.int64)))
+                g.consts[k] = g.qconsts[k].real()
+        t = _value(g, shapes, dtypes, names(f"{label}_scaled"), x, shapes[x])
+        out.append(helper.make_node("Mul", [x, k_alpha], [t], name=f"{label}_mul"))
+        if not int8:
+            s = _value(g, shapes, dtypes, names(f"{label}_shifted"), x, shapes[x])
+            g.quant.pop(t, None), g.quant.pop(s, None)  # y is float: so is the whole float form
+            lo, hi = names(f"{label}_lo"), names(f"{label}_hi")
+            g.consts[lo], g.consts[hi] = np.float32(0).reshape(()), np.float32(1).reshape(())
+            out.append(helper.make_node("Add", [t, k_beta], [s], name=f"{label}_add"))
+            out.append(helper.make_node("Clip", [s, lo, hi], [y], name=label))
+            continue
+        qx = g.quant[x]
+        z = np.clip(qx.zero_point if alpha > 0 else -qx.zero_point, -128, 127)
+        g.quant[t] = QuantParams((abs(alpha) * qx.scale).astype(np.float32), z)
+        unit = QuantParams(np.asarray([1 / 255], np.float32), np.asarray([-128], np.int64))
+        if same(g.quant[y], unit):
+            out.append(helper.make_node("Add", [t, k_beta], [y], name=label))
+            continue
+        s = _value(g, shapes, dtypes, names(f"{label}_unit"), y, shapes[y])
+        g.quant[s] = unit
+        out.append(helper.make_node("Add", [t, k_beta], [s], name=f"{label}_add"))
+        out.append(helper.make_node("Identity", [s], [y], name=f"{label}_requantize"))
+    g.nodes = out
+
+
+def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
+    """Insert the int8 -> int8 requantizes TFLite's kernels need; returns the nodes that got one."""
+    names = _Names(g, shapes)
+    out: list[onnx.NodeProto] = []
+    changed = []
+    for node in g.nodes:
+        y = node.output[0]
+        ins = [i for i in node.input if i and i not in g.consts]
+        quantized = all(o in g.quant for o in node.output) and all(i in g.quant for i in ins) and ins
+        label = node.name or y
+        if not quantized:
+            out.append(node)
+        elif node.op_type in FIXED_OUTPUT and not same(g.quant[y], _fixed(node.op_type)):
+            raw = _value(g, shapes, dtypes, names(f"{y}_fixed"), y, shapes[y])
+            g.quant[raw] = _fixed(node.op_type)
+            node.name, node.output[0] = label, raw
+            out += [node, helper.make_node("Identity", [raw], [y], name=f"{label}_requantize")]
+            changed.append(label)
+        elif node.op_type == "Concat" and any(not same(g.quant[i], g.quant[y]) for i in ins):
+            for k, i in enumerate(node.input):
+                if i in g.quant and not same(g.quant[i], g.quant[y]):
+                    rq = _value(g, shapes, dtypes, names(f"{i}_{label}_rq"), i, shapes[i])
+                    g.quant[rq] = g.quant[y]
+                    out.append(helper.make_node("Identity", [i], [rq], name=f"{label}_requantize_{k}"))
+                    node.input[k] = rq
+            out.append(node)
+            changed.append(label)
+        elif node.op_type in SAME_PARAMS and not same(g.quant[ins[0]], g.quant[y]):
+            # compute in the input's parameters, then rescale the (often smaller) output once
+            raw = _value(g, shapes, dtypes, names(f"{y}_raw"), y, shapes[y])
+            g.quant[raw] = g.quant[ins[0]]
+            node.name, node.output[0] = label, raw
+            out += [node, helper.make_node("Identity", [raw], [y], name=f"{label}_requantize")]
+            changed.append(label)
+        else:
+            out.append(node)
+    g.nodes = out
+    return changed
+
+
+def _fixed(op: str) -> QuantParams:
+    s, z = FIXED_OUTPUT[op]
+    return QuantParams(np.asarray([s], np.float32), np.asarray([z], np.int64))

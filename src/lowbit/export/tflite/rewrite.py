@@ -148,7 +148,7 @@ def hard_swish(g: Graph, graph_outputs: set[str]) -> None:
 
 def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
     """HardSigmoid(x) = clip(alpha * x + beta, 0, 1) -> Mul, Add (and Clip in float). In int8 the Add's output
-    parameters (1/255, -128) span exactly [0, 1], so int8 saturation is the clip; the Mul's are alpha times x's,
+    parameters (1/255, -128), or y's own when they span [0, hi <= 1], make int8 saturation the clip; the Mul's are alpha times x's,
     so it moves no integer; alpha and beta are stored exactly (+-127 with scale |v| / 127)."""
     names = _Names(g, shapes)
     out: list[onnx.NodeProto] = []
@@ -183,7 +183,11 @@ def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
         z = np.clip(qx.zero_point if alpha > 0 else -qx.zero_point, -128, 127)
         g.quant[t] = QuantParams((abs(alpha) * qx.scale).astype(np.float32), z)
         unit = QuantParams(np.asarray([1 / 255], np.float32), np.asarray([-128], np.int64))
-        if same(g.quant[y], unit):
+        qy = g.quant[y]
+        if int(qy.zero_point[0]) == -128 and 255 * float(qy.scale[0]) <= 1 + 1e-6:
+            # y's range is [0, hi <= 1]: saturating to it is the clip too, and one rounding matches ONNX's
+            out.append(helper.make_node("Add", [t, k_beta], [y], name=label))
+            continue
             out.append(helper.make_node("Add", [t, k_beta], [y], name=label))
             continue
         s = _value(g, shapes, dtypes, names(f"{label}_unit"), y, shapes[y])

@@ -40,12 +40,15 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
     modes: set[int | None] = set()
     for i, (k, s) in enumerate(((kh, sh), (kw, sw))):
         total = (in_hw[i] - 1) * s + k - out_hw[i]  # what TFLite crops in all, from top and bottom
+        if total == 0 and pads[i] == 0 and in_hw[i] == out_hw[i] == 1:
+            continue  # the unit axis of an expanded 1-D op: SAME and VALID agree
         if pads[i] == 0:
             modes.add(VALID)
         elif pads[i] == total // 2 and total >= 0:
             modes.add(SAME)
         else:
             modes.add(None)
+    modes = modes or {VALID}
     if len(modes) != 1 or None in modes:
         raise fail(
             node,

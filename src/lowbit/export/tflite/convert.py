@@ -73,20 +73,23 @@ class ExportResult:
         return dumps(self.to_dict(), indent=indent)
 
 
-def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    recipe = None
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, list]]:
+    """The model, its plan's recipe and the plan's calibrated activation ranges (none without a plan beside it)."""
+    recipe, ranges = None, {}
     irm = load_model(model)
     if not isinstance(model, onnx.ModelProto):
         from ...plan import Plan, plan_path
 
         if plan_path(model).is_file():
             try:
-                recipe = Plan.load(plan_path(model)).recipe
+                plan = Plan.load(plan_path(model))
+                recipe = plan.recipe
+                ranges = {k: t.range for k, t in plan.tensors.items() if t.range is not None}
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
         prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
-    return ir.to_proto(irm), recipe
+    return ir.to_proto(irm), recipe, ranges
 
 
 def _static_shapes(
@@ -318,10 +321,12 @@ def convert(
     kernels quantize on the fly). QDQ models export as full-integer int8. shapes fixes input sizes by name
     (e.g. a transformer's sequence length); other symbolic batch axes become `batch`. calib (anything
     `lowbit.data.open_data` reads, with `preprocess` for image folders) measures the range of float model
-    outputs that integer io needs: lowbit leaves a weighted Gemm/MatMul's model output float."""
+    outputs (lowbit leaves a weighted Gemm/MatMul's model output float) so that layer runs int8 too: integer io
+    needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
+    float)."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
-    proto, recipe = _load(model)
+    proto, recipe, ranges = _load(model)
     shapes, dtypes = _static_shapes(proto, batch, dict(shapes or {}))
     g = read_graph(proto, dtypes)
     precision = _precision(g, precision, fold_dynamic(g))
@@ -339,8 +344,8 @@ def convert(
     quantized = bool(g.quant)
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
-    if io != "float":
-        _quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess)
+    if quantized:  # full-integer where the output's range is known (plan or calib); else float at the edge
+        _quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
     inits = {t.name for t in proto.graph.initializer}
     inputs = []
     for vi in proto.graph.input:
@@ -419,10 +424,18 @@ def _checkpoint(ctx: Context):
 
 
 def _quantize_float_outputs(
-    g: Graph, model: str | Path | onnx.ModelProto, outputs: list[str], calib: Any, preprocess: Any
+    g: Graph,
+    model: str | Path | onnx.ModelProto,
+    outputs: list[str],
+    calib: Any,
+    preprocess: Any,
+    ranges: dict[str, list],
+    required: bool,
 ) -> None:
-    """Integer outputs from a weighted layer the quantizer left float at the model's edge: measure the output's
-    range on calibration data (ONNX Runtime, the int8 model) and give it int8 parameters, so the layer runs int8."""
+    """A weighted layer the quantizer left float at the model's edge (a classifier's last Gemm) runs int8 when the
+    output's range is known: from the plan, else measured on `calib` (ONNX Runtime, the int8 model). Then one
+    DEQUANTIZE at the edge replaces QUANTIZE + float kernel + DEQUANTIZE. `required` (integer io): a range must
+    be found."""
     producer = {o: n for n in g.nodes for o in n.output}
     todo = []
     for name in outputs:
@@ -431,7 +444,16 @@ def _quantize_float_outputs(
             continue
         if node.input[1] in g.qconsts and node.input[0] in g.quant:
             todo.append(name)
-    if not todo:
+    from ...numerics import scale_zero_point
+
+    def give(n: str, lo: float, hi: float) -> None:
+        scale, zp = scale_zero_point(lo, hi, "int8", symmetric=False)
+        g.quant[n] = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
+
+    for n in [n for n in todo if n in ranges]:
+        give(n, float(ranges[n][0]), float(ranges[n][1]))
+        todo.remove(n)
+    if not todo or (calib is None and not required):
         return
     if calib is None:
         raise LowbitError(
@@ -439,7 +461,6 @@ def _quantize_float_outputs(
             "float); pass --calib DATA so the export can measure its range, or use --io float"
         )
     from ...data import input_specs, open_data
-    from ...numerics import scale_zero_point
     from ...runtimes.ort import session, with_outputs
 
     proto = load_proto(model)
@@ -452,8 +473,7 @@ def _quantize_float_outputs(
             v = values[index.index(n)]
             lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
     for n in todo:
-        scale, zp = scale_zero_point(lo[n], hi[n], "int8", symmetric=False)
-        g.quant[n] = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
+        give(n, lo[n], hi[n])
 
 
 def _input(ctx: Context, name: str, io: str) -> int:

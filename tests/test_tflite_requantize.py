@@ -142,3 +142,45 @@ def test_hardsigmoid_float_forms(precision):
     y = run_tflite(result.data, x).transpose(0, 3, 1, 2)
     ref = run_ort(model, x)
     assert np.abs(y - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+def _if_model(cond: bool) -> onnx.ModelProto:
+    """conv -> If(constant) {then: Relu, else: Sigmoid} -> conv: a graph wrapped in an If, as some exporters do."""
+    value = helper.make_tensor_value_info
+    then_g = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [], [value("t", TensorProto.FLOAT, None)])
+    else_g = helper.make_graph(
+        [helper.make_node("Sigmoid", ["c"], ["e"])], "else", [], [value("e", TensorProto.FLOAT, None)]
+    )
+    w = np.random.default_rng(0).normal(0, 0.4, (4, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Constant", [], ["cond"], value=numpy_helper.from_array(np.array(cond))),
+        helper.make_node("If", ["cond"], ["i"], then_branch=then_g, else_branch=else_g, name="if"),
+        helper.make_node("Conv", ["i", "w"], ["y"], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "t",
+        [value("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [value("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("cond", [True, False])
+def test_if_with_a_constant_condition_exports_the_taken_branch(cond: bool):
+    model = _if_model(cond)
+    x = np.random.default_rng(1).normal(0, 1, (1, 4, 8, 8)).astype(np.float32)
+    result = convert(model)
+    assert ("LOGISTIC" in result.ops) == (not cond)
+    np.testing.assert_allclose(run_tflite(result.data, x).transpose(0, 3, 1, 2), run_ort(model, x), atol=1e-5)
+    calib = np.random.default_rng(2).normal(0, 1, (16, 4, 8, 8)).astype(np.float32)
+    qmodel = lowbit.quantize(model, calib=[calib], progress=False).model
+    result = convert(qmodel)
+    assert not result.fallbacks
+    y = run_tflite(result.data, x).transpose(0, 3, 1, 2)
+    ref = session(qmodel, "kernels").run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() <= 2 * float(np.ptp(ref)) / 255

@@ -26,7 +26,7 @@ from ...passes import prepare
 from .context import Context
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, fold_dynamic, read_graph
-from .rewrite import batchnorm, expand_1d, hard_sigmoid, hard_swish, requantize
+from .rewrite import batchnorm, expand_1d, hard_sigmoid, hard_swish, inline_constant_ifs, requantize
 from .transformer import fuse_bias, fuse_gelu
 from .writer import QuantParams, Tensor, serialize
 
@@ -87,6 +87,9 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
                 ranges = {k: t.range for k, t in plan.tensors.items() if t.range is not None}
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
+    proto = ir.to_proto(irm)
+    if inline_constant_ifs(proto):
+        irm = ir.from_proto(proto)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
         prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
     return ir.to_proto(irm), recipe, ranges

@@ -16,7 +16,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .ops import FIXED_OUTPUT, SAME_PARAMS
 from .qdq import Graph, QTensor
@@ -240,3 +240,43 @@ def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
 def _fixed(op: str) -> QuantParams:
     s, z = FIXED_OUTPUT[op]
     return QuantParams(np.asarray([s], np.float32), np.asarray([z], np.int64))
+
+
+def inline_constant_ifs(proto: onnx.ModelProto) -> bool:
+    """An `If` whose condition is a constant (exporters wrap graphs in one) -> the nodes of the branch it takes.
+    Works on the ONNX graph before shapes are probed, so the branch's values get shapes and its Q/DQ pairs are
+    read like any others. Returns whether anything changed."""
+    changed = False
+    while True:
+        consts = {t.name: t for t in proto.graph.initializer}
+        for n in proto.graph.node:
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+                consts[n.output[0]] = n.attribute[0].t
+        nodes: list[onnx.NodeProto] = []
+        inlined = False
+        for node in proto.graph.node:
+            if node.op_type != "If" or node.input[0] not in consts:
+                nodes.append(node)
+                continue
+            taken = bool(numpy_helper.to_array(consts[node.input[0]]).ravel()[0])
+            branch = next(a.g for a in node.attribute if a.name == ("then_branch" if taken else "else_branch"))
+            rename = {o.name: y for o, y in zip(branch.output, node.output)}
+            proto.graph.initializer.extend(branch.initializer)
+            produced = set()
+            for inner in branch.node:
+                copy = onnx.NodeProto()
+                copy.CopyFrom(inner)
+                for i, v in enumerate(copy.input):
+                    copy.input[i] = rename.get(v, v)
+                for i, v in enumerate(copy.output):
+                    produced.add(v)
+                    copy.output[i] = rename.get(v, v)
+                nodes.append(copy)
+            for o, y in rename.items():  # a branch that returns an outer value as it is
+                if o not in produced:
+                    nodes.append(helper.make_node("Identity", [o], [y], name=f"{node.name or y}_{o}"))
+            inlined = changed = True
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        if not inlined:
+            return changed

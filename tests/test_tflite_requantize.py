@@ -147,7 +147,9 @@ def test_hardsigmoid_float_forms(precision):
 def _if_model(cond: bool) -> onnx.ModelProto:
     """conv -> If(constant) {then: Relu, else: Sigmoid} -> conv: a graph wrapped in an If, as some exporters do."""
     value = helper.make_tensor_value_info
-    then_g = helper.make_graph([helper.make_node("Relu", ["c"], ["t"])], "then", [], [value("t", TensorProto.FLOAT, None)])
+    then_g = helper.make_graph(
+        [helper.make_node("Relu", ["c"], ["t"])], "then", [], [value("t", TensorProto.FLOAT, None)]
+    )
     else_g = helper.make_graph(
         [helper.make_node("Sigmoid", ["c"], ["e"])], "else", [], [value("e", TensorProto.FLOAT, None)]
     )

@@ -21,14 +21,15 @@ from onnx import helper
 from ..._version import __version__
 from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
-from ...graph.io import load_model, load_proto, model_name
+from ...graph.io import load_model, model_name
 from ...passes import prepare
 from .context import Context
+from .edges import edge_input, edge_output, quantize_float_outputs
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, fold_dynamic, read_graph
 from .rewrite import batchnorm, expand_1d, hard_sigmoid, hard_swish, inline_constant_ifs, requantize
 from .transformer import fuse_bias, fuse_gelu
-from .writer import QuantParams, Tensor, serialize
+from .writer import QuantParams, serialize
 
 IO_KINDS = ("float", "int8", "uint8")
 # auto: float32 for float models, float16 for lowbit's float16-mode output, int8 for QDQ models.
@@ -348,13 +349,13 @@ def convert(
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
     if quantized:  # full-integer where the output's range is known (plan or calib); else float at the edge
-        _quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
+        quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
     inits = {t.name for t in proto.graph.initializer}
     inputs = []
     for vi in proto.graph.input:
         if vi.name in inits:
             continue
-        inputs.append(_input(ctx, vi.name, io))
+        inputs.append(edge_input(ctx, vi.name, io))
     fallbacks: list[str] = []
     for node in g.nodes:
         conv = CONVERTERS.get(node.op_type)
@@ -385,7 +386,7 @@ def convert(
             fallbacks.append(f"{name} ({node.op_type}): {str(e).split('): ', 1)[-1]}")
             ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
-    ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
+    ctx.fm.outputs = [edge_output(ctx, g.name(o), o, io) for o in outputs]
     # the serving_default signature names them as the ONNX graph does
     ctx.fm.input_names = [vi.name for vi in proto.graph.input if vi.name not in inits]
     ctx.fm.output_names = outputs
@@ -424,91 +425,3 @@ def _checkpoint(ctx: Context):
         ctx.reps, ctx.nhwc = {k: dict(v) for k, v in reps.items()}, dict(nhwc)
 
     return undo
-
-
-def _quantize_float_outputs(
-    g: Graph,
-    model: str | Path | onnx.ModelProto,
-    outputs: list[str],
-    calib: Any,
-    preprocess: Any,
-    ranges: dict[str, list],
-    required: bool,
-) -> None:
-    """A weighted layer the quantizer left float at the model's edge (a classifier's last Gemm) runs int8 when the
-    output's range is known: from the plan, else measured on `calib` (ONNX Runtime, the int8 model). Then one
-    DEQUANTIZE at the edge replaces QUANTIZE + float kernel + DEQUANTIZE. `required` (integer io): a range must
-    be found."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    todo = []
-    for name in outputs:
-        node = producer.get(name)
-        if name in g.quant or node is None or node.op_type not in ("Gemm", "MatMul", "Conv"):
-            continue
-        if node.input[1] in g.qconsts and node.input[0] in g.quant:
-            todo.append(name)
-    from ...numerics import scale_zero_point
-
-    def give(n: str, lo: float, hi: float) -> None:
-        scale, zp = scale_zero_point(lo, hi, "int8", symmetric=False)
-        g.quant[n] = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
-
-    for n in [n for n in todo if n in ranges]:
-        give(n, float(ranges[n][0]), float(ranges[n][1]))
-        todo.remove(n)
-    if not todo or (calib is None and not required):
-        return
-    if calib is None:
-        raise LowbitError(
-            f"output {todo[0]} is float in the model (lowbit keeps a weighted layer's model output "
-            "float); pass --calib DATA so the export can measure its range, or use --io float"
-        )
-    from ...data import input_specs, open_data
-    from ...runtimes.ort import session, with_outputs
-
-    proto = load_proto(model)
-    sess = session(with_outputs(proto, todo), "kernels")
-    index = [o.name for o in sess.get_outputs()]
-    lo, hi = {n: np.inf for n in todo}, {n: -np.inf for n in todo}
-    for batch in open_data(calib, input_specs(proto), preprocess=preprocess):
-        values = sess.run(None, batch)
-        for n in todo:
-            v = values[index.index(n)]
-            lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
-    for n in todo:
-        give(n, lo[n], hi[n])
-
-
-def _input(ctx: Context, name: str, io: str) -> int:
-    q = ctx.quant(name)
-    if io == "float" or q is None:
-        if io != "float":
-            raise LowbitError(f"--io {io}: input {name} is not quantized in the model; use --io float")
-        return ctx.produce(name, "f", True)
-    if io == "int8":
-        return ctx.produce(name, "q", True)
-    idx = ctx.fm.add_tensor(
-        Tensor(name, ctx.shape(name, True), "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
-    )
-    out = ctx.produce(name, "q", True)
-    ctx.fm.tensors[out].name = f"{name}_int8"
-    ctx.op("QUANTIZE", [idx], [out])
-    return idx
-
-
-def _output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
-    q = ctx.quant(name)
-    if io == "float" or q is None:
-        if io != "float":
-            raise LowbitError(f"--io {io}: output {onnx_name} is not quantized in the model; use --io float")
-        idx = ctx.get(name, "f")
-    else:
-        idx = ctx.get(name, "q")
-        if io == "uint8":
-            src = idx
-            idx = ctx.fm.add_tensor(
-                Tensor(onnx_name, ctx.fm.tensors[src].shape, "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
-            )
-            ctx.op("QUANTIZE", [src], [idx])
-    ctx.fm.tensors[idx].name = onnx_name
-    return idx

@@ -22,6 +22,7 @@ from .ops import FIXED_OUTPUT, SAME_PARAMS
 from .qdq import Graph, QTensor
 from .writer import QuantParams
 
+
 class _Names:
     """Fresh value names, stable across runs (same model -> same bytes)."""
 
@@ -148,8 +149,8 @@ def hard_swish(g: Graph, graph_outputs: set[str]) -> None:
 
 def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
     """HardSigmoid(x) = clip(alpha * x + beta, 0, 1) -> Mul, Add (and Clip in float). In int8 the Add's output
-    parameters (1/255, -128), or y's own when they span [0, hi <= 1], make int8 saturation the clip; the Mul's are alpha times x's,
-    so it moves no integer; alpha and beta are stored exactly (+-127 with scale |v| / 127)."""
+    parameters (1/255, -128), or y's own when they span [0, hi <= 1], make int8 saturation the clip; the Mul's
+    are alpha times x's, so it moves no integer; alpha and beta are stored exactly (+-127 with scale |v| / 127)."""
     names = _Names(g, shapes)
     out: list[onnx.NodeProto] = []
     for node in g.nodes:
@@ -173,9 +174,10 @@ def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
         out.append(helper.make_node("Mul", [x, k_alpha], [t], name=f"{label}_mul"))
         if not int8:
             s = _value(g, shapes, dtypes, names(f"{label}_shifted"), x, shapes[x])
-            g.quant.pop(t, None), g.quant.pop(s, None)  # y is float: so is the whole float form
+            g.quant.pop(t, None)  # y is float: so is the whole float form
+            g.quant.pop(s, None)
             lo, hi = names(f"{label}_lo"), names(f"{label}_hi")
-            g.consts[lo], g.consts[hi] = np.float32(0).reshape(()), np.float32(1).reshape(())
+            g.consts[lo], g.consts[hi] = np.zeros((), np.float32), np.ones((), np.float32)
             out.append(helper.make_node("Add", [t, k_beta], [s], name=f"{label}_add"))
             out.append(helper.make_node("Clip", [s, lo, hi], [y], name=label))
             continue

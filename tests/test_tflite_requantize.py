@@ -186,3 +186,46 @@ def test_if_with_a_constant_condition_exports_the_taken_branch(cond: bool):
     y = run_tflite(result.data, x).transpose(0, 3, 1, 2)
     ref = session(qmodel, "kernels").run(None, {"x": x})[0]
     assert np.abs(y - ref).max() <= 2 * float(np.ptp(ref)) / 255
+
+
+def _written_out_hard_swish() -> onnx.ModelProto:
+    """conv -> x * Clip(x + 3, 0, 6) / 6, as tf2onnx and paddle2onnx write hard-swish (opset 11)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.normal(0, 0.8, (4, 4, 1, 1)).astype(np.float32), "w"),
+        numpy_helper.from_array(np.float32(3), "three"),
+        numpy_helper.from_array(np.float32(0), "zero"),
+        numpy_helper.from_array(np.float32(6), "six"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Add", ["c", "three"], ["a"], name="add"),
+        helper.make_node("Clip", ["a", "zero", "six"], ["k"], name="clip"),
+        helper.make_node("Mul", ["c", "k"], ["m"], name="mul"),
+        helper.make_node("Div", ["m", "six"], ["y"], name="div"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "t", [value("x", TensorProto.FLOAT, [1, 4, 8, 8])], [value("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 7
+    return model
+
+
+def test_written_out_hard_swish_becomes_one_hard_swish():
+    model = _written_out_hard_swish()
+    x = np.random.default_rng(1).normal(0, 2, (1, 4, 8, 8)).astype(np.float32)
+    result = convert(model)
+    assert result.ops == {"CONV_2D": 1, "HARD_SWISH": 1}
+    np.testing.assert_allclose(run_tflite(result.data, x).transpose(0, 3, 1, 2), run_ort(model, x), atol=1e-5)
+    # lowbit's int8 form: the Clip became the Add's output range [0, 6]; the pattern still holds
+    calib = np.random.default_rng(2).normal(0, 2, (16, 4, 8, 8)).astype(np.float32)
+    qmodel = lowbit.quantize(model, calib=[calib], progress=False).model
+    assert "Clip" not in {n.op_type for n in qmodel.graph.node}
+    result = convert(qmodel)
+    assert result.ops["HARD_SWISH"] == 1 and not {"ADD", "MUL", "DIV"} & set(result.ops)
+    ref = session(qmodel, "kernels").run(None, {"x": x})[0]
+    y = run_tflite(result.data, x).transpose(0, 3, 1, 2)
+    # ONNX rounds x + 3 to a step of 6/255 before the product; TFLite's hard-swish does not
+    assert np.abs(y - ref).max() <= float(np.abs(ref).max()) * 6 / 255

@@ -145,6 +145,68 @@ def hard_swish(g: Graph, graph_outputs: set[str]) -> None:
             node.CopyFrom(new)
             break
     g.nodes = [n for n in g.nodes if id(n) not in drop]
+    _written_out_hard_swish(g, graph_outputs)
+
+
+def _written_out_hard_swish(g: Graph, graph_outputs: set[str]) -> None:
+    """x * Clip(x + 3, 0, 6) / 6 (tf2onnx, paddle2onnx) -> HardSwish(x). In lowbit's int8 output the Clip is gone
+    into the Add's output range [0, 6]; that range is the clip, so the pattern holds without it."""
+    producer = {o: n for n in g.nodes for o in n.output}
+    uses = Counter(i for n in g.nodes for i in n.input)
+
+    def const(name: str, value: float) -> bool:
+        v = g.consts.get(name)
+        return v is not None and v.size == 1 and abs(float(v.ravel()[0]) - value) < 1e-6 * max(1.0, value)
+
+    def only(name: str, op: str) -> onnx.NodeProto | None:
+        n = producer.get(name)
+        ok = n is not None and n.op_type == op and uses[name] == 1 and name not in graph_outputs
+        return n if ok else None
+
+    def six_clipped(k: str) -> str | None:
+        """x where k = Clip(x + 3, 0, 6) (or x + 3 quantized to exactly [0, 6])."""
+        a = k
+        clip = only(k, "Clip")
+        if clip is not None:
+            attrs = {x.name: x.f for x in clip.attribute}
+            bounds = list(clip.input[1:3]) + [""] * (3 - len(clip.input))
+            lo_ok = const(bounds[0], 0.0) if bounds[0] else attrs.get("min") == 0.0
+            hi_ok = const(bounds[1], 6.0) if bounds[1] else attrs.get("max") == 6.0
+            if not (lo_ok and hi_ok):
+                return None
+            a = clip.input[0]
+        elif k in g.quant:
+            q = g.quant[k]
+            s, z = float(q.scale[0]), int(q.zero_point[0])
+            if z != -128 or abs(255 * s - 6.0) > 6e-3:  # [0, 6] to 0.1%: saturation is the clip
+                return None
+        else:
+            return None
+        add = only(a, "Add")
+        if add is None:
+            return None
+        x = next((i for i, o in (add.input, reversed(add.input)) if const(o, 3.0)), None)
+        return x
+
+    drop: set[int] = set()
+    for node in g.nodes:
+        if node.op_type == "Div" and const(node.input[1], 6.0):
+            m = node.input[0]
+        elif node.op_type == "Mul" and any(const(i, 1 / 6) for i in node.input):
+            m = next(i for i in node.input if not const(i, 1 / 6))
+        else:
+            continue
+        mul = only(m, "Mul")
+        if mul is None:
+            continue
+        for x, k in (mul.input, reversed(mul.input)):
+            if six_clipped(k) == x:
+                clip = only(k, "Clip")
+                add = producer[clip.input[0] if clip is not None else k]
+                drop |= {id(mul), id(add)} | ({id(clip)} if clip is not None else set())
+                node.CopyFrom(helper.make_node("HardSwish", [x], [node.output[0]], name=node.name or node.output[0]))
+                break
+    g.nodes = [n for n in g.nodes if id(n) not in drop]
 
 
 def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:

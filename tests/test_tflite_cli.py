@@ -61,6 +61,12 @@ def test_cli_exports_int8_and_prints_summary(tmp_path: Path, capsys) -> None:
     assert summary["float_nodes"] == [] and "DEQUANTIZE" not in summary["ops"]
     out_detail = litert.Interpreter(model_path=str(tmp_path / "u.tflite")).get_output_details()[0]
     assert out_detail["dtype"] == np.uint8
+    # float io with --calib: the classifier runs int8 too, float only at the edges
+    f = tmp_path / "f.tflite"
+    assert main(["export", str(q), "-o", str(f), "--calib", str(tmp_path / "calib.npy"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["float_nodes"] == [] and summary["ops"]["DEQUANTIZE"] == 1 and summary["io"] == "float"
+    assert litert.Interpreter(model_path=str(f)).get_output_details()[0]["dtype"] == np.float32
 
 
 def test_cli_user_mistakes_are_one_line(tmp_path: Path, capsys) -> None:

@@ -95,7 +95,12 @@ def batchnorm(g: Graph, shapes: dict, dtypes: dict) -> None:
     names = _Names(g, shapes)
     out: list[onnx.NodeProto] = []
     for node in g.nodes:
-        if node.op_type != "BatchNormalization" or not all(i in g.consts for i in node.input[1:5]):
+        if (
+            node.op_type != "BatchNormalization"
+            or len(node.output) != 1
+            or not all(i in g.consts for i in node.input[1:5])
+            or not 2 <= len(shapes[node.input[0]]) <= 4
+        ):
             out.append(node)
             continue
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)

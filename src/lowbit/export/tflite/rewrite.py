@@ -276,6 +276,8 @@ def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
         ins = [i for i in node.input if i and i not in g.consts]
         quantized = all(o in g.quant for o in node.output) and all(i in g.quant for i in ins) and ins
         label = node.name or y
+        if quantized and (node.op_type in SAME_PARAMS or node.op_type in FIXED_OUTPUT):
+            _snap(g, node, ins)
         if not quantized:
             out.append(node)
         elif node.op_type in FIXED_OUTPUT and not same(g.quant[y], _fixed(node.op_type)):
@@ -304,6 +306,22 @@ def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
             out.append(node)
     g.nodes = out
     return changed
+
+
+def _snap(g: Graph, node: onnx.NodeProto, ins: list[str]) -> None:
+    """Parameters equal to a float32 rounding (a scale rebuilt from an aligned Add) become identical: TFLite's
+    kernels compare them exactly (CONCATENATION refuses to prepare, XNNPACK to delegate STRIDED_SLICE)."""
+    y = node.output[0]
+    if node.op_type in FIXED_OUTPUT:
+        if same(g.quant[y], _fixed(node.op_type)):
+            g.quant[y] = _fixed(node.op_type)
+        return
+    for i in ins if node.op_type == "Concat" else ins[:1]:
+        if same(g.quant[i], g.quant[y]) and g.quant[i] is not g.quant[y]:
+            if node.op_type == "Concat":
+                g.quant[i] = g.quant[y]
+            else:
+                g.quant[y] = g.quant[i]
 
 
 def _fixed(op: str) -> QuantParams:

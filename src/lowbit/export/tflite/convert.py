@@ -27,7 +27,16 @@ from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, fold_dynamic, read_graph
-from .rewrite import batchnorm, expand_1d, hard_sigmoid, hard_swish, inline_constant_ifs, requantize
+from .rewrite import (
+    batchnorm,
+    expand_1d,
+    hard_sigmoid,
+    hard_swish,
+    inline_constant_ifs,
+    quantize_constant_operands,
+    requantize,
+    split,
+)
 from .transformer import fuse_bias, fuse_gelu
 from .writer import QuantParams, serialize
 
@@ -342,6 +351,8 @@ def convert(
     hard_sigmoid(g, shapes, dtypes)
     batchnorm(g, shapes, dtypes)
     expand_1d(g, shapes, dtypes)
+    split(g, shapes, dtypes)
+    quantize_constant_operands(g)
     requantize(g, shapes, dtypes)
     ctx = Context(g, shapes, precision, dtypes)
     acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})

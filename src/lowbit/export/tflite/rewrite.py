@@ -266,6 +266,57 @@ def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
     g.nodes = out
 
 
+def split(g: Graph, shapes: dict, dtypes: dict) -> None:
+    """Split -> one Slice per output (STRIDED_SLICE each; in int8 each output keeps its own parameters)."""
+    names = _Names(g, shapes)
+    out: list[onnx.NodeProto] = []
+    for node in g.nodes:
+        if node.op_type != "Split":
+            out.append(node)
+            continue
+        x = node.input[0]
+        rank = len(shapes[x])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0) % rank
+        label = node.name or node.output[0]
+        start = 0
+        for k, y in enumerate(node.output):
+            size = shapes[y][axis]
+            bounds = {"starts": start, "ends": start + size, "axes": axis}
+            consts = []
+            for key, v in bounds.items():
+                c = names(f"{label}_{k}_{key}")
+                g.consts[c] = np.asarray([v], np.int64)
+                consts.append(c)
+            out.append(helper.make_node("Slice", [x, *consts], [y], name=f"{label}_{k}"))
+            start += size
+    g.nodes = out
+
+
+def quantize_constant_operands(g: Graph) -> None:
+    """A float constant operand of an int8 Add/Sub/Mul (an LSTM cell's bias the quantizer left float) -> int8 with
+    its own per-tensor parameters (range widened to include 0): TFLite's int8 ADD/SUB/MUL rescale each input."""
+    from ...numerics import quantize, scale_zero_point
+
+    for node in g.nodes:
+        if node.op_type not in ("Add", "Sub", "Mul") or not all(o in g.quant for o in node.output):
+            continue
+        ins = [i for i in node.input if i not in g.consts]
+        if not ins or not all(i in g.quant for i in ins):
+            continue
+        for c in node.input:
+            if c not in g.consts or c in g.qconsts or g.consts[c].dtype.kind != "f":
+                continue
+            data = g.consts[c].astype(np.float32)
+            lo, hi = min(float(data.min()), 0.0), max(float(data.max()), 0.0)
+            if hi == lo:
+                hi = lo + 1.0  # all zeros: any scale stores them exactly
+            scale, zp = scale_zero_point(lo, hi, "int8", symmetric=False)
+            q = quantize(data, scale, zp, "int8")
+            qp = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
+            g.qconsts[c] = QTensor(np.asarray(q, np.int8), qp)
+            g.consts[c] = g.qconsts[c].real()
+
+
 def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
     """Insert the int8 -> int8 requantizes TFLite's kernels need; returns the nodes that got one."""
     names = _Names(g, shapes)

@@ -141,3 +141,59 @@ def test_scales_one_float32_rounding_apart_are_made_identical_not_requantized():
     it.allocate_tensors()  # CONCATENATION compares input and output scales exactly
     far = convert(_rescale_output(qmodel, "tail", 1.5))  # a real difference: requantized (after the Slice, and
     assert far.ops["QUANTIZE"] == exact.ops["QUANTIZE"] + 2  # back to the Concat's parameters)
+
+
+def split_gates() -> onnx.ModelProto:
+    """MatMul -> Split into three gates -> Sigmoid, Tanh, identity -> Mul, Add of a state computed from a constant
+    (an unrolled recurrent cell's initial state, as in captcha-whisperer's CRNN)."""
+    w = np.random.default_rng(6).normal(0, 0.4, (8, 12)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+        helper.make_node("Split", ["m", "sizes"], ["i", "g", "o"], axis=1, name="split"),
+        helper.make_node("Sigmoid", ["i"], ["si"], name="sig"),
+        helper.make_node("Tanh", ["g"], ["tg"], name="tanh"),
+        helper.make_node("Mul", ["si", "tg"], ["c"], name="mul"),
+        # a state built from the input's shape (constant only once sizes are fixed at export): float constant
+        helper.make_node("Shape", ["x"], ["shape"], name="shape"),
+        helper.make_node("ConstantOfShape", ["shape"], ["h0"], value=numpy_helper.from_array(np.float32([0.3]))),
+        helper.make_node("MatMul", ["h0", "wh"], ["hh"], name="state"),
+        helper.make_node("Add", ["c", "hh"], ["ca"], name="state_add"),
+        helper.make_node("Add", ["ca", "o"], ["y"], name="add"),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        _ints("sizes", 4, 4, 4),
+        numpy_helper.from_array(np.random.default_rng(9).normal(0, 0.4, (8, 4)).astype(np.float32), "wh"),
+    ]
+    return _model([1, 8], [1, 4], nodes, inits)
+
+
+def ceil_maxpool() -> onnx.ModelProto:
+    """conv -> MaxPool 3x3 stride 2, ceil_mode, pads 1 (the last window hangs over) -> conv."""
+    w = np.random.default_rng(7).normal(0, 0.4, (4, 3, 1, 1)).astype(np.float32)
+    w2 = np.random.default_rng(8).normal(0, 0.4, (2, 4, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node(
+            "MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1], ceil_mode=1, name="pool"
+        ),
+        helper.make_node("Conv", ["p", "w2"], ["y"], name="conv2"),
+    ]
+    return _model(
+        [1, 3, 10, 9], [1, 2, 5, 5], nodes, [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2")]
+    )
+
+
+@pytest.mark.parametrize("build", [split_gates, ceil_maxpool])
+def test_split_and_ceil_mode_pooling_float_and_int8(build):
+    model = build()
+    x = _x(model, 1, 1)
+    result = convert(model)
+    assert {"split_gates": "STRIDED_SLICE", "ceil_maxpool": "PADV2"}[build.__name__] in result.ops
+    np.testing.assert_allclose(_nchw(run_tflite(result.data, x)), run_ort(model, x), rtol=1e-5, atol=1e-5)
+    qmodel = lowbit.quantize(model, calib=[_x(model, 0, 16)], progress=False).model
+    result = convert(qmodel)
+    assert not result.fallbacks and not result.float_nodes, result.to_dict()
+    y = _nchw(run_tflite(result.data, x))
+    ref = session(qmodel, "kernels").run(None, {"x": x})[0]
+    assert np.abs(y - ref).max() <= 2.01 * float(np.ptp(ref)) / 255

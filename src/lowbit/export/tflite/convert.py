@@ -25,13 +25,12 @@ from ...graph.io import load_model, model_name
 from ...passes import prepare
 from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
+from .hard import hard_sigmoid, hard_swish
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, fold_dynamic, read_graph
 from .rewrite import (
     batchnorm,
     expand_1d,
-    hard_sigmoid,
-    hard_swish,
     inline_constant_ifs,
     quantize_constant_operands,
     requantize,

@@ -4,15 +4,14 @@ They work on the read Graph (compute nodes plus int8 annotations), so the conver
 - a 1-D Conv / ConvTranspose becomes the 2-D one on an expanded axis, between two Reshapes;
 - a BatchNormalization that no conv absorbed becomes a 1x1 depthwise Conv (per-channel scale and shift, one
   kernel; in int8 its weights are exact: each channel's multiplier is +-127 times a scale of |w| / 127);
-- x * HardSigmoid(x) with alpha 1/6, beta 1/2 (hard-swish written out) becomes HardSwish;
+- Split becomes one Slice per output; a float constant operand of an int8 Add/Sub/Mul gets int8 parameters;
+- an If with a constant condition becomes its taken branch (on the ONNX graph, before shapes are probed);
 - where TFLite's int8 kernel needs the same parameters on input and output (Reshape, Concat, pooling...) or fixes
   the output's (LOGISTIC, SOFTMAX, TANH) but lowbit chose others, an Identity between the two parameter sets,
   which the identity converter writes as QUANTIZE int8 -> int8 (a requantize).
 """
 
 from __future__ import annotations
-
-from collections import Counter
 
 import numpy as np
 import onnx
@@ -23,7 +22,7 @@ from .qdq import Graph, QTensor
 from .writer import QuantParams
 
 
-class _Names:
+class Names:
     """Fresh value names, stable across runs (same model -> same bytes)."""
 
     def __init__(self, g: Graph, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -42,7 +41,7 @@ def same(a: QuantParams, b: QuantParams) -> bool:
     return bool(np.allclose(a.scale, b.scale, rtol=1e-6) and np.array_equal(a.zero_point, b.zero_point))
 
 
-def _value(g: Graph, shapes: dict, dtypes: dict, new: str, like: str, shape: tuple[int, ...]) -> str:
+def new_value(g: Graph, shapes: dict, dtypes: dict, new: str, like: str, shape: tuple[int, ...]) -> str:
     """Register `new` as a value shaped `shape` with the number type and int8 parameters of `like`."""
     shapes[new] = tuple(shape)
     if like in dtypes:
@@ -52,7 +51,7 @@ def _value(g: Graph, shapes: dict, dtypes: dict, new: str, like: str, shape: tup
     return new
 
 
-def _reshape(g: Graph, names: _Names, x: str, y: str, shape: tuple[int, ...], label: str) -> onnx.NodeProto:
+def _reshape(g: Graph, names: Names, x: str, y: str, shape: tuple[int, ...], label: str) -> onnx.NodeProto:
     target = names(f"{label}_shape")
     g.consts[target] = np.asarray(shape, np.int64)
     return helper.make_node("Reshape", [x, target], [y], name=label)
@@ -60,7 +59,7 @@ def _reshape(g: Graph, names: _Names, x: str, y: str, shape: tuple[int, ...], la
 
 def expand_1d(g: Graph, shapes: dict, dtypes: dict) -> None:
     """Conv / ConvTranspose over one spatial axis -> the 2-D op over (L, 1): TFLite has only 2-D kernels."""
-    names = _Names(g, shapes)
+    names = Names(g, shapes)
     out: list[onnx.NodeProto] = []
     for node in g.nodes:
         w = node.input[1] if len(node.input) > 1 else ""
@@ -69,8 +68,8 @@ def expand_1d(g: Graph, shapes: dict, dtypes: dict) -> None:
             continue
         label = node.name or node.output[0]
         x, y = node.input[0], node.output[0]
-        x4 = _value(g, shapes, dtypes, names(f"{x}_2d"), x, (*shapes[x], 1))
-        y4 = _value(g, shapes, dtypes, names(f"{y}_2d"), y, (*shapes[y], 1))
+        x4 = new_value(g, shapes, dtypes, names(f"{x}_2d"), x, (*shapes[x], 1))
+        y4 = new_value(g, shapes, dtypes, names(f"{y}_2d"), y, (*shapes[y], 1))
         w4 = names(f"{w}_2d")
         g.consts[w4] = g.consts[w][..., None]
         if w in g.qconsts:
@@ -92,7 +91,7 @@ def expand_1d(g: Graph, shapes: dict, dtypes: dict) -> None:
 
 def batchnorm(g: Graph, shapes: dict, dtypes: dict) -> None:
     """BatchNormalization (inference) -> y = x * w + b per channel, as a 1x1 depthwise Conv on a 4-D map."""
-    names = _Names(g, shapes)
+    names = Names(g, shapes)
     out: list[onnx.NodeProto] = []
     for node in g.nodes:
         if (
@@ -120,8 +119,8 @@ def batchnorm(g: Graph, shapes: dict, dtypes: dict) -> None:
             g.consts[w_name] = g.qconsts[w_name].real()
         rank = len(shapes[x])
         four = (*shapes[x], *(1,) * (4 - rank))
-        x4 = x if rank == 4 else _value(g, shapes, dtypes, names(f"{x}_4d"), x, four)
-        y4 = y if rank == 4 else _value(g, shapes, dtypes, names(f"{y}_4d"), y, four)
+        x4 = x if rank == 4 else new_value(g, shapes, dtypes, names(f"{x}_4d"), x, four)
+        y4 = y if rank == 4 else new_value(g, shapes, dtypes, names(f"{y}_4d"), y, four)
         if rank != 4:
             out.append(_reshape(g, names, x, x4, four, f"{label}_expand"))
         out.append(helper.make_node("Conv", [x4, w_name, b_name], [y4], name=label, group=c, kernel_shape=[1, 1]))
@@ -130,145 +129,9 @@ def batchnorm(g: Graph, shapes: dict, dtypes: dict) -> None:
     g.nodes = out
 
 
-def hard_swish(g: Graph, graph_outputs: set[str]) -> None:
-    """Mul(x, HardSigmoid(x)) with alpha 1/6, beta 1/2 -> HardSwish(x): one int8 kernel, no rounding between."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    uses = Counter(i for n in g.nodes for i in n.input)
-    drop: set[int] = set()
-    for node in g.nodes:
-        if node.op_type != "Mul" or len(node.input) != 2:
-            continue
-        for h, x in (node.input, reversed(node.input)):
-            hs = producer.get(h)
-            if hs is None or hs.op_type != "HardSigmoid" or hs.input[0] != x or uses[h] != 1 or h in graph_outputs:
-                continue
-            attrs = {a.name: a.f for a in hs.attribute}
-            if abs(attrs.get("alpha", 0.2) - 1 / 6) > 1e-6 or abs(attrs.get("beta", 0.5) - 0.5) > 1e-6:
-                continue
-            drop.add(id(hs))
-            new = helper.make_node("HardSwish", [x], [node.output[0]], name=node.name or node.output[0])
-            node.CopyFrom(new)
-            break
-    g.nodes = [n for n in g.nodes if id(n) not in drop]
-    _written_out_hard_swish(g, graph_outputs)
-
-
-def _written_out_hard_swish(g: Graph, graph_outputs: set[str]) -> None:
-    """x * Clip(x + 3, 0, 6) / 6 (tf2onnx, paddle2onnx) -> HardSwish(x). In lowbit's int8 output the Clip is gone
-    into the Add's output range [0, 6]; that range is the clip, so the pattern holds without it."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    uses = Counter(i for n in g.nodes for i in n.input)
-
-    def const(name: str, value: float) -> bool:
-        v = g.consts.get(name)
-        return v is not None and v.size == 1 and abs(float(v.ravel()[0]) - value) < 1e-6 * max(1.0, value)
-
-    def only(name: str, op: str) -> onnx.NodeProto | None:
-        n = producer.get(name)
-        ok = n is not None and n.op_type == op and uses[name] == 1 and name not in graph_outputs
-        return n if ok else None
-
-    def six_clipped(k: str) -> str | None:
-        """x where k = Clip(x + 3, 0, 6) (or x + 3 quantized to exactly [0, 6])."""
-        a = k
-        clip = only(k, "Clip")
-        if clip is not None:
-            attrs = {x.name: x.f for x in clip.attribute}
-            bounds = list(clip.input[1:3]) + [""] * (3 - len(clip.input))
-            lo_ok = const(bounds[0], 0.0) if bounds[0] else attrs.get("min") == 0.0
-            hi_ok = const(bounds[1], 6.0) if bounds[1] else attrs.get("max") == 6.0
-            if not (lo_ok and hi_ok):
-                return None
-            a = clip.input[0]
-        elif k in g.quant:
-            q = g.quant[k]
-            s, z = float(q.scale[0]), int(q.zero_point[0])
-            if z != -128 or abs(255 * s - 6.0) > 6e-3:  # [0, 6] to 0.1%: saturation is the clip
-                return None
-        else:
-            return None
-        add = only(a, "Add")
-        if add is None:
-            return None
-        x = next((i for i, o in (add.input, reversed(add.input)) if const(o, 3.0)), None)
-        return x
-
-    drop: set[int] = set()
-    for node in g.nodes:
-        if node.op_type == "Div" and const(node.input[1], 6.0):
-            m = node.input[0]
-        elif node.op_type == "Mul" and any(const(i, 1 / 6) for i in node.input):
-            m = next(i for i in node.input if not const(i, 1 / 6))
-        else:
-            continue
-        mul = only(m, "Mul")
-        if mul is None:
-            continue
-        for x, k in (mul.input, reversed(mul.input)):
-            if six_clipped(k) == x:
-                clip = only(k, "Clip")
-                add = producer[clip.input[0] if clip is not None else k]
-                drop |= {id(mul), id(add)} | ({id(clip)} if clip is not None else set())
-                node.CopyFrom(helper.make_node("HardSwish", [x], [node.output[0]], name=node.name or node.output[0]))
-                break
-    g.nodes = [n for n in g.nodes if id(n) not in drop]
-
-
-def hard_sigmoid(g: Graph, shapes: dict, dtypes: dict) -> None:
-    """HardSigmoid(x) = clip(alpha * x + beta, 0, 1) -> Mul, Add (and Clip in float). In int8 the Add's output
-    parameters (1/255, -128), or y's own when they span [0, hi <= 1], make int8 saturation the clip; the Mul's
-    are alpha times x's, so it moves no integer; alpha and beta are stored exactly (+-127 with scale |v| / 127)."""
-    names = _Names(g, shapes)
-    out: list[onnx.NodeProto] = []
-    for node in g.nodes:
-        if node.op_type != "HardSigmoid":
-            out.append(node)
-            continue
-        attrs = {a.name: a.f for a in node.attribute}
-        alpha, beta = attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
-        label = node.name or node.output[0]
-        x, y = node.input[0], node.output[0]
-        int8 = x in g.quant and y in g.quant
-        k_alpha, k_beta = names(f"{label}_alpha"), names(f"{label}_beta")
-        for k, v in ((k_alpha, alpha), (k_beta, beta)):
-            g.consts[k] = np.full((1,) * len(shapes[x]), v, np.float32)
-            if int8:
-                scale = np.asarray([abs(v) / 127 if v else 1.0], np.float32)
-                q = np.full(g.consts[k].shape, 127 * np.sign(v), np.int8)
-                g.qconsts[k] = QTensor(q, QuantParams(scale, np.zeros(1, np.int64)))
-                g.consts[k] = g.qconsts[k].real()
-        t = _value(g, shapes, dtypes, names(f"{label}_scaled"), x, shapes[x])
-        out.append(helper.make_node("Mul", [x, k_alpha], [t], name=f"{label}_mul"))
-        if not int8:
-            s = _value(g, shapes, dtypes, names(f"{label}_shifted"), x, shapes[x])
-            g.quant.pop(t, None)  # y is float: so is the whole float form
-            g.quant.pop(s, None)
-            lo, hi = names(f"{label}_lo"), names(f"{label}_hi")
-            g.consts[lo], g.consts[hi] = np.zeros((), np.float32), np.ones((), np.float32)
-            out.append(helper.make_node("Add", [t, k_beta], [s], name=f"{label}_add"))
-            out.append(helper.make_node("Clip", [s, lo, hi], [y], name=label))
-            continue
-        qx = g.quant[x]
-        z = np.clip(qx.zero_point if alpha > 0 else -qx.zero_point, -128, 127)
-        g.quant[t] = QuantParams((abs(alpha) * qx.scale).astype(np.float32), z)
-        unit = QuantParams(np.asarray([1 / 255], np.float32), np.asarray([-128], np.int64))
-        qy = g.quant[y]
-        if int(qy.zero_point[0]) == -128 and 255 * float(qy.scale[0]) <= 1 + 1e-6:
-            # y's range is [0, hi <= 1]: saturating to it is the clip too, and one rounding matches ONNX's
-            out.append(helper.make_node("Add", [t, k_beta], [y], name=label))
-            continue
-            out.append(helper.make_node("Add", [t, k_beta], [y], name=label))
-            continue
-        s = _value(g, shapes, dtypes, names(f"{label}_unit"), y, shapes[y])
-        g.quant[s] = unit
-        out.append(helper.make_node("Add", [t, k_beta], [s], name=f"{label}_add"))
-        out.append(helper.make_node("Identity", [s], [y], name=f"{label}_requantize"))
-    g.nodes = out
-
-
 def split(g: Graph, shapes: dict, dtypes: dict) -> None:
     """Split -> one Slice per output (STRIDED_SLICE each; in int8 each output keeps its own parameters)."""
-    names = _Names(g, shapes)
+    names = Names(g, shapes)
     out: list[onnx.NodeProto] = []
     for node in g.nodes:
         if node.op_type != "Split":
@@ -319,7 +182,7 @@ def quantize_constant_operands(g: Graph) -> None:
 
 def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
     """Insert the int8 -> int8 requantizes TFLite's kernels need; returns the nodes that got one."""
-    names = _Names(g, shapes)
+    names = Names(g, shapes)
     out: list[onnx.NodeProto] = []
     changed = []
     for node in g.nodes:
@@ -332,7 +195,7 @@ def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
         if not quantized:
             out.append(node)
         elif node.op_type in FIXED_OUTPUT and not same(g.quant[y], _fixed(node.op_type)):
-            raw = _value(g, shapes, dtypes, names(f"{y}_fixed"), y, shapes[y])
+            raw = new_value(g, shapes, dtypes, names(f"{y}_fixed"), y, shapes[y])
             g.quant[raw] = _fixed(node.op_type)
             node.name, node.output[0] = label, raw
             out += [node, helper.make_node("Identity", [raw], [y], name=f"{label}_requantize")]
@@ -340,7 +203,7 @@ def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
         elif node.op_type == "Concat" and any(not same(g.quant[i], g.quant[y]) for i in ins):
             for k, i in enumerate(node.input):
                 if i in g.quant and not same(g.quant[i], g.quant[y]):
-                    rq = _value(g, shapes, dtypes, names(f"{i}_{label}_rq"), i, shapes[i])
+                    rq = new_value(g, shapes, dtypes, names(f"{i}_{label}_rq"), i, shapes[i])
                     g.quant[rq] = g.quant[y]
                     out.append(helper.make_node("Identity", [i], [rq], name=f"{label}_requantize_{k}"))
                     node.input[k] = rq
@@ -348,7 +211,7 @@ def requantize(g: Graph, shapes: dict, dtypes: dict) -> list[str]:
             changed.append(label)
         elif node.op_type in SAME_PARAMS and not same(g.quant[ins[0]], g.quant[y]):
             # compute in the input's parameters, then rescale the (often smaller) output once
-            raw = _value(g, shapes, dtypes, names(f"{y}_raw"), y, shapes[y])
+            raw = new_value(g, shapes, dtypes, names(f"{y}_raw"), y, shapes[y])
             g.quant[raw] = g.quant[ins[0]]
             node.name, node.output[0] = label, raw
             out += [node, helper.make_node("Identity", [raw], [y], name=f"{label}_requantize")]

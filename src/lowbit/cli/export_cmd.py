@@ -67,8 +67,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--calib",
         metavar="DATA",
-        help="with --io int8/uint8: data (.npy/.npz, or an image folder) to "
-        "measure the range of outputs the quantizer left float (a classifier's final Gemm)",
+        help="data (.npy/.npz, or an image folder) to measure the range of outputs the quantizer left float "
+        "(a classifier's final Gemm) so they run int8 too: needed with --io int8/uint8; optional with "
+        "--io float (one DEQUANTIZE at the edge instead of a float layer)",
     )
     add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

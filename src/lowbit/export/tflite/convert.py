@@ -21,13 +21,23 @@ from onnx import helper
 from ..._version import __version__
 from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
-from ...graph.io import load_model, load_proto, model_name
+from ...graph.io import load_model, model_name
 from ...passes import prepare
 from .context import Context
+from .edges import edge_input, edge_output, quantize_float_outputs
+from .hard import hard_sigmoid, hard_swish
 from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
 from .qdq import Graph, fold_dynamic, read_graph
+from .rewrite import (
+    batchnorm,
+    expand_1d,
+    inline_constant_ifs,
+    quantize_constant_operands,
+    requantize,
+    split,
+)
 from .transformer import fuse_bias, fuse_gelu
-from .writer import QuantParams, Tensor, serialize
+from .writer import QuantParams, serialize
 
 IO_KINDS = ("float", "int8", "uint8")
 # auto: float32 for float models, float16 for lowbit's float16-mode output, int8 for QDQ models.
@@ -72,20 +82,26 @@ class ExportResult:
         return dumps(self.to_dict(), indent=indent)
 
 
-def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None]:
-    recipe = None
+def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, list]]:
+    """The model, its plan's recipe and the plan's calibrated activation ranges (none without a plan beside it)."""
+    recipe, ranges = None, {}
     irm = load_model(model)
     if not isinstance(model, onnx.ModelProto):
         from ...plan import Plan, plan_path
 
         if plan_path(model).is_file():
             try:
-                recipe = Plan.load(plan_path(model)).recipe
+                plan = Plan.load(plan_path(model))
+                recipe = plan.recipe
+                ranges = {k: t.range for k, t in plan.tensors.items() if t.range is not None}
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
+    proto = ir.to_proto(irm)
+    if inline_constant_ifs(proto):
+        irm = ir.from_proto(proto)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
         prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
-    return ir.to_proto(irm), recipe
+    return ir.to_proto(irm), recipe, ranges
 
 
 def _static_shapes(
@@ -204,7 +220,8 @@ def _evaluate(node: onnx.NodeProto, consts: dict[str, np.ndarray], opsets: dict[
     model.ir_version = 8
     try:
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        return [np.asarray(v) for v in sess.run(None, {i.name: consts[i.name] for i in inputs})]
+        # np.asarray: a 0-d constant may be held as a numpy scalar, which ONNX Runtime refuses as a feed
+        return [np.asarray(v) for v in sess.run(None, {i.name: np.asarray(consts[i.name]) for i in inputs})]
     except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad node
         raise LowbitError(
             f"node {node.name or node.output[0]} ({node.op_type}): cannot evaluate it on its "
@@ -316,10 +333,12 @@ def convert(
     kernels quantize on the fly). QDQ models export as full-integer int8. shapes fixes input sizes by name
     (e.g. a transformer's sequence length); other symbolic batch axes become `batch`. calib (anything
     `lowbit.data.open_data` reads, with `preprocess` for image folders) measures the range of float model
-    outputs that integer io needs: lowbit leaves a weighted Gemm/MatMul's model output float."""
+    outputs (lowbit leaves a weighted Gemm/MatMul's model output float) so that layer runs int8 too: integer io
+    needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
+    float)."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
-    proto, recipe = _load(model)
+    proto, recipe, ranges = _load(model)
     shapes, dtypes = _static_shapes(proto, batch, dict(shapes or {}))
     g = read_graph(proto, dtypes)
     precision = _precision(g, precision, fold_dynamic(g))
@@ -327,19 +346,26 @@ def convert(
     fuse_gelu(g)
     outputs = [o.name for o in proto.graph.output]
     fuse_bias(g, {g.name(o) for o in outputs})
+    hard_swish(g, {g.name(o) for o in outputs})
+    hard_sigmoid(g, shapes, dtypes)
+    batchnorm(g, shapes, dtypes)
+    expand_1d(g, shapes, dtypes)
+    split(g, shapes, dtypes)
+    quantize_constant_operands(g)
+    requantize(g, shapes, dtypes)
     ctx = Context(g, shapes, precision, dtypes)
     acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
     quantized = bool(g.quant)
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
-    if io != "float":
-        _quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess)
+    if quantized:  # full-integer where the output's range is known (plan or calib); else float at the edge
+        quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
     inits = {t.name for t in proto.graph.initializer}
     inputs = []
     for vi in proto.graph.input:
         if vi.name in inits:
             continue
-        inputs.append(_input(ctx, vi.name, io))
+        inputs.append(edge_input(ctx, vi.name, io))
     fallbacks: list[str] = []
     for node in g.nodes:
         conv = CONVERTERS.get(node.op_type)
@@ -370,7 +396,7 @@ def convert(
             fallbacks.append(f"{name} ({node.op_type}): {str(e).split('): ', 1)[-1]}")
             ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
-    ctx.fm.outputs = [_output(ctx, g.name(o), o, io) for o in outputs]
+    ctx.fm.outputs = [edge_output(ctx, g.name(o), o, io) for o in outputs]
     # the serving_default signature names them as the ONNX graph does
     ctx.fm.input_names = [vi.name for vi in proto.graph.input if vi.name not in inits]
     ctx.fm.output_names = outputs
@@ -409,76 +435,3 @@ def _checkpoint(ctx: Context):
         ctx.reps, ctx.nhwc = {k: dict(v) for k, v in reps.items()}, dict(nhwc)
 
     return undo
-
-
-def _quantize_float_outputs(
-    g: Graph, model: str | Path | onnx.ModelProto, outputs: list[str], calib: Any, preprocess: Any
-) -> None:
-    """Integer outputs from a weighted layer the quantizer left float at the model's edge: measure the output's
-    range on calibration data (ONNX Runtime, the int8 model) and give it int8 parameters, so the layer runs int8."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    todo = []
-    for name in outputs:
-        node = producer.get(name)
-        if name in g.quant or node is None or node.op_type not in ("Gemm", "MatMul", "Conv"):
-            continue
-        if node.input[1] in g.qconsts and node.input[0] in g.quant:
-            todo.append(name)
-    if not todo:
-        return
-    if calib is None:
-        raise LowbitError(
-            f"output {todo[0]} is float in the model (lowbit keeps a weighted layer's model output "
-            "float); pass --calib DATA so the export can measure its range, or use --io float"
-        )
-    from ...data import input_specs, open_data
-    from ...numerics import scale_zero_point
-    from ...runtimes.ort import session, with_outputs
-
-    proto = load_proto(model)
-    sess = session(with_outputs(proto, todo), "kernels")
-    index = [o.name for o in sess.get_outputs()]
-    lo, hi = {n: np.inf for n in todo}, {n: -np.inf for n in todo}
-    for batch in open_data(calib, input_specs(proto), preprocess=preprocess):
-        values = sess.run(None, batch)
-        for n in todo:
-            v = values[index.index(n)]
-            lo[n], hi[n] = min(lo[n], float(v.min())), max(hi[n], float(v.max()))
-    for n in todo:
-        scale, zp = scale_zero_point(lo[n], hi[n], "int8", symmetric=False)
-        g.quant[n] = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
-
-
-def _input(ctx: Context, name: str, io: str) -> int:
-    q = ctx.quant(name)
-    if io == "float" or q is None:
-        if io != "float":
-            raise LowbitError(f"--io {io}: input {name} is not quantized in the model; use --io float")
-        return ctx.produce(name, "f", True)
-    if io == "int8":
-        return ctx.produce(name, "q", True)
-    idx = ctx.fm.add_tensor(
-        Tensor(name, ctx.shape(name, True), "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
-    )
-    out = ctx.produce(name, "q", True)
-    ctx.fm.tensors[out].name = f"{name}_int8"
-    ctx.op("QUANTIZE", [idx], [out])
-    return idx
-
-
-def _output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
-    q = ctx.quant(name)
-    if io == "float" or q is None:
-        if io != "float":
-            raise LowbitError(f"--io {io}: output {onnx_name} is not quantized in the model; use --io float")
-        idx = ctx.get(name, "f")
-    else:
-        idx = ctx.get(name, "q")
-        if io == "uint8":
-            src = idx
-            idx = ctx.fm.add_tensor(
-                Tensor(onnx_name, ctx.fm.tensors[src].shape, "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
-            )
-            ctx.op("QUANTIZE", [src], [idx])
-    ctx.fm.tensors[idx].name = onnx_name
-    return idx

@@ -58,13 +58,23 @@ def padding(
     return VALID, tb_lr
 
 
-def _pad(ctx: Context, node: onnx.NodeProto, x: str, kind: str, pads: list[int]) -> int:
+def _pad(ctx: Context, node: onnx.NodeProto, x: str, kind: str, pads: list[int], lowest: bool = False) -> int:
+    """x padded by [top, bottom, left, right]: with real 0, or (`lowest`, for max pooling) the lowest value."""
     n, h, w, c = ctx.shape(x, True)
     shape = (n, h + pads[0] + pads[1], w + pads[2] + pads[3], c)
     t = ctx._tensor(x, kind, shape)
     t.name = f"{node.name or x}_pad"
     out = ctx.fm.add_tensor(t)
     paddings = ctx.const_int([[0, 0], pads[:2], pads[2:], [0, 0]], f"{t.name}_paddings")
+    if lowest:
+        qx = ctx.quant(x) if kind == "q" else None
+        value = (
+            ctx.const(f"{t.name}_value", np.array([-128], np.int8), QuantParams(qx.scale, qx.zero_point))
+            if qx is not None
+            else ctx.const(f"{t.name}_value", np.array([np.finfo(np.float32).min], np.float32))
+        )
+        ctx.op("PADV2", [ctx.get(x, kind, True), paddings, value], [out])
+        return out
     # int8 PAD fills with the tensor's zero point: real 0, as ONNX's zero padding
     ctx.op("PAD", [ctx.get(x, kind, True), paddings], [out])
     return out
@@ -220,16 +230,26 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
         raise fail(node, "only 2-D pooling is exported")
     k = tuple(a["kernel_shape"])
     (sh, sw), d = _window(a)
-    if tuple(d) != (1, 1) or a.get("ceil_mode", 0):
-        raise fail(node, "dilated or ceil_mode pooling has no TFLite form")
-    mode, pads = padding(node, a, ctx.shapes[x][2:], k, (sh, sw), (1, 1))
+    if tuple(d) != (1, 1):
+        raise fail(node, "dilated pooling has no TFLite form")
     average = node.op_type == "AveragePool"
     p = list(a.get("pads", [0, 0, 0, 0]))
-    if average and a.get("count_include_pad", 0) and any(p):  # zeros count: pad explicitly, then VALID
+    # ceil_mode: the last window may hang over the end; the extra rows/columns are what ONNX's output size needs
+    in_hw, out_hw = ctx.shapes[x][2:], ctx.shapes[node.output[0]][2:]
+    extra = [max((out_hw[i] - 1) * s + k[i] - (in_hw[i] + p[i] + p[i + 2]), 0) for i, s in enumerate((sh, sw))]
+    if any(extra) and average:
+        raise fail(node, "ceil_mode average pooling (windows over the end average fewer values) has no TFLite form")
+    mode, pads = padding(node, a, in_hw, k, (sh, sw), (1, 1))
+    if not average and (pads or any(extra)):  # max pooling: pad with the lowest value, then VALID
+        mode, pads = VALID, [p[0], p[2] + extra[0], p[1], p[3] + extra[1]]
+    elif average and a.get("count_include_pad", 0) and any(p):  # zeros count: pad explicitly, then VALID
         mode, pads = VALID, [p[0], p[2], p[1], p[3]]
     elif pads:
         raise fail(node, "padding that is neither SAME nor VALID; TFLite pooling cannot express it")
-    xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
+    if pads and not average:
+        xin = _pad(ctx, node, x, kind, pads, lowest=True)
+    else:
+        xin = _pad(ctx, node, x, kind, pads) if pads else ctx.get(x, kind, True)
     out = ctx.produce(node.output[0], kind, True)
     ctx.op(
         "AVERAGE_POOL_2D" if average else "MAX_POOL_2D",

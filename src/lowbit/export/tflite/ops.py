@@ -145,11 +145,21 @@ def transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, 
 def concat(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     y = node.output[0]
     rank = len(ctx.shapes[y])
-    if any(n in ctx.g.consts for n in node.input):
-        raise fail(node, "concatenating a constant with activations is not exported")
-    nhwc = rank == 4 and all(ctx.nhwc.get(n, False) for n in node.input)
+    live = [n for n in node.input if n not in ctx.g.consts]
+    nhwc = rank == 4 and all(ctx.nhwc.get(n, False) for n in live)
     axis = nhwc_axis(a["axis"], rank) if nhwc else a["axis"] % rank
-    inputs = [ctx.get(n, kind, nhwc) for n in node.input]
+    inputs = []
+    for k, n in enumerate(node.input):
+        if n in live:
+            inputs.append(ctx.get(n, kind, nhwc))
+            continue
+        # a constant block (a detector's grid offsets): in int8 stored with the output's parameters
+        data = ctx.g.consts[n].astype(np.float32)
+        data = data.transpose(TO_NHWC) if nhwc else data
+        q = ctx.quant(y) if kind == "q" else None
+        if q is not None:
+            data = np.clip(np.round(data / q.scale[0]) + q.zero_point[0], -128, 127).astype(np.int8)
+        inputs.append(ctx.const(f"{node.name or y}_{k}", np.ascontiguousarray(data), q))
     ctx.op(
         "CONCATENATION",
         inputs,
@@ -217,6 +227,7 @@ SAME_PARAMS = {
     "Expand",
     "Resize",
     "Pad",
+    "Slice",
 }
 # Ops without an int8 kernel in TFLite's builtin resolver.
 FLOAT_ONLY = {"Div"} | set(transformer.CONVERTERS) - transformer.INT8_OK

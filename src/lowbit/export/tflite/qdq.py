@@ -31,7 +31,8 @@ class QTensor:
             shape[self.quant.axis] = -1
         s = self.quant.scale.reshape(shape)
         z = self.quant.zero_point.reshape(shape)
-        return ((self.data.astype(np.float64) - z) * s).astype(np.float32)
+        # np.asarray: on 0-d data numpy arithmetic returns a numpy scalar, which ONNX Runtime refuses as a feed
+        return np.asarray((self.data.astype(np.float64) - z) * s, np.float32)
 
 
 @dataclass

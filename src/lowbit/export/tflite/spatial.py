@@ -1,5 +1,6 @@
 """Converters for decoder-style spatial ops: ConvTranspose (TRANSPOSE_CONV), Resize (RESIZE_BILINEAR /
-RESIZE_NEAREST_NEIGHBOR) and standalone Pad (PAD / PADV2 / MIRROR_PAD), float and int8, on NHWC maps."""
+RESIZE_NEAREST_NEIGHBOR), standalone Pad (PAD / PADV2 / MIRROR_PAD) and Slice (STRIDED_SLICE), float and int8,
+on NHWC maps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from .context import Context
+from .context import TO_NHWC, Context
 from .layers import fail, weights_and_bias
 
 SAME, VALID = 0, 1
@@ -40,12 +41,15 @@ def conv_transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: 
     modes: set[int | None] = set()
     for i, (k, s) in enumerate(((kh, sh), (kw, sw))):
         total = (in_hw[i] - 1) * s + k - out_hw[i]  # what TFLite crops in all, from top and bottom
+        if total == 0 and pads[i] == 0 and in_hw[i] == out_hw[i] == 1:
+            continue  # the unit axis of an expanded 1-D op: SAME and VALID agree
         if pads[i] == 0:
             modes.add(VALID)
         elif pads[i] == total // 2 and total >= 0:
             modes.add(SAME)
         else:
             modes.add(None)
+    modes = modes or {VALID}
     if len(modes) != 1 or None in modes:
         raise fail(
             node,
@@ -186,4 +190,51 @@ def pad(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: i
         ctx.op("PADV2", [xin, paddings, ctx.const(f"{node.name or y}_value", np.array(value, np.float32))], [out])
 
 
-CONVERTERS = {"ConvTranspose": conv_transpose, "Resize": resize, "Pad": pad}
+def slice_(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """Slice with constant starts/ends/axes/steps -> STRIDED_SLICE over every axis (in NHWC for 4-D maps)."""
+    x, y = node.input[0], node.output[0]
+    dims = ctx.shapes[x]
+    rank = len(dims)
+
+    def const(i: int) -> list[int] | None:
+        if len(node.input) <= i or not node.input[i]:
+            return None
+        if node.input[i] not in ctx.g.consts:
+            raise fail(node, "slice bounds computed at run time; TFLite's STRIDED_SLICE needs constants")
+        return [int(v) for v in np.asarray(ctx.g.consts[node.input[i]]).ravel()]
+
+    starts, ends = const(1) or a.get("starts", []), const(2) or a.get("ends", [])
+    axes = const(3) or a.get("axes", list(range(len(starts))))
+    steps = const(4) or [1] * len(starts)
+    begin, end, stride = [0] * rank, list(dims), [1] * rank
+    end_mask = 0
+    for s0, e0, ax, st in zip(starts, ends, axes, steps):
+        ax = ax % rank
+        if st == 0:
+            raise fail(node, "a slice step of 0")
+        n = dims[ax]
+        b, e = (s0 + n if s0 < 0 else s0), (e0 + n if e0 < 0 else e0)
+        if st > 0:
+            b, e = min(max(b, 0), n), min(max(e, 0), n)
+        else:
+            b, e = min(max(b, -1), n - 1), min(max(e, -1), n - 1)
+            if e == -1:  # up to and including index 0: TFLite would read -1 as the last index
+                end_mask |= 1 << ax
+        begin[ax], end[ax], stride[ax] = b, e, st
+    nhwc = ctx.nhwc.get(x, False) and rank == 4
+    if nhwc:
+        begin, end, stride = ([v[i] for i in TO_NHWC] for v in (begin, end, stride))
+        end_mask = sum(1 << i for i, src in enumerate(TO_NHWC) if end_mask >> src & 1)
+    label = node.name or y
+    xin = ctx.get(x, kind, nhwc)
+    ctx.op(
+        "STRIDED_SLICE",
+        [xin, ctx.const_int(begin, f"{label}_begin"), ctx.const_int(end, f"{label}_end")]
+        + [ctx.const_int(stride, f"{label}_strides")],
+        [ctx.produce(y, kind, nhwc)],
+        "StridedSliceOptions",
+        end_mask=end_mask,
+    )
+
+
+CONVERTERS = {"ConvTranspose": conv_transpose, "Resize": resize, "Pad": pad, "Slice": slice_}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import weakref
+
 import numpy as np
 import onnx_ir as ir
 
@@ -25,11 +28,27 @@ def _input(node: ir.Node, i: int) -> ir.Value:
     return v
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """A new initializer holding `array`, registered in `graph`."""
+# Quantized weights at least this large are shared when their contents are identical: an unrolled recurrent network
+# reuses one float weight in every time step, and one copy per reading node made the captcha CRNN's int8 model
+# 3.6x the size of its float one. Only callers that never change or remove the value afterwards ask for sharing.
+SHARE_BYTES = 1024
+_shared: weakref.WeakKeyDictionary[ir.Graph, dict[tuple, ir.Value]] = weakref.WeakKeyDictionary()
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray, share: bool = False) -> ir.Value:
+    """An initializer holding `array`, registered in `graph`: a new one, or with `share` an earlier shared one
+    with the same contents (see SHARE_BYTES)."""
+    key = None
+    if share and array.nbytes >= SHARE_BYTES:
+        array = np.ascontiguousarray(array)
+        key = (array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).digest())
+        if (old := _shared.setdefault(graph, {}).get(key)) is not None and old.name in graph.initializers:
+            return old
     v = ir.Value(name=name, const_value=ir.tensor(array, name=name), shape=ir.Shape(array.shape))
     v.dtype = ir.DataType.from_numpy(array.dtype)
     graph.register_initializer(v)
+    if key is not None:
+        _shared[graph][key] = v
     return v
 
 
@@ -74,8 +93,9 @@ def _dq_node(model: ir.Model, name: str, q: ir.Value, p: TensorParams) -> ir.Nod
 def constant_dq(model: ir.Model, name: str, array: np.ndarray | None, q: np.ndarray, p: TensorParams) -> ir.Value:
     """A quantized initializer and the DequantizeLinear that feeds the float op."""
     t = qtype(p.dtype)
-    stored = add_initializer(model.graph, f"{name}_q", q.astype(t.np_dtype))
-    if p.dtype in ("int4", "uint4"):
+    four = p.dtype in ("int4", "uint4")
+    stored = add_initializer(model.graph, f"{name}_q", q.astype(t.np_dtype), share=not four)
+    if four:
         _packed4(stored, q, p.dtype)
     node = _dq_node(model, name, stored, p)
     node.outputs[0].name = f"{name}_dq"
@@ -186,7 +206,7 @@ def dynamic_matmul(
     Standard ONNX ops that ONNX Runtime fuses into one DynamicQuantizeMatMul kernel (measured: same speed)."""
     g, name = model.graph, node.name
     xq, xs, xz = dynamic_quantize(model, _input(node, 0), cache)
-    wq = add_initializer(g, f"{name}_w_q", q.astype(np.int8))
+    wq = add_initializer(g, f"{name}_w_q", q.astype(np.int8), share=True)
     wz = add_initializer(g, f"{name}_w_zp", zp.astype(np.int8))
     ws = add_initializer(g, f"{name}_w_s", np.asarray(scale, np.float32))
     acc = _node(g, "MatMulInteger", [xq, wq, xz, wz], f"{name}_MatMulInteger", dtype=ir.DataType.INT32)

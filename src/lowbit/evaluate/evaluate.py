@@ -20,7 +20,7 @@ from ..data import ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
 from ..graph.io import model_name
 from ..runtimes.litert import LiteRTSession, is_tflite
-from ..runtimes.ort import Mode, is_ort_format, session
+from ..runtimes.ort import Mode, is_ort_format, join, output_batch_axes, session
 from .jsonable import JsonResult
 from .outputs import check_kind_names, output_fidelity
 
@@ -145,12 +145,13 @@ def evaluate(
         reference=_name(reference) if reference is not None else None,
         reference_runtime=_runtime(ref_lite) if reference is not None else None,
     )
+    axes = output_batch_axes(sess)  # the reference has the same outputs (checked above)
     if wanted is not None:
-        logits = np.concatenate(outs[out_names[0]])
+        logits = join(outs[out_names[0]], axes.get(out_names[0], 0))
         result.accuracy = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
     if ref_sess is not None:
         result.outputs = {
-            n: output_fidelity(np.concatenate(refs[n]), np.concatenate(outs[n]), n, (kinds or {}).get(n))
+            n: output_fidelity(join(refs[n], axes.get(n, 0)), join(outs[n], axes.get(n, 0)), n, (kinds or {}).get(n))
             for n in out_names
         }
     return result

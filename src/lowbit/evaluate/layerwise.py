@@ -23,7 +23,7 @@ from ..observe import Histogram
 from ..pipeline import quantize
 from ..plan import Plan, TensorParams
 from ..recipe import Recipe, Rule, Scheme
-from ..runtimes.ort import session, with_outputs
+from ..runtimes.ort import join, output_batch_axes, session, with_outputs
 from .outputs import OutputKind, output_fidelity, resolve
 
 Batches = list[dict[str, np.ndarray]]
@@ -190,8 +190,9 @@ def measure_tensors(
             bar.update(len(next(iter(batch.values()))))
     finally:
         bar.close()
-    stats.ref_outputs = [np.concatenate(r) for r in refs]
-    stats.quant_outputs = [np.concatenate(o) for o in outs]
+    axes = output_batch_axes(fsess)
+    stats.ref_outputs = [join(r, axes.get(n, 0)) for r, n in zip(refs, fnames)]
+    stats.quant_outputs = [join(o, axes.get(n, 0)) for o, n in zip(outs, fnames)]
     return stats
 
 

@@ -106,7 +106,7 @@ def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
     x = node.inputs[0]
     assert x is not None  # decide checked it is float32
     xq, xs, xz = dynamic_quantize(model, x, ctx.shared)
-    wq = add_initializer(g, f"{name}_w_q", np.ascontiguousarray(qw.q, np.int8))
+    wq = add_initializer(g, f"{name}_w_q", np.ascontiguousarray(qw.q, np.int8), share=True)
     ws = add_initializer(g, f"{name}_w_s", np.asarray(qw.scale, np.float32))
     wz = add_initializer(g, f"{name}_w_zp", np.asarray(qw.zero_point, np.int8))
     bias = inputs[2]

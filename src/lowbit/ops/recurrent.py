@@ -98,7 +98,7 @@ def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:
             "weight",
         )
         quantized += [
-            add_initializer(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1))),
+            add_initializer(g, f"{name}_{what}_q", np.ascontiguousarray(qw.q.transpose(0, 2, 1)), share=True),
             add_initializer(g, f"{name}_{what}_s", qw.scale),
             add_initializer(g, f"{name}_{what}_zp", qw.zero_point),
         ]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -85,8 +85,26 @@ def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProt
     return out
 
 
+def output_batch_axes(sess: Any) -> dict[str, int]:
+    """Each output's batch axis: where its shape names the inputs' symbolic batch dimension (a recognizer's
+    time-first logits [T, batch, C]: 1), else 0."""
+    batch = {i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], str)}
+    axes = {}
+    for o in sess.get_outputs():
+        named = [k for k, d in enumerate(o.shape or ()) if isinstance(d, str) and d in batch]
+        axes[o.name] = named[0] if named else 0
+    return axes
+
+
+def join(chunks: list[np.ndarray], axis: int = 0) -> np.ndarray:
+    """Batches of one output as one array, samples first (concatenated along the output's batch `axis`)."""
+    if axis == 0 or chunks[0].ndim <= axis:
+        return np.concatenate(chunks)
+    return np.moveaxis(np.concatenate(chunks, axis=axis), axis, 0)
+
+
 def run_all(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Every output, concatenated over batches."""
+    """Every output, concatenated over batches, samples first (see `output_batch_axes`)."""
     names = {i.name for i in sess.get_inputs()}
     outs: list[list[np.ndarray]] = []
     for batch in batches:
@@ -95,7 +113,8 @@ def run_all(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]
             outs = [[] for _ in res]
         for acc, r in zip(outs, res):
             acc.append(r)
-    return [np.concatenate(o) for o in outs]
+    axes = output_batch_axes(sess)
+    return [join(o, axes.get(meta.name, 0)) for o, meta in zip(outs, sess.get_outputs())]
 
 
 def cpu_has_vnni() -> bool | None:

@@ -23,7 +23,8 @@ def test_every_reason_has_a_sentence() -> None:
 
 
 def _conv_sub() -> object:
-    """Conv -> Sub(constant) -> Conv: Sub has no static handler in lowbit."""
+    """Conv -> Sub(constant image) -> Conv: Sub has no static handler in lowbit (a per-channel constant would fold
+    into conv1's bias)."""
     nodes = [
         node("Conv", ["x", "w1"], ["c1"], name="conv1"),
         node("Sub", ["c1", "k"], ["s"], name="sub"),
@@ -32,7 +33,7 @@ def _conv_sub() -> object:
     inits = {
         "w1": weight((4, 3, 3, 3)),
         "w2": weight((4, 4, 3, 3), seed=1),
-        "k": np.full((1, 4, 1, 1), 0.25, np.float32),
+        "k": np.linspace(0, 0.5, 36, dtype=np.float32).reshape(1, 1, 6, 6),
     }
     return model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, inits)
 

@@ -245,3 +245,14 @@ def test_real_models_keep_the_metric_that_fits(efficientnet_lite0, tmp_path) -> 
 def test_override_to_a_kind_the_shape_cannot_be_is_refused(kind: str) -> None:
     with pytest.raises(LowbitError, match=f"kind {kind} needs"):
         output_fidelity(_logits(4, 10), _logits(4, 10), "y", kind=kind)
+
+
+def test_the_ctc_blank_is_found_wherever_the_exporter_put_it() -> None:
+    # Steps of "A A - B -" with the blank last (index 3, as captcha-whisperer exports it) or first (index 0).
+    for blank, a, b in ((3, 0, 1), (0, 1, 2)):
+        steps = [a, a, blank, b, blank, blank]
+        ref = np.eye(4)[steps][None] * 5.0
+        assert m.ctc_blank(ref) == blank
+        assert m.ctc_greedy_decode(ref, blank) == [(a, b)]
+        f = output_fidelity(ref, ref.copy(), "logits", "sequence")
+        assert f["blank"] == blank and f["sequence_match"] == 1.0

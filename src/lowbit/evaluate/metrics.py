@@ -67,6 +67,13 @@ def pixel_agreement(ref: np.ndarray, out: np.ndarray, axis: int = 1) -> float:
     return float(np.mean(ref.argmax(axis) == out.argmax(axis)))
 
 
+def ctc_blank(scores: np.ndarray) -> int:
+    """The blank class of [N, T, C] CTC scores: the one most often the arg-max. CTC outputs mark most steps blank
+    (between and around characters), and exporters put it first or last, so no index is assumed."""
+    counts = np.bincount(scores.argmax(-1).ravel(), minlength=scores.shape[-1])
+    return int(counts.argmax())
+
+
 def ctc_greedy_decode(scores: np.ndarray, blank: int = 0) -> list[tuple[int, ...]]:
     """Greedy CTC decoding of [N, T, C] scores: arg-max per step, repeats collapsed, the blank class dropped."""
     best = scores.argmax(-1)

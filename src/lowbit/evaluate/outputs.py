@@ -168,11 +168,11 @@ def _sequence(x: np.ndarray, name: str) -> OutputKind:
     t, c = x.shape[1:]
     where = f"[N, {t}, {c}]"
     if _sums_to_one(x, 2) or _log_softmax(x, 2):
-        return OutputKind("sequence", f"{where}: per-step class probabilities (CTC-like, blank = class 0)")
+        return OutputKind("sequence", f"{where}: per-step class probabilities (CTC-like)")
     if c > 128 or _hint(name, _EMBED_NAMES):
         return OutputKind("embedding", f"{where}: {c} values per step (token vectors)")
     if c >= 2 and t >= 4 and (_hint(name, _SEQ_NAMES) or _peaked(x)):
-        return OutputKind("sequence", f"{where}: {t} steps of {c} peaked scores (CTC-like, blank = class 0)")
+        return OutputKind("sequence", f"{where}: {t} steps of {c} peaked scores (CTC-like)")
     return OutputKind("values", f"{where}: no per-step class structure")
 
 
@@ -257,7 +257,8 @@ def output_fidelity(
             f["map_iou"] = m.map_iou(r, o, 0.5)
     elif k.kind == "sequence":
         f["step_agreement"] = m.step_agreement(r, o)
-        f["sequence_match"] = m.sequence_match(r, o, blank=0)
+        f["blank"] = m.ctc_blank(r)
+        f["sequence_match"] = m.sequence_match(r, o, blank=f["blank"])
     elif k.kind == "boxes":
         rb, ob = (r, o) if k.variant == "anchors_first" else (np.swapaxes(r, 1, 2), np.swapaxes(o, 1, 2))
         if not _is_prob(rb[..., 4:]):  # logits: sigmoid them so the 0.25 score threshold means something

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PINS := pins.txt
 
-.PHONY: demo test test-fast lint browser speech corpus qat minilm kws dlrm clean
+.PHONY: demo test test-fast lint browser speech corpus captcha qat minilm kws dlrm clean
 
 $(STAMP): pyproject.toml $(PINS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -59,6 +59,10 @@ qat: $(STAMP)
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	  else echo "install Debian package dataset-fashion-mnist (needs root)"; exit 1; fi; }
 	$(BIN)/python examples/qat_fashion_mnist.py
+
+# A third-party model end to end: captcha-whisperer's CRNN (fetched with pip), quantized and evaluated with the CLI.
+captcha: $(STAMP)
+	PYTHONPATH=src:examples $(BIN)/python examples/captcha.py
 
 # Sentence embeddings (all-MiniLM-L6-v2): dynamic int8 and int4 weight-only vs float and vs ORT quantize_dynamic.
 minilm: $(STAMP)

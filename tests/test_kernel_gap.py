@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lowbit
 from helpers import model, node, weight
 from lowbit.cli.summary import summary_text
+from lowbit.evaluate.check import runtime_check
 from lowbit.evaluate.kernel_gap import gap_text, locate, regions
 from lowbit.runtimes.ort import session
 
@@ -98,15 +99,10 @@ def test_a_folded_requantization_is_named_without_being_hidden() -> None:
 def test_the_quantize_summary_names_the_op(tmp_path: Path) -> None:
     m = _requantized()
     batches = [{"x": np.random.default_rng(0).normal(0, 1, (4, 64)).astype(np.float32)}]
-    q = lowbit.quantize(_conv_net(), calib=_batches(), progress=False)
-    check = {
-        "samples": 4,
-        "kernels": {"top1_agreement": 1.0},
-        "simulate": {"top1_agreement": 1.0},
-        "kernels_vs_simulation": {"top1_agreement": 1.0, "cosine": 0.99},
-        "cpu_note": "note",
-        "kernel_gap": locate(m, batches),
-    }
+    float_model = _conv_net()
+    q = lowbit.quantize(float_model, calib=_batches(), progress=False)
+    check = runtime_check(float_model, q.model, _batches(4, seed=3))
+    check["kernel_gap"] = locate(m, batches)  # as quantize_cmd adds it when kernels and simulation part
     text = summary_text(q.plan, 100, 50, 1.0, check)
     assert "kernels vs simulation part at Relu 'relu'" in text
 

@@ -15,6 +15,7 @@ from conftest import run_cli, tiny_cnn
 from lowbit.calibrate import calibrate, chunk_batches
 from lowbit.data import input_specs, open_data
 from lowbit.errors import LowbitError
+from lowbit.evaluate.evaluate import evaluate
 from lowbit.shard import calibrate_sharded, check_workers
 
 RECIPE = lowbit.Recipe(calibration_samples=600, batch_size=4)
@@ -84,8 +85,21 @@ def test_a_worker_that_keeps_dying_ends_the_run_with_one_line(
 
 
 def test_what_sharding_cannot_do_is_refused_before_work(tmp_path: Path) -> None:
-    with pytest.raises(LowbitError, match="needs a path"):
+    with pytest.raises(LowbitError, match="must be a path"):
         check_workers(2, [np.zeros((1, 3, 16, 16), np.float32)], None)
     with pytest.raises(LowbitError, match="positive integer"):
         check_workers(0, "data.npy", None)
     check_workers(2, None, None)  # nothing to calibrate (a plan or a data-free mode): nothing to refuse
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_sharded_eval_gives_the_same_numbers(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+    model_path, data = model_and_data
+    quantized = tmp_path / "q.onnx"
+    lowbit.quantize(str(model_path), quantized, calib=str(data), recipe=RECIPE, progress=False)
+    labels = np.random.default_rng(4).integers(0, 10, 600)
+    kw = {"labels": labels, "reference": str(model_path), "batch_size": 4, "progress": False}
+    one = evaluate(str(quantized), str(data), **kw)
+    two = evaluate(str(quantized), str(data), workers=2, **kw)
+    assert one.samples == two.samples == 600
+    assert one.to_json() == two.to_json()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,8 @@ def check_workers(workers: int, calib: Any, ray_address: str | None) -> None:
         return  # no calibration to share (a plan's ranges are reused, or the mode needs no data)
     if not isinstance(calib, (str, os.PathLike)):
         raise LowbitError(
-            "sharded calibration reads the data on every worker, so it needs a path (a .npy/.npz file or a "
-            "folder): save the data to disk, or drop --workers/--ray-address (workers=, ray_address=)"
+            "with workers, each one reads its share of the data itself, so the data must be a path (a .npy/.npz "
+            "file or a folder): save it to disk, or drop --workers/--ray-address (workers=, ray_address=)"
         )
     try:
         import ray  # noqa: F401
@@ -98,6 +99,58 @@ def _shard(
     return histograms, chunks, samples
 
 
+def _shares(num_samples: int | None, batch_size: int, workers: int, what: str) -> tuple[int, list[tuple[int, int]]]:
+    """(batches per chunk, each share's chunk range [first, stop)), shares in data order."""
+    if num_samples is None:  # paths always know their size; kept as a guard for future sources
+        raise LowbitError(f"sharded {what} needs data whose size is known up front (a file or a folder)")
+    chunk = chunk_batches(num_samples, batch_size)
+    num_chunks = -(-num_samples // (batch_size * chunk))
+    shares = min(workers, max(num_chunks, 1))
+    return chunk, [(i * num_chunks // shares, (i + 1) * num_chunks // shares) for i in range(shares)]
+
+
+def _run(
+    fn: Callable[..., Any],
+    shared: Any,
+    calls: list[tuple[Any, ...]],
+    workers: int,
+    ray_address: str | None,
+    what: str,
+    on_result: Callable[[Any], None],
+) -> list[Any]:
+    """fn(shared, *call) for every call as Ray tasks (retried once); results in call order. `shared` goes into
+    Ray's object store once. A local Ray instance is started (and stopped) unless one runs or an address is given."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        kw: dict[str, Any] = {"address": ray_address} if ray_address else {"num_cpus": workers}
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kw)
+    try:
+        remote: Any = ray.remote  # Ray's type stubs cannot express a task with arguments
+        task = remote(max_retries=1, num_cpus=1)(fn)
+        shared_ref = ray.put(shared)
+        refs = [task.remote(shared_ref, *call) for call in calls]
+        results: list[Any] = [None] * len(refs)
+        index = {ref: i for i, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            for ref in done:
+                results[index[ref]] = ray.get(ref)
+                on_result(results[index[ref]])
+        return results
+    except ray.exceptions.RayError as e:
+        first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise LowbitError(
+            f"a {what} worker failed twice ({type(e).__name__}: {first_line}); nothing was written: "
+            "check the workers' memory and the data, or run without --workers"
+        ) from None
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
 def calibrate_sharded(
     model: ir.Model,
     tensors: set[str],
@@ -113,68 +166,22 @@ def calibrate_sharded(
     batch_axes: BatchAxes | None = None,
 ) -> Statistics:
     """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks."""
-    import ray
-
     source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=batch_axes)
-    if source.num_samples is None:  # paths always know their size; kept as a guard for future sources
-        raise LowbitError("sharded calibration needs data whose size is known up front (a file or a folder)")
-    chunk = chunk_batches(source.num_samples, source.batch_size)
-    num_chunks = -(-source.num_samples // (source.batch_size * chunk))
-    shares = min(workers, max(num_chunks, 1))
-    bounds = [(i * num_chunks // shares, (i + 1) * num_chunks // shares) for i in range(shares)]
-    started_here = not ray.is_initialized()
-    if started_here:
-        kw: dict[str, Any] = {"address": ray_address} if ray_address else {"num_cpus": workers}
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR, **kw)
+    chunk, bounds = _shares(source.num_samples, source.batch_size, workers, "calibration")
+    common = (sorted(tensors), channel_axes, str(calib), specs, batch_size, preprocess, limit, chunk)
+    calls = [(*common, first, stop, i, batch_axes) for i, (first, stop) in enumerate(bounds)]
+    bar = tqdm(
+        total=source.num_samples,
+        desc=f"calibrating ({len(bounds)} workers)",
+        unit="sample",
+        disable=None if progress else True,
+        leave=False,
+    )
     try:
-        remote: Any = ray.remote  # Ray's type stubs cannot express a task with arguments
-        task = remote(max_retries=1, num_cpus=1)(_shard)
-        model_ref = ray.put(ir.to_proto(model).SerializeToString())
-        refs = [
-            task.remote(
-                model_ref,
-                sorted(tensors),
-                channel_axes,
-                str(calib),
-                specs,
-                batch_size,
-                preprocess,
-                limit,
-                chunk,
-                first,
-                stop,
-                i,
-                batch_axes,
-            )
-            for i, (first, stop) in enumerate(bounds)
-        ]
-        results: list[Any] = [None] * len(refs)
-        index = {ref: i for i, ref in enumerate(refs)}
-        bar = tqdm(
-            total=source.num_samples,
-            desc=f"calibrating ({shares} workers)",
-            unit="sample",
-            disable=None if progress else True,
-            leave=False,
-        )
-        try:
-            pending = list(refs)
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                for ref in done:
-                    results[index[ref]] = ray.get(ref)
-                    bar.update(results[index[ref]][2])
-        except ray.exceptions.RayError as e:
-            first_line = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise LowbitError(
-                f"a calibration worker failed twice ({type(e).__name__}: {first_line}); nothing was written: "
-                "check the workers' memory and the data, or run without --workers"
-            ) from None
-        finally:
-            bar.close()
+        model_bytes = ir.to_proto(model).SerializeToString()
+        results = _run(_shard, model_bytes, calls, workers, ray_address, "calibration", lambda r: bar.update(r[2]))
     finally:
-        if started_here:
-            ray.shutdown()
+        bar.close()
     stats = Statistics()
     for histograms, chunks, samples in results:  # shares in data order
         for name, h in histograms.items():
@@ -187,4 +194,37 @@ def calibrate_sharded(
     return stats
 
 
-__all__ = ["calibrate_sharded", "check_workers"]
+def _eval_shard(job: tuple[Any, ...], chunk: int, first: int, stop: int) -> tuple[dict, dict, int]:
+    """One worker's share of `evaluate`: outputs of the batches in chunks first .. stop-1."""
+    from .evaluate.evaluate import collect, open_sessions
+
+    model, mode, reference, data, specs, batch_size, preprocess, limit, keep = job
+    sess, ref_sess = open_sessions(model, mode, reference)
+    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    return collect(sess, ref_sess, source, keep, select=lambda c: first <= c < stop, chunk=chunk)
+
+
+def evaluate_sharded(
+    job: tuple[Any, ...], workers: int, ray_address: str | None, bar: Any
+) -> tuple[dict[str, list], dict[str, list], int]:
+    """`evaluate.collect` over Ray workers: `job` = (model, mode, reference, data, specs, batch_size, preprocess,
+    limit, keep); every output batch comes back and is joined in data order, so the metrics are the same numbers."""
+    model, mode, reference, data, specs, batch_size, preprocess, limit, keep = job
+    check_workers(workers, data, ray_address)
+    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    chunk, bounds = _shares(source.num_samples, source.batch_size, workers, "evaluation")
+    calls = [(chunk, first, stop) for first, stop in bounds]
+    results = _run(_eval_shard, job, calls, workers, ray_address, "evaluation", lambda r: bar.update(r[2]))
+    outs: dict[str, list] = {n: [] for n in keep}
+    refs: dict[str, list] = {n: [] for n in results[0][1]} if results else {}
+    seen = 0
+    for o, r, n in results:
+        for name in outs:
+            outs[name] += o[name]
+        for name in refs:
+            refs[name] += r[name]
+        seen += n
+    return outs, refs, seen
+
+
+__all__ = ["calibrate_sharded", "check_workers", "evaluate_sharded"]

@@ -30,3 +30,14 @@ def image_preprocess(args: argparse.Namespace) -> ImagePreprocess:
         layout=args.layout,
         channels="BGR" if args.bgr else "RGB",
     )
+
+
+def add_ray_args(p: argparse.ArgumentParser, work: str) -> None:
+    """--workers and --ray-address (`shard.py`; pip install 'lowbit[ray]')."""
+    r = p.add_argument_group("scale (pip install 'lowbit[ray]'; the results are the same as in one process)")
+    r.add_argument("--workers", type=int, default=1, metavar="N", help=f"{work} with N Ray workers (default 1)")
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join a running Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one",
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import add_image_args, image_preprocess
+from .common import add_image_args, add_ray_args, image_preprocess
 
 if TYPE_CHECKING:
     from ..evaluate.evaluate import EvalResult
@@ -58,6 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
     add_image_args(p)
     add_output_kind_arg(p)
+    add_ray_args(p, "evaluate")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -132,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         progress=not args.quiet,
         kinds=parse_kinds(args.output_kind),
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     print(result.to_json(indent=1) if args.json else eval_text(result))
     return 0

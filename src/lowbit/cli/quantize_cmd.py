@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LowbitError
 from ..recipe import PRESETS, Recipe, Scheme, preset
-from .common import add_image_args, image_preprocess
+from .common import add_image_args, add_ray_args, image_preprocess
 from .eval_cmd import add_output_kind_arg, output_kinds
 
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
@@ -94,13 +94,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "constant without saying)",
     )
     add_image_args(q)
-    r = q.add_argument_group("scale (pip install 'lowbit[ray]'; the output is byte-identical to one process)")
-    r.add_argument("--workers", type=int, default=1, metavar="N", help="calibrate with N Ray workers (default 1)")
-    r.add_argument(
-        "--ray-address",
-        metavar="ADDR",
-        help="join a running Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one",
-    )
+    add_ray_args(q, "calibrate")
     q.add_argument(
         "--check",
         type=int,

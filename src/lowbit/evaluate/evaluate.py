@@ -55,6 +55,9 @@ def evaluate(
     limit: int | None = None,
     progress: bool = True,
     kinds: Mapping[str, str] | None = None,
+    *,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> EvalResult:
     """Run `model` over `data`; report top-1/top-5 accuracy (with `labels`) and per-output fidelity (with `reference`).
 
@@ -65,6 +68,8 @@ def evaluate(
     A `.ort` model (or reference) runs in ONNX Runtime as it is, in mode "kernels" only.
     `kinds`: {output name: kind} overriding the guessed kind of an output (outputs.py: class_scores, dense_map,
     sequence, boxes, embedding, values).
+    `workers` > 1 (or a `ray_address`): Ray tasks run shares of the data (a path) and the driver joins their outputs
+    in data order, so every number is the same as in one process (`shard.py`, `pip install lowbit[ray]`).
     """
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -99,34 +104,29 @@ def evaluate(
     check_kind_names(kinds, out_names)
     if ref_sess is not None:
         _check_outputs({o.name: o.shape for o in sess.get_outputs()}, {o.name: o.shape for o in ref_sess.get_outputs()})
-    in_names = {i.name for i in sess.get_inputs()}
-    ref_in = {i.name for i in ref_sess.get_inputs()} if ref_sess is not None else set()
-    ref_names = [o.name for o in ref_sess.get_outputs()] if ref_sess is not None else []
     # Only outputs something is computed from are kept: all with a reference, else the scores for accuracy.
     keep = out_names if ref_sess is not None else out_names[:1] if wanted is not None else []
 
-    outs: dict[str, list[np.ndarray]] = {n: [] for n in keep}
-    refs: dict[str, list[np.ndarray]] = {n: [] for n in out_names}
-    seen = 0
+    def check_first(res: dict[str, np.ndarray], ref_res: dict[str, np.ndarray] | None) -> None:
+        if ref_res is not None:  # static shapes can be missing; the first real outputs settle it
+            _check_outputs({n: res[n].shape for n in out_names}, {n: ref_res[n].shape for n in out_names})
+        if wanted is not None:
+            _check_label_range(wanted, res[out_names[0]].shape, out_names[0])
+
     bar = tqdm(
         total=source.num_samples, desc="evaluating", unit="sample", disable=None if progress else True, leave=False
     )
     try:
-        for batch in source:
-            res = dict(zip(out_names, sess.run(None, {k: v for k, v in batch.items() if k in in_names})))
-            if ref_sess is not None:
-                ref_res = dict(zip(ref_names, ref_sess.run(None, {k: v for k, v in batch.items() if k in ref_in})))
-                if seen == 0:  # static shapes can be missing; the first real outputs settle it
-                    _check_outputs({n: res[n].shape for n in out_names}, {n: ref_res[n].shape for n in out_names})
-                for n in out_names:
-                    refs[n].append(np.atleast_1d(ref_res[n]))
-            if wanted is not None and seen == 0:
-                _check_label_range(wanted, res[out_names[0]].shape, out_names[0])
-            for n in keep:
-                outs[n].append(np.atleast_1d(res[n]))
-            n_batch = len(next(iter(batch.values())))
-            seen += n_batch
-            bar.update(n_batch)
+        if workers > 1 or ray_address is not None:
+            from ..shard import evaluate_sharded
+
+            outs, refs, seen = evaluate_sharded(
+                (model, mode, reference, data, specs, batch_size, preprocess, limit, keep), workers, ray_address, bar
+            )
+            if seen:  # the workers ran the checks' inputs; check them here, as one process does first
+                check_first({n: v[0] for n, v in outs.items()}, {n: v[0] for n, v in refs.items()} or None)
+        else:
+            outs, refs, seen = collect(sess, ref_sess, source, keep, bar=bar, first=check_first)
     finally:
         bar.close()
     if seen == 0:
@@ -155,6 +155,53 @@ def evaluate(
             for n in out_names
         }
     return result
+
+
+def collect(
+    sess: Any,
+    ref_sess: Any,
+    batches: Iterable[dict[str, np.ndarray]],
+    keep: list[str],
+    select: Any = None,
+    chunk: int = 1,
+    bar: Any = None,
+    first: Any = None,
+) -> tuple[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]], int]:
+    """Run the model (and the reference) over the batches; the outputs in `keep` and every reference output, per
+    batch, and the number of samples. With `select`, only batches of the chunks it accepts run (`shard.py`);
+    `first(outputs, reference outputs)` checks the first batch's results before the rest run."""
+    out_names = [o.name for o in sess.get_outputs()]
+    in_names = {i.name for i in sess.get_inputs()}
+    ref_in = {i.name for i in ref_sess.get_inputs()} if ref_sess is not None else set()
+    ref_names = [o.name for o in ref_sess.get_outputs()] if ref_sess is not None else []
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in keep}
+    refs: dict[str, list[np.ndarray]] = {n: [] for n in out_names} if ref_sess is not None else {}
+    seen = 0
+    for b, batch in enumerate(batches):
+        if select is not None and not select(b // chunk):
+            continue
+        res = dict(zip(out_names, sess.run(None, {k: v for k, v in batch.items() if k in in_names})))
+        if ref_sess is not None:
+            ref_res = dict(zip(ref_names, ref_sess.run(None, {k: v for k, v in batch.items() if k in ref_in})))
+            for n in out_names:
+                refs[n].append(np.atleast_1d(ref_res[n]))
+        if first is not None and seen == 0:
+            first(res, ref_res if ref_sess is not None else None)
+        for n in keep:
+            outs[n].append(np.atleast_1d(res[n]))
+        n_batch = len(next(iter(batch.values())))
+        seen += n_batch
+        if bar is not None:
+            bar.update(n_batch)
+    return outs, refs, seen
+
+
+def open_sessions(model: ModelLike, mode: Mode, reference: ModelLike | None) -> tuple[Any, Any]:
+    """The model's session (LiteRT for a .tflite) and the reference's (None without one)."""
+    sess = LiteRTSession(model) if is_tflite(model) else _session(model, mode)
+    if reference is None:
+        return sess, None
+    return sess, LiteRTSession(reference) if is_tflite(reference) else _session(reference, "kernels")
 
 
 def _name(thing: Any) -> str:

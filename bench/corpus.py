@@ -13,6 +13,7 @@ Usage: python bench/corpus.py [--only NAME ...] [--skip NAME ...] [--out bench/R
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import shlex
 import statistics
@@ -89,13 +90,18 @@ def ort_static(model: Path, calib: Feeds, method: str, out: Path) -> Path:
     return out
 
 
+CALIBRATION: str | None = None  # --calibration
+
+
 def lowbit_static(
     model: Path, calib: Feeds, out: Path, target: str | None = None, batch_axes: dict | None = None
 ) -> Path:
     import lowbit
     from lowbit.recipe import Recipe
 
-    recipe = None if target is None else Recipe(target=target)  # type: ignore[arg-type]
+    recipe = Recipe() if target is None else Recipe(target=target)  # type: ignore[arg-type]
+    if CALIBRATION:
+        recipe = dataclasses.replace(recipe, default=dataclasses.replace(recipe.default, calibration=CALIBRATION))
     lowbit.quantize(str(model), output=str(out), calib=calib, recipe=recipe, progress=False, batch_axes=batch_axes)
     return out
 
@@ -283,7 +289,10 @@ def main() -> int:
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_CORPUS.md")))
     ap.add_argument("--note", default="", help="a sentence printed under the header (e.g. the branch's state)")
     ap.add_argument("--trace", action="store_true", help="print tracebacks of recorded errors")
+    ap.add_argument("--calibration", help="lowbit's range method instead of the recipe default (minmax, percentile...)")
     args = ap.parse_args()
+    global CALIBRATION
+    CALIBRATION = args.calibration
     entries = [e for e in ENTRIES if (not args.only or e.name in args.only) and e.name not in args.skip]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

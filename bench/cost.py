@@ -4,11 +4,13 @@ Each run is a fresh process; CPU = user + sys seconds of that process (all its t
 around the quantization call only (imports, model download and crops are done before). ORT follows
 `bench/ort_baseline.py`: `quant_pre_process`, then `quantize_static` (QDQ, QUInt8 activations, QInt8
 per-channel weights, MinMax, reduce_range=False) fed one sample at a time; its CPU is reported for both steps.
-Both quantizers see the same calibration crops (`photo_crops(64, 'calib', 0)`, saved once as .npy; lowbit reads
-the .npy file the way `bench/run.py` does). Runs alternate lowbit/ORT, `--reps` times each.
+Both quantizers see the same calibration crops (`photo_crops(64, 'calib', 0)`, saved once as .npz; lowbit reads
+the file the way `bench/run.py` does). `--model NAME` takes a model of the real-world corpus instead (`make corpus`)
+with its calibration feeds. Runs alternate lowbit/ORT, `--reps` times each.
 
 Usage (from the repository root; lowbit is whatever `import lowbit` finds, so PYTHONPATH picks the checkout):
-    PYTHONPATH=src:examples .venv/bin/python bench/cost.py [--reps 3] [--n 64] [--only lowbit|ort] [--out cost.json]
+    PYTHONPATH=src:examples .venv/bin/python bench/cost.py [--reps 3] [--n 64] [--only lowbit|ort] [--model NAME]
+        [--out cost.json]
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def _peak_rss_mib() -> float:
     return float("nan")
 
 
-def worker(kind: str, work: Path) -> dict:
-    model, calib = work / "effnet_lite0.onnx", work / "calib.npy"
+def worker(kind: str, work: Path, name: str) -> dict:
+    model, calib = work / f"{name}.onnx", work / f"{name}.calib.npz"
     if kind == "lowbit":
         import lowbit
         from lowbit import quantize  # lowbit loads its pipeline lazily: import it before timing
@@ -62,18 +64,24 @@ def worker(kind: str, work: Path) -> dict:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    x = np.load(calib)
+    with np.load(calib) as z:
+        x = {k: z[k] for k in z.files}
 
     class Reader(CalibrationDataReader):
-        def __init__(self, x: np.ndarray):
-            self._it = iter([{"input": x[i : i + 1]} for i in range(len(x))])
+        def __init__(self, x: dict[str, np.ndarray]):
+            n = len(next(iter(x.values())))
+            self._it = iter([{k: v[i : i + 1] for k, v in x.items()} for i in range(n)])
 
         def get_next(self):
             return next(self._it, None)
 
     pre, out = work / "ort.pre.onnx", work / "ort.qdq.onnx"
     c0, t0 = time.process_time(), time.perf_counter()
-    quant_pre_process(str(model), str(pre))
+    try:
+        quant_pre_process(str(model), str(pre))
+        pre_failed = ""
+    except Exception as e:  # it fails on many third-party models (symbolic shape inference): quantize as is
+        pre, pre_failed = model, str(e).splitlines()[0]
     c1 = time.process_time()
     quantize_static(
         str(pre),
@@ -92,9 +100,30 @@ def worker(kind: str, work: Path) -> dict:
         "cpu_s": c2 - c0,
         "cpu_pre_process_s": c1 - c0,
         "cpu_quantize_static_s": c2 - c1,
+        "pre_process_failed": pre_failed,
         "wall_s": wall,
         "peak_rss_mib": _peak_rss_mib(),
     }
+
+
+def prepare_model(name: str, n: int, work: Path) -> None:
+    """work/NAME.onnx and work/NAME.calib.npz (one array per input, samples stacked on axis 0)."""
+    import shutil
+
+    if name == "efficientnet_lite0":
+        from lowbit_zoo import zoo
+
+        zoo.efficientnet_lite0_onnx(work / f"{name}.onnx")
+        np.savez(work / f"{name}.calib.npz", input=zoo.photo_crops(n, "calib", 0))
+        return
+    from lowbit_zoo.corpus.registry import BY_NAME
+    from lowbit_zoo.corpus.wheels import ROOT
+
+    entry = BY_NAME[name]
+    model = entry.get(ROOT)
+    shutil.copyfile(model, work / f"{name}.onnx")
+    feeds = entry.calib(model, n)
+    np.savez(work / f"{name}.calib.npz", **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
 
 
 def main() -> None:
@@ -104,22 +133,24 @@ def main() -> None:
     ap.add_argument("--only", choices=["lowbit", "ort"])
     ap.add_argument("--workdir", default="/tmp/lowbit_cost")
     ap.add_argument("--out", help="write every run's numbers here (JSON)")
+    ap.add_argument(
+        "--model",
+        default="efficientnet_lite0",
+        help="efficientnet_lite0, or a model of the real-world corpus (lowbit_zoo.corpus.registry; `make corpus`)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir)
     if args.worker:
-        print(json.dumps(worker(args.worker, work)))
+        print(json.dumps(worker(args.worker, work, args.model)))
         return
-    from lowbit_zoo import zoo
-
     work.mkdir(parents=True, exist_ok=True)
-    zoo.efficientnet_lite0_onnx(work / "effnet_lite0.onnx")
-    np.save(work / "calib.npy", zoo.photo_crops(args.n, "calib", 0))
+    prepare_model(args.model, args.n, work)
     kinds = [args.only] if args.only else ["lowbit", "ort"]
     runs: list[dict] = []
     for rep in range(args.reps):
         for kind in kinds:
-            cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work)]
+            cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work), "--model", args.model]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             r = json.loads(out.strip().splitlines()[-1])
             runs.append(r)

@@ -9,14 +9,23 @@ import onnxruntime as ort
 
 
 def interleaved_latency(
-    sessions: dict[str, ort.InferenceSession], feeds: dict[str, np.ndarray], runs: int = 50, warmup: int = 5
+    sessions: dict[str, ort.InferenceSession],
+    feeds: dict[str, np.ndarray],
+    runs: int = 50,
+    warmup: int = 5,
+    budget_s: float | None = None,
+    min_runs: int = 5,
 ) -> dict[str, list[float]]:
-    """Seconds per run for each session; run i of every session happens before run i+1 of any."""
+    """Seconds per run for each session; run i of every session happens before run i+1 of any. With `budget_s`,
+    rounds stop once that many seconds were spent measuring (after at least `min_runs`)."""
     for s in sessions.values():
         for _ in range(warmup):
             s.run(None, feeds)
     times: dict[str, list[float]] = {k: [] for k in sessions}
+    start = time.perf_counter()
     for i in range(runs):
+        if budget_s is not None and i >= min_runs and time.perf_counter() - start > budget_s:
+            break
         order = list(sessions.items())
         if i % 2:
             order.reverse()

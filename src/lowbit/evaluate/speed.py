@@ -7,7 +7,6 @@ the ratio with the CPU it was measured on, and says so when int8 is not faster.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -15,7 +14,7 @@ import onnx
 
 from ..runtimes.ort import session
 from .bench import machine
-from .latency import paired_ratio
+from .latency import interleaved_latency, paired_ratio
 
 # Below this ratio the quantized model is faster; between the two, too close to call on a noisy machine.
 FASTER = 0.95
@@ -37,20 +36,8 @@ def speed_check(
         "float": session(float_model, "kernels", threads=1),
         "quantized": session(quant_model, "kernels", threads=1),
     }
-    for s in sessions.values():
-        s.run(None, feeds)  # the first run allocates and plans
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < max_rounds and (rounds < 5 or time.perf_counter() - start < budget_s):
-        order = list(sessions.items())
-        if rounds % 2:
-            order.reverse()
-        for name, s in order:
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[name].append(time.perf_counter() - t)
-        rounds += 1
+    times = interleaved_latency(sessions, feeds, runs=max_rounds, warmup=1, budget_s=budget_s)
+    rounds = len(times["float"])
     ratio = paired_ratio(times, "quantized", "float")
     verdict = "faster" if ratio < FASTER else "slower" if ratio > SLOWER else "same"
     return {

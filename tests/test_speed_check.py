@@ -27,7 +27,7 @@ def test_json_has_speed_and_stage_timings(tiny_model: Path, tiny_calib: Path, tm
     assert speed["threads"] == 1 and speed["rounds"] >= 5
     assert speed["ratio"] > 0 and speed["verdict"] in ("faster", "same", "slower")
     assert speed["cpu"]
-    assert {"prepare", "calibrate", "rewrite", "check", "speed check", "lint"} <= set(data["timings"])
+    assert {"prepare", "calibrate", "decide", "rewrite", "check", "speed check", "lint"} <= set(data["timings"])
 
 
 def test_verbose_prints_stages_and_speed_can_be_skipped(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> None:

@@ -148,9 +148,9 @@ def quantize(
     if batch_axes is not None:
         batch_axes_for(loaded.inputs, batch_axes)  # names and axes, before any work
     decided = observe_and_decide(
-        loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address, batch_axes
+        loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address, batch_axes, timings
     )
-    timings["calibrate"] = time.perf_counter() - t
+    timings["decide"] = time.perf_counter() - t - timings.get("calibrate", 0.0)
 
     t = time.perf_counter()
     new_plan = Plan(
@@ -215,15 +215,20 @@ def observe_and_decide(
     workers: int = 1,
     ray_address: str | None = None,
     batch_axes: BatchAxes | None = None,
+    timings: dict[str, float] | None = None,
 ) -> Decided:
-    """Calibrate and decide activation parameters, or take them from an earlier plan."""
+    """Calibrate and decide activation parameters, or take them from an earlier plan (`timings["calibrate"]`
+    gets the calibration's seconds)."""
     model = loaded.model
     if plan is None and not layout.tensors:
         return Decided(layout, {}, 0, {})
     if plan is None:
+        t = time.perf_counter()
         stats = calibrate_layout(
             model, layout, calib, loaded.inputs, recipe, preprocess, progress, workers, ray_address, batch_axes
         )
+        if timings is not None:
+            timings["calibrate"] = time.perf_counter() - t
         layout = settle(model, recipe, layout, stats.extremes())
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
         return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)

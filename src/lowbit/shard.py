@@ -1,10 +1,13 @@
-"""Calibration sharded over Ray workers (`pip install lowbit[ray]`; `--workers N`, `--ray-address ADDR`).
+"""Calibration and evaluation sharded over Ray workers (`pip install lowbit[ray]`; `--workers N`, `--ray-address ADDR`).
 
 What goes to workers: the float model's bytes once (Ray's object store), and each worker's share of the data as
 a path plus a range of chunk indices; every worker opens the data itself, so samples never travel through the
 driver. Each worker returns its histograms (merging them is exact in any order: `observe/histogram.py`) and one
 set of channel observers per chunk, which the driver folds in chunk order, as a single process does
 (`calibrate.observe`). So the statistics, and the quantized model, are bit-identical to a single-process run.
+
+Evaluation (`evaluate(..., workers=N)`, `lowbit eval --workers N`) is shared the same way: each worker runs its
+chunks and returns its outputs, which the driver joins in data order before measuring.
 
 A worker that dies is retried once by Ray (its share is recomputed from scratch: the work is deterministic); a
 second failure ends the run with one line, before anything is written.

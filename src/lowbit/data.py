@@ -13,15 +13,16 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 
 from lowbit.errors import LowbitError
 
+from .images import IMAGE_SUFFIXES, ImagePreprocess, image_input, load_image
+
 ARRAY_SUFFIXES = (".npy", ".npz")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 _ACCEPTED = "a .npy/.npz file, or a folder of .npy/.npz files or of .jpg/.jpeg/.png/.bmp images"
 
 Batch = dict[str, np.ndarray]
@@ -70,42 +71,6 @@ def input_specs(model: str | os.PathLike | onnx.ModelProto) -> list[InputSpec]:
         )
         specs.append(InputSpec(inp.name, dtype, shape))
     return specs
-
-
-@dataclass(frozen=True)
-class ImagePreprocess:
-    """Resize the shorter side to `size`, center-crop `crop`, scale to [0, 1], normalise by mean/std."""
-
-    size: int = 256
-    crop: int = 224
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    channels: Literal["RGB", "BGR"] = "RGB"
-
-    def __post_init__(self) -> None:
-        for field in ("size", "crop"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise LowbitError(f"image {field} must be a positive integer, got {value!r}")
-        if self.crop > self.size:
-            raise LowbitError(f"image crop ({self.crop}) must not exceed resize size ({self.size})")
-        for field in ("mean", "std"):
-            value = getattr(self, field)
-            try:
-                values = tuple(float(v) for v in value)
-            except (TypeError, ValueError):
-                values = ()
-            if len(values) != 3:
-                raise LowbitError(f"image {field} must be 3 numbers (one per R, G, B), got {value!r}")
-            # Lists are accepted (handy for configs) but stored as tuples to keep the class hashable.
-            object.__setattr__(self, field, values)
-        if not all(s > 0 for s in self.std):
-            raise LowbitError(f"image std values must all be > 0, got {self.std}")
-        if self.layout not in ("NCHW", "NHWC"):
-            raise LowbitError(f"image layout must be 'NCHW' or 'NHWC', got {self.layout!r}")
-        if self.channels not in ("RGB", "BGR"):
-            raise LowbitError(f"image channels must be 'RGB' or 'BGR', got {self.channels!r}")
 
 
 class DataSource:
@@ -261,8 +226,8 @@ def open_data(
                 raise LowbitError(f"{path} mixes array files and images; keep one kind of data per folder")
             if images:
                 pre = preprocess if preprocess is not None else ImagePreprocess()
-                name = _image_input(inputs, pre)
-                return finish(lambda: ((str(p), {name: _load_image(p, pre)}) for p in images), len(images))
+                name = image_input(inputs, pre)
+                return finish(lambda: ((str(p), {name: load_image(p, pre)}) for p in images), len(images))
             if not arrays:
                 raise LowbitError(
                     f"no usable data files in {path}; expected .npy/.npz files or .jpg/.jpeg/.png/.bmp images"
@@ -302,12 +267,12 @@ class _Header(NamedTuple):
     dtype: np.dtype
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
     lines = str(e).strip().splitlines()
     return lines[0] if lines else type(e).__name__
 
 
-def _shape_text(shape: tuple) -> str:
+def shape_text(shape: tuple) -> str:
     # Dynamic batch shows as N whatever the exporter called it; other dynamic dims keep their name.
     dims = [str(d) if isinstance(d, int) else "N" if i == 0 else (d or "?") for i, d in enumerate(shape)]
     return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
@@ -319,7 +284,7 @@ def _read_header(f, where: str) -> _Header:
         fmt = np.lib.format
         shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
     except (ValueError, OSError, EOFError) as e:
-        raise LowbitError(f"{where} is not a valid .npy array ({_one_line(e)}); re-save it with numpy.save") from None
+        raise LowbitError(f"{where} is not a valid .npy array ({one_line(e)}); re-save it with numpy.save") from None
     return _Header(tuple(shape), dtype)
 
 
@@ -346,7 +311,7 @@ def _read_headers(path: Path, specs: list[InputSpec]) -> dict[str, _Header]:
                         headers[member[:-4]] = _read_header(f, f"{path}:{member[:-4]}")
             return headers
     except (zipfile.BadZipFile, OSError) as e:
-        raise LowbitError(f"{path} is not a valid .npz archive ({_one_line(e)}); re-save it with numpy.savez") from None
+        raise LowbitError(f"{path} is not a valid .npz archive ({one_line(e)}); re-save it with numpy.savez") from None
 
 
 def _load_arrays(
@@ -370,7 +335,7 @@ def _load_arrays(
                 key: _read_member(zf, members[key], ranks[name], limit, f"{path}:{key}") for name, key in keys.items()
             }
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise LowbitError(f"cannot read {path} ({_one_line(e)}); re-save it with numpy.save/savez") from None
+        raise LowbitError(f"cannot read {path} ({one_line(e)}); re-save it with numpy.save/savez") from None
 
 
 def _read_member(zf: zipfile.ZipFile, member: str, rank: int, limit: int | None, where: str) -> np.ndarray:
@@ -433,7 +398,7 @@ def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tup
         rank = len(s.shape)
         full = shape if len(shape) == rank else (1, *shape) if len(shape) == rank - 1 else None
         if full is None or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], full[1:])):
-            raise LowbitError(f"input '{s.name}': expected shape {_shape_text(s.shape)}, got {shape} in {where}")
+            raise LowbitError(f"input '{s.name}': expected shape {shape_text(s.shape)}, got {shape} in {where}")
         if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
             raise LowbitError(
                 f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype"
@@ -567,50 +532,3 @@ def _same_dynamic_dims(headers: Mapping[Path, Mapping[str, Any]], specs: list[In
                     f"input '{s.name}': samples in {pa} have shape {a} after the batch axis but those in {pb} "
                     f"have {b}; {_SAME_SHAPE_FIX}"
                 )
-
-
-def _image_input(specs: list[InputSpec], pre: ImagePreprocess) -> str:
-    """Check that the model takes one 4-D float image tensor matching `pre`; return its name."""
-    if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].dtype.kind != "f":
-        got = ", ".join(f"'{s.name}' {_shape_text(s.shape)} {s.dtype}" for s in specs)
-        raise LowbitError(
-            f"an image folder needs a model with one 4-D float input, but it has: {got}; use .npy/.npz data"
-        )
-    s = specs[0]
-    _, c, h, w = s.shape if pre.layout == "NCHW" else (s.shape[0], s.shape[3], s.shape[1], s.shape[2])
-    if isinstance(c, int) and c != 3:
-        other = "NHWC" if pre.layout == "NCHW" else "NCHW"
-        raise LowbitError(
-            f"input '{s.name}' {_shape_text(s.shape)} is not {pre.layout} with 3 channels; try layout='{other}'"
-        )
-    for dim in (h, w):
-        if isinstance(dim, int) and dim != pre.crop:
-            raise LowbitError(
-                f"input '{s.name}' expects {h}x{w} images but the image crop is {pre.crop}; set crop to match"
-            )
-    return s.name
-
-
-def _load_image(path: Path, pre: ImagePreprocess) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as opened:
-            im = opened.convert("RGB")
-            w, h = im.size
-            if w <= h:
-                nw, nh = pre.size, max(pre.size, round(h * pre.size / w))
-            else:
-                nw, nh = max(pre.size, round(w * pre.size / h)), pre.size
-            im = im.resize((nw, nh), Image.Resampling.BILINEAR)
-            left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-            im = im.crop((left, top, left + pre.crop, top + pre.crop))
-            x: np.ndarray = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise LowbitError(f"cannot read image {path} ({_one_line(e)}); remove or replace it") from None
-    x = (x - np.asarray(pre.mean, np.float32)) / np.asarray(pre.std, np.float32)
-    if pre.channels == "BGR":
-        x = x[..., ::-1]
-    if pre.layout == "NCHW":
-        x = x.transpose(2, 0, 1)
-    return np.ascontiguousarray(x)

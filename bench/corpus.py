@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 from lowbit_zoo.corpus.metrics import cosine  # noqa: E402
 from lowbit_zoo.corpus.registry import ENTRIES, ROOT, Entry  # noqa: E402
+from ort_peer import ort_static  # noqa: E402
 
 Feeds = list[dict[str, np.ndarray]]
 LATENCY_BUDGET_S = 4.0  # per model and candidate: pairs are run until this much time or 40 pairs
@@ -59,35 +60,6 @@ def run(sess: ort.InferenceSession, feeds: Feeds) -> dict[str, list[np.ndarray]]
 def one_line(e: BaseException) -> str:
     text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
     return text if len(text) < 160 else text[:157] + "..."
-
-
-def ort_static(model: Path, calib: Feeds, method: str, out: Path) -> Path:
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter(calib)
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(
-        str(model),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        calibrate_method=CalibrationMethod.MinMax if method == "MinMax" else CalibrationMethod.Percentile,
-    )
-    return out
 
 
 CALIBRATION: str | None = None  # --calibration
@@ -146,8 +118,8 @@ def measure(entry: Entry, work: Path) -> dict:
     primary = entry.outputs[0]
     candidates = {
         "lowbit": lambda out: lowbit_static(model, calib, out, batch_axes=entry.batch_axes),
-        "ORT MinMax": lambda out: ort_static(model, calib, "MinMax", out),
-        "ORT Percentile": lambda out: ort_static(model, calib, "Percentile", out),
+        "ORT MinMax": lambda out: ort_static(model, calib, out, "MinMax"),
+        "ORT Percentile": lambda out: ort_static(model, calib, out, "Percentile"),
         # Only when the default is not clearly faster than float (> 0.8x): the target the summary's lint points to
         # for ONNX Runtime deployment (integer HardSigmoid/HardSwish gates).
         "lowbit target=onnxruntime": lambda out: lowbit_static(

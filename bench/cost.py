@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ort_peer import ort_static  # bench/ is on sys.path: scripts run from it
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
@@ -55,25 +57,13 @@ def worker(kind: str, work: Path, name: str) -> dict:
             "plan_sha256": hashlib.sha256(res.plan.to_json().encode()).hexdigest(),
             "peak_rss_mib": _peak_rss_mib(),
         }
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with np.load(calib) as z:
         x = {k: z[k] for k in z.files}
 
-    class Reader(CalibrationDataReader):
-        def __init__(self, x: dict[str, np.ndarray]):
-            n = len(next(iter(x.values())))
-            self._it = iter([{k: v[i : i + 1] for k, v in x.items()} for i in range(n)])
-
-        def get_next(self):
-            return next(self._it, None)
+    n = len(next(iter(x.values())))
+    feeds = [{k: v[i : i + 1] for k, v in x.items()} for i in range(n)]
 
     pre, out = work / "ort.pre.onnx", work / "ort.qdq.onnx"
     c0, t0 = time.process_time(), time.perf_counter()
@@ -83,17 +73,7 @@ def worker(kind: str, work: Path, name: str) -> dict:
     except Exception as e:  # it fails on many third-party models (symbolic shape inference): quantize as is
         pre, pre_failed = model, str(e).splitlines()[0]
     c1 = time.process_time()
-    quantize_static(
-        str(pre),
-        str(out),
-        Reader(x),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        reduce_range=False,
-        calibrate_method=CalibrationMethod.MinMax,
-    )
+    ort_static(pre, feeds, out, "MinMax")
     c2, wall = time.process_time(), time.perf_counter() - t0
     return {
         "kind": kind,

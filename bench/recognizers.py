@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ort_peer import ort_static  # bench/ is on sys.path: scripts run from it
+
 ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 BLANK = 36
 TIME_STEPS = 20
@@ -103,72 +105,6 @@ def measure(name: str, float_path: Path, qmodel: object, images: np.ndarray, ref
     }
 
 
-def fold_conv_affine(path: Path, out: Path) -> Path:
-    """Conv -> Mul(per-channel constant) -> Add(per-channel constant), BatchNorm exported as arithmetic, folded into
-    the Conv's weights and bias: what a prepare pass should do (lowbit's BatchNorm fold handles only the op). Used
-    here to measure what that fold is worth; the float outputs stay the same (checked by the caller)."""
-    import onnx
-    from onnx import numpy_helper as nh
-
-    m = onnx.load(str(path))
-    g = m.graph
-    const = {n.output[0]: nh.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"}
-    const.update({t.name: nh.to_array(t) for t in g.initializer})
-    users: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            users.setdefault(i, []).append(n)
-
-    def only_user(name: str, op: str):  # type: ignore[no-untyped-def]
-        u = users.get(name, [])
-        return u[0] if len(u) == 1 and u[0].op_type == op else None
-
-    drop = []
-    for conv in [n for n in g.node if n.op_type == "Conv"]:
-        mul = only_user(conv.output[0], "Mul")
-        add = only_user(mul.output[0], "Add") if mul is not None else None
-        if add is None:
-            continue
-        w = const[conv.input[1]]
-        s = const.get([i for i in mul.input if i != conv.output[0]][0])
-        b = const.get([i for i in add.input if i != mul.output[0]][0])
-        if s is None or b is None or s.size not in (1, w.shape[0]) or b.size not in (1, w.shape[0]):
-            continue
-        s, b = np.broadcast_to(s.reshape(-1), w.shape[:1]), np.broadcast_to(b.reshape(-1), w.shape[:1])
-        b0 = const[conv.input[2]] if len(conv.input) > 2 else np.zeros(w.shape[0], np.float32)
-        g.initializer.extend(
-            [
-                nh.from_array((w * s.reshape(-1, 1, 1, 1)).astype(np.float32), conv.name + "_folded_w"),
-                nh.from_array((b0 * s + b).astype(np.float32), conv.name + "_folded_b"),
-            ]
-        )
-        del conv.input[1:]
-        conv.input.extend([conv.name + "_folded_w", conv.name + "_folded_b"])
-        conv.output[0] = add.output[0]
-        drop += [mul, add]
-    for n in drop:
-        g.node.remove(n)
-    onnx.save(m, str(out))
-    return out
-
-
-def ort_static(float_path: Path, calib: np.ndarray, out: Path) -> Path:
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.it = iter([{"image": calib[i : i + 1]} for i in range(len(calib))])
-
-        def get_next(self):  # type: ignore[no-untyped-def]
-            return next(self.it, None)
-
-    quantize_static(
-        str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-    )  # fmt: skip
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--calib", type=int, default=32)
@@ -186,22 +122,12 @@ def main() -> None:
     rows = []
     static = lowbit.quantize(str(float_path), calib=[{"image": c[None]} for c in calib], progress=False)
     rows.append(measure("lowbit static int8 (default)", float_path, static.model, evalset, ref))
-    folded = fold_conv_affine(float_path, tmp / "folded.onnx")
-    same = np.abs(run(str(folded), evalset) - run(str(float_path), evalset)).max()
-    fq = lowbit.quantize(str(folded), calib=[{"image": c[None]} for c in calib], progress=False)
-    rows.append(
-        measure(
-            f"lowbit static int8, Conv->Mul->Add folded first (float max diff {same:.1e})",
-            float_path,
-            fq.model,
-            evalset,
-            ref,
-        )
-    )
     dyn = lowbit.quantize(str(float_path), recipe=Recipe(default=Scheme(mode="dynamic")), progress=False)
     rows.append(measure("lowbit dynamic", float_path, dyn.model, evalset, ref))
     if args.ort:
-        ort_path = ort_static(float_path, calib, tmp / "ort_static.onnx")
+        ort_path = ort_static(
+            float_path, [{"image": calib[i : i + 1]} for i in range(len(calib))], tmp / "ort_static.onnx"
+        )
         rows.append(measure("onnxruntime quantize_static (QDQ, per-channel)", float_path, str(ort_path), evalset, ref))
     print(f"captcha CRNN, {args.calib} calibration / {args.eval} evaluation images, VNNI: {cpu_has_vnni()}")
     print("| model | kernels vs simulation cosine | CTC exact match vs float (kernels) | (simulation) |")

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import os
 import warnings
-import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import onnx
 
 from lowbit.errors import LowbitError
 
+from .arrays import Header, load_arrays, pick_keys, read_headers, shape_text
 from .images import IMAGE_SUFFIXES, ImagePreprocess, image_input, load_image
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -240,11 +240,11 @@ def open_data(
         else:
             raise LowbitError(f"unsupported data file {path}; expected {_ACCEPTED}")
         # Headers only: catches shape/dtype/name mistakes before any long run starts, and counts samples.
-        headers = {p: _read_headers(p, inputs) for p in arrays}
+        headers = {p: read_headers(p, inputs) for p in arrays}
         total = sum(count(str(p), h) for p, h in headers.items())
         if fixed and batch > 1:  # else batches split where the shape changes (`DataSource._batches`)
             _same_dynamic_dims({p: front(str(p), h, inputs, axes)[0] for p, h in headers.items()}, specs)
-        return finish(lambda: ((str(p), _load_arrays(p, inputs, limit, axes)) for p in arrays), total)
+        return finish(lambda: ((str(p), load_arrays(p, inputs, limit, axes)) for p in arrays), total)
 
     if isinstance(source, (np.ndarray, Mapping)):
         source = [source]
@@ -262,99 +262,6 @@ def open_data(
     return finish(items, None, one_shot=iter(source) is source)
 
 
-class _Header(NamedTuple):
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-def one_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-def shape_text(shape: tuple) -> str:
-    # Dynamic batch shows as N whatever the exporter called it; other dynamic dims keep their name.
-    dims = [str(d) if isinstance(d, int) else "N" if i == 0 else (d or "?") for i, d in enumerate(shape)]
-    return "(" + ", ".join(dims) + ("," if len(dims) == 1 else "") + ")"
-
-
-def _read_header(f, where: str) -> _Header:
-    try:
-        version = np.lib.format.read_magic(f)
-        fmt = np.lib.format
-        shape, _, dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
-    except (ValueError, OSError, EOFError) as e:
-        raise LowbitError(f"{where} is not a valid .npy array ({one_line(e)}); re-save it with numpy.save") from None
-    return _Header(tuple(shape), dtype)
-
-
-def _single_input_key(path: Path, specs: list[InputSpec]) -> str:
-    if len(specs) != 1:
-        names = ", ".join(s.name for s in specs)
-        raise LowbitError(
-            f"{path} holds one array but the model has {len(specs)} inputs ({names}); use a .npz keyed by input name"
-        )
-    return specs[0].name
-
-
-def _read_headers(path: Path, specs: list[InputSpec]) -> dict[str, _Header]:
-    if path.suffix.lower() == ".npy":
-        key = _single_input_key(path, specs)
-        with open(path, "rb") as f:
-            return {key: _read_header(f, str(path))}
-    try:
-        with zipfile.ZipFile(path) as zf:
-            headers = {}
-            for member in zf.namelist():
-                if member.endswith(".npy"):
-                    with zf.open(member) as f:
-                        headers[member[:-4]] = _read_header(f, f"{path}:{member[:-4]}")
-            return headers
-    except (zipfile.BadZipFile, OSError) as e:
-        raise LowbitError(f"{path} is not a valid .npz archive ({one_line(e)}); re-save it with numpy.savez") from None
-
-
-def _load_arrays(
-    path: Path, specs: list[InputSpec], limit: int | None = None, axes: Mapping[str, int | None] | None = None
-) -> dict[str, np.ndarray]:
-    try:
-        if path.suffix.lower() == ".npy":
-            # Memory-mapped so a large file is read slice by slice, never whole.
-            return {_single_input_key(path, specs): np.load(path, mmap_mode="r", allow_pickle=False)}
-        ranks = {s.name: len(s.shape) for s in specs}
-        if any((axes or {}).get(s.name, 0) != 0 for s in specs):
-            # Only a batch on axis 0 can be cut to `limit` rows while reading; with another axis (or a constant)
-            # in the file, every member is read whole so their sample counts agree (the source still stops at limit).
-            limit = None
-        with zipfile.ZipFile(path) as zf:
-            members = {m[:-4]: m for m in zf.namelist() if m.endswith(".npy")}
-            keys = _pick_keys(str(path), set(members), specs)
-            # npz members can't be memory-mapped: read only the needed members, and of each only the first
-            # `limit` samples, so `--samples 16` on a small file holding a huge compressed array stays small.
-            return {
-                key: _read_member(zf, members[key], ranks[name], limit, f"{path}:{key}") for name, key in keys.items()
-            }
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise LowbitError(f"cannot read {path} ({one_line(e)}); re-save it with numpy.save/savez") from None
-
-
-def _read_member(zf: zipfile.ZipFile, member: str, rank: int, limit: int | None, where: str) -> np.ndarray:
-    with zf.open(member) as f:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        # Only a C-ordered batch (leading sample axis) can be cut while streaming; anything else is read whole.
-        if fortran or dtype.hasobject or len(shape) != rank or not shape:
-            f.seek(0)
-            return np.lib.format.read_array(f, allow_pickle=False)
-        rows = shape[0] if limit is None else min(shape[0], limit)
-        count = rows * int(np.prod(shape[1:], dtype=np.int64))
-        data = f.read(count * dtype.itemsize)
-        if len(data) != count * dtype.itemsize:
-            raise LowbitError(f"{where} is truncated; re-save it with numpy.savez")
-        return np.frombuffer(data, dtype=dtype, count=count).reshape((rows, *shape[1:]))
-
-
 def _item(i: int, item: Any, specs: list[InputSpec]) -> tuple[str, dict[str, np.ndarray]]:
     where = f"item {i} of the data iterable"
     if isinstance(item, Mapping):
@@ -369,22 +276,9 @@ def _item(i: int, item: Any, specs: list[InputSpec]) -> tuple[str, dict[str, np.
     raise LowbitError(f"{where} is a {type(item).__name__}; yield numpy arrays or dicts of input name -> array")
 
 
-def _pick_keys(where: str, keys: set[str], specs: list[InputSpec]) -> dict[str, str]:
-    """Map each input name to the key that holds its data."""
-    names = [s.name for s in specs]
-    if all(n in keys for n in names):
-        return {n: n for n in names}
-    if len(names) == 1 and len(keys) == 1:
-        return {names[0]: next(iter(keys))}  # one input, one array: the key name doesn't matter
-    missing = next(n for n in names if n not in keys)
-    raise LowbitError(
-        f"input '{missing}' missing in {where} (found keys: {sorted(keys)}); store arrays under the model's input names"
-    )
-
-
 def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tuple[int, dict[str, str]]:
     """Validate names, shapes and dtypes (metadata only); return the sample count and name -> key."""
-    take = _pick_keys(where, set(arrays), specs)
+    take = pick_keys(where, set(arrays), specs)
     counts = {}
     for s in specs:
         a = arrays[take[s.name]]
@@ -445,7 +339,7 @@ def front(
     where: str, arrays: Mapping[str, Any], inputs: list[InputSpec], axes: Mapping[str, int | None]
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """One chunk's arrays (or headers) keyed by input name, batch axes moved first; and its constant inputs."""
-    take = _pick_keys(where, set(arrays), inputs)
+    take = pick_keys(where, set(arrays), inputs)
     batched, consts = {}, {}
     for s in inputs:
         a, axis = arrays[take[s.name]], axes[s.name]
@@ -455,7 +349,7 @@ def front(
         elif axis and len(a.shape) == len(s.shape):  # a whole batch: its samples along `axis`
             shape = list(a.shape)
             moved = (shape.pop(axis), *shape)
-            batched[s.name] = _Header(moved, a.dtype) if isinstance(a, _Header) else np.moveaxis(a, axis, 0)
+            batched[s.name] = Header(moved, a.dtype) if isinstance(a, Header) else np.moveaxis(a, axis, 0)
         else:  # batch-first already, or one sample without its batch axis
             batched[s.name] = a
     return batched, consts
@@ -522,7 +416,7 @@ def _same_dynamic_dims(headers: Mapping[Path, Mapping[str, Any]], specs: list[In
     for s in specs:
         seen: dict[tuple, Path] = {}
         for path, arrays in headers.items():
-            key = _pick_keys(str(path), set(arrays), specs)[s.name]
+            key = pick_keys(str(path), set(arrays), specs)[s.name]
             shape = tuple(arrays[key].shape)
             dims = shape[1:] if len(shape) == len(s.shape) else shape
             seen.setdefault(dims, path)

@@ -54,7 +54,7 @@ class ImagePreprocess:
 
 def image_input(specs: list[InputSpec], pre: ImagePreprocess) -> str:
     """Check that the model takes one 4-D float image tensor matching `pre`; return its name."""
-    from .data import shape_text
+    from .arrays import shape_text
 
     if len(specs) != 1 or len(specs[0].shape) != 4 or specs[0].dtype.kind != "f":
         got = ", ".join(f"'{s.name}' {shape_text(s.shape)} {s.dtype}" for s in specs)
@@ -79,7 +79,7 @@ def image_input(specs: list[InputSpec], pre: ImagePreprocess) -> str:
 def load_image(path: Path, pre: ImagePreprocess) -> np.ndarray:
     from PIL import Image
 
-    from .data import one_line
+    from .arrays import one_line
 
     try:
         with Image.open(path) as opened:

@@ -102,3 +102,62 @@ def test_summary_lists_the_float_concat() -> None:
     res = lowbit.quantize(_head(), calib=_feeds(16, 1), progress=False)
     text = summary_text(res.plan, res.float_bytes, res.quantized_bytes, res.seconds, None)
     assert "ranges too different for one scale" in text and "head_concat" in text
+
+
+def _two_level_head():
+    """Two `_head`-style levels, each [boxes, probabilities] concatenated, reshaped to [1, 4 + CLASSES, 64], joined
+    on the anchor axis and transposed to [1, 128, 4 + CLASSES]: how YOLOv5-style heads end (the crash this guards:
+    after the level Concats stayed float, the Reshapes after them needed ranges nobody had observed)."""
+    inits = {
+        "w0": weight((8, 3, 3, 3), 1),
+        "b0": np.zeros(8, np.float32),
+        "px": np.array(320.0, np.float32),
+        "shape": np.array([1, 4 + CLASSES, 64], np.int64),
+    }
+    nodes = [node("Conv", ["x", "w0", "b0"], ["h0"], pads=[1, 1, 1, 1]), node("Relu", ["h0"], ["h"])]
+    for level in (0, 1):
+        inits[f"wb{level}"] = weight((4, 8, 1, 1), 2 + level)
+        inits[f"wc{level}"] = weight((CLASSES, 8, 1, 1), 4 + level, scale=0.3)
+        nodes += [
+            node("Conv", ["h", f"wb{level}"], [f"bl{level}"]),
+            node("Sigmoid", [f"bl{level}"], [f"bs{level}"]),
+            node("Mul", [f"bs{level}", "px"], [f"boxes{level}"]),
+            node("Conv", ["h", f"wc{level}"], [f"cl{level}"]),
+            node("Sigmoid", [f"cl{level}"], [f"probs{level}"]),
+            node("Concat", [f"boxes{level}", f"probs{level}"], [f"lv{level}"], name=f"level{level}", axis=1),
+            node("Reshape", [f"lv{level}", "shape"], [f"flat{level}"], name=f"reshape{level}"),
+        ]
+    nodes += [
+        node("Concat", ["flat0", "flat1"], ["joined"], name="levels", axis=2),
+        node("Transpose", ["joined"], ["out"], name="to_anchors", perm=[0, 2, 1]),
+    ]
+    return model(nodes, {"x": (1, 3, 8, 8)}, {"out": (1, 128, 4 + CLASSES)}, inits)
+
+
+def test_data_movement_after_a_mixed_concat_stays_float(tmp_path) -> None:
+    m = _two_level_head()
+    res = lowbit.quantize(m, tmp_path / "q.onnx", calib=_feeds(32, 1), progress=False)
+    nodes = res.plan.nodes
+    assert nodes["level0"].code is Reason.MIXED_RANGES and nodes["level1"].code is Reason.MIXED_RANGES
+    for name in ("levels", "to_anchors"):
+        assert not nodes[name].quantized and nodes[name].code is Reason.CARRIES_MIXED, (name, nodes[name].reason)
+    assert "carries the values of 'level" in nodes["to_anchors"].reason
+    assert "out" not in res.plan.tensors and "joined" not in res.plan.tensors
+    ref = run(m, _feeds(64, 9), float_model=True)[0]
+    got = run(res.model, _feeds(64, 9), mode="kernels")[0]
+    # the class probabilities keep their own 1/255 scale: top class per anchor as in float (measured 97.6%)
+    agree = float((ref[..., 4:].argmax(-1) == got[..., 4:].argmax(-1)).mean())
+    assert agree >= 0.95, agree
+    again = lowbit.quantize(m, tmp_path / "r.onnx", plan=tmp_path / "q.plan.json", progress=False)
+    assert again.plan.nodes["to_anchors"].code is Reason.CARRIES_MIXED
+    assert (tmp_path / "q.onnx").read_bytes() == (tmp_path / "r.onnx").read_bytes()
+
+
+def test_a_tensor_that_becomes_its_own_source_borrows_the_histogram() -> None:
+    from lowbit.planner import Layout
+
+    before = Layout(tensors={"a": "a", "moved": "a"})
+    after = Layout(tensors={"moved": "moved", "b": "b"})
+    histograms = {"a": object()}
+    settle.borrow_ranges(before, after, histograms)
+    assert histograms["moved"] is histograms["a"] and "b" not in histograms

@@ -25,6 +25,7 @@ class Reason(StrEnum):
     ISOLATED_DATA_MOVEMENT = "isolated_data_movement"
     SENTINEL = "sentinel"
     MIXED_RANGES = "mixed_ranges"
+    CARRIES_MIXED = "carries_mixed"
     NO_QUANTIZED_FORM = "no_quantized_form"
     CUSTOM_DOMAIN = "custom_domain"
     INTEGER_ONLY = "integer_only"
@@ -96,6 +97,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.MIXED_RANGES: "input '{tensor}' spans {span:.3g}, only {steps:.3g} steps of the output's scale (output "
     "spans {output_span:.3g}; fewer than {min_steps} steps loses it): ranges too different for one scale; kept float, "
     "each input keeps its own",
+    Reason.CARRIES_MIXED: "'{tensor}' carries the values of '{concat}', kept float for mixed ranges: one scale "
+    "would round its small-range part away; kept float",
     Reason.NO_QUANTIZED_FORM: "no quantized form for {op} in lowbit",
     Reason.CUSTOM_DOMAIN: "custom-domain op {domain}::{op} has no quantized form",
     Reason.INTEGER_ONLY: "integer {op} (shape arithmetic): nothing to quantize",

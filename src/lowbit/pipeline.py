@@ -34,7 +34,7 @@ from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warn
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
 from .planner import Layout, make_layout
 from .recipe import Recipe
-from .settle import replay, settle
+from .settle import borrow_ranges, replay, settle
 from .shard import check_workers
 from .verify import finish
 
@@ -229,7 +229,9 @@ def observe_and_decide(
         )
         if timings is not None:
             timings["calibrate"] = time.perf_counter() - t
-        layout = settle(model, recipe, layout, stats.extremes())
+        settled = settle(model, recipe, layout, stats.extremes())
+        borrow_ranges(layout, settled, stats.histograms)
+        layout = settled
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
         return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)
     layout = replay(model, recipe, layout, plan.nodes)

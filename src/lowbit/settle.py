@@ -32,9 +32,16 @@ SENTINEL = 1e4
 # its own scale, a product's range is its own, and a small addend below the sum's resolution is small in the sum too.
 MIN_STEPS = 8
 COPIES = frozenset({"Concat"})
+# Data movement keeps such a Concat's output mixed: reshaped, transposed or concatenated again (a YOLOv5 head's
+# per-level [boxes, objectness, classes] joined into one output), it still holds the small-range values beside the
+# large ones, and quantizing it anywhere downstream loses them as surely. Slice, Split and Gather are not followed:
+# they are how heads separate boxes from scores, and each part is then judged on its own observed range.
+CARRIERS = frozenset(
+    {"Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Concat", "Expand", "Tile"}
+)
 
 # Decisions made on observed ranges, which a re-applied plan repeats.
-SETTLED = frozenset({Reason.SENTINEL, Reason.MIXED_RANGES})
+SETTLED = frozenset({Reason.SENTINEL, Reason.MIXED_RANGES, Reason.CARRIES_MIXED})
 
 
 def sentinel_nodes(layout: Layout, extremes: dict[str, tuple[float, float]]) -> dict[str, Skip]:
@@ -89,6 +96,30 @@ def mixed_range_nodes(graph: ir.Graph, layout: Layout, extremes: dict[str, tuple
     return out
 
 
+def carried_mixed_nodes(graph: ir.Graph, layout: Layout, kept: dict[str, Skip]) -> dict[str, Skip]:
+    """Static nodes that would quantize a tensor carrying the output of a Concat kept float for mixed ranges (see
+    CARRIERS) -> why they stay float too."""
+    carried: dict[str, str] = {}  # tensor -> the mixed Concat whose values it holds
+    for name, skip in kept.items():
+        if skip.code == Reason.MIXED_RANGES:
+            carried.update({v.name: name for v in graph.node(name).outputs if v.name})
+    if not carried:
+        return {}
+    for node in graph:  # topological order: one sweep follows every chain
+        if node.op_type not in CARRIERS or node.domain not in ("", "ai.onnx"):
+            continue
+        data = node.inputs if node.op_type == "Concat" else node.inputs[:1]
+        origin = next((carried[v.name] for v in data if v is not None and v.name in carried), None)
+        if origin is not None:
+            carried.update({v.name: origin for v in node.outputs if v.name})
+    out: dict[str, Skip] = {}
+    for name, tensors in layout.node_tensors.items():
+        hit = next((t for t in tensors if t in carried and name not in kept), None)
+        if hit is not None:
+            out[name] = Skip(Reason.CARRIES_MIXED, {"tensor": hit, "concat": carried[hit]})
+    return out
+
+
 def settle(model: ir.Model, recipe: Recipe, layout: Layout, extremes: dict[str, tuple[float, float]]) -> Layout:
     """Keep float every static node that would quantize a mask-like tensor (see SENTINEL) or whose inputs' ranges
     do not fit one output scale (see MIN_STEPS), until none does: a node kept float can leave its neighbours
@@ -99,10 +130,23 @@ def settle(model: ir.Model, recipe: Recipe, layout: Layout, extremes: dict[str, 
         lo, hi = extremes.get(name, (0.0, 0.0))
         extremes[name] = (min(lo, value), max(hi, value))
     keep: dict[str, Skip] = {}
-    while more := sentinel_nodes(layout, extremes) or mixed_range_nodes(model.graph, layout, extremes):
+    while more := (
+        sentinel_nodes(layout, extremes)
+        or mixed_range_nodes(model.graph, layout, extremes)
+        or carried_mixed_nodes(model.graph, layout, keep)
+    ):
         keep.update(more)
         layout = relayout(model, recipe, keep)
     return layout
+
+
+def borrow_ranges(before: Layout, after: Layout, histograms: dict) -> None:
+    """Settling can make a tensor its own source that shared another's scale before (the first quantized op past a
+    node kept float, e.g. a sentinel's): it holds that source's values, moved, so it takes its histogram."""
+    for s in after.sources():
+        old = before.tensors.get(s)
+        if s not in histograms and old in histograms:
+            histograms[s] = histograms[old]
 
 
 def replay(model: ir.Model, recipe: Recipe, layout: Layout, earlier: dict[str, Decision]) -> Layout:

@@ -116,6 +116,22 @@ def test_old_opsets_are_upgraded_to_13_with_unchanged_outputs(tmp_path: Path, ca
     onnx.checker.check_model(out)
 
 
+def test_old_opset_image_model_with_dynamic_size_is_verified_at_a_size_it_runs(tmp_path: Path) -> None:
+    """A 3x3 conv without padding cannot run on the 1x1 pixels a dynamic height/width first gets in the upgrade
+    check (PP-OCR's detectors fail there in Resize); the check tries larger sizes before giving up."""
+    model = small(11)
+    model.graph.node[0].attribute.pop()  # conv1 without pads: needs at least 3x3 pixels
+    model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "W"
+    onnx.save(model, tmp_path / "old.onnx")
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.random.default_rng(1).normal(0, 1, (8, 3, 16, 16)).astype(np.float32))
+    run = quantize(tmp_path / "old.onnx", tmp_path, calib)
+    assert run.returncode == 0, run.stderr
+    assert "Non-zero status" not in run.stderr  # ONNX Runtime's own log of the failed 1x1 run is not shown
+    assert {o.domain: o.version for o in onnx.load(str(tmp_path / "out.onnx")).opset_import}[""] >= 13
+
+
 def _wrong_shape(folder: Path) -> Path:
     """Calibration data that exists but fits no test model here: an error about it means calibration began."""
     path = folder / "wrong-shape.npy"

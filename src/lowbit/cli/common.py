@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
+from ..errors import LowbitError
+
 if TYPE_CHECKING:  # data.py loads numpy, onnx and Pillow: not before a command runs
     from ..data import ImagePreprocess
 
@@ -41,3 +43,29 @@ def add_ray_args(p: argparse.ArgumentParser, work: str) -> None:
         metavar="ADDR",
         help="join a running Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one",
     )
+
+
+def add_batch_axis_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--batch-axis",
+        nargs="+",
+        default=[],
+        metavar="INPUT=AXIS",
+        help=f"the axis an input's {what} samples are stacked on when it is not 0 (recurrent state "
+        "[2, B, 64]: state=1), or INPUT=none for an input constant across samples (a sample rate; 0-d inputs are "
+        "constant without saying)",
+    )
+
+
+def batch_axes(given: list[str]) -> dict[str, int | None]:
+    """`--batch-axis state=1 sr=none` as {"state": 1, "sr": None}; the names and ranges are checked against the
+    model's inputs by `quantize`."""
+    out: dict[str, int | None] = {}
+    for item in given:
+        name, sep, axis = item.rpartition("=")
+        if not sep or not name or not (axis.lower() == "none" or axis.lstrip("-").isdigit()):
+            raise LowbitError(
+                f"--batch-axis takes INPUT=AXIS (e.g. state=1) or INPUT=none, got {item!r}; write it as name=axis"
+            )
+        out[name] = None if axis.lower() == "none" else int(axis)
+    return out

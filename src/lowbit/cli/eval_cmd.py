@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from .common import add_image_args, add_ray_args, image_preprocess
+from .common import add_batch_axis_arg, add_image_args, add_ray_args, batch_axes, image_preprocess
 
 if TYPE_CHECKING:
     from ..evaluate.evaluate import EvalResult
@@ -56,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("--limit", type=int, metavar="N", help="evaluate only the first N samples")
+    add_batch_axis_arg(p, "evaluation")
     add_image_args(p)
     add_output_kind_arg(p)
     add_ray_args(p, "evaluate")
@@ -135,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
         kinds=parse_kinds(args.output_kind),
         workers=args.workers,
         ray_address=args.ray_address,
+        batch_axes=batch_axes(args.batch_axis) or None,
     )
     print(result.to_json(indent=1) if args.json else eval_text(result))
     return 0

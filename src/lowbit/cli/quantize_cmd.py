@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import LowbitError
 from ..recipe import PRESETS, Recipe, Scheme, preset
-from .common import add_image_args, add_ray_args, image_preprocess
+from .common import add_batch_axis_arg, add_image_args, add_ray_args, batch_axes, image_preprocess
 from .eval_cmd import add_output_kind_arg, output_kinds
 
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
@@ -84,15 +84,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
-    q.add_argument(
-        "--batch-axis",
-        nargs="+",
-        default=[],
-        metavar="INPUT=AXIS",
-        help="the axis an input's calibration samples are stacked on when it is not 0 (recurrent state "
-        "[2, B, 64]: state=1), or INPUT=none for an input constant across samples (a sample rate; 0-d inputs are "
-        "constant without saying)",
-    )
+    add_batch_axis_arg(q, "calibration")
     add_image_args(q)
     add_ray_args(q, "calibrate")
     q.add_argument(
@@ -163,20 +155,6 @@ RECIPE_OPTIONS = {
     "flush_subnormals": "--flush-subnormals",
     "target": "--target",
 }
-
-
-def batch_axes(given: list[str]) -> dict[str, int | None]:
-    """`--batch-axis state=1 sr=none` as {"state": 1, "sr": None}; the names and ranges are checked against the
-    model's inputs by `quantize`."""
-    out: dict[str, int | None] = {}
-    for item in given:
-        name, sep, axis = item.rpartition("=")
-        if not sep or not name or not (axis.lower() == "none" or axis.lstrip("-").isdigit()):
-            raise LowbitError(
-                f"--batch-axis takes INPUT=AXIS (e.g. state=1) or INPUT=none, got {item!r}; write it as name=axis"
-            )
-        out[name] = None if axis.lower() == "none" else int(axis)
-    return out
 
 
 def _early_checks(args: argparse.Namespace) -> Recipe | None:

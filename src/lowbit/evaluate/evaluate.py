@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from ..data import ImagePreprocess, InputSpec, input_specs, open_data
+from ..data import BatchAxes, ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
 from ..graph.io import model_name
 from ..runtimes.litert import LiteRTSession, is_tflite
@@ -58,6 +58,7 @@ def evaluate(
     *,
     workers: int = 1,
     ray_address: str | None = None,
+    batch_axes: BatchAxes | None = None,
 ) -> EvalResult:
     """Run `model` over `data`; report top-1/top-5 accuracy (with `labels`) and per-output fidelity (with `reference`).
 
@@ -70,6 +71,8 @@ def evaluate(
     sequence, boxes, embedding, values).
     `workers` > 1 (or a `ray_address`): Ray tasks run shares of the data (a path) and the driver joins their outputs
     in data order, so every number is the same as in one process (`shard.py`, `pip install lowbit[ray]`).
+    `batch_axes`: the axis each input's samples are stacked on when not 0, or None for an input constant across
+    samples (see `open_data`), as for calibration.
     """
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -94,9 +97,19 @@ def evaluate(
             specs = [
                 dataclasses.replace(s, shape=(fixed[s.name], *s.shape[1:])) if s.name in fixed else s for s in specs
             ]
-    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, what="evaluation data")
+    if batch_axes is not None and (workers > 1 or ray_address is not None):
+        raise LowbitError("batch axes other than 0 are not sharded over Ray yet: drop --workers/--ray-address")
+    source = open_data(
+        data,
+        specs,
+        batch_size=batch_size,
+        preprocess=preprocess,
+        limit=limit,
+        what="evaluation data",
+        batch_axes=batch_axes,
+    )
     wanted = _load_labels(labels) if labels is not None else None
-    counted = wanted is not None and _match_labels(wanted, labels, data, specs, batch_size, preprocess)
+    counted = wanted is not None and _match_labels(wanted, labels, data, specs, batch_size, preprocess, batch_axes)
 
     sess = lite if lite is not None else _session(model, mode)
     ref_sess = ref_lite if ref_lite is not None else _session(reference, "kernels") if reference is not None else None
@@ -324,6 +337,7 @@ def _match_labels(
     specs: list[InputSpec],
     batch_size: int,
     preprocess: ImagePreprocess | None,
+    batch_axes: BatchAxes | None = None,
 ) -> bool:
     """Labels must number the data's samples before --limit (and before dropping a partial fixed batch).
 
@@ -334,7 +348,9 @@ def _match_labels(
     if isinstance(data, (str, os.PathLike, list, tuple)):
         # Counting with a dynamic batch axis gives the raw sample count, cheaply (file headers only).
         loose = [dataclasses.replace(s, shape=(None, *s.shape[1:])) for s in specs]
-        total = open_data(data, loose, batch_size=batch_size, preprocess=preprocess, what="evaluation data").num_samples
+        total = open_data(
+            data, loose, batch_size=batch_size, preprocess=preprocess, what="evaluation data", batch_axes=batch_axes
+        ).num_samples
     if total is not None and len(wanted) != total:
         raise LowbitError(
             f"{where} has {len(wanted)} labels but {_name(data)} has {total} samples; give exactly one label per sample"

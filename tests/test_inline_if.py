@@ -1,5 +1,6 @@
 """An If with a constant condition (the whole body inside, as some exporters leave it) is replaced by its taken
-branch in prepare, so the branch's nodes get quantized; an If on a computed condition stays."""
+branch in prepare, so the branch's nodes get quantized; an If on a computed condition stays an If, and the branch the
+calibration data takes is quantized inside it (tests/test_branches.py)."""
 
 from __future__ import annotations
 
@@ -61,5 +62,6 @@ def test_if_on_a_computed_condition_stays() -> None:
     m = _wrapped(None)
     res = lowbit.quantize(m, calib=samples(m, 8), progress=False)
     assert len(nodes_of(res.model, "If")) == 1 and not res.plan.nodes["wrap"].quantized
+    assert res.plan.nodes["then_conv"].quantized and "else_conv" not in res.plan.nodes  # random data: max > -100
     feeds = samples(m, 4, seed=4)
-    np.testing.assert_allclose(run(res.model, feeds)[0], run(m, feeds, float_model=True)[0], rtol=1e-6)
+    assert rel_rms(run(m, feeds, float_model=True)[0], run(res.model, feeds)[0]) < 0.05

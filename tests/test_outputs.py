@@ -76,6 +76,17 @@ def test_classify_detector_heads_both_layouts() -> None:
     assert (classify(t).kind, classify(t).variant) == ("boxes", "anchors_first")
 
 
+def test_classify_a_raw_yolov5_head_whose_boxes_are_grid_offsets() -> None:
+    """[N, A, 4 + 1 + C]: box offsets about -1..2.5 (not probabilities, span 3.5), objectness and class scores in
+    [0, 1] (span 0.9): too close for the span rule alone, but only the scores are probabilities."""
+    r = _rng(3)
+    boxes = r.uniform(-1.0, 2.5, (2, 400, 4))
+    scores = r.uniform(0.0, 0.9, (2, 400, 2))
+    x = np.concatenate([boxes, scores], 2).astype(np.float32)
+    assert (classify(x).kind, classify(x).variant) == ("boxes", "anchors_first")
+    assert classify(r.uniform(-1.0, 2.5, (2, 400, 6)).astype(np.float32)).kind != "boxes"  # no probabilities
+
+
 # ---- metrics with known answers ----
 
 

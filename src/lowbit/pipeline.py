@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from .apply import apply
+from .branches import merge_plans, quantize_branches
 from .calibrate import calibrate_layout
 from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
@@ -29,7 +30,7 @@ from .graph.io import (
     write_together,
 )
 from .passes import prepare
-from .passes.opset import ready_for_quantization
+from .passes.opset import already_quantized_note, ready_for_quantization
 from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warning
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
 from .planner import Layout, make_layout
@@ -128,10 +129,15 @@ def quantize(
     timings: dict[str, float] = {}
 
     loaded = load(model)
+    before = already_quantized_note(loaded.model)
     t = time.perf_counter()
     prepare(loaded.model)
     if recipe.flush_subnormals:
         flush_subnormals(loaded.model)
+    # Inside Ifs whose condition is computed at run time (a whole model behind a sample-rate switch): see branches.py
+    loaded.model, branch_plans, branch_notes = quantize_branches(
+        loaded.model, recipe, calib, plan, loaded.inputs, preprocess, batch_axes
+    )
     layout = make_layout(loaded.model, recipe, calibrated=calib is not None or plan is not None)
     fingerprint = graph_fingerprint(loaded.model.graph)  # after make_layout: every node has its unique name
     if plan is not None:
@@ -165,11 +171,12 @@ def quantize(
     apply(loaded.model, decided.layout, new_plan)
     notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float
     proto = finish(loaded.model, new_plan, recipe.target)
+    merge_plans(new_plan, branch_plans)  # after apply, which quantizes every tensor the plan names in the main graph
     timings["rewrite"] = time.perf_counter() - t
     result = QuantizeResult(
         proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
     )
-    result.warnings = notes
+    result.warnings = [n for n in [before] if n] + branch_notes + notes
     if output is not None:
         save(proto, new_plan, output)
         result.output = Path(output)

@@ -147,7 +147,8 @@ def _map(x: np.ndarray, name: str) -> OutputKind:
 
 
 def _boxes(x: np.ndarray) -> OutputKind | None:
-    """[N, 4 + C, A] or [N, A, 4 + C]: the 4 box rows span a range far larger than the class rows."""
+    """[N, 4 + C, A] or [N, A, 4 + C]: the 4 box rows span a range far larger than the class rows, or (a head
+    whose boxes are still grid offsets, YOLOv5's raw output) the scores are probabilities and the boxes are not."""
     a, b = x.shape[1:]
     for layout, feat_axis, feats, anchors in (("anchors_last", 1, a, b), ("anchors_first", 2, b, a)):
         if not 5 <= feats <= 4 + 1000 or anchors < 4 * feats:
@@ -155,7 +156,7 @@ def _boxes(x: np.ndarray) -> OutputKind | None:
         box = np.take(x, range(4), axis=feat_axis)
         cls = np.take(x, range(4, feats), axis=feat_axis)
         span_box, span_cls = float(np.ptp(box)), float(np.ptp(cls))
-        if span_box > 8 * max(span_cls, 1e-6):
+        if span_box > 8 * max(span_cls, 1e-6) or (_is_prob(cls) and not _is_prob(box) and span_box > 2 * span_cls):
             why = (
                 f"{anchors} anchors x (4 box values + {feats - 4} scores); box values span {span_box:.3g}, "
                 f"scores {span_cls:.3g} (a detector head)"

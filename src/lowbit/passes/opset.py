@@ -44,7 +44,19 @@ def ready_for_quantization(model: ir.Model, name: str) -> ir.Model:
         # Otherwise a model of constants is "quantized" and written, and only the runtime check then fails.
         raise LowbitError(f"{name} has no inputs, so there is nothing to calibrate or run; pass the model itself")
     check_runnable(model, name)
+    refuse_qdq(model, name)
     return upgrade_opset(model, name)
+
+
+def refuse_qdq(model: ir.Model, name: str) -> None:
+    """A model in QDQ form was quantized already (often lowbit's own output passed back by mistake): quantizing it
+    again would round twice and collide with its parameter names."""
+    count = sum(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph)
+    if count:
+        raise LowbitError(
+            f"{name} is already quantized ({count} QuantizeLinear/DequantizeLinear nodes); pass the float model "
+            "it was made from"
+        )
 
 
 def check_runnable(model: ir.Model | onnx.ModelProto, name: str) -> None:
@@ -163,3 +175,40 @@ def _session(proto: onnx.ModelProto) -> ort.InferenceSession:
 def _first_line(e: BaseException) -> str:
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
+
+
+# Ops that only a quantizer writes: a model holding them was quantized before (ONNX Runtime's quantize_dynamic writes
+# DynamicQuantizeLinear + ConvInteger/MatMulInteger, quantize_static QDQ pairs or QLinear ops).
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "ConvInteger",
+        "MatMulInteger",
+        "QLinearConv",
+        "QLinearMatMul",
+        "QGemm",
+        "QAttention",
+        "DynamicQuantizeLSTM",
+        "DynamicQuantizeMatMul",
+        "MatMulNBits",
+        "MatMulIntegerToFloat",
+    }
+)
+
+
+def already_quantized_note(model: ir.Model) -> str | None:
+    """A warning when the float model given is partly quantized already: lowbit quantizes what is still float, and
+    the result carries two rounds of rounding where one would do."""
+    counts: dict[str, int] = {}
+    for n in ir.traversal.RecursiveGraphIterator(model.graph):
+        if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear"):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    if not counts:
+        return None
+    found = ", ".join(f"{op} x{k}" for op, k in sorted(counts.items(), key=lambda x: (-x[1], x[0]))[:3])
+    return (
+        f"the model is already quantized in part ({found}): lowbit quantized only what was still float; "
+        "start from the float model for one rounding, with every layer's range calibrated"
+    )

@@ -1,0 +1,247 @@
+"""Quantizing inside an `If` whose condition is computed at run time (a sample-rate switch around a whole model).
+
+lowbit's stages work on the main graph, so a body inside a subgraph stayed float. Exporters put whole models
+there: Silero VAD branches on its 0-d sample-rate input into two complete networks. Each branch is quantized as a
+model of its own: its inputs are the values it reads from the enclosing graph, its calibration data those values
+from the calibration batches that take that branch (ONNX Runtime computes them, and the condition, on the float
+model), its recipe the user's. The quantized graph then replaces the branch. A branch no calibration batch takes
+stays float, and the summary says so. Nested runtime Ifs are reached the same way, by the branch's own quantize run.
+
+The branch's decisions and parameters join the main plan under their own node and tensor names (exporters make them
+unique across branches), so a plan re-applied with `--plan` quantizes each branch again from them, without data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+
+from .data import BatchAxes, DataSource, ImagePreprocess, InputSpec, open_data
+from .errors import LowbitError
+from .plan import Plan
+from .recipe import Recipe
+
+BRANCHES = ("then_branch", "else_branch")
+
+
+@dataclass
+class Branch:
+    node: str  # the If node's name
+    attr: str  # then_branch / else_branch
+    graph: onnx.GraphProto
+    reads: list[str]  # values it reads from the enclosing graph, in first-use order
+
+
+def runtime_ifs(proto: onnx.ModelProto) -> list[Branch]:
+    """The branches of main-graph If nodes (constant conditions are inlined before this runs)."""
+    out = []
+    for node in proto.graph.node:
+        if node.op_type != "If" or node.domain not in ("", "ai.onnx"):
+            continue
+        for a in node.attribute:
+            if a.name in BRANCHES:
+                out.append(Branch(node.name, a.name, a.g, outer_reads(a.g)))
+    return out
+
+
+def outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """Names `graph` (and subgraphs nested in it) reads but does not define."""
+    defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    reads: list[str] = []
+
+    def visit(g: onnx.GraphProto, local: set[str]) -> None:
+        local = local | {t.name for t in g.initializer} | {v.name for v in g.input}
+        for n in g.node:
+            for name in n.input:
+                if name and name not in local and name not in reads:
+                    reads.append(name)
+            for a in n.attribute:
+                for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                    visit(sub, local)
+            local |= set(n.output)
+        for v in g.output:
+            if v.name not in local and v.name not in reads:
+                reads.append(v.name)
+
+    visit(graph, defined)
+    return reads
+
+
+def branch_feeds(
+    proto: onnx.ModelProto, branches: list[Branch], source: DataSource, session: Callable[[bytes], Any]
+) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
+    """For each branch, the values it reads on every calibration batch that takes it (one float run per batch)."""
+    conds = {b.node: next(n.input[0] for n in proto.graph.node if n.name == b.node) for b in branches}
+    wanted = list(dict.fromkeys([*conds.values(), *(r for b in branches for r in b.reads)]))
+    inputs = {v.name for v in proto.graph.input}
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(proto)
+    have = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in have and n not in inputs)
+    sess = session(augmented.SerializeToString())
+    names = [o.name for o in sess.get_outputs()]
+    out: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {(b.node, b.attr): [] for b in branches}
+    for batch in source:
+        values = dict(zip(names, sess.run(None, batch)))
+        values.update({k: v for k, v in batch.items() if k in inputs})
+        for b in branches:
+            taken = "then_branch" if bool(np.asarray(values[conds[b.node]]).reshape(())) else "else_branch"
+            if taken == b.attr:
+                out[(b.node, b.attr)].append({r: values[r] for r in b.reads})
+    return out
+
+
+def branch_model(main: onnx.ModelProto, branch: Branch, example: dict[str, np.ndarray] | None) -> onnx.ModelProto:
+    """The branch as a model: its outer reads become inputs (typed from the main graph, or from a value seen)."""
+    known = {v.name: v for v in [*main.graph.input, *main.graph.value_info, *main.graph.output]}
+    if any(r not in known or not known[r].type.tensor_type.HasField("shape") for r in branch.reads):
+        inferred = onnx.shape_inference.infer_shapes(main).graph.value_info  # the same types with or without data
+        known = {**{v.name: v for v in inferred}, **known}
+    consts = {t.name: t for t in main.graph.initializer}
+    graph = onnx.GraphProto()
+    graph.CopyFrom(branch.graph)
+    graph.name = f"{branch.node}_{branch.attr}"
+    for name in branch.reads:
+        if name in consts:  # a weight of the main graph: the branch model holds its own copy
+            graph.initializer.append(consts[name])
+        elif name in known and known[name].type.tensor_type.HasField("shape"):
+            graph.input.append(known[name])
+        elif example is not None and name in example:
+            a = np.asarray(example[name])
+            dtype = helper.np_dtype_to_tensor_dtype(a.dtype)
+            graph.input.append(helper.make_tensor_value_info(name, dtype, [None] * a.ndim))
+        else:
+            raise Untyped(name)
+    model = helper.make_model(graph, opset_imports=list(main.opset_import), ir_version=main.ir_version)
+    model.functions.extend(main.functions)
+    if any(not o.type.tensor_type.HasField("shape") for o in graph.output):
+        # Exporters leave a nested branch's outputs untyped (the If's type comes from its enclosing graph); a
+        # model's outputs need one, so infer them from its now-typed inputs.
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]}
+        for o in model.graph.output:
+            t = types.get(o.name)
+            if not o.type.tensor_type.HasField("shape") and t is not None and t.type.tensor_type.HasField("shape"):
+                o.type.CopyFrom(t.type)
+            if not o.type.tensor_type.HasField("shape") or not o.type.tensor_type.elem_type:
+                raise Untyped(o.name)
+    return model
+
+
+class Untyped(Exception):
+    """A value a branch reads or writes whose type and rank nothing states or infers: the branch cannot stand as a
+    model of its own."""
+
+
+def replace_branch(main: onnx.ModelProto, branch: Branch, quantized: onnx.ModelProto) -> None:
+    """Put the quantized graph in the branch's place; its inputs are the enclosing graph's values again."""
+    node = next(n for n in main.graph.node if n.name == branch.node)
+    attr = next(a for a in node.attribute if a.name == branch.attr)
+    g = onnx.GraphProto()
+    g.CopyFrom(quantized.graph)
+    outer = {t.name for t in main.graph.initializer}
+    keep = [t for t in g.initializer if t.name not in outer or t.name not in branch.reads]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.input[:]
+    del g.output[:]
+    g.output.extend(branch.graph.output)  # as exported (typed or not): the enclosing If gives them their types
+    g.name = branch.graph.name
+    attr.g.CopyFrom(g)
+    have = {(o.domain, o.version) for o in main.opset_import}
+    domains = {o.domain for o in main.opset_import}
+    for o in quantized.opset_import:
+        if o.domain not in domains and (o.domain, o.version) not in have:
+            main.opset_import.append(o)
+        elif o.domain in ("", "ai.onnx"):
+            for m in main.opset_import:
+                if m.domain == o.domain and m.version < o.version:
+                    m.version = o.version
+
+
+def inherited_axes(branch: Branch, specs: list[InputSpec], given: BatchAxes | None) -> dict[str, int | None]:
+    """A branch reading a main-graph input takes that input's batch axis; 0-d values are constant."""
+    main = {s.name: s for s in specs}
+    out: dict[str, int | None] = {}
+    for r in branch.reads:
+        if r in main and given is not None and r in given:
+            out[r] = given[r]
+    return out
+
+
+def quantize_branches(
+    model: ir.Model,
+    recipe: Recipe,
+    calib: Any,
+    plan: Plan | None,
+    specs: list[InputSpec],
+    preprocess: ImagePreprocess | None,
+    batch_axes: BatchAxes | None,
+) -> tuple[ir.Model, list[Plan], list[str]]:
+    """Quantize the branches of runtime Ifs in `model` (prepared): the model with them replaced, the branches'
+    plans, and a note for each branch left float."""
+    proto = ir.to_proto(model)
+    branches = runtime_ifs(proto)
+    if not branches:
+        return model, [], []
+    from .pipeline import quantize
+    from .runtimes.ort import session
+
+    feeds: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
+    if plan is None and calib is not None:
+        source = open_data(
+            calib,
+            specs,
+            batch_size=recipe.batch_size,
+            preprocess=preprocess,
+            limit=recipe.calibration_samples,
+            batch_axes=batch_axes,
+        )
+        feeds = branch_feeds(proto, branches, source, lambda b: session(b, mode="simulate"))
+    plans, notes = [], []
+    for b in branches:
+        where = f"the {b.attr.replace('_', ' ')} of If '{b.node}'"
+        got = feeds.get((b.node, b.attr), [])
+        if plan is not None and not any(n.name in plan.nodes for n in b.graph.node):
+            continue  # the run that made the plan left this branch float
+        if plan is None and calib is not None and not got:
+            notes.append(f"{where} stays float: no calibration batch takes it; add data that does")
+            continue
+        try:
+            sub = branch_model(proto, b, got[0] if got else None)
+        except Untyped as e:
+            notes.append(f"{where} stays float: '{e}' has no known type or rank to quantize it on its own")
+            continue
+        try:
+            res = quantize(
+                sub,
+                calib=got or None,
+                recipe=recipe,
+                plan=plan,
+                progress=False,
+                reuse_ranges=plan is not None,  # the plan was made for the whole model, not this branch alone
+                batch_axes=inherited_axes(b, specs, batch_axes) or None,
+            )
+        except LowbitError as e:
+            if plan is None and calib is None and "calibration data is required" in str(e):
+                notes.append(f"{where} stays float: static quantization needs calibration data (--calib)")
+                continue
+            raise LowbitError(f"in {where}: {e}") from None
+        replace_branch(proto, b, res.model)
+        plans.append(res.plan)
+        notes += res.warnings
+    return ir.from_proto(proto), plans, notes
+
+
+def merge_plans(plan: Plan, branch_plans: list[Plan]) -> None:
+    for b in branch_plans:
+        plan.nodes.update(b.nodes)
+        plan.tensors.update(b.tensors)
+        plan.channel_means.update(b.channel_means)
+        plan.calibration_samples = max(plan.calibration_samples, b.calibration_samples)

@@ -1,0 +1,96 @@
+"""A model whose body sits inside an If on a runtime value (Silero VAD's sample-rate switch): the branch the
+calibration data takes is quantized as a model of its own, the other stays float with a note, and a plan re-applies
+both decisions byte for byte."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+import lowbit
+from helpers import run, weight
+
+
+def _branch(tag: str, seed: int) -> onnx.GraphProto:
+    """x -> Conv 3x3 -> Relu -> Conv 1x1 -> y_<tag>: weights held by the branch itself, as exporters inline them."""
+    inits = [
+        numpy_helper.from_array(weight((8, 3, 3, 3), seed), f"{tag}_w1"),
+        numpy_helper.from_array(np.zeros(8, np.float32), f"{tag}_b1"),
+        numpy_helper.from_array(weight((4, 8, 1, 1), seed + 1), f"{tag}_w2"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", f"{tag}_w1", f"{tag}_b1"], [f"{tag}_c1"], pads=[1, 1, 1, 1], name=f"{tag}_conv1"
+        ),
+        helper.make_node("Relu", [f"{tag}_c1"], [f"{tag}_r1"], name=f"{tag}_relu"),
+        helper.make_node("Conv", [f"{tag}_r1", f"{tag}_w2"], [f"{tag}_y"], name=f"{tag}_conv2"),
+    ]
+    out = helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, None)
+    return helper.make_graph(nodes, f"{tag}_branch", [], [out], inits)
+
+
+def _switch_model() -> onnx.ModelProto:
+    rate = numpy_helper.from_array(np.array(16000, np.int64), "rate16k")
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="is16k"),
+        helper.make_node(
+            "If", ["is16k"], ["y"], name="switch", then_branch=_branch("hi", 1), else_branch=_branch("lo", 5)
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "switch",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        [rate],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def _feeds(n: int, seed: int, sr: int = 16000) -> list[dict[str, np.ndarray]]:
+    r = np.random.default_rng(seed)
+    return [{"x": r.normal(0, 1, (1, 3, 8, 8)).astype(np.float32), "sr": np.array(sr, np.int64)} for _ in range(n)]
+
+
+def _subgraph_ops(m: onnx.ModelProto, branch: str) -> list[str]:
+    switch = next(n for n in m.graph.node if n.op_type == "If")
+    return [n.op_type for n in next(a.g for a in switch.attribute if a.name == branch).node]
+
+
+def test_the_branch_the_data_takes_is_quantized_and_the_other_stays_float(tmp_path: Path) -> None:
+    m = _switch_model()
+    res = lowbit.quantize(m, tmp_path / "q.onnx", calib=_feeds(16, 1), progress=False)
+    onnx.checker.check_model(res.model)
+    assert "QuantizeLinear" in _subgraph_ops(res.model, "then_branch")
+    assert "QuantizeLinear" not in _subgraph_ops(res.model, "else_branch")
+    assert res.plan.nodes["hi_conv1"].quantized and res.plan.nodes["hi_conv2"].quantized
+    assert "lo_conv1" not in res.plan.nodes
+    assert any("else branch of If 'switch' stays float" in w and "no calibration batch" in w for w in res.warnings)
+    for sr in (16000, 8000):  # both branches still run; the quantized one stays close to float
+        ref = run(m, _feeds(32, 9, sr), float_model=True)[0]
+        got = run(res.model, _feeds(32, 9, sr), mode="kernels")[0]
+        cos = float(np.dot(ref.ravel(), got.ravel()) / np.linalg.norm(ref) / np.linalg.norm(got))
+        assert cos > (0.999 if sr == 16000 else 0.999999), (sr, cos)  # measured 0.9995 quantized
+
+
+def test_a_plan_requantizes_the_branch_without_data(tmp_path: Path) -> None:
+    m = _switch_model()
+    lowbit.quantize(m, tmp_path / "a.onnx", calib=_feeds(16, 1), progress=False)
+    again = lowbit.quantize(m, tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
+    assert again.plan.nodes["hi_conv1"].quantized
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+
+
+def test_each_branch_reads_what_it_uses_from_the_enclosing_graph() -> None:
+    from lowbit.branches import runtime_ifs
+
+    found = {(b.node, b.attr): b.reads for b in runtime_ifs(_switch_model())}
+    assert found == {("switch", "then_branch"): ["x"], ("switch", "else_branch"): ["x"]}

@@ -28,7 +28,7 @@ from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_
 from ..numerics import scale_zero_point
 from ..observe import Histogram, percentile
 from ..passes import prepare
-from ..pipeline import outputs, quantize
+from ..pipeline import load, outputs, quantize
 from ..plan import Plan, TensorParams, plan_path
 from ..recipe import BLOCK_SIZES, ActivationType, Recipe, Rule, Scheme
 from .jsonable import JsonResult, jsonable
@@ -122,7 +122,8 @@ def diagnose(
     float_proto = load_proto(float_model)
     quant_proto = load_proto(quant_model)
     check_kind_names(kinds, [o.name for o in float_proto.graph.output])
-    prepared = ir.to_proto(prepare(ir.from_proto(float_proto)))
+    # As quantize prepares it: an old opset is upgraded first, so the graph (and its fingerprint) is the plan's.
+    prepared = ir.to_proto(prepare(load(float_proto).model))
 
     source = open_data(
         data, input_specs(float_proto), batch_size=4, preprocess=preprocess, limit=limit, what="diagnose data"

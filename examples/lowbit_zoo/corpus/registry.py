@@ -132,6 +132,12 @@ def _vad_feeds(model: Path, n: int, seed: int, split: str) -> Feeds:
     return vad_feeds(model, n, seed)
 
 
+def _silero_feeds(model: Path, n: int, seed: int, split: str) -> Feeds:
+    from .vad import silero_feeds
+
+    return silero_feeds(model, n, seed)
+
+
 CAPTCHA, EEG, ROMANIZER = "captcha-whisperer", "brainmaze-eeg-models", "arabic-name-romanizer"
 SEIZURE_OUTPUTS = (Output("probs", "class scores"), Output("logits", "scalar/state"))
 
@@ -226,6 +232,20 @@ ENTRIES: tuple[Entry, ...] = (
         _vad_feeds,
         (Output("output", "dense map", 0.5), Output("stateN", "scalar/state")),
         licence="built here",
+        batch_axes={"state": 1},
+    ),
+    Entry(
+        "silero_vad",
+        "silero-vad 6.2.3 (Silero VAD v5): the whole model inside an If on the 0-d sample rate, nested Ifs, LSTM, "
+        "state [2,B,128]",
+        _wheel("silero-vad", "silero_vad.onnx"),
+        _silero_feeds,
+        (Output("output", "dense map", 0.5), Output("stateN", "scalar/state")),
+        # 24-chunk streams alternate 16 and 8 kHz: 32 chunks gave the 8 kHz branch one stream's opening silence
+        # (speech agreement there 54%), 96 give it two streams (100%)
+        n_calib=96,
+        n_eval=96,
+        licence="MIT",
         batch_axes={"state": 1},
     ),
 )

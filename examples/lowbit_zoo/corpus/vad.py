@@ -153,3 +153,43 @@ def vad_feeds(model: str | Path, n: int, seed: int) -> list[dict[str, np.ndarray
 
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     return _streams(lambda feed: sess.run(None, feed)[1], n, seed)
+
+
+def _spoken(rng: np.random.Generator, sr: int) -> np.ndarray:
+    """A phrase spoken by espeak-ng (a random voice, speed and pitch) between stretches of quiet noise."""
+    from scipy.signal import resample_poly
+
+    from ..speech import VOICES, Take, colored_noise, synthesize
+
+    words = ["turn", "the", "lights", "on", "please", "seven", "yes", "stop", "music", "tomorrow"]
+    take = Take(str(rng.choice(VOICES)), "m3" if rng.random() < 0.5 else "f2", int(rng.integers(130, 190)), 50)
+    spoken = synthesize(take, [str(w) for w in rng.choice(words, 3, replace=False)])
+    gap = np.zeros(int(0.4 * 16000), np.float32)
+    audio = np.concatenate([gap, *[np.concatenate([w, gap]) for w in spoken]])
+    audio = audio + 0.003 * colored_noise(rng, audio.size, "pink").astype(np.float32)
+    return (audio if sr == 16000 else resample_poly(audio, 1, 2)).astype(np.float32)
+
+
+def silero_feeds(model: str | Path, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Streams of espeak-ng speech for Silero VAD v5 (silero-vad's wheel: state [2, B, 128]; 512-sample chunks at
+    16 kHz, 256 at 8 kHz, each after 64/32 samples of context; every other stream 8 kHz), the state carried by the
+    float model as a deployed loop does. Streams are cut to 24 chunks so that a few streams (and rates) make n."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    feeds: list[dict[str, np.ndarray]] = []
+    stream = 0
+    while len(feeds) < n:
+        sr = 8000 if stream % 2 == 1 else 16000
+        chunk, context = (256, 32) if sr == 8000 else (CHUNK, 64)
+        # Silero's own loop prepends each chunk with the last `context` samples of the one before
+        audio = np.concatenate([np.zeros(context, np.float32), _spoken(rng, sr)])
+        state = np.zeros((2, 1, 128), np.float32)
+        for i in range(min(24, (len(audio) - context) // chunk)):
+            x = audio[None, i * chunk : (i + 1) * chunk + context]
+            feed = {"input": x, "state": state, "sr": np.array(sr, np.int64)}
+            feeds.append(feed)
+            state = sess.run(None, feed)[1]
+        stream += 1
+    return feeds[:n]

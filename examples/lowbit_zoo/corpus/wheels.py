@@ -84,6 +84,16 @@ WHEELS = {
                 ),
             },
         ),
+        Wheel(
+            "silero-vad",
+            "6.2.3",
+            {
+                "silero_vad/data/silero_vad.onnx": "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+                "silero_vad-6.2.3.dist-info/licenses/LICENSE": (
+                    "2e63e9a38b6e8fc0c7bc37ce174caca1862870856c6daf5697cfb785e925520b"
+                ),
+            },
+        ),
     )
 }
 

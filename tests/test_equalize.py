@@ -57,7 +57,10 @@ def _conv_chain(act: str = "Relu", depthwise: bool = False) -> onnx.ModelProto:
     inits["w2"] = _w(c, 1, 3, 3) if depthwise else _w(c, c, 3, 3)
     inits["b2"] = RNG.normal(0, 0.5, c).astype(np.float32)
     inits["w3"], inits["b3"] = _w(6, c, 1, 1), RNG.normal(0, 0.1, 6).astype(np.float32)
-    acts = {"Relu": [helper.make_node("Relu", ["c1"], ["a1"])], "Identity": [helper.make_node("Identity", ["c1"], ["a1"])]}
+    acts = {
+        "Relu": [helper.make_node("Relu", ["c1"], ["a1"])],
+        "Identity": [helper.make_node("Identity", ["c1"], ["a1"])],
+    }
     acts["Relu6"] = [helper.make_node("Clip", ["c1", "lo", "hi"], ["a1"])]
     acts["LeakyRelu"] = [helper.make_node("LeakyRelu", ["c1"], ["a1"], alpha=0.1)]
     if act == "Relu6":

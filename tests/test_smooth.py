@@ -3,6 +3,7 @@ that absorb the division exactly are used."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from conftest import run_cli
 from lowbit.passes.smooth import find_targets, observe_absmax, smooth
 
 RNG = np.random.default_rng(0)
@@ -55,7 +57,10 @@ def _block() -> onnx.ModelProto:
         nodes,
         "block",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D]), helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", D])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D]),
+            helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", D]),
+        ],
         [numpy_helper.from_array(v, k) for k, v in inits.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -100,6 +105,55 @@ def test_smoothing_keeps_the_float_function_and_flattens_the_outliers(alpha: flo
     assert ratio(after["gelu"]) < ratio(before["gelu"])
 
 
+def _residual_block() -> onnx.ModelProto:
+    """MatMul -> bias Add -> residual Add -> LayerNorm, the weight giving output channel 5 a 40x wider range."""
+    w = RNG.normal(0, 0.2, (D, D)).astype(np.float32)
+    w[:, 5] *= 40
+    inits = {
+        "w": w,
+        "bias": RNG.normal(0, 0.1, D).astype(np.float32),
+        "g": np.ones(D, np.float32),
+        "b": np.zeros(D, np.float32),
+    }
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("MatMul", ["r", "w"], ["m"]),
+        helper.make_node("Add", ["m", "bias"], ["mb"]),
+        helper.make_node("Add", ["mb", "x"], ["res"]),
+        helper.make_node("LayerNormalization", ["res", "g", "b"], ["y"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", D])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_output_outliers_move_into_a_float_mul_before_the_residual(tmp_path: Path) -> None:
+    model = _residual_block()
+    m = ir.from_proto(model)
+    recorded = smooth(m, 0.5, [{"x": _data(64, 6)}])
+    assert list(recorded) == ["m (output)"]  # no input target: Relu absorbs nothing
+    t = np.asarray(recorded["m (output)"])
+    assert t[5] > 10 and np.count_nonzero(t > 1) <= 2
+    x = _data(64, 7)
+    ref = _run(model, x)[0]
+    np.testing.assert_allclose(_run(ir.to_proto(m), x)[0], ref, rtol=0, atol=1e-5 * float(np.abs(ref).max()))
+    path = tmp_path / "r.onnx"
+    onnx.save(model, path)
+    errs = {}
+    for alpha in (None, 0.5):
+        res = lowbit.quantize(path, calib=_data(64, 6), recipe=lowbit.Recipe(smooth_quant=alpha), progress=False)
+        errs[alpha] = float(np.abs(_run(res.model, x)[0] - ref).mean())
+        if alpha is not None:
+            restore = [k for k in res.plan.nodes if k.endswith("_restore")]
+            assert len(restore) == 1 and not res.plan.nodes[restore[0]].quantized  # the Mul stays float
+    assert errs[0.5] < 0.5 * errs[None]
+
+
 def test_plan_records_scales_and_replays_them(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(_block(), path)
@@ -127,3 +181,65 @@ def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
     onnx.save(_block(), path)
     with pytest.raises(lowbit.LowbitError, match="calibration data"):
         lowbit.quantize(path, recipe=lowbit.Recipe(default=lowbit.Scheme(mode="dynamic"), smooth_quant=0.5))
+
+
+def test_cli_flags_reach_the_plan_and_bad_alpha_is_exit_2(tmp_path: Path) -> None:
+    onnx.save(_block(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", _data(32, 5))
+    args = ["quantize", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npy"), "--quiet", "--check", "0"]
+    args += ["--no-speed-check"]
+    done = run_cli(*args, "--smooth-quant", "--equalize", "-o", str(tmp_path / "a.onnx"))
+    assert done.returncode == 0, done.stderr
+    recipe = json.loads((tmp_path / "a.plan.json").read_text())["recipe"]
+    assert recipe["smooth_quant"] == 0.5 and recipe["equalize"] is True
+    done = run_cli(*args, "--smooth-quant", "0.7", "-o", str(tmp_path / "b.onnx"))
+    assert json.loads((tmp_path / "b.plan.json").read_text())["recipe"]["smooth_quant"] == 0.7
+    bad = run_cli(*args, "--smooth-quant", "2", "-o", str(tmp_path / "c.onnx"))
+    assert bad.returncode == 2 and "smooth_quant" in bad.stderr and "Traceback" not in bad.stderr
+    # A plan records the recipe: re-applying it takes no recipe option.
+    again = run_cli(
+        "quantize",
+        str(tmp_path / "m.onnx"),
+        "--plan",
+        str(tmp_path / "a.plan.json"),
+        "--quiet",
+        "--check",
+        "0",
+        "--no-speed-check",
+        "-o",
+        str(tmp_path / "d.onnx"),
+    )
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "d.onnx").read_bytes() == (tmp_path / "a.onnx").read_bytes()
+
+
+@pytest.mark.slow
+def test_minilm_smoothing_is_exact_in_float_and_static_int8_stays_close(tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2: smoothing 18 activations (Q/K/V and FFN-in through LayerNorm twins, FFN-out through
+    GELU's `* 0.5`) leaves the float embedding as it was, and the smoothed static int8 model stays close to float.
+    The issue's target (mean cosine >= 0.99) is not met by SmoothQuant here (bench/RESULTS_RECOVER.md: the loss is
+    the per-tensor quantization of the dense MatMuls' outputs, which smoothing inputs cannot reach); this bar is
+    set below the measured 0.93-0.94 to catch breakage."""
+    from lowbit.passes import prepare
+    from lowbit.pipeline import load
+    from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, text_sentences
+
+    model = minilm_onnx(tmp_path / "minilm.onnx")
+    calib = {k: v for k, v in minilm_tokenize(text_sentences(32, "calib")).items()}
+    feeds = minilm_tokenize(text_sentences(48, "eval"))
+    m = load(str(model)).model
+    prepare(m)
+    plain = ir.to_proto(m).SerializeToString()
+    scales = smooth(m, 0.5, [calib])
+    assert len(scales) == 18
+    sess = {
+        k: ort.InferenceSession(v, providers=["CPUExecutionProvider"])
+        for k, v in (("float", plain), ("smoothed", ir.to_proto(m).SerializeToString()))
+    }
+    ref, got = (sess[k].run(None, feeds)[0] for k in ("float", "smoothed"))
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)  # unit-norm embeddings
+    np.savez(tmp_path / "calib.npz", **calib)
+    res = lowbit.quantize(model, calib=tmp_path / "calib.npz", recipe=lowbit.Recipe(smooth_quant=0.8), progress=False)
+    q = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    cos = (q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.mean() > 0.92

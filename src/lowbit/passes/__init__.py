@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
-
-from typing import Any
 
 from .canonicalize import canonicalize
 from .equalize import equalize
@@ -48,4 +48,14 @@ def recover(
     return scales
 
 
-__all__ = ["prepare", "recover", "equalize", "smooth", "canonicalize", "fold_constants", "fold_batchnorm", "fold_affine", "fold_pad"]
+__all__ = [
+    "prepare",
+    "recover",
+    "equalize",
+    "smooth",
+    "canonicalize",
+    "fold_constants",
+    "fold_batchnorm",
+    "fold_affine",
+    "fold_pad",
+]

@@ -176,8 +176,8 @@ def report(cle: list[str], sq: list[str], sentences: int) -> str:
             "",
             "Each cell: task metric / mean cosine of that output, vs float, on held-out samples (the corpus "
             "entry's own metric; EfficientNet-Lite0: top-1 agreement on photo crops, calibrated on 64). "
-            "Pairs: Conv/Gemm pairs the pass rescales (joined directly or through Relu/LeakyRelu/PRelu/MaxPool/AveragePool; not Relu6/Clip/"
-            "HardSwish).",
+            "Pairs: Conv/Gemm pairs the pass rescales (joined directly or through Relu/LeakyRelu/PRelu/MaxPool/"
+            "AveragePool; not Relu6/Clip/HardSwish).",
             "",
             "| model | pairs | metric (samples) | per-channel | per-channel + CLE | per-tensor | per-tensor + CLE |",
             "|---|---|---|---|---|---|---|",
@@ -191,9 +191,9 @@ def report(cle: list[str], sq: list[str], sentences: int) -> str:
             f"Cosine of the sentence embedding vs float over {sentences} held-out sentences, calibrated on 64. "
             "Input side: activations whose producer absorbs 1/s exactly (LayerNorm, via a twin when the residual also "
             "reads it, and GELU's final `* 0.5`), i.e. Q/K/V and the FFN's two MatMuls (18). Output side: MatMul "
-            "outputs that flow only into a residual sum, with a channel over 2x the median (the FFN outputs and one "
-            "attention output, 7), divided in the weights and multiplied back by a float Mul. `activations smoothed` "
-            "counts both.",
+            "outputs that flow only into a residual sum, with a channel over 2x the median (on MiniLM the 6 FFN and "
+            "6 attention outputs, 12), divided in the weights and multiplied back by a float Mul. `activations "
+            "smoothed` counts both.",
             "",
             "| SmoothQuant | activations smoothed | mean cosine | min cosine | quantize time |",
             "|---|---|---|---|---|",

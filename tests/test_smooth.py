@@ -214,32 +214,31 @@ def test_cli_flags_reach_the_plan_and_bad_alpha_is_exit_2(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_minilm_smoothing_is_exact_in_float_and_static_int8_stays_close(tmp_path: Path) -> None:
-    """The real all-MiniLM-L6-v2: smoothing 18 activations (Q/K/V and FFN-in through LayerNorm twins, FFN-out through
-    GELU's `* 0.5`) leaves the float embedding as it was, and the smoothed static int8 model stays close to float.
-    The issue's target (mean cosine >= 0.99) is not met by SmoothQuant here (bench/RESULTS_RECOVER.md: the loss is
-    the per-tensor quantization of the dense MatMuls' outputs, which smoothing inputs cannot reach); this bar is
-    set below the measured 0.93-0.94 to catch breakage."""
+def test_minilm_smoothing_is_exact_in_float_and_lifts_static_int8(tmp_path: Path) -> None:
+    """The real all-MiniLM-L6-v2: smoothing (18 inputs through LayerNorm twins and GELU's `* 0.5`, 12 outputs into
+    the residual sums) leaves the float embedding as it was, and static int8 with alpha 0.7 reaches the issue's
+    target, mean cosine >= 0.99 vs float on held-out sentences (0.93 without: bench/RESULTS_RECOVER.md)."""
     from lowbit.passes import prepare
     from lowbit.pipeline import load
     from lowbit_zoo.zoo import minilm_onnx, minilm_tokenize, text_sentences
 
     model = minilm_onnx(tmp_path / "minilm.onnx")
-    calib = {k: v for k, v in minilm_tokenize(text_sentences(32, "calib")).items()}
-    feeds = minilm_tokenize(text_sentences(48, "eval"))
+    calib = minilm_tokenize(text_sentences(64, "calib"))
+    sentences = text_sentences(128, "eval")
     m = load(str(model)).model
     prepare(m)
-    plain = ir.to_proto(m).SerializeToString()
-    scales = smooth(m, 0.5, [calib])
-    assert len(scales) == 18
-    sess = {
-        k: ort.InferenceSession(v, providers=["CPUExecutionProvider"])
-        for k, v in (("float", plain), ("smoothed", ir.to_proto(m).SerializeToString()))
-    }
-    ref, got = (sess[k].run(None, feeds)[0] for k in ("float", "smoothed"))
-    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5)  # unit-norm embeddings
+    plain = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
+    scales = smooth(m, 0.7, [calib])
+    assert len(scales) == 30
+    smoothed = ort.InferenceSession(ir.to_proto(m).SerializeToString(), providers=["CPUExecutionProvider"])
     np.savez(tmp_path / "calib.npz", **calib)
-    res = lowbit.quantize(model, calib=tmp_path / "calib.npz", recipe=lowbit.Recipe(smooth_quant=0.8), progress=False)
-    q = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-    cos = (q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1)
-    assert cos.mean() > 0.92
+    res = lowbit.quantize(model, calib=tmp_path / "calib.npz", recipe=lowbit.Recipe(smooth_quant=0.7), progress=False)
+    quantized = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    cos = []
+    for i in range(0, len(sentences), 32):
+        feeds = minilm_tokenize(sentences[i : i + 32])
+        ref = plain.run(None, feeds)[0]
+        np.testing.assert_allclose(smoothed.run(None, feeds)[0], ref, rtol=0, atol=1e-5)  # unit-norm embeddings
+        q = quantized.run(None, feeds)[0]
+        cos.append((q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1))
+    assert np.concatenate(cos).mean() >= 0.99

@@ -242,3 +242,19 @@ def test_minilm_smoothing_is_exact_in_float_and_lifts_static_int8(tmp_path: Path
         q = quantized.run(None, feeds)[0]
         cos.append((q * ref).sum(1) / np.linalg.norm(q, axis=1) / np.linalg.norm(ref, axis=1))
     assert np.concatenate(cos).mean() >= 0.99
+
+
+def test_a_damaged_plan_scale_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(_block(), path)
+    lowbit.quantize(
+        path, tmp_path / "q.onnx", calib=_data(32, 8), recipe=lowbit.Recipe(smooth_quant=0.5), progress=False
+    )
+    plan_file = tmp_path / "q.plan.json"
+    good = json.loads(plan_file.read_text())
+    for damage in ([-1.0] * D, ["x"] * D, [1.0] * (D - 1)):
+        plan = json.loads(json.dumps(good))
+        plan["smooth_scales"]["ln"] = damage
+        plan_file.write_text(json.dumps(plan))
+        with pytest.raises(lowbit.LowbitError, match="SmoothQuant scales for 'ln'"):
+            lowbit.quantize(path, plan=plan_file, progress=False)

@@ -296,8 +296,11 @@ def smooth(
         out_chosen = {k: output_scales(absmax[k]) for k in sorted(outputs)}
         out_scales = {k: v for k, v in out_chosen.items() if v is not None}
     else:
-        chosen = {str(t.x.name): np.asarray(given[str(t.x.name)], np.float64) for t in targets if t.x.name in given}
-        out_scales = {k: np.asarray(given[k + OUTPUT_KEY], np.float64) for k in outputs if k + OUTPUT_KEY in given}
+        chosen = {str(t.x.name): _floats(given, str(t.x.name)) for t in targets if t.x.name in given}
+        out_scales = {k: _floats(given, k + OUTPUT_KEY) for k in outputs if k + OUTPUT_KEY in given}
+        bad = [k for k, v in {**chosen, **out_scales}.items() if v.ndim != 1 or not np.all(np.isfinite(v) & (v > 0))]
+        if bad:
+            raise LowbitError(f"the plan's SmoothQuant scales for '{bad[0]}' must be positive numbers; re-run --calib")
         missing = sorted(str(t.x.name) for t in targets if t.x.name not in given)
         if missing:
             raise LowbitError(
@@ -318,6 +321,13 @@ def smooth(
     record = {k: [float(v) for v in s] for k, s in chosen.items()}
     record.update({k + OUTPUT_KEY: [float(v) for v in t] for k, t in out_scales.items()})
     return dict(sorted(record.items()))
+
+
+def _floats(given: dict[str, Any], key: str) -> np.ndarray:
+    try:
+        return np.asarray(given[key], np.float64)
+    except (TypeError, ValueError):
+        raise LowbitError(f"the plan's SmoothQuant scales for '{key}' must be numbers; re-run --calib") from None
 
 
 def find_output_targets_by_name(model: ir.Model, name: str) -> OutputTarget | None:

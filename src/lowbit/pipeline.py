@@ -17,7 +17,7 @@ import onnx_ir as ir
 from .apply import apply
 from .branches import merge_plans, quantize_branches
 from .calibrate import calibrate_layout
-from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
+from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs, open_data
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
 from .graph.io import (
@@ -29,7 +29,7 @@ from .graph.io import (
     model_name,
     write_together,
 )
-from .passes import prepare
+from .passes import prepare, recover
 from .passes.opset import already_quantized_note, ready_for_quantization
 from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warning
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
@@ -134,6 +134,7 @@ def quantize(
     prepare(loaded.model)
     if recipe.flush_subnormals:
         flush_subnormals(loaded.model)
+    smooth_scales = recover(loaded.model, recipe, *_recovery_data(loaded, recipe, calib, plan, preprocess, batch_axes))
     # Inside Ifs whose condition is computed at run time (a whole model behind a sample-rate switch): see branches.py
     loaded.model, branch_plans, branch_notes = quantize_branches(
         loaded.model, recipe, calib, plan, loaded.inputs, preprocess, batch_axes
@@ -165,6 +166,7 @@ def quantize(
         calibration_samples=decided.samples,
         channel_means=decided.channel_means,
         graph_fingerprint=fingerprint,
+        smooth_scales=smooth_scales,
     )
     new_plan.nodes = decided.layout.decisions()
     weights = set(loaded.model.graph.initializers)  # the model's own, not the quantization parameters apply adds
@@ -257,6 +259,27 @@ def save(proto: onnx.ModelProto, plan: Plan, output: str | Path) -> None:
     data = model_bytes(proto)
     plan.model_sha256 = hashlib.sha256(data).hexdigest()
     write_together([(plan_path(output), plan.to_json().encode()), (output, data)])
+
+
+def _recovery_data(
+    loaded: Loaded, recipe: Recipe, calib: Any, plan: Plan | None, preprocess: Any, batch_axes: Any
+) -> tuple[Any, dict[str, list[float]] | None]:
+    """What SmoothQuant measures on: the calibration data, or the scales of the plan being re-applied."""
+    if recipe.smooth_quant is None:
+        return None, None
+    if plan is not None:
+        return None, plan.smooth_scales
+    if calib is None:
+        raise LowbitError("smooth_quant needs calibration data to measure activation outliers: pass --calib DATA")
+    source = open_data(
+        calib,
+        loaded.inputs,
+        batch_size=recipe.batch_size,
+        preprocess=preprocess,
+        limit=recipe.calibration_samples,
+        batch_axes=batch_axes,
+    )
+    return source, None
 
 
 def _recipe(recipe: Recipe | str | Path | None) -> Recipe:

@@ -72,6 +72,8 @@ class Plan:
     # Optional (no version bump; plans without them are read as before): see the module docstring.
     graph_fingerprint: str | None = None
     model_sha256: str | None = None
+    # SmoothQuant's per-channel scales by activation name (recipe smooth_quant), so a re-applied plan smooths alike.
+    smooth_scales: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -107,6 +109,7 @@ class Plan:
                 lowbit_version=data.get("lowbit_version", "?"),
                 graph_fingerprint=data.get("graph_fingerprint"),
                 model_sha256=data.get("model_sha256"),
+                smooth_scales=data.get("smooth_scales", {}),
             )
         except RecursionError:
             raise LowbitError(f"{p} nests too deeply to be a lowbit plan file") from None

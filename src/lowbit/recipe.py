@@ -140,6 +140,13 @@ class Recipe:
     # Set subnormal float weights (|w| < 1.2e-38) to zero before quantizing: the ones left float would make every
     # float op reading them slow (passes/subnormals.py); outputs move by less than float32 resolves.
     flush_subnormals: bool = False
+    # --- accuracy recovery before calibration (passes/equalize.py, passes/smooth.py) ---
+    # Cross-layer equalization: balance per-channel weight ranges of consecutive Conv/Gemm pairs (float unchanged).
+    equalize: bool = False
+    # SmoothQuant's migration strength alpha in [0, 1]: move activation outliers of MatMul/Gemm inputs into the
+    # weights where the producer can absorb the division exactly; None = off. Needs calibration data.
+    smooth_quant: float | None = None
+    # --- end accuracy recovery ---
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -155,6 +162,7 @@ class Recipe:
             raise LowbitError(
                 f"recipe option 'flush_subnormals' must be true or false, got {_show(self.flush_subnormals)}"
             )
+        _check_recovery(self)
         for name in ("calibration_samples", "batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -227,6 +235,15 @@ class Recipe:
         if not isinstance(data, dict):
             raise LowbitError(f"recipe file {p} must hold a JSON object")
         return cls.from_dict(data, where=str(p))
+
+
+def _check_recovery(recipe: Recipe) -> None:
+    """The accuracy-recovery options (equalize, smooth_quant)."""
+    if not isinstance(recipe.equalize, bool):
+        raise LowbitError(f"recipe option 'equalize' must be true or false, got {_show(recipe.equalize)}")
+    alpha = recipe.smooth_quant
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
+        raise LowbitError(f"recipe option 'smooth_quant' must be a number in [0, 1] or null, got {_show(alpha)}")
 
 
 def _show(value: Any) -> str:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
 from .canonicalize import canonicalize
+from .equalize import equalize
 from .fold_affine import fold_affine
 from .fold_batchnorm import fold_batchnorm
 from .fold_constants import fold_constants
 from .fold_pad import fold_pad
 from .inline_if import inline_constant_ifs
+from .smooth import smooth
 
 
 def prepare(model: ir.Model) -> ir.Model:
@@ -29,4 +33,29 @@ def prepare(model: ir.Model) -> ir.Model:
     return model
 
 
-__all__ = ["prepare", "canonicalize", "fold_constants", "fold_batchnorm", "fold_affine", "fold_pad"]
+def recover(
+    model: ir.Model, recipe: Any, batches: Any = None, smooth_scales: dict[str, list[float]] | None = None
+) -> dict[str, list[float]]:
+    """The recipe's accuracy-recovery passes on the prepared float model, before the layout is made: cross-layer
+    equalization (data-free), then SmoothQuant (scales from `smooth_scales`, a plan's record, or measured on
+    `batches`). Returns the SmoothQuant scales applied, for the plan."""
+    if recipe.equalize:
+        equalize(model)
+    if recipe.smooth_quant is None:
+        return {}
+    scales = smooth(model, float(recipe.smooth_quant), batches, smooth_scales)
+    common.ShapeInferencePass()(model)  # the LayerNorm twins' outputs
+    return scales
+
+
+__all__ = [
+    "prepare",
+    "recover",
+    "equalize",
+    "smooth",
+    "canonicalize",
+    "fold_constants",
+    "fold_batchnorm",
+    "fold_affine",
+    "fold_pad",
+]

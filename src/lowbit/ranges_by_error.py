@@ -38,6 +38,7 @@ METHOD = "layer_error"
 # Calibration samples the error is measured on: the first ones the data source yields.
 SAMPLES = 32
 PERCENTILES = (99.9, 99.99, 99.999)
+READER_THREADS = 1
 
 Batch = dict[str, np.ndarray]
 
@@ -47,7 +48,9 @@ def wanted(layout: Layout) -> bool:
     return any(s.calibration == METHOD for s in layout.tensor_scheme.values())
 
 
-def keep_first(batches: Iterable[Batch], kept: list[Batch], samples: int, count: Callable[[Batch], int]) -> Iterator[Batch]:
+def keep_first(
+    batches: Iterable[Batch], kept: list[Batch], samples: int, count: Callable[[Batch], int]
+) -> Iterator[Batch]:
     """Pass `batches` through, copying into `kept` the first ones until they hold `samples` samples."""
     held = 0
     for batch in batches:
@@ -89,6 +92,13 @@ def fake_quantize(x: np.ndarray, r: tuple[float, float], scheme: Scheme) -> np.n
     return q
 
 
+def _sum_of_squares(d: np.ndarray) -> float:
+    """Sum of d**2 (overwrites d), accumulated in float64. Float32 work on activations of tens of MB is
+    memory-bound: this is 5x faster than converting to float64 first (EfficientNet-Lite0: 21 s -> 4 s)."""
+    np.multiply(d, d, out=d)
+    return float(d.sum(dtype=np.float64))
+
+
 @dataclass
 class _Unit:
     """One place a group's error is measured: a node reading its tensors, run alone in float by ONNX Runtime
@@ -107,13 +117,13 @@ class _Unit:
             self.moments = [[0.0, 0.0, 0.0] for _ in outs]
         for m, y in zip(self.moments, outs):
             m[0] += float(y.sum(dtype=np.float64))
-            m[1] += float(np.square(y, dtype=np.float64).sum())
+            m[1] += _sum_of_squares(y.copy())
             m[2] += y.size
 
     def add_error(self, c: int, outs: list[np.ndarray], ref: list[np.ndarray]) -> None:
         row = self.errors.setdefault(c, [0.0] * len(ref))
         for k, (y, r) in enumerate(zip(outs, ref)):
-            row[k] += float(np.square(y.astype(np.float64) - r).sum())
+            row[k] += _sum_of_squares(np.subtract(y, r, dtype=np.float32))
 
     def relative_error(self, c: int) -> float:
         """Squared error / (variance * count), summed over outputs that vary (a constant output says nothing)."""
@@ -160,7 +170,7 @@ def choose_ranges(
     fetch = sorted(needed - inputs - initializers)
     sess = session(fetch)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1  # same sums in the same order on every machine load: same choices
+    opts.intra_op_num_threads = READER_THREADS  # same sums in the same order on every machine load: same choices
     opts.log_severity_level = 3
     for batch in batches:
         feeds = {k: v for k, v in batch.items() if k in inputs}

@@ -14,7 +14,7 @@ import lowbit
 from helpers import model, node, run, samples, weight
 from lowbit.numerics import dequantize, quantize, scale_zero_point
 from lowbit.observe import Histogram
-from lowbit.ranges_by_error import candidates, fake_quantize
+from lowbit.ranges_by_error import candidates
 from lowbit.recipe import Recipe, Scheme
 
 LAYER_ERROR = Recipe(default=Scheme(calibration="layer_error"))
@@ -71,12 +71,24 @@ def test_candidates_are_distinct_and_min_max_comes_first() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16"])
-def test_fake_quantize_is_quantize_then_dequantize(dtype: str) -> None:
-    x = np.random.default_rng(0).normal(0, 3, 5000).astype(np.float32)
+def test_the_measuring_graph_quantizes_as_quantize_then_dequantize(dtype: str) -> None:
+    """The copies inside ONNX Runtime see x quantized exactly as QuantizeLinear/DequantizeLinear would: the summed
+    squared error it reports is numpy's, to float32 summation."""
+    import onnxruntime as ort
+
+    from lowbit.ranges_by_error import _Group, _Unit, error_model
+
+    m = model([node("Relu", ["x"], ["y"])], {"x": (4, 1000)}, {"y": (4, 1000)})
+    x = np.random.default_rng(0).normal(0, 3, (4, 1000)).astype(np.float32)
     scheme = Scheme(activations=dtype)  # type: ignore[arg-type]
-    s, z = scale_zero_point(-2.5, 4.0, dtype, False)
-    expected = dequantize(quantize(x, s, z, dtype), s, z)
-    np.testing.assert_array_equal(fake_quantize(x, (-2.5, 4.0), scheme), expected)
+    group = _Group("x", ["x"], scheme, [("a", (-2.5, 4.0)), ("b", (-9.0, 9.0))], [_Unit(None, {"x"}, ["x"])])
+    measuring, names = error_model(m, [group])
+    got = dict(zip(names, ort.InferenceSession(measuring.SerializeToString()).run(names, {"x": x})))
+    for c, (lo, hi) in enumerate([(-2.5, 4.0), (-9.0, 9.0)]):
+        s, z = scale_zero_point(lo, hi, dtype, False)
+        expected = np.sum((dequantize(quantize(x, s, z, dtype), s, z).astype(np.float64) - x) ** 2)
+        assert float(got[f"err/0/0/{c}/0"]) == pytest.approx(expected, rel=1e-4)
+    assert float(got["var/0/0/0"]) == pytest.approx(np.sum((x - x.mean()) ** 2, dtype=np.float64), rel=1e-4)
 
 
 def _pool_then_conv() -> onnx.ModelProto:
@@ -123,25 +135,25 @@ def test_same_bytes_twice_and_outputs_keep_min_max(tmp_path: Path) -> None:
     assert a.plan.recipe["default"]["calibration"] == "layer_error"
 
 
-def test_a_reader_that_cannot_run_alone_falls_back_to_the_tensors_own_error() -> None:
-    """A Conv reading the tensor through an If (a subgraph) cannot be cut out: the tensor's own error decides,
-    and the model still quantizes."""
-    from lowbit.ranges_by_error import _Group, _measure, _Unit
+def test_a_reader_that_cannot_be_copied_leaves_the_tensors_own_error() -> None:
+    """Only a node of another domain reads x: its own quantization error decides (one outlier in 4001 values:
+    clip it); a Sigmoid reading it too is measured instead."""
+    from lowbit.planner import Layout
+    from lowbit.ranges_by_error import _groups
 
     h = Histogram()
-    x = np.concatenate([np.random.default_rng(0).standard_normal(4000), [60.0]]).astype(np.float32)
-    h.update(x)
-    scheme = Scheme(calibration="layer_error")
-    reader = _Unit(onnx.helper.make_node("If", ["c"], ["o"], name="if"), {"x"})
-    group = _Group("x", ["x"], scheme, candidates(h, scheme), [reader])
-    import onnxruntime as ort
-
-    _measure(group, {"x": x}, onnx.ModelProto(), set(), ort.SessionOptions())
-    assert [r.node for r in group.readers] == [None]
-    from lowbit.ranges_by_error import _best
-
-    (a, b), name = _best(group)
-    assert name != "minmax" and b < 60.0  # one outlier in 4001 values: its own error says clip it
+    h.update(np.concatenate([np.random.default_rng(0).standard_normal(4000), [60.0]]).astype(np.float32))
+    layout = Layout(tensors={"x": "x"}, tensor_scheme={"x": Scheme(calibration="layer_error")})
+    custom = node("Foo", ["x"], ["z"], name="foo", domain="com.example")
+    for nodes, readers in (([custom], [None]), ([custom, node("Sigmoid", ["x"], ["y"], name="sig")], ["sig"])):
+        g = onnx.helper.make_graph(
+            nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4001])], []
+        )
+        m = onnx.helper.make_model(
+            g, opset_imports=[onnx.helper.make_opsetid("", 17), onnx.helper.make_opsetid("com.example", 1)]
+        )
+        (group,) = _groups(m, layout, {"x": h})
+        assert [u.node.name if u.node is not None else None for u in group.readers] == readers
 
 
 def test_the_cli_offers_it(tmp_path: Path, tiny_model: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from .calibrate import Statistics, calibration_session
+from .calibrate import Statistics
 from .errors import LowbitError
 from .numerics import scale_zero_point
 from .observe import select_range
@@ -26,9 +26,7 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
     outputs = {v.name for v in model.graph.outputs}
     by_error = {}
     if wanted(layout):  # calibration "layer_error": ranges chosen by the error they cause where they are read
-        by_error = choose_ranges(
-            model, layout, stats.histograms, stats.inputs, lambda names: calibration_session(model, names)
-        )
+        by_error = choose_ranges(model, layout, stats.histograms, stats.inputs)
     for name, source in sorted(layout.tensors.items()):
         scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
         if source in model.graph.initializers:

@@ -3,7 +3,7 @@
 A histogram rule (min-max, percentile, MSE, entropy) judges a range by the tensor alone; no single rule wins on
 every model (clipping a Sigmoid input near its 0.5 threshold flips a text detector's map, clipping the large
 values a GlobalAveragePool averages biases every class score). Here each quantized tensor gets a few candidate
-ranges from its histogram (min-max, percentiles 99.9 / 99.99 / 99.999, the MSE range, the entropy range) and keeps
+ranges from its histogram (min-max, percentiles 99.9 / 99.99 / 99.999, the MSE range) and keeps
 the one whose quantization error, measured where the model uses the tensor, is smallest:
 
 - every node that reads the tensor (or a tensor sharing its scale through data movement such as MaxPool or
@@ -21,8 +21,10 @@ candidate.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -30,7 +32,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from .numerics import qrange, scale_zero_point
-from .observe import Histogram, entropy, minmax, mse, percentile
+from .observe import Histogram, minmax, mse, percentile
 from .planner import Layout
 from .recipe import Scheme
 
@@ -38,7 +40,7 @@ METHOD = "layer_error"
 # Calibration samples the error is measured on: the first ones the data source yields.
 SAMPLES = 32
 PERCENTILES = (99.9, 99.99, 99.999)
-READER_THREADS = 1
+FLOAT = onnx.TensorProto.FLOAT
 
 Batch = dict[str, np.ndarray]
 
@@ -66,7 +68,8 @@ def candidates(h: Histogram, scheme: Scheme) -> list[tuple[str, tuple[float, flo
     found = [("minmax", minmax(h))]
     found += [(f"percentile {p}", percentile(h, p)) for p in PERCENTILES]
     found.append(("mse", mse(h, levels, scheme.symmetric_activations)))
-    found.append(("entropy", entropy(h, levels)))
+    # No entropy candidate: it won 4 of 60 tensors on EfficientNet-Lite0 and 22 of 534 on the captcha CRNN while
+    # its search was the costliest candidate there (57 of 306 s of that model's choice, on a loaded machine).
     out: list[tuple[str, tuple[float, float]]] = []
     for name, (a, b) in found:
         params = _params((a, b), scheme)
@@ -80,59 +83,14 @@ def _params(r: tuple[float, float], scheme: Scheme) -> tuple[float, int]:
     return float(s), int(z)
 
 
-def fake_quantize(x: np.ndarray, r: tuple[float, float], scheme: Scheme) -> np.ndarray:
-    """Quantize then dequantize as QuantizeLinear/DequantizeLinear do (float32 divide, round half to even)."""
-    s, z = _params(r, scheme)
-    qmin, qmax = qrange(scheme.activations)
-    q = np.rint(x / np.float32(s))
-    q += np.float32(z)
-    np.clip(q, qmin, qmax, out=q)
-    q -= np.float32(z)
-    q *= np.float32(s)
-    return q
-
-
-def _sum_of_squares(d: np.ndarray) -> float:
-    """Sum of d**2 (overwrites d), accumulated in float64. Float32 work on activations of tens of MB is
-    memory-bound: this is 5x faster than converting to float64 first (EfficientNet-Lite0: 21 s -> 4 s)."""
-    np.multiply(d, d, out=d)
-    return float(d.sum(dtype=np.float64))
-
-
 @dataclass
 class _Unit:
-    """One place a group's error is measured: a node reading its tensors, run alone in float by ONNX Runtime
-    (`node`), or, when no reader can run alone, the group's tensors themselves (`node` None)."""
+    """One place a group's error is measured: a node reading its tensors (`node`), or, when no reader can be
+    copied (a subgraph, another domain), one of the group's tensors itself (`node` None)."""
 
     node: onnx.NodeProto | None
     inputs: set[str] = field(default_factory=set)  # the group tensors it reads
-    session: ort.InferenceSession | None = None
-    # per output: sum, sum of squares and count of its float values, over all batches (its variance)
-    moments: list[list[float]] = field(default_factory=list)
-    # candidate -> per output, the summed squared error
-    errors: dict[int, list[float]] = field(default_factory=dict)
-
-    def add_reference(self, outs: list[np.ndarray]) -> None:
-        if not self.moments:
-            self.moments = [[0.0, 0.0, 0.0] for _ in outs]
-        for m, y in zip(self.moments, outs):
-            m[0] += float(y.sum(dtype=np.float64))
-            m[1] += _sum_of_squares(y.copy())
-            m[2] += y.size
-
-    def add_error(self, c: int, outs: list[np.ndarray], ref: list[np.ndarray]) -> None:
-        row = self.errors.setdefault(c, [0.0] * len(ref))
-        for k, (y, r) in enumerate(zip(outs, ref)):
-            row[k] += _sum_of_squares(np.subtract(y, r, dtype=np.float32))
-
-    def relative_error(self, c: int) -> float:
-        """Squared error / (variance * count), summed over outputs that vary (a constant output says nothing)."""
-        total = 0.0
-        for (s, s2, n), sq in zip(self.moments, self.errors.get(c, [])):
-            var = s2 / n - (s / n) ** 2 if n else 0.0
-            if var > 1e-12 * max(s2 / n if n else 0.0, 1e-30):
-                total += sq / (var * n)
-        return total
+    outputs: list[str] = field(default_factory=list)  # its float outputs (the tensor itself when node is None)
 
 
 @dataclass
@@ -144,47 +102,114 @@ class _Group:
     scheme: Scheme
     options: list[tuple[str, tuple[float, float]]]
     readers: list[_Unit]
-    tried: bool = False
 
 
 def choose_ranges(
-    model: ir.Model,
-    layout: Layout,
-    histograms: dict[str, Histogram],
-    batches: list[Batch],
-    session: Callable[[list[str]], ort.InferenceSession],
+    model: ir.Model, layout: Layout, histograms: dict[str, Histogram], batches: list[Batch], threads: int = 0
 ) -> dict[str, tuple[tuple[float, float], str]]:
-    """For every source tensor whose scheme asks for it: (range, the winning candidate's name). `session(names)`
-    gives a float session of the model that also outputs `names` (calibrate.calibration_session)."""
+    """For every source tensor whose scheme asks for it: (range, the winning candidate's name)."""
     proto = ir.to_proto(model)
     groups = _groups(proto, layout, histograms)
     if not groups or not batches:
         return {g.source: (g.options[0][1], g.options[0][0]) for g in groups}
-    inputs = {v.name for v in proto.graph.input}
-    initializers = {t.name for t in proto.graph.initializer}
-    needed = {t for g in groups for t in g.members}
-    for g in groups:
-        for r in g.readers:
-            assert r.node is not None
-            needed.update(n for n in r.node.input if n)
-    fetch = sorted(needed - inputs - initializers)
-    sess = session(fetch)
+    measuring, names = error_model(proto, groups)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = READER_THREADS  # same sums in the same order on every machine load: same choices
+    opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # each copy's output is freed once reduced: peak memory stays near the model's
+    opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        sess = ort.InferenceSession(measuring.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # a copied reader ONNX Runtime refuses: say so, and keep min-max rather than fail
+        warnings.warn(
+            f"layer_error could not measure ranges ({str(e).splitlines()[0][:120]}); using min-max", stacklevel=2
+        )
+        return {g.source: (g.options[0][1], g.options[0][0]) for g in groups}
+    inputs = {v.name for v in proto.graph.input}
+    totals = np.zeros(len(names), np.float64)
     for batch in batches:
         feeds = {k: v for k, v in batch.items() if k in inputs}
-        values = dict(feeds)
-        values.update(zip(fetch, sess.run(fetch, feeds)))
-        for g in groups:
-            _measure(g, values, proto, initializers, opts)
-        del values
-    return {g.source: _best(g) for g in groups}
+        totals += np.array([float(v) for v in sess.run(names, feeds)], np.float64)
+    found = {n: float(t) for n, t in zip(names, totals)}
+    return {g.source: _best(g, gi, found) for gi, g in enumerate(groups)}
+
+
+def error_model(proto: onnx.ModelProto, groups: list[_Group]) -> tuple[onnx.ModelProto, list[str]]:
+    """The float model plus, for every group, candidate and reader, a copy of the reader fed the group's tensors
+    quantized at the candidate, and scalar outputs: each copy's summed squared error against the reader's float
+    output (`err/g/r/c/k`) and each float output's summed squared deviation from its batch mean (`var/g/r/k`).
+    One run per batch measures every candidate of every tensor, inside ONNX Runtime."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g_ = out.graph
+    names: list[str] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, ins: list[str], outs: list[str], **attrs: Any) -> str:
+        nodes.append(onnx.helper.make_node(op, ins, outs, name=f"lowbit_le/n/{len(nodes)}", **attrs))
+        return outs[0]
+
+    def const(name: str, value: float) -> str:
+        g_.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), name))
+        return name
+
+    def sum_sq(x: str, tag: str) -> str:
+        return node("ReduceSum", [node("Mul", [x, x], [f"{tag}/sq"])], [tag], keepdims=0)
+
+    for gi, g in enumerate(groups):
+        qmin, qmax = qrange(g.scheme.activations)
+        lo, hi = const(f"lowbit_le/k/{gi}/qmin", qmin), const(f"lowbit_le/k/{gi}/qmax", qmax)
+        for ri, r in enumerate(g.readers):
+            for k, y in enumerate(r.outputs):
+                mean = node("ReduceMean", [y], [f"lowbit_le/m/{gi}/{ri}/{k}/mean"], keepdims=1)
+                dev = node("Sub", [y, mean], [f"lowbit_le/m/{gi}/{ri}/{k}/dev"])
+                names.append(sum_sq(dev, f"var/{gi}/{ri}/{k}"))
+        for c, (_, rng) in enumerate(g.options):
+            s, z = _params(rng, g.scheme)
+            sc, zc = const(f"lowbit_le/k/{gi}/{c}/s", s), const(f"lowbit_le/k/{gi}/{c}/z", float(z))
+            quantized = {}
+            for m in g.members:  # as QuantizeLinear then DequantizeLinear: float32 divide, round half to even
+                t = f"lowbit_le/q/{gi}/{c}/{m}"
+                q = node("Add", [node("Round", [node("Div", [m, sc], [t + "/div"])], [t + "/round"]), zc], [t + "/q"])
+                q = node("Clip", [q, lo, hi], [t + "/clip"])
+                quantized[m] = node("Mul", [node("Sub", [q, zc], [t + "/int"]), sc], [t])
+            for ri, r in enumerate(g.readers):
+                tag = f"lowbit_le/r/{gi}/{ri}/{c}"
+                if r.node is None:
+                    (m,) = r.inputs
+                    copies = [quantized[m]]
+                else:
+                    copy = onnx.NodeProto()
+                    copy.CopyFrom(r.node)
+                    copy.name = f"{tag}/{r.node.name}"
+                    copy.input[:] = [quantized[n] if n in r.inputs else n for n in r.node.input]
+                    copy.output[:] = [f"{tag}/out{k}" if o else "" for k, o in enumerate(r.node.output)]
+                    nodes.append(copy)
+                    copies = [copy.output[list(r.node.output).index(y)] for y in r.outputs]
+                for k, (y, y_c) in enumerate(zip(r.outputs, copies)):
+                    names.append(sum_sq(node("Sub", [y_c, y], [f"{tag}/{k}/d"]), f"err/{gi}/{ri}/{c}/{k}"))
+    g_.node.extend(nodes)
+    del g_.output[:]
+    g_.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, []) for n in names)
+    return out, names
+
+
+def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Each tensor's element type, where shape inference knows it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # a model too large to infer in memory, or an op onnx does not know: readers are judged alone
+        inferred = proto
+    g = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
 
 
 def _groups(proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histogram]) -> list[_Group]:
     init = {t.name for t in proto.graph.initializer}
     outputs = {o.name for o in proto.graph.output}
+    types = _elem_types(proto)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in dict.fromkeys(node.input):
@@ -201,6 +226,8 @@ def _groups(proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histog
             continue
         if all(n in outputs for n in names):
             continue  # outputs keep min-max (decide.py)
+        if any(types.get(n, FLOAT) != FLOAT for n in names):
+            continue  # float16 / double activations: min-max
         group = set(names)
         found: dict[str, _Unit] = {}
         for name in names:
@@ -208,81 +235,45 @@ def _groups(proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histog
                 # Data movement that shares the group's scale passes the error on unchanged: its readers count.
                 if node.output and all(o in group for o in node.output if o):
                     continue
-                found.setdefault(node.name, _Unit(node)).inputs.add(name)
-        groups.append(_Group(source, names, scheme, candidates(h, scheme), list(found.values())))
+                if not _runnable(node):
+                    continue
+                unit = found.setdefault(node.name, _Unit(node))
+                unit.inputs.add(name)
+                unit.outputs = [o for k, o in enumerate(node.output) if o and _float_output(node, k, o, types)]
+        units = [u for u in found.values() if u.outputs]
+        if not units:  # nobody that can be copied reads it: the tensors' own error decides
+            units = [_Unit(None, {n}, [n]) for n in names if n not in outputs]
+        groups.append(_Group(source, names, scheme, candidates(h, scheme), units))
     return groups
+
+
+# Ops whose first output is not float whatever their input: with no inferred type, their outputs are not compared.
+NOT_FLOAT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Cast", "Equal", "Less", "Greater", "LessOrEqual"}
+NOT_FLOAT |= {"GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
+
+
+def _float_output(node: onnx.NodeProto, k: int, name: str, types: dict[str, int]) -> bool:
+    if types.get(name, 0):
+        return types[name] == FLOAT
+    return k == 0 and node.op_type not in NOT_FLOAT  # unknown type: float activations in, float out
 
 
 def _runnable(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx") and not any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
 
 
-def _reader_session(
-    node: onnx.NodeProto,
-    values: dict[str, np.ndarray],
-    proto: onnx.ModelProto,
-    initializers: set[str],
-    opts: ort.SessionOptions,
-) -> ort.InferenceSession | None:
-    """The reader alone as a model, its constant inputs inside; None if it cannot run alone."""
-    if not _runnable(node) or any(n and n not in values and n not in initializers for n in node.input):
-        return None
-    ins = [
-        onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(values[n].dtype), None)
-        for n in dict.fromkeys(node.input)
-        if n and n not in initializers
-    ]
-    consts = [t for t in proto.graph.initializer if t.name in set(node.input)]
-    outs = []
-    for o in node.output:
-        if o:
-            outs.append(onnx.ValueInfoProto())
-            outs[-1].name = o  # no type: ONNX Runtime infers it
-    graph = onnx.helper.make_graph([node], "reader", ins, outs, consts)
-    model = onnx.helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
-    try:
-        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception:  # an op ONNX Runtime cannot run alone: the group's own error is measured instead
-        return None
-
-
-def _measure(
-    g: _Group, values: dict[str, np.ndarray], proto: onnx.ModelProto, initializers: set[str], opts: ort.SessionOptions
-) -> None:
-    """Add one batch's squared errors of every candidate, at every place the group's error is measured."""
-    if not g.tried:
-        for r in g.readers:
-            assert r.node is not None
-            r.session = _reader_session(r.node, values, proto, initializers, opts)
-        g.readers = [r for r in g.readers if r.session is not None]
-        if not g.readers:
-            g.readers = [_Unit(None, {m}) for m in g.members]
-        g.tried = True
-    for r in g.readers:
-        if r.node is None:
-            (name,) = r.inputs
-            if name not in values:
-                continue
-            x = values[name]
-            r.add_reference([x])
-            for c, (_, rng) in enumerate(g.options):
-                r.add_error(c, [fake_quantize(x, rng, g.scheme)], [x])
-            continue
-        assert r.session is not None
-        feeds = {n: values[n] for n in dict.fromkeys(r.node.input) if n and n not in initializers}
-        ref = [y for y in r.session.run(None, feeds) if np.issubdtype(y.dtype, np.floating)]
-        r.add_reference(ref)
-        for c, (_, rng) in enumerate(g.options):
-            quantized = dict(feeds)
-            for name in r.inputs:
-                quantized[name] = fake_quantize(values[name], rng, g.scheme)
-            got = [y for y in r.session.run(None, quantized) if np.issubdtype(y.dtype, np.floating)]
-            r.add_error(c, got, ref)
-
-
-def _best(g: _Group) -> tuple[tuple[float, float], str]:
-    """The candidate with the least total relative error (the first one on a tie: min-max)."""
-    totals = [sum(r.relative_error(c) for r in g.readers) for c in range(len(g.options))]
-    best = int(np.argmin(totals)) if totals else 0
+def _best(g: _Group, gi: int, found: dict[str, float]) -> tuple[tuple[float, float], str]:
+    """The candidate with the least error summed over readers and outputs, each relative to that output's
+    variance (a constant output says nothing); the first one on a tie, min-max."""
+    totals = []
+    for c in range(len(g.options)):
+        total = 0.0
+        for ri, r in enumerate(g.readers):
+            for k in range(len(r.outputs)):
+                var = found[f"var/{gi}/{ri}/{k}"]
+                if var > 0:
+                    total += found[f"err/{gi}/{ri}/{c}/{k}"] / var
+        totals.append(total)
+    best = int(np.argmin(totals))
     name, rng = g.options[best]
     return rng, name

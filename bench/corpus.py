@@ -63,6 +63,7 @@ def one_line(e: BaseException) -> str:
 
 
 CALIBRATION: str | None = None  # --calibration
+KEEP = "<!-- sections below are kept when bench/corpus.py rewrites this file -->"
 NO_PEERS = False  # --no-peers: lowbit's default target only (comparing lowbit's own options)
 
 
@@ -227,7 +228,10 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, note: s
         )
     lines += ["", "## Summary (derived from the table above)", "", *summary(rows)]
     lines += ["", "## Sources", ""] + [f"- {r['name']}: {r['source']}" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    # Dated sections below the marker (other measurements, e.g. a calibration method) survive a regeneration.
+    kept = path.read_text().split(KEEP, 1) if path.exists() else []
+    tail = [KEEP + kept[1].rstrip("\n")] if len(kept) == 2 else []
+    path.write_text("\n".join(lines + ([""] + tail if tail else [])) + "\n")
 
 
 def summary(rows: list[dict]) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 import lowbit
@@ -182,3 +183,24 @@ def test_rules_can_ask_for_it_on_some_nodes_only() -> None:
     )
     result = lowbit.quantize(_reader_model("Sigmoid"), calib=_outliers(), recipe=recipe, progress=False)
     assert result.plan.tensors["x"].range[1] < 10.0
+
+
+@pytest.mark.slow
+def test_layer_error_on_the_corpus_text_detector() -> None:
+    """DBNet-style detector (its Sigmoid map thresholded at 0.5): ranges chosen by the error at their readers keep
+    more of the map than min-max on held-out images (bench/RESULTS_CORPUS.md, layer_error section)."""
+    from lowbit_zoo.corpus.registry import BY_NAME, ROOT
+
+    entry = BY_NAME["dbnet_text"]
+    path = entry.get(ROOT)
+    calib, held = entry.calib(path), entry.eval(path)
+    out = entry.outputs[0]
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ref = [sess.run([out.name], f)[0] for f in held]
+    iou = {}
+    for method in ("minmax", "layer_error"):
+        recipe = Recipe(default=Scheme(calibration=method))  # type: ignore[arg-type]
+        q = lowbit.quantize(str(path), calib=calib, recipe=recipe, progress=False).model
+        qs = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+        iou[method] = out.metric(ref, [qs.run([out.name], f)[0] for f in held])
+    assert iou["layer_error"] >= DBNET_FLOOR and iou["layer_error"] > iou["minmax"]

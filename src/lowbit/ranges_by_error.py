@@ -3,20 +3,24 @@
 A histogram rule (min-max, percentile, MSE, entropy) judges a range by the tensor alone; no single rule wins on
 every model (clipping a Sigmoid input near its 0.5 threshold flips a text detector's map, clipping the large
 values a GlobalAveragePool averages biases every class score). Here each quantized tensor gets a few candidate
-ranges from its histogram (min-max, percentiles 99.9 / 99.99 / 99.999, the MSE range) and keeps
-the one whose quantization error, measured where the model uses the tensor, is smallest:
+ranges from its histogram (min-max, percentiles 99.9 / 99.99 / 99.999, the MSE range) and keeps the one whose
+quantization error, measured where the model uses the tensor, is smallest:
 
 - every node that reads the tensor (or a tensor sharing its scale through data movement such as MaxPool or
-  Reshape) is run alone in float by ONNX Runtime, its other inputs at their float values, once with the tensor in
-  float and once with it quantized at each candidate;
-- the error of a candidate is the sum over those readers of squared output error / output variance (each reader
-  counts equally, whatever its output scale); a tensor nobody runnable reads counts its own error instead.
+  Reshape) is copied once per candidate into the float model (`error_model`); each copy reads the tensor through
+  the candidate's quantize-dequantize and its other inputs at their float values, and its output's squared
+  difference from the original reader's is summed inside the graph, so one ONNX Runtime run per batch measures
+  every candidate of every tensor;
+- a candidate's error is the sum over those readers of squared output error / output variance (each reader
+  counts equally, whatever its output scale); a tensor no copyable node reads (subgraphs, other domains) counts
+  its own error instead.
 
 So a convolution weighs each channel's error by its weights, a Sigmoid by its slope (values near the threshold
 matter, saturated ones do not), a GlobalAveragePool averages rounding noise away but not clipping. The error is
 measured on the first `SAMPLES` calibration samples (kept by calibrate.py while it streams them); model outputs
-keep min-max, as every method does (decide.py). Deterministic: readers run on one thread, ties go to the earlier
-candidate.
+keep min-max, as every method does (decide.py). Ties go to the earlier candidate (min-max first). The cost: one
+run over SAMPLES samples of a graph holding the model plus (candidates x readers) copies: about 5x the float
+compute of those samples, plus building that session.
 """
 
 from __future__ import annotations

@@ -207,3 +207,15 @@ def test_layer_error_on_the_corpus_text_detector() -> None:
         qs = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
         iou[method] = out.metric(ref, [qs.run([out.name], f)[0] for f in held])
     assert iou["layer_error"] >= DBNET_FLOOR and iou["layer_error"] > iou["minmax"]
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_sharded_calibration_measures_the_same_samples(tmp_path: Path, tiny_model: Path) -> None:
+    """With Ray workers the first samples are read again in the main process: the same ranges and bytes."""
+    data = tmp_path / "calib.npy"
+    np.save(data, np.random.default_rng(3).normal(0, 1, (64, 3, 16, 16)).astype(np.float32))
+    recipe = dataclasses.replace(LAYER_ERROR, batch_size=4)
+    single = lowbit.quantize(str(tiny_model), calib=str(data), recipe=recipe, progress=False)
+    sharded = lowbit.quantize(str(tiny_model), calib=str(data), recipe=recipe, progress=False, workers=2)
+    assert single.plan.to_json() == sharded.plan.to_json()
+    assert single.model.SerializeToString() == sharded.model.SerializeToString()

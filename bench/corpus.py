@@ -63,6 +63,8 @@ def one_line(e: BaseException) -> str:
 
 
 CALIBRATION: str | None = None  # --calibration
+KEEP = "<!-- sections below are kept when bench/corpus.py rewrites this file -->"
+NO_PEERS = False  # --no-peers: lowbit's default target only (comparing lowbit's own options)
 
 
 def lowbit_static(
@@ -129,6 +131,8 @@ def measure(entry: Entry, work: Path) -> dict:
     for tool, quantize in candidates.items():
         if tool == "lowbit target=onnxruntime" and row["lowbit"].get("latency", 0.0) <= 0.8:
             continue
+        if NO_PEERS and tool != "lowbit":
+            continue
         out = work / f"{entry.name}.{tool.replace(' ', '_')}.onnx"
         res: dict = {}
         try:
@@ -186,19 +190,21 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, note: s
         f"onnx {onnx.__version__}, numpy {np.__version__}, Python {platform.python_version()}.",
         *([f"Note: {note}", ""] if note else [""]),
         "Every tool calibrates on the same samples (calib) and is evaluated on the same held-out samples (eval).",
-        "lowbit: default static int8. Peer: ORT `quantize_static` (QDQ, per_channel=True, QUInt8 activations,",
+        f"lowbit: static int8, calibration {CALIBRATION or 'default (minmax)'}.",
+        "Peer: ORT `quantize_static` (QDQ, per_channel=True, QUInt8 activations,",
         "QInt8 weights, no `quant_pre_process`), the better of MinMax and Percentile by task metric. task = the",
         "model's task metric vs float (first output listed in the registry); cos = lowest cosine vs float over float",
-        "outputs; lat = int8 / float latency, median of interleaved pairs (< 1 is faster); k/s = lowbit's integer",
+        "outputs; lat = int8 / float latency, median of interleaved pairs (< 1 is faster); s = lowbit's quantization",
+        "wall time (calibration included; the machine's other load included too); k/s = lowbit's integer",
         "kernels vs float simulation of the same QDQ model, lowest cosine over outputs (and which output).",
         "",
-        "| model | samples | task metric | lowbit task | lowbit cos | lowbit lat | k/s cos | peer | peer task | "
-        "peer cos | peer lat | lowbit error / notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | samples | task metric | lowbit task | lowbit cos | lowbit lat | lowbit s | k/s cos | peer | "
+        "peer task | peer cos | peer lat | lowbit error / notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         if "error" in row:
-            lines.append(f"| {row['name']} | - | {row['metric']} | | | | | | | | | not built: {row['error']} |")
+            lines.append(f"| {row['name']} | - | {row['metric']} | | | | | | | | | | not built: {row['error']} |")
             continue
         lb = row["lowbit"]
         peer_name, peer = best_peer(row)
@@ -212,16 +218,20 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, note: s
                 else f" -- with --target onnxruntime: task {rt['task']:.3f}, cos {rt['cosine']:.4f}, "
                 f"lat {rt['latency']:.2f}, k/s {rt['kern_vs_sim']:.4f} ({rt['kern_vs_sim_output']})"
             )
-        peer_errors = [f"{t}: {row[t]['error']}" for t in ("ORT MinMax", "ORT Percentile") if "error" in row[t]]
+        peer_errors = [f"{t}: {row[t]['error']}" for t in ("ORT MinMax", "ORT Percentile") if "error" in row.get(t, {})]
         notes = "; ".join([n for n in [notes, *peer_errors] if n]).replace("|", "/")
         lines.append(
             f"| {row['name']} | {row['samples']} | {row['metric']} | {fmt(lb, 'task', '.3f')} | "
-            f"{fmt(lb, 'cosine', '.4f')} | {fmt(lb, 'latency', '.2f')} | {ks} | {peer_name} | "
+            f"{fmt(lb, 'cosine', '.4f')} | {fmt(lb, 'latency', '.2f')} | {fmt(lb, 'seconds', '.0f')} | {ks} | "
+            f"{peer_name} | "
             f"{fmt(peer, 'task', '.3f')} | {fmt(peer, 'cosine', '.4f')} | {fmt(peer, 'latency', '.2f')} | {notes} |"
         )
     lines += ["", "## Summary (derived from the table above)", "", *summary(rows)]
     lines += ["", "## Sources", ""] + [f"- {r['name']}: {r['source']}" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
+    # Dated sections below the marker (other measurements, e.g. a calibration method) survive a regeneration.
+    kept = path.read_text().split(KEEP, 1) if path.exists() else []
+    tail = [KEEP + kept[1].rstrip("\n")] if len(kept) == 2 else []
+    path.write_text("\n".join(lines + ([""] + tail if tail else [])) + "\n")
 
 
 def summary(rows: list[dict]) -> list[str]:
@@ -262,9 +272,12 @@ def main() -> int:
     ap.add_argument("--note", default="", help="a sentence printed under the header (e.g. the branch's state)")
     ap.add_argument("--trace", action="store_true", help="print tracebacks of recorded errors")
     ap.add_argument("--calibration", help="lowbit's range method instead of the recipe default (minmax, percentile...)")
+    ap.add_argument(
+        "--no-peers", action="store_true", help="measure lowbit alone (no ONNX Runtime quantizer, no target)"
+    )
     args = ap.parse_args()
-    global CALIBRATION
-    CALIBRATION = args.calibration
+    global CALIBRATION, NO_PEERS
+    CALIBRATION, NO_PEERS = args.calibration, args.no_peers
     entries = [e for e in ENTRIES if (not args.only or e.name in args.only) and e.name not in args.skip]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

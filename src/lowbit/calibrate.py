@@ -20,6 +20,7 @@ from .data import BatchAxes, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .observe import ChannelMinMax, Histogram
 from .planner import Layout
+from .ranges_by_error import SAMPLES, keep_first, wanted
 from .recipe import Recipe
 from .runtimes.ort import with_outputs
 
@@ -29,6 +30,8 @@ class Statistics:
     histograms: dict[str, Histogram] = field(default_factory=dict)
     channels: dict[str, ChannelMinMax] = field(default_factory=dict)
     samples: int = 0
+    # The first calibration batches, kept only when a range method runs the model again (ranges_by_error.py).
+    inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     def extremes(self) -> dict[str, tuple[float, float]]:
         """Each observed tensor's (min, max) as seen, before any range selection."""
@@ -156,9 +159,10 @@ def calibrate(
     threads: int = 0,
     chunk: int = CHUNK_BATCHES,
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
+    keep: int = 0,
 ) -> Statistics:
     """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`: see
-    `observe`)."""
+    `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`."""
     _fixed_mmap_threshold()
     tensors = set(tensors)
     names = fetched_names(model, tensors, channel_axes)
@@ -168,6 +172,8 @@ def calibrate(
         total=total, desc="calibrating", unit="sample", disable=None if progress else True, leave=False
     )  # None: off when not a terminal
     inputs = {v.name for v in model.graph.inputs if v.name}
+    if keep:
+        batches = keep_first(batches, stats.inputs, keep, count or (lambda b: len(next(iter(b.values())))))
     try:
         stats.histograms, stats.samples = observe(
             session,
@@ -223,10 +229,11 @@ def calibrate_layout(
         batch_axes=batch_axes,
     )
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
+    keep = SAMPLES if wanted(layout) else 0  # ranges chosen by the error they cause run these samples again
     if workers > 1 or ray_address is not None:
         from .shard import calibrate_sharded
 
-        return calibrate_sharded(
+        stats = calibrate_sharded(
             model,
             observed,
             layout.channel_stats,
@@ -240,8 +247,20 @@ def calibrate_layout(
             progress,
             batch_axes,
         )
+        if keep:  # the workers read the data; the first samples are read again here
+            again = open_data(calib, specs, recipe.batch_size, preprocess, keep, batch_axes=batch_axes)
+            stats.inputs = [{k: np.array(v) for k, v in b.items()} for b in again]
+        return stats
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
     chunk = chunk_batches(source.num_samples, source.batch_size)
     return calibrate(
-        model, observed, layout.channel_stats, source, total=total, progress=progress, chunk=chunk, count=source.count
+        model,
+        observed,
+        layout.channel_stats,
+        source,
+        total=total,
+        progress=progress,
+        chunk=chunk,
+        count=source.count,
+        keep=keep,
     )

@@ -11,6 +11,7 @@ from .numerics import scale_zero_point
 from .observe import select_range
 from .plan import Plan, TensorParams
 from .planner import Layout
+from .ranges_by_error import choose_ranges, wanted
 from .recipe import Scheme
 
 
@@ -23,6 +24,9 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
     """Ranges from the observers, by each tensor's scheme; tensors sharing a scale copy their source's."""
     out: dict[str, TensorParams] = {}
     outputs = {v.name for v in model.graph.outputs}
+    by_error = {}
+    if wanted(layout):  # calibration "layer_error": ranges chosen by the error they cause where they are read
+        by_error = choose_ranges(model, layout, stats.histograms, stats.inputs)
     for name, source in sorted(layout.tensors.items()):
         scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
         if source in model.graph.initializers:
@@ -36,8 +40,11 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
                 raise RuntimeError(f"tensor {source} was not observed")
             # Clipping a model output clips exactly the largest logits, which decide the answer.
             method = "minmax" if name in outputs else scheme.calibration
-            kw = {"p": scheme.percentile} if method == "percentile" else {}
-            a, b = select_range(hist, method, **kw)
+            if method == "layer_error" and source in by_error:
+                a, b = by_error[source][0]
+            else:
+                kw = {"p": scheme.percentile} if method == "percentile" else {}
+                a, b = select_range(hist, "minmax" if method == "layer_error" else method, **kw)
         out[name] = _params(a, b, scheme)
     return out
 

@@ -1,0 +1,60 @@
+"""Every calibration method on EfficientNet-Lite0: top-1 agreement with float and output cosine on 256 held-out
+photo crops (ONNX Runtime's integer kernels and the float simulation of the same QDQ model), and the time each
+quantization took (calibration, decide: the layer_error method's measurement runs in decide).
+
+Calibration: 64 crops (`photo_crops(64, "calib")`), as bench/run.py; evaluation: `photo_crops(256, "eval")`.
+
+Usage: PYTHONPATH=src:examples python bench/calibration_methods.py [--methods minmax layer_error ...]
+Prints a Markdown table (paste it into bench/RESULTS_CORPUS.md's dated section).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+METHODS = ["minmax", "percentile", "entropy", "mse", "layer_error"]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--model", default=str(Path(__file__).resolve().parents[1] / "artifacts/efficientnet_lite0.onnx"))
+    args = ap.parse_args()
+
+    import lowbit
+    from lowbit.evaluate.metrics import fidelity
+    from lowbit.recipe import Recipe, Scheme
+    from lowbit.runtimes.ort import cpu_has_vnni, run_all, session
+    from lowbit_zoo.zoo import photo_crops
+
+    calib, held = photo_crops(64, "calib"), photo_crops(256, "eval")
+    batches = [{"input": held[i : i + 32]} for i in range(0, len(held), 32)]
+    ref = run_all(session(args.model, "kernels"), batches)[0]
+    print(f"EfficientNet-Lite0, 64 calibration crops, 256 eval crops; VNNI: {cpu_has_vnni()}\n")
+    print(
+        "| method | top-1 kernels | top-1 simulation | cosine kernels | SQNR dB | quantize s | calibrate s | decide s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for method in args.methods:
+        recipe = Recipe(default=Scheme(calibration=method))
+        t = time.perf_counter()
+        result = lowbit.quantize(args.model, calib=calib, recipe=recipe, progress=False)
+        seconds = time.perf_counter() - t
+        kern = fidelity(ref, run_all(session(result.model, "kernels"), batches)[0])
+        sim = fidelity(ref, run_all(session(result.model, "simulate"), batches)[0])
+        print(
+            f"| {method} | {kern['top1_agreement']:.1%} | {sim['top1_agreement']:.1%} | {kern['cosine']:.4f} | "
+            f"{kern['sqnr_db']:.1f} | {seconds:.0f} | {result.timings['calibrate']:.0f} | "
+            f"{result.timings['decide']:.0f} |",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""`calibration: "layer_error"`: each activation's range is the candidate that least disturbs the layers reading it.
+
+A histogram rule (min-max, percentile, MSE, entropy) judges a range by the tensor alone; no single rule wins on
+every model (clipping a Sigmoid input near its 0.5 threshold flips a text detector's map, clipping the large
+values a GlobalAveragePool averages biases every class score). Here each quantized tensor gets a few candidate
+ranges from its histogram (min-max, percentiles 99.9 / 99.99 / 99.999, the MSE range) and keeps the one whose
+quantization error, measured where the model uses the tensor, is smallest:
+
+- every node that reads the tensor (or a tensor sharing its scale through data movement such as MaxPool or
+  Reshape) is copied once per candidate into the float model (`error_model`); each copy reads the tensor through
+  the candidate's quantize-dequantize and its other inputs at their float values, and its output's squared
+  difference from the original reader's is summed inside the graph, so one ONNX Runtime run per batch measures
+  every candidate of every tensor;
+- a candidate's error is the sum over those readers of squared output error / output variance (each reader
+  counts equally, whatever its output scale); a tensor no copyable node reads (subgraphs, other domains) counts
+  its own error instead.
+
+So a convolution weighs each channel's error by its weights, a Sigmoid by its slope (values near the threshold
+matter, saturated ones do not), a GlobalAveragePool averages rounding noise away but not clipping. The error is
+measured on the first `SAMPLES` calibration samples (kept by calibrate.py while it streams them); model outputs
+keep min-max, as every method does (decide.py). Ties go to the earlier candidate (min-max first). The cost: one
+run over SAMPLES samples of a graph holding the model plus (candidates x readers) copies: about 5x the float
+compute of those samples, plus building that session.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from .numerics import qrange, scale_zero_point
+from .observe import Histogram, minmax, mse, percentile
+from .planner import Layout
+from .recipe import Scheme
+
+METHOD = "layer_error"
+# Calibration samples the error is measured on: the first ones the data source yields.
+SAMPLES = 32
+PERCENTILES = (99.9, 99.99, 99.999)
+FLOAT = onnx.TensorProto.FLOAT
+
+Batch = dict[str, np.ndarray]
+
+
+def wanted(layout: Layout) -> bool:
+    """Whether any quantized tensor's scheme chooses its range this way."""
+    return any(s.calibration == METHOD for s in layout.tensor_scheme.values())
+
+
+def keep_first(
+    batches: Iterable[Batch], kept: list[Batch], samples: int, count: Callable[[Batch], int]
+) -> Iterator[Batch]:
+    """Pass `batches` through, copying into `kept` the first ones until they hold `samples` samples."""
+    held = 0
+    for batch in batches:
+        if held < samples:
+            kept.append({k: np.array(v, copy=True) for k, v in batch.items()})
+            held += count(batch)
+        yield batch
+
+
+def candidates(h: Histogram, scheme: Scheme) -> list[tuple[str, tuple[float, float]]]:
+    """(name, range) pairs, distinct ranges only, min-max first (it wins ties)."""
+    levels = qrange(scheme.activations)[1] - qrange(scheme.activations)[0] + 1
+    found = [("minmax", minmax(h))]
+    found += [(f"percentile {p}", percentile(h, p)) for p in PERCENTILES]
+    found.append(("mse", mse(h, levels, scheme.symmetric_activations)))
+    # No entropy candidate: it won 4 of 60 tensors on EfficientNet-Lite0 and 22 of 534 on the captcha CRNN while
+    # its search was the costliest candidate there (57 of 306 s of that model's choice, on a loaded machine).
+    out: list[tuple[str, tuple[float, float]]] = []
+    for name, (a, b) in found:
+        params = _params((a, b), scheme)
+        if all(_params(r, scheme) != params for _, r in out):
+            out.append((name, (float(a), float(b))))
+    return out
+
+
+def _params(r: tuple[float, float], scheme: Scheme) -> tuple[float, int]:
+    s, z = scale_zero_point(r[0], r[1], scheme.activations, scheme.symmetric_activations)
+    return float(s), int(z)
+
+
+@dataclass
+class _Unit:
+    """One place a group's error is measured: a node reading its tensors (`node`), or, when no reader can be
+    copied (a subgraph, another domain), one of the group's tensors itself (`node` None)."""
+
+    node: onnx.NodeProto | None
+    inputs: set[str] = field(default_factory=set)  # the group tensors it reads
+    outputs: list[str] = field(default_factory=list)  # its float outputs (the tensor itself when node is None)
+
+
+@dataclass
+class _Group:
+    """A source tensor and every tensor sharing its parameters, with the places its error is measured."""
+
+    source: str
+    members: list[str]
+    scheme: Scheme
+    options: list[tuple[str, tuple[float, float]]]
+    readers: list[_Unit]
+
+
+def choose_ranges(
+    model: ir.Model, layout: Layout, histograms: dict[str, Histogram], batches: list[Batch], threads: int = 0
+) -> dict[str, tuple[tuple[float, float], str]]:
+    """For every source tensor whose scheme asks for it: (range, the winning candidate's name)."""
+    proto = ir.to_proto(model)
+    groups = _groups(proto, layout, histograms)
+    if not groups or not batches:
+        return {g.source: (g.options[0][1], g.options[0][0]) for g in groups}
+    measuring, names = error_model(proto, groups)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    opts.enable_cpu_mem_arena = False  # each copy's output is freed once reduced: peak memory stays near the model's
+    opts.enable_mem_pattern = False
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    try:
+        sess = ort.InferenceSession(measuring.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # a copied reader ONNX Runtime refuses: say so, and keep min-max rather than fail
+        warnings.warn(
+            f"layer_error could not measure ranges ({str(e).splitlines()[0][:120]}); using min-max", stacklevel=2
+        )
+        return {g.source: (g.options[0][1], g.options[0][0]) for g in groups}
+    inputs = {v.name for v in proto.graph.input}
+    totals = np.zeros(len(names), np.float64)
+    for batch in batches:
+        feeds = {k: v for k, v in batch.items() if k in inputs}
+        totals += np.array([float(v) for v in sess.run(names, feeds)], np.float64)
+    found = {n: float(t) for n, t in zip(names, totals)}
+    return {g.source: _best(g, gi, found) for gi, g in enumerate(groups)}
+
+
+def error_model(proto: onnx.ModelProto, groups: list[_Group]) -> tuple[onnx.ModelProto, list[str]]:
+    """The float model plus, for every group, candidate and reader, a copy of the reader fed the group's tensors
+    quantized at the candidate, and scalar outputs: each copy's summed squared error against the reader's float
+    output (`err/g/r/c/k`) and each float output's summed squared deviation from its batch mean (`var/g/r/k`).
+    One run per batch measures every candidate of every tensor, inside ONNX Runtime."""
+    out = onnx.ModelProto()
+    out.CopyFrom(proto)
+    g_ = out.graph
+    names: list[str] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op: str, ins: list[str], outs: list[str], **attrs: Any) -> str:
+        nodes.append(onnx.helper.make_node(op, ins, outs, name=f"lowbit_le/n/{len(nodes)}", **attrs))
+        return outs[0]
+
+    def const(name: str, value: float) -> str:
+        g_.initializer.append(onnx.numpy_helper.from_array(np.array(value, np.float32), name))
+        return name
+
+    def sum_sq(x: str, tag: str) -> str:
+        return node("ReduceSum", [node("Mul", [x, x], [f"{tag}/sq"])], [tag], keepdims=0)
+
+    for gi, g in enumerate(groups):
+        qmin, qmax = qrange(g.scheme.activations)
+        lo, hi = const(f"lowbit_le/k/{gi}/qmin", qmin), const(f"lowbit_le/k/{gi}/qmax", qmax)
+        for ri, r in enumerate(g.readers):
+            for k, y in enumerate(r.outputs):
+                mean = node("ReduceMean", [y], [f"lowbit_le/m/{gi}/{ri}/{k}/mean"], keepdims=1)
+                dev = node("Sub", [y, mean], [f"lowbit_le/m/{gi}/{ri}/{k}/dev"])
+                names.append(sum_sq(dev, f"var/{gi}/{ri}/{k}"))
+        for c, (_, rng) in enumerate(g.options):
+            s, z = _params(rng, g.scheme)
+            sc, zc = const(f"lowbit_le/k/{gi}/{c}/s", s), const(f"lowbit_le/k/{gi}/{c}/z", float(z))
+            quantized = {}
+            for m in g.members:  # as QuantizeLinear then DequantizeLinear: float32 divide, round half to even
+                t = f"lowbit_le/q/{gi}/{c}/{m}"
+                q = node("Add", [node("Round", [node("Div", [m, sc], [t + "/div"])], [t + "/round"]), zc], [t + "/q"])
+                q = node("Clip", [q, lo, hi], [t + "/clip"])
+                quantized[m] = node("Mul", [node("Sub", [q, zc], [t + "/int"]), sc], [t])
+            for ri, r in enumerate(g.readers):
+                tag = f"lowbit_le/r/{gi}/{ri}/{c}"
+                if r.node is None:
+                    (m,) = r.inputs
+                    copies = [quantized[m]]
+                else:
+                    copy = onnx.NodeProto()
+                    copy.CopyFrom(r.node)
+                    copy.name = f"{tag}/{r.node.name}"
+                    copy.input[:] = [quantized[n] if n in r.inputs else n for n in r.node.input]
+                    copy.output[:] = [f"{tag}/out{k}" if o else "" for k, o in enumerate(r.node.output)]
+                    nodes.append(copy)
+                    copies = [copy.output[list(r.node.output).index(y)] for y in r.outputs]
+                for k, (y, y_c) in enumerate(zip(r.outputs, copies)):
+                    names.append(sum_sq(node("Sub", [y_c, y], [f"{tag}/{k}/d"]), f"err/{gi}/{ri}/{c}/{k}"))
+    g_.node.extend(nodes)
+    del g_.output[:]
+    g_.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, []) for n in names)
+    return out, names
+
+
+def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Each tensor's element type, where shape inference knows it."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # a model too large to infer in memory, or an op onnx does not know: readers are judged alone
+        inferred = proto
+    g = inferred.graph
+    return {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+
+
+def _groups(proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histogram]) -> list[_Group]:
+    init = {t.name for t in proto.graph.initializer}
+    outputs = {o.name for o in proto.graph.output}
+    types = _elem_types(proto)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in dict.fromkeys(node.input):
+            if name:
+                readers.setdefault(name, []).append(node)
+    members: dict[str, list[str]] = {}
+    for name, source in sorted(layout.tensors.items()):
+        members.setdefault(source, []).append(name)
+    groups = []
+    for source, names in sorted(members.items()):
+        scheme = layout.tensor_scheme.get(source, layout.tensor_scheme[names[0]])
+        h = histograms.get(source)
+        if scheme.calibration != METHOD or source in init or h is None or h.count == 0:
+            continue
+        if all(n in outputs for n in names):
+            continue  # outputs keep min-max (decide.py)
+        if any(types.get(n, FLOAT) != FLOAT for n in names):
+            continue  # float16 / double activations: min-max
+        group = set(names)
+        found: dict[str, _Unit] = {}
+        for name in names:
+            for node in readers.get(name, []):
+                # Data movement that shares the group's scale passes the error on unchanged: its readers count.
+                if node.output and all(o in group for o in node.output if o):
+                    continue
+                if not _runnable(node):
+                    continue
+                unit = found.setdefault(node.name, _Unit(node))
+                unit.inputs.add(name)
+                unit.outputs = [o for k, o in enumerate(node.output) if o and _float_output(node, k, o, types)]
+        units = [u for u in found.values() if u.outputs]
+        if not units:  # nobody that can be copied reads it: the tensors' own error decides
+            units = [_Unit(None, {n}, [n]) for n in names if n not in outputs]
+        groups.append(_Group(source, names, scheme, candidates(h, scheme), units))
+    return groups
+
+
+# Ops whose first output is not float whatever their input: with no inferred type, their outputs are not compared.
+NOT_FLOAT = {"Shape", "Size", "ArgMax", "ArgMin", "NonZero", "Cast", "Equal", "Less", "Greater", "LessOrEqual"}
+NOT_FLOAT |= {"GreaterOrEqual", "Not", "And", "Or", "Xor", "IsNaN", "IsInf"}
+
+
+def _float_output(node: onnx.NodeProto, k: int, name: str, types: dict[str, int]) -> bool:
+    if types.get(name, 0):
+        return types[name] == FLOAT
+    return k == 0 and node.op_type not in NOT_FLOAT  # unknown type: float activations in, float out
+
+
+def _runnable(node: onnx.NodeProto) -> bool:
+    return node.domain in ("", "ai.onnx") and not any(a.type in (a.GRAPH, a.GRAPHS) for a in node.attribute)
+
+
+def _best(g: _Group, gi: int, found: dict[str, float]) -> tuple[tuple[float, float], str]:
+    """The candidate with the least error summed over readers and outputs, each relative to that output's
+    variance (a constant output says nothing); the first one on a tie, min-max."""
+    totals = []
+    for c in range(len(g.options)):
+        total = 0.0
+        for ri, r in enumerate(g.readers):
+            for k in range(len(r.outputs)):
+                var = found[f"var/{gi}/{ri}/{k}"]
+                if var > 0:
+                    total += found[f"err/{gi}/{ri}/{c}/{k}"] / var
+        totals.append(total)
+    best = int(np.argmin(totals))
+    name, rng = g.options[best]
+    return rng, name

@@ -19,7 +19,7 @@ from .calibrate import calibrate_layout
 from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
-from .graph.external import data_path, external_base
+from .graph.external import data_path, external_base, trim_heap
 from .graph.io import (
     check_output_path,
     check_paths,
@@ -187,6 +187,7 @@ def quantize(
 def _drop_weights(model: ir.Model) -> None:
     for v in model.graph.initializers.values():
         v.const_value = None
+    trim_heap()
 
 
 def outputs(output: str | Path) -> list[tuple[str, str | Path]]:

@@ -178,16 +178,25 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/lowbit-large"), help="work folder (not in git)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
     ap.add_argument("--results", type=Path, help="write the results table here (e.g. bench/RESULTS_LARGE.md)")
+    ap.add_argument("--reuse", action="store_true", help="use the model already in --out (run modes apart)")
     ap.add_argument("--extra", nargs="*", default=[], help="more `lowbit quantize` options for every mode")
     args = ap.parse_args()
     d = args.d or (1024 if args.gb < 1 else 2048)
     args.out.mkdir(parents=True, exist_ok=True)
     float_path = args.out / "float.onnx"
-    t = time.perf_counter()
-    weight_bytes = build(float_path, args.gb, d, heads=d // 128)
-    print(f"built {float_path}: {weight_bytes / 1e9:.2f} GB of weights in {time.perf_counter() - t:.0f} s", flush=True)
     tokens = np.random.default_rng(1).integers(0, VOCAB, (16, SEQ), dtype=np.int64)
-    np.save(args.out / "calib.npy", tokens)
+    if args.reuse and float_path.is_file():  # built by an earlier run with the same --gb (same seed: same model)
+        weight_bytes = sum(
+            int(e.value)
+            for t in onnx.load(str(float_path), load_external_data=False).graph.initializer
+            for e in t.external_data
+            if e.key == "length"
+        )
+    else:
+        t = time.perf_counter()
+        weight_bytes = build(float_path, args.gb, d, heads=d // 128)
+        print(f"built {float_path}: {weight_bytes / 1e9:.2f} GB of weights in {time.perf_counter() - t:.0f} s")
+        np.save(args.out / "calib.npy", tokens)
     rows = []
     for mode in args.modes:
         out = args.out / f"{mode.split()[0]}.onnx"

@@ -76,7 +76,9 @@ def small_external(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Pat
     folder = tmp_path / "float"
     folder.mkdir()
     model = folder / "float.onnx"
-    onnx.save_model(tiny_transformer(), str(model), save_as_external_data=True, location="float.onnx.data")
+    onnx.save_model(  # every weight external, even LayerNorm's 512 bytes
+        tiny_transformer(), str(model), save_as_external_data=True, location="float.onnx.data", size_threshold=0
+    )
     calib = tmp_path / "calib.npy"
     np.save(calib, np.random.default_rng(1).integers(0, VOCAB, (16, SEQ), dtype=np.int64))
     return model, calib
@@ -245,3 +247,28 @@ def test_sessions_of_large_in_memory_models_go_through_files(monkeypatch: pytest
     skeleton.graph.initializer[0].data_location = TensorProto.EXTERNAL
     with pytest.raises(ValueError, match="folder"):
         ort_runtime.from_proto(skeleton, ort.SessionOptions())
+
+
+def test_float_weights_are_unmapped_as_soon_as_they_are_quantized(small_external: tuple[Path, Path]) -> None:
+    """The rewrite streams weights: each memory-mapped float weight is closed once its node no longer reads it,
+    while the weights left float (LayerNorm's) stay mapped until the verify stage copies them in."""
+    import onnx_ir as ir
+
+    from lowbit.apply import apply
+    from lowbit.passes import prepare
+    from lowbit.pipeline import load
+    from lowbit.planner import make_layout
+
+    model, _ = small_external
+    loaded = load(model)
+    prepare(loaded.model)
+    recipe = lowbit.Recipe.from_dict({"default": {"mode": "weight_only"}})
+    layout = make_layout(loaded.model, recipe, calibrated=False)
+    mapped = {n: v.const_value for n, v in loaded.model.graph.initializers.items()}
+    assert all(isinstance(t, ir.ExternalTensor) for t in mapped.values())
+    for t in mapped.values():
+        t.numpy()  # mapped, as reading the weights maps them
+    apply(loaded.model, layout, Plan(recipe=recipe.to_dict()))
+    quantized = ["embed", "wq", "wk", "wv", "wo", "w1", "w2"]
+    assert [n for n in quantized if mapped[n].raw is not None] == []
+    assert all(mapped[n].raw is not None for n in ["g1", "b1", "g2", "b2"])

@@ -208,7 +208,9 @@ def main() -> int:
             print(r["log"][-3000:], file=sys.stderr)
             return 1
         r.update(verify(float_path, out, tokens[:2]))
-        r["summary"] = [line for line in r["log"].splitlines() if "skipped" in line or "check" in line.lower()][:4]
+        (args.out / f"{out.stem}.log").write_text(r["log"])  # the CLI's whole summary
+        keep = ("size:", "time:", "speed:", "hidden (", "performance lint")
+        r["summary"] = [line.strip() for line in r["log"].splitlines() if line.strip().startswith(keep)]
         rows.append((mode, r))
         print(f"  cosine vs float {r['cosine']:.4f}", flush=True)
     table = report(args, d, weight_bytes, rows)

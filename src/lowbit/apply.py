@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .graph.external import release
 from .numerics import dequantize
 from .ops import RewriteContext, entry_for
 from .ops.base import const, name_of, weight_of
@@ -20,14 +21,19 @@ from .weights import quantize_weight
 
 
 def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
-    """Rewrite in place; bias correction uses the per-channel input means recorded in the plan."""
+    """Rewrite in place; bias correction uses the per-channel input means recorded in the plan.
+
+    Weights stream through: a float weight loaded lazily from external data (memory-mapped) is unmapped as soon
+    as its node no longer reads it, so only the weights being quantized, and the quantized ones, are in memory."""
     graph = model.graph
     corrections: dict[str, np.ndarray] = {}
     for node_name, idx, axis in layout.weights:
         node = graph.node(node_name)
+        before = list(node.inputs)
         corr = _quantize_weight(model, node, idx, axis, layout, plan)
         if corr is not None:
             corrections[node_name] = corr
+        _release_unused(before)
     for node_name, idx, act, widx in layout.biases:
         node = graph.node(node_name)
         found = const(node, idx)
@@ -62,11 +68,20 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
             node = graph.node(name)
             entry = entry_for(mode, node)
             assert entry is not None and entry.rewrite is not None, f"{mode} {node.op_type} has no rewrite"
+            before = list(node.inputs)
             entry.rewrite(ctx, node, scheme)
+            _release_unused(before)
     ctx.run_deferred()
     graph.sort()
     for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_input()]:
         graph.initializers.pop(name)
+
+
+def _release_unused(values: list[ir.Value | None]) -> None:
+    """Unmap the external (memory-mapped) constants among `values` that no node reads any more."""
+    for v in values:
+        if v is not None and not v.uses() and isinstance(v.const_value, ir.ExternalTensor):
+            release(v.const_value)
 
 
 def _quantize_weight(

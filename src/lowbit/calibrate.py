@@ -18,11 +18,12 @@ from tqdm import tqdm
 
 from .data import BatchAxes, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
+from .graph.external import external_base
 from .observe import ChannelMinMax, Histogram
 from .planner import Layout
 from .ranges_by_error import SAMPLES, keep_first, wanted
 from .recipe import Recipe
-from .runtimes.ort import with_outputs
+from .runtimes.ort import from_proto, with_outputs
 
 
 @dataclass
@@ -79,8 +80,9 @@ def calibration_session(model: ir.Model, names: list[str], threads: int = 0) -> 
     # Between runs (and between ops) ORT's worker threads otherwise busy-wait for work: measured ~1-2.5 s of CPU
     # per 64 EfficientNet-Lite0 samples on 2 cores, for no gain in wall time here. Values computed are the same.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    augmented = with_outputs(ir.to_proto(model), names).SerializeToString()
-    return ort.InferenceSession(augmented, opts, providers=["CPUExecutionProvider"])
+    # Weights still in the float model's external data stay there: ONNX Runtime maps them from its folder, and
+    # only the graph (with the extra outputs) is serialized; a large in-memory model goes through a temporary file.
+    return from_proto(with_outputs(ir.to_proto(model), names), opts, external_base(model))
 
 
 def fetched_names(model: ir.Model, tensors: Iterable[str], channel_axes: dict[str, int]) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import onnx
 import onnx_ir as ir
@@ -20,12 +20,14 @@ from .calibrate import calibrate_layout
 from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs, open_data
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
+from .graph.external import data_path, external_base, trim_heap
 from .graph.io import (
     check_output_path,
     check_paths,
     check_writable,
+    external_files,
     load_model,
-    model_bytes,
+    model_files,
     model_name,
     write_together,
 )
@@ -51,15 +53,19 @@ class QuantizeResult:
     timings: dict[str, float] = field(default_factory=dict)
     # Things the user should act on that do not stop the run (float weights full of subnormals), one sentence each.
     warnings: list[str] = field(default_factory=list)
+    # The float model kept its weights in external data: the output is written as OUT.onnx + OUT.onnx.data too.
+    external_data: bool = False
 
 
 @dataclass
 class Loaded:
-    """The load stage's hand-off: the float model as IR, its size on disk (or serialized) and its inputs."""
+    """The load stage's hand-off: the float model as IR, its size on disk (or serialized) and its inputs, and
+    whether its weights are in external data (they stay on disk, memory-mapped, until quantized)."""
 
     model: ir.Model
     float_bytes: int
     inputs: list[InputSpec]
+    external: bool = False
 
 
 @dataclass
@@ -174,25 +180,44 @@ def quantize(
     notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float
     proto = finish(loaded.model, new_plan, recipe.target)
     merge_plans(new_plan, branch_plans)  # after apply, which quantizes every tensor the plan names in the main graph
+    _drop_weights(loaded.model)  # the proto holds them now: one copy of the quantized model, not two
     timings["rewrite"] = time.perf_counter() - t
     result = QuantizeResult(
         proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
     )
     result.warnings = [n for n in [before] if n] + branch_notes + notes
+    result.external_data = loaded.external
     if output is not None:
-        save(proto, new_plan, output)
+        save(proto, new_plan, output, loaded.external)
         result.output = Path(output)
     return result
 
 
+def _drop_weights(model: ir.Model) -> None:
+    for v in model.graph.initializers.values():
+        v.const_value = None
+    trim_heap()
+
+
 def outputs(output: str | Path) -> list[tuple[str, str | Path]]:
     """What `quantize(..., output)` writes, labelled for error messages."""
-    return [("-o", output), ("plan file (beside -o)", plan_path(output))]
+    return [
+        ("-o", output),
+        ("plan file (beside -o)", plan_path(output)),
+        ("external data file (beside -o)", data_path(output)),
+    ]
 
 
 def reads(model: Any, calib: Any, recipe: Any, plan: Any) -> list[tuple[str, Any]]:
     """What `quantize` reads, labelled for error messages (in-memory values are skipped by `check_paths`)."""
-    return [("input model", model), ("calibration data", calib), ("recipe", recipe), ("plan", plan)]
+    found = external_files(model) if isinstance(model, (str, Path)) else []
+    return [
+        ("input model", model),
+        *[("input model's external data", f) for f in found],
+        ("calibration data", calib),
+        ("recipe", recipe),
+        ("plan", plan),
+    ]
 
 
 def _check_fingerprint(plan: Plan, fingerprint: str, reuse_ranges: bool) -> None:
@@ -208,9 +233,12 @@ def _check_fingerprint(plan: Plan, fingerprint: str, reuse_ranges: bool) -> None
 
 def load(model: str | Path | onnx.ModelProto) -> Loaded:
     ir_model = load_model(model)  # a ModelProto is copied: the caller's model must not change
+    external = external_base(ir_model) is not None
     float_bytes = Path(model).stat().st_size if isinstance(model, (str, Path)) else model.ByteSize()
+    if external:
+        float_bytes += sum(f.stat().st_size for f in external_files(model))
     ir_model = ready_for_quantization(ir_model, model_name(model))  # unknown ops, opset < 13
-    return Loaded(ir_model, float_bytes, input_specs(ir.to_proto(ir_model)))
+    return Loaded(ir_model, float_bytes, input_specs(ir.to_proto(ir_model)), external)
 
 
 def observe_and_decide(
@@ -247,18 +275,29 @@ def observe_and_decide(
     return Decided(layout, activations_from_plan(layout, plan), plan.calibration_samples, plan.channel_means)
 
 
-def save(proto: onnx.ModelProto, plan: Plan, output: str | Path) -> None:
-    """Write the model and its plan together: both or neither.
+def save(proto: onnx.ModelProto, plan: Plan, output: str | Path, external: bool = False) -> None:
+    """Write the model and its plan together: all files or none.
 
-    Both go to fsynced temporary files beside OUT first (a failure there, e.g. a full disk, leaves the old
-    pair untouched), then the plan is renamed into place and the model last, with SIGINT/SIGTERM held until
-    both renames are done; a failed model rename puts the old plan back (`graph.io.write_together`). The plan
-    records the sha256 of the model bytes written with it, so a pair that still does not belong together
-    (a crash of the machine between the two renames, or files copied by hand) is detectable
-    (`Plan.check_model`)."""
-    data = model_bytes(proto)
-    plan.model_sha256 = hashlib.sha256(data).hexdigest()
-    write_together([(plan_path(output), plan.to_json().encode()), (output, data)])
+    A model is written as one file, or (when the float model kept its weights in external data, `external`, or
+    the model is too large for protobuf's 2 GB) as `OUT.onnx` + `OUT.onnx.data` (`graph.external`: the weights
+    are streamed into the data file one tensor at a time, and the `.onnx` records the data file's sha256).
+    Every file goes to a fsynced temporary file beside its target first (a failure there, e.g. a full disk or
+    an unwritable `.data` target, leaves the old files untouched), then they are renamed into place: the data
+    file, the plan, and the model last, with SIGINT/SIGTERM held until all renames are done; a failed rename
+    puts the old files back (`graph.io.write_together`). The plan records the sha256 of the `.onnx` bytes
+    written with it, so a set that still does not belong together (a crash of the machine between two renames,
+    or files copied by hand) is detectable (`Plan.check_model`)."""
+    out = Path(output)
+
+    def on_model(data: bytes) -> None:
+        plan.model_sha256 = hashlib.sha256(data).hexdigest()
+
+    files = model_files(proto, out, external, on_model)
+
+    def write_plan(f: BinaryIO) -> None:  # after the data file: the plan needs the .onnx file's hash
+        f.write(plan.to_json().encode())
+
+    write_together([*files[:-1], (plan_path(out), write_plan), files[-1]])
 
 
 def _recovery_data(

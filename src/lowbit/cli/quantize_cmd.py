@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     findings = lint(result.model, plan=result.plan)
     timings["lint"] = time.perf_counter() - t
     # Written last: a failure in the check or the lint leaves nothing behind (and the old outputs as they were).
-    save(result.model, result.plan, args.output)
+    save(result.model, result.plan, args.output, result.external_data)
     result.output = Path(args.output)
     if args.json:
         print(
@@ -299,7 +299,9 @@ def run(args: argparse.Namespace) -> int:
         print(lint_text(findings))
         if args.verbose:
             print("stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
-        print(f"wrote {result.output} and {Path(result.output).with_suffix('.plan.json')}")
+        data = Path(f"{result.output}.data")
+        also = f", {data}" if data.is_file() and result.external_data else ""  # weights in external data
+        print(f"wrote {result.output}{also} and {Path(result.output).with_suffix('.plan.json')}")
     return 0
 
 

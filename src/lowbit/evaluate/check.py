@@ -27,6 +27,7 @@ def runtime_check(
     names = [o.name for o in ref_sess.get_outputs()]
     check_kind_names(dict(kinds or {}), names)
     refs = run_all(ref_sess, batches)
+    del ref_sess  # one session alive at a time: a large model's float and quantized weights are never both held
     kerns = run_all(session(quant_model, "kernels"), batches)
     sims = run_all(session(quant_model, "simulate"), batches)
     outputs = []

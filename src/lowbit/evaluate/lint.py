@@ -140,13 +140,17 @@ def _optimized(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.optimized_model_filepath = out
         opts.log_severity_level = 3
-        src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         try:
-            ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+            if isinstance(model, onnx.ModelProto):
+                ort_runtime.from_proto(model, opts)  # a large model by a temporary file: no serialized copy
+            else:
+                ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types for models it cannot load
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LowbitError(f"ONNX Runtime cannot load the model to lint it: {first}") from None
-        return onnx.load(out)  # ORT's dump, not user input: no loader checks
+        # ORT's dump, not user input: no loader checks; only its graph is read (its external data may refer to
+        # the folder of the model it was made from)
+        return onnx.load(out, load_external_data=False)
 
 
 def _display(n: onnx.NodeProto) -> str:

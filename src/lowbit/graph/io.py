@@ -16,9 +16,9 @@ import os
 import signal
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import onnx
 import onnx_ir as ir
@@ -86,6 +86,22 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         return ir.from_proto(copy)
     proto = load_proto(model, external_data=False)  # the path-based checker also finds missing external files
     return ir.from_proto(proto) if not _has_external_data(proto) else ir.load(str(model))
+
+
+def external_files(model: object) -> list[Path]:
+    """The external data files a model file refers to (none for an in-memory model or one that cannot be read:
+    the loader says what is wrong with it)."""
+    if not isinstance(model, (str, os.PathLike)) or not Path(model).is_file():
+        return []
+    try:
+        proto = onnx.load(str(model), load_external_data=False)
+    except Exception:  # any unreadable file: load_proto reports it with its own message
+        return []
+    found: dict[str, None] = {}
+    for t in proto.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            found.update({e.value: None for e in t.external_data if e.key == "location"})
+    return [Path(model).parent / loc for loc in found]
 
 
 def refuse_ort_format(path: str | os.PathLike) -> None:
@@ -159,10 +175,15 @@ def model_name(model: object) -> str:
 
 
 def _check(model: str | onnx.ModelProto, name: str) -> None:
-    if isinstance(model, onnx.ModelProto) and model.ByteSize() >= onnx.checker.MAXIMUM_PROTOBUF:
-        return  # the in-memory checker serializes the model, which protobuf refuses past 2 GB
+    from .external import FILE_BYTES, has_external, write_external
+
     try:
-        onnx.checker.check_model(model)
+        if isinstance(model, onnx.ModelProto) and not has_external(model) and model.ByteSize() >= FILE_BYTES:
+            # The in-memory checker serializes the model (a second copy; refused past 2 GB): check a file instead.
+            with tempfile.TemporaryDirectory(prefix="lowbit-check-") as folder:
+                onnx.checker.check_model(str(write_external(model, Path(folder) / "model.onnx")))
+        else:
+            onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
         raise LowbitError(f"{name} fails the ONNX checker (corrupt or truncated?): {_first_line(e)}") from None
 
@@ -254,12 +275,20 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(got[0])
 
 
-def _temp_beside(path: Path, data: bytes) -> Path:
+# What a file of `write_together` holds: its bytes, or a function that writes them into the open file (a model's
+# external data, streamed one tensor at a time rather than held in memory as one bytes object).
+Payload = bytes | Callable[[BinaryIO], None]
+
+
+def _temp_beside(path: Path, data: Payload) -> Path:
     """`data` in a fsynced temporary file in `path`'s folder (same file system, so the rename is atomic)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -289,11 +318,14 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> None:
     write_together([(Path(path), data)])
 
 
-def write_together(files: Sequence[tuple[str | Path, bytes]]) -> None:
-    """Write several files as one: all of them or none (a model and its plan).
+def write_together(files: Sequence[tuple[str | Path, Payload]]) -> None:
+    """Write several files as one: all of them or none (a model and its plan; a model written with external
+    data, its `.data` file and its plan).
 
-    1. every file goes to a fsynced temporary file beside its target; any failure (disk full, a target that is
-       a folder, an interrupt) removes the temporaries and leaves every target as it was;
+    1. every file goes to a fsynced temporary file beside its target, in the order given (a payload may be a
+       function writing into the open file; a later one may use what an earlier one computed); any failure
+       (disk full, a target that is a folder, an interrupt) removes the temporaries and leaves every target as
+       it was;
     2. the existing targets but the last are kept as hard-linked backups;
     3. the targets are renamed into place in the order given (the model last, so a model on disk always has its
        own plan beside it), with SIGINT/SIGTERM held until the renames are done; if a rename fails, the
@@ -358,14 +390,42 @@ def _backup(path: Path) -> Path | None:
     return None
 
 
-def save_model(model: ir.Model | onnx.ModelProto, path: str | Path) -> Path:
-    """Serialize and write atomically (models under 2 GB; larger ones need external data)."""
-    atomic_write_bytes(model_bytes(model), path)
+def save_model(model: ir.Model | onnx.ModelProto, path: str | Path, external: bool = False) -> Path:
+    """Serialize and write atomically; as `path` + `path.data` (written together) when `external` or when the
+    model is too large to serialize (`graph.external`)."""
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    write_together(model_files(proto, Path(path), external))
     return Path(path)
 
 
+def model_files(
+    proto: onnx.ModelProto, path: Path, external: bool = False, on_model: Callable[[bytes], None] | None = None
+) -> list[tuple[Path, Payload]]:
+    """The files that hold `proto` at `path`, for `write_together`: the model alone, or (when `external` or the
+    model is too large to serialize) its data file first and the model last. `on_model(model_bytes)` is called
+    with the `.onnx` bytes before they are written (a plan records their hash)."""
+    from .external import data_path, external_form, use_external
+
+    if not use_external(proto, external):
+        data = model_bytes(proto)
+        if on_model is not None:
+            on_model(data)
+        return [(path, data)]
+    skeleton: list[bytes] = []
+
+    def write_data(f: BinaryIO) -> None:
+        skeleton.append(external_form(proto, f, data_path(path).name).SerializeToString())
+        if on_model is not None:
+            on_model(skeleton[0])
+
+    def write_model(f: BinaryIO) -> None:
+        f.write(skeleton[0])
+
+    return [(data_path(path), write_data), (path, write_model)]
+
+
 def model_bytes(model: ir.Model | onnx.ModelProto) -> bytes:
-    """The bytes `save_model` writes."""
+    """The bytes `save_model` writes for a model held whole in one file."""
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     return proto.SerializeToString()
 

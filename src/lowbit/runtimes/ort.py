@@ -12,6 +12,7 @@ what the quantization math says the model computes.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,8 @@ import onnxruntime as ort
 
 from ..data import InputSpec
 from ..errors import LowbitError
+from ..graph import external
+from ..graph.io import external_files
 
 Mode = Literal["kernels", "simulate"]
 
@@ -66,11 +69,47 @@ def session(
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if is_large(model):
+        # ORT's CPU arena keeps every buffer it ever held until the session goes: a simulated run of a 2.5 GB
+        # weight-only model, which dequantizes every weight, grew it to 1.9 GB (0.6 GB without it). And what
+        # earlier sessions freed goes back to the system first.
+        opts.enable_cpu_mem_arena = False
+        external.trim_heap()
     if isinstance(model, onnx.ModelProto):
-        model = model.SerializeToString()
-    elif isinstance(model, Path):
+        return from_proto(model, opts)
+    if isinstance(model, Path):
         model = str(model)
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def is_large(model: str | Path | bytes | onnx.ModelProto) -> bool:
+    """Whether a model's weights reach `graph.external.FILE_BYTES` (files: with their external data)."""
+    if isinstance(model, onnx.ModelProto):
+        return external.has_external(model) or model.ByteSize() >= external.FILE_BYTES
+    if isinstance(model, bytes):
+        return len(model) >= external.FILE_BYTES
+    p = Path(model)
+    if not p.is_file():
+        return False  # ONNX Runtime says what is wrong with it
+    files = [p] if is_ort_format(p) else [p, *external_files(p)]
+    return sum(f.stat().st_size for f in files if f.is_file()) >= external.FILE_BYTES
+
+
+def from_proto(model: onnx.ModelProto, opts: ort.SessionOptions, folder: str | None = None) -> ort.InferenceSession:
+    """A session of an in-memory model. `folder` is where the model's external data files are (a model loaded
+    lazily: its skeleton is passed as bytes and ONNX Runtime maps the files from there). A large self-contained
+    model is written to a temporary folder with external data and loaded by path (`graph.external.FILE_BYTES`)."""
+    if external.has_external(model):
+        if folder is None:
+            raise ValueError("the model refers to external data files: pass the folder they are in")
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if model.ByteSize() < external.FILE_BYTES:
+        return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    # ONNX Runtime maps the data file: on POSIX the mapping outlives the folder, removed at once.
+    with tempfile.TemporaryDirectory(prefix="lowbit-session-", ignore_cleanup_errors=True) as tmp:
+        path = external.write_external(model, Path(tmp) / "model.onnx")
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:

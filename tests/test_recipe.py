@@ -70,7 +70,7 @@ def test_partial_dict_fills_defaults():
 
 def test_presets():
     assert preset("default") == Recipe()
-    assert preset("accurate").default.calibration == "percentile"
+    assert preset("accurate").default.calibration == "layer_error"
     assert preset("int16-activations").default.activations == "uint16"
     with pytest.raises(LowbitError, match="unknown preset 'fast'.*default"):
         preset("fast")

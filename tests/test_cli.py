@@ -189,7 +189,7 @@ def test_recipe_show_round_trips(tmp_path: Path, tiny_model: Path, tiny_calib: P
     )
     assert proc.returncode == 0, proc.stderr
     plan = json.loads((tmp_path / "out.plan.json").read_text())
-    assert plan["recipe"]["default"]["calibration"] == "percentile"
+    assert plan["recipe"]["default"]["calibration"] == "layer_error"
 
 
 def test_help_lists_commands() -> None:

@@ -74,6 +74,7 @@ def _shard(
     stop: int,
     index: int,
     batch_axes: BatchAxes | None,
+    bins: int | None = None,
 ) -> tuple[dict[str, Histogram], list[tuple[int, dict[str, ChannelMinMax]]], int]:
     """One worker's share: the chunks first .. stop-1. Runs in a Ray worker process."""
     marker = os.environ.get(_KILL_ONCE_ENV)
@@ -98,6 +99,7 @@ def _shard(
         lambda c, obs: chunks.append((c, obs)),
         select=lambda c: first <= c < stop,
         count=source.count,
+        bins=bins,
     )
     return histograms, chunks, samples
 
@@ -167,12 +169,14 @@ def calibrate_sharded(
     ray_address: str | None = None,
     progress: bool = True,
     batch_axes: BatchAxes | None = None,
+    bins: int | None = None,
 ) -> Statistics:
-    """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks."""
+    """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks
+    (`bins`: see `calibrate.observe`)."""
     source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=batch_axes)
     chunk, bounds = _shares(source.num_samples, source.batch_size, workers, "calibration")
     common = (sorted(tensors), channel_axes, str(calib), specs, batch_size, preprocess, limit, chunk)
-    calls = [(*common, first, stop, i, batch_axes) for i, (first, stop) in enumerate(bounds)]
+    calls = [(*common, first, stop, i, batch_axes, bins) for i, (first, stop) in enumerate(bounds)]
     bar = tqdm(
         total=source.num_samples,
         desc=f"calibrating ({len(bounds)} workers)",

@@ -17,7 +17,7 @@ from conftest import run_cli, tiny_cnn
 from lowbit.calibrate import EXTREMES_BINS, histogram_bins
 from lowbit.evaluate.check import SIMULATE_FIRST, runtime_check, settled
 from lowbit.evaluate.outputs import output_fidelity
-from lowbit.evaluate.speed import FIRST_ROUNDS, speed_check
+from lowbit.evaluate.speed import BLOCK, clear_count, speed_check
 from lowbit.recipe import Recipe, Rule, Scheme
 
 
@@ -103,12 +103,18 @@ def _fake_latency(ratios: list[float]):
     return fake, calls
 
 
+def test_clear_counts_are_a_sign_test() -> None:
+    assert [clear_count(n) for n in (8, 16, 24)] == [7, 12, 17]
+    assert clear_count(4) == 5  # 4 rounds can never be clear at 5%
+
+
 @pytest.mark.parametrize(
     ("ratios", "rounds"),
     [
-        ([0.5] * 7 + [1.2] + [0.5] * 22, FIRST_ROUNDS),  # 7 of 8 clearly faster: one slow spell is allowed
-        ([1.3] * 30, FIRST_ROUNDS),  # clearly slower
-        ([0.5] * 6 + [1.2] * 2 + [0.5] * 22, 30),  # 6 of 8: not clear, the full measurement runs
+        ([0.5] * 7 + [1.2] + [0.5] * 22, BLOCK),  # 7 of 8 clearly faster: one slow spell is allowed
+        ([1.3] * 30, BLOCK),  # clearly slower
+        ([0.5] * 6 + [1.2] * 2 + [0.5] * 22, 2 * BLOCK),  # 6 of 8: not yet; 14 of 16 is
+        ([0.5, 1.2] * 15, 30),  # half and half: every round runs
         ([1.0] * 30, 30),  # too close to call
     ],
 )

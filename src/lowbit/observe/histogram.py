@@ -51,7 +51,13 @@ def add_bin_counts(counts: np.ndarray, flat: np.ndarray, e: int, first: int) -> 
         # Two bins (the extremes-only histograms of calibrate.py): one comparison per value gives the same counts
         # as binning. The edge between them is exact in the data's own dtype, and x < (first + 1) * 2**e exactly
         # when floor(x / 2**e) <= first; a tiny negative value is below an edge of 0, as bin_indices puts it in -1.
-        below = int(np.count_nonzero(flat < edge))
+        # In slices through one small reused buffer: a whole tensor's comparison would be a fresh mmap'd block
+        # (page-faulted, and adding to peak memory while the batch's activations are alive).
+        buf = np.empty(min(flat.size, CHUNK32), dtype=bool)
+        below = 0
+        for start in range(0, flat.size, CHUNK32):
+            chunk = flat[start : start + CHUNK32]
+            below += int(np.count_nonzero(np.less(chunk, edge, out=buf[: len(chunk)])))
         counts[0] += below
         counts[1] += flat.size - below
         return

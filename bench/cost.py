@@ -128,11 +128,14 @@ def run_child(kind: str, work: Path, name: str) -> dict:
         cmd += ["--calib", str(work / f"{name}.calib.npz"), "--quiet", "--verbose"]
         cmd += ["--no-speed-check"] if kind == "cli-nospeed" else []
     else:
-        cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work), "--model", name]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--model", name]
+    # Children run in the work folder too (see main), with an absolute PYTHONPATH.
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in paths if p)}
     t0 = time.perf_counter()
     with open(work / "child.out", "w+") as fo, open(work / "child.err", "w+") as fe:
         # wait4, not Popen.wait: it returns the child's own rusage (RUSAGE_CHILDREN would sum every child so far)
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=work, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen from waiting again
         wall = time.perf_counter() - t0
@@ -183,11 +186,15 @@ def main() -> None:
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # children run in it (run_child)
     if args.worker:
         print(json.dumps(worker(args.worker, work, args.model)))
         return
     work.mkdir(parents=True, exist_ok=True)
+    # Everything runs in the work folder: ORT's tools leave <uuid>.data files in the working directory on some
+    # models (DBNet), which would otherwise land in the checkout. Import paths are made absolute first.
+    sys.path[:] = [str(Path(p).resolve()) if p else p for p in sys.path]
+    os.chdir(work)
     prepare_model(args.model, args.n, work)
     kinds = [args.only] if args.only else args.kinds.split(",")
     runs: list[dict] = []

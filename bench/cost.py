@@ -6,7 +6,17 @@ around the quantization call only (imports, model download and crops are done be
 per-channel weights, MinMax, reduce_range=False) fed one sample at a time; its CPU is reported for both steps.
 Both quantizers see the same calibration crops (`photo_crops(64, 'calib', 0)`, saved once as .npz; lowbit reads
 the file the way `bench/run.py` does). `--model NAME` takes a model of the real-world corpus instead (`make corpus`)
-with its calibration feeds. Runs alternate lowbit/ORT, `--reps` times each.
+with its calibration feeds. Runs alternate between the kinds, `--reps` times each.
+
+Kinds (`--kinds`, default all four):
+- `lowbit`: `lowbit.quantize()` in process, CPU around the call only (as above);
+- `ort`: ORT's `quant_pre_process` + `quantize_static`, CPU around those calls only;
+- `cli`: the default command, `lowbit quantize M.onnx -o OUT --calib M.calib.npz --quiet --verbose` (kernels-vs-
+  simulation check on 32 samples, speed check, lint, files written), whole process: interpreter start, imports and
+  all (user + sys of the child from `wait4`);
+- `cli-nospeed`: the same with `--no-speed-check`.
+Every kind also reports its whole process's CPU (`proc_cpu_s`: the `lowbit`/`ort` children include their imports
+and the crops' loading), which is the like-for-like number for `cli`.
 
 Usage (from the repository root; lowbit is whatever `import lowbit` finds, so PYTHONPATH picks the checkout):
     PYTHONPATH=src:examples .venv/bin/python bench/cost.py [--reps 3] [--n 64] [--only lowbit|ort] [--model NAME]
@@ -18,6 +28,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -106,11 +117,66 @@ def prepare_model(name: str, n: int, work: Path) -> None:
     np.savez(work / f"{name}.calib.npz", **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
 
 
+KINDS = ["lowbit", "ort", "cli", "cli-nospeed"]
+
+
+def run_child(kind: str, work: Path, name: str) -> dict:
+    """One run in a fresh process; adds the whole process's user+sys CPU and peak RSS (from wait4)."""
+    if kind.startswith("cli"):
+        out_model = work / "cli.qdq.onnx"
+        cmd = [sys.executable, "-m", "lowbit.cli.main", "quantize", str(work / f"{name}.onnx"), "-o", str(out_model)]
+        cmd += ["--calib", str(work / f"{name}.calib.npz"), "--quiet", "--verbose"]
+        cmd += ["--no-speed-check"] if kind == "cli-nospeed" else []
+    else:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--model", name]
+    # Children run in the work folder too (see main), with an absolute PYTHONPATH.
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in paths if p)}
+    t0 = time.perf_counter()
+    with open(work / "child.out", "w+") as fo, open(work / "child.err", "w+") as fe:
+        # wait4, not Popen.wait: it returns the child's own rusage (RUSAGE_CHILDREN would sum every child so far)
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, cwd=work, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keeps Popen from waiting again
+        wall = time.perf_counter() - t0
+        fo.seek(0), fe.seek(0)
+        out, err = fo.read(), fe.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{err[-2000:]}")
+    proc_cpu = usage.ru_utime + usage.ru_stime
+    if not kind.startswith("cli"):
+        r = json.loads(out.strip().splitlines()[-1])
+        r.update(proc_cpu_s=proc_cpu, proc_peak_rss_mib=usage.ru_maxrss / 1024)
+        return r
+    stages = next(line for line in out.splitlines() if line.startswith("stages: "))
+    timings = {k: float(v.split()[0]) for k, v in map(_stage, stages[len("stages: ") :].split(", "))}
+    data = out_model.read_bytes()
+    plan = out_model.with_suffix(".plan.json").read_bytes()
+    return {
+        "kind": kind,
+        "cpu_s": proc_cpu,
+        "proc_cpu_s": proc_cpu,
+        "wall_s": wall,
+        "timings": timings,
+        "model_sha256": hashlib.sha256(data).hexdigest(),
+        "plan_sha256": hashlib.sha256(plan).hexdigest(),
+        "peak_rss_mib": usage.ru_maxrss / 1024,
+        "summary": out,
+    }
+
+
+def _stage(part: str) -> tuple[str, str]:
+    """'speed check 1.12 s' -> ('speed check', '1.12 s')."""
+    words = part.split()
+    return " ".join(words[:-2]), " ".join(words[-2:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--n", type=int, default=64, help="calibration crops")
-    ap.add_argument("--only", choices=["lowbit", "ort"])
+    ap.add_argument("--only", choices=KINDS, help="one kind only (same as --kinds KIND)")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, run in this order each rep")
     ap.add_argument("--workdir", default="/tmp/lowbit_cost")
     ap.add_argument("--out", help="write every run's numbers here (JSON)")
     ap.add_argument(
@@ -120,35 +186,38 @@ def main() -> None:
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    work = Path(args.workdir)
+    work = Path(args.workdir).resolve()  # children run in it (run_child)
     if args.worker:
         print(json.dumps(worker(args.worker, work, args.model)))
         return
     work.mkdir(parents=True, exist_ok=True)
+    # Everything runs in the work folder: ORT's tools leave <uuid>.data files in the working directory on some
+    # models (DBNet), which would otherwise land in the checkout. Import paths are made absolute first.
+    sys.path[:] = [str(Path(p).resolve()) if p else p for p in sys.path]
+    os.chdir(work)
     prepare_model(args.model, args.n, work)
-    kinds = [args.only] if args.only else ["lowbit", "ort"]
+    kinds = [args.only] if args.only else args.kinds.split(",")
     runs: list[dict] = []
     for rep in range(args.reps):
         for kind in kinds:
-            cmd = [sys.executable, __file__, "--worker", kind, "--workdir", str(work), "--model", args.model]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
+            r = run_child(kind, work, args.model)
             runs.append(r)
             extra = (
                 f" timings {json.dumps({k: round(v, 2) for k, v in r['timings'].items()})}" if "timings" in r else ""
             )
             print(
-                f"rep {rep + 1} {kind:6s} cpu {r['cpu_s']:6.2f} s  wall {r['wall_s']:6.2f} s  "
-                f"peak RSS {r['peak_rss_mib']:.0f} MiB{extra}",
+                f"rep {rep + 1} {kind:11s} cpu {r['cpu_s']:6.2f} s (process {r['proc_cpu_s']:6.2f} s)  wall "
+                f"{r['wall_s']:6.2f} s  peak RSS {r['peak_rss_mib']:.0f} MiB{extra}",
                 flush=True,
             )
             if "model_sha256" in r:
                 print(f"      model sha256 {r['model_sha256'][:16]}  plan sha256 {r['plan_sha256'][:16]}", flush=True)
     for kind in kinds:
-        cpu = [r["cpu_s"] for r in runs if r["kind"] == kind]
-        wall = [r["wall_s"] for r in runs if r["kind"] == kind]
+        mine = [r for r in runs if r["kind"] == kind]
+        cpu, proc, wall = ([r[k] for r in mine] for k in ("cpu_s", "proc_cpu_s", "wall_s"))
         print(
-            f"{kind:6s} cpu {min(cpu):.2f}-{max(cpu):.2f} s   wall {min(wall):.2f}-{max(wall):.2f} s  ({len(cpu)} runs)"
+            f"{kind:11s} cpu {min(cpu):.2f}-{max(cpu):.2f} s  process cpu {min(proc):.2f}-{max(proc):.2f} s  "
+            f"wall {min(wall):.2f}-{max(wall):.2f} s  ({len(cpu)} runs)"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(runs, indent=1))

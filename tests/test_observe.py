@@ -329,3 +329,24 @@ def test_float32_and_float64_inputs_give_the_same_histogram(values, max_bins, cu
         streamed32.update(part)
         streamed64.update(part.astype(np.float64))
     assert state(streamed32) == state(streamed64) == state(one_shot(arr.astype(np.float64), max_bins))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    values=st.lists(st.floats(width=32, allow_nan=False, allow_infinity=False), min_size=1, max_size=60),
+    wide=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_two_bin_counts_are_one_comparison_with_the_same_result(values, wide, dtype):
+    """calibrate.py's extremes-only histograms (2 bins) count by comparing with the edge between the bins."""
+    from lowbit.observe.histogram import add_bin_counts, bin_indices
+
+    arr = np.array(values, dtype=dtype)
+    ends = np.array([arr.min(), arr.max()], np.float64)
+    e = Histogram(2)._fitting_exponent(float(ends[0]), float(ends[1]), None) + (3 if wide else 0)
+    first, last = (int(i) for i in bin_indices(ends, e))
+    n = last - first + 1
+    assert n <= 2
+    counts = np.zeros(n, np.int64)
+    add_bin_counts(counts, arr, e, first)
+    np.testing.assert_array_equal(counts, _reference_counts(arr, e, first, n))

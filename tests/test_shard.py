@@ -3,6 +3,9 @@ stops with one line and writes nothing. Each test starts (and stops) a local 2-w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +85,15 @@ def test_a_worker_that_keeps_dying_ends_the_run_with_one_line(
     assert "Traceback" not in run.stderr
     assert not out.exists() and not out.with_suffix(".plan.json").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+    # The real command in a process of its own: Ray's driver prints the raylet's notices from a thread to the
+    # process's stdout, which only a subprocess sees as the user does. Everything said is lowbit's one line.
+    env = {**os.environ, "LOWBIT_TEST_KILL_SHARD_ALWAYS": "1"}
+    args = ["quantize", str(model_path), "-o", str(out), "--calib", str(data), "--workers", "2", "--quiet"]
+    proc = subprocess.run([sys.executable, "-m", "lowbit.cli.main", *args], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stdout == "" and "(raylet)" not in proc.stderr, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("lowbit: error: a calibration worker failed twice") and proc.stderr.count("\n") == 1
+    assert not out.exists()
 
 
 def test_what_sharding_cannot_do_is_refused_before_work(tmp_path: Path) -> None:
@@ -103,3 +115,30 @@ def test_sharded_eval_gives_the_same_numbers(model_and_data: tuple[Path, Path], 
     two = evaluate(str(quantized), str(data), workers=2, **kw)
     assert one.samples == two.samples == 600
     assert one.to_json() == two.to_json()
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_sharded_diagnose_gives_the_same_report(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+    from lowbit.evaluate.diagnose import diagnose
+
+    model_path, data = model_and_data
+    quantized = tmp_path / "q.onnx"
+    lowbit.quantize(str(model_path), quantized, calib=str(data), recipe=RECIPE, progress=False)
+    one = diagnose(str(model_path), str(quantized), str(data), limit=24, progress=False)
+    two = diagnose(str(model_path), str(quantized), str(data), limit=24, progress=False, workers=2)
+    alone = [x for x in one.layers if "alone_sqnr_db" in x]
+    assert len(alone) >= 3 and one.trials >= len(alone)  # several layers measured alone, split across 2 workers
+    assert one.to_json() == two.to_json()
+    run = run_cli("diagnose", str(model_path), str(quantized), "--data", str(data), "--limit", "24", "--workers", "2")
+    assert run.returncode == 0, run.stderr
+    assert (
+        run.stdout == run_cli("diagnose", str(model_path), str(quantized), "--data", str(data), "--limit", "24").stdout
+    )
+
+
+def test_diagnose_refuses_bad_workers_before_work(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
+    from lowbit.evaluate.diagnose import diagnose
+
+    model_path, data = model_and_data
+    with pytest.raises(LowbitError, match="positive integer"):
+        diagnose(str(model_path), str(tmp_path / "missing.onnx"), str(data), workers=0)

@@ -70,6 +70,19 @@ def chunk_batches(num_samples: int | None, batch_size: int) -> int:
     return max(CHUNK_BATCHES, -(-num_samples // (batch_size * MAX_CHUNKS)))
 
 
+# Min-max calibration reads nothing but each tensor's extremes (decide.py, settle.py), so when every scheme of the
+# recipe calibrates by min-max, the activation histograms get 2 bins: the same exact min, max and count, merged the
+# same way, for a comparison per value instead of binning (observe/histogram.py). The other methods read the bins
+# and get the full histogram (Histogram's default).
+EXTREMES_BINS = 2
+
+
+def histogram_bins(recipe: Recipe) -> int | None:
+    """Bins of the activation histograms `recipe` needs: EXTREMES_BINS, or None for Histogram's default."""
+    schemes = [recipe.default] + [r.scheme for r in recipe.rules if r.scheme is not None]
+    return EXTREMES_BINS if all(s.calibration == "minmax" for s in schemes) else None
+
+
 def calibration_session(model: ir.Model, names: list[str], threads: int = 0) -> ort.InferenceSession:
     """A float session that also outputs every tensor in `names`."""
     opts = ort.SessionOptions()
@@ -103,11 +116,13 @@ def observe(
     select: Callable[[int], bool] = lambda c: True,
     bar: Any = None,
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
+    bins: int | None = None,
 ) -> tuple[dict[str, Histogram], int]:
     """Run the batches of the chunks `select` accepts; histograms of every fetched tensor, and each chunk's
     channel observers handed to `on_chunk(index, observers)` in order. Returns (histograms, samples). `count` says
     how many samples a batch holds (a DataSource's `count`: inputs need not be batch-first); default: the first
-    input's leading dimension."""
+    input's leading dimension. `bins`: the histograms' max_bins (None: Histogram's default; see EXTREMES_BINS)."""
+    new_histogram = Histogram if bins is None else lambda: Histogram(bins)
     histograms: dict[str, Histogram] = {}
     channels: dict[str, ChannelMinMax] = {}
     samples = 0
@@ -131,7 +146,7 @@ def observe(
         for name in fetch:
             value = outs.pop()
             if name in tensors:
-                _update(histograms, name, value, Histogram)
+                _update(histograms, name, value, new_histogram)
             if name in channel_axes:
                 obs = channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
                 obs.update(value)
@@ -162,9 +177,10 @@ def calibrate(
     chunk: int = CHUNK_BATCHES,
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
     keep: int = 0,
+    bins: int | None = None,
 ) -> Statistics:
-    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`: see
-    `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`."""
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`, `bins`:
+    see `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`."""
     _fixed_mmap_threshold()
     tensors = set(tensors)
     names = fetched_names(model, tensors, channel_axes)
@@ -188,6 +204,7 @@ def calibrate(
             lambda _, c: fold_chunk(stats.channels, c),
             bar=bar,
             count=count,
+            bins=bins,
         )
     finally:
         bar.close()
@@ -196,7 +213,7 @@ def calibrate(
     return stats
 
 
-def _update(store: dict, name: str, value: np.ndarray, kind: type) -> None:
+def _update(store: dict, name: str, value: np.ndarray, kind: Callable[[], Any]) -> None:
     if name not in store:
         store[name] = kind()
     try:
@@ -248,6 +265,7 @@ def calibrate_layout(
             ray_address,
             progress,
             batch_axes,
+            histogram_bins(recipe),
         )
         if keep:  # the workers read the data; the first samples are read again here
             again = open_data(calib, specs, recipe.batch_size, preprocess, keep, batch_axes=batch_axes)
@@ -265,4 +283,5 @@ def calibrate_layout(
         chunk=chunk,
         count=source.count,
         keep=keep,
+        bins=histogram_bins(recipe),
     )

@@ -45,8 +45,7 @@ _KILL_ALWAYS_ENV = "LOWBIT_TEST_KILL_SHARD_ALWAYS"
 
 def check_workers(workers: int, calib: Any, ray_address: str | None) -> None:
     """Refuse, before any work, what sharding cannot do."""
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise LowbitError(f"workers must be a positive integer, got {workers!r}")
+    check_ray(workers, None)
     if (workers == 1 and ray_address is None) or calib is None:
         return  # no calibration to share (a plan's ranges are reused, or the mode needs no data)
     if not isinstance(calib, (str, os.PathLike)):
@@ -54,6 +53,15 @@ def check_workers(workers: int, calib: Any, ray_address: str | None) -> None:
             "with workers, each one reads its share of the data itself, so the data must be a path (a .npy/.npz "
             "file or a folder): save it to disk, or drop --workers/--ray-address (workers=, ray_address=)"
         )
+    check_ray(workers, ray_address)
+
+
+def check_ray(workers: int, ray_address: str | None) -> None:
+    """`workers` is a positive integer, and Ray is installed when it will be used."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise LowbitError(f"workers must be a positive integer, got {workers!r}")
+    if workers == 1 and ray_address is None:
+        return
     try:
         import ray  # noqa: F401
     except ImportError:
@@ -74,6 +82,7 @@ def _shard(
     stop: int,
     index: int,
     batch_axes: BatchAxes | None,
+    bins: int | None = None,
 ) -> tuple[dict[str, Histogram], list[tuple[int, dict[str, ChannelMinMax]]], int]:
     """One worker's share: the chunks first .. stop-1. Runs in a Ray worker process."""
     marker = os.environ.get(_KILL_ONCE_ENV)
@@ -98,6 +107,7 @@ def _shard(
         lambda c, obs: chunks.append((c, obs)),
         select=lambda c: first <= c < stop,
         count=source.count,
+        bins=bins,
     )
     return histograms, chunks, samples
 
@@ -125,6 +135,13 @@ def _run(
     Ray's object store once. A local Ray instance is started (and stopped) unless one runs or an address is given."""
     import ray
 
+    # Ray's driver prints the raylet's notices ("(raylet) A worker died ...", "Task failed ... will be retried")
+    # to stdout from a thread of its own, even with log_to_driver=False; lowbit says what matters in one line
+    # (below). The switch is the one Ray's own debugger uses to quiet the driver; the notices stay in Ray's logs.
+    ray_worker: Any = getattr(getattr(ray, "_private", None), "worker", None)
+    shown = getattr(ray_worker, "_worker_logs_enabled", None)
+    if shown is not None:
+        ray_worker._worker_logs_enabled = False
     started_here = not ray.is_initialized()
     if started_here:
         kw: dict[str, Any] = {"address": ray_address} if ray_address else {"num_cpus": workers}
@@ -151,7 +168,9 @@ def _run(
         ) from None
     finally:
         if started_here:
-            ray.shutdown()
+            ray.shutdown()  # stops the thread that prints the notices, before they are shown again
+        if shown is not None:
+            ray_worker._worker_logs_enabled = shown
 
 
 def calibrate_sharded(
@@ -167,12 +186,14 @@ def calibrate_sharded(
     ray_address: str | None = None,
     progress: bool = True,
     batch_axes: BatchAxes | None = None,
+    bins: int | None = None,
 ) -> Statistics:
-    """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks."""
+    """The same statistics as `calibrate.calibrate` over `open_data(calib, ...)`, computed by `workers` Ray tasks
+    (`bins`: see `calibrate.observe`)."""
     source = open_data(calib, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=batch_axes)
     chunk, bounds = _shares(source.num_samples, source.batch_size, workers, "calibration")
     common = (sorted(tensors), channel_axes, str(calib), specs, batch_size, preprocess, limit, chunk)
-    calls = [(*common, first, stop, i, batch_axes) for i, (first, stop) in enumerate(bounds)]
+    calls = [(*common, first, stop, i, batch_axes, bins) for i, (first, stop) in enumerate(bounds)]
     bar = tqdm(
         total=source.num_samples,
         desc=f"calibrating ({len(bounds)} workers)",
@@ -230,4 +251,33 @@ def evaluate_sharded(
     return outs, refs, seen
 
 
-__all__ = ["calibrate_sharded", "check_workers", "evaluate_sharded"]
+def _alone_shard(job: tuple[Any, ...], layers: list[Any]) -> tuple[list[dict[str, Any]], int]:
+    """One worker's share of diagnose's "layers alone": each layer's final-output fidelity, and the trials run."""
+    from .evaluate.layerwise import Trials
+
+    float_bytes, plan, batches, refs, names, kinds = job
+    trials = Trials(onnx.load_from_string(float_bytes), plan, batches, refs, names, kinds)
+    return [trials.alone(x) for x in layers], trials.runs
+
+
+def alone_sharded(
+    trials: Any,
+    layers: list[Any],
+    kinds: Any,
+    workers: int,
+    ray_address: str | None,
+    on_done: Callable[[int], None],
+) -> list[dict[str, Any]]:
+    """`[trials.alone(x) for x in layers]` (diagnose's per-layer evaluation, `evaluate/layerwise.py`) as Ray tasks:
+    the float model, plan, data and float outputs go to the object store once, each worker re-applies the plan
+    with one layer quantized for its contiguous share of `layers` and returns the measurements, in layer order.
+    `trials.runs` counts the workers' runs as if they were its own; `on_done(n)` after each share."""
+    job = (trials.float_model.SerializeToString(), trials.plan, trials.batches, trials.refs, trials.names, kinds)
+    shares = min(workers, len(layers))
+    calls = [(layers[i * len(layers) // shares : (i + 1) * len(layers) // shares],) for i in range(shares)]
+    results = _run(_alone_shard, job, calls, workers, ray_address, "diagnose", lambda r: on_done(len(r[0])))
+    trials.runs += sum(runs for _, runs in results)
+    return [f for found, _ in results for f in found]
+
+
+__all__ = ["alone_sharded", "calibrate_sharded", "check_ray", "check_workers", "evaluate_sharded"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_image_args, image_preprocess
+from .common import add_image_args, add_ray_args, image_preprocess
 from .eval_cmd import add_output_kind_arg, output_kinds
 
 
@@ -38,6 +38,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", metavar="FIXED.onnx", help="write the model quantized with the fixed recipe")
     p.add_argument("--recipe-out", metavar="FIX.json", help="write the fixed recipe")
     add_image_args(p)
+    add_ray_args(p, "measure the layers alone")
     add_output_kind_arg(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON (infinite SQNR is null)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -62,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
         recipe_out=args.recipe_out,
         preprocess=pre,
         kinds=kinds,
+        workers=args.workers,
+        ray_address=args.ray_address,
     )
     print(report.to_json(indent=1) if args.json else report_text(report.to_dict()))
     return 0

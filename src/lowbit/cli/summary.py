@@ -48,7 +48,10 @@ def check_lines(check: dict) -> list[str]:
     from ..evaluate.outputs import format_value, poor_text
 
     outs = check["outputs"]
-    lines = [f"check on {check['samples']} calibration samples, against float (integer kernels / float simulation):"]
+    n, sim = check["samples"], check.get("simulate_samples", check["samples"])
+    # The simulation stops early once its first samples settle that the kernels match it (evaluate/check.py).
+    how = f"float simulation on the first {sim}, enough to show the kernels match it" if sim < n else "float simulation"
+    lines = [f"check on {n} calibration samples, against float (integer kernels / {how}):"]
     for o in outs:
         k, s, kvs = o["kernels"], o["simulate"], o["kernels_vs_simulation"]
         metric, label = k["task"]["metric"], k["task"]["label"]

@@ -31,6 +31,7 @@ from ..passes import prepare
 from ..pipeline import load, outputs, quantize
 from ..plan import Plan, TensorParams, plan_path
 from ..recipe import BLOCK_SIZES, ActivationType, Recipe, Rule, Scheme
+from ..shard import alone_sharded, check_ray
 from .jsonable import JsonResult, jsonable
 from .kernel_gap import locate
 from .layerwise import (
@@ -99,13 +100,18 @@ def diagnose(
     recipe_out: str | Path | None = None,
     preprocess: ImagePreprocess | None = None,
     kinds: Mapping[str, str] | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
 ) -> DiagnoseResult:
     """Rank the layers of `quant_model` by the error they cause, suggest fixes and measure them.
     `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically. `kinds` overrides the guessed
-    kind of final outputs by name (outputs.py); layers are ranked by the first output's SQNR."""
+    kind of final outputs by name (outputs.py); layers are ranked by the first output's SQNR. With `workers` > 1
+    (or a `ray_address`) the layers measured alone are shared among Ray tasks (`shard.alone_sharded`), with the
+    same results as one process."""
     for label, value in (("top", top), ("limit", limit), ("budget", budget)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LowbitError(f"{label} must be a positive integer, got {value!r}")
+    check_ray(workers, ray_address)
     if output is not None:
         check_output_path(output, [m for m in (float_model, quant_model) if isinstance(m, (str, Path))])
     if recipe_out is not None and not Path(recipe_out).parent.exists():
@@ -163,10 +169,18 @@ def diagnose(
     # Where a layer's output is much worse than its inputs, the layer itself added the error.
     by_drop = sorted(found, key=lambda x: (-rows[x.node]["drop_db"], rows[x.node]["sqnr_db"]))
     bar = _bar(min(budget, len(by_drop)), "layers alone", progress)
-    for x in by_drop[:budget]:
-        rows[x.node]["alone_sqnr_db"] = trials.alone(x)["sqnr_db"]
-        bar.update(1)
-    bar.close()
+    try:
+        if workers > 1 or ray_address is not None:
+            alone = alone_sharded(trials, by_drop[:budget], kinds, workers, ray_address, bar.update)
+        else:
+            alone = []
+            for x in by_drop[:budget]:
+                alone.append(trials.alone(x))
+                bar.update(1)
+    finally:
+        bar.close()
+    for x, fidelity in zip(by_drop[:budget], alone):
+        rows[x.node]["alone_sqnr_db"] = fidelity["sqnr_db"]
     ranked = sorted(found, key=lambda x: (_key(rows[x.node].get("alone_sqnr_db")), _key(rows[x.node]["sqnr_db"])))
     measured = [rows[x.node]["alone_sqnr_db"] for x in found if "alone_sqnr_db" in rows[x.node]]
     typical = float(np.median([min(v, 100.0) for v in measured])) if measured else math.inf

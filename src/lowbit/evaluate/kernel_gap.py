@@ -160,7 +160,8 @@ def locate(
     found = regions(quant_model)
     names = [r.tensor for r in found]
     exposed = _exposed(quant_model, names)
-    kern_sess, sim_sess = session(exposed, "kernels"), session(exposed, "simulate")
+    # Worker threads that sleep between ops and runs: the same values, far less CPU on a small or shared machine.
+    kern_sess, sim_sess = session(exposed, "kernels", spin=False), session(exposed, "simulate", spin=False)
     order = [o.name for o in kern_sess.get_outputs()]
     feeds = {i.name for i in kern_sess.get_inputs()}
     kern: dict[str, list[np.ndarray]] = {n: [] for n in order}
@@ -172,7 +173,7 @@ def locate(
             for n, r in zip(order, res):
                 acc[n].append(np.asarray(r))
     # Exposing the integers must not change what runs; where it does, a graph transform (not a kernel) is the gap.
-    plain_sess = session(quant_model, "kernels")
+    plain_sess = session(quant_model, "kernels", spin=False)
     plain = np.concatenate(
         [plain_sess.run(order[:1], {k: v for k, v in b.items() if k in feeds})[0].ravel() for b in batches]
     )

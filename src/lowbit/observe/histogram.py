@@ -43,6 +43,24 @@ def add_bin_counts(counts: np.ndarray, flat: np.ndarray, e: int, first: int) -> 
     Every value must fall in bins first .. first + len(counts) - 1.
     """
     n = len(counts)
+    if n == 1:
+        counts[0] += flat.size  # every value is in the one bin (see above)
+        return
+    edge = _exact_edge(first + 1, e, flat.dtype) if n == 2 else None
+    if edge is not None:
+        # Two bins (the extremes-only histograms of calibrate.py): one comparison per value gives the same counts
+        # as binning. The edge between them is exact in the data's own dtype, and x < (first + 1) * 2**e exactly
+        # when floor(x / 2**e) <= first; a tiny negative value is below an edge of 0, as bin_indices puts it in -1.
+        # In slices through one small reused buffer: a whole tensor's comparison would be a fresh mmap'd block
+        # (page-faulted, and adding to peak memory while the batch's activations are alive).
+        buf = np.empty(min(flat.size, CHUNK32), dtype=bool)
+        below = 0
+        for start in range(0, flat.size, CHUNK32):
+            chunk = flat[start : start + CHUNK32]
+            below += int(np.count_nonzero(np.less(chunk, edge, out=buf[: len(chunk)])))
+        counts[0] += below
+        counts[1] += flat.size - below
+        return
     if flat.dtype == np.float32 and -126 <= e <= 0 and max(abs(first), abs(first + n)) < F32_EXACT:
         # Same counts as the float64 path, in float32 (a quarter of its memory traffic): with 2**-e >= 1 a
         # normal power of two, v * 2**-e is exact (no rounding, no underflow, and no overflow since
@@ -64,6 +82,19 @@ def add_bin_counts(counts: np.ndarray, flat: np.ndarray, e: int, first: int) -> 
     # In slices: float64 indices of a whole activation tensor would cost 8x its size in temporaries.
     for start in range(0, flat.size, CHUNK):
         counts += np.bincount(bin_indices(flat[start : start + CHUNK], e) - first, minlength=n)
+
+
+def _exact_edge(k: int, e: int, dtype: np.dtype) -> np.floating | None:
+    """k * 2**e as a scalar of the float `dtype` when it is exactly that value there, else None."""
+    if dtype.kind != "f":
+        return None
+    try:
+        value = math.ldexp(k, e)
+    except OverflowError:
+        return None
+    with np.errstate(over="ignore", under="ignore"):
+        edge = dtype.type(value)
+    return edge if np.isfinite(edge) and float(edge) == value else None
 
 
 def _numeric(x: Any, what: str) -> np.ndarray:

@@ -60,8 +60,10 @@ _ORT_TYPES = {"float": "float32", "double": "float64", "float16": "float16", "bo
 
 
 def session(
-    model: str | Path | bytes | onnx.ModelProto, mode: Mode = "kernels", threads: int = 0
+    model: str | Path | bytes | onnx.ModelProto, mode: Mode = "kernels", threads: int = 0, spin: bool = True
 ) -> ort.InferenceSession:
+    """`spin=False`: worker threads sleep instead of busy-waiting between ops and runs (the same values, much less
+    CPU on a small or shared machine; latency measurements keep ORT's default)."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if mode == "kernels" else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -75,6 +77,8 @@ def session(
         # earlier sessions freed goes back to the system first.
         opts.enable_cpu_mem_arena = False
         external.trim_heap()
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if isinstance(model, onnx.ModelProto):
         return from_proto(model, opts)
     if isinstance(model, Path):

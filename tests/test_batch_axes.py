@@ -139,6 +139,22 @@ def test_cli_batch_axis(tmp_path) -> None:
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "INPUT=AXIS" in bad.stderr
 
 
+def test_eval_takes_the_batch_axis_too(tmp_path) -> None:
+    m = _vad()
+    onnx.save(m, tmp_path / "vad.onnx")
+    np.savez(tmp_path / "calib.npz", **_batched(_samples(8, 1)))
+    np.savez(tmp_path / "eval.npz", **_batched(_samples(8, 7)))
+    quantize = ["quantize", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "calib.npz"), "--quiet"]
+    assert run_cli(*quantize, "-o", str(tmp_path / "q.onnx"), "--batch-axis", "state=1").returncode == 0
+    args = ["eval", str(tmp_path / "q.onnx"), "--data", str(tmp_path / "eval.npz"), "--quiet", "--json"]
+    args += ["--reference", str(tmp_path / "vad.onnx")]
+    without = run_cli(*args)
+    assert without.returncode == 2 and "--batch-axis state=1" in without.stderr
+    done = run_cli(*args, "--batch-axis", "state=1", "sr=none")
+    assert done.returncode == 0, done.stderr
+    assert '"samples": 8' in done.stdout
+
+
 def _audio() -> onnx.ModelProto:
     """x [N, 1, T] with T dynamic -> Conv1d -> Relu -> GlobalAveragePool: clips of any length."""
     inits = {"w": weight((4, 1, 3), 1), "b": np.zeros(4, np.float32)}

@@ -142,3 +142,16 @@ def test_diagnose_refuses_bad_workers_before_work(model_and_data: tuple[Path, Pa
     model_path, data = model_and_data
     with pytest.raises(LowbitError, match="positive integer"):
         diagnose(str(model_path), str(tmp_path / "missing.onnx"), str(data), workers=0)
+
+
+@pytest.mark.slow  # starts a Ray cluster
+def test_sharded_eval_with_a_batch_axis(tmp_path: Path) -> None:
+    """State stacked on axis 1 and a 0-d sample rate: the workers read their shares with the same batch axes."""
+    from test_batch_axes import _batched, _samples, _vad
+
+    onnx.save(_vad(), tmp_path / "vad.onnx")
+    np.savez(tmp_path / "eval.npz", **_batched(_samples(24, 7)))
+    kw = {"reference": str(tmp_path / "vad.onnx"), "batch_size": 4, "progress": False, "batch_axes": {"state": 1}}
+    one = evaluate(str(tmp_path / "vad.onnx"), str(tmp_path / "eval.npz"), **kw)
+    two = evaluate(str(tmp_path / "vad.onnx"), str(tmp_path / "eval.npz"), workers=2, **kw)
+    assert one.samples == two.samples == 24 and one.to_json() == two.to_json()

@@ -222,9 +222,9 @@ def _eval_shard(job: tuple[Any, ...], chunk: int, first: int, stop: int) -> tupl
     """One worker's share of `evaluate`: outputs of the batches in chunks first .. stop-1."""
     from .evaluate.evaluate import collect, open_sessions
 
-    model, mode, reference, data, specs, batch_size, preprocess, limit, keep = job
+    model, mode, reference, data, specs, batch_size, preprocess, limit, keep, axes = job
     sess, ref_sess = open_sessions(model, mode, reference)
-    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=axes)
     return collect(sess, ref_sess, source, keep, select=lambda c: first <= c < stop, chunk=chunk)
 
 
@@ -232,10 +232,11 @@ def evaluate_sharded(
     job: tuple[Any, ...], workers: int, ray_address: str | None, bar: Any
 ) -> tuple[dict[str, list], dict[str, list], int]:
     """`evaluate.collect` over Ray workers: `job` = (model, mode, reference, data, specs, batch_size, preprocess,
-    limit, keep); every output batch comes back and is joined in data order, so the metrics are the same numbers."""
-    model, mode, reference, data, specs, batch_size, preprocess, limit, keep = job
+    limit, keep, batch_axes); every output batch comes back and is joined in data order, so the metrics are the same
+    numbers."""
+    model, mode, reference, data, specs, batch_size, preprocess, limit, keep, axes = job
     check_workers(workers, data, ray_address)
-    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit)
+    source = open_data(data, specs, batch_size=batch_size, preprocess=preprocess, limit=limit, batch_axes=axes)
     chunk, bounds = _shares(source.num_samples, source.batch_size, workers, "evaluation")
     calls = [(chunk, first, stop) for first, stop in bounds]
     results = _run(_eval_shard, job, calls, workers, ray_address, "evaluation", lambda r: bar.update(r[2]))

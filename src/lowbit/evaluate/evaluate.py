@@ -97,8 +97,6 @@ def evaluate(
             specs = [
                 dataclasses.replace(s, shape=(fixed[s.name], *s.shape[1:])) if s.name in fixed else s for s in specs
             ]
-    if batch_axes is not None and (workers > 1 or ray_address is not None):
-        raise LowbitError("batch axes other than 0 are not sharded over Ray yet: drop --workers/--ray-address")
     source = open_data(
         data,
         specs,
@@ -134,7 +132,10 @@ def evaluate(
             from ..shard import evaluate_sharded
 
             outs, refs, seen = evaluate_sharded(
-                (model, mode, reference, data, specs, batch_size, preprocess, limit, keep), workers, ray_address, bar
+                (model, mode, reference, data, specs, batch_size, preprocess, limit, keep, batch_axes),
+                workers,
+                ray_address,
+                bar,
             )
             if seen:  # the workers ran the checks' inputs; check them here, as one process does first
                 check_first({n: v[0] for n, v in outs.items()}, {n: v[0] for n, v in refs.items()} or None)

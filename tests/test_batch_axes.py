@@ -155,6 +155,18 @@ def test_eval_takes_the_batch_axis_too(tmp_path) -> None:
     assert '"samples": 8' in done.stdout
 
 
+def test_diagnose_takes_the_batch_axis(tmp_path) -> None:
+    m = _vad()
+    onnx.save(m, tmp_path / "vad.onnx")
+    np.savez(tmp_path / "calib.npz", **_batched(_samples(8, 1)))
+    quantize = ["quantize", str(tmp_path / "vad.onnx"), "--calib", str(tmp_path / "calib.npz"), "--quiet"]
+    assert run_cli(*quantize, "-o", str(tmp_path / "q.onnx"), "--batch-axis", "state=1").returncode == 0
+    args = ["diagnose", str(tmp_path / "vad.onnx"), str(tmp_path / "q.onnx"), "--data", str(tmp_path / "calib.npz")]
+    done = run_cli(*args, "--quiet", "--json", "--batch-axis", "state=1", "-o", str(tmp_path / "fixed.onnx"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "fixed.onnx").exists()
+
+
 def _audio() -> onnx.ModelProto:
     """x [N, 1, T] with T dynamic -> Conv1d -> Relu -> GlobalAveragePool: clips of any length."""
     inits = {"w": weight((4, 1, 3), 1), "b": np.zeros(4, np.float32)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import add_image_args, add_ray_args, image_preprocess
+from .common import add_batch_axis_arg, add_image_args, add_ray_args, batch_axes, image_preprocess
 from .eval_cmd import add_output_kind_arg, output_kinds
 
 
@@ -37,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=64, metavar="N", help="samples to use (default 64)")
     p.add_argument("-o", "--output", metavar="FIXED.onnx", help="write the model quantized with the fixed recipe")
     p.add_argument("--recipe-out", metavar="FIX.json", help="write the fixed recipe")
+    add_batch_axis_arg(p, "diagnose")
     add_image_args(p)
     add_ray_args(p, "measure the layers alone")
     add_output_kind_arg(p)
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         kinds=kinds,
         workers=args.workers,
         ray_address=args.ray_address,
+        batch_axes=batch_axes(args.batch_axis) or None,
     )
     print(report.to_json(indent=1) if args.json else report_text(report.to_dict()))
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..data import ImagePreprocess, input_specs, open_data
+from ..data import BatchAxes, ImagePreprocess, input_specs, open_data
 from ..errors import LowbitError
 from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_proto, refuse_ort_format
 from ..numerics import scale_zero_point
@@ -102,12 +102,13 @@ def diagnose(
     kinds: Mapping[str, str] | None = None,
     workers: int = 1,
     ray_address: str | None = None,
+    batch_axes: BatchAxes | None = None,
 ) -> DiagnoseResult:
     """Rank the layers of `quant_model` by the error they cause, suggest fixes and measure them.
     `output`/`recipe_out` write the fixed model (+ plan) and recipe atomically. `kinds` overrides the guessed
     kind of final outputs by name (outputs.py); layers are ranked by the first output's SQNR. With `workers` > 1
     (or a `ray_address`) the layers measured alone are shared among Ray tasks (`shard.alone_sharded`), with the
-    same results as one process."""
+    same results as one process. `batch_axes`: inputs whose samples are not stacked on axis 0 (see `open_data`)."""
     for label, value in (("top", top), ("limit", limit), ("budget", budget)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LowbitError(f"{label} must be a positive integer, got {value!r}")
@@ -132,7 +133,13 @@ def diagnose(
     prepared = ir.to_proto(prepare(load(float_proto).model))
 
     source = open_data(
-        data, input_specs(float_proto), batch_size=4, preprocess=preprocess, limit=limit, what="diagnose data"
+        data,
+        input_specs(float_proto),
+        batch_size=4,
+        preprocess=preprocess,
+        limit=limit,
+        what="diagnose data",
+        batch_axes=batch_axes,
     )
     batches = list(source)  # inputs only (limit samples); every pass re-reads them
     if not batches:
@@ -208,6 +215,7 @@ def diagnose(
             recipe=recipe,
             preprocess=preprocess,
             progress=progress,
+            batch_axes=batch_axes,
         )
         after = trials.measure(fixed.model)
     else:

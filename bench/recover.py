@@ -12,7 +12,6 @@ Usage: python bench/recover.py [--only NAME ...] [--sentences N] [--out bench/RE
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from lowbit.passes import prepare  # noqa: E402
 from lowbit.passes.equalize import find_pairs  # noqa: E402
 from lowbit.pipeline import load  # noqa: E402
 from lowbit_zoo.corpus.registry import ENTRIES, ROOT, Entry, Output  # noqa: E402
+from ort_baseline import cpu_model  # noqa: E402
 
 ART = Path(__file__).resolve().parents[1] / "artifacts"
 CLE_MODELS = [
@@ -130,16 +130,6 @@ def smooth_rows(n: int, tmp: Path) -> list[str]:
     return rows
 
 
-def cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -166,7 +156,7 @@ def report(cle: list[str], sq: list[str], sentences: int) -> str:
     lines = [
         "## Accuracy recovery: cross-layer equalization and SmoothQuant, on and off",
         "",
-        f"Command: `{cmd}`. Machine: {cpu()}, {len(__import__('os').sched_getaffinity(0))} cores, ONNX Runtime "
+        f"Command: `{cmd}`. Machine: {cpu_model()}, {len(__import__('os').sched_getaffinity(0))} cores, ONNX Runtime "
         f"{__import__('onnxruntime').__version__}, integer kernels. Static int8, uint8 activations, minmax.",
         "",
     ]

@@ -22,7 +22,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from .data import BatchAxes, DataSource, ImagePreprocess, InputSpec, open_data
+from .data import BatchAxes, DataSource, ImagePreprocess, InputSpec
 from .errors import LowbitError
 from .plan import Plan
 from .recipe import Recipe
@@ -190,19 +190,13 @@ def quantize_branches(
     branches = runtime_ifs(proto)
     if not branches:
         return model, [], []
+    from .calibrate import open_calibration
     from .pipeline import quantize
     from .runtimes.ort import session
 
     feeds: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
     if plan is None and calib is not None:
-        source = open_data(
-            calib,
-            specs,
-            batch_size=recipe.batch_size,
-            preprocess=preprocess,
-            limit=recipe.calibration_samples,
-            batch_axes=batch_axes,
-        )
+        source = open_calibration(calib, specs, recipe, preprocess, batch_axes)
         feeds = branch_feeds(proto, branches, source, lambda b: session(b, mode="simulate"))
     plans, notes = [], []
     for b in branches:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from tqdm import tqdm
 
-from .data import BatchAxes, ImagePreprocess, InputSpec, open_data
+from .data import BatchAxes, DataSource, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .graph.external import external_base
 from .observe import ChannelMinMax, Histogram
@@ -224,6 +224,24 @@ def _update(store: dict, name: str, value: np.ndarray, kind: Callable[[], Any]) 
         ) from None
 
 
+def open_calibration(
+    calib: Any,
+    specs: list[InputSpec],
+    recipe: Recipe,
+    preprocess: ImagePreprocess | None,
+    batch_axes: BatchAxes | None = None,
+) -> DataSource:
+    """The user's calibration data as the recipe reads it: its batch size and sample count."""
+    return open_data(
+        calib,
+        specs,
+        batch_size=recipe.batch_size,
+        preprocess=preprocess,
+        limit=recipe.calibration_samples,
+        batch_axes=batch_axes,
+    )
+
+
 def calibrate_layout(
     model: ir.Model,
     layout: Layout,
@@ -239,14 +257,7 @@ def calibrate_layout(
     """The calibrate stage: open the user's data, checked against the model's inputs, and observe what the
     layout needs (constants need no observing). With workers > 1 or a Ray address, Ray tasks share the work
     (`shard.py`) and give bit-identical statistics. `batch_axes`: see `open_data`."""
-    source = open_data(
-        calib,
-        specs,
-        batch_size=recipe.batch_size,
-        preprocess=preprocess,
-        limit=recipe.calibration_samples,
-        batch_axes=batch_axes,
-    )
+    source = open_calibration(calib, specs, recipe, preprocess, batch_axes)
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
     keep = SAMPLES if wanted(layout) else 0  # ranges chosen by the error they cause run these samples again
     if workers > 1 or ray_address is not None:

@@ -16,8 +16,8 @@ import onnx_ir as ir
 
 from .apply import apply
 from .branches import merge_plans, quantize_branches
-from .calibrate import calibrate_layout
-from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs, open_data
+from .calibrate import calibrate_layout, open_calibration
+from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
 from .graph.external import data_path, external_base, trim_heap
@@ -310,15 +310,7 @@ def _recovery_data(
         return None, plan.smooth_scales
     if calib is None:
         raise LowbitError("smooth_quant needs calibration data to measure activation outliers: pass --calib DATA")
-    source = open_data(
-        calib,
-        loaded.inputs,
-        batch_size=recipe.batch_size,
-        preprocess=preprocess,
-        limit=recipe.calibration_samples,
-        batch_axes=batch_axes,
-    )
-    return source, None
+    return open_calibration(calib, loaded.inputs, recipe, preprocess, batch_axes), None
 
 
 def _recipe(recipe: Recipe | str | Path | None) -> Recipe:

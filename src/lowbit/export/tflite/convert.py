@@ -93,7 +93,9 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             try:
                 plan = Plan.load(plan_path(model))
                 recipe = plan.recipe
-                ranges = {k: t.range for k, t in plan.tensors.items() if t.range is not None}
+                # graph outputs' ranges (plans since output_ranges) first; a quantized tensor's own range wins
+                ranges = dict(plan.output_ranges)
+                ranges.update({k: t.range for k, t in plan.tensors.items() if t.range is not None})
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
     proto = ir.to_proto(irm)

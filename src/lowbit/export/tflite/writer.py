@@ -218,8 +218,8 @@ def serialize(model: FlatModel) -> bytes:
 
     buffer_offsets = []
     bm = _module("Buffer")
-    for blob in buffers:
-        vec = _byte_buffer(b, blob) if blob else None
+    for data in buffers:
+        vec = _byte_buffer(b, data) if data else None
         bm.Start(b)
         if vec is not None:
             bm.AddData(b, vec)

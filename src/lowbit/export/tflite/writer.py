@@ -218,8 +218,8 @@ def serialize(model: FlatModel) -> bytes:
 
     buffer_offsets = []
     bm = _module("Buffer")
-    for data in buffers:
-        vec = _byte_buffer(b, data) if data else None
+    for content in buffers:
+        vec = _byte_buffer(b, content) if content else None
         bm.Start(b)
         if vec is not None:
             bm.AddData(b, vec)

@@ -381,7 +381,7 @@ def convert(
                     "export the model with fixed input sizes"
                 )
         kind = _decide(ctx, node, allow_float_fallback, fallbacks)
-        if kind == "f" and quantized and node.op_type != "Identity":
+        if kind == "f" and quantized and node.op_type != "Identity" and name not in g.float_islands:
             ctx.float_nodes.append(f"{name} ({node.op_type})")
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
         if kind == "f":

@@ -96,16 +96,15 @@ def corpus_jobs(only: set[str]) -> list[Job | tuple[str, str]]:
     return jobs
 
 
-def fixed_shapes(feeds: Feeds) -> dict[str, tuple[int, ...]]:
-    """Each input's size in the eval samples (all samples must share it: the .tflite is exported at it)."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for feed in feeds:
-        for k, v in feed.items():
-            if v.ndim == 0:
-                continue
-            if shapes.setdefault(k, v.shape) != v.shape:
-                raise ValueError(f"input {k} changes size between samples ({shapes[k]} vs {v.shape})")
-    return shapes
+def shape_groups(feeds: Feeds) -> list[tuple[dict[str, tuple[int, ...]], list[int]]]:
+    """The eval samples grouped by input sizes, largest group first: a .tflite has fixed sizes, so a model fed
+    sequences of several lengths (a decoder's growing prefix) is exported once per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, feed in enumerate(feeds):
+        key = tuple((k, v.shape) for k, v in feed.items() if v.ndim)
+        groups.setdefault(key, []).append(i)
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    return [(dict(key), idx) for key, idx in ordered]
 
 
 def run_litert(path: Path, feeds: Feeds, names: list[str], threads: int = 1) -> dict[str, list[np.ndarray]]:
@@ -170,28 +169,38 @@ def measure(job: Job, work: Path) -> dict:
     try:
         q = work / f"{job.name}.int8.onnx"
         lowbit.quantize(str(job.model), q, calib=job.calib, progress=False, batch_axes=job.batch_axes)
-        shapes = fixed_shapes(job.eval)
-        ft, qt = work / f"{job.name}.float.tflite", work / f"{job.name}.int8.tflite"
-        export_tflite(job.model, ft, shapes=shapes)
-        try:
-            res = export_tflite(q, qt, shapes=shapes)
-        except LowbitError as e:
-            row["export_error"] = str(e)
-            res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True)
-        row["float_nodes"], row["fallbacks"], row["transposes"] = res.float_nodes, res.fallbacks, res.transposes
-        row["ops"] = res.ops
-        row["size"] = {"float": ft.stat().st_size, "int8": qt.stat().st_size}
+        groups = shape_groups(job.eval)
+        row["shapes"] = len(groups)
+        lite_f: dict[str, list] = {n: [None] * len(job.eval) for n in all_names}
+        lite_q: dict[str, list] = {n: [None] * len(job.eval) for n in all_names}
+        for k, (shapes, idx) in enumerate(groups):
+            ft, qt = work / f"{job.name}.{k}.float.tflite", work / f"{job.name}.{k}.int8.tflite"
+            export_tflite(job.model, ft, shapes=shapes)
+            try:
+                res = export_tflite(q, qt, shapes=shapes)
+            except LowbitError as e:
+                row["export_error"] = str(e)
+                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True)
+            feeds = [job.eval[i] for i in idx]
+            for path, outs in ((ft, lite_f), (qt, lite_q)):
+                got = run_litert(path, feeds, all_names)
+                for n in all_names:
+                    for i, v in zip(idx, got[n]):
+                        outs[n][i] = v
+            if k == 0:  # the largest group's files: ops, sizes, signature, latency
+                row["float_nodes"], row["fallbacks"], row["transposes"] = res.float_nodes, res.fallbacks, res.transposes
+                row["ops"] = res.ops
+                row["size"] = {"float": ft.stat().st_size, "int8": qt.stat().st_size}
+                row["signature"] = signature_matches(qt, feeds[0])
+                row["latency"] = latency(ft, qt, feeds[0])
+            ft.unlink(), qt.unlink()
         ref = run(session(str(job.model)), job.eval)
         q_onnx = run(session(str(q)), job.eval)
-        lite_f = run_litert(ft, job.eval, all_names)
-        lite_q = run_litert(qt, job.eval, all_names)
         p = primary.name
         row["vs_onnx_int8"] = {"task": primary.metric(q_onnx[p], lite_q[p]), "cos": min_cos(q_onnx, lite_q, names)}
         row["vs_float"] = {"task": primary.metric(ref[p], lite_q[p]), "cos": min_cos(ref, lite_q, names)}
         row["onnx_int8_vs_float"] = {"task": primary.metric(ref[p], q_onnx[p]), "cos": min_cos(ref, q_onnx, names)}
         row["float_tflite_vs_onnx"] = min_cos(ref, lite_f, names)
-        row["signature"] = signature_matches(qt, job.eval[0])
-        row["latency"] = latency(ft, qt, job.eval[0])
     except Exception as e:  # recorded, never fatal: the table says which stage failed and why
         row["error"] = one_line(e)
         if "--trace" in sys.argv:
@@ -212,8 +221,10 @@ def verdict(row: dict) -> str:
     notes = []
     if "export_error" in row:
         notes.append(f"export without fallback fails: {row['export_error']}; measured with fallback")
+    if row.get("shapes", 1) > 1:
+        notes.append(f"exported once per input size ({row['shapes']} sizes among the eval samples)")
     if row["float_nodes"]:
-        notes.append(f"float: {', '.join(row['float_nodes'])}")
+        notes.append(f"left float by the quantizer: {', '.join(row['float_nodes'])}")
     v = row["vs_onnx_int8"]
     if v["task"] < 0.99 or v["cos"] < 0.999:
         notes.append("below 99% / 0.999 vs the int8 ONNX")

@@ -121,6 +121,20 @@ def softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, ac
     ctx.op("SOFTMAX", [xin], [ctx.produce(y, kind, False)], "SoftmaxOptions", beta=1.0)
 
 
+def log_softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """LogSoftmax over the last axis (a decoder's log-probabilities); lowbit leaves it float, so only float is
+    written (int8 LOG_SOFTMAX has fixed output parameters 16/256, 127 that lowbit does not choose)."""
+    x, y = node.input[0], node.output[0]
+    rank = len(ctx.shapes[x])
+    axis = a.get("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    if axis != rank - 1:
+        raise fail(node, f"log-softmax over axis {axis} of {rank}; TFLite's LOG_SOFTMAX works on the last axis only")
+    if kind == "q":
+        raise fail(node, "an int8 LogSoftmax; TFLite's int8 LOG_SOFTMAX needs output scale 16/256, zero point 127")
+    ctx.op("LOG_SOFTMAX", [ctx.get(x, kind, False)], [ctx.produce(y, kind, False)], "LogSoftmaxOptions")
+
+
 def _same_order(shape: tuple[int, ...]) -> bool:
     """An NCHW map whose NHWC bytes are in the same order (H*W == 1 or C == 1): reshape needs no transpose."""
     return len(shape) == 4 and (shape[2] * shape[3] == 1 or shape[1] == 1)
@@ -206,6 +220,7 @@ CONVERTERS: dict[str, Converter] = {
     "HardSwish": unary,
     "Tanh": unary,
     "Softmax": softmax,
+    "LogSoftmax": log_softmax,
     "Reshape": reshape,
     "Flatten": reshape,
     "Squeeze": reshape,

@@ -201,6 +201,8 @@ def measure(job: Job, work: Path) -> dict:
         row["vs_float"] = {"task": primary.metric(ref[p], lite_q[p]), "cos": min_cos(ref, lite_q, names)}
         row["onnx_int8_vs_float"] = {"task": primary.metric(ref[p], q_onnx[p]), "cos": min_cos(ref, q_onnx, names)}
         row["float_tflite_vs_onnx"] = min_cos(ref, lite_f, names)
+        if primary.kind == "class scores":
+            row["ties"] = tied_flips(q_onnx[p], lite_q[p])
     except Exception as e:  # recorded, never fatal: the table says which stage failed and why
         row["error"] = one_line(e)
         if "--trace" in sys.argv:
@@ -209,6 +211,18 @@ def measure(job: Job, work: Path) -> dict:
             traceback.print_exc()
     print(job.name, {k: v for k, v in row.items() if k not in ("ops",)}, flush=True)
     return row
+
+
+def tied_flips(onnx_int8: list[np.ndarray], lite: list[np.ndarray]) -> tuple[int, int]:
+    """(top-1 flips vs the int8 ONNX, of them those where the .tflite's int8 output ties the ONNX answer with its
+    own: a full-integer output holds logits on a 1/255-of-range grid, the int8 ONNX keeps its last layer float)."""
+    flips = ties = 0
+    for a, b in zip(onnx_int8, lite):
+        for ra, rb in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])):
+            if ra.argmax() != rb.argmax():
+                flips += 1
+                ties += int(rb[ra.argmax()] == rb.max())
+    return flips, ties
 
 
 def min_cos(ref: dict, got: dict, names: list[str]) -> float:
@@ -225,6 +239,9 @@ def verdict(row: dict) -> str:
         notes.append(f"exported once per input size ({row['shapes']} sizes among the eval samples)")
     if row["float_nodes"]:
         notes.append(f"left float by the quantizer: {', '.join(row['float_nodes'])}")
+    if row.get("ties", (0, 0))[0]:
+        flips, ties = row["ties"]
+        notes.append(f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output")
     v = row["vs_onnx_int8"]
     if v["task"] < 0.99 or v["cos"] < 0.999:
         notes.append("below 99% / 0.999 vs the int8 ONNX")

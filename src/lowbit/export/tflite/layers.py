@@ -255,8 +255,9 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
             "ceil_mode average pooling whose windows over the end are not TFLite's SAME padding (windows over "
             "the end average fewer values) has no TFLite form",
         )
+    pads: list[int] | None
     if any(extra) and average:  # SAME averages only the values inside, as ONNX's ceil_mode windows do
-        mode, pads = SAME, []
+        mode, pads = SAME, None
     else:
         mode, pads = padding(node, a, in_hw, k, (sh, sw), (1, 1))
     if not average and (pads or any(extra)):  # max pooling: pad with the lowest value, then VALID

@@ -39,6 +39,11 @@ def test_cli_exports_int8_and_prints_summary(tmp_path: Path, capsys) -> None:
     assert summary["quantized"] and summary["ops"]["CONV_2D"] == 2 and summary["float_nodes"] == []
     assert summary["ops"]["DEQUANTIZE"] == 1 and summary["io"] == "float"
     assert out.stat().st_size == summary["size_bytes"]
+    # --float-outputs keeps the classifier float, as the int8 ONNX runs it; not with integer outputs
+    assert main(["export", str(q), "-o", str(tmp_path / "k.tflite"), "--float-outputs", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["float_nodes"] == ["fc (Gemm)"]
+    assert main(["export", str(q), "-o", str(tmp_path / "k.tflite"), "--float-outputs", "--io", "int8"]) == 2
+    assert "drop --float-outputs" in capsys.readouterr().err
     # integer outputs need no data either
     assert main(["export", str(q), "-o", str(tmp_path / "u.tflite"), "--io", "uint8", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

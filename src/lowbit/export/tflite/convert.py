@@ -327,6 +327,7 @@ def convert(
     shapes: dict[str, tuple[int, ...]] | None = None,
     calib: Any = None,
     preprocess: Any = None,
+    float_outputs: bool = False,
 ) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
@@ -337,7 +338,8 @@ def convert(
     `lowbit.data.open_data` reads, with `preprocess` for image folders) measures the range of float model
     outputs (lowbit leaves a weighted Gemm/MatMul's model output float) so that layer runs int8 too: integer io
     needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
-    float)."""
+    float). float_outputs: keep such an output's layer float anyway, as the int8 ONNX computes it (int8 logits
+    tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index)."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
     proto, recipe, ranges = _load(model)
@@ -360,7 +362,9 @@ def convert(
     quantized = bool(g.quant)
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
-    if quantized:  # full-integer where the output's range is known (plan or calib); else float at the edge
+    if float_outputs and io != "float":
+        raise LowbitError(f"--io {io} makes every output int8; drop --float-outputs, or use --io float")
+    if quantized and not float_outputs:  # full-integer where the output's range is known (plan or calib)
         quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
     inits = {t.name for t in proto.graph.initializer}
     inputs = []

@@ -39,6 +39,7 @@ Feeds = list[dict[str, np.ndarray]]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 MINILM_LENGTH = 64  # fixed sequence length of the MiniLM .tflite (sentences padded to it)
 LATENCY_BUDGET_S = 3.0
+FLOAT_OUTPUTS = False  # --float-outputs: export with float_outputs=True (the classifier's last layer float)
 
 
 @dataclass
@@ -177,10 +178,10 @@ def measure(job: Job, work: Path) -> dict:
             ft, qt = work / f"{job.name}.{k}.float.tflite", work / f"{job.name}.{k}.int8.tflite"
             export_tflite(job.model, ft, shapes=shapes)
             try:
-                res = export_tflite(q, qt, shapes=shapes)
+                res = export_tflite(q, qt, shapes=shapes, float_outputs=FLOAT_OUTPUTS)
             except LowbitError as e:
                 row["export_error"] = str(e)
-                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True)
+                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True, float_outputs=FLOAT_OUTPUTS)
             feeds = [job.eval[i] for i in idx]
             for path, outs in ((ft, lite_f), (qt, lite_q)):
                 got = run_litert(path, feeds, all_names)
@@ -234,11 +235,13 @@ def verdict(row: dict) -> str:
         return row["error"]
     notes = []
     if "export_error" in row:
-        notes.append(f"export without fallback fails: {row['export_error']}; measured with fallback")
+        notes.append(f"export without fallback fails: {row['export_error'].split('; pass')[0]}; measured with it")
     if row.get("shapes", 1) > 1:
         notes.append(f"exported once per input size ({row['shapes']} sizes among the eval samples)")
     if row["float_nodes"]:
-        notes.append(f"left float by the quantizer: {', '.join(row['float_nodes'])}")
+        first = ", ".join(n.split(" (")[0] for n in row["float_nodes"][:3])
+        more = f" and {len(row['float_nodes']) - 3} more" if len(row["float_nodes"]) > 3 else ""
+        notes.append(f"left float by the quantizer: {first}{more}")
     if row.get("ties", (0, 0))[0]:
         flips, ties = row["ties"]
         notes.append(f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output")
@@ -260,7 +263,7 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float) -> None
     lines = [
         "# lowbit's int8 .tflite in LiteRT: the real-world corpus, EfficientNet-Lite0 and MiniLM",
         "",
-        f"Command: `PYTHONPATH=src:examples python bench/litert_corpus.py {shlex.join(argv)}`",
+        f"Command: `{shlex.join(['PYTHONPATH=src:examples', 'python', 'bench/litert_corpus.py', *argv])}`",
         f"CPU: {cpu_name()}; 1 thread; run took {seconds:.0f} s. Versions: lowbit {lowbit.__version__}, "
         f"ai-edge-litert {importlib.metadata.version('ai-edge-litert')} (XNNPACK), onnxruntime {ort.__version__}, "
         f"Python {platform.python_version()}.",
@@ -302,7 +305,10 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--only", nargs="*", default=[], help="entries to run (corpus names, efficientnet_lite0, minilm)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS_LITERT.md"))
     ap.add_argument("--trace", action="store_true", help="print tracebacks of failures")
+    ap.add_argument("--float-outputs", action="store_true", help="export with --float-outputs")
     args = ap.parse_args(argv)
+    global FLOAT_OUTPUTS
+    FLOAT_OUTPUTS = args.float_outputs
     start = time.perf_counter()
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit_litert_") as tmp:

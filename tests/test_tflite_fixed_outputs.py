@@ -46,7 +46,8 @@ def _x(seed: int, n: int) -> np.ndarray:
 
 def _sigmoid_params(qmodel: onnx.ModelProto) -> tuple[float, int]:
     inits = {t.name: numpy_helper.to_array(t) for t in qmodel.graph.initializer}
-    q = next(n for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "s")
+    sig = next(n for n in qmodel.graph.node if n.op_type == "Sigmoid").output[0]
+    q = next(n for n in qmodel.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == sig)
     return float(inits[q.input[1]]), int(inits[q.input[2]])
 
 
@@ -82,3 +83,14 @@ def test_a_narrow_sigmoid_range_keeps_its_scale_and_a_replayed_plan_gives_the_sa
     lowbit.quantize(_silu(), tmp_path / "b.onnx", plan=tmp_path / "a.plan.json", progress=False)
     assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
     assert _sigmoid_params(onnx.load(str(tmp_path / "b.onnx"))) == (1 / 256, 0)
+
+
+def test_a_sigmoid_model_output_keeps_its_calibrated_scale():
+    # a probability map: thresholds at 0.5 would sit on the 1/256 grid; the .tflite requantizes after LOGISTIC
+    model = _silu()
+    model.graph.output[0].name = "s"
+    del model.graph.node[-1]  # the SiLU Mul: the Sigmoid's output is the model's
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 8
+    qmodel = lowbit.quantize(model, calib=_x(1, 32), progress=False).model
+    assert _sigmoid_params(qmodel) != (1 / 256, 0)
+    assert convert(qmodel).ops["QUANTIZE"] == 2  # the input's, and LOGISTIC's 1/256 to the model's scale

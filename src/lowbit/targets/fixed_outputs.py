@@ -7,8 +7,10 @@ that made 30% of the first Sigmoid's outputs one step apart from ONNX Runtime's,
 the network (top-class agreement with the int8 ONNX 0.983). With the fixed parameters both runtimes round
 sigmoid(x) once, to the same grid.
 
-Only outputs whose calibrated step is at least half the fixed one move: a narrower range (a gate that stays near
-0.5) keeps its finer scale in ONNX Runtime, and the .tflite requantizes it as before.
+Only outputs whose calibrated step is at least half the fixed one move: a narrower range (a gate that stays below
+0.1) keeps its finer scale in ONNX Runtime, and the .tflite requantizes it as before. A model output keeps its scale
+too: on the corpus DBNet, thresholding the probability map at 0.5 on the 1/256 grid (0.5 is a grid point) cost 1
+point of IoU against float (0.827 -> 0.816).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ def fix_output_params(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
     DequantizeLinear nodes reading it get new one-value initializers). Changes `model` in place; returns
     tensor -> (scale, zero point) for what changed."""
     g = GraphIndex(model.graph)
+    outputs = {o.name for o in model.graph.output}
     changed: dict[str, tuple[float, int]] = {}
     for node in list(model.graph.node):
         fixed = FIXED.get(node.op_type)
@@ -41,6 +44,8 @@ def fix_output_params(model: onnx.ModelProto) -> dict[str, tuple[float, int]]:
         dqs = g.reader_nodes(q.output[0])
         if not dqs or any(d.op_type != "DequantizeLinear" for d in dqs):
             continue
+        if any(d.output[0] in outputs for d in dqs):
+            continue  # a model output (a probability map) keeps its scale: thresholds at 0.5 fall between steps
         if q.input[1] not in g.inits or q.input[2] not in g.inits:
             continue
         old_scale, zp = numpy_helper.to_array(g.inits[q.input[1]]), numpy_helper.to_array(g.inits[q.input[2]])

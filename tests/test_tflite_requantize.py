@@ -109,8 +109,8 @@ def test_float_io_classifier_runs_int8_when_calib_or_plan_gives_the_output_range
     calib = _inputs(model, 1, 32)
     path = tmp_path / "q.onnx"
     qmodel = lowbit.quantize(model, path, calib=[calib], progress=False).model
-    plain = convert(path)
-    assert plain.float_nodes == ["fc (Gemm)"]  # no range known: the classifier stays float, as before
+    plain = convert(qmodel)  # a model without its plan: no range known, the classifier stays float
+    assert plain.float_nodes == ["fc (Gemm)"]
     full = convert(path, calib=[calib])
     assert not full.float_nodes and full.ops["DEQUANTIZE"] == 1 and full.ops["QUANTIZE"] == 1
     assert sum(full.ops.values()) < sum(plain.ops.values())
@@ -118,16 +118,13 @@ def test_float_io_classifier_runs_int8_when_calib_or_plan_gives_the_output_range
     ref = session(qmodel, "kernels").run(None, {"x": x})[0]
     y = run_tflite(full.data, x)
     assert np.abs(y - ref).max() <= 1.01 * float(np.ptp(ref)) / 255 + 1e-6  # one output step of the new range
-    # the same range written in the plan (as a plan that records model outputs would hold it): no calib needed
+    # the plan's output range (what quantize records): no calib needed; the same range gives the same bytes
     plan_file = path.with_name("q.plan.json")
     plan = json.loads(plan_file.read_text())
+    assert set(plan["output_ranges"]) == {"y"}
+    assert not convert(path).float_nodes
     y_calib = session(qmodel, "kernels").run(None, {"x": calib})[0]
-    plan["tensors"]["y"] = {
-        "dtype": "uint8",
-        "scale": [1.0],
-        "zero_point": [0],
-        "range": [float(y_calib.min()), float(y_calib.max())],
-    }
+    plan["output_ranges"]["y"] = [float(y_calib.min()), float(y_calib.max())]
     plan_file.write_text(json.dumps(plan))
     from_plan = convert(path)
     assert not from_plan.float_nodes and from_plan.data == full.data

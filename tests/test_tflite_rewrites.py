@@ -119,6 +119,9 @@ CASES = {  # case -> (TFLite ops it must contain, ops it must not)
 }
 
 
+HARD_GATES = {"se_hardsigmoid", "hardsigmoid_alpha", "hardswish_decomposed"}
+
+
 def _inputs(model: onnx.ModelProto, seed: int, n: int) -> np.ndarray:
     shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
     return np.random.default_rng(seed).normal(0, 1, [n, *shape[1:]]).astype(np.float32)
@@ -145,7 +148,10 @@ def test_int8_export_has_no_float_fallback_and_agrees_with_the_int8_onnx(case):
     result = convert(qmodel, io="int8")
     must, never = CASES[case]
     assert result.quantized and not result.fallbacks and not result.float_nodes, result.to_dict()
-    assert must <= set(result.ops) and not never & set(result.ops) and "DEQUANTIZE" not in result.ops, result.ops
+    assert must <= set(result.ops) and not never & set(result.ops), result.ops
+    # hard gates run as DEQUANTIZE -> float -> QUANTIZE (as ONNX Runtime runs the QDQ model); the rest int8 only
+    islands = result.ops.get("DEQUANTIZE", 0)
+    assert islands == (case in HARD_GATES) * result.ops.get("QUANTIZE", 0) and (islands > 0) == (case in HARD_GATES)
     x = _inputs(model, 2, 8)
     y_tfl, s, z = _tflite_int(result.data, x)
     s_in, z_in = litert.Interpreter(model_content=result.data).get_input_details()[0]["quantization"]
@@ -153,4 +159,4 @@ def test_int8_export_has_no_float_fallback_and_agrees_with_the_int8_onnx(case):
     q_ort = np.clip(np.round(session(qmodel, "kernels").run(None, {"x": xq})[0] / s) + z, -128, 127)
     diff = np.abs(q_ort - y_tfl.astype(np.int64))
     # measured: at most 1 step; exact where no requantize sits between (the rest: a second rounding)
-    assert diff.max() <= 1, f"{case}: {int(diff.max())} steps"
+    assert diff.max() <= (0 if case in HARD_GATES else 1), f"{case}: {int(diff.max())} steps"

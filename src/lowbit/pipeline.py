@@ -31,6 +31,7 @@ from .graph.io import (
     model_name,
     write_together,
 )
+from .output_ranges import observing_outputs, output_ranges
 from .passes import prepare, recover
 from .passes.opset import already_quantized_note, ready_for_quantization
 from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warning
@@ -76,6 +77,7 @@ class Decided:
     tensors: dict[str, TensorParams]
     samples: int
     channel_means: dict[str, list[float]]
+    output_ranges: dict[str, list[float]] = field(default_factory=dict)
 
 
 def quantize(
@@ -173,6 +175,7 @@ def quantize(
         channel_means=decided.channel_means,
         graph_fingerprint=fingerprint,
         smooth_scales=smooth_scales,
+        output_ranges=decided.output_ranges,
     )
     new_plan.nodes = decided.layout.decisions()
     weights = set(loaded.model.graph.initializers)  # the model's own, not the quantization parameters apply adds
@@ -261,8 +264,9 @@ def observe_and_decide(
         return Decided(layout, {}, 0, {})
     if plan is None:
         t = time.perf_counter()
+        observed = observing_outputs(model, layout)  # graph outputs too: their ranges go in the plan
         stats = calibrate_layout(
-            model, layout, calib, loaded.inputs, recipe, preprocess, progress, workers, ray_address, batch_axes
+            model, observed, calib, loaded.inputs, recipe, preprocess, progress, workers, ray_address, batch_axes
         )
         if timings is not None:
             timings["calibrate"] = time.perf_counter() - t
@@ -270,9 +274,11 @@ def observe_and_decide(
         borrow_ranges(layout, settled, stats.histograms)
         layout = settled
         means = {k: [float(v) for v in c.mean] for k, c in sorted(stats.channels.items()) if c.mean is not None}
-        return Decided(layout, decide_activations(model, layout, stats), stats.samples, means)
+        ranges = output_ranges(model, observed, stats)
+        return Decided(layout, decide_activations(model, layout, stats), stats.samples, means, ranges)
     layout = replay(model, recipe, layout, plan.nodes)
-    return Decided(layout, activations_from_plan(layout, plan), plan.calibration_samples, plan.channel_means)
+    tensors = activations_from_plan(layout, plan)
+    return Decided(layout, tensors, plan.calibration_samples, plan.channel_means, dict(plan.output_ranges))
 
 
 def save(proto: onnx.ModelProto, plan: Plan, output: str | Path, external: bool = False) -> None:

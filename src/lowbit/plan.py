@@ -6,6 +6,8 @@ records `graph_fingerprint`, a hash of the prepared graph's node names, op types
 values), and applying it to a graph with another fingerprint is refused unless ranges are reused on purpose.
 A saved plan also records `model_sha256`, the hash of the model file written with it, so a model and a plan that
 do not belong together are detectable (`Plan.check_model`).
+A plan also records `output_ranges`: the calibrated [min, max] of every float graph output, quantized or not, so
+an exporter can give int8 parameters to an output lowbit leaves float (a classifier's last Gemm) without data.
 
 Plan values are validated when a plan is loaded or passed in (`Plan.validate`): a bad value is a one-line
 LowbitError naming the tensor, never a ValueError deep inside the rewrite.
@@ -74,6 +76,8 @@ class Plan:
     model_sha256: str | None = None
     # SmoothQuant's per-channel scales by activation name (recipe smooth_quant), so a re-applied plan smooths alike.
     smooth_scales: dict[str, list[float]] = field(default_factory=dict)
+    # graph output -> calibrated [min, max] as observed (no clipping); {} in plans from before it
+    output_ranges: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -110,6 +114,7 @@ class Plan:
                 graph_fingerprint=data.get("graph_fingerprint"),
                 model_sha256=data.get("model_sha256"),
                 smooth_scales=data.get("smooth_scales", {}),
+                output_ranges=data.get("output_ranges", {}),
             )
         except RecursionError:
             raise LowbitError(f"{p} nests too deeply to be a lowbit plan file") from None
@@ -126,6 +131,7 @@ class Plan:
             # JSON may spell a scale or range as an integer (1e30 written out in digits): the rewrite needs floats.
             t.scale = [float(v) for v in t.scale]
             t.range = None if t.range is None else [float(v) for v in t.range]
+        plan.output_ranges = {k: [float(v) for v in r] for k, r in plan.output_ranges.items()}
         return plan
 
     def validate(self, where: str = "the plan") -> None:
@@ -159,6 +165,11 @@ class Plan:
             raise bad("its nodes must map node names to decisions")
         if not _integer(self.calibration_samples) or self.calibration_samples < 0:
             raise bad(f"calibration_samples must be a count, got {_short(self.calibration_samples)}")
+        if not isinstance(self.output_ranges, dict):
+            raise bad("its output_ranges are not an object of output name -> [low, high]")
+        for name, r in self.output_ranges.items():
+            if not isinstance(r, list) or len(r) != 2 or not all(_finite(v) for v in r) or r[0] > r[1]:
+                raise bad(f"output '{name}' has range {_short(r)}; a range is two finite numbers [low, high]")
         for label, value in (("graph_fingerprint", self.graph_fingerprint), ("model_sha256", self.model_sha256)):
             if value is not None and not isinstance(value, str):
                 raise bad(f"{label} must be a string, got {_short(value)}")

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--io",
         choices=["float", "int8", "uint8"],
         default="float",
-        help="int8 models: float inputs/outputs with QUANTIZE/DEQUANTIZE at the edges (default), or integer ones",
+        help="int8 models: float inputs/outputs with one QUANTIZE/DEQUANTIZE at the edges (default; int8 "
+        "inside, the classifier too), or integer ones",
     )
     p.add_argument(
         "--precision",
@@ -68,8 +69,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--calib",
         metavar="DATA",
         help="data (.npy/.npz, or an image folder) to measure the range of outputs the quantizer left float "
-        "(a classifier's final Gemm) so they run int8 too: needed with --io int8/uint8; optional with "
-        "--io float (one DEQUANTIZE at the edge instead of a float layer)",
+        "(a classifier's final Gemm) on the int8 model. Not needed for a model from lowbit quantize: its plan "
+        "records every output's range, so the export is full-integer by default; needed only for models "
+        "without such a plan and --io int8/uint8",
+    )
+    p.add_argument(
+        "--float-outputs",
+        action="store_true",
+        help="keep the layers the quantizer left float at the outputs (a classifier's last Gemm) float, as the "
+        "int8 ONNX runs them: int8 logits tie classes closer than one step (default: full-integer)",
     )
     add_image_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -127,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         shapes=shapes,
         calib=args.calib,
         preprocess=image_preprocess(args),
+        float_outputs=args.float_outputs,
     )
     print(result.to_json(indent=2) if args.json else export_text(result.to_dict()))
     return 0
@@ -140,6 +149,7 @@ def run_ort(args: argparse.Namespace) -> int:
         "--batch": args.batch != 1,
         "--shape": bool(args.shape),
         "--calib": args.calib is not None,
+        "--float-outputs": args.float_outputs,
     }
     given = [name for name, set_ in tflite_only.items() if set_]
     if given:

@@ -15,6 +15,7 @@ from ..ops.activation import requantize_hard_gates
 from ..plan import Plan
 from ..recipe import TargetName
 from .add_rounding import snap_add_scales
+from .fixed_outputs import fix_output_params
 
 
 @dataclass(frozen=True)
@@ -26,10 +27,12 @@ class Target:
     # ONNX Runtime has no integer HardSwish/HardSigmoid: run them as a requantization (+ QLinearMul for HardSwish)
     # instead of a float island (ops/activation.py). LiteRT has integer HARD_SWISH and reads the plain QDQ form.
     requantized_hard_gates: bool = False
+    # LiteRT's int8 LOGISTIC/SOFTMAX/TANH have fixed output parameters: give them to the model (fixed_outputs.py).
+    fixed_activation_outputs: bool = False
 
 
 TARGETS: dict[str, Target] = {
-    "portable": Target("portable", align_add_rounding=True),
+    "portable": Target("portable", align_add_rounding=True, fixed_activation_outputs=True),
     "onnxruntime": Target("onnxruntime", align_add_rounding=False, requantized_hard_gates=True),
 }
 
@@ -37,6 +40,11 @@ TARGETS: dict[str, Target] = {
 def adapt(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
     """Adjust a quantized model for its target in place; the plan keeps the adjusted parameters, so re-applying
     it reproduces the same bytes."""
+    if TARGETS[target].fixed_activation_outputs:
+        for name, (scale, zero) in fix_output_params(proto).items():
+            p = plan.tensors.get(name)
+            if p is not None:
+                p.scale, p.zero_point = [scale], [zero]
     if TARGETS[target].align_add_rounding:
         _align_add_rounding(proto, plan)
     if TARGETS[target].requantized_hard_gates:

@@ -23,6 +23,7 @@ def export_tflite(
     shapes: dict[str, tuple[int, ...]] | None = None,
     calib: Any = None,
     preprocess: Any = None,
+    float_outputs: bool = False,
 ) -> ExportResult:
     """Convert `model` (float, lowbit's float16 or QDQ int8 ONNX) and write `output` atomically; see `convert`."""
     out = Path(output)
@@ -41,6 +42,7 @@ def export_tflite(
         shapes=shapes,
         calib=calib,
         preprocess=preprocess,
+        float_outputs=float_outputs,
     )
     atomic_write_bytes(result.data, out)
     result.path = out

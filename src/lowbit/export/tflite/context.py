@@ -114,7 +114,7 @@ class Context:
 
     # -- constants ----------------------------------------------------------------------------------
     def const(self, name: str, data: np.ndarray, quant: QuantParams | None = None) -> int:
-        data = np.ascontiguousarray(data)
+        data = np.ascontiguousarray(data).reshape(np.shape(data))  # ascontiguousarray makes 0-d arrays 1-d
         dtype = str(data.dtype)
         if dtype == "float64":
             data, dtype = data.astype(np.float32), "float32"

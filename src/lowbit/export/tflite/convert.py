@@ -93,7 +93,9 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             try:
                 plan = Plan.load(plan_path(model))
                 recipe = plan.recipe
-                ranges = {k: t.range for k, t in plan.tensors.items() if t.range is not None}
+                # graph outputs' ranges (plans since output_ranges) first; a quantized tensor's own range wins
+                ranges = dict(plan.output_ranges)
+                ranges.update({k: t.range for k, t in plan.tensors.items() if t.range is not None})
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
     proto = ir.to_proto(irm)
@@ -325,6 +327,7 @@ def convert(
     shapes: dict[str, tuple[int, ...]] | None = None,
     calib: Any = None,
     preprocess: Any = None,
+    float_outputs: bool = False,
 ) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
@@ -335,7 +338,8 @@ def convert(
     `lowbit.data.open_data` reads, with `preprocess` for image folders) measures the range of float model
     outputs (lowbit leaves a weighted Gemm/MatMul's model output float) so that layer runs int8 too: integer io
     needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
-    float)."""
+    float). float_outputs: keep such an output's layer float anyway, as the int8 ONNX computes it (int8 logits
+    tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index)."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
     proto, recipe, ranges = _load(model)
@@ -358,7 +362,9 @@ def convert(
     quantized = bool(g.quant)
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
-    if quantized:  # full-integer where the output's range is known (plan or calib); else float at the edge
+    if float_outputs and io != "float":
+        raise LowbitError(f"--io {io} makes every output int8; drop --float-outputs, or use --io float")
+    if quantized and not float_outputs:  # full-integer where the output's range is known (plan or calib)
         quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
     inits = {t.name for t in proto.graph.initializer}
     inputs = []
@@ -379,7 +385,7 @@ def convert(
                     "export the model with fixed input sizes"
                 )
         kind = _decide(ctx, node, allow_float_fallback, fallbacks)
-        if kind == "f" and quantized and node.op_type != "Identity":
+        if kind == "f" and quantized and node.op_type != "Identity" and name not in g.float_islands:
             ctx.float_nodes.append(f"{name} ({node.op_type})")
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
         if kind == "f":

@@ -26,7 +26,8 @@ def quantize_float_outputs(
     required: bool,
 ) -> None:
     """A weighted layer the quantizer left float at the model's edge (a classifier's last Gemm) runs int8 when the
-    output's range is known: from the plan, else measured on `calib` (ONNX Runtime, the int8 model). Then one
+    output's range is known: from the plan (`Plan.output_ranges`, calibrated on the float model when it was
+    quantized), or measured on `calib` when it is given (ONNX Runtime, the int8 model). Then one
     DEQUANTIZE at the edge replaces QUANTIZE + float kernel + DEQUANTIZE. `required` (integer io): a range must
     be found."""
     producer = {o: n for n in g.nodes for o in n.output}
@@ -43,15 +44,17 @@ def quantize_float_outputs(
         scale, zp = scale_zero_point(lo, hi, "int8", symmetric=False)
         g.quant[n] = QuantParams(np.asarray(scale, np.float32).reshape(1), np.asarray(zp, np.int64).reshape(1))
 
-    for n in [n for n in todo if n in ranges]:
-        give(n, float(ranges[n][0]), float(ranges[n][1]))
-        todo.remove(n)
+    if calib is None:  # data given on purpose wins over the plan's range (measured on the float model)
+        for n in [n for n in todo if n in ranges]:
+            give(n, float(ranges[n][0]), float(ranges[n][1]))
+            todo.remove(n)
     if not todo or (calib is None and not required):
         return
     if calib is None:
         raise LowbitError(
-            f"output {todo[0]} is float in the model (lowbit keeps a weighted layer's model output "
-            "float); pass --calib DATA so the export can measure its range, or use --io float"
+            f"output {todo[0]} is float in the model and no plan beside it records its range (lowbit keeps a "
+            "weighted layer's model output float); pass --calib DATA so the export can measure it, re-quantize "
+            "with this lowbit (its plan records output ranges), or use --io float"
         )
     from ...data import input_specs, open_data
     from ...runtimes.ort import session, with_outputs

@@ -224,6 +224,18 @@ def fully_connected(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind:
     )
 
 
+def _ceil_is_same(a: dict[str, Any], p: list[int], in_hw: Any, out_hw: Any, k: tuple, s: tuple) -> bool:
+    """ONNX ceil_mode average pooling without pads (count_include_pad 0) is TFLite's SAME padding when SAME gives
+    the same output size and puts all its padding after the input (at most one row/column in total)."""
+    if any(p) or a.get("count_include_pad", 0):
+        return False
+    for i in range(2):
+        total = (out_hw[i] - 1) * s[i] + k[i] - in_hw[i]
+        if out_hw[i] != math.ceil(in_hw[i] / s[i]) or not 0 <= total <= 1:
+            return False
+    return True
+
+
 def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x = node.input[0]
     if len(ctx.shapes[x]) != 4:
@@ -237,9 +249,17 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     # ceil_mode: the last window may hang over the end; the extra rows/columns are what ONNX's output size needs
     in_hw, out_hw = ctx.shapes[x][2:], ctx.shapes[node.output[0]][2:]
     extra = [max((out_hw[i] - 1) * s + k[i] - (in_hw[i] + p[i] + p[i + 2]), 0) for i, s in enumerate((sh, sw))]
-    if any(extra) and average:
-        raise fail(node, "ceil_mode average pooling (windows over the end average fewer values) has no TFLite form")
-    mode, pads = padding(node, a, in_hw, k, (sh, sw), (1, 1))
+    if any(extra) and average and not _ceil_is_same(a, p, in_hw, out_hw, k, (sh, sw)):
+        raise fail(
+            node,
+            "ceil_mode average pooling whose windows over the end are not TFLite's SAME padding (windows over "
+            "the end average fewer values) has no TFLite form",
+        )
+    pads: list[int] | None
+    if any(extra) and average:  # SAME averages only the values inside, as ONNX's ceil_mode windows do
+        mode, pads = SAME, None
+    else:
+        mode, pads = padding(node, a, in_hw, k, (sh, sw), (1, 1))
     if not average and (pads or any(extra)):  # max pooling: pad with the lowest value, then VALID
         mode, pads = VALID, [p[0], p[2] + extra[0], p[1], p[3] + extra[1]]
     elif average and a.get("count_include_pad", 0) and any(p):  # zeros count: pad explicitly, then VALID

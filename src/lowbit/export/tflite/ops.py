@@ -101,6 +101,11 @@ def clip(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
 def unary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x, y = node.input[0], node.output[0]
     op = {"Sigmoid": "LOGISTIC", "HardSwish": "HARD_SWISH", "Tanh": "TANH"}[node.op_type]
+    if op == "HARD_SWISH" and kind == "q":
+        # DEQUANTIZE -> float HARD_SWISH -> QUANTIZE, as the QDQ model computes it in ONNX Runtime (one rounding).
+        # LiteRT 2.3's XNNPACK delegate does not take int8 HARD_SWISH: each one split the graph (MobileNetV3-Small:
+        # 20 partitions, 1.3x float latency), and its fixed-point kernel put 1.8% of outputs one step off.
+        kind = "f"
     xin = ctx.get(x, kind)
     ctx.op(op, [xin], [ctx.produce(y, kind, ctx.nhwc[x])])
 
@@ -114,6 +119,20 @@ def softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, ac
         raise fail(node, f"softmax over axis {axis} of {rank}; TFLite's SOFTMAX works on the last axis only")
     xin = ctx.get(x, kind, False)
     ctx.op("SOFTMAX", [xin], [ctx.produce(y, kind, False)], "SoftmaxOptions", beta=1.0)
+
+
+def log_softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """LogSoftmax over the last axis (a decoder's log-probabilities); lowbit leaves it float, so only float is
+    written (int8 LOG_SOFTMAX has fixed output parameters 16/256, 127 that lowbit does not choose)."""
+    x, y = node.input[0], node.output[0]
+    rank = len(ctx.shapes[x])
+    axis = a.get("axis", -1)
+    axis = axis + rank if axis < 0 else axis
+    if axis != rank - 1:
+        raise fail(node, f"log-softmax over axis {axis} of {rank}; TFLite's LOG_SOFTMAX works on the last axis only")
+    if kind == "q":
+        raise fail(node, "an int8 LogSoftmax; TFLite's int8 LOG_SOFTMAX needs output scale 16/256, zero point 127")
+    ctx.op("LOG_SOFTMAX", [ctx.get(x, kind, False)], [ctx.produce(y, kind, False)], "LogSoftmaxOptions")
 
 
 def _same_order(shape: tuple[int, ...]) -> bool:
@@ -201,6 +220,7 @@ CONVERTERS: dict[str, Converter] = {
     "HardSwish": unary,
     "Tanh": unary,
     "Softmax": softmax,
+    "LogSoftmax": log_softmax,
     "Reshape": reshape,
     "Flatten": reshape,
     "Squeeze": reshape,

@@ -43,6 +43,9 @@ class Graph:
     quant: dict[str, QuantParams] = field(default_factory=dict)  # activation name -> TFLite int8 params
     alias: dict[str, str] = field(default_factory=dict)
     fp16: bool = False  # the model stored float16 constants (lowbit's float16 mode)
+    # nodes of int8 tensors written in float on purpose (DEQUANTIZE -> float -> QUANTIZE): what the QDQ model
+    # computes in ONNX Runtime, with one rounding; not float fallbacks (hard.py)
+    float_islands: set[str] = field(default_factory=set)
 
     def name(self, n: str) -> str:
         while n in self.alias:

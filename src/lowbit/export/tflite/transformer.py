@@ -72,10 +72,12 @@ def gather(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
         ctx.op("DEQUANTIZE", [q], [table])
     else:
         table = operand(ctx, node, data, kind)
-    if idx in ctx.g.consts and np.any(ctx.g.consts[idx] < 0):
-        ctx.g.consts[idx] = np.where(
-            ctx.g.consts[idx] < 0, ctx.g.consts[idx] + ctx.fm.tensors[table].shape[axis], ctx.g.consts[idx]
-        )
+    if idx in ctx.g.consts:
+        # TFLite's GATHER has no negative indices. A copy per node: one constant -1 may index axes of other sizes
+        # (the romanizer decoder's last prefix token and its last attention row)
+        k = np.asarray(ctx.g.consts[idx])
+        idx = f"{node.name or node.output[0]}_indices"
+        ctx.g.consts[idx] = np.where(k < 0, k + ctx.fm.tensors[table].shape[axis], k)
     _emit(ctx, node, "GATHER", [table, operand(ctx, node, idx, "f")], kind, "GatherOptions", axis=axis, batch_dims=0)
 
 

@@ -135,12 +135,18 @@ def serialize(model: FlatModel) -> bytes:
     convention."""
     b = flatbuffers.Builder(1024)
     buffers: list[bytes | None] = [None]
+    # Constants with the same bytes share one buffer: an unrolled LSTM's weights are used once per time step
+    # (the captcha CRNN's float .tflite was 274 MB, its ONNX 19 MB). LiteRT only reads constant buffers.
+    seen: dict[bytes, int] = {}
     tensor_offsets = []
     for t in model.tensors:
         buf_index = 0
         if t.data is not None:
-            buffers.append(np.ascontiguousarray(t.data).tobytes())
-            buf_index = len(buffers) - 1
+            blob = np.ascontiguousarray(t.data).tobytes()
+            if blob not in seen:
+                buffers.append(blob)
+                seen[blob] = len(buffers) - 1
+            buf_index = seen[blob]
         name = b.CreateString(t.name)
         shape = _int_vector(b, list(t.shape))
         quant = _quant(b, t.quant) if t.quant is not None else None
@@ -212,8 +218,8 @@ def serialize(model: FlatModel) -> bytes:
 
     buffer_offsets = []
     bm = _module("Buffer")
-    for blob in buffers:
-        vec = _byte_buffer(b, blob) if blob else None
+    for content in buffers:
+        vec = _byte_buffer(b, content) if content else None
         bm.Start(b)
         if vec is not None:
             bm.AddData(b, vec)

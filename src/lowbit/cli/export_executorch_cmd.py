@@ -24,21 +24,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--output-name", action="append", default=[], metavar="NAME", help="name of an output (repeatable)")
 
 
-def load_module(spec: str) -> tuple[Any, tuple | None]:
-    """`FILE.py:NAME` -> (module, example inputs or None). NAME is a torch.nn.Module, or a function or class called
-    with no arguments that returns a module or a (module, example_inputs) pair."""
-    import torch
-
+def split_spec(spec: str) -> tuple[Path, str]:
+    """`FILE.py:NAME` as (file, name), or a one-line error (an ONNX file: ExecuTorch needs the PyTorch model)."""
     path, sep, name = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not name:
         if spec.lower().endswith((".onnx", ".tflite", ".ort")):
             raise LowbitError(
-                f"{spec} is not a PyTorch module: --to executorch exports a PyTorch model; name it as FILE.py:NAME"
+                f"{spec} is not a PyTorch module: ExecuTorch export needs the PyTorch model; name it as FILE.py:NAME"
             )
         raise LowbitError(f"--to executorch takes the PyTorch model as FILE.py:NAME, got {spec!r}")
     file = Path(path)
     if not file.is_file():
         raise LowbitError(f"model file not found: {file}; check the path")
+    return file, name
+
+
+def load_module(spec: str) -> tuple[Any, tuple | None]:
+    """`FILE.py:NAME` -> (module, example inputs or None). NAME is a torch.nn.Module, or a function or class called
+    with no arguments that returns a module or a (module, example_inputs) pair."""
+    import torch
+
+    file, name = split_spec(spec)
     spec_ = importlib.util.spec_from_file_location(f"lowbit_user_{file.stem}", file)
     assert spec_ is not None and spec_.loader is not None
     mod = importlib.util.module_from_spec(spec_)
@@ -73,9 +79,10 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], preprocess
     given = [name for name, set_ in tflite_only.items() if set_]
     if given:
         raise LowbitError(f"{', '.join(given)}: only for --to tflite")
-    from ..export.executorch.export import _imports
+    split_spec(args.model)  # a wrong kind of model fails before the slow imports
+    from ..export.executorch.export import require_executorch
 
-    _imports()  # "pip install lowbit[executorch]" before loading the user's file
+    require_executorch()  # "pip install lowbit[executorch]" before loading the user's file
     import torch
 
     from ..export.executorch import export_executorch

@@ -63,7 +63,7 @@ class ExecutorchExportResult:
         return dumps(self.to_dict(), indent=indent)
 
 
-def _imports() -> None:
+def require_executorch() -> None:
     try:
         import executorch.exir  # noqa: F401
         import torchao  # noqa: F401
@@ -182,7 +182,7 @@ def export_executorch(
     """
     import torch
 
-    _imports()
+    require_executorch()
     if not isinstance(module, torch.nn.Module):
         if isinstance(module, (str, Path)) and str(module).lower().endswith((".onnx", ".tflite", ".ort")):
             raise LowbitError(

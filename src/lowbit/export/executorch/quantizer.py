@@ -30,6 +30,8 @@ from ...observe import Histogram, select_range
 CLAMPS = {
     torch.ops.aten.relu.default: (0.0, None),
     torch.ops.aten.relu_.default: (0.0, None),
+    torch.ops.aten.relu6.default: (0.0, 6.0),  # XNNPACK's annotator leaves it float: lowbit folds it
+    torch.ops.aten.relu6_.default: (0.0, 6.0),
     torch.ops.aten.hardtanh.default: None,  # bounds from the node's arguments (default -1, 1)
     torch.ops.aten.hardtanh_.default: None,
 }
@@ -145,13 +147,15 @@ def make_quantizer(choice: Choice) -> Any:
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import QuantizationConfig
 
-    config = QuantizationConfig(activation_spec(choice), activation_spec(choice), weight_spec(choice), None, False)
+    act = activation_spec(choice)
+    config = QuantizationConfig(act, act, weight_spec(choice), None, False)
 
     class LowbitXNNPACKQuantizer(XNNPACKQuantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
             fold_activations(model, choice)
             exact_outputs(model, choice)
+            share_edges(model)
             return model
 
     return LowbitXNNPACKQuantizer().set_global(config)
@@ -172,17 +176,27 @@ def _bounds(node: torch.fx.Node) -> tuple[float | None, float | None]:
 
 
 def fold_activations(model: torch.fx.GraphModule, choice: Choice) -> None:
-    """A producer whose only reader is a ReLU/hardtanh sharing its observer observes the clamped values."""
+    """A ReLU/ReLU6/hardtanh whose producer is quantized and read by it alone shares the producer's observer,
+    and that observer sees the clamped values (lowbit's folding of Relu/Clip into the op before)."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
     for node in model.graph.nodes:
         if node.op != "call_function" or node.target not in CLAMPS:
             continue
         src = node.args[0]
-        ann, src_ann = _annotation(node), _annotation(src) if isinstance(src, torch.fx.Node) else None
-        if ann is None or src_ann is None or len(src.users) != 1:
+        src_ann = _annotation(src) if isinstance(src, torch.fx.Node) else None
+        if src_ann is None or len(src.users) != 1 or not isinstance(src_ann.output_qspec, QuantizationSpec):
             continue
-        if isinstance(ann.output_qspec, SharedQuantizationSpec) and isinstance(src_ann.output_qspec, QuantizationSpec):
-            method = src_ann.output_qspec.observer_or_fake_quant_ctr.p.keywords.get("method", choice.method)
-            src_ann.output_qspec = activation_spec(choice, method, _bounds(node))
+        ann = _annotation(node)
+        if ann is None:  # ReLU6: no XNNPACK annotation; it runs as a clamp on the shared int8 values
+            shared = SharedQuantizationSpec(src)
+            node.meta["quantization_annotation"] = QuantizationAnnotation(
+                input_qspec_map={src: shared}, output_qspec=shared, _annotated=True
+            )
+        elif not isinstance(ann.output_qspec, SharedQuantizationSpec):
+            continue
+        method = src_ann.output_qspec.observer_or_fake_quant_ctr.p.keywords.get("method", choice.method)
+        src_ann.output_qspec = activation_spec(choice, method, _bounds(node))
 
 
 def exact_outputs(model: torch.fx.GraphModule, choice: Choice) -> None:
@@ -199,3 +213,16 @@ def exact_outputs(model: torch.fx.GraphModule, choice: Choice) -> None:
                 keywords = spec.observer_or_fake_quant_ctr.p.keywords
                 ann.output_qspec = activation_spec(choice, "minmax", keywords.get("clamp", (None, None)))
             break
+
+
+def share_edges(model: torch.fx.GraphModule) -> None:
+    """An op reading a tensor that is already quantized reads those integers (lowbit's one scale per tensor),
+    not a second quantization of its own: its input observer is the producer's."""
+    for node in model.graph.nodes:
+        ann = _annotation(node)
+        if ann is None:
+            continue
+        for arg, spec in list(ann.input_qspec_map.items()):
+            src_ann = _annotation(arg)
+            if isinstance(spec, QuantizationSpec) and src_ann is not None and src_ann.output_qspec is not None:
+                ann.input_qspec_map[arg] = SharedQuantizationSpec(arg)

@@ -221,15 +221,18 @@ def test_errors_are_one_line(small: dict, tmp_path: Path, monkeypatch: pytest.Mo
 
 @pytest.mark.slow
 def test_efficientnet_lite0_pte_agrees(efficientnet_lite0: Path, tmp_path: Path) -> None:
-    """lowbit's ranges in PT2E on EfficientNet-Lite0: the .pte in ExecuTorch agrees with lowbit's int8 ONNX
-    (same calibration crops) and with float on held-out photo crops (bench/RESULTS_EXECUTORCH.md)."""
+    """lowbit's ranges in PT2E on EfficientNet-Lite0: the .pte in ExecuTorch agrees with lowbit's int8 ONNX made
+    with the same recipe and calibration crops, and with float, on held-out crops (bench/RESULTS_EXECUTORCH.md).
+    The ONNX recipe turns off what the PT2E mapping does not carry yet: bias correction and the x86-only
+    overflow guard (with them on, agreement with the default int8 ONNX measured 91.5%)."""
     from lowbit.runtimes.executorch import ExecutorchSession
     from lowbit.runtimes.ort import run_all, session
     from lowbit_zoo.zoo import _efficientnet_lite0_torch, photo_crops
 
     calib = photo_crops(128, "calib")
     q = tmp_path / "q.onnx"
-    lowbit.quantize(efficientnet_lite0, q, calib=calib, progress=False)
+    recipe = lowbit.Recipe(default=lowbit.Scheme(bias_correction=False, avoid_overflow=False))
+    lowbit.quantize(efficientnet_lite0, q, calib=calib, recipe=recipe, progress=False)
     pte = tmp_path / "q.pte"
     lowbit.export_executorch(
         _efficientnet_lite0_torch(), torch.zeros(1, 3, 224, 224), pte, calib=calib,
@@ -240,5 +243,5 @@ def test_efficientnet_lite0_pte_agrees(efficientnet_lite0: Path, tmp_path: Path)
     ref = run_all(session(efficientnet_lite0), batches)[0]
     int8 = run_all(session(q), batches)[0]
     out = ExecutorchSession(pte).run(None, {"input": crops})[0]
-    assert top1_agreement(int8, out) >= 0.98
-    assert top1_agreement(ref, out) >= 0.85
+    assert top1_agreement(int8, out) >= 0.98  # measured 99.5%
+    assert top1_agreement(ref, out) >= 0.85  # measured 87.0%

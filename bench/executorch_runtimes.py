@@ -4,7 +4,7 @@ runtime's float model, export time. ExecuTorch twice: lowbit's ranges in PT2E (`
 ExecuTorch's own XNNPACKQuantizer flow (HistogramObserver activations, per-channel weights), on the same module
 and the same 128 calibration crops; both evaluated on 200 held-out crops.
 
-Usage: PYTHONPATH=src:examples python bench/executorch_runtimes.py [--workdir DIR] [--runs N] [--out bench/RESULTS_EXECUTORCH.md]
+Usage: PYTHONPATH=src:examples python bench/executorch_runtimes.py [--workdir DIR] [--runs N] [--out FILE.md]
 Exports are cached in the workdir (delete it to re-measure export times).
 """
 
@@ -138,7 +138,8 @@ def main() -> int:
     head = [
         "## EfficientNet-Lite0 on four runtimes: ORT, ORT format, LiteRT, ExecuTorch",
         "",
-        f"Command: `PYTHONPATH=src:examples python bench/executorch_runtimes.py --runs {args.runs}` ({platform.machine()}, "
+        f"Command: `PYTHONPATH=src:examples python bench/executorch_runtimes.py --runs {args.runs}` "
+        f"({platform.machine()}, "
         f"1 thread, batch 1, {CALIB} calibration crops, {EVAL} held-out eval crops; machine shared with other jobs).",
         "",
         "| runtime / model | file | top-1 vs float ONNX | top-1 vs lowbit int8 ONNX | cosine vs float | size "

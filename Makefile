@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml $(PINS)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, at its pinned version: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q -c $(PINS) "$$(grep '^torch==' $(PINS))"
-	$(BIN)/python -m pip install -q -c $(PINS) -e '.[demo,test,examples,ray]'
+	$(BIN)/python -m pip install -q -c $(PINS) -e '.[demo,test,examples,ray,executorch]'
 	touch $(STAMP)
 
 # The HTML report is tested in headless Chromium (Debian packages chromium, chromium-driver).

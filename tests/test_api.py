@@ -30,6 +30,8 @@ PUBLIC = [
     "export_tflite",
     "export_ort",
     "OrtExportResult",
+    "export_executorch",
+    "ExecutorchExportResult",
     "ExportResult",
     "Recipe",
     "Rule",

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .evaluate.evaluate import evaluate as evaluate_model
     from .evaluate.lint import Finding, LintResult, lint
     from .evaluate.report_data import ReportResult, report
+    from .export.executorch import ExecutorchExportResult, export_executorch
     from .export.ort import OrtExportResult, export_ort
     from .export.tflite import ExportResult, export_tflite
     from .pipeline import QuantizeResult, quantize
@@ -46,6 +47,8 @@ _LAZY = {
     "ExportResult": (".export.tflite", "ExportResult"),
     "export_ort": (".export.ort", "export_ort"),
     "OrtExportResult": (".export.ort", "OrtExportResult"),
+    "export_executorch": (".export.executorch", "export_executorch"),
+    "ExecutorchExportResult": (".export.executorch", "ExecutorchExportResult"),
     "Recipe": (".recipe", "Recipe"),
     "Rule": (".recipe", "Rule"),
     "Scheme": (".recipe", "Scheme"),
@@ -87,6 +90,8 @@ __all__ = [
     "ExportResult",
     "export_ort",
     "OrtExportResult",
+    "export_executorch",
+    "ExecutorchExportResult",
     "Recipe",
     "Rule",
     "Scheme",

@@ -25,11 +25,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "a TensorFlow Lite flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs "
         "and outputs become NHWC: transpose NCHW data once before feeding it. --to ort: ONNX Runtime's "
         "ORT format (optimized once, as a phone's CPU runs it) and MODEL.required_operators.config beside "
-        "it for a reduced-size build; the options below apply to tflite only.",
+        "it for a reduced-size build; the options below apply to tflite only. --to executorch: a PyTorch "
+        "module (FILE.py:NAME) as an ExecuTorch .pte program for XNNPACK, int8 with lowbit's ranges when "
+        "--calib is given (--shape names and sizes its inputs).",
     )
-    p.add_argument("model", help="ONNX model (float, or lowbit's int8 QDQ / dynamic / float16 output)")
-    p.add_argument("--to", choices=["tflite", "ort"], default="tflite", help="target format (default tflite)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.tflite|OUT.ort", help="output file (never the input)")
+    p.add_argument(
+        "model",
+        help="ONNX model (float, or lowbit's int8 QDQ / dynamic / float16 output); for --to executorch a PyTorch "
+        "module as FILE.py:NAME (a module, or a function returning one)",
+    )
+    p.add_argument(
+        "--to", choices=["tflite", "ort", "executorch"], default="tflite", help="target format (default tflite)"
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT.tflite|OUT.ort|OUT.pte", help="output file (never the input)"
+    )
     p.add_argument(
         "--io",
         choices=["float", "int8", "uint8"],
@@ -80,6 +90,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "int8 ONNX runs them: int8 logits tie classes closer than one step (default: full-integer)",
     )
     add_image_args(p)
+    from .export_executorch_cmd import add_args
+
+    add_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=run)
 
@@ -120,6 +133,15 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
 def run(args: argparse.Namespace) -> int:
     if args.to == "ort":
         return run_ort(args)
+    from .export_executorch_cmd import EXECUTORCH_ONLY
+
+    if args.to == "executorch":
+        from .export_executorch_cmd import run as run_executorch
+
+        return run_executorch(args, parse_shapes(args.shape), image_preprocess(args))
+    given = [f"--{n.replace('_', '-')}" for n in EXECUTORCH_ONLY if getattr(args, n)]
+    if given:
+        raise LowbitError(f"{', '.join(given)}: only for --to executorch")
     if args.batch < 1:
         raise LowbitError(f"--batch must be at least 1, got {args.batch}")
     shapes = parse_shapes(args.shape)

@@ -32,6 +32,7 @@ from ..data import InputSpec
 from ..errors import LowbitError
 from ..graph.io import load_proto
 from ..passes.opset import check_runnable
+from ..runtimes.executorch import ExecutorchSession, is_pte
 from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import cpu_has_vnni, is_ort_format, ort_format_input_specs, session
 from . import energy
@@ -54,7 +55,7 @@ class _FedLite:
     """A LiteRT model bound to its inputs already in the file's layout and number type: only the interpreter
     is timed, not the NCHW->NHWC transpose or quantization lowbit adds to feed it NCHW float data."""
 
-    def __init__(self, sess: LiteRTSession, feeds: dict[str, np.ndarray]) -> None:
+    def __init__(self, sess: LiteRTSession | ExecutorchSession, feeds: dict[str, np.ndarray]) -> None:
         self.sess, self.native = sess, sess.prepare(feeds)
 
     def run(self, _outputs: Any, _feeds: Any) -> Any:
@@ -65,11 +66,15 @@ def bound_session(path: str, feeds: dict[str, np.ndarray], threads: int) -> _Fed
     """`path` (.onnx in ORT, .tflite in LiteRT) bound to `feeds`: `.run(None, None)` runs it once."""
     if is_tflite(path):
         return _FedLite(LiteRTSession(path, threads=threads), feeds)
+    if is_pte(path):
+        return _FedLite(ExecutorchSession(path, threads=threads), feeds)
     return _Fed(session(path, "kernels", threads=threads), feeds)
 
 
 def runtime_name(path: str) -> str:
     """Which runtime bench and eval use for a model file (XNNPACK named when LiteRT reports its delegate)."""
+    if is_pte(path):
+        return "executorch (XNNPACK)"
     if not is_tflite(path):
         return "onnxruntime"
     return "litert (XNNPACK)" if LiteRTSession(path, threads=1).delegate_partitions() else "litert"
@@ -95,10 +100,13 @@ def benchmark(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise LowbitError(f"{label} must be an integer >= {low}, got {value!r}")
     keys = _unique_keys(model_paths)
-    protos: dict[str, onnx.ModelProto | LiteRTSession | list[InputSpec]] = {}
+    protos: dict[str, onnx.ModelProto | LiteRTSession | ExecutorchSession | list[InputSpec]] = {}
     for key, path in zip(keys, model_paths):
         if is_tflite(path):
             protos[key] = LiteRTSession(path, threads=1)  # one-line errors for missing or corrupt files
+            continue
+        if is_pte(path):
+            protos[key] = ExecutorchSession(path)
             continue
         if is_ort_format(path):
             protos[key] = ort_format_input_specs(path)  # no ONNX graph: its inputs, from ONNX Runtime
@@ -116,7 +124,7 @@ def benchmark(
         times_by_threads[t] = _latency(paths, feeds, t, runs, warmup, bar)
     for key in keys:
         proto = protos[key]
-        lite = isinstance(proto, LiteRTSession)
+        lite = isinstance(proto, (LiteRTSession, ExecutorchSession))
         entry: dict[str, Any] = {
             "runtime": runtime_name(paths[key]),
             "size_bytes": os.path.getsize(paths[key]),
@@ -192,7 +200,7 @@ def _unique_keys(models: list[str]) -> list[str]:
 
 
 def _feeds(
-    protos: dict[str, onnx.ModelProto | LiteRTSession | list[InputSpec]], batch: int, data: Any
+    protos: dict[str, onnx.ModelProto | LiteRTSession | ExecutorchSession | list[InputSpec]], batch: int, data: Any
 ) -> dict[str, dict[str, np.ndarray]]:
     from ..data import input_specs, open_data
 
@@ -202,7 +210,7 @@ def _feeds(
         if isinstance(proto, list):
             specs = proto
         else:
-            specs = proto.input_specs() if isinstance(proto, LiteRTSession) else input_specs(proto)
+            specs = proto.input_specs() if isinstance(proto, (LiteRTSession, ExecutorchSession)) else input_specs(proto)
         # The batch axis's name does not matter ('N' in ONNX, None in LiteRT): same data for both.
         specs = [
             s if not s.shape or isinstance(s.shape[0], int) else dataclasses.replace(s, shape=(None, *s.shape[1:]))

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from ..data import BatchAxes, ImagePreprocess, InputSpec, input_specs, open_data
 from ..errors import LowbitError
 from ..graph.io import model_name
+from ..runtimes.executorch import ExecutorchSession, is_pte
 from ..runtimes.litert import LiteRTSession, is_tflite
 from ..runtimes.ort import Mode, is_ort_format, join, output_batch_axes, session
 from .jsonable import JsonResult
@@ -76,6 +77,11 @@ def evaluate(
     """
     if mode not in MODES:
         raise LowbitError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode == "simulate" and is_pte(model):
+        raise LowbitError(
+            f"mode simulate runs an ONNX model's quantized math in float; it does not apply to {_name(model)}, "
+            "an ExecuTorch program (use mode kernels)"
+        )
     if mode == "simulate" and is_tflite(model):
         raise LowbitError(
             "mode simulate runs an ONNX model's quantized math in float; it does not apply to "
@@ -86,8 +92,8 @@ def evaluate(
             f"mode simulate runs an ONNX model's quantized math in float; {_name(model)} is an ORT-format "
             "file with its graph already optimized (use mode kernels, or simulate its ONNX model)"
         )
-    lite = LiteRTSession(model) if is_tflite(model) else None
-    ref_lite = LiteRTSession(reference) if reference is not None and is_tflite(reference) else None
+    lite = file_session(model)
+    ref_lite = file_session(reference) if reference is not None else None
     specs = lite.input_specs() if lite is not None else input_specs(model)
     if reference is not None:
         ref_specs = ref_lite.input_specs() if ref_lite is not None else input_specs(reference)
@@ -212,19 +218,28 @@ def collect(
 
 def open_sessions(model: ModelLike, mode: Mode, reference: ModelLike | None) -> tuple[Any, Any]:
     """The model's session (LiteRT for a .tflite) and the reference's (None without one)."""
-    sess = LiteRTSession(model) if is_tflite(model) else _session(model, mode)
+    sess = file_session(model) or _session(model, mode)
     if reference is None:
         return sess, None
-    return sess, LiteRTSession(reference) if is_tflite(reference) else _session(reference, "kernels")
+    return sess, file_session(reference) or _session(reference, "kernels")
 
 
 def _name(thing: Any) -> str:
     return model_name(thing)
 
 
-def _runtime(lite: LiteRTSession | None) -> str:
+def file_session(model: Any) -> LiteRTSession | ExecutorchSession | None:
+    """A .tflite in LiteRT, a .pte in ExecuTorch; None for a model ONNX Runtime runs."""
+    if is_tflite(model):
+        return LiteRTSession(model)
+    return ExecutorchSession(model) if is_pte(model) else None
+
+
+def _runtime(lite: LiteRTSession | ExecutorchSession | None) -> str:
     if lite is None:
         return "onnxruntime"
+    if isinstance(lite, ExecutorchSession):
+        return "executorch (XNNPACK)"
     return "litert (XNNPACK)" if lite.delegate_partitions() else "litert"
 
 

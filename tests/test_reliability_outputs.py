@@ -150,6 +150,51 @@ def test_interrupt_during_write_leaves_no_temporaries_and_says_what_was_written(
         assert plan.model_sha256 == hashlib.sha256(out.read_bytes()).hexdigest()
 
 
+_INTERRUPT_AT = """
+import importlib, os, signal, sys
+from lowbit.cli.main import main
+sig, where = int(sys.argv[1]), sys.argv[2]
+module, name = where.rsplit(".", 1)
+mod = importlib.import_module(module)
+real = getattr(mod, name)
+def interrupted(*args, **kwargs):  # the signal arrives as the stage starts
+    os.kill(os.getpid(), sig)
+    return real(*args, **kwargs)
+setattr(mod, name, interrupted)
+sys.exit(main(sys.argv[3:]))
+"""
+
+# Every stage of `lowbit quantize`, by the function that runs it (the CLI imports check, speed and lint late).
+_STAGES = [
+    "lowbit.pipeline.load",
+    "lowbit.pipeline.prepare",
+    "lowbit.pipeline.calibrate_layout",
+    "lowbit.pipeline.decide_activations",
+    "lowbit.pipeline.apply",
+    "lowbit.evaluate.check.runtime_check",
+    "lowbit.evaluate.speed.speed_check",
+    "lowbit.evaluate.lint.lint",
+]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("stage", _STAGES, ids=lambda s: s.rsplit(".", 1)[1])
+def test_interrupt_at_each_stage_writes_nothing_and_says_so(
+    sig: int, stage: str, tiny_model: Path, tiny_calib: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.onnx"
+    args = ["quantize", str(tiny_model), "-o", str(out), "--calib", str(tiny_calib), "--quiet", "--check", "4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    before = tiny_model.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPT_AT, str(int(sig)), stage, *args], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["lowbit: interrupted; no output was written"], proc.stderr
+    assert not out.exists() and not out.with_suffix(".plan.json").exists() and temps(tmp_path) == []
+    assert tiny_model.read_bytes() == before
+
+
 # 2. nothing lowbit writes is a file it reads
 
 

@@ -8,6 +8,7 @@ median of per-pair ratios); and for lowbit, ONNX Runtime's integer kernels vs it
 model (ORT_DISABLE_ALL), lowest cosine over the outputs. Errors are recorded per model, never fatal.
 
 Usage: python bench/corpus.py [--only NAME ...] [--skip NAME ...] [--out bench/RESULTS_CORPUS.md]
+       python bench/corpus.py --sweep  (third-party wheels beyond the corpus -> bench/RESULTS_SWEEP.md)
 """
 
 from __future__ import annotations
@@ -268,7 +269,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", default=[])
     ap.add_argument("--skip", nargs="*", default=[])
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_CORPUS.md")))
+    ap.add_argument("--out", help="results file (default bench/RESULTS_CORPUS.md, or RESULTS_SWEEP.md with --sweep)")
+    ap.add_argument(
+        "--sweep", action="store_true", help="the wider sweep of third-party wheels (lowbit_zoo.corpus.sweep)"
+    )
     ap.add_argument("--note", default="", help="a sentence printed under the header (e.g. the branch's state)")
     ap.add_argument("--trace", action="store_true", help="print tracebacks of recorded errors")
     ap.add_argument("--calibration", help="lowbit's range method instead of the recipe default (minmax, percentile...)")
@@ -278,11 +282,17 @@ def main() -> int:
     args = ap.parse_args()
     global CALIBRATION, NO_PEERS
     CALIBRATION, NO_PEERS = args.calibration, args.no_peers
-    entries = [e for e in ENTRIES if (not args.only or e.name in args.only) and e.name not in args.skip]
+    table = ENTRIES
+    if args.sweep:
+        from lowbit_zoo.corpus.sweep import SWEEP
+
+        table = SWEEP
+    out = args.out or str(Path(__file__).with_name("RESULTS_SWEEP.md" if args.sweep else "RESULTS_CORPUS.md"))
+    entries = [e for e in table if (not args.only or e.name in args.only) and e.name not in args.skip]
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(e, Path(tmp)) for e in entries]
-    write(rows, Path(args.out), sys.argv[1:], time.perf_counter() - start, args.note)
+    write(rows, Path(out), sys.argv[1:], time.perf_counter() - start, args.note)
     return 0
 
 

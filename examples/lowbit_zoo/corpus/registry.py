@@ -50,8 +50,9 @@ class Output:
             return metrics.map_iou(ref, got, self.param)
         if self.kind == "boxes+scores":
             return metrics.box_class_agreement(ref, got, min_score=self.param)
-        if self.kind == "sequence (CTC)":
-            return metrics.ctc_exact_match(ref, got, blank=int(self.param))
+        if self.kind == "sequence (CTC)":  # time-first [T, 1, C] (captcha) or batch-first [1, T, C] (PP-OCR)
+            time_axis = 0 if ref[0].shape[0] > 1 else 1
+            return metrics.ctc_exact_match(ref, got, blank=int(self.param), time_axis=time_axis)
         return metrics.cosine(ref, got)
 
 

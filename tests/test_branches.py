@@ -126,3 +126,12 @@ def test_silero_vad_v5_is_quantized_inside_its_sample_rate_switch(tmp_path: Path
         # measured: agreement 100% at both rates, largest difference 0.15 (16 kHz) and 0.04 (8 kHz)
         assert np.mean((p > 0.5) == (q > 0.5)) >= 0.95, rate
         assert np.abs(p - q).max() < 0.3, rate
+
+
+def test_an_unnamed_if_is_found_and_replaced() -> None:
+    m = _switch_model()
+    for n in m.graph.node:
+        n.name = ""
+    res = lowbit.quantize(m, calib=_feeds(16, 1), progress=False)
+    assert "QuantizeLinear" in _subgraph_ops(res.model, "then_branch")
+    assert any("else branch of If 'If_1' stays float" in w for w in res.warnings)

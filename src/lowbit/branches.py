@@ -186,6 +186,9 @@ def quantize_branches(
 ) -> tuple[ir.Model, list[Plan], list[str]]:
     """Quantize the branches of runtime Ifs in `model` (prepared): the model with them replaced, the branches'
     plans, and a note for each branch left float."""
+    from .planner import ensure_node_names
+
+    ensure_node_names(model.graph)  # branches are found, and replaced, by their If's name
     proto = ir.to_proto(model)
     branches = runtime_ifs(proto)
     if not branches:

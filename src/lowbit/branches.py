@@ -154,25 +154,17 @@ def replace_branch(main: onnx.ModelProto, branch: Branch, quantized: onnx.ModelP
     g.output.extend(branch.graph.output)  # as exported (typed or not): the enclosing If gives them their types
     g.name = branch.graph.name
     attr.g.CopyFrom(g)
-    have = {(o.domain, o.version) for o in main.opset_import}
-    domains = {o.domain for o in main.opset_import}
-    for o in quantized.opset_import:
-        if o.domain not in domains and (o.domain, o.version) not in have:
+    imports = {o.domain: o for o in main.opset_import}
+    for o in quantized.opset_import:  # the branch may need a newer opset, or a domain (com.microsoft) it added
+        if o.domain not in imports:
             main.opset_import.append(o)
-        elif o.domain in ("", "ai.onnx"):
-            for m in main.opset_import:
-                if m.domain == o.domain and m.version < o.version:
-                    m.version = o.version
+        elif imports[o.domain].version < o.version:
+            imports[o.domain].version = o.version
 
 
-def inherited_axes(branch: Branch, specs: list[InputSpec], given: BatchAxes | None) -> dict[str, int | None]:
-    """A branch reading a main-graph input takes that input's batch axis; 0-d values are constant."""
-    main = {s.name: s for s in specs}
-    out: dict[str, int | None] = {}
-    for r in branch.reads:
-        if r in main and given is not None and r in given:
-            out[r] = given[r]
-    return out
+def inherited_axes(branch: Branch, given: BatchAxes | None) -> dict[str, int | None]:
+    """A branch reading a main-graph input takes the batch axis the user gave that input."""
+    return {r: given[r] for r in branch.reads if given is not None and r in given}
 
 
 def quantize_branches(
@@ -223,7 +215,7 @@ def quantize_branches(
                 plan=plan,
                 progress=False,
                 reuse_ranges=plan is not None,  # the plan was made for the whole model, not this branch alone
-                batch_axes=inherited_axes(b, specs, batch_axes) or None,
+                batch_axes=inherited_axes(b, batch_axes) or None,
             )
         except LowbitError as e:
             if plan is None and calib is None and "calibration data is required" in str(e):

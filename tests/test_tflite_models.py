@@ -61,6 +61,11 @@ def test_mobilenet_v2_full_integer_agrees_with_int8_onnx(tmp_path: Path) -> None
     got = _run(result.data, crops)
     # int8 logits: ties within one output step flip top-1
     assert top1_agreement(onnx_int8, got) >= 0.85 and cosine(onnx_int8, got) >= 0.999
+    # --float-outputs: the plan's output range is there, and the classifier stays float as the int8 ONNX runs it
+    kept = convert(q, float_outputs=True)
+    assert kept.float_nodes == ["/classifier/Gemm (Gemm)"]
+    got = _run(kept.data, crops)
+    assert top1_agreement(onnx_int8, got) >= 0.99 and cosine(onnx_int8, got) >= 0.999
     # integer io: the float classifier output gets int8 parameters measured on the calibration crops
     result = convert(q, io="int8", calib=calib)
     assert not result.float_nodes and "DEQUANTIZE" not in result.ops

@@ -148,6 +148,57 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb))
 
 
+class _Agreement:
+    """Running agreement of one compared tensor over batches, so no batch is held after it is compared.
+
+    Integer tensors (QuantizeLinear outputs) keep exact sums of k*s, k*k, s*s, k and s (Python ints), from which
+    the sums with the zero point z subtracted follow exactly: sum (k-z)(s-z) = sum ks - z sum k - z sum s + n z**2.
+    The cosine is then the one of the whole concatenation in float64 bit for bit while those sums stay below 2**53
+    (8-bit values: fewer than 2**37 of them). numpy's einsum casts in small buffers (no widened copy of a tensor)
+    and does not call BLAS, whose spinning threads a float64 dot woke for every tensor (10x the CPU on a 2-core
+    machine). Other tensors (model outputs made by float ops, small) are kept and compared whole."""
+
+    def __init__(self, zp: np.ndarray | None) -> None:
+        self.zp = int(zp.item()) if zp is not None and zp.size == 1 else 0
+        self.steps = zp is not None  # a steps-apart figure only where the zero point is known
+        self.sums = [0, 0, 0, 0, 0, 0]  # k.s, k.k, s.s, sum k, sum s, count
+        self.diff = -1
+        self.floats: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+
+    def add(self, k: np.ndarray, s: np.ndarray) -> None:
+        k, s = k.ravel(), s.ravel()
+        if k.dtype.kind not in "iu" or s.dtype.kind not in "iu":
+            self.floats[0].append(k)
+            self.floats[1].append(s)
+            return
+        dot = [np.einsum("i,i->", x, y, dtype=np.int64) for x, y in ((k, s), (k, k), (s, s))]
+        part = [*dot, k.sum(dtype=np.int64), s.sum(dtype=np.int64), k.size]
+        self.sums = [int(t) + int(p) for t, p in zip(self.sums, part)]
+        if self.steps and k.size:
+            d = np.subtract(k, s, dtype=np.int32 if k.dtype.itemsize > 1 else np.int16)
+            self.diff = max(self.diff, int(d.max()), -int(d.min()))
+
+    def cosine(self) -> float:
+        if self.floats[0]:
+            k = np.concatenate(self.floats[0]).astype(np.float64)
+            s = np.concatenate(self.floats[1]).astype(np.float64)
+            if self.zp:
+                k, s = k - self.zp, s - self.zp
+            if self.steps and k.size:
+                self.diff = int(np.max(np.abs(k - s)))
+            return _cosine(k, s)
+        ks, kk, ss, k, s, n = self.sums
+        z = self.zp  # cosine of the real values (the scale cancels)
+        nzz = n * z * z
+        ab, aa, bb = float(ks - z * (k + s) + nzz), float(kk - 2 * z * k + nzz), float(ss - 2 * z * s + nzz)
+        na, nb = float(np.sqrt(aa)), float(np.sqrt(bb))  # what np.linalg.norm computes: sqrt(x.x)
+        if na == 0.0 and nb == 0.0:
+            return 1.0
+        if na == 0.0 or nb == 0.0:
+            return 0.0
+        return float(np.float64(ab) / (na * nb))
+
+
 def locate(
     quant_model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], threshold: float = GAP_COSINE, top: int = 3
 ) -> dict:
@@ -156,43 +207,36 @@ def locate(
     Returns JSON-ready data: `first` (the first region, in graph order, whose output cosine falls below
     `threshold` while all its inputs stay at or above it; None if there is none), `worst` (the `top` regions that
     lower the cosine most relative to their inputs) and `output_cosine` (the first model output).
+    Batches are compared as they come (`_Agreement`): memory stays at one batch of every exposed tensor.
     """
     found = regions(quant_model)
     names = [r.tensor for r in found]
     exposed = _exposed(quant_model, names)
     # Worker threads that sleep between ops and runs: the same values, far less CPU on a small or shared machine.
     kern_sess, sim_sess = session(exposed, "kernels", spin=False), session(exposed, "simulate", spin=False)
-    order = [o.name for o in kern_sess.get_outputs()]
-    feeds = {i.name for i in kern_sess.get_inputs()}
-    kern: dict[str, list[np.ndarray]] = {n: [] for n in order}
-    sim: dict[str, list[np.ndarray]] = {n: [] for n in order}
-    batches = list(batches)
-    for batch in batches:
-        b = {k: v for k, v in batch.items() if k in feeds}
-        for acc, res in ((kern, kern_sess.run(None, b)), (sim, sim_sess.run(None, b))):
-            for n, r in zip(order, res):
-                acc[n].append(np.asarray(r))
     # Exposing the integers must not change what runs; where it does, a graph transform (not a kernel) is the gap.
     plain_sess = session(quant_model, "kernels", spin=False)
-    plain = np.concatenate(
-        [plain_sess.run(order[:1], {k: v for k, v in b.items() if k in feeds})[0].ravel() for b in batches]
-    )
-    seen = np.concatenate([x.ravel() for x in kern[order[0]]])
-    exposure_changed = not np.array_equal(plain, seen)
+    order = [o.name for o in kern_sess.get_outputs()]
+    feeds = {i.name for i in kern_sess.get_inputs()}
     zps = _zero_points(quant_model)
-    cos: dict[str, float] = {}
-    lsb: dict[str, int] = {}
-    for name in names:
-        k = np.concatenate([x.ravel() for x in kern[name]]).astype(np.float64)
-        s = np.concatenate([x.ravel() for x in sim[name]]).astype(np.float64)
-        zp = zps.get(name)
-        if zp is not None and zp.size == 1:
-            k, s = k - float(zp), s - float(zp)  # cosine of the real values (the scale cancels)
-        cos[name] = _cosine(k, s)
-        lsb[name] = int(np.max(np.abs(k - s))) if name in zps and k.size else -1
+    outputs = [o.name for o in quant_model.graph.output]
+    agree = {n: _Agreement(zps.get(n)) for n in names}
+    whole = _Agreement(None)  # the first model output as it is (no zero point), for `output_cosine`
+    exposure_changed = False
+    for batch in batches:
+        b = {k: v for k, v in batch.items() if k in feeds}
+        kern = dict(zip(order, kern_sess.run(None, b)))
+        sim = dict(zip(order, sim_sess.run(None, b)))
+        plain = plain_sess.run(order[:1], b)[0]
+        exposure_changed = exposure_changed or not np.array_equal(plain.ravel(), np.asarray(kern[order[0]]).ravel())
+        for name in names:
+            agree[name].add(np.asarray(kern[name]), np.asarray(sim[name]))
+        whole.add(np.asarray(kern[outputs[0]]), np.asarray(sim[outputs[0]]))
+    cos = {name: agree[name].cosine() for name in names}
     rows: list[dict[str, Any]] = []
     for r in found:
         before = min((cos[i] for i in r.inputs), default=1.0)
+        diff = agree[r.tensor].diff
         rows.append(
             {
                 "tensor": r.tensor,
@@ -201,19 +245,15 @@ def locate(
                 "ops": list(r.ops),
                 "cosine": cos[r.tensor],
                 "inputs_cosine": before,
-                "max_diff_steps": lsb[r.tensor] if lsb[r.tensor] >= 0 else None,
+                "max_diff_steps": diff if diff >= 0 else None,
             }
         )
     blamable = [x for x in rows if not set(x["ops"]) <= _MOVES | {_DQ}]
     first = next((x for x in blamable if x["cosine"] < threshold <= x["inputs_cosine"]), None)
     worst = sorted(blamable, key=lambda x: x["cosine"] - x["inputs_cosine"])[:top]
-    outputs = [o.name for o in quant_model.graph.output]
     return {
         "threshold": threshold,
-        "output_cosine": _cosine(
-            np.concatenate([x.ravel() for x in kern[outputs[0]]]).astype(np.float64),
-            np.concatenate([x.ravel() for x in sim[outputs[0]]]).astype(np.float64),
-        ),
+        "output_cosine": whole.cosine(),
         "first": first,
         "worst": [x for x in worst if x["cosine"] < x["inputs_cosine"]],
         "exposure_changed_kernels": exposure_changed,

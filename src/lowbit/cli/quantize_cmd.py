@@ -216,8 +216,7 @@ def _early_checks(args: argparse.Namespace) -> Recipe | None:
 def run(args: argparse.Namespace) -> int:
     from ..data import DataSource, input_specs, open_data
     from ..evaluate.check import runtime_check
-    from ..evaluate.jsonable import dumps, jsonable
-    from ..evaluate.kernel_gap import GAP_COSINE, locate
+    from ..evaluate.jsonable import dumps
     from ..evaluate.lint import lint
     from ..evaluate.speed import speed_check, speed_text
     from ..pipeline import quantize, save
@@ -254,10 +253,8 @@ def run(args: argparse.Namespace) -> int:
             return open_data(args.calib, specs, batch_size=recipe.batch_size, preprocess=pre, limit=n, batch_axes=axes)
 
         if args.check:
-            check = runtime_check(_runnable(args.model), result.model, samples(args.check), kinds)
-            cos = check["kernels_vs_simulation"]["cosine"]  # None: not finite (jsonable)
-            if cos is None or cos < GAP_COSINE:  # name the op where they part (a second pass over the data)
-                check["kernel_gap"] = jsonable(locate(result.model, samples(args.check)))
+            # With "kernel_gap" naming the op where kernels and simulation part, when they do (cosine < 0.999).
+            check = runtime_check(_runnable(args.model), result.model, samples(args.check), kinds, locate_gap=True)
             timings["check"] = time.perf_counter() - t
         if not args.no_speed_check:
             t = time.perf_counter()

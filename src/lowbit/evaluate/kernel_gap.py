@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..runtimes.ort import session
+from ..runtimes.ort import join, output_batch_axes, session
 
 GAP_COSINE = 0.999  # below this kernels-vs-simulation cosine, the quantize summary names where they part
 _Q = "QuantizeLinear"
@@ -154,9 +154,10 @@ class _Agreement:
     Integer tensors (QuantizeLinear outputs) keep exact sums of k*s, k*k, s*s, k and s (Python ints), from which
     the sums with the zero point z subtracted follow exactly: sum (k-z)(s-z) = sum ks - z sum k - z sum s + n z**2.
     The cosine is then the one of the whole concatenation in float64 bit for bit while those sums stay below 2**53
-    (8-bit values: fewer than 2**37 of them). numpy's einsum casts in small buffers (no widened copy of a tensor)
-    and does not call BLAS, whose spinning threads a float64 dot woke for every tensor (10x the CPU on a 2-core
-    machine). Other tensors (model outputs made by float ops, small) are kept and compared whole."""
+    (8-bit values: fewer than 2**37 of them). numpy's einsum casts in small buffers (no widened copy of a tensor:
+    with calibration's fixed mmap threshold every large temporary is page-faulted afresh) and does not call BLAS,
+    whose spinning threads a float64 dot woke for every tensor (10x the CPU on a 2-core machine). Other tensors
+    (model outputs made by float ops, small) are kept and compared whole."""
 
     def __init__(self, zp: np.ndarray | None) -> None:
         self.zp = int(zp.item()) if zp is not None and zp.size == 1 else 0
@@ -171,12 +172,17 @@ class _Agreement:
             self.floats[0].append(k)
             self.floats[1].append(s)
             return
-        dot = [np.einsum("i,i->", x, y, dtype=np.int64) for x, y in ((k, s), (k, k), (s, s))]
-        part = [*dot, k.sum(dtype=np.int64), s.sum(dtype=np.int64), k.size]
-        self.sums = [int(t) + int(p) for t, p in zip(self.sums, part)]
-        if self.steps and k.size:
+        if k.dtype == s.dtype and np.array_equal(k, s):  # often (a third of MobileNetV3-Small's values): one sum
+            kk, sk = int(np.einsum("i,i->", k, k, dtype=np.int64)), int(k.sum(dtype=np.int64))
+            part, diff = (kk, kk, kk, sk, sk, k.size), 0
+        else:
+            ks, kk, ss = (int(np.einsum("i,i->", x, y, dtype=np.int64)) for x, y in ((k, s), (k, k), (s, s)))
+            part = (ks, kk, ss, int(k.sum(dtype=np.int64)), int(s.sum(dtype=np.int64)), k.size)
             d = np.subtract(k, s, dtype=np.int32 if k.dtype.itemsize > 1 else np.int16)
-            self.diff = max(self.diff, int(d.max()), -int(d.min()))
+            diff = max(int(d.max()), -int(d.min())) if d.size else -1
+        self.sums = [t + p for t, p in zip(self.sums, part)]
+        if self.steps and k.size:
+            self.diff = max(self.diff, diff)
 
     def cosine(self) -> float:
         if self.floats[0]:
@@ -187,10 +193,9 @@ class _Agreement:
             if self.steps and k.size:
                 self.diff = int(np.max(np.abs(k - s)))
             return _cosine(k, s)
-        ks, kk, ss, k, s, n = self.sums
-        z = self.zp  # cosine of the real values (the scale cancels)
-        nzz = n * z * z
-        ab, aa, bb = float(ks - z * (k + s) + nzz), float(kk - 2 * z * k + nzz), float(ss - 2 * z * s + nzz)
+        ks, kk, ss, k1, s1, n = self.sums
+        z, nzz = self.zp, n * self.zp * self.zp  # cosine of the real values (the scale cancels)
+        ab, aa, bb = float(ks - z * (k1 + s1) + nzz), float(kk - 2 * z * k1 + nzz), float(ss - 2 * z * s1 + nzz)
         na, nb = float(np.sqrt(aa)), float(np.sqrt(bb))  # what np.linalg.norm computes: sqrt(x.x)
         if na == 0.0 and nb == 0.0:
             return 1.0
@@ -200,13 +205,33 @@ class _Agreement:
 
 
 def locate(
-    quant_model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], threshold: float = GAP_COSINE, top: int = 3
+    quant_model: onnx.ModelProto,
+    batches: Iterable[dict[str, np.ndarray]],
+    threshold: float = GAP_COSINE,
+    top: int = 3,
+    kernels: np.ndarray | None = None,
 ) -> dict:
     """Compare every region's output under kernels and simulation; name where they part.
 
     Returns JSON-ready data: `first` (the first region, in graph order, whose output cosine falls below
     `threshold` while all its inputs stay at or above it; None if there is none), `worst` (the `top` regions that
     lower the cosine most relative to their inputs) and `output_cosine` (the first model output).
+    `kernels`: the model's first output over these batches from its own kernel session (samples first, as
+    `run_all` gives it), if the caller has it: it is what the exposed kernels must reproduce (not run again).
+    """
+    return compare(quant_model, batches, threshold, top, kernels)[0]
+
+
+def compare(
+    quant_model: onnx.ModelProto,
+    batches: Iterable[dict[str, np.ndarray]],
+    threshold: float = GAP_COSINE,
+    top: int = 3,
+    kernels: np.ndarray | None = None,
+) -> tuple[dict, list[np.ndarray]]:
+    """`locate`'s report, and the simulation's model outputs over all batches (samples first, as `run_all` gives
+    them). Those are the plain simulation's values: exposing tensors changes no op of a run without graph
+    optimizations, so the check (check.py) takes them instead of simulating again.
     Batches are compared as they come (`_Agreement`): memory stays at one batch of every exposed tensor.
     """
     found = regions(quant_model)
@@ -215,23 +240,33 @@ def locate(
     # Worker threads that sleep between ops and runs: the same values, far less CPU on a small or shared machine.
     kern_sess, sim_sess = session(exposed, "kernels", spin=False), session(exposed, "simulate", spin=False)
     # Exposing the integers must not change what runs; where it does, a graph transform (not a kernel) is the gap.
-    plain_sess = session(quant_model, "kernels", spin=False)
+    plain_sess = session(quant_model, "kernels", spin=False) if kernels is None else None
     order = [o.name for o in kern_sess.get_outputs()]
     feeds = {i.name for i in kern_sess.get_inputs()}
     zps = _zero_points(quant_model)
     outputs = [o.name for o in quant_model.graph.output]
     agree = {n: _Agreement(zps.get(n)) for n in names}
     whole = _Agreement(None)  # the first model output as it is (no zero point), for `output_cosine`
+    sims: list[list[np.ndarray]] = [[] for _ in outputs]
+    seen: list[np.ndarray] = []  # the exposed kernels' first output, to hold against `kernels`
     exposure_changed = False
     for batch in batches:
         b = {k: v for k, v in batch.items() if k in feeds}
         kern = dict(zip(order, kern_sess.run(None, b)))
         sim = dict(zip(order, sim_sess.run(None, b)))
-        plain = plain_sess.run(order[:1], b)[0]
-        exposure_changed = exposure_changed or not np.array_equal(plain.ravel(), np.asarray(kern[order[0]]).ravel())
+        if plain_sess is not None:
+            plain = plain_sess.run(order[:1], b)[0]
+            exposure_changed = exposure_changed or not np.array_equal(plain.ravel(), kern[order[0]].ravel())
+        else:
+            seen.append(kern[order[0]])
         for name in names:
             agree[name].add(np.asarray(kern[name]), np.asarray(sim[name]))
         whole.add(np.asarray(kern[outputs[0]]), np.asarray(sim[outputs[0]]))
+        for acc, name in zip(sims, outputs):
+            acc.append(sim[name])
+    axes = output_batch_axes(sim_sess)
+    if kernels is not None:
+        exposure_changed = not np.array_equal(kernels, join(seen, axes.get(order[0], 0))) if seen else False
     cos = {name: agree[name].cosine() for name in names}
     rows: list[dict[str, Any]] = []
     for r in found:
@@ -251,7 +286,7 @@ def locate(
     blamable = [x for x in rows if not set(x["ops"]) <= _MOVES | {_DQ}]
     first = next((x for x in blamable if x["cosine"] < threshold <= x["inputs_cosine"]), None)
     worst = sorted(blamable, key=lambda x: x["cosine"] - x["inputs_cosine"])[:top]
-    return {
+    report = {
         "threshold": threshold,
         "output_cosine": whole.cosine(),
         "first": first,
@@ -259,6 +294,7 @@ def locate(
         "exposure_changed_kernels": exposure_changed,
         "requantizations": requantizations(quant_model) if exposure_changed else [],
     }
+    return report, [join(acc, axes.get(name, 0)) for acc, name in zip(sims, outputs) if acc]
 
 
 def gap_text(gap: dict) -> str:

@@ -16,7 +16,7 @@ import onnx_ir as ir
 
 from .apply import apply
 from .branches import merge_plans, quantize_branches
-from .calibrate import calibrate_layout, open_calibration
+from .calibrate import calibrate_layout, open_calibration, relax_mmap_threshold
 from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
@@ -166,6 +166,8 @@ def quantize(
         loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address, batch_axes, timings
     )
     timings["decide"] = time.perf_counter() - t - timings.get("calibrate", 0.0)
+    if calib is not None:
+        relax_mmap_threshold()  # calibration's flat peak is kept; the rest need not page-fault every block
 
     t = time.perf_counter()
     new_plan = Plan(

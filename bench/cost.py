@@ -14,7 +14,9 @@ Kinds (`--kinds`, default all four):
 - `cli`: the default command, `lowbit quantize M.onnx -o OUT --calib M.calib.npz --quiet --verbose` (kernels-vs-
   simulation check on 32 samples, speed check, lint, files written), whole process: interpreter start, imports and
   all (user + sys of the child from `wait4`);
-- `cli-nospeed`: the same with `--no-speed-check`.
+- `cli-nospeed`: the same with `--no-speed-check`;
+- `cli-base` (not in the default list): the default command of another checkout (`--base DIR`, e.g. a `git archive`
+  export of the parent commit), so before and after alternate in one run on a shared machine.
 Every kind also reports its whole process's CPU (`proc_cpu_s`: the `lowbit`/`ort` children include their imports
 and the crops' loading), which is the like-for-like number for `cli`.
 
@@ -117,11 +119,12 @@ def prepare_model(name: str, n: int, work: Path) -> None:
     np.savez(work / f"{name}.calib.npz", **{k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]})
 
 
-KINDS = ["lowbit", "ort", "cli", "cli-nospeed"]
+KINDS = ["lowbit", "ort", "cli", "cli-nospeed"]  # and "cli-base" (--base): the command of another checkout
 
 
-def run_child(kind: str, work: Path, name: str) -> dict:
-    """One run in a fresh process; adds the whole process's user+sys CPU and peak RSS (from wait4)."""
+def run_child(kind: str, work: Path, name: str, base: Path | None = None) -> dict:
+    """One run in a fresh process; adds the whole process's user+sys CPU and peak RSS (from wait4). `cli-base` is
+    the default command of the checkout at `base` (its src and examples first on PYTHONPATH)."""
     if kind.startswith("cli"):
         out_model = work / "cli.qdq.onnx"
         cmd = [sys.executable, "-m", "lowbit.cli.main", "quantize", str(work / f"{name}.onnx"), "-o", str(out_model)]
@@ -131,6 +134,10 @@ def run_child(kind: str, work: Path, name: str) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--model", name]
     # Children run in the work folder too (see main), with an absolute PYTHONPATH.
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if kind == "cli-base":
+        if base is None:
+            raise SystemExit("kind cli-base needs --base CHECKOUT (a folder with the src/ and examples/ to compare)")
+        paths = [str(base / "src"), str(base / "examples")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in paths if p)}
     t0 = time.perf_counter()
     with open(work / "child.out", "w+") as fo, open(work / "child.err", "w+") as fe:
@@ -144,9 +151,10 @@ def run_child(kind: str, work: Path, name: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{err[-2000:]}")
     proc_cpu = usage.ru_utime + usage.ru_stime
+    split = {"proc_user_s": usage.ru_utime, "proc_sys_s": usage.ru_stime}
     if not kind.startswith("cli"):
         r = json.loads(out.strip().splitlines()[-1])
-        r.update(proc_cpu_s=proc_cpu, proc_peak_rss_mib=usage.ru_maxrss / 1024)
+        r.update(proc_cpu_s=proc_cpu, proc_peak_rss_mib=usage.ru_maxrss / 1024, **split)
         return r
     stages = next(line for line in out.splitlines() if line.startswith("stages: "))
     timings = {k: float(v.split()[0]) for k, v in map(_stage, stages[len("stages: ") :].split(", "))}
@@ -162,6 +170,7 @@ def run_child(kind: str, work: Path, name: str) -> dict:
         "plan_sha256": hashlib.sha256(plan).hexdigest(),
         "peak_rss_mib": usage.ru_maxrss / 1024,
         "summary": out,
+        **split,
     }
 
 
@@ -184,6 +193,7 @@ def main() -> None:
         default="efficientnet_lite0",
         help="efficientnet_lite0, or a model of the real-world corpus (lowbit_zoo.corpus.registry; `make corpus`)",
     )
+    ap.add_argument("--base", help="for kind cli-base: a checkout (or `git archive` export) to measure alongside")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir).resolve()  # children run in it (run_child)
@@ -200,13 +210,14 @@ def main() -> None:
     runs: list[dict] = []
     for rep in range(args.reps):
         for kind in kinds:
-            r = run_child(kind, work, args.model)
+            r = run_child(kind, work, args.model, Path(args.base).resolve() if args.base else None)
             runs.append(r)
             extra = (
                 f" timings {json.dumps({k: round(v, 2) for k, v in r['timings'].items()})}" if "timings" in r else ""
             )
             print(
-                f"rep {rep + 1} {kind:11s} cpu {r['cpu_s']:6.2f} s (process {r['proc_cpu_s']:6.2f} s)  wall "
+                f"rep {rep + 1} {kind:11s} cpu {r['cpu_s']:6.2f} s (process {r['proc_cpu_s']:6.2f} s: user "
+                f"{r['proc_user_s']:.2f} sys {r['proc_sys_s']:.2f})  wall "
                 f"{r['wall_s']:6.2f} s  peak RSS {r['peak_rss_mib']:.0f} MiB{extra}",
                 flush=True,
             )

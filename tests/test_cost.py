@@ -125,3 +125,20 @@ def test_the_speed_check_stops_early_only_when_its_rounds_agree(monkeypatch, rat
     res = speed_check(model, model, {"x": _calib(1)}, max_rounds=30)
     assert res["rounds"] == rounds == sum(calls)
     assert res["ratio"] == pytest.approx(float(np.median(ratios[:rounds])))
+
+
+def test_the_mmap_threshold_is_relaxed_after_calibration_only(monkeypatch) -> None:
+    """Calibration keeps glibc's fixed 128 KiB threshold (its flat peak); the stages after it get 32 MiB back.
+    Without calibration data (dynamic mode) the process's allocator is left as it was."""
+    import lowbit.pipeline as pipeline_mod
+
+    calls: list[int] = []
+    monkeypatch.setattr(calibrate_mod, "_mmap_threshold", lambda size: calls.append(size))
+    monkeypatch.setattr(
+        pipeline_mod, "relax_mmap_threshold", lambda: calls.append(-1) or calibrate_mod.relax_mmap_threshold()
+    )
+    lowbit.quantize(tiny_cnn(), calib=_calib(8), progress=False)
+    assert calls == [128 * 1024, -1, 32 * 1024 * 1024]  # fixed for calibration, then relaxed once, after it
+    calls.clear()
+    lowbit.quantize(tiny_cnn(), recipe=Recipe(default=Scheme(mode="dynamic")), progress=False)
+    assert calls == []

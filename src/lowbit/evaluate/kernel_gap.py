@@ -155,9 +155,9 @@ class _Agreement:
     the sums with the zero point z subtracted follow exactly: sum (k-z)(s-z) = sum ks - z sum k - z sum s + n z**2.
     The cosine is then the one of the whole concatenation in float64 bit for bit while those sums stay below 2**53
     (8-bit values: fewer than 2**37 of them). numpy's einsum casts in small buffers (no widened copy of a tensor:
-    with calibration's fixed mmap threshold every large temporary is page-faulted afresh) and does not call BLAS,
-    whose spinning threads a float64 dot woke for every tensor (10x the CPU on a 2-core machine). Other tensors
-    (model outputs made by float ops, small) are kept and compared whole."""
+    each large temporary is page-faulted afresh) and does not call BLAS, whose spinning threads a float64 dot woke
+    for every tensor (~10x the CPU of einsum in a micro-benchmark on a busy 2-core machine). Other tensors (model
+    outputs made by float ops, small) are kept and compared whole."""
 
     def __init__(self, zp: np.ndarray | None) -> None:
         self.zp = int(zp.item()) if zp is not None and zp.size == 1 else 0

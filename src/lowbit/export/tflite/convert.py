@@ -23,6 +23,7 @@ from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
 from ...graph.io import load_model, model_name
 from ...passes import prepare
+from .chain1d import keep_expanded
 from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
 from .hard import hard_sigmoid, hard_swish
@@ -355,6 +356,7 @@ def convert(
     batchnorm(g, shapes, dtypes)
     expand_1d(g, shapes, dtypes)
     split(g, shapes, dtypes)
+    keep_expanded(g, shapes, dtypes, {g.name(o) for o in outputs})
     quantize_constant_operands(g)
     requantize(g, shapes, dtypes)
     ctx = Context(g, shapes, precision, dtypes)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import spatial, transformer
+from . import branches, spatial, transformer
 from .context import TO_NHWC, Context, nhwc_axis
 from .layers import conv, fail, fully_connected, mean, pool
 from .writer import QuantParams
@@ -266,6 +266,7 @@ CONVERTERS: dict[str, Converter] = {
     "Identity": identity,
     **transformer.CONVERTERS,
     **spatial.CONVERTERS,
+    **branches.CONVERTERS,
 }
 # Ops that may absorb a following Relu/Clip as fused_activation_function.
 FUSES = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "MaxPool", "Concat"}

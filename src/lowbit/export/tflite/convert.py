@@ -30,6 +30,7 @@ from .hard import hard_sigmoid, hard_swish
 from .kinds import checkpoint, decide, fuse_activations
 from .ops import CONVERTERS, NONE
 from .qdq import Graph, fold_dynamic, read_graph
+from .recurrent import unroll
 from .rewrite import (
     batchnorm,
     expand_1d,
@@ -324,6 +325,7 @@ def _build(
     hard_sigmoid(g, shapes, dtypes)
     batchnorm(g, shapes, dtypes)
     expand_1d(g, shapes, dtypes)
+    recurrent = unroll(g, shapes, dtypes)
     split(g, shapes, dtypes)
     keep_expanded(g, shapes, dtypes, {g.name(o) for o in outputs})
     quantize_constant_operands(g)
@@ -334,6 +336,7 @@ def _build(
         ctx.fm.subgraphs = branch_of.fm.subgraphs  # one list, numbered in the main model
     acts = fuse_activations(g, ctx, {g.name(o) for o in outputs})
     ctx.quantized = quantized = bool(g.quant)
+    ctx.float_nodes += recurrent if quantized else []
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
     if float_outputs and io != "float" and branch_of is None:

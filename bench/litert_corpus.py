@@ -176,13 +176,19 @@ def measure(job: Job, work: Path) -> dict:
         lite_q: dict[str, list] = {n: [None] * len(job.eval) for n in all_names}
         for k, (shapes, idx) in enumerate(groups):
             ft, qt = work / f"{job.name}.{k}.float.tflite", work / f"{job.name}.{k}.int8.tflite"
-            export_tflite(job.model, ft, shapes=shapes)
+            # a scalar input every sample of the group gives the same value (a VAD's sample rate) is fixed to it
+            values = {n: v for n, v in job.eval[idx[0]].items() if np.ndim(v) == 0
+                      and all(np.array_equal(job.eval[i][n], v) for i in idx)}  # fmt: skip
+            if values:
+                row["values"] = {n: v.item() for n, v in values.items()}
+            export_tflite(job.model, ft, shapes=shapes, values=values)
             try:
-                res = export_tflite(q, qt, shapes=shapes, float_outputs=FLOAT_OUTPUTS)
+                res = export_tflite(q, qt, shapes=shapes, float_outputs=FLOAT_OUTPUTS, values=values)
             except LowbitError as e:
                 row["export_error"] = str(e)
-                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True, float_outputs=FLOAT_OUTPUTS)
-            feeds = [job.eval[i] for i in idx]
+                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True, float_outputs=FLOAT_OUTPUTS,
+                                    values=values)  # fmt: skip
+            feeds = [{n: v for n, v in job.eval[i].items() if n not in values} for i in idx]
             for path, outs in ((ft, lite_f), (qt, lite_q)):
                 got = run_litert(path, feeds, all_names)
                 for n in all_names:
@@ -236,6 +242,9 @@ def verdict(row: dict) -> str:
     notes = []
     if "export_error" in row:
         notes.append(f"export without fallback fails: {row['export_error'].split('; pass')[0]}; measured with it")
+    if row.get("values"):
+        notes.append("exported with " + ", ".join(f"--value {n}={v}" for n, v in row["values"].items())
+                     + " (its If keeps the branch the eval samples take)")  # fmt: skip
     if row.get("shapes", 1) > 1:
         notes.append(f"exported once per input size ({row['shapes']} sizes among the eval samples)")
     if row["float_nodes"]:

@@ -72,3 +72,25 @@ def test_int8_clip_matches_onnx_runtime_exactly(lo, hi, s_out, z_out):
         # measured 6 of these 512 values one step off, each at a fraction of .46 of a step
         off = np.abs(got - want) / s_out
         assert off.max() <= 1.0 + 1e-4 and (off > 0.5).mean() < 0.02
+
+
+def test_relu_fused_into_an_unnamed_conv_is_kept():
+    """An unnamed node's fused activation was looked up under its renamed output and dropped (found exporting an
+    If branch, whose nodes exporters leave unnamed)."""
+    w = np.random.default_rng(1).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph = helper.make_graph(
+        nodes,
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = convert(model)
+    assert result.ops == {"CONV_2D": 1}
+    x = np.random.default_rng(2).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    y = run_tflite(result.data, x).transpose(0, 3, 1, 2)
+    assert y.min() == 0.0
+    np.testing.assert_allclose(y, run_ort(model, x), rtol=1e-5, atol=1e-5)

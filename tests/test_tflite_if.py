@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from lowbit.errors import LowbitError
 from lowbit.export.tflite import export_tflite
 from lowbit.runtimes.litert import LiteRTSession
 from lowbit.runtimes.ort import session
@@ -57,3 +61,54 @@ def test_int8_if_exports_without_fallback_and_agrees_with_the_int8_onnx(tmp_path
         got = _run(out, feeds)
         # measured: every value equal (64 inputs per branch), so no tolerance
         np.testing.assert_array_equal(got, want)
+
+
+def _sizes_differ() -> onnx.ModelProto:
+    """sr == 16000 picks a stride-2 conv, else stride 1: the If's output sizes depend on the branch."""
+
+    def branch(tag: str, stride: int) -> onnx.GraphProto:
+        w = numpy_helper.from_array(
+            np.random.default_rng(stride).normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32), f"{tag}_w"
+        )
+        node = helper.make_node("Conv", ["x", f"{tag}_w"], [f"{tag}_y"], pads=[1, 1, 1, 1], strides=[stride] * 2)
+        return helper.make_graph(
+            [node], tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, None)], [w]
+        )
+
+    nodes = [
+        helper.make_node("Equal", ["sr", "rate16k"], ["is16k"]),
+        helper.make_node("If", ["is16k"], ["c"], then_branch=branch("hi", 2), else_branch=branch("lo", 1), name="sw"),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "sizes",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, "h", "w"])],
+        [numpy_helper.from_array(np.array(16000, np.int64), "rate16k")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_branches_of_different_sizes_need_the_condition_fixed(tmp_path: Path):
+    model = _sizes_differ()
+    with pytest.raises(LowbitError, match=r"^node sw \(If\): its branches give c sizes .*--value NAME=V"):
+        export_tflite(model, tmp_path / "m.tflite")
+    x = np.random.default_rng(0).normal(0, 1, (1, 3, 8, 8)).astype(np.float32)
+    ref = session(model)
+    for sr, size in ((16000, 4), (8000, 8)):
+        out = tmp_path / f"m{sr}.tflite"
+        result = export_tflite(model, out, values={"sr": sr})
+        assert "IF" not in result.ops  # the condition is a constant now: only its branch is left
+        got = LiteRTSession(out, threads=1)
+        assert [i.name for i in got.get_inputs()] == ["x"]
+        y = got.run(None, {"x": x})[0]
+        assert y.shape == (1, 4, size, size)
+        np.testing.assert_allclose(y, ref.run(None, {"x": x, "sr": np.array(sr, np.int64)})[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(LowbitError, match=r"^--value rate: the model has no input rate \(inputs: x, sr\)$"):
+        export_tflite(model, tmp_path / "m.tflite", values={"rate": 1})

@@ -76,6 +76,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shape input_ids=1x128 --shape attention_mask=1x128",
     )
     p.add_argument(
+        "--value",
+        action="append",
+        default=[],
+        metavar="INPUT=V",
+        help="fix a scalar input to a value (repeatable), e.g. a VAD's sample rate --value sr=16000: it becomes a "
+        "constant and an If on it keeps only the branch it takes (needed when the branches give different sizes)",
+    )
+    p.add_argument(
         "--calib",
         metavar="DATA",
         help="data (.npy/.npz, or an image folder) to measure the range of outputs the quantizer left float "
@@ -130,6 +138,19 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_values(items: list[str]) -> dict[str, float]:
+    values = {}
+    for item in items:
+        name, _, v = item.rpartition("=")
+        try:
+            values[name] = float(v)
+        except ValueError:
+            name = ""
+        if not name:
+            raise LowbitError(f"--value {item!r}: expected INPUT=NUMBER, e.g. sr=16000")
+    return values
+
+
 def run(args: argparse.Namespace) -> int:
     if args.to == "ort":
         return run_ort(args)
@@ -158,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         preprocess=image_preprocess(args),
         float_outputs=args.float_outputs,
+        values=parse_values(args.value),
     )
     print(result.to_json(indent=2) if args.json else export_text(result.to_dict()))
     return 0
@@ -172,6 +194,7 @@ def run_ort(args: argparse.Namespace) -> int:
         "--shape": bool(args.shape),
         "--calib": args.calib is not None,
         "--float-outputs": args.float_outputs,
+        "--value": bool(args.value),
     }
     given = [name for name, set_ in tflite_only.items() if set_]
     if given:

@@ -24,6 +24,7 @@ def export_tflite(
     calib: Any = None,
     preprocess: Any = None,
     float_outputs: bool = False,
+    values: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Convert `model` (float, lowbit's float16 or QDQ int8 ONNX) and write `output` atomically; see `convert`."""
     out = Path(output)
@@ -43,6 +44,7 @@ def export_tflite(
         calib=calib,
         preprocess=preprocess,
         float_outputs=float_outputs,
+        values=values,
     )
     atomic_write_bytes(result.data, out)
     result.path = out

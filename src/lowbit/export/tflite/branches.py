@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ...errors import LowbitError
 from .context import Context
 from .layers import fail
 
@@ -61,7 +63,7 @@ def if_(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: i
             raise fail(node, f"a branch reads {v}, whose shape is unknown")
     cond = ctx.get(g.name(node.input[0]), "f")
     operands = [ctx.get(g.name(v), "f", len(ctx.shapes[g.name(v)]) == 4) for v in live]
-    indices = []
+    indices, out_shapes = [], []
     for branch in branches:
         sub = build_branch(_branch_model(ctx, branch, live, consts), ctx)
         prefix = f"{node.name or node.output[0]}/{branch.name or 'branch'}"
@@ -72,8 +74,57 @@ def if_(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: i
         if sub.quantized and not ctx.quantized:  # a model whose whole body sits in an If is an int8 model
             ctx.quantized, ctx.precision = True, sub.precision
         indices.append(len(ctx.fm.subgraphs))  # subgraph 0 is the main one
+        out_shapes.append([sub.shapes[sub.g.name(o.name)] for o in branch.output])
+    for y, a, b in zip(node.output, *out_shapes):
+        if tuple(a) != tuple(b):  # the graph after the If has one set of fixed sizes
+            raise fail(
+                node,
+                f"its branches give {y} sizes {tuple(a)} and {tuple(b)}, and a .tflite has fixed sizes; fix the "
+                "input its condition reads with --value NAME=V to export the branch that value takes",
+            )
     outs = [ctx.produce(y, "f", True) for y in node.output]
     ctx.op("IF", [cond, *operands], outs, "IfOptions", then_subgraph_index=indices[0], else_subgraph_index=indices[1])
+
+
+def fix_inputs(proto: onnx.ModelProto, values: dict[str, Any]) -> None:
+    """Inputs given a value at export (a VAD's sample rate) become constants, and an If whose condition then
+    depends on constants only gets that condition as a constant, so `inline_constant_ifs` takes its branch."""
+    inits = {t.name for t in proto.graph.initializer}
+    inputs = {vi.name: vi for vi in proto.graph.input if vi.name not in inits}
+    for name, value in values.items():
+        if name not in inputs:
+            raise LowbitError(f"--value {name}: the model has no input {name} (inputs: {', '.join(inputs)})")
+        vi = inputs[name]
+        arr = np.asarray(value, helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if arr.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims, arr.shape)):
+            raise LowbitError(f"--value {name}: a value of shape {arr.shape} for an input of shape {dims}")
+        proto.graph.input.remove(vi)
+        proto.graph.initializer.append(numpy_helper.from_array(arr, name))
+    known = {t.name for t in proto.graph.initializer}
+    cone: list[onnx.NodeProto] = []
+    for node in proto.graph.node:  # topological: each node's inputs are known before it
+        if node.op_type != "If" and all(i in known for i in node.input if i):
+            cone.append(node)
+            known.update(node.output)
+    conds = [n.input[0] for n in proto.graph.node if n.op_type == "If" and n.input[0] in known - inits]
+    conds = [c for c in dict.fromkeys(conds) if c not in {t.name for t in proto.graph.initializer}]
+    if not conds:
+        return
+    import onnxruntime as ort
+
+    graph = helper.make_graph(cone, "cond", [], [helper.make_empty_tensor_value_info(c) for c in conds],
+                              list(proto.graph.initializer))  # fmt: skip
+    model = helper.make_model(graph, opset_imports=list(proto.opset_import))
+    model.ir_version = proto.ir_version
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the cone leaves most initializers unused: ORT would warn about each
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for c, v in zip(conds, sess.run(None, {})):
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(v), f"{c}_value"))
+        for node in proto.graph.node:
+            if node.op_type == "If" and node.input[0] == c:
+                node.input[0] = f"{c}_value"
 
 
 CONVERTERS = {"If": if_}

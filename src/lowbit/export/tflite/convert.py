@@ -23,6 +23,7 @@ from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
 from ...graph.io import load_model, model_name
 from ...passes import prepare
+from .branches import fix_inputs
 from .chain1d import keep_expanded
 from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
@@ -85,8 +86,11 @@ class ExportResult:
         return dumps(self.to_dict(), indent=indent)
 
 
-def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, list]]:
-    """The model, its plan's recipe and the plan's calibrated activation ranges (none without a plan beside it)."""
+def _load(
+    model: str | Path | onnx.ModelProto, values: dict[str, Any] | None = None
+) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, list]]:
+    """The model (`values`: inputs made constants), its plan's recipe and the plan's calibrated activation ranges
+    (none without a plan beside it)."""
     recipe, ranges = None, {}
     irm = load_model(model)
     if not isinstance(model, onnx.ModelProto):
@@ -102,7 +106,9 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
     proto = ir.to_proto(irm)
-    if inline_constant_ifs(proto):
+    if values:
+        fix_inputs(proto, values)
+    if inline_constant_ifs(proto) or values:
         irm = ir.from_proto(proto)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
         prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
@@ -244,6 +250,7 @@ def convert(
     calib: Any = None,
     preprocess: Any = None,
     float_outputs: bool = False,
+    values: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
@@ -255,10 +262,11 @@ def convert(
     outputs (lowbit leaves a weighted Gemm/MatMul's model output float) so that layer runs int8 too: integer io
     needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
     float). float_outputs: keep such an output's layer float anyway, as the int8 ONNX computes it (int8 logits
-    tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index)."""
+    tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index). values: inputs
+    fixed to a value (a sample rate), made constants; an If on them keeps only the branch they take."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
-    proto, recipe, ranges = _load(model)
+    proto, recipe, ranges = _load(model, values)
     ctx = _build(proto, model, io, allow_float_fallback, batch, precision, shapes, calib, preprocess, float_outputs,
                  ranges)  # fmt: skip
     ctx.fm.metadata["lowbit"] = json.dumps(

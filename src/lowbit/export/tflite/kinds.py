@@ -46,7 +46,8 @@ def fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[st
                 and acts.get(p.name or p.output[0], NONE) == NONE
                 and same_q
             ):
-                acts[p.name or p.output[0]] = code
+                p.name = p.name or p.output[0]  # the key must outlive the output's renaming below
+                acts[p.name] = code
                 p.output[0] = y
                 continue
         kept.append(node)

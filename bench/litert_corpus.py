@@ -102,10 +102,11 @@ def shape_groups(feeds: Feeds) -> list[tuple[dict[str, tuple[int, ...]], list[in
     sequences of several lengths (a decoder's growing prefix) is exported once per group."""
     groups: dict[tuple, list[int]] = {}
     for i, feed in enumerate(feeds):
-        key = tuple((k, v.shape) for k, v in feed.items() if v.ndim)
+        # a scalar input (a VAD's sample rate) is part of the key: the export fixes it (`values`)
+        key = tuple((k, v.shape) if v.ndim else (k, ("value", v.item())) for k, v in feed.items())
         groups.setdefault(key, []).append(i)
     ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    return [(dict(key), idx) for key, idx in ordered]
+    return [({k: v for k, v in key if not (v and v[0] == "value")}, idx) for key, idx in ordered]
 
 
 def run_litert(path: Path, feeds: Feeds, names: list[str], threads: int = 1) -> dict[str, list[np.ndarray]]:
@@ -180,7 +181,7 @@ def measure(job: Job, work: Path) -> dict:
             values = {n: v for n, v in job.eval[idx[0]].items() if np.ndim(v) == 0
                       and all(np.array_equal(job.eval[i][n], v) for i in idx)}  # fmt: skip
             if values:
-                row["values"] = {n: v.item() for n, v in values.items()}
+                row.setdefault("values", []).append({n: v.item() for n, v in values.items()})
             export_tflite(job.model, ft, shapes=shapes, values=values)
             try:
                 res = export_tflite(q, qt, shapes=shapes, float_outputs=FLOAT_OUTPUTS, values=values)
@@ -243,9 +244,9 @@ def verdict(row: dict) -> str:
     if "export_error" in row:
         notes.append(f"export without fallback fails: {row['export_error'].split('; pass')[0]}; measured with it")
     if row.get("values"):
-        notes.append("exported with " + ", ".join(f"--value {n}={v}" for n, v in row["values"].items())
-                     + " (its If keeps the branch the eval samples take)")  # fmt: skip
-    if row.get("shapes", 1) > 1:
+        given = "; ".join(", ".join(f"--value {n}={v}" for n, v in vals.items()) for vals in row["values"])
+        notes.append(f"exported once per scalar input value ({given}): an If on it keeps the branch it takes")
+    if row.get("shapes", 1) > max(1, len(row.get("values", []))):
         notes.append(f"exported once per input size ({row['shapes']} sizes among the eval samples)")
     if row["float_nodes"]:
         first = ", ".join(n.split(" (")[0] for n in row["float_nodes"][:3])

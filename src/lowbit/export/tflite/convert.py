@@ -29,6 +29,8 @@ from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
 from .hard import hard_sigmoid, hard_swish
 from .kinds import checkpoint, decide, fuse_activations
+from .metadata import METADATA_NAME, ImageMetadata, append_files
+from .metadata import build as build_metadata
 from .ops import CONVERTERS, NONE
 from .qdq import Graph, fold_dynamic, read_graph
 from .recurrent import unroll
@@ -251,6 +253,7 @@ def convert(
     preprocess: Any = None,
     float_outputs: bool = False,
     values: dict[str, Any] | None = None,
+    metadata: ImageMetadata | None = None,
 ) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
@@ -263,7 +266,8 @@ def convert(
     needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
     float). float_outputs: keep such an output's layer float anyway, as the int8 ONNX computes it (int8 logits
     tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index). values: inputs
-    fixed to a value (a sample rate), made constants; an If on them keeps only the branch they take."""
+    fixed to a value (a sample rate), made constants; an If on them keeps only the branch they take. metadata:
+    an image model's normalization and labels as TFLite metadata (MediaPipe, the Task Library)."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
     proto, recipe, ranges = _load(model, values)
@@ -278,7 +282,10 @@ def convert(
             "recipe": recipe,
         }
     ).encode()
-    data = serialize(ctx.fm)
+    files: dict[str, bytes] = {}
+    if metadata is not None:
+        ctx.fm.metadata[METADATA_NAME], files = build_metadata(ctx.fm, metadata, _title(model))
+    data = append_files(serialize(ctx.fm), files)
     fallbacks = ctx.fallbacks
     float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
     ops = Counter(op.op for fm in [ctx.fm, *ctx.fm.subgraphs] for op in fm.operators)
@@ -293,6 +300,10 @@ def convert(
         sorted(set(ctx.transposes)),
         model=model_name(model),
     )
+
+
+def _title(model: str | Path | onnx.ModelProto) -> str:
+    return Path(model).stem if not isinstance(model, onnx.ModelProto) else model.graph.name or "model"
 
 
 def build_branch(proto: onnx.ModelProto, parent: Context) -> Context:

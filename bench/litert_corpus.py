@@ -221,16 +221,19 @@ def measure(job: Job, work: Path) -> dict:
     return row
 
 
-def tied_flips(onnx_int8: list[np.ndarray], lite: list[np.ndarray]) -> tuple[int, int]:
+def tied_flips(onnx_int8: list[np.ndarray], lite: list[np.ndarray]) -> tuple[int, int, int]:
     """(top-1 flips vs the int8 ONNX, of them those where the .tflite's int8 output ties the ONNX answer with its
-    own: a full-integer output holds logits on a 1/255-of-range grid, the int8 ONNX keeps its last layer float)."""
-    flips = ties = 0
+    own: a full-integer output holds logits on a 1/255-of-range grid, the int8 ONNX keeps its last layer float;
+    rows compared). A tie-aware agreement counts a tied flip as agreeing: the .tflite's output cannot tell those
+    classes apart, and argmax picks the lower index."""
+    flips = ties = rows = 0
     for a, b in zip(onnx_int8, lite):
         for ra, rb in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])):
+            rows += 1
             if ra.argmax() != rb.argmax():
                 flips += 1
                 ties += int(rb[ra.argmax()] == rb.max())
-    return flips, ties
+    return flips, ties, rows
 
 
 def min_cos(ref: dict, got: dict, names: list[str]) -> float:
@@ -252,9 +255,12 @@ def verdict(row: dict) -> str:
         first = ", ".join(n.split(" (")[0] for n in row["float_nodes"][:3])
         more = f" and {len(row['float_nodes']) - 3} more" if len(row["float_nodes"]) > 3 else ""
         notes.append(f"left float by the quantizer: {first}{more}")
-    if row.get("ties", (0, 0))[0]:
-        flips, ties = row["ties"]
-        notes.append(f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output")
+    if row.get("ties", (0, 0, 0))[0]:
+        flips, ties, rows = row["ties"]
+        notes.append(
+            f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output "
+            f"(tie-aware agreement {1 - (flips - ties) / rows:.4f})"
+        )
     v = row["vs_onnx_int8"]
     if v["task"] < 0.99 or v["cos"] < 0.999:
         notes.append("below 99% / 0.999 vs the int8 ONNX")

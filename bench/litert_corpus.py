@@ -209,6 +209,10 @@ def measure(job: Job, work: Path) -> dict:
         row["vs_float"] = {"task": primary.metric(ref[p], lite_q[p]), "cos": min_cos(ref, lite_q, names)}
         row["onnx_int8_vs_float"] = {"task": primary.metric(ref[p], q_onnx[p]), "cos": min_cos(ref, q_onnx, names)}
         row["float_tflite_vs_onnx"] = min_cos(ref, lite_f, names)
+        if row["vs_onnx_int8"]["cos"] < 0.999:  # how far ONNX Runtime's kernels are from its own reference QDQ run
+            reference = run(session(str(q), simulate=True), job.eval)
+            row["ort_kernels_vs_reference"] = min_cos(q_onnx, reference, names)
+            row["tflite_vs_reference"] = min_cos(reference, lite_q, names)
         if primary.kind == "class scores":
             row["ties"] = tied_flips(q_onnx[p], lite_q[p])
     except Exception as e:  # recorded, never fatal: the table says which stage failed and why
@@ -260,6 +264,11 @@ def verdict(row: dict) -> str:
         notes.append(
             f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output "
             f"(tie-aware agreement {1 - (flips - ties) / rows:.4f})"
+        )
+    if "ort_kernels_vs_reference" in row:
+        notes.append(
+            f"ONNX Runtime's int8 kernels vs its reference QDQ run (no fusions): cos "
+            f"{row['ort_kernels_vs_reference']:.4f}; the .tflite vs that reference: {row['tflite_vs_reference']:.4f}"
         )
     v = row["vs_onnx_int8"]
     if v["task"] < 0.99 or v["cos"] < 0.999:

@@ -112,3 +112,19 @@ def test_branches_of_different_sizes_need_the_condition_fixed(tmp_path: Path):
         np.testing.assert_allclose(y, ref.run(None, {"x": x, "sr": np.array(sr, np.int64)})[0], rtol=1e-5, atol=1e-5)
     with pytest.raises(LowbitError, match=r"^--value rate: the model has no input rate \(inputs: x, sr\)$"):
         export_tflite(model, tmp_path / "m.tflite", values={"rate": 1})
+
+
+def test_cli_value_option(tmp_path: Path):
+    from conftest import run_cli
+
+    model = tmp_path / "sizes.onnx"
+    onnx.save(_sizes_differ(), model)
+    out = tmp_path / "m.tflite"
+    ok = run_cli("export", str(model), "-o", str(out), "--value", "sr=8000")
+    assert ok.returncode == 0, ok.stderr
+    assert [i.name for i in LiteRTSession(out).get_inputs()] == ["x"]
+    bad = run_cli("export", str(model), "-o", str(out), "--value", "sr")
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("expected INPUT=NUMBER, e.g. sr=16000")
+    assert bad.stderr.count("\n") == 1
+    refused = run_cli("export", str(model), "-o", str(out))  # the branches' sizes differ: the fix is named
+    assert refused.returncode == 2 and "--value NAME=V" in refused.stderr and "Traceback" not in refused.stderr

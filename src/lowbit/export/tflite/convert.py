@@ -23,7 +23,7 @@ from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
 from ...graph.io import load_model, model_name
 from ...passes import prepare
-from .branches import fix_inputs
+from .branches import expose_reads, fix_inputs, resolve_conditions, settle_on_sizes
 from .chain1d import keep_expanded
 from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
@@ -110,7 +110,11 @@ def _load(
     proto = ir.to_proto(irm)
     if values:
         fix_inputs(proto, values)
-    if inline_constant_ifs(proto) or values:
+    changed = bool(values)
+    # an If on constants takes its branch; the branch's own Ifs may then have constant conditions too
+    while resolve_conditions(proto) | inline_constant_ifs(proto):
+        changed = True
+    if changed:
         irm = ir.from_proto(proto)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
         prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
@@ -213,7 +217,12 @@ def _fold(g: Graph, shapes: dict[str, tuple[int, ...]], opsets: dict[str, int]) 
         if node.op_type == "Shape" and node.input[0] in shapes:
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
             g.consts[node.output[0]] = np.array(shapes[node.input[0]], np.int64)[a.get("start", 0) : a.get("end")]
-        elif inputs and all(i in g.consts for i in inputs) and node.domain in ("", "ai.onnx"):
+        elif (
+            inputs
+            and all(i in g.consts for i in inputs)
+            and node.domain in ("", "ai.onnx")
+            and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)  # a branch reads outer values
+        ):
             g.consts.update(zip(node.output, _evaluate(node, g.consts, opsets)))
         else:
             kept.append(node)
@@ -333,7 +342,10 @@ def _build(
 ) -> Context:
     """The conversion proper: the ONNX graph `proto` (prepared) as a Context holding the TFLite model."""
     shapes, dtypes = _static_shapes(proto, batch, dict(shapes or {}))
+    while settle_on_sizes(proto, shapes):  # the kept branches' values need shapes too, and may hold Ifs
+        shapes, dtypes = _probe(proto)
     g = read_graph(proto, dtypes)
+    expose_reads(g)
     precision = _precision(g, precision, fold_dynamic(g))
     opsets = {d.domain: d.version for d in proto.opset_import}
     _fold(g, shapes, opsets)

@@ -128,3 +128,42 @@ def test_cli_value_option(tmp_path: Path):
     assert bad.stderr.count("\n") == 1
     refused = run_cli("export", str(model), "-o", str(out))  # the branches' sizes differ: the fix is named
     assert refused.returncode == 2 and "--value NAME=V" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_if_on_the_input_rank_keeps_the_branch_the_fixed_sizes_take(tmp_path: Path):
+    """Silero VAD's "if x.dim() == 3" around its decoder: with sizes fixed at export the condition is a constant,
+    even though its two branches give different ranks."""
+    three = helper.make_graph(
+        [helper.make_node("Squeeze", ["x", "ax"], ["s"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([2], np.int64), "ax")],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["i"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("i", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Size", ["shape"], ["rank"]),
+        helper.make_node("Equal", ["rank", "three"], ["is3"]),
+        helper.make_node("If", ["is3"], ["b"], then_branch=three, else_branch=other, name="rank_switch"),
+        helper.make_node("Relu", ["b"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "rank",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 6])],
+        [numpy_helper.from_array(np.array(3, np.int64), "three")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out = tmp_path / "rank.tflite"
+    result = export_tflite(model, out)
+    assert "IF" not in result.ops
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(1, 6, 1)
+    np.testing.assert_allclose(LiteRTSession(out).run(None, {"x": x})[0], session(model).run(None, {"x": x})[0])

@@ -102,10 +102,11 @@ def shape_groups(feeds: Feeds) -> list[tuple[dict[str, tuple[int, ...]], list[in
     sequences of several lengths (a decoder's growing prefix) is exported once per group."""
     groups: dict[tuple, list[int]] = {}
     for i, feed in enumerate(feeds):
-        key = tuple((k, v.shape) for k, v in feed.items() if v.ndim)
+        # a scalar input (a VAD's sample rate) is part of the key: the export fixes it (`values`)
+        key = tuple((k, v.shape) if v.ndim else (k, ("value", v.item())) for k, v in feed.items())
         groups.setdefault(key, []).append(i)
     ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
-    return [(dict(key), idx) for key, idx in ordered]
+    return [({k: v for k, v in key if not (v and v[0] == "value")}, idx) for key, idx in ordered]
 
 
 def run_litert(path: Path, feeds: Feeds, names: list[str], threads: int = 1) -> dict[str, list[np.ndarray]]:
@@ -176,13 +177,19 @@ def measure(job: Job, work: Path) -> dict:
         lite_q: dict[str, list] = {n: [None] * len(job.eval) for n in all_names}
         for k, (shapes, idx) in enumerate(groups):
             ft, qt = work / f"{job.name}.{k}.float.tflite", work / f"{job.name}.{k}.int8.tflite"
-            export_tflite(job.model, ft, shapes=shapes)
+            # a scalar input every sample of the group gives the same value (a VAD's sample rate) is fixed to it
+            values = {n: v for n, v in job.eval[idx[0]].items() if np.ndim(v) == 0
+                      and all(np.array_equal(job.eval[i][n], v) for i in idx)}  # fmt: skip
+            if values:
+                row.setdefault("values", []).append({n: v.item() for n, v in values.items()})
+            export_tflite(job.model, ft, shapes=shapes, values=values)
             try:
-                res = export_tflite(q, qt, shapes=shapes, float_outputs=FLOAT_OUTPUTS)
+                res = export_tflite(q, qt, shapes=shapes, float_outputs=FLOAT_OUTPUTS, values=values)
             except LowbitError as e:
                 row["export_error"] = str(e)
-                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True, float_outputs=FLOAT_OUTPUTS)
-            feeds = [job.eval[i] for i in idx]
+                res = export_tflite(q, qt, shapes=shapes, allow_float_fallback=True, float_outputs=FLOAT_OUTPUTS,
+                                    values=values)  # fmt: skip
+            feeds = [{n: v for n, v in job.eval[i].items() if n not in values} for i in idx]
             for path, outs in ((ft, lite_f), (qt, lite_q)):
                 got = run_litert(path, feeds, all_names)
                 for n in all_names:
@@ -202,6 +209,10 @@ def measure(job: Job, work: Path) -> dict:
         row["vs_float"] = {"task": primary.metric(ref[p], lite_q[p]), "cos": min_cos(ref, lite_q, names)}
         row["onnx_int8_vs_float"] = {"task": primary.metric(ref[p], q_onnx[p]), "cos": min_cos(ref, q_onnx, names)}
         row["float_tflite_vs_onnx"] = min_cos(ref, lite_f, names)
+        if row["vs_onnx_int8"]["cos"] < 0.999:  # how far ONNX Runtime's kernels are from its own reference QDQ run
+            reference = run(session(str(q), simulate=True), job.eval)
+            row["ort_kernels_vs_reference"] = min_cos(q_onnx, reference, names)
+            row["tflite_vs_reference"] = min_cos(reference, lite_q, names)
         if primary.kind == "class scores":
             row["ties"] = tied_flips(q_onnx[p], lite_q[p])
     except Exception as e:  # recorded, never fatal: the table says which stage failed and why
@@ -214,16 +225,19 @@ def measure(job: Job, work: Path) -> dict:
     return row
 
 
-def tied_flips(onnx_int8: list[np.ndarray], lite: list[np.ndarray]) -> tuple[int, int]:
+def tied_flips(onnx_int8: list[np.ndarray], lite: list[np.ndarray]) -> tuple[int, int, int]:
     """(top-1 flips vs the int8 ONNX, of them those where the .tflite's int8 output ties the ONNX answer with its
-    own: a full-integer output holds logits on a 1/255-of-range grid, the int8 ONNX keeps its last layer float)."""
-    flips = ties = 0
+    own: a full-integer output holds logits on a 1/255-of-range grid, the int8 ONNX keeps its last layer float;
+    rows compared). A tie-aware agreement counts a tied flip as agreeing: the .tflite's output cannot tell those
+    classes apart, and argmax picks the lower index."""
+    flips = ties = rows = 0
     for a, b in zip(onnx_int8, lite):
         for ra, rb in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])):
+            rows += 1
             if ra.argmax() != rb.argmax():
                 flips += 1
                 ties += int(rb[ra.argmax()] == rb.max())
-    return flips, ties
+    return flips, ties, rows
 
 
 def min_cos(ref: dict, got: dict, names: list[str]) -> float:
@@ -236,15 +250,26 @@ def verdict(row: dict) -> str:
     notes = []
     if "export_error" in row:
         notes.append(f"export without fallback fails: {row['export_error'].split('; pass')[0]}; measured with it")
-    if row.get("shapes", 1) > 1:
+    if row.get("values"):
+        given = "; ".join(", ".join(f"--value {n}={v}" for n, v in vals.items()) for vals in row["values"])
+        notes.append(f"exported once per scalar input value ({given}): an If on it keeps the branch it takes")
+    if row.get("shapes", 1) > max(1, len(row.get("values", []))):
         notes.append(f"exported once per input size ({row['shapes']} sizes among the eval samples)")
     if row["float_nodes"]:
         first = ", ".join(n.split(" (")[0] for n in row["float_nodes"][:3])
         more = f" and {len(row['float_nodes']) - 3} more" if len(row["float_nodes"]) > 3 else ""
         notes.append(f"left float by the quantizer: {first}{more}")
-    if row.get("ties", (0, 0))[0]:
-        flips, ties = row["ties"]
-        notes.append(f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output")
+    if row.get("ties", (0, 0, 0))[0]:
+        flips, ties, rows = row["ties"]
+        notes.append(
+            f"{flips} top-1 flips vs the int8 ONNX, {ties} of them exact ties in the int8 output "
+            f"(tie-aware agreement {1 - (flips - ties) / rows:.4f})"
+        )
+    if "ort_kernels_vs_reference" in row:
+        notes.append(
+            f"ONNX Runtime's int8 kernels vs its reference QDQ run (no fusions): cos "
+            f"{row['ort_kernels_vs_reference']:.4f}; the .tflite vs that reference: {row['tflite_vs_reference']:.4f}"
+        )
     v = row["vs_onnx_int8"]
     if v["task"] < 0.99 or v["cos"] < 0.999:
         notes.append("below 99% / 0.999 vs the int8 ONNX")

@@ -31,6 +31,18 @@ from lowbit.runtimes.ort import session
 from lowbit.targets.add_rounding import exact_add, ort_add, xnnpack_add
 
 
+def _float_shapes(m: onnx.ModelProto, names: list[str], x: np.ndarray) -> dict[str, list[int]]:
+    """Each named value's shape, from one ONNX Runtime run (batch axis left symbolic)."""
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = sess.run(names, {m.graph.input[0].name: x})
+    return {n: ["N", *np.shape(v)[1:]] for n, v in zip(names, values)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("model"), ap.add_argument("eval")
@@ -55,10 +67,13 @@ def main() -> None:
     mo.CopyFrom(m)
     mt = onnx.ModelProto()
     mt.CopyFrom(m)
+    shapes = _float_shapes(m, [q.input[0] for q in qnodes], x[:1])  # the export checks outputs' types and shapes
     for q in qnodes:
         mo.graph.output.append(helper.make_empty_tensor_value_info(q.output[0]))
         if q.input[0] not in {i.name for i in m.graph.input}:  # the input's own QUANTIZE: seen via the first op
-            mt.graph.output.append(helper.make_empty_tensor_value_info(q.input[0]))
+            mt.graph.output.append(
+                helper.make_tensor_value_info(q.input[0], onnx.TensorProto.FLOAT, shapes[q.input[0]])
+            )
     tmp = tempfile.mkdtemp()
     tfl = os.path.join(tmp, "probe.tflite")
     export_tflite(mt, tfl)

@@ -202,7 +202,7 @@ def test_int8_io_quantizes_a_float_classifier_output_from_calibration():
     assert np.abs(q_ort - y_tfl).max() <= 1
 
 
-def test_int8_parameter_tflite_cannot_express_falls_back_to_float_when_allowed():
+def test_int8_clip_to_arbitrary_bounds_exports_without_fallback():
     inits = [
         numpy_helper.from_array(_w((4, 4, 1, 1), 8), "w1"),
         numpy_helper.from_array(_w((4, 4, 1, 1), 9), "w2"),
@@ -216,11 +216,9 @@ def test_int8_parameter_tflite_cannot_express_falls_back_to_float_when_allowed()
     ]
     model = _model(nodes, inits, [1, 4, 8, 8], [1, 4, 8, 8])
     qmodel = lowbit.quantize(model, calib=[_calib(model, 1)], progress=False).model
-    with pytest.raises(LowbitError, match=r"^node clip \(Clip\): an int8 clip .*; pass --allow-float-fallback"):
-        convert(qmodel)
-    result = convert(qmodel, allow_float_fallback=True)
-    assert result.fallbacks == ["clip (Clip): an int8 clip to bounds other than relu/relu6/[-1,1]"]
-    assert result.ops["MAXIMUM"] == 1 and result.ops["CONV_2D"] == 2
+    result = convert(qmodel)
+    assert result.fallbacks == [] and result.float_nodes == []
+    assert result.ops["CONV_2D"] == 2  # the quantizer folds this Clip into conv1's range; test_tflite_clip.py has one
     x = _calib(model, 2, 1)
     y = run_tflite(result.data, x).transpose(0, 3, 1, 2)
     ref = session(qmodel, "kernels").run(None, {"x": x})[0]

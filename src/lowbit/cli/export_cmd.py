@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from ..errors import LowbitError
 from .common import add_image_args, image_preprocess
+
+if TYPE_CHECKING:
+    from ..export.tflite import ImageMetadata
 
 PRECISIONS = ("auto", "float32", "float16", "dynamic")  # as lowbit.export.tflite.PRECISIONS, without importing it
 KINDS = {
@@ -76,6 +80,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--shape input_ids=1x128 --shape attention_mask=1x128",
     )
     p.add_argument(
+        "--value",
+        action="append",
+        default=[],
+        metavar="INPUT=V",
+        help="fix a scalar input to a value (repeatable), e.g. a VAD's sample rate --value sr=16000: it becomes a "
+        "constant and an If on it keeps only the branch it takes (needed when the branches give different sizes)",
+    )
+    p.add_argument(
         "--calib",
         metavar="DATA",
         help="data (.npy/.npz, or an image folder) to measure the range of outputs the quantizer left float "
@@ -88,6 +100,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the layers the quantizer left float at the outputs (a classifier's last Gemm) float, as the "
         "int8 ONNX runs them: int8 logits tie classes closer than one step (default: full-integer)",
+    )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names, one per line, for the first output: written with the input's normalization as TFLite "
+        "metadata (MediaPipe and the Task Library then run the image model without code); implies --image-metadata",
+    )
+    p.add_argument(
+        "--image-metadata",
+        action="store_true",
+        help="write TFLite metadata for an image model: RGB input normalized as (pixel/255 - --mean) / --std",
     )
     add_image_args(p)
     from .export_executorch_cmd import add_args
@@ -130,6 +153,38 @@ def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def parse_values(items: list[str]) -> dict[str, float]:
+    values = {}
+    for item in items:
+        name, _, v = item.rpartition("=")
+        try:
+            values[name] = float(v)
+        except ValueError:
+            name = ""
+        if not name:
+            raise LowbitError(f"--value {item!r}: expected INPUT=NUMBER, e.g. sr=16000")
+    return values
+
+
+def image_metadata(args: argparse.Namespace) -> ImageMetadata | None:
+    """--labels / --image-metadata as TFLite metadata; --mean/--std (0-1 scale, as image folders use them) become
+    pixel units (0-255), which the metadata schema uses."""
+    if not (args.labels or args.image_metadata):
+        return None
+    if args.bgr:
+        raise LowbitError("--bgr: TFLite metadata has no BGR color space; feed RGB, or drop --labels/--image-metadata")
+    from ..export.tflite import ImageMetadata
+
+    labels = None
+    if args.labels:
+        try:
+            with open(args.labels, encoding="utf-8") as f:
+                labels = [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise LowbitError(f"--labels {args.labels}: cannot read it ({e.strerror}); give a text file") from None
+    return ImageMetadata(mean=[255 * m for m in args.mean], std=[255 * s for s in args.std], labels=labels)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.to == "ort":
         return run_ort(args)
@@ -158,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         preprocess=image_preprocess(args),
         float_outputs=args.float_outputs,
+        values=parse_values(args.value),
+        metadata=image_metadata(args),
     )
     print(result.to_json(indent=2) if args.json else export_text(result.to_dict()))
     return 0
@@ -172,6 +229,9 @@ def run_ort(args: argparse.Namespace) -> int:
         "--shape": bool(args.shape),
         "--calib": args.calib is not None,
         "--float-outputs": args.float_outputs,
+        "--value": bool(args.value),
+        "--labels": bool(args.labels),
+        "--image-metadata": args.image_metadata,
     }
     given = [name for name, set_ in tflite_only.items() if set_]
     if given:

@@ -10,6 +10,7 @@ import onnx
 from ...errors import LowbitError
 from ...graph.io import atomic_write_bytes, same_file
 from .convert import IO_KINDS, PRECISIONS, ExportResult, convert
+from .metadata import ImageMetadata
 from .writer import read_metadata
 
 
@@ -24,6 +25,8 @@ def export_tflite(
     calib: Any = None,
     preprocess: Any = None,
     float_outputs: bool = False,
+    values: dict[str, Any] | None = None,
+    metadata: ImageMetadata | None = None,
 ) -> ExportResult:
     """Convert `model` (float, lowbit's float16 or QDQ int8 ONNX) and write `output` atomically; see `convert`."""
     out = Path(output)
@@ -43,10 +46,12 @@ def export_tflite(
         calib=calib,
         preprocess=preprocess,
         float_outputs=float_outputs,
+        values=values,
+        metadata=metadata,
     )
     atomic_write_bytes(result.data, out)
     result.path = out
     return result
 
 
-__all__ = ["export_tflite", "convert", "ExportResult", "IO_KINDS", "PRECISIONS", "read_metadata"]
+__all__ = ["export_tflite", "convert", "ExportResult", "ImageMetadata", "IO_KINDS", "PRECISIONS", "read_metadata"]

@@ -55,6 +55,11 @@ class Context:
         self.nhwc: dict[str, bool] = {}
         self.float_nodes: list[str] = []  # nodes that run in float inside a quantized graph
         self.transposes: list[str] = []  # values transposed inside the graph (should stay empty for CNNs)
+        self.fallbacks: list[str] = []  # quantized in ONNX, float in TFLite (the user allowed it)
+        self.quantized = False  # the model has Q/DQ pairs
+        self.allow_fallback = False
+        self.opsets: dict[str, int] = {}  # the ONNX model's, for an If branch made a model of its own
+        self.ir_version = 8
 
     # -- values -------------------------------------------------------------------------------------
     def shape(self, name: str, nhwc: bool | None = None) -> tuple[int, ...]:

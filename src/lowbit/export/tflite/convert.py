@@ -23,11 +23,18 @@ from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
 from ...graph.io import load_model, model_name
 from ...passes import prepare
+from .branches import expose_reads, fix_inputs, resolve_conditions, settle_on_sizes
+from .chain1d import keep_expanded
 from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
 from .hard import hard_sigmoid, hard_swish
-from .ops import CONVERTERS, FIXED_OUTPUT, FLOAT_ONLY, FUSES, NONE, SAME_PARAMS, clip_bounds, fused_code
+from .kinds import checkpoint, decide, fuse_activations
+from .metadata import METADATA_NAME, ImageMetadata, append_files
+from .metadata import build as build_metadata
+from .ops import CONVERTERS, NONE
+from .probe import probe, static_shapes
 from .qdq import Graph, fold_dynamic, read_graph
+from .recurrent import unroll
 from .rewrite import (
     batchnorm,
     expand_1d,
@@ -37,7 +44,7 @@ from .rewrite import (
     split,
 )
 from .transformer import fuse_bias, fuse_gelu
-from .writer import QuantParams, serialize
+from .writer import serialize
 
 IO_KINDS = ("float", "int8", "uint8")
 # auto: float32 for float models, float16 for lowbit's float16-mode output, int8 for QDQ models.
@@ -82,8 +89,11 @@ class ExportResult:
         return dumps(self.to_dict(), indent=indent)
 
 
-def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, list]]:
-    """The model, its plan's recipe and the plan's calibrated activation ranges (none without a plan beside it)."""
+def _load(
+    model: str | Path | onnx.ModelProto, values: dict[str, Any] | None = None
+) -> tuple[onnx.ModelProto, dict[str, Any] | None, dict[str, list]]:
+    """The model (`values`: inputs made constants), its plan's recipe and the plan's calibrated activation ranges
+    (none without a plan beside it)."""
     recipe, ranges = None, {}
     irm = load_model(model)
     if not isinstance(model, onnx.ModelProto):
@@ -99,75 +109,17 @@ def _load(model: str | Path | onnx.ModelProto) -> tuple[onnx.ModelProto, dict[st
             except (LowbitError, ValueError, KeyError, OSError):
                 recipe = None
     proto = ir.to_proto(irm)
-    if inline_constant_ifs(proto):
+    if values:
+        fix_inputs(proto, values)
+    changed = bool(values)
+    # an If on constants takes its branch; the branch's own Ifs may then have constant conditions too
+    while resolve_conditions(proto) | inline_constant_ifs(proto):
+        changed = True
+    if changed:
         irm = ir.from_proto(proto)
     if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in irm.graph):
         prepare(irm)  # a QDQ model from lowbit is prepared already; folding again would fold its weight DQs
     return ir.to_proto(irm), recipe, ranges
-
-
-def _static_shapes(
-    proto: onnx.ModelProto, batch: int, fixed: dict[str, tuple[int, ...]]
-) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    inits = {t.name for t in proto.graph.initializer}
-    names = [vi.name for vi in proto.graph.input if vi.name not in inits]
-    for name in fixed:
-        if name not in names:
-            raise LowbitError(f"--shape {name}: the model has no input {name} (inputs: {', '.join(names)})")
-    for vi in proto.graph.input:
-        if vi.name in inits:
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if vi.name in fixed:
-            if len(fixed[vi.name]) != len(dims):
-                raise LowbitError(f"--shape {vi.name}: {len(fixed[vi.name])} sizes for an input of rank {len(dims)}")
-            for d, size in zip(dims, fixed[vi.name]):
-                d.dim_value = int(size)
-        for i, d in enumerate(dims):
-            if not d.HasField("dim_value"):
-                if i != 0:
-                    raise LowbitError(
-                        f"input {vi.name} has a symbolic dimension {d.dim_param!r} past the batch axis;"
-                        f" TFLite needs fixed sizes: pass --shape {vi.name}=1x... with every size"
-                    )
-                d.dim_value = batch
-    return _probe(proto)
-
-
-def _probe(proto: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
-    """Shape and element type of every value, from one ONNX Runtime run on zeros at the fixed input sizes:
-    exact where shape inference gives up (exporters' shape arithmetic around masks and positions)."""
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    del probe.graph.output[:]
-    del probe.graph.value_info[:]
-    inits = {t.name for t in proto.graph.initializer}
-    inputs = [vi for vi in proto.graph.input if vi.name not in inits]
-    names = [vi.name for vi in inputs] + list(dict.fromkeys(o for n in proto.graph.node for o in n.output if o))
-    probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in names)
-    feeds = {
-        vi.name: np.zeros(
-            [d.dim_value for d in vi.type.tensor_type.shape.dim],
-            helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type),
-        )
-        for vi in inputs
-    }
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every value
-    options.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        values = sess.run(None, feeds)
-    except Exception as e:  # noqa: BLE001 - ORT raises several unrelated types for a bad model
-        raise LowbitError(
-            f"ONNX Runtime cannot run the model at the fixed input sizes, so tensor shapes are "
-            f"unknown ({str(e).splitlines()[0][:200]}); check --shape / --batch"
-        ) from None
-    shapes = {n: tuple(int(d) for d in np.shape(v)) for n, v in zip(names, values)}
-    dtypes: dict[str, int] = {n: helper.np_dtype_to_tensor_dtype(np.asarray(v).dtype) for n, v in zip(names, values)}
-    return shapes, dtypes
 
 
 def _precision(g: Graph, precision: str, dynamic_form: bool) -> str:
@@ -202,7 +154,12 @@ def _fold(g: Graph, shapes: dict[str, tuple[int, ...]], opsets: dict[str, int]) 
         if node.op_type == "Shape" and node.input[0] in shapes:
             a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
             g.consts[node.output[0]] = np.array(shapes[node.input[0]], np.int64)[a.get("start", 0) : a.get("end")]
-        elif inputs and all(i in g.consts for i in inputs) and node.domain in ("", "ai.onnx"):
+        elif (
+            inputs
+            and all(i in g.consts for i in inputs)
+            and node.domain in ("", "ai.onnx")
+            and not any(a.type == onnx.AttributeProto.GRAPH for a in node.attribute)  # a branch reads outer values
+        ):
             g.consts.update(zip(node.output, _evaluate(node, g.consts, opsets)))
         else:
             kept.append(node)
@@ -231,93 +188,6 @@ def _evaluate(node: onnx.NodeProto, consts: dict[str, np.ndarray], opsets: dict[
         ) from None
 
 
-def _fuse_activations(g: Graph, ctx: Context, graph_outputs: set[str]) -> dict[str, int]:
-    """Relu / Clip(0, 6) right after an op that can absorb it become that op's fused_activation_function."""
-    producer = {o: n for n in g.nodes for o in n.output}
-    uses = Counter(i for n in g.nodes for i in n.input)
-    acts: dict[str, int] = {}
-    kept = []
-    for node in g.nodes:
-        if node.op_type in ("Relu", "Clip"):
-            a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
-            code = fused_code(clip_bounds(ctx, node, a))
-            x, y = node.input[0], node.output[0]
-            p = producer.get(x)
-            qx, qy = g.quant.get(x), g.quant.get(y)
-            same_q = (qx is None and qy is None) or (
-                qx is not None
-                and qy is not None
-                and np.array_equal(qx.scale, qy.scale)
-                and np.array_equal(qx.zero_point, qy.zero_point)
-            )
-            fusable = (
-                p is not None and p.op_type in FUSES and not (p.op_type == "MatMul" and p.input[1] not in g.consts)
-            )
-            if (
-                code is not None
-                and p is not None
-                and fusable
-                and uses[x] == 1
-                and x not in graph_outputs
-                and acts.get(p.name or p.output[0], NONE) == NONE
-                and same_q
-            ):
-                acts[p.name or p.output[0]] = code
-                p.output[0] = y
-                continue
-        kept.append(node)
-    g.nodes = kept
-    return acts
-
-
-def _scale_ratio(a: QuantParams, b: QuantParams) -> float:
-    sa, sb = float(a.scale[0]), float(b.scale[0])
-    return min(sa, sb) / max(sa, sb)
-
-
-def _decide(ctx: Context, node: onnx.NodeProto, allow_fallback: bool, fallbacks: list[str]) -> str:
-    g = ctx.g
-    ins = [i for i in node.input if i and i not in g.consts]
-    if not (all(o in g.quant for o in node.output) and all(i in g.quant for i in ins)):
-        return "f"
-    op = node.op_type
-    out_q = g.quant[node.output[0]]
-    reason = None
-    if op in FLOAT_ONLY:
-        reason = "TFLite has no int8 kernel for it"
-    elif op in SAME_PARAMS and any(
-        not (
-            np.allclose(g.quant[i].scale, out_q.scale, rtol=1e-6)
-            and np.array_equal(g.quant[i].zero_point, out_q.zero_point)
-        )
-        for i in ins
-    ):
-        reason = "TFLite's int8 kernel needs the same scale and zero point on input and output"
-    elif op in FIXED_OUTPUT and not (
-        np.isclose(out_q.scale[0], FIXED_OUTPUT[op][0], rtol=1e-6) and int(out_q.zero_point[0]) == FIXED_OUTPUT[op][1]
-    ):
-        s, z = FIXED_OUTPUT[op]
-        reason = f"TFLite's int8 kernel needs output scale {s:g} and zero point {z}"
-    elif op in ("Conv", "Gemm", "MatMul") and node.input[1] in g.consts and node.input[1] not in g.qconsts:
-        reason = "its weights are float"
-    elif op in ("Add", "Sub", "Mul") and any(i in g.consts and i not in g.qconsts for i in node.input):
-        reason = "a float constant operand"
-    elif op in ("Add", "Sub") and len(ins) == 2 and _scale_ratio(g.quant[ins[0]], g.quant[ins[1]]) < 2.0**-30:
-        # TFLite rescales both inputs by s_i / (2 max s): below 2**-31 its fixed-point multiplier check aborts
-        reason = (
-            f"input scales {float(g.quant[ins[0]].scale[0]):.3g} and {float(g.quant[ins[1]].scale[0]):.3g} "
-            "are too far apart for TFLite's int8 kernel"
-        )
-    if reason is None:
-        return "q"
-    if not allow_fallback:
-        raise LowbitError(
-            f"node {node.name or node.output[0]} ({op}): {reason}; pass --allow-float-fallback to run it in float"
-        )
-    fallbacks.append(f"{node.name or node.output[0]} ({op}): {reason}")
-    return "f"
-
-
 def convert(
     model: str | Path | onnx.ModelProto,
     io: str = "float",
@@ -328,6 +198,8 @@ def convert(
     calib: Any = None,
     preprocess: Any = None,
     float_outputs: bool = False,
+    values: dict[str, Any] | None = None,
+    metadata: ImageMetadata | None = None,
 ) -> ExportResult:
     """Convert a float or QDQ int8 ONNX model to .tflite bytes (see `export_tflite` to write a file).
 
@@ -339,14 +211,81 @@ def convert(
     outputs (lowbit leaves a weighted Gemm/MatMul's model output float) so that layer runs int8 too: integer io
     needs it; with float io it is optional (without it, and without the range in the plan, that layer runs
     float). float_outputs: keep such an output's layer float anyway, as the int8 ONNX computes it (int8 logits
-    tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index)."""
+    tie classes closer than one output step: a top-1 flip against the int8 ONNX, broken by index). values: inputs
+    fixed to a value (a sample rate), made constants; an If on them keeps only the branch they take. metadata:
+    an image model's normalization and labels as TFLite metadata (MediaPipe, the Task Library)."""
     if io not in IO_KINDS:
         raise LowbitError(f"io must be one of {', '.join(IO_KINDS)}, got {io!r}")
-    proto, recipe, ranges = _load(model)
-    shapes, dtypes = _static_shapes(proto, batch, dict(shapes or {}))
+    proto, recipe, ranges = _load(model, values)
+    ctx = _build(proto, model, io, allow_float_fallback, batch, precision, shapes, calib, preprocess, float_outputs,
+                 ranges)  # fmt: skip
+    ctx.fm.metadata["lowbit"] = json.dumps(
+        {
+            "lowbit_version": __version__,
+            "io": io,
+            "precision": ctx.precision,
+            "layout": "4-D inputs and outputs are NHWC",
+            "recipe": recipe,
+        }
+    ).encode()
+    files: dict[str, bytes] = {}
+    if metadata is not None:
+        ctx.fm.metadata[METADATA_NAME], files = build_metadata(ctx.fm, metadata, _title(model))
+    data = append_files(serialize(ctx.fm), files)
+    fallbacks = ctx.fallbacks
+    float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
+    ops = Counter(op.op for fm in [ctx.fm, *ctx.fm.subgraphs] for op in fm.operators)
+    return ExportResult(
+        data,
+        ctx.quantized,
+        io,
+        ctx.precision,
+        dict(ops),
+        float_nodes,
+        fallbacks,
+        sorted(set(ctx.transposes)),
+        model=model_name(model),
+    )
+
+
+def _title(model: str | Path | onnx.ModelProto) -> str:
+    return Path(model).stem if not isinstance(model, onnx.ModelProto) else model.graph.name or "model"
+
+
+def build_branch(proto: onnx.ModelProto, parent: Context) -> Context:
+    """An If branch, made a model of its own (`branches.py`), converted into a subgraph: float inputs and outputs
+    (4-D ones NHWC) that the IF op passes through; int8 inside as the branch's Q/DQ pairs say. Its own branches
+    join the main model's list of subgraphs."""
+    if inline_constant_ifs(proto):
+        proto = ir.to_proto(ir.from_proto(proto))
+    precision = "auto" if parent.precision in ("int8", "float32", "float16", "weight_only") else parent.precision
+    return _build(proto, proto, "float", parent.allow_fallback, 1, precision, None, None, None, True, {},
+                  branch_of=parent)  # fmt: skip
+
+
+def _build(
+    proto: onnx.ModelProto,
+    model: str | Path | onnx.ModelProto,
+    io: str,
+    allow_float_fallback: bool,
+    batch: int,
+    precision: str,
+    shapes: dict[str, tuple[int, ...]] | None,
+    calib: Any,
+    preprocess: Any,
+    float_outputs: bool,
+    ranges: dict[str, list],
+    branch_of: Context | None = None,
+) -> Context:
+    """The conversion proper: the ONNX graph `proto` (prepared) as a Context holding the TFLite model."""
+    shapes, dtypes = static_shapes(proto, batch, dict(shapes or {}))
+    while settle_on_sizes(proto, shapes):  # the kept branches' values need shapes too, and may hold Ifs
+        shapes, dtypes = probe(proto)
     g = read_graph(proto, dtypes)
+    expose_reads(g)
     precision = _precision(g, precision, fold_dynamic(g))
-    _fold(g, shapes, {d.domain: d.version for d in proto.opset_import})
+    opsets = {d.domain: d.version for d in proto.opset_import}
+    _fold(g, shapes, opsets)
     fuse_gelu(g)
     outputs = [o.name for o in proto.graph.output]
     fuse_bias(g, {g.name(o) for o in outputs})
@@ -354,15 +293,21 @@ def convert(
     hard_sigmoid(g, shapes, dtypes)
     batchnorm(g, shapes, dtypes)
     expand_1d(g, shapes, dtypes)
+    recurrent = unroll(g, shapes, dtypes)
     split(g, shapes, dtypes)
+    keep_expanded(g, shapes, dtypes, {g.name(o) for o in outputs})
     quantize_constant_operands(g)
     requantize(g, shapes, dtypes)
     ctx = Context(g, shapes, precision, dtypes)
-    acts = _fuse_activations(g, ctx, {g.name(o) for o in outputs})
-    quantized = bool(g.quant)
+    ctx.opsets, ctx.ir_version, ctx.allow_fallback = opsets, proto.ir_version, allow_float_fallback
+    if branch_of is not None:
+        ctx.fm.subgraphs = branch_of.fm.subgraphs  # one list, numbered in the main model
+    acts = fuse_activations(g, ctx, {g.name(o) for o in outputs})
+    ctx.quantized = quantized = bool(g.quant)
+    ctx.float_nodes += recurrent if quantized else []
     if io != "float" and not quantized:
         raise LowbitError(f"--io {io} needs a quantized (QDQ) model; this one is float")
-    if float_outputs and io != "float":
+    if float_outputs and io != "float" and branch_of is None:
         raise LowbitError(f"--io {io} makes every output int8; drop --float-outputs, or use --io float")
     if quantized and not float_outputs:  # full-integer where the output's range is known (plan or calib)
         quantize_float_outputs(g, model, [g.name(o) for o in outputs], calib, preprocess, ranges, io != "float")
@@ -372,7 +317,7 @@ def convert(
         if vi.name in inits:
             continue
         inputs.append(edge_input(ctx, vi.name, io))
-    fallbacks: list[str] = []
+    fallbacks = ctx.fallbacks
     for node in g.nodes:
         conv = CONVERTERS.get(node.op_type)
         name = node.name or node.output[0]
@@ -384,14 +329,14 @@ def convert(
                     f"node {name} ({node.op_type}): output {o} has no static shape; "
                     "export the model with fixed input sizes"
                 )
-        kind = _decide(ctx, node, allow_float_fallback, fallbacks)
-        if kind == "f" and quantized and node.op_type != "Identity" and name not in g.float_islands:
+        kind = decide(ctx, node, allow_float_fallback, fallbacks)
+        if kind == "f" and quantized and node.op_type not in ("Identity", "If") and name not in g.float_islands:
             ctx.float_nodes.append(f"{name} ({node.op_type})")
         a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
         if kind == "f":
             conv(ctx, node, a, kind, acts.get(name, NONE))
             continue
-        undo = _checkpoint(ctx)
+        undo = checkpoint(ctx)
         try:
             conv(ctx, node, a, "q", acts.get(name, NONE))
         except LowbitError as e:  # an int8 parameter TFLite cannot express: float if the user allows it
@@ -402,42 +347,11 @@ def convert(
             fallbacks.append(f"{name} ({node.op_type}): {str(e).split('): ', 1)[-1]}")
             ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
-    ctx.fm.outputs = [edge_output(ctx, g.name(o), o, io) for o in outputs]
+    if branch_of is None:
+        ctx.fm.outputs = [edge_output(ctx, g.name(o), o, io) for o in outputs]
+    else:  # what the IF op hands on: float, 4-D maps NHWC, whatever layout the branch computed them in
+        ctx.fm.outputs = [ctx.get(g.name(o), "f", len(shapes[g.name(o)]) == 4) for o in outputs]
     # the serving_default signature names them as the ONNX graph does
     ctx.fm.input_names = [vi.name for vi in proto.graph.input if vi.name not in inits]
     ctx.fm.output_names = outputs
-    ctx.fm.metadata["lowbit"] = json.dumps(
-        {
-            "lowbit_version": __version__,
-            "io": io,
-            "precision": precision,
-            "layout": "4-D inputs and outputs are NHWC",
-            "recipe": recipe,
-        }
-    ).encode()
-    data = serialize(ctx.fm)
-    float_nodes = [n for n in ctx.float_nodes if not any(n.startswith(f.split(" (")[0] + " (") for f in fallbacks)]
-    return ExportResult(
-        data,
-        quantized,
-        io,
-        precision,
-        dict(Counter(op.op for op in ctx.fm.operators)),
-        float_nodes,
-        fallbacks,
-        sorted(set(ctx.transposes)),
-        model=model_name(model),
-    )
-
-
-def _checkpoint(ctx: Context):
-    """A function that puts the conversion state back as it is now (drops a failed converter's tensors/ops)."""
-    n_tensors, n_ops = len(ctx.fm.tensors), len(ctx.fm.operators)
-    reps = {k: dict(v) for k, v in ctx.reps.items()}
-    nhwc, n_transposes = dict(ctx.nhwc), len(ctx.transposes)
-
-    def undo() -> None:
-        del ctx.fm.tensors[n_tensors:], ctx.fm.operators[n_ops:], ctx.transposes[n_transposes:]
-        ctx.reps, ctx.nhwc = {k: dict(v) for k, v in reps.items()}, dict(nhwc)
-
-    return undo
+    return ctx

@@ -94,9 +94,9 @@ def edge_output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
     if io == "float" or q is None:
         if io != "float":
             raise LowbitError(f"--io {io}: output {onnx_name} is not quantized in the model; use --io float")
-        idx = ctx.get(name, "f")
+        idx = ctx.get(name, "f", True)  # 4-D outputs are NHWC, whatever layout computed them
     else:
-        idx = ctx.get(name, "q")
+        idx = ctx.get(name, "q", True)
         if io == "uint8":
             src = idx
             idx = ctx.fm.add_tensor(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from . import spatial, transformer
+from . import branches, spatial, transformer
 from .context import TO_NHWC, Context, nhwc_axis
 from .layers import conv, fail, fully_connected, mean, pool
 from .writer import QuantParams
@@ -86,16 +86,52 @@ def clip(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     if code is not None:
         ctx.op({RELU: "RELU", RELU6: "RELU6", RELU_N1_TO_1: "RELU_N1_TO_1"}[code], [xin], [out])
         return
-    if kind == "q":
-        raise fail(node, "an int8 clip to bounds other than relu/relu6/[-1,1]")
     lo, hi = clip_bounds(ctx, node, a)
     name = node.name or y
+    if kind == "q":
+        _int8_clip(ctx, node, xin, out, lo, hi)
+        return
     mid = xin
     if lo > -np.inf:  # one-sided clips (a floor under a divisor) need one op
         mid = out if hi == np.inf else ctx.fm.add_tensor(ctx._tensor(y, kind, ctx.shape(y), f"{name}_max"))
         ctx.op("MAXIMUM", [xin, ctx.const(f"{name}_lo", np.float32(lo).reshape(1))], [mid])
     if hi < np.inf or mid == xin:
         ctx.op("MINIMUM", [mid, ctx.const(f"{name}_hi", np.float32(hi).reshape(1))], [out])
+
+
+def _int8_clip(ctx: Context, node: onnx.NodeProto, xin: int, out: int, lo: float, hi: float) -> None:
+    """Clip(x, lo, hi) in int8 (a floor under a divisor: mean pooling's clamp(min=1e-9)). Quantizing is monotone,
+    so Q_y(clip(x, lo, hi)) = clip(Q_y(x), Q_y(lo), Q_y(hi)): requantize to the output's parameters first (if
+    they differ), then MAXIMUM / MINIMUM against int8 constants with those parameters, which is what ONNX
+    Runtime's DQ -> Clip -> Q computes, exactly."""
+    x, y = node.input[0], node.output[0]
+    qx, qy = ctx.quant(x), ctx.quant(y)
+    assert qx is not None and qy is not None  # kind "q": both quantized
+    if qy.scale.size != 1:
+        raise fail(node, "a per-channel int8 clip output")
+    scale, zp = float(qy.scale[0]), int(qy.zero_point[0])
+    bounds = [
+        (op, int(np.clip(np.round(np.float32(v) / np.float32(scale)) + zp, -128, 127)))
+        for op, v in (("MAXIMUM", lo), ("MINIMUM", hi))
+        if np.isfinite(v)
+    ]
+    # a bound at the end of int8's range clips nothing the int8 type does not clip already
+    steps = [(op, b) for op, b in bounds if (op == "MAXIMUM" and b > -128) or (op == "MINIMUM" and b < 127)]
+    same = np.array_equal(qx.scale, qy.scale) and np.array_equal(qx.zero_point, qy.zero_point)
+    shape = ctx.shape(y)
+    label = node.name or y
+    cur = xin
+    if not same:
+        cur = out if not steps else ctx.fm.add_tensor(ctx._tensor(y, "q", shape, f"{label}_requant"))
+        ctx.op("QUANTIZE", [xin], [cur])
+    if not steps and same:  # the clip is the int8 range itself: a copy
+        ctx.op("RESHAPE", [cur, ctx.const_int(list(shape), f"{label}_shape")], [out])
+        return
+    for k, (op, b) in enumerate(steps):
+        dst = out if k == len(steps) - 1 else ctx.fm.add_tensor(ctx._tensor(y, "q", shape, f"{label}_{op.lower()}"))
+        const = ctx.const(f"{label}_{op.lower()}_bound", np.array([b], np.int8), QuantParams(qy.scale, qy.zero_point))
+        ctx.op(op, [cur, const], [dst])
+        cur = dst
 
 
 def unary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
@@ -230,6 +266,7 @@ CONVERTERS: dict[str, Converter] = {
     "Identity": identity,
     **transformer.CONVERTERS,
     **spatial.CONVERTERS,
+    **branches.CONVERTERS,
 }
 # Ops that may absorb a following Relu/Clip as fused_activation_function.
 FUSES = {"Conv", "Gemm", "MatMul", "Add", "Sub", "Mul", "AveragePool", "MaxPool", "Concat"}

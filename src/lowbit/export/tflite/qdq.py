@@ -46,6 +46,9 @@ class Graph:
     # nodes of int8 tensors written in float on purpose (DEQUANTIZE -> float -> QUANTIZE): what the QDQ model
     # computes in ONNX Runtime, with one rounding; not float fallbacks (hard.py)
     float_islands: set[str] = field(default_factory=set)
+    # an If's outer values, as its branches name them, in the order `branches.expose_reads` appended them to its
+    # inputs (so every pass sees those uses, and renames them)
+    reads: dict[str, list[str]] = field(default_factory=dict)
 
     def name(self, n: str) -> str:
         while n in self.alias:

@@ -126,7 +126,10 @@ def layer_norm(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
 def gelu(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     approx = a.get("approximate", "none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
-    _emit(ctx, node, "GELU", [ctx.get(node.input[0], kind, False)], kind, "GeluOptions", approximate=approx == "tanh")
+    x = node.input[0]
+    xin = ctx.get(x, kind)  # elementwise: in whatever layout x has (a 1-D conv chain stays NHWC, chain1d.py)
+    out = ctx.produce(node.output[0], kind, ctx.nhwc[x])
+    ctx.op("GELU", [xin], [out], "GeluOptions", approximate=approx == "tanh")
 
 
 def unary_math(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:

@@ -85,6 +85,8 @@ class FlatModel:
     # Signature names of `inputs` / `outputs`, in order (the ONNX graph's); empty: the tensors' own names.
     input_names: list[str] = field(default_factory=list)
     output_names: list[str] = field(default_factory=list)
+    # Further subgraphs (an IF's branches), numbered from 1 in this order; only the main model's list is written.
+    subgraphs: list[FlatModel] = field(default_factory=list)
 
     def add_tensor(self, t: Tensor) -> int:
         self.tensors.append(t)
@@ -131,67 +133,18 @@ def _options(b: flatbuffers.Builder, name: str, fields: dict[str, Any]) -> int:
 
 
 def serialize(model: FlatModel) -> bytes:
-    """The model as a .tflite flatbuffer: one subgraph with its `serving_default` signature, buffer 0 empty by
-    convention."""
+    """The model as a .tflite flatbuffer: the main subgraph with its `serving_default` signature, then any
+    branch subgraphs; buffer 0 empty by convention."""
     b = flatbuffers.Builder(1024)
     buffers: list[bytes | None] = [None]
     # Constants with the same bytes share one buffer: an unrolled LSTM's weights are used once per time step
     # (the captcha CRNN's float .tflite was 274 MB, its ONNX 19 MB). LiteRT only reads constant buffers.
     seen: dict[bytes, int] = {}
-    tensor_offsets = []
-    for t in model.tensors:
-        buf_index = 0
-        if t.data is not None:
-            blob = np.ascontiguousarray(t.data).tobytes()
-            if blob not in seen:
-                buffers.append(blob)
-                seen[blob] = len(buffers) - 1
-            buf_index = seen[blob]
-        name = b.CreateString(t.name)
-        shape = _int_vector(b, list(t.shape))
-        quant = _quant(b, t.quant) if t.quant is not None else None
-        m = _module("Tensor")
-        m.Start(b)
-        m.AddShape(b, shape)
-        m.AddType(b, TENSOR_TYPES[t.dtype])
-        m.AddBuffer(b, buf_index)
-        m.AddName(b, name)
-        if quant is not None:
-            m.AddQuantization(b, quant)
-        tensor_offsets.append(m.End(b))
-
     codes: list[str] = []
-    op_offsets = []
-    options_enum = _module("BuiltinOptions").BuiltinOptions
-    for op in model.operators:
-        if op.op not in codes:
-            codes.append(op.op)
-        inputs = _int_vector(b, op.inputs)
-        outputs = _int_vector(b, op.outputs)
-        opts = _options(b, op.options, op.fields) if op.options else None
-        m = _module("Operator")
-        m.Start(b)
-        m.AddOpcodeIndex(b, codes.index(op.op))
-        m.AddInputs(b, inputs)
-        m.AddOutputs(b, outputs)
-        if op.options:  # opts was built
-            m.AddBuiltinOptionsType(b, getattr(options_enum, op.options))
-            m.AddBuiltinOptions(b, opts)
-        op_offsets.append(m.End(b))
-
-    sg = _module("SubGraph")
-    tensors_vec = _table_vector(b, sg.StartTensorsVector, tensor_offsets)
-    ops_vec = _table_vector(b, sg.StartOperatorsVector, op_offsets)
-    in_vec = _int_vector(b, model.inputs)
-    out_vec = _int_vector(b, model.outputs)
-    sg_name = b.CreateString("main")
-    sg.Start(b)
-    sg.AddTensors(b, tensors_vec)
-    sg.AddOperators(b, ops_vec)
-    sg.AddInputs(b, in_vec)
-    sg.AddOutputs(b, out_vec)
-    sg.AddName(b, sg_name)
-    subgraph = sg.End(b)
+    subgraphs = [
+        _subgraph(b, fm, buffers, seen, codes, "main" if k == 0 else f"branch_{k}")
+        for k, fm in enumerate([model, *model.subgraphs])
+    ]
 
     signature = _signature(b, model)
 
@@ -227,7 +180,7 @@ def serialize(model: FlatModel) -> bytes:
 
     mm = _module("Model")
     codes_vec = _table_vector(b, mm.StartOperatorCodesVector, code_offsets)
-    sgs_vec = _table_vector(b, mm.StartSubgraphsVector, [subgraph])
+    sgs_vec = _table_vector(b, mm.StartSubgraphsVector, subgraphs)
     bufs_vec = _table_vector(b, mm.StartBuffersVector, buffer_offsets)
     meta_vec = _table_vector(b, mm.StartMetadataVector, meta_offsets)
     sigs_vec = _table_vector(b, mm.StartSignatureDefsVector, [signature])
@@ -242,6 +195,64 @@ def serialize(model: FlatModel) -> bytes:
     mm.AddSignatureDefs(b, sigs_vec)
     b.Finish(mm.End(b), file_identifier=FILE_IDENTIFIER)
     return bytes(b.Output())
+
+
+def _subgraph(
+    b: flatbuffers.Builder, model: FlatModel, buffers: list, seen: dict[bytes, int], codes: list[str], name: str
+) -> int:
+    tensor_offsets = []
+    for t in model.tensors:
+        buf_index = 0
+        if t.data is not None:
+            blob = np.ascontiguousarray(t.data).tobytes()
+            if blob not in seen:
+                buffers.append(blob)
+                seen[blob] = len(buffers) - 1
+            buf_index = seen[blob]
+        tname = b.CreateString(t.name)
+        shape = _int_vector(b, list(t.shape))
+        quant = _quant(b, t.quant) if t.quant is not None else None
+        m = _module("Tensor")
+        m.Start(b)
+        m.AddShape(b, shape)
+        m.AddType(b, TENSOR_TYPES[t.dtype])
+        m.AddBuffer(b, buf_index)
+        m.AddName(b, tname)
+        if quant is not None:
+            m.AddQuantization(b, quant)
+        tensor_offsets.append(m.End(b))
+
+    op_offsets = []
+    options_enum = _module("BuiltinOptions").BuiltinOptions
+    for op in model.operators:
+        if op.op not in codes:
+            codes.append(op.op)
+        inputs = _int_vector(b, op.inputs)
+        outputs = _int_vector(b, op.outputs)
+        opts = _options(b, op.options, op.fields) if op.options else None
+        m = _module("Operator")
+        m.Start(b)
+        m.AddOpcodeIndex(b, codes.index(op.op))
+        m.AddInputs(b, inputs)
+        m.AddOutputs(b, outputs)
+        if op.options:  # opts was built
+            m.AddBuiltinOptionsType(b, getattr(options_enum, op.options))
+            m.AddBuiltinOptions(b, opts)
+        op_offsets.append(m.End(b))
+
+    sg = _module("SubGraph")
+    tensors_vec = _table_vector(b, sg.StartTensorsVector, tensor_offsets)
+    ops_vec = _table_vector(b, sg.StartOperatorsVector, op_offsets)
+    in_vec = _int_vector(b, model.inputs)
+    out_vec = _int_vector(b, model.outputs)
+    sg_name = b.CreateString(name)
+    sg.Start(b)
+    sg.AddTensors(b, tensors_vec)
+    sg.AddOperators(b, ops_vec)
+    sg.AddInputs(b, in_vec)
+    sg.AddOutputs(b, out_vec)
+    sg.AddName(b, sg_name)
+    return sg.End(b)
 
 
 def _signature(b: flatbuffers.Builder, model: FlatModel) -> int:

@@ -173,7 +173,7 @@ def quantize(
     rounding, rounding_record, rounding_notes = round_weights(
         loaded, decided, recipe, calib, plan, preprocess, batch_axes, progress
     )
-    if rounding_record:
+    if rounding_record and plan is None:  # learned now, not read from the plan
         timings["adaround"] = time.perf_counter() - t
 
     t = time.perf_counter()

@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common
 
 from .numerics import qrange
 from .ops.base import const, weight_of

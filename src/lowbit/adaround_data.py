@@ -62,7 +62,8 @@ def row_width(layer: Layer) -> int:
     if layer.node.op_type == "Conv":
         g = layer.node.attributes.get_int("group", 1)
         return int(np.prod(layer.w.shape[1:])) * g
-    return layer.w.shape[1] if layer.node.op_type == "Gemm" and layer.node.attributes.get_int("transB", 0) else layer.w.shape[0]
+    stored_nk = layer.node.op_type == "Gemm" and bool(layer.node.attributes.get_int("transB", 0))
+    return int(layer.w.shape[1] if stored_nk else layer.w.shape[0])
 
 
 def rows(layer: Layer, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -80,7 +81,7 @@ def rows(layer: Layer, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
     iy = oy[:, None] * s[0] + np.arange(k[0])[None, :] * d[0]  # (n, kh)
     ix = ox[:, None] * s[1] + np.arange(k[1])[None, :] * d[1]  # (n, kw)
     patch = xp[b[:, None, None], :, iy[:, :, None], ix[:, None, :]]  # (n, kh, kw, C)
-    n, c = len(pos), x.shape[1]
+    n = len(pos)
     g = node.attributes.get_int("group", 1)
     patch = patch.transpose(0, 3, 1, 2).reshape(n, g, -1)  # (n, groups, channels per group x kh x kw)
     return np.ascontiguousarray(patch.transpose(1, 0, 2), np.float32)
@@ -140,11 +141,12 @@ class QuantizedInputs:
         self.x_names: list[str] = []
         graph = copy.graph
         for i, layer in enumerate(todo):
-            node = graph.node(layer.node.name)
+            name = layer.key.rsplit(":", 1)[0]
+            node = graph.node(name)
             w_in = self._input(graph, f"adaround_w{i}", layer.w)
             node.replace_input_with(1, w_in)
-            self.feeds[w_in.name] = layer.w  # replaced by round-to-nearest below, then by the learned rounding
-            b = bias_at.get(layer.node.name)
+            self.feeds[f"adaround_w{i}"] = layer.w  # learn() sets round-to-nearest, then the learned rounding
+            b = bias_at.get(name)
             bias = const(layer.node, b) if b is not None else None
             if bias is not None and b is not None:
                 b_in = self._input(graph, f"adaround_b{i}", bias.astype(np.float32))

@@ -297,7 +297,8 @@ def _round_layer(layer: Layer, g: Grid, xf: np.ndarray, xq: np.ndarray, seed: in
     for it in range(ITERATIONS):
         idx = torch.randint(0, n, (batch,), generator=gen)
         h = torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
-        err = torch.bmm(xq_t[:, idx], weight(h)) - target[:, idx]
+        # index_select, not x[:, idx]: torch's advanced indexing on a middle axis is many times slower
+        err = torch.bmm(xq_t.index_select(1, idx), weight(h)) - target.index_select(1, idx)
         loss = err.pow(2).sum(dim=(0, 2)).mean()
         if it >= warm:
             frac = (it - warm) / max(ITERATIONS - warm, 1)

@@ -123,7 +123,8 @@ def section(fashion: list[str], lite0: list[str], n_eval: int) -> str:
         f"Command: `{cmd}`. Machine: {cpu_model()}, {len(os.sched_getaffinity(0))} cores shared with other jobs "
         f"(times are wall-clock, AdaRound learns on 1 thread), ONNX Runtime {__import__('onnxruntime').__version__}, "
         f"torch {torch.__version__}. AdaRound: {ada.ITERATIONS} Adam steps per layer (lr {ada.LEARNING_RATE}, "
-        f"batches of {ada.BATCH_ROWS} rows out of up to {ada.ROWS} sampled output positions), lambda {ada.LAMBDA}, "
+        f"batches of {ada.BATCH_ROWS} rows, at most {ada.BATCH_FLOATS} input values, out of up to {ada.ROWS} "
+        "sampled output positions), lambda {ada.LAMBDA}, "
         f"beta {ada.BETA[0]:g} -> {ada.BETA[1]:g} after {ada.WARMUP:.0%} warm-up, pre-activation output.",
         "",
     ]
@@ -170,7 +171,9 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=["fashion", "lite0"], default=["fashion", "lite0"])
     ap.add_argument("--eval", type=int, default=256, help="EfficientNet-Lite0 held-out crops")
     ap.add_argument("--out", type=Path, help="write the section here (replacing an earlier one)")
+    ap.add_argument("--iterations", type=int, default=ada.ITERATIONS, help="Adam steps per layer")
     args = ap.parse_args()
+    ada.ITERATIONS = args.iterations
     fashion = fashion_rows() if "fashion" in args.only else []
     lite0 = lite0_rows(args.eval) if "lite0" in args.only else []
     text = section(fashion, lite0, args.eval)

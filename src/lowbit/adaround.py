@@ -51,6 +51,9 @@ LEARNING_RATE = 1e-2
 ROWS = 4096  # sampled output positions per layer
 ROW_FLOATS = 1 << 23  # at most this many floats in one layer's sampled inputs (a wide depthwise conv gets fewer rows)
 BATCH_ROWS = 1024  # rows per Adam step
+# ... but at most this many input values per step: a wide depthwise conv (1152 groups of 5x5) has few weights per
+# group and needs fewer rows, and a step then costs as much as a 1x1 conv's (EfficientNet-Lite0: 5x less time).
+BATCH_FLOATS = 1 << 21
 SEED = 0
 # Where X_quant comes from: "quantized" (the paper's asymmetric reconstruction) or "float" (the float model's inputs,
 # no simulation runs); bench/adaround.py measures both.
@@ -287,7 +290,7 @@ def _round_layer(layer: Layer, g: Grid, xf: np.ndarray, xq: np.ndarray, seed: in
     v = torch.nn.Parameter(torch.from_numpy(v0.astype(np.float32)))
     opt = torch.optim.Adam([v], lr=LEARNING_RATE)
     n = xf.shape[1]
-    batch = min(BATCH_ROWS, n)
+    batch = min(BATCH_ROWS, n, max(32, BATCH_FLOATS // (xf.shape[0] * xf.shape[2])))
     warm = int(WARMUP * ITERATIONS)
 
     def weight(h: torch.Tensor) -> torch.Tensor:

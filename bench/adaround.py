@@ -41,13 +41,13 @@ HEADING = "## AdaRound (`--adaround`): learned rounding vs round-to-nearest"
 def fashion_model(epochs: int = 6, seed: int = 0) -> tuple[torch.nn.Module, float]:
     """The example's float model, trained once and cached (about 3-7 minutes on 1 thread)."""
     path = ART / "fashion" / f"float_e{epochs}_s{seed}.pt"
+    torch.manual_seed(seed)  # before the model is built, as the example does
     model = fm.SmallMobileNet()
     if path.exists():
         model.load_state_dict(torch.load(path, weights_only=True))
         model.eval()
         return model, 0.0
     xtr, ytr = fm.load("train", fm.DATA)
-    torch.manual_seed(seed)
     secs = fm.train(model, xtr, ytr, epochs, 2e-3, 128, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), path)

@@ -124,7 +124,7 @@ def section(fashion: list[str], lite0: list[str], n_eval: int) -> str:
         f"(times are wall-clock, AdaRound learns on 1 thread), ONNX Runtime {__import__('onnxruntime').__version__}, "
         f"torch {torch.__version__}. AdaRound: {ada.ITERATIONS} Adam steps per layer (lr {ada.LEARNING_RATE}, "
         f"batches of {ada.BATCH_ROWS} rows, at most {ada.BATCH_FLOATS} input values, out of up to {ada.ROWS} "
-        "sampled output positions), lambda {ada.LAMBDA}, "
+        f"sampled output positions), lambda {ada.LAMBDA}, "
         f"beta {ada.BETA[0]:g} -> {ada.BETA[1]:g} after {ada.WARMUP:.0%} warm-up, pre-activation output.",
         "",
     ]

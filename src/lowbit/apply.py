@@ -5,9 +5,12 @@ registered rewrite function, mode by mode in graph order."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 
+from .adaround import grid
 from .graph.external import release
 from .numerics import dequantize
 from .ops import RewriteContext, entry_for
@@ -20,8 +23,9 @@ from .rewrite import constant_dq, fuse_activation, insert_qdq, quantize_constant
 from .weights import quantize_weight
 
 
-def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
-    """Rewrite in place; bias correction uses the per-channel input means recorded in the plan.
+def apply(model: ir.Model, layout: Layout, plan: Plan, rounding: dict[str, np.ndarray] | None = None) -> None:
+    """Rewrite in place; bias correction uses the per-channel input means recorded in the plan. `rounding`: AdaRound's
+    up/down bits by weight ("node:1"), used instead of round-to-nearest for those weights.
 
     Weights stream through: a float weight loaded lazily from external data (memory-mapped) is unmapped as soon
     as its node no longer reads it, so only the weights being quantized, and the quantized ones, are in memory."""
@@ -30,7 +34,7 @@ def apply(model: ir.Model, layout: Layout, plan: Plan) -> None:
     for node_name, idx, axis in layout.weights:
         node = graph.node(node_name)
         before = list(node.inputs)
-        corr = _quantize_weight(model, node, idx, axis, layout, plan)
+        corr = _quantize_weight(model, node, idx, axis, layout, plan, (rounding or {}).get(f"{node_name}:{idx}"))
         if corr is not None:
             corrections[node_name] = corr
         _release_unused(before)
@@ -85,13 +89,23 @@ def _release_unused(values: list[ir.Value | None]) -> None:
 
 
 def _quantize_weight(
-    model: ir.Model, node: ir.Node, idx: int, axis: int | None, layout: Layout, plan: Plan
+    model: ir.Model,
+    node: ir.Node,
+    idx: int,
+    axis: int | None,
+    layout: Layout,
+    plan: Plan,
+    up: np.ndarray | None = None,
 ) -> np.ndarray | None:
-    """Quantize one weight input in place; returns the bias correction for the node, if any."""
+    """Quantize one weight input in place (with AdaRound's `up` bits, if given); returns the bias correction for
+    the node, if any."""
     scheme = layout.nodes[name_of(node)].scheme
     assert scheme is not None  # a node with a weight to quantize is quantized, so it has a scheme
     w = weight_of(node, idx)
     qw = quantize_weight(w, axis, scheme.weights, scheme.symmetric_weights, scheme.reduce_range)
+    if up is not None:
+        g = grid(w, qw.scale, qw.zero_point, axis, scheme)
+        qw = replace(qw, q=g.integers(up).astype(qw.q.dtype))
     x = node.inputs[0]
     assert x is not None
     mean = plan.channel_means.get(name_of(x))

@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import onnx
 import onnx_ir as ir
 
+from .adaround import check_data, round_weights
 from .apply import apply
 from .branches import merge_plans, quantize_branches
 from .calibrate import calibrate_layout, open_calibration, relax_mmap_threshold
@@ -134,6 +135,7 @@ def quantize(
         plan.validate("the plan passed in")
     # Re-applying a plan without a recipe means the plan's own recipe: the same nodes get the same treatment.
     recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
+    check_data(recipe, calib)
     timings: dict[str, float] = {}
 
     loaded = load(model)
@@ -170,6 +172,13 @@ def quantize(
         relax_mmap_threshold()  # calibration's flat peak is kept; the rest need not page-fault every block
 
     t = time.perf_counter()
+    rounding, rounding_record, rounding_notes = round_weights(
+        loaded, decided, recipe, calib, plan, preprocess, batch_axes, progress
+    )
+    if rounding_record and plan is None:  # learned now, not read from the plan
+        timings["adaround"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     new_plan = Plan(
         recipe=recipe.to_dict(),
         tensors=decided.tensors,
@@ -178,10 +187,11 @@ def quantize(
         graph_fingerprint=fingerprint,
         smooth_scales=smooth_scales,
         output_ranges=decided.output_ranges,
+        adaround=rounding_record,
     )
     new_plan.nodes = decided.layout.decisions()
     weights = set(loaded.model.graph.initializers)  # the model's own, not the quantization parameters apply adds
-    apply(loaded.model, decided.layout, new_plan)
+    apply(loaded.model, decided.layout, new_plan, rounding)
     notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float
     proto = finish(loaded.model, new_plan, recipe.target)
     merge_plans(new_plan, branch_plans)  # after apply, which quantizes every tensor the plan names in the main graph
@@ -190,7 +200,7 @@ def quantize(
     result = QuantizeResult(
         proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
     )
-    result.warnings = [n for n in [before] if n] + branch_notes + notes
+    result.warnings = [n for n in [before] if n] + branch_notes + notes + rounding_notes
     result.external_data = loaded.external
     if output is not None:
         save(proto, new_plan, output, loaded.external)

@@ -15,6 +15,7 @@ LowbitError naming the tensor, never a ValueError deep inside the rewrite.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -78,6 +79,8 @@ class Plan:
     smooth_scales: dict[str, list[float]] = field(default_factory=dict)
     # graph output -> calibrated [min, max] as observed (no clipping); {} in plans from before it
     output_ranges: dict[str, list[float]] = field(default_factory=dict)
+    # AdaRound's up/down bits by weight ("node:1"), with the float weight's sha256 (adaround.py); {} when off.
+    adaround: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -115,6 +118,7 @@ class Plan:
                 model_sha256=data.get("model_sha256"),
                 smooth_scales=data.get("smooth_scales", {}),
                 output_ranges=data.get("output_ranges", {}),
+                adaround=data.get("adaround", {}),
             )
         except RecursionError:
             raise LowbitError(f"{p} nests too deeply to be a lowbit plan file") from None
@@ -170,6 +174,16 @@ class Plan:
         for name, r in self.output_ranges.items():
             if not isinstance(r, list) or len(r) != 2 or not all(_finite(v) for v in r) or r[0] > r[1]:
                 raise bad(f"output '{name}' has range {_short(r)}; a range is two finite numbers [low, high]")
+        if not isinstance(self.adaround, dict):
+            raise bad("its adaround record is not an object of weight name -> rounding")
+        for name, e in self.adaround.items():
+            ok = isinstance(e, dict) and isinstance(e.get("up"), str) and isinstance(e.get("weight_sha256"), str)
+            if not ok or not isinstance(e.get("shape"), list) or not all(_integer(d) for d in e["shape"]):
+                raise bad(f"weight '{name}' has an adaround entry without up bits, shape and weight_sha256")
+            try:
+                base64.b64decode(e["up"], validate=True)
+            except ValueError:
+                raise bad(f"weight '{name}' has adaround up bits that are not base64") from None
         for label, value in (("graph_fingerprint", self.graph_fingerprint), ("model_sha256", self.model_sha256)):
             if value is not None and not isinstance(value, str):
                 raise bad(f"{label} must be a string, got {_short(value)}")

@@ -54,6 +54,9 @@ class Scheme:
     # Static int4 weights are per channel (or per tensor) behind an INT4 DequantizeLinear: a file about half the
     # size of int8, but ONNX Runtime has no integer kernel for them and runs those ops in float.
     block_size: int | None = None
+    # AdaRound (adaround.py): learn each Conv/Gemm/MatMul weight's rounding (down or up) on the calibration data,
+    # layer by layer, instead of rounding to nearest; static mode. Fashion-MNIST W4A8: bench/RESULTS_RECOVER.md.
+    adaround: bool = False
 
     def __post_init__(self) -> None:
         _check_literal(self, "mode", Mode)
@@ -67,6 +70,7 @@ class Scheme:
             "reduce_range",
             "avoid_overflow",
             "bias_correction",
+            "adaround",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise LowbitError(f"recipe option '{name}' must be true or false, got {_show(getattr(self, name))}")
@@ -89,6 +93,11 @@ class Scheme:
         if self.weights == "int4" and self.mode not in ("weight_only", "static"):
             raise LowbitError(
                 f"conflicting options: int4 weights need mode weight_only or static, not {self.mode}; set weights=int8"
+            )
+        if self.adaround and self.mode != "static":
+            raise LowbitError(
+                f"conflicting options: adaround learns weight rounding on calibrated static layers, not mode "
+                f"{self.mode}; set mode=static or drop adaround"
             )
         if self.mode == "dynamic" and self.activations != "uint8":
             raise LowbitError(

@@ -99,6 +99,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "weights with strength ALPHA in [0, 1] (default 0.7: MiniLM reaches cosine 0.99 there, 0.977 at the "
         "paper's 0.5), where the producer absorbs it exactly",
     )
+    g.add_argument(
+        "--adaround",
+        action="store_true",
+        help="AdaRound: learn each Conv/Gemm/MatMul weight's rounding (down or up) on the calibration data, layer by "
+        "layer, instead of rounding to nearest (static mode; minutes on a mobile CNN; what makes --weights int4 "
+        "usable without training)",
+    )
     # --- end accuracy recovery ---
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
@@ -136,6 +143,7 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "per_channel": False if args.per_tensor else None,
         "reduce_range": True if args.reduce_range else None,
         "avoid_overflow": False if args.no_overflow_guard else None,
+        "adaround": True if args.adaround else None,
     }
     scheme: Scheme = dataclasses.replace(base.default, **{k: v for k, v in overrides.items() if v is not None})
     top = {
@@ -176,6 +184,7 @@ RECIPE_OPTIONS = {
     "target": "--target",
     "equalize": "--equalize",
     "smooth_quant": "--smooth-quant",
+    "adaround": "--adaround",
 }
 
 
@@ -289,6 +298,12 @@ def run(args: argparse.Namespace) -> int:
         )
     else:
         print(summary_text(result.plan, result.float_bytes, result.quantized_bytes, result.seconds, check))
+        if "adaround" in timings:
+            kept = sum(bool(e.get("kept_nearest")) for e in result.plan.adaround.values())
+            print(
+                f"adaround: learned the rounding of {len(result.plan.adaround)} weights in "
+                f"{timings['adaround']:.1f} s ({kept} kept round-to-nearest, which did better on its layer)"
+            )
         for note in result.warnings:
             print(f"warning: {note}")
         if speed is not None:

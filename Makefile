@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PINS := pins.txt
 
-.PHONY: demo test test-fast lint browser speech corpus captcha qat minilm kws dlrm clean
+.PHONY: demo test test-fast lint browser speech corpus fashion captcha qat minilm kws dlrm clean
 
 $(STAMP): pyproject.toml $(PINS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -38,7 +38,7 @@ corpus: $(STAMP)
 	PYTHONPATH=examples $(BIN)/python -m lowbit_zoo.corpus.registry
 
 # The whole suite, as CI runs it (.ci/run): real-model tests, the HTML report in Chromium, espeak-ng speech.
-test: $(STAMP) browser speech corpus
+test: $(STAMP) browser speech corpus fashion
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 # The quick tier: no real-model (slow) tests and nothing to install beyond .venv (no Chromium, no espeak-ng).
@@ -53,11 +53,14 @@ lint: $(STAMP)
 	$(BIN)/mypy src/lowbit || status=1; \
 	exit $$status
 
-# Quantization-aware training on Fashion-MNIST (Debian package dataset-fashion-mnist).
-qat: $(STAMP)
+# Fashion-MNIST (Debian package dataset-fashion-mnist): the QAT example and the AdaRound W4A8 test.
+fashion:
 	@test -d /usr/share/datasets/fashion-mnist || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
 	  else echo "install Debian package dataset-fashion-mnist (needs root)"; exit 1; fi; }
+
+# Quantization-aware training on Fashion-MNIST.
+qat: $(STAMP) fashion
 	$(BIN)/python examples/qat_fashion_mnist.py
 
 # A third-party model end to end: captcha-whisperer's CRNN (fetched with pip), quantized and evaluated with the CLI.

@@ -191,8 +191,8 @@ def measure_tensors(
     finally:
         bar.close()
     axes = output_batch_axes(fsess)
-    stats.ref_outputs = [join(r, axes.get(n, 0)) for r, n in zip(refs, fnames)]
-    stats.quant_outputs = [join(o, axes.get(n, 0)) for o, n in zip(outs, fnames)]
+    stats.ref_outputs = [join(r, axes.get(n, 0), stats.samples) for r, n in zip(refs, fnames)]
+    stats.quant_outputs = [join(o, axes.get(n, 0), stats.samples) for o, n in zip(outs, fnames)]
     return stats
 
 

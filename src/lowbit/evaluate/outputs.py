@@ -174,7 +174,7 @@ def _sequence(x: np.ndarray, name: str) -> OutputKind:
     if _sums_to_one(x, 2) or _log_softmax(x, 2):
         return OutputKind("sequence", f"{where}: per-step class probabilities (CTC-like)")
     if c > 128 and not _hint(name, _EMBED_NAMES) and _ctc_logits(x):
-        return OutputKind("sequence", f"{where}: {t} steps of {c} peaked scores, one class most steps' top (CTC logits)")
+        return OutputKind("sequence", f"{where}: {t} steps of {c} peaked scores, mostly one class (CTC logits)")
     if c > 128 or _hint(name, _EMBED_NAMES):
         return OutputKind("embedding", f"{where}: {c} values per step (token vectors)")
     if c >= 2 and t >= 4 and (_hint(name, _SEQ_NAMES) or _peaked(x)):

@@ -181,7 +181,7 @@ def make_layout(
     return layout
 
 
-STEM_CHANNELS = 4  # RGB(A) or grey: where an int8 convolution has too few input channels to gain
+STEM_CHANNELS = 3  # RGB or grey: where an int8 convolution has too few input channels to gain
 STEM_ACTIVATIONS = ("Relu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu")
 
 

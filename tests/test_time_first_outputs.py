@@ -126,3 +126,26 @@ def test_raw_ctc_logits_over_a_large_alphabet_are_a_sequence() -> None:
     assert classify(tokens).kind == "embedding"
     f = output_fidelity(logits, logits.copy())
     assert f["sequence_match"] == 1.0 and f["blank"] == 0
+
+
+def test_diagnose_counts_time_first_samples_and_decodes_them(tmp_path) -> None:
+    """diagnose on a quantized time-first recognizer (input [T, 1, C], --batch-axis x=1): 10 samples, not T * 10,
+    and the sequence metric over them."""
+    x = _lines(10)
+    data = np.ascontiguousarray(x.transpose(1, 0, 2))  # [T, N, C]
+    np.save(tmp_path / "x.npy", data)
+    float_m = _recognizer(time_first_input=True)
+    onnx.save(float_m, tmp_path / "f.onnx")
+    lowbit.quantize(
+        str(tmp_path / "f.onnx"),
+        tmp_path / "q.onnx",
+        calib=str(tmp_path / "x.npy"),
+        batch_axes={"x": 1},
+        progress=False,
+    )
+    res = lowbit.diagnose(
+        str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), str(tmp_path / "x.npy"), progress=False, batch_axes={"x": 1}
+    )
+    assert res.samples == 10
+    assert res.before["kind"] == "sequence" and res.before["sequence_match"] is not None
+    assert res.before["sequence_match"] * 10 == pytest.approx(round(res.before["sequence_match"] * 10))

@@ -161,20 +161,24 @@ def join(chunks: list[np.ndarray], axis: int = 0, samples: int | None = None) ->
     return np.moveaxis(np.concatenate(chunks, axis=axis), axis, 0)
 
 
-def run_all(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Every output, concatenated over batches, samples first (see `output_batch_axes`)."""
+def run_all(
+    sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]], samples: int | None = None
+) -> list[np.ndarray]:
+    """Every output, concatenated over batches, samples first (see `output_batch_axes`). `samples`: how many the
+    batches hold, when the first input's first axis does not say (a time-first input); counted from it otherwise."""
     names = {i.name for i in sess.get_inputs()}
     outs: list[list[np.ndarray]] = []
-    samples = 0
+    counted = 0
     for batch in batches:
         res = sess.run(None, {k: v for k, v in batch.items() if k in names})
-        samples += len(next(iter(batch.values())))
+        counted += len(next(iter(batch.values())))
         if not outs:
             outs = [[] for _ in res]
         for acc, r in zip(outs, res):
             acc.append(r)
     axes = output_batch_axes(sess)
-    return [join(o, axes.get(meta.name, 0), samples) for o, meta in zip(outs, sess.get_outputs())]
+    total = samples if samples is not None else counted
+    return [join(o, axes.get(meta.name, 0), total) for o, meta in zip(outs, sess.get_outputs())]
 
 
 def cpu_has_vnni() -> bool | None:

@@ -256,3 +256,21 @@ def test_a_branch_with_nothing_quantized_is_left_as_it_was(tmp_path: Path) -> No
     # the branch's own run folds the Slices away into new float weights; the branch is kept as it was instead
     assert _subgraph_ops(res.model, "then_branch") == ["Slice", "Slice", "LSTM"]
     assert any("then branch of If 'switch' stays float: LSTM" in w for w in res.warnings), res.warnings
+
+
+def test_dynamic_quantizes_the_untaken_twin_typed_from_the_taken_one(tmp_path: Path) -> None:
+    """Dynamic needs no ranges: a branch no calibration batch takes is quantized too, typed from what its If returned
+    (Silero VAD's two LSTM branches share weights: quantizing one only kept the float copy for the other)."""
+    from lowbit.recipe import preset
+
+    m = _nested_model()
+    feeds = [{"x": f["x"].reshape(1, -1)[:, :16].copy(), "sr": f["sr"]} for f in _feeds(8, 1)]
+    res = lowbit.quantize(m, tmp_path / "q.onnx", calib=feeds, recipe=preset("dynamic"), progress=False)
+    assert res.plan.nodes["a_matmul"].quantized and res.plan.nodes["b_matmul"].quantized  # b: no batch takes it
+    inner = next(n for n in _branch_nodes(res.model, "then_branch") if n.op_type == "If")
+    for attr in ("then_branch", "else_branch"):
+        ops = [n.op_type for n in next(a.g for a in inner.attribute if a.name == attr).node]
+        assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops, (attr, ops)
+    static = lowbit.quantize(m, tmp_path / "s.onnx", calib=feeds, progress=False)
+    assert "b_matmul" not in static.plan.nodes  # static still needs the branch's own data
+    assert any("else branch of If 'inner' stays float" in w and "no calibration batch" in w for w in static.warnings)

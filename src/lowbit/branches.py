@@ -80,8 +80,8 @@ def branch_feeds(
     proto: onnx.ModelProto, branches: list[Branch], source: DataSource, session: Callable[[bytes], Any]
 ) -> tuple[Feeds, dict[tuple[str, str], dict[str, np.ndarray]]]:
     """For each branch, the values it reads on every calibration batch that takes it (one float run per batch),
-    and what it returned on the first of them, by the branch's output names (the If's outputs, in order): the
-    types of outputs nothing else states (a nested If's)."""
+    and what the If returned on the first of them, by each of its branches' output names (the If's outputs, in
+    order): the types of outputs nothing else states (a nested If's), for the untaken twin too."""
     ifs = {n.name: n for n in proto.graph.node if n.name in {b.node for b in branches}}
     conds = {b.node: ifs[b.node].input[0] for b in branches}
     results = [o for n in ifs.values() for o in n.output if o]
@@ -102,8 +102,12 @@ def branch_feeds(
             taken = "then_branch" if bool(np.asarray(values[conds[b.node]]).reshape(())) else "else_branch"
             if taken == b.attr:
                 out[(b.node, b.attr)].append({r: values[r] for r in b.reads})
-                pairs = zip(b.graph.output, ifs[b.node].output)
-                returned.setdefault((b.node, b.attr), {o.name: values[x] for o, x in pairs if x in values})
+                for twin in branches:  # both branches of an If return the same types: the twin is typed too
+                    if twin.node == b.node:
+                        pairs = zip(twin.graph.output, ifs[b.node].output)
+                        seen = {r: values[r] for r in twin.reads if r in values}  # what it would read: types only
+                        seen.update({o.name: values[x] for o, x in pairs if x in values})
+                        returned.setdefault((b.node, twin.attr), seen)
     return out, returned
 
 
@@ -249,11 +253,13 @@ def quantize_branches(
         got = feeds.get((b.node, b.attr), [])
         if plan is not None and not any(n.name in plan.nodes for n in b.graph.node):
             continue  # the run that made the plan left this branch float
-        if plan is None and calib is not None and not got:
+        untaken = plan is None and calib is not None and not got
+        if untaken and recipe.default.mode == "static" and not recipe.rules:
             notes.append(f"{where} stays float: no calibration batch takes it; add data that does")
             continue
         try:
-            sub = branch_model(proto, b, got[0] if got else None, returned.get((b.node, b.attr)))
+            seen = returned.get((b.node, b.attr))
+            sub = branch_model(proto, b, got[0] if got else seen, seen)
         except Untyped as e:
             notes.append(f"{where} stays float: '{e}' has no known type or rank to quantize it on its own")
             continue
@@ -270,6 +276,9 @@ def quantize_branches(
         except LowbitError as e:
             if plan is None and calib is None and "calibration data is required" in str(e):
                 notes.append(f"{where} stays float: static quantization needs calibration data (--calib)")
+                continue
+            if untaken and "calibration data is required" in str(e):  # a recipe with static parts
+                notes.append(f"{where} stays float: no calibration batch takes it; add data that does")
                 continue
             raise LowbitError(f"in {where}: {e}") from None
         if not any(d.quantized for d in res.plan.nodes.values()):

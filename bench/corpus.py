@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import shlex
 import statistics
@@ -64,6 +65,7 @@ def one_line(e: BaseException) -> str:
 
 
 CALIBRATION: str | None = None  # --calibration
+RECIPE: str | None = None  # --recipe: a recipe JSON file or a preset name for lowbit's row
 KEEP = "<!-- sections below are kept when bench/corpus.py rewrites this file -->"
 NO_PEERS = False  # --no-peers: lowbit's default target only (comparing lowbit's own options)
 
@@ -75,6 +77,10 @@ def lowbit_static(
     from lowbit.recipe import Recipe
 
     recipe = Recipe() if target is None else Recipe(target=target)  # type: ignore[arg-type]
+    if RECIPE:
+        from lowbit.recipe import PRESETS
+
+        recipe = PRESETS[RECIPE] if RECIPE in PRESETS else Recipe.from_dict(json.loads(Path(RECIPE).read_text()))
     if CALIBRATION:
         recipe = dataclasses.replace(recipe, default=dataclasses.replace(recipe.default, calibration=CALIBRATION))
     lowbit.quantize(str(model), output=str(out), calib=calib, recipe=recipe, progress=False, batch_axes=batch_axes)
@@ -279,9 +285,10 @@ def main() -> int:
     ap.add_argument(
         "--no-peers", action="store_true", help="measure lowbit alone (no ONNX Runtime quantizer, no target)"
     )
+    ap.add_argument("--recipe", help="lowbit's recipe: a preset name or a recipe JSON file (ablations)")
     args = ap.parse_args()
-    global CALIBRATION, NO_PEERS
-    CALIBRATION, NO_PEERS = args.calibration, args.no_peers
+    global CALIBRATION, NO_PEERS, RECIPE
+    CALIBRATION, NO_PEERS, RECIPE = args.calibration, args.no_peers, args.recipe
     table = ENTRIES
     if args.sweep:
         from lowbit_zoo.corpus.sweep import SWEEP

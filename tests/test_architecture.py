@@ -138,8 +138,9 @@ def _residual() -> object:
         node("Add", ["a", "b"], ["s"], name="add"),
         node("Conv", ["s", "w3"], ["y"], name="conv3"),
     ]
-    inits = {"w1": weight((4, 3, 3, 3)), "w2": weight((4, 3, 3, 3), 1), "w3": weight((4, 4, 3, 3), 2)}
-    return model(nodes, {"x": (1, 3, 8, 8)}, {"y": None}, inits)
+    # 4 input channels: a 3-channel image stem would stay float for the onnxruntime target (test_image_stem.py)
+    inits = {"w1": weight((4, 4, 3, 3)), "w2": weight((4, 4, 3, 3), 1), "w3": weight((4, 4, 3, 3), 2)}
+    return model(nodes, {"x": (1, 4, 8, 8)}, {"y": None}, inits)
 
 
 def test_the_target_decides_whether_add_scales_are_aligned_for_litert() -> None:

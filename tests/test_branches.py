@@ -135,3 +135,142 @@ def test_an_unnamed_if_is_found_and_replaced() -> None:
     res = lowbit.quantize(m, calib=_feeds(16, 1), progress=False)
     assert "QuantizeLinear" in _subgraph_ops(res.model, "then_branch")
     assert any("else branch of If 'If_1' stays float" in w for w in res.warnings)
+
+
+def _untyped_inner(tag: str, seed: int) -> onnx.GraphProto:
+    """x -> MatMul -> com.microsoft Gelu: ONNX shape inference knows no contrib op, so the output has no type."""
+    inits = [numpy_helper.from_array(weight((16, 16), seed), f"{tag}_w")]
+    nodes = [
+        helper.make_node("MatMul", ["x", f"{tag}_w"], [f"{tag}_m"], name=f"{tag}_matmul"),
+        helper.make_node("Gelu", [f"{tag}_m"], [f"{tag}_y"], name=f"{tag}_gelu", domain="com.microsoft"),
+    ]
+    return helper.make_graph(nodes, f"{tag}_branch", [], [onnx.ValueInfoProto(name=f"{tag}_y")], inits)
+
+
+def _nested_model() -> onnx.ModelProto:
+    """If (sr == 16 kHz) -> [inner If (sr < 20 kHz) -> MatMul + contrib Gelu | ...] | float MatMul: the inner If's
+    outputs, and so the outer branch's, carry no type, as Silero VAD's LSTM branch two Ifs deep."""
+    outer_then = helper.make_graph(
+        [
+            helper.make_node("Less", ["sr", "rate20k"], ["below"], name="below"),
+            helper.make_node(
+                "If",
+                ["below"],
+                ["inner_y"],
+                name="inner",
+                then_branch=_untyped_inner("a", 1),
+                else_branch=_untyped_inner("b", 3),
+            ),
+        ],
+        "outer_then",
+        [],
+        [onnx.ValueInfoProto(name="inner_y")],
+    )
+    outer_else = _untyped_inner("c", 5)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="is16k"),
+            helper.make_node("If", ["is16k"], ["y"], name="switch", then_branch=outer_then, else_branch=outer_else),
+        ],
+        "nested",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [
+            numpy_helper.from_array(np.array(16000, np.int64), "rate16k"),
+            numpy_helper.from_array(np.array(20000, np.int64), "rate20k"),
+        ],
+    )
+    return helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+
+
+def _inner_then_ops(m: onnx.ModelProto) -> list[str]:
+    inner = next(n for n in _branch_nodes(m, "then_branch") if n.op_type == "If")
+    return [n.op_type for n in next(a.g for a in inner.attribute if a.name == "then_branch").node]
+
+
+def test_a_nested_if_with_untyped_outputs_is_typed_from_calibration_and_quantized(tmp_path: Path) -> None:
+    m = _nested_model()
+    feeds = [{"x": f["x"].reshape(1, -1)[:, :16].copy(), "sr": f["sr"]} for f in _feeds(16, 1)]
+    res = lowbit.quantize(m, tmp_path / "q.onnx", calib=feeds, progress=False)
+    assert not any("no known type" in w for w in res.warnings), res.warnings
+    assert "QuantizeLinear" in _inner_then_ops(res.model)
+    assert res.plan.nodes["a_matmul"].quantized
+    test = [{"x": f["x"].reshape(1, -1)[:, :16].copy(), "sr": f["sr"]} for f in _feeds(16, 9)]
+    ref = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = ort.InferenceSession(res.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    r = np.concatenate([ref.run(None, f)[0] for f in test])
+    q = np.concatenate([got.run(None, f)[0] for f in test])
+    assert not np.array_equal(r, q)  # the branch the data takes runs quantized...
+    cos = float(np.dot(r.ravel(), q.ravel()) / np.linalg.norm(r) / np.linalg.norm(q))
+    assert cos > 0.99, cos  # ...and stays close to float
+
+
+def _lstm_branch(tag: str, seed: int) -> onnx.GraphProto:
+    """seq [T, N, 8] -> LSTM (hidden 8) -> Y [T, 1, N, 8]; weights sliced out of one constant, as exporters do."""
+    big = weight((1, 64, 8), seed)
+    nodes = [
+        helper.make_node("Constant", [], [f"{tag}_all"], value=numpy_helper.from_array(big)),
+        helper.make_node("Constant", [], [f"{tag}_lo"], value=numpy_helper.from_array(np.array([0], np.int64))),
+        helper.make_node("Constant", [], [f"{tag}_mid"], value=numpy_helper.from_array(np.array([32], np.int64))),
+        helper.make_node("Constant", [], [f"{tag}_hi"], value=numpy_helper.from_array(np.array([64], np.int64))),
+        helper.make_node("Constant", [], [f"{tag}_ax"], value=numpy_helper.from_array(np.array([1], np.int64))),
+        helper.make_node("Slice", [f"{tag}_all", f"{tag}_lo", f"{tag}_mid", f"{tag}_ax"], [f"{tag}_W"]),
+        helper.make_node("Slice", [f"{tag}_all", f"{tag}_mid", f"{tag}_hi", f"{tag}_ax"], [f"{tag}_R"]),
+        helper.make_node("LSTM", ["seq", f"{tag}_W", f"{tag}_R"], [f"{tag}_y"], hidden_size=8, name=f"{tag}_lstm"),
+    ]
+    return helper.make_graph(nodes, f"{tag}_branch", [], [onnx.ValueInfoProto(name=f"{tag}_y")])
+
+
+def test_a_branch_with_nothing_quantized_is_left_as_it_was(tmp_path: Path) -> None:
+    """An LSTM has no static form: the branch holding it stays float with that reason, as exported (not with
+    prepare's folded copy of its weights beside the originals)."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Equal", ["sr", "rate16k"], ["is16k"], name="is16k"),
+            helper.make_node(
+                "If",
+                ["is16k"],
+                ["y"],
+                name="switch",
+                then_branch=_lstm_branch("p", 1),
+                else_branch=_lstm_branch("q", 2),
+            ),
+        ],
+        "lstm_switch",
+        [
+            helper.make_tensor_value_info("seq", TensorProto.FLOAT, [4, "N", 8]),
+            helper.make_tensor_value_info("sr", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 1, "N", 8])],
+        [numpy_helper.from_array(np.array(16000, np.int64), "rate16k")],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    r = np.random.default_rng(0)
+    feeds = [{"seq": r.normal(0, 1, (4, 1, 8)).astype(np.float32), "sr": np.array(16000, np.int64)} for _ in range(8)]
+    res = lowbit.quantize(m, tmp_path / "q.onnx", calib=feeds, progress=False, batch_axes={"seq": 1})
+    # the branch's own run folds the Slices away into new float weights; the branch is kept as it was instead
+    assert _subgraph_ops(res.model, "then_branch") == ["Slice", "Slice", "LSTM"]
+    assert any("then branch of If 'switch' stays float: LSTM" in w for w in res.warnings), res.warnings
+
+
+def test_dynamic_quantizes_the_untaken_twin_typed_from_the_taken_one(tmp_path: Path) -> None:
+    """Dynamic needs no ranges: a branch no calibration batch takes is quantized too, typed from what its If returned
+    (Silero VAD's two LSTM branches share weights: quantizing one only kept the float copy for the other)."""
+    from lowbit.recipe import preset
+
+    m = _nested_model()
+    feeds = [{"x": f["x"].reshape(1, -1)[:, :16].copy(), "sr": f["sr"]} for f in _feeds(8, 1)]
+    res = lowbit.quantize(m, tmp_path / "q.onnx", calib=feeds, recipe=preset("dynamic"), progress=False)
+    assert res.plan.nodes["a_matmul"].quantized and res.plan.nodes["b_matmul"].quantized  # b: no batch takes it
+    inner = next(n for n in _branch_nodes(res.model, "then_branch") if n.op_type == "If")
+    for attr in ("then_branch", "else_branch"):
+        ops = [n.op_type for n in next(a.g for a in inner.attribute if a.name == attr).node]
+        assert "MatMulInteger" in ops or "DynamicQuantizeLinear" in ops, (attr, ops)
+    static = lowbit.quantize(m, tmp_path / "s.onnx", calib=feeds, progress=False)
+    assert "b_matmul" not in static.plan.nodes  # static still needs the branch's own data
+    assert any("else branch of If 'inner' stays float" in w and "no calibration batch" in w for w in static.warnings)

@@ -102,3 +102,53 @@ def test_quantizing_the_exported_batchnorm_keeps_its_small_channels() -> None:
     sqnr = 10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / np.sum((ref - got).astype(np.float64) ** 2))
     assert sqnr > 30, sqnr
     assert not any(n.op_type in ("Mul", "Add") for n in q.model.graph.node)
+
+
+def _affine_then_convs() -> onnx.ModelProto:
+    """PP-LCNetV3's learnable affine after an activation: HardSwish -> Mul(a) -> Add(b) -> Conv 1x1 (no padding),
+    and again before a padded depthwise Conv 3x3."""
+    rng = np.random.default_rng(3)
+    inits = {
+        "a1": np.array(0.17),
+        "b1": np.array(0.05),
+        "w1": rng.normal(0, 0.3, (C, 3, 1, 1)),
+        "a2": np.array([0.6]),
+        "b2": np.array(-0.3),
+        "w2": rng.normal(0, 0.3, (C, 1, 3, 3)),
+        "bias2": rng.normal(0, 0.1, C),
+    }
+    nodes = [
+        helper.make_node("HardSwish", ["x"], ["h1"]),
+        helper.make_node("Mul", ["a1", "h1"], ["m1"]),
+        helper.make_node("Add", ["m1", "b1"], ["s1"]),
+        helper.make_node("Conv", ["s1", "w1"], ["c1"], name="pw"),
+        helper.make_node("HardSwish", ["c1"], ["h2"]),
+        helper.make_node("Mul", ["h2", "a2"], ["m2"]),
+        helper.make_node("Add", ["b2", "m2"], ["s2"]),
+        helper.make_node("Conv", ["s2", "w2", "bias2"], ["y"], name="dw", group=C, pads=[1, 1, 1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, 12, 12])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in inits.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_scalar_affine_before_a_conv_folds_into_it_exactly() -> None:
+    model = _affine_then_convs()
+    folded, changed = _folded(model)
+    assert changed
+    # unpadded: Mul and Add both gone; padded: the Mul goes into the weights, the shift stays before it (b / a)
+    assert [n.op_type for n in folded.graph.node] == ["HardSwish", "Conv", "HardSwish", "Add", "Conv"]
+    np.testing.assert_allclose(_run(folded, X), _run(model, X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_scalar_affine_read_elsewhere_too_is_left() -> None:
+    model = _affine_then_convs()
+    model.graph.output.append(helper.make_tensor_value_info("s1", TensorProto.FLOAT, None))
+    folded, _ = _folded(model)
+    assert [n.op_type for n in folded.graph.node][:4] == ["HardSwish", "Mul", "Add", "Conv"]
+    np.testing.assert_allclose(_run(folded, X), _run(model, X), rtol=1e-5, atol=1e-5)

@@ -79,7 +79,8 @@ def test_requantized_gate_matches_the_float_island(
 
 
 def gated(op: str) -> onnx.ModelProto:
-    """Conv -> op -> Conv, and a squeeze-excite gate: GAP -> Conv -> Relu -> Conv -> HardSigmoid -> Mul."""
+    """Conv -> op -> Conv, and a squeeze-excite gate: GAP -> Conv -> Relu -> Conv -> HardSigmoid -> Mul. The input
+    has 8 channels: a 3-channel image stem stays float for the onnxruntime target (test_image_stem.py)."""
     return model(
         [
             node("Conv", ["x", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
@@ -92,10 +93,10 @@ def gated(op: str) -> onnx.ModelProto:
             node("Mul", ["a0", "g"], ["m"], name="scale"),
             node("Conv", ["m", "w3"], ["y"], name="conv3"),
         ],
-        {"x": (1, 3, 8, 8)},
+        {"x": (1, 8, 8, 8)},
         {"y": None},
         {
-            "w0": weight((8, 3, 3, 3), 0, 1.0),
+            "w0": weight((8, 8, 3, 3), 0, 0.6),
             "b0": weight((8,), 1),
             "w1": weight((4, 8, 1, 1), 2),
             "b1": weight((4,), 3),

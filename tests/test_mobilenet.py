@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 import lowbit
+from lowbit.decision import Reason
 from lowbit.evaluate.lint import lint
 
 pytestmark = pytest.mark.slow
@@ -64,8 +65,11 @@ def test_mobilenet_v3_small_opset11(small11: Path, tmp_path: Path) -> None:
     fast = lowbit.quantize(small11, calib=feeds, recipe=lowbit.Recipe(target="onnxruntime"), progress=False)
     assert np.mean(top1(fast.model, evalx) == ref) >= FLOOR_ORT_TARGET
     opt = optimized_ops(fast.model, tmp_path)
-    # Every SE block (GlobalAveragePool, two Convs, Relu, the gate, the Mul) and every hard-swish runs integer.
-    float_compute = {"HardSwish", "HardSigmoid", "Mul", "Add", "Div", "Clip", "Relu", "Conv", "GlobalAveragePool"}
+    # Every SE block (GlobalAveragePool, two Convs, Relu, the gate, the Mul) and every hard-swish runs integer, but
+    # the image stem (3 input channels) and its hard-swish: one float Conv with the activation fused in.
+    float_compute = {"HardSwish", "HardSigmoid", "Mul", "Add", "Div", "Clip", "Relu", "GlobalAveragePool"}
     assert not float_compute & set(opt), opt
-    assert opt["QLinearMul"] == 28 and opt["QLinearGlobalAveragePool"] == 10
+    stems = [d.op_type for d in fast.plan.nodes.values() if d.code == Reason.IMAGE_STEM]
+    assert opt["Conv"] == 1 and stems == ["Conv", "HardSwish"]
+    assert opt["QLinearMul"] == 27 and opt["QLinearGlobalAveragePool"] == 10
     assert lint(fast.model, plan=fast.plan) == []

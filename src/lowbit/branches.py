@@ -73,12 +73,19 @@ def outer_reads(graph: onnx.GraphProto) -> list[str]:
     return reads
 
 
+Feeds = dict[tuple[str, str], list[dict[str, np.ndarray]]]
+
+
 def branch_feeds(
     proto: onnx.ModelProto, branches: list[Branch], source: DataSource, session: Callable[[bytes], Any]
-) -> dict[tuple[str, str], list[dict[str, np.ndarray]]]:
-    """For each branch, the values it reads on every calibration batch that takes it (one float run per batch)."""
-    conds = {b.node: next(n.input[0] for n in proto.graph.node if n.name == b.node) for b in branches}
-    wanted = list(dict.fromkeys([*conds.values(), *(r for b in branches for r in b.reads)]))
+) -> tuple[Feeds, dict[tuple[str, str], dict[str, np.ndarray]]]:
+    """For each branch, the values it reads on every calibration batch that takes it (one float run per batch),
+    and what the If returned on the first of them, by each of its branches' output names (the If's outputs, in
+    order): the types of outputs nothing else states (a nested If's), for the untaken twin too."""
+    ifs = {n.name: n for n in proto.graph.node if n.name in {b.node for b in branches}}
+    conds = {b.node: ifs[b.node].input[0] for b in branches}
+    results = [o for n in ifs.values() for o in n.output if o]
+    wanted = list(dict.fromkeys([*conds.values(), *(r for b in branches for r in b.reads), *results]))
     inputs = {v.name for v in proto.graph.input}
     augmented = onnx.ModelProto()
     augmented.CopyFrom(proto)
@@ -86,7 +93,8 @@ def branch_feeds(
     augmented.graph.output.extend(onnx.ValueInfoProto(name=n) for n in wanted if n not in have and n not in inputs)
     sess = session(augmented.SerializeToString())
     names = [o.name for o in sess.get_outputs()]
-    out: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {(b.node, b.attr): [] for b in branches}
+    out: Feeds = {(b.node, b.attr): [] for b in branches}
+    returned: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for batch in source:
         values = dict(zip(names, sess.run(None, batch)))
         values.update({k: v for k, v in batch.items() if k in inputs})
@@ -94,11 +102,23 @@ def branch_feeds(
             taken = "then_branch" if bool(np.asarray(values[conds[b.node]]).reshape(())) else "else_branch"
             if taken == b.attr:
                 out[(b.node, b.attr)].append({r: values[r] for r in b.reads})
-    return out
+                for twin in branches:  # both branches of an If return the same types: the twin is typed too
+                    if twin.node == b.node:
+                        pairs = zip(twin.graph.output, ifs[b.node].output)
+                        seen = {r: values[r] for r in twin.reads if r in values}  # what it would read: types only
+                        seen.update({o.name: values[x] for o, x in pairs if x in values})
+                        returned.setdefault((b.node, twin.attr), seen)
+    return out, returned
 
 
-def branch_model(main: onnx.ModelProto, branch: Branch, example: dict[str, np.ndarray] | None) -> onnx.ModelProto:
-    """The branch as a model: its outer reads become inputs (typed from the main graph, or from a value seen)."""
+def branch_model(
+    main: onnx.ModelProto,
+    branch: Branch,
+    example: dict[str, np.ndarray] | None,
+    returned: dict[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """The branch as a model: its outer reads become inputs (typed from the main graph, or from a value seen), its
+    outputs typed as exported, else by shape inference, else from the values it `returned` in calibration."""
     known = {v.name: v for v in [*main.graph.input, *main.graph.value_info, *main.graph.output]}
     if any(r not in known or not known[r].type.tensor_type.HasField("shape") for r in branch.reads):
         inferred = onnx.shape_inference.infer_shapes(main).graph.value_info  # the same types with or without data
@@ -123,12 +143,21 @@ def branch_model(main: onnx.ModelProto, branch: Branch, example: dict[str, np.nd
     if any(not o.type.tensor_type.HasField("shape") for o in graph.output):
         # Exporters leave a nested branch's outputs untyped (the If's type comes from its enclosing graph); a
         # model's outputs need one, so infer them from its now-typed inputs.
+        seen = returned or {}
         inferred = onnx.shape_inference.infer_shapes(model)
         types = {v.name: v for v in [*inferred.graph.value_info, *inferred.graph.output]}
         for o in model.graph.output:
             t = types.get(o.name)
             if not o.type.tensor_type.HasField("shape") and t is not None and t.type.tensor_type.HasField("shape"):
                 o.type.CopyFrom(t.type)
+            if (not o.type.tensor_type.HasField("shape") or not o.type.tensor_type.elem_type) and o.name in seen:
+                # Shape inference stops at an If whose branches' outputs are untyped in turn (Silero VAD's LSTM
+                # branch, two Ifs deep); the float run showed what it returns: its dtype and rank are enough.
+                a = np.asarray(seen[o.name])
+                o.type.CopyFrom(
+                    helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(a.dtype), [None] * a.ndim)
+                )
+                o.type.tensor_type.shape.SetInParent()  # rank 0 has no dims, but a shape all the same
             if not o.type.tensor_type.HasField("shape") or not o.type.tensor_type.elem_type:
                 raise Untyped(o.name)
     return model
@@ -154,12 +183,34 @@ def replace_branch(main: onnx.ModelProto, branch: Branch, quantized: onnx.ModelP
     g.output.extend(branch.graph.output)  # as exported (typed or not): the enclosing If gives them their types
     g.name = branch.graph.name
     attr.g.CopyFrom(g)
+    drop_unread(main.graph)
     imports = {o.domain: o for o in main.opset_import}
     for o in quantized.opset_import:  # the branch may need a newer opset, or a domain (com.microsoft) it added
         if o.domain not in imports:
             main.opset_import.append(o)
         elif imports[o.domain].version < o.version:
             imports[o.domain].version = o.version
+
+
+def drop_unread(graph: onnx.GraphProto) -> None:
+    """Drop the enclosing graph's weights no node reads any more: a branch that read them from outside now holds
+    their quantized copies, and the float ones would otherwise stay in the file beside them."""
+    read = set(outer_reads_all(graph)) | {o.name for o in graph.output}
+    keep = [t for t in graph.initializer if t.name in read]
+    if len(keep) < len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+def outer_reads_all(graph: onnx.GraphProto) -> list[str]:
+    """Every name a node of `graph`, or of a subgraph nested in it, reads."""
+    names: list[str] = []
+    for n in graph.node:
+        names += [x for x in n.input if x]
+        for a in n.attribute:
+            for sub in [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs):
+                names += outer_reads_all(sub) + [o.name for o in sub.output]
+    return names
 
 
 def inherited_axes(branch: Branch, given: BatchAxes | None) -> dict[str, int | None]:
@@ -191,21 +242,24 @@ def quantize_branches(
     from .pipeline import quantize
     from .runtimes.ort import session
 
-    feeds: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {}
+    feeds: Feeds = {}
+    returned: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     if plan is None and calib is not None:
         source = open_calibration(calib, specs, recipe, preprocess, batch_axes)
-        feeds = branch_feeds(proto, branches, source, lambda b: session(b, mode="simulate"))
+        feeds, returned = branch_feeds(proto, branches, source, lambda b: session(b, mode="simulate"))
     plans, notes = [], []
     for b in branches:
         where = f"the {b.attr.replace('_', ' ')} of If '{b.node}'"
         got = feeds.get((b.node, b.attr), [])
         if plan is not None and not any(n.name in plan.nodes for n in b.graph.node):
             continue  # the run that made the plan left this branch float
-        if plan is None and calib is not None and not got:
+        untaken = plan is None and calib is not None and not got
+        if untaken and recipe.default.mode == "static" and not recipe.rules:
             notes.append(f"{where} stays float: no calibration batch takes it; add data that does")
             continue
         try:
-            sub = branch_model(proto, b, got[0] if got else None)
+            seen = returned.get((b.node, b.attr))
+            sub = branch_model(proto, b, got[0] if got else seen, seen)
         except Untyped as e:
             notes.append(f"{where} stays float: '{e}' has no known type or rank to quantize it on its own")
             continue
@@ -223,11 +277,32 @@ def quantize_branches(
             if plan is None and calib is None and "calibration data is required" in str(e):
                 notes.append(f"{where} stays float: static quantization needs calibration data (--calib)")
                 continue
+            if untaken and "calibration data is required" in str(e):  # a recipe with static parts
+                notes.append(f"{where} stays float: no calibration batch takes it; add data that does")
+                continue
             raise LowbitError(f"in {where}: {e}") from None
+        if not any(d.quantized for d in res.plan.nodes.values()):
+            # Nothing gained, and prepare's folded copies of its weights would sit beside the originals that an
+            # untaken twin branch still reads: the branch stays as it was.
+            if any(d.op_type in WEIGHTED for d in res.plan.nodes.values()):  # not for a branch that only moves data
+                notes.append(f"{where} stays float: {why_float(res.plan)}")
+            continue
         replace_branch(proto, b, res.model)
         plans.append(res.plan)
         notes += res.warnings
     return ir.from_proto(proto), plans, notes
+
+
+WEIGHTED = ("LSTM", "GRU", "RNN", "Conv", "ConvTranspose", "MatMul", "Gemm", "Attention")
+
+
+def why_float(plan: Plan) -> str:
+    """Why a branch in which nothing was quantized stays float: its weighted ops' reasons (else any node's)."""
+    ds = sorted(plan.nodes.values(), key=lambda d: d.op_type not in WEIGHTED)
+    reasons = list(dict.fromkeys(f"{d.op_type}: {d.reason}" for d in ds[:3] if d.op_type in WEIGHTED)) or [
+        f"{d.op_type}: {d.reason}" for d in ds[:1]
+    ]
+    return "; ".join(reasons) if reasons else "it has no node lowbit quantizes"
 
 
 def merge_plans(plan: Plan, branch_plans: list[Plan]) -> None:

@@ -31,6 +31,7 @@ class Reason(StrEnum):
     INTEGER_ONLY = "integer_only"
     STATIC_ATTENTION = "static_attention"
     REQUANTIZED_GATE = "requantized_gate"  # onnxruntime target: HardSwish/HardSigmoid as Q/DQ (+ QLinearMul)
+    IMAGE_STEM = "image_stem"  # onnxruntime target: a Conv on a 3-channel input (and its activation) stays float
     # What one op's inputs rule out.
     NOT_FLOAT32 = "not_float32"
     WEIGHT_NOT_CONSTANT = "weight_not_constant"
@@ -104,6 +105,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.INTEGER_ONLY: "integer {op} (shape arithmetic): nothing to quantize",
     Reason.REQUANTIZED_GATE: "{activations} activations; for ONNX Runtime {op} runs as a requantization onto the "
     "gate's 1/255 grid (times x as QLinearMul for HardSwish), not in float",
+    Reason.IMAGE_STEM: "image stem ({channels} input channels{after}): ONNX Runtime's float convolution is faster "
+    "there than its integer one, and quantizing the input costs a pass of its own; kept float",
     Reason.STATIC_ATTENTION: "static com.microsoft::Attention: ONNX Runtime's integer attention (QAttention) is "
     "dynamic; use mode dynamic for it",
     Reason.NOT_FLOAT32: "input '{input}' is {dtype}, not float32",

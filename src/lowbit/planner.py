@@ -170,6 +170,7 @@ def make_layout(
             name, _decision(node, match, True, Reason.STATIC, mode="static"), scheme, found
         )
 
+    _float_image_stem(graph, layout, specs, recipe)
     _fold_activations(graph, layout, specs, fold_only)
     _drop_float_only_arithmetic(graph, layout, specs)
     _drop_isolated_data_movement(graph, layout, specs)
@@ -178,6 +179,37 @@ def make_layout(
         if i not in matched:
             warnings.warn(f"recipe {rule.describe()} (rule {i}) matches no node of this model", stacklevel=2)
     return layout
+
+
+STEM_CHANNELS = 3  # RGB or grey: where an int8 convolution has too few input channels to gain
+STEM_ACTIVATIONS = ("Relu", "Clip", "HardSwish", "HardSigmoid", "LeakyRelu")
+
+
+def _float_image_stem(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec], recipe: Recipe) -> None:
+    """For a target that asks for it (onnxruntime): a 2-D Conv reading a graph input of few channels stays float,
+    with the activation right after it; quantization starts at what they produce. On MobileNetV3-Small the stem's
+    QLinearConv took 21% of ONNX Runtime's int8 kernel time (14% as a float conv), plus the input's QuantizeLinear
+    and transpose: kept float, the model ran at 0.87x float CPU time instead of 0.99x (bench/RESULTS_MOBILENET.md)."""
+    from .targets import TARGETS
+
+    if not TARGETS[recipe.target].float_image_stem:
+        return
+    for node in graph:
+        x = node.inputs[0] if node.inputs else None
+        if node.op_type != "Conv" or _nm(node) not in specs or x is None or not x.is_graph_input():
+            continue
+        channels = x.shape[1] if x.shape is not None and len(x.shape) == 4 else None
+        if not isinstance(channels, int) or channels > STEM_CHANNELS:
+            continue
+        del specs[_nm(node)]
+        layout.nodes[_nm(node)].keep_float(Reason.IMAGE_STEM, {"channels": channels, "after": ""})
+        out = node.outputs[0]
+        uses = list(out.uses())
+        act = uses[0].node if len(uses) == 1 and not out.is_graph_output() else None
+        if act is not None and act.op_type in STEM_ACTIVATIONS and _nm(act) in specs:
+            del specs[_nm(act)]
+            after = {"channels": channels, "after": f", after {_nm(node)}"}
+            layout.nodes[_nm(act)].keep_float(Reason.IMAGE_STEM, after)
 
 
 def _fold_activations(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec], fold_only: dict[str, Skip]) -> None:

@@ -167,7 +167,7 @@ def diagnose(
             "found); pass the plan written beside it with --plan"
         )
     stats = measure_tensors(
-        prepared, quant_proto, pairs, batches, [x.output for x in found if x.output], progress=progress
+        prepared, quant_proto, pairs, batches, [x.output for x in found if x.output], progress, source.count
     )
     trials = Trials(prepared, plan_obj, batches, stats.ref_outputs, stats.outputs, kinds)
     before = all_fidelity(stats.ref_outputs, stats.quant_outputs, trials.kinds, stats.outputs)

@@ -167,11 +167,13 @@ def evaluate(
     )
     axes = output_batch_axes(sess)  # the reference has the same outputs (checked above)
     if wanted is not None:
-        logits = join(outs[out_names[0]], axes.get(out_names[0], 0))
+        logits = join(outs[out_names[0]], axes.get(out_names[0], 0), seen)
         result.accuracy = _accuracy(logits.reshape(len(logits), -1), wanted[:seen])
     if ref_sess is not None:
         result.outputs = {
-            n: output_fidelity(join(refs[n], axes.get(n, 0)), join(outs[n], axes.get(n, 0)), n, (kinds or {}).get(n))
+            n: output_fidelity(
+                join(refs[n], axes.get(n, 0), seen), join(outs[n], axes.get(n, 0), seen), n, (kinds or {}).get(n)
+            )
             for n in out_names
         }
     return result
@@ -197,6 +199,7 @@ def collect(
     outs: dict[str, list[np.ndarray]] = {n: [] for n in keep}
     refs: dict[str, list[np.ndarray]] = {n: [] for n in out_names} if ref_sess is not None else {}
     seen = 0
+    count = getattr(batches, "count", None)
     for b, batch in enumerate(batches):
         if select is not None and not select(b // chunk):
             continue
@@ -209,7 +212,8 @@ def collect(
             first(res, ref_res if ref_sess is not None else None)
         for n in keep:
             outs[n].append(np.atleast_1d(res[n]))
-        n_batch = len(next(iter(batch.values())))
+        # the source knows where each input's batch axis is (a time-first input's is not the first)
+        n_batch = count(batch) if count is not None else len(next(iter(batch.values())))
         seen += n_batch
         if bar is not None:
             bar.update(n_batch)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -151,6 +151,7 @@ def measure_tensors(
     batches: Batches,
     histograms: Iterable[str] = (),
     progress: bool = False,
+    count: Callable[[dict[str, np.ndarray]], int] | None = None,
 ) -> TensorStats:
     """Stream `batches` through both models; sum signal/noise energy per paired tensor.
 
@@ -170,7 +171,8 @@ def measure_tensors(
     stats = TensorStats(energy={n: Energy() for n in pairs}, outputs=outputs)
     refs: list[list[np.ndarray]] = [[] for _ in outputs]
     outs: list[list[np.ndarray]] = [[] for _ in outputs]
-    total = sum(len(next(iter(b.values()))) for b in batches)
+    count = count or (lambda b: len(next(iter(b.values()))))  # the data source's count knows each batch axis
+    total = sum(count(b) for b in batches)
     bar = tqdm(total=total, desc="measuring layers", unit="sample", disable=None if progress else True, leave=False)
     try:
         for batch in batches:
@@ -186,13 +188,13 @@ def measure_tensors(
                 if name in hist_names:
                     stats.histograms.setdefault(name, Histogram()).update(ref)
             del fres, qres
-            stats.samples += len(next(iter(batch.values())))
-            bar.update(len(next(iter(batch.values()))))
+            stats.samples += count(batch)
+            bar.update(count(batch))
     finally:
         bar.close()
     axes = output_batch_axes(fsess)
-    stats.ref_outputs = [join(r, axes.get(n, 0)) for r, n in zip(refs, fnames)]
-    stats.quant_outputs = [join(o, axes.get(n, 0)) for o, n in zip(outs, fnames)]
+    stats.ref_outputs = [join(r, axes.get(n, 0), stats.samples) for r, n in zip(refs, fnames)]
+    stats.quant_outputs = [join(o, axes.get(n, 0), stats.samples) for o, n in zip(outs, fnames)]
     return stats
 
 
@@ -302,5 +304,5 @@ class Trials:
         from ..runtimes.ort import run_all
 
         self.runs += 1
-        outs = run_all(session(model, "simulate"), self.batches)
+        outs = run_all(session(model, "simulate"), self.batches, len(self.refs[0]) if self.refs else None)
         return all_fidelity(self.refs, outs, self.kinds, self.names)

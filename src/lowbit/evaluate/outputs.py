@@ -46,6 +46,9 @@ _CLASS_NAMES = ("logit", "class", "prob", "score", "cls", "label", "pred")
 _EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod")
 _SEQ_NAMES = ("ctc", "seq", "char", "text", "token")
 _SEG_NAMES = ("seg", "mask", "logit", "class", "prob")
+# The share of steps whose top class is the most common one, for raw CTC logits: most steps are blank between and
+# around characters (ddddocr's captcha CRNN: 0.71 over 16 lines), but not all of them.
+BLANK_SHARE = (0.25, 0.98)
 
 
 @dataclass(frozen=True)
@@ -170,11 +173,23 @@ def _sequence(x: np.ndarray, name: str) -> OutputKind:
     where = f"[N, {t}, {c}]"
     if _sums_to_one(x, 2) or _log_softmax(x, 2):
         return OutputKind("sequence", f"{where}: per-step class probabilities (CTC-like)")
+    if c > 128 and not _hint(name, _EMBED_NAMES) and _ctc_logits(x):
+        return OutputKind("sequence", f"{where}: {t} steps of {c} peaked scores, mostly one class (CTC logits)")
     if c > 128 or _hint(name, _EMBED_NAMES):
         return OutputKind("embedding", f"{where}: {c} values per step (token vectors)")
     if c >= 2 and t >= 4 and (_hint(name, _SEQ_NAMES) or _peaked(x)):
         return OutputKind("sequence", f"{where}: {t} steps of {c} peaked scores (CTC-like)")
     return OutputKind("values", f"{where}: no per-step class structure")
+
+
+def _ctc_logits(x: np.ndarray) -> bool:
+    """Raw CTC logits over a large alphabet (a Chinese recognizer's thousands of characters): rows peaked like class
+    logits, one class (the blank) the top of BLANK_SHARE of the steps, and others the top of the rest. Token vectors
+    are not peaked, or (a transformer's outlier feature) have the same top in nearly every step."""
+    if x.shape[1] < 4 or not _peaked(x):
+        return False
+    top = np.bincount(x.argmax(-1).ravel()).max() / x[..., 0].size
+    return bool(BLANK_SHARE[0] <= top <= BLANK_SHARE[1])
 
 
 def parse_kinds(pairs: list[str] | None) -> dict[str, Kind]:

@@ -139,25 +139,46 @@ def output_batch_axes(sess: Any) -> dict[str, int]:
     return axes
 
 
-def join(chunks: list[np.ndarray], axis: int = 0) -> np.ndarray:
-    """Batches of one output as one array, samples first (concatenated along the output's batch `axis`)."""
+def join(chunks: list[np.ndarray], axis: int = 0, samples: int | None = None) -> np.ndarray:
+    """Batches of one output as one array, samples first (concatenated along the output's batch `axis`).
+
+    `samples`, the number of samples the chunks hold in all, settles outputs whose shapes do not say where the batch
+    is: a recognizer exported with batch fixed at 1 gives time-first [T, 1, C] (often declared as something else),
+    which joined on axis 0 would read as T * N samples. When `axis` does not add up to `samples`, the first axis
+    that does is the batch axis; with none, one sample per chunk is stacked on a new axis 0."""
+    if samples is not None and chunks and chunks[0].ndim and sum(c.shape[axis] for c in chunks) != samples:
+        fits = [
+            k
+            for k in range(chunks[0].ndim)
+            if sum(c.shape[k] for c in chunks) == samples and all(c.ndim == chunks[0].ndim for c in chunks)
+        ]
+        if fits:
+            axis = fits[0]
+        elif len(chunks) == samples and all(c.shape == chunks[0].shape for c in chunks):
+            return np.stack(chunks)
     if axis == 0 or chunks[0].ndim <= axis:
         return np.concatenate(chunks)
     return np.moveaxis(np.concatenate(chunks, axis=axis), axis, 0)
 
 
-def run_all(sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Every output, concatenated over batches, samples first (see `output_batch_axes`)."""
+def run_all(
+    sess: ort.InferenceSession, batches: Iterable[dict[str, np.ndarray]], samples: int | None = None
+) -> list[np.ndarray]:
+    """Every output, concatenated over batches, samples first (see `output_batch_axes`). `samples`: how many the
+    batches hold, when the first input's first axis does not say (a time-first input); counted from it otherwise."""
     names = {i.name for i in sess.get_inputs()}
     outs: list[list[np.ndarray]] = []
+    counted = 0
     for batch in batches:
         res = sess.run(None, {k: v for k, v in batch.items() if k in names})
+        counted += len(next(iter(batch.values())))
         if not outs:
             outs = [[] for _ in res]
         for acc, r in zip(outs, res):
             acc.append(r)
     axes = output_batch_axes(sess)
-    return [join(o, axes.get(meta.name, 0)) for o, meta in zip(outs, sess.get_outputs())]
+    total = samples if samples is not None else counted
+    return [join(o, axes.get(meta.name, 0), total) for o, meta in zip(outs, sess.get_outputs())]
 
 
 def cpu_has_vnni() -> bool | None:

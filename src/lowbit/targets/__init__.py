@@ -29,11 +29,15 @@ class Target:
     requantized_hard_gates: bool = False
     # LiteRT's int8 LOGISTIC/SOFTMAX/TANH have fixed output parameters: give them to the model (fixed_outputs.py).
     fixed_activation_outputs: bool = False
+    # Keep float an image stem (a Conv reading a graph input of at most 3 channels: RGB, grey) and the activation
+    # after it: ORT's u8 x s8 QLinearConv has nothing to gain at 3 input channels, and the input would need a
+    # QuantizeLinear and a transpose first (planner.py).
+    float_image_stem: bool = False
 
 
 TARGETS: dict[str, Target] = {
     "portable": Target("portable", align_add_rounding=True, fixed_activation_outputs=True),
-    "onnxruntime": Target("onnxruntime", align_add_rounding=False, requantized_hard_gates=True),
+    "onnxruntime": Target("onnxruntime", align_add_rounding=False, requantized_hard_gates=True, float_image_stem=True),
 }
 
 

@@ -90,7 +90,8 @@ def check_recipe(recipe: Recipe | None) -> Any:
         raise LowbitError("XNNPACK's int8 kernels take symmetric weights; use symmetric_weights=True")
     if recipe.rules or recipe.exclude_names or recipe.exclude_op_types:
         raise LowbitError("--to executorch applies one scheme to the whole model; rules and exclusions are not mapped")
-    return Choice(s.calibration, s.percentile, s.per_channel, s.symmetric_activations)
+    guard = s.avoid_overflow and s.activations == "uint8"
+    return Choice(s.calibration, s.percentile, s.per_channel, s.symmetric_activations, guard, s.bias_correction)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -247,12 +248,14 @@ def _ptq_graph(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from .quantizer import make_quantizer
+    from .weights import correct_weights, unwatch_inputs, watch_inputs
 
     if calib is None:
         return module, 0
     with torch.no_grad():
         captured = _export(module, example).module()
         prepared = prepare_pt2e(captured, make_quantizer(choice))
+        layers = watch_inputs(prepared) if choice.bias_correction or choice.avoid_overflow else {}
         samples = 0
         for batch in _calibration_batches(calib, names, example, preprocess):
             if limit is not None and samples >= limit:
@@ -268,7 +271,10 @@ def _ptq_graph(
             samples += n - n % step
         if samples == 0:
             raise LowbitError("no calibration samples in calib; check the data")
-        return convert_pt2e(prepared), samples
+        unwatch_inputs(prepared, layers)
+        converted = convert_pt2e(prepared)
+        correct_weights(converted, layers, choice.per_channel, choice.avoid_overflow, choice.bias_correction)
+        return converted, samples
 
 
 def _lower(graph: Any, example: Sequence, names: dict[str, list[str]]) -> tuple[bytes, dict[str, int], dict[str, int]]:

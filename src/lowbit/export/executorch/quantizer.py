@@ -88,6 +88,8 @@ class Choice:
     percentile: float = 99.99
     per_channel: bool = True
     symmetric_activations: bool = False
+    avoid_overflow: bool = False  # lowbit's u8 x s8 guard (its ONNX path applies it to uint8 activations only)
+    bias_correction: bool = False
 
 
 def activation_spec(choice: Choice, method: str | None = None, clamp: tuple = (None, None)) -> QuantizationSpec:

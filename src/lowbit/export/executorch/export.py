@@ -102,7 +102,8 @@ def _as_tuple(example_inputs: Any) -> tuple:
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise LowbitError("example_inputs must be a tensor or a tuple of tensors (one per forward argument)")
-    return tuple(torch.as_tensor(x) for x in example_inputs)
+    # Standard strides: a numpy view's new axis has stride 0, which ExecuTorch's serializer refuses.
+    return tuple(torch.as_tensor(x).clone(memory_format=torch.contiguous_format) for x in example_inputs)
 
 
 def forward_names(module: Any, n: int) -> list[str]:

@@ -99,5 +99,5 @@ def test_fashion_mnist_qat_pte_matches_its_onnx_accuracy(tmp_path: Path) -> None
     acc_onnx = qat_example.ort_accuracy(onnx.model, xte, yte)
     pred = ExecutorchSession(tmp_path / "q.pte").run(None, {"x": xte})[0].argmax(1)
     acc_pte = float(np.mean(pred == yte) * 100)
-    assert acc_onnx > 75  # it learned (one short epoch): the comparison is between trained models
+    assert acc_onnx > 65  # it learned (one short epoch on 12k images): the comparison is between trained models
     assert abs(acc_pte - acc_onnx) <= 0.2, (acc_pte, acc_onnx)

@@ -266,7 +266,8 @@ def use_learned(model: torch.fx.GraphModule, choice: Choice, learned: dict[str, 
         if node.name not in learned:
             continue
         owner, spec = node, ann.output_qspec
-        if node.target in CLAMPS and isinstance(spec, SharedQuantizationSpec) and isinstance(node.args[0], torch.fx.Node):
+        folded = node.target in CLAMPS and isinstance(spec, SharedQuantizationSpec)
+        if folded and isinstance(node.args[0], torch.fx.Node):
             owner = node.args[0]  # a folded ReLU6: its range is its producer's observer
         owner_ann = _annotation(owner)
         if isinstance(owner_ann, QuantizationAnnotation) and owner_ann.output_qspec is not None:

@@ -227,17 +227,15 @@ def _layers(graph) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     return out
 
 
-def test_overflow_guard_and_bias_correction_are_lowbits(small: dict, tmp_path: Path) -> None:
-    """With the default recipe the PT2E graph holds the int8 weights, weight scales and corrected biases of
-    lowbit's default int8 ONNX of the same module and calibration data: the overflow guard's rescaled and
-    trimmed channels, and biases within half an int32 step (the ONNX bias is rounded to int32)."""
+def _against_onnx(module, onnx_path: Path, calib: np.ndarray, tmp_path: Path) -> int:
+    """Checks each conv/linear of the default-recipe PT2E graph against lowbit's default int8 ONNX of the same
+    module and calibration data: equal int8 weights and scales, biases within half an int32 step (the ONNX bias
+    is rounded to int32). Returns how many weights or biases differ without the two steps."""
     from onnx import numpy_helper
 
     from lowbit.export.executorch.export import _ptq_graph, check_recipe
 
-    calib = np.load(small["folder"] / "calib.npy")
-    res = lowbit.quantize(small["onnx"], tmp_path / "q.onnx", calib=calib, progress=False)
-    assert res.plan.overflow_guard  # the guard changed channels: this module exercises it
+    res = lowbit.quantize(onnx_path, tmp_path / "q.onnx", calib=calib, progress=False)
     g = res.model.graph
     init = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in g.initializer}
     by_out = {o: n for n in g.node for o in n.output}
@@ -247,18 +245,53 @@ def test_overflow_guard_and_bias_correction_are_lowbits(small: dict, tmp_path: P
         return init[n.input[0]], init[n.input[1]]
 
     onnx_layers = [(dq(n.input[1]), dq(n.input[2])) for n in g.node if n.op_type in ("Conv", "Gemm")]
-    example, names = (torch.zeros(1, 3, 16, 16),), ["x"]
-    ours = _layers(_ptq_graph(small["module"], example, names, calib, check_recipe(None), None, None)[0])
+    example, names = (torch.zeros(1, *calib.shape[1:]),), ["x"]
+    ours = _layers(_ptq_graph(module, example, names, calib, check_recipe(None), None, None)[0])
     off = lowbit.Recipe(default=lowbit.Scheme(bias_correction=False, avoid_overflow=False))
-    plain = _layers(_ptq_graph(small["module"], example, names, calib, check_recipe(off), None, None)[0])
-    assert len(ours) == len(onnx_layers) == 3
+    plain = _layers(_ptq_graph(module, example, names, calib, check_recipe(off), None, None)[0])
+    assert len(ours) == len(onnx_layers)
     moved = 0
     for ((wq, ws), (bq, bs)), (q, s, b), (q0, _, b0) in zip(onnx_layers, ours, plain):
         assert np.array_equal(wq.reshape(q.shape), q)
         assert np.allclose(ws, s, rtol=1e-6, atol=0)
         assert np.all(np.abs(bq * bs - b) <= 0.5 * bs + 1e-12)
         moved += int(not np.array_equal(q, q0)) + int(np.any(np.abs(b - b0) > bs))
-    assert moved >= 3  # without the two steps the weights or biases differ from lowbit's
+    return moved
+
+
+def test_overflow_guard_and_bias_correction_are_lowbits(small: dict, tmp_path: Path) -> None:
+    """The default recipe's overflow guard (rescaled and trimmed channels) and bias correction land in the PT2E
+    graph as lowbit's ONNX path computes them."""
+    calib = np.load(small["folder"] / "calib.npy")
+    res = lowbit.quantize(small["onnx"], tmp_path / "g.onnx", calib=calib, progress=False)
+    assert res.plan.overflow_guard  # the guard changed channels: this module exercises it
+    assert _against_onnx(small["module"], small["onnx"], calib, tmp_path) >= 3
+
+
+class Padded(torch.nn.Module):
+    """ReLU6 -> zero pad -> strided depthwise conv, as EfficientNet's blocks: lowbit folds the pad into the conv,
+    so bias correction uses the means of the unpadded input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.c1 = torch.nn.Conv2d(3, 8, 1)
+        self.dw = torch.nn.Conv2d(8, 8, 3, stride=2, groups=8)
+
+    def forward(self, x):
+        y = torch.nn.functional.relu6(self.c1(x))
+        return self.dw(torch.nn.functional.pad(y, (0, 1, 0, 1)))
+
+
+def test_bias_correction_behind_a_zero_pad(tmp_path: Path) -> None:
+    import onnx
+
+    from lowbit.torch import module_to_onnx
+
+    module = Padded().eval()
+    onnx.save(module_to_onnx(module, (torch.zeros(1, 3, 16, 16),)), tmp_path / "p.onnx")
+    calib = np.abs(_inputs(16, 3)) + 0.5  # positive inputs: the ReLU6 output's mean is far from zero
+    assert _against_onnx(module, tmp_path / "p.onnx", calib, tmp_path) >= 1
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def watch_inputs(model: torch.fx.GraphModule) -> dict[str, Layer]:
             continue  # a weight PT2E does not quantize: nothing to correct
         src = w.args[0]
         assert isinstance(src.target, str) and isinstance(node.args[0], torch.fx.Node)
-        group = int(node.args[6]) if node.target == CONV and len(node.args) > 6 else 1  # type: ignore[arg-type]
+        group = int(str(node.args[6])) if node.target == CONV and len(node.args) > 6 else 1
         name = f"{PREFIX}{len(layers)}"
         layers[node.name] = Layer(_attr(model, src.target).detach().float().numpy().copy(), group, name)
         model.add_submodule(name, ChannelMean(1 if node.target == CONV else -1))
@@ -152,7 +152,7 @@ def correct_weights(
         # per-tensor weights carry one scale repeated per channel (quantizer.LowbitWeightObserver)
         qw = QuantizedWeight(q, scale, np.zeros(scale.shape, np.int32), 0)
         if not per_channel:
-            qw = QuantizedWeight(q, np.float32(scale[0]), np.int32(0), None)
+            qw = QuantizedWeight(q, np.asarray(scale[0], np.float32), np.asarray(0, np.int32), None)
         onnx_node = _ir_node(layer, node.target)
         if avoid_overflow:
             qw = guard(onnx_node, w, qw)

@@ -1,5 +1,6 @@
 """`lowbit export MODEL.py:NAME --to executorch`: a PyTorch module as an ExecuTorch `.pte` program (XNNPACK),
-quantized with lowbit's ranges when --calib is given."""
+quantized with lowbit's ranges when --calib is given, or with its learned ranges when NAME is a `lowbit.torch` QAT
+module."""
 
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], preprocess
         print(result.to_json(indent=2))
         return 0
     kind = f"int8, {s['calibration']} ranges on {s['calibration_samples']} samples" if s["quantized"] else "float32"
+    if s["quantized"] and not s["calibration_samples"]:
+        kind = "int8, the QAT module's learned ranges"
     size = f"{s['size_bytes'] / 1e6:.2f} MB"
     print(f"wrote {s['output']} (ExecuTorch, XNNPACK, {kind}, {size}, {s['export_seconds']:.1f} s)")
     print("run by XNNPACK: " + (", ".join(f"{op} {n}" for op, n in s["delegated_ops"].items()) or "nothing"))

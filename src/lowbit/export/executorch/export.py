@@ -3,7 +3,8 @@ lowbit's recipe and ranges through PyTorch's PT2E flow.
 
 torch.export -> prepare_pt2e (XNNPACK's annotations, lowbit's observers: `quantizer.py`) -> calibration batches
 -> convert_pt2e -> to_edge_transform_and_lower(XnnpackPartitioner) -> `.pte` bytes, written atomically.
-A `lowbit.torch` QAT module is refused for now: its learned ranges are not mapped onto the PT2E graph.
+With calibration data, lowbit's overflow guard and bias correction follow (`weights.py`), as in its ONNX path.
+A `lowbit.torch` QAT module takes its learned scales instead of calibration (`qat.py`).
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def check_recipe(recipe: Recipe | None) -> Any:
         raise LowbitError("XNNPACK's int8 kernels take symmetric weights; use symmetric_weights=True")
     if recipe.rules or recipe.exclude_names or recipe.exclude_op_types:
         raise LowbitError("--to executorch applies one scheme to the whole model; rules and exclusions are not mapped")
-    return Choice(s.calibration, s.percentile, s.per_channel, s.symmetric_activations)
+    guard = s.avoid_overflow and s.activations == "uint8"
+    return Choice(s.calibration, s.percentile, s.per_channel, s.symmetric_activations, guard, s.bias_correction)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -100,7 +102,8 @@ def _as_tuple(example_inputs: Any) -> tuple:
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
         raise LowbitError("example_inputs must be a tensor or a tuple of tensors (one per forward argument)")
-    return tuple(torch.as_tensor(x) for x in example_inputs)
+    # Standard strides: a numpy view's new axis has stride 0, which ExecuTorch's serializer refuses.
+    return tuple(torch.as_tensor(x).clone(memory_format=torch.contiguous_format) for x in example_inputs)
 
 
 def forward_names(module: Any, n: int) -> list[str]:
@@ -197,20 +200,21 @@ def export_executorch(
             raise LowbitError(f"output {out} must end in .pte")
         if not out.parent.is_dir():
             raise LowbitError(f"output folder {out.parent} does not exist; create it first")
-    from ...torch.fakequant import ActFakeQuant
+    from .qat import is_qat
 
-    if any(isinstance(m, ActFakeQuant) for m in module.modules()):
-        raise LowbitError(
-            "a lowbit.torch QAT module cannot go to ExecuTorch yet (its learned ranges are not mapped to PT2E); "
-            "export it with lowbit.torch.export_onnx, or export the float module with calib"
-        )
+    qat = is_qat(module)
+    if qat and calib is not None:
+        raise LowbitError("a lowbit.torch QAT module carries its learned ranges; export it without calibration data")
     choice = check_recipe(recipe)
     example = _as_tuple(example_inputs)
     if input_names is not None and len(input_names) != len(example):
         raise LowbitError(f"{len(input_names)} input names for {len(example)} example inputs; give one per input")
     names = list(input_names) if input_names is not None else forward_names(module, len(example))
     t0 = time.perf_counter()
-    graph, samples = _ptq_graph(module.eval(), example, names, calib, choice, preprocess, limit)
+    if qat:
+        graph, samples = _qat_graph(module, example), 0
+    else:
+        graph, samples = _ptq_graph(module.eval(), example, names, calib, choice, preprocess, limit)
     outputs = list(output_names) if output_names is not None else None
     data, delegated, left = _lower(graph, example, {"inputs": names, **({"outputs": outputs} if outputs else {})})
     seconds = time.perf_counter() - t0
@@ -218,9 +222,9 @@ def export_executorch(
         write_together([(out, data)])
     return ExecutorchExportResult(
         data=data,
-        quantized=calib is not None,
+        quantized=calib is not None or qat,
         inputs=names,
-        calibration=choice.method,
+        calibration="learned (QAT)" if qat else choice.method,
         samples=samples,
         delegated=delegated,
         left=left,
@@ -247,12 +251,14 @@ def _ptq_graph(
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from .quantizer import make_quantizer
+    from .weights import correct_weights, unwatch_inputs, watch_inputs
 
     if calib is None:
         return module, 0
     with torch.no_grad():
         captured = _export(module, example).module()
         prepared = prepare_pt2e(captured, make_quantizer(choice))
+        layers = watch_inputs(prepared) if choice.bias_correction or choice.avoid_overflow else {}
         samples = 0
         for batch in _calibration_batches(calib, names, example, preprocess):
             if limit is not None and samples >= limit:
@@ -268,7 +274,26 @@ def _ptq_graph(
             samples += n - n % step
         if samples == 0:
             raise LowbitError("no calibration samples in calib; check the data")
-        return convert_pt2e(prepared), samples
+        unwatch_inputs(prepared, layers)
+        converted = convert_pt2e(prepared)
+        correct_weights(converted, layers, choice.per_channel, choice.avoid_overflow, choice.bias_correction)
+        return converted, samples
+
+
+def _qat_graph(module: Any, example: tuple) -> Any:
+    """A lowbit.torch QAT module in PT2E with its learned parameters (`qat.py`); one run of the example fills
+    the weight observers (the activations' are fixed)."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from .qat import learned_graph
+    from .quantizer import Choice, make_quantizer
+
+    with torch.no_grad():
+        captured, learned = learned_graph(module, example, _export)
+        prepared = prepare_pt2e(captured, make_quantizer(Choice(), learned))
+        prepared(*example)
+        return convert_pt2e(prepared)
 
 
 def _lower(graph: Any, example: Sequence, names: dict[str, list[str]]) -> tuple[bytes, dict[str, int], dict[str, int]]:

@@ -34,6 +34,7 @@ CLAMPS = {
     torch.ops.aten.relu6_.default: (0.0, 6.0),
     torch.ops.aten.hardtanh.default: None,  # bounds from the node's arguments (default -1, 1)
     torch.ops.aten.hardtanh_.default: None,
+    torch.ops.aten.clamp.default: None,  # lowbit.torch's QAT layers write ReLU6 as clamp(0, 6)
 }
 
 
@@ -49,11 +50,13 @@ class LowbitObserver(UniformQuantizationObserverBase):
         method: str = "minmax",
         percentile: float = 99.99,
         clamp: tuple[float | None, float | None] = (None, None),
+        fixed: tuple[float, int] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("reduce_range", None)
         super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
         self.method, self.percentile, self.clamp = method, percentile, clamp
+        self.fixed = fixed  # a QAT module's learned (scale, int8 zero point): no range to choose
         self.hist = Histogram()
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
@@ -69,6 +72,8 @@ class LowbitObserver(UniformQuantizationObserverBase):
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fixed is not None:
+            return torch.tensor([self.fixed[0]], dtype=torch.float32), torch.tensor([self.fixed[1]], dtype=torch.int32)
         if self.hist.count == 0:  # never reached in calibration: any scale (convert needs one)
             return torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
         a, b = self.range()
@@ -77,7 +82,7 @@ class LowbitObserver(UniformQuantizationObserverBase):
         return torch.tensor([float(s)], dtype=torch.float32), torch.tensor([int(z)], dtype=torch.int32)
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, clamp={self.clamp}"
+        return f"method={self.method}, clamp={self.clamp}, fixed={self.fixed}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,9 +93,13 @@ class Choice:
     percentile: float = 99.99
     per_channel: bool = True
     symmetric_activations: bool = False
+    avoid_overflow: bool = False  # lowbit's u8 x s8 guard (its ONNX path applies it to uint8 activations only)
+    bias_correction: bool = False
 
 
-def activation_spec(choice: Choice, method: str | None = None, clamp: tuple = (None, None)) -> QuantizationSpec:
+def activation_spec(
+    choice: Choice, method: str | None = None, clamp: tuple = (None, None), fixed: tuple[float, int] | None = None
+) -> QuantizationSpec:
     qscheme = torch.per_tensor_symmetric if choice.symmetric_activations else torch.per_tensor_affine
     return QuantizationSpec(
         dtype=torch.int8,
@@ -99,7 +108,7 @@ def activation_spec(choice: Choice, method: str | None = None, clamp: tuple = (N
         qscheme=qscheme,
         is_dynamic=False,
         observer_or_fake_quant_ctr=LowbitObserver.with_args(
-            method=method or choice.method, percentile=choice.percentile, clamp=clamp
+            method=method or choice.method, percentile=choice.percentile, clamp=clamp, fixed=fixed
         ),
     )
 
@@ -142,8 +151,9 @@ def weight_spec(choice: Choice) -> QuantizationSpec:
     )
 
 
-def make_quantizer(choice: Choice) -> Any:
-    """XNNPACKQuantizer with lowbit's specs, then lowbit's folding of activations and exact output ranges."""
+def make_quantizer(choice: Choice, learned: dict[str, tuple[float, int]] | None = None) -> Any:
+    """XNNPACKQuantizer with lowbit's specs, then lowbit's folding of activations and exact output ranges; with
+    `learned` (a QAT module's tensor name -> (scale, int8 zero point)), those fixed parameters instead."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import QuantizationConfig
 
@@ -154,7 +164,10 @@ def make_quantizer(choice: Choice) -> Any:
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
             fold_activations(model, choice)
-            exact_outputs(model, choice)
+            if learned is None:
+                exact_outputs(model, choice)
+            else:
+                use_learned(model, choice, learned)
             share_edges(model)
             return model
 
@@ -170,6 +183,10 @@ def _bounds(node: torch.fx.Node) -> tuple[float | None, float | None]:
     if fixed is not None:
         return fixed
     args = list(node.args[1:3]) + [None, None]
+    if node.target == torch.ops.aten.clamp.default:  # clamp(x, min=None, max=None): either bound may be absent
+        lo = args[0] if args[0] is not None else node.kwargs.get("min")
+        hi = args[1] if args[1] is not None else node.kwargs.get("max")
+        return (None if lo is None else float(lo)), (None if hi is None else float(hi))  # type: ignore[arg-type]
     lo = args[0] if args[0] is not None else node.kwargs.get("min_val", -1.0)
     hi = args[1] if args[1] is not None else node.kwargs.get("max_val", 1.0)
     return float(lo), float(hi)  # type: ignore[arg-type]
@@ -226,3 +243,59 @@ def share_edges(model: torch.fx.GraphModule) -> None:
             src_ann = _annotation(arg)
             if isinstance(spec, QuantizationSpec) and src_ann is not None and src_ann.output_qspec is not None:
                 ann.input_qspec_map[arg] = SharedQuantizationSpec(arg)
+
+
+def use_learned(model: torch.fx.GraphModule, choice: Choice, learned: dict[str, tuple[float, int]]) -> None:
+    """A QAT module's parameters on the tensors it fake-quantized: a folded activation's on its producer (they
+    share one observer), the others on the tensor itself (an input edge for a model input). A model output
+    without a fake quantizer stays float (as `lowbit.torch.export_onnx` keeps it); any other tensor XNNPACK
+    quantizes needs a learned scale. (The QAT module's weights are on their grid already: a layer run in float
+    computes what its int8 form would.)"""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    missing = set(learned)
+    outputs = set(next(n for n in model.graph.nodes if n.op == "output").all_input_nodes)
+    for node in model.graph.nodes:
+        ann = _annotation(node)
+        if ann is None:
+            continue
+        for arg, spec in list(ann.input_qspec_map.items()):
+            if isinstance(spec, QuantizationSpec) and arg.name in learned:
+                ann.input_qspec_map[arg] = activation_spec(choice, fixed=learned[arg.name])
+                missing.discard(arg.name)
+        if node.name not in learned:
+            continue
+        owner, spec = node, ann.output_qspec
+        folded = node.target in CLAMPS and isinstance(spec, SharedQuantizationSpec)
+        if folded and isinstance(node.args[0], torch.fx.Node):
+            owner = node.args[0]  # a folded ReLU6: its range is its producer's observer
+        owner_ann = _annotation(owner)
+        if isinstance(owner_ann, QuantizationAnnotation) and owner_ann.output_qspec is not None:
+            owner_ann.output_qspec = activation_spec(choice, fixed=learned[node.name])
+            missing.discard(node.name)
+    for node in model.graph.nodes:
+        ann = _annotation(node)
+        spec = ann.output_qspec if ann is not None else None
+        if not isinstance(spec, QuantizationSpec) or spec.observer_or_fake_quant_ctr.p.keywords.get("fixed"):
+            continue
+        if node in outputs:  # float, on the dequantized input and the weights' grid values (ONNX's QDQ form)
+            ann.output_qspec = None
+            ann.input_qspec_map = {}
+            continue
+        raise _no_scale(node)
+    if missing:
+        raise _no_scale(next(n for n in model.graph.nodes if n.name in missing), unused=True)
+
+
+def _no_scale(node: torch.fx.Node, unused: bool = False) -> Exception:
+    from ...errors import LowbitError
+
+    if unused:
+        return LowbitError(
+            f"this QAT module fake-quantizes {node.name} ({node.target}), which XNNPACK runs in float; "
+            "export it with lowbit.torch.export_onnx"
+        )
+    return LowbitError(
+        f"XNNPACK quantizes {node.name} ({node.target}) but the QAT module has no fake quantizer on it; "
+        "export it with lowbit.torch.export_onnx"
+    )

@@ -163,3 +163,29 @@ def test_profiler_names_map_back_to_layers() -> None:
     assert layer_of("fc_MatMulNBits", by_node, by_tensor) == "fc"  # lowbit's int4 rewrite
     assert layer_of("fc_out_Q", by_node, by_tensor) is None  # a precision boundary
     assert layer_of("Transpose", by_node, by_tensor) is None
+
+
+@pytest.mark.browser
+def test_report_plots_the_explored_points(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from browser import external_references, render
+
+    model, calib, ev = data
+    out = tmp_path / "auto.onnx"
+    r = lowbit.auto_quantize(model, calib, ev, out, max_drop=1.0, progress=False)
+    assert any(p != "float" for p in r.assignment.values())  # the report diagnoses a quantized model
+    html = tmp_path / "report.html"
+    res = run_cli("report", str(model), str(out), "--data", str(ev), "-o", str(html), "--quiet")
+    assert res.returncode == 0, res.stderr
+    page = render(html)
+    assert page.console == [] and external_references(page.root) == []
+    points = page.root.find("svg", id="auto-front-chart").find_all("circle", cls="point")
+    assert sorted(int(p.attrs["data-step"]) for p in points) == sorted(p["step"] for p in r.points)
+    chosen = [p for p in points if "chosen" in p.classes]
+    assert [int(p.attrs["data-step"]) for p in chosen] == [r.step]
+    assert {int(p.attrs["data-step"]) for p in points if "front" in p.classes} == {p["step"] for p in r.front}
+    # a higher score is drawn higher
+    by_step = {int(p.attrs["data-step"]): float(p.attrs["cy"]) for p in points}
+    best, worst = max(r.points, key=lambda p: p["score"]), min(r.points, key=lambda p: p["score"])
+    if best["score"] > worst["score"]:
+        assert by_step[best["step"]] < by_step[worst["step"]]
+    assert len(page.root.find("table", id="auto-table").find("tbody").find_all("tr")) == len(r.front)

@@ -48,6 +48,7 @@ class AutoResult(JsonResult):
     budget: dict[str, Any]
     met: bool
     assignment: dict[str, str]
+    step: int = 0  # the chosen point's place in the chain
     points: list[dict[str, Any]] = field(default_factory=list)
     front: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -272,6 +273,7 @@ def auto(
         budget,
         met,
         dict(steps[k].assignment),
+        k,
         every,
         front,
         latency,

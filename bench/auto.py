@@ -121,8 +121,10 @@ def main() -> int:
     }
     (ART / "results.json").write_text(json.dumps(out, indent=1))
     print(f"CPU {out['cpu']}; float {float_ms:.2f} ms/crop at 1 thread; {args.rounds} paired rounds\n")
-    print("| tool | top-1 agreement, search data (kernels) | held-out, kernels | held-out, simulation | "
-          "latency vs float (1 thread) | size MB | Conv/Gemm left float | time |")
+    print(
+        "| tool | top-1 agreement, search data (kernels) | held-out, kernels | held-out, simulation | "
+        "latency vs float (1 thread) | size MB | Conv/Gemm left float | time |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
@@ -132,8 +134,10 @@ def main() -> int:
         )
     print("\nauto's explored front:")
     for p in result.front:
-        print(f"  step {p['step']}: {p['score']:.2f} points, {p['latency_ratio']:.3f}x, {p['size_bytes'] / 1e6:.2f} MB, "
-              f"{p['precisions']}")
+        print(
+            f"  step {p['step']}: {p['score']:.2f} points, {p['latency_ratio']:.3f}x, {p['size_bytes'] / 1e6:.2f} MB, "
+            f"{p['precisions']}"
+        )
     print(f"auto took {result.seconds}")
     return 0
 

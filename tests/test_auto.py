@@ -13,7 +13,7 @@ import lowbit
 from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
 from lowbit.auto.profile import layer_of
-from lowbit.auto.search import chain, longest_within, pareto, shortest_passing
+from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing
 from lowbit.runtimes.ort import run_all, session
 
 
@@ -112,24 +112,37 @@ def test_writing_over_the_model_is_refused(data: tuple[Path, Path, Path]) -> Non
 
 
 def test_chain_takes_the_most_noise_per_ms_first() -> None:
-    layers = [Layer("a", "Conv"), Layer("b", "Conv"), Layer("c", "Gemm")]
+    # x -> a -> b -> c (-> y): t1 between a and b, t2 between b and c
+    layers = [
+        Layer("a", "Conv", inputs=("x",), outputs=("t1",)),
+        Layer("b", "Conv", inputs=("t1",), outputs=("t2",)),
+        Layer("c", "Gemm", inputs=("t2",), outputs=("y",)),
+    ]
     latency = {
         "int8": {"a": 1.0, "b": 1.0, "c": 0.2, "other": 0.5},
         "int16": {"a": 3.0, "b": 3.0, "c": 0.5},
         "int4": {"c": 0.1},
         "float": {"a": 2.0, "b": 1.5, "c": 0.3},
     }
+    boundary = {"x": 0.05, "t1": 0.2, "t2": 0.1, "y": 0.01}
+    cost = CostModel(layers, latency, boundary, frozenset({"x"}), frozenset({"y"}))
+    base = {"a": "int8", "b": "int8", "c": "int8"}
+    assert cost.ms(base) == pytest.approx(0.5 + 2.2 + 0.05 + 0.01)  # input Q and output DQ only
+    # b float between int8 a and c: its input and output tensors are converted
+    assert cost.ms({**base, "b": "float"}) == pytest.approx(0.5 + 2.7 + 0.05 + 0.2 + 0.1 + 0.01)
     noise = {
-        "a": {"int8": 0.10, "float": 0.0},  # 0.1 per ms
-        "b": {"int8": 0.01, "float": 0.0},  # 0.02 per ms
-        "c": {"int8": 0.001, "int4": 0.05, "float": 0.0},
+        "a": {"int8": 0.10, "float": 0.0},
+        "b": {"int8": 0.01, "float": 0.0},
+        "c": {"int8": 0.001, "int4": 0.05, "int16": 0.0005, "float": 0.0},
     }
-    steps = chain(layers, latency, noise)
-    assert steps[0].assignment == {"a": "int8", "b": "int8", "c": "int4"}  # the fastest form of each
-    assert [s.changed for s in steps[1:]] == ["c", "a", "b", "c"]  # c to int8 is 0.49/ms, then a, b; c last
+    steps = chain(cost, noise)
+    assert steps[0].assignment == base and steps[0].ms == pytest.approx(cost.ms(base))
+    # a to float: 0.1 for 1.0 + 0.05 (x no longer quantized) ... a's noise per ms wins first
+    assert steps[1].changed == ("a",) and steps[1].assignment["a"] == "float"
     assert steps[-1].assignment == {"a": "float", "b": "float", "c": "float"}
-    assert all(x.noise > y.noise for x, y in zip(steps, steps[1:]))
-    assert steps[0].ms == pytest.approx(0.5 + 1 + 1 + 0.1)
+    assert all(x.noise >= y.noise for x, y in zip(steps, steps[1:]))
+    assert all(p != "int4" for s in steps for p in s.assignment.values())  # int4 adds noise: never a step
+    assert steps[-1].noise == 0
 
 
 def test_bisection_measures_few_points() -> None:

@@ -34,7 +34,12 @@ class Layer:
     node: str
     op_type: str
     folded: tuple[str, ...] = ()
-    tensors: tuple[str, ...] = ()
+    inputs: tuple[str, ...] = ()  # quantized activation tensors it reads
+    outputs: tuple[str, ...] = ()  # and writes (a folded Relu/Clip's output: the layer's)
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return (*self.inputs, *self.outputs)
 
     def precisions(self) -> tuple[Precision, ...]:
         return tuple(p for p in PRECISIONS if p != "int4" or self.op_type in INT4_OPS)
@@ -54,9 +59,13 @@ def find_layers(float_model: onnx.ModelProto, plan: Plan) -> list[Layer]:
             continue
         node = by_name.get(name)
         members = [node] + [by_name[f] for f in folded.get(name, []) if f in by_name] if node else []
-        names = [t for n in members for t in (*n.input, *n.output)]
-        tensors = tuple(t for t in dict.fromkeys(names) if plan.tensors.get(t) and plan.tensors[t].kind == "activation")
-        found.append(Layer(name, d.op_type, tuple(folded.get(name, [])), tensors))
+
+        def acts(names: list[str]) -> tuple[str, ...]:
+            return tuple(t for t in dict.fromkeys(names) if (p := plan.tensors.get(t)) and p.kind == "activation")
+
+        ins = acts(list(node.input)) if node else ()
+        outs = acts([t for n in members for t in n.output])
+        found.append(Layer(name, d.op_type, tuple(folded.get(name, [])), ins, tuple(t for t in outs if t not in ins)))
     order = {n.name: i for i, n in enumerate(float_model.graph.node)}
     return sorted(found, key=lambda x: order.get(x.node, len(order)))
 

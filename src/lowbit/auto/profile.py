@@ -22,6 +22,7 @@ import onnxruntime as ort
 from .assign import Layer
 
 _TOKEN = re.compile(r"_token_\d+$")
+_BOUNDARY = "\0boundary:"  # per-run keys of Q/DQ time, by tensor (no node or layer name starts with NUL)
 
 
 def owner_map(model: onnx.ModelProto, layers: list[Layer]) -> tuple[dict[str, str], dict[str, str]]:
@@ -55,10 +56,19 @@ def layer_of(name: str, by_node: dict[str, str], by_tensor: dict[str, str]) -> s
     return None
 
 
+def boundary_of(name: str) -> str | None:
+    """The tensor a lowbit QuantizeLinear/DequantizeLinear node (`<tensor>_Q`, `<tensor>_DQ`) converts."""
+    for suffix in ("_Q", "_DQ"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
 def profile(
     model: onnx.ModelProto, layers: list[Layer], feeds: dict[str, np.ndarray], runs: int = 20, warmup: int = 3
-) -> dict[str, float]:
-    """Median milliseconds per run of each layer (and "other") at 1 thread, with ONNX Runtime's optimizations."""
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Median milliseconds per run at 1 thread, with ONNX Runtime's optimizations: of each layer (and "other":
+    what maps to no layer), and of each tensor's QuantizeLinear + DequantizeLinear (where they run unfused)."""
     by_node, by_tensor = owner_map(model, layers)
     with tempfile.TemporaryDirectory(prefix="lowbit-profile-") as tmp:
         opts = ort.SessionOptions()
@@ -77,7 +87,11 @@ def profile(
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
     # A run's node events come before its `model_run` event; the warm-up runs are dropped.
-    return _median(_runs(events, by_node, by_tensor)[warmup:], layers)
+    per_run = _runs(events, by_node, by_tensor)[warmup:]
+    keys = [x.node for x in layers] + ["other"]
+    tensors = sorted({k for r in per_run for k in r if k.startswith(_BOUNDARY)})
+    med = _median(per_run, keys + tensors)
+    return {k: med[k] for k in keys}, {t[len(_BOUNDARY) :]: med[t] for t in tensors}
 
 
 def _runs(events: list[dict], by_node: dict[str, str], by_tensor: dict[str, str]) -> list[dict[str, float]]:
@@ -86,7 +100,9 @@ def _runs(events: list[dict], by_node: dict[str, str], by_tensor: dict[str, str]
     current: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            owner = layer_of(e["name"][: -len("_kernel_time")], by_node, by_tensor) or "other"
+            name = e["name"][: -len("_kernel_time")]
+            tensor = boundary_of(_TOKEN.sub("", name))
+            owner = _BOUNDARY + tensor if tensor is not None else layer_of(name, by_node, by_tensor) or "other"
             current[owner] += e["dur"] / 1e3
         elif e.get("cat") == "Session" and e.get("name") == "model_run":
             runs.append(current)
@@ -94,6 +110,5 @@ def _runs(events: list[dict], by_node: dict[str, str], by_tensor: dict[str, str]
     return runs
 
 
-def _median(runs: list[dict[str, float]], layers: list[Layer]) -> dict[str, float]:
-    keys = [x.node for x in layers] + ["other"]
+def _median(runs: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
     return {k: float(np.median([r.get(k, 0.0) for r in runs])) if runs else 0.0 for k in keys}

@@ -27,7 +27,7 @@ from ..runtimes.ort import session
 from .assign import Builder, Precision, find_layers
 from .profile import profile
 from .score import Scorer
-from .search import chain, longest_within, pareto, shortest_passing
+from .search import CostModel, chain, longest_within, pareto, shortest_passing
 from .sensitivity import sensitivities
 
 
@@ -52,6 +52,7 @@ class AutoResult(JsonResult):
     points: list[dict[str, Any]] = field(default_factory=list)
     front: list[dict[str, Any]] = field(default_factory=list)
     latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    conversion_ms: dict[str, float] = field(default_factory=dict)  # Q + DQ of each tensor, where unfused
     noise: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     cpu: str = ""
@@ -180,15 +181,18 @@ def auto(
     t = time.perf_counter()
     feeds = _head(batches, 1)[0]
     latency: dict[str, dict[str, float]] = {}
+    boundary: dict[str, float] = {}
     for p in ("int8", "int16", "int4", "float"):
         where = [x for x in builder.layers if p in x.precisions()]
         if not where:
             continue
         tell(f"profiling every layer in {p} ({len(where)} layers) ...")
         built = builder.build(builder.everywhere(p))[0]
-        times = profile(built, builder.layers, feeds)
+        times, conversions = profile(built, builder.layers, feeds)
         latency[p] = {x.node: times[x.node] for x in where}
         latency[p]["other"] = times["other"]
+        if p == "int16" or not boundary:  # 16-bit: every tensor's Q and DQ run unfused, so each is timed
+            boundary = conversions
     seconds["profile"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -203,13 +207,21 @@ def auto(
     sens_batches = _head(batches, sensitivity_samples)
     from ..runtimes.ort import run_all
 
-    sens_refs = run_all(session(float_model, "simulate"), sens_batches)
+    sens_refs = run_all(session(float_model, "kernels"), sens_batches)
     tell(f"measuring each layer's error alone on {sensitivity_samples} samples ...")
     noise = sensitivities(builder, wanted, sens_batches, sens_refs, tell)
     seconds["sensitivity"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    steps = chain(builder.layers, latency, noise)
+    graph = float_model.graph
+    cost = CostModel(
+        builder.layers,
+        latency,
+        boundary,
+        frozenset(i.name for i in graph.input),
+        frozenset(o.name for o in graph.output),
+    )
+    steps = chain(cost, noise)
     float_session = session(float_model, "kernels", threads=1)
     points: dict[int, dict[str, Any]] = {}
     built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
@@ -277,6 +289,7 @@ def auto(
         every,
         front,
         latency,
+        boundary,
         noise,
         seconds,
         machine()["cpu"],

@@ -2,8 +2,8 @@
 
 The measure is the noise the layer adds to the final outputs, as a fraction of their energy (1 / linear SQNR),
 summed over outputs. Noise from different layers adds roughly, so the search can rank layers by the noise they
-remove per millisecond they cost. It is measured in simulation (the quantization math in float, deterministic) on
-a few samples: a continuous measure needs far fewer samples than top-1 agreement would.
+remove per millisecond they cost. It is measured with ONNX Runtime's kernels (what ships; the rest of the model runs
+its fast float kernels) on a few samples: a continuous measure needs far fewer samples than top-1 agreement.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def alone(builder: Builder, layer: Layer, precision: Precision, batches: Batches
     recipe = replace(builder.base, rules=(Rule(names=names, scheme=scheme), Rule(names=("*",), scheme=None)))
     plan: Plan = replace(builder.plan, tensors=builder.tensors({layer.node: precision}))
     model = quantize(builder.float_model, recipe=recipe, plan=plan, progress=False).model
-    return noise_fraction(refs, run_all(session(model, "simulate"), batches))
+    return noise_fraction(refs, run_all(session(model, "kernels"), batches))
 
 
 def sensitivities(

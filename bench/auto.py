@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +31,18 @@ from lowbit.evaluate.metrics import fidelity  # noqa: E402
 from lowbit.runtimes.ort import run_all, session  # noqa: E402
 from lowbit_zoo.zoo import efficientnet_lite0_onnx, photo_crops  # noqa: E402
 
-ART = Path(__file__).resolve().parents[1] / "artifacts" / "auto"
+# Outside the repository: the float model is exported here too, so runs never share files with other checkouts.
+ART = Path(tempfile.gettempdir()) / "lowbit-bench-auto"
+
+
+def float_compute(model: onnx.ModelProto) -> int:
+    """Conv/Gemm/MatMul nodes whose data input (input 0) is not the DequantizeLinear of an activation: the layers
+    left float (MatMulNBits, int4 weight-only, is not counted)."""
+    consts = {i.name for i in model.graph.initializer}
+    dq_of_act = {
+        o for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in consts for o in n.output
+    }
+    return sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] not in dq_of_act)
 
 
 def nncf_accuracy_control(float_path: Path, calib: np.ndarray, search: np.ndarray, refs: np.ndarray):
@@ -63,7 +75,7 @@ def main() -> int:
     ap.add_argument("--skip-nncf", action="store_true")
     args = ap.parse_args()
     ART.mkdir(parents=True, exist_ok=True)
-    float_path = efficientnet_lite0_onnx(ART.parent / "efficientnet_lite0.onnx")
+    float_path = efficientnet_lite0_onnx(ART / "efficientnet_lite0.onnx")
     calib = photo_crops(args.calib, "calib")
     search = photo_crops(args.search, "calib", seed=1)
     heldout = photo_crops(args.heldout, "eval")
@@ -103,7 +115,7 @@ def main() -> int:
                 "heldout_cosine": kern["cosine"],
                 "mb": m.ByteSize() / 1e6,
                 "seconds": took[name],
-                "float_nodes": sum(1 for n in m.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")),
+                "float_nodes": float_compute(m),
             }
         )
         sessions[name] = session(m, threads=1)

@@ -23,7 +23,7 @@ from ..graph.io import check_output_path, check_paths, check_writable, load_prot
 from ..pipeline import outputs, quantize, reads, save
 from ..plan import Plan
 from ..recipe import Recipe
-from ..runtimes.ort import session
+from ..runtimes.ort import run_all, session
 from .assign import Builder, Precision, find_layers
 from .profile import profile
 from .score import Scorer
@@ -205,8 +205,6 @@ def auto(
             if p != "float" and (p != "int16" or latency["int16"][x.node] < latency["float"][x.node])
         ]
     sens_batches = _head(batches, sensitivity_samples)
-    from ..runtimes.ort import run_all
-
     sens_refs = run_all(session(float_model, "kernels"), sens_batches)
     tell(f"measuring each layer's error alone on {sensitivity_samples} samples ...")
     noise = sensitivities(builder, wanted, sens_batches, sens_refs, tell)

@@ -83,6 +83,7 @@ def test_cli_end_to_end(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
         (["--labels", "LABELS3"], "the labels number 3"),
         (["--metric", "top1", "--labels", "LABELS48"], "--labels measures accuracy"),
         (["--eval", "MISSING.npy"], "not found"),
+        (["--preset", "default", "--recipe", "r.json"], "not both"),
     ],
 )
 def test_bad_input_is_one_line(data: tuple[Path, Path, Path], tmp_path: Path, extra: list[str], words: str) -> None:
@@ -202,3 +203,11 @@ def test_report_plots_the_explored_points(data: tuple[Path, Path, Path], tmp_pat
     if best["score"] > worst["score"]:
         assert by_step[best["step"]] < by_step[worst["step"]]
     assert len(page.root.find("table", id="auto-table").find("tbody").find_all("tr")) == len(r.front)
+
+
+def test_a_dynamic_base_recipe_gets_no_16_bit_candidates(data: tuple[Path, Path, Path]) -> None:
+    model, calib, ev = data
+    r = lowbit.auto_quantize(model, calib, ev, recipe=lowbit.recipe.preset("dynamic"), progress=False)
+    assert r.met
+    # the recipe's scheme is dynamic everywhere (16-bit activations would be a conflicting scheme): none measured
+    assert "int16" not in r.latency_ms and set(r.latency_ms) == {"int8", "int4", "float"}

@@ -93,6 +93,11 @@ class Builder:
             return Scheme(mode="weight_only", weights="int4", block_size=32)
         return own
 
+    def precisions(self, layer: Layer) -> tuple[Precision, ...]:
+        """The layer's candidates; 16-bit activations only where the base scheme is static (calibrated ranges)."""
+        own = self.base.scheme_for(layer.node, layer.op_type)[0] or self.base.default
+        return tuple(p for p in layer.precisions() if p != "int16" or own.mode == "static")
+
     def recipe(self, assignment: dict[str, Precision]) -> Recipe:
         """The base recipe with one rule per layer not at int8 (first match wins, so these go first)."""
         rules = []
@@ -129,4 +134,4 @@ class Builder:
 
     def everywhere(self, precision: Precision) -> dict[str, Precision]:
         """Every layer at `precision` where it has that form, else int8."""
-        return {x.node: precision if precision in x.precisions() else "int8" for x in self.layers}
+        return {x.node: precision if precision in self.precisions(x) else "int8" for x in self.layers}

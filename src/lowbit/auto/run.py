@@ -183,7 +183,7 @@ def auto(
     latency: dict[str, dict[str, float]] = {}
     boundary: dict[str, float] = {}
     for p in ("int8", "int16", "int4", "float"):
-        where = [x for x in builder.layers if p in x.precisions()]
+        where = [x for x in builder.layers if p in builder.precisions(x)]
         if not where:
             continue
         tell(f"profiling every layer in {p} ({len(where)} layers) ...")
@@ -201,7 +201,7 @@ def auto(
         # 16-bit activations only where they run faster than float: float is exact, so elsewhere they never win.
         wanted[x.node] = [
             p
-            for p in x.precisions()
+            for p in builder.precisions(x)
             if p != "float" and (p != "int16" or latency["int16"][x.node] < latency["float"][x.node])
         ]
     sens_batches = _head(batches, sensitivity_samples)

@@ -18,6 +18,8 @@ PUBLIC = [
     "__version__",
     "quantize",
     "QuantizeResult",
+    "auto_quantize",
+    "AutoResult",
     "evaluate_model",
     "EvalResult",
     "diagnose",

@@ -2,7 +2,8 @@
 
 Every measuring function returns a dataclass-style result with `.to_dict()` and `.to_json()`; in JSON,
 non-finite numbers (an exact SQNR is +inf) are null (see lowbit/evaluate/jsonable.py).
-`evaluate_model` is not called `evaluate`: that name is the `lowbit.evaluate` subpackage.
+`evaluate_model` is not called `evaluate`: that name is the `lowbit.evaluate` subpackage (`auto_quantize`, the
+`lowbit auto` command, likewise: `lowbit.auto` is its subpackage).
 
 The names below are imported on first use: `import lowbit` stays cheap (the `lowbit` command starts without
 loading ONNX Runtime, LiteRT or numpy, so Ctrl-C at start-up is handled like anywhere else).
@@ -17,6 +18,8 @@ from ._version import __version__
 from .errors import LowbitError
 
 if TYPE_CHECKING:
+    from .auto import AutoResult
+    from .auto import auto as auto_quantize
     from .data import ImagePreprocess
     from .evaluate.diagnose import DiagnoseResult, diagnose
     from .evaluate.evaluate import EvalResult
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 # public name -> (module, attribute)
 _LAZY = {
     "quantize": (".pipeline", "quantize"),
+    "auto_quantize": (".auto", "auto"),
+    "AutoResult": (".auto", "AutoResult"),
     "QuantizeResult": (".pipeline", "QuantizeResult"),
     "evaluate_model": (".evaluate.evaluate", "evaluate"),
     "EvalResult": (".evaluate.evaluate", "EvalResult"),
@@ -77,6 +82,8 @@ __all__ = [
     "__version__",
     "quantize",
     "QuantizeResult",
+    "auto_quantize",
+    "AutoResult",
     "evaluate_model",
     "EvalResult",
     "diagnose",

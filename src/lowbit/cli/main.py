@@ -15,17 +15,18 @@ import warnings
 from .._version import __version__
 from ..errors import LowbitError
 from ..recipe import PRESETS, preset
-from . import bench_cmd, diagnose_cmd, eval_cmd, export_cmd, quantize_cmd, report_cmd
+from . import auto_cmd, bench_cmd, diagnose_cmd, eval_cmd, export_cmd, quantize_cmd, report_cmd
 
 EPILOG = """examples:
   lowbit quantize model.onnx -o model.int8.onnx --calib images/
   lowbit quantize model.onnx -o model.int8.onnx --calib samples.npz --calibration percentile
   lowbit quantize model.onnx -o model.int8.onnx --recipe my_recipe.json --calib images/
   lowbit quantize retrained.onnx -o retrained.int8.onnx --plan model.int8.plan.json
+  lowbit auto model.onnx -o model.auto.onnx --calib images/ --eval more_images/ --max-drop 1
   lowbit recipe --show default > my_recipe.json
 """
 
-COMMANDS = [quantize_cmd, eval_cmd, bench_cmd, diagnose_cmd, report_cmd, export_cmd]
+COMMANDS = [quantize_cmd, auto_cmd, eval_cmd, bench_cmd, diagnose_cmd, report_cmd, export_cmd]
 
 
 def _show_recipe(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ The renderer takes a plain dict (gathered by `lowbit.evaluate.report_data.report
       "lint": [{"kind": str, "nodes": [str, ...], "message": str, "fix": str}, ...],
       "recipe": dict | None,
       "recipe_note": str (optional: where the recipe comes from),
+      "auto": dict (optional: `lowbit auto`'s OUT.auto.json; report_auto.py draws its explored points),
     }
 
 Missing keys render as empty sections. Charts carry stable ids/classes for tests and styling:
@@ -44,6 +45,7 @@ from typing import Any, TypeGuard
 
 from ..graph.io import atomic_write_bytes
 from .report_assets import CSS, JS
+from .report_auto import auto_section
 
 WORST = 5  # layers highlighted in the SQNR chart
 
@@ -394,6 +396,7 @@ def render(data: dict) -> str:
         "data; latency is the median of interleaved single-batch runs.</p>",
         _variants(list(data.get("variants") or [])),
         "</section>",
+        auto_section(data["auto"]) if data.get("auto") else "",
         '<section id="layers"><h2>Per-layer SQNR</h2>',
         '<p class="note">Signal-to-quantization-noise ratio of each layer\'s output, quantized model vs float; '
         "higher is better, every 6 dB is about one bit.</p>",

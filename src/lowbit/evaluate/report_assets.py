@@ -25,6 +25,8 @@ svg.chart rect.bar.worst { fill: var(--worst); }
 svg.chart circle.alone { fill: var(--alone); }
 svg.chart circle.point { fill: var(--bar); stroke: #fff; stroke-width: 1.5; }
 svg.chart circle.point.float { fill: var(--muted); }
+svg.chart circle.point.front { fill: var(--alone); }
+svg.chart circle.point.chosen { stroke: var(--fg); }
 svg.chart rect.hist-bar { fill: var(--bar); opacity: 0.85; }
 svg.chart line.range-line { stroke: var(--range); stroke-width: 2; stroke-dasharray: 5 3; }
 .histograms { display: flex; flex-wrap: wrap; gap: 8px 24px; }

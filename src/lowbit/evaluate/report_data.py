@@ -10,6 +10,7 @@ diagnose=False) the per-layer SQNR is measured here in one streamed pass.
 from __future__ import annotations
 
 import datetime
+import json
 import math
 import os
 from collections import defaultdict
@@ -47,6 +48,7 @@ class ReportResult(JsonResult):
     lint: list[dict[str, Any]]
     recipe: dict[str, Any] | None
     recipe_note: str
+    auto: dict[str, Any] | None = None  # `lowbit auto`'s OUT.auto.json, when it is beside the first model
     output: Path | None = None
 
     _skip = ("output",)  # the JSON form is the report data, as `lowbit report --json` prints it
@@ -179,7 +181,9 @@ def _gather(
     rows = _summary(float_path, quant_paths, data, plan, plan_file if plan is not None else None, samples, sizes)
     if diag is not None:
         rows += _diagnose_rows(diag)
+    auto_file = Path(quant_paths[0]).with_suffix(".auto.json")  # `lowbit auto -o OUT.onnx` writes it beside OUT
     return {
+        "auto": json.loads(auto_file.read_text()) if auto_file.is_file() else None,
         "title": f"lowbit report: {Path(float_path).name} vs {', '.join(Path(q).name for q in quant_paths)}",
         "generated": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "lowbit_version": __version__,

@@ -1,0 +1,305 @@
+"""`lowbit auto`: the fastest mixed-precision model within an accuracy budget (or the most accurate within a
+latency budget), from measurements on this machine. Stages: calibrate once -> profile every precision per layer ->
+each layer's error alone -> the greedy chain -> bisection on measured accuracy / latency -> write the choice."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..data import ImagePreprocess, input_specs, open_data
+from ..errors import LowbitError
+from ..evaluate.bench import machine
+from ..evaluate.jsonable import JsonResult, dumps
+from ..evaluate.latency import interleaved_latency, paired_ratio
+from ..graph.io import check_output_path, check_paths, check_writable, load_proto, write_together
+from ..pipeline import outputs, quantize, reads, save
+from ..plan import Plan
+from ..recipe import Recipe
+from ..runtimes.ort import run_all, session
+from .assign import Builder, Precision, find_layers
+from .profile import profile
+from .score import Scorer
+from .search import CostModel, chain, longest_within, pareto, shortest_passing
+from .sensitivity import sensitivities
+
+
+@dataclass
+class AutoResult(JsonResult):
+    """The chosen model and how it was found. `front`: the explored points not dominated on (score, latency,
+    size); `points`: every assignment measured; `latency_ms[precision][layer]`: profiled medians."""
+
+    model: onnx.ModelProto
+    plan: Plan
+    recipe: Recipe
+    metric: str
+    reference: float  # the float model's points
+    score: float
+    latency_ratio: float  # paired median, chosen / float, 1 thread
+    size_bytes: int
+    float_bytes: int
+    budget: dict[str, Any]
+    met: bool
+    assignment: dict[str, str]
+    step: int = 0  # the chosen point's place in the chain
+    points: list[dict[str, Any]] = field(default_factory=list)
+    front: list[dict[str, Any]] = field(default_factory=list)
+    latency_ms: dict[str, dict[str, float]] = field(default_factory=dict)
+    conversion_ms: dict[str, float] = field(default_factory=dict)  # Q + DQ of each tensor, where unfused
+    noise: dict[str, dict[str, float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    cpu: str = ""
+    output: Path | None = None
+    _skip = ("model", "plan", "recipe", "output")
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for p in self.assignment.values():
+            out[p] = out.get(p, 0) + 1
+        return out
+
+
+def recipe_path(output: str | Path) -> Path:
+    p = Path(output)
+    return p.with_name(p.stem + ".recipe.json")
+
+
+def report_path(output: str | Path) -> Path:
+    p = Path(output)
+    return p.with_name(p.stem + ".auto.json")
+
+
+def _check_budget(max_drop: float | None, latency_budget: float | None) -> dict[str, Any]:
+    if max_drop is not None and latency_budget is not None:
+        raise LowbitError("give one budget: --max-drop (accuracy) or --latency-budget (speed), not both")
+    if latency_budget is not None:
+        if isinstance(latency_budget, bool) or not isinstance(latency_budget, (int, float)) or latency_budget <= 0:
+            raise LowbitError(
+                f"--latency-budget must be a ratio to float latency > 0 (e.g. 0.6), got {latency_budget!r}"
+            )
+        return {"kind": "latency", "ratio": float(latency_budget)}
+    drop = 1.0 if max_drop is None else max_drop
+    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100:
+        raise LowbitError(f"--max-drop must be points of the metric in [0, 100) (e.g. 1), got {drop!r}")
+    return {"kind": "accuracy", "max_drop": float(drop)}
+
+
+def _batches(data: Any, model: onnx.ModelProto, preprocess: ImagePreprocess | None, limit: int | None) -> list:
+    specs = input_specs(model)
+    src = open_data(data, specs, batch_size=32, preprocess=preprocess, limit=limit, what="evaluation data")
+    batches = [dict(b) for b in src]
+    if not batches:
+        raise LowbitError("the evaluation data holds no samples; give at least a few dozen")
+    return batches
+
+
+def _head(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
+    out, left = [], n
+    for b in batches:
+        k = min(left, len(next(iter(b.values()))))
+        out.append({name: v[:k] for name, v in b.items()})
+        left -= k
+        if left <= 0:
+            break
+    return out
+
+
+def auto(
+    model: str | Path | onnx.ModelProto,
+    calib: Any,
+    eval_data: Any,
+    output: str | Path | None = None,
+    *,
+    max_drop: float | None = None,
+    latency_budget: float | None = None,
+    metric: str = "auto",
+    labels: str | Path | Sequence[int] | np.ndarray | None = None,
+    recipe: Recipe | str | Path | None = None,
+    preprocess: ImagePreprocess | None = None,
+    sensitivity_samples: int = 32,
+    eval_limit: int | None = None,
+    latency_rounds: int = 30,
+    progress: bool = True,
+) -> AutoResult:
+    """Choose a precision (int8, int8 with 16-bit activations, int4 weights, float) per layer, measured here.
+
+    `max_drop`: points (fraction x 100) of the metric the model may lose against float on `eval_data` (default 1);
+    or `latency_budget`: the largest latency as a ratio to float's (1 thread, paired). With `output`, writes
+    OUT.onnx + OUT.plan.json (together), OUT.recipe.json (rerun with `lowbit quantize --recipe`) and OUT.auto.json
+    (the explored points, latency table and sensitivities)."""
+    t0 = time.perf_counter()
+    budget = _check_budget(max_drop, latency_budget)
+    if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
+        raise LowbitError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
+    if output is not None:
+        check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
+        written = [
+            *outputs(output),
+            ("recipe (beside -o)", recipe_path(output)),
+            ("report (beside -o)", report_path(output)),
+        ]
+        check_paths(
+            written,
+            [
+                *reads(model, calib, recipe, None),
+                ("evaluation data", eval_data),
+                ("labels", labels if isinstance(labels, (str, Path)) else None),
+            ],
+        )
+        check_writable(output)
+
+    def tell(text: str) -> None:
+        if progress:
+            print(f"auto [{time.perf_counter() - t0:5.0f} s] {text}", file=sys.stderr, flush=True)
+
+    float_model = load_proto(model)
+    label_array = None
+    if labels is not None:
+        from ..evaluate.evaluate import _load_labels
+
+        label_array = _load_labels(labels)
+    batches = _batches(eval_data, float_model, preprocess, eval_limit)
+    scorer = Scorer(float_model, batches, metric, label_array)
+    seconds: dict[str, float] = {}
+
+    tell("calibrating the base int8 model ...")
+    t = time.perf_counter()
+    base = quantize(float_model, calib=calib, recipe=recipe, preprocess=preprocess, progress=progress)
+    builder = Builder(float_model, base.plan, [])
+    builder.layers = find_layers(float_model, base.plan)
+    if not builder.layers:
+        raise LowbitError("the base recipe quantizes no layer of this model, so there is no precision to choose")
+    seconds["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    feeds = _head(batches, 1)[0]
+    latency: dict[str, dict[str, float]] = {}
+    boundary: dict[str, float] = {}
+    for p in ("int8", "int16", "int4", "float"):
+        where = [x for x in builder.layers if p in builder.precisions(x)]
+        if not where:
+            continue
+        tell(f"profiling every layer in {p} ({len(where)} layers) ...")
+        built = builder.build(builder.everywhere(p))[0]
+        times, conversions = profile(built, builder.layers, feeds)
+        latency[p] = {x.node: times[x.node] for x in where}
+        latency[p]["other"] = times["other"]
+        if p == "int16" or not boundary:  # 16-bit: every tensor's Q and DQ run unfused, so each is timed
+            boundary = conversions
+    seconds["profile"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    wanted: dict[str, list[Precision]] = {}
+    for x in builder.layers:
+        # 16-bit activations only where they run faster than float: float is exact, so elsewhere they never win.
+        wanted[x.node] = [
+            p
+            for p in builder.precisions(x)
+            if p != "float" and (p != "int16" or latency["int16"][x.node] < latency["float"][x.node])
+        ]
+    sens_batches = _head(batches, sensitivity_samples)
+    sens_refs = run_all(session(float_model, "kernels"), sens_batches)
+    tell(f"measuring each layer's error alone on {sensitivity_samples} samples ...")
+    noise = sensitivities(builder, wanted, sens_batches, sens_refs, tell)
+    seconds["sensitivity"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    graph = float_model.graph
+    cost = CostModel(
+        builder.layers,
+        latency,
+        boundary,
+        frozenset(i.name for i in graph.input),
+        frozenset(o.name for o in graph.output),
+    )
+    steps = chain(cost, noise)
+    float_session = session(float_model, "kernels", threads=1)
+    points: dict[int, dict[str, Any]] = {}
+    built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
+
+    def measure(k: int) -> dict[str, Any]:
+        if k in points:
+            return points[k]
+        model_k, plan_k, recipe_k = builder.build(steps[k].assignment)
+        score = scorer.score(model_k)
+        times = interleaved_latency(
+            {"float": float_session, "candidate": session(model_k, "kernels", threads=1)},
+            feeds,
+            runs=latency_rounds,
+            warmup=2,
+        )
+        counts: dict[str, int] = {}
+        for p in steps[k].assignment.values():
+            counts[p] = counts.get(p, 0) + 1
+        points[k] = {
+            "step": k,
+            "score": score,
+            "drop": scorer.reference - score,
+            "latency_ratio": paired_ratio(times, "candidate", "float"),
+            "size_bytes": model_k.ByteSize(),
+            "estimated_ms": steps[k].ms,
+            "estimated_noise": steps[k].noise,
+            "precisions": counts,
+        }
+        built_models[k] = (model_k, plan_k, recipe_k)
+        pt = points[k]
+        tell(
+            f"step {k}/{len(steps) - 1}: {scorer.label} {score:.2f} (float {scorer.reference:.2f}), "
+            f"{pt['latency_ratio']:.3f}x float latency, {pt['size_bytes'] / 1e6:.2f} MB, {counts}"
+        )
+        return pt
+
+    tell(f"searching a chain of {len(steps)} assignments ({scorer.label}) ...")
+    if budget["kind"] == "accuracy":
+        k = shortest_passing(len(steps), lambda i: measure(i)["drop"] <= budget["max_drop"] + 1e-9)
+        met = measure(k)["drop"] <= budget["max_drop"] + 1e-9
+    else:
+        found = longest_within(len(steps), lambda i: measure(i)["latency_ratio"] <= budget["ratio"])
+        k = 0 if found is None else found
+        met = found is not None
+    seconds["search"] = time.perf_counter() - t
+    chosen = measure(k)
+    model_k, plan_k, recipe_k = built_models[k]
+    every = [points[i] for i in sorted(points)]
+    front = pareto(every, (("latency_ratio", -1), ("score", 1), ("size_bytes", -1)))
+    seconds["total"] = time.perf_counter() - t0
+    result = AutoResult(
+        model_k,
+        plan_k,
+        recipe_k,
+        scorer.label,
+        scorer.reference,
+        chosen["score"],
+        chosen["latency_ratio"],
+        chosen["size_bytes"],
+        float_model.ByteSize(),
+        budget,
+        met,
+        dict(steps[k].assignment),
+        k,
+        every,
+        front,
+        latency,
+        boundary,
+        noise,
+        seconds,
+        machine()["cpu"],
+    )
+    if output is not None:
+        save(model_k, plan_k, output)
+        text = {"recipe": recipe_k.to_json(), "report": dumps(result.to_dict())}
+        write_together(
+            [
+                (recipe_path(output), text["recipe"].encode()),
+                (report_path(output), text["report"].encode()),
+            ]
+        )
+        result.output = Path(output)
+    return result

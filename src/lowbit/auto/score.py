@@ -1,0 +1,82 @@
+"""The metric `lowbit auto` holds to its budget, on the evaluation data, with ONNX Runtime's integer kernels.
+
+Scores are in points: a fraction (top-1 agreement, cosine, accuracy, the output kind's headline measure) times 100.
+The reference is what the float model scores: 100 for agreement or cosine with itself, its own accuracy with
+labels. The budget `max_drop` is in the same points: with agreement, a 1-point budget asks for >= 99% of the
+evaluation samples to keep the float model's top-1 answer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import onnx
+
+from ..errors import LowbitError
+from ..evaluate.outputs import output_fidelity, resolve
+from ..runtimes.ort import run_all, session
+
+Metric = Literal["auto", "top1", "cosine", "accuracy"]
+METRICS: tuple[str, ...] = ("auto", "top1", "cosine", "accuracy")
+# Headline measures that are fractions (higher is better), so "points" mean something; others fall back to cosine.
+_FRACTIONS = ("top1_agreement", "cosine", "pixel_agreement", "map_iou", "sequence_match", "class_agreement")
+
+Batches = list[dict[str, np.ndarray]]
+
+
+class Scorer:
+    """Scores models on fixed evaluation batches against the float model's outputs (or labels)."""
+
+    def __init__(
+        self, float_model: onnx.ModelProto, batches: Batches, metric: str, labels: np.ndarray | None = None
+    ) -> None:
+        if metric not in METRICS:
+            raise LowbitError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        if metric == "accuracy" and labels is None:
+            raise LowbitError("--metric accuracy needs --labels FILE (one integer class per evaluation sample)")
+        if labels is not None and metric not in ("auto", "accuracy"):
+            raise LowbitError(f"--labels measures accuracy, not {metric}: drop --metric or use --metric accuracy")
+        self.batches = batches
+        self.labels = labels
+        self.refs = run_all(session(float_model, "kernels"), batches)
+        self.names = [o.name for o in float_model.graph.output]
+        first = self.refs[0]
+        if labels is not None:
+            if first.ndim < 2 or int(np.prod(first.shape[1:])) != first.shape[-1]:
+                raise LowbitError(
+                    f"output '{self.names[0]}' has shape {list(first.shape)}; accuracy needs (N, classes) scores"
+                )
+            if len(labels) != len(first):
+                raise LowbitError(
+                    f"the labels number {len(labels)} but the evaluation data has {len(first)} samples; "
+                    "give exactly one label per sample"
+                )
+            if labels.min() < 0 or labels.max() >= first.shape[-1]:
+                raise LowbitError(f"labels must be class indices in 0..{first.shape[-1] - 1}")
+            self.metric, self.label = "accuracy", "top-1 accuracy"
+        else:
+            self.kind = resolve(first, self.names[0])
+            head = output_fidelity(first, first, self.names[0], self.kind)["task"]
+            if metric == "top1":
+                if self.kind.kind != "class_scores":
+                    raise LowbitError(
+                        f"output '{self.names[0]}' is {self.kind.kind}, not class scores: top-1 agreement does not "
+                        "fit it; use --metric cosine or auto"
+                    )
+                self.metric, self.label = "top1_agreement", "top-1 agreement with float"
+            elif metric == "cosine" or head["metric"] not in _FRACTIONS:
+                self.metric, self.label = "cosine", "cosine with float"
+            else:
+                self.metric, self.label = head["metric"], f"{head['label']} (vs float)"
+        self.reference = self._points(self.refs)
+
+    def _points(self, outs: list[np.ndarray]) -> float:
+        if self.labels is not None:
+            return 100.0 * float(np.mean(outs[0].reshape(len(outs[0]), -1).argmax(1) == self.labels))
+        value = output_fidelity(self.refs[0], outs[0], self.names[0], self.kind)[self.metric]
+        return 100.0 * float(value if value is not None else 0.0)
+
+    def score(self, model: onnx.ModelProto) -> float:
+        """The model's points with integer kernels (what ships), on every evaluation sample."""
+        return self._points(run_all(session(model, "kernels"), self.batches))

@@ -1,0 +1,160 @@
+"""The search: a greedy order of precision changes, then the shortest prefix of it that meets the budget.
+
+Start from the base int8 model. Each step makes the one change (a layer to a more accurate precision, or a layer
+and its neighbours to float) that removes the most noise-alone per millisecond the cost model says it adds (a
+change that saves time goes first).
+That gives a chain of assignments, from fastest to float, whose estimated noise falls and estimated latency
+rises. The chain is searched by bisection on what is actually measured: the metric on the evaluation data with
+integer kernels (accuracy budget), or the paired latency ratio against float (latency budget). Each assignment
+measured is a point of the explored front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .assign import Layer, Precision
+
+# What a layer's tensors are between layers: fused int8 kernels read and write uint8; 16-bit Q/DQ never fuse in
+# ONNX Runtime; int4 weight-only and float layers read and write float.
+KIND = {"int8": "q8", "int16": "q16", "int4": "f", "float": "f"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One assignment of the chain, with what the measurements before any model was built predict for it."""
+
+    assignment: dict[str, Precision]
+    noise: float  # sum of the layers' noise alone
+    ms: float  # the cost model's estimate (CostModel.ms)
+    changed: tuple[str, ...] = ()  # the layers this step moved (none: the start)
+
+
+@dataclass
+class CostModel:
+    """Estimated latency of an assignment: each layer's profiled time in its precision, the rest of the int8
+    model's ("other"), and the QuantizeLinear + DequantizeLinear of every tensor where precisions meet (profiled
+    on the all-16-bit model, where every tensor has them unfused)."""
+
+    layers: list[Layer]
+    latency: dict[str, dict[str, float]]
+    boundary: dict[str, float]
+    sources: frozenset[str] = frozenset()  # graph inputs: written by float
+    sinks: frozenset[str] = frozenset()  # graph outputs: read as float
+    producer: dict[str, str] = field(init=False)
+    consumers: dict[str, list[str]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.producer, self.consumers = {}, {}
+        for x in self.layers:
+            for t in x.outputs:
+                self.producer[t] = x.node
+            for t in x.inputs:
+                self.consumers.setdefault(t, []).append(x.node)
+
+    def ms(self, now: dict[str, Precision]) -> float:
+        total = self.latency["int8"].get("other", 0.0) + sum(self.latency[now[x.node]][x.node] for x in self.layers)
+        for t, cost in self.boundary.items():
+            kinds = {KIND[now[c]] for c in self.consumers.get(t, [])}
+            if t in self.producer:
+                kinds.add(KIND[now[self.producer[t]]])
+            elif t in self.sources:
+                kinds.add("f")
+            if t in self.sinks:
+                kinds.add("f")
+            if len(kinds) > 1 or "q16" in kinds:
+                total += cost
+        return total
+
+    def neighbours(self, node: str) -> set[str]:
+        x = next(y for y in self.layers if y.node == node)
+        found = {self.producer[t] for t in x.inputs if t in self.producer}
+        return found | {c for t in x.outputs for c in self.consumers.get(t, [])}
+
+
+def chain(cost: CostModel, noise: dict[str, dict[str, float]]) -> list[Step]:
+    """The greedy chain from the base int8 model to float. `noise[layer][precision]`: error alone.
+
+    Moves are one layer to a more accurate precision, or a layer with its neighbours to float (one float layer
+    between int8 ones pays two conversions; a float run of three pays them once). Each step takes the move that
+    removes the most noise per estimated millisecond; moves that cost no time go first."""
+    layers = cost.layers
+    options = {x.node: [p for p in x.precisions() if p in noise[x.node] and x.node in cost.latency[p]] for x in layers}
+    now: dict[str, Precision] = {x.node: "int8" for x in layers}
+
+    def total(a: dict[str, Precision]) -> float:
+        return sum(noise[x.node][a[x.node]] for x in layers)
+
+    steps = [Step(dict(now), total(now), cost.ms(now))]
+    while True:
+        here_noise, here_ms = steps[-1].noise, steps[-1].ms
+        moves: list[dict[str, Precision]] = []
+        for x in layers:
+            moves += [{x.node: p} for p in options[x.node] if p != now[x.node]]
+            group = {n for n in {x.node} | cost.neighbours(x.node) if now[n] != "float" and "float" in options[n]}
+            if len(group) > 1:
+                moves.append(dict.fromkeys(sorted(group), "float"))
+        best: tuple[float, float, float, int] | None = None
+        best_move: dict[str, Precision] = {}
+        for i, move in enumerate(moves):
+            trial = {**now, **move}
+            gain, added = here_noise - total(trial), cost.ms(trial) - here_ms
+            if gain < 0 or (gain == 0 and added >= 0):
+                continue
+            # free moves first (by the time they save), then noise removed per millisecond; ties: graph order
+            key = (float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i)
+            if best is None or key > best:
+                best, best_move = key, move
+        if best is None:
+            break
+        now.update(best_move)
+        steps.append(Step(dict(now), total(now), cost.ms(now), tuple(best_move)))
+    # A layer whose error alone is nil (an Add kept float when its neighbours are) still errs among quantized
+    # neighbours: the chain ends at all-float, which every budget on agreement with float meets.
+    if any(p != "float" and "float" in options[n] for n, p in now.items()):
+        now.update({n: "float" for n in now if "float" in options[n]})
+        steps.append(Step(dict(now), total(now), cost.ms(now), tuple(now)))
+    return steps
+
+
+def shortest_passing(n: int, passes: Callable[[int], bool]) -> int:
+    """The smallest k in [0, n) with passes(k), assuming passing is monotone along the chain; n - 1 (the chain's
+    end, the most accurate) when none of the others passes. Bisection: about log2(n) measurements."""
+    if passes(0):
+        return 0
+    lo, hi = 0, n - 1  # lo fails; hi is taken to pass (the most accurate assignment)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if passes(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def longest_within(n: int, within: Callable[[int], bool]) -> int | None:
+    """The largest k in [0, n) with within(k) (monotone: once over, over for larger k); None if k = 0 is over."""
+    if within(n - 1):
+        return n - 1
+    if not within(0):
+        return None
+    lo, hi = 0, n - 1  # lo within, hi over
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if within(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def pareto(points: list[dict], keys: tuple[tuple[str, int], ...]) -> list[dict]:
+    """Points not dominated on `keys` ((name, +1 to maximize or -1 to minimize)), by the first key ascending."""
+
+    def dominates(a: dict, b: dict) -> bool:
+        ge = all(s * a[k] >= s * b[k] for k, s in keys)
+        return ge and any(s * a[k] > s * b[k] for k, s in keys)
+
+    front = [p for p in points if not any(dominates(q, p) for q in points if q is not p)]
+    return sorted(front, key=lambda p: p[keys[0][0]])

@@ -1,0 +1,108 @@
+"""`lowbit auto`: a per-layer precision chosen against an accuracy or latency budget, measured on this machine."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from ..recipe import PRESETS
+from .common import add_image_args, image_preprocess
+
+if TYPE_CHECKING:
+    from ..auto import AutoResult
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "auto",
+        help="mixed precision: the fastest model within an accuracy budget, measured here",
+        description="Measure each layer's error alone and its latency in ONNX Runtime (int8, 16-bit activations, "
+        "int4 weights, float), then search for the fastest assignment within --max-drop points of the metric (or "
+        "the most accurate within --latency-budget). Writes OUT, OUT.plan.json, OUT.recipe.json and OUT.auto.json "
+        "(the explored points; `lowbit report` plots them).",
+    )
+    p.add_argument("model", help="float ONNX model")
+    p.add_argument("-o", "--output", required=True, help="where to write the chosen model (.onnx)")
+    p.add_argument("--calib", required=True, metavar="DATA", help="calibration data (.npy/.npz file or folder, images)")
+    p.add_argument(
+        "--eval", required=True, metavar="DATA", help="data the search measures on; keep it apart from --calib"
+    )
+    p.add_argument(
+        "--metric",
+        choices=["auto", "top1", "cosine", "accuracy"],
+        default="auto",
+        help="auto (default): what fits the first output (top-1 agreement with float for class scores, cosine for "
+        "embeddings, ...); accuracy needs --labels",
+    )
+    p.add_argument("--labels", metavar="FILE", help="class labels of --eval (.npy int array or text): accuracy")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument(
+        "--max-drop",
+        type=float,
+        metavar="X",
+        help="points (percent) of the metric the model may lose against float on --eval (default 1)",
+    )
+    b.add_argument(
+        "--latency-budget", type=float, metavar="R", help="largest latency as a ratio to float's, 1 thread (e.g. 0.6)"
+    )
+    p.add_argument("--recipe", metavar="FILE", help="base recipe for the int8 layers (default: the default preset)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="base recipe from a preset")
+    p.add_argument("--sensitivity-samples", type=int, default=32, metavar="N", help="samples per layer (default 32)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_image_args(p)
+    p.set_defaults(run=run)
+
+
+def auto_text(r: AutoResult) -> str:
+    budget = (
+        f"within {r.budget['max_drop']:g} points of float"
+        if r.budget["kind"] == "accuracy"
+        else f"latency <= {r.budget['ratio']:g}x float"
+    )
+    lines = [
+        f"chose {', '.join(f'{n} {p}' for p, n in sorted(r.counts().items()))} layers ({budget}: "
+        f"{'met' if r.met else 'NOT met'})",
+        f"  {r.metric}: {r.score:.2f} (float {r.reference:.2f}) on the --eval data, integer kernels",
+        f"  latency: {r.latency_ratio:.3f}x float (paired median, 1 thread, {r.cpu})",
+        f"  size: {r.size_bytes / 1e6:.2f} MB ({r.size_bytes / r.float_bytes:.0%} of float)",
+        "",
+        "explored front (not dominated on score, latency, size):",
+        f"  {'step':>4}  {'score':>7}  {'latency':>8}  {'MB':>6}  precisions",
+    ]
+    for pt in r.front:
+        mix = ", ".join(f"{n} {p}" for p, n in sorted(pt["precisions"].items()))
+        lines.append(
+            f"  {pt['step']:>4}  {pt['score']:7.2f}  {pt['latency_ratio']:7.3f}x  {pt['size_bytes'] / 1e6:6.2f}  {mix}"
+        )
+    took = ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())
+    lines.append(f"time: {took}")
+    if r.output is not None:
+        lines.append(f"wrote {r.output} (+ .plan.json, .recipe.json, .auto.json)")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..auto import auto
+    from ..errors import LowbitError
+    from ..recipe import preset
+
+    if args.recipe and args.preset:
+        raise LowbitError("give --recipe or --preset, not both")
+    recipe = args.recipe or (preset(args.preset) if args.preset else None)
+    result = auto(
+        args.model,
+        args.calib,
+        args.eval,
+        args.output,
+        max_drop=args.max_drop,
+        latency_budget=args.latency_budget,
+        metric=args.metric,
+        labels=args.labels,
+        recipe=recipe,
+        preprocess=image_preprocess(args),
+        sensitivity_samples=args.sensitivity_samples,
+        progress=not args.quiet,
+    )
+    print(result.to_json() if args.json else auto_text(result))
+    return 0

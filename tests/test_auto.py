@@ -1,0 +1,213 @@
+"""`lowbit auto` on a small graph, end to end, and its parts (chain, bisection, front, profiler names)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import lowbit
+from conftest import run_cli, tiny_cnn
+from lowbit.auto.assign import Layer
+from lowbit.auto.profile import layer_of
+from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing
+from lowbit.runtimes.ort import run_all, session
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path, Path]:
+    rng = np.random.default_rng(1)
+    model, calib, ev = tmp_path / "tiny.onnx", tmp_path / "calib.npy", tmp_path / "eval.npy"
+    onnx.save(tiny_cnn(), str(model))
+    np.save(calib, rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32))
+    np.save(ev, rng.normal(0, 1, (48, 3, 16, 16)).astype(np.float32))
+    return model, calib, ev
+
+
+def test_auto_writes_a_model_its_plan_reproduces(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    model, calib, ev = data
+    out = tmp_path / "out.onnx"
+    r = lowbit.auto_quantize(model, calib, ev, out, max_drop=1.0, progress=False)
+    assert r.met and r.reference - r.score <= 1.0
+    # the score it reports is the written model's, measured again here with integer kernels
+    x = np.load(ev)
+    ref = run_all(session(str(model)), [{"x": x}])[0]
+    got = run_all(session(str(out), "kernels"), [{"x": x}])[0]
+    assert r.score == pytest.approx(100 * np.mean(ref.argmax(1) == got.argmax(1)))
+    # the plan (its recipe holds the per-layer rules) re-applied to the float model gives the same bytes
+    again = lowbit.quantize(model, plan=out.with_name("out.plan.json"), progress=False).model
+    assert again.SerializeToString() == out.read_bytes()
+    recipe = lowbit.Recipe.load(out.with_name("out.recipe.json"))
+    assert recipe == r.recipe
+    report = json.loads(out.with_name("out.auto.json").read_text())
+    assert report["front"] and {"score", "latency_ratio", "size_bytes"} <= set(report["front"][0])
+    assert set(r.assignment) == {"conv1", "conv2", "add", "gap", "fc"}
+    assert set(r.latency_ms) == {"int8", "int16", "int4", "float"}  # int4: the Gemm only
+    assert set(r.latency_ms["int4"]) == {"fc", "other"}
+
+
+def test_a_zero_budget_on_cosine_ends_at_float_outputs(data: tuple[Path, Path, Path]) -> None:
+    model, calib, ev = data
+    r = lowbit.auto_quantize(model, calib, ev, max_drop=0.0, metric="cosine", progress=False)
+    assert r.met and r.score == pytest.approx(r.reference, abs=1e-9)
+    # every point measured before the chosen one lost cosine: the search took the first that did not
+    assert all(p["drop"] > 0 for p in r.points if p["step"] < min(q["step"] for q in r.points if q["drop"] <= 0))
+
+
+def test_latency_budget(data: tuple[Path, Path, Path]) -> None:
+    model, calib, ev = data
+    loose = lowbit.auto_quantize(model, calib, ev, latency_budget=1000.0, progress=False)
+    assert loose.met and loose.points[-1]["step"] == max(p["step"] for p in loose.points)
+    tight = lowbit.auto_quantize(model, calib, ev, latency_budget=1e-6, progress=False)
+    assert not tight.met  # nothing runs in a millionth of float's time: said, not hidden
+
+
+def test_cli_end_to_end(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    model, calib, ev = data
+    out = tmp_path / "cli.onnx"
+    res = run_cli("auto", str(model), "--calib", str(calib), "--eval", str(ev), "-o", str(out), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "explored front" in res.stdout and "latency" in res.stdout
+    assert out.is_file() and out.with_name("cli.recipe.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        (["--max-drop", "-1"], "--max-drop must be"),
+        (["--latency-budget", "0"], "--latency-budget must be"),
+        (["--metric", "accuracy"], "needs --labels"),
+        (["--labels", "LABELS3"], "the labels number 3"),
+        (["--metric", "top1", "--labels", "LABELS48"], "--labels measures accuracy"),
+        (["--eval", "MISSING.npy"], "not found"),
+        (["--preset", "default", "--recipe", "r.json"], "not both"),
+    ],
+)
+def test_bad_input_is_one_line(data: tuple[Path, Path, Path], tmp_path: Path, extra: list[str], words: str) -> None:
+    model, calib, ev = data
+    np.save(tmp_path / "l3.npy", np.array([1, 2, 3]))
+    np.save(tmp_path / "l48.npy", np.zeros(48, np.int64))
+    subs = {
+        "LABELS3": str(tmp_path / "l3.npy"),
+        "LABELS48": str(tmp_path / "l48.npy"),
+        "MISSING.npy": str(tmp_path / "no.npy"),
+    }
+    extra = [subs.get(e, e) for e in extra]
+    args = ["auto", str(model), "--calib", str(calib), "--eval", str(ev), "-o", str(tmp_path / "o.onnx"), "--quiet"]
+    if "--eval" in extra:
+        args = args[:4] + args[6:]
+    res = run_cli(*args, *extra)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error:") and words in lines[0], res.stderr
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_writing_over_the_model_is_refused(data: tuple[Path, Path, Path]) -> None:
+    model, calib, ev = data
+    res = run_cli("auto", str(model), "--calib", str(calib), "--eval", str(ev), "-o", str(model), "--quiet")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_chain_takes_the_most_noise_per_ms_first() -> None:
+    # x -> a -> b -> c (-> y): t1 between a and b, t2 between b and c
+    layers = [
+        Layer("a", "Conv", inputs=("x",), outputs=("t1",)),
+        Layer("b", "Conv", inputs=("t1",), outputs=("t2",)),
+        Layer("c", "Gemm", inputs=("t2",), outputs=("y",)),
+    ]
+    latency = {
+        "int8": {"a": 1.0, "b": 1.0, "c": 0.2, "other": 0.5},
+        "int16": {"a": 3.0, "b": 3.0, "c": 0.5},
+        "int4": {"c": 0.1},
+        "float": {"a": 2.0, "b": 1.5, "c": 0.3},
+    }
+    boundary = {"x": 0.05, "t1": 0.2, "t2": 0.1, "y": 0.01}
+    cost = CostModel(layers, latency, boundary, frozenset({"x"}), frozenset({"y"}))
+    base = {"a": "int8", "b": "int8", "c": "int8"}
+    assert cost.ms(base) == pytest.approx(0.5 + 2.2 + 0.05 + 0.01)  # input Q and output DQ only
+    # b float between int8 a and c: its input and output tensors are converted
+    assert cost.ms({**base, "b": "float"}) == pytest.approx(0.5 + 2.7 + 0.05 + 0.2 + 0.1 + 0.01)
+    noise = {
+        "a": {"int8": 0.10, "float": 0.0},
+        "b": {"int8": 0.01, "float": 0.0},
+        "c": {"int8": 0.001, "int4": 0.05, "int16": 0.0005, "float": 0.0},
+    }
+    steps = chain(cost, noise)
+    assert steps[0].assignment == base and steps[0].ms == pytest.approx(cost.ms(base))
+    # a to float: 0.1 for 1.0 + 0.05 (x no longer quantized) ... a's noise per ms wins first
+    assert steps[1].changed == ("a",) and steps[1].assignment["a"] == "float"
+    assert steps[-1].assignment == {"a": "float", "b": "float", "c": "float"}
+    assert all(x.noise >= y.noise for x, y in zip(steps, steps[1:]))
+    assert all(p != "int4" for s in steps for p in s.assignment.values())  # int4 adds noise: never a step
+    assert steps[-1].noise == 0
+
+
+def test_bisection_measures_few_points() -> None:
+    seen: list[int] = []
+
+    def passes(k: int) -> bool:
+        seen.append(k)
+        return k >= 37
+
+    assert shortest_passing(100, passes) == 37 and len(seen) <= 9
+    assert longest_within(100, lambda k: k <= 12) == 12
+    assert longest_within(100, lambda k: False) is None
+    assert shortest_passing(5, lambda k: True) == 0
+
+
+def test_pareto_drops_dominated_points() -> None:
+    pts = [
+        {"step": 0, "latency_ratio": 0.5, "score": 90.0, "size_bytes": 10},
+        {"step": 1, "latency_ratio": 0.6, "score": 95.0, "size_bytes": 10},
+        {"step": 2, "latency_ratio": 0.7, "score": 94.0, "size_bytes": 10},  # slower and worse than step 1
+    ]
+    front = pareto(pts, (("latency_ratio", -1), ("score", 1), ("size_bytes", -1)))
+    assert [p["step"] for p in front] == [0, 1]
+
+
+def test_profiler_names_map_back_to_layers() -> None:
+    by_node = {"/b/Conv": "/b/Conv", "/b/Clip": "/b/Conv", "fc": "fc"}
+    by_tensor = {"/b/Clip_output_0": "/b/Conv"}
+    assert layer_of("/b/Conv_token_12", by_node, by_tensor) == "/b/Conv"  # QLinearConv fused from QDQ
+    assert layer_of("/b/Clip_output_0_nchwc", by_node, by_tensor) == "/b/Conv"  # NCHWc Conv+Clip
+    assert layer_of("fc_MatMulNBits", by_node, by_tensor) == "fc"  # lowbit's int4 rewrite
+    assert layer_of("fc_out_Q", by_node, by_tensor) is None  # a precision boundary
+    assert layer_of("Transpose", by_node, by_tensor) is None
+
+
+@pytest.mark.browser
+def test_report_plots_the_explored_points(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    from browser import external_references, render
+
+    model, calib, ev = data
+    out = tmp_path / "auto.onnx"
+    r = lowbit.auto_quantize(model, calib, ev, out, max_drop=1.0, progress=False)
+    assert any(p != "float" for p in r.assignment.values())  # the report diagnoses a quantized model
+    html = tmp_path / "report.html"
+    res = run_cli("report", str(model), str(out), "--data", str(ev), "-o", str(html), "--quiet")
+    assert res.returncode == 0, res.stderr
+    page = render(html)
+    assert page.console == [] and external_references(page.root) == []
+    points = page.root.find("svg", id="auto-front-chart").find_all("circle", cls="point")
+    assert sorted(int(p.attrs["data-step"]) for p in points) == sorted(p["step"] for p in r.points)
+    chosen = [p for p in points if "chosen" in p.classes]
+    assert [int(p.attrs["data-step"]) for p in chosen] == [r.step]
+    assert {int(p.attrs["data-step"]) for p in points if "front" in p.classes} == {p["step"] for p in r.front}
+    # a higher score is drawn higher
+    by_step = {int(p.attrs["data-step"]): float(p.attrs["cy"]) for p in points}
+    best, worst = max(r.points, key=lambda p: p["score"]), min(r.points, key=lambda p: p["score"])
+    if best["score"] > worst["score"]:
+        assert by_step[best["step"]] < by_step[worst["step"]]
+    assert len(page.root.find("table", id="auto-table").find("tbody").find_all("tr")) == len(r.front)
+
+
+def test_a_dynamic_base_recipe_gets_no_16_bit_candidates(data: tuple[Path, Path, Path]) -> None:
+    model, calib, ev = data
+    r = lowbit.auto_quantize(model, calib, ev, recipe=lowbit.recipe.preset("dynamic"), progress=False)
+    assert r.met
+    # the recipe's scheme is dynamic everywhere (16-bit activations would be a conflicting scheme): none measured
+    assert "int16" not in r.latency_ms and set(r.latency_ms) == {"int8", "int4", "float"}

@@ -21,7 +21,7 @@ from .errors import LowbitError
 from .graph.external import external_base
 from .observe import ChannelMinMax, Histogram
 from .planner import Layout
-from .ranges_by_error import SAMPLES, keep_first, wanted
+from .ranges_by_error import keep_first, measured, samples_wanted
 from .recipe import Recipe
 from .runtimes.ort import from_proto, with_outputs
 
@@ -73,14 +73,16 @@ def chunk_batches(num_samples: int | None, batch_size: int) -> int:
 # Min-max calibration reads nothing but each tensor's extremes (decide.py, settle.py), so when every scheme of the
 # recipe calibrates by min-max, the activation histograms get 2 bins: the same exact min, max and count, merged the
 # same way, for a comparison per value instead of binning (observe/histogram.py). The other methods read the bins
-# and get the full histogram (Histogram's default).
+# and get the full histogram (Histogram's default). `layer_error_fast` reads full histograms only for the tensors
+# it may measure (ranges_by_error.measured) and extremes elsewhere.
 EXTREMES_BINS = 2
+EXTREMES_METHODS = ("minmax", "layer_error_fast")
 
 
 def histogram_bins(recipe: Recipe) -> int | None:
     """Bins of the activation histograms `recipe` needs: EXTREMES_BINS, or None for Histogram's default."""
     schemes = [recipe.default] + [r.scheme for r in recipe.rules if r.scheme is not None]
-    return EXTREMES_BINS if all(s.calibration == "minmax" for s in schemes) else None
+    return EXTREMES_BINS if all(s.calibration in EXTREMES_METHODS for s in schemes) else None
 
 
 def calibration_session(model: ir.Model, names: list[str], threads: int = 0) -> ort.InferenceSession:
@@ -117,12 +119,14 @@ def observe(
     bar: Any = None,
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
     bins: int | None = None,
+    full: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, Histogram], int]:
     """Run the batches of the chunks `select` accepts; histograms of every fetched tensor, and each chunk's
     channel observers handed to `on_chunk(index, observers)` in order. Returns (histograms, samples). `count` says
     how many samples a batch holds (a DataSource's `count`: inputs need not be batch-first); default: the first
-    input's leading dimension. `bins`: the histograms' max_bins (None: Histogram's default; see EXTREMES_BINS)."""
-    new_histogram = Histogram if bins is None else lambda: Histogram(bins)
+    input's leading dimension. `bins`: the histograms' max_bins (None: Histogram's default; see EXTREMES_BINS),
+    except for the tensors in `full`, which get Histogram's default."""
+    few = Histogram if bins is None else lambda: Histogram(bins)
     histograms: dict[str, Histogram] = {}
     channels: dict[str, ChannelMinMax] = {}
     samples = 0
@@ -146,7 +150,7 @@ def observe(
         for name in fetch:
             value = outs.pop()
             if name in tensors:
-                _update(histograms, name, value, new_histogram)
+                _update(histograms, name, value, Histogram if name in full else few)
             if name in channel_axes:
                 obs = channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
                 obs.update(value)
@@ -178,9 +182,10 @@ def calibrate(
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
     keep: int = 0,
     bins: int | None = None,
+    full: frozenset[str] = frozenset(),
 ) -> Statistics:
-    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`, `bins`:
-    see `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`."""
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`, `bins`,
+    `full`: see `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`."""
     _fixed_mmap_threshold()
     tensors = set(tensors)
     names = fetched_names(model, tensors, channel_axes)
@@ -205,6 +210,7 @@ def calibrate(
             bar=bar,
             count=count,
             bins=bins,
+            full=full,
         )
     finally:
         bar.close()
@@ -259,7 +265,9 @@ def calibrate_layout(
     (`shard.py`) and give bit-identical statistics. `batch_axes`: see `open_data`."""
     source = open_calibration(calib, specs, recipe, preprocess, batch_axes)
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
-    keep = SAMPLES if wanted(layout) else 0  # ranges chosen by the error they cause run these samples again
+    keep = samples_wanted(layout)  # ranges chosen by the error they cause run these samples again
+    bins = histogram_bins(recipe)
+    full = frozenset(measured(model, layout)) if bins is not None else frozenset()
     if workers > 1 or ray_address is not None:
         from .shard import calibrate_sharded
 
@@ -276,7 +284,7 @@ def calibrate_layout(
             ray_address,
             progress,
             batch_axes,
-            histogram_bins(recipe),
+            None if full else bins,  # full histograms everywhere: extremes are the same, so are the bytes
         )
         if keep:  # the workers read the data; the first samples are read again here
             again = open_data(calib, specs, recipe.batch_size, preprocess, keep, batch_axes=batch_axes)
@@ -294,5 +302,6 @@ def calibrate_layout(
         chunk=chunk,
         count=source.count,
         keep=keep,
-        bins=histogram_bins(recipe),
+        bins=bins,
+        full=full,
     )

@@ -26,7 +26,7 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
     outputs = {v.name for v in model.graph.outputs}
     by_error = {}
     if wanted(layout):  # calibration "layer_error": ranges chosen by the error they cause where they are read
-        by_error = choose_ranges(model, layout, stats.histograms, stats.inputs)
+        by_error = choose_ranges(model, layout, stats.histograms, stats.inputs, held=stats.held)
     for name, source in sorted(layout.tensors.items()):
         scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
         if source in model.graph.initializers:

@@ -53,20 +53,24 @@ class Budget:
     min_change: float
     # Leave outputs of ops that bound them (ReLU6, Sigmoid, ...) at min-max without measuring them.
     skip_bounded: bool = False
+    # The percentile candidates (with min-max and MSE).
+    percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)
 
 
 # `layer_error` measures every distinct candidate on 32 samples. `layer_error_fast` (the default) measures on 8,
 # and only where a candidate changes the scale by 2% or more: on EfficientNet-Lite0 that skips the ReLU6 outputs
 # (candidates at most 0.75% below 6, and the largest tensors) and keeps the model input (its 99.9th percentile is
 # 4.8% narrower) and the residual stream (MSE ranges 15-35% narrower), where the accuracy is won or lost.
-METHODS = {METHOD: Budget(32, 0.0), "layer_error_fast": Budget(8, 0.02, skip_bounded=True)}
+METHODS = {
+    METHOD: Budget(32, 0.0),
+    "layer_error_fast": Budget(8, 0.02, skip_bounded=True, percentiles=(99.9,)),
+}
 # Ops whose output is bounded whatever their input (with Clip and its constant bounds): their largest values are
 # the saturated ones, a mass at the bound that clipping would move, and on EfficientNet-Lite0 min-max won on every
 # ReLU6 output layer_error measured (27 of them; they are also the largest tensors, most of its cost).
 BOUNDED = frozenset({"Sigmoid", "HardSigmoid", "Tanh", "Softmax"})
 # Calibration samples the full method measures on: the first ones the data source yields.
 SAMPLES = METHODS[METHOD].samples
-PERCENTILES = (99.9, 99.99, 99.999)
 FLOAT = onnx.TensorProto.FLOAT
 
 Batch = dict[str, np.ndarray]
@@ -79,7 +83,9 @@ def wanted(layout: Layout) -> bool:
 
 def samples_wanted(layout: Layout) -> int:
     """Calibration samples to keep for the measurement: the most any scheme's method asks for (0: none)."""
-    return max((METHODS[s.calibration].samples for s in layout.tensor_scheme.values() if s.calibration in METHODS), default=0)
+    return max(
+        (METHODS[s.calibration].samples for s in layout.tensor_scheme.values() if s.calibration in METHODS), default=0
+    )
 
 
 def keep_first(
@@ -119,19 +125,33 @@ def measured(model: ir.Model, layout: Layout) -> set[str]:
     return out
 
 
-def candidates(h: Histogram, scheme: Scheme, min_change: float = 0.0) -> list[tuple[str, tuple[float, float]]]:
+def held_names(model: ir.Model, layout: Layout) -> set[str]:
+    """The float tensors a measurement reads when it runs on values calibration kept rather than the whole float
+    model again: every tensor sharing a measured source's scale, and every other input of the nodes reading them
+    (constants aside). A superset: which sources have a candidate besides min-max is known only after calibration."""
+    keep = measured(model, layout)
+    members = {name for name, source in layout.tensors.items() if source in keep}
+    out = set(members)
+    for node in model.graph:
+        if any(v is not None and v.name in members for v in node.inputs):
+            # Float ones only (calibration fetches float outputs); a reader needing another is run in the model.
+            out.update(v.name for v in node.inputs if v is not None and v.name and v.dtype == ir.DataType.FLOAT)
+    return out - set(model.graph.initializers)
+
+
+def candidates(h: Histogram, scheme: Scheme, budget: Budget = METHODS[METHOD]) -> list[tuple[str, tuple[float, float]]]:
     """(name, range) pairs, distinct ranges only, min-max first (it wins ties); after min-max, only those whose
-    scale differs from min-max's by at least `min_change` (relative)."""
+    scale differs from min-max's by at least the budget's `min_change` (relative)."""
     levels = qrange(scheme.activations)[1] - qrange(scheme.activations)[0] + 1
     found = [("minmax", minmax(h))]
-    found += [(f"percentile {p}", percentile(h, p)) for p in PERCENTILES]
+    found += [(f"percentile {p}", percentile(h, p)) for p in budget.percentiles]
     found.append(("mse", mse(h, levels, scheme.symmetric_activations)))
     # No entropy candidate: it won 4 of 60 tensors on EfficientNet-Lite0 and 22 of 534 on the captcha CRNN while
     # its search was the costliest candidate there (57 of 306 s of that model's choice, on a loaded machine).
     out: list[tuple[str, tuple[float, float]]] = []
     for name, (a, b) in found:
         params = _params((a, b), scheme)
-        if out and abs(params[0] / _params(out[0][1], scheme)[0] - 1.0) < min_change:
+        if out and abs(params[0] / _params(out[0][1], scheme)[0] - 1.0) < budget.min_change:
             continue
         if all(_params(r, scheme) != params for _, r in out):
             out.append((name, (float(a), float(b))))
@@ -165,14 +185,24 @@ class _Group:
 
 
 def choose_ranges(
-    model: ir.Model, layout: Layout, histograms: dict[str, Histogram], batches: list[Batch], threads: int = 0
+    model: ir.Model,
+    layout: Layout,
+    histograms: dict[str, Histogram],
+    batches: list[Batch],
+    threads: int = 0,
+    held: list[Batch] | None = None,
 ) -> dict[str, tuple[tuple[float, float], str]]:
-    """For every source tensor whose scheme asks for it: (range, the winning candidate's name)."""
+    """For every source tensor whose scheme asks for it: (range, the winning candidate's name). `held`: per kept
+    batch, the float values of `held_names` as calibration computed them; when they cover every reader's inputs
+    the readers run alone on them (`readers_model`), else the whole float model runs again on `batches`."""
     keep = measured(model, layout)
     proto = ir.to_proto(model)
-    groups = _groups(proto, layout, {k: h for k, h in histograms.items() if k in keep})
+    groups = _groups(proto, layout, {k: h for k, h in histograms.items() if k in keep}, _elem_types(model))
     if not groups or not batches:
         return {g.source: (g.options[0][1], g.options[0][0]) for g in groups}
+    reduced = readers_model(proto, groups, held[0]) if held else None
+    if reduced is not None:
+        proto, batches = reduced, list(held or [])
     measuring, names = error_model(proto, groups)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -197,6 +227,34 @@ def choose_ranges(
     return {g.source: _best(g, gi, found) for gi, g in enumerate(groups)}
 
 
+def readers_model(proto: onnx.ModelProto, groups: list[_Group], held: Batch) -> onnx.ModelProto | None:
+    """The groups' readers alone, in graph order, their inputs the held float tensors (None if one is not held):
+    the float model need not run again, its values on the kept samples are at hand."""
+    chosen = {u.node.name for g in groups for u in g.readers if u.node is not None}
+    nodes = [n for n in proto.graph.node if n.name in chosen]
+    made = {o for n in nodes for o in n.output if o}
+    init = {t.name: t for t in proto.graph.initializer}
+    reads = [i for n in nodes for i in n.input if i] + [m for g in groups for m in g.members]
+    inputs = [i for i in dict.fromkeys(reads) if i not in made and i not in init]
+    if any(i not in held for i in inputs):
+        return None
+    graph = onnx.helper.make_graph(
+        nodes,
+        "lowbit_readers",
+        [_value_info(i, held[i]) for i in inputs],
+        [],
+        [init[i] for i in dict.fromkeys(reads) if i in init],
+    )
+    out = onnx.helper.make_model(graph, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    out.functions.extend(proto.functions)
+    return out
+
+
+def _value_info(name: str, value: np.ndarray) -> onnx.ValueInfoProto:
+    dims = ["n", *value.shape[1:]] if value.ndim else []
+    return onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), dims)
+
+
 def error_model(proto: onnx.ModelProto, groups: list[_Group]) -> tuple[onnx.ModelProto, list[str]]:
     """The float model plus, for every group, candidate and reader, a copy of the reader fed the group's tensors
     quantized at the candidate, and scalar outputs: each copy's summed squared error against the reader's float
@@ -217,7 +275,7 @@ def error_model(proto: onnx.ModelProto, groups: list[_Group]) -> tuple[onnx.Mode
         return name
 
     def sum_sq(x: str, tag: str) -> str:
-        return node("ReduceSum", [node("Mul", [x, x], [f"{tag}/sq"])], [tag], keepdims=0)
+        return node("ReduceSumSquare", [x], [tag], keepdims=0)
 
     for gi, g in enumerate(groups):
         qmin, qmax = qrange(g.scheme.activations)
@@ -259,20 +317,20 @@ def error_model(proto: onnx.ModelProto, groups: list[_Group]) -> tuple[onnx.Mode
     return out, names
 
 
-def _elem_types(proto: onnx.ModelProto) -> dict[str, int]:
-    """Each tensor's element type, where shape inference knows it."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-    except Exception:  # a model too large to infer in memory, or an op onnx does not know: readers are judged alone
-        inferred = proto
-    g = inferred.graph
-    return {v.name: v.type.tensor_type.elem_type for v in [*g.input, *g.value_info, *g.output]}
+def _elem_types(model: ir.Model) -> dict[str, int]:
+    """Each tensor's element type where the model knows it (0: unknown): loading inferred them (the same as
+    onnx's shape inference on the corpus, and no second inference of the whole model here)."""
+    values = [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+    return {v.name: int(v.dtype) if v.dtype is not None else 0 for v in values if v.name}
 
 
-def _groups(proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histogram]) -> list[_Group]:
+def _groups(
+    proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histogram], types: dict[str, int] | None = None
+) -> list[_Group]:
+    """Each measured source with its candidates and readers; `types`: `_elem_types` (None: all unknown)."""
+    types = types or {}
     init = {t.name for t in proto.graph.initializer}
     outputs = {o.name for o in proto.graph.output}
-    types = _elem_types(proto)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in proto.graph.node:
         for name in dict.fromkeys(node.input):
@@ -291,7 +349,7 @@ def _groups(proto: onnx.ModelProto, layout: Layout, histograms: dict[str, Histog
             continue  # outputs keep min-max (decide.py)
         if any(types.get(n, FLOAT) != FLOAT for n in names):
             continue  # float16 / double activations: min-max
-        options = candidates(h, scheme, METHODS[scheme.calibration].min_change)
+        options = candidates(h, scheme, METHODS[scheme.calibration])
         if len(options) == 1:
             continue  # min-max is the only candidate: nothing to measure
         group = set(names)

@@ -90,7 +90,10 @@ def check_recipe(recipe: Recipe | None) -> Any:
         raise LowbitError("XNNPACK's int8 kernels take symmetric weights; use symmetric_weights=True")
     if recipe.rules or recipe.exclude_names or recipe.exclude_op_types:
         raise LowbitError("--to executorch applies one scheme to the whole model; rules and exclusions are not mapped")
-    return Choice(s.calibration, s.percentile, s.per_channel, s.symmetric_activations)
+    # The PT2E observers see one tensor at a time and cannot run a tensor's readers: the error-measured methods
+    # (the default among them) are min-max there, which the summary names.
+    method = "minmax" if s.calibration in ("layer_error", "layer_error_fast") else s.calibration
+    return Choice(method, s.percentile, s.per_channel, s.symmetric_activations)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:

@@ -141,9 +141,10 @@ def test_a_reader_needing_a_tensor_calibration_did_not_hold_runs_in_the_whole_mo
     h = Histogram()
     h.update(np.concatenate([np.random.default_rng(0).standard_normal(4000), [30.0]]).astype(np.float32))
     groups = by_error._groups(ir.to_proto(irm), layout, {"s": h})
-    assert groups and by_error.readers_model(ir.to_proto(irm), groups, {}) is None
+    assert groups and by_error.readers_model(ir.to_proto(irm), groups, [{}]) is None
     full = {"s": np.zeros((1, 4, 8, 8), np.float32)}
-    assert by_error.readers_model(ir.to_proto(irm), groups, full) is not None
+    assert by_error.readers_model(ir.to_proto(irm), groups, [full, {}]) is None  # held in every batch, or not used
+    assert by_error.readers_model(ir.to_proto(irm), groups, [full]) is not None
 
 
 def test_same_bytes_twice(tmp_path: Path) -> None:

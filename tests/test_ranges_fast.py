@@ -107,6 +107,15 @@ def test_full_histograms_only_where_the_default_may_measure() -> None:
     assert sum(len(b["x"]) for b in stats.held) == 8 and {"x", "s", "c2"} <= set(stats.held[0])
 
 
+def test_the_full_method_holds_nothing() -> None:
+    """`layer_error` measures every tensor on 32 samples: holding them all would cost memory that grows with the
+    model; it runs the whole float model again instead (its memory stays one batch's)."""
+    irm, layout = _layout(_block(), Recipe(default=Scheme(calibration="layer_error")))
+    assert by_error.held_names(irm, layout) == set()
+    irm, layout = _layout(_block(), Recipe())
+    assert {"x", "s", "c2"} <= by_error.held_names(irm, layout) and "r" not in by_error.held_names(irm, layout)
+
+
 def test_readers_on_held_tensors_measure_what_the_whole_model_measures(monkeypatch: pytest.MonkeyPatch) -> None:
     """The readers run alone on the held float tensors: the same errors as the whole float model run again, so the
     same ranges and bytes."""

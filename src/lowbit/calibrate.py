@@ -159,7 +159,7 @@ def observe(
         except Exception as e:  # ORT's messages are long; keep the first line
             raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
         # Observe and drop one output at a time: only one batch of activations is ever alive (and those held).
-        kept = {} if hold is not None and samples < hold.samples else None
+        kept: dict[str, np.ndarray] | None = {} if hold is not None and samples < hold.samples else None
         outs.reverse()
         for name in fetch:
             value = outs.pop()

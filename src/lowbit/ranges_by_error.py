@@ -62,6 +62,9 @@ class Budget:
     skip_bounded: bool = False
     # The percentile candidates (with min-max and MSE).
     percentiles: tuple[float, ...] = (99.9, 99.99, 99.999)
+    # Measure on float tensors calibration held (memory: those tensors for `samples` samples), not by running the
+    # whole float model again. The full method measures every tensor on 32 samples: it would hold them all.
+    hold: bool = False
 
 
 # `layer_error_fast` (the default), on EfficientNet-Lite0: the model input (its 99.9th percentile 4.8% narrower
@@ -70,7 +73,7 @@ class Budget:
 # for a third more copies to run: 91.8% top-1 with them, 92.2% without, 18.8 dB SQNR both (256 eval crops).
 METHODS = {
     METHOD: Budget(32, 0.0),
-    "layer_error_fast": Budget(8, 0.02, skip_bounded=True, percentiles=(99.9,)),
+    "layer_error_fast": Budget(8, 0.02, skip_bounded=True, percentiles=(99.9,), hold=True),
 }
 # Ops whose output is bounded whatever their input (with Clip and its constant bounds): their largest values are
 # the saturated ones, a mass at the bound that clipping would move. On EfficientNet-Lite0 the 17 ReLU6 outputs with
@@ -117,13 +120,18 @@ def _bounded(value: ir.Value) -> bool:
     return node.op_type in BOUNDED
 
 
+def _scheme_of(layout: Layout, name: str, source: str) -> Scheme | None:
+    """A source's scheme, else its member's (a graph output the layout only observes has none)."""
+    return layout.tensor_scheme.get(source, layout.tensor_scheme.get(name))
+
+
 def measured(model: ir.Model, layout: Layout) -> set[str]:
     """The source tensors whose range a method here may measure (they need full histograms): every one whose
     scheme asks for it, but for `skip_bounded` methods not the outputs of ops that bound them."""
     values = {v.name: v for node in model.graph for v in node.outputs if v.name}
     out = set()
     for name, source in sorted(layout.tensors.items()):  # a source's scheme, else its first member's (_groups)
-        scheme = layout.tensor_scheme.get(source, layout.tensor_scheme.get(name))
+        scheme = _scheme_of(layout, name, source)
         if source in out or scheme is None or scheme.calibration not in METHODS:
             continue  # (observed only: graph outputs the layout does not quantize)
         if METHODS[scheme.calibration].skip_bounded and source in values and _bounded(values[source]):
@@ -137,6 +145,9 @@ def held_names(model: ir.Model, layout: Layout) -> set[str]:
     model again: every tensor sharing a measured source's scale, and every other input of the nodes reading them
     (constants aside). A superset: which sources have a candidate besides min-max is known only after calibration."""
     keep = measured(model, layout)
+    methods = {s.calibration for n, src in layout.tensors.items() if src in keep and (s := _scheme_of(layout, n, src))}
+    if not all(METHODS[m].hold for m in methods):
+        return set()  # a method measuring in the whole model: nothing held (it runs the whole model anyway)
     members = {name for name, source in layout.tensors.items() if source in keep}
     out = set(members)
     for node in model.graph:
@@ -298,8 +309,8 @@ def error_model(proto: onnx.ModelProto, groups: list[_Group]) -> tuple[onnx.Mode
                 names.append(sum_sq(dev, f"var/{gi}/{ri}/{k}"))
         for c, (_, rng) in enumerate(g.options):
             s, z = _params(rng, g.scheme)
-            k = f"lowbit_le/k/{gi}/{c}"
-            sc, lo, hi = const(k + "/s", s), const(k + "/lo", qmin - z), const(k + "/hi", qmax - z)
+            pre = f"lowbit_le/k/{gi}/{c}"
+            sc, lo, hi = const(pre + "/s", s), const(pre + "/lo", qmin - z), const(pre + "/hi", qmax - z)
             quantized = {}
             for m in g.members:
                 # QuantizeLinear then DequantizeLinear (float32 divide, round half to even), with the zero point

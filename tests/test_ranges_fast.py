@@ -27,7 +27,7 @@ from lowbit.runtimes.ort import run_all, session
 FAST = METHODS["layer_error_fast"]
 
 
-def _block() -> onnx.ModelProto:
+def _block(side: int = 32) -> onnx.ModelProto:
     """x -> Conv -> Clip(0, 6) -> Conv -> Add(x') -> Conv -> y: a ReLU6 output and a residual sum."""
     return model(
         [
@@ -37,7 +37,7 @@ def _block() -> onnx.ModelProto:
             node("Add", ["c2", "x"], ["s"], name="residual"),
             node("Conv", ["s", "w3"], ["y"], name="head"),
         ],
-        {"x": (1, 4, 8, 8)},
+        {"x": (1, 4, side, side)},
         {"y": None},
         {
             "w1": weight((8, 4, 3, 3)),
@@ -49,12 +49,12 @@ def _block() -> onnx.ModelProto:
     )
 
 
-def _feeds(n: int = 24, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def _feeds(n: int = 24, seed: int = 0, side: int = 32) -> list[dict[str, np.ndarray]]:
     """N(0, 1) inputs with a rare +12 (a 99.9th percentile well inside the min-max range)."""
     r = np.random.default_rng(seed)
     out = []
     for _ in range(n):
-        x = r.standard_normal((1, 4, 8, 8)).astype(np.float32)
+        x = r.standard_normal((1, 4, side, side)).astype(np.float32)
         if r.random() < 0.3:
             x.flat[int(r.integers(x.size))] = 12.0
         out.append({"x": x})
@@ -117,8 +117,8 @@ def test_the_full_method_holds_nothing() -> None:
 
 
 def test_readers_on_held_tensors_measure_what_the_whole_model_measures(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The readers run alone on the held float tensors: the same errors as the whole float model run again, so the
-    same ranges and bytes."""
+    """The readers run alone on the held float tensors: the same errors as the whole float model run again (to
+    float32 rounding), the same ranges and bytes here."""
     seen: list[dict[str, float]] = []
     best = by_error._best
 
@@ -138,7 +138,7 @@ def test_readers_on_held_tensors_measure_what_the_whole_model_measures(monkeypat
     whole = lowbit.quantize(_block(), calib=_feeds(), progress=False)
     assert seen[-1].keys() == errors_held.keys()
     for k, v in errors_held.items():
-        assert seen[-1][k] == pytest.approx(v, rel=1e-5, abs=1e-9)
+        assert seen[-1][k] == pytest.approx(v, rel=1e-3, abs=1e-9)  # ORT optimizes the two graphs differently
     assert held.model.SerializeToString() == whole.model.SerializeToString()
     assert len(errors_held) > 4  # candidates besides min-max were measured (x's rare +12, the residual sum)
 
@@ -151,9 +151,20 @@ def test_a_reader_needing_a_tensor_calibration_did_not_hold_runs_in_the_whole_mo
     h.update(np.concatenate([np.random.default_rng(0).standard_normal(4000), [30.0]]).astype(np.float32))
     groups = by_error._groups(ir.to_proto(irm), layout, {"s": h})
     assert groups and by_error.readers_model(ir.to_proto(irm), groups, [{}]) is None
-    full = {"s": np.zeros((1, 4, 8, 8), np.float32)}
+    full = {"s": np.zeros((1, 4, 32, 32), np.float32)}
     assert by_error.readers_model(ir.to_proto(irm), groups, [full, {}]) is None  # held in every batch, or not used
     assert by_error.readers_model(ir.to_proto(irm), groups, [full]) is not None
+
+
+def test_clipping_the_held_samples_cannot_show_is_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """8 samples of 4x8x8 values: a 99.9th percentile clips ~2 of their 2048 values, fewer than MIN_CLIPPED, so
+    clipping would look free there; nothing is measured and every range is min-max's."""
+    calls: list[object] = []
+    monkeypatch.setattr(by_error, "error_model", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
+    small = lowbit.quantize(_block(8), calib=_feeds(side=8), progress=False)
+    assert not calls
+    minmax = lowbit.quantize(_block(8), calib=_feeds(side=8), recipe=Recipe(default=Scheme(calibration="minmax")))
+    assert {n: t.range for n, t in small.plan.tensors.items()} == {n: t.range for n, t in minmax.plan.tensors.items()}
 
 
 def test_same_bytes_twice(tmp_path: Path) -> None:

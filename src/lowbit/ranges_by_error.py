@@ -205,8 +205,10 @@ def choose_ranges(
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
-    opts.enable_cpu_mem_arena = False  # each copy's output is freed once reduced: peak memory stays near the model's
-    opts.enable_mem_pattern = False
+    # The whole model: no arena, each copy's output is freed once reduced and peak memory stays near the model's.
+    # The readers alone are small: the arena saves ~15% of their CPU (EfficientNet-Lite0: 0.61 vs 0.73 s, page
+    # faults of the copies' outputs), and goes with the session.
+    opts.enable_cpu_mem_arena = opts.enable_mem_pattern = reduced is not None
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:

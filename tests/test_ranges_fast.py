@@ -167,6 +167,28 @@ def test_clipping_the_held_samples_cannot_show_is_not_measured(monkeypatch: pyte
     assert {n: t.range for n, t in small.plan.tensors.items()} == {n: t.range for n, t in minmax.plan.tensors.items()}
 
 
+def test_weights_in_external_data_are_measured_from_the_model_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model whose weights live in an external data file: the readers' session maps them from its folder (it
+    warned "could not measure" and fell back to min-max before), the same bytes as the self-contained model."""
+    import warnings
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_block(), path, save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0)
+    measured_runs: list[object] = []
+    error_model = by_error.error_model
+    monkeypatch.setattr(by_error, "error_model", lambda *a: measured_runs.append(a) or error_model(*a))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        external = lowbit.quantize(str(path), calib=_feeds(), progress=False)
+    assert measured_runs
+    inline = lowbit.quantize(_block(), calib=_feeds(), progress=False)
+    assert {n: t.range for n, t in external.plan.tensors.items()} == {
+        n: t.range for n, t in inline.plan.tensors.items()
+    }
+
+
 def test_same_bytes_twice(tmp_path: Path) -> None:
     a = lowbit.quantize(_block(), tmp_path / "a.onnx", calib=_feeds(), progress=False)
     lowbit.quantize(_block(), tmp_path / "b.onnx", calib=_feeds(), progress=False)

@@ -43,12 +43,14 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
+from .graph.external import external_base
 from .numerics import qrange
 from .observe import Histogram, minmax, mse, percentile
 from .ops.activation import clip_bounds
 from .planner import Layout
 from .ranges_graphs import _Group, _params, _Unit, error_model, readers_model
 from .recipe import Scheme
+from .runtimes.ort import from_proto
 
 METHOD = "layer_error"
 
@@ -213,7 +215,8 @@ def choose_ranges(
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     try:
-        sess = ort.InferenceSession(measuring.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        # Weights in external data stay there: ONNX Runtime maps them from the float model's folder.
+        sess = from_proto(measuring, opts, external_base(model))
     except Exception as e:  # a copied reader ONNX Runtime refuses: say so, and keep min-max rather than fail
         warnings.warn(
             f"layer_error could not measure ranges ({str(e).splitlines()[0][:120]}); using min-max", stacklevel=2

@@ -47,7 +47,7 @@ def main() -> None:
     cases: list[tuple[str, str, Recipe]] = []
     for name, recipe in PRESETS.items():
         cases += [(m, name, dataclasses.replace(recipe, calibration_samples=16)) for m in models]
-    for method in ("percentile", "entropy", "mse"):
+    for method in ("minmax", "percentile", "entropy", "mse"):  # minmax: the default before layer_error_fast
         cases.append(
             ("effnet", f"calibration-{method}", Recipe(default=Scheme(calibration=method), calibration_samples=16))
         )

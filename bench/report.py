@@ -33,7 +33,8 @@ def write_markdown(path: Path, info, results, mem, cfg) -> None:
         f"for both quantizers; evaluation: {cfg['n_eval']} crops of disjoint photos (`'eval'`), batch 32"
     )
     L.append(
-        "- lowbit: default `Recipe()` (u8 asymmetric activations, s8 symmetric per-channel weights, minmax, "
+        "- lowbit: default `Recipe()` (u8 asymmetric activations, s8 symmetric per-channel weights, "
+        "layer_error_fast ranges, "
         "overflow guard on). ORT: `quant_pre_process` then `quantize_static` (QDQ, QUInt8 activations, "
         "QInt8 per-channel weights, MinMax, reduce_range=False), fed one sample at a time"
     )

@@ -21,9 +21,19 @@ from .errors import LowbitError
 from .graph.external import external_base
 from .observe import ChannelMinMax, Histogram
 from .planner import Layout
-from .ranges_by_error import SAMPLES, keep_first, wanted
+from .ranges_by_error import held_names, keep_first, measured, samples_wanted
 from .recipe import Recipe
 from .runtimes.ort import from_proto, with_outputs
+
+
+@dataclass
+class Hold:
+    """Float tensors kept for the batches of the first `samples` samples (one dict per batch): the range
+    measurement (ranges_by_error.py) then runs the nodes reading them on these values, not the float model again."""
+
+    names: frozenset[str]
+    samples: int
+    batches: list[dict[str, np.ndarray]] = field(default_factory=list)
 
 
 @dataclass
@@ -33,6 +43,8 @@ class Statistics:
     samples: int = 0
     # The first calibration batches, kept only when a range method runs the model again (ranges_by_error.py).
     inputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # Float tensors of those batches, where calibration could keep them (Hold).
+    held: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     def extremes(self) -> dict[str, tuple[float, float]]:
         """Each observed tensor's (min, max) as seen, before any range selection."""
@@ -85,14 +97,16 @@ def chunk_batches(num_samples: int | None, batch_size: int) -> int:
 # Min-max calibration reads nothing but each tensor's extremes (decide.py, settle.py), so when every scheme of the
 # recipe calibrates by min-max, the activation histograms get 2 bins: the same exact min, max and count, merged the
 # same way, for a comparison per value instead of binning (observe/histogram.py). The other methods read the bins
-# and get the full histogram (Histogram's default).
+# and get the full histogram (Histogram's default). `layer_error_fast` reads full histograms only for the tensors
+# it may measure (ranges_by_error.measured) and extremes elsewhere.
 EXTREMES_BINS = 2
+EXTREMES_METHODS = ("minmax", "layer_error_fast")
 
 
 def histogram_bins(recipe: Recipe) -> int | None:
     """Bins of the activation histograms `recipe` needs: EXTREMES_BINS, or None for Histogram's default."""
     schemes = [recipe.default] + [r.scheme for r in recipe.rules if r.scheme is not None]
-    return EXTREMES_BINS if all(s.calibration == "minmax" for s in schemes) else None
+    return EXTREMES_BINS if all(s.calibration in EXTREMES_METHODS for s in schemes) else None
 
 
 def calibration_session(model: ir.Model, names: list[str], threads: int = 0) -> ort.InferenceSession:
@@ -129,12 +143,15 @@ def observe(
     bar: Any = None,
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
     bins: int | None = None,
+    full: frozenset[str] = frozenset(),
+    hold: Hold | None = None,
 ) -> tuple[dict[str, Histogram], int]:
     """Run the batches of the chunks `select` accepts; histograms of every fetched tensor, and each chunk's
     channel observers handed to `on_chunk(index, observers)` in order. Returns (histograms, samples). `count` says
     how many samples a batch holds (a DataSource's `count`: inputs need not be batch-first); default: the first
-    input's leading dimension. `bins`: the histograms' max_bins (None: Histogram's default; see EXTREMES_BINS)."""
-    new_histogram = Histogram if bins is None else lambda: Histogram(bins)
+    input's leading dimension. `bins`: the histograms' max_bins (None: Histogram's default; see EXTREMES_BINS),
+    except for the tensors in `full`, which get Histogram's default. `hold`: tensors to keep (see Hold)."""
+    few = Histogram if bins is None else lambda: Histogram(bins)
     histograms: dict[str, Histogram] = {}
     channels: dict[str, ChannelMinMax] = {}
     samples = 0
@@ -153,17 +170,22 @@ def observe(
             outs = session.run(fetch, feeds)
         except Exception as e:  # ORT's messages are long; keep the first line
             raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
-        # Observe and drop one output at a time: only one batch of activations is ever alive.
+        # Observe and drop one output at a time: only one batch of activations is ever alive (and those held).
+        kept: dict[str, np.ndarray] | None = {} if hold is not None and samples < hold.samples else None
         outs.reverse()
         for name in fetch:
             value = outs.pop()
+            if kept is not None and hold is not None and name in hold.names:
+                kept[name] = value  # ORT's own array; the observers only read it
             if name in tensors:
-                _update(histograms, name, value, new_histogram)
+                _update(histograms, name, value, Histogram if name in full else few)
             if name in channel_axes:
                 obs = channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
                 obs.update(value)
             del value
-        del outs, feeds, batch
+        if kept is not None and hold is not None:
+            hold.batches.append(kept)
+        del outs, feeds, batch, kept
         samples += n
         if bar is not None:
             bar.update(n)
@@ -190,12 +212,15 @@ def calibrate(
     count: Callable[[dict[str, np.ndarray]], int] | None = None,
     keep: int = 0,
     bins: int | None = None,
+    full: frozenset[str] = frozenset(),
+    hold: Hold | None = None,
 ) -> Statistics:
-    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`, `bins`:
-    see `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`."""
+    """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`, `bins`,
+    `full`, `hold`: see `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`,
+    the tensors `hold` names in `Statistics.held`."""
     _fixed_mmap_threshold()
     tensors = set(tensors)
-    names = fetched_names(model, tensors, channel_axes)
+    names = fetched_names(model, tensors | (hold.names if hold else set()), channel_axes)
     session = calibration_session(model, names, threads)
     stats = Statistics()
     bar = tqdm(
@@ -217,9 +242,12 @@ def calibrate(
             bar=bar,
             count=count,
             bins=bins,
+            full=full,
+            hold=hold,
         )
     finally:
         bar.close()
+    stats.held = hold.batches if hold is not None else []
     if stats.samples == 0:
         raise LowbitError("calibration data yielded no samples; point --calib at a non-empty source")
     return stats
@@ -271,7 +299,10 @@ def calibrate_layout(
     (`shard.py`) and give bit-identical statistics. `batch_axes`: see `open_data`."""
     source = open_calibration(calib, specs, recipe, preprocess, batch_axes)
     observed = {s for s in layout.sources() if s not in model.graph.initializers}
-    keep = SAMPLES if wanted(layout) else 0  # ranges chosen by the error they cause run these samples again
+    keep = samples_wanted(layout)  # ranges chosen by the error they cause run these samples again
+    bins = histogram_bins(recipe)
+    full = frozenset(measured(model, layout)) if bins is not None else frozenset()
+    hold = Hold(frozenset(held_names(model, layout)), keep) if keep else None
     if workers > 1 or ray_address is not None:
         from .shard import calibrate_sharded
 
@@ -288,11 +319,18 @@ def calibrate_layout(
             ray_address,
             progress,
             batch_axes,
-            histogram_bins(recipe),
+            None if full else bins,  # full histograms everywhere: extremes are the same, so are the bytes
         )
         if keep:  # the workers read the data; the first samples are read again here
             again = open_data(calib, specs, recipe.batch_size, preprocess, keep, batch_axes=batch_axes)
             stats.inputs = [{k: np.array(v) for k, v in b.items()} for b in again]
+            if hold is not None and hold.names:  # as one process holds them: the same float session's values
+                session = calibration_session(model, sorted(hold.names))
+                inputs = {v.name for v in model.graph.inputs if v.name}
+                fetch = [o.name for o in session.get_outputs() if o.name in hold.names]
+                for b in stats.inputs:
+                    values = session.run(fetch, {k: v for k, v in b.items() if k in inputs})
+                    stats.held.append(dict(zip(fetch, values)))
         return stats
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
     chunk = chunk_batches(source.num_samples, source.batch_size)
@@ -306,5 +344,7 @@ def calibrate_layout(
         chunk=chunk,
         count=source.count,
         keep=keep,
-        bins=histogram_bins(recipe),
+        bins=bins,
+        full=full,
+        hold=hold,
     )

@@ -11,7 +11,7 @@ from .numerics import scale_zero_point
 from .observe import select_range
 from .plan import Plan, TensorParams
 from .planner import Layout
-from .ranges_by_error import choose_ranges, wanted
+from .ranges_by_error import METHODS, choose_ranges, wanted
 from .recipe import Scheme
 
 
@@ -26,7 +26,7 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
     outputs = {v.name for v in model.graph.outputs}
     by_error = {}
     if wanted(layout):  # calibration "layer_error": ranges chosen by the error they cause where they are read
-        by_error = choose_ranges(model, layout, stats.histograms, stats.inputs)
+        by_error = choose_ranges(model, layout, stats.histograms, stats.inputs, held=stats.held)
     for name, source in sorted(layout.tensors.items()):
         scheme = layout.tensor_scheme[source] if source in layout.tensor_scheme else layout.tensor_scheme[name]
         if source in model.graph.initializers:
@@ -40,11 +40,11 @@ def decide_activations(model: ir.Model, layout: Layout, stats: Statistics) -> di
                 raise RuntimeError(f"tensor {source} was not observed")
             # Clipping a model output clips exactly the largest logits, which decide the answer.
             method = "minmax" if name in outputs else scheme.calibration
-            if method == "layer_error" and source in by_error:
+            if method in METHODS and source in by_error:
                 a, b = by_error[source][0]
-            else:
+            else:  # the error methods keep min-max where no other candidate was measured
                 kw = {"p": scheme.percentile} if method == "percentile" else {}
-                a, b = select_range(hist, "minmax" if method == "layer_error" else method, **kw)
+                a, b = select_range(hist, "minmax" if method in METHODS else method, **kw)
         out[name] = _params(a, b, scheme)
     return out
 

@@ -64,7 +64,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "a smaller file that ONNX Runtime runs in float)",
     )
     g.add_argument("--block-size", type=int, help="values per scale for int4 weights (32, 64, 128; default 32)")
-    g.add_argument("--calibration", choices=["minmax", "percentile", "entropy", "mse", "layer_error"])
+    g.add_argument(
+        "--calibration", choices=["minmax", "percentile", "entropy", "mse", "layer_error", "layer_error_fast"]
+    )
     g.add_argument("--percentile", type=float)
     g.add_argument("--activations", choices=["uint8", "int8", "uint16", "int16"])
     g.add_argument("--per-tensor", action="store_true", help="one scale per weight tensor instead of per channel")

@@ -92,7 +92,10 @@ def check_recipe(recipe: Recipe | None) -> Any:
     if recipe.rules or recipe.exclude_names or recipe.exclude_op_types:
         raise LowbitError("--to executorch applies one scheme to the whole model; rules and exclusions are not mapped")
     guard = s.avoid_overflow and s.activations == "uint8"
-    return Choice(s.calibration, s.percentile, s.per_channel, s.symmetric_activations, guard, s.bias_correction)
+    # The PT2E observers see one tensor at a time and cannot run a tensor's readers: the error-measured methods
+    # (the default among them) are min-max there, which the summary names.
+    method = "minmax" if s.calibration in ("layer_error", "layer_error_fast") else s.calibration
+    return Choice(method, s.percentile, s.per_channel, s.symmetric_activations, guard, s.bias_correction)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:

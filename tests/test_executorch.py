@@ -297,8 +297,8 @@ def test_bias_correction_behind_a_zero_pad(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_efficientnet_lite0_pte_agrees(efficientnet_lite0: Path, tmp_path: Path) -> None:
     """lowbit's ranges, overflow guard and bias correction in PT2E on EfficientNet-Lite0: the .pte in
-    ExecuTorch agrees with lowbit's int8 ONNX (default recipe, min-max ranges) made from the same calibration crops, and with float, on
-    held-out crops (bench/RESULTS_EXECUTORCH.md)."""
+    ExecuTorch agrees with lowbit's int8 ONNX (default recipe, min-max ranges) made from the same calibration
+    crops, and with float, on held-out crops (bench/RESULTS_EXECUTORCH.md)."""
     from lowbit.runtimes.executorch import ExecutorchSession
     from lowbit.runtimes.ort import run_all, session
     from lowbit_zoo.zoo import _efficientnet_lite0_torch, photo_crops

@@ -123,9 +123,11 @@ def test_silero_vad_v5_is_quantized_inside_its_sample_rate_switch(tmp_path: Path
         p = np.array([ref.run(None, f)[0].item() for f in feeds])
         q = np.array([got.run(None, f)[0].item() for f in feeds])
         assert 0.2 < np.mean(p > 0.5) < 0.8  # the data holds speech and silence
-        # measured: agreement 100% at both rates, largest difference 0.15 (16 kHz) and 0.04 (8 kHz)
+        # measured with the default (layer_error_fast): agreement 100% at both rates, mean difference 0.017 / 0.018
+        # and largest 0.31 / 0.16 (16 / 8 kHz); min-max ranges give mean 0.023 / 0.017 and largest 0.14 / 0.09
         assert np.mean((p > 0.5) == (q > 0.5)) >= 0.95, rate
-        assert np.abs(p - q).max() < 0.3, rate
+        assert np.abs(p - q).mean() < 0.03, rate
+        assert np.abs(p - q).max() < 0.4, rate
 
 
 def test_an_unnamed_if_is_found_and_replaced() -> None:

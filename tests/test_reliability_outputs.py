@@ -106,6 +106,12 @@ def test_plan_path_that_is_a_folder_is_refused_before_anything_is_written(
     assert not (tmp_path / "out.onnx").exists() and temps(tmp_path) == []
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """A job started in the background (nohup, some CI runners) inherits SIGINT ignored, and Python then leaves it
+    ignored; a user's terminal delivers it. Restored to the default, the child's Python installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 _INTERRUPT = """
 import os, signal, sys
 import lowbit.graph.io as gio
@@ -135,7 +141,11 @@ def test_interrupt_during_write_leaves_no_temporaries_and_says_what_was_written(
     args = ["quantize", str(tiny_model), "-o", str(out), "--calib", str(tiny_calib), "--quiet", "--check", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
-        [sys.executable, "-c", _INTERRUPT, str(int(sig)), phase, *args], capture_output=True, text=True, env=env
+        [sys.executable, "-c", _INTERRUPT, str(int(sig)), phase, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert proc.returncode == 130, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -187,7 +197,11 @@ def test_interrupt_at_each_stage_writes_nothing_and_says_so(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     before = tiny_model.read_bytes()
     proc = subprocess.run(
-        [sys.executable, "-c", _INTERRUPT_AT, str(int(sig)), stage, *args], capture_output=True, text=True, env=env
+        [sys.executable, "-c", _INTERRUPT_AT, str(int(sig)), stage, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines() == ["lowbit: interrupted; no output was written"], proc.stderr

@@ -162,9 +162,9 @@ def auto(
     float_model = load_proto(model)
     label_array = None
     if labels is not None:
-        from ..evaluate.evaluate import _load_labels
+        from ..evaluate.evaluate import load_labels
 
-        label_array = _load_labels(labels)
+        label_array = load_labels(labels)
     batches = _batches(eval_data, float_model, preprocess, eval_limit)
     scorer = Scorer(float_model, batches, metric, label_array)
     seconds: dict[str, float] = {}

@@ -112,7 +112,7 @@ def evaluate(
         what="evaluation data",
         batch_axes=batch_axes,
     )
-    wanted = _load_labels(labels) if labels is not None else None
+    wanted = load_labels(labels) if labels is not None else None
     counted = wanted is not None and _match_labels(wanted, labels, data, specs, batch_size, preprocess, batch_axes)
 
     sess = lite if lite is not None else _session(model, mode)
@@ -302,7 +302,8 @@ def _check_outputs(model_shapes: dict[str, Sequence[Any]], ref_shapes: dict[str,
             )
 
 
-def _load_labels(labels: str | os.PathLike | Sequence[int] | np.ndarray) -> np.ndarray:
+def load_labels(labels: str | os.PathLike | Sequence[int] | np.ndarray) -> np.ndarray:
+    """Class labels as a 1-D int array, from a .npy file, a text file (one integer per line) or a sequence."""
     if isinstance(labels, (str, os.PathLike)):
         path = Path(labels).expanduser()
         if not path.is_file():

@@ -17,7 +17,7 @@ import pytest
 
 import lowbit
 from conftest import CliRun, run_cli, tiny_cnn
-from lowbit.graph import io as gio
+from lowbit.graph import write as gwrite
 from lowbit.plan import Plan
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -65,7 +65,7 @@ def test_model_and_plan_are_written_both_or_neither(
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(gio.os, "replace", model_rename_fails)
+    monkeypatch.setattr(gwrite.os, "replace", model_rename_fails)
     data = np.random.default_rng(5).normal(0, 3, (8, 3, 16, 16)).astype(np.float32)
     with pytest.raises(OSError):
         lowbit.quantize(tiny_model, quantized, calib=[data], progress=False)
@@ -74,15 +74,15 @@ def test_model_and_plan_are_written_both_or_neither(
     assert temps(tmp_path) == []
 
     # a failure while writing the temporaries (a full disk) replaces nothing either
-    monkeypatch.setattr(gio.os, "replace", real_replace)
-    real_temp = gio._temp_beside
+    monkeypatch.setattr(gwrite.os, "replace", real_replace)
+    real_temp = gwrite._temp_beside
 
     def disk_full(path, data):
         if path.suffix == ".onnx":
             raise OSError(28, "No space left on device")
         return real_temp(path, data)
 
-    monkeypatch.setattr(gio, "_temp_beside", disk_full)
+    monkeypatch.setattr(gwrite, "_temp_beside", disk_full)
     with pytest.raises(OSError):
         lowbit.quantize(tiny_model, quantized, calib=[data], progress=False)
     assert snapshot(quantized, plan) == before and temps(tmp_path) == []
@@ -114,7 +114,7 @@ def _sigint_as_in_a_terminal() -> None:
 
 _INTERRUPT = """
 import os, signal, sys
-import lowbit.graph.io as gio
+import lowbit.graph.write as gwrite
 from lowbit.cli.main import main
 sig, phase = int(sys.argv[1]), sys.argv[2]
 real_fsync, real_replace = os.fsync, os.replace
@@ -125,9 +125,9 @@ def replace(src, dst):  # the signal arrives between the renames of one commit
     os.kill(os.getpid(), sig)
     return real_replace(src, dst)
 if phase == "write":
-    gio.os.fsync = fsync
+    gwrite.os.fsync = fsync
 else:
-    gio.os.replace = replace
+    gwrite.os.replace = replace
 sys.exit(main(sys.argv[3:]))
 """
 

@@ -22,16 +22,8 @@ from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_s
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
 from .graph.external import data_path, external_base, trim_heap
-from .graph.io import (
-    check_output_path,
-    check_paths,
-    check_writable,
-    external_files,
-    load_model,
-    model_files,
-    model_name,
-    write_together,
-)
+from .graph.io import check_writable, external_files, load_model, model_files, model_name
+from .graph.write import check_output_path, check_paths, write_together
 from .output_ranges import observing_outputs, output_ranges
 from .passes import prepare, recover
 from .passes.opset import already_quantized_note, ready_for_quantization
@@ -302,7 +294,7 @@ def save(proto: onnx.ModelProto, plan: Plan, output: str | Path, external: bool 
     Every file goes to a fsynced temporary file beside its target first (a failure there, e.g. a full disk or
     an unwritable `.data` target, leaves the old files untouched), then they are renamed into place: the data
     file, the plan, and the model last, with SIGINT/SIGTERM held until all renames are done; a failed rename
-    puts the old files back (`graph.io.write_together`). The plan records the sha256 of the `.onnx` bytes
+    puts the old files back (`graph.write.write_together`). The plan records the sha256 of the `.onnx` bytes
     written with it, so a set that still does not belong together (a crash of the machine between two renames,
     or files copied by hand) is detectable (`Plan.check_model`)."""
     out = Path(output)

@@ -30,7 +30,7 @@ import numpy as np
 from ._version import __version__
 from .decision import Decision, Reason
 from .errors import LowbitError
-from .graph.io import atomic_write_bytes
+from .graph.write import atomic_write_bytes
 from .numerics import QTYPES
 
 if TYPE_CHECKING:

@@ -19,7 +19,8 @@ from ..errors import LowbitError
 from ..evaluate.bench import machine
 from ..evaluate.jsonable import JsonResult, dumps
 from ..evaluate.latency import interleaved_latency, paired_ratio
-from ..graph.io import check_output_path, check_paths, check_writable, load_proto, write_together
+from ..graph.io import check_writable, load_proto
+from ..graph.write import check_output_path, check_paths, write_together
 from ..pipeline import outputs, quantize, reads, save
 from ..plan import Plan
 from ..recipe import Recipe

@@ -84,7 +84,7 @@ def _main(argv: list[str] | None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    from ..graph.io import written_paths
+    from ..graph.write import written_paths
 
     before = len(written_paths())
     # Signal handlers can only be installed from the main thread (main() called from a thread keeps the default).
@@ -97,7 +97,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Writes are all-or-nothing (graph.io.write_together), so this says exactly what is on disk.
+        # Writes are all-or-nothing (graph.write.write_together), so this says exactly what is on disk.
         done = written_paths()[before:]
         if done:
             print(f"lowbit: interrupted after writing {', '.join(map(str, done))}", file=sys.stderr)

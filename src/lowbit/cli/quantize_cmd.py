@@ -192,7 +192,8 @@ RECIPE_OPTIONS = {
 
 def _early_checks(args: argparse.Namespace) -> Recipe | None:
     """Everything that can be refused before any work; returns the recipe (None: the plan's own)."""
-    from ..graph.io import check_output_path, check_paths, check_writable
+    from ..graph.io import check_writable
+    from ..graph.write import check_output_path, check_paths
     from ..pipeline import outputs, reads
     from ..shard import check_workers
 

@@ -24,7 +24,8 @@ import onnx_ir as ir
 
 from ..data import BatchAxes, ImagePreprocess, input_specs, open_data
 from ..errors import LowbitError
-from ..graph.io import atomic_write_bytes, check_output_path, check_paths, load_proto, refuse_ort_format
+from ..graph.io import load_proto, refuse_ort_format
+from ..graph.write import atomic_write_bytes, check_output_path, check_paths
 from ..numerics import scale_zero_point
 from ..observe import Histogram, percentile
 from ..passes import prepare

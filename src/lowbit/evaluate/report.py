@@ -43,7 +43,7 @@ from html import escape
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from ..graph.io import atomic_write_bytes
+from ..graph.write import atomic_write_bytes
 from .report_assets import CSS, JS
 from .report_auto import auto_section
 

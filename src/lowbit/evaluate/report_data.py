@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 
 from ..errors import LowbitError
-from ..graph.io import load_proto, same_file
+from ..graph.io import load_proto
+from ..graph.write import same_file
 from .jsonable import JsonResult
 
 HIST_LAYERS = 4  # histograms of this many lowest-SQNR layers

@@ -31,7 +31,8 @@ import onnx
 
 from ..errors import LowbitError
 from ..evaluate.jsonable import dumps, jsonable
-from ..graph.io import check_paths, load_proto, model_name, write_together
+from ..graph.io import load_proto, model_name
+from ..graph.write import check_paths, write_together
 
 OPTIMIZATION_STYLE = "Fixed"
 TARGET_PLATFORM = "arm"

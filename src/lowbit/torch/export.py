@@ -22,7 +22,8 @@ import torch
 from onnx import numpy_helper
 
 from ..errors import LowbitError
-from ..graph.io import check_output_path, save_model
+from ..graph.io import save_model
+from ..graph.write import check_output_path
 from ..numerics import pack_int4
 from ..passes import prepare
 from ..pipeline import QuantizeResult, quantize, save

@@ -22,7 +22,7 @@ import numpy as np
 
 from ...errors import LowbitError
 from ...evaluate.jsonable import dumps, jsonable
-from ...graph.io import check_paths, write_together
+from ...graph.write import check_paths, write_together
 from ...recipe import Recipe
 from ...runtimes.executorch import META_METHOD
 

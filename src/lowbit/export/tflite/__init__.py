@@ -8,7 +8,7 @@ from typing import Any
 import onnx
 
 from ...errors import LowbitError
-from ...graph.io import atomic_write_bytes, same_file
+from ...graph.write import atomic_write_bytes, same_file
 from .convert import IO_KINDS, PRECISIONS, ExportResult, convert
 from .metadata import ImageMetadata
 from .writer import read_metadata

@@ -19,7 +19,19 @@ import onnx
 
 from lowbit.errors import LowbitError
 
-from .arrays import Header, load_arrays, pick_keys, read_headers, shape_text
+from .arrays import load_arrays, read_headers
+from .data_checks import (
+    as_batch,
+    batch_axes_for,
+    check_arrays,
+    clean_batch,
+    clean_constant,
+    concat_batches,
+    front,
+    front_spec,
+    item_arrays,
+    same_dynamic_dims,
+)
 from .images import IMAGE_SUFFIXES, ImagePreprocess, image_input, load_image
 
 ARRAY_SUFFIXES = (".npy", ".npz")
@@ -133,16 +145,16 @@ class DataSource:
         consts: Batch = {}
         for where, raw in self._chunks():
             arrays, now = front(where, raw, self.inputs, self.axes)
-            now = {k: _clean_constant(where, sp, now[k]) for sp in self.inputs if (k := sp.name) in now}
-            n = _check(where, arrays, self.specs)[0] if self.specs else 1
-            full = {s.name: _as_batch(arrays[s.name], s) for s in self.specs}
+            now = {k: clean_constant(where, sp, now[k]) for sp in self.inputs if (k := sp.name) in now}
+            n = check_arrays(where, arrays, self.specs)[0] if self.specs else 1
+            full = {s.name: as_batch(arrays[s.name], s) for s in self.specs}
             moved = bool(pending) and any(not np.array_equal(now[k], consts[k]) for k in now)
             changed = moved or any(full[k].shape[1:] != pending[0][k].shape[1:] for k in full if pending)
             if changed and not self._fixed_batch:
                 # A constant input changed value, or a dynamic dimension changed size (audio clips of several
                 # lengths): the samples so far form a batch of their own. A fixed batch size must be filled, so
-                # there `_concat` (or the check below) says what to fix.
-                yield self._out(_concat(pending), consts)
+                # there `concat` (or the check below) says what to fix.
+                yield self._out(concat_batches(pending), consts)
                 pending, have = [], 0
             if pending and moved:
                 raise LowbitError(
@@ -154,12 +166,12 @@ class DataSource:
             while start < n and left > 0:
                 # Slice only what fits in the current batch, so a memory-mapped file is read piecewise.
                 stop = int(min(n, start + self.batch_size - have, start + left))
-                pending.append({s.name: _clean(where, s, start, full[s.name][start:stop]) for s in self.specs})
+                pending.append({s.name: clean_batch(where, s, start, full[s.name][start:stop]) for s in self.specs})
                 have += stop - start
                 left -= stop - start
                 start = stop
                 if have == self.batch_size:
-                    yield self._out(_concat(pending), consts)
+                    yield self._out(concat_batches(pending), consts)
                     pending, have = [], 0
             if left <= 0:
                 break  # before fetching another chunk: a generator is not read past the limit
@@ -170,7 +182,7 @@ class DataSource:
                     stacklevel=2,
                 )
             else:
-                yield self._out(_concat(pending), consts)
+                yield self._out(concat_batches(pending), consts)
 
 
 def open_data(
@@ -212,7 +224,7 @@ def open_data(
         return DataSource(chunks, specs, batch, bool(fixed) or single, limit, total, one_shot, inputs, axes)
 
     def count(where: str, arrays: Mapping[str, Any]) -> int:
-        return _check(where, front(where, arrays, inputs, axes)[0], specs)[0] if specs else 1
+        return check_arrays(where, front(where, arrays, inputs, axes)[0], specs)[0] if specs else 1
 
     if isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()
@@ -243,7 +255,7 @@ def open_data(
         headers = {p: read_headers(p, inputs) for p in arrays}
         total = sum(count(str(p), h) for p, h in headers.items())
         if fixed and batch > 1:  # else batches split where the shape changes (`DataSource._batches`)
-            _same_dynamic_dims({p: front(str(p), h, inputs, axes)[0] for p, h in headers.items()}, specs)
+            same_dynamic_dims({p: front(str(p), h, inputs, axes)[0] for p, h in headers.items()}, specs)
         return finish(lambda: ((str(p), load_arrays(p, inputs, limit, axes)) for p in arrays), total)
 
     if isinstance(source, (np.ndarray, Mapping)):
@@ -253,176 +265,10 @@ def open_data(
 
     def items() -> Iterator[tuple[str, Mapping[str, Any]]]:
         for i, item in enumerate(source):
-            yield _item(i, item, inputs)
+            yield item_arrays(i, item, inputs)
 
     if isinstance(source, (list, tuple)):
         # Shapes are known without reading data, so count (and validate) up front.
         total = sum(count(where, arrays) for where, arrays in items())
         return finish(items, total)
     return finish(items, None, one_shot=iter(source) is source)
-
-
-def _item(i: int, item: Any, specs: list[InputSpec]) -> tuple[str, dict[str, np.ndarray]]:
-    where = f"item {i} of the data iterable"
-    if isinstance(item, Mapping):
-        return where, {str(k): np.asarray(v) for k, v in item.items()}
-    if isinstance(item, np.ndarray) or hasattr(item, "__array__"):
-        if len(specs) != 1:
-            names = ", ".join(s.name for s in specs)
-            raise LowbitError(
-                f"{where} is an array but the model has {len(specs)} inputs ({names}); yield dicts keyed by input name"
-            )
-        return where, {specs[0].name: np.asarray(item)}
-    raise LowbitError(f"{where} is a {type(item).__name__}; yield numpy arrays or dicts of input name -> array")
-
-
-def _check(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) -> tuple[int, dict[str, str]]:
-    """Validate names, shapes and dtypes (metadata only); return the sample count and name -> key."""
-    take = pick_keys(where, set(arrays), specs)
-    counts = {}
-    for s in specs:
-        a = arrays[take[s.name]]
-        if a.dtype.hasobject:
-            # Object arrays can only be loaded by unpickling, which can run arbitrary code.
-            raise LowbitError(
-                f"input '{s.name}' in {where} holds Python objects (pickled), which lowbit never loads; "
-                "use a numeric array"
-            )
-        shape = tuple(a.shape)
-        rank = len(s.shape)
-        full = shape if len(shape) == rank else (1, *shape) if len(shape) == rank - 1 else None
-        if full is None or any(isinstance(d, int) and d != g for d, g in zip(s.shape[1:], full[1:])):
-            raise LowbitError(f"input '{s.name}': expected shape {shape_text(s.shape)}, got {shape} in {where}")
-        if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
-            raise LowbitError(
-                f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype"
-            )
-        counts[s.name] = full[0]
-    if len(set(counts.values())) > 1:
-        raise LowbitError(
-            f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count, or "
-            "name an input whose batch axis is not the first (--batch-axis state=1, batch_axes={'state': 1})"
-        )
-    return next(iter(counts.values())), take
-
-
-def batch_axes_for(specs: list[InputSpec], given: BatchAxes | None) -> dict[str, int | None]:
-    """Every input's batch axis: as given, None (constant) for a 0-d input, else 0; names and axes checked."""
-    given = dict(given or {})
-    names = [s.name for s in specs]
-    for name in given:
-        if name not in names:
-            raise LowbitError(
-                f"a batch axis is given for '{name}', which is not a model input (inputs: {', '.join(names)}); "
-                "check the name"
-            )
-    out: dict[str, int | None] = {}
-    for s in specs:
-        rank = len(s.shape)
-        axis = given[s.name] if s.name in given else (0 if rank else None)
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or not -rank <= axis < rank):
-            raise LowbitError(
-                f"batch axis {axis!r} for input '{s.name}' does not fit its rank {rank} (shape {tuple(s.shape)}); "
-                f"give an axis from 0 to {rank - 1}, or none for an input constant across samples"
-            )
-        out[s.name] = None if axis is None else axis % rank
-    return out
-
-
-def front_spec(spec: InputSpec, axis: int) -> InputSpec:
-    """The input's spec with its batch axis moved first: how batches are cut and glued inside a DataSource."""
-    shape = list(spec.shape)
-    return InputSpec(spec.name, spec.dtype, (shape.pop(axis), *shape))
-
-
-def front(
-    where: str, arrays: Mapping[str, Any], inputs: list[InputSpec], axes: Mapping[str, int | None]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One chunk's arrays (or headers) keyed by input name, batch axes moved first; and its constant inputs."""
-    take = pick_keys(where, set(arrays), inputs)
-    batched, consts = {}, {}
-    for s in inputs:
-        a, axis = arrays[take[s.name]], axes[s.name]
-        if axis is None:
-            consts[s.name] = a
-            _check_constant(where, s, a)
-        elif axis and len(a.shape) == len(s.shape):  # a whole batch: its samples along `axis`
-            shape = list(a.shape)
-            moved = (shape.pop(axis), *shape)
-            batched[s.name] = Header(moved, a.dtype) if isinstance(a, Header) else np.moveaxis(a, axis, 0)
-        else:  # batch-first already, or one sample without its batch axis
-            batched[s.name] = a
-    return batched, consts
-
-
-def _check_constant(where: str, s: InputSpec, a: Any) -> None:
-    shape = tuple(a.shape)
-    if len(shape) != len(s.shape) or any(isinstance(d, int) and d != g for d, g in zip(s.shape, shape)):
-        raise LowbitError(
-            f"input '{s.name}' is constant across samples (no batch axis): expected shape {tuple(s.shape)}, got "
-            f"{shape} in {where}; give one value per item or file, or name its batch axis (--batch-axis "
-            f"{s.name}=K)"
-        )
-    if a.dtype != s.dtype and not (a.dtype.kind == "f" and s.dtype.kind == "f"):
-        raise LowbitError(
-            f"input '{s.name}': expected dtype {s.dtype}, got {a.dtype} in {where}; convert the data with .astype"
-        )
-
-
-def _clean_constant(where: str, s: InputSpec, a: np.ndarray) -> np.ndarray:
-    out = np.array(a, dtype=s.dtype)
-    if out.dtype.kind in "fc" and not np.isfinite(out).all():
-        raise LowbitError(f"input '{s.name}' has NaN or Inf values in {where}; fix or drop that sample")
-    return out
-
-
-def _as_batch(a: np.ndarray, spec: InputSpec) -> np.ndarray:
-    return a[np.newaxis] if a.ndim == len(spec.shape) - 1 else a
-
-
-def _clean(where: str, spec: InputSpec, offset: int, a: np.ndarray) -> np.ndarray:
-    # Copy: detaches the batch from memory-mapped files and from the caller's arrays.
-    with np.errstate(over="ignore"):  # overflow becomes Inf, reported below with context
-        out = np.array(a, dtype=spec.dtype)
-    if out.dtype.kind in "fc":
-        bad = ~np.isfinite(out).reshape(len(out), -1).all(axis=1)
-        if bad.any():
-            cast = f" (after casting {a.dtype} to {spec.dtype})" if a.dtype != spec.dtype else ""
-            raise LowbitError(
-                f"input '{spec.name}' has NaN or Inf values{cast} in sample {offset + int(np.argmax(bad))} of {where}; "
-                "fix or drop that sample"
-            )
-    return out
-
-
-def _concat(pieces: list[Batch]) -> Batch:
-    if len(pieces) == 1:
-        return pieces[0]
-    for name in pieces[0]:
-        shapes = sorted({p[name].shape[1:] for p in pieces})
-        if len(shapes) > 1:
-            raise LowbitError(
-                f"input '{name}': samples batched together differ in shape ({shapes[0]} and {shapes[1]} after "
-                f"the batch axis); {_SAME_SHAPE_FIX}"
-            )
-    return {name: np.concatenate([p[name] for p in pieces]) for name in pieces[0]}
-
-
-_SAME_SHAPE_FIX = "pad the samples to one length, or use a batch size of 1 (--batch-size 1)"
-
-
-def _same_dynamic_dims(headers: Mapping[Path, Mapping[str, Any]], specs: list[InputSpec]) -> None:
-    """Files whose samples differ in a dynamic dimension cannot share a batch: say so before calibration."""
-    for s in specs:
-        seen: dict[tuple, Path] = {}
-        for path, arrays in headers.items():
-            key = pick_keys(str(path), set(arrays), specs)[s.name]
-            shape = tuple(arrays[key].shape)
-            dims = shape[1:] if len(shape) == len(s.shape) else shape
-            seen.setdefault(dims, path)
-            if len(seen) > 1:
-                (a, pa), (b, pb) = list(seen.items())[:2]
-                raise LowbitError(
-                    f"input '{s.name}': samples in {pa} have shape {a} after the batch axis but those in {pb} "
-                    f"have {b}; {_SAME_SHAPE_FIX}"
-                )

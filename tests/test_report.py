@@ -245,12 +245,12 @@ def test_cli_quick_layer_sqnr_without_diagnose(
 
 def test_layer_sqnr_of_the_output_matches_the_output_fidelity(quantized: Path, tiny_calib: Path) -> None:
     from lowbit.evaluate.metrics import sqnr_db
-    from lowbit.evaluate.report_data import _layer_sqnr
+    from lowbit.evaluate.report_layers import layer_sqnr
     from lowbit.runtimes.ort import session
 
     x = np.load(tiny_calib)
     batches = [{"x": x[:16]}, {"x": x[16:]}]
-    layers, extent = _layer_sqnr(tiny_cnn(), onnx.load(str(quantized)), batches)
+    layers, extent = layer_sqnr(tiny_cnn(), onnx.load(str(quantized)), batches)
     ref = session(tiny_cnn()).run(None, {"x": x})[0]
     out = session(str(quantized), "simulate").run(None, {"x": x})[0]
     fc = next(layer for layer in layers if layer["node"] == "fc")

@@ -1,6 +1,6 @@
 """`lowbit export MODEL.py:NAME --to executorch`: a PyTorch module as an ExecuTorch `.pte` program (XNNPACK),
-quantized with lowbit's ranges when --calib is given, or with its learned ranges when NAME is a `lowbit.torch` QAT
-module."""
+quantized with the numbers of lowbit's int8 ONNX model of it when --calib is given, or with its learned ranges
+when NAME is a `lowbit.torch` QAT module."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ EXECUTORCH_ONLY = ("calibration", "percentile", "per_tensor", "output_name")
 def add_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("--to executorch (MODEL is FILE.py:NAME, a PyTorch module)")
     e.add_argument(
-        "--calibration", choices=["minmax", "percentile", "entropy", "mse"], help="range method (default minmax)"
+        "--calibration",
+        choices=["minmax", "percentile", "entropy", "mse", "layer_error", "layer_error_fast"],
+        help="range method, as lowbit quantize's (default layer_error_fast)",
     )
     e.add_argument("--percentile", type=float, help="percentile for --calibration percentile (default 99.99)")
     e.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")

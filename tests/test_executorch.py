@@ -181,7 +181,9 @@ def test_observers_hold_the_plans_parameters(small: dict, tmp_path: Path) -> Non
         seen.update(out)
         return out
 
-    prepared = prepare_pt2e(torch.export.export(module, example, strict=False).module(), make_quantizer(Choice(), fixed, False))
+    prepared = prepare_pt2e(
+        torch.export.export(module, example, strict=False).module(), make_quantizer(Choice(), fixed, False)
+    )
     observers = {n: m for n, m in prepared.named_modules() if isinstance(m, LowbitObserver)}
     assert observers and {o.fixed for o in observers.values()} <= want
     assert len(seen) >= 4  # the input, the folded ReLU6, the ReLU, the Add, the mean

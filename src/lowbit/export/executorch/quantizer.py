@@ -123,7 +123,9 @@ def weight_spec(choice: Choice) -> QuantizationSpec:
     )
 
 
-def make_quantizer(choice: Choice, fixed: Callable[[torch.fx.GraphModule], dict[str, tuple[float, int]]], qat: bool) -> Any:
+def make_quantizer(
+    choice: Choice, fixed: Callable[[torch.fx.GraphModule], dict[str, tuple[float, int]]], qat: bool
+) -> Any:
     """XNNPACKQuantizer's annotations (which ops run as int8), lowbit's folding of ReLU/ReLU6 into their producer,
     then fixed parameters: `fixed(model)` maps a captured tensor's node name to (scale, int8 zero point). A
     tensor XNNPACK quantizes without parameters stays float (`qat`: only a model output may; others are an error)."""
@@ -236,7 +238,9 @@ def use_fixed(model: torch.fx.GraphModule, fixed: dict[str, tuple[float, int]], 
 def _through_zero_pad(node: torch.fx.Node, fixed: dict) -> torch.fx.Node:
     from .weights import PADS, _zero_pad
 
-    while node.name not in fixed and node.target in PADS and _zero_pad(node) and isinstance(node.args[0], torch.fx.Node):
+    while (
+        node.name not in fixed and node.target in PADS and _zero_pad(node) and isinstance(node.args[0], torch.fx.Node)
+    ):
         node = node.args[0]
     return node
 

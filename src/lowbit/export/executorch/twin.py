@@ -104,7 +104,9 @@ def _float_values(proto: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[
     m = onnx.ModelProto()
     m.CopyFrom(proto)
     have = {o.name for o in m.graph.output}
-    names = [i.name for i in m.graph.input] + [o for n in m.graph.node for o in n.output if o and n.op_type != "Constant"]
+    names = [i.name for i in m.graph.input] + [
+        o for n in m.graph.node for o in n.output if o and n.op_type != "Constant"
+    ]
     m.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in have)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor as exported

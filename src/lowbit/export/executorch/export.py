@@ -284,11 +284,11 @@ def _ptq_graph(
         """Each captured tensor that holds a quantized twin tensor's values takes its parameters; each conv/linear
         that computes a twin layer's output takes its weights (after convert)."""
         params = {}
+        nodes = {n.name: n for n in model.graph.nodes}
         for name, value in fx_values(model, twin.sample).items():
             if (t := twin.match(value, twin.params)) is not None:
                 params[name] = twin.params[t]
-            node = next(n for n in model.graph.nodes if n.name == name)
-            if node.target in (CONV, LINEAR) and (t := twin.match(value, twin.layers)) is not None:
+            if nodes[name].target in (CONV, LINEAR) and (t := twin.match(value, twin.layers)) is not None:
                 layers[name] = twin.layers[t]
         return params
 

@@ -140,7 +140,6 @@ def make_quantizer(
             model = super().annotate(model)
             fold_activations(model)
             use_fixed(model, fixed(model), qat)
-            share_edges(model)
             return model
 
     return LowbitXNNPACKQuantizer().set_global(config)
@@ -217,6 +216,7 @@ def use_fixed(model: torch.fx.GraphModule, fixed: dict[str, tuple[float, int]], 
         if owner_ann is not None and owner_ann.output_qspec is not None:
             owner_ann.output_qspec = activation_spec(fixed[node.name])
             unused.discard(node.name)
+    share_edges(model)  # an edge from a quantized tensor reads its integers: it needs no parameters of its own
     for node in model.graph.nodes:
         ann = _annotation(node)
         if ann is None:

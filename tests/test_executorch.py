@@ -152,10 +152,13 @@ def test_pte_computes_lowbits_default_onnx(small: dict, tmp_path: Path) -> None:
     other = lowbit.Recipe(default=lowbit.Scheme(calibration="percentile", percentile=99.0))
     q2 = lowbit.quantize(small["onnx"], tmp_path / "q2.onnx", calib=calib, recipe=other, progress=False)
     ref2 = session(q2.model, mode="kernels").run(None, {"x": x})[0]
-    res = lowbit.export_executorch(
-        small["module"], torch.zeros(1, 3, 16, 16), tmp_path / "mm.pte", calib=calib, recipe=other
-    )
-    assert res.calibration == "percentile"
+    run = run_cli(
+        "export", f"{small['folder'] / 'net.py'}:make", "--to", "executorch", "-o", str(tmp_path / "mm.pte"),
+        "--shape", "image=1x3x16x16", "--calib", str(small["folder"] / "calib.npy"),
+        "--calibration", "percentile", "--percentile", "99",
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "int8, percentile ranges on 32 samples, 3 layers' integers from lowbit's int8 ONNX model" in run.stdout
     out2 = ExecutorchSession(tmp_path / "mm.pte").run(None, {"image": x})[0]
     assert np.abs(ref2 - ref).max() > 10 * np.abs(out2 - ref2).max()
 

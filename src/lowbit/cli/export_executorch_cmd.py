@@ -117,7 +117,12 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], preprocess
     if args.json:
         print(result.to_json(indent=2))
         return 0
-    kind = f"int8, {s['calibration']} ranges on {s['calibration_samples']} samples" if s["quantized"] else "float32"
+    kind = "float32"
+    if s["quantized"]:
+        kind = (
+            f"int8, {s['calibration']} ranges on {s['calibration_samples']} samples, "
+            f"{s['layers_from_onnx']} layers' integers from lowbit's int8 ONNX model"
+        )
     if s["quantized"] and not s["calibration_samples"]:
         kind = "int8, the QAT module's learned ranges"
     size = f"{s['size_bytes'] / 1e6:.2f} MB"

@@ -1,11 +1,13 @@
 """EfficientNet-Lite0 on every phone runtime lowbit writes for: ONNX Runtime (.onnx), ORT format (.ort), LiteRT
 (.tflite) and ExecuTorch (.pte, XNNPACK), side by side: top-1 agreement, cosine, size, latency ratio vs the same
-runtime's float model, export time. ExecuTorch twice: lowbit's ranges in PT2E (`lowbit.export_executorch`) and
-ExecuTorch's own XNNPACKQuantizer flow (HistogramObserver activations, per-channel weights), on the same module
-and the same 128 calibration crops; both evaluated on 200 held-out crops.
+runtime's float model, export time. ExecuTorch twice: `lowbit.export_executorch` (the numbers of lowbit's default
+int8 ONNX model of the module, in PT2E) and ExecuTorch's own XNNPACKQuantizer flow (HistogramObserver
+activations, per-channel weights), on the same module and the same 128 calibration crops; both evaluated on 200
+held-out crops.
 
 Usage: PYTHONPATH=src:examples python bench/executorch_runtimes.py [--workdir DIR] [--runs N] [--out FILE.md]
-Exports are cached in the workdir (delete it to re-measure export times).
+Exports are cached in the workdir (delete it to re-measure export times); an export time measured by an earlier
+run in the workdir is marked with * in the table.
 """
 
 from __future__ import annotations
@@ -42,12 +44,16 @@ def default_flow(module, example, calib, out: Path) -> None:
     out.write_bytes(bytes(data))
 
 
+FRESH: set[str] = set()  # the exports timed by this run
+
+
 def timed(done: dict, key: str, path: Path, make, *args) -> None:
     """`make(*args)` writes `path` (skipped when it exists); its wall time goes in done[key]."""
     if not path.exists():
         t = time.perf_counter()
         make(*args)
         done[key] = time.perf_counter() - t
+        FRESH.add(key)
 
 
 def main() -> int:
@@ -133,7 +139,7 @@ def main() -> int:
             f"| {key} | {path.name} | {100 * top1_agreement(ref, outs[key]):.1f}% | "
             f"{100 * top1_agreement(lb, outs[key]):.1f}% | {fid['cosine']:.4f} | {path.stat().st_size / 1e6:.2f} MB | "
             f"{1e3 * float(np.median(lat[key])):.2f} ms | {paired_ratio(lat, key, float_of[key]):.2f}x | "
-            + (f"{export_s[key]:.0f} s |" if key in export_s else "(cached) |")
+            + (f"{export_s[key]:.0f} s{'' if key in FRESH else '*'} |" if key in export_s else "(cached) |")
         )
     head = [
         "## EfficientNet-Lite0 on four runtimes: ORT, ORT format, LiteRT, ExecuTorch",

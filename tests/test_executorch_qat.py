@@ -3,6 +3,7 @@ computes what the module's own ONNX export computes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -73,6 +74,49 @@ def test_qat_modules_it_cannot_run_are_one_line_errors(tmp_path: Path) -> None:
             lowbit.export_executorch(q, x1, tmp_path / "q.pte", calib=calib)
         assert "\n" not in str(e.value)
     assert not (tmp_path / "q.pte").exists()
+
+
+QAT_FILE = """
+import sys
+
+sys.path.insert(0, {tests!r})
+import lowbit.torch as lt
+from test_torch import small_cnn
+from test_torch_qat import batches, train_steps
+
+
+def make():
+    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches())
+    train_steps(q, 3)
+    return q
+"""
+
+
+def test_cli_exports_a_qat_module(tmp_path: Path) -> None:
+    """`lowbit export FILE.py:NAME --to executorch` of a lowbit.torch QAT module: no calibration, its learned
+    ranges, the API's bytes; calibration data for it is a one-line error."""
+    from conftest import run_cli
+
+    (tmp_path / "qnet.py").write_text(QAT_FILE.format(tests=str(Path(__file__).parent)))
+    spec, pte = f"{tmp_path / 'qnet.py'}:make", tmp_path / "cli.pte"
+    run = run_cli("export", spec, "--to", "executorch", "-o", str(pte), "--shape", "x=1x1x12x12", "--json")
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout)
+    assert summary["quantized"] and summary["calibration"] == "learned (QAT)" and summary["calibration_samples"] == 0
+    assert summary["delegated_ops"]["aten.convolution"] == 3 and not summary["portable_ops"]
+    q = lt.prepare_qat(small_cnn(), example_inputs=(batches(1)[0][:1],), calib=batches())
+    train_steps(q, 3)
+    lowbit.export_executorch(q, batches(1)[0][:1], tmp_path / "api.pte", input_names=["x"])
+    assert pte.read_bytes() == (tmp_path / "api.pte").read_bytes()
+    text = run_cli("export", spec, "--to", "executorch", "-o", str(tmp_path / "t.pte"), "--shape", "x=1x1x12x12")
+    assert text.returncode == 0 and "the QAT module's learned ranges" in text.stdout, text
+    np.save(tmp_path / "c.npy", data(8))
+    bad = run_cli(
+        "export", spec, "--to", "executorch", "-o", str(tmp_path / "b.pte"), "--shape", "x=1x1x12x12",
+        "--calib", str(tmp_path / "c.npy"),
+    )  # fmt: skip
+    assert bad.returncode == 2 and "without calibration data" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.pte").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """`lowbit export MODEL.py:NAME --to executorch`: a PyTorch module as an ExecuTorch `.pte` program (XNNPACK),
-quantized with lowbit's ranges when --calib is given, or with its learned ranges when NAME is a `lowbit.torch` QAT
-module."""
+quantized with the numbers of lowbit's int8 ONNX model of it when --calib is given, or with its learned ranges
+when NAME is a `lowbit.torch` QAT module."""
 
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ EXECUTORCH_ONLY = ("calibration", "percentile", "per_tensor", "output_name")
 def add_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("--to executorch (MODEL is FILE.py:NAME, a PyTorch module)")
     e.add_argument(
-        "--calibration", choices=["minmax", "percentile", "entropy", "mse"], help="range method (default minmax)"
+        "--calibration",
+        choices=["minmax", "percentile", "entropy", "mse", "layer_error", "layer_error_fast"],
+        help="range method, as lowbit quantize's (default layer_error_fast)",
     )
     e.add_argument("--percentile", type=float, help="percentile for --calibration percentile (default 99.99)")
     e.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
@@ -115,7 +117,12 @@ def run(args: argparse.Namespace, shapes: dict[str, tuple[int, ...]], preprocess
     if args.json:
         print(result.to_json(indent=2))
         return 0
-    kind = f"int8, {s['calibration']} ranges on {s['calibration_samples']} samples" if s["quantized"] else "float32"
+    kind = "float32"
+    if s["quantized"]:
+        kind = (
+            f"int8, {s['calibration']} ranges on {s['calibration_samples']} samples, "
+            f"{s['layers_from_onnx']} layers' integers from lowbit's int8 ONNX model"
+        )
     if s["quantized"] and not s["calibration_samples"]:
         kind = "int8, the QAT module's learned ranges"
     size = f"{s['size_bytes'] / 1e6:.2f} MB"

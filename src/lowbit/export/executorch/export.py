@@ -1,9 +1,11 @@
 """export_executorch: a PyTorch module -> an ExecuTorch `.pte` program with int8 XNNPACK kernels, quantized with
 lowbit's recipe and ranges through PyTorch's PT2E flow.
 
-torch.export -> prepare_pt2e (XNNPACK's annotations, lowbit's observers: `quantizer.py`) -> calibration batches
--> convert_pt2e -> to_edge_transform_and_lower(XnnpackPartitioner) -> `.pte` bytes, written atomically.
-With calibration data, lowbit's overflow guard and bias correction follow (`weights.py`), as in its ONNX path.
+With calibration data, the module's ONNX export is quantized by `lowbit.quantize` (the recipe as given: its
+range method, the default `layer_error_fast` included, overflow guard, bias correction, float decisions), and the
+PT2E graph takes that model's numbers (`twin.py`): torch.export -> prepare_pt2e (XNNPACK's annotations, fixed
+observers: `quantizer.py`) -> convert_pt2e -> the twin's int8 weights and biases (`weights.py`) ->
+to_edge_transform_and_lower(XnnpackPartitioner) -> `.pte` bytes, written atomically.
 A `lowbit.torch` QAT module takes its learned scales instead of calibration (`qat.py`).
 """
 
@@ -14,7 +16,7 @@ import inspect
 import json
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ class ExecutorchExportResult:
     left: dict[str, int]  # op -> count, the ops left to ExecuTorch's portable kernels
     seconds: float
     path: Path | None = None
+    layers_from_onnx: int = 0  # conv/linear layers whose integers came from lowbit's int8 ONNX model (`twin.py`)
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(
@@ -53,6 +56,7 @@ class ExecutorchExportResult:
                 "inputs": self.inputs,
                 "calibration": self.calibration if self.quantized else None,
                 "calibration_samples": self.samples,
+                "layers_from_onnx": self.layers_from_onnx if self.quantized else None,
                 "size_bytes": len(self.data),
                 "delegated_ops": self.delegated,
                 "portable_ops": self.left,
@@ -73,7 +77,8 @@ def require_executorch() -> None:
 
 
 def check_recipe(recipe: Recipe | None) -> Any:
-    """The part of a lowbit recipe the PT2E flow takes, or a one-line error for what it cannot express."""
+    """The part of a lowbit recipe the PT2E graph takes itself, or a one-line error for what it cannot express
+    (the rest, ranges, overflow guard and bias correction included, comes with the twin's numbers)."""
     from .quantizer import Choice
 
     recipe = recipe if recipe is not None else Recipe()
@@ -91,11 +96,7 @@ def check_recipe(recipe: Recipe | None) -> Any:
         raise LowbitError("XNNPACK's int8 kernels take symmetric weights; use symmetric_weights=True")
     if recipe.rules or recipe.exclude_names or recipe.exclude_op_types:
         raise LowbitError("--to executorch applies one scheme to the whole model; rules and exclusions are not mapped")
-    guard = s.avoid_overflow and s.activations == "uint8"
-    # The PT2E observers see one tensor at a time and cannot run a tensor's readers: the error-measured methods
-    # (the default among them) are min-max there, which the summary names.
-    method = "minmax" if s.calibration in ("layer_error", "layer_error_fast") else s.calibration
-    return Choice(method, s.percentile, s.per_channel, s.symmetric_activations, guard, s.bias_correction)
+    return Choice(s.per_channel)
 
 
 def _as_tuple(example_inputs: Any) -> tuple:
@@ -117,9 +118,12 @@ def forward_names(module: Any, n: int) -> list[str]:
     return params[:n] if len(params) >= n else ["input"] if n == 1 else [f"input_{i}" for i in range(n)]
 
 
-def _calibration_batches(calib: Any, names: list[str], example: tuple, preprocess: Any) -> Iterable[tuple]:
-    """Calibration data as tuples of tensors: a path (.npy/.npz/image folder, read by lowbit's data loader), an
-    array or tensor of stacked samples, or an iterable of samples/batches."""
+def _calibration_batches(
+    calib: Any, names: list[str], example: tuple, preprocess: Any, limit: int | None
+) -> list[tuple[Any, ...]]:
+    """Calibration data as batches of tensors, at most `limit` samples: a path (.npy/.npz/image folder, read by
+    lowbit's data loader), an array or tensor of stacked samples, or an iterable of samples/batches. Read once:
+    an iterator gives its items to the twin's calibration and the matching sample both."""
     import torch
 
     from ...data import InputSpec, open_data
@@ -129,8 +133,18 @@ def _calibration_batches(calib: Any, names: list[str], example: tuple, preproces
     ]
     if isinstance(calib, torch.Tensor):
         calib = calib.detach().cpu().numpy()
+    out: list[tuple[Any, ...]] = []
+    samples = 0
     for batch in open_data(calib, specs, batch_size=8, preprocess=preprocess):
-        yield tuple(torch.from_numpy(np.ascontiguousarray(batch[n])) for n in names)
+        if limit is not None and samples >= limit:
+            break
+        n = int(batch[names[0]].shape[0]) if limit is None else min(int(batch[names[0]].shape[0]), limit - samples)
+        out.append(tuple(torch.from_numpy(np.ascontiguousarray(batch[k][:n])) for k in names))
+        samples += n
+    step = int(example[0].shape[0]) if example[0].dim() else 1
+    if samples == 0 or out[0][0].shape[0] < step:
+        raise LowbitError("no calibration samples in calib; check the data")
+    return out
 
 
 def _op_counts(program: Any) -> tuple[dict[str, int], dict[str, int]]:
@@ -180,8 +194,8 @@ def export_executorch(
     `example_inputs`: a tensor or tuple of tensors, one per forward argument; their shapes are fixed in the file
     (ExecuTorch programs are static-shaped here: batch 1 is what a phone runs). `calib`: calibration samples
     (a .npy/.npz file or image folder, an array of stacked samples, or an iterable); given, the program is int8
-    with lowbit's ranges (`recipe`: its default scheme's calibration method, percentile and per-channel choice);
-    None writes a float program.
+    with the numbers of lowbit's int8 ONNX model of the module made with `recipe` on the same data (one scheme
+    for the whole model; static, int8 weights, 8-bit activations); None writes a float program.
     `input_names`/`output_names` are stored in the program (default: forward's argument names, `output`), so
     `lowbit eval --reference FLOAT.onnx` can match them with an ONNX model's.
     `output` ends in .pte; written atomically, never over an input. Returns what was written.
@@ -208,16 +222,16 @@ def export_executorch(
     qat = is_qat(module)
     if qat and calib is not None:
         raise LowbitError("a lowbit.torch QAT module carries its learned ranges; export it without calibration data")
-    choice = check_recipe(recipe)
+    check_recipe(recipe)
     example = _as_tuple(example_inputs)
     if input_names is not None and len(input_names) != len(example):
         raise LowbitError(f"{len(input_names)} input names for {len(example)} example inputs; give one per input")
     names = list(input_names) if input_names is not None else forward_names(module, len(example))
     t0 = time.perf_counter()
     if qat:
-        graph, samples = _qat_graph(module, example), 0
+        graph, carried = _qat_graph(module, example), {"samples": 0}
     else:
-        graph, samples = _ptq_graph(module.eval(), example, names, calib, choice, preprocess, limit)
+        graph, carried = _ptq_graph(module.eval(), example, names, calib, recipe, preprocess, limit)
     outputs = list(output_names) if output_names is not None else None
     data, delegated, left = _lower(graph, example, {"inputs": names, **({"outputs": outputs} if outputs else {})})
     seconds = time.perf_counter() - t0
@@ -227,8 +241,9 @@ def export_executorch(
         data=data,
         quantized=calib is not None or qat,
         inputs=names,
-        calibration="learned (QAT)" if qat else choice.method,
-        samples=samples,
+        calibration="learned (QAT)" if qat else (recipe or Recipe()).default.calibration,
+        samples=carried["samples"],
+        layers_from_onnx=carried.get("layers", 0),
         delegated=delegated,
         left=left,
         seconds=seconds,
@@ -247,40 +262,44 @@ def _export(module: Any, example: tuple) -> Any:
 
 
 def _ptq_graph(
-    module: Any, example: tuple, names: list[str], calib: Any, choice: Any, preprocess: Any, limit: int | None
-) -> tuple[Any, int]:
-    """The module captured by torch.export; with calib, quantized by PT2E with lowbit's observers."""
+    module: Any, example: tuple, names: list[str], calib: Any, recipe: Recipe | None, preprocess: Any, limit: int | None
+) -> tuple[Any, dict[str, int]]:
+    """The module captured by torch.export; with calib, quantized by PT2E with the numbers of lowbit's int8 ONNX
+    model of it (`twin.py`). Returns the graph and what was carried over."""
     import torch
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from .quantizer import make_quantizer
-    from .weights import correct_weights, unwatch_inputs, watch_inputs
+    from .twin import fx_values, make_twin
+    from .weights import CONV, LINEAR, install
 
     if calib is None:
-        return module, 0
+        return module, {"samples": 0}
+    choice = check_recipe(recipe)
+    batches = _calibration_batches(calib, names, example, preprocess, limit)
+    twin = make_twin(module, example, batches, recipe)
+    layers: dict[str, Any] = {}
+
+    def fixed(model: torch.fx.GraphModule) -> dict[str, tuple[float, int]]:
+        """Each captured tensor that holds a quantized twin tensor's values takes its parameters; each conv/linear
+        that computes a twin layer's output takes its weights (after convert)."""
+        params = {}
+        nodes = {n.name: n for n in model.graph.nodes}
+        for name, value in fx_values(model, twin.sample).items():
+            if (t := twin.match(value, twin.params)) is not None:
+                params[name] = twin.params[t]
+            if nodes[name].target in (CONV, LINEAR) and (t := twin.match(value, twin.layers)) is not None:
+                layers[name] = twin.layers[t]
+        return params
+
     with torch.no_grad():
         captured = _export(module, example).module()
-        prepared = prepare_pt2e(captured, make_quantizer(choice))
-        layers = watch_inputs(prepared) if choice.bias_correction or choice.avoid_overflow else {}
-        samples = 0
-        for batch in _calibration_batches(calib, names, example, preprocess):
-            if limit is not None and samples >= limit:
-                break
-            if limit is not None:
-                batch = tuple(x[: limit - samples] for x in batch)
-            n = int(batch[0].shape[0])
-            # The captured graph is specialized to the example's batch size (a flatten to a fixed shape):
-            # calibration runs the batches in pieces of that size.
-            step = int(example[0].shape[0]) if example[0].dim() else 1
-            for i in range(0, n - n % step, step):
-                prepared(*(x[i : i + step] for x in batch))
-            samples += n - n % step
-        if samples == 0:
-            raise LowbitError("no calibration samples in calib; check the data")
-        unwatch_inputs(prepared, layers)
+        prepared = prepare_pt2e(captured, make_quantizer(choice, fixed, qat=False))
+        prepared(*twin.sample)  # the weight observers (replaced by the twin's integers after convert)
         converted = convert_pt2e(prepared)
-        correct_weights(converted, layers, choice.per_channel, choice.avoid_overflow, choice.bias_correction)
-        return converted, samples
+        installed = install(converted, layers)
+    samples = sum(int(b[0].shape[0]) for b in batches)
+    return converted, {"samples": samples, "layers": installed, "layers_in_twin": len(twin.layers)}
 
 
 def _qat_graph(module: Any, example: tuple) -> Any:
@@ -294,7 +313,7 @@ def _qat_graph(module: Any, example: tuple) -> Any:
 
     with torch.no_grad():
         captured, learned = learned_graph(module, example, _export)
-        prepared = prepare_pt2e(captured, make_quantizer(Choice(), learned))
+        prepared = prepare_pt2e(captured, make_quantizer(Choice(), lambda _: learned, qat=True))
         prepared(*example)
         return convert_pt2e(prepared)
 

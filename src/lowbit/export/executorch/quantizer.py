@@ -1,21 +1,20 @@
-"""lowbit's ranges inside PyTorch's PT2E flow: an observer that keeps lowbit's streaming histogram and picks the
-range with lowbit's method, and an XNNPACK quantizer whose annotations take lowbit's recipe.
+"""lowbit's numbers inside PyTorch's PT2E flow: an XNNPACK quantizer whose observers hold fixed parameters.
 
-XNNPACK's own annotator decides which aten ops are quantized and which share a scale (the integer kernels
-XNNPACK has); lowbit decides every range, as its ONNX planner and `decide.py` do:
-- an activation's range is `select_range(histogram, recipe.calibration)` over the same power-of-two-bin
-  `Histogram` lowbit's calibration keeps, and its scale and zero point are `numerics.scale_zero_point`
-  (so int8 activations sit on the grid of lowbit's uint8 ones, shifted by 128);
-- a model output keeps its exact min/max (clipping an output clips the logits that decide the answer);
-- a ReLU/ReLU6 (hardtanh) after a conv, linear or add is folded as lowbit folds Relu/Clip into its producer:
-  XNNPACK shares one observer across the activation, and that observer sees the values clamped to the
-  activation's bounds, so the range is the activation output's range, not the wider pre-activation one;
-- weights: int8 symmetric on the narrow range [-127, 127], per output channel (or per tensor), as lowbit's.
+XNNPACK's own annotator decides which aten ops run as int8 and which share a scale (the integer kernels XNNPACK
+has); lowbit decides every number:
+- an activation's scale and zero point are those of lowbit's int8 ONNX model of the same module (`twin.py`: its
+  recipe, calibration method and plan), or a QAT module's learned ones (`qat.py`); uint8 grids shifted by 128;
+- a ReLU/ReLU6 (hardtanh, clamp) after a conv, linear or add is folded as lowbit folds Relu/Clip into its
+  producer: one observer for both, holding the clamped tensor's parameters;
+- a tensor lowbit keeps float stays float here, with the ops that share its scale;
+- weights: int8 symmetric on the narrow range [-127, 127], per output channel (or per tensor), as lowbit's
+  (replaced by the twin's own integers after convert, `weights.install`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,22 +23,23 @@ from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver, Uniform
 from torchao.quantization.pt2e.quantizer import QuantizationSpec, SharedQuantizationSpec
 
 from ...numerics import scale_zero_point
-from ...observe import Histogram, select_range
 
-# The activation ops XNNPACK fuses into the op before them (clamping its output).
+# The activation ops XNNPACK fuses into the op before them (clamping its output); relu6 has no XNNPACK
+# annotation (lowbit folds it), lowbit.torch's QAT layers write ReLU6 as clamp(0, 6).
 CLAMPS = {
-    torch.ops.aten.relu.default: (0.0, None),
-    torch.ops.aten.relu_.default: (0.0, None),
-    torch.ops.aten.relu6.default: (0.0, 6.0),  # XNNPACK's annotator leaves it float: lowbit folds it
-    torch.ops.aten.relu6_.default: (0.0, 6.0),
-    torch.ops.aten.hardtanh.default: None,  # bounds from the node's arguments (default -1, 1)
-    torch.ops.aten.hardtanh_.default: None,
-    torch.ops.aten.clamp.default: None,  # lowbit.torch's QAT layers write ReLU6 as clamp(0, 6)
+    torch.ops.aten.relu.default,
+    torch.ops.aten.relu_.default,
+    torch.ops.aten.relu6.default,
+    torch.ops.aten.relu6_.default,
+    torch.ops.aten.hardtanh.default,
+    torch.ops.aten.hardtanh_.default,
+    torch.ops.aten.clamp.default,
 }
 
 
 class LowbitObserver(UniformQuantizationObserverBase):
-    """Per-tensor activation observer: lowbit's Histogram, range method and scale/zero-point arithmetic."""
+    """Per-tensor activation observer with fixed parameters: the scale and int8 zero point of lowbit's int8 ONNX
+    model (`twin.py`) or of a QAT module's quantizer. Calibration happens in lowbit's ONNX path, not here."""
 
     def __init__(
         self,
@@ -47,69 +47,41 @@ class LowbitObserver(UniformQuantizationObserverBase):
         qscheme: torch.qscheme = torch.per_tensor_affine,
         quant_min: int = -128,
         quant_max: int = 127,
-        method: str = "minmax",
-        percentile: float = 99.99,
-        clamp: tuple[float | None, float | None] = (None, None),
         fixed: tuple[float, int] | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.pop("reduce_range", None)
         super().__init__(dtype=dtype, qscheme=qscheme, quant_min=quant_min, quant_max=quant_max, **kwargs)
-        self.method, self.percentile, self.clamp = method, percentile, clamp
-        self.fixed = fixed  # a QAT module's learned (scale, int8 zero point): no range to choose
-        self.hist = Histogram()
+        self.fixed = fixed
 
     def forward(self, x_orig: torch.Tensor) -> torch.Tensor:
-        if x_orig.numel():
-            lo, hi = self.clamp
-            x = x_orig.detach().float().clamp(lo, hi) if lo is not None or hi is not None else x_orig.detach()
-            self.hist.update(x.float().cpu().numpy())
         return x_orig
-
-    def range(self) -> tuple[float, float]:
-        kw = {"p": self.percentile} if self.method == "percentile" else {}
-        return select_range(self.hist, self.method, **kw)
 
     @torch.jit.export
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fixed is not None:
-            return torch.tensor([self.fixed[0]], dtype=torch.float32), torch.tensor([self.fixed[1]], dtype=torch.int32)
-        if self.hist.count == 0:  # never reached in calibration: any scale (convert needs one)
-            return torch.tensor([1.0]), torch.tensor([0], dtype=torch.int32)
-        a, b = self.range()
-        symmetric = self.qscheme == torch.per_tensor_symmetric
-        s, z = scale_zero_point(a, b, "int8", symmetric)
-        return torch.tensor([float(s)], dtype=torch.float32), torch.tensor([int(z)], dtype=torch.int32)
+        # use_fixed leaves no observer without parameters: each tensor is either given them or made float
+        assert self.fixed is not None, "an activation observer without lowbit's parameters"
+        return torch.tensor([self.fixed[0]], dtype=torch.float32), torch.tensor([self.fixed[1]], dtype=torch.int32)
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, clamp={self.clamp}, fixed={self.fixed}"
+        return f"fixed={self.fixed}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    """What of lowbit's recipe the PT2E flow takes (checked in `recipe_choice`)."""
+    """What of lowbit's recipe the PT2E graph itself takes (the rest is in the twin's numbers)."""
 
-    method: str = "minmax"
-    percentile: float = 99.99
     per_channel: bool = True
-    symmetric_activations: bool = False
-    avoid_overflow: bool = False  # lowbit's u8 x s8 guard (its ONNX path applies it to uint8 activations only)
-    bias_correction: bool = False
 
 
-def activation_spec(
-    choice: Choice, method: str | None = None, clamp: tuple = (None, None), fixed: tuple[float, int] | None = None
-) -> QuantizationSpec:
-    qscheme = torch.per_tensor_symmetric if choice.symmetric_activations else torch.per_tensor_affine
+def activation_spec(fixed: tuple[float, int] | None = None) -> QuantizationSpec:
     return QuantizationSpec(
         dtype=torch.int8,
         quant_min=-128,
         quant_max=127,
-        qscheme=qscheme,
+        qscheme=torch.per_tensor_affine,
         is_dynamic=False,
-        observer_or_fake_quant_ctr=LowbitObserver.with_args(
-            method=method or choice.method, percentile=choice.percentile, clamp=clamp, fixed=fixed
-        ),
+        observer_or_fake_quant_ctr=LowbitObserver.with_args(fixed=fixed),
     )
 
 
@@ -151,24 +123,23 @@ def weight_spec(choice: Choice) -> QuantizationSpec:
     )
 
 
-def make_quantizer(choice: Choice, learned: dict[str, tuple[float, int]] | None = None) -> Any:
-    """XNNPACKQuantizer with lowbit's specs, then lowbit's folding of activations and exact output ranges; with
-    `learned` (a QAT module's tensor name -> (scale, int8 zero point)), those fixed parameters instead."""
+def make_quantizer(
+    choice: Choice, fixed: Callable[[torch.fx.GraphModule], dict[str, tuple[float, int]]], qat: bool
+) -> Any:
+    """XNNPACKQuantizer's annotations (which ops run as int8), lowbit's folding of ReLU/ReLU6 into their producer,
+    then fixed parameters: `fixed(model)` maps a captured tensor's node name to (scale, int8 zero point). A
+    tensor XNNPACK quantizes without parameters stays float (`qat`: only a model output may; others are an error)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import QuantizationConfig
 
-    act = activation_spec(choice)
+    act = activation_spec()
     config = QuantizationConfig(act, act, weight_spec(choice), None, False)
 
     class LowbitXNNPACKQuantizer(XNNPACKQuantizer):
         def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
             model = super().annotate(model)
-            fold_activations(model, choice)
-            if learned is None:
-                exact_outputs(model, choice)
-            else:
-                use_learned(model, choice, learned)
-            share_edges(model)
+            fold_activations(model)
+            use_fixed(model, fixed(model), qat)
             return model
 
     return LowbitXNNPACKQuantizer().set_global(config)
@@ -178,23 +149,9 @@ def _annotation(node: torch.fx.Node) -> Any:
     return node.meta.get("quantization_annotation")
 
 
-def _bounds(node: torch.fx.Node) -> tuple[float | None, float | None]:
-    fixed = CLAMPS[node.target]  # type: ignore[index]
-    if fixed is not None:
-        return fixed
-    args = list(node.args[1:3]) + [None, None]
-    if node.target == torch.ops.aten.clamp.default:  # clamp(x, min=None, max=None): either bound may be absent
-        lo = args[0] if args[0] is not None else node.kwargs.get("min")
-        hi = args[1] if args[1] is not None else node.kwargs.get("max")
-        return (None if lo is None else float(lo)), (None if hi is None else float(hi))  # type: ignore[arg-type]
-    lo = args[0] if args[0] is not None else node.kwargs.get("min_val", -1.0)
-    hi = args[1] if args[1] is not None else node.kwargs.get("max_val", 1.0)
-    return float(lo), float(hi)  # type: ignore[arg-type]
-
-
-def fold_activations(model: torch.fx.GraphModule, choice: Choice) -> None:
-    """A ReLU/ReLU6/hardtanh whose producer is quantized and read by it alone shares the producer's observer,
-    and that observer sees the clamped values (lowbit's folding of Relu/Clip into the op before)."""
+def fold_activations(model: torch.fx.GraphModule) -> None:
+    """A ReLU/ReLU6/hardtanh whose producer is quantized and read by it alone shares the producer's observer
+    (lowbit's folding of Relu/Clip into the op before: one tensor, the clamped one, is quantized)."""
     from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
 
     for node in model.graph.nodes:
@@ -204,32 +161,11 @@ def fold_activations(model: torch.fx.GraphModule, choice: Choice) -> None:
         src_ann = _annotation(src) if isinstance(src, torch.fx.Node) else None
         if src_ann is None or len(src.users) != 1 or not isinstance(src_ann.output_qspec, QuantizationSpec):
             continue
-        ann = _annotation(node)
-        if ann is None:  # ReLU6: no XNNPACK annotation; it runs as a clamp on the shared int8 values
+        if _annotation(node) is None:  # ReLU6: no XNNPACK annotation; it runs as a clamp on the shared int8 values
             shared = SharedQuantizationSpec(src)
             node.meta["quantization_annotation"] = QuantizationAnnotation(
                 input_qspec_map={src: shared}, output_qspec=shared, _annotated=True
             )
-        elif not isinstance(ann.output_qspec, SharedQuantizationSpec):
-            continue
-        method = src_ann.output_qspec.observer_or_fake_quant_ctr.p.keywords.get("method", choice.method)
-        src_ann.output_qspec = activation_spec(choice, method, _bounds(node))
-
-
-def exact_outputs(model: torch.fx.GraphModule, choice: Choice) -> None:
-    """The tensors a model returns are observed with min/max (lowbit's rule for graph outputs)."""
-    out = next(n for n in model.graph.nodes if n.op == "output")
-    for node in out.all_input_nodes:
-        while True:
-            ann = _annotation(node)
-            spec = ann.output_qspec if ann is not None else None
-            if isinstance(spec, SharedQuantizationSpec) and isinstance(node.args[0], torch.fx.Node):
-                node = node.args[0]  # a shared scale (a reshape, a mean): the range is its source's
-                continue
-            if isinstance(spec, QuantizationSpec):
-                keywords = spec.observer_or_fake_quant_ctr.p.keywords
-                ann.output_qspec = activation_spec(choice, "minmax", keywords.get("clamp", (None, None)))
-            break
 
 
 def share_edges(model: torch.fx.GraphModule) -> None:
@@ -245,46 +181,92 @@ def share_edges(model: torch.fx.GraphModule) -> None:
                 ann.input_qspec_map[arg] = SharedQuantizationSpec(arg)
 
 
-def use_learned(model: torch.fx.GraphModule, choice: Choice, learned: dict[str, tuple[float, int]]) -> None:
-    """A QAT module's parameters on the tensors it fake-quantized: a folded activation's on its producer (they
-    share one observer), the others on the tensor itself (an input edge for a model input). A model output
-    without a fake quantizer stays float (as `lowbit.torch.export_onnx` keeps it); any other tensor XNNPACK
-    quantizes needs a learned scale. (The QAT module's weights are on their grid already: a layer run in float
-    computes what its int8 form would.)"""
-    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+def _is_fixed(spec: Any) -> bool:
+    return isinstance(spec, QuantizationSpec) and spec.observer_or_fake_quant_ctr.p.keywords.get("fixed") is not None
 
-    missing = set(learned)
+
+def _folded(node: torch.fx.Node) -> bool:
+    ann = _annotation(node)
+    return node.target in CLAMPS and ann is not None and isinstance(ann.output_qspec, SharedQuantizationSpec)
+
+
+def use_fixed(model: torch.fx.GraphModule, fixed: dict[str, tuple[float, int]], qat: bool) -> None:
+    """The given parameters on the tensors they belong to: a folded activation's on its producer (they share one
+    observer), the others on the tensor itself, or on an input edge (a model input, or a zero pad XNNPACK does
+    not annotate: its values are its input's, on the same grid). Then every tensor XNNPACK quantizes without
+    parameters becomes float, with the ops that share its scale (ONNX's DQ -> float op); for a QAT module only a
+    model output may (`lowbit.torch.export_onnx` keeps those float), and a learned scale XNNPACK has no use for
+    is an error: the program would not compute what the module trained."""
+    unused = set(fixed)
     outputs = set(next(n for n in model.graph.nodes if n.op == "output").all_input_nodes)
     for node in model.graph.nodes:
         ann = _annotation(node)
         if ann is None:
             continue
         for arg, spec in list(ann.input_qspec_map.items()):
-            if isinstance(spec, QuantizationSpec) and arg.name in learned:
-                ann.input_qspec_map[arg] = activation_spec(choice, fixed=learned[arg.name])
-                missing.discard(arg.name)
-        if node.name not in learned:
+            if isinstance(spec, QuantizationSpec):
+                src = _through_zero_pad(arg, fixed)
+                if src.name in fixed:
+                    ann.input_qspec_map[arg] = activation_spec(fixed[src.name])
+                    unused.discard(src.name)
+        if node.name not in fixed:
             continue
-        owner, spec = node, ann.output_qspec
-        folded = node.target in CLAMPS and isinstance(spec, SharedQuantizationSpec)
-        if folded and isinstance(node.args[0], torch.fx.Node):
-            owner = node.args[0]  # a folded ReLU6: its range is its producer's observer
+        owner = node.args[0] if _folded(node) and isinstance(node.args[0], torch.fx.Node) else node
         owner_ann = _annotation(owner)
-        if isinstance(owner_ann, QuantizationAnnotation) and owner_ann.output_qspec is not None:
-            owner_ann.output_qspec = activation_spec(choice, fixed=learned[node.name])
-            missing.discard(node.name)
+        if owner_ann is not None and owner_ann.output_qspec is not None:
+            owner_ann.output_qspec = activation_spec(fixed[node.name])
+            unused.discard(node.name)
+    share_edges(model)  # an edge from a quantized tensor reads its integers: it needs no parameters of its own
     for node in model.graph.nodes:
         ann = _annotation(node)
-        spec = ann.output_qspec if ann is not None else None
-        if not isinstance(spec, QuantizationSpec) or spec.observer_or_fake_quant_ctr.p.keywords.get("fixed"):
+        if ann is None:
             continue
-        if node in outputs:  # float, on the dequantized input and the weights' grid values (ONNX's QDQ form)
-            ann.output_qspec = None
-            ann.input_qspec_map = {}
+        if isinstance(ann.output_qspec, QuantizationSpec) and not _is_fixed(ann.output_qspec):
+            if qat and node not in outputs:
+                raise _no_scale(node)
+            _make_float(node)
+        for arg, spec in list(ann.input_qspec_map.items()):
+            if isinstance(spec, QuantizationSpec) and not _is_fixed(spec) and spec.dtype == torch.int8:
+                if qat and spec.quant_min == -128:
+                    raise _no_scale(arg)
+                if spec.quant_min == -128:  # an activation edge (weights are -127..127) without parameters
+                    _make_float(node)
+    if qat and unused:
+        raise _no_scale(next(n for n in model.graph.nodes if n.name in unused), unused=True)
+
+
+def _through_zero_pad(node: torch.fx.Node, fixed: dict) -> torch.fx.Node:
+    from .weights import PADS, _zero_pad
+
+    while (
+        node.name not in fixed and node.target in PADS and _zero_pad(node) and isinstance(node.args[0], torch.fx.Node)
+    ):
+        node = node.args[0]
+    return node
+
+
+def _make_float(node: torch.fx.Node) -> None:
+    """`node` computes in float on dequantized inputs (weights too: they are set from lowbit's int8 values after
+    convert, `weights.install`), and so does every op that shares its output's scale."""
+    ann = _annotation(node)
+    if ann is None or (ann.output_qspec is None and not ann.input_qspec_map):
+        return
+    ann.output_qspec = None
+    ann.input_qspec_map = {}
+    for user in node.users:
+        user_ann = _annotation(user)
+        if user_ann is None:
             continue
-        raise _no_scale(node)
-    if missing:
-        raise _no_scale(next(n for n in model.graph.nodes if n.name in missing), unused=True)
+        spec = user_ann.input_qspec_map.get(node)
+        if isinstance(spec, SharedQuantizationSpec):
+            del user_ann.input_qspec_map[node]
+        if isinstance(user_ann.output_qspec, SharedQuantizationSpec) and _shares(user_ann.output_qspec, node):
+            _make_float(user)
+
+
+def _shares(spec: SharedQuantizationSpec, node: torch.fx.Node) -> bool:
+    edge = spec.edge_or_node
+    return edge is node or (isinstance(edge, tuple) and node in edge)
 
 
 def _no_scale(node: torch.fx.Node, unused: bool = False) -> Exception:

@@ -213,3 +213,7 @@ def _rewrite_gate(
     if first is not None:
         g.node.remove(first)
         g.node.remove(dq)
+        used = {i for m in g.node for i in m.input}
+        dropped = [t for t in g.initializer if t.name in set(first.input[1:]) - used]
+        for t in dropped:  # the removed pair's scale and zero point, unless another node reads them
+            g.initializer.remove(t)

@@ -220,7 +220,7 @@ def _only_reader(value: ir.Value | None) -> ir.Node | None:
     return uses[0].node if len(uses) == 1 and value is not None and not value.is_graph_output() else None
 
 
-def _keep_float_after(node: ir.Node, specs: dict[str, OpSpec], layout: Layout, details: dict) -> ir.Value:
+def _keep_float_after(node: ir.Node, specs: dict[str, OpSpec], layout: Layout, details: dict[str, object]) -> ir.Value:
     """The activation right after a float-kept stem node stays float too; returns what the pair produces."""
     act = _only_reader(node.outputs[0])
     if act is None or act.op_type not in STEM_ACTIVATIONS or _nm(act) not in specs:

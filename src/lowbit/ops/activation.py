@@ -147,6 +147,7 @@ def requantize_hard_gates(proto: onnx.ModelProto) -> list[str]:
             first = None
         elif _only_reader(readers, outputs, first.output[0]) is not dq or not 0 <= _shift(beta, step) <= GATE_STEPS:
             first = None
+        assert dq is not None
         _rewrite_gate(g, n, dq, first, own, zp.dtype, alpha, beta, step)
         done.append(n.name)
     return done

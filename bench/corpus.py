@@ -276,7 +276,9 @@ def _said(res: dict, key: str) -> str:
         return "lowbit's summary says nothing"
     lines = [ln.strip() for ln in text.splitlines()]
     quoted = lines[-1] if key == "speed" and len(lines) > 1 else lines[0]
-    return f'lowbit\'s summary: "{quoted[:230]}{"..." if len(quoted) > 230 else ""}"'
+    # Its own short speed check can disagree with the table's longer one on a shared machine: say so plainly.
+    said = "lowbit's summary does not warn" if key == "speed" and len(lines) == 1 else "lowbit's summary"
+    return f'{said}: "{quoted[:230]}{"..." if len(quoted) > 230 else ""}"'
 
 
 def summary(rows: list[dict]) -> list[str]:

@@ -32,11 +32,13 @@ def test_mobilenet_speed_criterion_says_which_target_meets_it() -> None:
 
 def test_slower_rows_quote_what_the_quantize_summary_said() -> None:
     warned = {"speed": "speed: 1.05x float latency ...\n  warning: the quantized model runs slower than float here"}
-    lines = summary([_row("a", 1.05, said=warned), _row("b", 1.02), _row("c", 0.9)])
+    quiet = {"speed": "speed: 0.88x float latency at 1 thread"}
+    lines = summary([_row("a", 1.05, said=warned), _row("b", 1.02), _row("c", 0.9), _row("d", 1.03, said=quiet)])
     line = _line(lines, "lowbit int8 (default target) slower")
     assert 'a (1.05x float; lowbit\'s summary: "warning: the quantized model runs slower than float here")' in line
     assert "b (1.02x float; lowbit's summary says nothing)" in line
     assert "c (" not in line
+    assert 'd (1.03x float; lowbit\'s summary does not warn: "speed: 0.88x float latency at 1 thread")' in line
     assert _line(lines, "lowbit's task metric below") == "- lowbit's task metric below the better peer: none"
 
 

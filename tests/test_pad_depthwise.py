@@ -92,7 +92,8 @@ def test_only_the_onnxruntime_target_widens_and_its_model_stays_close_to_float()
 
 
 def test_diagnose_pairs_the_widened_tensors() -> None:
-    """diagnose prepares the float model in the plan's target forms too: its tensors have the quantized model's shapes."""
+    """diagnose prepares the float model in the plan's target forms too: its tensors have the quantized model's
+    shapes."""
     from lowbit.evaluate.diagnose import diagnose
 
     m = _block()

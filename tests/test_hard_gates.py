@@ -148,3 +148,46 @@ def test_same_bytes_again_and_from_the_plan() -> None:
     replay = lowbit.quantize(m, plan=first.plan, progress=False)
     assert again.model.SerializeToString() == first.model.SerializeToString()
     assert replay.model.SerializeToString() == first.model.SerializeToString()
+
+
+def _ort_optimized(m: onnx.ModelProto, tmp_path) -> onnx.ModelProto:
+    """The graph ONNX Runtime runs (its QDQ fusions applied), as it saves it."""
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    opts.log_severity_level = 3
+    ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return onnx.load(str(tmp_path / "optimized.onnx"))
+
+
+def test_gates_run_as_fused_integer_ops_in_onnx_runtime(tmp_path) -> None:
+    """HardSwish's gate is a shift and requantization ORT fuses into QLinearAdd; the SE gate's Conv quantizes straight
+    onto the gate's grid (no Q -> DQ pair between them). Nothing between the model's first Q and last DQ runs as a
+    float op or a standalone QuantizeLinear/DequantizeLinear."""
+    m = gated("HardSwish")
+    fast = lowbit.quantize(m, calib=samples(m, n=16, low=-3, high=3), recipe=lowbit.Recipe(target="onnxruntime"))
+    g = fast.model.graph
+    gate = next(n for n in g.node if n.name == "gate_gate")
+    assert next(n for n in g.node if gate.input[0] in n.output).op_type == "Conv"  # fc2's output, quantized once
+    assert "s2" not in {n.input[0] for n in g.node if n.op_type == "QuantizeLinear" and n is not gate}
+    names = {t.name for t in g.initializer}
+    assert all(i in names or i == "" for n in g.node for i in n.input[1:] if n.op_type.endswith("Linear"))
+    assert len(names) == len({i for n in g.node for i in n.input} & names)  # nothing left unread
+    ops = [(n.domain, n.op_type) for n in _ort_optimized(fast.model, tmp_path).graph.node]
+    inner = ops[1:-1]  # the input's QuantizeLinear and the output's DequantizeLinear (or Transposes) at the edges
+    assert all(d == "com.microsoft" or op == "Transpose" for d, op in inner), ops
+    assert ops.count(("com.microsoft", "QLinearAdd")) == 1  # the HardSwish gate
+    assert ops.count(("com.microsoft", "QLinearMul")) == 2  # HardSwish's x * gate and the SE scale
+
+
+@pytest.mark.parametrize("dtype", [TensorProto.UINT8, TensorProto.INT8])
+def test_the_shifted_gate_is_exact_where_the_float_island_is(dtype: int) -> None:
+    """The Add form puts beta / alpha exactly (no rounding of 127.5 steps): against the DQ -> HardSwish -> Q island over
+    every input value, at most one step off, and less often than the rounded zero point was (< 0.35)."""
+    qmin = 0 if dtype == TensorProto.UINT8 else -128
+    m = qdq_gate("HardSwish", dtype, 0.05, qmin + 128, 0.04, qmin + 10)
+    before = run_all_values(m, dtype)
+    requantize_hard_gates(m)
+    assert "Add" in [n.op_type for n in m.graph.node]
+    after = run_all_values(m, dtype)
+    assert np.max(np.abs(after - before)) <= 1
+    assert np.mean(after != before) < 0.1

@@ -48,3 +48,4 @@ def test_not_faster_is_said_with_the_way_out() -> None:
     assert "1.40x float latency" in slow and "runs slower than float" in slow and "float model is the faster" in slow
     same = speed_text(_speed(1.0, "same"), [{"kind": "float island", "message": "m", "fix": "f"}])
     assert "no faster than float" in same and "float island" in same
+    assert "float model is the faster choice" in same  # the lint's fixes are a way on, not instead of the choice

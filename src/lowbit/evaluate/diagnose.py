@@ -27,7 +27,7 @@ from ..errors import LowbitError
 from ..graph.io import load_proto, refuse_ort_format
 from ..graph.write import atomic_write_bytes, check_output_path, check_paths
 from ..observe import Histogram
-from ..passes import prepare
+from ..passes import prepare, target_forms
 from ..pipeline import load, outputs, quantize
 from ..plan import Plan, TensorParams, plan_path
 from ..recipe import Recipe, Rule
@@ -122,7 +122,10 @@ def diagnose(
     quant_proto = load_proto(quant_model)
     check_kind_names(kinds, [o.name for o in float_proto.graph.output])
     # As quantize prepares it: an old opset is upgraded first, so the graph (and its fingerprint) is the plan's.
-    prepared = ir.to_proto(prepare(load(float_proto).model))
+    # And in its target's forms (onnxruntime: depthwise convs widened), so tensors pair with the same shapes.
+    prepared_model = prepare(load(float_proto).model)
+    target_forms(prepared_model, str((plan_obj.recipe or {}).get("target", "portable")))
+    prepared = ir.to_proto(prepared_model)
 
     source = open_data(
         data,

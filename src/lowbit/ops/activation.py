@@ -64,12 +64,18 @@ register("static", ["Sigmoid", "Softmax", "HardSwish", "HardSigmoid", "LeakyRelu
 # --- ONNX Runtime target: HardSwish / HardSigmoid without a float island ------------------------------------------
 #
 # ORT has no integer HardSwish or HardSigmoid kernel: DQ -> op -> Q runs in float (it inlines HardSwish as
-# HardSigmoid * x). But HardSigmoid(x) = Clip(alpha * x + beta, 0, 1) is, on 8-bit grids, a requantization: quantizing
-# x with scale 1 / (255 * alpha) and zero point qmin + 255 * beta puts the gate on the grid (1/255, qmin), and the
-# grid's ends are the Clip. HardSwish is then x * gate, which ORT fuses into QLinearMul. On MobileNetV3-Small
-# (bench/mobilenet.py, 1 thread) this ran at 0.73x float where the float island ran at 0.95x; a 256-entry lookup
-# table (Cast + Gather) ran at 2.4x: ORT's Gather copies element by element and stops its NHWC layout propagation.
-# 255 * beta is rarely an integer (127.5 for hard-swish): rounding it up puts the gate at most one step of 1/255 high.
+# HardSigmoid * x). But HardSigmoid(x) = Clip(alpha * x + beta, 0, 1) is, on 8-bit grids, a shifted requantization:
+# quantizing x + beta / alpha with scale step / alpha and zero point qmin puts the gate on the grid (step, qmin), and
+# the grid's ends are the Clip. HardSwish is then x * gate, which ORT fuses into QLinearMul. Two forms of the gate:
+# - shift and requantize as one integer op: DQ(x) + DQ(beta / alpha) -> Q, which ORT fuses into QLinearAdd (one pass
+#   over uint8 in and out, where DQ -> Q writes and reads a float tensor between two passes);
+# - when x is only quantized to be read by the gate (an SE block's HardSigmoid right after its Conv: Q -> DQ -> gate),
+#   the producer's Q quantizes straight onto the gate's input grid, zero point qmin + round(beta / step): ORT's
+#   QLinearConv then writes the gate itself, and the Q -> DQ pair in between goes away.
+# MobileNetV3-Small op17 (bench/ort_profile.py, 1 thread, thread CPU time vs float, 200 paired runs): DQ -> Q gates
+# 0.877, both forms 0.819 (bench/RESULTS_CORPUS.md). A 256-entry lookup table (Cast + Gather) ran at 2.4x float in
+# bench/mobilenet.py: ORT's Gather copies element by element and stops its NHWC layout propagation; QLinearLeakyRelu
+# (alpha 1, ORT's lookup-table kernel) as the gate's requantization ran no faster than DQ -> Q.
 # Only for the onnxruntime target: LiteRT has integer HARD_SWISH, and `lowbit export --to tflite` reads the plain
 # DQ -> op -> Q form of the portable target.
 
@@ -89,6 +95,11 @@ def _gate_params(node: onnx.NodeProto) -> tuple[float, float]:
         return 1.0 / 6.0, 0.5
     attrs = {a.name: a.f for a in node.attribute}
     return attrs.get("alpha", 0.2), attrs.get("beta", 0.5)
+
+
+def _only_reader(readers: dict[str, list[onnx.NodeProto]], outputs: set[str], name: str) -> onnx.NodeProto | None:
+    users = readers.get(name, [])
+    return users[0] if len(users) == 1 and name not in outputs else None
 
 
 def requantize_hard_gates(proto: onnx.ModelProto) -> list[str]:
@@ -129,43 +140,81 @@ def requantize_hard_gates(proto: onnx.ModelProto) -> list[str]:
         step = float(out_s) if own is not None else min(1.0, top) / GATE_STEPS  # type: ignore[arg-type]
         if not (alpha > 0 and top > 0 and step > 0):
             continue
-        shift = int(np.floor(beta / step + 0.5))
-        if not 0 <= shift <= GATE_STEPS:
-            if own is None:
-                continue
-            own, step = None, min(1.0, top) / GATE_STEPS
-            shift = int(np.floor(beta / step + 0.5))
-        base = n.name or n.output[0]
-        consts = {
-            f"{base}_gate_in_scale": np.array(step / alpha, np.float32),
-            f"{base}_gate_in_zero_point": np.array(int(info.min) + shift, zp.dtype),
-        }
-        if own is None:  # the gate's own DequantizeLinear
-            consts[f"{base}_gate_scale"] = np.array(step, np.float32)
-            consts[f"{base}_gate_zero_point"] = np.array(info.min, zp.dtype)
-        g.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
-        names = list(consts)
-        x = n.input[0]
-        gate_out = own.output[0] if own is not None else f"{base}_gate_q"
-        gate_q = onnx.helper.make_node("QuantizeLinear", [x, names[0], names[1]], [gate_out], name=f"{base}_gate")
-        if own is not None:  # the gate is the HardSigmoid's quantized output itself
-            g.node.remove(own)
-            new = [gate_q]
-        elif n.op_type == "HardSwish":
-            gate = onnx.helper.make_node(
-                "DequantizeLinear", [gate_q.output[0], names[2], names[3]], [f"{base}_gate_f"], name=f"{base}_gate_dq"
-            )
-            new = [gate_q, gate, onnx.helper.make_node("Mul", [x, gate.output[0]], [n.output[0]], name=n.name)]
-        else:
-            new = [
-                gate_q,
-                onnx.helper.make_node(
-                    "DequantizeLinear", [gate_q.output[0], names[2], names[3]], [n.output[0]], name=n.name
-                ),
-            ]
-        at = list(g.node).index(n)
-        g.node.remove(n)
-        for k, m in enumerate(new):
-            g.node.insert(at + k, m)
+        # x quantized only for this gate (Q -> DQ -> HardSigmoid): its Q moves onto the gate's input grid.
+        first = producer.get(dq.input[0])
+        alone = n.op_type == "HardSigmoid" and _only_reader(readers, outputs, dq.output[0]) is n
+        if not (first is not None and first.op_type == "QuantizeLinear" and alone):
+            first = None
+        elif _only_reader(readers, outputs, first.output[0]) is not dq or not 0 <= _shift(beta, step) <= GATE_STEPS:
+            first = None
+        assert dq is not None
+        _rewrite_gate(g, n, dq, first, own, zp.dtype, alpha, beta, step)
         done.append(n.name)
     return done
+
+
+def _shift(beta: float, step: float) -> int:
+    """beta in whole steps of the gate's grid: the gate's zero point above qmin when x is quantized onto it."""
+    return int(np.floor(beta / step + 0.5))
+
+
+def _rewrite_gate(
+    g: onnx.GraphProto,
+    n: onnx.NodeProto,
+    dq: onnx.NodeProto,
+    first: onnx.NodeProto | None,
+    own: onnx.NodeProto | None,
+    dtype: np.dtype,
+    alpha: float,
+    beta: float,
+    step: float,
+) -> None:
+    """Replace n (and `own`, the HardSigmoid's Q; and `first` -> dq when x is quantized only for the gate) by the
+    gate's requantization onto (step, qmin), then the gate's DQ, or for HardSwish DQ and Mul by x."""
+    info = np.iinfo(dtype)
+    base = n.name or n.output[0]
+    x, new = n.input[0], []
+    consts: dict[str, np.ndarray] = {f"{base}_gate_in_scale": np.array(step / alpha, np.float32)}
+    if first is not None:  # the producer's output, quantized once, onto the gate's input grid
+        consts[f"{base}_gate_in_zero_point"] = np.array(int(info.min) + _shift(beta, step), dtype)
+        source = first.input[0]
+    elif beta != 0.0:  # x + beta / alpha, the offset as one 8-bit constant at the end of its grid
+        offset = beta / alpha
+        ends = (int(info.max), int(info.min)) if offset > 0 else (int(info.min), int(info.max))
+        consts[f"{base}_offset_q"] = np.array(ends[0], dtype)
+        consts[f"{base}_offset_scale"] = np.array(abs(offset) / (int(info.max) - int(info.min)), np.float32)
+        consts[f"{base}_offset_zero_point"] = np.array(ends[1], dtype)
+        consts[f"{base}_gate_in_zero_point"] = np.array(info.min, dtype)
+        offset_in = [f"{base}_offset_q", f"{base}_offset_scale", f"{base}_offset_zero_point"]
+        new.append(onnx.helper.make_node("DequantizeLinear", offset_in, [f"{base}_offset"], name=f"{base}_offset_dq"))
+        new.append(onnx.helper.make_node("Add", [x, f"{base}_offset"], [f"{base}_shifted"], name=f"{base}_shift"))
+        source = f"{base}_shifted"
+    else:
+        consts[f"{base}_gate_in_zero_point"] = np.array(info.min, dtype)
+        source = x
+    if own is None:  # the gate's own DequantizeLinear
+        consts[f"{base}_gate_scale"] = np.array(step, np.float32)
+        consts[f"{base}_gate_zero_point"] = np.array(info.min, dtype)
+    g.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in consts.items())
+    gate_out = own.output[0] if own is not None else f"{base}_gate_q"
+    gate_in = [source, f"{base}_gate_in_scale", f"{base}_gate_in_zero_point"]
+    new.append(onnx.helper.make_node("QuantizeLinear", gate_in, [gate_out], name=f"{base}_gate"))
+    gate_dq = [gate_out, f"{base}_gate_scale", f"{base}_gate_zero_point"]
+    if own is not None:  # the gate is the HardSigmoid's quantized output itself
+        g.node.remove(own)
+    elif n.op_type == "HardSwish":
+        new.append(onnx.helper.make_node("DequantizeLinear", gate_dq, [f"{base}_gate_f"], name=f"{base}_gate_dq"))
+        new.append(onnx.helper.make_node("Mul", [x, f"{base}_gate_f"], [n.output[0]], name=n.name))
+    else:
+        new.append(onnx.helper.make_node("DequantizeLinear", gate_dq, [n.output[0]], name=n.name))
+    at = list(g.node).index(n)
+    g.node.remove(n)
+    for k, m in enumerate(new):
+        g.node.insert(at + k, m)
+    if first is not None:
+        g.node.remove(first)
+        g.node.remove(dq)
+        used = {i for m in g.node for i in m.input}
+        dropped = [t for t in g.initializer if t.name in set(first.input[1:]) - used]
+        for t in dropped:  # the removed pair's scale and zero point, unless another node reads them
+            g.initializer.remove(t)

@@ -14,6 +14,7 @@ from .fold_batchnorm import fold_batchnorm
 from .fold_constants import fold_constants
 from .fold_pad import fold_pad
 from .inline_if import inline_constant_ifs
+from .pad_depthwise import pad_depthwise
 from .smooth import smooth
 
 
@@ -33,12 +34,23 @@ def prepare(model: ir.Model) -> ir.Model:
     return model
 
 
+def target_forms(model: ir.Model, target: str) -> bool:
+    """The float graph in the forms the target's runtime runs fastest (depthwise convs widened to the channel count
+    ORT's fast int8 kernel takes): what quantize does after `prepare`, and what diagnose must do to pair tensors."""
+    from ..targets import TARGETS
+
+    channels = TARGETS[target].depthwise_channels
+    return pad_depthwise(model, channels) if channels else False
+
+
 def recover(
     model: ir.Model, recipe: Any, batches: Any = None, smooth_scales: dict[str, list[float]] | None = None
 ) -> dict[str, list[float]]:
-    """The recipe's accuracy-recovery passes on the prepared float model, before the layout is made: cross-layer
-    equalization (data-free), then SmoothQuant (scales from `smooth_scales`, a plan's record, or measured on
-    `batches`). Returns the SmoothQuant scales applied, for the plan."""
+    """The recipe's passes on the prepared float model, before the layout is made: the target's forms (depthwise
+    convs widened to the channel count its fast kernel takes), cross-layer equalization (data-free), then
+    SmoothQuant (scales from `smooth_scales`, a plan's record, or measured on `batches`). Returns the SmoothQuant
+    scales applied, for the plan."""
+    target_forms(model, recipe.target)
     if recipe.equalize:
         equalize(model)
     if recipe.smooth_quant is None:
@@ -58,4 +70,6 @@ __all__ = [
     "fold_batchnorm",
     "fold_affine",
     "fold_pad",
+    "pad_depthwise",
+    "target_forms",
 ]

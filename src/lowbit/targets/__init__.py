@@ -33,11 +33,20 @@ class Target:
     # after it: ORT's u8 x s8 QLinearConv has nothing to gain at 3 input channels, and the input would need a
     # QuantizeLinear and a transpose first (planner.py).
     float_image_stem: bool = False
+    # Widen depthwise convs to a multiple of this many channels (0: never): ORT's fast int8 depthwise kernel on x86
+    # takes multiples of 16 only (passes/pad_depthwise.py).
+    depthwise_channels: int = 0
 
 
 TARGETS: dict[str, Target] = {
     "portable": Target("portable", align_add_rounding=True, fixed_activation_outputs=True),
-    "onnxruntime": Target("onnxruntime", align_add_rounding=False, requantized_hard_gates=True, float_image_stem=True),
+    "onnxruntime": Target(
+        "onnxruntime",
+        align_add_rounding=False,
+        requantized_hard_gates=True,
+        float_image_stem=True,
+        depthwise_channels=16,
+    ),
 }
 
 

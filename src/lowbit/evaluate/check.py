@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 import onnx
 
-from ..runtimes.ort import cpu_has_vnni, run_all, session
+from ..runtimes.ort import cpu_has_vnni, join, pad_to, run_all, session
 from .jsonable import jsonable
 from .kernel_gap import GAP_COSINE, compare, locate
 from .metrics import cosine
@@ -63,8 +63,10 @@ def simulate(
     sims: list[np.ndarray] = []
     while used < len(batches) and (not sims or len(sims[0]) < SIMULATE_FIRST):
         part = run_all(sess, [batches[used]])  # samples first, so batches join on axis 0
-        sims = [np.concatenate(p) for p in zip(sims, part)] if sims else part
+        sims = [join(list(p)) for p in zip(sims, part)] if sims else part
         used += 1
+    # Sequences of different lengths: the kernels' outputs were padded to the longest of every batch.
+    sims = [pad_to(s, k.shape[1:]) for s, k in zip(sims, kerns)]
     if used == len(batches) or settled([k[: len(s)] for k, s in zip(kerns, sims)], sims, threshold):
         return sims, None
     # A guess whether the check will name a gap: the first samples' mean gap past half the threshold's (MobileNetV3-
@@ -75,7 +77,7 @@ def simulate(
         gap, sims = compare(quant_model, batches, threshold, kernels=kerns[0])
         return sims, gap
     rest = run_all(sess, batches[used:])
-    return [np.concatenate(p) for p in zip(sims, rest)], None
+    return [pad_to(join(list(p)), k.shape[1:]) for p, k in zip(zip(sims, rest), kerns)], None
 
 
 def runtime_check(

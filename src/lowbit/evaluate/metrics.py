@@ -24,11 +24,16 @@ def topk_agreement(ref: np.ndarray, out: np.ndarray, k: int = 5) -> float:
 
 
 def cosine(ref: np.ndarray, out: np.ndarray) -> float:
-    """Mean per-sample cosine similarity."""
+    """Mean per-sample cosine similarity. Samples that are zero on both sides (padding of sequences of different
+    lengths, a masked position) agree but have no direction: they are left out, and all-zero on both sides is 1."""
     a = ref.reshape(len(ref), -1).astype(np.float64)
     b = out.reshape(len(out), -1).astype(np.float64)
-    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return float(np.mean(np.sum(a * b, axis=1) / np.where(den > 0, den, 1.0)))
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    seen = (na > 0) | (nb > 0)
+    if not seen.any():
+        return 1.0 if len(a) else float("nan")
+    den = na[seen] * nb[seen]
+    return float(np.mean(np.sum(a[seen] * b[seen], axis=1) / np.where(den > 0, den, 1.0)))
 
 
 def vector_cosine(ref: np.ndarray, out: np.ndarray) -> float:

@@ -156,9 +156,26 @@ def join(chunks: list[np.ndarray], axis: int = 0, samples: int | None = None) ->
             axis = fits[0]
         elif len(chunks) == samples and all(c.shape == chunks[0].shape for c in chunks):
             return np.stack(chunks)
-    if axis == 0 or chunks[0].ndim <= axis:
-        return np.concatenate(chunks)
-    return np.moveaxis(np.concatenate(chunks, axis=axis), axis, 0)
+    if 0 < axis < chunks[0].ndim:
+        chunks = [np.moveaxis(c, axis, 0) for c in chunks]
+    return np.concatenate(_padded(chunks))
+
+
+def _padded(chunks: list[np.ndarray]) -> list[np.ndarray]:
+    """Chunks whose dims after the batch axis differ (batches of sequences of different lengths) padded with zeros
+    to the longest. Both sides of a comparison are padded alike, so cosine, SQNR and largest error are unchanged;
+    the padded positions agree, which per-position agreement counts."""
+    if len({c.shape[1:] for c in chunks}) <= 1 or len({c.ndim for c in chunks}) > 1:
+        return chunks
+    longest = tuple(int(m) for m in np.max([c.shape for c in chunks], axis=0)[1:])
+    return [pad_to(c, longest) for c in chunks]
+
+
+def pad_to(a: np.ndarray, trailing: tuple[int, ...]) -> np.ndarray:
+    """`a` (samples first) padded with zeros after its data to the dims `trailing` past the batch axis."""
+    if a.shape[1:] == tuple(trailing) or a.ndim != len(trailing) + 1:
+        return a
+    return np.pad(a, [(0, 0)] + [(0, max(0, m - d)) for m, d in zip(trailing, a.shape[1:])])
 
 
 def run_all(

@@ -173,7 +173,7 @@ def test_tiny_dlrm_keeps_its_auc_with_int8_and_int4_tables(tmp_path):
     auc = {"float": sklearn_metrics.roc_auc_score(test.label, ex.predict(src, test))}
     sizes = {"float": src.stat().st_size}
     recipes = ex.recipes()
-    chosen = {"int8": "int8 rows, weight-only int8 MLP", "int4": "int4 rows (block 32 = row), weight-only int8 MLP"}
+    chosen = {"int8": ex.DEFAULT, "int4": "int4 rows (block 32 = row), weight-only int8 MLP"}
     for key, label in chosen.items():
         res = lowbit.quantize(src, tmp_path / f"{key}.onnx", recipe=recipes[label], progress=False)
         auc[key] = sklearn_metrics.roc_auc_score(test.label, ex.predict(res.output, test))
@@ -185,7 +185,7 @@ def test_tiny_dlrm_keeps_its_auc_with_int8_and_int4_tables(tmp_path):
     # ... and quantized tables keep it; a wrong scale, sign or nibble order would cost far more than this.
     assert abs(auc["int8"] - auc["float"]) < 0.005, auc
     assert abs(auc["int4"] - auc["float"]) < 0.015, auc
-    # The item table is read by two Gathers and stored once: int8 ~ 1/4 (+ a scale per row), int4 ~ 1/8 (+ scales).
+    # The item table is read by two Gathers and stored once: int8 ~ 1/4 (+ its scales), int4 ~ 1/8 (+ scales).
     assert sizes["int8"] < 0.31 * sizes["float"] and sizes["int4"] < 0.19 * sizes["float"], sizes
 
 

@@ -16,7 +16,7 @@ from ..recipe import Scheme
 from ..rewrite import gather_block_quantized, gather_int4_nibbles, gather_rows_int8
 from ..weights import quantize_blocks, quantize_weight
 from .base import Refuse, Skip, Take, const, weight_of
-from .granularity import ENOUGH_DB, dequantized, one_scale_is_enough, shown, sqnr_db
+from .granularity import ENOUGH_DB, GAIN_DB, dequantized, one_scale_is_enough, shown, sqnr_db
 from .matmul import weight_only_details
 from .registry import RewriteContext, register
 from .weighted import record
@@ -51,9 +51,9 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
         per_table = sqnr_db(table, dequantized(quantize_weight(table, None, "int8", True)))
         per_row = sqnr_db(table, dequantized(quantize_weight(table, 0, "int8", True)))
         found.details.update(
-            granularity="per-tensor" if one_scale_is_enough(per_table) else "per-row",
+            granularity="per-tensor" if one_scale_is_enough(per_table, per_row) else "per-row",
             sqnr_db={"per-table": shown(per_table), "per-row": shown(per_row)},
-            rule=f"one scale per table when its SQNR >= {ENOUGH_DB:g} dB",
+            rule=f"one scale per table unless below {ENOUGH_DB:g} dB and per-row gains >= {GAIN_DB:g} dB",
         )
     return Take(found.code, found.details, mode="weight_only")
 
@@ -62,8 +62,9 @@ def table_axis(table: np.ndarray, scheme: Scheme) -> int | None:
     """0 for a scale per row, None for one scale per table (see the module's docstring)."""
     if not scheme.per_channel:
         return None
-    one = quantize_weight(table, None, scheme.weights, True)
-    return None if one_scale_is_enough(sqnr_db(table, dequantized(one))) else 0
+    one = sqnr_db(table, dequantized(quantize_weight(table, None, scheme.weights, True)))
+    rows = sqnr_db(table, dequantized(quantize_weight(table, 0, scheme.weights, True)))
+    return None if one_scale_is_enough(one, rows) else 0
 
 
 def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:

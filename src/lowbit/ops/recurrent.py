@@ -27,7 +27,7 @@ from ..recipe import Scheme
 from ..rewrite import MS_DOMAIN, add_initializer
 from ..weights import QuantizedWeight, cheaper_of, guard_overflow, quantize_weight
 from .base import Skip, Take, name_of, weight_of
-from .granularity import ENOUGH_DB, one_scale_is_enough, shown, sqnr_db
+from .granularity import ENOUGH_DB, GAIN_DB, one_scale_is_enough, shown, sqnr_db
 from .registry import RewriteContext, register
 
 
@@ -52,12 +52,13 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
     return Take(
         Reason.DYNAMIC_LSTM,
         {
-            "granularity": granularity(not all(map(one_scale_is_enough, one.values()))),
+            "granularity": granularity(not all(one_scale_is_enough(one[k], rows[k]) for k in one)),
             "sqnr_db": {
                 "per-tensor": {k: shown(v) for k, v in one.items()},
                 "per-channel": {k: shown(v) for k, v in rows.items()},
             },
-            "rule": f"one scale per direction when W and R both reach SQNR >= {ENOUGH_DB:g} dB with it",
+            "rule": f"one scale per direction unless W or R is below {ENOUGH_DB:g} dB with it and per gate row "
+            f"gains >= {GAIN_DB:g} dB",
         },
     )
 
@@ -67,7 +68,8 @@ def gate_scheme(node: ir.Node, scheme: Scheme) -> Scheme:
     if not scheme.per_channel:
         return scheme
     one = replace(scheme, per_channel=False)
-    enough = all(one_scale_is_enough(_sqnr(weight_of(node, i), one)) for i in (1, 2))
+    weights = [weight_of(node, i) for i in (1, 2)]
+    enough = all(one_scale_is_enough(_sqnr(w, one), _sqnr(w, scheme)) for w in weights)
     return one if enough else scheme
 
 

@@ -15,6 +15,11 @@ below it: MiniLM's word embeddings 27 dB (a few dimensions hold outliers) and it
 (position 0 is 5x larger than the rest). Dynamic mode quantizes these layers' inputs to uint8 at run time, which
 costs about as much as int8 per-tensor weights of the same spread, so a weight above the threshold is not what
 limits the layer.
+
+SQNR is over the whole weight, so each row counts by its size: a table whose rare ids kept small rows but whose
+popular rows grew large (the DLRM tables) still fits one scale, since what a layer downstream sees is the absolute
+error, the same step for every row; a few huge rows (MiniLM's position 0) make the step coarse for all the others
+and do not.
 """
 
 from __future__ import annotations

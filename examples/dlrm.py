@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 "Notes:",
                 f"- lowbit's default (`--preset dynamic`) chose per table ({tables}). The rule "
-                "(src/lowbit/ops/granularity.py): one scale per table unless its SQNR is below 30 dB; a scale per row "
+                "(src/lowbit/ops/granularity.py): one scale per table unless its SQNR is below 30 dB and a scale per row "
+                "gains at least 3 dB; a scale per row "
                 "costs a second Gather per id (1.2-1.3x float's time in earlier runs), one scale per table is one "
                 "Gather + DequantizeLinear, quantize_dynamic's form. lowbit stores it as uint8 (q + 128, zero point "
                 "128; the same values): ONNX Runtime then moves the DequantizeLinear past the Unsqueeze that "
@@ -378,9 +379,10 @@ def main(argv: list[str] | None = None) -> int:
                 "(Mod, BitShift, Concat, DequantizeLinear, Mul); affine ones use ONNX Runtime's GatherBlockQuantized "
                 "kernel, whose row above shows its cost.",
                 f"- Noise: the noise-control row is the very same file as quantize_dynamic's; its paired ratio is "
-                f"{noise:.3f} away from 1 in this run, so differences of that size between rows are noise. Ratios "
-                "of the same model moved more than that between runs on this shared machine; compare rows within "
-                "one run.",
+                f"{noise:.3f} away from 1 in this run, so differences of that size between rows are noise. Each "
+                "round runs every model once, the order rotated by one model per round (so no model runs twice in a "
+                "row); ratios of the same model moved more than that between runs on this shared machine, so "
+                "compare rows within one run.",
                 "",
             ]
         )

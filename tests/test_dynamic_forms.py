@@ -134,7 +134,9 @@ def test_onnx_runtime_moves_the_tables_dequantize_without_adding_qdq_pairs():
 
 def test_per_channel_false_is_always_one_scale():
     res = lowbit.quantize(
-        table_model(outlier_rows()), recipe=Recipe(default=Scheme(mode="weight_only", per_channel=False)), progress=False
+        table_model(outlier_rows()),
+        recipe=Recipe(default=Scheme(mode="weight_only", per_channel=False)),
+        progress=False,
     )
     assert res.plan.tensors["lookup:0"].axis is None and "sqnr_db" not in res.plan.nodes["lookup"].details
 

@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 "Notes:",
                 f"- lowbit's default (`--preset dynamic`) chose per table ({tables}). The rule "
-                "(src/lowbit/ops/granularity.py): one scale per table unless its SQNR is below 30 dB and a scale per row "
-                "gains at least 3 dB; a scale per row "
+                "(src/lowbit/ops/granularity.py): one scale per table unless its SQNR is below 30 dB and a scale "
+                "per row gains at least 3 dB; a scale per row "
                 "costs a second Gather per id (1.2-1.3x float's time in earlier runs), one scale per table is one "
                 "Gather + DequantizeLinear, quantize_dynamic's form. lowbit stores it as uint8 (q + 128, zero point "
                 "128; the same values): ONNX Runtime then moves the DequantizeLinear past the Unsqueeze that "

@@ -273,8 +273,9 @@ def main(argv: list[str] | None = None) -> int:
 
 Command: `make kws` (`python examples/kws_lstm.py`), {datetime.date.today().isoformat()}, {took:.0f} s in all.
 Machine: {mach["cpu"]}, {mach["cores"]} cores, VNNI: {mach["vnni"]}. The machine is shared with other jobs, so
-absolute latencies are noisy; the ratios are medians of per-round ratios of interleaved runs (300 runs per model,
-batch 1, one thread, session creation order alternated), which a slow spell affects alike.
+absolute latencies are noisy; the ratios are medians of per-round ratios of interleaved runs (300 rounds, each
+running every model once in a fresh seeded order; batch 1, one thread, session creation order alternated), which a
+slow spell affects alike.
 
 Data: espeak-ng {len(KEYWORDS)} keywords + {len(OTHER)} other words ("_unknown_") + noise-only "_silence_",
 {len(sp.VOICES)} English accents x {N_VARIANTS} voice variants, {TAKES} takes per speaker at random speed and pitch.

@@ -380,8 +380,8 @@ def main(argv: list[str] | None = None) -> int:
                 "kernel, whose row above shows its cost.",
                 f"- Noise: the noise-control row is the very same file as quantize_dynamic's; its paired ratio is "
                 f"{noise:.3f} away from 1 in this run, so differences of that size between rows are noise. Each "
-                "round runs every model once, in a fresh seeded order; ratios of the same model moved more than that between runs on this shared machine, so "
-                "compare rows within one run.",
+                "round runs every model once, in a fresh seeded order; ratios of the same model moved more than "
+                "that between runs on this shared machine, so compare rows within one run.",
                 "",
             ]
         )

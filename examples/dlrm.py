@@ -27,6 +27,7 @@ Also ONNX Runtime's own `quantize_dynamic` on the same float file, for compariso
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import sys
@@ -316,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         torch_probs = model(*(torch.as_tensor(v) for v in test_set.feeds().values())).numpy()
     assert np.abs(torch_probs - probs["float"]).max() < 1e-4, "ONNX export disagrees with PyTorch"
     rows = np.random.default_rng(7).choice(len(test_set), args.batch, replace=False)
+    load = os.getloadavg()[0]
     times = latency_times(paths, test_set.feeds(rows), args.runs)
+    load = max(load, os.getloadavg()[0])
 
     float_bytes = float_path.stat().st_size
     header = (
@@ -352,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 f"Machine: {mach['cpu']}, {mach['cores']} cores (VNNI: {mach['vnni']}), onnxruntime {ort.__version__}, "
                 f"torch {torch.__version__}; "
-                "shared with other jobs, so only the paired, interleaved latency ratios are meaningful (1 thread, "
+                f"shared with other jobs (1-minute load average up to {load:.1f} during the latency rounds), so only "
+                "the paired, interleaved latency ratios are meaningful (1 thread, "
                 f"batch {args.batch}, median of {args.runs} rounds, sessions created in both orders).",
                 "",
                 f"Data: generated clicks ({len(train_set)} train / {len(test_set)} held-out impressions, CTR "

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         p_noisy, p_clean = predict(path, x_te), predict(path, x_clean)
         acc[label] = (float(np.mean(p_noisy == y_te)), float(np.mean(p_clean == y_clean)))
         agree[label] = float(np.mean(p_noisy == ref["noisy"]))
+    load = os.getloadavg()[0]
     times = paired_latency(models, {"x": x_te[:1]})
+    load = max(load, os.getloadavg()[0])
     header = (
         "| model | held-out acc, noisy 0-20 dB | held-out acc, clean | top-1 agreement with float (noisy) "
         "| size | p50 latency, batch 1, 1 thread | paired latency ratio vs float | vs ORT quantize_dynamic |"
@@ -272,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         text = f"""# Keyword spotting: LSTM on espeak-ng speech, dynamic int8
 
 Command: `make kws` (`python examples/kws_lstm.py`), {datetime.date.today().isoformat()}, {took:.0f} s in all.
-Machine: {mach["cpu"]}, {mach["cores"]} cores, VNNI: {mach["vnni"]}. The machine is shared with other jobs, so
+Machine: {mach["cpu"]}, {mach["cores"]} cores, VNNI: {mach["vnni"]}; 1-minute load average up to {load:.1f} during
+the latency rounds. The machine is shared with other jobs, so
 absolute latencies are noisy; the ratios are medians of per-round ratios of interleaved runs (300 rounds, each
 running every model once in a fresh seeded order; batch 1, one thread, session creation order alternated), which a
 slow spell affects alike.

@@ -317,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_probs = model(*(torch.as_tensor(v) for v in test_set.feeds().values())).numpy()
     assert np.abs(torch_probs - probs["float"]).max() < 1e-4, "ONNX export disagrees with PyTorch"
     rows = np.random.default_rng(7).choice(len(test_set), args.batch, replace=False)
+    np.savez(args.out / "latency_feeds.npz", **test_set.feeds(rows))  # for repeat runs: bench/paired.py
     load = os.getloadavg()[0]
     times = latency_times(paths, test_set.feeds(rows), args.runs)
     load = max(load, os.getloadavg()[0])

@@ -58,7 +58,9 @@ def stored_bytes(m: onnx.ModelProto) -> int:
 
 @pytest.mark.parametrize(
     # int8: one scale per table (this Gaussian table reaches 40 dB with it, granularity.py), ~1% error
-    "scheme,limit", [(INT8, 0.015), (int4(32), 0.15), (int4(16, False), 0.12)], ids=["int8", "int4", "int4-affine"]
+    "scheme,limit",
+    [(INT8, 0.015), (int4(32), 0.15), (int4(16, False), 0.12)],
+    ids=["int8", "int4", "int4-affine"],
 )
 def test_a_table_read_by_two_gathers_is_stored_once(scheme, limit):
     tables = {"items": (3000, 32)}

@@ -254,7 +254,7 @@ def gather_rows_int8(model: ir.Model, node: ir.Node, q: np.ndarray, scale: np.nd
     idx = node.inputs[1]
     if np.ndim(scale) == 0:
         # Stored as uint8 q + 128 with zero point 128 (the same values): ONNX Runtime then moves the
-        # DequantizeLinear past a following Unsqueeze/Reshape, where int8 gets an extra Q/DQ pair per lookup
+        # DequantizeLinear past a following Unsqueeze, where int8 gets an extra Q/DQ pair per lookup
         # (measured on the DLRM example: ~4% of the model's time at batch 256).
         table = _shared_init(g, f"{t}_u8", lambda n: add_initializer(g, n, (q.astype(np.int16) + 128).astype(np.uint8)))
         rows = _node(g, "Gather", [table, idx], f"{name}_Gather_q", dtype=ir.DataType.UINT8)

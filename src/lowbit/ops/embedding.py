@@ -47,9 +47,7 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
     # The lookup has no activation to quantize, so in dynamic mode too the table is stored weight-only.
     found = weight_only_details(scheme, rows=True)
     if scheme.weights == "int8" and scheme.per_channel:
-        table = weight_of(node, 0)
-        per_table = sqnr_db(table, dequantized(quantize_weight(table, None, "int8", True)))
-        per_row = sqnr_db(table, dequantized(quantize_weight(table, 0, "int8", True)))
+        per_table, per_row = _sqnr(weight_of(node, 0))
         found.details.update(
             granularity="per-tensor" if one_scale_is_enough(per_table, per_row) else "per-row",
             sqnr_db={"per-table": shown(per_table), "per-row": shown(per_row)},
@@ -58,13 +56,15 @@ def decide(node: ir.Node, scheme: Scheme) -> Skip | Take:
     return Take(found.code, found.details, mode="weight_only")
 
 
+def _sqnr(table: np.ndarray) -> tuple[float, float]:
+    """SQNR of the int8 table with one scale, and with a scale per row."""
+    one, rows = (sqnr_db(table, dequantized(quantize_weight(table, axis, "int8", True))) for axis in (None, 0))
+    return one, rows
+
+
 def table_axis(table: np.ndarray, scheme: Scheme) -> int | None:
     """0 for a scale per row, None for one scale per table (see the module's docstring)."""
-    if not scheme.per_channel:
-        return None
-    one = sqnr_db(table, dequantized(quantize_weight(table, None, scheme.weights, True)))
-    rows = sqnr_db(table, dequantized(quantize_weight(table, 0, scheme.weights, True)))
-    return None if one_scale_is_enough(one, rows) else 0
+    return 0 if scheme.per_channel and not one_scale_is_enough(*_sqnr(table)) else None
 
 
 def rewrite(ctx: RewriteContext, node: ir.Node, scheme: Scheme) -> None:

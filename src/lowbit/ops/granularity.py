@@ -4,17 +4,17 @@ Two kernels pay for per-channel scales at run time: DynamicQuantizeLSTM (measure
 1.11-1.13x the time of one scale per direction, `bench/RESULTS_KWS.md`) and an embedding lookup, where a scale per
 row is a second Gather per id while one scale per table is a single DequantizeLinear after the lookup
 (`bench/RESULTS_DLRM.md`). There a `per_channel` scheme means "per channel where it is measurably more accurate":
-the weight gets one scale when that scale's quantization noise is at most ENOUGH_DB below the weight (signal to
-quantization-noise ratio, SQNR) or when per-channel scales gain less than GAIN_DB over it (MiniLM's token-type
+the weight gets one scale when its signal to quantization-noise ratio (SQNR) with one scale is at least ENOUGH_DB,
+or when per-channel scales gain less than GAIN_DB over it (MiniLM's token-type
 table of two rows: 29.2 vs 29.3 dB), and a scale per channel otherwise. `per_channel: false` always means one scale.
 
 Why 30 dB (noise at most ~3% of the weight's RMS): in both examples the one-scale form was as accurate end to end
 as per-channel (KWS LSTM W 31.8 dB, R 37 dB; DLRM tables 33-40 dB), the LSTMs of the third-party corpus are at
-31-36 dB (brainmaze-eeg-models) and 48 dB (the built VAD), while the tables that per-row scales do protect are well
+31-36 dB (brainmaze-eeg-models) and 42 dB (the built VAD), while the tables that per-row scales do protect are well
 below it: MiniLM's word embeddings 27 dB (a few dimensions hold outliers) and its position embeddings 15 dB
-(position 0 is 5x larger than the rest). Dynamic mode quantizes these layers' inputs to uint8 at run time, which
-costs about as much as int8 per-tensor weights of the same spread, so a weight above the threshold is not what
-limits the layer.
+(position 0: 5x the median row norm). Dynamic mode also quantizes these layers' inputs to uint8 at run time (one
+scale over the input's range), noise of the same order as int8 weights with one scale, so a weight above the
+threshold is not what limits the layer. The threshold is a judgement from these measurements, not a law.
 
 SQNR is over the whole weight, so each row counts by its size: a table whose rare ids kept small rows but whose
 popular rows grew large (the DLRM tables) still fits one scale, since what a layer downstream sees is the absolute

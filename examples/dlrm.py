@@ -10,14 +10,15 @@ The click data is generated here (no download) from a hidden logistic model, so 
 The model (bottom MLP for dense features, one 32-wide embedding table per categorical feature, the history as
 the mean of item embeddings (a 2-D index tensor into the shared item table), pairwise dot products of all
 vectors, top MLP, sigmoid) is trained in PyTorch for a few epochs, exported to ONNX with a dynamic batch, and
-quantized by lowbit with hybrid recipes (one rule for Gather, a default for the MLP layers):
-  * int8: embedding tables weight-only int8, one scale per row (Gather int8 rows, then scale them), or one scale
-    per table (Gather, then DequantizeLinear: one lookup per id instead of two);
-  * int4: embedding tables int4 in blocks of 32 = one scale per row, and blocks of 16 (uint8 bytes of two
-    nibbles, gathered, then unpacked and scaled by standard ops);
-  * the MLP layers weight-only int8 (per-channel, behind DequantizeLinear): they hold <1% of the bytes, so the
-    choice is about accuracy and speed. Dynamic int8 (DynamicQuantizeLinear -> MatMulInteger, shown too) was no
-    faster at these widths and batch 256 (within the noise of two runs) and moved the probabilities 4x more.
+quantized by lowbit:
+  * `--preset dynamic` (what the README recommends for such models): each embedding table int8, weight-only (the
+    lookup has no activation to quantize), with one scale per table unless a scale per row is measurably more
+    accurate (ops/granularity.py: per-table SQNR below 30 dB; these tables reach 33-40 dB), so a lookup is one
+    Gather + DequantizeLinear; the MLP layers dynamic int8 (DynamicQuantizeLinear -> MatMulInteger);
+  * `--preset weight-only-int8`: the same tables, the MLP layers weight-only int8 (per-channel, behind
+    DequantizeLinear, which ONNX Runtime runs every call): closer to float, slower;
+  * int4 tables in blocks of 32 = one scale per row, and blocks of 16 (uint8 bytes of two nibbles, gathered, then
+    unpacked and scaled by standard ops), by a recipe rule on Gather.
 Also ONNX Runtime's own `quantize_dynamic` on the same float file, for comparison.
 
     python examples/dlrm.py [--epochs 1] [--results bench/RESULTS_DLRM.md]
@@ -26,7 +27,9 @@ Also ONNX Runtime's own `quantize_dynamic` on the same float file, for compariso
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
+import shutil
 import sys
 import time
 from collections import Counter
@@ -43,6 +46,8 @@ import lowbit
 from lowbit import Recipe, Rule, Scheme
 from lowbit.evaluate.bench import machine
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio
+from lowbit.plan import Plan
+from lowbit.recipe import preset
 from lowbit.runtimes.ort import session
 
 CARDINALITIES = (100_000, 50_000, 20_000, 10_000, 5_000, 2_000, 1_000, 1_000)  # table 0: items
@@ -179,20 +184,21 @@ def export(model: DLRM, example: Clicks, path: Path) -> None:
     )
 
 
+DEFAULT = "--preset dynamic (int8 tables, dynamic int8 MLP)"
+ORT = "onnxruntime quantize_dynamic"
+ORT_COPY = "onnxruntime quantize_dynamic, a second copy (noise control)"
+
+
 def recipes() -> dict[str, Recipe]:
-    """Hybrid recipes: embedding tables by op type (Gather), the MLP layers (Gemm) by the default scheme."""
+    """The presets, then hybrid recipes: int4 embedding tables by op type (Gather), the MLP layers weight-only int8."""
     wo8 = Scheme(mode="weight_only")
-    emb8 = Rule(op_types=("Gather",), scheme=wo8)
 
     def emb4(block: int) -> Rule:
         return Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only", weights="int4", block_size=block))
 
     return {
-        "int8 rows, weight-only int8 MLP": Recipe(default=wo8, rules=(emb8,)),
-        "int8 rows, dynamic int8 MLP": Recipe(default=Scheme(mode="dynamic"), rules=(emb8,)),
-        "int8, one scale per table, weight-only int8 MLP": Recipe(
-            default=wo8, rules=(Rule(op_types=("Gather",), scheme=Scheme(mode="weight_only", per_channel=False)),)
-        ),
+        DEFAULT: preset("dynamic"),
+        "--preset weight-only-int8 (int8 tables, weight-only int8 MLP)": preset("weight-only-int8"),
         "int4 rows (block 32 = row), weight-only int8 MLP": Recipe(default=wo8, rules=(emb4(32),)),
         "int4 blocks of 16, weight-only int8 MLP": Recipe(default=wo8, rules=(emb4(16),)),
         # Affine int4 tables run as ONNX Runtime's com.microsoft.GatherBlockQuantized: its speed, for comparison.
@@ -215,15 +221,24 @@ def predict(path: Path, data: Clicks, batch: int = 4096) -> np.ndarray:
     ).astype(np.float64)
 
 
-def latency_ratios(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, float]:
-    """Paired median ratio vs the first model, 1 thread, interleaved; sessions created in both orders."""
+def latency_times(paths: dict[str, Path], feeds: dict[str, np.ndarray], runs: int) -> dict[str, list[float]]:
+    """Seconds per round, 1 thread, interleaved; sessions created in both orders."""
     times: dict[str, list[float]] = {k: [] for k in paths}
     for order in (list(paths), list(reversed(paths))):
         sessions = {k: session(paths[k], "kernels", threads=1) for k in order}
         for k, v in interleaved_latency(sessions, feeds, runs=runs // 2, warmup=5).items():
             times[k].extend(v)
-    first = next(iter(paths))
-    return {k: paired_ratio(times, k, first) for k in paths}
+    return times
+
+
+def table_choices(plan: Plan) -> str:
+    """How lowbit scaled each table, and the SQNRs that decided it, from the plan."""
+    found = []
+    for name, d in plan.nodes.items():
+        if d.op_type == "Gather" and d.quantized and "sqnr_db" in d.details:
+            db = d.details["sqnr_db"]
+            found.append(f"{name} {d.details['granularity']} ({db['per-table']} dB; per-row {db['per-row']} dB)")
+    return "; ".join(found)
 
 
 def ort_dynamic(src: Path, dst: Path) -> str:
@@ -281,42 +296,52 @@ def main(argv: list[str] | None = None) -> int:
     export(model, test_set, float_path)
 
     paths = {"float": float_path}
+    tables = ""
     for i, (label, recipe) in enumerate(recipes().items()):
         res = lowbit.quantize(float_path, args.out / f"dlrm.v{i}.onnx", recipe=recipe, progress=False)
         paths[f"lowbit {label}"] = res.output
         how = Counter(f"{d.op_type}: {d.reason}" for d in res.plan.nodes.values() if d.quantized)
         print(f"{label}: " + "; ".join(f"{n} x {k}" for k, n in sorted(how.items())))
+        if label == DEFAULT:
+            tables = table_choices(res.plan)
+            print(f"  tables: {tables}")
     ort_path = args.out / "dlrm.ort_dynamic.onnx"
     ort_note = ort_dynamic(float_path, ort_path)
-    paths["onnxruntime quantize_dynamic"] = ort_path
-    print(f"onnxruntime quantize_dynamic: {ort_note}")
+    paths[ORT] = ort_path
+    paths[ORT_COPY] = args.out / "dlrm.ort_dynamic.copy.onnx"
+    shutil.copyfile(ort_path, paths[ORT_COPY])
+    print(f"{ORT}: {ort_note}")
 
     probs = {k: predict(p, test_set) for k, p in paths.items()}
     with torch.no_grad():
         torch_probs = model(*(torch.as_tensor(v) for v in test_set.feeds().values())).numpy()
     assert np.abs(torch_probs - probs["float"]).max() < 1e-4, "ONNX export disagrees with PyTorch"
     rows = np.random.default_rng(7).choice(len(test_set), args.batch, replace=False)
-    ratios = latency_ratios(paths, test_set.feeds(rows), args.runs)
+    np.savez(args.out / "latency_feeds.npz", **test_set.feeds(rows))  # for repeat runs: bench/paired.py
+    load = os.getloadavg()[0]
+    times = latency_times(paths, test_set.feeds(rows), args.runs)
+    load = max(load, os.getloadavg()[0])
 
     float_bytes = float_path.stat().st_size
     header = (
         "| model | AUC | log loss | mean abs prob. diff vs float | size MB | % of float "
-        f"| latency vs float (batch {args.batch}, 1 thread) |"
+        f"| latency vs float (batch {args.batch}, 1 thread) | latency vs quantize_dynamic |"
     )
-    lines = [header, "|---|---|---|---|---|---|---|"]
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
     for k, p in probs.items():
         size = paths[k].stat().st_size
         lines.append(
             f"| {k} | {roc_auc_score(test_set.label, p):.4f} | "
             f"{log_loss(test_set.label, np.clip(p, 1e-7, 1 - 1e-7)):.4f} | "
             f"{np.abs(p - probs['float']).mean():.5f} | {size / 1e6:.2f} | {100 * size / float_bytes:.1f}% | "
-            f"{ratios[k]:.2f}x |"
+            f"{paired_ratio(times, k, 'float'):.3f}x | {paired_ratio(times, k, ORT):.3f}x |"
         )
     print(
         f"\nheld-out AUC (oracle {oracle:.4f}), {len(test_set)} impressions; latency: paired median of {args.runs} "
         "interleaved rounds\n"
     )
     print("\n".join(lines))
+    noise = abs(paired_ratio(times, ORT_COPY, ORT) - 1)
 
     if args.results:
         cmd = "python examples/dlrm.py " + " ".join(
@@ -331,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 "",
                 f"Machine: {mach['cpu']}, {mach['cores']} cores (VNNI: {mach['vnni']}), onnxruntime {ort.__version__}, "
                 f"torch {torch.__version__}; "
-                "shared with other jobs, so only the paired, interleaved latency ratios are meaningful (1 thread, "
+                f"shared with other jobs (1-minute load average up to {load:.1f} during the latency rounds), so only "
+                "the paired, interleaved latency ratios are meaningful (1 thread, "
                 f"batch {args.batch}, median of {args.runs} rounds, sessions created in both orders).",
                 "",
                 f"Data: generated clicks ({len(train_set)} train / {len(test_set)} held-out impressions, CTR "
@@ -344,17 +370,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"onnxruntime quantize_dynamic (defaults): {ort_note}.",
                 "",
                 "Notes:",
-                "- The embedding tables are over 99% of the float file; the MLP form barely changes size. "
-                "Weight-only int8 "
-                "MLP layers move the probabilities less than dynamic int8 ones; their speed is within the noise here.",
+                f"- lowbit's default (`--preset dynamic`) chose per table ({tables}). The rule "
+                "(src/lowbit/ops/granularity.py): one scale per table unless its SQNR is below 30 dB and a scale "
+                "per row gains at least 3 dB; a scale per row "
+                "costs a second Gather per id (1.2-1.3x float's time in earlier runs), one scale per table is one "
+                "Gather + DequantizeLinear, quantize_dynamic's form. lowbit stores it as uint8 (q + 128, zero point "
+                "128; the same values): ONNX Runtime then moves the DequantizeLinear past the Unsqueeze that "
+                "follows, where an int8 table gets an extra Q/DQ pair per lookup.",
+                "- The MLP layers hold <1% of the bytes: dynamic int8 (the default) moves the probabilities as much as "
+                "quantize_dynamic's; weight-only int8 (`--preset weight-only-int8`) moves them less but runs slower, "
+                "since ONNX Runtime dequantizes its weights on every call.",
                 "- Symmetric int4 tables are stored as bytes of two nibbles, gathered, then unpacked by standard ops "
                 "(Mod, BitShift, Concat, DequantizeLinear, Mul); affine ones use ONNX Runtime's GatherBlockQuantized "
                 "kernel, whose row above shows its cost.",
-                "- Per-row int8 scales cost a second lookup (Gather of the scale) per id; one scale per table is a "
-                "single "
-                "Gather + DequantizeLinear, like quantize_dynamic's form. With these trained tables both lose no AUC.",
-                "- Latency ratios of the same model moved by up to ~0.3x between runs on this shared machine; "
-                "compare rows within one run.",
+                f"- Noise: the noise-control row is the very same file as quantize_dynamic's; its paired ratio is "
+                f"{noise:.3f} away from 1 in this run, so differences of that size between rows are noise. Each "
+                "round runs every model once, in a fresh seeded order; ratios of the same model moved more than "
+                "that between runs on this shared machine, so compare rows within one run.",
                 "",
             ]
         )

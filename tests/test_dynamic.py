@@ -64,7 +64,8 @@ def test_dynamic_mode_stores_embedding_tables_int8():
     )
     m.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.INT64
     res = lowbit.quantize(m, recipe=DYNAMIC, progress=False)
-    assert res.plan.nodes["emb"].quantized and "per-row" in res.plan.nodes["emb"].reason
+    # one scale for this Gaussian table: it reaches 30 dB with it (ops/granularity.py, tests/test_dynamic_forms.py)
+    assert res.plan.nodes["emb"].quantized and "int8 per-tensor" in res.plan.nodes["emb"].reason
     assert res.plan.nodes["proj"].quantized and "dynamic int8" in res.plan.nodes["proj"].reason
     assert res.quantized_bytes < 0.3 * res.float_bytes
     ids = {"ids": np.random.default_rng(1).integers(0, v, (2, 6))}

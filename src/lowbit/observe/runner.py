@@ -69,8 +69,8 @@ class Runner:
         self.session, self.fetch = session, fetch
         self.split: bool | None = None  # None: not yet known (the first batch of more than one sample decides)
         self.shapes: Shapes = {}  # the feeds' shapes split runs are for
-        self.outputs: list[tuple[tuple[int, ...], np.dtype]] = []  # each output's batch shape and dtype
-        self.buffers: list[np.ndarray] = []
+        self.outputs: dict[str, tuple[tuple[int, ...], np.dtype]] = {}  # each bound output's batch shape and dtype
+        self.buffers: dict[str, np.ndarray] = {}
 
     def run(self, feeds: dict[str, np.ndarray], n: int, keep: frozenset[str] = frozenset()) -> list[np.ndarray]:
         """The fetched values for `feeds` (a batch of `n` samples), in fetch order. Arrays named in `keep` are the
@@ -78,27 +78,31 @@ class Runner:
         shapes: Shapes = {k: (v.shape, v.dtype) for k, v in feeds.items()}
         if self.split and shapes == self.shapes:
             try:
-                outs = self._samples(feeds, n)
+                self._samples(feeds, n)
             except Exception:  # a data-dependent output shape ("Shape mismatch attempting to re-use buffer")
-                self.split, self.buffers = False, []
+                self.split, self.buffers = False, {}
             else:
-                for i, name in enumerate(self.fetch):
-                    if name in keep and outs[i] is self.buffers[i]:
-                        self.buffers[i] = np.empty_like(outs[i])  # handed over: later batches get their own
+                # A fetched graph input is its feed: no copy of it is made or kept.
+                outs = [feeds[name] if name in feeds else self.buffers[name] for name in self.fetch]
+                for name in keep & self.buffers.keys():
+                    self.buffers[name] = np.empty_like(self.buffers[name])  # handed over: later batches get their own
                 return outs
         outs = self._plain(feeds)
         if self.split is None and n > 1:
             self.split = self._check(feeds, n, outs)
-            self.shapes, self.outputs = shapes, [(v.shape, v.dtype) for v in outs]
+            self.shapes = shapes
+            self.outputs = {k: (v.shape, v.dtype) for k, v in zip(self.fetch, outs) if k not in feeds}
             if self.split:
                 relax_mmap_threshold()  # no batch of fresh outputs any more: the heap may serve blocks again
         return outs
 
     def _plain(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [k for k in self.fetch if k not in feeds]  # a fetched graph input is its feed, not ORT's copy
         try:
-            return list(self.session.run(self.fetch, feeds))
+            values = dict(zip(names, self.session.run(names, feeds)))
         except Exception as e:  # ORT's messages are long; keep the first line
             raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
+        return [feeds[k] if k in feeds else values[k] for k in self.fetch]
 
     def _check(self, feeds: dict[str, np.ndarray], n: int, outs: list[np.ndarray]) -> bool:
         """Whether batches like this one may run a sample at a time: every feed and output batch-first with `n`
@@ -107,34 +111,34 @@ class Runner:
             return False
         if any(v.dtype == object for v in outs):
             return False
+        batch = {k: v for k, v in zip(self.fetch, outs) if k not in feeds}
         for i in (0, n - 1):
-            alone = [np.empty((1, *v.shape[1:]), v.dtype) for v in outs]
+            alone = {k: np.empty((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}
             try:
                 self._sample(feeds, i, alone)
             except Exception:  # not runnable this way: plain batches, as before
                 return False
-            if not all(np.array_equal(a, v[i : i + 1]) for a, v in zip(alone, outs)):
+            if not all(np.array_equal(alone[k], v[i : i + 1]) for k, v in batch.items()):
                 return False
         return True
 
-    def _samples(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+    def _samples(self, feeds: dict[str, np.ndarray], n: int) -> None:
         if not self.buffers:
-            self.buffers = [np.empty(shape, dtype) for shape, dtype in self.outputs]
+            self.buffers = {k: np.empty(shape, dtype) for k, (shape, dtype) in self.outputs.items()}
         for i in range(n):
-            self._sample(feeds, i, [b[i : i + 1] for b in self.buffers])
-        return list(self.buffers)
+            self._sample(feeds, i, {k: b[i : i + 1] for k, b in self.buffers.items()})
 
-    def _sample(self, feeds: dict[str, np.ndarray], i: int, into: list[np.ndarray]) -> None:
-        """Run sample `i` of `feeds` with each output written into the array of `into` at its position."""
+    def _sample(self, feeds: dict[str, np.ndarray], i: int, into: dict[str, np.ndarray]) -> None:
+        """Run sample `i` of `feeds`, each output named in `into` written into its array there."""
         io = self.session.io_binding()
         alive = [np.ascontiguousarray(v[i : i + 1]) for v in feeds.values()]  # until the run is done
         for name, v in zip(feeds, alive):
             io.bind_cpu_input(name, v)
-        for name, out in zip(self.fetch, into):
+        for name, out in into.items():
             io.bind_output(name, "cpu", 0, out.dtype, out.shape, out.ctypes.data)
         self.session.run_with_iobinding(io, QUIET)  # a failure falls back to a plain run, which reports it
-        # ONNX Runtime may hand over a value rather than write it into the bound array (a graph input fetched as
-        # an output: its feed); that value is copied in.
-        for out, value in zip(into, io.get_outputs()):
+        # ONNX Runtime may hand over a value rather than write it into the bound array (as it does for a fetched
+        # graph input); such a value is copied in.
+        for out, value in zip(into.values(), io.get_outputs()):
             if value.data_ptr() != out.ctypes.data:
                 out[...] = value.numpy()

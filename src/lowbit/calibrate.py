@@ -145,7 +145,8 @@ def observe(
         feeds = {k: v for k, v in batch.items() if k in inputs}
         kept: dict[str, np.ndarray] | None = {} if hold is not None and samples < hold.samples else None
         outs = runner.run(feeds, n, hold.names if kept is not None and hold is not None else frozenset())
-        # Observe and drop one output at a time: only one batch of activations is ever alive (and those held).
+        # Observe and drop one output at a time: only one batch of activations is ever alive (and those held; the
+        # Runner's arrays, when it runs samples alone, are that one batch).
         outs.reverse()
         for name in fetch:
             value = outs.pop()

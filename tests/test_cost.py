@@ -13,6 +13,7 @@ import pytest
 import lowbit
 import lowbit.calibrate as calibrate_mod
 import lowbit.evaluate.speed as speed_mod
+import lowbit.observe.runner as runner_mod
 from conftest import run_cli, tiny_cnn
 from lowbit.calibrate import EXTREMES_BINS, histogram_bins
 from lowbit.evaluate.check import SIMULATE_FIRST, runtime_check, settled
@@ -127,18 +128,17 @@ def test_the_speed_check_stops_early_only_when_its_rounds_agree(monkeypatch, rat
     assert res["ratio"] == pytest.approx(float(np.median(ratios[:rounds])))
 
 
-def test_the_mmap_threshold_is_relaxed_after_calibration_only(monkeypatch) -> None:
-    """Calibration keeps glibc's fixed 128 KiB threshold (its flat peak); the stages after it get 32 MiB back.
+def test_the_mmap_threshold_is_fixed_only_while_calibration_runs_whole_batches(monkeypatch) -> None:
+    """Calibration fixes glibc's threshold at 128 KiB (the flat peak of whole batches) and sets 32 MiB once it runs
+    a sample at a time (Runner) and again when it ends, so nothing after calibration keeps the fixed threshold.
     Without calibration data (dynamic mode) the process's allocator is left as it was."""
-    import lowbit.pipeline as pipeline_mod
-
     calls: list[int] = []
-    monkeypatch.setattr(calibrate_mod, "_mmap_threshold", lambda size: calls.append(size))
-    monkeypatch.setattr(
-        pipeline_mod, "relax_mmap_threshold", lambda: calls.append(-1) or calibrate_mod.relax_mmap_threshold()
-    )
+    monkeypatch.setattr(runner_mod, "_mmap_threshold", lambda size: calls.append(size))
     lowbit.quantize(tiny_cnn(), calib=_calib(8), progress=False)
-    assert calls == [128 * 1024, -1, 32 * 1024 * 1024]  # fixed for calibration, then relaxed once, after it
+    # fixed, relaxed once the first batch shows samples may run alone, relaxed again as calibration ends
+    # (and by the pipeline after deciding)
+    assert calls[:3] == [128 * 1024, 32 * 1024 * 1024, 32 * 1024 * 1024]
+    assert set(calls[3:]) <= {32 * 1024 * 1024}
     calls.clear()
     lowbit.quantize(tiny_cnn(), recipe=Recipe(default=Scheme(mode="dynamic")), progress=False)
     assert calls == []

@@ -6,7 +6,6 @@ samples are used.
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from .data import BatchAxes, DataSource, ImagePreprocess, InputSpec, open_data
 from .errors import LowbitError
 from .graph.external import external_base
 from .observe import ChannelMinMax, Histogram
+from .observe.runner import Runner, fixed_mmap_threshold, relax_mmap_threshold
 from .planner import Layout
 from .ranges_by_error import held_names, keep_first, measured, samples_wanted
 from .recipe import Recipe
@@ -49,35 +49,6 @@ class Statistics:
     def extremes(self) -> dict[str, tuple[float, float]]:
         """Each observed tensor's (min, max) as seen, before any range selection."""
         return {k: (h.min, h.max) for k, h in self.histograms.items() if h.count}
-
-
-def _fixed_mmap_threshold() -> None:
-    """Keep glibc from raising its mmap threshold as large blocks are freed.
-
-    Each batch fetches ~100 activation tensors of up to tens of MB. With glibc's default dynamic threshold, once
-    the first batch's blocks are freed, later ones of that size come from the heap instead of mmap, and the
-    heap's fragmentation raised peak memory by ~15% from the second batch on (EfficientNet-Lite0: 528 MiB with
-    10 samples, 607 with 100). A fixed threshold (glibc's own default, 128 KiB) returns every large block to the
-    system when freed: measured 441 vs 443 MiB for 10 vs 200 samples. Process-wide, but only changes where
-    large blocks live; does nothing off glibc.
-    """
-    _mmap_threshold(128 * 1024)
-
-
-def relax_mmap_threshold() -> None:
-    """After calibration: blocks below 32 MiB (glibc's own ceiling for its dynamic threshold) come from the heap
-    again. With the 128 KiB threshold kept, everything after calibration (rewrite, and the CLI's check, speed
-    check and lint) made each block above 128 KiB a fresh mmap, page-faulted and zeroed: 0.3-0.5 CPU s of the
-    default command on EfficientNet-Lite0 and MobileNetV3-Small, peak RSS within 1% (bench/RESULTS_COST.md)."""
-    _mmap_threshold(32 * 1024 * 1024)
-
-
-def _mmap_threshold(size: int) -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, size)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 # Channel sums are folded in chunks of this many batches (or more: at most MAX_CHUNKS chunks when the sample count
@@ -152,31 +123,35 @@ def observe(
     input's leading dimension. `bins`: the histograms' max_bins (None: Histogram's default; see EXTREMES_BINS),
     except for the tensors in `full`, which get Histogram's default. `hold`: tensors to keep (see Hold)."""
     few = Histogram if bins is None else lambda: Histogram(bins)
+    runner = Runner(session, fetch)
     histograms: dict[str, Histogram] = {}
     channels: dict[str, ChannelMinMax] = {}
     samples = 0
     current = -1
-    for b, batch in enumerate(batches):
+    # Not enumerate(): its result tuple keeps the previous batch alive while the next one is made, on top of the
+    # Runner's arrays (a batch of inputs more at the peak: +10 MiB on the YOLO head).
+    source, b = iter(batches), -1
+    while (batch := next(source, None)) is not None:
+        b += 1
         c = b // chunk
         if c != current:
             if channels:
                 on_chunk(current, channels)
             channels, current = {}, c
         if not select(c):
+            del batch
             continue
         n = count(batch) if count is not None else len(next(iter(batch.values())))
         feeds = {k: v for k, v in batch.items() if k in inputs}
-        try:
-            outs = session.run(fetch, feeds)
-        except Exception as e:  # ORT's messages are long; keep the first line
-            raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
-        # Observe and drop one output at a time: only one batch of activations is ever alive (and those held).
         kept: dict[str, np.ndarray] | None = {} if hold is not None and samples < hold.samples else None
+        outs = runner.run(feeds, n, hold.names if kept is not None and hold is not None else frozenset())
+        # Observe and drop one output at a time: only one batch of activations is ever alive (and those held; the
+        # Runner's arrays, when it runs samples alone, are that one batch).
         outs.reverse()
         for name in fetch:
             value = outs.pop()
             if kept is not None and hold is not None and name in hold.names:
-                kept[name] = value  # ORT's own array; the observers only read it
+                kept[name] = value  # the caller's (Runner.run's `keep`); the observers only read it
             if name in tensors:
                 _update(histograms, name, value, Histogram if name in full else few)
             if name in channel_axes:
@@ -218,7 +193,7 @@ def calibrate(
     """Observe `tensors` (histograms) and per-channel ranges of `channel_axes` over all batches (`count`, `bins`,
     `full`, `hold`: see `observe`); the batches holding the first `keep` samples are kept in `Statistics.inputs`,
     the tensors `hold` names in `Statistics.held`."""
-    _fixed_mmap_threshold()
+    fixed_mmap_threshold()  # until Runner splits batches, or calibration ends (then relaxed below)
     tensors = set(tensors)
     names = fetched_names(model, tensors | (hold.names if hold else set()), channel_axes)
     session = calibration_session(model, names, threads)
@@ -247,6 +222,7 @@ def calibrate(
         )
     finally:
         bar.close()
+        relax_mmap_threshold()
     stats.held = hold.batches if hold is not None else []
     if stats.samples == 0:
         raise LowbitError("calibration data yielded no samples; point --calib at a non-empty source")

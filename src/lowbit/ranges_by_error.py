@@ -106,13 +106,16 @@ def samples_wanted(layout: Layout) -> int:
 def keep_first(
     batches: Iterable[Batch], kept: list[Batch], samples: int, count: Callable[[Batch], int]
 ) -> Iterator[Batch]:
-    """Pass `batches` through, copying into `kept` the first ones until they hold `samples` samples."""
+    """Pass `batches` through, copying into `kept` the first ones until they hold `samples` samples (and passing
+    the copy on: calibration's held tensors that are graph inputs are then those very arrays, not a third copy)."""
     held = 0
     for batch in batches:
         if held < samples:
             kept.append({k: np.array(v, copy=True) for k, v in batch.items()})
             held += count(batch)
+            batch = kept[-1]
         yield batch
+        del batch  # before the next one is made: one batch alive, not two (calibration's arrays are at their peak)
 
 
 def _bounded(value: ir.Value) -> bool:

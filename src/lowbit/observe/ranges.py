@@ -152,8 +152,12 @@ def _squared_errors(
     """Expected total squared error for every (lows[k], highs[l]) pair, as a matrix [k, l]."""
     clip_low = (np.maximum(lows[:, None] - centers, 0.0) ** 2) @ counts
     clip_high = (np.maximum(centers - highs[:, None], 0.0) ** 2) @ counts
-    below = (centers < lows[:, None]) @ counts
-    above = (centers > highs[:, None]) @ counts
+    # How many values lie below each low and above each high: sums of whole counts, exact in float64 in any order
+    # (below 2**53), so running sums over the sorted centers give what `(centers < lows[:, None]) @ counts` gives,
+    # without its two (candidates x bins) matrices.
+    running = np.concatenate(([0.0], np.cumsum(counts)))
+    below = running[np.searchsorted(centers, lows, side="left")]
+    above = running[-1] - running[np.searchsorted(centers, highs, side="right")]
     # The caller widens the range to include 0, so the step is taken over the widened range.
     step = (np.maximum(highs, 0.0)[None, :] - np.minimum(lows, 0.0)[:, None]) / (num_levels - 1)
     inside = counts.sum() - below[:, None] - above[None, :]

@@ -1,5 +1,5 @@
-"""An int8 GlobalAveragePool in LiteRT gives ONNX Runtime's integers: the export writes it as a DEPTHWISE_CONV_2D
-with an all-ones kernel (the int32 sum, scaled in float32 and rounded once, as QLinearGlobalAveragePool does).
+"""An int8 GlobalAveragePool in LiteRT gives ONNX Runtime's integers: the export writes it as a FULLY_CONNECTED
+summing with all-ones weights (the int32 sum, scaled in float32 and rounded once, as QLinearGlobalAveragePool does).
 LiteRT's int8 MEAN rounds twice (the sum times si/so to an integer, then that divided by the count); with
 MobileNetV3-Large's parameters (a squeeze-excite average over 28 x 28) some sums near a half step come out one step
 apart there. (A float MEAN between DEQUANTIZE and QUANTIZE was tried too: it also missed one of these sums.)"""
@@ -78,7 +78,7 @@ def _both(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_int8_mean_rounds_twice(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(layers, "SUM_WINDOW_MAX", 0)  # the plain MEAN
+    monkeypatch.setattr(layers, "_global_average_as_sum", lambda *a: False)  # the plain MEAN
     q_ort, q_lite = _both(inputs_near_half_steps())
     assert 1 <= int(np.sum(q_ort != q_lite)) and int(np.abs(q_ort - q_lite).max()) == 1
 
@@ -87,7 +87,7 @@ def test_exported_mean_gives_onnx_runtimes_integers():
     q = inputs_near_half_steps()
     q_ort, q_lite = _both(q)
     np.testing.assert_array_equal(q_lite, q_ort)
-    assert convert(gap_model(4), io="int8").ops == {"DEPTHWISE_CONV_2D": 1}
+    assert convert(gap_model(4), io="int8").ops == {"TRANSPOSE": 1, "RESHAPE": 2, "FULLY_CONNECTED": 1}
 
 
 def test_float_io_and_batches_run_the_sum_too():

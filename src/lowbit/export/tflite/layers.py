@@ -285,10 +285,6 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     )
 
 
-# Largest window (H * W) a GlobalAveragePool is written as a depthwise sum for: its weights take H * W * C bytes
-SUM_WINDOW_MAX = 32 * 32
-
-
 def _sum_weight_scale(si: np.float32, so: np.float32, n: int) -> np.float32 | None:
     """A float32 weight scale sw near 1/n with which XNNPACK's requantization scale, (si * sw) / so in float32,
     equals ONNX Runtime's QLinearGlobalAveragePool scale, si / so / n in float32; None if none is within 64 ulps."""
@@ -304,31 +300,35 @@ def _sum_weight_scale(si: np.float32, so: np.float32, n: int) -> np.float32 | No
 
 
 def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> bool:
-    """An int8 GlobalAveragePool as DEPTHWISE_CONV_2D with an all-ones H x W kernel: the int32 sum of the window,
+    """An int8 GlobalAveragePool as a FULLY_CONNECTED summing each channel's H*W values with all-ones weights
+    (TRANSPOSE to channels first, RESHAPE to (N*C, H*W), FULLY_CONNECTED, RESHAPE to (N, 1, 1, C)): the int32 sum,
     scaled in float32 and rounded once, as ONNX Runtime's QLinearGlobalAveragePool computes it. LiteRT's int8 MEAN
     rounds twice (sum * si/so to an integer, then that divided by the count) and put 1 in 2500 of MobileNetV3-
-    Large's squeeze-excite averages one step off. False when it does not apply (float, a large window)."""
+    Large's squeeze-excite averages one step off (a DEPTHWISE_CONV_2D with an H x W kernel gives the same integers,
+    but ran MobileNetV3-Small 8x slower). False when it does not apply (float, sizes not fixed)."""
     x, y = node.input[0], node.output[0]
     shape = ctx.shapes[x]
-    if kind != "q" or len(shape) != 4 or not all(isinstance(v, int) for v in shape[1:]):
+    if kind != "q" or len(shape) != 4 or not all(isinstance(v, int) and v > 0 for v in shape):
         return False
-    _, c, h, w = shape
+    b, c, h, w = shape
     qx, qy = ctx.quant(x), ctx.quant(y)
-    if qx is None or qy is None or qx.scale.size != 1 or qy.scale.size != 1 or h * w > SUM_WINDOW_MAX:
+    if qx is None or qy is None or qx.scale.size != 1 or qy.scale.size != 1:
         return False
     sw = _sum_weight_scale(np.float32(qx.scale.ravel()[0]), np.float32(qy.scale.ravel()[0]), h * w)
     if sw is None:
         return False
     name = node.name or y
-    ones = np.ones((1, h, w, c), np.int8)
-    scales = np.full(c, sw, np.float32)
-    wi = ctx.const(f"{name}_ones", ones, QuantParams(scales, np.zeros(c, np.int64), 3))
-    s_b = (qx.scale.astype(np.float64).ravel()[0] * scales).astype(np.float32)
-    bi = ctx.const(f"{name}_bias", np.zeros(c, np.int32), _bias_quant(s_b, c))
-    xin = ctx.get(x, kind, True)
+    rows = ctx._tensor(x, kind, (b * c, h * w), f"{name}_rows")
+    rows_i = ctx.fm.add_tensor(rows)
+    ctx.op("RESHAPE", [ctx.get(x, kind, False), ctx.const_int([b * c, h * w], f"{name}_rows_shape")], [rows_i])
+    wi = ctx.const(f"{name}_ones", np.ones((1, h * w), np.int8), QuantParams(np.array([sw]), np.zeros(1, np.int64)))
+    s_b = np.array([np.float32(qx.scale.ravel()[0]) * sw], np.float32)
+    bi = ctx.const(f"{name}_bias", np.zeros(1, np.int32), _bias_quant(s_b, 1))
+    sums = ctx.fm.add_tensor(ctx._tensor(y, kind, (b * c, 1), f"{name}_sums"))
+    ctx.op("FULLY_CONNECTED", [rows_i, wi, bi], [sums], "FullyConnectedOptions", fused_activation_function=0,
+           keep_num_dims=False, asymmetric_quantize_inputs=False)  # fmt: skip
     out = ctx.produce(y, kind, True)
-    ctx.op("DEPTHWISE_CONV_2D", [xin, wi, bi], [out], "DepthwiseConv2DOptions", depth_multiplier=1, padding=VALID,
-           stride_w=1, stride_h=1, fused_activation_function=0, dilation_w_factor=1, dilation_h_factor=1)  # fmt: skip
+    ctx.op("RESHAPE", [sums, ctx.const_int([b, 1, 1, c], f"{name}_shape")], [out])
     return True
 
 

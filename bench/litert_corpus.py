@@ -17,6 +17,7 @@ Usage: PYTHONPATH=src:examples python bench/litert_corpus.py [--only NAME ...] [
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import statistics
@@ -316,7 +317,7 @@ def verdict(row: dict) -> str:
     return "; ".join(notes) or "ok"
 
 
-def write(rows: list[dict], path: Path, argv: list[str], seconds: float) -> None:
+def write(rows: list[dict], path: Path, argv: list[str], seconds: float, load: tuple[float, float]) -> None:
     import importlib.metadata
 
     import onnxruntime as ort
@@ -329,7 +330,8 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float) -> None
         f"Command: `{shlex.join(['PYTHONPATH=src:examples', 'python', 'bench/litert_corpus.py', *argv])}`",
         f"CPU: {cpu_name()}; 1 thread; run took {seconds:.0f} s. Versions: lowbit {lowbit.__version__}, "
         f"ai-edge-litert {importlib.metadata.version('ai-edge-litert')} (XNNPACK), onnxruntime {ort.__version__}, "
-        f"Python {platform.python_version()}.",
+        f"Python {platform.python_version()}. Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} "
+        f"on {os.cpu_count()} cores: latency ratios are paired, but a loaded machine still makes them noisy.",
         "",
         "Each model: lowbit's default static int8 ONNX, exported with `lowbit export --to tflite` defaults",
         "(full-integer: float input/output with one QUANTIZE/DEQUANTIZE at the edges, int8 inside, the classifier",
@@ -376,7 +378,7 @@ def main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     global FLOAT_OUTPUTS
     FLOAT_OUTPUTS = args.float_outputs
-    start = time.perf_counter()
+    start, load0 = time.perf_counter(), os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="lowbit_litert_") as tmp:
         for job in corpus_jobs(set(args.only)):
@@ -384,7 +386,7 @@ def main(argv: list[str]) -> int:
                 rows.append({"name": job[0], "error": job[1]})
                 continue
             rows.append(measure(job, Path(tmp)))
-    write(rows, Path(args.out), argv, time.perf_counter() - start)
+    write(rows, Path(args.out), argv, time.perf_counter() - start, (load0, os.getloadavg()[0]))
     print(f"wrote {args.out}")
     return 0
 

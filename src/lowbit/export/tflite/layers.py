@@ -320,7 +320,8 @@ def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> boo
     name = node.name or y
     rows = ctx._tensor(x, kind, (b * c, h * w), f"{name}_rows")
     rows_i = ctx.fm.add_tensor(rows)
-    ctx.op("RESHAPE", [ctx.get(x, kind, False), ctx.const_int([b * c, h * w], f"{name}_rows_shape")], [rows_i])
+    # -1 rows: LiteRT's resize_tensor_input can still change the batch
+    ctx.op("RESHAPE", [ctx.get(x, kind, False), ctx.const_int([-1, h * w], f"{name}_rows_shape")], [rows_i])
     wi = ctx.const(f"{name}_ones", np.ones((1, h * w), np.int8), QuantParams(np.array([sw]), np.zeros(1, np.int64)))
     s_b = np.array([np.float32(qx.scale.ravel()[0]) * sw], np.float32)
     bi = ctx.const(f"{name}_bias", np.zeros(1, np.int32), _bias_quant(s_b, 1))
@@ -328,7 +329,7 @@ def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> boo
     ctx.op("FULLY_CONNECTED", [rows_i, wi, bi], [sums], "FullyConnectedOptions", fused_activation_function=0,
            keep_num_dims=False, asymmetric_quantize_inputs=False)  # fmt: skip
     out = ctx.produce(y, kind, True)
-    ctx.op("RESHAPE", [sums, ctx.const_int([b, 1, 1, c], f"{name}_shape")], [out])
+    ctx.op("RESHAPE", [sums, ctx.const_int([-1, 1, 1, c], f"{name}_shape")], [out])
     return True
 
 

@@ -225,9 +225,18 @@ def concat(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     )
 
 
+REQUANTIZE_IN_FLOAT = True
+
+
 def identity(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     """Identity, or a second quantization of one tensor (QDQ requantize): QUANTIZE rescales int8 -> int8."""
     x, y = node.input[0], node.output[0]
+    if kind == "q" and REQUANTIZE_IN_FLOAT:
+        # DEQUANTIZE -> QUANTIZE: ONNX Runtime rescales (q - z) * s_in in float32; LiteRT's int8 -> int8 QUANTIZE
+        # rescales with a fixed-point multiplier and rounds apart near half steps (docs/tflite.md)
+        out = ctx.produce(y, kind, ctx.nhwc[x])
+        ctx.op("QUANTIZE", [ctx.get(x, "f")], [out])
+        return
     xin = ctx.get(x, kind)
     out = ctx.produce(y, kind, ctx.nhwc[x])
     ctx.op(

@@ -320,8 +320,13 @@ def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> boo
     name = node.name or y
     rows = ctx._tensor(x, kind, (b * c, h * w), f"{name}_rows")
     rows_i = ctx.fm.add_tensor(rows)
+    src = ctx.get(x, kind)  # in its own layout; an NHWC map is put channels first here, as part of this form
+    if ctx.nhwc[x]:
+        cfirst = ctx.fm.add_tensor(ctx._tensor(x, kind, (b, c, h, w), f"{name}_channels_first"))
+        ctx.op("TRANSPOSE", [src, ctx.const_int([0, 3, 1, 2], f"{name}_perm")], [cfirst])
+        src = cfirst
     # -1 rows: LiteRT's resize_tensor_input can still change the batch
-    ctx.op("RESHAPE", [ctx.get(x, kind, False), ctx.const_int([-1, h * w], f"{name}_rows_shape")], [rows_i])
+    ctx.op("RESHAPE", [src, ctx.const_int([-1, h * w], f"{name}_rows_shape")], [rows_i])
     wi = ctx.const(f"{name}_ones", np.ones((1, h * w), np.int8), QuantParams(np.array([sw]), np.zeros(1, np.int64)))
     s_b = np.array([np.float32(qx.scale.ravel()[0]) * sw], np.float32)
     bi = ctx.const(f"{name}_bias", np.zeros(1, np.int32), _bias_quant(s_b, 1))

@@ -67,13 +67,16 @@ def main() -> None:
     mo.CopyFrom(m)
     mt = onnx.ModelProto()
     mt.CopyFrom(m)
-    shapes = _float_shapes(m, [q.input[0] for q in qnodes], x[:1])  # the export checks outputs' types and shapes
+    # LiteRT's integers are read from each tensor's DequantizeLinear output (exact multiples of the scale): the
+    # float before the QuantizeLinear would show numpy's rounding, not LiteRT's QUANTIZE (it multiplies by 1/scale)
+    dq_of = {nd.input[0]: nd.output[0] for nd in m.graph.node if nd.op_type == "DequantizeLinear"}
+    seen = {q.output[0]: dq_of.get(q.output[0], q.input[0]) for q in qnodes}
+    shapes = _float_shapes(m, list(seen.values()), x[:1])  # the export checks outputs' types and shapes
     for q in qnodes:
         mo.graph.output.append(helper.make_empty_tensor_value_info(q.output[0]))
         if q.input[0] not in {i.name for i in m.graph.input}:  # the input's own QUANTIZE: seen via the first op
-            mt.graph.output.append(
-                helper.make_tensor_value_info(q.input[0], onnx.TensorProto.FLOAT, shapes[q.input[0]])
-            )
+            t = seen[q.output[0]]
+            mt.graph.output.append(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, shapes[t]))
     tmp = tempfile.mkdtemp()
     tfl = os.path.join(tmp, "probe.tflite")
     export_tflite(mt, tfl)
@@ -108,10 +111,10 @@ def main() -> None:
 
         def lite_int(name, lv=lv, ov=ov):
             q = qby[name]
-            if q.input[0] not in lv:  # graph input: LiteRT's QUANTIZE matched ORT's (first conv agrees)
+            if seen[name] not in lv:  # graph input: LiteRT's QUANTIZE matched ORT's (first conv agrees)
                 return ov[name].astype(np.int64)
             sc, zp = params(q)
-            return (np.rint(lv[q.input[0]] / sc) + zp).astype(np.int64)
+            return (np.rint(lv[seen[name]] / sc) + zp).astype(np.int64)
 
         same = np.all((ov[last].astype(np.int64) == lite_int(last)).reshape(len(feeds["input"]), -1), axis=1)
         fc["crops_same_input"] += int(same.sum())

@@ -248,7 +248,7 @@ def test_minilm_float_and_dynamic_range_in_litert(tmp_path: Path) -> None:
     assert cos["dynamic"].min() > 0.995 and cos["lowbit dynamic"].min() > 0.995
 
 
-def test_tiny_encoder_int8_runs_attention_matmuls_in_int8():
+def test_tiny_encoder_int8_runs_attention_matmuls_on_dequantized_int8():
     import importlib
 
     import lowbit
@@ -264,7 +264,8 @@ def test_tiny_encoder_int8_runs_attention_matmuls_in_int8():
         for i in range(sg.OperatorsLength())
         if m.OperatorCodes(sg.Operators(i).OpcodeIndex()).BuiltinCode() == 126
     ]
-    assert len(bmm) == 2 and all(sg.Tensors(int(j)).Type() == 9 for op in bmm for j in op.InputsAsNumpy())
+    # float products of the int8 operands: LiteRT's int8 BATCH_MATMUL rounds apart (test_tflite_batch_matmul.py)
+    assert len(bmm) == 2 and all(sg.Tensors(int(j)).Type() == 0 for op in bmm for j in op.InputsAsNumpy())
     sess = session(qmodel)
     for seed in range(3):
         feeds = _feeds(seed)

@@ -16,6 +16,7 @@ from ..plan import Plan
 from ..recipe import TargetName
 from .add_rounding import snap_add_scales
 from .fixed_outputs import fix_output_params
+from .island_rounding import snap_island_scales
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class Target:
     # LiteRT's (XNNPACK) int8 ADD rounds 21-bit scale ratios, ONNX Runtime's float32 ones: nudge Add scales so both
     # give the same integers (docs/tflite.md).
     align_add_rounding: bool
+    # Quantizing a float HardSigmoid / HardSwish output rounds differently at half steps (ONNX Runtime divides by
+    # the scale, LiteRT multiplies by its reciprocal): nudge the output scale off them (island_rounding.py).
+    align_island_rounding: bool = False
     # ONNX Runtime has no integer HardSwish/HardSigmoid: run them as a requantization (+ QLinearMul for HardSwish)
     # instead of a float island (ops/activation.py). LiteRT has integer HARD_SWISH and reads the plain QDQ form.
     requantized_hard_gates: bool = False
@@ -39,7 +43,7 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "portable": Target("portable", align_add_rounding=True, fixed_activation_outputs=True),
+    "portable": Target("portable", align_add_rounding=True, fixed_activation_outputs=True, align_island_rounding=True),
     "onnxruntime": Target(
         "onnxruntime",
         align_add_rounding=False,
@@ -58,8 +62,13 @@ def adapt(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
             p = plan.tensors.get(name)
             if p is not None:
                 p.scale, p.zero_point = [scale], [zero]
-    if TARGETS[target].align_add_rounding:
-        _align_add_rounding(proto, plan)
+    adds = snap_add_scales(proto) if TARGETS[target].align_add_rounding else []
+    islands = []
+    if TARGETS[target].align_island_rounding:
+        # after the Adds: an island's input may be an Add's output, and an Add's tuned scales must stay as they are
+        islands = snap_island_scales(proto, _add_scales(proto, adds))
+    if adds or islands:
+        _refresh_scales(proto, plan)
     if TARGETS[target].requantized_hard_gates:
         for name in requantize_hard_gates(proto):
             d = plan.nodes.get(name)
@@ -67,11 +76,23 @@ def adapt(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
                 d.code, d.details = Reason.REQUANTIZED_GATE, {**d.details, "op": d.op_type}
 
 
-def _align_add_rounding(proto: onnx.ModelProto, plan: Plan) -> None:
-    """On EfficientNet-Lite0 a few Add values near half steps came out one step apart in the two runtimes and
+def _add_scales(proto: onnx.ModelProto, adds: list[str]) -> set[str]:
+    """The scale initializers of the operands and outputs of these Add nodes (which snap_add_scales tuned).
+    On EfficientNet-Lite0 a few Add values near half steps came out one step apart in the two runtimes and
     flipped 4 of 256 top-1 answers; nudging each Add's scales by ~1e-7 makes them compute the same integers."""
-    if not snap_add_scales(proto):
-        return
+    names = set(adds)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    scales: set[str] = set()
+    for n in proto.graph.node:
+        if (n.name or n.output[0]) not in names or n.op_type != "Add":
+            continue
+        scales.update(producer[i].input[1] for i in n.input if i in producer and len(producer[i].input) > 1)
+        scales.update(r.input[1] for r in proto.graph.node if n.output[0] in r.input and len(r.input) > 1)
+    return scales
+
+
+def _refresh_scales(proto: onnx.ModelProto, plan: Plan) -> None:
+    """Copy the (possibly nudged) one-value scales of the model's QuantizeLinear nodes into the plan."""
     inits = {t.name: t for t in proto.graph.initializer}
     for n in proto.graph.node:
         p = plan.tensors.get(n.input[0]) if n.op_type == "QuantizeLinear" else None
@@ -79,4 +100,4 @@ def _align_add_rounding(proto: onnx.ModelProto, plan: Plan) -> None:
             p.scale = [float(onnx.numpy_helper.to_array(inits[n.input[1]]).reshape(()))]
 
 
-__all__ = ["Target", "TARGETS", "TargetName", "adapt", "snap_add_scales"]
+__all__ = ["Target", "TARGETS", "TargetName", "adapt", "snap_add_scales", "snap_island_scales"]

@@ -38,6 +38,10 @@ def nhwc_axis(axis: int, rank: int) -> int:
     return TO_NHWC.index(axis) if rank == 4 else axis
 
 
+# Off: float readers take the unrounded float (the exporter before this rule; tests compare the two).
+RAW_FLOAT_ROUNDED = True
+
+
 class Context:
     def __init__(
         self,
@@ -52,6 +56,9 @@ class Context:
         self.precision = precision  # float32, float16 (fp16 constants), dynamic (int8 weights), int8 (QDQ)
         self.fm = FlatModel()
         self.reps: dict[str, dict[tuple[str, bool], int]] = {}
+        # quantized values an operator wrote in float: their float readers get DEQUANTIZE(QUANTIZE(value)), as the
+        # ONNX model's Q/DQ pair gives them, not the unrounded float (see get)
+        self.raw_float: set[str] = set()
         self.nhwc: dict[str, bool] = {}
         self.float_nodes: list[str] = []  # nodes that run in float inside a quantized graph
         self.transposes: list[str] = []  # values transposed inside the graph (should stay empty for CNNs)
@@ -76,6 +83,8 @@ class Context:
         nhwc = self.nhwc[name]
         idx = self.fm.add_tensor(self._tensor(name, kind, self.shape(name, nhwc)))
         self.reps.setdefault(name, {})[(kind, nhwc)] = idx
+        if kind == "f" and self.quant(name) is not None and RAW_FLOAT_ROUNDED:
+            self.raw_float.add(name)
         return idx
 
     def _tensor(self, name: str, kind: str, shape: tuple[int, ...], label: str | None = None) -> Tensor:
@@ -98,6 +107,14 @@ class Context:
         have = self.nhwc[name]
         want = have if nhwc is None or len(self.shapes[name]) != 4 else nhwc
         reps = self.reps[name]
+        if kind == "f" and name in self.raw_float:
+            # A float reader of a value the ONNX model quantizes (softmax probabilities, a LayerNorm output read by a
+            # float residual Add) sees it rounded, as ONNX Runtime does after QuantizeLinear/DequantizeLinear.
+            if ("dq", want) not in reps:
+                dst = self.fm.add_tensor(self._tensor(name, "f", self.shape(name, want), f"{name}_dq"))
+                self.op("DEQUANTIZE", [self.get(name, "q", want)], [dst])
+                reps[("dq", want)] = dst
+            return reps[("dq", want)]
         if (kind, want) in reps:
             return reps[(kind, want)]
         if (kind, have) not in reps:

@@ -285,8 +285,63 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     )
 
 
+def _sum_weight_scale(si: np.float32, so: np.float32, n: int) -> np.float32 | None:
+    """A float32 weight scale sw near 1/n with which XNNPACK's requantization scale, (si * sw) / so in float32,
+    equals ONNX Runtime's QLinearGlobalAveragePool scale, si / so / n in float32; None if none is within 64 ulps."""
+    f32 = np.float32
+    target = f32(f32(si / so) / f32(n))
+    bits = int(np.array(f32(1.0 / n), f32).view(np.int32))
+    for step in range(64):
+        for b in (bits + step, bits - step) if step else (bits,):
+            sw = f32(np.array(b, np.int32).view(f32)[()])
+            if f32(f32(si * sw) / so) == target:
+                return sw
+    return None
+
+
+def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> bool:
+    """An int8 GlobalAveragePool as a FULLY_CONNECTED summing each channel's H*W values with all-ones weights
+    (TRANSPOSE to channels first, RESHAPE to (N*C, H*W), FULLY_CONNECTED, RESHAPE to (N, 1, 1, C)): the int32 sum,
+    scaled in float32 and rounded once, as ONNX Runtime's QLinearGlobalAveragePool computes it. LiteRT's int8 MEAN
+    rounds twice (sum * si/so to an integer, then that divided by the count) and put 1 in 2500 of MobileNetV3-
+    Large's squeeze-excite averages one step off (a DEPTHWISE_CONV_2D with an H x W kernel gives the same integers,
+    but ran MobileNetV3-Small 8x slower). False when it does not apply (float, sizes not fixed)."""
+    x, y = node.input[0], node.output[0]
+    shape = ctx.shapes[x]
+    if kind != "q" or len(shape) != 4 or not all(isinstance(v, int) and v > 0 for v in shape):
+        return False
+    b, c, h, w = shape
+    qx, qy = ctx.quant(x), ctx.quant(y)
+    if qx is None or qy is None or qx.scale.size != 1 or qy.scale.size != 1:
+        return False
+    sw = _sum_weight_scale(np.float32(qx.scale.ravel()[0]), np.float32(qy.scale.ravel()[0]), h * w)
+    if sw is None:
+        return False
+    name = node.name or y
+    rows = ctx._tensor(x, kind, (b * c, h * w), f"{name}_rows")
+    rows_i = ctx.fm.add_tensor(rows)
+    src = ctx.get(x, kind)  # in its own layout; an NHWC map is put channels first here, as part of this form
+    if ctx.nhwc[x]:
+        cfirst = ctx.fm.add_tensor(ctx._tensor(x, kind, (b, c, h, w), f"{name}_channels_first"))
+        ctx.op("TRANSPOSE", [src, ctx.const_int([0, 3, 1, 2], f"{name}_perm")], [cfirst])
+        src = cfirst
+    # -1 rows: LiteRT's resize_tensor_input can still change the batch
+    ctx.op("RESHAPE", [src, ctx.const_int([-1, h * w], f"{name}_rows_shape")], [rows_i])
+    wi = ctx.const(f"{name}_ones", np.ones((1, h * w), np.int8), QuantParams(np.array([sw]), np.zeros(1, np.int64)))
+    s_b = np.array([np.float32(qx.scale.ravel()[0]) * sw], np.float32)
+    bi = ctx.const(f"{name}_bias", np.zeros(1, np.int32), _bias_quant(s_b, 1))
+    sums = ctx.fm.add_tensor(ctx._tensor(y, kind, (b * c, 1), f"{name}_sums"))
+    ctx.op("FULLY_CONNECTED", [rows_i, wi, bi], [sums], "FullyConnectedOptions", fused_activation_function=0,
+           keep_num_dims=False, asymmetric_quantize_inputs=False)  # fmt: skip
+    out = ctx.produce(y, kind, True)
+    ctx.op("RESHAPE", [sums, ctx.const_int([-1, 1, 1, c], f"{name}_shape")], [out])
+    return True
+
+
 def mean(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x, y = node.input[0], node.output[0]
+    if node.op_type == "GlobalAveragePool" and _global_average_as_sum(ctx, node, kind):
+        return
     rank = len(ctx.shapes[x])
     axes: list[int] | None
     if node.op_type == "GlobalAveragePool":

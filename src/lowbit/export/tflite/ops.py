@@ -123,7 +123,8 @@ def _int8_clip(ctx: Context, node: onnx.NodeProto, xin: int, out: int, lo: float
     cur = xin
     if not same:
         cur = out if not steps else ctx.fm.add_tensor(ctx._tensor(y, "q", shape, f"{label}_requant"))
-        ctx.op("QUANTIZE", [xin], [cur])
+        # rescaled from float32, as ONNX Runtime does (LiteRT's int8 -> int8 QUANTIZE put 6 of 512 values a step off)
+        ctx.op("QUANTIZE", [ctx.get(node.input[0], "f") if REQUANTIZE_IN_FLOAT else xin], [cur])
     if not steps and same:  # the clip is the int8 range itself: a copy
         ctx.op("RESHAPE", [cur, ctx.const_int(list(shape), f"{label}_shape")], [out])
         return
@@ -225,9 +226,18 @@ def concat(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act
     )
 
 
+REQUANTIZE_IN_FLOAT = True
+
+
 def identity(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     """Identity, or a second quantization of one tensor (QDQ requantize): QUANTIZE rescales int8 -> int8."""
     x, y = node.input[0], node.output[0]
+    if kind == "q" and REQUANTIZE_IN_FLOAT:
+        # DEQUANTIZE -> QUANTIZE: ONNX Runtime rescales (q - z) * s_in in float32; LiteRT's int8 -> int8 QUANTIZE
+        # rescales with a fixed-point multiplier and rounds apart near half steps (docs/tflite.md)
+        out = ctx.produce(y, kind, ctx.nhwc[x])
+        ctx.op("QUANTIZE", [ctx.get(x, "f")], [out])
+        return
     xin = ctx.get(x, kind)
     out = ctx.produce(y, kind, ctx.nhwc[x])
     ctx.op(

@@ -108,7 +108,7 @@ def run_lowbit(args: argparse.Namespace) -> None:
     budget = {"latency_budget": args.latency_budget} if args.latency_budget else {"max_drop": args.max_drop}
     name = args.name or "lowbit auto"
     t = time.perf_counter()
-    r = lowbit.auto_quantize(str(float_path), calib, search, args.out / "scratch.auto.onnx", **budget)
+    r = lowbit.auto_quantize(str(float_path), calib, search, args.out / f"{slug(name)}.scratch.onnx", **budget)
     seconds = time.perf_counter() - t
     save(args.out, name, r.model, {"seconds": seconds, "budget": r.budget, "auto": r.to_dict()})
     t = time.perf_counter()

@@ -12,8 +12,9 @@ import pytest
 import lowbit
 from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
+from lowbit.auto.flips import Flips, fragile, gap_error, top_two
 from lowbit.auto.profile import layer_of
-from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing
+from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing, trim, trim_order
 from lowbit.runtimes.ort import run_all, session
 
 
@@ -211,3 +212,52 @@ def test_a_dynamic_base_recipe_gets_no_16_bit_candidates(data: tuple[Path, Path,
     assert r.met
     # the recipe's scheme is dynamic everywhere (16-bit activations would be a conflicting scheme): none measured
     assert "int16" not in r.latency_ms and set(r.latency_ms) == {"int8", "int4", "float"}
+
+
+def test_trim_keeps_only_returns_to_int8_that_still_pass() -> None:
+    layers = [
+        Layer("a", "Conv", inputs=("x",), outputs=("t1",)),
+        Layer("b", "Conv", inputs=("t1",), outputs=("t2",)),
+        Layer("c", "Gemm", inputs=("t2",), outputs=("y",)),
+    ]
+    latency = {"int8": {"a": 1.0, "b": 1.0, "c": 0.2, "other": 0.0}, "float": {"a": 2.0, "b": 3.0, "c": 0.3}}
+    cost = CostModel(layers, latency, {})
+    noise = {n: {"int8": e, "float": 0.0} for n, e in (("a", 0.5), ("b", 0.1), ("c", 0.1))}
+    start: dict = {"a": "float", "b": "float", "c": "float"}
+    # b saves 2 ms for 0.1 of noise, c 0.1 ms for 0.1, a 1 ms for 0.5: b first, then c, then a
+    order = trim_order(cost, noise, start)
+    assert order == ["b", "a", "c"]
+    tried: list[dict] = []
+
+    def passes(assignment: dict) -> bool:  # a stands in for a layer that must stay float
+        tried.append(dict(assignment))
+        return assignment["a"] == "float"
+
+    got = trim(start, order, passes)
+    assert got == {"a": "float", "b": "int8", "c": "int8"}
+    assert [t for t in tried] == [
+        {"a": "float", "b": "int8", "c": "float"},
+        {"a": "int8", "b": "int8", "c": "float"},
+        {"a": "float", "b": "int8", "c": "int8"},
+    ]
+
+
+def test_expected_flips_follow_the_margins() -> None:
+    ref = np.array([[5.0, 4.9, 0.0], [0.0, 9.0, 1.0], [2.0, 0.0, 1.0]])
+    first, second, margin = top_two(ref)
+    assert first.tolist() == [0, 1, 0] and second.tolist() == [1, 2, 2]
+    assert margin == pytest.approx([0.1, 8.0, 1.0])
+    assert fragile(ref, 2).tolist() == [0, 2]  # the two smallest gaps, in sample order
+    out = ref.copy()
+    out[0, 0] -= 0.3  # sample 0's answer flips: its gap moved by -0.3
+    assert gap_error(ref, out, first, second) == pytest.approx([-0.3, 0.0, 0.0])
+    layers = [Layer("a", "Conv"), Layer("b", "Conv")]
+    errors = {"a": {"int8": np.array([0.3, 0.3, 0.3])}, "b": {"int8": np.array([0.0, 0.0, 0.01])}}
+    flips = Flips(layers, margin, errors)
+    assert flips({"a": "float", "b": "float"}) == 0.0
+    both, only_b = flips({"a": "int8", "b": "int8"}), flips({"a": "float", "b": "int8"})
+    # a's error is three times sample 0's gap: P(flip) = Phi(-1/3) = 0.37 (zero-mean errors push either way);
+    # sample 2 (gap 1): Phi(-3.3) = 4e-4; sample 1 (gap 8): nil
+    assert flips({"a": "int8", "b": "float"}) == pytest.approx(0.3694 + 0.0004, abs=1e-4)
+    assert both > only_b >= 0.0
+    assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event

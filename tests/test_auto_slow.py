@@ -4,6 +4,7 @@ Fashion-MNIST CNN with labelled data (`--labels`)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,8 @@ def test_fashion_mnist_labels_hold_the_accuracy_budget(tmp_path: Path) -> None:
     finally:
         torch.set_num_threads(threads)
     model = tmp_path / "fashion.onnx"
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter, chosen on purpose
         torch.onnx.export(
             net, (torch.from_numpy(xte[:1]),), str(model), dynamo=False, input_names=["x"],
             output_names=["logits"], dynamic_axes={"x": {0: "N"}, "logits": {0: "N"}},

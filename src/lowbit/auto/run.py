@@ -134,6 +134,7 @@ def auto(
     eval_limit: int | None = None,
     latency_rounds: int = 30,
     trim_steps: int = 40,
+    explore: int = 4,
     progress: bool = True,
 ) -> AutoResult:
     """Choose a precision (int8, int8 with 16-bit activations, int4 weights, float) per layer, measured here.
@@ -141,9 +142,16 @@ def auto(
     `max_drop`: points (fraction x 100) of the metric the model may lose against float on `eval_data` (default 1);
     or `latency_budget`: the largest latency as a ratio to float's (1 thread, paired). With `output`, writes
     OUT.onnx + OUT.plan.json (together), OUT.recipe.json (rerun with `lowbit quantize --recipe`) and OUT.auto.json
-    (the explored points, latency table and sensitivities)."""
+    (the explored points, latency table and sensitivities).
+
+    With an accuracy budget, the chosen point of the chain is then trimmed: up to `trim_steps` of its layers not at
+    int8 are tried back at int8 one at a time, each kept only if the model still meets the budget, measured.
+    `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
     budget = _check_budget(max_drop, latency_budget)
+    for name, value in (("trim_steps", trim_steps), ("explore", explore)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LowbitError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
         raise LowbitError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
     if output is not None:
@@ -301,6 +309,10 @@ def auto(
         found = longest_within(len(steps), lambda i: measure(i)["latency_ratio"] <= budget["ratio"])
         k = 0 if found is None else found
         met = found is not None
+    # More of the chain's points, evenly spaced, for the front it prints: what the time between int8 and float buys.
+    extra = [int(round(v)) for v in np.linspace(0, len(steps) - 1, explore + 2)[1:-1]]
+    for i in sorted(set(extra) - set(points)):
+        measure(i, stage="front")
     seconds["search"] = time.perf_counter() - t
     chosen = measure(k)
     model_k, plan_k, recipe_k = built_models[k]

@@ -281,6 +281,7 @@ def auto(
             "estimated_noise": sum(noise[x.node][assignment[x.node]] for x in builder.layers),
             "estimated_flips": objective(assignment) if objective is not None else None,
             "precisions": counts,
+            "changed": {n: p for n, p in assignment.items() if p != "int8"},  # layers not at int8
         }
         assignments[k] = dict(assignment)
         built_models[k] = (model_k, plan_k, recipe_k)
@@ -313,6 +314,11 @@ def auto(
     extra = [int(round(v)) for v in np.linspace(0, len(steps) - 1, explore + 2)[1:-1]]
     for i in sorted(set(extra) - set(points)):
         measure(i, stage="front")
+    if budget["kind"] == "latency" and met:
+        # The chain's accuracy is not monotone (a layer float between int8 ones can lose more than it wins): of the
+        # points measured within the budget, the most accurate, then the fastest.
+        within = [i for i, pt in points.items() if pt["latency_ratio"] <= budget["ratio"]]
+        k = max(within, key=lambda i: (points[i]["score"], -points[i]["latency_ratio"], -i))
     seconds["search"] = time.perf_counter() - t
     chosen = measure(k)
     model_k, plan_k, recipe_k = built_models[k]

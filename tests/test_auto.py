@@ -262,3 +262,25 @@ def test_expected_flips_follow_the_margins() -> None:
     assert flips({"a": "int8", "b": "float"}) == pytest.approx(0.3694 + 0.0004, abs=1e-4)
     assert both > only_b >= 0.0
     assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event
+
+
+@pytest.mark.parametrize("excluded", ["conv2", "fc"])
+def test_a_layer_left_float_stays_float_in_onnx_runtime(tmp_path: Path, excluded: str) -> None:
+    """ONNX Runtime quantizes (per tensor, int8) the float weights of a Conv/Gemm that reads a per-tensor DQ; the
+    layer must reach its kernels float, as the plan says, so what runs is what simulation measured."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)
+    recipe = lowbit.Recipe(exclude_names=(excluded,))
+    model = lowbit.quantize(tiny_cnn(), calib=x, recipe=recipe, progress=False).model
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ran = {n.name: n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert ran.get(excluded) in ("Conv", "Gemm", "FusedConv", "FusedGemm"), ran
+    assert "QLinearConv" in ran.values() or excluded == "conv2"  # the other layers still run integer kernels
+    kern = run_all(session(model, "kernels"), [{"x": x}])[0]
+    sim = run_all(session(model, "simulate"), [{"x": x}])[0]
+    assert np.abs(kern - sim).max() <= 1e-3 * np.abs(sim).max()

@@ -4,10 +4,12 @@ Data (real photographs, lowbit_zoo): calibration = 128 crops of the calibration 
 evaluation data = 128 other crops of the same photos (seed 1); held-out = 256 crops of the evaluation photos,
 which neither tool sees. Both tools get the same calibration and search data and the same budget: top-1 agreement
 with float may drop by at most 1 point on the search data (NNCF: max_drop=0.01, absolute, with a validation
-function computing that agreement with ONNX Runtime's integer kernels). Then every model is measured on the
-held-out crops (kernels and simulation) and timed paired against float at 1 thread, in one run.
+function computing that agreement with ONNX Runtime's integer kernels).
 
-Usage: python bench/auto.py [--calib 128] [--search 128] [--heldout 256] [--skip-nncf] [--rounds 60]
+Three stages, so that the slow ones can run apart (each writes its model and a JSON beside it in --out):
+  python bench/auto.py lowbit [--max-drop 1 | --latency-budget 0.6] [--name NAME]   # lowbit auto
+  python bench/auto.py nncf [--ranking-subset 64] [--max-iterations 40]             # NNCF accuracy control
+  python bench/auto.py table [--rounds 60]       # every saved model: held-out agreement + paired latency, one run
 """
 
 from __future__ import annotations
@@ -45,93 +47,123 @@ def float_compute(model: onnx.ModelProto) -> int:
     return sum(1 for n in model.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[0] not in dq_of_act)
 
 
-def nncf_accuracy_control(float_path: Path, calib: np.ndarray, search: np.ndarray, refs: np.ndarray):
+def data(args: argparse.Namespace) -> tuple[Path, np.ndarray, np.ndarray]:
+    """The float model (exported into --out) and the calibration and search crops."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    float_path = efficientnet_lite0_onnx(args.out / "efficientnet_lite0.onnx")
+    return float_path, photo_crops(args.calib, "calib"), photo_crops(args.search, "calib", seed=1)
+
+
+def batched_agreement(sess, x: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Per-sample 1.0/0.0: does the model's top-1 answer match `labels` (the float model's)? Batches of 32."""
+    got = np.concatenate([sess.run(None, {"input": x[i : i + 32]})[0] for i in range(0, len(x), 32)])
+    return [float(v) for v in got.argmax(1) == labels]
+
+
+def run_nncf(args: argparse.Namespace) -> None:
+    """NNCF's accuracy control, bounded by its own documented knobs (AdvancedAccuracyRestorerParameters): rank on
+    a subset of the search data, revert at most --max-iterations groups. The validation function computes the
+    same metric lowbit's search does (top-1 agreement with float, integer kernels, on all search crops)."""
     import nncf
+    from nncf.quantization.advanced_parameters import AdvancedAccuracyRestorerParameters
+
+    float_path, calib, search = data(args)
+    refs = run_all(session(str(float_path)), [{"input": search}])[0].argmax(1)
+    calls = {"n": 0, "seconds": 0.0}
 
     def validate(model: onnx.ModelProto, items) -> tuple[float, list[float]]:
-        sess = session(model, "kernels")
-        per = [float(sess.run(None, {"input": x})[0].argmax() == label) for x, label in items]
+        t = time.perf_counter()
+        items = list(items)
+        x = np.concatenate([xi for xi, _ in items])
+        per = batched_agreement(session(model, "kernels", threads=1, spin=False), x, np.array([y for _, y in items]))
+        calls["n"] += 1
+        calls["seconds"] += time.perf_counter() - t
         return float(np.mean(per)), per
 
     calib_ds = nncf.Dataset([calib[i : i + 1] for i in range(len(calib))], lambda x: {"input": x})
     val_ds = nncf.Dataset([(search[i : i + 1], int(refs[i])) for i in range(len(search))])
-    return nncf.quantize_with_accuracy_control(
+    knobs = {
+        "ranking_subset_size": args.ranking_subset,
+        "max_num_iterations": args.max_iterations,
+        "num_ranking_workers": 1,
+    }
+    t = time.perf_counter()
+    model = nncf.quantize_with_accuracy_control(
         onnx.load(str(float_path)),
         calib_ds,
         val_ds,
         validate,
-        max_drop=0.01,
+        max_drop=args.max_drop / 100,
         drop_type=nncf.DropType.ABSOLUTE,
         subset_size=len(calib),
+        advanced_accuracy_restorer_parameters=AdvancedAccuracyRestorerParameters(**knobs),  # type: ignore[arg-type]
     )
+    seconds = time.perf_counter() - t
+    name = args.name or "NNCF accuracy control"
+    save(args.out, name, model, {"seconds": seconds, "knobs": knobs, "validations": calls, "max_drop": args.max_drop})
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--calib", type=int, default=128)
-    ap.add_argument("--search", type=int, default=128)
-    ap.add_argument("--heldout", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=60)
-    ap.add_argument("--skip-nncf", action="store_true")
-    args = ap.parse_args()
-    ART.mkdir(parents=True, exist_ok=True)
-    float_path = efficientnet_lite0_onnx(ART / "efficientnet_lite0.onnx")
-    calib = photo_crops(args.calib, "calib")
-    search = photo_crops(args.search, "calib", seed=1)
+def run_lowbit(args: argparse.Namespace) -> None:
+    float_path, calib, search = data(args)
+    budget = {"latency_budget": args.latency_budget} if args.latency_budget else {"max_drop": args.max_drop}
+    name = args.name or "lowbit auto"
+    t = time.perf_counter()
+    r = lowbit.auto_quantize(str(float_path), calib, search, args.out / f"{slug(name)}.scratch.onnx", **budget)
+    seconds = time.perf_counter() - t
+    save(args.out, name, r.model, {"seconds": seconds, "budget": r.budget, "auto": r.to_dict()})
+    t = time.perf_counter()
+    base = lowbit.quantize(str(float_path), calib=calib, progress=False).model
+    save(args.out, "lowbit int8 (default)", base, {"seconds": time.perf_counter() - t})
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def save(out: Path, name: str, model: onnx.ModelProto, info: dict) -> None:
+    onnx.save(model, str(out / f"{slug(name)}.onnx"))
+    (out / f"{slug(name)}.json").write_text(json.dumps({"name": name, **info}, indent=1, default=str))
+
+
+def table(args: argparse.Namespace) -> None:
+    """Every saved model, measured in one run: search and held-out agreement (kernels and simulation), size,
+    float layers, and latency paired against float at 1 thread (interleaved rounds)."""
+    float_path, _, search = data(args)
     heldout = photo_crops(args.heldout, "eval")
-    models: dict[str, onnx.ModelProto] = {}
-    took: dict[str, float] = {}
-
-    t = time.perf_counter()
-    models["lowbit int8 (default)"] = lowbit.quantize(str(float_path), calib=calib, progress=False).model
-    took["lowbit int8 (default)"] = time.perf_counter() - t
-    t = time.perf_counter()
-    result = lowbit.auto_quantize(str(float_path), calib, search, ART / "lite0.auto.onnx", max_drop=1.0)
-    took["lowbit auto, 1 point"] = time.perf_counter() - t
-    models["lowbit auto, 1 point"] = result.model
-    if not args.skip_nncf:
-        refs = run_all(session(str(float_path)), [{"input": search}])[0].argmax(1)
-        t = time.perf_counter()
-        models["NNCF accuracy control, 1 point"] = nncf_accuracy_control(float_path, calib, search, refs)
-        took["NNCF accuracy control, 1 point"] = time.perf_counter() - t
-
+    found = sorted(p for p in args.out.glob("*.json") if p.with_suffix(".onnx").exists())
+    infos = [json.loads(p.read_text()) for p in found]
+    models = {i["name"]: onnx.load(str(p.with_suffix(".onnx"))) for i, p in zip(infos, found)}
     batches = [{"input": heldout[i : i + 32]} for i in range(0, len(heldout), 32)]
     sbatches = [{"input": search[i : i + 32]} for i in range(0, len(search), 32)]
     ref = run_all(session(str(float_path)), batches)[0]
     sref = run_all(session(str(float_path)), sbatches)[0]
     sessions = {"float": session(str(float_path), threads=1)}
     rows = []
-    for name, m in models.items():
-        onnx.save(m, str(ART / (name.split(",")[0].replace(" ", "_") + ".onnx")))
+    for info in infos:
+        m = models[info["name"]]
         kern = fidelity(ref, run_all(session(m, "kernels"), batches)[0])
         sim = fidelity(ref, run_all(session(m, "simulate"), batches)[0])
         skern = fidelity(sref, run_all(session(m, "kernels"), sbatches)[0])
         rows.append(
             {
-                "tool": name,
+                "tool": info["name"],
                 "search_top1": skern["top1_agreement"],
                 "heldout_top1_kernels": kern["top1_agreement"],
                 "heldout_top1_simulation": sim["top1_agreement"],
                 "heldout_cosine": kern["cosine"],
                 "mb": m.ByteSize() / 1e6,
-                "seconds": took[name],
+                "seconds": info.get("seconds", 0.0),
                 "float_nodes": float_compute(m),
             }
         )
-        sessions[name] = session(m, threads=1)
+        sessions[info["name"]] = session(m, threads=1)
     times = interleaved_latency(sessions, {"input": heldout[:1]}, runs=args.rounds, warmup=3)
     for row in rows:
         row["latency_ratio"] = paired_ratio(times, row["tool"], "float")
         row["ms"] = 1e3 * float(np.median(times[row["tool"]]))
     float_ms = 1e3 * float(np.median(times["float"]))
-    out = {
-        "rows": rows,
-        "float_ms": float_ms,
-        "cpu": machine()["cpu"],
-        "auto": {"front": result.front, "points": result.points, "seconds": result.seconds},
-        "auto_precisions": result.counts(),
-    }
-    (ART / "results.json").write_text(json.dumps(out, indent=1))
+    out = {"rows": rows, "float_ms": float_ms, "cpu": machine()["cpu"], "rounds": args.rounds}
+    (args.out / "table.results").write_text(json.dumps(out, indent=1))
     print(f"CPU {out['cpu']}; float {float_ms:.2f} ms/crop at 1 thread; {args.rounds} paired rounds\n")
     print(
         "| tool | top-1 agreement, search data (kernels) | held-out, kernels | held-out, simulation | "
@@ -144,13 +176,23 @@ def main() -> int:
             f"{r['heldout_top1_simulation']:.1%} | {r['latency_ratio']:.3f}x ({r['ms']:.2f} ms) | {r['mb']:.2f} | "
             f"{r['float_nodes']} | {r['seconds']:.0f} s |"
         )
-    print("\nauto's explored front:")
-    for p in result.front:
-        print(
-            f"  step {p['step']}: {p['score']:.2f} points, {p['latency_ratio']:.3f}x, {p['size_bytes'] / 1e6:.2f} MB, "
-            f"{p['precisions']}"
-        )
-    print(f"auto took {result.seconds}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("stage", choices=["lowbit", "nncf", "table"])
+    ap.add_argument("--out", type=Path, default=ART, help="folder of the saved models (default: %(default)s)")
+    ap.add_argument("--name", help="the row's name (default: the tool's)")
+    ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--search", type=int, default=128)
+    ap.add_argument("--heldout", type=int, default=256)
+    ap.add_argument("--max-drop", type=float, default=1.0, help="points of top-1 agreement (both tools)")
+    ap.add_argument("--latency-budget", type=float, help="lowbit: a latency budget instead of --max-drop")
+    ap.add_argument("--ranking-subset", type=int, default=64, help="NNCF: ranking_subset_size")
+    ap.add_argument("--max-iterations", type=int, default=40, help="NNCF: max_num_iterations (groups reverted)")
+    ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
+    args = ap.parse_args()
+    {"lowbit": run_lowbit, "nncf": run_nncf, "table": table}[args.stage](args)
     return 0
 
 

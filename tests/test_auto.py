@@ -12,8 +12,9 @@ import pytest
 import lowbit
 from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
+from lowbit.auto.flips import Flips, fragile, gap_error, top_two
 from lowbit.auto.profile import layer_of
-from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing
+from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing, trim, trim_order
 from lowbit.runtimes.ort import run_all, session
 
 
@@ -61,6 +62,7 @@ def test_latency_budget(data: tuple[Path, Path, Path]) -> None:
     model, calib, ev = data
     loose = lowbit.auto_quantize(model, calib, ev, latency_budget=1000.0, progress=False)
     assert loose.met and loose.points[-1]["step"] == max(p["step"] for p in loose.points)
+    assert loose.score == max(p["score"] for p in loose.points)  # every point is within: the most accurate wins
     tight = lowbit.auto_quantize(model, calib, ev, latency_budget=1e-6, progress=False)
     assert not tight.met  # nothing runs in a millionth of float's time: said, not hidden
 
@@ -211,3 +213,74 @@ def test_a_dynamic_base_recipe_gets_no_16_bit_candidates(data: tuple[Path, Path,
     assert r.met
     # the recipe's scheme is dynamic everywhere (16-bit activations would be a conflicting scheme): none measured
     assert "int16" not in r.latency_ms and set(r.latency_ms) == {"int8", "int4", "float"}
+
+
+def test_trim_keeps_only_returns_to_int8_that_still_pass() -> None:
+    layers = [
+        Layer("a", "Conv", inputs=("x",), outputs=("t1",)),
+        Layer("b", "Conv", inputs=("t1",), outputs=("t2",)),
+        Layer("c", "Gemm", inputs=("t2",), outputs=("y",)),
+    ]
+    latency = {"int8": {"a": 1.0, "b": 1.0, "c": 0.2, "other": 0.0}, "float": {"a": 2.0, "b": 3.0, "c": 0.3}}
+    cost = CostModel(layers, latency, {})
+    noise = {n: {"int8": e, "float": 0.0} for n, e in (("a", 0.5), ("b", 0.1), ("c", 0.1))}
+    start: dict = {"a": "float", "b": "float", "c": "float"}
+    # b saves 2 ms for 0.1 of noise, c 0.1 ms for 0.1, a 1 ms for 0.5: b first, then c, then a
+    order = trim_order(cost, noise, start)
+    assert order == ["b", "a", "c"]
+    tried: list[dict] = []
+
+    def passes(assignment: dict) -> bool:  # a stands in for a layer that must stay float
+        tried.append(dict(assignment))
+        return assignment["a"] == "float"
+
+    got = trim(start, order, passes)
+    assert got == {"a": "float", "b": "int8", "c": "int8"}
+    assert [t for t in tried] == [
+        {"a": "float", "b": "int8", "c": "float"},
+        {"a": "int8", "b": "int8", "c": "float"},
+        {"a": "float", "b": "int8", "c": "int8"},
+    ]
+
+
+def test_expected_flips_follow_the_margins() -> None:
+    ref = np.array([[5.0, 4.9, 0.0], [0.0, 9.0, 1.0], [2.0, 0.0, 1.0]])
+    first, second, margin = top_two(ref)
+    assert first.tolist() == [0, 1, 0] and second.tolist() == [1, 2, 2]
+    assert margin == pytest.approx([0.1, 8.0, 1.0])
+    assert fragile(ref, 2).tolist() == [0, 2]  # the two smallest gaps, in sample order
+    out = ref.copy()
+    out[0, 0] -= 0.3  # sample 0's answer flips: its gap moved by -0.3
+    assert gap_error(ref, out, first, second) == pytest.approx([-0.3, 0.0, 0.0])
+    layers = [Layer("a", "Conv"), Layer("b", "Conv")]
+    errors = {"a": {"int8": np.array([0.3, 0.3, 0.3])}, "b": {"int8": np.array([0.0, 0.0, 0.01])}}
+    flips = Flips(layers, margin, errors)
+    assert flips({"a": "float", "b": "float"}) == 0.0
+    both, only_b = flips({"a": "int8", "b": "int8"}), flips({"a": "float", "b": "int8"})
+    # a's error is three times sample 0's gap: P(flip) = Phi(-1/3) = 0.37 (zero-mean errors push either way);
+    # sample 2 (gap 1): Phi(-3.3) = 4e-4; sample 1 (gap 8): nil
+    assert flips({"a": "int8", "b": "float"}) == pytest.approx(0.3694 + 0.0004, abs=1e-4)
+    assert both > only_b >= 0.0
+    assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event
+
+
+@pytest.mark.parametrize("excluded", ["conv2", "fc"])
+def test_a_layer_left_float_stays_float_in_onnx_runtime(tmp_path: Path, excluded: str) -> None:
+    """ONNX Runtime quantizes (per tensor, int8) the float weights of a Conv/Gemm that reads a per-tensor DQ; the
+    layer must reach its kernels float, as the plan says, so what runs is what simulation measured."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (16, 3, 16, 16)).astype(np.float32)
+    recipe = lowbit.Recipe(exclude_names=(excluded,))
+    model = lowbit.quantize(tiny_cnn(), calib=x, recipe=recipe, progress=False).model
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    ran = {n.name: n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert ran.get(excluded) in ("Conv", "Gemm", "FusedConv", "FusedGemm"), ran
+    assert "QLinearConv" in ran.values() or excluded == "conv2"  # the other layers still run integer kernels
+    kern = run_all(session(model, "kernels"), [{"x": x}])[0]
+    sim = run_all(session(model, "simulate"), [{"x": x}])[0]
+    assert np.abs(kern - sim).max() <= 1e-3 * np.abs(sim).max()

@@ -26,9 +26,10 @@ from ..plan import Plan
 from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
 from .assign import Builder, Precision, find_layers
+from .flips import Flips, fragile, top_two
 from .profile import profile
 from .score import Scorer
-from .search import CostModel, chain, longest_within, pareto, shortest_passing
+from .search import CostModel, chain, longest_within, pareto, shortest_passing, trim, trim_order
 from .sensitivity import sensitivities
 
 
@@ -112,6 +113,12 @@ def _head(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.nda
     return out
 
 
+def _take(batches: list[dict[str, np.ndarray]], rows: np.ndarray, size: int = 32) -> list[dict[str, np.ndarray]]:
+    """The samples at `rows` (indices over all batches, samples first), in batches of `size`."""
+    whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+    return [{k: v[rows[i : i + size]] for k, v in whole.items()} for i in range(0, len(rows), size)]
+
+
 def auto(
     model: str | Path | onnx.ModelProto,
     calib: Any,
@@ -127,6 +134,8 @@ def auto(
     sensitivity_samples: int = 32,
     eval_limit: int | None = None,
     latency_rounds: int = 30,
+    trim_steps: int = 40,
+    explore: int = 4,
     progress: bool = True,
 ) -> AutoResult:
     """Choose a precision (int8, int8 with 16-bit activations, int4 weights, float) per layer, measured here.
@@ -134,9 +143,16 @@ def auto(
     `max_drop`: points (fraction x 100) of the metric the model may lose against float on `eval_data` (default 1);
     or `latency_budget`: the largest latency as a ratio to float's (1 thread, paired). With `output`, writes
     OUT.onnx + OUT.plan.json (together), OUT.recipe.json (rerun with `lowbit quantize --recipe`) and OUT.auto.json
-    (the explored points, latency table and sensitivities)."""
+    (the explored points, latency table and sensitivities).
+
+    With an accuracy budget, the chosen point of the chain is then trimmed: up to `trim_steps` of its layers not at
+    int8 are tried back at int8 one at a time, each kept only if the model still meets the budget, measured.
+    `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
     budget = _check_budget(max_drop, latency_budget)
+    for name, value in (("trim_steps", trim_steps), ("explore", explore)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise LowbitError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
         raise LowbitError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
     if output is not None:
@@ -205,10 +221,23 @@ def auto(
             for p in builder.precisions(x)
             if p != "float" and (p != "int16" or latency["int16"][x.node] < latency["float"][x.node])
         ]
-    sens_batches = _head(batches, sensitivity_samples)
+    # Top-1 answers flip where the float model's top two scores are close: errors alone are measured on those
+    # samples, per sample, and the chain lowers the expected number of flips. Other metrics: the first samples.
+    counts_top1 = scorer.metric in ("top1_agreement", "accuracy")
+    if counts_top1:
+        sens_batches = _take(batches, fragile(scorer.refs[0], sensitivity_samples))
+    else:
+        sens_batches = _head(batches, sensitivity_samples)
     sens_refs = run_all(session(float_model, "kernels"), sens_batches)
-    tell(f"measuring each layer's error alone on {sensitivity_samples} samples ...")
-    noise = sensitivities(builder, wanted, sens_batches, sens_refs, tell)
+    chosen_by = "the evaluation samples closest to a flip" if counts_top1 else "the first evaluation samples"
+    tell(f"measuring each layer's error alone on {sensitivity_samples} samples ({chosen_by}) ...")
+    objective: Flips | None = None
+    if counts_top1:
+        first, second, margin = top_two(sens_refs[0])
+        noise, gaps = sensitivities(builder, wanted, sens_batches, sens_refs, tell, (first, second))
+        objective = Flips(builder.layers, margin, gaps)
+    else:
+        noise, _ = sensitivities(builder, wanted, sens_batches, sens_refs, tell)
     seconds["sensitivity"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -220,15 +249,18 @@ def auto(
         frozenset(i.name for i in graph.input),
         frozenset(o.name for o in graph.output),
     )
-    steps = chain(cost, noise)
+    steps = chain(cost, noise, objective)
     float_session = session(float_model, "kernels", threads=1)
     points: dict[int, dict[str, Any]] = {}
     built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
+    assignments: dict[int, dict[str, Precision]] = {}
 
-    def measure(k: int) -> dict[str, Any]:
+    def measure(k: int, assignment: dict[str, Precision] | None = None, stage: str = "chain") -> dict[str, Any]:
+        """Build, score and time one assignment: step k of the chain, or (a trim trial) `assignment` as step k."""
         if k in points:
             return points[k]
-        model_k, plan_k, recipe_k = builder.build(steps[k].assignment)
+        assignment = steps[k].assignment if assignment is None else assignment
+        model_k, plan_k, recipe_k = builder.build(assignment)
         score = scorer.score(model_k)
         times = interleaved_latency(
             {"float": float_session, "candidate": session(model_k, "kernels", threads=1)},
@@ -237,34 +269,57 @@ def auto(
             warmup=2,
         )
         counts: dict[str, int] = {}
-        for p in steps[k].assignment.values():
+        for p in assignment.values():
             counts[p] = counts.get(p, 0) + 1
         points[k] = {
             "step": k,
+            "stage": stage,
             "score": score,
             "drop": scorer.reference - score,
             "latency_ratio": paired_ratio(times, "candidate", "float"),
             "size_bytes": model_k.ByteSize(),
-            "estimated_ms": steps[k].ms,
-            "estimated_noise": steps[k].noise,
+            "estimated_ms": cost.ms(assignment),
+            "estimated_noise": sum(noise[x.node][assignment[x.node]] for x in builder.layers),
+            "estimated_flips": objective(assignment) if objective is not None else None,
             "precisions": counts,
+            "changed": {n: p for n, p in assignment.items() if p != "int8"},  # layers not at int8
         }
+        assignments[k] = dict(assignment)
         built_models[k] = (model_k, plan_k, recipe_k)
         pt = points[k]
         tell(
-            f"step {k}/{len(steps) - 1}: {scorer.label} {score:.2f} (float {scorer.reference:.2f}), "
+            f"{stage} {k}: {scorer.label} {score:.2f} (float {scorer.reference:.2f}), "
             f"{pt['latency_ratio']:.3f}x float latency, {pt['size_bytes'] / 1e6:.2f} MB, {counts}"
         )
         return pt
 
+    def passes(pt: dict[str, Any]) -> bool:
+        return bool(pt["drop"] <= budget["max_drop"] + 1e-9)
+
     tell(f"searching a chain of {len(steps)} assignments ({scorer.label}) ...")
     if budget["kind"] == "accuracy":
-        k = shortest_passing(len(steps), lambda i: measure(i)["drop"] <= budget["max_drop"] + 1e-9)
-        met = measure(k)["drop"] <= budget["max_drop"] + 1e-9
+        k = shortest_passing(len(steps), lambda i: passes(measure(i)))
+        met = passes(measure(k))
+        if met and trim_steps > 0:
+            order = trim_order(cost, noise, steps[k].assignment, objective)[:trim_steps]
+            tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
+            trials = iter(range(len(steps), len(steps) + len(order)))
+            best = trim(steps[k].assignment, order, lambda a: passes(measure(next(trials), a, "trim")))
+            if best != steps[k].assignment:
+                k = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
     else:
         found = longest_within(len(steps), lambda i: measure(i)["latency_ratio"] <= budget["ratio"])
         k = 0 if found is None else found
         met = found is not None
+    # More of the chain's points, evenly spaced, for the front it prints: what the time between int8 and float buys.
+    extra = [int(round(v)) for v in np.linspace(0, len(steps) - 1, explore + 2)[1:-1]]
+    for i in sorted(set(extra) - set(points)):
+        measure(i, stage="front")
+    if budget["kind"] == "latency" and met:
+        # The chain's accuracy is not monotone (a layer float between int8 ones can lose more than it wins): of the
+        # points measured within the budget, the most accurate, then the fastest.
+        within = [i for i, pt in points.items() if pt["latency_ratio"] <= budget["ratio"]]
+        k = max(within, key=lambda i: (points[i]["score"], -points[i]["latency_ratio"], -i))
     seconds["search"] = time.perf_counter() - t
     chosen = measure(k)
     model_k, plan_k, recipe_k = built_models[k]
@@ -283,7 +338,7 @@ def auto(
         float_model.ByteSize(),
         budget,
         met,
-        dict(steps[k].assignment),
+        dict(assignments[k]),
         k,
         every,
         front,

@@ -26,7 +26,7 @@ class Step:
     """One assignment of the chain, with what the measurements before any model was built predict for it."""
 
     assignment: dict[str, Precision]
-    noise: float  # sum of the layers' noise alone
+    noise: float  # the estimated error: sum of the layers' noise alone, or the chain's objective
     ms: float  # the cost model's estimate (CostModel.ms)
     changed: tuple[str, ...] = ()  # the layers this step moved (none: the start)
 
@@ -73,8 +73,12 @@ class CostModel:
         return found | {c for t in x.outputs for c in self.consumers.get(t, [])}
 
 
-def chain(cost: CostModel, noise: dict[str, dict[str, float]]) -> list[Step]:
-    """The greedy chain from the base int8 model to float. `noise[layer][precision]`: error alone.
+Objective = Callable[[dict[str, Precision]], float]
+
+
+def chain(cost: CostModel, noise: dict[str, dict[str, float]], objective: Objective | None = None) -> list[Step]:
+    """The greedy chain from the base int8 model to float. `noise[layer][precision]`: error alone; `objective`:
+    the estimate of an assignment's error the steps lower (default: the sum of its layers' noise alone).
 
     Moves are one layer to a more accurate precision, or a layer with its neighbours to float (one float layer
     between int8 ones pays two conversions; a float run of three pays them once). Each step takes the move that
@@ -84,7 +88,7 @@ def chain(cost: CostModel, noise: dict[str, dict[str, float]]) -> list[Step]:
     now: dict[str, Precision] = {x.node: "int8" for x in layers}
 
     def total(a: dict[str, Precision]) -> float:
-        return sum(noise[x.node][a[x.node]] for x in layers)
+        return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in layers)
 
     steps = [Step(dict(now), total(now), cost.ms(now))]
     while True:
@@ -147,6 +151,45 @@ def longest_within(n: int, within: Callable[[int], bool]) -> int | None:
         else:
             hi = mid
     return lo
+
+
+def trim_order(
+    cost: CostModel,
+    noise: dict[str, dict[str, float]],
+    start: dict[str, Precision],
+    objective: Objective | None = None,
+) -> list[str]:
+    """The layers of a passing assignment not at int8, in the order a measured trim tries them back at int8: the
+    most estimated milliseconds saved per noise alone added first (the chain's own criterion, backwards); layers
+    whose return saves no time are left out."""
+    here = cost.ms(start)
+
+    def total(a: dict[str, Precision]) -> float:
+        return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in cost.layers)
+
+    keyed = []
+    for i, x in enumerate(cost.layers):
+        if start[x.node] == "int8" or "int8" not in noise[x.node]:
+            continue
+        saved = here - cost.ms({**start, x.node: "int8"})
+        added = total({**start, x.node: "int8"}) - total(start)
+        if saved > 0:
+            keyed.append((saved / max(added, 1e-12), i, x.node))
+    return [n for *_, n in sorted(keyed, key=lambda k: (-k[0], k[1]))]
+
+
+def trim(
+    start: dict[str, Precision], order: list[str], passes: Callable[[dict[str, Precision]], bool]
+) -> dict[str, Precision]:
+    """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to int8 when
+    the assignment still passes, measured (not estimated); otherwise it stays. The chain overshoots where its
+    estimate ranks layers wrongly; this undoes the overshoot one measured layer at a time."""
+    now = dict(start)
+    for node in order:
+        trial: dict[str, Precision] = {**now, node: "int8"}
+        if passes(trial):
+            now = trial
+    return now
 
 
 def pareto(points: list[dict], keys: tuple[tuple[str, int], ...]) -> list[dict]:

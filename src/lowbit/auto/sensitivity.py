@@ -19,6 +19,7 @@ from ..plan import Plan
 from ..recipe import Rule
 from ..runtimes.ort import run_all, session
 from .assign import Builder, Layer, Precision
+from .flips import gap_error
 
 Batches = list[dict[str, np.ndarray]]
 
@@ -34,14 +35,14 @@ def noise_fraction(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
     return total
 
 
-def alone(builder: Builder, layer: Layer, precision: Precision, batches: Batches, refs: list[np.ndarray]) -> float:
-    """Noise fraction of the final outputs when only `layer` is quantized, in `precision`."""
+def alone(builder: Builder, layer: Layer, precision: Precision, batches: Batches) -> list[np.ndarray]:
+    """The model's outputs when only `layer` is quantized, in `precision`."""
     scheme = builder.scheme(layer, precision)
     names = tuple(escape(n) for n in (layer.node, *layer.folded))
     recipe = replace(builder.base, rules=(Rule(names=names, scheme=scheme), Rule(names=("*",), scheme=None)))
     plan: Plan = replace(builder.plan, tensors=builder.tensors({layer.node: precision}))
     model = quantize(builder.float_model, recipe=recipe, plan=plan, progress=False).model
-    return noise_fraction(refs, run_all(session(model, "kernels"), batches))
+    return run_all(session(model, "kernels"), batches)
 
 
 def sensitivities(
@@ -50,17 +51,24 @@ def sensitivities(
     batches: Batches,
     refs: list[np.ndarray],
     tell: Callable[[str], None] = lambda _: None,
-) -> dict[str, dict[str, float]]:
-    """layer -> precision -> noise alone, for the precisions `wanted` per layer (float is 0 by definition)."""
+    top: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    """layer -> precision -> noise alone, for the precisions `wanted` per layer (float is 0 by definition); with
+    `top` (each sample's float first and second class), also layer -> precision -> per-sample top-two gap error."""
     out: dict[str, dict[str, float]] = {}
+    gaps: dict[str, dict[str, np.ndarray]] = {}
     total = sum(len(v) for v in wanted.values())
     done = 0
     for layer in builder.layers:
         row: dict[str, float] = {"float": 0.0}
+        gaps[layer.node] = {}
         for p in wanted.get(layer.node, []):
-            row[p] = alone(builder, layer, p, batches, refs)
+            outs = alone(builder, layer, p, batches)
+            row[p] = noise_fraction(refs, outs)
+            if top is not None:
+                gaps[layer.node][p] = gap_error(refs[0], outs[0], *top)
             done += 1
             if done % 10 == 0 or done == total:
                 tell(f"sensitivity: {done}/{total} layer-precision pairs measured")
         out[layer.node] = row
-    return out
+    return out, gaps

@@ -15,6 +15,11 @@ def _num(v: float) -> str:
     return f"{v:.1f}"
 
 
+def _stage(point: dict[str, Any]) -> str:
+    """How the search reached a point: a step of its chain, a measured trim trial, or a point for the front."""
+    return {"trim": "trim trial", "front": "chain step (front)"}.get(point.get("stage", "chain"), "chain step")
+
+
 def auto_section(auto: dict[str, Any]) -> str:
     points = [p for p in auto.get("points") or [] if p.get("score") is not None and p.get("latency_ratio")]
     if not points:
@@ -53,7 +58,8 @@ def auto_section(auto: dict[str, Any]) -> str:
         mix = ", ".join(f"{n} {k}" for k, n in sorted((p.get("precisions") or {}).items()))
         out.append(
             f'<circle class="{cls}" cx="{_num(px(p["latency_ratio"]))}" cy="{_num(py(p["score"]))}" '
-            f'r="{7 if p["step"] == chosen else 5}" data-step="{p["step"]}"><title>step {p["step"]}: {p["score"]:.2f}, '
+            f'r="{7 if p["step"] == chosen else 5}" data-step="{p["step"]}">'
+            f"<title>{_stage(p)} {p['step']}: {p['score']:.2f}, "
             f"{p['latency_ratio']:.3f}x float, {p['size_bytes'] / 1e6:.2f} MB ({escape(mix)})</title></circle>"
         )
     out.append("</svg>")

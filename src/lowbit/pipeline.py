@@ -17,7 +17,7 @@ import onnx_ir as ir
 from .adaround import check_data, round_weights
 from .apply import apply
 from .branches import merge_plans, quantize_branches
-from .calibrate import calibrate_layout, open_calibration, relax_mmap_threshold
+from .calibrate import calibrate_layout, open_calibration
 from .data import BatchAxes, ImagePreprocess, InputSpec, batch_axes_for, input_specs
 from .decide import activations_from_plan, decide_activations
 from .errors import LowbitError
@@ -160,8 +160,6 @@ def quantize(
         loaded, layout, recipe, calib, plan, preprocess, progress, workers, ray_address, batch_axes, timings
     )
     timings["decide"] = time.perf_counter() - t - timings.get("calibrate", 0.0)
-    if calib is not None:
-        relax_mmap_threshold()  # calibration's flat peak is kept; the rest need not page-fault every block
 
     t = time.perf_counter()
     rounding, rounding_record, rounding_notes = round_weights(

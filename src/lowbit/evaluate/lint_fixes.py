@@ -43,9 +43,9 @@ def fusion_fix(orig: GraphIndex, i: int) -> tuple[str, str]:
 
 # ops/activation.py: the onnxruntime target runs these as a requantization (+ QLinearMul), no float island.
 HARD_GATE_FIX = (
-    'quantize for ONNX Runtime: recipe target "onnxruntime" (Recipe(target="onnxruntime"), or "target": '
-    '"onnxruntime" in --recipe FILE) runs it as a requantization and QLinearMul; the default target keeps the QDQ '
-    "form that LiteRT runs as integer HARD_SWISH"
+    'quantize for ONNX Runtime: `lowbit quantize --target onnxruntime` (Recipe(target="onnxruntime") in '
+    "Python) runs it as a requantization and QLinearMul; the default (portable) target keeps the QDQ form that "
+    "LiteRT runs as integer HARD_SWISH"
 )
 KEEP_AT_EDGE = (
     "keep the op float and move it to the edge of the model, or replace it with an op that has an integer kernel"

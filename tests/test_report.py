@@ -16,8 +16,9 @@ import pytest
 import lowbit
 from browser import Element, external_references, parse, render
 from conftest import run_cli, tiny_cnn
-from lowbit.evaluate.report import WORST, write_report
 from lowbit.evaluate.report import render as render_html
+from lowbit.evaluate.report import write_report
+from lowbit.evaluate.report_charts import WORST
 
 EVIL = "<script>alert(1)</script>"
 

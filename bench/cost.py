@@ -188,8 +188,11 @@ def bytecode_env() -> dict[str, str]:
 
 def compile_sources(roots: list[Path]) -> None:
     """Compile every checkout measured (`roots`: its src and examples) before any timed run."""
+    dirs = [str(r) for r in roots if r.is_dir()]
+    if not dirs:  # without arguments compileall would compile every folder on sys.path
+        return
     env = {**os.environ, **bytecode_env()}
-    cmd = [sys.executable, "-m", "compileall", "-q", *[str(r) for r in roots if r.is_dir()]]
+    cmd = [sys.executable, "-m", "compileall", "-q", *dirs]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
 
 

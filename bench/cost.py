@@ -17,6 +17,9 @@ Kinds (`--kinds`, default all four):
 - `cli-nospeed`: the same with `--no-speed-check`;
 - `cli-base` (not in the default list): the default command of another checkout (`--base DIR`, e.g. a `git archive`
   export of the parent commit), so before and after alternate in one run on a shared machine.
+Children read compiled bytecode (each checkout's `__pycache__`, compiled before the first run), as an installed
+lowbit and ORT's own modules in site-packages do; `--no-bytecode` leaves PYTHONDONTWRITEBYTECODE as the caller set it
+(then every run compiles a checkout's ~100 modules from source, ~0.1 s CPU).
 Every kind also reports its whole process's CPU (`proc_cpu_s`: the `lowbit`/`ort` children include their imports
 and the crops' loading), which is the like-for-like number for `cli`.
 
@@ -122,7 +125,7 @@ def prepare_model(name: str, n: int, work: Path) -> None:
 KINDS = ["lowbit", "ort", "cli", "cli-nospeed"]  # and "cli-base" (--base): the command of another checkout
 
 
-def run_child(kind: str, work: Path, name: str, base: Path | None = None) -> dict:
+def run_child(kind: str, work: Path, name: str, base: Path | None = None, bytecode: bool = True) -> dict:
     """One run in a fresh process; adds the whole process's user+sys CPU and peak RSS (from wait4). `cli-base` is
     the default command of the checkout at `base` (its src and examples first on PYTHONPATH)."""
     if kind.startswith("cli"):
@@ -139,6 +142,7 @@ def run_child(kind: str, work: Path, name: str, base: Path | None = None) -> dic
             raise SystemExit("kind cli-base needs --base CHECKOUT (a folder with the src/ and examples/ to compare)")
         paths = [str(base / "src"), str(base / "examples")]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in paths if p)}
+    env.update(bytecode_env() if bytecode else {})
     t0 = time.perf_counter()
     with open(work / "child.out", "w+") as fo, open(work / "child.err", "w+") as fe:
         # wait4, not Popen.wait: it returns the child's own rusage (RUSAGE_CHILDREN would sum every child so far)
@@ -174,6 +178,24 @@ def run_child(kind: str, work: Path, name: str, base: Path | None = None) -> dic
     }
 
 
+def bytecode_env() -> dict[str, str]:
+    """Children read and write compiled bytecode (`__pycache__`, git-ignored), as an installed lowbit and ORT's
+    tools in site-packages do: with PYTHONDONTWRITEBYTECODE set, a checkout's ~100 modules were compiled from source
+    in every run (~0.1 s CPU). (Not PYTHONPYCACHEPREFIX: with it Python ignores every `__pycache__`, site-packages'
+    too, and the first run would compile all of numpy, onnx and sympy.)"""
+    return {"PYTHONDONTWRITEBYTECODE": ""}  # empty: unset
+
+
+def compile_sources(roots: list[Path]) -> None:
+    """Compile every checkout measured (`roots`: its src and examples) before any timed run."""
+    dirs = [str(r) for r in roots if r.is_dir()]
+    if not dirs:  # without arguments compileall would compile every folder on sys.path
+        return
+    env = {**os.environ, **bytecode_env()}
+    cmd = [sys.executable, "-m", "compileall", "-q", *dirs]
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
 def _stage(part: str) -> tuple[str, str]:
     """'speed check 1.12 s' -> ('speed check', '1.12 s')."""
     words = part.split()
@@ -194,6 +216,11 @@ def main() -> None:
         help="efficientnet_lite0, or a model of the real-world corpus (lowbit_zoo.corpus.registry; `make corpus`)",
     )
     ap.add_argument("--base", help="for kind cli-base: a checkout (or `git archive` export) to measure alongside")
+    ap.add_argument(
+        "--no-bytecode",
+        action="store_true",
+        help="children compile the checkouts' sources in every run (PYTHONDONTWRITEBYTECODE as the caller set it)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir).resolve()  # children run in it (run_child)
@@ -201,16 +228,22 @@ def main() -> None:
         print(json.dumps(worker(args.worker, work, args.model)))
         return
     work.mkdir(parents=True, exist_ok=True)
+    base = Path(args.base).resolve() if args.base else None
+    bytecode = not args.no_bytecode
+    roots = [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # before chdir
+    roots += [base / "src", base / "examples"] if base is not None else []
     # Everything runs in the work folder: ORT's tools leave <uuid>.data files in the working directory on some
     # models (DBNet), which would otherwise land in the checkout. Import paths are made absolute first.
     sys.path[:] = [str(Path(p).resolve()) if p else p for p in sys.path]
     os.chdir(work)
     prepare_model(args.model, args.n, work)
+    if bytecode:
+        compile_sources(roots)
     kinds = [args.only] if args.only else args.kinds.split(",")
     runs: list[dict] = []
     for rep in range(args.reps):
         for kind in kinds:
-            r = run_child(kind, work, args.model, Path(args.base).resolve() if args.base else None)
+            r = run_child(kind, work, args.model, base, bytecode)
             runs.append(r)
             extra = (
                 f" timings {json.dumps({k: round(v, 2) for k, v in r['timings'].items()})}" if "timings" in r else ""

@@ -142,3 +142,25 @@ def test_the_mmap_threshold_is_fixed_only_while_calibration_runs_whole_batches(m
     calls.clear()
     lowbit.quantize(tiny_cnn(), recipe=Recipe(default=Scheme(mode="dynamic")), progress=False)
     assert calls == []
+
+
+def test_cost_bench_children_read_bytecode_compiled_before_the_runs(tmp_path: Path) -> None:
+    """bench/cost.py compiles each measured checkout once before its timed runs, and its children read that
+    bytecode: an installed lowbit, like ORT's tools in site-packages, does not compile its modules in every run."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cost
+
+    src = tmp_path / "checkout"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "__init__.py").write_text("VALUE = 41 + 1\n")
+    cost.compile_sources([src])
+    assert [p.name.split(".")[0] for p in src.rglob("*.pyc")] == ["__init__"]
+    env = {**cost.os.environ, **cost.bytecode_env(), "PYTHONPATH": str(src), "PYTHONVERBOSE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", "import pkg; print(pkg.VALUE)"], env=env, capture_output=True, text=True
+    )
+    assert run.stdout.strip() == "42"
+    assert f"matches {src / 'pkg' / '__init__.py'}" in run.stderr  # read from the bytecode, not compiled again

@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .context import DTYPES, Context
 from .layers import fail, fully_connected, hybrid_weight
 from .qdq import Graph
+from .table import chain_table, rounded_inside
+from .writer import Tensor
 
 # Converters here with int8 TFLite kernels; the rest run in float inside quantized graphs.
 INT8_OK = {"MatMul", "Gather", "Gelu", "Expand"}
@@ -135,9 +137,20 @@ def layer_norm(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
 def gelu(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     approx = a.get("approximate", "none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
-    x = node.input[0]
+    x, y = node.input[0], node.output[0]
     xin = ctx.get(x, kind)  # elementwise: in whatever layout x has (a 1-D conv chain stays NHWC, chain1d.py)
-    out = ctx.produce(node.output[0], kind, ctx.nhwc[x])
+    out = ctx.produce(y, kind, ctx.nhwc[x])
+    if kind == "q" and "table" in a:  # the int8 ONNX's own integers, looked up: x + 128 indexes the table
+        shape = ctx.shape(x)
+        name = node.name or y
+        wide = ctx.fm.add_tensor(Tensor(f"{name}_index_int32", shape, "int32"))
+        index = ctx.fm.add_tensor(Tensor(f"{name}_index", shape, "int32"))
+        ctx.op("CAST", [xin], [wide])
+        offset = ctx.const_int([128], f"{name}_offset")
+        ctx.op("ADD", [wide, offset], [index], "AddOptions", fused_activation_function=0)
+        table = ctx.const(f"{name}_table", numpy_helper.to_array(a["table"]), quant=ctx.quant(y))
+        ctx.op("GATHER", [table, index], [out], "GatherOptions", axis=0, batch_dims=0)
+        return
     ctx.op("GELU", [xin], [out], "GeluOptions", approximate=approx == "tanh")
 
 
@@ -344,7 +357,10 @@ def fuse_gelu(g: Graph) -> None:
             continue
         for n in chain[:-1]:
             drop.add(id(n))
-        replace[id(half)] = helper.make_node("Gelu", [x], [half.output[0]], name=erf.name or half.name)
+        gelu = helper.make_node("Gelu", [x], [half.output[0]], name=erf.name or half.name)
+        if rounded_inside(g, chain, x):  # the ONNX model rounds between the steps: look its integers up (table.py)
+            gelu.attribute.append(helper.make_attribute("table", numpy_helper.from_array(chain_table(g, chain, x))))
+        replace[id(half)] = gelu
     g.nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in drop]
 
 

@@ -17,7 +17,7 @@ from .context import DTYPES, Context
 from .layers import fail, fully_connected, hybrid_weight
 from .qdq import Graph
 from .table import chain_table, rounded_inside
-from .writer import Tensor
+from .writer import QuantParams, Tensor
 
 # Converters here with int8 TFLite kernels; the rest run in float inside quantized graphs.
 INT8_OK = {"MatMul", "Gather", "Gelu", "Expand"}
@@ -52,12 +52,59 @@ def batch_matmul_kind(kind: str) -> str:
     return "f" if kind == "q" else kind
 
 
+# Off: two int8 activations multiply as dequantized floats (the exporter before this rule; tests compare the two).
+INTEGER_MATMUL = True
+
+
+def integer_matmul(ctx: Context, node: onnx.NodeProto) -> bool:
+    """QLinearMatMul as ONNX Runtime computes it: the int32 sum of (qa - za)(qb - zb), times float32(sa * sb / sy),
+    rounded once. Written as CAST -> ADD -za -> float BATCH_MATMUL (the sums are integers below 2**24, so float32
+    holds them exactly, in any order) -> MUL -> QUANTIZE to scale 1 with y's zero point -> RESHAPE onto y's tensor
+    (the same integers; only the scale they stand for changes). The dequantized product rounds each term and the
+    sum in float. False (nothing written) when a sum could reach 2**24."""
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    qa, qb, qy = ctx.quant(a), ctx.quant(b), ctx.quant(y)
+    if qa is None or qb is None or qy is None or any(q.scale.size != 1 for q in (qa, qb, qy)):
+        return False
+    depth = ctx.shapes[a][-1]
+    reach = [max(127 - int(q.zero_point[0]), int(q.zero_point[0]) + 128) for q in (qa, qb)]
+    if depth * reach[0] * reach[1] >= 2**24:
+        return False
+    name = node.name or y
+    ints = []
+    for v, q in ((a, qa), (b, qb)):
+        wide = ctx.fm.add_tensor(Tensor(f"{name}_{v}_float", ctx.shapes[v], "float32"))
+        ctx.op("CAST", [ctx.get(v, "q", False)], [wide])
+        if int(q.zero_point[0]):
+            centered = ctx.fm.add_tensor(Tensor(f"{name}_{v}_centered", ctx.shapes[v], "float32"))
+            zero = ctx.const(f"{name}_{v}_zero", np.array([-float(q.zero_point[0])], np.float32))
+            ctx.op("ADD", [wide, zero], [centered], "AddOptions", fused_activation_function=0)
+            wide = centered
+        ints.append(wide)
+    shape = ctx.shapes[y]
+    acc = ctx.fm.add_tensor(Tensor(f"{name}_sum", shape, "float32"))
+    options = {"adj_x": False, "adj_y": False, "asymmetric_quantize_inputs": False}
+    ctx.op("BATCH_MATMUL", ints, [acc], "BatchMatMulOptions", **options)
+    scale = np.float32(np.float32(qa.scale[0]) * np.float32(qb.scale[0])) / np.float32(qy.scale[0])
+    scaled = ctx.fm.add_tensor(Tensor(f"{name}_scaled", shape, "float32"))
+    ctx.op("MUL", [acc, ctx.const(f"{name}_multiplier", np.array([scale], np.float32))], [scaled], "MulOptions",
+           fused_activation_function=0)  # fmt: skip
+    unit = QuantParams(np.array([1.0], np.float32), np.asarray(qy.zero_point[:1]))
+    rounded = ctx.fm.add_tensor(Tensor(f"{name}_rounded", shape, "int8", quant=unit))
+    ctx.op("QUANTIZE", [scaled], [rounded])
+    out = ctx.produce(y, "q", False)
+    ctx.op("RESHAPE", [rounded, ctx.const_int(list(shape), f"{name}_shape")], [out])
+    return True
+
+
 def matmul(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     """Constant 2-D weights: FULLY_CONNECTED; two activations (attention scores, context): BATCH_MATMUL."""
     if node.input[1] in ctx.g.consts and ctx.g.consts[node.input[1]].ndim == 2:
         return fully_connected(ctx, node, a, kind, act)
     if act:
         raise fail(node, "internal: BATCH_MATMUL has no fused activation")
+    if kind == "q" and INTEGER_MATMUL and integer_matmul(ctx, node):
+        return
     kind = batch_matmul_kind(kind)
     ins = [operand(ctx, node, i, kind) for i in node.input[:2]]
     _emit(

@@ -17,6 +17,7 @@ Usage: PYTHONPATH=src:examples python bench/litert_tensors.py NAME [--n 8] [--si
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -46,6 +47,7 @@ def probe_tflite(q: Path, shapes: dict, values: dict) -> bytes:
             outs.append(i)
             names.append(f"probe{i}")
     fm.outputs, fm.output_names = outs, names
+    fm.metadata["lowbit"] = json.dumps({"layout": "4-D inputs and outputs are NHWC"}).encode()  # as convert writes
     return serialize(fm)
 
 

@@ -137,6 +137,28 @@ def signature_matches(path: Path, feed: dict[str, np.ndarray]) -> bool:
     return sorted(got) == sorted(out_names) and all(np.array_equal(got[n], r) for n, r in zip(out_names, raw))
 
 
+def aeq_accepts(float_path: Path, int8_path: Path, feed: dict[str, np.ndarray]) -> str:
+    """ai-edge-quantizer's validator runs both files through their `serving_default` signature on one sample and
+    compares the outputs by name: "yes", or its one-line error. (It refused files with no SignatureDef.)"""
+    from ai_edge_quantizer import model_validator
+
+    from lowbit.runtimes.litert import LiteRTSession
+
+    sess = LiteRTSession(int8_path, threads=1)
+    native = sess.prepare(feed)
+    floats = [np.asarray(v, np.float32) if np.issubdtype(v.dtype, np.floating) else v for v in native]
+    data = {"serving_default": [{d["name"]: v for d, v in zip(sess._inputs, floats)}]}
+    try:
+        result = model_validator.compare_model(
+            float_path.read_bytes(), int8_path.read_bytes(), data, validate_output_tensors_only=True
+        )
+        outs = result.get_signature_comparison_result("serving_default").output_tensors
+        names = [d["name"] for d in sess._outputs]
+        return "yes" if sorted(outs) == sorted(names) else f"outputs {sorted(outs)} vs {sorted(names)}"
+    except Exception as e:  # noqa: BLE001 - recorded in the row
+        return one_line(e)
+
+
 def latency(float_path: Path, int8_path: Path, feed: dict[str, np.ndarray]) -> dict:
     """int8 / float .tflite, 1 thread, interleaved pairs (order alternating), median of per-pair ratios."""
     from lowbit.runtimes.litert import LiteRTSession
@@ -201,6 +223,7 @@ def measure(job: Job, work: Path) -> dict:
                 row["ops"] = res.ops
                 row["size"] = {"float": ft.stat().st_size, "int8": qt.stat().st_size}
                 row["signature"] = signature_matches(qt, feeds[0])
+                row["aeq"] = aeq_accepts(ft, qt, feeds[0])
                 row["latency"] = latency(ft, qt, feeds[0])
                 grids = output_grids(qt)
             ft.unlink(), qt.unlink()
@@ -314,6 +337,8 @@ def verdict(row: dict) -> str:
         notes.append("below 99% / 0.999 vs the int8 ONNX")
     if not row["signature"]:
         notes.append("signature runner differs")
+    if row.get("aeq", "yes") != "yes":
+        notes.append(f"ai-edge-quantizer: {row['aeq']}")
     return "; ".join(notes) or "ok"
 
 
@@ -343,19 +368,21 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, load: t
         "quantizer's own result, for reference. *float .tflite*: `export_tflite` of the float model against the",
         "float ONNX (lowest cosine). size: int8 / float .tflite (MB). lat: int8 .tflite / float .tflite latency",
         "(median of interleaved per-pair ratios, < 1 is faster) and the int8 median ms. sig: LiteRT's",
-        '`get_signature_runner("serving_default")` gives the same tensors as `invoke()` on the int8 file.',
+        '`get_signature_runner("serving_default")` gives the same tensors as `invoke()` on the int8 file. aeq:',
+        "ai-edge-quantizer 0.10's `model_validator.compare_model` runs the float and the int8 file by that signature",
+        "(one sample) and reports every output (yes), or the note gives its error.",
         "Where the int8 file's output is int8 and the int8 ONNX keeps that layer float (a classifier's last Gemm),",
         "the notes also compare with the int8 ONNX's output rounded onto the file's int8 output grid (its scale and",
         "zero point; numpy's argmax takes the lower index of a tie in both): the same integers give 1.0 there, and",
         "the 99% / 0.999 check uses those numbers for such rows.",
         "",
         "| model | samples | task metric | vs int8 ONNX task | cos | vs float task | cos | ONNX int8 vs float "
-        "task | float .tflite cos | size MB int8 / float | lat (int8 ms) | sig | notes |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "task | float .tflite cos | size MB int8 / float | lat (int8 ms) | sig | aeq | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "vs_onnx_int8" not in r:
-            lines.append(f"| {r['name']} | {r.get('samples', '-')} | {r.get('metric', '-')} |" + " - |" * 9
+            lines.append(f"| {r['name']} | {r.get('samples', '-')} | {r.get('metric', '-')} |" + " - |" * 10
                          + f" {verdict(r)} |")  # fmt: skip
             continue
         a, b, c = r["vs_onnx_int8"], r["vs_float"], r["onnx_int8_vs_float"]
@@ -364,7 +391,7 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, load: t
             f"| {r['name']} | {r['samples']} | {r['metric']} | {a['task']:.4f} | {a['cos']:.5f} | {b['task']:.4f} | "
             f"{b['cos']:.4f} | {c['task']:.4f} | {r['float_tflite_vs_onnx']:.6f} | {size['int8'] / 1e6:.2f} / "
             f"{size['float'] / 1e6:.2f} | {lat['ratio']:.2f}x ({lat['int8_ms']:.2f}) | "
-            f"{'yes' if r['signature'] else 'no'} | {verdict(r)} |"
+            f"{'yes' if r['signature'] else 'no'} | {'yes' if r.get('aeq') == 'yes' else 'no'} | {verdict(r)} |"
         )
     path.write_text("\n".join(lines) + "\n")
 

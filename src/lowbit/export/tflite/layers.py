@@ -15,6 +15,7 @@ import onnx
 
 from ...errors import LowbitError
 from ...numerics import quantize, scale_zero_point
+from .average import _sum_weight_scale, _sum_weights  # noqa: F401 - tests read both here
 from .context import Context, nhwc_axis
 from .writer import QuantParams, Tensor
 
@@ -285,20 +286,6 @@ def pool(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: 
     )
 
 
-def _sum_weight_scale(si: np.float32, so: np.float32, n: int) -> np.float32 | None:
-    """A float32 weight scale sw near 1/n with which XNNPACK's requantization scale, (si * sw) / so in float32,
-    equals ONNX Runtime's QLinearGlobalAveragePool scale, si / so / n in float32; None if none is within 64 ulps."""
-    f32 = np.float32
-    target = f32(f32(si / so) / f32(n))
-    bits = int(np.array(f32(1.0 / n), f32).view(np.int32))
-    for step in range(64):
-        for b in (bits + step, bits - step) if step else (bits,):
-            sw = f32(np.array(b, np.int32).view(f32)[()])
-            if f32(f32(si * sw) / so) == target:
-                return sw
-    return None
-
-
 def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> bool:
     """An int8 GlobalAveragePool as a FULLY_CONNECTED summing each channel's H*W values with all-ones weights
     (TRANSPOSE to channels first, RESHAPE to (N*C, H*W), FULLY_CONNECTED, RESHAPE to (N, 1, 1, C)): the int32 sum,
@@ -314,9 +301,11 @@ def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> boo
     qx, qy = ctx.quant(x), ctx.quant(y)
     if qx is None or qy is None or qx.scale.size != 1 or qy.scale.size != 1:
         return False
-    sw = _sum_weight_scale(np.float32(qx.scale.ravel()[0]), np.float32(qy.scale.ravel()[0]), h * w)
-    if sw is None:
+    si, so = np.float32(qx.scale.ravel()[0]), np.float32(qy.scale.ravel()[0])
+    found = _sum_weights(si, so, h * w, int(qx.zero_point.ravel()[0]), int(qy.zero_point.ravel()[0]))
+    if found is None:
         return False
+    k, sw = found
     name = node.name or y
     rows = ctx._tensor(x, kind, (b * c, h * w), f"{name}_rows")
     rows_i = ctx.fm.add_tensor(rows)
@@ -327,7 +316,7 @@ def _global_average_as_sum(ctx: Context, node: onnx.NodeProto, kind: str) -> boo
         src = cfirst
     # -1 rows: LiteRT's resize_tensor_input can still change the batch
     ctx.op("RESHAPE", [src, ctx.const_int([-1, h * w], f"{name}_rows_shape")], [rows_i])
-    wi = ctx.const(f"{name}_ones", np.ones((1, h * w), np.int8), QuantParams(np.array([sw]), np.zeros(1, np.int64)))
+    wi = ctx.const(f"{name}_ones", np.full((1, h * w), k, np.int8), QuantParams(np.array([sw]), np.zeros(1, np.int64)))
     s_b = np.array([np.float32(qx.scale.ravel()[0]) * sw], np.float32)
     bi = ctx.const(f"{name}_bias", np.zeros(1, np.int32), _bias_quant(s_b, 1))
     sums = ctx.fm.add_tensor(ctx._tensor(y, kind, (b * c, 1), f"{name}_sums"))

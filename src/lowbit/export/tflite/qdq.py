@@ -49,6 +49,9 @@ class Graph:
     # an If's outer values, as its branches name them, in the order `branches.expose_reads` appended them to its
     # inputs (so every pass sees those uses, and renames them)
     reads: dict[str, list[str]] = field(default_factory=dict)
+    # values (activations, constants) the ONNX model holds as uint8 (here int8, zero point - 128): a table built in
+    # ONNX Runtime (table.py) runs them as uint8 again, ORT's u8 kernels being what the model runs
+    uint8: set[str] = field(default_factory=set)
 
     def name(self, n: str) -> str:
         while n in self.alias:
@@ -122,9 +125,13 @@ def read_graph(proto: onnx.ModelProto, dtypes: dict[str, int] | None = None) -> 
             continue
         if node.op_type == "QuantizeLinear":
             quantize_of[node.output[0]] = (g.name(node.input[0]), _activation_params(node, consts))
+            if len(node.input) < 3 or not node.input[2] or consts[node.input[2]].dtype == np.uint8:
+                g.uint8.add(g.name(node.input[0]))
         elif node.op_type == "DequantizeLinear" and node.input[0] in consts:
             qt = _weight(node, consts)
             g.qconsts[node.output[0]] = qt
+            if consts[node.input[0]].dtype == np.uint8:
+                g.uint8.add(node.output[0])
             g.consts[node.output[0]] = qt.real()
         elif node.op_type == "DequantizeLinear" and node.input[0] not in quantize_of:
             g.nodes.append(_renamed(node, g))  # integers computed at run time (int8 embedding rows): CAST, scale

@@ -11,11 +11,13 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .context import DTYPES, Context
 from .layers import fail, fully_connected, hybrid_weight
 from .qdq import Graph
+from .table import chain_table, rounded_inside
+from .writer import QuantParams, Tensor
 
 # Converters here with int8 TFLite kernels; the rest run in float inside quantized graphs.
 INT8_OK = {"MatMul", "Gather", "Gelu", "Expand"}
@@ -50,12 +52,59 @@ def batch_matmul_kind(kind: str) -> str:
     return "f" if kind == "q" else kind
 
 
+# Off: two int8 activations multiply as dequantized floats (the exporter before this rule; tests compare the two).
+INTEGER_MATMUL = True
+
+
+def integer_matmul(ctx: Context, node: onnx.NodeProto) -> bool:
+    """QLinearMatMul as ONNX Runtime computes it: the int32 sum of (qa - za)(qb - zb), times float32(sa * sb / sy),
+    rounded once. Written as CAST -> ADD -za -> float BATCH_MATMUL (the sums are integers below 2**24, so float32
+    holds them exactly, in any order) -> MUL -> QUANTIZE to scale 1 with y's zero point -> RESHAPE onto y's tensor
+    (the same integers; only the scale they stand for changes). The dequantized product rounds each term and the
+    sum in float. False (nothing written) when a sum could reach 2**24."""
+    a, b, y = node.input[0], node.input[1], node.output[0]
+    qa, qb, qy = ctx.quant(a), ctx.quant(b), ctx.quant(y)
+    if qa is None or qb is None or qy is None or any(q.scale.size != 1 for q in (qa, qb, qy)):
+        return False
+    depth = ctx.shapes[a][-1]
+    reach = [max(127 - int(q.zero_point[0]), int(q.zero_point[0]) + 128) for q in (qa, qb)]
+    if depth * reach[0] * reach[1] >= 2**24:
+        return False
+    name = node.name or y
+    ints = []
+    for v, q in ((a, qa), (b, qb)):
+        wide = ctx.fm.add_tensor(Tensor(f"{name}_{v}_float", ctx.shapes[v], "float32"))
+        ctx.op("CAST", [ctx.get(v, "q", False)], [wide])
+        if int(q.zero_point[0]):
+            centered = ctx.fm.add_tensor(Tensor(f"{name}_{v}_centered", ctx.shapes[v], "float32"))
+            zero = ctx.const(f"{name}_{v}_zero", np.array([-float(q.zero_point[0])], np.float32))
+            ctx.op("ADD", [wide, zero], [centered], "AddOptions", fused_activation_function=0)
+            wide = centered
+        ints.append(wide)
+    shape = ctx.shapes[y]
+    acc = ctx.fm.add_tensor(Tensor(f"{name}_sum", shape, "float32"))
+    options = {"adj_x": False, "adj_y": False, "asymmetric_quantize_inputs": False}
+    ctx.op("BATCH_MATMUL", ints, [acc], "BatchMatMulOptions", **options)
+    scale = np.float32(np.float32(qa.scale[0]) * np.float32(qb.scale[0])) / np.float32(qy.scale[0])
+    scaled = ctx.fm.add_tensor(Tensor(f"{name}_scaled", shape, "float32"))
+    ctx.op("MUL", [acc, ctx.const(f"{name}_multiplier", np.array([scale], np.float32))], [scaled], "MulOptions",
+           fused_activation_function=0)  # fmt: skip
+    unit = QuantParams(np.array([1.0], np.float32), np.asarray(qy.zero_point[:1]))
+    rounded = ctx.fm.add_tensor(Tensor(f"{name}_rounded", shape, "int8", quant=unit))
+    ctx.op("QUANTIZE", [scaled], [rounded])
+    out = ctx.produce(y, "q", False)
+    ctx.op("RESHAPE", [rounded, ctx.const_int(list(shape), f"{name}_shape")], [out])
+    return True
+
+
 def matmul(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     """Constant 2-D weights: FULLY_CONNECTED; two activations (attention scores, context): BATCH_MATMUL."""
     if node.input[1] in ctx.g.consts and ctx.g.consts[node.input[1]].ndim == 2:
         return fully_connected(ctx, node, a, kind, act)
     if act:
         raise fail(node, "internal: BATCH_MATMUL has no fused activation")
+    if kind == "q" and INTEGER_MATMUL and integer_matmul(ctx, node):
+        return
     kind = batch_matmul_kind(kind)
     ins = [operand(ctx, node, i, kind) for i in node.input[:2]]
     _emit(
@@ -135,9 +184,20 @@ def layer_norm(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
 def gelu(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     approx = a.get("approximate", "none")
     approx = approx.decode() if isinstance(approx, bytes) else approx
-    x = node.input[0]
+    x, y = node.input[0], node.output[0]
     xin = ctx.get(x, kind)  # elementwise: in whatever layout x has (a 1-D conv chain stays NHWC, chain1d.py)
-    out = ctx.produce(node.output[0], kind, ctx.nhwc[x])
+    out = ctx.produce(y, kind, ctx.nhwc[x])
+    if kind == "q" and "table" in a:  # the int8 ONNX's own integers, looked up: x + 128 indexes the table
+        shape = ctx.shape(x)
+        name = node.name or y
+        wide = ctx.fm.add_tensor(Tensor(f"{name}_index_int32", shape, "int32"))
+        index = ctx.fm.add_tensor(Tensor(f"{name}_index", shape, "int32"))
+        ctx.op("CAST", [xin], [wide])
+        offset = ctx.const_int([128], f"{name}_offset")
+        ctx.op("ADD", [wide, offset], [index], "AddOptions", fused_activation_function=0)
+        table = ctx.const(f"{name}_table", numpy_helper.to_array(a["table"]), quant=ctx.quant(y))
+        ctx.op("GATHER", [table, index], [out], "GatherOptions", axis=0, batch_dims=0)
+        return
     ctx.op("GELU", [xin], [out], "GeluOptions", approximate=approx == "tanh")
 
 
@@ -344,7 +404,10 @@ def fuse_gelu(g: Graph) -> None:
             continue
         for n in chain[:-1]:
             drop.add(id(n))
-        replace[id(half)] = helper.make_node("Gelu", [x], [half.output[0]], name=erf.name or half.name)
+        gelu = helper.make_node("Gelu", [x], [half.output[0]], name=erf.name or half.name)
+        if rounded_inside(g, chain, x):  # the ONNX model rounds between the steps: look its integers up (table.py)
+            gelu.attribute.append(helper.make_attribute("table", numpy_helper.from_array(chain_table(g, chain, x))))
+        replace[id(half)] = gelu
     g.nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in drop]
 
 

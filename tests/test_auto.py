@@ -14,7 +14,17 @@ from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
 from lowbit.auto.flips import Flips, fragile, gap_error, top_two
 from lowbit.auto.profile import layer_of
-from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing, trim, trim_order
+from lowbit.auto.score import Scorer
+from lowbit.auto.search import (
+    CostModel,
+    chain,
+    longest_within,
+    pareto,
+    repair,
+    shortest_passing,
+    trim,
+    trim_order,
+)
 from lowbit.runtimes.ort import run_all, session
 
 
@@ -56,6 +66,21 @@ def test_a_zero_budget_on_cosine_ends_at_float_outputs(data: tuple[Path, Path, P
     assert r.met and r.score == pytest.approx(r.reference, abs=1e-9)
     # every point measured before the chosen one lost cosine: the search took the first that did not
     assert all(p["drop"] > 0 for p in r.points if p["step"] < min(q["step"] for q in r.points if q["drop"] <= 0))
+
+
+def test_the_scorer_keeps_the_answers_it_counts_wrong(data: tuple[Path, Path, Path]) -> None:
+    """The repair targets the samples the measured model gets wrong: they must be the ones the score counts."""
+    model, calib, ev = data
+    clipped = lowbit.Recipe(default=lowbit.Scheme(calibration="percentile", percentile=65.0))  # loses answers
+    x = np.load(ev)
+    scorer = Scorer(onnx.load(str(model)), [{"x": x[:20]}, {"x": x[20:]}], "top1")
+    int8 = lowbit.quantize(model, calib=calib, recipe=clipped, progress=False).model
+    score = scorer.score(int8)
+    ref = run_all(session(str(model)), [{"x": x}])[0].argmax(1)
+    got = run_all(session(int8, "kernels"), [{"x": x}])[0].argmax(1)
+    assert 0 < score < 100 and scorer.last_wrong == frozenset(np.flatnonzero(ref != got).tolist())
+    with pytest.raises(lowbit.LowbitError, match="repair_steps"):
+        lowbit.auto_quantize(model, calib, ev, repair_steps=-1, progress=False)
 
 
 def test_latency_budget(data: tuple[Path, Path, Path]) -> None:
@@ -262,6 +287,32 @@ def test_expected_flips_follow_the_margins() -> None:
     assert flips({"a": "int8", "b": "float"}) == pytest.approx(0.3694 + 0.0004, abs=1e-4)
     assert both > only_b >= 0.0
     assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event
+
+
+def test_repair_targets_the_answers_still_wrong() -> None:
+    """Layer a is cheap to make float and errs a little on every sample; b is dear and alone pushes sample 1 over.
+    The all-sample estimate prefers a (fewer flips per ms overall); the measured repair sees sample 1 still wrong
+    after that and takes b, then stops at the first passing assignment."""
+    layers = [Layer("a", "Conv", inputs=("x",), outputs=("t",)), Layer("b", "Conv", inputs=("t",), outputs=("y",))]
+    cost = CostModel(layers, {"int8": {"a": 1.0, "b": 1.0, "other": 0.0}, "float": {"a": 1.5, "b": 3.0}}, {})
+    noise = {n: {"int8": 0.1, "float": 0.0} for n in ("a", "b")}
+    margin = np.array([0.2, 0.2, 0.2, 0.2])
+    errors = {"a": {"int8": np.array([0.3, 0.3, 0.3, 0.0])}, "b": {"int8": np.array([0.0, 0.5, 0.0, 0.0])}}
+    flips = Flips(layers, margin, errors)
+    base: dict = {"a": "int8", "b": "int8"}
+    assert flips.only([1])({"a": "int8", "b": "float"}) < flips.only([1])({"a": "float", "b": "int8"})
+    assert flips.only([0, 2])({"a": "float", "b": "int8"}) == 0.0  # b never reaches samples 0 and 2
+    measured: list[dict] = []
+
+    def wrong(a: dict) -> frozenset[int] | None:  # the "measured" answers: a int8 flips 0 and 2, b int8 flips 1
+        measured.append(dict(a))
+        bad = ({0, 2} if a["a"] == "int8" else set()) | ({1} if a["b"] == "int8" else set())
+        return frozenset(bad) or None
+
+    got = repair(cost, noise, base, wrong, lambda bad: flips.only(sorted(bad)), steps=5)
+    assert got == {"a": "float", "b": "float"}
+    assert measured == [base, {"a": "float", "b": "int8"}, {"a": "float", "b": "float"}]
+    assert repair(cost, noise, base, wrong, lambda bad: flips.only(sorted(bad)), steps=2) is None  # out of steps
 
 
 @pytest.mark.parametrize("excluded", ["conv2", "fc"])

@@ -29,7 +29,17 @@ from .assign import Builder, Precision, find_layers
 from .flips import Flips, fragile, top_two
 from .profile import profile
 from .score import Scorer
-from .search import CostModel, chain, longest_within, pareto, repair, shortest_passing, trim, trim_order
+from .search import (
+    CostModel,
+    chain,
+    longest_within,
+    measured_mixed,
+    pareto,
+    repair,
+    shortest_passing,
+    trim,
+    trim_order,
+)
 from .sensitivity import sensitivities
 
 
@@ -255,6 +265,19 @@ def auto(
         frozenset(i.name for i in graph.input),
         frozenset(o.name for o in graph.output),
     )
+    # Float layers among int8 ones cost more than their own time: profile two such assignments (every other
+    # layer float, then the others) and add what they measure where float meets int8.
+    t = time.perf_counter()
+    floats = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+    mixes = []
+    for half in (0, 1):
+        mix: dict[str, Precision] = {**builder.everywhere("int8"), **dict.fromkeys(floats[half::2], "float")}
+        tell(f"profiling float layers among int8 ones ({half + 1}/2) ...")
+        times, conversions = profile(builder.build(mix)[0], builder.layers, feeds)
+        mixes.append((mix, times["other"], conversions))
+    cost.mixed = measured_mixed(cost, mixes, latency["int8"]["other"])
+    seconds["profile"] += time.perf_counter() - t
+    t = time.perf_counter()
     steps = chain(cost, noise, objective)
     float_session = session(float_model, "kernels", threads=1)
     points: dict[int, dict[str, Any]] = {}

@@ -42,6 +42,10 @@ class CostModel:
     boundary: dict[str, float]
     sources: frozenset[str] = frozenset()  # graph inputs: written by float
     sinks: frozenset[str] = frozenset()  # graph outputs: read as float
+    # Where a float layer meets a quantized one, what ONNX Runtime adds besides the Q/DQ: the float Conv's own
+    # per-channel DequantizeLinear and its NCHWc layout reorders (measured_mixed, on models with float layers
+    # among int8 ones). Per tensor; added to `boundary` where "f" meets "q8"/"q16".
+    mixed: dict[str, float] = field(default_factory=dict)
     producer: dict[str, str] = field(init=False)
     consumers: dict[str, list[str]] = field(init=False)
 
@@ -53,19 +57,30 @@ class CostModel:
             for t in x.inputs:
                 self.consumers.setdefault(t, []).append(x.node)
 
+    def kinds(self, t: str, now: dict[str, Precision]) -> set[str]:
+        """What tensor `t`'s writer and readers hold it as under `now` (graph inputs and outputs: float)."""
+        kinds = {KIND[now[c]] for c in self.consumers.get(t, [])}
+        if t in self.producer:
+            kinds.add(KIND[now[self.producer[t]]])
+        elif t in self.sources:
+            kinds.add("f")
+        if t in self.sinks:
+            kinds.add("f")
+        return kinds
+
     def ms(self, now: dict[str, Precision]) -> float:
         total = self.latency["int8"].get("other", 0.0) + sum(self.latency[now[x.node]][x.node] for x in self.layers)
         for t, cost in self.boundary.items():
-            kinds = {KIND[now[c]] for c in self.consumers.get(t, [])}
-            if t in self.producer:
-                kinds.add(KIND[now[self.producer[t]]])
-            elif t in self.sources:
-                kinds.add("f")
-            if t in self.sinks:
-                kinds.add("f")
+            kinds = self.kinds(t, now)
             if len(kinds) > 1 or "q16" in kinds:
                 total += cost
+            if "f" in kinds and len(kinds) > 1:
+                total += self.mixed.get(t, 0.0)
         return total
+
+    def mixed_tensors(self, now: dict[str, Precision]) -> list[str]:
+        """The tensors where a float (or int4 weight-only) layer meets a quantized one in `now`."""
+        return [t for t in self.boundary if "f" in (k := self.kinds(t, now)) and len(k) > 1]
 
     def neighbours(self, node: str) -> set[str]:
         x = next(y for y in self.layers if y.node == node)
@@ -74,6 +89,25 @@ class CostModel:
 
 
 Objective = Callable[[dict[str, Precision]], float]
+
+
+def measured_mixed(
+    cost: CostModel, profiles: list[tuple[dict[str, Precision], float, dict[str, float]]], base_other: float
+) -> dict[str, float]:
+    """Per tensor, the extra time where float meets int8, from profiles of assignments with float layers among int8
+    ones: (assignment, its unattributed "other" time, its conversions by tensor). A float Conv reading an int8
+    tensor has its own per-channel DQ (profiled as `<tensor>_axis`); ONNX Runtime's NCHWc reorders are not
+    named after a tensor, so their time (other minus the int8 model's) is spread over the mixed tensors in
+    proportion to their Q+DQ time (both pass over the same tensor once). Unmeasured per-channel DQs: Q+DQ's time."""
+    axis: dict[str, float] = {}
+    factors = []
+    for assignment, other, conversions in profiles:
+        axis.update({t[: -len("_axis")]: v for t, v in conversions.items() if t.endswith("_axis")})
+        spread = sum(cost.boundary[t] for t in cost.mixed_tensors(assignment))
+        if spread > 0:
+            factors.append(max(other - base_other, 0.0) / spread)
+    factor = float(sum(factors) / len(factors)) if factors else 0.0
+    return {t: axis.get(t, b) + factor * b for t, b in cost.boundary.items()}
 
 
 def options_of(cost: CostModel, noise: dict[str, dict[str, float]]) -> dict[str, list[Precision]]:

@@ -19,6 +19,7 @@ from lowbit.auto.search import (
     CostModel,
     chain,
     longest_within,
+    measured_mixed,
     pareto,
     repair,
     shortest_passing,
@@ -171,6 +172,30 @@ def test_chain_takes_the_most_noise_per_ms_first() -> None:
     assert all(x.noise >= y.noise for x, y in zip(steps, steps[1:]))
     assert all(p != "int4" for s in steps for p in s.assignment.values())  # int4 adds noise: never a step
     assert steps[-1].noise == 0
+
+
+def test_float_among_int8_pays_the_measured_mixed_cost() -> None:
+    # x -> a -> t1 -> b -> t2 -> c -> y
+    layers = [
+        Layer("a", "Conv", inputs=("x",), outputs=("t1",)),
+        Layer("b", "Conv", inputs=("t1",), outputs=("t2",)),
+        Layer("c", "Gemm", inputs=("t2",), outputs=("y",)),
+    ]
+    latency = {"int8": {"a": 1.0, "b": 1.0, "c": 1.0, "other": 0.1}, "float": {"a": 2.0, "b": 2.0, "c": 2.0}}
+    cost = CostModel(layers, latency, {"t1": 0.2, "t2": 0.4}, frozenset({"x"}), frozenset({"y"}))
+    only_b: dict = {"a": "int8", "b": "float", "c": "int8"}
+    assert cost.mixed_tensors(only_b) == ["t1", "t2"]
+    assert cost.mixed_tensors({"a": "float", "b": "float", "c": "int8"}) == ["t2"]
+    # profiled: b float among int8 -> t1's per-channel DQ 0.3, and 0.9 ms more unattributed (reorders) than int8's
+    # 0.1, spread over t1 and t2 by their Q+DQ time (0.6 in all): factor 1.5
+    mixed = measured_mixed(cost, [(only_b, 1.0, {"t1": 0.2, "t2": 0.4, "t1_axis": 0.3})], 0.1)
+    assert mixed == pytest.approx({"t1": 0.3 + 1.5 * 0.2, "t2": 0.4 + 1.5 * 0.4})  # t2's DQ unmeasured: its Q+DQ
+    before = cost.ms(only_b)
+    cost.mixed = mixed
+    assert cost.ms(only_b) == pytest.approx(before + 0.6 + 1.0)
+    every = {"a": "int8", "b": "int8", "c": "int8"}
+    assert cost.ms(every) == pytest.approx(0.1 + 3.0)  # nothing float meets int8: no extra
+    assert cost.ms(dict.fromkeys(every, "float")) == pytest.approx(0.1 + 6.0)
 
 
 def test_bisection_measures_few_points() -> None:

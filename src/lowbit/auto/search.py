@@ -132,20 +132,14 @@ def moves(
 
 
 def best_move(
-    cost: CostModel,
-    options: dict[str, list[Precision]],
-    now: dict[str, Precision],
-    total: Objective,
-    skip: frozenset[frozenset[tuple[str, str]]] = frozenset(),
+    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective
 ) -> dict[str, Precision] | None:
     """The move that lowers `total` the most per estimated millisecond it adds (moves that cost no time first, by
-    the time they save; ties: graph order); None when no move lowers it. Moves in `skip` are not considered."""
+    the time they save; ties: graph order); None when no move lowers it."""
     here_noise, here_ms = total(now), cost.ms(now)
     best: tuple[float, float, float, int] | None = None
     chosen: dict[str, Precision] | None = None
     for i, move in enumerate(moves(cost, options, now)):
-        if frozenset(move.items()) in skip:
-            continue
         trial = {**now, **move}
         gain, added = here_noise - total(trial), cost.ms(trial) - here_ms
         if gain < 0 or (gain == 0 and added >= 0):
@@ -193,27 +187,17 @@ def repair(
     `wrong(a)` measures `a`: None when it meets the budget, else the samples it gets wrong; `target(samples)`: an
     estimate of the error on those samples (expected flips of just those answers). The chain ranks layers by their
     estimate on all samples; near the budget what matters is the one or two answers still wrong, and which
-    layers push them over. A move after which more answers are wrong, measured, is undone and not tried again
-    (errors interact: the estimate adds them as independent). Returns the first passing assignment, or None
-    after `steps` measurements."""
+    layers push them over. Returns the first passing assignment, or None after `steps` measurements."""
     options = options_of(cost, noise)
     now = dict(start)
-    bad = wrong(now)
-    if bad is None:
-        return now
-    worse: set[frozenset[tuple[str, str]]] = set()
-    for _ in range(steps - 1):
-        move = best_move(cost, options, now, target(bad), frozenset(worse))
+    for _ in range(steps):
+        bad = wrong(now)
+        if bad is None:
+            return now
+        move = best_move(cost, options, now, target(bad))
         if move is None:
             return None
-        trial = {**now, **move}
-        got = wrong(trial)
-        if got is None:
-            return trial
-        if len(got) > len(bad):
-            worse.add(frozenset(move.items()))
-        else:
-            now, bad = trial, got
+        now = {**now, **move}
     return None
 
 

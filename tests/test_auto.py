@@ -14,7 +14,18 @@ from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
 from lowbit.auto.flips import Flips, fragile, gap_error, top_two
 from lowbit.auto.profile import layer_of
-from lowbit.auto.search import CostModel, chain, longest_within, pareto, shortest_passing, trim, trim_order
+from lowbit.auto.score import Scorer
+from lowbit.auto.search import (
+    CostModel,
+    chain,
+    longest_within,
+    measured_mixed,
+    pareto,
+    repair,
+    shortest_passing,
+    trim,
+    trim_order,
+)
 from lowbit.runtimes.ort import run_all, session
 
 
@@ -56,6 +67,21 @@ def test_a_zero_budget_on_cosine_ends_at_float_outputs(data: tuple[Path, Path, P
     assert r.met and r.score == pytest.approx(r.reference, abs=1e-9)
     # every point measured before the chosen one lost cosine: the search took the first that did not
     assert all(p["drop"] > 0 for p in r.points if p["step"] < min(q["step"] for q in r.points if q["drop"] <= 0))
+
+
+def test_the_scorer_keeps_the_answers_it_counts_wrong(data: tuple[Path, Path, Path]) -> None:
+    """The repair targets the samples the measured model gets wrong: they must be the ones the score counts."""
+    model, calib, ev = data
+    clipped = lowbit.Recipe(default=lowbit.Scheme(calibration="percentile", percentile=65.0))  # loses answers
+    x = np.load(ev)
+    scorer = Scorer(onnx.load(str(model)), [{"x": x[:20]}, {"x": x[20:]}], "top1")
+    int8 = lowbit.quantize(model, calib=calib, recipe=clipped, progress=False).model
+    score = scorer.score(int8)
+    ref = run_all(session(str(model)), [{"x": x}])[0].argmax(1)
+    got = run_all(session(int8, "kernels"), [{"x": x}])[0].argmax(1)
+    assert 0 < score < 100 and scorer.last_wrong == frozenset(np.flatnonzero(ref != got).tolist())
+    with pytest.raises(lowbit.LowbitError, match="repair_steps"):
+        lowbit.auto_quantize(model, calib, ev, repair_steps=-1, progress=False)
 
 
 def test_latency_budget(data: tuple[Path, Path, Path]) -> None:
@@ -146,6 +172,30 @@ def test_chain_takes_the_most_noise_per_ms_first() -> None:
     assert all(x.noise >= y.noise for x, y in zip(steps, steps[1:]))
     assert all(p != "int4" for s in steps for p in s.assignment.values())  # int4 adds noise: never a step
     assert steps[-1].noise == 0
+
+
+def test_float_among_int8_pays_the_measured_mixed_cost() -> None:
+    # x -> a -> t1 -> b -> t2 -> c -> y
+    layers = [
+        Layer("a", "Conv", inputs=("x",), outputs=("t1",)),
+        Layer("b", "Conv", inputs=("t1",), outputs=("t2",)),
+        Layer("c", "Gemm", inputs=("t2",), outputs=("y",)),
+    ]
+    latency = {"int8": {"a": 1.0, "b": 1.0, "c": 1.0, "other": 0.1}, "float": {"a": 2.0, "b": 2.0, "c": 2.0}}
+    cost = CostModel(layers, latency, {"t1": 0.2, "t2": 0.4}, frozenset({"x"}), frozenset({"y"}))
+    only_b: dict = {"a": "int8", "b": "float", "c": "int8"}
+    assert cost.mixed_tensors(only_b) == ["t1", "t2"]
+    assert cost.mixed_tensors({"a": "float", "b": "float", "c": "int8"}) == ["t2"]
+    # profiled: b float among int8 -> t1's per-channel DQ 0.3, and 0.9 ms more unattributed (reorders) than int8's
+    # 0.1, spread over t1 and t2 by their Q+DQ time (0.6 in all): factor 1.5
+    mixed = measured_mixed(cost, [(only_b, 1.0, {"t1": 0.2, "t2": 0.4, "t1_axis": 0.3})], 0.1)
+    assert mixed == pytest.approx({"t1": 0.3 + 1.5 * 0.2, "t2": 0.4 + 1.5 * 0.4})  # t2's DQ unmeasured: its Q+DQ
+    before = cost.ms(only_b)
+    cost.mixed = mixed
+    assert cost.ms(only_b) == pytest.approx(before + 0.6 + 1.0)
+    every = {"a": "int8", "b": "int8", "c": "int8"}
+    assert cost.ms(every) == pytest.approx(0.1 + 3.0)  # nothing float meets int8: no extra
+    assert cost.ms(dict.fromkeys(every, "float")) == pytest.approx(0.1 + 6.0)
 
 
 def test_bisection_measures_few_points() -> None:
@@ -262,6 +312,32 @@ def test_expected_flips_follow_the_margins() -> None:
     assert flips({"a": "int8", "b": "float"}) == pytest.approx(0.3694 + 0.0004, abs=1e-4)
     assert both > only_b >= 0.0
     assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event
+
+
+def test_repair_targets_the_answers_still_wrong() -> None:
+    """Layer a is cheap to make float and errs a little on every sample; b is dear and alone pushes sample 1 over.
+    The all-sample estimate prefers a (fewer flips per ms overall); the measured repair sees sample 1 still wrong
+    after that and takes b, then stops at the first passing assignment."""
+    layers = [Layer("a", "Conv", inputs=("x",), outputs=("t",)), Layer("b", "Conv", inputs=("t",), outputs=("y",))]
+    cost = CostModel(layers, {"int8": {"a": 1.0, "b": 1.0, "other": 0.0}, "float": {"a": 1.5, "b": 3.0}}, {})
+    noise = {n: {"int8": 0.1, "float": 0.0} for n in ("a", "b")}
+    margin = np.array([0.2, 0.2, 0.2, 0.2])
+    errors = {"a": {"int8": np.array([0.3, 0.3, 0.3, 0.0])}, "b": {"int8": np.array([0.0, 0.5, 0.0, 0.0])}}
+    flips = Flips(layers, margin, errors)
+    base: dict = {"a": "int8", "b": "int8"}
+    assert flips.only([1])({"a": "int8", "b": "float"}) < flips.only([1])({"a": "float", "b": "int8"})
+    assert flips.only([0, 2])({"a": "float", "b": "int8"}) == 0.0  # b never reaches samples 0 and 2
+    measured: list[dict] = []
+
+    def wrong(a: dict) -> frozenset[int] | None:  # the "measured" answers: a int8 flips 0 and 2, b int8 flips 1
+        measured.append(dict(a))
+        bad = ({0, 2} if a["a"] == "int8" else set()) | ({1} if a["b"] == "int8" else set())
+        return frozenset(bad) or None
+
+    got = repair(cost, noise, base, wrong, lambda bad: flips.only(sorted(bad)), steps=5)
+    assert got == {"a": "float", "b": "float"}
+    assert measured == [base, {"a": "float", "b": "int8"}, {"a": "float", "b": "float"}]
+    assert repair(cost, noise, base, wrong, lambda bad: flips.only(sorted(bad)), steps=2) is None  # out of steps
 
 
 @pytest.mark.parametrize("excluded", ["conv2", "fc"])

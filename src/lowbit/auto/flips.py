@@ -49,6 +49,12 @@ class Flips:
         # squared gap errors; float (and anything not measured) adds none
         self.var = {n: {p: np.square(e) for p, e in row.items()} for n, row in errors.items()}
 
+    def only(self, rows: list[int]) -> Flips:
+        """The same estimate over the samples at `rows` alone (the answers a measured model got wrong)."""
+        part = Flips(self.layers, self.margin[rows], {})
+        part.var = {n: {p: v[rows] for p, v in row.items()} for n, row in self.var.items()}
+        return part
+
     def __call__(self, assignment: dict[str, Precision]) -> float:
         zero = np.zeros_like(self.margin)
         var = sum((self.var[x.node].get(assignment[x.node], zero) for x in self.layers), zero)

@@ -29,7 +29,17 @@ from .assign import Builder, Precision, find_layers
 from .flips import Flips, fragile, top_two
 from .profile import profile
 from .score import Scorer
-from .search import CostModel, chain, longest_within, pareto, shortest_passing, trim, trim_order
+from .search import (
+    CostModel,
+    chain,
+    longest_within,
+    measured_mixed,
+    pareto,
+    repair,
+    shortest_passing,
+    trim,
+    trim_order,
+)
 from .sensitivity import sensitivities
 
 
@@ -135,6 +145,7 @@ def auto(
     eval_limit: int | None = None,
     latency_rounds: int = 30,
     trim_steps: int = 40,
+    repair_steps: int = 30,
     explore: int = 4,
     progress: bool = True,
 ) -> AutoResult:
@@ -147,10 +158,14 @@ def auto(
 
     With an accuracy budget, the chosen point of the chain is then trimmed: up to `trim_steps` of its layers not at
     int8 are tried back at int8 one at a time, each kept only if the model still meets the budget, measured.
+    With top-1 answers (class scores, or `labels`), a measured repair also searches from the base int8 model: up to
+    `repair_steps` assignments, each the last plus the move that most lowers the expected flips of the answers the
+    last one measured got wrong, per estimated ms. Of the two passing points (chain, repair), the one the cost model
+    says is faster is trimmed and written.
     `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
     budget = _check_budget(max_drop, latency_budget)
-    for name, value in (("trim_steps", trim_steps), ("explore", explore)):
+    for name, value in (("trim_steps", trim_steps), ("repair_steps", repair_steps), ("explore", explore)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise LowbitError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
@@ -225,9 +240,10 @@ def auto(
     # samples, per sample, and the chain lowers the expected number of flips. Other metrics: the first samples.
     counts_top1 = scorer.metric in ("top1_agreement", "accuracy")
     if counts_top1:
-        sens_batches = _take(batches, fragile(scorer.refs[0], sensitivity_samples))
+        sens_batches = _take(batches, fragile(scorer.refs[0], sensitivity_samples))  # sens_rows, below
     else:
         sens_batches = _head(batches, sensitivity_samples)
+    sens_rows = fragile(scorer.refs[0], sensitivity_samples) if counts_top1 else np.arange(0)
     sens_refs = run_all(session(float_model, "kernels"), sens_batches)
     chosen_by = "the evaluation samples closest to a flip" if counts_top1 else "the first evaluation samples"
     tell(f"measuring each layer's error alone on {sensitivity_samples} samples ({chosen_by}) ...")
@@ -249,11 +265,26 @@ def auto(
         frozenset(i.name for i in graph.input),
         frozenset(o.name for o in graph.output),
     )
+    # Float layers among int8 ones cost more than their own time: profile two such assignments (every other
+    # layer float, then the others) and add what they measure where float meets int8.
+    t = time.perf_counter()
+    floats = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+    mixes = []
+    for half in (0, 1):
+        mix: dict[str, Precision] = {**builder.everywhere("int8"), **dict.fromkeys(floats[half::2], "float")}
+        tell(f"profiling float layers among int8 ones ({half + 1}/2) ...")
+        times, conversions = profile(builder.build(mix)[0], builder.layers, feeds)
+        mixes.append((mix, times["other"], conversions))
+    cost.mixed = measured_mixed(cost, mixes, latency["int8"]["other"])
+    seconds["profile"] += time.perf_counter() - t
+    t = time.perf_counter()
     steps = chain(cost, noise, objective)
     float_session = session(float_model, "kernels", threads=1)
     points: dict[int, dict[str, Any]] = {}
     built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
     assignments: dict[int, dict[str, Precision]] = {}
+    wrongs: dict[int, frozenset[int]] = {}  # each measured point's samples whose top-1 answer is not float's
+    fresh = iter(range(len(steps), 10**9))  # ids of measured assignments off the chain (trim, repair)
 
     def measure(k: int, assignment: dict[str, Precision] | None = None, stage: str = "chain") -> dict[str, Any]:
         """Build, score and time one assignment: step k of the chain, or (a trim trial) `assignment` as step k."""
@@ -262,6 +293,7 @@ def auto(
         assignment = steps[k].assignment if assignment is None else assignment
         model_k, plan_k, recipe_k = builder.build(assignment)
         score = scorer.score(model_k)
+        wrongs[k] = scorer.last_wrong
         times = interleaved_latency(
             {"float": float_session, "candidate": session(model_k, "kernels", threads=1)},
             feeds,
@@ -300,12 +332,30 @@ def auto(
     if budget["kind"] == "accuracy":
         k = shortest_passing(len(steps), lambda i: passes(measure(i)))
         met = passes(measure(k))
+        if objective is not None and repair_steps > 0:
+            flips = objective
+            sens_index = {int(r): j for j, r in enumerate(sens_rows)}
+
+            def wrong(a: dict[str, Precision]) -> frozenset[int] | None:
+                i = next((j for j, b in assignments.items() if b == a), None)
+                pt = measure(next(fresh), a, "repair") if i is None else points[i]
+                return None if passes(pt) else wrongs[pt["step"]]
+
+            def target(bad: frozenset[int]) -> Flips:
+                rows = [sens_index[i] for i in sorted(bad) if i in sens_index]
+                return flips.only(rows) if rows else flips  # no wrong answer among the measured samples: all
+
+            tell(f"repairing from the base: up to {repair_steps} assignments, each measured ...")
+            fixed = repair(cost, noise, steps[0].assignment, wrong, target, repair_steps)
+            if fixed is not None and (not met or cost.ms(fixed) < cost.ms(steps[k].assignment)):
+                k = next(i for i in sorted(points, reverse=True) if assignments[i] == fixed)
+                met = True
         if met and trim_steps > 0:
-            order = trim_order(cost, noise, steps[k].assignment, objective)[:trim_steps]
+            start = assignments[k]
+            order = trim_order(cost, noise, start, objective)[:trim_steps]
             tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
-            trials = iter(range(len(steps), len(steps) + len(order)))
-            best = trim(steps[k].assignment, order, lambda a: passes(measure(next(trials), a, "trim")))
-            if best != steps[k].assignment:
+            best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")))
+            if best != start:
                 k = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
     else:
         found = longest_within(len(steps), lambda i: measure(i)["latency_ratio"] <= budget["ratio"])

@@ -70,6 +70,7 @@ class Scorer:
             else:
                 self.metric, self.label = head["metric"], f"{head['label']} (vs float)"
         self.reference = self._points(self.refs)
+        self.last_wrong: frozenset[int] = frozenset()
 
     def _points(self, outs: list[np.ndarray]) -> float:
         if self.labels is not None:
@@ -78,5 +79,15 @@ class Scorer:
         return 100.0 * float(value if value is not None else 0.0)
 
     def score(self, model: onnx.ModelProto) -> float:
-        """The model's points with integer kernels (what ships), on every evaluation sample."""
-        return self._points(run_all(session(model, "kernels"), self.batches))
+        """The model's points with integer kernels (what ships), on every evaluation sample. Keeps in `last_wrong`
+        the samples whose top-1 answer differs from the float model's (class scores; empty otherwise)."""
+        outs = run_all(session(model, "kernels"), self.batches)
+        self.last_wrong = self._wrong(outs[0])
+        return self._points(outs)
+
+    def _wrong(self, out: np.ndarray) -> frozenset[int]:
+        if self.labels is None and self.kind.kind != "class_scores":
+            return frozenset()
+        ref = self.refs[0]
+        answers = out.reshape(len(out), -1).argmax(1) != ref.reshape(len(ref), -1).argmax(1)
+        return frozenset(int(i) for i in np.flatnonzero(answers))

@@ -42,6 +42,10 @@ class CostModel:
     boundary: dict[str, float]
     sources: frozenset[str] = frozenset()  # graph inputs: written by float
     sinks: frozenset[str] = frozenset()  # graph outputs: read as float
+    # Where a float layer meets a quantized one, what ONNX Runtime adds besides the Q/DQ: the float Conv's own
+    # per-channel DequantizeLinear and its NCHWc layout reorders (measured_mixed, on models with float layers
+    # among int8 ones). Per tensor; added to `boundary` where "f" meets "q8"/"q16".
+    mixed: dict[str, float] = field(default_factory=dict)
     producer: dict[str, str] = field(init=False)
     consumers: dict[str, list[str]] = field(init=False)
 
@@ -53,19 +57,30 @@ class CostModel:
             for t in x.inputs:
                 self.consumers.setdefault(t, []).append(x.node)
 
+    def kinds(self, t: str, now: dict[str, Precision]) -> set[str]:
+        """What tensor `t`'s writer and readers hold it as under `now` (graph inputs and outputs: float)."""
+        kinds = {KIND[now[c]] for c in self.consumers.get(t, [])}
+        if t in self.producer:
+            kinds.add(KIND[now[self.producer[t]]])
+        elif t in self.sources:
+            kinds.add("f")
+        if t in self.sinks:
+            kinds.add("f")
+        return kinds
+
     def ms(self, now: dict[str, Precision]) -> float:
         total = self.latency["int8"].get("other", 0.0) + sum(self.latency[now[x.node]][x.node] for x in self.layers)
         for t, cost in self.boundary.items():
-            kinds = {KIND[now[c]] for c in self.consumers.get(t, [])}
-            if t in self.producer:
-                kinds.add(KIND[now[self.producer[t]]])
-            elif t in self.sources:
-                kinds.add("f")
-            if t in self.sinks:
-                kinds.add("f")
+            kinds = self.kinds(t, now)
             if len(kinds) > 1 or "q16" in kinds:
                 total += cost
+            if "f" in kinds and len(kinds) > 1:
+                total += self.mixed.get(t, 0.0)
         return total
+
+    def mixed_tensors(self, now: dict[str, Precision]) -> list[str]:
+        """The tensors where a float (or int4 weight-only) layer meets a quantized one in `now`."""
+        return [t for t in self.boundary if "f" in (k := self.kinds(t, now)) and len(k) > 1]
 
     def neighbours(self, node: str) -> set[str]:
         x = next(y for y in self.layers if y.node == node)
@@ -76,50 +91,114 @@ class CostModel:
 Objective = Callable[[dict[str, Precision]], float]
 
 
+def measured_mixed(
+    cost: CostModel, profiles: list[tuple[dict[str, Precision], float, dict[str, float]]], base_other: float
+) -> dict[str, float]:
+    """Per tensor, the extra time where float meets int8, from profiles of assignments with float layers among int8
+    ones: (assignment, its unattributed "other" time, its conversions by tensor). A float Conv reading an int8
+    tensor has its own per-channel DQ (profiled as `<tensor>_axis`); ONNX Runtime's NCHWc reorders are not
+    named after a tensor, so their time (other minus the int8 model's) is spread over the mixed tensors in
+    proportion to their Q+DQ time (both pass over the same tensor once). Unmeasured per-channel DQs: Q+DQ's time."""
+    axis: dict[str, float] = {}
+    factors = []
+    for assignment, other, conversions in profiles:
+        axis.update({t[: -len("_axis")]: v for t, v in conversions.items() if t.endswith("_axis")})
+        spread = sum(cost.boundary[t] for t in cost.mixed_tensors(assignment))
+        if spread > 0:
+            factors.append(max(other - base_other, 0.0) / spread)
+    factor = float(sum(factors) / len(factors)) if factors else 0.0
+    return {t: axis.get(t, b) + factor * b for t, b in cost.boundary.items()}
+
+
+def options_of(cost: CostModel, noise: dict[str, dict[str, float]]) -> dict[str, list[Precision]]:
+    """Each layer's precisions that were both measured alone and profiled."""
+    return {
+        x.node: [p for p in x.precisions() if p in noise[x.node] and x.node in cost.latency[p]] for x in cost.layers
+    }
+
+
+def moves(
+    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision]
+) -> list[dict[str, Precision]]:
+    """One layer to another precision, or a layer with its neighbours to float (one float layer between int8 ones
+    pays two conversions; a float run of three pays them once)."""
+    found: list[dict[str, Precision]] = []
+    for x in cost.layers:
+        found += [{x.node: p} for p in options[x.node] if p != now[x.node]]
+        group = {n for n in {x.node} | cost.neighbours(x.node) if now[n] != "float" and "float" in options[n]}
+        if len(group) > 1:
+            found.append(dict.fromkeys(sorted(group), "float"))
+    return found
+
+
+def best_move(
+    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective
+) -> dict[str, Precision] | None:
+    """The move that lowers `total` the most per estimated millisecond it adds (moves that cost no time first, by
+    the time they save; ties: graph order); None when no move lowers it."""
+    here_noise, here_ms = total(now), cost.ms(now)
+    best: tuple[float, float, float, int] | None = None
+    chosen: dict[str, Precision] | None = None
+    for i, move in enumerate(moves(cost, options, now)):
+        trial = {**now, **move}
+        gain, added = here_noise - total(trial), cost.ms(trial) - here_ms
+        if gain < 0 or (gain == 0 and added >= 0):
+            continue
+        key = (float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i)
+        if best is None or key > best:
+            best, chosen = key, move
+    return chosen
+
+
 def chain(cost: CostModel, noise: dict[str, dict[str, float]], objective: Objective | None = None) -> list[Step]:
     """The greedy chain from the base int8 model to float. `noise[layer][precision]`: error alone; `objective`:
     the estimate of an assignment's error the steps lower (default: the sum of its layers' noise alone).
-
-    Moves are one layer to a more accurate precision, or a layer with its neighbours to float (one float layer
-    between int8 ones pays two conversions; a float run of three pays them once). Each step takes the move that
-    removes the most noise per estimated millisecond; moves that cost no time go first."""
+    Each step takes `best_move`: the most noise removed per estimated millisecond; moves that cost no time first."""
     layers = cost.layers
-    options = {x.node: [p for p in x.precisions() if p in noise[x.node] and x.node in cost.latency[p]] for x in layers}
+    options = options_of(cost, noise)
     now: dict[str, Precision] = {x.node: "int8" for x in layers}
 
     def total(a: dict[str, Precision]) -> float:
         return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in layers)
 
     steps = [Step(dict(now), total(now), cost.ms(now))]
-    while True:
-        here_noise, here_ms = steps[-1].noise, steps[-1].ms
-        moves: list[dict[str, Precision]] = []
-        for x in layers:
-            moves += [{x.node: p} for p in options[x.node] if p != now[x.node]]
-            group = {n for n in {x.node} | cost.neighbours(x.node) if now[n] != "float" and "float" in options[n]}
-            if len(group) > 1:
-                moves.append(dict.fromkeys(sorted(group), "float"))
-        best: tuple[float, float, float, int] | None = None
-        best_move: dict[str, Precision] = {}
-        for i, move in enumerate(moves):
-            trial = {**now, **move}
-            gain, added = here_noise - total(trial), cost.ms(trial) - here_ms
-            if gain < 0 or (gain == 0 and added >= 0):
-                continue
-            # free moves first (by the time they save), then noise removed per millisecond; ties: graph order
-            key = (float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i)
-            if best is None or key > best:
-                best, best_move = key, move
-        if best is None:
-            break
-        now.update(best_move)
-        steps.append(Step(dict(now), total(now), cost.ms(now), tuple(best_move)))
+    while (move := best_move(cost, options, now, total)) is not None:
+        now.update(move)
+        steps.append(Step(dict(now), total(now), cost.ms(now), tuple(move)))
     # A layer whose error alone is nil (an Add kept float when its neighbours are) still errs among quantized
     # neighbours: the chain ends at all-float, which every budget on agreement with float meets.
     if any(p != "float" and "float" in options[n] for n, p in now.items()):
         now.update({n: "float" for n in now if "float" in options[n]})
         steps.append(Step(dict(now), total(now), cost.ms(now), tuple(now)))
     return steps
+
+
+def repair(
+    cost: CostModel,
+    noise: dict[str, dict[str, float]],
+    start: dict[str, Precision],
+    wrong: Callable[[dict[str, Precision]], frozenset[int] | None],
+    target: Callable[[frozenset[int]], Objective],
+    steps: int,
+) -> dict[str, Precision] | None:
+    """A measured greedy search for a passing assignment: measure, then take the move that most lowers the
+    estimated error *of the samples the measured model gets wrong* per estimated ms, and measure again.
+
+    `wrong(a)` measures `a`: None when it meets the budget, else the samples it gets wrong; `target(samples)`: an
+    estimate of the error on those samples (expected flips of just those answers). The chain ranks layers by their
+    estimate on all samples; near the budget what matters is the one or two answers still wrong, and which
+    layers push them over. Returns the first passing assignment, or None after `steps` measurements."""
+    options = options_of(cost, noise)
+    now = dict(start)
+    for _ in range(steps):
+        bad = wrong(now)
+        if bad is None:
+            return now
+        move = best_move(cost, options, now, target(bad))
+        if move is None:
+            return None
+        now = {**now, **move}
+    return None
 
 
 def shortest_passing(n: int, passes: Callable[[int], bool]) -> int:

@@ -77,6 +77,22 @@ def corpus_jobs(only: set[str]) -> list[Job | tuple[str, str]]:
                 (Output("logits", "class scores"),),
             )
         )
+    if not only or "mobilenet_v2" in only:
+        from lowbit_zoo.zoo import photo_crops
+        from models import mobilenet_v2_onnx
+
+        calib, evl = photo_crops(64, "calib"), photo_crops(128, "eval")
+        # random weights with BatchNorm re-estimated on the calibration crops, as bench/RESULTS.md's row
+        model, _ = mobilenet_v2_onnx(ARTIFACTS / "bench" / "mobilenet_v2_bn64.onnx", calib)
+        jobs.append(
+            Job(
+                "mobilenet_v2",
+                model,
+                [{"input": c[None]} for c in calib],
+                [{"input": c[None]} for c in evl],
+                (Output("logits", "class scores"),),
+            )
+        )
     if not only or "minilm" in only:
         from lowbit_zoo.zoo import minilm_tokenize, text_sentences
 
@@ -398,7 +414,8 @@ def write(rows: list[dict], path: Path, argv: list[str], seconds: float, load: t
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", nargs="*", default=[], help="entries to run (corpus names, efficientnet_lite0, minilm)")
+    names = "corpus names, efficientnet_lite0, mobilenet_v2, minilm"
+    ap.add_argument("--only", nargs="*", default=[], help=f"entries to run ({names})")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "RESULTS_LITERT.md"))
     ap.add_argument("--trace", action="store_true", help="print tracebacks of failures")
     ap.add_argument("--float-outputs", action="store_true", help="export with --float-outputs")

@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,20 @@ class Job:
     batch_axes: dict | None = None
 
 
+def _classifier(name: str, model: Callable[[np.ndarray], Path]) -> Job:
+    """An image classifier on photo crops: 64 to calibrate, 128 held out; `model` gets the calibration crops."""
+    from lowbit_zoo.zoo import photo_crops
+
+    calib, evl = photo_crops(64, "calib"), photo_crops(128, "eval")
+    return Job(
+        name,
+        model(calib),
+        [{"input": c[None]} for c in calib],
+        [{"input": c[None]} for c in evl],
+        (Output("logits", "class scores"),),
+    )
+
+
 def corpus_jobs(only: set[str]) -> list[Job | tuple[str, str]]:
     jobs: list[Job | tuple[str, str]] = []
     for e in ENTRIES:
@@ -64,33 +79,14 @@ def corpus_jobs(only: set[str]) -> list[Job | tuple[str, str]]:
         except Exception as err:  # a model that cannot be fetched/built is a row, not a crash
             jobs.append((e.name, one_line(err)))
     if not only or "efficientnet_lite0" in only:
-        from lowbit_zoo.zoo import photo_crops
-
-        model = ARTIFACTS / "efficientnet_lite0.onnx"
-        calib, evl = photo_crops(64, "calib"), photo_crops(128, "eval")
-        jobs.append(
-            Job(
-                "efficientnet_lite0",
-                model,
-                [{"input": c[None]} for c in calib],
-                [{"input": c[None]} for c in evl],
-                (Output("logits", "class scores"),),
-            )
-        )
+        jobs.append(_classifier("efficientnet_lite0", lambda _: ARTIFACTS / "efficientnet_lite0.onnx"))
     if not only or "mobilenet_v2" in only:
-        from lowbit_zoo.zoo import photo_crops
         from models import mobilenet_v2_onnx
 
-        calib, evl = photo_crops(64, "calib"), photo_crops(128, "eval")
         # random weights with BatchNorm re-estimated on the calibration crops, as bench/RESULTS.md's row
-        model, _ = mobilenet_v2_onnx(ARTIFACTS / "bench" / "mobilenet_v2_bn64.onnx", calib)
         jobs.append(
-            Job(
-                "mobilenet_v2",
-                model,
-                [{"input": c[None]} for c in calib],
-                [{"input": c[None]} for c in evl],
-                (Output("logits", "class scores"),),
+            _classifier(
+                "mobilenet_v2", lambda c: mobilenet_v2_onnx(ARTIFACTS / "bench" / "mobilenet_v2_bn64.onnx", c)[0]
             )
         )
     if not only or "minilm" in only:

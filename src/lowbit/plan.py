@@ -129,7 +129,7 @@ class Plan:
         except UnicodeDecodeError:
             raise LowbitError(f"{p} is not a lowbit plan file (not text)") from None
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError, ValueError) as e:
-            raise LowbitError(one_line(f"{p} is not a lowbit plan file ({type(e).__name__}: {e})")) from None
+            raise LowbitError(escape_breaks(f"{p} is not a lowbit plan file ({type(e).__name__}: {e})")) from None
         plan.validate(f"plan {p}")
         for t in plan.tensors.values():
             # JSON may spell a scale or range as an integer (1e30 written out in digits): the rewrite needs floats.
@@ -144,7 +144,7 @@ class Plan:
         fix = "re-run calibration with --calib to make a new plan"
 
         def bad(what: str) -> LowbitError:
-            return LowbitError(one_line(f"{where}: {what}; {fix}"))
+            return LowbitError(escape_breaks(f"{where}: {what}; {fix}"))
 
         if not isinstance(self.recipe, dict):
             raise bad(f"its recipe is {type(self.recipe).__name__}, not an object")
@@ -215,7 +215,7 @@ def _integer(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def one_line(text: str) -> str:
+def escape_breaks(text: str) -> str:
     """`text` with every character str.splitlines() breaks at escaped: names from a plan file may hold them."""
     if len(text.splitlines()) <= 1 and not text.endswith(("\n", "\r")):
         return text

@@ -214,3 +214,39 @@ def test_uint8_tables_are_a_one_line_error():
     with pytest.raises(lowbit.LowbitError, match="uint8 weights cannot be used on Gather node 'e'") as e:
         lowbit.quantize(m, recipe=rec, progress=False)
     assert "\n" not in str(e.value)
+
+
+def _lookup_then(reader: str) -> onnx.ModelProto:
+    """ids -> Gather(table 2000 x 64) -> `reader` -> y (LayerNormalization runs in float; MatMul is quantized)."""
+    table = numpy_helper.from_array(weight((2000, 64), seed=5), "table")
+    extra = (
+        [numpy_helper.from_array(np.ones(64, np.float32), "g"), numpy_helper.from_array(np.zeros(64, np.float32), "b")]
+        if reader == "LayerNormalization"
+        else [numpy_helper.from_array(weight((64, 16), seed=6), "w")]
+    )
+    ins = ["e", "g", "b"] if reader == "LayerNormalization" else ["e", "w"]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="lookup"), helper.make_node(reader, ins, ["y"])]
+    width = 64 if reader == "LayerNormalization" else 16
+    m = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "lookup",
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 6])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, width])],
+            [table, *extra],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("reader", ["LayerNormalization", "MatMul"])
+def test_static_mode_stores_an_embedding_table_int8(reader):
+    m = _lookup_then(reader)
+    ids = [{"ids": np.random.default_rng(i).integers(0, 2000, (4, 6))} for i in range(4)]
+    res = lowbit.quantize(m, calib=ids, progress=False)
+    decision = res.plan.nodes["lookup"]
+    assert decision.mode == "weight_only" and decision.quantized, decision.reason
+    assert stored_bytes(res.model) < stored_bytes(m) / 3  # the 512 KB table is int8 now (was float: 100% of size)
+    assert rel_rms(run(m, ids, float_model=True)[0], run(res.model, ids, mode="kernels")[0]) < 0.03

@@ -300,7 +300,27 @@ def _drop_isolated_data_movement(graph: ir.Graph, layout: Layout, specs: dict[st
             touched.update(_nm(o) for o in node.outputs)
         else:
             del specs[_nm(node)]
-            layout.nodes[_nm(node)].keep_float(Reason.ISOLATED_DATA_MOVEMENT)
+            if not _table_weight_only(node, layout):
+                layout.nodes[_nm(node)].keep_float(Reason.ISOLATED_DATA_MOVEMENT)
+    order = {_nm(n): i for i, n in enumerate(graph)}
+    layout.rewrites = dict(sorted(layout.rewrites.items(), key=lambda kv: order[kv[0]]))
+
+
+def _table_weight_only(node: ir.Node, layout: Layout) -> bool:
+    """An embedding table whose lookups only float ops read (Gather -> GRU) is still a weight: stored int8 as in
+    weight-only mode, or the file keeps its largest tensor float (a 31 MB table left a text model at 100% of its
+    float size)."""
+    d = layout.nodes[_nm(node)]
+    if node.op_type != "Gather" or d.scheme is None:
+        return False
+    found = decide("weight_only", node, d.scheme)
+    if not isinstance(found, Take):
+        return False
+    layout.rewrites[_nm(node)] = (found.mode or "weight_only", d.scheme)
+    d.spec = None
+    d.decision.quantized, d.decision.code, d.decision.details = True, found.code, found.details
+    d.decision.mode = found.mode or "weight_only"
+    return True
 
 
 def _collect_tensors(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) -> None:

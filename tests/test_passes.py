@@ -71,6 +71,29 @@ def test_fold_batchnorm_into_conv(bias):
     assert_same_outputs(m, out, atol=1e-5)
 
 
+@pytest.mark.parametrize("group", [1, 2])
+def test_fold_batchnorm_into_conv_transpose(group):
+    """A decoder's upsampling ConvTranspose -> BatchNorm: weights [C_in, C_out / group, k, k], each group's input
+    rows writing its own block of output channels."""
+    r = np.random.default_rng(4)
+    inits = {
+        "w": weight((4, 6 // group, 2, 2), 3),
+        "b": weight((6,), 4),
+        "gamma": r.uniform(0.5, 2.0, 6).astype(np.float32),
+        "beta": r.normal(size=6).astype(np.float32),
+        "mean": r.normal(size=6).astype(np.float32),
+        "var": r.uniform(0.1, 3.0, 6).astype(np.float32),
+    }
+    nodes = [
+        node("ConvTranspose", ["x", "w", "b"], ["c"], name="up", strides=[2, 2], group=group),
+        node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"], name="bn", epsilon=1e-3),
+    ]
+    m = model(nodes, {"x": (1, 4, 5, 5)}, {"y": (1, 6, 10, 10)}, inits)
+    out, (changed,) = apply(m, fold_batchnorm)
+    assert changed and op_counts(out) == {"ConvTranspose": 1}
+    assert_same_outputs(m, out, atol=1e-5)
+
+
 def test_fold_batchnorm_skips_conv_output_used_elsewhere():
     m = bn_model(True, extra_use=True)
     out, (changed,) = apply(m, fold_batchnorm)

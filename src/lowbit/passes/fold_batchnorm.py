@@ -1,4 +1,6 @@
-"""Fold inference-mode BatchNormalization into the Conv that feeds it."""
+"""Fold inference-mode BatchNormalization into the Conv or ConvTranspose that feeds it (a decoder's upsampling
+ConvTranspose -> BatchNorm, as U-Nets and DBNet-style text detectors have, would otherwise stay a float op between
+quantized ones)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,17 @@ def _const(v: ir.Value | None) -> np.ndarray | None:
     return None if v is None or v.const_value is None else v.const_value.numpy()
 
 
+def _scaled(w: np.ndarray, factor: np.ndarray, conv: ir.Node) -> np.ndarray:
+    """The weights with output channel o scaled by factor[o]. Conv's weights are [C_out, C_in / group, ...];
+    ConvTranspose's are [C_in, C_out / group, ...], group g's input rows writing its block of output channels."""
+    if conv.op_type == "Conv":
+        return (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+    group = conv.attributes.get_int("group", 1)
+    rows = w.reshape(group, w.shape[0] // group, w.shape[1], *w.shape[2:])
+    out = rows * factor.reshape(group, 1, w.shape[1], *([1] * (w.ndim - 2)))
+    return out.reshape(w.shape).astype(w.dtype)
+
+
 def fold_batchnorm(model: ir.Model) -> bool:
     graph = model.graph
     changed = False
@@ -19,7 +32,7 @@ def fold_batchnorm(model: ir.Model) -> bool:
         x = bn.inputs[0]
         assert x is not None  # BatchNormalization's input X is required
         conv = x.producer()
-        if conv is None or conv.op_type != "Conv" or len(x.uses()) != 1 or x.is_graph_output():
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose") or len(x.uses()) != 1 or x.is_graph_output():
             continue
         w_in = conv.inputs[1]
         w = _const(w_in)
@@ -29,7 +42,7 @@ def fold_batchnorm(model: ir.Model) -> bool:
             continue
         eps = bn.attributes.get_float("epsilon", 1e-5)
         factor = gamma / np.sqrt(var + eps)
-        new_w = (w * factor.reshape(-1, *([1] * (w.ndim - 1)))).astype(w.dtype)
+        new_w = _scaled(w, factor, conv)
         new_b = ((b if b is not None else 0.0) - mean) * factor + beta
         w_val = ir.Value(name=f"{w_in.name}_bnfold", const_value=ir.tensor(new_w))
         b_val = ir.Value(name=f"{bn.name or bn.outputs[0].name}_bias", const_value=ir.tensor(new_b.astype(w.dtype)))

@@ -29,6 +29,7 @@ class Reason(StrEnum):
     NO_QUANTIZED_FORM = "no_quantized_form"
     CUSTOM_DOMAIN = "custom_domain"
     INTEGER_ONLY = "integer_only"
+    OTHER_FLOAT = "other_float"
     STATIC_ATTENTION = "static_attention"
     REQUANTIZED_GATE = "requantized_gate"  # onnxruntime target: HardSwish/HardSigmoid as Q/DQ (+ QLinearMul)
     IMAGE_STEM = "image_stem"  # onnxruntime target: a Conv on a 3-channel input (and its activation) stays float
@@ -103,6 +104,7 @@ TEMPLATES: dict[Reason, str] = {
     Reason.NO_QUANTIZED_FORM: "no quantized form for {op} in lowbit",
     Reason.CUSTOM_DOMAIN: "custom-domain op {domain}::{op} has no quantized form",
     Reason.INTEGER_ONLY: "integer {op} (shape arithmetic): nothing to quantize",
+    Reason.OTHER_FLOAT: "{op} computes in {dtype}: lowbit quantizes float32 tensors",
     Reason.REQUANTIZED_GATE: "{activations} activations; for ONNX Runtime {op} runs as a requantization onto the "
     "gate's 1/255 grid (times x as QLinearMul for HardSwish), not in float",
     Reason.IMAGE_STEM: "image stem ({channels} input channels{after}): ONNX Runtime's float convolution is faster "

@@ -92,6 +92,9 @@ def decide(mode: str, node: ir.Node, scheme: Scheme) -> Decided:
         if specific is None and _domain(node) != "":
             return Skip(Reason.CUSTOM_DOMAIN, {"domain": node.domain, "op": node.op_type})
         if node.outputs and all(o.dtype is not None and o.dtype != ir.DataType.FLOAT for o in node.outputs):
+            other = next((o.dtype for o in node.outputs if o.dtype is not None and o.dtype.is_floating_point()), None)
+            if other is not None:  # float16, bfloat16, double
+                return Skip(Reason.OTHER_FLOAT, {"op": node.op_type, "dtype": other.name.lower()})
             return Skip(Reason.INTEGER_ONLY, {"op": node.op_type})
     entry = entry_for(mode, node)
     if entry is None:

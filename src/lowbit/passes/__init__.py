@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import onnx_ir as ir
@@ -9,6 +10,7 @@ import onnx_ir.passes.common as common
 
 from .canonicalize import canonicalize
 from .equalize import equalize
+from .float32 import widen_float16
 from .fold_affine import fold_affine
 from .fold_batchnorm import fold_batchnorm
 from .fold_constants import fold_constants
@@ -23,6 +25,9 @@ def prepare(model: ir.Model) -> ir.Model:
     """Make weights initializers, fold constants, spell decomposed activations and layer norms as one op, fold
     BatchNorm (the op, or constant per-channel Mul/Add after a conv) and zero Pads into convs, infer shapes."""
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    if widen_float16(model):
+        warning = "the model computes in float16: lowbit quantizes its float32 twin (weights widened exactly)"
+        warnings.warn(warning, stacklevel=2)
     fold_constants(model)
     if inline_constant_ifs(model):  # the taken branch's nodes may fold in turn
         fold_constants(model)

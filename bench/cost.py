@@ -22,6 +22,11 @@ lowbit and ORT's own modules in site-packages do; `--no-bytecode` leaves PYTHOND
 (then every run compiles a checkout's ~100 modules from source, ~0.1 s CPU).
 Every kind also reports its whole process's CPU (`proc_cpu_s`: the `lowbit`/`ort` children include their imports
 and the crops' loading), which is the like-for-like number for `cli`.
+The model and its calibration file are made in a child process, so this process stays small: Linux carries a
+parent's resident size into a child's peak RSS (`ru_maxrss` survives fork and exec), and until 2026-12-06 every
+`cli` run's "peak RSS" on the YOLO head was this process's 435 MiB. Children get an absolute PYTHONPATH (they run in
+the work folder) and the lowbit each kind imports is printed first; before that fix a relative `src:examples`
+named nothing there, and `cli` runs measured whatever lowbit was installed.
 
 Usage (from the repository root; lowbit is whatever `import lowbit` finds, so PYTHONPATH picks the checkout):
     PYTHONPATH=src:examples .venv/bin/python bench/cost.py [--reps 3] [--n 64] [--only lowbit|ort] [--model NAME]

@@ -176,6 +176,15 @@ def run_child(kind: str, work: Path, name: str, base: Path | None = None, byteco
     }
 
 
+def absolute_pythonpath() -> list[Path]:
+    """PYTHONPATH's entries made absolute (in os.environ too, for every child), from the current folder. Children run
+    in the work folder, where a relative PYTHONPATH (`src:examples`) named nothing: they imported whatever lowbit was
+    installed (an editable install of another checkout) instead of the one to measure."""
+    roots = [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(map(str, roots))
+    return roots
+
+
 def child_env(kind: str, base: Path | None, bytecode: bool) -> dict[str, str]:
     """Children run in the work folder (see main), with an absolute PYTHONPATH: this checkout's, or the base's."""
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
@@ -250,10 +259,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     base = Path(args.base).resolve() if args.base else None
     bytecode = not args.no_bytecode
-    roots = [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # before chdir
-    # Absolute before the chdir below: children run in the work folder, where a relative PYTHONPATH (`src:examples`)
-    # named nothing and they imported whatever lowbit was installed (an editable install of another checkout).
-    os.environ["PYTHONPATH"] = os.pathsep.join(map(str, roots))
+    roots = absolute_pythonpath()  # before the chdir below
     roots += [base / "src", base / "examples"] if base is not None else []
     # Everything runs in the work folder: ORT's tools leave <uuid>.data files in the working directory on some
     # models (DBNet), which would otherwise land in the checkout. Import paths are made absolute first.

@@ -88,7 +88,7 @@ class DeferSympyFinder(importlib.abc.MetaPathFinder):
         def exec_module(module: types.ModuleType) -> None:
             if "sympy" in sys.modules:
                 return run(module)
-            stand_in = StandIn("sympy", __doc__)
+            stand_in = StandIn("sympy", "stands in for sympy until an attribute is read (lowbit.lazy_sympy)")
             stand_in.__spec__ = None
             sys.modules["sympy"] = stand_in
             try:

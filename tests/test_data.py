@@ -419,3 +419,16 @@ def test_bad_arguments():
     raises(["limit"], open_data, [arange(1)], [X], limit=0)
     raises(["yield numpy arrays"], consume, open_data(iter(["text"]), [X]))
     raises(["cannot read data"], open_data, 42, [X])
+
+
+def test_files_that_cannot_be_mapped_are_read(tmp_path, monkeypatch):
+    """Where mmap fails (some network or FUSE file systems), a stored .npz member is read as before."""
+
+    class Refusing(arrays_mod._FileMap):
+        def __new__(cls, *args, **kwargs):
+            raise OSError(19, "No such device")
+
+    monkeypatch.setattr(arrays_mod, "_FileMap", Refusing)
+    np.savez(tmp_path / "d.npz", x=arange(5))
+    out = consume(open_data(tmp_path / "d.npz", [X], batch_size=2))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in out]), arange(5))

@@ -125,7 +125,10 @@ def _mapped(path: Path, start: int, size: int | None, where: str) -> np.ndarray 
         end = start + size if size is not None else os.fstat(f.fileno()).st_size
         if offset + count * dtype.itemsize > end:
             raise LowbitError(f"{where} is truncated; re-save it with numpy.save/savez")
-        m = _FileMap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            m = _FileMap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # a file system without mmap: read it the usual way
+            return None
     return np.frombuffer(m, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 

@@ -22,6 +22,11 @@ lowbit and ORT's own modules in site-packages do; `--no-bytecode` leaves PYTHOND
 (then every run compiles a checkout's ~100 modules from source, ~0.1 s CPU).
 Every kind also reports its whole process's CPU (`proc_cpu_s`: the `lowbit`/`ort` children include their imports
 and the crops' loading), which is the like-for-like number for `cli`.
+The model and its calibration file are made in a child process, so this process stays small: Linux carries a
+parent's resident size into a child's peak RSS (`ru_maxrss` survives fork and exec), and until 2026-12-06 every
+`cli` run's "peak RSS" on the YOLO head was this process's 435 MiB. Children get an absolute PYTHONPATH (they run in
+the work folder) and the lowbit each kind imports is printed first; before that fix a relative `src:examples`
+named nothing there, and `cli` runs measured whatever lowbit was installed.
 
 Usage (from the repository root; lowbit is whatever `import lowbit` finds, so PYTHONPATH picks the checkout):
     PYTHONPATH=src:examples .venv/bin/python bench/cost.py [--reps 3] [--n 64] [--only lowbit|ort] [--model NAME]
@@ -135,14 +140,7 @@ def run_child(kind: str, work: Path, name: str, base: Path | None = None, byteco
         cmd += ["--no-speed-check"] if kind == "cli-nospeed" else []
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--workdir", str(work), "--model", name]
-    # Children run in the work folder too (see main), with an absolute PYTHONPATH.
-    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
-    if kind == "cli-base":
-        if base is None:
-            raise SystemExit("kind cli-base needs --base CHECKOUT (a folder with the src/ and examples/ to compare)")
-        paths = [str(base / "src"), str(base / "examples")]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in paths if p)}
-    env.update(bytecode_env() if bytecode else {})
+    env = child_env(kind, base, bytecode)
     t0 = time.perf_counter()
     with open(work / "child.out", "w+") as fo, open(work / "child.err", "w+") as fe:
         # wait4, not Popen.wait: it returns the child's own rusage (RUSAGE_CHILDREN would sum every child so far)
@@ -176,6 +174,32 @@ def run_child(kind: str, work: Path, name: str, base: Path | None = None, byteco
         "summary": out,
         **split,
     }
+
+
+def absolute_pythonpath() -> list[Path]:
+    """PYTHONPATH's entries made absolute (in os.environ too, for every child), from the current folder. Children run
+    in the work folder, where a relative PYTHONPATH (`src:examples`) named nothing: they imported whatever lowbit was
+    installed (an editable install of another checkout) instead of the one to measure."""
+    roots = [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(map(str, roots))
+    return roots
+
+
+def child_env(kind: str, base: Path | None, bytecode: bool) -> dict[str, str]:
+    """Children run in the work folder (see main), with an absolute PYTHONPATH: this checkout's, or the base's."""
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if kind == "cli-base":
+        if base is None:
+            raise SystemExit("kind cli-base needs --base CHECKOUT (a folder with the src/ and examples/ to compare)")
+        paths = [str(base / "src"), str(base / "examples")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(str(Path(p).resolve()) for p in paths if p)}
+    return {**env, **(bytecode_env() if bytecode else {})}
+
+
+def which_lowbit(kind: str, base: Path | None, bytecode: bool) -> str:
+    """The lowbit a kind's children import (printed before the runs: a wrong PYTHONPATH shows here)."""
+    cmd = [sys.executable, "-c", "import lowbit; print(lowbit.__file__)"]
+    return subprocess.run(cmd, env=child_env(kind, base, bytecode), capture_output=True, text=True).stdout.strip()
 
 
 def bytecode_env() -> dict[str, str]:
@@ -222,24 +246,35 @@ def main() -> None:
         help="children compile the checkouts' sources in every run (PYTHONDONTWRITEBYTECODE as the caller set it)",
     )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     work = Path(args.workdir).resolve()  # children run in it (run_child)
     if args.worker:
         print(json.dumps(worker(args.worker, work, args.model)))
         return
+    if args.prepare:
+        work.mkdir(parents=True, exist_ok=True)
+        prepare_model(args.model, args.n, work)
+        return
     work.mkdir(parents=True, exist_ok=True)
     base = Path(args.base).resolve() if args.base else None
     bytecode = not args.no_bytecode
-    roots = [Path(p).resolve() for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # before chdir
+    roots = absolute_pythonpath()  # before the chdir below
     roots += [base / "src", base / "examples"] if base is not None else []
     # Everything runs in the work folder: ORT's tools leave <uuid>.data files in the working directory on some
     # models (DBNet), which would otherwise land in the checkout. Import paths are made absolute first.
     sys.path[:] = [str(Path(p).resolve()) if p else p for p in sys.path]
     os.chdir(work)
-    prepare_model(args.model, args.n, work)
+    # In a child of its own: a process's peak RSS (`wait4`'s ru_maxrss) starts at its parent's resident size when
+    # it is started (Linux carries the high-water mark across fork and exec), so this process stays small. Made
+    # here, the YOLO head's crops and corpus imports (435 MiB) were every `cli` run's "peak RSS".
+    prep = [sys.executable, str(Path(__file__).resolve()), "--prepare", "--workdir", str(work), "--model", args.model]
+    subprocess.run([*prep, "--n", str(args.n)], check=True)
     if bytecode:
         compile_sources(roots)
     kinds = [args.only] if args.only else args.kinds.split(",")
+    for kind in kinds:
+        print(f"{kind:11s} imports {which_lowbit(kind, base, bytecode)}", flush=True)
     runs: list[dict] = []
     for rep in range(args.reps):
         for kind in kinds:

@@ -4,6 +4,7 @@ settle the question (and then says so), and the speed check stops early only whe
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,29 @@ def test_cost_bench_children_read_bytecode_compiled_before_the_runs(tmp_path: Pa
     )
     assert run.stdout.strip() == "42"
     assert f"matches {src / 'pkg' / '__init__.py'}" in run.stderr  # read from the bytecode, not compiled again
+
+
+def test_cost_bench_children_import_the_checkout_named_relative_to_where_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`PYTHONPATH=src:examples bench/cost.py`: its children run in the work folder, and still import this
+    checkout's lowbit (a relative path there named nothing, and they imported the installed one)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import cost
+
+    repo = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "elsewhere" / "src" / "lowbit"  # what a relative `src` would name from the work folder
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(["src", "examples"]))
+    roots = cost.absolute_pythonpath()
+    assert roots == [repo / "src", repo / "examples"]
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cost.which_lowbit("cli", None, True) == str(repo / "src" / "lowbit" / "__init__.py")
+    base = tmp_path / "base"
+    (base / "src" / "lowbit").mkdir(parents=True)
+    (base / "src" / "lowbit" / "__init__.py").write_text("")
+    assert cost.which_lowbit("cli-base", base, True) == str(base / "src" / "lowbit" / "__init__.py")

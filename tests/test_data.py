@@ -1,9 +1,15 @@
+import mmap
+import struct
+import zipfile
+
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
+from lowbit import arrays as arrays_mod
+from lowbit.arrays import load_arrays, release
 from lowbit.data import ImagePreprocess, InputSpec, input_specs, open_data
 from lowbit.errors import LowbitError
 
@@ -94,7 +100,15 @@ def test_npz_named_and_single_key(tmp_path):
     np.testing.assert_array_equal(b["x"], arange(3))
 
 
-def test_npy_is_memory_mapped_and_never_unpickled(tmp_path, monkeypatch):
+def _mapping(a):
+    """The mmap object `a` views, or None."""
+    base = a.base
+    while isinstance(base, (np.ndarray, memoryview)):
+        base = base.obj if isinstance(base, memoryview) else base.base
+    return base if isinstance(base, mmap.mmap) else None
+
+
+def test_npy_and_stored_npz_are_memory_mapped_and_never_unpickled(tmp_path, monkeypatch):
     calls = []
     real_load = np.load
 
@@ -104,10 +118,90 @@ def test_npy_is_memory_mapped_and_never_unpickled(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "load", spy)
     np.save(tmp_path / "a.npy", arange(4))
-    np.savez_compressed(tmp_path / "b.npz", x=arange(2))
-    assert sum(len(b["x"]) for b in open_data(tmp_path, [X], batch_size=3)) == 6
-    assert calls[0] == {"mmap_mode": "r", "allow_pickle": False}
+    np.savez(tmp_path / "b.npz", x=arange(3) + 10, other=np.zeros(2))
+    np.savez_compressed(tmp_path / "c.npz", x=arange(2) + 20)
+    assert sum(len(b["x"]) for b in open_data(tmp_path, [X], batch_size=3)) == 9
     assert all(c.get("allow_pickle") is False for c in calls)
+    a, b, c = (load_arrays(tmp_path / f, [X])["x"] for f in ("a.npy", "b.npz", "c.npz"))
+    assert _mapping(a) is not None and _mapping(b) is not None  # read by the pages used, not copied whole
+    assert _mapping(c) is None  # compressed: read (of it only the samples needed)
+    np.testing.assert_array_equal(a, arange(4))
+    np.testing.assert_array_equal(b, arange(3) + 10)
+    np.testing.assert_array_equal(c, arange(2) + 20)
+
+
+def test_mapped_members_read_as_numpy_does(tmp_path):
+    """Every member of a stored archive, whatever its dtype, byte order or rank, is the array numpy reads; names
+    with odd characters and an archive with a comment move no offset."""
+    arrays = {
+        "x": np.arange(24, dtype=">f4").reshape(2, 3, 4),
+        "ints": np.arange(7, dtype=np.int64),
+        "scalar": np.array(3.5),
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "bools": np.array([[True, False]]),
+        "long_name_" + "é" * 40: np.ones((1, 1), np.float16),
+    }
+    path = tmp_path / "d.npz"
+    np.savez(path, **arrays)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.comment = b"a comment"
+    specs = [InputSpec(k, v.dtype, ("N", *v.shape[1:])) for k, v in arrays.items() if v.ndim]
+    got = load_arrays(path, specs)
+    for k, v in got.items():
+        np.testing.assert_array_equal(v, arrays[k])
+        assert v.dtype == arrays[k].dtype
+    assert _mapping(got["fortran"]) is None  # Fortran order: read the usual way
+
+
+def test_truncated_stored_member_is_one_line(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x=arange(10_000))  # larger than zipfile's first read of its header: no CRC checked there
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo("x.npy")
+    # The member's header still says 10000 samples; the archive's directory says its bytes end early.
+    where = data.rfind(b"PK\x01\x02")
+    struct.pack_into("<LL", data, where + 20, info.compress_size - 40, info.file_size - 40)
+    path.write_bytes(bytes(data))
+    raises(["d.npz", "truncated"], open_data(path, [X]).__iter__().__next__)
+    np.save(tmp_path / "a.npy", arange(10))
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes((tmp_path / "a.npy").read_bytes()[:-5])
+    raises(["cut.npy", "truncated"], open_data(cut, [X]).__iter__().__next__)
+
+
+def test_samples_read_leave_memory(tmp_path, monkeypatch):
+    """A mapped file's pages of samples already copied into batches are dropped from memory, and only those:
+    every page released lies inside the rows read so far, and together they cover all but the pages that hold
+    a batch boundary."""
+    rows, width = 64, 4096  # 16 KiB a sample
+    np.save(tmp_path / "big.npy", np.arange(rows * width, dtype=np.float32).reshape(rows, width))
+    released = []
+    monkeypatch.setattr(arrays_mod._FileMap, "madvise", lambda self, op, start, n: released.append((start, n)))
+    spec = InputSpec("x", np.dtype(np.float32), ("N", width))
+    seen = 0
+    header = 128
+    for batch in open_data(tmp_path / "big.npy", [spec], batch_size=5):
+        seen += len(batch["x"])
+        assert all(start >= header and start + n <= header + seen * width * 4 for start, n in released)
+    assert sum(n for _, n in released) >= rows * width * 4 - (rows // 5 + 1) * mmap.PAGESIZE
+    np.testing.assert_array_equal(batch["x"][-1], np.arange((rows - 1) * width, rows * width, dtype=np.float32))
+
+
+def test_release_leaves_other_arrays_alone(tmp_path):
+    """Only a file mapped by `load_arrays` (read-only) is released: a caller's copy-on-write memmap keeps its
+    changes, a plain array its values."""
+    np.save(tmp_path / "a.npy", np.zeros((8, 4096), np.float32))
+    private = np.load(tmp_path / "a.npy", mmap_mode="c")
+    private[:] = 7.0  # changed in memory only: dropping these pages would lose it
+    release(private[2:6])
+    assert float(private.min()) == 7.0
+    plain = np.ones((8, 4096), np.float32)
+    release(plain[1:7])
+    assert float(plain.min()) == 1.0
+    mapped = load_arrays(tmp_path / "a.npy", [X])["x"]
+    release(mapped[1:7])  # dropped from memory, still the file's values when read again
+    assert float(np.abs(mapped).max()) == 0.0
 
 
 def test_folder_of_arrays_sorted_and_rebatched(tmp_path):
@@ -325,3 +419,16 @@ def test_bad_arguments():
     raises(["limit"], open_data, [arange(1)], [X], limit=0)
     raises(["yield numpy arrays"], consume, open_data(iter(["text"]), [X]))
     raises(["cannot read data"], open_data, 42, [X])
+
+
+def test_files_that_cannot_be_mapped_are_read(tmp_path, monkeypatch):
+    """Where mmap fails (some network or FUSE file systems), a stored .npz member is read as before."""
+
+    class Refusing(arrays_mod._FileMap):
+        def __new__(cls, *args, **kwargs):
+            raise OSError(19, "No such device")
+
+    monkeypatch.setattr(arrays_mod, "_FileMap", Refusing)
+    np.savez(tmp_path / "d.npz", x=arange(5))
+    out = consume(open_data(tmp_path / "d.npz", [X], batch_size=2))
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in out]), arange(5))

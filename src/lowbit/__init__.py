@@ -14,8 +14,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from . import lazy_sympy
 from ._version import __version__
 from .errors import LowbitError
+
+lazy_sympy.install()  # onnx_ir imports sympy only when a symbolic dimension's arithmetic needs it
 
 if TYPE_CHECKING:
     from .auto import AutoResult

@@ -19,7 +19,7 @@ import onnx
 
 from lowbit.errors import LowbitError
 
-from .arrays import load_arrays, read_headers
+from .arrays import load_arrays, read_headers, release
 from .data_checks import (
     as_batch,
     batch_axes_for,
@@ -167,6 +167,8 @@ class DataSource:
                 # Slice only what fits in the current batch, so a memory-mapped file is read piecewise.
                 stop = int(min(n, start + self.batch_size - have, start + left))
                 pending.append({s.name: clean_batch(where, s, start, full[s.name][start:stop]) for s in self.specs})
+                for s in self.specs:  # copied: a mapped file's pages of these samples need not stay in memory
+                    release(full[s.name][start:stop])
                 have += stop - start
                 left -= stop - start
                 start = stop

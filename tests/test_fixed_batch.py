@@ -44,3 +44,15 @@ def test_eval_of_a_graph_fixed_at_batch_one_names_batch_size_one(tmp_path: Path)
     assert "/onnxruntime_src/" not in failed.stderr  # ORT's C++ location is noise to the user
     ran = run_cli("eval", str(model), "--data", str(data), "--batch-size", "1")
     assert ran.returncode == 0, ran.stderr
+
+
+def test_quantize_of_a_graph_fixed_at_batch_one_names_batch_size_one(tmp_path: Path) -> None:
+    model = batch_of_one_model(tmp_path / "m.onnx")
+    calib = tmp_path / "x.npy"
+    np.save(calib, np.random.default_rng(1).normal(size=(8, 6)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    failed = run_cli("quantize", str(model), "--calib", str(calib), "-o", str(out), "--quiet")
+    one_line_error(failed, "fails on a batch of 8 samples but runs on one", "rerun with --batch-size 1")
+    assert not out.exists()
+    ran = run_cli("quantize", str(model), "--calib", str(calib), "-o", str(out), "--quiet", "--batch-size", "1")
+    assert ran.returncode == 0 and out.exists(), ran.stderr

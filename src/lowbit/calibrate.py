@@ -84,7 +84,7 @@ def calibration_session(model: ir.Model, names: list[str], threads: int = 0) -> 
     """A float session that also outputs every tensor in `names`."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: a failed run raises, and lowbit says it in one line
     opts.enable_cpu_mem_arena = False
     opts.enable_mem_pattern = False
     # Between runs (and between ops) ORT's worker threads otherwise busy-wait for work: measured ~1-2.5 s of CPU

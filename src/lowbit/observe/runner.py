@@ -24,7 +24,7 @@ import ctypes
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import LowbitError
+from ..runtimes.ort import run_batch
 
 
 def fixed_mmap_threshold() -> None:
@@ -87,7 +87,7 @@ class Runner:
                 for name in keep & self.buffers.keys():
                     self.buffers[name] = np.empty_like(self.buffers[name])  # handed over: later batches get their own
                 return outs
-        outs = self._plain(feeds)
+        outs = self._plain(feeds, n)
         if self.split is None and n > 1:
             self.split = self._check(feeds, n, outs)
             self.shapes = shapes
@@ -96,12 +96,9 @@ class Runner:
                 relax_mmap_threshold()  # no batch of fresh outputs any more: the heap may serve blocks again
         return outs
 
-    def _plain(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    def _plain(self, feeds: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
         names = [k for k in self.fetch if k not in feeds]  # a fetched graph input is its feed, not ORT's copy
-        try:
-            values = dict(zip(names, self.session.run(names, feeds)))
-        except Exception as e:  # ORT's messages are long; keep the first line
-            raise LowbitError(f"the float model failed on calibration data: {str(e).splitlines()[0]}") from None
+        values = dict(zip(names, run_batch(self.session, names, feeds, n, "the float model (calibration data)")))
         return [feeds[k] if k in feeds else values[k] for k in self.fetch]
 
     def _check(self, feeds: dict[str, np.ndarray], n: int, outs: list[np.ndarray]) -> bool:

@@ -147,6 +147,18 @@ def unary(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act:
     ctx.op(op, [xin], [ctx.produce(y, kind, ctx.nhwc[x])])
 
 
+def prelu(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
+    """PRelu as TFLite's float PRELU, its slope broadcast and laid out like the input. In an int8 graph it runs
+    between DEQUANTIZE and QUANTIZE, as the QDQ model computes it (lowbit keeps PRelu float, slope unrounded)."""
+    x, slope, y = node.input[0], node.input[1], node.output[0]
+    if slope not in ctx.g.consts:
+        raise fail(node, "a computed slope")
+    rank = len(ctx.shapes[y])
+    nhwc = rank == 4 and _uses_nhwc(ctx, [x])
+    alpha = _const_operand(ctx, node, slope, "f", rank, nhwc)
+    ctx.op("PRELU", [ctx.get(x, "f", nhwc), alpha], [ctx.produce(y, "f", nhwc)])
+
+
 def softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x, y = node.input[0], node.output[0]
     rank = len(ctx.shapes[x])
@@ -265,6 +277,7 @@ CONVERTERS: dict[str, Converter] = {
     "Sigmoid": unary,
     "HardSwish": unary,
     "Tanh": unary,
+    "PRelu": prelu,
     "Softmax": softmax,
     "LogSoftmax": log_softmax,
     "Reshape": reshape,

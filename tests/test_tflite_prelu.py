@@ -42,7 +42,7 @@ def test_prelu_exports_and_gives_the_int8_onnx_integers():
     q = lowbit.quantize(_conv_prelu_conv(), calib=calib, progress=False).model
     res = convert(q)
     assert res.ops.get("PRELU") == 1 and res.quantized
-    for i in range(4):
+    for _ in range(4):
         x = r.normal(size=(1, 3, 10, 10)).astype(np.float32)
         want = run_ort(q, x)
         got = run_tflite(res.data, x, dequantize=True).transpose(0, 3, 1, 2)

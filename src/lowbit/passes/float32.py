@@ -18,8 +18,13 @@ FULL = ir.DataType.FLOAT
 
 
 def computes_in_float16(model: ir.Model) -> bool:
-    """Whether any node of the main graph yields float16 (subgraphs are not looked into: see `widen_float16`)."""
-    return any(v.dtype == HALF for node in model.graph for v in node.outputs)
+    """Whether any node of the main graph yields float16 other than a Cast to a graph output (the boundary this
+    pass leaves; subgraphs are not looked into: see `widen_float16`)."""
+    return any(v.dtype == HALF and not _boundary(node) for node in model.graph for v in node.outputs)
+
+
+def _boundary(node: ir.Node) -> bool:
+    return node.op_type == "Cast" and all(v.is_graph_output() for v in node.outputs)
 
 
 def widen_float16(model: ir.Model) -> bool:
@@ -34,7 +39,7 @@ def widen_float16(model: ir.Model) -> bool:
             value.const_value = ir.tensor(value.const_value.numpy().astype(np.float32), name=value.name)
             value.dtype = FULL
     for node in list(graph):
-        if node.op_type == "Cast" and node.attributes.get_int("to") == HALF.value:
+        if node.op_type == "Cast" and node.attributes.get_int("to") == HALF.value and not _boundary(node):
             node.attributes["to"] = ir.AttrInt64("to", FULL.value)
         value_attr = node.attributes.get("value") if node.op_type == "ConstantOfShape" else None
         if value_attr is not None and value_attr.as_tensor().dtype == HALF:

@@ -1,0 +1,263 @@
+"""Empirical bias correction (recipe option `empirical_bias_correction`): after the rewrite, move each biased layer's
+per-channel mean output in the quantized model back to the float model's, measured on the calibration data.
+
+NNCF's BiasCorrection and AIMET's empirical correction walk the layers in order and run one sub-graph per layer, so
+each layer sees the corrections of the layers before it. That is one simulation run per layer: too slow on big
+models. Here every layer is corrected at once, in a few passes of the whole quantized model (ONNX Runtime's float
+simulation of the QDQ graph): each biased layer's output goes through `Sub(y, delta)` with `delta` a graph input, so
+one session serves every pass. A pass measures, for every layer, the shift its output would have without its own
+delta but with the other layers' current deltas (`raw = delta + mean(q - float)`), and sets every delta from it.
+On a chain this is a Jacobi iteration whose fixed point is the sequential algorithm's answer; `PASSES` passes, and
+the residual each leaves, are measured in bench/RESULTS_CORPUS.md.
+
+Noise: a per-channel mean over N samples is known to about std(q - float) / sqrt(N). A conv channel averages over
+its spatial positions first and is well estimated; a 1000-way classifier's logit shift on 32 samples is not (an
+earlier last-layer-only try lowered MobileNetV3-Large's top-1 agreement from 0.531 to 0.320). So each layer's
+corrections are shrunk toward zero by how well they are known (empirical Bayes with one normal prior per layer:
+factor tau^2 / (tau^2 + se_c^2), tau^2 the layer's spread of shifts beyond its noise): a well-measured channel gets
+its whole correction, a layer whose shifts are no larger than their noise gets almost none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from ..plan import Plan
+from ..planner import Layout
+from ..runtimes.ort import session
+
+# Passes of the whole model; each is one simulation run over the calibration samples.
+PASSES = 3
+_DELTA = "__lowbit_bias_delta_"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One biased layer: its node, bias input, float output name (before Relu/Clip fusion renamed it), the rank of
+    its output and its channel count."""
+
+    node: str
+    bias: int
+    float_output: str
+    rank: int
+    channels: int
+
+    @property
+    def channel_axis(self) -> int:
+        return 1 if self.rank > 2 else self.rank - 1
+
+
+@dataclass
+class FloatSide:
+    """The float model and its layers' names, captured before the rewrite changes the graph in place."""
+
+    proto: onnx.ModelProto
+    targets: list[Target]
+
+
+def capture(model: ir.Model, layout: Layout) -> FloatSide:
+    """The float model as it is before `apply` (call it then), and the layers to correct: every static layer with a
+    bias (Conv, ConvTranspose, Gemm)."""
+    found = []
+    for name, idx, _act, widx in layout.biases:
+        node = model.graph.node(name)
+        w, b = node.inputs[widx], node.inputs[idx]
+        out = node.outputs[0]
+        if w is None or b is None or b.const_value is None or w.const_value is None or out.name is None:
+            continue
+        rank = len(w.const_value.shape) if node.op_type in ("Conv", "ConvTranspose") else 2
+        found.append(Target(name, idx, out.name, rank, int(b.const_value.size)))
+    return FloatSide(ir.to_proto(model), found)
+
+
+def _reduce(graph: onnx.GraphProto, opset: int, src: str, dst: str, rank: int) -> None:
+    """dst = per-sample, per-channel mean of a conv output (B, C, ...) -> (B, C)."""
+    axes = list(range(2, rank))
+    if opset >= 18:
+        name = f"{dst}_axes"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(axes, np.int64), name))
+        graph.node.append(onnx.helper.make_node("ReduceMean", [src, name], [dst], keepdims=0))
+    else:
+        graph.node.append(onnx.helper.make_node("ReduceMean", [src], [dst], axes=axes, keepdims=0))
+
+
+def _opset(proto: onnx.ModelProto) -> int:
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def _mean_outputs(proto: onnx.ModelProto, outputs: list[tuple[str, Target]]) -> list[str]:
+    """Add each (tensor, layer) as an output, conv outputs reduced to (B, C) inside the graph; returns the names."""
+    names = []
+    for src, t in outputs:
+        if t.rank > 2:
+            dst = f"{src}__lowbit_mean"
+            _reduce(proto.graph, _opset(proto), src, dst, t.rank)
+        else:
+            dst = src
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(dst, onnx.TensorProto.FLOAT, None))
+        names.append(dst)
+    return names
+
+
+def _per_sample(x: np.ndarray, t: Target) -> np.ndarray:
+    """(rows, C): a conv's reduced output as it is; a Gemm's output with the channel axis last."""
+    x = np.asarray(x, np.float64)
+    if t.rank > 2:
+        return x.reshape(x.shape[0], t.channels)
+    return np.moveaxis(x, t.channel_axis, -1).reshape(-1, t.channels)
+
+
+def _run(proto: onnx.ModelProto, names: list[str], batches: list[dict[str, np.ndarray]], extra: dict) -> list:
+    sess = session(proto, mode="simulate", spin=False)
+    feeds = {i.name for i in sess.get_inputs()}
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for b in batches:
+        got = sess.run(names, {**{k: v for k, v in b.items() if k in feeds}, **extra})
+        for i, g in enumerate(got):
+            parts[i].append(g)
+    return parts
+
+
+def measuring_model(qdq: onnx.ModelProto, targets: list[Target]) -> tuple[onnx.ModelProto, list[str]]:
+    """The QDQ model with `y = Sub(y_raw, delta)` after each layer (delta a graph input shaped to broadcast over
+    the channel axis) and each corrected output's per-sample channel means as outputs."""
+    out = onnx.ModelProto()
+    out.CopyFrom(qdq)
+    by_name = {t.node: t for t in targets}
+    nodes = list(out.graph.node)
+    del out.graph.node[:]
+    wired: list[tuple[str, Target]] = []
+    for n in nodes:
+        t = by_name.get(n.name)
+        if t is None:
+            out.graph.node.append(n)
+            continue
+        y = n.output[0]
+        n.output[0] = f"{y}__lowbit_raw"
+        out.graph.node.append(n)
+        shape = [t.channels] + [1] * (t.rank - 2) if t.rank > 2 else [t.channels]
+        delta = f"{_DELTA}{t.node}"
+        out.graph.input.append(onnx.helper.make_tensor_value_info(delta, onnx.TensorProto.FLOAT, shape))
+        out.graph.node.append(onnx.helper.make_node("Sub", [n.output[0], delta], [y], name=f"{t.node}__lowbit_sub"))
+        wired.append((y, t))
+    order = {t.node: i for i, t in enumerate(targets)}
+    wired.sort(key=lambda w: order[w[1].node])
+    return out, _mean_outputs(out, wired)
+
+
+def shrink(raw: np.ndarray, se2: np.ndarray) -> np.ndarray:
+    """Each channel's shift, shrunk toward zero by how well it is known (one normal prior per layer)."""
+    tau2 = max(0.0, float(np.mean(raw**2) - np.mean(se2)))
+    if tau2 == 0.0:
+        return np.zeros_like(raw)
+    return raw * (tau2 / (tau2 + se2))
+
+
+@dataclass
+class Measured:
+    """What the correction found: each layer's delta (subtracted from its bias) and, per pass, the largest mean
+    shift left relative to the layer's output spread (the convergence record bench reports)."""
+
+    deltas: dict[str, np.ndarray]
+    residuals: list[float]
+
+
+def measure(
+    side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray]], passes: int = PASSES
+) -> Measured:
+    """Each layer's delta after `passes` passes (see the module docstring); `model` is the rewritten QDQ model."""
+    targets = [t for t in side.targets if model.graph.node(t.node) is not None]
+    if not targets or not batches:
+        return Measured({}, [])
+    fproto = onnx.ModelProto()
+    fproto.CopyFrom(side.proto)
+    fnames = _mean_outputs(fproto, [(t.float_output, t) for t in targets])
+    fparts = _run(fproto, fnames, batches, {})
+    floats = [np.concatenate([_per_sample(p, t) for p in ps]) for ps, t in zip(fparts, targets)]
+    spread = [float(np.std(f)) or 1.0 for f in floats]
+    qproto, qnames = measuring_model(ir.to_proto(model), targets)
+    deltas = [np.zeros(t.channels) for t in targets]
+    residuals = []
+    for _ in range(passes + 1):  # the last run only measures what the final deltas leave
+        feeds = {f"{_DELTA}{t.node}": _shaped(d, t) for d, t in zip(deltas, targets)}
+        qparts = _run(qproto, qnames, batches, feeds)
+        worst = 0.0
+        new = []
+        for i, t in enumerate(targets):
+            diff = np.concatenate([_per_sample(p, t) for p in qparts[i]]) - floats[i]
+            mean = diff.mean(axis=0)
+            worst = max(worst, float(np.max(np.abs(mean))) / spread[i])
+            se2 = diff.var(axis=0, ddof=1) / len(diff) if len(diff) > 1 else np.zeros_like(mean)
+            new.append(shrink(deltas[i] + mean, se2))
+        residuals.append(worst)
+        if len(residuals) <= passes:
+            deltas = new
+    return Measured({t.node: d for t, d in zip(targets, deltas)}, residuals)
+
+
+def _shaped(d: np.ndarray, t: Target) -> np.ndarray:
+    return d.astype(np.float32).reshape([t.channels] + [1] * (t.rank - 2) if t.rank > 2 else [t.channels])
+
+
+def apply_deltas(model: ir.Model, layout: Layout, plan: Plan, deltas: dict[str, list[float]]) -> None:
+    """Subtract each layer's delta from its int32 bias (in steps of the bias scale), in place."""
+    from ..rewrite import add_initializer
+
+    for name, idx, _act, _widx in layout.biases:
+        if name not in deltas:
+            continue
+        node = model.graph.node(name)
+        dq_out = node.inputs[idx]
+        dq = dq_out.producer() if dq_out is not None else None
+        stored = dq.inputs[0] if dq is not None else None
+        if dq is None or stored is None or stored.const_value is None:
+            continue
+        q = stored.const_value.numpy().astype(np.int64)
+        scale = np.broadcast_to(np.asarray(plan.tensors[f"{name}:{idx}"].scale, np.float64), q.shape)
+        step = np.rint(np.asarray(deltas[name], np.float64) / scale).astype(np.int64)
+        new = np.clip(q - step, -(2**31), 2**31 - 1).astype(np.int32)
+        dq.replace_input_with(0, add_initializer(model.graph, f"{name}_bias_empirical_q", new))
+        if not stored.uses() and stored.name in model.graph.initializers:
+            model.graph.initializers.pop(stored.name)
+
+
+def check_data(recipe: object, calib: object) -> None:
+    """Before calibration: the correction reads the calibration data again, which a one-shot iterator cannot give."""
+    from collections.abc import Iterator
+
+    from ..errors import LowbitError
+
+    if getattr(recipe, "empirical_bias_correction", False) and isinstance(calib, Iterator):
+        raise LowbitError(
+            "empirical_bias_correction reads the calibration data again after calibrating, and an iterator can be "
+            "read once: pass a list of batches, an array or a path"
+        )
+
+
+def correct_biases(
+    model: ir.Model,
+    layout: Layout,
+    plan: Plan,
+    side: FloatSide | None,
+    old_plan: Plan | None,
+    batches: Callable[[], list[dict[str, np.ndarray]]],
+) -> list[float]:
+    """Measure the deltas (or take them from the plan being re-applied), subtract them from the biases and record
+    them in `plan.bias_shifts`; returns the convergence record (empty when read from a plan)."""
+    if old_plan is not None:
+        shifts = {k: [float(x) for x in v] for k, v in old_plan.bias_shifts.items()}
+        residuals: list[float] = []
+    else:
+        if side is None or not side.targets:
+            return []
+        found = measure(side, model, batches())
+        shifts = {k: [float(x) for x in v] for k, v in sorted(found.deltas.items())}
+        residuals = found.residuals
+    apply_deltas(model, layout, plan, shifts)
+    plan.bias_shifts = shifts
+    return residuals

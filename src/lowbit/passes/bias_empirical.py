@@ -1,14 +1,14 @@
 """Empirical bias correction (recipe option `empirical_bias_correction`): after the rewrite, move each biased layer's
 per-channel mean output in the quantized model back to the float model's, measured on the calibration data.
 
-NNCF's BiasCorrection and AIMET's empirical correction walk the layers in order and run one sub-graph per layer, so
-each layer sees the corrections of the layers before it. That is one simulation run per layer: too slow on big
-models. Here every layer is corrected at once, in a few passes of the whole quantized model (ONNX Runtime's float
-simulation of the QDQ graph): each biased layer's output goes through `Sub(y, delta)` with `delta` a graph input, so
-one session serves every pass. A pass measures, for every layer, the shift its output would have without its own
-delta but with the other layers' current deltas (`raw = delta + mean(q - float)`), and sets every delta from it.
-On a chain this is a Jacobi iteration whose fixed point is the sequential algorithm's answer; `PASSES` passes, and
-the residual each leaves, are measured in bench/RESULTS_CORPUS.md.
+As NNCF's BiasCorrection and AIMET's empirical bias correction do, the layers are corrected one by one in graph
+order, each seeing the corrections of the layers before it (the errors of earlier layers reach it through its
+input). Running the model once per layer would cost one simulation per layer; here the QDQ model runs once in all,
+a piece at a time (segments.py): the nodes up to a biased layer, then its output's per-channel mean is compared
+with float's, the difference subtracted from that output, and the next piece reads the corrected tensor. A first
+version corrected every layer at once in a few whole-model passes (a Jacobi iteration): on EfficientNet-Lite0 its
+shifts grew from pass to pass (the largest 1.6 -> 0.9 -> 4.3 -> 12.9 output spreads) and top-1 agreement fell to 10%:
+in a deep network a correction reaches every later layer before their own corrections adapt.
 
 Noise: a per-channel mean over N samples is known to about std(q - float) / sqrt(N). A conv channel averages over
 its spatial positions first and is well estimated; a 1000-way classifier's logit shift on 32 samples is not (an
@@ -30,10 +30,7 @@ import onnx_ir as ir
 from ..plan import Plan
 from ..planner import Layout
 from ..runtimes.ort import session
-
-# Passes of the whole model; each is one simulation run over the calibration samples.
-PASSES = 3
-_DELTA = "__lowbit_bias_delta_"
+from .segments import Segments
 
 
 @dataclass(frozen=True)
@@ -112,42 +109,15 @@ def _per_sample(x: np.ndarray, t: Target) -> np.ndarray:
     return np.moveaxis(x, t.channel_axis, -1).reshape(-1, t.channels)
 
 
-def _run(proto: onnx.ModelProto, names: list[str], batches: list[dict[str, np.ndarray]], extra: dict) -> list:
+def _run(proto: onnx.ModelProto, names: list[str], batches: list[dict[str, np.ndarray]]) -> list:
     sess = session(proto, mode="simulate", spin=False)
     feeds = {i.name for i in sess.get_inputs()}
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for b in batches:
-        got = sess.run(names, {**{k: v for k, v in b.items() if k in feeds}, **extra})
+        got = sess.run(names, {k: v for k, v in b.items() if k in feeds})
         for i, g in enumerate(got):
             parts[i].append(g)
     return parts
-
-
-def measuring_model(qdq: onnx.ModelProto, targets: list[Target]) -> tuple[onnx.ModelProto, list[str]]:
-    """The QDQ model with `y = Sub(y_raw, delta)` after each layer (delta a graph input shaped to broadcast over
-    the channel axis) and each corrected output's per-sample channel means as outputs."""
-    out = onnx.ModelProto()
-    out.CopyFrom(qdq)
-    by_name = {t.node: t for t in targets}
-    nodes = list(out.graph.node)
-    del out.graph.node[:]
-    wired: list[tuple[str, Target]] = []
-    for n in nodes:
-        t = by_name.get(n.name)
-        if t is None:
-            out.graph.node.append(n)
-            continue
-        y = n.output[0]
-        n.output[0] = f"{y}__lowbit_raw"
-        out.graph.node.append(n)
-        shape = [t.channels] + [1] * (t.rank - 2) if t.rank > 2 else [t.channels]
-        delta = f"{_DELTA}{t.node}"
-        out.graph.input.append(onnx.helper.make_tensor_value_info(delta, onnx.TensorProto.FLOAT, shape))
-        out.graph.node.append(onnx.helper.make_node("Sub", [n.output[0], delta], [y], name=f"{t.node}__lowbit_sub"))
-        wired.append((y, t))
-    order = {t.node: i for i, t in enumerate(targets)}
-    wired.sort(key=lambda w: order[w[1].node])
-    return out, _mean_outputs(out, wired)
 
 
 def shrink(raw: np.ndarray, se2: np.ndarray) -> np.ndarray:
@@ -160,47 +130,49 @@ def shrink(raw: np.ndarray, se2: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Measured:
-    """What the correction found: each layer's delta (subtracted from its bias) and, per pass, the largest mean
-    shift left relative to the layer's output spread (the convergence record bench reports)."""
+    """What the correction found: each layer's delta (subtracted from its bias) and the largest per-channel mean
+    shift each layer's output had before its own correction, relative to the float output's spread."""
 
     deltas: dict[str, np.ndarray]
-    residuals: list[float]
+    shifts: dict[str, float]
 
 
-def measure(
-    side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray]], passes: int = PASSES
-) -> Measured:
-    """Each layer's delta after `passes` passes (see the module docstring); `model` is the rewritten QDQ model."""
-    targets = [t for t in side.targets if model.graph.node(t.node) is not None]
+def measure(side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray]]) -> Measured:
+    """Each layer's delta, layer by layer in graph order, every earlier layer already corrected; `model` is the
+    rewritten QDQ model."""
+    qproto = ir.to_proto(model)
+    present = {n.name for n in qproto.graph.node}
+    targets = [t for t in side.targets if t.node in present]
     if not targets or not batches:
-        return Measured({}, [])
+        return Measured({}, {})
     fproto = onnx.ModelProto()
     fproto.CopyFrom(side.proto)
-    fnames = _mean_outputs(fproto, [(t.float_output, t) for t in targets])
-    fparts = _run(fproto, fnames, batches, {})
-    floats = [np.concatenate([_per_sample(p, t) for p in ps]) for ps, t in zip(fparts, targets)]
-    spread = [float(np.std(f)) or 1.0 for f in floats]
-    qproto, qnames = measuring_model(ir.to_proto(model), targets)
-    deltas = [np.zeros(t.channels) for t in targets]
-    residuals = []
-    for _ in range(passes + 1):  # the last run only measures what the final deltas leave
-        feeds = {f"{_DELTA}{t.node}": _shaped(d, t) for d, t in zip(deltas, targets)}
-        qparts = _run(qproto, qnames, batches, feeds)
-        worst = 0.0
-        new = []
-        for i, t in enumerate(targets):
-            diff = np.concatenate([_per_sample(p, t) for p in qparts[i]]) - floats[i]
-            mean = diff.mean(axis=0)
-            worst = max(worst, float(np.max(np.abs(mean))) / spread[i])
-            se2 = diff.var(axis=0, ddof=1) / len(diff) if len(diff) > 1 else np.zeros_like(mean)
-            new.append(shrink(deltas[i] + mean, se2))
-        residuals.append(worst)
-        if len(residuals) <= passes:
-            deltas = new
-    return Measured({t.node: d for t, d in zip(targets, deltas)}, residuals)
+    fparts = _run(fproto, _mean_outputs(fproto, [(t.float_output, t) for t in targets]), batches)
+    floats = {t.node: np.concatenate([_per_sample(p, t) for p in ps]) for ps, t in zip(fparts, targets)}
+    pieces = Segments(qproto, batches)
+    order = {n.name: i for i, n in enumerate(qproto.graph.node)}
+    deltas, shifts = {}, {}
+    for t in sorted(targets, key=lambda t: order[t.node]):
+        ys = pieces.run_to(t.node)
+        f = floats[t.node]
+        diff = np.concatenate([_per_sample(_channel_means(y, t), t) for y in ys]) - f
+        mean = diff.mean(axis=0)
+        se2 = diff.var(axis=0, ddof=1) / len(diff) if len(diff) > 1 else np.zeros_like(mean)
+        delta = shrink(mean, se2)
+        shifts[t.node] = float(np.max(np.abs(mean))) / (float(np.std(f)) or 1.0)
+        deltas[t.node] = delta
+        d = _shaped(delta, t)
+        pieces.replace(qproto.graph.node[order[t.node]].output[0], [(y - d).astype(y.dtype) for y in ys])
+    return Measured(deltas, shifts)
+
+
+def _channel_means(y: np.ndarray, t: Target) -> np.ndarray:
+    """A conv output (B, C, ...) reduced to (B, C), as the float model's ReduceMean does; others as they are."""
+    return y.reshape(y.shape[0], y.shape[1], -1).mean(axis=2, dtype=np.float64) if t.rank > 2 else y
 
 
 def _shaped(d: np.ndarray, t: Target) -> np.ndarray:
+    """A delta shaped to broadcast over its layer's output (channels on axis 1 of a conv, last of a Gemm)."""
     return d.astype(np.float32).reshape([t.channels] + [1] * (t.rank - 2) if t.rank > 2 else [t.channels])
 
 
@@ -246,18 +218,19 @@ def correct_biases(
     side: FloatSide | None,
     old_plan: Plan | None,
     batches: Callable[[], list[dict[str, np.ndarray]]],
-) -> list[float]:
+) -> dict[str, float]:
     """Measure the deltas (or take them from the plan being re-applied), subtract them from the biases and record
-    them in `plan.bias_shifts`; returns the convergence record (empty when read from a plan)."""
+    them in `plan.bias_shifts`; returns each layer's largest mean shift before its correction, relative to its float
+    output's spread (empty when read from a plan)."""
     if old_plan is not None:
         shifts = {k: [float(x) for x in v] for k, v in old_plan.bias_shifts.items()}
-        residuals: list[float] = []
+        record: dict[str, float] = {}
     else:
         if side is None or not side.targets:
-            return []
+            return {}
         found = measure(side, model, batches())
         shifts = {k: [float(x) for x in v] for k, v in sorted(found.deltas.items())}
-        residuals = found.residuals
+        record = found.shifts
     apply_deltas(model, layout, plan, shifts)
     plan.bias_shifts = shifts
-    return residuals
+    return record

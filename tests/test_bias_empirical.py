@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from helpers import model, node, samples, weight
 from onnx import numpy_helper
 
@@ -120,3 +121,25 @@ def test_an_iterator_is_refused_before_calibration() -> None:
     m = tiny()
     with pytest.raises(LowbitError, match="iterator can be read once"):
         lowbit.quantize(m, calib=iter(samples(m, 4)), recipe=recipe(True), progress=False)
+
+
+def test_cli_flag_records_the_shifts_and_refuses_a_plan(tmp_path: Path, tiny_model: Path, tiny_calib: Path) -> None:
+    out = tmp_path / "q.onnx"
+    flags = ("--check", "0", "--no-speed-check")
+    r = run_cli(
+        "quantize", str(tiny_model), "-o", str(out), "--calib", str(tiny_calib), "--empirical-bias-correction", *flags
+    )
+    assert r.returncode == 0, r.stderr
+    plan = lowbit.Plan.load(out.with_suffix(".plan.json"))
+    assert plan.recipe["empirical_bias_correction"] is True and plan.bias_shifts
+    again = run_cli(
+        "quantize",
+        str(tiny_model),
+        "-o",
+        str(tmp_path / "r.onnx"),
+        "--plan",
+        str(out.with_suffix(".plan.json")),
+        "--empirical-bias-correction",
+        *flags,
+    )
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr

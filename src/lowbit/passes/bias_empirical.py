@@ -158,7 +158,7 @@ def measure(side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray
         diff = np.concatenate([_per_sample(_channel_means(y, t), t) for y in ys]) - f
         mean = diff.mean(axis=0)
         se2 = diff.var(axis=0, ddof=1) / len(diff) if len(diff) > 1 else np.zeros_like(mean)
-        delta = shrink(mean, se2)
+        delta = _achievable(model, t, shrink(mean, se2))
         shifts[t.node] = float(np.max(np.abs(mean))) / (float(np.std(f)) or 1.0)
         deltas[t.node] = delta
         d = _shaped(delta, t)
@@ -171,28 +171,49 @@ def _channel_means(y: np.ndarray, t: Target) -> np.ndarray:
     return y.reshape(y.shape[0], y.shape[1], -1).mean(axis=2, dtype=np.float64) if t.rank > 2 else y
 
 
+def _bias_grid(model: ir.Model, node: str, idx: int) -> tuple[ir.Node, ir.Value, np.ndarray, np.ndarray] | None:
+    """A quantized layer's bias DequantizeLinear, its int32 constant, the integers and their scales."""
+    value = model.graph.node(node).inputs[idx]
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    stored, scale = dq.inputs[0], dq.inputs[1]
+    if stored is None or stored.const_value is None or scale is None or scale.const_value is None:
+        return None
+    q = stored.const_value.numpy().astype(np.int64)
+    return dq, stored, q, np.broadcast_to(scale.const_value.numpy().astype(np.float64), q.shape)
+
+
+def _steps(q: np.ndarray, scale: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """The int32 bias after subtracting `delta` in steps of its scale (clipped to int32, as a dead channel's large
+    bias over a tiny weight scale already is)."""
+    return np.clip(q - np.rint(np.asarray(delta, np.float64) / scale).astype(np.int64), -(2**31), 2**31 - 1)
+
+
+def _achievable(model: ir.Model, t: Target, delta: np.ndarray) -> np.ndarray:
+    """The part of `delta` the int32 bias can take: what the quantized model will really subtract."""
+    found = _bias_grid(model, t.node, t.bias)
+    if found is None:
+        return np.zeros_like(delta)
+    _, _, q, scale = found
+    return np.asarray((q - _steps(q, scale, delta)) * scale, np.float64)
+
+
 def _shaped(d: np.ndarray, t: Target) -> np.ndarray:
     """A delta shaped to broadcast over its layer's output (channels on axis 1 of a conv, last of a Gemm)."""
     return d.astype(np.float32).reshape([t.channels] + [1] * (t.rank - 2) if t.rank > 2 else [t.channels])
 
 
-def apply_deltas(model: ir.Model, layout: Layout, plan: Plan, deltas: dict[str, list[float]]) -> None:
+def apply_deltas(model: ir.Model, layout: Layout, deltas: dict[str, list[float]]) -> None:
     """Subtract each layer's delta from its int32 bias (in steps of the bias scale), in place."""
     from ..rewrite import add_initializer
 
     for name, idx, _act, _widx in layout.biases:
-        if name not in deltas:
+        found = _bias_grid(model, name, idx) if name in deltas else None
+        if found is None:
             continue
-        node = model.graph.node(name)
-        dq_out = node.inputs[idx]
-        dq = dq_out.producer() if dq_out is not None else None
-        stored = dq.inputs[0] if dq is not None else None
-        if dq is None or stored is None or stored.const_value is None:
-            continue
-        q = stored.const_value.numpy().astype(np.int64)
-        scale = np.broadcast_to(np.asarray(plan.tensors[f"{name}:{idx}"].scale, np.float64), q.shape)
-        step = np.rint(np.asarray(deltas[name], np.float64) / scale).astype(np.int64)
-        new = np.clip(q - step, -(2**31), 2**31 - 1).astype(np.int32)
+        dq, stored, q, scale = found
+        new = _steps(q, scale, np.asarray(deltas[name], np.float64)).astype(np.int32)
         dq.replace_input_with(0, add_initializer(model.graph, f"{name}_bias_empirical_q", new))
         if not stored.uses() and stored.name in model.graph.initializers:
             model.graph.initializers.pop(stored.name)
@@ -231,6 +252,6 @@ def correct_biases(
         found = measure(side, model, batches())
         shifts = {k: [float(x) for x in v] for k, v in sorted(found.deltas.items())}
         record = found.shifts
-    apply_deltas(model, layout, plan, shifts)
+    apply_deltas(model, layout, shifts)
     plan.bias_shifts = shifts
     return record

@@ -53,8 +53,9 @@ def main() -> int:
         seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
         kern = fidelity(ref, run_all(session(result.model, "kernels"), batches)[0])
         sim = fidelity(ref, run_all(session(result.model, "simulate"), batches)[0])
+        label = method + (" + empirical bias" if empirical else "")
         print(
-            f"| {method}{' + empirical bias' if empirical else ''} | {kern['top1_agreement']:.1%} | {sim['top1_agreement']:.1%} | {kern['cosine']:.4f} | "
+            f"| {label} | {kern['top1_agreement']:.1%} | {sim['top1_agreement']:.1%} | {kern['cosine']:.4f} | "
             f"{kern['sqnr_db']:.1f} | {seconds:.0f} | {cpu:.1f} | {result.timings['calibrate']:.0f} | "
             f"{result.timings['decide']:.0f} | {result.timings.get('bias_correction', 0.0):.1f} |",
             flush=True,

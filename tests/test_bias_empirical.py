@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli
-from helpers import model, node, samples, weight
 from onnx import numpy_helper
 
 import lowbit
+from conftest import run_cli
+from helpers import model, node, samples, weight
 from lowbit.errors import LowbitError
 from lowbit.passes.bias_empirical import shrink
 from lowbit.runtimes.ort import session, with_outputs

@@ -215,7 +215,7 @@ def apply_deltas(model: ir.Model, layout: Layout, deltas: dict[str, list[float]]
         dq, stored, q, scale = found
         new = _steps(q, scale, np.asarray(deltas[name], np.float64)).astype(np.int32)
         dq.replace_input_with(0, add_initializer(model.graph, f"{name}_bias_empirical_q", new))
-        if not stored.uses() and stored.name in model.graph.initializers:
+        if not stored.uses() and stored.name is not None and stored.name in model.graph.initializers:
             model.graph.initializers.pop(stored.name)
 
 

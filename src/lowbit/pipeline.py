@@ -193,7 +193,7 @@ def quantize(
             new_plan,
             side,
             plan,
-            lambda: list(open_calibration(calib, loaded.inputs, recipe, preprocess, batch_axes)),
+            lambda: open_calibration(calib, loaded.inputs, recipe, preprocess, batch_axes),
         )
         timings["bias_correction"] = time.perf_counter() - t_bias
     notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float

@@ -27,10 +27,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..data import DataSource
 from ..plan import Plan
 from ..planner import Layout
 from ..runtimes.ort import session
 from .segments import Segments
+
+# Calibration samples the correction measures on (the first ones): the pieces keep every live tensor for each of
+# them in memory, e.g. 64 x 96 x 112 x 112 float32 = 308 MB at EfficientNet-Lite0's widest point.
+SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -219,6 +224,17 @@ def apply_deltas(model: ir.Model, layout: Layout, deltas: dict[str, list[float]]
             model.graph.initializers.pop(stored.name)
 
 
+def _first(source: DataSource, samples: int) -> list[dict[str, np.ndarray]]:
+    """The batches holding the first `samples` samples (whole batches; the last may reach past)."""
+    out, seen = [], 0
+    for batch in source:
+        if seen >= samples:
+            break
+        out.append(batch)
+        seen += source.count(batch)
+    return out
+
+
 def check_data(recipe: object, calib: object) -> None:
     """Before calibration: the correction reads the calibration data again, which a one-shot iterator cannot give."""
     from collections.abc import Iterator
@@ -238,18 +254,18 @@ def correct_biases(
     plan: Plan,
     side: FloatSide | None,
     old_plan: Plan | None,
-    batches: Callable[[], list[dict[str, np.ndarray]]],
+    data: Callable[[], DataSource],
 ) -> dict[str, float]:
-    """Measure the deltas (or take them from the plan being re-applied), subtract them from the biases and record
-    them in `plan.bias_shifts`; returns each layer's largest mean shift before its correction, relative to its float
-    output's spread (empty when read from a plan)."""
+    """Measure the deltas on the first `SAMPLES` calibration samples, `data()` (or take them from the plan being
+    re-applied), subtract them from the biases and record them in `plan.bias_shifts`; returns each layer's largest
+    mean shift before its correction, relative to its float output's spread (empty when read from a plan)."""
     if old_plan is not None:
         shifts = {k: [float(x) for x in v] for k, v in old_plan.bias_shifts.items()}
         record: dict[str, float] = {}
     else:
         if side is None or not side.targets:
             return {}
-        found = measure(side, model, batches())
+        found = measure(side, model, _first(data(), SAMPLES))
         shifts = {k: [float(x) for x in v] for k, v in sorted(found.deltas.items())}
         record = found.shifts
     apply_deltas(model, layout, shifts)

@@ -115,7 +115,9 @@ def _per_sample(x: np.ndarray, t: Target) -> np.ndarray:
 
 
 def _run(proto: onnx.ModelProto, names: list[str], batches: list[dict[str, np.ndarray]]) -> list:
-    sess = session(proto, mode="simulate", spin=False)
+    # The float model with ORT's optimizations: the same values as its plain run to float rounding, in a third of
+    # the time (EfficientNet-Lite0: the plain run was 4.4 of the correction's 14.5 s).
+    sess = session(proto, mode="kernels", spin=False)
     feeds = {i.name for i in sess.get_inputs()}
     parts: list[list[np.ndarray]] = [[] for _ in names]
     for b in batches:
@@ -167,7 +169,9 @@ def measure(side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray
         shifts[t.node] = float(np.max(np.abs(mean))) / (float(np.std(f)) or 1.0)
         deltas[t.node] = delta
         d = _shaped(delta, t)
-        pieces.replace(qproto.graph.node[order[t.node]].output[0], [(y - d).astype(y.dtype) for y in ys])
+        for y in ys:
+            y -= d.astype(y.dtype)  # in place: the pieces' own arrays, which the next piece reads
+        pieces.replace(qproto.graph.node[order[t.node]].output[0], ys)
     return Measured(deltas, shifts)
 
 

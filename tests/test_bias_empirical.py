@@ -143,3 +143,10 @@ def test_cli_flag_records_the_shifts_and_refuses_a_plan(tmp_path: Path, tiny_mod
         *flags,
     )
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+
+
+def test_a_model_in_external_data_is_refused_before_calibration(tmp_path: Path) -> None:
+    path = tmp_path / "ext.onnx"
+    onnx.save(tiny(), str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    with pytest.raises(LowbitError, match="external data: drop empirical_bias_correction"):
+        lowbit.quantize(str(path), calib=samples(tiny(), 4), recipe=recipe(True), progress=False)

@@ -132,6 +132,7 @@ def quantize(
     timings: dict[str, float] = {}
 
     loaded = load(model)
+    bias_empirical.check_model(recipe, loaded.external)
     before = already_quantized_note(loaded.model)
     t = time.perf_counter()
     prepare(loaded.model)

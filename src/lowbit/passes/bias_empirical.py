@@ -239,6 +239,18 @@ def _first(source: DataSource, samples: int) -> list[dict[str, np.ndarray]]:
     return out
 
 
+def check_model(recipe: object, external: bool) -> None:
+    """After loading, before calibrating: the correction holds the float and the quantized model in memory at once,
+    which a model kept in external data (past protobuf's 2 GB) is kept out of memory to avoid."""
+    from ..errors import LowbitError
+
+    if getattr(recipe, "empirical_bias_correction", False) and external:
+        raise LowbitError(
+            "empirical_bias_correction needs the whole model in memory twice and this model keeps its weights in "
+            "external data: drop empirical_bias_correction (--empirical-bias-correction)"
+        )
+
+
 def check_data(recipe: object, calib: object) -> None:
     """Before calibration: the correction reads the calibration data again, which a one-shot iterator cannot give."""
     from collections.abc import Iterator

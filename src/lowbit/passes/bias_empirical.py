@@ -95,13 +95,16 @@ def _opset(proto: onnx.ModelProto) -> int:
 def _mean_outputs(proto: onnx.ModelProto, outputs: list[tuple[str, Target]]) -> list[str]:
     """Add each (tensor, layer) as an output, conv outputs reduced to (B, C) inside the graph; returns the names."""
     names = []
+    have = {o.name for o in proto.graph.output}
     for src, t in outputs:
         if t.rank > 2:
             dst = f"{src}__lowbit_mean"
             _reduce(proto.graph, _opset(proto), src, dst, t.rank)
         else:
             dst = src
-        proto.graph.output.append(onnx.helper.make_tensor_value_info(dst, onnx.TensorProto.FLOAT, None))
+        if dst not in have:  # a classifier's logits may be a graph output already
+            proto.graph.output.append(onnx.helper.make_tensor_value_info(dst, onnx.TensorProto.FLOAT, None))
+            have.add(dst)
         names.append(dst)
     return names
 

@@ -48,6 +48,7 @@ class Target:
     float_output: str
     rank: int
     channels: int
+    float_post: str = ""  # the fused Relu/Clip's float output, when the layer has one
 
     @property
     def channel_axis(self) -> int:
@@ -73,7 +74,11 @@ def capture(model: ir.Model, layout: Layout) -> FloatSide:
         if w is None or b is None or b.const_value is None or w.const_value is None or out.name is None:
             continue
         rank = len(w.const_value.shape) if node.op_type in ("Conv", "ConvTranspose") else 2
-        found.append(Target(name, idx, out.name, rank, int(b.const_value.size)))
+        uses = list(out.uses())
+        post = out.name
+        if len(uses) == 1 and uses[0].node.name in layout.fused and uses[0].node.outputs[0].name:
+            post = uses[0].node.outputs[0].name
+        found.append(Target(name, idx, out.name, rank, int(b.const_value.size), post))
     return FloatSide(ir.to_proto(model), found)
 
 
@@ -99,7 +104,8 @@ def _mean_outputs(proto: onnx.ModelProto, outputs: list[tuple[str, Target]]) -> 
     for src, t in outputs:
         if t.rank > 2:
             dst = f"{src}__lowbit_mean"
-            _reduce(proto.graph, _opset(proto), src, dst, t.rank)
+            if dst not in have:
+                _reduce(proto.graph, _opset(proto), src, dst, t.rank)
         else:
             dst = src
         if dst not in have:  # a classifier's logits may be a graph output already
@@ -157,8 +163,12 @@ def measure(side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray
         return Measured({}, {})
     fproto = onnx.ModelProto()
     fproto.CopyFrom(side.proto)
-    fparts = _run(fproto, _mean_outputs(fproto, [(t.float_output, t) for t in targets]), batches)
-    floats = {t.node: np.concatenate([_per_sample(p, t) for p in ps]) for ps, t in zip(fparts, targets)}
+    wanted = [(t.float_output, t) for t in targets] + [(t.float_post or t.float_output, t) for t in targets]
+    fparts = _run(fproto, _mean_outputs(fproto, wanted), batches)
+    both = [np.concatenate([_per_sample(p, t) for p in ps]) for ps, (_, t) in zip(fparts, wanted)]
+    floats = {t.node: both[i] for i, t in enumerate(targets)}
+    posts = {t.node: both[len(targets) + i] for i, t in enumerate(targets)}
+    quantizers = _output_quantizers(qproto)
     pieces = Segments(qproto, batches)
     order = {n.name: i for i, n in enumerate(qproto.graph.node)}
     deltas, shifts = {}, {}
@@ -168,7 +178,11 @@ def measure(side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray
         diff = np.concatenate([_per_sample(_channel_means(y, t), t) for y in ys]) - f
         mean = diff.mean(axis=0)
         se2 = diff.var(axis=0, ddof=1) / len(diff) if len(diff) > 1 else np.zeros_like(mean)
-        delta = _achievable(model, t, shrink(mean, se2))
+        y_name = qproto.graph.node[order[t.node]].output[0]
+        if y_name in quantizers:
+            delta = _achievable(model, t, _solve_post(ys, t, quantizers[y_name], posts[t.node]))
+        else:
+            delta = _achievable(model, t, shrink(mean, se2))
         shifts[t.node] = float(np.max(np.abs(mean))) / (float(np.std(f)) or 1.0)
         deltas[t.node] = delta
         d = _shaped(delta, t)
@@ -176,6 +190,48 @@ def measure(side: FloatSide, model: ir.Model, batches: list[dict[str, np.ndarray
             y -= d.astype(y.dtype)  # in place: the pieces' own arrays, which the next piece reads
         pieces.replace(qproto.graph.node[order[t.node]].output[0], ys)
     return Measured(deltas, shifts)
+
+
+def _output_quantizers(proto: onnx.ModelProto) -> dict[str, tuple[float, int, int, int]]:
+    """Tensor -> (scale, zero point, qmin, qmax) of the per-tensor QuantizeLinear reading it."""
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in proto.graph.initializer}
+    out = {}
+    for n in proto.graph.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[1] not in inits or n.input[2] not in inits:
+            continue
+        sc, zp = inits[n.input[1]], inits[n.input[2]]
+        if sc.size != 1:
+            continue
+        info = np.iinfo(zp.dtype)
+        out[n.input[0]] = (float(sc.reshape(-1)[0]), int(zp.reshape(-1)[0]), int(info.min), int(info.max))
+    return out
+
+
+def _solve_post(ys: list[np.ndarray], t: Target, q: tuple[float, int, int, int], target: np.ndarray) -> np.ndarray:
+    """The delta per channel whose quantized output (fused activation's clipping included) has float's
+    post-activation mean, by three Newton steps; shrunk by its noise like the pre-activation shift."""
+    s, z, qmin, qmax = q
+    lo, hi = (qmin - z) * s, (qmax - z) * s
+    d = np.zeros(t.channels)
+    first = None
+    for _ in range(3):
+        sums, inside, rows = [], np.zeros(t.channels), 0
+        for y in ys:
+            v = y - _shaped(d, t)
+            fq = (np.clip(np.rint(v / s) + z, qmin, qmax) - z) * s
+            sums.append(_per_sample(_channel_means(fq, t), t))
+            axes = tuple(i for i in range(v.ndim) if i != t.channel_axis)
+            inside += ((v > lo) & (v < hi)).sum(axis=axes)
+            rows += v.size // t.channels
+        per = np.concatenate(sums) - target
+        if first is None:
+            first = per
+        d = d + per.mean(axis=0) / np.maximum(inside / rows, 0.05)
+    assert first is not None
+    se2 = first.var(axis=0, ddof=1) / len(first) if len(first) > 1 else np.zeros(t.channels)
+    raw = first.mean(axis=0)
+    factor = shrink(raw, se2) / np.where(raw == 0, 1.0, raw)
+    return np.asarray(d * factor, np.float64)
 
 
 def _channel_means(y: np.ndarray, t: Target) -> np.ndarray:

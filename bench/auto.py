@@ -124,12 +124,14 @@ BASES = {
     "equalize": {"equalize": True},
     "adaround": {"adaround": True},
     "equalize+adaround": {"equalize": True, "adaround": True},
+    "empirical_bias": {"empirical_bias_correction": True},
 }
+RECIPE_LEVEL = ("equalize", "empirical_bias_correction")  # Recipe options; the rest are Scheme options
 
 
 def base_recipe(name: str) -> lowbit.Recipe:
     opts = dict(BASES[name])
-    recipe_opts = {"equalize": opts.pop("equalize")} if "equalize" in opts else {}
+    recipe_opts = {k: opts.pop(k) for k in RECIPE_LEVEL if k in opts}
     return lowbit.Recipe(default=lowbit.Scheme(**opts), **recipe_opts)
 
 

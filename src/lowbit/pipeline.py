@@ -25,7 +25,7 @@ from .graph.external import data_path, external_base, trim_heap
 from .graph.io import check_writable, external_files, load_model, model_files, model_name
 from .graph.write import check_output_path, check_paths, write_together
 from .output_ranges import observing_outputs, output_ranges
-from .passes import prepare, recover
+from .passes import bias_empirical, prepare, recover
 from .passes.opset import already_quantized_note, ready_for_quantization
 from .passes.subnormals import find_subnormals, flush_subnormals, subnormal_warning
 from .plan import Plan, TensorParams, graph_fingerprint, plan_path
@@ -128,9 +128,11 @@ def quantize(
     # Re-applying a plan without a recipe means the plan's own recipe: the same nodes get the same treatment.
     recipe = Recipe.from_dict(plan.recipe, "plan recipe") if recipe is None and plan is not None else _recipe(recipe)
     check_data(recipe, calib)
+    bias_empirical.check_data(recipe, calib)
     timings: dict[str, float] = {}
 
     loaded = load(model)
+    bias_empirical.check_model(recipe, loaded.external)
     before = already_quantized_note(loaded.model)
     t = time.perf_counter()
     prepare(loaded.model)
@@ -181,12 +183,25 @@ def quantize(
     )
     new_plan.nodes = decided.layout.decisions()
     weights = set(loaded.model.graph.initializers)  # the model's own, not the quantization parameters apply adds
+    empirical = recipe.empirical_bias_correction and bool(decided.layout.biases)
+    side = bias_empirical.capture(loaded.model, decided.layout) if empirical and plan is None else None
     apply(loaded.model, decided.layout, new_plan, rounding)
+    if empirical:
+        t_bias = time.perf_counter()
+        bias_empirical.correct_biases(
+            loaded.model,
+            decided.layout,
+            new_plan,
+            side,
+            plan,
+            lambda: open_calibration(calib, loaded.inputs, recipe, preprocess, batch_axes),
+        )
+        timings["bias_correction"] = time.perf_counter() - t_bias
     notes = [w for w in [subnormal_warning(find_subnormals(loaded.model, weights))] if w]  # those still float
     proto = finish(loaded.model, new_plan, recipe.target)
     merge_plans(new_plan, branch_plans)  # after apply, which quantizes every tensor the plan names in the main graph
     _drop_weights(loaded.model)  # the proto holds them now: one copy of the quantized model, not two
-    timings["rewrite"] = time.perf_counter() - t
+    timings["rewrite"] = time.perf_counter() - t - timings.get("bias_correction", 0.0)
     result = QuantizeResult(
         proto, new_plan, loaded.float_bytes, proto.ByteSize(), time.perf_counter() - start, timings=timings
     )

@@ -81,6 +81,9 @@ class Plan:
     output_ranges: dict[str, list[float]] = field(default_factory=dict)
     # AdaRound's up/down bits by weight ("node:1"), with the float weight's sha256 (adaround.py); {} when off.
     adaround: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Empirical bias correction: the shift subtracted from each layer's bias, per output channel (recipe
+    # empirical_bias_correction; passes/bias_empirical.py), so a re-applied plan corrects alike; {} when off.
+    bias_shifts: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -119,6 +122,7 @@ class Plan:
                 smooth_scales=data.get("smooth_scales", {}),
                 output_ranges=data.get("output_ranges", {}),
                 adaround=data.get("adaround", {}),
+                bias_shifts=data.get("bias_shifts", {}),
             )
         except RecursionError:
             raise LowbitError(f"{p} nests too deeply to be a lowbit plan file") from None
@@ -184,6 +188,11 @@ class Plan:
                 base64.b64decode(e["up"], validate=True)
             except ValueError:
                 raise bad(f"weight '{name}' has adaround up bits that are not base64") from None
+        if not isinstance(self.bias_shifts, dict):
+            raise bad("its bias_shifts are not an object of node name -> list of numbers")
+        for name, shifts in self.bias_shifts.items():
+            if not isinstance(shifts, list) or not all(_finite(v) for v in shifts):
+                raise bad(f"bias shifts of '{name}' must be a list of finite numbers, got {_short(shifts)}")
         for label, value in (("graph_fingerprint", self.graph_fingerprint), ("model_sha256", self.model_sha256)):
             if value is not None and not isinstance(value, str):
                 raise bad(f"{label} must be a string, got {_short(value)}")

@@ -160,6 +160,10 @@ class Recipe:
     # SmoothQuant's migration strength alpha in [0, 1]: move activation outliers of MatMul/Gemm inputs into the
     # weights where the producer can absorb the division exactly; None = off. Needs calibration data.
     smooth_quant: float | None = None
+    # After the rewrite, subtract from each Conv/ConvTranspose/Gemm bias the mean shift of its output in the quantized
+    # model against float, measured on the calibration data in a few passes of every layer at once; shifts no
+    # larger than their noise are shrunk away (passes/bias_empirical.py). Reads the calibration data again.
+    empirical_bias_correction: bool = False
     # --- end accuracy recovery ---
     version: int = RECIPE_VERSION
 
@@ -252,9 +256,10 @@ class Recipe:
 
 
 def _check_recovery(recipe: Recipe) -> None:
-    """The accuracy-recovery options (equalize, smooth_quant)."""
-    if not isinstance(recipe.equalize, bool):
-        raise LowbitError(f"recipe option 'equalize' must be true or false, got {_show(recipe.equalize)}")
+    """The accuracy-recovery options (equalize, smooth_quant, empirical_bias_correction)."""
+    for name in ("equalize", "empirical_bias_correction"):
+        if not isinstance(getattr(recipe, name), bool):
+            raise LowbitError(f"recipe option '{name}' must be true or false, got {_show(getattr(recipe, name))}")
     alpha = recipe.smooth_quant
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1):
         raise LowbitError(f"recipe option 'smooth_quant' must be a number in [0, 1] or null, got {_show(alpha)}")

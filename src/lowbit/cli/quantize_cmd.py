@@ -108,6 +108,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "layer, instead of rounding to nearest (static mode; minutes on a mobile CNN; what makes --weights int4 "
         "usable without training)",
     )
+    g.add_argument(
+        "--empirical-bias-correction",
+        action="store_true",
+        help="after quantizing, subtract from each Conv/Gemm bias the mean shift of its output against float on the "
+        "calibration data, layer by layer (reads the data again; shifts within their noise are left)",
+    )
     # --- end accuracy recovery ---
     g.add_argument("--samples", type=int, help="calibration samples to use (default 256)")
     g.add_argument("--batch-size", type=int, help="calibration batch size (default 8)")
@@ -154,7 +160,11 @@ def _recipe(args: argparse.Namespace) -> Recipe:
         "flush_subnormals": True if args.flush_subnormals else None,
         "target": args.target,
     }
-    recovery = {"equalize": True if args.equalize else None, "smooth_quant": args.smooth_quant}
+    recovery = {
+        "equalize": True if args.equalize else None,
+        "smooth_quant": args.smooth_quant,
+        "empirical_bias_correction": True if args.empirical_bias_correction else None,
+    }
     top.update(recovery)
     return dataclasses.replace(
         base,
@@ -187,6 +197,7 @@ RECIPE_OPTIONS = {
     "equalize": "--equalize",
     "smooth_quant": "--smooth-quant",
     "adaround": "--adaround",
+    "empirical_bias_correction": "--empirical-bias-correction",
 }
 
 

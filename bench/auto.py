@@ -124,6 +124,10 @@ BASES = {
     "equalize": {"equalize": True},
     "adaround": {"adaround": True},
     "equalize+adaround": {"equalize": True, "adaround": True},
+    "minmax": {"calibration": "minmax"},
+    "percentile": {"calibration": "percentile"},
+    "mse": {"calibration": "mse"},
+    "no-overflow-guard": {"avoid_overflow": False},
 }
 
 

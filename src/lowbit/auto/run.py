@@ -25,7 +25,7 @@ from ..pipeline import outputs, quantize, reads, save
 from ..plan import Plan
 from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
-from .assign import Builder, Precision, find_layers
+from .assign import VARIANTS, Builder, Precision, find_layers
 from .flips import Flips, fragile, top_two
 from .profile import profile
 from .score import Scorer
@@ -41,6 +41,9 @@ from .search import (
     trim_order,
 )
 from .sensitivity import sensitivities
+from .variants import offer, tune
+
+OFF_CHAIN = 10_000  # the first id of a point measured off the chain (tune, repair, trim), in the report
 
 
 @dataclass
@@ -146,6 +149,7 @@ def auto(
     latency_rounds: int = 30,
     trim_steps: int = 40,
     repair_steps: int = 30,
+    tune_steps: int = 24,
     explore: int = 4,
     progress: bool = True,
 ) -> AutoResult:
@@ -162,10 +166,20 @@ def auto(
     `repair_steps` assignments, each the last plus the move that most lowers the expected flips of the answers the
     last one measured got wrong, per estimated ms. Of the two passing points (chain, repair), the one the cost model
     says is faster is trimmed and written.
+    Before any of that, zero-cost candidates (variants.py: per layer, its output range by another calibration
+    method, or its weights without the overflow guard; the same int8 kernels) are tried from the base, most
+    estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
+    (a higher score, or the same and less output noise); the kept ones are the int8 form every later stage starts
+    from and returns to. 0 turns this off.
     `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
     budget = _check_budget(max_drop, latency_budget)
-    for name, value in (("trim_steps", trim_steps), ("repair_steps", repair_steps), ("explore", explore)):
+    for name, value in (
+        ("trim_steps", trim_steps),
+        ("repair_steps", repair_steps),
+        ("tune_steps", tune_steps),
+        ("explore", explore),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise LowbitError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
@@ -208,6 +222,8 @@ def auto(
     builder.layers = find_layers(float_model, base.plan)
     if not builder.layers:
         raise LowbitError("the base recipe quantizes no layer of this model, so there is no precision to choose")
+    if tune_steps > 0:
+        offer(builder, calib, preprocess, tell=tell)
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -231,11 +247,12 @@ def auto(
     wanted: dict[str, list[Precision]] = {}
     for x in builder.layers:
         # 16-bit activations only where they run faster than float: float is exact, so elsewhere they never win.
-        wanted[x.node] = [
+        own: list[Precision] = [
             p
             for p in builder.precisions(x)
             if p != "float" and (p != "int16" or latency["int16"][x.node] < latency["float"][x.node])
         ]
+        wanted[x.node] = own + list(builder.offered.get(x.node, ()))
     # Top-1 answers flip where the float model's top two scores are close: errors alone are measured on those
     # samples, per sample, and the chain lowers the expected number of flips. Other metrics: the first samples.
     counts_top1 = scorer.metric in ("top1_agreement", "accuracy")
@@ -260,7 +277,7 @@ def auto(
     graph = float_model.graph
     cost = CostModel(
         builder.layers,
-        latency,
+        {**latency, **dict.fromkeys(VARIANTS, latency["int8"])},  # the variants run the same int8 kernels
         boundary,
         frozenset(i.name for i in graph.input),
         frozenset(o.name for o in graph.output),
@@ -278,19 +295,25 @@ def auto(
     cost.mixed = measured_mixed(cost, mixes, latency["int8"]["other"])
     seconds["profile"] += time.perf_counter() - t
     t = time.perf_counter()
-    steps = chain(cost, noise, objective)
+    estimate = objective if objective is not None else (lambda a: sum(noise[n][p] for n, p in a.items()))
+    tuned: dict[str, Precision] = builder.everywhere("int8")
+    fresh = iter(range(OFF_CHAIN, 10**9))  # ids of measured assignments off the chain (tune, trim, repair)
     float_session = session(float_model, "kernels", threads=1)
     points: dict[int, dict[str, Any]] = {}
     built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
     assignments: dict[int, dict[str, Precision]] = {}
     wrongs: dict[int, frozenset[int]] = {}  # each measured point's samples whose top-1 answer is not float's
-    fresh = iter(range(len(steps), 10**9))  # ids of measured assignments off the chain (trim, repair)
 
     def measure(k: int, assignment: dict[str, Precision] | None = None, stage: str = "chain") -> dict[str, Any]:
         """Build, score and time one assignment: step k of the chain, or (a trim trial) `assignment` as step k."""
         if k in points:
             return points[k]
         assignment = steps[k].assignment if assignment is None else assignment
+        same = next((j for j, b in assignments.items() if b == assignment), None)
+        if same is not None:  # measured already (the tuned start is the chain's step 0)
+            points[k], wrongs[k] = {**points[same], "step": k, "stage": stage}, wrongs[same]
+            assignments[k], built_models[k] = assignments[same], built_models[same]
+            return points[k]
         model_k, plan_k, recipe_k = builder.build(assignment)
         score = scorer.score(model_k)
         wrongs[k] = scorer.last_wrong
@@ -308,6 +331,7 @@ def auto(
             "stage": stage,
             "score": score,
             "drop": scorer.reference - score,
+            "noise": scorer.last_noise,
             "latency_ratio": paired_ratio(times, "candidate", "float"),
             "size_bytes": model_k.ByteSize(),
             "estimated_ms": cost.ms(assignment),
@@ -328,6 +352,18 @@ def auto(
     def passes(pt: dict[str, Any]) -> bool:
         return bool(pt["drop"] <= budget["max_drop"] + 1e-9)
 
+    candidates = [(x.node, v) for x in builder.layers for v in builder.offered.get(x.node, ())]
+    if candidates and tune_steps > 0:
+        tell(f"trying zero-cost candidates (other int8 parameters per layer): up to {tune_steps}, each measured ...")
+
+        def measured(a: dict[str, Precision]) -> tuple[float, float]:
+            pt = measure(next(fresh), a, "tune")
+            return (round(-pt["score"], 9), pt["noise"])
+
+        tuned = tune(tuned, candidates, estimate, measured, tune_steps)
+    seconds["tune"] = time.perf_counter() - t
+    t = time.perf_counter()
+    steps = chain(cost, noise, objective, tuned)
     tell(f"searching a chain of {len(steps)} assignments ({scorer.label}) ...")
     if budget["kind"] == "accuracy":
         k = shortest_passing(len(steps), lambda i: passes(measure(i)))
@@ -346,15 +382,15 @@ def auto(
                 return flips.only(rows) if rows else flips  # no wrong answer among the measured samples: all
 
             tell(f"repairing from the base: up to {repair_steps} assignments, each measured ...")
-            fixed = repair(cost, noise, steps[0].assignment, wrong, target, repair_steps)
+            fixed = repair(cost, noise, tuned, wrong, target, repair_steps)
             if fixed is not None and (not met or cost.ms(fixed) < cost.ms(steps[k].assignment)):
                 k = next(i for i in sorted(points, reverse=True) if assignments[i] == fixed)
                 met = True
         if met and trim_steps > 0:
             start = assignments[k]
-            order = trim_order(cost, noise, start, objective)[:trim_steps]
+            order = trim_order(cost, noise, start, objective, tuned)[:trim_steps]
             tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
-            best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")))
+            best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")), tuned)
             if best != start:
                 k = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
     else:

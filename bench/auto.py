@@ -10,6 +10,7 @@ Three stages, so that the slow ones can run apart (each writes its model and a J
   python bench/auto.py lowbit [--max-drop 1 | --latency-budget 0.6] [--name NAME]   # lowbit auto
   python bench/auto.py nncf [--ranking-subset 64] [--max-iterations 40]             # NNCF accuracy control
   python bench/auto.py table [--rounds 60]       # every saved model: held-out agreement + paired latency, one run
+  python bench/auto.py points --of NAME --steps 0,16   # more of a lowbit run's measured points, as table rows
 """
 
 from __future__ import annotations
@@ -161,6 +162,39 @@ def bases(args: argparse.Namespace) -> None:
         )
 
 
+def points(args: argparse.Namespace) -> None:
+    """Save more of a `lowbit` run's measured points as rows of the table (--of NAME --steps 0,16): each is rebuilt
+    from its assignment (the same base calibration and candidates), compared first on the chosen point with the
+    saved model."""
+    from lowbit.auto.assign import Builder, find_layers
+    from lowbit.auto.variants import offer
+
+    float_path, calib, _ = data(args)
+    info = json.loads((args.out / f"{slug(args.of)}.json").read_text())
+    run = info["auto"]
+    model = onnx.load(str(float_path))
+    base = lowbit.quantize(model, calib=calib, recipe=base_recipe(info.get("base", "default")), progress=False)
+    builder = Builder(model, base.plan, find_layers(model, base.plan))
+    offer(builder, calib, None)
+    by_step = {p["step"]: p for p in run["points"]}
+
+    def build(step: int) -> onnx.ModelProto:
+        return builder.build({**builder.everywhere("int8"), **by_step[step]["changed"]})[0]
+
+    chosen = onnx.load(str(args.out / f"{slug(args.of)}.onnx"))
+    saved = {i.name: i.SerializeToString() for i in chosen.graph.initializer}
+    again = build(run["step"]).graph.initializer
+    differ = [i.name for i in again if saved.get(i.name) != i.SerializeToString()]
+    # Measured: a rebuild in another process can differ in a few Add-related scales (~1e-7 relative, the portable
+    # target's Add nudge); the table measures every rebuilt row again, on the search crops too.
+    print(f"the chosen point rebuilt: {len(differ)} of {len(again)} initializers differ from the saved one", differ[:3])
+    for step in (int(s) for s in args.steps.split(",")):
+        p = by_step[step]
+        name = f"{args.of}, {p['stage']} point {step}"
+        save(args.out, name, build(step), {"seconds": 0.0, "point": p})
+        print(f"saved {name}: search {p['score']:.1f}%, {len(p['changed'])} layers not at plain int8", flush=True)
+
+
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
@@ -225,7 +259,7 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["lowbit", "nncf", "table", "bases"])
+    ap.add_argument("stage", choices=["lowbit", "nncf", "table", "bases", "points"])
     ap.add_argument("--out", type=Path, default=ART, help="folder of the saved models (default: %(default)s)")
     ap.add_argument("--name", help="the row's name (default: the tool's)")
     ap.add_argument("--calib", type=int, default=128)
@@ -238,8 +272,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
+    ap.add_argument("--of", help="points: the lowbit row whose points to save")
+    ap.add_argument("--steps", default="0", help="points: the step ids to save (comma-separated)")
     args = ap.parse_args()
-    {"lowbit": run_lowbit, "nncf": run_nncf, "table": table, "bases": bases}[args.stage](args)
+    {"lowbit": run_lowbit, "nncf": run_nncf, "table": table, "bases": bases, "points": points}[args.stage](args)
     return 0
 
 

@@ -4,6 +4,7 @@ each layer's error alone -> the greedy chain -> bisection on measured accuracy /
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -169,8 +170,10 @@ def auto(
     Before any of that, zero-cost candidates (variants.py: per layer, its output range by another calibration
     method, or its weights without the overflow guard; the same int8 kernels) are tried from the base, most
     estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
-    (a higher score, or the same and less output noise); the kept ones are the int8 form every later stage starts
+    (no lower score and less output noise); the kept ones are the int8 form every later stage starts
     from and returns to. 0 turns this off.
+    When both the chain and the repair pass, each is trimmed and the two run head to head (paired against float in
+    the same interleaved rounds, twice `latency_rounds`): the faster is written.
     `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
     budget = _check_budget(max_drop, latency_budget)
@@ -367,7 +370,7 @@ def auto(
     tell(f"searching a chain of {len(steps)} assignments ({scorer.label}) ...")
     if budget["kind"] == "accuracy":
         k = shortest_passing(len(steps), lambda i: passes(measure(i)))
-        met = passes(measure(k))
+        passing = [k] if passes(measure(k)) else []  # the passing points: the chain's first, the repair's
         if objective is not None and repair_steps > 0:
             flips = objective
             sens_index = {int(r): j for j, r in enumerate(sens_rows)}
@@ -383,16 +386,32 @@ def auto(
 
             tell(f"repairing from the base: up to {repair_steps} assignments, each measured ...")
             fixed = repair(cost, noise, tuned, wrong, target, repair_steps)
-            if fixed is not None and (not met or cost.ms(fixed) < cost.ms(steps[k].assignment)):
-                k = next(i for i in sorted(points, reverse=True) if assignments[i] == fixed)
-                met = True
-        if met and trim_steps > 0:
-            start = assignments[k]
-            order = trim_order(cost, noise, start, objective, tuned)[:trim_steps]
-            tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
-            best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")), tuned)
-            if best != start:
-                k = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
+            if fixed is not None:
+                passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == fixed))
+        if passing and trim_steps > 0:
+            for j, start_k in enumerate(passing):
+                start = assignments[start_k]
+                order = trim_order(cost, noise, start, objective, tuned)[:trim_steps]
+                tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
+                best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")), tuned)
+                passing[j] = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
+        distinct: dict[str, int] = {}  # the same assignment reached twice is one point
+        for i in sorted(passing):
+            distinct.setdefault(json.dumps(assignments[i], sort_keys=True), i)
+        passing = sorted(distinct.values())
+        met = bool(passing)
+        if len(passing) > 1:
+            # The cost model misjudges float layers among int8 ones (layout reorders): the passing points run
+            # head to head, paired against float in the same interleaved rounds, and the faster is written.
+            tell(f"timing the {len(passing)} passing points head to head ({2 * latency_rounds} paired rounds) ...")
+            sessions = {str(i): session(built_models[i][0], "kernels", threads=1) for i in passing}
+            sessions["float"] = float_session
+            rounds = interleaved_latency(sessions, feeds, runs=2 * latency_rounds, warmup=2)
+            for i in passing:
+                points[i]["head_to_head_ratio"] = paired_ratio(rounds, str(i), "float")
+            k = min(passing, key=lambda i: (points[i]["head_to_head_ratio"], i))
+        elif passing:
+            k = passing[0]
     else:
         found = longest_within(len(steps), lambda i: measure(i)["latency_ratio"] <= budget["ratio"])
         k = 0 if found is None else found

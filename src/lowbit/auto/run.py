@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..data import ImagePreprocess, input_specs, open_data
+from ..data import ImagePreprocess
 from ..errors import LowbitError
 from ..evaluate.bench import machine
 from ..evaluate.jsonable import JsonResult, dumps
@@ -28,6 +28,7 @@ from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
 from .assign import VARIANTS, Builder, Precision, find_layers
 from .flips import Flips, fragile, top_two
+from .inputs import batches_of, check_budget, head, recipe_path, report_path, take
 from .profile import profile
 from .score import Scorer
 from .search import (
@@ -82,57 +83,6 @@ class AutoResult(JsonResult):
         return out
 
 
-def recipe_path(output: str | Path) -> Path:
-    p = Path(output)
-    return p.with_name(p.stem + ".recipe.json")
-
-
-def report_path(output: str | Path) -> Path:
-    p = Path(output)
-    return p.with_name(p.stem + ".auto.json")
-
-
-def _check_budget(max_drop: float | None, latency_budget: float | None) -> dict[str, Any]:
-    if max_drop is not None and latency_budget is not None:
-        raise LowbitError("give one budget: --max-drop (accuracy) or --latency-budget (speed), not both")
-    if latency_budget is not None:
-        if isinstance(latency_budget, bool) or not isinstance(latency_budget, (int, float)) or latency_budget <= 0:
-            raise LowbitError(
-                f"--latency-budget must be a ratio to float latency > 0 (e.g. 0.6), got {latency_budget!r}"
-            )
-        return {"kind": "latency", "ratio": float(latency_budget)}
-    drop = 1.0 if max_drop is None else max_drop
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100:
-        raise LowbitError(f"--max-drop must be points of the metric in [0, 100) (e.g. 1), got {drop!r}")
-    return {"kind": "accuracy", "max_drop": float(drop)}
-
-
-def _batches(data: Any, model: onnx.ModelProto, preprocess: ImagePreprocess | None, limit: int | None) -> list:
-    specs = input_specs(model)
-    src = open_data(data, specs, batch_size=32, preprocess=preprocess, limit=limit, what="evaluation data")
-    batches = [dict(b) for b in src]
-    if not batches:
-        raise LowbitError("the evaluation data holds no samples; give at least a few dozen")
-    return batches
-
-
-def _head(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
-    out, left = [], n
-    for b in batches:
-        k = min(left, len(next(iter(b.values()))))
-        out.append({name: v[:k] for name, v in b.items()})
-        left -= k
-        if left <= 0:
-            break
-    return out
-
-
-def _take(batches: list[dict[str, np.ndarray]], rows: np.ndarray, size: int = 32) -> list[dict[str, np.ndarray]]:
-    """The samples at `rows` (indices over all batches, samples first), in batches of `size`."""
-    whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    return [{k: v[rows[i : i + size]] for k, v in whole.items()} for i in range(0, len(rows), size)]
-
-
 def auto(
     model: str | Path | onnx.ModelProto,
     calib: Any,
@@ -176,7 +126,7 @@ def auto(
     the same interleaved rounds, twice `latency_rounds`): the faster is written.
     `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
-    budget = _check_budget(max_drop, latency_budget)
+    budget = check_budget(max_drop, latency_budget)
     for name, value in (
         ("trim_steps", trim_steps),
         ("repair_steps", repair_steps),
@@ -214,7 +164,7 @@ def auto(
         from ..evaluate.evaluate import load_labels
 
         label_array = load_labels(labels)
-    batches = _batches(eval_data, float_model, preprocess, eval_limit)
+    batches = batches_of(eval_data, float_model, preprocess, eval_limit)
     scorer = Scorer(float_model, batches, metric, label_array)
     seconds: dict[str, float] = {}
 
@@ -230,7 +180,7 @@ def auto(
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    feeds = _head(batches, 1)[0]
+    feeds = head(batches, 1)[0]
     latency: dict[str, dict[str, float]] = {}
     boundary: dict[str, float] = {}
     for p in ("int8", "int16", "int4", "float"):
@@ -260,9 +210,9 @@ def auto(
     # samples, per sample, and the chain lowers the expected number of flips. Other metrics: the first samples.
     counts_top1 = scorer.metric in ("top1_agreement", "accuracy")
     if counts_top1:
-        sens_batches = _take(batches, fragile(scorer.refs[0], sensitivity_samples))  # sens_rows, below
+        sens_batches = take(batches, fragile(scorer.refs[0], sensitivity_samples))  # sens_rows, below
     else:
-        sens_batches = _head(batches, sensitivity_samples)
+        sens_batches = head(batches, sensitivity_samples)
     sens_rows = fragile(scorer.refs[0], sensitivity_samples) if counts_top1 else np.arange(0)
     sens_refs = run_all(session(float_model, "kernels"), sens_batches)
     chosen_by = "the evaluation samples closest to a flip" if counts_top1 else "the first evaluation samples"

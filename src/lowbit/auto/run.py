@@ -115,13 +115,12 @@ def auto(
     int8 are tried back at int8 one at a time, each kept only if the model still meets the budget, measured.
     With top-1 answers (class scores, or `labels`), a measured repair also searches from the base int8 model: up to
     `repair_steps` assignments, each the last plus the move that most lowers the expected flips of the answers the
-    last one measured got wrong, per estimated ms. Of the two passing points (chain, repair), the one the cost model
-    says is faster is trimmed and written.
+    last one measured got wrong, per estimated ms.
     Before any of that, zero-cost candidates (variants.py: per layer, its output range by another calibration
     method, or its weights without the overflow guard; the same int8 kernels) are tried from the base, most
     estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
-    (no lower score and less output noise); the kept ones are the int8 form every later stage starts
-    from and returns to. 0 turns this off.
+    (no lower score, and less output noise beyond chance, paired over the samples); the kept ones are the int8
+    form every later stage starts from and returns to. 0 turns this off.
     When both the chain and the repair pass, each is trimmed and the two run head to head (paired against float in
     the same interleaved rounds, twice `latency_rounds`): the faster is written.
     `explore`: that many more chain points, evenly spaced, measured for the front."""
@@ -256,6 +255,7 @@ def auto(
     built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
     assignments: dict[int, dict[str, Precision]] = {}
     wrongs: dict[int, frozenset[int]] = {}  # each measured point's samples whose top-1 answer is not float's
+    noise_rows: dict[int, np.ndarray] = {}  # and its output noise per sample
 
     def measure(k: int, assignment: dict[str, Precision] | None = None, stage: str = "chain") -> dict[str, Any]:
         """Build, score and time one assignment: step k of the chain, or (a trim trial) `assignment` as step k."""
@@ -265,11 +265,13 @@ def auto(
         same = next((j for j, b in assignments.items() if b == assignment), None)
         if same is not None:  # measured already (the tuned start is the chain's step 0)
             points[k], wrongs[k] = {**points[same], "step": k, "stage": stage}, wrongs[same]
+            noise_rows[k] = noise_rows[same]
             assignments[k], built_models[k] = assignments[same], built_models[same]
             return points[k]
         model_k, plan_k, recipe_k = builder.build(assignment)
         score = scorer.score(model_k)
         wrongs[k] = scorer.last_wrong
+        noise_rows[k] = scorer.last_noise_rows
         times = interleaved_latency(
             {"float": float_session, "candidate": session(model_k, "kernels", threads=1)},
             feeds,
@@ -309,9 +311,9 @@ def auto(
     if candidates and tune_steps > 0:
         tell(f"trying zero-cost candidates (other int8 parameters per layer): up to {tune_steps}, each measured ...")
 
-        def measured(a: dict[str, Precision]) -> tuple[float, float]:
+        def measured(a: dict[str, Precision]) -> tuple[float, np.ndarray]:
             pt = measure(next(fresh), a, "tune")
-            return (round(-pt["score"], 9), pt["noise"])
+            return (round(-pt["score"], 9), noise_rows[pt["step"]])
 
         tuned = tune(tuned, candidates, estimate, measured, tune_steps)
     seconds["tune"] = time.perf_counter() - t

@@ -67,6 +67,7 @@ def test_a_16_bit_reader_widens_the_range_its_writer_chose(calib: np.ndarray) ->
 def test_no_guard_is_offered_where_the_guard_changed_weights(calib: np.ndarray) -> None:
     b = builder_for(calib)
     guarded = set(b.plan.overflow_guard)
+    assert guarded  # the tiny model's weights trip the guard: the test is not vacuous
     assert {n for n, vs in b.offered.items() if "int8_noguard" in vs} == guarded
     for node in guarded:
         plan = b.build({**b.everywhere("int8"), node: "int8_noguard"})[1]

@@ -1,6 +1,8 @@
 """`lowbit auto`: the fastest mixed-precision model within an accuracy budget (or the most accurate within a
-latency budget), from measurements on this machine. Stages: calibrate once -> profile every precision per layer ->
-each layer's error alone -> the greedy chain -> bisection on measured accuracy / latency -> write the choice."""
+latency budget), from measurements on this machine. Stages: calibrate once (and once per other range method, for
+the zero-cost candidates) -> profile every precision per layer -> each layer's error alone -> the zero-cost
+candidates, measured -> the greedy chain -> bisection on measured accuracy / latency (then repair, trim, head to
+head) -> write the choice."""
 
 from __future__ import annotations
 

@@ -10,6 +10,8 @@ Three stages, so that the slow ones can run apart (each writes its model and a J
   python bench/auto.py lowbit [--max-drop 1 | --latency-budget 0.6] [--name NAME]   # lowbit auto
   python bench/auto.py nncf [--ranking-subset 64] [--max-iterations 40]             # NNCF accuracy control
   python bench/auto.py table [--rounds 60]       # every saved model: held-out agreement + paired latency, one run
+  python bench/auto.py points --of NAME --steps 0,16   # more of a lowbit run's measured points, as table rows
+  python bench/auto.py grouping [--regions 0-2,4-7]    # float layers in one run vs alone among int8: latency
 """
 
 from __future__ import annotations
@@ -125,6 +127,10 @@ BASES = {
     "adaround": {"adaround": True},
     "equalize+adaround": {"equalize": True, "adaround": True},
     "empirical_bias": {"empirical_bias_correction": True},
+    "minmax": {"calibration": "minmax"},
+    "percentile": {"calibration": "percentile"},
+    "mse": {"calibration": "mse"},
+    "no-overflow-guard": {"avoid_overflow": False},
 }
 RECIPE_LEVEL = ("equalize", "empirical_bias_correction")  # Recipe options; the rest are Scheme options
 
@@ -156,6 +162,80 @@ def bases(args: argparse.Namespace) -> None:
             f"| {name} | {agree['search']:.1%} ({flips} flips of {len(search)}) | {agree['heldout']:.1%} "
             f"| {seconds:.0f} s |",
             flush=True,
+        )
+
+
+def points(args: argparse.Namespace) -> None:
+    """Save more of a `lowbit` run's measured points as rows of the table (--of NAME --steps 0,16): each is rebuilt
+    from its assignment (the same base calibration and candidates), compared first on the chosen point with the
+    saved model."""
+    from lowbit.auto.assign import Builder, find_layers
+    from lowbit.auto.variants import offer
+
+    float_path, calib, _ = data(args)
+    info = json.loads((args.out / f"{slug(args.of)}.json").read_text())
+    run = info["auto"]
+    model = onnx.load(str(float_path))
+    base = lowbit.quantize(model, calib=calib, recipe=base_recipe(info.get("base", "default")), progress=False)
+    builder = Builder(model, base.plan, find_layers(model, base.plan))
+    offer(builder, calib, None)
+    by_step = {p["step"]: p for p in run["points"]}
+
+    def build(step: int) -> onnx.ModelProto:
+        return builder.build({**builder.everywhere("int8"), **by_step[step]["changed"]})[0]
+
+    chosen = onnx.load(str(args.out / f"{slug(args.of)}.onnx"))
+    saved = {i.name: i.SerializeToString() for i in chosen.graph.initializer}
+    again = build(run["step"]).graph.initializer
+    differ = [i.name for i in again if saved.get(i.name) != i.SerializeToString()]
+    # Measured: a rebuild in another process can differ in a few Add-related scales (~1e-7 relative, the portable
+    # target's Add nudge); the table measures every rebuilt row again, on the search crops too.
+    print(f"the chosen point rebuilt: {len(differ)} of {len(again)} initializers differ from the saved one", differ[:3])
+    for step in (int(s) for s in args.steps.split(",")):
+        p = by_step[step]
+        name = f"{args.of}, {p['stage']} point {step}"
+        save(args.out, name, build(step), {"seconds": 0.0, "point": p})
+        print(f"saved {name}: search {p['score']:.1f}%, {len(p['changed'])} layers not at plain int8", flush=True)
+
+
+def grouping(args: argparse.Namespace) -> None:
+    """Does a float layer cost less inside a contiguous float run than alone among int8 layers? For a region of
+    blocks: all its layers float (one run), then every other layer float, then the others (each alone among int8
+    neighbours). With additive costs the two halves add up to the run; what they cost beyond it is what the
+    boundaries (Q/DQ, per-channel DQ, layout reorders) add. Paired latency against float, 1 thread."""
+    from lowbit.auto.assign import Builder, find_layers
+
+    float_path, calib, _ = data(args)
+    model = onnx.load(str(float_path))
+    base = lowbit.quantize(model, calib=calib, progress=False)
+    builder = Builder(model, base.plan, find_layers(model, base.plan))
+    int8 = builder.everywhere("int8")
+    sessions = {"float": session(str(float_path), threads=1), "int8": session(builder.build(int8)[0], threads=1)}
+    regions = {}
+    for region in args.regions.split(","):
+        lo, hi = (int(b) for b in region.split("-"))
+        names = [
+            x.node
+            for x in builder.layers
+            if any(f"/_blocks.{b}/" in x.node for b in range(lo, hi + 1)) and "float" in builder.precisions(x)
+        ]
+        regions[region] = names
+        for label, part in (("run", names), ("odd", names[0::2]), ("even", names[1::2])):
+            sessions[f"{region} {label}"] = session(
+                builder.build({**int8, **dict.fromkeys(part, "float")})[0], threads=1
+            )
+    times = interleaved_latency(sessions, {"input": calib[:1]}, runs=args.rounds, warmup=3)
+    ratio = {k: paired_ratio(times, k, "float") for k in sessions}
+    print(f"float {1e3 * float(np.median(times['float'])):.2f} ms/crop, 1 thread, {args.rounds} paired rounds")
+    print(f"int8: {ratio['int8']:.3f}x float\n")
+    print("| blocks | layers float | one run: added | every other, alone: added (two halves) | halves / run |")
+    print("|---|---|---|---|---|")
+    for region, names in regions.items():
+        run = ratio[f"{region} run"] - ratio["int8"]
+        halves = ratio[f"{region} odd"] + ratio[f"{region} even"] - 2 * ratio["int8"]
+        print(
+            f"| {region} | {len(names)} | {run:+.3f}x ({run / len(names):+.4f} per layer) | {halves:+.3f}x "
+            f"({halves / len(names):+.4f} per layer) | {halves / run if run else float('nan'):.2f} |"
         )
 
 
@@ -223,7 +303,7 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["lowbit", "nncf", "table", "bases"])
+    ap.add_argument("stage", choices=["lowbit", "nncf", "table", "bases", "points", "grouping"])
     ap.add_argument("--out", type=Path, default=ART, help="folder of the saved models (default: %(default)s)")
     ap.add_argument("--name", help="the row's name (default: the tool's)")
     ap.add_argument("--calib", type=int, default=128)
@@ -236,8 +316,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
+    ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")
+    ap.add_argument("--of", help="points: the lowbit row whose points to save")
+    ap.add_argument("--steps", default="0", help="points: the step ids to save (comma-separated)")
     args = ap.parse_args()
-    {"lowbit": run_lowbit, "nncf": run_nncf, "table": table, "bases": bases}[args.stage](args)
+    {"lowbit": run_lowbit, "nncf": run_nncf, "table": table, "bases": bases, "points": points, "grouping": grouping}[
+        args.stage
+    ](args)
     return 0
 
 

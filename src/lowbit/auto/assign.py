@@ -19,8 +19,19 @@ from ..pipeline import quantize
 from ..plan import Plan, TensorParams
 from ..recipe import Recipe, Rule, Scheme
 
-Precision = Literal["int8", "int16", "int4", "float"]
+Precision = Literal[
+    "int8", "int16", "int4", "float", "int8_minmax", "int8_percentile", "int8_mse", "int8_entropy", "int8_noguard"
+]
 PRECISIONS: tuple[Precision, ...] = ("int8", "int16", "int4", "float")
+# Zero-cost forms (variants.py): the layer still runs int8 kernels, with other int8 parameters. `int8_<method>`:
+# its output's range chosen by that calibration method; `int8_noguard`: its weights without the overflow guard.
+RANGE_VARIANTS: dict[Precision, str] = {
+    "int8_minmax": "minmax",
+    "int8_percentile": "percentile",
+    "int8_mse": "mse",
+    "int8_entropy": "entropy",
+}
+VARIANTS: tuple[Precision, ...] = (*RANGE_VARIANTS, "int8_noguard")
 # int4 weights exist for MatMul/Gemm only (MatMulNBits, weight-only); a Conv takes no int4 form in ONNX Runtime.
 INT4_OPS = ("MatMul", "Gemm")
 WIDE = {"uint8": "uint16", "int8": "int16"}
@@ -77,6 +88,9 @@ class Builder:
     float_model: onnx.ModelProto
     plan: Plan
     layers: list[Layer]
+    # variant -> tensor -> that method's parameters (variants.offer); layer -> the variants that change it
+    ranges: dict[Precision, dict[str, TensorParams]] = field(default_factory=dict)
+    offered: dict[str, tuple[Precision, ...]] = field(default_factory=dict)
     base: Recipe = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +105,8 @@ class Builder:
             return replace(own, activations=WIDE.get(own.activations, own.activations), reduce_range=False)  # type: ignore[arg-type]
         if precision == "int4":
             return Scheme(mode="weight_only", weights="int4", block_size=32)
+        if precision == "int8_noguard":
+            return replace(own, avoid_overflow=False)
         return own
 
     def precisions(self, layer: Layer) -> tuple[Precision, ...]:
@@ -103,7 +119,7 @@ class Builder:
         rules = []
         for layer in self.layers:
             p = assignment.get(layer.node, "int8")
-            if p == "int8":
+            if p == "int8" or p in RANGE_VARIANTS:  # a range variant is in the plan's tensors, not the recipe
                 continue
             names = tuple(escape(n) for n in (layer.node, *layer.folded))
             # a folded Relu/Clip follows its producer into float; with int4 (weight-only) it stays float too
@@ -113,6 +129,10 @@ class Builder:
     def tensors(self, assignment: dict[str, Precision]) -> dict[str, TensorParams]:
         """The plan's activation parameters, widened to 16 bits (same calibrated range) for int16 layers."""
         out = dict(self.plan.tensors)
+        for layer in self.layers:  # first the range variants: a 16-bit reader widens the range its writer chose
+            p = assignment.get(layer.node, "int8")
+            if p in RANGE_VARIANTS:
+                out.update({t: self.ranges[p][t] for t in self.written(layer)})
         for layer in self.layers:
             if assignment.get(layer.node) != "int16":
                 continue
@@ -125,6 +145,16 @@ class Builder:
                 s, z = scale_zero_point(lo, hi, wide, self.base.default.symmetric_activations)
                 out[t] = TensorParams(wide, [float(s)], [int(z)], None, "activation", [lo, hi])
         return out
+
+    def written(self, layer: Layer) -> list[str]:
+        """The activation tensors `layer` writes, with those data movement carries on at the same scale (a
+        Reshape after a pool): a range variant changes them together."""
+        found = list(layer.outputs)
+        for node in self.float_model.graph.node:  # graph order: a chain of shared scales is followed in one pass
+            d = self.plan.nodes.get(node.name)
+            if d is not None and d.code is Reason.SHARES_SCALE and node.input and node.input[0] in found:
+                found += [t for t in node.output if t in self.plan.tensors]
+        return found
 
     def build(self, assignment: dict[str, Precision]) -> tuple[onnx.ModelProto, Plan, Recipe]:
         recipe = self.recipe(assignment)

@@ -1,9 +1,12 @@
 """`lowbit auto`: the fastest mixed-precision model within an accuracy budget (or the most accurate within a
-latency budget), from measurements on this machine. Stages: calibrate once -> profile every precision per layer ->
-each layer's error alone -> the greedy chain -> bisection on measured accuracy / latency -> write the choice."""
+latency budget), from measurements on this machine. Stages: calibrate once (and once per other range method, for
+the zero-cost candidates) -> profile every precision per layer -> each layer's error alone -> the zero-cost
+candidates, measured -> the greedy chain -> bisection on measured accuracy / latency (then repair, trim, head to
+head) -> write the choice."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -14,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..data import ImagePreprocess, input_specs, open_data
+from ..data import ImagePreprocess
 from ..errors import LowbitError
 from ..evaluate.bench import machine
 from ..evaluate.jsonable import JsonResult, dumps
@@ -25,8 +28,9 @@ from ..pipeline import outputs, quantize, reads, save
 from ..plan import Plan
 from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
-from .assign import Builder, Precision, find_layers
+from .assign import VARIANTS, Builder, Precision, find_layers
 from .flips import Flips, fragile, top_two
+from .inputs import batches_of, check_budget, head, recipe_path, report_path, take
 from .profile import profile
 from .score import Scorer
 from .search import (
@@ -41,6 +45,9 @@ from .search import (
     trim_order,
 )
 from .sensitivity import sensitivities
+from .variants import offer, tune
+
+OFF_CHAIN = 10_000  # the first id of a point measured off the chain (tune, repair, trim), in the report
 
 
 @dataclass
@@ -78,57 +85,6 @@ class AutoResult(JsonResult):
         return out
 
 
-def recipe_path(output: str | Path) -> Path:
-    p = Path(output)
-    return p.with_name(p.stem + ".recipe.json")
-
-
-def report_path(output: str | Path) -> Path:
-    p = Path(output)
-    return p.with_name(p.stem + ".auto.json")
-
-
-def _check_budget(max_drop: float | None, latency_budget: float | None) -> dict[str, Any]:
-    if max_drop is not None and latency_budget is not None:
-        raise LowbitError("give one budget: --max-drop (accuracy) or --latency-budget (speed), not both")
-    if latency_budget is not None:
-        if isinstance(latency_budget, bool) or not isinstance(latency_budget, (int, float)) or latency_budget <= 0:
-            raise LowbitError(
-                f"--latency-budget must be a ratio to float latency > 0 (e.g. 0.6), got {latency_budget!r}"
-            )
-        return {"kind": "latency", "ratio": float(latency_budget)}
-    drop = 1.0 if max_drop is None else max_drop
-    if isinstance(drop, bool) or not isinstance(drop, (int, float)) or not 0 <= drop < 100:
-        raise LowbitError(f"--max-drop must be points of the metric in [0, 100) (e.g. 1), got {drop!r}")
-    return {"kind": "accuracy", "max_drop": float(drop)}
-
-
-def _batches(data: Any, model: onnx.ModelProto, preprocess: ImagePreprocess | None, limit: int | None) -> list:
-    specs = input_specs(model)
-    src = open_data(data, specs, batch_size=32, preprocess=preprocess, limit=limit, what="evaluation data")
-    batches = [dict(b) for b in src]
-    if not batches:
-        raise LowbitError("the evaluation data holds no samples; give at least a few dozen")
-    return batches
-
-
-def _head(batches: list[dict[str, np.ndarray]], n: int) -> list[dict[str, np.ndarray]]:
-    out, left = [], n
-    for b in batches:
-        k = min(left, len(next(iter(b.values()))))
-        out.append({name: v[:k] for name, v in b.items()})
-        left -= k
-        if left <= 0:
-            break
-    return out
-
-
-def _take(batches: list[dict[str, np.ndarray]], rows: np.ndarray, size: int = 32) -> list[dict[str, np.ndarray]]:
-    """The samples at `rows` (indices over all batches, samples first), in batches of `size`."""
-    whole = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    return [{k: v[rows[i : i + size]] for k, v in whole.items()} for i in range(0, len(rows), size)]
-
-
 def auto(
     model: str | Path | onnx.ModelProto,
     calib: Any,
@@ -146,6 +102,7 @@ def auto(
     latency_rounds: int = 30,
     trim_steps: int = 40,
     repair_steps: int = 30,
+    tune_steps: int = 24,
     explore: int = 4,
     progress: bool = True,
 ) -> AutoResult:
@@ -160,12 +117,23 @@ def auto(
     int8 are tried back at int8 one at a time, each kept only if the model still meets the budget, measured.
     With top-1 answers (class scores, or `labels`), a measured repair also searches from the base int8 model: up to
     `repair_steps` assignments, each the last plus the move that most lowers the expected flips of the answers the
-    last one measured got wrong, per estimated ms. Of the two passing points (chain, repair), the one the cost model
-    says is faster is trimmed and written.
+    last one measured got wrong, per estimated ms.
+    Before any of that, zero-cost candidates (variants.py: per layer, its output range by another calibration
+    method, or its weights without the overflow guard; the same int8 kernels) are tried from the base, most
+    estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
+    (no lower score, and less output noise beyond chance, paired over the samples); the kept ones are the int8
+    form every later stage starts from and returns to. 0 turns this off.
+    When both the chain and the repair pass, each is trimmed and the two run head to head (paired against float in
+    the same interleaved rounds, twice `latency_rounds`): the faster is written.
     `explore`: that many more chain points, evenly spaced, measured for the front."""
     t0 = time.perf_counter()
-    budget = _check_budget(max_drop, latency_budget)
-    for name, value in (("trim_steps", trim_steps), ("repair_steps", repair_steps), ("explore", explore)):
+    budget = check_budget(max_drop, latency_budget)
+    for name, value in (
+        ("trim_steps", trim_steps),
+        ("repair_steps", repair_steps),
+        ("tune_steps", tune_steps),
+        ("explore", explore),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise LowbitError(f"{name} must be a whole number >= 0, got {value!r}")
     if isinstance(sensitivity_samples, bool) or not isinstance(sensitivity_samples, int) or sensitivity_samples < 1:
@@ -197,7 +165,7 @@ def auto(
         from ..evaluate.evaluate import load_labels
 
         label_array = load_labels(labels)
-    batches = _batches(eval_data, float_model, preprocess, eval_limit)
+    batches = batches_of(eval_data, float_model, preprocess, eval_limit)
     scorer = Scorer(float_model, batches, metric, label_array)
     seconds: dict[str, float] = {}
 
@@ -208,10 +176,12 @@ def auto(
     builder.layers = find_layers(float_model, base.plan)
     if not builder.layers:
         raise LowbitError("the base recipe quantizes no layer of this model, so there is no precision to choose")
+    if tune_steps > 0:
+        offer(builder, calib, preprocess, tell=tell)
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    feeds = _head(batches, 1)[0]
+    feeds = head(batches, 1)[0]
     latency: dict[str, dict[str, float]] = {}
     boundary: dict[str, float] = {}
     for p in ("int8", "int16", "int4", "float"):
@@ -231,18 +201,19 @@ def auto(
     wanted: dict[str, list[Precision]] = {}
     for x in builder.layers:
         # 16-bit activations only where they run faster than float: float is exact, so elsewhere they never win.
-        wanted[x.node] = [
+        own: list[Precision] = [
             p
             for p in builder.precisions(x)
             if p != "float" and (p != "int16" or latency["int16"][x.node] < latency["float"][x.node])
         ]
+        wanted[x.node] = own + list(builder.offered.get(x.node, ()))
     # Top-1 answers flip where the float model's top two scores are close: errors alone are measured on those
     # samples, per sample, and the chain lowers the expected number of flips. Other metrics: the first samples.
     counts_top1 = scorer.metric in ("top1_agreement", "accuracy")
     if counts_top1:
-        sens_batches = _take(batches, fragile(scorer.refs[0], sensitivity_samples))  # sens_rows, below
+        sens_batches = take(batches, fragile(scorer.refs[0], sensitivity_samples))  # sens_rows, below
     else:
-        sens_batches = _head(batches, sensitivity_samples)
+        sens_batches = head(batches, sensitivity_samples)
     sens_rows = fragile(scorer.refs[0], sensitivity_samples) if counts_top1 else np.arange(0)
     sens_refs = run_all(session(float_model, "kernels"), sens_batches)
     chosen_by = "the evaluation samples closest to a flip" if counts_top1 else "the first evaluation samples"
@@ -260,7 +231,7 @@ def auto(
     graph = float_model.graph
     cost = CostModel(
         builder.layers,
-        latency,
+        {**latency, **dict.fromkeys(VARIANTS, latency["int8"])},  # the variants run the same int8 kernels
         boundary,
         frozenset(i.name for i in graph.input),
         frozenset(o.name for o in graph.output),
@@ -278,22 +249,31 @@ def auto(
     cost.mixed = measured_mixed(cost, mixes, latency["int8"]["other"])
     seconds["profile"] += time.perf_counter() - t
     t = time.perf_counter()
-    steps = chain(cost, noise, objective)
+    estimate = objective if objective is not None else (lambda a: sum(noise[n][p] for n, p in a.items()))
+    tuned: dict[str, Precision] = builder.everywhere("int8")
+    fresh = iter(range(OFF_CHAIN, 10**9))  # ids of measured assignments off the chain (tune, trim, repair)
     float_session = session(float_model, "kernels", threads=1)
     points: dict[int, dict[str, Any]] = {}
     built_models: dict[int, tuple[onnx.ModelProto, Plan, Recipe]] = {}
     assignments: dict[int, dict[str, Precision]] = {}
     wrongs: dict[int, frozenset[int]] = {}  # each measured point's samples whose top-1 answer is not float's
-    fresh = iter(range(len(steps), 10**9))  # ids of measured assignments off the chain (trim, repair)
+    noise_rows: dict[int, np.ndarray] = {}  # and its output noise per sample
 
     def measure(k: int, assignment: dict[str, Precision] | None = None, stage: str = "chain") -> dict[str, Any]:
         """Build, score and time one assignment: step k of the chain, or (a trim trial) `assignment` as step k."""
         if k in points:
             return points[k]
         assignment = steps[k].assignment if assignment is None else assignment
+        same = next((j for j, b in assignments.items() if b == assignment), None)
+        if same is not None:  # measured already (the tuned start is the chain's step 0)
+            points[k], wrongs[k] = {**points[same], "step": k, "stage": stage}, wrongs[same]
+            noise_rows[k] = noise_rows[same]
+            assignments[k], built_models[k] = assignments[same], built_models[same]
+            return points[k]
         model_k, plan_k, recipe_k = builder.build(assignment)
         score = scorer.score(model_k)
         wrongs[k] = scorer.last_wrong
+        noise_rows[k] = scorer.last_noise_rows
         times = interleaved_latency(
             {"float": float_session, "candidate": session(model_k, "kernels", threads=1)},
             feeds,
@@ -308,6 +288,7 @@ def auto(
             "stage": stage,
             "score": score,
             "drop": scorer.reference - score,
+            "noise": scorer.last_noise,
             "latency_ratio": paired_ratio(times, "candidate", "float"),
             "size_bytes": model_k.ByteSize(),
             "estimated_ms": cost.ms(assignment),
@@ -328,10 +309,22 @@ def auto(
     def passes(pt: dict[str, Any]) -> bool:
         return bool(pt["drop"] <= budget["max_drop"] + 1e-9)
 
+    candidates = [(x.node, v) for x in builder.layers for v in builder.offered.get(x.node, ())]
+    if candidates and tune_steps > 0:
+        tell(f"trying zero-cost candidates (other int8 parameters per layer): up to {tune_steps}, each measured ...")
+
+        def measured(a: dict[str, Precision]) -> tuple[float, np.ndarray]:
+            pt = measure(next(fresh), a, "tune")
+            return (round(-pt["score"], 9), noise_rows[pt["step"]])
+
+        tuned = tune(tuned, candidates, estimate, measured, tune_steps)
+    seconds["tune"] = time.perf_counter() - t
+    t = time.perf_counter()
+    steps = chain(cost, noise, objective, tuned)
     tell(f"searching a chain of {len(steps)} assignments ({scorer.label}) ...")
     if budget["kind"] == "accuracy":
         k = shortest_passing(len(steps), lambda i: passes(measure(i)))
-        met = passes(measure(k))
+        passing = [k] if passes(measure(k)) else []  # the passing points: the chain's first, the repair's
         if objective is not None and repair_steps > 0:
             flips = objective
             sens_index = {int(r): j for j, r in enumerate(sens_rows)}
@@ -346,17 +339,33 @@ def auto(
                 return flips.only(rows) if rows else flips  # no wrong answer among the measured samples: all
 
             tell(f"repairing from the base: up to {repair_steps} assignments, each measured ...")
-            fixed = repair(cost, noise, steps[0].assignment, wrong, target, repair_steps)
-            if fixed is not None and (not met or cost.ms(fixed) < cost.ms(steps[k].assignment)):
-                k = next(i for i in sorted(points, reverse=True) if assignments[i] == fixed)
-                met = True
-        if met and trim_steps > 0:
-            start = assignments[k]
-            order = trim_order(cost, noise, start, objective)[:trim_steps]
-            tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
-            best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")))
-            if best != start:
-                k = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
+            fixed = repair(cost, noise, tuned, wrong, target, repair_steps)
+            if fixed is not None:
+                passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == fixed))
+        if passing and trim_steps > 0:
+            for j, start_k in enumerate(passing):
+                start = assignments[start_k]
+                order = trim_order(cost, noise, start, objective, tuned)[:trim_steps]
+                tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
+                best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")), tuned)
+                passing[j] = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
+        distinct: dict[str, int] = {}  # the same assignment reached twice is one point
+        for i in sorted(passing):
+            distinct.setdefault(json.dumps(assignments[i], sort_keys=True), i)
+        passing = sorted(distinct.values())
+        met = bool(passing)
+        if len(passing) > 1:
+            # The cost model misjudges float layers among int8 ones (layout reorders): the passing points run
+            # head to head, paired against float in the same interleaved rounds, and the faster is written.
+            tell(f"timing the {len(passing)} passing points head to head ({2 * latency_rounds} paired rounds) ...")
+            sessions = {str(i): session(built_models[i][0], "kernels", threads=1) for i in passing}
+            sessions["float"] = float_session
+            rounds = interleaved_latency(sessions, feeds, runs=2 * latency_rounds, warmup=2)
+            for i in passing:
+                points[i]["head_to_head_ratio"] = paired_ratio(rounds, str(i), "float")
+            k = min(passing, key=lambda i: (points[i]["head_to_head_ratio"], i))
+        elif passing:
+            k = passing[0]
     else:
         found = longest_within(len(steps), lambda i: measure(i)["latency_ratio"] <= budget["ratio"])
         k = 0 if found is None else found

@@ -16,6 +16,7 @@ import onnx
 from ..errors import LowbitError
 from ..evaluate.outputs import output_fidelity, resolve
 from ..runtimes.ort import run_all, session
+from .sensitivity import noise_fraction, noise_per_sample
 
 Metric = Literal["auto", "top1", "cosine", "accuracy"]
 METRICS: tuple[str, ...] = ("auto", "top1", "cosine", "accuracy")
@@ -71,6 +72,8 @@ class Scorer:
                 self.metric, self.label = head["metric"], f"{head['label']} (vs float)"
         self.reference = self._points(self.refs)
         self.last_wrong: frozenset[int] = frozenset()
+        self.last_noise = 0.0
+        self.last_noise_rows = np.zeros(0)
 
     def _points(self, outs: list[np.ndarray]) -> float:
         if self.labels is not None:
@@ -80,9 +83,13 @@ class Scorer:
 
     def score(self, model: onnx.ModelProto) -> float:
         """The model's points with integer kernels (what ships), on every evaluation sample. Keeps in `last_wrong`
-        the samples whose top-1 answer differs from the float model's (class scores; empty otherwise)."""
+        the samples whose top-1 answer differs from the float model's (class scores; empty otherwise), and in
+        `last_noise` its output noise against float's outputs (sensitivity.noise_fraction), a finer measure, and
+        in `last_noise_rows` the same per sample (what a paired comparison of two models needs)."""
         outs = run_all(session(model, "kernels"), self.batches)
         self.last_wrong = self._wrong(outs[0])
+        self.last_noise = noise_fraction(self.refs, outs)
+        self.last_noise_rows = noise_per_sample(self.refs, outs)
         return self._points(outs)
 
     def _wrong(self, out: np.ndarray) -> frozenset[int]:

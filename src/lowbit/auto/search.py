@@ -14,11 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .assign import Layer, Precision
+from .assign import VARIANTS, Layer, Precision
 
 # What a layer's tensors are between layers: fused int8 kernels read and write uint8; 16-bit Q/DQ never fuse in
-# ONNX Runtime; int4 weight-only and float layers read and write float.
-KIND = {"int8": "q8", "int16": "q16", "int4": "f", "float": "f"}
+# ONNX Runtime; int4 weight-only and float layers read and write float. The zero-cost variants are int8.
+KIND = {"int8": "q8", "int16": "q16", "int4": "f", "float": "f", **dict.fromkeys(VARIANTS, "q8")}
 
 
 @dataclass(frozen=True)
@@ -110,11 +110,17 @@ def measured_mixed(
     return {t: axis.get(t, b) + factor * b for t, b in cost.boundary.items()}
 
 
-def options_of(cost: CostModel, noise: dict[str, dict[str, float]]) -> dict[str, list[Precision]]:
-    """Each layer's precisions that were both measured alone and profiled."""
-    return {
-        x.node: [p for p in x.precisions() if p in noise[x.node] and x.node in cost.latency[p]] for x in cost.layers
-    }
+def options_of(
+    cost: CostModel, noise: dict[str, dict[str, float]], base: dict[str, Precision] | None = None
+) -> dict[str, list[Precision]]:
+    """Each layer's precisions that were both measured alone and profiled; its int8 form is the one in `base`
+    (a zero-cost variant `tune` kept), so no estimate takes back what was measured better."""
+    out: dict[str, list[Precision]] = {}
+    for x in cost.layers:
+        own = (base or {}).get(x.node, "int8")
+        found = [own if p == "int8" else p for p in x.precisions()]
+        out[x.node] = [p for p in found if p in noise[x.node] and x.node in cost.latency.get(p, {})]
+    return out
 
 
 def moves(
@@ -150,13 +156,19 @@ def best_move(
     return chosen
 
 
-def chain(cost: CostModel, noise: dict[str, dict[str, float]], objective: Objective | None = None) -> list[Step]:
-    """The greedy chain from the base int8 model to float. `noise[layer][precision]`: error alone; `objective`:
-    the estimate of an assignment's error the steps lower (default: the sum of its layers' noise alone).
-    Each step takes `best_move`: the most noise removed per estimated millisecond; moves that cost no time first."""
+def chain(
+    cost: CostModel,
+    noise: dict[str, dict[str, float]],
+    objective: Objective | None = None,
+    start: dict[str, Precision] | None = None,
+) -> list[Step]:
+    """The greedy chain from the base int8 model (or `start`, its tuned form) to float. `noise[layer][precision]`:
+    error alone; `objective`: the estimate of an assignment's error the steps lower (default: the sum of its
+    layers' noise alone). Each step takes `best_move`: the most noise removed per estimated millisecond; moves that
+    cost no time first."""
     layers = cost.layers
-    options = options_of(cost, noise)
-    now: dict[str, Precision] = {x.node: "int8" for x in layers}
+    options = options_of(cost, noise, start)
+    now: dict[str, Precision] = dict(start) if start is not None else {x.node: "int8" for x in layers}
 
     def total(a: dict[str, Precision]) -> float:
         return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in layers)
@@ -188,7 +200,7 @@ def repair(
     estimate of the error on those samples (expected flips of just those answers). The chain ranks layers by their
     estimate on all samples; near the budget what matters is the one or two answers still wrong, and which
     layers push them over. Returns the first passing assignment, or None after `steps` measurements."""
-    options = options_of(cost, noise)
+    options = options_of(cost, noise, start)
     now = dict(start)
     for _ in range(steps):
         bad = wrong(now)
@@ -237,35 +249,42 @@ def trim_order(
     noise: dict[str, dict[str, float]],
     start: dict[str, Precision],
     objective: Objective | None = None,
+    base: dict[str, Precision] | None = None,
 ) -> list[str]:
-    """The layers of a passing assignment not at int8, in the order a measured trim tries them back at int8: the
-    most estimated milliseconds saved per noise alone added first (the chain's own criterion, backwards); layers
-    whose return saves no time are left out."""
+    """The layers of a passing assignment not at their int8 form (in `base`, default plain int8), in the order a
+    measured trim tries them back at it: the most estimated milliseconds saved per noise alone added first (the
+    chain's own criterion, backwards); layers whose return saves no time are left out."""
     here = cost.ms(start)
+    home = base or {}
 
     def total(a: dict[str, Precision]) -> float:
         return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in cost.layers)
 
     keyed = []
     for i, x in enumerate(cost.layers):
-        if start[x.node] == "int8" or "int8" not in noise[x.node]:
+        own = home.get(x.node, "int8")
+        if start[x.node] == own or own not in noise[x.node]:
             continue
-        saved = here - cost.ms({**start, x.node: "int8"})
-        added = total({**start, x.node: "int8"}) - total(start)
+        saved = here - cost.ms({**start, x.node: own})
+        added = total({**start, x.node: own}) - total(start)
         if saved > 0:
             keyed.append((saved / max(added, 1e-12), i, x.node))
     return [n for *_, n in sorted(keyed, key=lambda k: (-k[0], k[1]))]
 
 
 def trim(
-    start: dict[str, Precision], order: list[str], passes: Callable[[dict[str, Precision]], bool]
+    start: dict[str, Precision],
+    order: list[str],
+    passes: Callable[[dict[str, Precision]], bool],
+    base: dict[str, Precision] | None = None,
 ) -> dict[str, Precision]:
-    """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to int8 when
-    the assignment still passes, measured (not estimated); otherwise it stays. The chain overshoots where its
-    estimate ranks layers wrongly; this undoes the overshoot one measured layer at a time."""
+    """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to its int8
+    form (in `base`, default plain int8) when the assignment still passes, measured (not estimated); otherwise it
+    stays. The chain overshoots where its estimate ranks layers wrongly; this undoes the overshoot one measured
+    layer at a time."""
     now = dict(start)
     for node in order:
-        trial: dict[str, Precision] = {**now, node: "int8"}
+        trial: dict[str, Precision] = {**now, node: (base or {}).get(node, "int8")}
         if passes(trial):
             now = trial
     return now

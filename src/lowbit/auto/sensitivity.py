@@ -35,6 +35,17 @@ def noise_fraction(refs: list[np.ndarray], outs: list[np.ndarray]) -> float:
     return total
 
 
+def noise_per_sample(refs: list[np.ndarray], outs: list[np.ndarray]) -> np.ndarray:
+    """Per sample (axis 0 of every output), the sum over outputs of |ref - out|^2 / |ref|^2."""
+    total = np.zeros(len(refs[0]))
+    for r, o in zip(refs, outs):
+        r64 = r.reshape(len(r), -1).astype(np.float64)
+        d = r64 - o.reshape(len(o), -1)
+        signal = np.einsum("ij,ij->i", r64, r64)
+        total += np.einsum("ij,ij->i", d, d) / np.where(signal > 0, signal, 1.0)
+    return total
+
+
 def alone(builder: Builder, layer: Layer, precision: Precision, batches: Batches) -> list[np.ndarray]:
     """The model's outputs when only `layer` is quantized, in `precision`."""
     scheme = builder.scheme(layer, precision)

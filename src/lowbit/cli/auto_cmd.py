@@ -48,6 +48,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", metavar="FILE", help="base recipe for the int8 layers (default: the default preset)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="base recipe from a preset")
     p.add_argument("--sensitivity-samples", type=int, default=32, metavar="N", help="samples per layer (default 32)")
+    p.add_argument(
+        "--tune-steps",
+        type=int,
+        default=24,
+        metavar="N",
+        help="zero-cost candidates tried first, each measured (per layer: its output range by another calibration "
+        "method, or its weights without the overflow guard; int8 latency); 0: none (default 24)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_image_args(p)
@@ -103,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         recipe=recipe,
         preprocess=image_preprocess(args),
         sensitivity_samples=args.sensitivity_samples,
+        tune_steps=args.tune_steps,
         progress=not args.quiet,
     )
     print(result.to_json() if args.json else auto_text(result))

@@ -250,3 +250,11 @@ def test_static_mode_stores_an_embedding_table_int8(reader):
     assert decision.mode == "weight_only" and decision.quantized, decision.reason
     assert stored_bytes(res.model) < stored_bytes(m) / 3  # the 512 KB table is int8 now (was float: 100% of size)
     assert rel_rms(run(m, ids, float_model=True)[0], run(res.model, ids, mode="kernels")[0]) < 0.03
+
+
+def test_static_uint8_weights_leave_a_table_float_rather_than_refuse():
+    m = _lookup_then("LayerNormalization")
+    ids = [{"ids": np.random.default_rng(i).integers(0, 2000, (4, 6))} for i in range(4)]
+    rec = Recipe(default=Scheme(weights="uint8", symmetric_weights=False))
+    res = lowbit.quantize(m, calib=ids, recipe=rec, progress=False)
+    assert not res.plan.nodes["lookup"].quantized  # tables are int8 or int4: kept float, no error

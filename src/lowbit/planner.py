@@ -313,7 +313,10 @@ def _table_weight_only(node: ir.Node, layout: Layout) -> bool:
     d = layout.nodes[_nm(node)]
     if node.op_type != "Gather" or d.scheme is None:
         return False
-    found = decide("weight_only", node, d.scheme)
+    try:
+        found = decide("weight_only", node, d.scheme)
+    except Refuse:  # e.g. uint8 weights, which tables cannot take: the lookup stays float, as before
+        return False
     if not isinstance(found, Take):
         return False
     layout.rewrites[_nm(node)] = (found.mode or "weight_only", d.scheme)

@@ -207,6 +207,8 @@ def run_batch(sess: Any, names: list[str] | None, feeds: dict[str, np.ndarray], 
     the fix, rather than ONNX Runtime's shape error."""
     try:
         return list(sess.run(names, feeds))
+    except LowbitError:  # a LiteRT or ExecuTorch session's own one-line error already says what to do
+        raise
     except Exception as e:  # ORT raises its own exception types; LiteRT and ExecuTorch sessions others
         first = short_error(e)
         if samples > 1 and _first_sample_runs(sess, names, feeds, samples):

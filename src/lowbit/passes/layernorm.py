@@ -116,8 +116,9 @@ def fuse_layer_norm(model: ir.Model) -> bool:
     """Every decomposed layer norm -> LayerNormalization; the opset is raised to 17 when that changes no node's
     meaning (otherwise nothing is fused)."""
     graph = model.graph
-    if not any(n.op_type == "ReduceMean" for n in graph) or not opset_ok(model, LAYER_NORM_OPSET):
-        return False
+    present = {n.op_type for n in graph}
+    if not {"ReduceMean", "Sub", "Sqrt", "Div"} <= present or not opset_ok(model, LAYER_NORM_OPSET):
+        return False  # a model with no such chain (a ReduceMean global pool) pays no shape inference here
     common.ShapeInferencePass()(model)  # the normalized dims: exporters often leave intermediate shapes out
     changed = False
     for div in list(graph):

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..arrays import one_line
 from ..data import InputSpec
 from ..errors import LowbitError
 from ..graph import external
@@ -221,8 +222,7 @@ def run_batch(sess: Any, names: list[str] | None, feeds: dict[str, np.ndarray], 
 
 def short_error(e: Exception) -> str:
     """ONNX Runtime's message, first line, without the C++ source location and signature it carries."""
-    first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)( const)? ", "", first)
+    return re.sub(r"/onnxruntime_src/\S+:\d+ [^(]*\([^)]*\)( const)? ", "", one_line(e))
 
 
 def _first_sample_runs(sess: Any, names: list[str] | None, feeds: dict[str, np.ndarray], samples: int) -> bool:

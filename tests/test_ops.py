@@ -179,8 +179,16 @@ def _cases() -> dict[str, Callable[[], Case]]:
     c["globalaveragepool"] = lambda: Case(
         unary_model("GlobalAveragePool"), "op", 0.03, kernels=("QLinearGlobalAveragePool",), gone=("GlobalAveragePool",)
     )
+    # A mean over every spatial axis is a global average pool (passes/global_pool.py)
+    c["reducemean_spatial"] = lambda: Case(
+        unary_model("ReduceMean", axes=[2, 3], keepdims=1),
+        "op",
+        0.03,
+        kernels=("QLinearGlobalAveragePool",),
+        gone=("ReduceMean",),
+    )
     # No integer kernel in ORT's CPU provider for these: they run in float between Q/DQ.
-    c["reducemean"] = lambda: Case(unary_model("ReduceMean", axes=[2, 3], keepdims=1), "op", 0.03, integer=False)
+    c["reducemean"] = lambda: Case(unary_model("ReduceMean", axes=[1], keepdims=1), "op", 0.03, integer=False)
     c["sigmoid"] = lambda: Case(unary_model("Sigmoid"), "op", 0.02, kernels=("QLinearSigmoid",), gone=("Sigmoid",))
     c["softmax"] = lambda: Case(
         unary_model("Softmax", axis=-1), "op", 0.03, kernels=("QLinearSoftmax",), gone=("Softmax",)

@@ -3,6 +3,8 @@ calibration statistics or from an earlier plan."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import onnx_ir as ir
 
 from .calibrate import Statistics
@@ -56,4 +58,12 @@ def activations_from_plan(layout: Layout, plan: Plan) -> dict[str, TensorParams]
             f"the plan does not match this model: no parameters for tensor '{missing[0]}' "
             f"({len(missing)} missing); re-run calibration with --calib"
         )
-    return {t: plan.tensors[t] for t in layout.tensors}
+    return {t: _as_calibrated(plan.tensors[t]) for t in layout.tensors}
+
+
+def _as_calibrated(p: TensorParams) -> TensorParams:
+    """The parameters before the target adjusted them (the target adjusts them again, as in the first run), unless
+    they were edited since."""
+    if p.adapted is None or [float(v) for v in p.adapted[2:]] != [p.scale[0], p.zero_point[0]]:
+        return p
+    return replace(p, scale=[float(p.adapted[0])], zero_point=[int(p.adapted[1])])

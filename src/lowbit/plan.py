@@ -51,6 +51,10 @@ class TensorParams:
     range: list[float] | None = None  # calibrated [a, b] for activations
     # int4 weights: values per scale along `axis` (scales are stored flat, n_blocks per row)
     block_size: int | None = None
+    # Where the target adjusted a calibrated scale (targets/__init__.py): [calibrated scale, zero point, adjusted
+    # scale, zero point]. A re-applied plan whose values are still the adjusted ones starts from the calibrated
+    # ones and the target adjusts them again, so it rebuilds the same bytes; an edited value is taken as it is.
+    adapted: list[float] | None = None
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         s = np.asarray(self.scale, np.float32)
@@ -87,6 +91,9 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        for t in out["tensors"].values():
+            if t["adapted"] is None:
+                del t["adapted"]  # most tensors: kept out of the file
         out["nodes"] = {k: v.to_dict() for k, v in self.nodes.items()}
         return out
 
@@ -269,6 +276,11 @@ def _tensor_problem(t: TensorParams) -> str | None:
         return f"has axis {_short(t.axis)}; an axis must be an integer or null"
     if t.block_size is not None and (not _integer(t.block_size) or t.block_size < 1):
         return f"has block_size {_short(t.block_size)}; it must be a positive integer or null"
+    a = t.adapted
+    if a is not None and (
+        not isinstance(a, list) or len(a) != 4 or not all(_finite(v) for v in a) or not (a[0] > 0 and a[2] > 0)
+    ):
+        return f"has adapted {_short(a)}; it must be [scale, zero point, adjusted scale, zero point] or null"
     if t.kind == "activation" and t.axis is not None:
         # lowbit quantizes activations per tensor; an axis would reach the graph as a 1-D zero point
         return f"has axis {t.axis}, but activations are per tensor (axis null, one scale and zero point)"

@@ -15,6 +15,7 @@ from .fold_affine import fold_affine
 from .fold_batchnorm import fold_batchnorm
 from .fold_constants import fold_constants
 from .fold_pad import fold_pad
+from .global_pool import reduce_mean_to_pool
 from .inline_if import inline_constant_ifs
 from .layernorm import fuse_layer_norm
 from .pad_depthwise import pad_depthwise
@@ -38,6 +39,7 @@ def prepare(model: ir.Model) -> ir.Model:
     fold_pad(model)
     common.RemoveUnusedNodesPass()(model)
     common.ShapeInferencePass()(model)
+    reduce_mean_to_pool(model)  # after shape inference: it needs the mean's input rank
     return model
 
 

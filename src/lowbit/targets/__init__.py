@@ -12,9 +12,10 @@ import onnx
 
 from ..decision import Reason
 from ..ops.activation import requantize_hard_gates
-from ..plan import Plan
+from ..plan import Plan, TensorParams
 from ..recipe import TargetName
 from .add_rounding import snap_add_scales
+from .biases import rescale_biases
 from .fixed_outputs import fix_output_params
 from .island_rounding import snap_island_scales
 
@@ -55,8 +56,23 @@ TARGETS: dict[str, Target] = {
 
 
 def adapt(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
-    """Adjust a quantized model for its target in place; the plan keeps the adjusted parameters, so re-applying
-    it reproduces the same bytes."""
+    """Adjust a quantized model for its target in place. The plan keeps the adjusted parameters and what they were
+    adjusted from (`adapted`): a re-applied plan starts from the latter and reproduces the same bytes. The int32
+    biases of layers whose input scale moved follow it (rescale_biases)."""
+    before = {n: (p.scale[0], p.zero_point[0]) for n, p in plan.tensors.items() if _one_value(p)}
+    _adjust(proto, plan, target)
+    for name, old in before.items():
+        p = plan.tensors[name]
+        if (p.scale[0], p.zero_point[0]) != old:
+            p.adapted = [old[0], old[1], p.scale[0], p.zero_point[0]]
+    rescale_biases(proto, plan)
+
+
+def _one_value(p: TensorParams) -> bool:
+    return p.kind == "activation" and p.axis is None and len(p.scale) == 1 and len(p.zero_point) == 1
+
+
+def _adjust(proto: onnx.ModelProto, plan: Plan, target: str) -> None:
     if TARGETS[target].fixed_activation_outputs:
         for name, (scale, zero) in fix_output_params(proto).items():
             p = plan.tensors.get(name)

@@ -79,14 +79,14 @@ def build(case: str) -> onnx.ModelProto:
     if case == "concat":  # a skip joined to a conv's output: two ranges, one output
         nodes = [c1, helper.make_node("Concat", ["x", "c"], ["y"], axis=1, name="cat")]
         return _model(nodes, w44, [1, 4, 8, 8], [1, 8, 8, 8])
-    if case == "batchnorm_after_relu":  # BatchNorm that no conv absorbs, then a conv
+    if case == "batchnorm_after_relu":  # BatchNorm that no conv absorbs (the next one pads), then a conv
         nodes = [
             c1,
             helper.make_node("Relu", ["c"], ["r"], name="relu"),
             helper.make_node("BatchNormalization", ["r", "gamma", "beta", "mean", "var"], ["b"], name="bn"),
-            _conv("b", "y", "c2"),
+            _conv("b", "y", "c2", pads=[1, 1, 1, 1]),
         ]
-        return _model(nodes, w44 + _bn(4) + [_w("c2_w", (4, 4, 1, 1), 3)], [1, 4, 8, 8], [1, 4, 8, 8])
+        return _model(nodes, w44 + _bn(4) + [_w("c2_w", (4, 4, 3, 3), 3)], [1, 4, 8, 8], [1, 4, 8, 8])
     if case == "conv1d":  # an audio front end: strided 1-D conv, ReLU, BatchNorm1d (unfused), 1-D conv
         nodes = [
             helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[2, 2], strides=[2], name="a"),

@@ -362,7 +362,7 @@ def _rows(batch: dict) -> int:
     return max((int(v.shape[0]) for v in batch.values() if getattr(v, "ndim", 0)), default=1)
 
 
-def one_sample_fails(model: object, rows: int) -> str:
+def one_sample_fails(model: str, rows: int) -> str:
     """Why a model that ran on batches of `rows` samples may not run on one, and what to do if that is wrong."""
     from ..data import input_specs
 

@@ -122,3 +122,32 @@ def test_states_of_fixed_size_name_batch_axis_none(tmp_path: Path) -> None:
     args = ("--batch-axis", "input=none", "state_in=none")
     run = run_cli("quantize", str(path), "--calib", str(calib), "-o", str(out), "--quiet", *args)
     assert run.returncode == 0, run.stderr
+
+
+def _frames_model(pool: bool) -> onnx.ModelProto:
+    """[frames, 4] -> per-frame scores [frames, 3], or (pool) one score vector for the whole sequence [3]."""
+    w = numpy_helper.from_array(np.random.default_rng(3).standard_normal((4, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["input", "w"], ["s" if pool else "output"])]
+    if pool:
+        nodes.append(helper.make_node("ReduceMean", ["s"], ["output"], axes=[0], keepdims=0))
+    out = helper.make_tensor_value_info("output", TensorProto.FLOAT, [3] if pool else ["frames", 3])
+    inp = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["frames", 4])
+    graph = helper.make_graph(nodes, "frames", [inp], [out], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_sequence_read_as_samples_is_warned_before_calibrating(tmp_path: Path) -> None:
+    calib = _files(tmp_path / "calib")
+    for pool in (True, False):
+        path = tmp_path / f"m{pool}.onnx"
+        onnx.save(_frames_model(pool), path)
+        run = run_cli("quantize", str(path), "--calib", str(calib), "-o", str(tmp_path / "out.onnx"), "--quiet")
+        assert run.returncode == 0, run.stderr
+        # Pooled over frames: 8 "samples" came back as one vector, so frames are no batch; per-frame: they may be.
+        assert ("gave no output with 8" in run.stderr) == pool, run.stderr
+        assert ("--batch-axis input=none" in run.stderr) == pool
+    args = ("--batch-axis", "input=none")
+    run = run_cli(
+        "quantize", str(tmp_path / "mTrue.onnx"), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"), *args
+    )
+    assert run.returncode == 0 and "gave no output" not in run.stderr, run.stderr

@@ -18,6 +18,8 @@ from .eval_cmd import add_output_kind_arg, output_kinds
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
     import onnx
 
+    from ..images import ImagePreprocess
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser(
@@ -248,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = _early_checks(args)
     kinds = output_kinds(args, args.model)
     pre = image_preprocess(args)
+    if args.calib and recipe is not None:
+        _doubt_batch_axis(args, recipe.batch_size, pre)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quantize(
@@ -374,3 +378,20 @@ def one_sample_fails(model: str, rows: int) -> str:
         f"[frames, features] input), calibration read its rows as samples: rerun with --batch-axis {first}=none, "
         "which takes each file whole as one sample"
     )
+
+
+def _doubt_batch_axis(args: argparse.Namespace, batch_size: int, pre: ImagePreprocess | None) -> None:
+    """Warn before calibrating when the data's first axis does not look like a batch to the model."""
+    from ..data import input_specs, open_data
+    from ..evaluate.batch_axis import batch_axis_doubt
+
+    axes = batch_axes(args.batch_axis) or None
+    try:
+        source = open_data(args.calib, input_specs(args.model), batch_size=batch_size, preprocess=pre, limit=batch_size,
+                           batch_axes=axes)  # fmt: skip
+        first = next(iter(source), None)
+    except LowbitError:
+        return  # the calibration stage reads the same data and says what is wrong with it
+    doubt = None if first is None else batch_axis_doubt(_runnable(args.model), first, dict(axes or {}))
+    if doubt:
+        print(f"lowbit: warning: {doubt}", file=sys.stderr)

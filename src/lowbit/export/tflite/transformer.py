@@ -20,7 +20,7 @@ from .table import chain_table, rounded_inside
 from .writer import QuantParams, Tensor
 
 # Converters here with int8 TFLite kernels; the rest run in float inside quantized graphs.
-INT8_OK = {"MatMul", "Gather", "Gelu", "Expand"}
+INT8_OK = {"MatMul", "Gather", "Gelu", "Expand", "Elu"}  # Elu: TFLite ELU has an int8 (table) kernel
 
 
 def operand(ctx: Context, node: onnx.NodeProto, name: str, kind: str) -> int:
@@ -210,7 +210,10 @@ def unary_math(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
         "Abs": "ABS",
         "Not": "LOGICAL_NOT",
         "Reciprocal": None,
+        "Elu": "ELU",
     }[node.op_type]
+    if node.op_type == "Elu" and not np.isclose(a.get("alpha", 1.0), 1.0):  # TFLite's ELU has alpha 1
+        raise fail(node, f"alpha {a['alpha']:g} has no TFLite equivalent (ELU's is 1)")
     x = ctx.get(node.input[0], kind, False)
     if op is None:  # 1 / x
         _emit(
@@ -423,6 +426,7 @@ CONVERTERS = {
     "Gelu": gelu,
     "Sqrt": unary_math,
     "Exp": unary_math,
+    "Elu": unary_math,
     "Log": unary_math,
     "Neg": unary_math,
     "Abs": unary_math,

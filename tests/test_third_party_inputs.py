@@ -151,3 +151,16 @@ def test_a_sequence_read_as_samples_is_warned_before_calibrating(tmp_path: Path)
         "quantize", str(tmp_path / "mTrue.onnx"), "--calib", str(calib), "-o", str(tmp_path / "o.onnx"), *args
     )
     assert run.returncode == 0 and "gave no output" not in run.stderr, run.stderr
+
+
+def test_bench_on_inputs_a_model_cannot_run_is_one_line_and_takes_batch_axes(tmp_path: Path) -> None:
+    path = tmp_path / "tf.onnx"
+    onnx.save(_time_first(kernel=3), path)  # random inputs give 1 frame: too few for the kernel
+    run = run_cli("bench", str(path), "--runs", "2", "--warmup", "0", "--no-profile", "--quiet")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+    assert "fails on the benchmark inputs" in run.stderr and "--data" in run.stderr, run.stderr
+    calib = _files(tmp_path / "calib")
+    args = ("--data", str(calib), "--batch-axis", "input=none")
+    run = run_cli("bench", str(path), "--runs", "2", "--warmup", "0", "--no-profile", "--quiet", *args)
+    assert run.returncode == 0, run.stderr
+    assert "1.00x" in run.stdout

@@ -1,7 +1,7 @@
 """Target onnxruntime: a MaxPool reading the float image stem stays float with it (PP-OCRv6's detector: the stem's
 ReLU feeds a conv and a 2x2 max pool whose outputs are concatenated). Quantized, that pool ran as ORT's int8 MaxPool
-in NCHW, a plain loop: 6.4 of 17 ms in PP-OCRv6 tiny det, and the onnxruntime target 1.46x float where the portable
-one ran at 0.94x (bench/RESULTS_CORPUS.md, seventh session)."""
+in NCHW: 6.4 of 21 ms per run in PP-OCRv6 tiny det, and the onnxruntime target 1.37-1.46x float where the portable
+one ran at 0.94-1.00x (bench/RESULTS_CORPUS.md, seventh session)."""
 
 from __future__ import annotations
 

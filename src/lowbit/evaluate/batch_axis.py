@@ -32,7 +32,10 @@ def batch_axis_doubt(model: Any, batch: dict[str, np.ndarray], axes: dict[str, i
     # A large model is not loaded twice for a warning (a language model's ids are [batch, tokens] anyway).
     if not suspects or len(rows) != 1 or (n := rows.pop()) < 2 or is_large(model):
         return None
-    sess = session(model, "kernels", threads=1, spin=False)
+    try:
+        sess = session(model, "kernels", threads=1, spin=False)
+    except Exception:  # a model ONNX Runtime cannot load: the load stage says why, in its own words
+        return None
     try:
         outs = run_batch(sess, None, batch, n, "the float model")
     except LowbitError:

@@ -55,9 +55,18 @@ def check_arrays(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) 
             )
         counts[s.name] = full[0]
     if len(set(counts.values())) > 1:
+        # A first axis of fixed size > 1 (a recurrent state [25]) is often no batch axis at all.
+        fixed = [f"{s.name}={s.shape[0]}" for s in specs if isinstance(s.shape[0], int) and s.shape[0] > 1]
+        none = (
+            f"; inputs whose first axis has a fixed size ({', '.join(fixed[:3])}{', ...' if len(fixed) > 3 else ''}) "
+            f"may have no batch axis: --batch-axis {specs[0].name}=none {fixed[0].split('=')[0]}=none ... takes each "
+            "file whole as one sample"
+            if fixed
+            else ""
+        )
         raise LowbitError(
             f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count, or "
-            "name an input whose batch axis is not the first (--batch-axis state=1, batch_axes={'state': 1})"
+            "name an input whose batch axis is not the first (--batch-axis state=1, batch_axes={'state': 1})" + none
         )
     return next(iter(counts.values())), take
 

@@ -204,6 +204,18 @@ def _float_image_stem(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec],
         del specs[_nm(node)]
         layout.nodes[_nm(node)].keep_float(Reason.IMAGE_STEM, {"channels": channels, "after": ""})
         out = _keep_float_after(node, specs, layout, {"channels": channels, "after": f", after {_nm(node)}"})
+        # A max pool reading the stem stays float with it. PP-OCRv6's stem feeds a conv and a 2x2 pool side by side:
+        # quantized, the pool ran as ORT's int8 NCHW MaxPool, 6.4 of 21 ms per run; float, the onnxruntime target
+        # went from 1.37-1.46x float latency to 0.97-1.02x. (ResNet-18's 3x3 pool costs as much either way: ORT
+        # fuses DQ -> MaxPool -> Q back into its int8 pool, and a float NCHW pool is no faster.)
+        pools = [u.node for u in out.uses() if u.node.op_type == "MaxPool" and _nm(u.node) in specs]
+        for pool in pools:
+            del specs[_nm(pool)]
+            layout.nodes[_nm(pool)].keep_float(
+                Reason.IMAGE_STEM, {"channels": channels, "after": f", after {_nm(node)}"}
+            )
+        if len(pools) == 1 and _only_reader(out) is pools[0]:
+            out = pools[0].outputs[0]
         # A depthwise conv reading the stem stays float too (with its activation): ORT's int8 depthwise kernel is no
         # faster than its float one, and quantizing after it (stride 2: a quarter of the values) is cheaper than
         # before it. MobileNetV3-Small: 0.81 -> 0.76x float CPU time (bench/RESULTS_CORPUS.md).

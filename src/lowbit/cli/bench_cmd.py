@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from .common import add_batch_axis_arg, batch_axes
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", default="10", metavar="N", help="untimed runs before timing (default 10)")
     p.add_argument("--batch", default="1", metavar="N", help="batch size for dynamic batch dims (default 1)")
     p.add_argument("--data", metavar="D", help="inputs from a .npy/.npz file or folder, or images (default: random)")
+    add_batch_axis_arg(p, "--data")
     p.add_argument("--no-profile", action="store_true", help="skip the time-per-op-type profile")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -57,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         warmup=_int("warmup", args.warmup),
         batch=_int("batch", args.batch),
         data=args.data,
+        batch_axes=batch_axes(args.batch_axis) or None,
         profile=not args.no_profile,
         progress=not args.quiet,
     )

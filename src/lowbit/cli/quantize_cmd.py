@@ -18,6 +18,8 @@ from .eval_cmd import add_output_kind_arg, output_kinds
 if TYPE_CHECKING:  # onnx loads in ~0.7 s: only when the command runs, where Ctrl-C is handled
     import onnx
 
+    from ..images import ImagePreprocess
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     q = sub.add_parser(
@@ -248,6 +250,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = _early_checks(args)
     kinds = output_kinds(args, args.model)
     pre = image_preprocess(args)
+    if args.calib and recipe is not None:
+        _doubt_batch_axis(args, recipe.batch_size, pre)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = quantize(
@@ -284,7 +288,16 @@ def run(args: argparse.Namespace) -> int:
             # Phones run one sample at a time: measure that, unless the model fixes its batch size.
             first = next(iter(samples(1)), None) or next(iter(samples(recipe.batch_size)), None)
             if first is not None:
-                speed = speed_check(_runnable(args.model), result.model, first)
+                try:
+                    speed = speed_check(_runnable(args.model), result.model, first)
+                except LowbitError:
+                    # The float model ran on calibration batches but not on one sample: measure a batch as
+                    # calibrated, and say why (a time-first input read as samples, or a graph that needs a batch).
+                    batch = next(iter(samples(recipe.batch_size)), None)
+                    if batch is None or _rows(batch) <= _rows(first):
+                        raise
+                    speed = speed_check(_runnable(args.model), result.model, batch)
+                    print(f"lowbit: warning: {one_sample_fails(args.model, _rows(batch))}", file=sys.stderr)
                 timings["speed check"] = time.perf_counter() - t
     t = time.perf_counter()
     findings = lint(result.model, plan=result.plan)
@@ -347,3 +360,38 @@ def _runnable(model: str) -> str | onnx.ModelProto:
             node.name = f"{node.name or node.op_type}_{i}"
         seen.add(node.name)
     return proto
+
+
+def _rows(batch: dict) -> int:
+    return max((int(v.shape[0]) for v in batch.values() if getattr(v, "ndim", 0)), default=1)
+
+
+def one_sample_fails(model: str, rows: int) -> str:
+    """Why a model that ran on batches of `rows` samples may not run on one, and what to do if that is wrong."""
+    from ..data import input_specs
+
+    names = [s.name for s in input_specs(model) if s.shape and not isinstance(s.shape[0], int)]
+    first = names[0] if names else "INPUT"
+    return (
+        f"the float model runs on a batch of {rows} samples but not on one, so the speed was measured on a batch; "
+        f"if the first axis of {', '.join(names) or 'an input'} is not a batch of samples (a time-first "
+        f"[frames, features] input), calibration read its rows as samples: rerun with --batch-axis {first}=none, "
+        "which takes each file whole as one sample"
+    )
+
+
+def _doubt_batch_axis(args: argparse.Namespace, batch_size: int, pre: ImagePreprocess | None) -> None:
+    """Warn before calibrating when the data's first axis does not look like a batch to the model."""
+    from ..data import input_specs, open_data
+    from ..evaluate.batch_axis import batch_axis_doubt
+
+    axes = batch_axes(args.batch_axis) or None
+    try:
+        source = open_data(args.calib, input_specs(args.model), batch_size=batch_size, preprocess=pre, limit=batch_size,
+                           batch_axes=axes)  # fmt: skip
+        first = next(iter(source), None)
+    except LowbitError:
+        return  # the calibration stage reads the same data and says what is wrong with it
+    doubt = None if first is None else batch_axis_doubt(_runnable(args.model), first, dict(axes or {}))
+    if doubt:
+        print(f"lowbit: warning: {doubt}", file=sys.stderr)

@@ -34,7 +34,7 @@ from ..graph.io import load_proto
 from ..passes.opset import check_runnable
 from ..runtimes.executorch import ExecutorchSession, is_pte
 from ..runtimes.litert import LiteRTSession, is_tflite
-from ..runtimes.ort import cpu_has_vnni, is_ort_format, ort_format_input_specs, session
+from ..runtimes.ort import cpu_has_vnni, is_ort_format, ort_format_input_specs, session, short_error
 from . import energy
 from .latency import interleaved_latency, paired_ratio
 
@@ -89,6 +89,7 @@ def benchmark(
     data: Any = None,
     profile: bool = True,
     progress: bool = True,
+    batch_axes: dict[str, int | None] | None = None,
 ) -> dict[str, Any]:
     """Measure `models` (.onnx in ONNX Runtime, .tflite in LiteRT) interleaved; returns a JSON-able dict
     (see docs/energy.md for the energy model). LiteRT models get "op_time_ms" and "energy" None."""
@@ -114,7 +115,9 @@ def benchmark(
         loaded = protos[key] = load_proto(path)
         check_runnable(loaded, path)  # an unknown custom op: one line now, not a traceback in the timing loop
     paths = dict(zip(keys, model_paths))
-    feeds = _feeds(protos, batch, data)
+    feeds = _feeds(protos, batch, data, batch_axes)
+    for key in keys:  # one run each, so a model that fails on these inputs is one line, not a timing traceback
+        _runs_once(key, paths[key], feeds[key], data is None)
 
     steps = 2 * len(threads) + len(keys) * (2 if profile else 1)
     bar = tqdm(total=steps, desc="bench", unit="step", disable=None if progress else True)
@@ -200,7 +203,10 @@ def _unique_keys(models: list[str]) -> list[str]:
 
 
 def _feeds(
-    protos: dict[str, onnx.ModelProto | LiteRTSession | ExecutorchSession | list[InputSpec]], batch: int, data: Any
+    protos: dict[str, onnx.ModelProto | LiteRTSession | ExecutorchSession | list[InputSpec]],
+    batch: int,
+    data: Any,
+    batch_axes: dict[str, int | None] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     from ..data import input_specs, open_data
 
@@ -221,7 +227,9 @@ def _feeds(
             if data is None:
                 by_specs[sig] = random_inputs(specs, batch)
             else:
-                source = open_data(data, specs, batch_size=batch, limit=batch, what="benchmark data")
+                source = open_data(
+                    data, specs, batch_size=batch, limit=batch, what="benchmark data", batch_axes=batch_axes
+                )
                 first = next(iter(source), None)
                 if first is None:
                     raise LowbitError(
@@ -230,6 +238,21 @@ def _feeds(
                 by_specs[sig] = first
         out[key] = by_specs[sig]
     return out
+
+
+def _runs_once(key: str, path: str, feeds: dict[str, np.ndarray], random: bool) -> None:
+    try:
+        bound_session(path, feeds, 1).run(None, None)
+    except LowbitError:
+        raise
+    except Exception as e:  # ONNX Runtime's (or LiteRT's) own exception types
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feeds.items())
+        fix = (
+            "random inputs set every symbolic size to 1; pass --data with real samples"
+            if random
+            else "check that the data fits the model's inputs"
+        )
+        raise LowbitError(f"{key} fails on the benchmark inputs ({shapes}): {short_error(e)}; {fix}") from None
 
 
 def random_inputs(specs: list, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..runtimes.ort import session
+from ..runtimes.ort import run_batch, session
 from .bench import machine
 from .latency import interleaved_latency, paired_ratio
 
@@ -55,6 +55,9 @@ def speed_check(
         "float": session(float_model, "kernels", threads=1),
         "quantized": session(quant_model, "kernels", threads=1),
     }
+    rows = max((int(v.shape[0]) for v in feeds.values() if v.ndim), default=1)
+    for name, s in sessions.items():  # a model that fails on these feeds: one line, never a timing loop's traceback
+        run_batch(s, None, feeds, rows, f"the {name} model (speed check)")
     start = time.perf_counter()
     times: dict[str, list[float]] = {"float": [], "quantized": []}
     while len(times["float"]) < max_rounds:

@@ -81,9 +81,45 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     if isinstance(model, onnx.ModelProto):
         copy = onnx.ModelProto()
         copy.CopyFrom(load_proto(model))
-        return ir.from_proto(copy)
+        refuse_non_tensor_io(copy.graph, "the in-memory model")
+        return _from_proto(copy, "the in-memory model")
     proto = load_proto(model, external_data=False)  # the path-based checker also finds missing external files
-    return ir.from_proto(proto) if not _has_external_data(proto) else ir.load(str(model))
+    refuse_non_tensor_io(proto.graph, str(model))
+    if not _has_external_data(proto):
+        return _from_proto(proto, str(model))
+    return ir.load(str(model))
+
+
+def _from_proto(proto: onnx.ModelProto, name: str) -> ir.Model:
+    try:
+        return ir.from_proto(proto)
+    except Exception as e:  # onnx-ir's SerdeError chain: the innermost cause names what it could not read
+        while e.__cause__ is not None and isinstance(e.__cause__, Exception):
+            e = e.__cause__
+        raise LowbitError(f"{name} holds a graph lowbit cannot read: {_first_line(e)}") from None
+
+
+def refuse_non_tensor_io(graph: onnx.GraphProto, name: str) -> None:
+    """A graph input or output that is a sequence or a map, not a tensor, in one line with the fix.
+
+    Converted scikit-learn classifiers end in a ZipMap (a sequence of maps); onnx-ir cannot hold that type, and
+    there is no tensor for lowbit to calibrate, compare or quantize there. Checked before anything else reads
+    the graph, so the user gets this sentence rather than a deserializer's traceback."""
+    for kind, values in (("input", graph.input), ("output", graph.output)):
+        for v in values:
+            which = v.type.WhichOneof("value")
+            if which not in (None, "tensor_type"):
+                what = which.removesuffix("_type")
+                hint = (
+                    "; a converted scikit-learn classifier: convert it without ZipMap "
+                    "(skl2onnx options={'zipmap': False})"
+                    if any(n.op_type == "ZipMap" for n in graph.node)
+                    else ""
+                )
+                raise LowbitError(
+                    f"{name}: graph {kind} '{v.name}' is a {what}, not a tensor; lowbit quantizes graphs whose "
+                    f"inputs and outputs are tensors: re-export it so they are{hint}"
+                )
 
 
 def external_files(model: object) -> list[Path]:

@@ -103,7 +103,13 @@ def _div_to_mul(graph: ir.Graph) -> bool:
             continue
         divisor = div.inputs[1]
         assert divisor is not None
-        value = ir.Value(name=f"{divisor.name}_reciprocal_{div.name}", const_value=ir.tensor(r))
+        # Unique even when nodes have no names and one divisor serves many Divs (paddle2onnx shares its scalars).
+        name = base = f"{divisor.name}_reciprocal_{div.name or div.outputs[0].name}"
+        n = 0
+        while name in graph.initializers:
+            n += 1
+            name = f"{base}_{n}"
+        value = ir.Value(name=name, const_value=ir.tensor(r))
         graph.register_initializer(value)
         x = div.inputs[0]
         assert x is not None

@@ -217,7 +217,21 @@ def run_batch(sess: Any, names: list[str] | None, feeds: dict[str, np.ndarray], 
                 f"{what} fails on a batch of {samples} samples but runs on one: its graph fixes the batch size at 1 "
                 f"(ONNX Runtime: {first}); rerun with --batch-size 1"
             ) from None
-        raise LowbitError(f"{what} failed on this data: {first}") from None
+        raise LowbitError(f"{what} failed on this data: {first}{_time_first_hint(sess, samples)}") from None
+
+
+def _time_first_hint(sess: Any, samples: int) -> str:
+    """When a batch of several samples fails and an input's first axis is symbolic, that axis may not be a batch
+    at all (madmom-style [frames, features] inputs): name the option that takes each file whole."""
+    if samples <= 1 or not hasattr(sess, "get_inputs"):
+        return ""
+    names = [i.name for i in sess.get_inputs() if len(i.shape) >= 2 and not isinstance(i.shape[0], int)]
+    if not names:
+        return ""
+    return (
+        f"; if the first axis of {', '.join(names)} is not a batch of samples (a time-first [frames, features] "
+        f"input), rerun with --batch-axis {names[0]}=none (each file whole is then one sample)"
+    )
 
 
 def short_error(e: Exception) -> str:

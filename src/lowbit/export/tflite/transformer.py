@@ -20,7 +20,7 @@ from .table import chain_table, rounded_inside
 from .writer import QuantParams, Tensor
 
 # Converters here with int8 TFLite kernels; the rest run in float inside quantized graphs.
-INT8_OK = {"MatMul", "Gather", "Gelu", "Expand"}
+INT8_OK = {"MatMul", "Gather", "Gelu", "Expand", "Elu"}  # Elu: TFLite ELU has an int8 (table) kernel
 
 
 def operand(ctx: Context, node: onnx.NodeProto, name: str, kind: str) -> int:
@@ -210,7 +210,10 @@ def unary_math(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str,
         "Abs": "ABS",
         "Not": "LOGICAL_NOT",
         "Reciprocal": None,
+        "Elu": "ELU",
     }[node.op_type]
+    if node.op_type == "Elu" and not np.isclose(a.get("alpha", 1.0), 1.0):  # TFLite's ELU has alpha 1
+        raise fail(node, f"alpha {a['alpha']:g} has no TFLite equivalent (ELU's is 1)")
     x = ctx.get(node.input[0], kind, False)
     if op is None:  # 1 / x
         _emit(
@@ -397,17 +400,22 @@ def fuse_gelu(g: Graph) -> None:
             continue
         chain.append(mul)
         half = users.get(mul.output[0], [None])[0]
-        if half is None or half.op_type != "Mul" or not const(other(half, mul.output[0]), 0.5):
+        if half is not None and half.op_type == "Mul" and const(other(half, mul.output[0]), 0.5):
+            chain.append(half)
+        elif not (x in g.quant and mul.output[0] in g.quant):
             continue
-        chain.append(half)
+        # Else x * (1 + erf(x / sqrt 2)), twice GELU: its `* 0.5` went into the weights of the conv that reads it
+        # (paddle2onnx's GELU before a 1x1 conv, after lowbit's folding). Between int8 values that is still a
+        # function of one int8 input: the table below gives it exactly; one GELU op would be off by 2.
         if any(uses[n.output[0]] != 1 for n in chain[:-1]):
             continue
         for n in chain[:-1]:
             drop.add(id(n))
-        gelu = helper.make_node("Gelu", [x], [half.output[0]], name=erf.name or half.name)
-        if rounded_inside(g, chain, x):  # the ONNX model rounds between the steps: look its integers up (table.py)
+        last = chain[-1]
+        gelu = helper.make_node("Gelu", [x], [last.output[0]], name=erf.name or last.name)
+        if last is mul or rounded_inside(g, chain, x):  # rounded between the steps: look its integers up (table.py)
             gelu.attribute.append(helper.make_attribute("table", numpy_helper.from_array(chain_table(g, chain, x))))
-        replace[id(half)] = gelu
+        replace[id(last)] = gelu
     g.nodes = [replace.get(id(n), n) for n in g.nodes if id(n) not in drop]
 
 
@@ -418,6 +426,7 @@ CONVERTERS = {
     "Gelu": gelu,
     "Sqrt": unary_math,
     "Exp": unary_math,
+    "Elu": unary_math,
     "Log": unary_math,
     "Neg": unary_math,
     "Abs": unary_math,

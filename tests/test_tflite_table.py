@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import lowbit.export.tflite.transformer as transformer
+import lowbit.export.tflite.gelu as gelu
 from lowbit.export.tflite import convert
 from lowbit.runtimes.ort import session
 
@@ -91,7 +91,7 @@ def test_a_gelu_rounded_inside_gives_onnx_runtimes_integers():
 
 def test_one_gelu_op_rounds_once_and_misses(monkeypatch: pytest.MonkeyPatch):
     """The check above can fail: the exporter's single GELU (no table) puts some of these inputs a step apart."""
-    monkeypatch.setattr(transformer, "rounded_inside", lambda *args: False)
+    monkeypatch.setattr(gelu, "rounded_inside", lambda *args: False)
     q_ort, q_lite, ops = _both()
     assert ops.get("GELU") == 1 and "GATHER" not in ops
     assert 0 < np.count_nonzero(q_ort != q_lite) and np.abs(q_ort - q_lite).max() >= 1

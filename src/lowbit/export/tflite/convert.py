@@ -27,6 +27,7 @@ from .branches import expose_reads, fix_inputs, resolve_conditions, settle_on_si
 from .chain1d import keep_expanded
 from .context import Context
 from .edges import edge_input, edge_output, quantize_float_outputs
+from .gelu import fuse_gelu
 from .hard import hard_sigmoid, hard_swish
 from .kinds import checkpoint, decide, fuse_activations
 from .metadata import METADATA_NAME, ImageMetadata, append_files
@@ -43,7 +44,7 @@ from .rewrite import (
     requantize,
     split,
 )
-from .transformer import fuse_bias, fuse_gelu
+from .transformer import fuse_bias
 from .writer import serialize
 
 IO_KINDS = ("float", "int8", "uint8")

@@ -94,8 +94,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.FEEDS_ONLY_FLOAT: "its output feeds only float ops (nothing to gain, only rounding)",
     Reason.ISOLATED_DATA_MOVEMENT: "data movement between float ops (nothing to gain)",
     Reason.SENTINEL: "calibrated range reaches {edge:.3g} at '{tensor}' (observed, or a mask constant upstream): a "
-    "mask "
-    "or sentinel value, not a signal (no 8- or 16-bit grid holds both); kept float",
+    "value this large (a mask's sentinel, or an extreme such as the cube in a tanh GELU) would stretch any 8- or "
+    "16-bit grid past the rest of the values; kept float",
     Reason.MIXED_RANGES: "input '{tensor}' spans {span:.3g}, only {steps:.3g} steps of the output's scale (output "
     "spans {output_span:.3g}; fewer than {min_steps} steps loses it): ranges too different for one scale; kept float, "
     "each input keeps its own",

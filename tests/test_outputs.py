@@ -267,3 +267,25 @@ def test_the_ctc_blank_is_found_wherever_the_exporter_put_it() -> None:
         assert m.ctc_greedy_decode(ref, blank) == [(a, b)]
         f = output_fidelity(ref, ref.copy(), "logits", "sequence")
         assert f["blank"] == blank and f["sequence_match"] == 1.0
+
+
+def _scores_only(n: int = 2, anchors: int = 400, classes: int = 10, seed: int = 5) -> np.ndarray:
+    """[N, A, C] sigmoid scores as PicoDet writes them beside a separate box output: most anchors near 0."""
+    s = _rng(seed).uniform(0.0, 0.1, (n, anchors, classes))
+    s[:, :30, 3] = 0.8  # 30 confident anchors per sample, class 3
+    return s.astype(np.float32)
+
+
+def test_a_detectors_score_output_without_boxes_is_measured_on_its_scored_anchors() -> None:
+    x = _scores_only()
+    got = classify(x)
+    assert (got.kind, got.variant) == ("boxes", "scores_anchors_first")
+    t = np.swapaxes(x, 1, 2)
+    assert classify(t).variant == "scores_anchors_last"
+    out = x.copy()
+    out[0, :15, 5] = 0.95  # half of one sample's confident anchors switch class; every empty anchor gets noise
+    out[:, 30:] += _rng(6).normal(0, 0.05, out[:, 30:].shape).astype(np.float32)
+    f = output_fidelity(x, out)
+    assert f["task"]["metric"] == "class_agreement" and f["task"]["value"] == pytest.approx(45 / 60)
+    assert f["box_error"] is None
+    assert classify(_softmax(_rng().normal(size=(2, 400, 10)), 2)).kind == "sequence"  # rows summing to 1: not this

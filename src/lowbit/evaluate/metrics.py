@@ -101,18 +101,23 @@ def step_agreement(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.mean(ref.argmax(-1) == out.argmax(-1)))
 
 
-def detection_agreement(ref: np.ndarray, out: np.ndarray, score_threshold: float = 0.25) -> dict[str, float | None]:
-    """Detector outputs as [N, A, 4 + C] (anchors, box then class scores; scores already probabilities).
+def detection_agreement(
+    ref: np.ndarray, out: np.ndarray, score_threshold: float = 0.25, box_values: int = 4
+) -> dict[str, float | None]:
+    """Detector outputs as [N, A, 4 + C] (anchors, box then class scores; scores already probabilities), or as
+    [N, A, C] scores alone (`box_values` 0: a head writing boxes to another output).
 
     On the anchors whose best reference score exceeds `score_threshold`: how often the best class is the same
     ("class_agreement"), and the mean box error relative to the box size ("box_error"), the size being the mean
     of the last two box values (width and height in YOLO's cx, cy, w, h). None when no anchor qualifies.
     """
-    rs, os_ = ref[..., 4:], out[..., 4:]
+    rs, os_ = ref[..., box_values:], out[..., box_values:]
     keep = rs.max(-1) > score_threshold
     if not keep.any():
         return {"class_agreement": None, "box_error": None, "anchors": 0}
     agree = float(np.mean(rs[keep].argmax(-1) == os_[keep].argmax(-1)))
+    if not box_values:
+        return {"class_agreement": agree, "box_error": None, "anchors": int(keep.sum())}
     rb, ob = ref[..., :4][keep].astype(np.float64), out[..., :4][keep].astype(np.float64)
     size = np.maximum(np.abs(rb[:, 2:]).mean(1), 1e-6)
     err = float(np.mean(np.abs(ob - rb).mean(1) / size))

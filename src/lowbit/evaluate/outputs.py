@@ -9,7 +9,7 @@ output is classified from its reference (float) values and shape, with its name 
 | class_scores | [N, C] / [N, 1, C], C >= 2 | top1_agreement (0.90) | top5_agreement (C > 5), cosine |
 | dense_map | [N, K, H, W], probabilities or segmentation logits | map_iou (0.90) or pixel_agreement (0.90) | cosine |
 | sequence | [N, T, C] per-step class scores (CTC) | sequence_match (0.90) | step_agreement, cosine |
-| boxes | [N, 4 + C, A] or [N, A, 4 + C], boxes far larger than scores | class_agreement (0.90) | box_error |
+| boxes | [N, 4 + C, A] or [N, A, 4 + C], boxes far larger than scores; or [N, A, C] probabilities alone | class_agreement (0.90) | box_error |
 | embedding | [N, D] / [N, T, D] vectors without a dominant class | cosine (0.99) | |
 | values | anything else: scalars, state, regression maps | sqnr_db (20 dB) | cosine |
 
@@ -54,7 +54,7 @@ BLANK_SHARE = (0.25, 0.98)
 @dataclass(frozen=True)
 class OutputKind:
     """`kind`, the sentence saying why, and how to read the array ("binary"/"multiclass" maps, boxes layout
-    "anchors_last"/"anchors_first")."""
+    "anchors_last"/"anchors_first", or "scores_anchors_last"/"scores_anchors_first" for scores without boxes)."""
 
     kind: Kind
     why: str
@@ -106,10 +106,9 @@ def classify(ref: np.ndarray, name: str = "") -> OutputKind:
     if x.ndim == 4:
         return _map(x, name)
     if x.ndim == 3:
-        boxes = _boxes(x)
-        if boxes is not None:
-            return boxes
-        return _sequence(x, name)
+        # Scores alone first: with every value a probability, four score columns are no box (PicoDet's class 3)
+        found = _anchor_scores(x) or _boxes(x)
+        return found if found is not None else _sequence(x, name)
     return OutputKind("values", f"{x.ndim}-D output of shape {list(shape)} per sample: no task pattern")
 
 
@@ -164,6 +163,20 @@ def _boxes(x: np.ndarray) -> OutputKind | None:
                 f"{anchors} anchors x (4 box values + {feats - 4} scores); box values span {span_box:.3g}, "
                 f"scores {span_cls:.3g} (a detector head)"
             )
+            return OutputKind("boxes", why, layout)
+    return None
+
+
+def _anchor_scores(x: np.ndarray) -> OutputKind | None:
+    """[N, A, C] or [N, C, A] independent probabilities (sigmoid, not summing to 1) over many more anchors than
+    classes: a detector head whose boxes are another output (PicoDet, NanoDet, RetinaNet-style exports). Measured as
+    boxes are, on the scores: SQNR would count the near-zero scores of empty anchors."""
+    if not _is_prob(x):
+        return None
+    a, b = x.shape[1:]
+    for layout, feat_axis, feats, anchors in (("scores_anchors_last", 1, a, b), ("scores_anchors_first", 2, b, a)):
+        if 2 <= feats <= 1000 and anchors >= max(64, 4 * feats) and not _sums_to_one(x, feat_axis):
+            why = f"{anchors} anchors x {feats} independent class probabilities, no box values (a detector's scores)"
             return OutputKind("boxes", why, layout)
     return None
 
@@ -276,11 +289,13 @@ def output_fidelity(
         f["blank"] = m.ctc_blank(r)
         f["sequence_match"] = m.sequence_match(r, o, blank=f["blank"])
     elif k.kind == "boxes":
-        rb, ob = (r, o) if k.variant == "anchors_first" else (np.swapaxes(r, 1, 2), np.swapaxes(o, 1, 2))
-        if not _is_prob(rb[..., 4:]):  # logits: sigmoid them so the 0.25 score threshold means something
+        first = k.variant.endswith("anchors_first")
+        rb, ob = (r, o) if first else (np.swapaxes(r, 1, 2), np.swapaxes(o, 1, 2))
+        nb = 0 if k.variant.startswith("scores") else 4
+        if not _is_prob(rb[..., nb:]):  # logits: sigmoid them so the 0.25 score threshold means something
             rb, ob = rb.copy(), ob.copy()
-            rb[..., 4:], ob[..., 4:] = _sigmoid(rb[..., 4:]), _sigmoid(ob[..., 4:])
-        f.update(m.detection_agreement(rb, ob, 0.25))
+            rb[..., nb:], ob[..., nb:] = _sigmoid(rb[..., nb:]), _sigmoid(ob[..., nb:])
+        f.update(m.detection_agreement(rb, ob, 0.25, nb))
     elif k.kind == "embedding":
         f["cosine"] = m.vector_cosine(r, o)
     metric, threshold, label = HEADLINE[head]

@@ -9,7 +9,7 @@ output is classified from its reference (float) values and shape, with its name 
 | class_scores | [N, C] / [N, 1, C], C >= 2 | top1_agreement (0.90) | top5_agreement (C > 5), cosine |
 | dense_map | [N, K, H, W], probabilities or segmentation logits | map_iou (0.90) or pixel_agreement (0.90) | cosine |
 | sequence | [N, T, C] per-step class scores (CTC) | sequence_match (0.90) | step_agreement, cosine |
-| boxes | [N, 4 + C, A] / [N, A, 4 + C] (boxes far larger than scores), [N, A, C] scores | class_agreement (0.90) | box_error |
+| boxes | [N, 4 + C, A] / [N, A, 4 + C], boxes >> scores; [N, A, C] scores | class_agreement (0.90) | box_error |
 | embedding | [N, D] / [N, T, D] vectors without a dominant class | cosine (0.99) | |
 | values | anything else: scalars, state, regression maps | sqnr_db (20 dB) | cosine |
 

@@ -226,17 +226,54 @@ def grouping(args: argparse.Namespace) -> None:
             )
     times = interleaved_latency(sessions, {"input": calib[:1]}, runs=args.rounds, warmup=3)
     ratio = {k: paired_ratio(times, k, "float") for k in sessions}
-    print(f"float {1e3 * float(np.median(times['float'])):.2f} ms/crop, 1 thread, {args.rounds} paired rounds")
+    float_ms = 1e3 * float(np.median(times["float"]))
+    print(f"float {float_ms:.2f} ms/crop, 1 thread, {args.rounds} paired rounds")
     print(f"int8: {ratio['int8']:.3f}x float\n")
-    print("| blocks | layers float | one run: added | every other, alone: added (two halves) | halves / run |")
+    cost, fitted = fitted_cost(model, builder, calib[:1])
+    if fitted is not None:
+        print(
+            f"run cost fit: {fitted.per_edge:.4f} ms per edge + {1e6 * fitted.per_element:.3f} ms per million elements,"
+            f" constant {fitted.constant:.3f} ms, residual {fitted.residual_ms:.3f} ms (profiles, not paired runs)\n"
+        )
+
+    def predicted(part: list[str]) -> float:  # added latency (x float) the fitted cost model predicts
+        return (cost.ms({**int8, **dict.fromkeys(part, "float")}) - cost.ms(int8)) / float_ms
+
+    print("| blocks | layers float | one run: added (fit predicts) | every other, alone: added, two halves (fit) | halves / run |")
     print("|---|---|---|---|---|")
     for region, names in regions.items():
         run = ratio[f"{region} run"] - ratio["int8"]
         halves = ratio[f"{region} odd"] + ratio[f"{region} even"] - 2 * ratio["int8"]
+        fit_run, fit_halves = predicted(names), predicted(names[0::2]) + predicted(names[1::2])
         print(
-            f"| {region} | {len(names)} | {run:+.3f}x ({run / len(names):+.4f} per layer) | {halves:+.3f}x "
-            f"({halves / len(names):+.4f} per layer) | {halves / run if run else float('nan'):.2f} |"
+            f"| {region} | {len(names)} | {run:+.3f}x ({fit_run:+.3f}x) | {halves:+.3f}x ({fit_halves:+.3f}x) "
+            f"| {halves / run if run else float('nan'):.2f} |"
         )
+
+
+def fitted_cost(model: onnx.ModelProto, builder, x: np.ndarray):
+    """The run cost auto fits (runcost.py), from the same profiles `auto` takes (int8, float, float runs)."""
+    from lowbit.auto.profile import profile
+    from lowbit.auto.runcost import elements, fit, fitting_assignments
+    from lowbit.auto.search import CostModel
+
+    feeds = {"input": x}
+    latency, totals = {}, []
+    for p in ("int8", "float"):
+        a = builder.everywhere(p)
+        times, conv = profile(builder.build(a)[0], builder.layers, feeds)
+        latency[p] = times
+        totals.append((a, sum(times.values()) + sum(conv.values())))
+    cost = CostModel(builder.layers, latency, {}, frozenset({"input"}), frozenset(o.name for o in model.graph.output))
+    floats = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+    for a in fitting_assignments(floats, builder.everywhere):
+        times, conv = profile(builder.build(a)[0], builder.layers, feeds)
+        totals.append((a, sum(times.values()) + sum(conv.values())))
+    sizes = elements(model, sorted({t for x in builder.layers for t in x.tensors} | cost.sources | cost.sinks), feeds)
+    found = fit(cost, sizes, totals)
+    if found is not None:
+        cost.edge, cost.constant = found.price(sizes), found.constant
+    return cost, found
 
 
 def slug(name: str) -> str:

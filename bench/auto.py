@@ -239,7 +239,10 @@ def grouping(args: argparse.Namespace) -> None:
     def predicted(part: list[str]) -> float:  # added latency (x float) the fitted cost model predicts
         return (cost.ms({**int8, **dict.fromkeys(part, "float")}) - cost.ms(int8)) / float_ms
 
-    print("| blocks | layers float | one run: added (fit predicts) | every other, alone: added, two halves (fit) | halves / run |")
+    print(
+        "| blocks | layers float | one run: added (fit predicts) | every other, alone: added, two halves (fit) "
+        "| halves / run |"
+    )
     print("|---|---|---|---|---|")
     for region, names in regions.items():
         run = ratio[f"{region} run"] - ratio["int8"]

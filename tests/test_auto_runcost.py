@@ -113,12 +113,51 @@ def test_trim_never_tries_splitting_a_run_that_would_cost_more() -> None:
     assert set(order) <= {"l3", "l5"}
 
 
-def test_elements_per_sample_from_shape_inference() -> None:
+def test_elements_per_sample_from_one_float_run() -> None:
+    # a Pad whose pads are computed: shape inference cannot size what follows it, one run can
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8, 8])
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["h"]), helper.make_node("Neg", ["h"], ["y"])], "g", [x], [y]
-    )
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"]),
+        helper.make_node("Slice", ["s", "one", "two"], ["c"]),  # the channel count, 3
+        helper.make_node("Sub", ["c", "c"], ["z"]),
+        helper.make_node("Concat", ["z", "z", "one", "one", "z", "z", "one", "one"], ["pads"], axis=0),
+        helper.make_node("Pad", ["x", "pads"], ["h"]),
+        helper.make_node("Relu", ["h"], ["y"]),
+    ]
+    ints = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("one", 1), ("two", 2))]
+    graph = helper.make_graph(nodes, "g", [x], [y], initializer=ints)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.checker.check_model(model)
-    assert elements(model, ["x", "h", "y", "nowhere"]) == {"x": 192.0, "h": 192.0, "y": 192.0, "nowhere": 192.0}
+    feeds = {"x": np.zeros((2, 3, 8, 8), np.float32)}
+    got = elements(model, ["x", "h", "y", "nowhere"], feeds)
+    assert got == {"x": 192.0, "h": 300.0, "y": 300.0, "nowhere": 300.0}  # 3 x 10 x 10; unknown: the median
+
+
+def test_a_conv_after_a_folded_pad_reads_the_pads_input() -> None:
+    """`prepare` folds a zero Pad into the conv after it (static padding, as in EfficientNet's exports), so that
+    conv reads the tensor before the Pad: the layer must say so, or the edge between it and its writer is never
+    priced (and its 16-bit form would not widen it)."""
+    rng = np.random.default_rng(0)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])
+    init = [
+        onnx.numpy_helper.from_array(rng.normal(0, 0.5, (4, 3, 1, 1)).astype(np.float32), "w1"),
+        onnx.numpy_helper.from_array(rng.normal(0, 0.5, (4, 4, 3, 3)).astype(np.float32), "w2"),
+        onnx.numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Pad", ["r1", "pads"], ["p1"], name="pad1"),
+        helper.make_node("Conv", ["p1", "w2"], ["y"], name="conv2"),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "g", [x], [y], initializer=init), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    import lowbit
+    from lowbit.auto.assign import find_layers
+
+    result = lowbit.quantize(model, calib=rng.normal(0, 1, (8, 3, 8, 8)).astype(np.float32), progress=False)
+    layers = {x.node: x for x in find_layers(model, result.plan)}
+    assert layers["conv1"].outputs == ("r1",)
+    assert layers["conv2"].inputs == ("r1",)

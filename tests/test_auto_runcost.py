@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from lowbit.auto.assign import Layer, Precision
 from lowbit.auto.runcost import EdgeFit, elements, fit, fitting_assignments
-from lowbit.auto.search import CostModel, chain, moves, trim_order
+from lowbit.auto.search import CostModel, chain, moves, trim, trim_order
 
 NAMES = [f"l{i}" for i in range(8)]
 # x -> l0 -> t0 -> l1 -> t1 ... -> l7 -> t7 (= y); early tensors large, late ones small (as in a CNN)
@@ -161,3 +161,24 @@ def test_a_conv_after_a_folded_pad_reads_the_pads_input() -> None:
     layers = {x.node: x for x in find_layers(model, result.plan)}
     assert layers["conv1"].outputs == ("r1",)
     assert layers["conv2"].inputs == ("r1",)
+
+
+def test_trim_peels_a_run_from_its_ends_when_reordered() -> None:
+    """With a run cost, only a run's end layers save time back at int8; once one is back, its neighbour is the
+    new end. Re-ordering after each kept layer lets the measured trim peel a run it does not need."""
+    cost, _ = fitted(noisy=False)
+    run: dict[str, Precision] = {**dict.fromkeys(NAMES, "int8"), **dict.fromkeys(NAMES[3:7], "float")}
+    noise = {n: {"int8": 0.01, "float": 0.0} for n in NAMES}
+    measured: list[dict] = []
+
+    def passes(a: dict) -> bool:  # only l3 is needed float
+        measured.append(a)
+        return a["l3"] == "float"
+
+    once = trim(run, trim_order(cost, noise, run), passes)
+    assert once != {**dict.fromkeys(NAMES, "int8"), "l3": "float"}  # one pass over the first order: stuck
+    again = trim(run, trim_order(cost, noise, run), passes, reorder=lambda a: trim_order(cost, noise, a))
+    assert again == {**dict.fromkeys(NAMES, "int8"), "l3": "float"}
+    measured.clear()
+    capped = trim(run, trim_order(cost, noise, run), passes, reorder=lambda a: trim_order(cost, noise, a), steps=2)
+    assert len(measured) == 2 and capped != again

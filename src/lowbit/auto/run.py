@@ -372,9 +372,20 @@ def auto(
         if passing and trim_steps > 0:
             for j, start_k in enumerate(passing):
                 start = assignments[start_k]
-                order = trim_order(cost, noise, start, objective, tuned)[:trim_steps]
-                tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
-                best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")), tuned)
+                order = trim_order(cost, noise, start, objective, tuned)
+
+                def again(a: dict[str, Precision]) -> list[str]:
+                    return trim_order(cost, noise, a, objective, tuned)
+
+                tell(f"trimming: up to {trim_steps} layers tried back at int8 ({len(order)} now), each measured ...")
+                best = trim(
+                    start,
+                    order,
+                    lambda a: passes(measure(next(fresh), a, "trim")),
+                    tuned,
+                    again if cost.runs else None,
+                    trim_steps,
+                )
                 passing[j] = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
         distinct: dict[str, int] = {}  # the same assignment reached twice is one point
         for i in sorted(passing):

@@ -299,16 +299,25 @@ def trim(
     order: list[str],
     passes: Callable[[dict[str, Precision]], bool],
     base: dict[str, Precision] | None = None,
+    reorder: Callable[[dict[str, Precision]], list[str]] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Precision]:
     """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to its int8
     form (in `base`, default plain int8) when the assignment still passes, measured (not estimated); otherwise it
     stays. The chain overshoots where its estimate ranks layers wrongly; this undoes the overshoot one measured
-    layer at a time."""
+    layer at a time. With `reorder`, the order is computed again after each layer that went back (layers not
+    tried yet only): with a run cost, the layer inside a float run saves nothing until its neighbour at the run's
+    end has gone back. At most `steps` measurements (default: no limit)."""
     now = dict(start)
-    for node in order:
+    queue, tried = list(order), set()
+    while queue and (steps is None or len(tried) < steps):
+        node = queue.pop(0)
+        tried.add(node)
         trial: dict[str, Precision] = {**now, node: (base or {}).get(node, "int8")}
         if passes(trial):
             now = trial
+            if reorder is not None:
+                queue = [n for n in reorder(now) if n not in tried]
     return now
 
 

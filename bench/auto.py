@@ -111,9 +111,11 @@ def run_lowbit(args: argparse.Namespace) -> None:
     name = args.name or "lowbit auto"
     t = time.perf_counter()
     out = args.out / f"{slug(name)}.scratch.onnx"
-    r = lowbit.auto_quantize(str(float_path), calib, search, out, recipe=base_recipe(args.base), **budget)
+    recipe = base_recipe(args.base)
+    r = lowbit.auto_quantize(str(float_path), calib, search, out, recipe=recipe, runs=args.runs, **budget)
     seconds = time.perf_counter() - t
-    save(args.out, name, r.model, {"seconds": seconds, "budget": r.budget, "base": args.base, "auto": r.to_dict()})
+    info = {"seconds": seconds, "budget": r.budget, "base": args.base, "runs": args.runs, "auto": r.to_dict()}
+    save(args.out, name, r.model, info)
     t = time.perf_counter()
     base = lowbit.quantize(str(float_path), calib=calib, progress=False).model
     save(args.out, "lowbit int8 (default)", base, {"seconds": time.perf_counter() - t})
@@ -127,12 +129,16 @@ BASES = {
     "adaround": {"adaround": True},
     "equalize+adaround": {"equalize": True, "adaround": True},
     "empirical_bias": {"empirical_bias_correction": True},
+    # the target runtime's own forms: ONNX Runtime keeps an image stem and the depthwise conv after it float (its
+    # float kernels are the faster ones there) and leaves Add scales as calibrated
+    "onnxruntime": {"target": "onnxruntime"},
+    "empirical_bias+onnxruntime": {"empirical_bias_correction": True, "target": "onnxruntime"},
     "minmax": {"calibration": "minmax"},
     "percentile": {"calibration": "percentile"},
     "mse": {"calibration": "mse"},
     "no-overflow-guard": {"avoid_overflow": False},
 }
-RECIPE_LEVEL = ("equalize", "empirical_bias_correction")  # Recipe options; the rest are Scheme options
+RECIPE_LEVEL = ("equalize", "empirical_bias_correction", "target")  # Recipe options; the rest are Scheme options
 
 
 def base_recipe(name: str) -> lowbit.Recipe:
@@ -355,6 +361,7 @@ def main() -> int:
     ap.add_argument("--max-iterations", type=int, default=40, help="NNCF: max_num_iterations (groups reverted)")
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
+    ap.add_argument("--runs", type=int, default=8, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
     ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")
     ap.add_argument("--of", help="points: the lowbit row whose points to save")

@@ -164,6 +164,8 @@ def bases(args: argparse.Namespace) -> None:
             k: float(np.mean(batched_agreement(s, x, refs[k]))) for k, x in (("search", search), ("heldout", heldout))
         }
         flips = int(round((1 - agree["search"]) * len(search)))
+        if args.save_bases:  # a row of the table
+            save(args.out, f"lowbit int8 ({name} base)", m, {"seconds": seconds, "base": name})
         print(
             f"| {name} | {agree['search']:.1%} ({flips} flips of {len(search)}) | {agree['heldout']:.1%} "
             f"| {seconds:.0f} s |",
@@ -362,6 +364,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
     ap.add_argument("--runs", type=int, default=8, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
+    ap.add_argument("--save-bases", action="store_true", help="bases: save each model as a row of the table")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
     ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")
     ap.add_argument("--of", help="points: the lowbit row whose points to save")

@@ -182,3 +182,24 @@ def test_trim_peels_a_run_from_its_ends_when_reordered() -> None:
     measured.clear()
     capped = trim(run, trim_order(cost, noise, run), passes, reorder=lambda a: trim_order(cost, noise, a), steps=2)
     assert len(measured) == 2 and capped != again
+
+
+def test_auto_with_runs_fits_the_edge_price_and_writes_it(tmp_path) -> None:
+    """End to end on a small CNN: `runs` fits the run cost from its profiles and the report carries it; the chosen
+    model is the one its plan reproduces."""
+    import lowbit
+    from conftest import tiny_cnn
+
+    rng = np.random.default_rng(1)
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_cnn(), str(model))
+    calib = rng.normal(0, 1, (32, 3, 16, 16)).astype(np.float32)
+    ev = rng.normal(0, 1, (48, 3, 16, 16)).astype(np.float32)
+    out = tmp_path / "out.onnx"
+    r = lowbit.auto_quantize(model, calib, ev, out, max_drop=1.0, runs=3, progress=False)
+    assert r.met and set(r.run_cost) == {"constant", "per_element", "per_edge", "residual_ms"}
+    assert r.run_cost["per_edge"] >= 0 and r.run_cost["per_element"] >= 0
+    again = lowbit.quantize(model, plan=out.with_name("out.plan.json"), progress=False).model
+    assert again.SerializeToString() == out.read_bytes()
+    off = lowbit.auto_quantize(model, calib, ev, max_drop=1.0, runs=0, progress=False)
+    assert off.run_cost == {}

@@ -309,7 +309,7 @@ def trim(
     tried yet only): with a run cost, the layer inside a float run saves nothing until its neighbour at the run's
     end has gone back. At most `steps` measurements (default: no limit)."""
     now = dict(start)
-    queue, tried = list(order), set()
+    queue, tried = list(order), set[str]()
     while queue and (steps is None or len(tried) < steps):
         node = queue.pop(0)
         tried.add(node)

@@ -363,7 +363,7 @@ def main() -> int:
     ap.add_argument("--max-iterations", type=int, default=40, help="NNCF: max_num_iterations (groups reverted)")
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
-    ap.add_argument("--runs", type=int, default=0, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
+    ap.add_argument("--runs", type=int, default=3, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
     ap.add_argument("--save-bases", action="store_true", help="bases: save each model as a row of the table")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
     ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")

@@ -111,7 +111,7 @@ def auto(
     repair_steps: int = 30,
     tune_steps: int = 24,
     explore: int = 4,
-    runs: int = 0,
+    runs: int = 3,
     progress: bool = True,
 ) -> AutoResult:
     """Choose a precision (int8, int8 with 16-bit activations, int4 weights, float) per layer, measured here.

@@ -59,10 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--runs",
         type=int,
-        default=0,
+        default=3,
         metavar="N",
         help="price a float run by its edges where it meets int8 (fitted to profiles of float runs) and let the "
-        "search float up to N contiguous layers in one move; 0: per-tensor boundary cost, single layers (default 0)",
+        "search float up to N contiguous layers in one move; 0: per-tensor boundary cost, single layers (default 3)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

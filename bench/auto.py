@@ -111,9 +111,11 @@ def run_lowbit(args: argparse.Namespace) -> None:
     name = args.name or "lowbit auto"
     t = time.perf_counter()
     out = args.out / f"{slug(name)}.scratch.onnx"
-    r = lowbit.auto_quantize(str(float_path), calib, search, out, recipe=base_recipe(args.base), **budget)
+    recipe = base_recipe(args.base)
+    r = lowbit.auto_quantize(str(float_path), calib, search, out, recipe=recipe, runs=args.runs, **budget)
     seconds = time.perf_counter() - t
-    save(args.out, name, r.model, {"seconds": seconds, "budget": r.budget, "base": args.base, "auto": r.to_dict()})
+    info = {"seconds": seconds, "budget": r.budget, "base": args.base, "runs": args.runs, "auto": r.to_dict()}
+    save(args.out, name, r.model, info)
     t = time.perf_counter()
     base = lowbit.quantize(str(float_path), calib=calib, progress=False).model
     save(args.out, "lowbit int8 (default)", base, {"seconds": time.perf_counter() - t})
@@ -127,12 +129,16 @@ BASES = {
     "adaround": {"adaround": True},
     "equalize+adaround": {"equalize": True, "adaround": True},
     "empirical_bias": {"empirical_bias_correction": True},
+    # the target runtime's own forms: ONNX Runtime keeps an image stem and the depthwise conv after it float (its
+    # float kernels are the faster ones there) and leaves Add scales as calibrated
+    "onnxruntime": {"target": "onnxruntime"},
+    "empirical_bias+onnxruntime": {"empirical_bias_correction": True, "target": "onnxruntime"},
     "minmax": {"calibration": "minmax"},
     "percentile": {"calibration": "percentile"},
     "mse": {"calibration": "mse"},
     "no-overflow-guard": {"avoid_overflow": False},
 }
-RECIPE_LEVEL = ("equalize", "empirical_bias_correction")  # Recipe options; the rest are Scheme options
+RECIPE_LEVEL = ("equalize", "empirical_bias_correction", "target")  # Recipe options; the rest are Scheme options
 
 
 def base_recipe(name: str) -> lowbit.Recipe:
@@ -158,6 +164,8 @@ def bases(args: argparse.Namespace) -> None:
             k: float(np.mean(batched_agreement(s, x, refs[k]))) for k, x in (("search", search), ("heldout", heldout))
         }
         flips = int(round((1 - agree["search"]) * len(search)))
+        if args.save_bases:  # a row of the table
+            save(args.out, f"lowbit int8 ({name} base)", m, {"seconds": seconds, "base": name})
         print(
             f"| {name} | {agree['search']:.1%} ({flips} flips of {len(search)}) | {agree['heldout']:.1%} "
             f"| {seconds:.0f} s |",
@@ -226,17 +234,57 @@ def grouping(args: argparse.Namespace) -> None:
             )
     times = interleaved_latency(sessions, {"input": calib[:1]}, runs=args.rounds, warmup=3)
     ratio = {k: paired_ratio(times, k, "float") for k in sessions}
-    print(f"float {1e3 * float(np.median(times['float'])):.2f} ms/crop, 1 thread, {args.rounds} paired rounds")
+    float_ms = 1e3 * float(np.median(times["float"]))
+    print(f"float {float_ms:.2f} ms/crop, 1 thread, {args.rounds} paired rounds")
     print(f"int8: {ratio['int8']:.3f}x float\n")
-    print("| blocks | layers float | one run: added | every other, alone: added (two halves) | halves / run |")
+    cost, fitted = fitted_cost(model, builder, calib[:1])
+    if fitted is not None:
+        print(
+            f"run cost fit: {fitted.per_edge:.4f} ms per edge + {1e6 * fitted.per_element:.3f} ms per million elements,"
+            f" constant {fitted.constant:.3f} ms, residual {fitted.residual_ms:.3f} ms (profiles, not paired runs)\n"
+        )
+
+    def predicted(part: list[str]) -> float:  # added latency (x float) the fitted cost model predicts
+        return (cost.ms({**int8, **dict.fromkeys(part, "float")}) - cost.ms(int8)) / float_ms
+
+    print(
+        "| blocks | layers float | one run: added (fit predicts) | every other, alone: added, two halves (fit) "
+        "| halves / run |"
+    )
     print("|---|---|---|---|---|")
     for region, names in regions.items():
         run = ratio[f"{region} run"] - ratio["int8"]
         halves = ratio[f"{region} odd"] + ratio[f"{region} even"] - 2 * ratio["int8"]
+        fit_run, fit_halves = predicted(names), predicted(names[0::2]) + predicted(names[1::2])
         print(
-            f"| {region} | {len(names)} | {run:+.3f}x ({run / len(names):+.4f} per layer) | {halves:+.3f}x "
-            f"({halves / len(names):+.4f} per layer) | {halves / run if run else float('nan'):.2f} |"
+            f"| {region} | {len(names)} | {run:+.3f}x ({fit_run:+.3f}x) | {halves:+.3f}x ({fit_halves:+.3f}x) "
+            f"| {halves / run if run else float('nan'):.2f} |"
         )
+
+
+def fitted_cost(model: onnx.ModelProto, builder, x: np.ndarray):
+    """The run cost auto fits (runcost.py), from the same profiles `auto` takes (int8, float, float runs)."""
+    from lowbit.auto.profile import profile
+    from lowbit.auto.runcost import elements, fit, fitting_assignments
+    from lowbit.auto.search import CostModel
+
+    feeds = {"input": x}
+    latency, totals = {}, []
+    for p in ("int8", "float"):
+        a = builder.everywhere(p)
+        times, conv = profile(builder.build(a)[0], builder.layers, feeds)
+        latency[p] = times
+        totals.append((a, sum(times.values()) + sum(conv.values())))
+    cost = CostModel(builder.layers, latency, {}, frozenset({"input"}), frozenset(o.name for o in model.graph.output))
+    floats = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+    for a in fitting_assignments(floats, builder.everywhere):
+        times, conv = profile(builder.build(a)[0], builder.layers, feeds)
+        totals.append((a, sum(times.values()) + sum(conv.values())))
+    sizes = elements(model, sorted({t for x in builder.layers for t in x.tensors} | cost.sources | cost.sinks), feeds)
+    found = fit(cost, sizes, totals)
+    if found is not None:
+        cost.edge, cost.constant = found.price(sizes), found.constant
+    return cost, found
 
 
 def slug(name: str) -> str:
@@ -315,6 +363,8 @@ def main() -> int:
     ap.add_argument("--max-iterations", type=int, default=40, help="NNCF: max_num_iterations (groups reverted)")
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
+    ap.add_argument("--runs", type=int, default=3, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
+    ap.add_argument("--save-bases", action="store_true", help="bases: save each model as a row of the table")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
     ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")
     ap.add_argument("--of", help="points: the lowbit row whose points to save")

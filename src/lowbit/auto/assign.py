@@ -64,6 +64,15 @@ def find_layers(float_model: onnx.ModelProto, plan: Plan) -> list[Layer]:
         if d.code is Reason.FOLDED:
             folded.setdefault(d.details["into"], []).append(name)
     by_name = {n.name: n for n in float_model.graph.node}
+    # `prepare` folds a zero Pad into the conv reading it, so the quantized conv reads the Pad's input: follow
+    # such Pads back, or a depthwise conv after a static padding would seem to read no activation.
+    pads = {n.output[0]: n.input[0] for n in float_model.graph.node if n.op_type == "Pad" and n.input and n.output}
+
+    def unpadded(t: str) -> str:
+        while t not in plan.tensors and t in pads:
+            t = pads[t]
+        return t
+
     found = []
     for name, d in plan.nodes.items():
         if not d.quantized or d.code in (Reason.FOLDED, Reason.SHARES_SCALE):
@@ -74,7 +83,7 @@ def find_layers(float_model: onnx.ModelProto, plan: Plan) -> list[Layer]:
         def acts(names: list[str]) -> tuple[str, ...]:
             return tuple(t for t in dict.fromkeys(names) if (p := plan.tensors.get(t)) and p.kind == "activation")
 
-        ins = acts(list(node.input)) if node else ()
+        ins = acts([unpadded(t) for t in node.input]) if node else ()
         outs = acts([t for n in members for t in n.output])
         found.append(Layer(name, d.op_type, tuple(folded.get(name, [])), ins, tuple(t for t in outs if t not in ins)))
     order = {n.name: i for i, n in enumerate(float_model.graph.node)}

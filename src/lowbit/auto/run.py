@@ -32,6 +32,7 @@ from .assign import VARIANTS, Builder, Precision, find_layers
 from .flips import Flips, fragile, top_two
 from .inputs import batches_of, check_budget, head, recipe_path, report_path, take
 from .profile import profile
+from .runcost import EdgeFit, elements, fit, fitting_assignments
 from .score import Scorer
 from .search import (
     CostModel,
@@ -46,6 +47,11 @@ from .search import (
 )
 from .sensitivity import sensitivities
 from .variants import offer, tune
+
+
+def _asdict(found: EdgeFit | None) -> dict[str, float]:
+    return {} if found is None else dict(vars(found))
+
 
 OFF_CHAIN = 10_000  # the first id of a point measured off the chain (tune, repair, trim), in the report
 
@@ -75,6 +81,7 @@ class AutoResult(JsonResult):
     noise: dict[str, dict[str, float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     cpu: str = ""
+    run_cost: dict[str, float] = field(default_factory=dict)  # the fitted edge price (runcost.EdgeFit), if any
     output: Path | None = None
     _skip = ("model", "plan", "recipe", "output")
 
@@ -104,6 +111,7 @@ def auto(
     repair_steps: int = 30,
     tune_steps: int = 24,
     explore: int = 4,
+    runs: int = 3,
     progress: bool = True,
 ) -> AutoResult:
     """Choose a precision (int8, int8 with 16-bit activations, int4 weights, float) per layer, measured here.
@@ -125,7 +133,10 @@ def auto(
     form every later stage starts from and returns to. 0 turns this off.
     When both the chain and the repair pass, each is trimmed and the two run head to head (paired against float in
     the same interleaved rounds, twice `latency_rounds`): the faster is written.
-    `explore`: that many more chain points, evenly spaced, measured for the front."""
+    `explore`: that many more chain points, evenly spaced, measured for the front.
+    `runs`: the cost model prices a float run by its edges, fitted to profiles of float runs among int8 layers
+    (runcost.py), and the searches may float up to that many contiguous layers in one move; 0: the per-tensor
+    boundary cost and single-layer moves only."""
     t0 = time.perf_counter()
     budget = check_budget(max_drop, latency_budget)
     for name, value in (
@@ -133,6 +144,7 @@ def auto(
         ("repair_steps", repair_steps),
         ("tune_steps", tune_steps),
         ("explore", explore),
+        ("runs", runs),
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise LowbitError(f"{name} must be a whole number >= 0, got {value!r}")
@@ -184,6 +196,7 @@ def auto(
     feeds = head(batches, 1)[0]
     latency: dict[str, dict[str, float]] = {}
     boundary: dict[str, float] = {}
+    totals: list[tuple[dict[str, Precision], float]] = []  # whole profiles, for the run cost's fit
     for p in ("int8", "int16", "int4", "float"):
         where = [x for x in builder.layers if p in builder.precisions(x)]
         if not where:
@@ -191,6 +204,8 @@ def auto(
         tell(f"profiling every layer in {p} ({len(where)} layers) ...")
         built = builder.build(builder.everywhere(p))[0]
         times, conversions = profile(built, builder.layers, feeds)
+        if p in ("int8", "float"):
+            totals.append((builder.everywhere(p), sum(times.values()) + sum(conversions.values())))
         latency[p] = {x.node: times[x.node] for x in where}
         latency[p]["other"] = times["other"]
         if p == "int16" or not boundary:  # 16-bit: every tensor's Q and DQ run unfused, so each is timed
@@ -236,17 +251,29 @@ def auto(
         frozenset(i.name for i in graph.input),
         frozenset(o.name for o in graph.output),
     )
-    # Float layers among int8 ones cost more than their own time: profile two such assignments (every other
-    # layer float, then the others) and add what they measure where float meets int8.
+    # Float layers among int8 ones cost more than their own time, mostly where a float run meets int8: profile
+    # assignments with float runs of different lengths and fit a price per edge tensor (runcost.py); the first two
+    # (every other layer float) also give the per-tensor mixed cost used when the fit is not possible.
     t = time.perf_counter()
     floats = [x.node for x in builder.layers if "float" in builder.precisions(x)]
     mixes = []
-    for half in (0, 1):
-        mix: dict[str, Precision] = {**builder.everywhere("int8"), **dict.fromkeys(floats[half::2], "float")}
-        tell(f"profiling float layers among int8 ones ({half + 1}/2) ...")
+    fitting = fitting_assignments(floats, builder.everywhere) if len(floats) > 1 else []
+    for i, mix in enumerate(fitting):
+        tell(f"profiling float runs among int8 layers ({i + 1}/{len(fitting)}) ...")
         times, conversions = profile(builder.build(mix)[0], builder.layers, feeds)
         mixes.append((mix, times["other"], conversions))
-    cost.mixed = measured_mixed(cost, mixes, latency["int8"]["other"])
+        totals.append((mix, sum(times.values()) + sum(conversions.values())))
+    cost.mixed = measured_mixed(cost, mixes[:2], latency["int8"]["other"])
+    sizes = elements(
+        float_model, sorted({t for x in builder.layers for t in x.tensors} | cost.sources | cost.sinks), feeds
+    )
+    edge_fit = fit(cost, sizes, totals) if runs > 0 else None
+    if edge_fit is not None:
+        cost.edge, cost.constant, cost.runs = edge_fit.price(sizes), edge_fit.constant, runs
+        tell(
+            f"run cost: {edge_fit.per_edge:.4f} ms per edge + {1e6 * edge_fit.per_element:.2f} ms per million "
+            f"elements (fit residual {edge_fit.residual_ms:.3f} ms over {len(totals)} profiles)"
+        )
     seconds["profile"] += time.perf_counter() - t
     t = time.perf_counter()
     estimate = objective if objective is not None else (lambda a: sum(noise[n][p] for n, p in a.items()))
@@ -345,9 +372,20 @@ def auto(
         if passing and trim_steps > 0:
             for j, start_k in enumerate(passing):
                 start = assignments[start_k]
-                order = trim_order(cost, noise, start, objective, tuned)[:trim_steps]
-                tell(f"trimming: {len(order)} layers tried back at int8, each measured ...")
-                best = trim(start, order, lambda a: passes(measure(next(fresh), a, "trim")), tuned)
+                order = trim_order(cost, noise, start, objective, tuned)
+
+                def again(a: dict[str, Precision]) -> list[str]:
+                    return trim_order(cost, noise, a, objective, tuned)
+
+                tell(f"trimming: up to {trim_steps} layers tried back at int8 ({len(order)} now), each measured ...")
+                best = trim(
+                    start,
+                    order,
+                    lambda a: passes(measure(next(fresh), a, "trim")),
+                    tuned,
+                    again if cost.runs else None,
+                    trim_steps,
+                )
                 passing[j] = next(i for i in sorted(points, reverse=True) if assignments[i] == best)
         distinct: dict[str, int] = {}  # the same assignment reached twice is one point
         for i in sorted(passing):
@@ -406,6 +444,7 @@ def auto(
         noise,
         seconds,
         machine()["cpu"],
+        run_cost=_asdict(edge_fit),
     )
     if output is not None:
         save(model_k, plan_k, output)

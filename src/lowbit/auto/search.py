@@ -46,6 +46,11 @@ class CostModel:
     # per-channel DequantizeLinear and its NCHWc layout reorders (measured_mixed, on models with float layers
     # among int8 ones). Per tensor; added to `boundary` where "f" meets "q8"/"q16".
     mixed: dict[str, float] = field(default_factory=dict)
+    # With a fitted run cost (runcost.fit): where float meets a quantized layer, the tensor's fitted edge price
+    # instead of boundary + mixed, and `constant` instead of the int8 model's "other" time.
+    edge: dict[str, float] = field(default_factory=dict)
+    constant: float | None = None
+    runs: int = 0  # moves also float contiguous runs of 2..runs layers (graph order) at once
     producer: dict[str, str] = field(init=False)
     consumers: dict[str, list[str]] = field(init=False)
 
@@ -69,7 +74,14 @@ class CostModel:
         return kinds
 
     def ms(self, now: dict[str, Precision]) -> float:
-        total = self.latency["int8"].get("other", 0.0) + sum(self.latency[now[x.node]][x.node] for x in self.layers)
+        kernels = sum(self.latency[now[x.node]][x.node] for x in self.layers)
+        if self.edge:
+            total = (self.constant or 0.0) + kernels
+            for t, price in self.edge.items():
+                if "f" in (kinds := self.kinds(t, now)) and len(kinds) > 1:
+                    total += price
+            return total + sum(c for t, c in self.boundary.items() if "q16" in self.kinds(t, now))
+        total = self.latency["int8"].get("other", 0.0) + kernels
         for t, cost in self.boundary.items():
             kinds = self.kinds(t, now)
             if len(kinds) > 1 or "q16" in kinds:
@@ -127,13 +139,23 @@ def moves(
     cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision]
 ) -> list[dict[str, Precision]]:
     """One layer to another precision, or a layer with its neighbours to float (one float layer between int8 ones
-    pays two conversions; a float run of three pays them once)."""
+    pays two conversions; a float run of three pays them once), or (`cost.runs`) a contiguous run of layers in
+    graph order to float at once: a whole block, or the gap between two float runs, priced as one run."""
     found: list[dict[str, Precision]] = []
+    seen: set[tuple[str, ...]] = set()
     for x in cost.layers:
         found += [{x.node: p} for p in options[x.node] if p != now[x.node]]
         group = {n for n in {x.node} | cost.neighbours(x.node) if now[n] != "float" and "float" in options[n]}
         if len(group) > 1:
-            found.append(dict.fromkeys(sorted(group), "float"))
+            seen.add(key := tuple(sorted(group)))
+            found.append(dict.fromkeys(key, "float"))
+    able = [x.node for x in cost.layers if "float" in options[x.node]]
+    for i in range(len(able)):
+        for n in range(2, cost.runs + 1):
+            part = tuple(sorted(m for m in able[i : i + n] if now[m] != "float"))
+            if i + n <= len(able) and len(part) > 1 and part not in seen:
+                seen.add(part)
+                found.append(dict.fromkeys(part, "float"))
     return found
 
 
@@ -277,16 +299,25 @@ def trim(
     order: list[str],
     passes: Callable[[dict[str, Precision]], bool],
     base: dict[str, Precision] | None = None,
+    reorder: Callable[[dict[str, Precision]], list[str]] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Precision]:
     """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to its int8
     form (in `base`, default plain int8) when the assignment still passes, measured (not estimated); otherwise it
     stays. The chain overshoots where its estimate ranks layers wrongly; this undoes the overshoot one measured
-    layer at a time."""
+    layer at a time. With `reorder`, the order is computed again after each layer that went back (layers not
+    tried yet only): with a run cost, the layer inside a float run saves nothing until its neighbour at the run's
+    end has gone back. At most `steps` measurements (default: no limit)."""
     now = dict(start)
-    for node in order:
+    queue, tried = list(order), set[str]()
+    while queue and (steps is None or len(tried) < steps):
+        node = queue.pop(0)
+        tried.add(node)
         trial: dict[str, Precision] = {**now, node: (base or {}).get(node, "int8")}
         if passes(trial):
             now = trial
+            if reorder is not None:
+                queue = [n for n in reorder(now) if n not in tried]
     return now
 
 

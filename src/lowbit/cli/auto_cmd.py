@@ -56,6 +56,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="zero-cost candidates tried first, each measured (per layer: its output range by another calibration "
         "method, or its weights without the overflow guard; int8 latency); 0: none (default 24)",
     )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        metavar="N",
+        help="price a float run by its edges where it meets int8 (fitted to profiles of float runs) and let the "
+        "search float up to N contiguous layers in one move; 0: per-tensor boundary cost, single layers (default 3)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_image_args(p)
@@ -112,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         preprocess=image_preprocess(args),
         sensitivity_samples=args.sensitivity_samples,
         tune_steps=args.tune_steps,
+        runs=args.runs,
         progress=not args.quiet,
     )
     print(result.to_json() if args.json else auto_text(result))

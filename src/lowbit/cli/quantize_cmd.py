@@ -386,8 +386,11 @@ def _doubt_batch_axis(args: argparse.Namespace, batch_size: int, pre: ImagePrepr
     from ..evaluate.batch_axis import batch_axis_doubt
 
     axes = batch_axes(args.batch_axis) or None
+    specs = input_specs(args.model)
+    if not any(1 <= len(s.shape) <= 2 and not isinstance(s.shape[0], int) for s in specs):
+        return  # no input a time-first sequence could be (batch_axis_doubt's rule): nothing to read or run
     try:
-        source = open_data(args.calib, input_specs(args.model), batch_size=batch_size, preprocess=pre, limit=batch_size,
+        source = open_data(args.calib, specs, batch_size=batch_size, preprocess=pre, limit=batch_size,
                            batch_axes=axes)  # fmt: skip
         first = next(iter(source), None)
     except LowbitError:

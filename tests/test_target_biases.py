@@ -96,3 +96,15 @@ def test_plan_rejects_a_bad_adapted(tmp_path) -> None:
     res.plan.tensors["s"].adapted = [0.0, 3, 0.1, 3]
     with pytest.raises(lowbit.LowbitError, match="adapted"):
         res.plan.validate()
+
+
+def test_reapplying_a_plan_leaves_the_callers_plan_as_it_was(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    m = _model([h.make_node("Sigmoid", ["ya"], ["s"], name="sig")], "s", rng)
+    first = lowbit.quantize(m, calib=_calib(rng), progress=False)
+    plan = lowbit.Plan.load(first.plan.save(tmp_path / "p.plan.json"))
+    plan.tensors["s"].scale = [0.01]  # edited: taken as it is, then the target fixes it at 1/256 again
+    before = plan.to_json()
+    again = lowbit.quantize(m, plan=plan, progress=False)
+    assert again.plan.tensors["s"].scale == [1 / 256] and again.plan.tensors["s"].adapted[0] == 0.01
+    assert plan.to_json() == before

@@ -62,8 +62,8 @@ def activations_from_plan(layout: Layout, plan: Plan) -> dict[str, TensorParams]
 
 
 def _as_calibrated(p: TensorParams) -> TensorParams:
-    """The parameters before the target adjusted them (the target adjusts them again, as in the first run), unless
-    they were edited since."""
+    """A copy (the target adjusts what the run uses in place, never the caller's plan) with the parameters before
+    the target adjusted them, which it adjusts again as in the first run, unless they were edited since."""
     if p.adapted is None or [float(v) for v in p.adapted[2:]] != [p.scale[0], p.zero_point[0]]:
-        return p
+        return replace(p, scale=list(p.scale), zero_point=list(p.zero_point))
     return replace(p, scale=[float(p.adapted[0])], zero_point=[int(p.adapted[1])])

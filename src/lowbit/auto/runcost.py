@@ -62,7 +62,7 @@ def elements(model: onnx.ModelProto, tensors: list[str], feeds: dict[str, np.nda
 
 def edges(cost: CostModel, now: dict[str, Precision], tensors: list[str]) -> list[str]:
     """The tensors where float (or a graph input/output) meets a quantized layer under `now`."""
-    return [t for t in tensors if "f" in (k := cost.kinds(t, now)) and len(k - {"f"}) > 0]
+    return [t for t in tensors if cost.meets_float(t, now)]
 
 
 def fit(cost: CostModel, sizes: dict[str, float], profiles: list[tuple[dict[str, Precision], float]]) -> EdgeFit | None:

@@ -73,13 +73,15 @@ class CostModel:
             kinds.add("f")
         return kinds
 
+    def meets_float(self, tensor: str, now: dict[str, Precision]) -> bool:
+        """Whether `tensor` is an edge under `now`: float (or the graph's edge) on one side, quantized on another."""
+        kinds = self.kinds(tensor, now)
+        return "f" in kinds and len(kinds) > 1
+
     def ms(self, now: dict[str, Precision]) -> float:
         kernels = sum(self.latency[now[x.node]][x.node] for x in self.layers)
         if self.edge:
-            total = (self.constant or 0.0) + kernels
-            for t, price in self.edge.items():
-                if "f" in (kinds := self.kinds(t, now)) and len(kinds) > 1:
-                    total += price
+            total = (self.constant or 0.0) + kernels + sum(p for t, p in self.edge.items() if self.meets_float(t, now))
             return total + sum(c for t, c in self.boundary.items() if "q16" in self.kinds(t, now))
         total = self.latency["int8"].get("other", 0.0) + kernels
         for t, cost in self.boundary.items():
@@ -151,9 +153,9 @@ def moves(
             found.append(dict.fromkeys(key, "float"))
     able = [x.node for x in cost.layers if "float" in options[x.node]]
     for i in range(len(able)):
-        for n in range(2, cost.runs + 1):
+        for n in range(2, min(cost.runs, len(able) - i) + 1):
             part = tuple(sorted(m for m in able[i : i + n] if now[m] != "float"))
-            if i + n <= len(able) and len(part) > 1 and part not in seen:
+            if len(part) > 1 and part not in seen:
                 seen.add(part)
                 found.append(dict.fromkeys(part, "float"))
     return found

@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from ..graph.edit import new_constant
+
 SIXTH = 1.0 / 6.0
 # Ops whose definitions at opsets 14-17 compute what their opset-13 ones did for the inputs an opset-13 model gives
 # them (those opsets widened their types or added an attribute whose default is the old behaviour). Not RoiAlign:
@@ -104,13 +106,7 @@ def _div_to_mul(graph: ir.Graph) -> bool:
         divisor = div.inputs[1]
         assert divisor is not None
         # Unique even when nodes have no names and one divisor serves many Divs (paddle2onnx shares its scalars).
-        name = base = f"{divisor.name}_reciprocal_{div.name or div.outputs[0].name}"
-        n = 0
-        while name in graph.initializers:
-            n += 1
-            name = f"{base}_{n}"
-        value = ir.Value(name=name, const_value=ir.tensor(r))
-        graph.register_initializer(value)
+        value = new_constant(graph, f"{divisor.name}_reciprocal_{div.name or div.outputs[0].name}", r)
         x = div.inputs[0]
         assert x is not None
         mul = ir.Node("", "Mul", [x, value], name=div.name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..graph.edit import new_constant
 from .fold_batchnorm import _const
 
 
@@ -29,13 +30,7 @@ def _channel_constant(c: np.ndarray, channels: int, rank: int) -> np.ndarray | N
 
 
 def _set(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray, name: str) -> None:
-    unique, n = name, 1
-    while unique in graph.initializers:  # each fold of a chain makes new values; the old ones go unused
-        unique, n = f"{name}_{n}", n + 1
-    value = ir.Value(name=unique, const_value=ir.tensor(array))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = ir.DataType.FLOAT
-    graph.register_initializer(value)
+    value = new_constant(graph, name, array)
     if index >= len(node.inputs):
         node.resize_inputs(index + 1)
     node.replace_input_with(index, value)

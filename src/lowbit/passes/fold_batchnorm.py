@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ..graph.edit import new_constant
+
 
 def _const(v: ir.Value | None) -> np.ndarray | None:
     return None if v is None or v.const_value is None else v.const_value.numpy()
@@ -55,24 +57,13 @@ def _plain_gemm(node: ir.Node) -> bool:
     )
 
 
-def _new_const(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    unique, n = name, 1
-    while unique in graph.initializers:
-        unique, n = f"{name}_{n}", n + 1
-    v = ir.Value(name=unique, const_value=ir.tensor(array))
-    v.shape = ir.Shape(array.shape)
-    v.dtype = ir.DataType.from_numpy(array.dtype)
-    graph.register_initializer(v)
-    return v
-
-
 def _set_weights(graph: ir.Graph, node: ir.Node, w: np.ndarray, b: np.ndarray, stem: str) -> None:
     w_in = node.inputs[1]
     assert w_in is not None
-    node.replace_input_with(1, _new_const(graph, f"{w_in.name}_bnfold", w))
+    node.replace_input_with(1, new_constant(graph, f"{w_in.name}_bnfold", w))
     if len(node.inputs) < 3:
         node.resize_inputs(3)
-    node.replace_input_with(2, _new_const(graph, f"{stem}_bias", b.astype(w.dtype)))
+    node.replace_input_with(2, new_constant(graph, f"{stem}_bias", b.astype(w.dtype)))
 
 
 def _backward(graph: ir.Graph, bn: ir.Node, a: np.ndarray, shift: np.ndarray) -> bool:

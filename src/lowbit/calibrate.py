@@ -155,8 +155,7 @@ def observe(
             if name in tensors:
                 _update(histograms, name, value, Histogram if name in full else few)
             if name in channel_axes:
-                obs = channels.setdefault(name, ChannelMinMax(axis=channel_axes[name] % value.ndim))
-                obs.update(value)
+                _update(channels, name, value, lambda: ChannelMinMax(axis=channel_axes[name] % value.ndim))
             del value
         if kept is not None and hold is not None:
             hold.batches.append(kept)
@@ -235,9 +234,15 @@ def _update(store: dict, name: str, value: np.ndarray, kind: Callable[[], Any]) 
     try:
         store[name].update(value)
     except LowbitError:
-        raise LowbitError(
-            f"tensor '{name}' is NaN or Inf on the calibration data; check the data or the float model"
-        ) from None
+        if value.dtype.kind != "f" or np.isnan(value).any():
+            raise LowbitError(
+                f"tensor '{name}' is NaN on the calibration data; check the data or the float model"
+            ) from None
+        # Infinities are a mask's (PyTorch's masked_fill(-inf) before a Softmax, a -inf padding row in a table
+        # of attention biases): held as float32's extremes, they are sentinels that keep the ops reading them
+        # float (settle.py), as a finfo.min mask is.
+        big = np.finfo(np.float32).max
+        store[name].update(np.clip(value, -big, big))
 
 
 def open_calibration(

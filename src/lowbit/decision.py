@@ -40,6 +40,7 @@ class Reason(StrEnum):
     TRANS_A = "trans_a"
     WEIGHT_RANK = "weight_rank"
     EMPTY_WEIGHT = "empty_weight"
+    NONFINITE_WEIGHT = "nonfinite_weight"
     CONSTANT_LHS = "constant_lhs"
     COMPUTED_C = "computed_c"
     RHS_COMPUTED = "rhs_computed"
@@ -117,6 +118,8 @@ TEMPLATES: dict[Reason, str] = {
     Reason.TRANS_A: "transA=1 is not quantized (fold the transpose into the producer first)",
     Reason.WEIGHT_RANK: "weight has rank {rank}, expected 2",
     Reason.EMPTY_WEIGHT: "weight is empty (shape {shape}): nothing to quantize",
+    Reason.NONFINITE_WEIGHT: "a constant input holds {count} NaN or infinite values of {size} (a mask's -inf?): "
+    "no finite scale spans them",
     Reason.CONSTANT_LHS: "constant left-hand side is not quantized",
     Reason.COMPUTED_C: "Gemm with a computed C and beta != 1 is not quantized",
     Reason.RHS_COMPUTED: "right-hand side is computed at run time (no constant weight)",

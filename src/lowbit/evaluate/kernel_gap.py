@@ -250,7 +250,9 @@ def compare(
     sims: list[list[np.ndarray]] = [[] for _ in outputs]
     seen: list[np.ndarray] = []  # the exposed kernels' first output, to hold against `kernels`
     exposure_changed = False
+    counted = 0  # samples, as `run_all` counts them: what settles outputs that have no batch axis (see `join`)
     for batch in batches:
+        counted += len(next(iter(batch.values())))
         b = {k: v for k, v in batch.items() if k in feeds}
         kern = dict(zip(order, kern_sess.run(None, b)))
         sim = dict(zip(order, sim_sess.run(None, b)))
@@ -266,7 +268,7 @@ def compare(
             acc.append(sim[name])
     axes = output_batch_axes(sim_sess)
     if kernels is not None:
-        exposure_changed = not np.array_equal(kernels, join(seen, axes.get(order[0], 0))) if seen else False
+        exposure_changed = not np.array_equal(kernels, join(seen, axes.get(order[0], 0), counted)) if seen else False
     cos = {name: agree[name].cosine() for name in names}
     rows: list[dict[str, Any]] = []
     for r in found:
@@ -294,7 +296,7 @@ def compare(
         "exposure_changed_kernels": exposure_changed,
         "requantizations": requantizations(quant_model) if exposure_changed else [],
     }
-    return report, [join(acc, axes.get(name, 0)) for acc, name in zip(sims, outputs) if acc]
+    return report, [join(acc, axes.get(name, 0), counted) for acc, name in zip(sims, outputs) if acc]
 
 
 def gap_text(gap: dict) -> str:

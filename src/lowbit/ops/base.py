@@ -87,12 +87,21 @@ def name_of(x: ir.Node | ir.Value) -> str:
     return x.name
 
 
-def empty(node: ir.Node, i: int) -> Skip | None:
-    """Why a node whose constant input i holds no values is not quantized (its ranges would be undefined)."""
-    found = const(node, i)
-    if found is not None and found.size == 0:
-        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(found.shape)})
+def unquantizable(values: np.ndarray) -> Skip | None:
+    """Why a constant weight (or bias) cannot be quantized: it holds no values, so its range is undefined, or NaN
+    or infinite ones, which no finite scale spans (a table of attention biases whose padding row is -inf)."""
+    if values.size == 0:
+        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(values.shape)})
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        return Skip(Reason.NONFINITE_WEIGHT, {"count": int((~np.isfinite(values)).sum()), "size": int(values.size)})
     return None
+
+
+def empty(node: ir.Node, i: int) -> Skip | None:
+    """Why a node whose constant input i cannot be quantized is not (see `unquantizable`); None if it can, or if
+    input i is not a constant."""
+    found = const(node, i)
+    return None if found is None else unquantizable(found)
 
 
 def has_input(node: ir.Node, i: int) -> bool:

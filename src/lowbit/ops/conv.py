@@ -17,7 +17,7 @@ def conv(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
         return bad
     if const(node, 1) is None:
         return Skip(Reason.WEIGHT_NOT_CONSTANT)
-    if (none := empty(node, 1)) is not None:
+    if (none := empty(node, 1) or empty(node, 2)) is not None:
         return none
     if has_input(node, 2) and const(node, 2) is None:
         return Skip(Reason.BIAS_NOT_CONSTANT)
@@ -29,7 +29,7 @@ def conv_transpose(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
         return bad
     if const(node, 1) is None:
         return Skip(Reason.WEIGHT_NOT_CONSTANT)
-    if (none := empty(node, 1)) is not None:
+    if (none := empty(node, 1) or empty(node, 2)) is not None:
         return none
     if has_input(node, 2) and const(node, 2) is None:
         return Skip(Reason.BIAS_NOT_CONSTANT)

@@ -15,7 +15,7 @@ from ..decision import Reason
 from ..recipe import Scheme
 from ..rewrite import gather_block_quantized, gather_int4_nibbles, gather_rows_int8
 from ..weights import quantize_blocks, quantize_weight
-from .base import Refuse, Skip, Take, const, weight_of
+from .base import Refuse, Skip, Take, const, unquantizable, weight_of
 from .granularity import ENOUGH_DB, GAIN_DB, dequantized, one_scale_is_enough, shown, sqnr_db
 from .matmul import weight_only_details
 from .registry import RewriteContext, register
@@ -27,10 +27,10 @@ def embedding_table(node: ir.Node) -> Skip | None:
     data = const(node, 0)
     if data is None:
         return Skip(Reason.GATHER_COMPUTED)
-    if data.size == 0:
-        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(data.shape)})
     if data.dtype.kind != "f" or data.ndim != 2:
         return Skip(Reason.GATHER_NOT_MATRIX, {"dtype": str(data.dtype), "rank": data.ndim})
+    if (bad := unquantizable(data)) is not None:
+        return bad
     if node.attributes.get_int("axis", 0) != 0:
         return Skip(Reason.GATHER_AXIS)
     return None

@@ -11,7 +11,7 @@ from ..decision import Reason, granularity
 from ..recipe import Scheme
 from ..rewrite import dynamic_matmul, matmul_nbits
 from ..weights import pack_nibbles, quantize_blocks, quantize_weight
-from .base import OpSpec, Skip, Take, const, float_input, has_input, name_of
+from .base import OpSpec, Skip, Take, const, float_input, has_input, name_of, unquantizable
 from .registry import RewriteContext, register
 from .weighted import guard, matmul_weight, record, weight_behind_dq, weight_matmul
 
@@ -30,14 +30,16 @@ def gemm(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     b = const(node, 1)
     if b is None:
         return OpSpec(activations=(0, 1))
-    if b.size == 0:
-        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(b.shape)})
+    if (bad := unquantizable(b)) is not None:
+        return bad
     if b.ndim != 2:
         return Skip(Reason.WEIGHT_RANK, {"rank": b.ndim})
     axis = 0 if node.attributes.get_int("transB", 0) else 1
     bias = None
     if has_input(node, 2):
         c = const(node, 2)
+        if c is not None and (bad := unquantizable(c)) is not None:
+            return bad
         unit = node.attributes.get_float("alpha", 1.0) == 1.0 and node.attributes.get_float("beta", 1.0) == 1.0
         if c is None or c.ndim != 1 or not unit:
             return OpSpec(weight=(1, axis), outputs=_outputs(node))  # C stays float: not a plain per-column bias
@@ -53,8 +55,8 @@ def matmul(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     b = const(node, 1)
     if b is None:
         return OpSpec(activations=(0, 1))
-    if b.size == 0:
-        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(b.shape)})
+    if (bad := unquantizable(b)) is not None:
+        return bad
     if b.ndim != 2:
         return OpSpec(activations=(0,), weight=(1, None))
     return OpSpec(weight=(1, 1), outputs=_outputs(node))

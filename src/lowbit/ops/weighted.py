@@ -13,7 +13,7 @@ from ..plan import Plan, TensorParams
 from ..recipe import Scheme
 from ..rewrite import constant_dq
 from ..weights import QuantizedWeight, conv_rows, conv_unrows, guard_overflow, quantize_weight
-from .base import Skip, const, float_input, has_input, weight_of
+from .base import Skip, const, float_input, has_input, unquantizable, weight_of
 from .registry import RewriteContext
 
 
@@ -32,8 +32,8 @@ def weight_matmul(node: ir.Node) -> tuple[int, bool] | Skip:
     b = const(node, 1)
     if b is None:
         return Skip(Reason.RHS_COMPUTED)
-    if b.size == 0:
-        return Skip(Reason.EMPTY_WEIGHT, {"shape": list(b.shape)})
+    if (bad := unquantizable(b)) is not None:
+        return bad
     if b.ndim != 2:
         return Skip(Reason.WEIGHT_RANK, {"rank": b.ndim})
     return 1, node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))

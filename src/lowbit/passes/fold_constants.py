@@ -55,6 +55,17 @@ def fold_constants(model: ir.Model) -> bool:
             continue
         if any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values() if isinstance(a, ir.Attr)):
             continue
+        if (
+            node.op_type == "Identity"
+            and _constant(node.inputs[0]) is not None
+            and not node.outputs[0].is_graph_output()
+        ):
+            # A weight a later layer reuses (PyTorch exports tied weights as an Identity of the first reader's
+            # initializer, however large): every reader reads the initializer itself, no copy, as a weight.
+            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            graph.remove(node, safe=True)
+            changed = True
+            continue
         arrays = [_constant(v) for v in node.inputs]
         if any(a is None and v is not None for a, v in zip(arrays, node.inputs)):
             continue

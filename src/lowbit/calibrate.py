@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -155,7 +156,7 @@ def observe(
             if name in tensors:
                 _update(histograms, name, value, Histogram if name in full else few)
             if name in channel_axes:
-                _update(channels, name, value, lambda: ChannelMinMax(axis=channel_axes[name] % value.ndim))
+                _update(channels, name, value, partial(ChannelMinMax, axis=channel_axes[name] % value.ndim))
             del value
         if kept is not None and hold is not None:
             hold.batches.append(kept)

@@ -55,14 +55,16 @@ def fold_constants(model: ir.Model) -> bool:
             continue
         if any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values() if isinstance(a, ir.Attr)):
             continue
+        source = node.inputs[0]
         if (
             node.op_type == "Identity"
-            and _constant(node.inputs[0]) is not None
-            and not node.outputs[0].is_graph_output()
+            and source is not None
+            and source.const_value is not None
+            and not (node.outputs[0].is_graph_output())
         ):
             # A weight a later layer reuses (PyTorch exports tied weights as an Identity of the first reader's
             # initializer, however large): every reader reads the initializer itself, no copy, as a weight.
-            node.outputs[0].replace_all_uses_with(node.inputs[0])
+            node.outputs[0].replace_all_uses_with(source)
             graph.remove(node, safe=True)
             changed = True
             continue

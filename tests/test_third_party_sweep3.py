@@ -5,11 +5,14 @@ blamed the data, a traceback, or a quantized model bigger and slower than its fl
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from conftest import run_cli
 from helpers import rel_rms, run
 from lowbit.decision import Reason
 from lowbit.evaluate.kernel_gap import compare
@@ -180,3 +183,56 @@ def test_the_simulation_pass_joins_outputs_without_a_batch_axis_as_run_all_does(
     assert kernels.shape == (5, s, s)
     _, sims = compare(res.model, feeds)
     assert sims[0].shape == kernels.shape
+
+
+def _message_passing() -> onnx.ModelProto:
+    """A graph network's inputs, none with a batch axis: node features [num_nodes, 4], edges [2, num_edges] and
+    edge weights [num_edges, 1]; the output sums the weighted messages into one row."""
+    w = np.random.default_rng(0).normal(0, 0.5, (4, 4)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["feat", "w"], ["h"], name="embed"),
+        helper.make_node("Gather", ["edge_index", "zero"], ["src"], name="src", axis=0),
+        helper.make_node("Gather", ["h", "src"], ["msg"], name="msg", axis=0),
+        helper.make_node("Mul", ["msg", "edge_w"], ["weighted"], name="weigh"),
+        helper.make_node("ReduceSum", ["weighted", "zero_axes"], ["y"], name="pool", keepdims=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gnn",
+        [
+            helper.make_tensor_value_info("feat", TensorProto.FLOAT, ["num_nodes", 4]),
+            helper.make_tensor_value_info("edge_index", TensorProto.INT64, [2, "num_edges"]),
+            helper.make_tensor_value_info("edge_w", TensorProto.FLOAT, ["num_edges", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [
+            numpy_helper.from_array(w, "w"),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+            numpy_helper.from_array(np.array([0], np.int64), "zero_axes"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_inputs_with_no_batch_axis_at_all_get_the_whole_batch_axis_option(tmp_path: Path) -> None:
+    r = np.random.default_rng(0)
+    path = tmp_path / "gnn.onnx"
+    onnx.save(_message_passing(), path)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for k in range(8):
+        np.savez(
+            calib / f"{k}.npz",
+            feat=r.random((10, 4), dtype=np.float32),
+            edge_index=r.integers(0, 10, (2, 18)).astype(np.int64),
+            edge_w=r.random((18, 1), dtype=np.float32),
+        )
+    out = tmp_path / "out.onnx"
+    run = run_cli("quantize", str(path), "--calib", str(calib), "-o", str(out), "--quiet")
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0, run.stderr
+    # Before: "--batch-axis feat=none edge_index=none ... takes each file whole", edge_w left to guess.
+    option = "--batch-axis feat=none edge_index=none edge_w=none"
+    assert option in run.stderr, run.stderr
+    run = run_cli("quantize", str(path), "--calib", str(calib), "-o", str(out), "--quiet", *option.split())
+    assert run.returncode == 0, run.stderr
+    assert out.exists()

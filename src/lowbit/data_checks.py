@@ -57,13 +57,15 @@ def check_arrays(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) 
     if len(set(counts.values())) > 1:
         # A first axis of fixed size > 1 (a recurrent state [25]) is often no batch axis at all.
         fixed = [f"{s.name}={s.shape[0]}" for s in specs if isinstance(s.shape[0], int) and s.shape[0] > 1]
+        # Spelled out for every input: a graph network's nodes, edges and graph slots ([num_nodes, F],
+        # [2, num_edges], [num_graphs]) have no batch axis at all, and a "..." left the user to guess the rest.
+        every = " ".join(f"{s.name}=none" for s in specs[:12]) + (" ..." if len(specs) > 12 else "")
         none = (
             f"; inputs whose first axis has a fixed size ({', '.join(fixed[:3])}{', ...' if len(fixed) > 3 else ''}) "
-            f"may have no batch axis: --batch-axis {specs[0].name}=none {fixed[0].split('=')[0]}=none ... takes each "
-            "file whole as one sample"
+            "may have no batch axis"
             if fixed
             else ""
-        )
+        ) + f"; if each file is one whole sample (a graph's nodes and edges), --batch-axis {every} takes it whole"
         raise LowbitError(
             f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count, or "
             "name an input whose batch axis is not the first (--batch-axis state=1, batch_axes={'state': 1})" + none

@@ -60,7 +60,7 @@ def fold_constants(model: ir.Model) -> bool:
             node.op_type == "Identity"
             and source is not None
             and source.const_value is not None
-            and not (node.outputs[0].is_graph_output())
+            and not node.outputs[0].is_graph_output()
         ):
             # A weight a later layer reuses (PyTorch exports tied weights as an Identity of the first reader's
             # initializer, however large): every reader reads the initializer itself, no copy, as a weight.

@@ -16,6 +16,7 @@ from conftest import run_cli
 from helpers import rel_rms, run
 from lowbit.decision import Reason
 from lowbit.evaluate.kernel_gap import compare
+from lowbit.evaluate.outputs import classify
 from lowbit.runtimes.ort import run_all, session
 
 D = 16
@@ -236,3 +237,13 @@ def test_inputs_with_no_batch_axis_at_all_get_the_whole_batch_axis_option(tmp_pa
     run = run_cli("quantize", str(path), "--calib", str(calib), "-o", str(out), "--quiet", *option.split())
     assert run.returncode == 0, run.stderr
     assert out.exists()
+
+
+def test_a_time_frequency_mask_is_compared_as_values_not_as_detector_scores() -> None:
+    """VoiceFilter-Lite's `mask` [N, time, 128]: sigmoid gains per frame and bin. Read as 128 anchors x 10 classes,
+    its int8 twin at 52 dB SQNR scored 62% "top-class agreement" and a warning."""
+    r = np.random.default_rng(0)
+    gains = 1 / (1 + np.exp(-r.normal(0, 1, (8, 10, 128))))
+    kind = classify(gains, "mask")
+    assert kind.kind == "values", kind
+    assert classify(gains, "scores").kind == "boxes"  # the same values named as a detector's stay scores

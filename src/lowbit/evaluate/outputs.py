@@ -46,6 +46,10 @@ _CLASS_NAMES = ("logit", "class", "prob", "score", "cls", "label", "pred")
 _EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod")
 _SEQ_NAMES = ("ctc", "seq", "char", "text", "token")
 _SEG_NAMES = ("seg", "mask", "logit", "class", "prob")
+# [N, T, F] probabilities named so are a speech enhancer's time-frequency mask or gains (VoiceFilter, DeepFilterNet):
+# read as a detector's anchor scores, argmax over time steps flipped between near-equal gains (63% "agreement" at
+# 52 dB SQNR, cosine 1.0000), a false alarm. They are compared as values.
+_GAIN_NAMES = ("mask", "gain", "spec", "erb")
 # The share of steps whose top class is the most common one, for raw CTC logits: most steps are blank between and
 # around characters (ddddocr's captcha CRNN: 0.71 over 16 lines), but not all of them.
 BLANK_SHARE = (0.25, 0.98)
@@ -107,6 +111,8 @@ def classify(ref: np.ndarray, name: str = "") -> OutputKind:
         return _map(x, name)
     if x.ndim == 3:
         # Scores alone first: with every value a probability, four score columns are no box (PicoDet's class 3)
+        if _hint(name, _GAIN_NAMES) and _is_prob(x):
+            return OutputKind("values", f"[N, {x.shape[1]}, {x.shape[2]}] in [0, 1] named like a mask or gains")
         found = _anchor_scores(x) or _boxes(x)
         return found if found is not None else _sequence(x, name)
     return OutputKind("values", f"{x.ndim}-D output of shape {list(shape)} per sample: no task pattern")

@@ -247,3 +247,13 @@ def test_a_time_frequency_mask_is_compared_as_values_not_as_detector_scores() ->
     kind = classify(gains, "mask")
     assert kind.kind == "values", kind
     assert classify(gains, "scores").kind == "boxes"  # the same values named as a detector's stay scores
+
+
+def test_a_molecular_fingerprint_is_an_embedding() -> None:
+    """MiniMol's `fingerprint` [N, 512] has a dominant maximum per row, so it read as class logits ("top-1 agreement
+    87.5%" and a warning) though nothing ranks its entries."""
+    r = np.random.default_rng(0)
+    x = r.normal(0, 0.3, (8, 512))
+    x[:, 7] += 6.0
+    assert classify(x, "fingerprint").kind == "embedding"
+    assert classify(x, "output").kind == "class_scores"

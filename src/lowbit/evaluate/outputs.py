@@ -43,7 +43,7 @@ HEADLINE = {
     "values": ("sqnr_db", 20.0, "SQNR dB"),
 }
 _CLASS_NAMES = ("logit", "class", "prob", "score", "cls", "label", "pred")
-_EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod")
+_EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod", "fingerprint", "descriptor")
 _SEQ_NAMES = ("ctc", "seq", "char", "text", "token")
 _SEG_NAMES = ("seg", "mask", "logit", "class", "prob")
 # [N, T, F] probabilities named so are a speech enhancer's time-frequency mask or gains (VoiceFilter, DeepFilterNet):

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
 from conftest import run_cli
 from helpers import rel_rms, run
 from lowbit.decision import Reason
+from lowbit.errors import LowbitError
 from lowbit.evaluate.kernel_gap import compare
 from lowbit.evaluate.outputs import classify
+from lowbit.export.tflite.probe import static_shapes
 from lowbit.runtimes.ort import run_all, session
 
 D = 16
@@ -257,3 +260,9 @@ def test_a_molecular_fingerprint_is_an_embedding() -> None:
     x[:, 7] += 6.0
     assert classify(x, "fingerprint").kind == "embedding"
     assert classify(x, "output").kind == "class_scores"
+
+
+def test_the_tflite_shape_advice_is_spelled_from_the_inputs_own_dims() -> None:
+    """`--shape edge_index=1x...` told a graph network's user to put a batch of 1 before [2, num_edges]."""
+    with pytest.raises(LowbitError, match=r"--shape edge_index=2xnum_edges with every name replaced"):
+        static_shapes(_message_passing(), 1, {"feat": (10, 4)})

@@ -29,9 +29,15 @@ def static_shapes(
         for i, d in enumerate(dims):
             if not d.HasField("dim_value"):
                 if i != 0:
+                    # Spelled from the input's own dims: a graph network's [2, num_edges] has no batch of 1 first.
+                    example = "x".join(
+                        str(e.dim_value) if e.HasField("dim_value") else "1" if k == 0 else e.dim_param or "SIZE"
+                        for k, e in enumerate(dims)
+                    )
                     raise LowbitError(
                         f"input {vi.name} has a symbolic dimension {d.dim_param!r} past the batch axis;"
-                        f" TFLite needs fixed sizes: pass --shape {vi.name}=1x... with every size"
+                        f" TFLite needs fixed sizes: pass --shape {vi.name}={example} with every name replaced by"
+                        " the size to export"
                     )
                 d.dim_value = batch
     return probe(proto)

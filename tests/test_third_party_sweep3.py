@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import lowbit
 from conftest import run_cli
 from helpers import rel_rms, run
+from lowbit.data import InputSpec, open_data
 from lowbit.decision import Reason
 from lowbit.errors import LowbitError
 from lowbit.evaluate.kernel_gap import compare
@@ -266,3 +267,19 @@ def test_the_tflite_shape_advice_is_spelled_from_the_inputs_own_dims() -> None:
     """`--shape edge_index=1x...` told a graph network's user to put a batch of 1 before [2, num_edges]."""
     with pytest.raises(LowbitError, match=r"--shape edge_index=2xnum_edges with every name replaced"):
         static_shapes(_message_passing(), 1, {"feat": (10, 4)})
+
+
+def test_a_state_whose_shape_names_the_batch_on_axis_1_is_named_in_the_error() -> None:
+    """VoiceFilter-Lite's h0/c0 [3, 'batch', 512] beside stacked_logmel ['batch', 'time', 512]: the error gave the
+    generic "--batch-axis state=1"; the model's own shapes say h0=1 c0=1."""
+    specs = [
+        InputSpec("x", np.dtype(np.float32), ("batch", "time", 8)),
+        InputSpec("h0", np.dtype(np.float32), (3, "batch", 8)),
+        InputSpec("c0", np.dtype(np.float32), (3, "batch", 8)),
+    ]
+    sample = {"x": np.zeros((1, 4, 8), np.float32), "h0": np.zeros((3, 1, 8), np.float32)}
+    sample["c0"] = sample["h0"]
+    with pytest.raises(LowbitError, match=r"their shapes put the batch there: --batch-axis h0=1 c0=1\)"):
+        list(open_data([sample], specs, batch_size=1))
+    with_axes = open_data([sample], specs, batch_size=1, batch_axes={"h0": 1, "c0": 1})
+    assert sum(len(b["x"]) for b in with_axes) == 1

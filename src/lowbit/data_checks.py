@@ -68,9 +68,25 @@ def check_arrays(where: str, arrays: Mapping[str, Any], specs: list[InputSpec]) 
         ) + f"; if each file is one whole sample (a graph's nodes and edges), --batch-axis {every} takes it whole"
         raise LowbitError(
             f"inputs hold different numbers of samples in {where}: {counts}; give every input the same count, or "
-            "name an input whose batch axis is not the first (--batch-axis state=1, batch_axes={'state': 1})" + none
+            f"name an input whose batch axis is not the first ({_named_batch_axes(specs)})" + none
         )
     return next(iter(counts.values())), take
+
+
+def _named_batch_axes(specs: list[InputSpec]) -> str:
+    """The --batch-axis a model's own shapes name: a recurrent state [3, 'batch', 512] beside inputs whose first
+    axis is 'batch' (VoiceFilter-Lite's h0 and c0) has its batch on axis 1. A generic example when none does."""
+    firsts = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
+    found = [
+        f"{s.name}={k}"
+        for s in specs
+        if s.shape and s.shape[0] not in firsts
+        for k in [next((k for k, d in enumerate(s.shape) if k and d in firsts), 0)]
+        if k
+    ]
+    if not found or len(firsts) != 1:  # first axes named apart (num_nodes, num_edges): no one batch to follow
+        return "--batch-axis state=1, batch_axes={'state': 1}"
+    return f"their shapes put the batch there: --batch-axis {' '.join(found)}"
 
 
 def batch_axes_for(specs: list[InputSpec], given: BatchAxes | None) -> dict[str, int | None]:

@@ -21,6 +21,7 @@ from .recipe import Recipe
 # (-3.4e38) or finfo.min to the scores they hide. One such value stretches an 8- or 16-bit grid so far that every
 # real value rounds to zero (MiniLM static int8: embedding cosine 0.15), so ops quantizing such a tensor stay float.
 SENTINEL = 1e4
+F32_MAX = float(np.finfo(np.float32).max)
 
 # Mixed ranges. Concat copies each input's values into one output with one scale, so an input whose whole span
 # covers fewer than MIN_STEPS steps of that scale keeps at most 3 bits of its information. A YOLO-style head
@@ -53,7 +54,9 @@ def sentinel_nodes(layout: Layout, extremes: dict[str, tuple[float, float]]) -> 
         for t in tensors:
             lo, hi = extremes.get(layout.tensors.get(t, t), (0.0, 0.0))
             if max(-lo, hi) >= SENTINEL:
-                out[node] = Skip(Reason.SENTINEL, {"edge": float(lo if -lo >= hi else hi), "tensor": t})
+                # An infinity (a -inf mask constant) is recorded as float32's extreme: a plan is JSON, which has none.
+                edge = float(np.clip(lo if -lo >= hi else hi, -F32_MAX, F32_MAX))
+                out[node] = Skip(Reason.SENTINEL, {"edge": edge, "tensor": t})
                 break
     return out
 

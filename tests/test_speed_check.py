@@ -7,15 +7,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lowbit.evaluate.speed import speed_text
+from lowbit.evaluate.speed import speed_text, verdict
 
 
 def lowbit(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lowbit.cli.main", *args], capture_output=True, text=True)
 
 
-def _speed(ratio: float, verdict: str) -> dict:
-    return {"ratio": ratio, "verdict": verdict, "rounds": 5, "float_ms": 1.0, "quantized_ms": ratio, "cpu": "X"}
+def _speed(ratio: float, said: str) -> dict:
+    return {"ratio": ratio, "verdict": said, "rounds": 5, "float_ms": 1.0, "quantized_ms": ratio, "cpu": "X"}
 
 
 def test_json_has_speed_and_stage_timings(tiny_model: Path, tiny_calib: Path, tmp_path: Path) -> None:
@@ -49,3 +49,9 @@ def test_not_faster_is_said_with_the_way_out() -> None:
     same = speed_text(_speed(1.0, "same"), [{"kind": "float island", "message": "m", "fix": "f"}])
     assert "no faster than float" in same and "float island" in same
     assert "float model is the faster choice" in same  # the lint's fixes are a way on, not instead of the choice
+
+
+def test_a_verdict_needs_the_paired_ratio_and_the_medians_to_agree() -> None:
+    assert verdict(0.5, 0.6) == "faster" and verdict(1.3, 1.2) == "slower"
+    # a busy machine's contradiction (1.09x paired, medians 39.08 vs 37.98 ms) is too close to call, not "slower"
+    assert verdict(1.09, 37.98 / 39.08) == "same" and verdict(0.9, 1.01) == "same"

@@ -14,7 +14,9 @@ import pytest
 
 import lowbit
 from helpers import model, node, nodes_of, output_qparams, quantize, samples, weight
+from lowbit.decide import TIE_NUDGE
 from lowbit.ops.pooling import squeeze_excitation
+from lowbit.runtimes.ort import session
 
 C = 8
 
@@ -61,14 +63,44 @@ def _qparams(q: onnx.ModelProto, name: str) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("gate_first", [True, False])
-def test_the_se_pool_shares_its_inputs_scale(gate_first: bool) -> None:
-    m = _se_model(gate_first=gate_first)
-    res = quantize(m)
+def test_the_se_pool_takes_its_inputs_range(gate_first: bool) -> None:
+    res = quantize(_se_model(gate_first=gate_first))
     q = res.model
     pool = next(n for n in q.graph.node if n.op_type == "GlobalAveragePool")
     (conv,) = [n for n in q.graph.node if n.op_type == "Conv" and n.output[0] == "r"]  # the Relu folded into it
-    assert _qparams(q, pool.name) == _qparams(q, conv.name)
+    (s_pool, z_pool), (s_in, z_in) = _qparams(q, pool.name), _qparams(q, conv.name)
+    assert z_pool == z_in
+    assert s_pool == pytest.approx(s_in * (1 + TIE_NUDGE), rel=2e-7)  # float32 scales: 6e-8 apart at most
     assert res.plan.nodes["se_pool"].code.value == "shares_scale"
+
+
+def test_kernels_round_the_se_mean_as_the_simulation_does() -> None:
+    """A mean of 64 integers on its input's exact scale can land on an exact half, which ONNX Runtime's
+    QLinearGlobalAveragePool and the float simulation round differently (87 of these 256 channels measured at
+    equal scales); with lowbit's scales they agree."""
+    q = quantize(_se_model()).model
+    pool = next(n for n in q.graph.node if n.op_type == "GlobalAveragePool")
+    (conv,) = [n for n in q.graph.node if n.op_type == "Conv" and n.output[0] == "r"]
+    (s_out, zp), (s_in, _) = _qparams(q, pool.name), _qparams(q, conv.name)
+    nodes = [
+        node("DequantizeLinear", ["x", "si", "z"], ["xf"]),
+        node("GlobalAveragePool", ["xf"], ["p"]),
+        node("QuantizeLinear", ["p", "so", "z"], ["y"]),
+    ]
+    inits = {"si": np.float32(s_in), "so": np.float32(s_out), "z": np.uint8(zp)}
+    g = onnx.helper.make_graph(
+        nodes,
+        "mean",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.UINT8, [1, 256, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.UINT8, [1, 256, 1, 1])],
+        [onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    mean = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    q = np.random.default_rng(0).integers(0, 20, (1, 256, 8, 8))
+    q[:, :, 0, 0] += (32 - q.sum(axis=(2, 3)) % 64) % 64  # each channel's sum is 32 (mod 64): a mean of k + 1/2 steps
+    x = (q + zp).astype(np.uint8)
+    kernels, simulation = (session(mean, mode=m).run(None, {"x": x})[0] for m in ("kernels", "simulate"))
+    np.testing.assert_array_equal(kernels, simulation)
 
 
 def test_a_head_pool_keeps_its_own_range() -> None:

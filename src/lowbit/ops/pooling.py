@@ -1,5 +1,5 @@
-"""Pooling and reductions. MaxPool selects input values, so it keeps the input's scale; so does the mean of a
-squeeze-excitation block (below)."""
+"""Pooling and reductions. MaxPool selects input values, so it keeps the input's scale; the mean of a
+squeeze-excitation block keeps its range (below)."""
 
 from __future__ import annotations
 
@@ -26,13 +26,14 @@ def max_pool(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
 def averaging(node: ir.Node, scheme: Scheme) -> OpSpec | Skip:
     if (bad := float_input(node)) is not None:
         return bad
-    # A squeeze-excitation mean keeps its input's range: a mean cannot leave it, so it never clips. Its own
+    # A squeeze-excitation mean takes its input's range: a mean cannot leave it, so it never clips. Its own
     # calibrated range is a maximum over one value per channel per calibration sample, and unseen images exceed it:
     # on MobileNetV3-Large, photos unlike the calibration ones reached 2.6-5.3x that range (1.5% of the values
     # clipped), and a clipped channel mean moves its gate for the whole feature map. The coarser step is noise the
     # block's small MLP and saturating gate tolerate: output cosine 0.961 -> 0.971 (bench/RESULTS_CORPUS.md,
     # eighth session). A classifier head's mean keeps its own range: there the coarser step cost more (0.955).
-    return OpSpec(shares_input_scale=squeeze_excitation(node))
+    # Its scale is nudged off the input's exact scale so that integer kernels round as the simulation does (decide.py).
+    return OpSpec(input_range=squeeze_excitation(node))
 
 
 def squeeze_excitation(pool: ir.Node) -> bool:

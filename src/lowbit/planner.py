@@ -67,6 +67,8 @@ class Layout:
     rewrites: dict[str, tuple[str, Scheme]] = field(default_factory=dict)
     # static node -> the activation tensors it quantizes (inputs and outputs)
     node_tensors: dict[str, list[str]] = field(default_factory=dict)
+    # tensors with their source's range but a scale TIE_NUDGE larger (OpSpec.input_range)
+    nudged: set[str] = field(default_factory=set)
 
     def sources(self) -> set[str]:
         return set(self.tensors.values())
@@ -357,8 +359,11 @@ def _collect_tensors(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) 
                 out = _out_name(node, i, layout)
                 mine.append(out)
                 first = _nm(_input(node, 0))
-                src = layout.tensors.get(first, first) if spec.shares_input_scale else out
+                same = spec.shares_input_scale or spec.input_range
+                src = layout.tensors.get(first, first) if same else out
                 _add_tensor(layout, out, src, scheme)
+                if spec.input_range:
+                    layout.nudged.add(out)
         if spec.weight is not None:
             idx, axis = spec.weight
             layout.weights.append((_nm(node), idx, axis if scheme.per_channel else None))
@@ -370,7 +375,7 @@ def _collect_tensors(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) 
 
 
 def _static_reason(s: Scheme, spec: OpSpec) -> tuple[Reason, dict[str, Any]]:
-    if spec.shares_input_scale:
+    if spec.shares_input_scale or spec.input_range:
         return Reason.SHARES_SCALE, {}
     if spec.weight is not None:
         gran = "per-channel" if s.per_channel and spec.weight[1] is not None else "per-tensor"

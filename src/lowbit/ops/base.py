@@ -22,6 +22,8 @@ class OpSpec:
     bias: int | None = None  # int32 bias input, scale = s_activation * s_weight
     outputs: tuple[int, ...] = (0,)
     shares_input_scale: bool = False  # outputs reuse input 0's parameters (data movement, max pooling)
+    # Outputs take input 0's range with the scale nudged up by TIE_NUDGE (a squeeze-excitation mean, ops/pooling.py).
+    input_range: bool = False
     fusable_activation: bool = False  # Relu/Clip(0, x): folds into the range of the op feeding it
     # When True the op is worth quantizing only next to other quantized ops (nothing to gain alone).
     needs_quantized_neighbour: bool = False

@@ -148,8 +148,8 @@ def moves(
     for x in cost.layers:
         found += [{x.node: p} for p in options[x.node] if p != now[x.node]]
         group = {n for n in {x.node} | cost.neighbours(x.node) if now[n] != "float" and "float" in options[n]}
-        if len(group) > 1:
-            seen.add(key := tuple(sorted(group)))
+        if len(group) > 1 and (key := tuple(sorted(group))) not in seen:  # b's group with a is a's with b
+            seen.add(key)
             found.append(dict.fromkeys(key, "float"))
     able = [x.node for x in cost.layers if "float" in options[x.node]]
     for i in range(len(able)):

@@ -151,6 +151,8 @@ BASES = {
     # float kernels are the faster ones there) and leaves Add scales as calibrated
     "onnxruntime": {"target": "onnxruntime"},
     "empirical_bias+onnxruntime": {"empirical_bias_correction": True, "target": "onnxruntime"},
+    "accurate+onnxruntime": {"calibration": "layer_error", "target": "onnxruntime"},
+    "equalize+onnxruntime": {"equalize": True, "target": "onnxruntime"},
     "minmax": {"calibration": "minmax"},
     "percentile": {"calibration": "percentile"},
     "mse": {"calibration": "mse"},
@@ -444,7 +446,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
     ap.add_argument("--repair-width", type=int, default=1, help="lowbit: auto's repair_width (moves measured per step)")
     ap.add_argument("--repair-steps", type=int, default=30, help="lowbit: auto's repair_steps (models measured)")
-    ap.add_argument("--edge-steps", type=int, default=30, help="lowbit: auto's edge_steps (float runs from the edges)")
+    ap.add_argument("--edge-steps", type=int, default=60, help="lowbit: auto's edge_steps (float runs from the edges)")
     ap.add_argument("--save-bases", action="store_true", help="bases: save each model as a row of the table")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
     ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")

@@ -112,7 +112,7 @@ def auto(
     repair_steps: int = 30,
     repair_width: int = 1,
     tune_steps: int = 24,
-    edge_steps: int = 30,
+    edge_steps: int = 60,
     explore: int = 4,
     runs: int = 3,
     progress: bool = True,
@@ -138,8 +138,8 @@ def auto(
     estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
     (no lower score, and less output noise beyond chance, paired over the samples); the kept ones are the int8
     form every later stage starts from and returns to. 0 turns this off.
-    When both the chain and the repair pass, each is trimmed and the two run head to head (paired against float in
-    the same interleaved rounds, twice `latency_rounds`): the faster is written.
+    Each passing point (chain, repair, edge run) is trimmed, and they run head to head (paired against float in
+    the same interleaved rounds, twice `latency_rounds`): the fastest is written.
     `explore`: that many more chain points, evenly spaced, measured for the front.
     `runs`: the cost model prices a float run by its edges, fitted to profiles of float runs among int8 layers
     (runcost.py), and the searches may float up to that many contiguous layers in one move; 0: the per-tensor

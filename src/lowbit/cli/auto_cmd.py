@@ -67,10 +67,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--edge-steps",
         type=int,
-        default=30,
+        default=60,
         metavar="N",
         help="with --max-drop: single float runs from the model's input or output (each prefix and suffix of the "
-        "layers), measured cheapest first by the cost model; 0: none (default 30)",
+        "layers), measured cheapest first by the cost model; 0: none (default 60)",
     )
     p.add_argument(
         "--repair-width",

@@ -21,11 +21,12 @@ from .search import CostModel
 
 
 def edge_runs(able: list[str], start: dict[str, Precision]) -> list[dict[str, Precision]]:
-    """`start` with each prefix and each suffix of `able` (float-capable layers, graph order) made float; runs
-    that change nothing, and the same assignment twice (the whole list, as prefix and as suffix), are left out."""
+    """`start` with each proper prefix and suffix of `able` (float-capable layers, graph order) made float; runs
+    that change nothing are left out, and so is the whole list (the float model: the chain's end, and on a small
+    model often the fastest, which is no quantization)."""
     found: list[dict[str, Precision]] = []
     seen: set[tuple[str, ...]] = set()
-    for k in range(1, len(able) + 1):
+    for k in range(1, len(able)):
         for part in (able[:k], able[len(able) - k :]):
             key = tuple(sorted(part))
             if key in seen or all(start[n] == "float" for n in part):

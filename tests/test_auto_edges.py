@@ -7,7 +7,7 @@ import numpy as np
 import lowbit
 from conftest import tiny_cnn
 from lowbit.auto.assign import Layer, Precision
-from lowbit.auto.edges import cheapest_edge_run, edge_runs, near_run
+from lowbit.auto.edges import cheapest_edge_run, edge_runs
 from lowbit.auto.flips import Flips
 from lowbit.auto.search import CostModel, moves, options_of, repair
 
@@ -152,30 +152,3 @@ def test_auto_measures_edge_runs_only_below_a_passing_point() -> None:
         assert 0 < k < len(order) and floats in (order[:k], order[len(order) - k :]), floats
     off = lowbit.auto_quantize(tiny_cnn(), calib, ev, edge_steps=0, **kw)
     assert not [p for p in off.points if p["stage"] == "edge run"]
-
-
-def test_the_nearest_edge_run_is_cheaper_than_every_passing_point() -> None:
-    """The second repair starts from the failing edge run with fewest wrong answers among those estimated cheaper
-    than every passing point; a closer but dearer one, or a chain point, is not a start."""
-    cost = line()
-    start: dict[str, Precision] = dict.fromkeys(NAMES, "int8")
-    runs = {i: {**start, **dict.fromkeys(NAMES[:k], "float")} for i, k in enumerate((1, 2, 3, 5), start=10)}
-    runs[20] = {**start, **dict.fromkeys(NAMES[:4], "float")}  # a chain point: not an edge run
-    points = {i: {"stage": "chain" if i == 20 else "edge run"} for i in runs}
-    wrongs = {
-        10: frozenset({1, 2, 3}),
-        11: frozenset({1, 2}),
-        12: frozenset({1, 2}),
-        13: frozenset({1}),
-        20: frozenset(),
-    }
-    wrongs[20] = frozenset({4})
-    passing = [14]
-    runs[14] = {**start, **dict.fromkeys(NAMES[:4], "float")}
-    points[14] = {"stage": "edge run"}
-    wrongs[14] = frozenset()
-    got = near_run(cost, points, runs, wrongs, passing)
-    # 13 has one wrong answer but floats 5 layers: dearer than the passing point (4); of 10-12, two wrong: the cheaper
-    assert got == 11
-    assert cost.ms(runs[11]) < cost.ms(runs[12]) < cost.ms(runs[14]) < cost.ms(runs[13])
-    assert near_run(cost, points, runs, wrongs, [10]) is None  # nothing cheaper than a 1-layer passing run

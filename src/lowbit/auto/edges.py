@@ -14,7 +14,6 @@ cheapest up: the first that meets the budget is the cheapest passing one by that
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from .assign import Precision
 from .search import CostModel
@@ -61,24 +60,3 @@ def cheapest_edge_run(
         if passes(a):
             return a
     return None
-
-
-def near_run(
-    cost: CostModel,
-    points: dict[int, dict[str, Any]],
-    assignments: dict[int, dict[str, Precision]],
-    wrongs: dict[int, frozenset[int]],
-    passing: list[int],
-) -> int | None:
-    """Of the measured edge runs that fail but are estimated cheaper than every passing point, the one with fewest
-    wrong answers (ties: the cheaper, then the earlier): a start for one more measured repair. A run that keeps all
-    but two near-tie answers at +0.07x can be closer to a cheap passing point than the int8 model is."""
-    cap = min((cost.ms(assignments[i]) for i in passing), default=float("inf"))
-    found = [
-        i
-        for i, p in points.items()
-        if p.get("stage") == "edge run" and i in wrongs and wrongs[i] and cost.ms(assignments[i]) < cap
-    ]
-    if not found:
-        return None
-    return min(found, key=lambda i: (len(wrongs[i]), cost.ms(assignments[i]), i))

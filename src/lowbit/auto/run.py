@@ -29,7 +29,7 @@ from ..plan import Plan
 from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
 from .assign import VARIANTS, Builder, Precision, find_layers
-from .edges import cheapest_edge_run, near_run
+from .edges import cheapest_edge_run
 from .flips import Flips, fragile, top_two
 from .inputs import batches_of, check_budget, head, recipe_path, report_path, take
 from .profile import profile
@@ -387,16 +387,6 @@ def auto(
             )
             if edge is not None:
                 passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == edge))
-            # The edge runs measured cheaper than every passing point: the repair again, from the one with fewest
-            # wrong answers (ties: cheapest), when it is that close (edge_repair.near_run)
-            near = near_run(cost, points, assignments, wrongs, passing)
-            if near is not None and objective is not None and repair_steps > 0:
-                tell(
-                    f"repairing from the closest cheaper edge run ({len(wrongs[near])} wrong): up to {repair_steps} ..."
-                )
-                fixed = repair(cost, noise, assignments[near], wrong, target, repair_steps, max(1, repair_width))
-                if fixed is not None:
-                    passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == fixed))
         if passing and trim_steps > 0:
             for j, start_k in enumerate(passing):
                 start = assignments[start_k]

@@ -12,6 +12,7 @@ Three stages, so that the slow ones can run apart (each writes its model and a J
   python bench/auto.py table [--rounds 60]       # every saved model: held-out agreement + paired latency, one run
   python bench/auto.py points --of NAME --steps 0,16   # more of a lowbit run's measured points, as table rows
   python bench/auto.py grouping [--regions 0-2,4-7]    # float layers in one run vs alone among int8: latency
+  python bench/auto.py spans [--base onnxruntime]      # single float runs (prefixes, blocks, suffixes): answers
 """
 
 from __future__ import annotations
@@ -112,9 +113,26 @@ def run_lowbit(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     out = args.out / f"{slug(name)}.scratch.onnx"
     recipe = base_recipe(args.base)
-    r = lowbit.auto_quantize(str(float_path), calib, search, out, recipe=recipe, runs=args.runs, **budget)
+    r = lowbit.auto_quantize(
+        str(float_path),
+        calib,
+        search,
+        out,
+        recipe=recipe,
+        runs=args.runs,
+        repair_width=args.repair_width,
+        repair_steps=args.repair_steps,
+        edge_steps=args.edge_steps,
+        **budget,
+    )
     seconds = time.perf_counter() - t
-    info = {"seconds": seconds, "budget": r.budget, "base": args.base, "runs": args.runs, "auto": r.to_dict()}
+    info = {"seconds": seconds, "budget": r.budget, "base": args.base, "runs": args.runs}
+    info |= {
+        "repair_width": args.repair_width,
+        "repair_steps": args.repair_steps,
+        "edge_steps": args.edge_steps,
+        "auto": r.to_dict(),
+    }
     save(args.out, name, r.model, info)
     t = time.perf_counter()
     base = lowbit.quantize(str(float_path), calib=calib, progress=False).model
@@ -133,6 +151,8 @@ BASES = {
     # float kernels are the faster ones there) and leaves Add scales as calibrated
     "onnxruntime": {"target": "onnxruntime"},
     "empirical_bias+onnxruntime": {"empirical_bias_correction": True, "target": "onnxruntime"},
+    "accurate+onnxruntime": {"calibration": "layer_error", "target": "onnxruntime"},
+    "equalize+onnxruntime": {"equalize": True, "target": "onnxruntime"},
     "minmax": {"calibration": "minmax"},
     "percentile": {"calibration": "percentile"},
     "mse": {"calibration": "mse"},
@@ -262,6 +282,66 @@ def grouping(args: argparse.Namespace) -> None:
         )
 
 
+def spans(args: argparse.Namespace) -> None:
+    """What one contiguous float run alone buys on the base: float prefixes (the target's float stem extended
+    through block k), single blocks, pairs of blocks and suffixes (block k to the classifier), each counted in lost
+    search answers and held-out answers (kernels), with its latency paired against float in one interleaved run
+    and what the fitted run cost predicts it adds."""
+    from lowbit.auto.assign import Builder, find_layers
+
+    float_path, calib, search = data(args)
+    heldout = photo_crops(args.heldout, "eval")
+    model = onnx.load(str(float_path))
+    base = lowbit.quantize(model, calib=calib, recipe=base_recipe(args.base), progress=False)
+    builder = Builder(model, base.plan, find_layers(model, base.plan))
+    int8 = builder.everywhere("int8")
+    able = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+
+    def block(node: str) -> int:  # the head (conv, pool, classifier) is block 16
+        return int(node.split("/_blocks.")[1].split("/")[0]) if "/_blocks." in node else 16
+
+    last = max(block(n) for n in able)
+    runs: dict[str, list[str]] = {"int8": []}
+    for k in range(0, 8):
+        runs[f"prefix 0-{k}"] = [n for n in able if block(n) <= k]
+    for b in range(1, last + 1):
+        runs[f"block {b}"] = [n for n in able if block(n) == b]
+    for b in range(1, last):
+        runs[f"blocks {b}-{b + 1}"] = [n for n in able if b <= block(n) <= b + 1]
+    for k in range(11, last + 1):
+        runs[f"suffix {k}-head"] = [n for n in able if block(n) >= k]
+    fl = session(str(float_path))
+    refs = {"search": run_all(fl, [{"input": search}])[0].argmax(1), "heldout": run_all(fl, [{"input": heldout}])[0]}
+    refs["heldout"] = refs["heldout"].argmax(1)
+    sessions = {"float": session(str(float_path), threads=1)}
+    found = {}
+    for name, part in runs.items():
+        m = builder.build({**int8, **dict.fromkeys(part, "float")})[0]
+        s = session(m, "kernels")
+        lost = {
+            k: len(x) - int(sum(batched_agreement(s, x, refs[k])))
+            for k, x in (("search", search), ("heldout", heldout))
+        }
+        found[name] = (len(part), lost)
+        sessions[name] = session(m, threads=1)
+        print(f"{name}: {len(part)} float, lost search {lost['search']}, held-out {lost['heldout']}", flush=True)
+    cost, _ = fitted_cost(model, builder, calib[:1])
+    times = interleaved_latency(sessions, {"input": calib[:1]}, runs=args.rounds, warmup=3)
+    ratio = {k: paired_ratio(times, k, "float") for k in sessions}
+    float_ms = 1e3 * float(np.median(times["float"]))
+    print(f"\nfloat {float_ms:.2f} ms/crop, 1 thread, {args.rounds} paired rounds; int8 {ratio['int8']:.3f}x\n")
+    print(
+        "| float run | layers | lost search answers (of 128) | lost held-out (of 256) | latency vs float | fit adds |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, (n, lost) in found.items():
+        fit_adds = (cost.ms({**int8, **dict.fromkeys(runs[name], "float")}) - cost.ms(int8)) / float_ms
+        print(
+            f"| {name} | {n} | {lost['search']} | {lost['heldout']} | {ratio[name]:.3f}x | {fit_adds:+.3f}x |",
+            flush=True,
+        )
+
+
 def fitted_cost(model: onnx.ModelProto, builder, x: np.ndarray):
     """The run cost auto fits (runcost.py), from the same profiles `auto` takes (int8, float, float runs)."""
     from lowbit.auto.profile import profile
@@ -351,7 +431,7 @@ def table(args: argparse.Namespace) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("stage", choices=["lowbit", "nncf", "table", "bases", "points", "grouping"])
+    ap.add_argument("stage", choices=["lowbit", "nncf", "table", "bases", "points", "grouping", "spans"])
     ap.add_argument("--out", type=Path, default=ART, help="folder of the saved models (default: %(default)s)")
     ap.add_argument("--name", help="the row's name (default: the tool's)")
     ap.add_argument("--calib", type=int, default=128)
@@ -364,15 +444,24 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
     ap.add_argument("--runs", type=int, default=3, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
+    ap.add_argument("--repair-width", type=int, default=1, help="lowbit: auto's repair_width (moves measured per step)")
+    ap.add_argument("--repair-steps", type=int, default=30, help="lowbit: auto's repair_steps (models measured)")
+    ap.add_argument("--edge-steps", type=int, default=60, help="lowbit: auto's edge_steps (float runs from the edges)")
     ap.add_argument("--save-bases", action="store_true", help="bases: save each model as a row of the table")
     ap.add_argument("--bases", default=",".join(BASES), help="bases: the base recipes to measure (comma-separated)")
     ap.add_argument("--regions", default="0-2,4-7,12-15", help="grouping: block ranges (first-last, comma-separated)")
     ap.add_argument("--of", help="points: the lowbit row whose points to save")
     ap.add_argument("--steps", default="0", help="points: the step ids to save (comma-separated)")
     args = ap.parse_args()
-    {"lowbit": run_lowbit, "nncf": run_nncf, "table": table, "bases": bases, "points": points, "grouping": grouping}[
-        args.stage
-    ](args)
+    {
+        "lowbit": run_lowbit,
+        "nncf": run_nncf,
+        "table": table,
+        "bases": bases,
+        "points": points,
+        "grouping": grouping,
+        "spans": spans,
+    }[args.stage](args)
     return 0
 
 

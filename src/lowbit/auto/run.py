@@ -29,6 +29,7 @@ from ..plan import Plan
 from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
 from .assign import VARIANTS, Builder, Precision, find_layers
+from .edges import cheapest_edge_run
 from .flips import Flips, fragile, top_two
 from .inputs import batches_of, check_budget, head, recipe_path, report_path, take
 from .profile import profile
@@ -109,7 +110,9 @@ def auto(
     latency_rounds: int = 30,
     trim_steps: int = 40,
     repair_steps: int = 30,
+    repair_width: int = 1,
     tune_steps: int = 24,
+    edge_steps: int = 60,
     explore: int = 4,
     runs: int = 3,
     progress: bool = True,
@@ -123,16 +126,20 @@ def auto(
 
     With an accuracy budget, the chosen point of the chain is then trimmed: up to `trim_steps` of its layers not at
     int8 are tried back at int8 one at a time, each kept only if the model still meets the budget, measured.
+    With an accuracy budget, up to `edge_steps` single float runs from the model's edges (each prefix and suffix of
+    the layers in graph order: one edge where they meet int8) are measured, cheapest by the cost model first, up to
+    the estimate of a passing point found already; the first that passes is one more passing point (edges.py).
     With top-1 answers (class scores, or `labels`), a measured repair also searches from the base int8 model: up to
     `repair_steps` assignments, each the last plus the move that most lowers the expected flips of the answers the
-    last one measured got wrong, per estimated ms.
+    last one measured got wrong, per estimated ms; with `repair_width` > 1, each step measures that many of the best
+    moves by that estimate and goes on from the one with fewest wrong answers (the cheapest passing one ends it).
     Before any of that, zero-cost candidates (variants.py: per layer, its output range by another calibration
     method, or its weights without the overflow guard; the same int8 kernels) are tried from the base, most
     estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
     (no lower score, and less output noise beyond chance, paired over the samples); the kept ones are the int8
     form every later stage starts from and returns to. 0 turns this off.
-    When both the chain and the repair pass, each is trimmed and the two run head to head (paired against float in
-    the same interleaved rounds, twice `latency_rounds`): the faster is written.
+    Each passing point (chain, repair, edge run) is trimmed, and they run head to head (paired against float in
+    the same interleaved rounds, twice `latency_rounds`): the fastest is written.
     `explore`: that many more chain points, evenly spaced, measured for the front.
     `runs`: the cost model prices a float run by its edges, fitted to profiles of float runs among int8 layers
     (runcost.py), and the searches may float up to that many contiguous layers in one move; 0: the per-tensor
@@ -142,7 +149,9 @@ def auto(
     for name, value in (
         ("trim_steps", trim_steps),
         ("repair_steps", repair_steps),
+        ("repair_width", repair_width),
         ("tune_steps", tune_steps),
+        ("edge_steps", edge_steps),
         ("explore", explore),
         ("runs", runs),
     ):
@@ -366,9 +375,18 @@ def auto(
                 return flips.only(rows) if rows else flips  # no wrong answer among the measured samples: all
 
             tell(f"repairing from the base: up to {repair_steps} assignments, each measured ...")
-            fixed = repair(cost, noise, tuned, wrong, target, repair_steps)
+            fixed = repair(cost, noise, tuned, wrong, target, repair_steps, max(1, repair_width))
             if fixed is not None:
                 passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == fixed))
+        if edge_steps > 0:
+            able = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+            cap = min((cost.ms(assignments[i]) for i in passing), default=float("inf"))
+            tell(f"float runs from the model's edges: up to {edge_steps}, cheapest first, each measured ...")
+            edge = cheapest_edge_run(
+                cost, able, tuned, lambda a: passes(measure(next(fresh), a, "edge run")), edge_steps, cap
+            )
+            if edge is not None:
+                passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == edge))
         if passing and trim_steps > 0:
             for j, start_k in enumerate(passing):
                 start = assignments[start_k]

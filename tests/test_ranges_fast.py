@@ -103,8 +103,19 @@ def test_full_histograms_only_where_the_default_may_measure() -> None:
     stats = calibrate_layout(irm, layout, _feeds(), specs, Recipe(), None, progress=False)
     assert stats.histograms["r"].max_bins == EXTREMES_BINS
     assert stats.histograms["x"].max_bins > EXTREMES_BINS and stats.histograms["s"].max_bins > EXTREMES_BINS
-    # The first batch (8 samples) is held: the measured tensors and the other inputs of their readers.
-    assert sum(len(b["x"]) for b in stats.held) == 8 and {"x", "s", "c2"} <= set(stats.held[0])
+    # All 24 samples (fewer than the budget's) are held: the measured tensors and the other inputs of their readers.
+    assert FAST.samples >= 24
+    assert sum(len(b["x"]) for b in stats.held) == 24 and {"x", "s", "c2"} <= set(stats.held[0])
+
+
+def test_holding_stops_past_the_byte_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _block()
+    irm, layout = _layout(m, Recipe())
+    specs = lowbit.pipeline.load(m).inputs
+    monkeypatch.setattr(lowbit.calibrate, "HOLD_BYTES", 1)  # any batch passes it: only the minimum is held
+    stats = calibrate_layout(irm, layout, _feeds(), specs, Recipe(), None, progress=False)
+    assert sum(len(b["x"]) for b in stats.held) == lowbit.calibrate.HOLD_MIN_SAMPLES == 8
+    assert sum(len(b["x"]) for b in stats.inputs) == 24  # the inputs are still kept for the budget's samples
 
 
 def test_the_full_method_holds_nothing() -> None:
@@ -161,9 +172,9 @@ def test_clipping_the_held_samples_cannot_show_is_not_measured(monkeypatch: pyte
     clipping would look free there; nothing is measured and every range is min-max's."""
     calls: list[object] = []
     monkeypatch.setattr(by_error, "error_model", lambda *a: calls.append(a) or (_ for _ in ()).throw(AssertionError))
-    small = lowbit.quantize(_block(8), calib=_feeds(side=8), progress=False)
+    small = lowbit.quantize(_block(8), calib=_feeds(8, side=8), progress=False)
     assert not calls
-    minmax = lowbit.quantize(_block(8), calib=_feeds(side=8), recipe=Recipe(default=Scheme(calibration="minmax")))
+    minmax = lowbit.quantize(_block(8), calib=_feeds(8, side=8), recipe=Recipe(default=Scheme(calibration="minmax")))
     assert {n: t.range for n, t in small.plan.tensors.items()} == {n: t.range for n, t in minmax.plan.tensors.items()}
 
 

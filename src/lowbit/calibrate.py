@@ -22,7 +22,7 @@ from .graph.external import external_base
 from .observe import ChannelMinMax, Histogram
 from .observe.runner import Runner, fixed_mmap_threshold, relax_mmap_threshold
 from .planner import Layout
-from .ranges_by_error import held_names, keep_first, measured, samples_wanted
+from .ranges_by_error import HOLD_BYTES, HOLD_MIN_SAMPLES, held_names, keep_first, measured, samples_wanted
 from .recipe import Recipe
 from .runtimes.ort import from_proto, with_outputs
 
@@ -30,11 +30,24 @@ from .runtimes.ort import from_proto, with_outputs
 @dataclass
 class Hold:
     """Float tensors kept for the batches of the first `samples` samples (one dict per batch): the range
-    measurement (ranges_by_error.py) then runs the nodes reading them on these values, not the float model again."""
+    measurement (ranges_by_error.py) then runs the nodes reading them on these values, not the float model again.
+    Past HOLD_BYTES held, batches stop being kept once HOLD_MIN_SAMPLES are: a large model measures on fewer
+    samples rather than hold gigabytes."""
 
     names: frozenset[str]
     samples: int
     batches: list[dict[str, np.ndarray]] = field(default_factory=list)
+    nbytes: int = 0
+
+    def wants(self, samples: int) -> bool:
+        """Whether the batch after `samples` samples is kept."""
+        if samples >= self.samples:
+            return False
+        return samples < HOLD_MIN_SAMPLES or self.nbytes < HOLD_BYTES
+
+    def add(self, kept: dict[str, np.ndarray]) -> None:
+        self.batches.append(kept)
+        self.nbytes += sum(v.nbytes for v in kept.values())
 
 
 @dataclass
@@ -144,7 +157,7 @@ def observe(
             continue
         n = count(batch) if count is not None else len(next(iter(batch.values())))
         feeds = {k: v for k, v in batch.items() if k in inputs}
-        kept: dict[str, np.ndarray] | None = {} if hold is not None and samples < hold.samples else None
+        kept: dict[str, np.ndarray] | None = {} if hold is not None and hold.wants(samples) else None
         outs = runner.run(feeds, n, hold.names if kept is not None and hold is not None else frozenset())
         # Observe and drop one output at a time: only one batch of activations is ever alive (and those held; the
         # Runner's arrays, when it runs samples alone, are that one batch).
@@ -159,7 +172,7 @@ def observe(
                 _update(channels, name, value, partial(ChannelMinMax, axis=channel_axes[name] % value.ndim))
             del value
         if kept is not None and hold is not None:
-            hold.batches.append(kept)
+            hold.add(kept)
         del outs, feeds, batch, kept
         samples += n
         if bar is not None:
@@ -310,9 +323,14 @@ def calibrate_layout(
                 session = calibration_session(model, sorted(hold.names))
                 inputs = {v.name for v in model.graph.inputs if v.name}
                 fetch = [o.name for o in session.get_outputs() if o.name in hold.names]
+                seen = 0
                 for b in stats.inputs:
+                    if not hold.wants(seen):
+                        break
                     values = session.run(fetch, {k: v for k, v in b.items() if k in inputs})
-                    stats.held.append(dict(zip(fetch, values)))
+                    hold.add(dict(zip(fetch, values)))
+                    seen += source.count(b)
+                stats.held = hold.batches
         return stats
     total = min(x for x in (source.num_samples, recipe.calibration_samples) if x is not None)
     chunk = chunk_batches(source.num_samples, source.batch_size)

@@ -22,7 +22,8 @@ ActivationType = Literal["uint8", "int8", "uint16", "int16"]
 WeightType = Literal["int8", "uint8", "int4"]
 # layer_error: each range is the candidate (min-max, percentiles, MSE, entropy) that least disturbs the outputs of
 # the nodes reading the tensor, measured on the first calibration samples (ranges_by_error.py).
-# layer_error_fast: the same on 8 samples, only for tensors whose candidates change the scale by 2% or more.
+# layer_error_fast: the same on 32 samples (8 for a large model), only for tensors whose candidates change the scale
+# by 2% or more.
 Calibration = Literal["minmax", "percentile", "entropy", "mse", "layer_error", "layer_error_fast"]
 # static: calibrated activation ranges (QDQ); dynamic: int8 weights, activation ranges computed per input at run
 # time; weight_only: quantized weights, float activations; float16: fp16 weights and compute; float: untouched.

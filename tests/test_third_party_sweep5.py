@@ -136,3 +136,24 @@ def test_a_transpose_with_a_reader_that_cannot_move_is_not_duplicated() -> None:
     x = np.random.default_rng(0).normal(size=(2, 2, 3, 3)).astype(np.float32)
     for a, b in zip(run_all(session(m), [{"x": x}]), run_all(session(p), [{"x": x}])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_transpose_whose_sibling_reader_adds_a_plain_tensor_is_not_duplicated() -> None:
+    """Relu(t) could move, but Add(t, y) with y a graph input cannot: moving the Relu alone would add a Transpose."""
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], name="t", perm=TO_NHWC),
+        helper.make_node("Relu", ["t"], ["a"], name="relu"),
+        helper.make_node("Add", ["t", "y"], ["b"], name="add"),
+    ]
+    shape = ["N", 3, 3, 2]
+    graph = helper.make_graph(
+        nodes,
+        "sibling",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3]),
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, shape),
+        ],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("a", "b")],
+    )
+    p = _prepared(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
+    assert Counter(n.op_type for n in p.graph.node)["Transpose"] == 1

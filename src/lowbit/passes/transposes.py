@@ -85,7 +85,31 @@ def _feeds_only_movers(transpose: ir.Node, perm: list[int]) -> bool:
     if out.is_graph_output():
         return False
     uses = list(out.uses())
-    return bool(uses) and all(_movable(u.node, perm) or _undoes(u.node, perm) for u in uses)
+    return bool(uses) and all(
+        (_movable(u.node, perm) and _inputs_fit(u.node, perm)) or _undoes(u.node, perm) for u in uses
+    )
+
+
+def _inputs_fit(node: ir.Node, perm: list[int], depth: int = 8) -> bool:
+    """Every data input is a constant that can be permuted or a Transpose(perm) (now, or once the movers above it
+    have moved: the hard-swish's `x * (Clip(x + 3) / 6)` reads x and a value computed from x). A reader whose
+    other input is a plain tensor cannot move, so moving its siblings would leave the Transpose and add another."""
+    for i in _data_inputs(node):
+        v = node.inputs[i]
+        found = _transpose_of(v)
+        c = _const(v)
+        if (found is not None and found[1] == perm) or (c is not None and c.ndim <= len(perm)):
+            continue
+        producer = v.producer() if v is not None else None
+        if (
+            depth == 0
+            or producer is None
+            or found is not None
+            or not _movable(producer, perm)
+            or not _inputs_fit(producer, perm, depth - 1)
+        ):
+            return False
+    return True
 
 
 def _new_const(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
@@ -164,17 +188,17 @@ def sink_transposes(model: ir.Model) -> bool:
     graph = model.graph
     changed = _cancel(graph)
     count = [0]
-    for _ in range(10 * len(graph) + 10):  # each move takes a Transpose one node further down: this bounds it
+    # Each sweep moves every Transpose it meets one or more nodes down (in graph order a moved Transpose reaches
+    # the next node in the same sweep); a Transpose stops at an op it cannot cross, so this ends.
+    for _ in range(len(graph) + 1):
         moved = False
         for node in list(graph):
             perm = _candidate(node)
-            if perm is None:
-                continue
-            _move(graph, node, perm, count)
-            moved = changed = True
-            _cancel(graph)
-            _drop_dead(graph)
-            break
+            if perm is not None:
+                _move(graph, node, perm, count)
+                moved = changed = True
+        _cancel(graph)
+        _drop_dead(graph)
         if not moved:
             break
     return changed
@@ -183,29 +207,16 @@ def sink_transposes(model: ir.Model) -> bool:
 def _candidate(node: ir.Node) -> list[int] | None:
     """The permutation to move through node, when every data input is a Transpose of it (feeding only movers) or a
     constant, and at least one is a Transpose."""
-    perm: list[int] | None = None
     if node.op_type not in _UNARY | _BINARY | _REDUCE | {"Pad"} or node.domain != "":
         return None
-    for i in _data_inputs(node):
-        v = node.inputs[i]
-        found = _transpose_of(v)
-        if found is None:
-            if _const(v) is None or _const(v).ndim > 8:  # type: ignore[union-attr]
-                return None
-            continue
-        if perm is not None and found[1] != perm:
-            return None
-        perm = found[1]
-    if perm is None or not _movable(node, perm):
+    perms = [found[1] for found in (_transpose_of(node.inputs[i]) for i in _data_inputs(node)) if found is not None]
+    if not perms or not _movable(node, perms[0]) or not _inputs_fit(node, perms[0]):
         return None
     for i in _data_inputs(node):
         found = _transpose_of(node.inputs[i])
-        if found is not None and not _feeds_only_movers(found[0], perm):
+        if found is not None and not _feeds_only_movers(found[0], perms[0]):
             return None
-        c = _const(node.inputs[i])
-        if c is not None and c.ndim > len(perm):
-            return None
-    return perm
+    return perms[0]
 
 
 def _drop_dead(graph: ir.Graph) -> None:

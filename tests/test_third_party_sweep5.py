@@ -5,6 +5,7 @@ hard-swish, Pad, squeeze-excitation mean and residual Add all ran in NHWC betwee
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -12,7 +13,9 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 import lowbit
+from conftest import run_cli
 from helpers import rel_rms, run
+from lowbit.evaluate.outputs import output_fidelity
 from lowbit.passes import prepare
 from lowbit.runtimes.ort import run_all, session
 
@@ -157,3 +160,45 @@ def test_a_transpose_whose_sibling_reader_adds_a_plain_tensor_is_not_duplicated(
     )
     p = _prepared(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]))
     assert Counter(n.op_type for n in p.graph.node)["Transpose"] == 1
+
+
+def test_integer_label_outputs_are_scored_by_exact_match() -> None:
+    """skl2onnx classifiers (and TF graphs ending in ArgMax) output an int64 `label` beside the probabilities.
+    Measured as SQNR, one wrong label of 8 read as 11 dB and a right one as inf; it is exact match now."""
+    ref = np.array([0, 2, 1, 1, 0, 2, 2, 1], np.int64)
+    wrong = ref.copy()
+    wrong[3] = 2
+    f = output_fidelity(ref, wrong, "label")
+    assert f["task"]["metric"] == "exact_match" and f["task"]["value"] == 0.875 and f["task"]["poor"]
+    assert output_fidelity(ref, ref.copy(), "label")["task"]["value"] == 1.0
+    floats = output_fidelity(ref.astype(np.float32), wrong.astype(np.float32), "y")
+    assert floats["task"]["metric"] == "sqnr_db"  # float regression values keep SQNR
+
+
+def test_eval_of_a_classifier_with_a_label_output_reports_exact_match(tmp_path: Path) -> None:
+    r = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["logits"], name="fc"),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], name="softmax", axis=1),
+        helper.make_node("ArgMax", ["logits"], ["label"], name="argmax", axis=1, keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 20])],
+        [
+            helper.make_tensor_value_info("label", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [numpy_helper.from_array(r.normal(0, 1, (20, 3)).astype(np.float32), "w")],
+    )
+    path = tmp_path / "clf.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    data = tmp_path / "x.npy"
+    np.save(data, r.normal(0, 1, (64, 20)).astype(np.float32))
+    out = tmp_path / "clf.int8.onnx"
+    assert run_cli("quantize", str(path), "--calib", str(data), "-o", str(out)).returncode == 0
+    res = run_cli("eval", str(out), "--reference", str(path), "--data", str(data))
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.startswith("label"))
+    assert "exact match" in row and "SQNR dB" not in row.split("exact match")[0], row

@@ -11,7 +11,7 @@ output is classified from its reference (float) values and shape, with its name 
 | sequence | [N, T, C] per-step class scores (CTC) | sequence_match (0.90) | step_agreement, cosine |
 | boxes | [N, 4 + C, A] / [N, A, 4 + C], boxes >> scores; [N, A, C] scores | class_agreement (0.90) | box_error |
 | embedding | [N, D] / [N, T, D] vectors without a dominant class | cosine (0.99) | |
-| values | anything else: scalars, state, regression maps | sqnr_db (20 dB) | cosine |
+| values | anything else: scalars, state, regression maps | sqnr_db (20 dB); integer: exact_match (0.90) | cosine |
 
 Every kind also gets cosine, sqnr_db and max_abs_error; top1_agreement is None where it does not fit. The
 heuristic is small on purpose: its reason is returned (`why`) and the caller can override it per output.
@@ -41,6 +41,8 @@ HEADLINE = {
     "boxes": ("class_agreement", 0.90, "top-class agreement on scored anchors"),
     "embedding": ("cosine", 0.99, "cosine"),
     "values": ("sqnr_db", 20.0, "SQNR dB"),
+    # integer outputs are labels or indices (a classifier's `label`, an ArgMax): 2 for 0 is wrong, not "noisy"
+    "integer_values": ("exact_match", 0.90, "exact match"),
 }
 _CLASS_NAMES = ("logit", "class", "prob", "score", "cls", "label", "pred")
 _EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod", "fingerprint", "descriptor")
@@ -100,7 +102,7 @@ def classify(ref: np.ndarray, name: str = "") -> OutputKind:
     """The kind of an output from its reference values `ref` (samples on axis 0) and, to break ties, its name."""
     x = np.asarray(ref)
     if x.dtype.kind not in "f":
-        return OutputKind("values", f"{x.dtype} values, not scores")
+        return OutputKind("values", f"{x.dtype} values (labels or indices): compared for exact equality per sample")
     if x.ndim < 2 or x[0].size == 1:
         return OutputKind("values", "one value per sample (a scalar)")
     shape = x.shape[1:]
@@ -304,6 +306,9 @@ def output_fidelity(
         f.update(m.detection_agreement(rb, ob, 0.25, nb))
     elif k.kind == "embedding":
         f["cosine"] = m.vector_cosine(r, o)
+    elif k.kind == "values" and ref.dtype.kind in "iub" and ref.shape == out.shape and len(ref):
+        head = "integer_values"  # SQNR between class ids reads a wrong label as a small error, or as inf
+        f["exact_match"] = float(np.mean(np.all((ref == out).reshape(len(ref), -1), axis=1)))
     metric, threshold, label = HEADLINE[head]
     value = f.get(metric)
     if value is None:  # e.g. a detector with no confident anchor in these samples: fall back to cosine

@@ -20,6 +20,7 @@ from .inline_if import inline_constant_ifs
 from .layernorm import fuse_layer_norm
 from .pad_depthwise import pad_depthwise
 from .smooth import smooth
+from .transposes import sink_transposes
 
 
 def prepare(model: ir.Model) -> ir.Model:
@@ -32,6 +33,7 @@ def prepare(model: ir.Model) -> ir.Model:
     fold_constants(model)
     if inline_constant_ifs(model):  # the taken branch's nodes may fold in turn
         fold_constants(model)
+    sink_transposes(model)  # tf2onnx's NHWC Transpose pairs: before the folds and patterns that look through them
     canonicalize(model)
     fuse_layer_norm(model)
     fold_batchnorm(model)
@@ -79,6 +81,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_affine",
     "fold_pad",
+    "sink_transposes",
     "pad_depthwise",
     "target_forms",
 ]

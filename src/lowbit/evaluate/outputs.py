@@ -46,6 +46,9 @@ _CLASS_NAMES = ("logit", "class", "prob", "score", "cls", "label", "pred")
 _EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod", "fingerprint", "descriptor")
 _SEQ_NAMES = ("ctc", "seq", "char", "text", "token")
 _SEG_NAMES = ("seg", "mask", "logit", "class", "prob")
+# names of a detector's per-anchor score output, and the row count from which softmax rows are anchors, not CTC steps
+_DET_NAMES = ("score", "conf", "cls", "det", "anchor")
+SOFTMAX_ANCHORS = 1000
 # [N, T, F] probabilities named so are a speech enhancer's time-frequency mask or gains (VoiceFilter, DeepFilterNet):
 # read as a detector's anchor scores, argmax over time steps flipped between near-equal gains (63% "agreement" at
 # 52 dB SQNR, cosine 1.0000), a false alarm. They are compared as values.
@@ -113,7 +116,7 @@ def classify(ref: np.ndarray, name: str = "") -> OutputKind:
         # Scores alone first: with every value a probability, four score columns are no box (PicoDet's class 3)
         if _hint(name, _GAIN_NAMES) and _is_prob(x):
             return OutputKind("values", f"[N, {x.shape[1]}, {x.shape[2]}] in [0, 1] named like a mask or gains")
-        found = _anchor_scores(x) or _boxes(x)
+        found = _anchor_scores(x, name) or _boxes(x)
         return found if found is not None else _sequence(x, name)
     return OutputKind("values", f"{x.ndim}-D output of shape {list(shape)} per sample: no task pattern")
 
@@ -173,16 +176,25 @@ def _boxes(x: np.ndarray) -> OutputKind | None:
     return None
 
 
-def _anchor_scores(x: np.ndarray) -> OutputKind | None:
+def _anchor_scores(x: np.ndarray, name: str = "") -> OutputKind | None:
     """[N, A, C] or [N, C, A] independent probabilities (sigmoid, not summing to 1) over many more anchors than
     classes: a detector head whose boxes are another output (PicoDet, NanoDet, RetinaNet-style exports). Measured as
-    boxes are, on the scores: SQNR would count the near-zero scores of empty anchors."""
+    boxes are, on the scores: SQNR would count the near-zero scores of empty anchors.
+
+    Rows summing to 1 are an SSD-style head's softmax over background + classes (torchvision's SSDLite: [N, 3234,
+    91]) or a recognizer's per-step CTC probabilities; they are a detector's when named like scores, or over
+    SOFTMAX_ANCHORS or more rows, which no CTC recognizer's steps reach (PaddleOCR's: 40-80; speech: ~50 a second)."""
     if not _is_prob(x):
         return None
     a, b = x.shape[1:]
     for layout, feat_axis, feats, anchors in (("scores_anchors_last", 1, a, b), ("scores_anchors_first", 2, b, a)):
-        if 2 <= feats <= 1000 and anchors >= max(64, 4 * feats) and not _sums_to_one(x, feat_axis):
+        if not (2 <= feats <= 1000 and anchors >= max(64, 4 * feats)):
+            continue
+        if not _sums_to_one(x, feat_axis):
             why = f"{anchors} anchors x {feats} independent class probabilities, no box values (a detector's scores)"
+            return OutputKind("boxes", why, layout)
+        if not _hint(name, _SEQ_NAMES) and (_hint(name, _DET_NAMES) or anchors >= SOFTMAX_ANCHORS):
+            why = f"{anchors} anchors x {feats} softmax class probabilities, no box values (an SSD-style detector's scores)"
             return OutputKind("boxes", why, layout)
     return None
 

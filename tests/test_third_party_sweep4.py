@@ -4,9 +4,17 @@ its fix."""
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import run_cli
+from lowbit.data import input_specs, open_data
 from lowbit.evaluate.outputs import classify, output_fidelity
+
+D = 8
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -30,3 +38,73 @@ def test_an_ssd_heads_softmax_scores_are_a_detectors_not_a_ctc_sequence() -> Non
     noisy = scores + r.normal(0, 1e-3, scores.shape).astype(np.float32)
     f = output_fidelity(scores, noisy, "output_1")
     assert f["task"]["metric"] == "class_agreement" and f["task"]["value"] > 0.9
+
+
+def _decoder_with_past() -> onnx.ModelProto:
+    """A decoder step's shape: x [N, D] and a key cache past [N, 2, T, D] (T = 0 on the first step) ->
+    y = (x @ W) + sum over the cache, and present = Concat(past, x as one more step) on the time axis."""
+    r = np.random.default_rng(0)
+    w = numpy_helper.from_array(r.normal(0, 0.5, (D, D)).astype(np.float32), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("ReduceSum", ["past", "axes"], ["s"], name="sum", keepdims=0),
+        helper.make_node("ReduceSum", ["s", "axis1"], ["s1"], name="sum1", keepdims=0),
+        helper.make_node("Add", ["h", "s1"], ["y"], name="add"),
+        helper.make_node("Unsqueeze", ["h", "axes12"], ["step"], name="unsq"),
+        helper.make_node("Expand", ["step", "shape2"], ["step2"], name="expand"),
+        helper.make_node("Concat", ["past", "step2"], ["present"], name="cat", axis=2),
+    ]
+    consts = [
+        numpy_helper.from_array(np.array([2], np.int64), "axes"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+        numpy_helper.from_array(np.array([1, 2, 1, 1], np.int64), "shape2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "decoder_past",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", D]),
+            helper.make_tensor_value_info("past", TensorProto.FLOAT, ["batch", 2, "past_seq", D]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", D]),
+            helper.make_tensor_value_info("present", TensorProto.FLOAT, ["batch", 2, "total_seq", D]),
+        ],
+        [w, *consts],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_a_zero_length_kv_cache_input_reads_with_a_sample_limit(tmp_path: Path) -> None:
+    # The first decoding step of an exported transformers decoder: past key/values [N, heads, 0, head_dim]. In a
+    # .npz beside non-empty inputs, the empty member (nothing to memory-map) was read cut to --samples while the
+    # others were mapped whole: "inputs hold different numbers of samples ... {'x': 16, 'past': 8}" after the
+    # whole first calibration pass.
+    r = np.random.default_rng(1)
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=r.normal(size=(16, D)).astype(np.float32), past=np.zeros((16, 2, 0, D), np.float32))
+    m = _decoder_with_past()
+    src = open_data(data, input_specs(m), batch_size=4, limit=8)
+    counts = [src.count(b) for b in src]
+    assert counts == [4, 4]
+    model = tmp_path / "dec.onnx"
+    onnx.save(m, model)
+    out = tmp_path / "dec.int8.onnx"
+    res = run_cli("quantize", str(model), "--calib", str(data), "-o", str(out), "--samples", "8", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert out.exists()
+
+
+def test_a_kv_cache_output_is_compared_as_values_not_as_a_segmentation_map() -> None:
+    # present.0.key [N, heads, T, head_dim] looked like [N, K, H, W] segmentation logits: "per-pixel arg-max
+    # agreement" over attention heads.
+    r = np.random.default_rng(2)
+    kv = r.normal(size=(4, 2, 20, 64)).astype(np.float32)
+    for name in ("present.0.key", "present_value_1", "past_key_values.3.value", "cache", "layer.1.value"):
+        assert classify(kv, name).kind == "values", name
+    assert classify(kv, "output").kind == "dense_map"  # an unnamed [N, 2, H, W] map is still a map
+    tokens = r.normal(size=(4, 30, 128)).astype(np.float32)
+    assert classify(tokens, "last_hidden_state").kind == "embedding"

@@ -20,6 +20,7 @@ heuristic is small on purpose: its reason is returned (`why`) and the caller can
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -47,6 +48,7 @@ _EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "en
 _SEQ_NAMES = ("ctc", "seq", "char", "text", "token")
 _SEG_NAMES = ("seg", "mask", "logit", "class", "prob")
 # names of a detector's per-anchor score output, and the row count from which softmax rows are anchors, not CTC steps
+_STATE_NAMES = ("present", "past", "cache", "state_out", "new_state")
 _DET_NAMES = ("score", "conf", "cls", "det", "anchor")
 SOFTMAX_ANCHORS = 1000
 # [N, T, F] probabilities named so are a speech enhancer's time-frequency mask or gains (VoiceFilter, DeepFilterNet):
@@ -71,6 +73,13 @@ class OutputKind:
 def _hint(name: str, words: tuple[str, ...]) -> bool:
     low = name.lower()
     return any(w in low for w in words)
+
+
+def _is_state(name: str) -> bool:
+    """A decoder's key/value cache ([N, heads, T, head_dim], transformers' `present.0.key`) or a recurrent state:
+    read as a [N, K, H, W] map, its heads were "segmentation classes" and its scores a per-pixel arg-max."""
+    low = name.lower()
+    return _hint(low, _STATE_NAMES) or bool(re.search(r"(^|[._/])(key|value)s?$", low))
 
 
 def _is_prob(x: np.ndarray) -> bool:
@@ -110,6 +119,8 @@ def classify(ref: np.ndarray, name: str = "") -> OutputKind:
     squeezed = tuple(d for d in shape if d != 1)
     if len(squeezed) == 1:
         return _vector(x.reshape(len(x), -1), name)
+    if x.ndim >= 3 and _is_state(name):
+        return OutputKind("values", f"{x.ndim}-D output named like a key/value cache or state ({name!r})")
     if x.ndim == 4:
         return _map(x, name)
     if x.ndim == 3:

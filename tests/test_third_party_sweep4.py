@@ -10,7 +10,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+import lowbit
 from conftest import run_cli
+from helpers import rel_rms, run
 from lowbit.data import input_specs, open_data
 from lowbit.evaluate.outputs import classify, output_fidelity
 
@@ -108,3 +110,50 @@ def test_a_kv_cache_output_is_compared_as_values_not_as_a_segmentation_map() -> 
     assert classify(kv, "output").kind == "dense_map"  # an unnamed [N, 2, H, W] map is still a map
     tokens = r.normal(size=(4, 30, 128)).astype(np.float32)
     assert classify(tokens, "last_hidden_state").kind == "embedding"
+
+
+def _weight_norm_conv() -> onnx.ModelProto:
+    """A conv whose weight is computed from constants as the dynamo exporter writes PyTorch's weight_norm
+    (wav2vec2's positional conv, HiFi-GAN's, EnCodec's): w = g * v / ReduceL2(v) over all but the output axis,
+    with more elements than a fold of a small tensor into a big one may make."""
+    r = np.random.default_rng(3)
+    v = r.normal(0, 1, (128, 64, 3, 3)).astype(np.float32)
+    g = r.uniform(0.5, 1.5, (128, 1, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceL2", ["v", "axes"], ["norm"], name="norm", keepdims=1),
+        helper.make_node("Div", ["v", "norm"], ["unit"], name="div"),
+        helper.make_node("Mul", ["g", "unit"], ["w"], name="mul"),
+        helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["y"], ["z"], name="relu"),
+    ]
+    inits = [
+        numpy_helper.from_array(v, "v"),
+        numpy_helper.from_array(g, "g"),
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "weight_norm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 128, 8, 8])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_a_weight_norm_conv_from_the_dynamo_exporter_gets_an_int8_weight() -> None:
+    # Before: the computed weight (73728 elements) was over the folding limit, so the conv stayed float ("weight
+    # is not a constant (computed at run time)") between quantized neighbours, and its float weight stayed.
+    m = _weight_norm_conv()
+    r = np.random.default_rng(4)
+    calib = [{"x": r.normal(size=(1, 64, 8, 8)).astype(np.float32)} for _ in range(8)]
+    res = lowbit.quantize(m, calib=calib, progress=False)
+    assert res.plan.nodes["conv"].quantized
+    q = res.model
+    assert not any(n.op_type in ("ReduceL2", "Div") for n in q.graph.node)
+    assert q.ByteSize() < m.ByteSize() / 3  # int8 weight, the float v and g gone
+    x = r.normal(size=(4, 64, 8, 8)).astype(np.float32)
+    ref, out = run(m, [{"x": x}], float_model=True)[0], run(q, [{"x": x}])[0]
+    assert rel_rms(ref, out) < 0.05

@@ -157,3 +157,35 @@ def test_a_weight_norm_conv_from_the_dynamo_exporter_gets_an_int8_weight() -> No
     x = r.normal(size=(4, 64, 8, 8)).astype(np.float32)
     ref, out = run(m, [{"x": x}], float_model=True)[0], run(q, [{"x": x}])[0]
     assert rel_rms(ref, out) < 0.05
+
+
+def _yolo_head(r: np.random.Generator, classes: int, extras: np.ndarray) -> np.ndarray:
+    """ultralytics' exported head, [N, 4 + classes + extras, anchors]: pixel boxes, sigmoid scores, then extras."""
+    n, _, a = extras.shape
+    boxes = r.uniform(0, 320, (n, 4, a))
+    scores = 1 / (1 + np.exp(-r.normal(-3, 2, (n, classes, a))))
+    return np.concatenate([boxes, scores, extras], 1).astype(np.float32)
+
+
+def test_yolo_seg_and_pose_heads_are_scored_on_their_classes_not_their_extras() -> None:
+    # yolo11n-seg: 4 + 80 classes + 32 mask coefficients; the arg-max ran over the coefficients too ("top-class
+    # agreement 38%" at cosine 0.991). yolov8n-pose: 4 + 1 score + 17 x 3 keypoints, read as token vectors (cosine).
+    r = np.random.default_rng(5)
+    seg = _yolo_head(r, 3, r.normal(0, 3, (4, 8, 600)))
+    got = classify(seg, "output0")
+    assert (got.kind, got.variant, got.classes) == ("boxes", "anchors_last", 3), got
+    out = seg.copy()
+    out[:, 7:] += r.normal(0, 3, out[:, 7:].shape).astype(np.float32)  # the coefficients move, not the classes
+    f = output_fidelity(seg, out, "output0")
+    assert f["task"]["metric"] == "class_agreement" and f["task"]["value"] == 1.0
+    out[:, 4:7] = out[:, [5, 6, 4]]  # now the classes move
+    assert output_fidelity(seg, out, "output0")["task"]["value"] < 0.5
+
+    kpts = np.concatenate([r.uniform(0, 320, (4, 2, 600)), r.uniform(0, 1, (4, 1, 600))], 1)
+    pose = _yolo_head(r, 1, np.tile(kpts, (1, 3, 1)))
+    got = classify(pose, "output0")
+    assert (got.kind, got.classes) == ("boxes", 1), got
+    out = pose.copy()
+    out[:, 4] = np.where(out[:, 4] > 0.25, 0.1, out[:, 4])  # every scored anchor loses its score
+    f = output_fidelity(pose, out, "output0")
+    assert f["anchors"] > 0 and f["task"]["value"] == 0.0

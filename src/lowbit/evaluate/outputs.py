@@ -68,6 +68,7 @@ class OutputKind:
     kind: Kind
     why: str
     variant: str = ""
+    classes: int = 0  # boxes: the score rows after the 4 box values (0: all of them; fewer when extras follow)
 
 
 def _hint(name: str, words: tuple[str, ...]) -> bool:
@@ -176,15 +177,27 @@ def _boxes(x: np.ndarray) -> OutputKind | None:
         if not 5 <= feats <= 4 + 1000 or anchors < 4 * feats:
             continue
         box = np.take(x, range(4), axis=feat_axis)
-        cls = np.take(x, range(4, feats), axis=feat_axis)
+        nc = _score_rows(x, feat_axis, feats)
+        cls = np.take(x, range(4, 4 + nc), axis=feat_axis)
         span_box, span_cls = float(np.ptp(box)), float(np.ptp(cls))
         if span_box > 8 * max(span_cls, 1e-6) or (_is_prob(cls) and not _is_prob(box) and span_box > 2 * span_cls):
+            extra = f" + {feats - 4 - nc} other values (mask coefficients, keypoints)" if nc < feats - 4 else ""
             why = (
-                f"{anchors} anchors x (4 box values + {feats - 4} scores); box values span {span_box:.3g}, "
+                f"{anchors} anchors x (4 box values + {nc} scores{extra}); box values span {span_box:.3g}, "
                 f"scores {span_cls:.3g} (a detector head)"
             )
-            return OutputKind("boxes", why, layout)
+            return OutputKind("boxes", why, layout, nc if nc < feats - 4 else 0)
     return None
+
+
+def _score_rows(x: np.ndarray, feat_axis: int, feats: int) -> int:
+    """How many rows after the 4 box values are scores: all of them, or (ultralytics' -seg and -pose heads, 4 + 80
+    classes + 32 mask coefficients, 4 + 1 + 17 x 3 keypoints) the leading run of probability rows when rows that
+    are not probabilities follow. Those extras are no classes: an arg-max over them measured nothing."""
+    probs = [_is_prob(np.take(x, k, axis=feat_axis)) for k in range(4, feats)]
+    if not probs[0] or all(probs):
+        return feats - 4
+    return probs.index(False)
 
 
 def _anchor_scores(x: np.ndarray, name: str = "") -> OutputKind | None:
@@ -321,6 +334,8 @@ def output_fidelity(
         first = k.variant.endswith("anchors_first")
         rb, ob = (r, o) if first else (np.swapaxes(r, 1, 2), np.swapaxes(o, 1, 2))
         nb = 0 if k.variant.startswith("scores") else 4
+        if k.classes:  # scores followed by other values: measured on the boxes and scores only
+            rb, ob = rb[..., : nb + k.classes], ob[..., : nb + k.classes]
         if not _is_prob(rb[..., nb:]):  # logits: sigmoid them so the 0.25 score threshold means something
             rb, ob = rb.copy(), ob.copy()
             rb[..., nb:], ob[..., nb:] = _sigmoid(rb[..., nb:]), _sigmoid(ob[..., nb:])

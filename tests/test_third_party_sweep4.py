@@ -14,6 +14,8 @@ import lowbit
 from conftest import run_cli
 from helpers import rel_rms, run
 from lowbit.data import input_specs, open_data
+from lowbit.evaluate.check import runtime_check
+from lowbit.evaluate.kernel_gap import gap_text
 from lowbit.evaluate.outputs import classify, output_fidelity
 
 D = 8
@@ -189,3 +191,47 @@ def test_yolo_seg_and_pose_heads_are_scored_on_their_classes_not_their_extras() 
     out[:, 4] = np.where(out[:, 4] > 0.25, 0.1, out[:, 4])  # every scored anchor loses its score
     f = output_fidelity(pose, out, "output0")
     assert f["anchors"] > 0 and f["task"]["value"] == 0.0
+
+
+def _two_outputs_second_parts() -> onnx.ModelProto:
+    """Output `a` = Relu(x), the same under kernels and simulation; output `b` = Relu after a change of scale with no
+    op between, which ONNX Runtime's optimizer folds into one rounding (the simulation rounds twice)."""
+    inits = [
+        numpy_helper.from_array(np.array(0.01, np.float32), "s1"),
+        numpy_helper.from_array(np.array(128, np.uint8), "z1"),
+        numpy_helper.from_array(np.array(0.25, np.float32), "s2"),
+        numpy_helper.from_array(np.array(100, np.uint8), "z2"),
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["a"], name="plain"),
+        helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["q1"], name="q_fine"),
+        helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["d1"], name="dq_fine"),
+        helper.make_node("QuantizeLinear", ["d1", "s2", "z2"], ["q2"], name="q_coarse"),
+        helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["d2"], name="dq_coarse"),
+        helper.make_node("Relu", ["d2"], ["b"], name="relu"),
+    ]
+    g = helper.make_graph(
+        nodes,
+        "two_outputs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (4, 64))],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, (4, 64)),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, (4, 64)),
+        ],
+        inits,
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_check_names_where_kernels_part_on_any_output_not_only_the_first() -> None:
+    # yolo11n-seg: boxes (output0) agreed at 0.9992, the mask prototypes (output1) at 0.9333, and the summary named
+    # no op: only the first output was looked at.
+    m = _two_outputs_second_parts()
+    batches = [{"x": np.random.default_rng(i).normal(0, 1, (4, 64)).astype(np.float32)} for i in range(4)]
+    check = runtime_check(m, m, batches, locate_gap=True)
+    by_name = {o["name"]: o["kernels_vs_simulation"]["cosine"] for o in check["outputs"]}
+    assert by_name["a"] > 0.9999 and by_name["b"] < 0.999
+    gap = check.get("kernel_gap")
+    assert gap is not None and gap["first"] is not None and gap["first"]["node"] == "relu"
+    assert gap["output_cosine"] < 0.999
+    assert "part at Relu 'relu'" in gap_text(gap)

@@ -108,8 +108,9 @@ def detection_agreement(
     [N, A, C] scores alone (`box_values` 0: a head writing boxes to another output).
 
     On the anchors whose best reference score exceeds `score_threshold`: how often the best class is the same
-    ("class_agreement"; with one class, how many of the anchors either scores above it both do), and the mean box error relative to the box size ("box_error"), the size being the mean
-    of the last two box values (width and height in YOLO's cx, cy, w, h). None when no anchor qualifies.
+    ("class_agreement"; with one class, how many of the anchors either scores above it both do), and the mean
+    box error relative to the box size ("box_error"), the size being the mean of the last two box values (width
+    and height in YOLO's cx, cy, w, h). None when no anchor qualifies.
     """
     rs, os_ = ref[..., box_values:], out[..., box_values:]
     keep = rs.max(-1) > score_threshold

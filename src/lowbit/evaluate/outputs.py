@@ -218,7 +218,7 @@ def _anchor_scores(x: np.ndarray, name: str = "") -> OutputKind | None:
             why = f"{anchors} anchors x {feats} independent class probabilities, no box values (a detector's scores)"
             return OutputKind("boxes", why, layout)
         if not _hint(name, _SEQ_NAMES) and (_hint(name, _DET_NAMES) or anchors >= SOFTMAX_ANCHORS):
-            why = f"{anchors} anchors x {feats} softmax class probabilities, no box values (an SSD-style detector's scores)"
+            why = f"{anchors} anchors x {feats} softmax class probabilities, no box values (an SSD head's scores)"
             return OutputKind("boxes", why, layout)
     return None
 

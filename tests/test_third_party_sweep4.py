@@ -235,3 +235,52 @@ def test_the_check_names_where_kernels_part_on_any_output_not_only_the_first() -
     assert gap is not None and gap["first"] is not None and gap["first"]["node"] == "relu"
     assert gap["output_cosine"] < 0.999
     assert "part at Relu 'relu'" in gap_text(gap)
+
+
+def _dfl_head() -> onnx.ModelProto:
+    """ultralytics' DFL box decoding: [N, 64, A] -> [N, 4, 16, A] -> [N, 16, 4, A] -> softmax over the 16 bins
+    (axis 1) -> a 1x1 conv with weights 0..15 (the expected bin) -> [N, 4, A]. A conv before it, as in the head."""
+    a = 20
+    r = np.random.default_rng(6)
+    inits = [
+        numpy_helper.from_array(r.normal(0, 0.5, (64, 64, 1)).astype(np.float32), "w0"),
+        numpy_helper.from_array(np.array([1, 4, 16, a], np.int64), "s4"),
+        numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(1, 16, 1, 1), "bins"),
+        numpy_helper.from_array(np.array([1, 4, a], np.int64), "s3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c"], name="head"),
+        helper.make_node("Reshape", ["c", "s4"], ["r"], name="split"),
+        helper.make_node("Transpose", ["r"], ["t"], name="bins_first", perm=[0, 2, 1, 3]),
+        helper.make_node("Softmax", ["t"], ["p"], name="dfl_softmax", axis=1),
+        helper.make_node("Conv", ["p", "bins"], ["e"], name="expect"),
+        helper.make_node("Reshape", ["e", "s3"], ["y"], name="boxes"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dfl",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64, a])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, a])],
+        inits,
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_a_softmax_over_a_middle_axis_exports_to_tflite() -> None:
+    # Every YOLOv8/YOLO11 head: "softmax over axis 1 of 4; TFLite's SOFTMAX works on the last axis only".
+    from lowbit.export.tflite import convert
+    from test_tflite import run_ort, run_tflite
+
+    r = np.random.default_rng(7)
+    calib = [{"x": r.normal(0, 1, (1, 64, 20)).astype(np.float32)} for _ in range(8)]
+    q = lowbit.quantize(_dfl_head(), calib=calib, progress=False).model
+    res = convert(q)
+    assert res.quantized and res.ops.get("SOFTMAX") == 1 and res.ops.get("TRANSPOSE", 0) >= 2
+    for _ in range(3):
+        x = r.normal(0, 1, (1, 64, 20)).astype(np.float32)
+        want = run_ort(q, x)
+        got = run_tflite(res.data, x, dequantize=True)
+        assert got.shape == want.shape
+        assert rel_rms(want, got) < 0.02  # the same computation; int8 softmax rounds alike up to a step

@@ -97,6 +97,10 @@ def load_arrays(
                 # a small file holding a huge compressed array stays small.
                 start = _stored_data_start(zf, info)
                 mapped = None if start is None else _mapped(path, start, info.file_size, where)
+                if mapped is not None and limit is not None and mapped.ndim == ranks[name] and mapped.ndim:
+                    # cut as `_read_member` cuts: an empty member (a KV cache's 0-length past, read unmapped) beside
+                    # mapped ones would otherwise count `limit` samples against their whole file
+                    mapped = mapped[:limit]
                 out[key] = mapped if mapped is not None else _read_member(zf, info, ranks[name], limit, where)
             return out
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:

@@ -215,7 +215,7 @@ def locate(
 
     Returns JSON-ready data: `first` (the first region, in graph order, whose output cosine falls below
     `threshold` while all its inputs stay at or above it; None if there is none), `worst` (the `top` regions that
-    lower the cosine most relative to their inputs) and `output_cosine` (the first model output).
+    lower the cosine most relative to their inputs) and `output_cosine` (the lowest over the model's outputs).
     `kernels`: the model's first output over these batches from its own kernel session (samples first, as
     `run_all` gives it), if the caller has it: it is what the exposed kernels must reproduce (not run again).
     """
@@ -246,7 +246,7 @@ def compare(
     zps = _zero_points(quant_model)
     outputs = [o.name for o in quant_model.graph.output]
     agree = {n: _Agreement(zps.get(n)) for n in names}
-    whole = _Agreement(None)  # the first model output as it is (no zero point), for `output_cosine`
+    wholes = [_Agreement(None) for _ in outputs]  # each model output as it is (no zero point), for `output_cosine`
     sims: list[list[np.ndarray]] = [[] for _ in outputs]
     seen: list[np.ndarray] = []  # the exposed kernels' first output, to hold against `kernels`
     exposure_changed = False
@@ -263,7 +263,8 @@ def compare(
             seen.append(kern[order[0]])
         for name in names:
             agree[name].add(np.asarray(kern[name]), np.asarray(sim[name]))
-        whole.add(np.asarray(kern[outputs[0]]), np.asarray(sim[outputs[0]]))
+        for whole, name in zip(wholes, outputs):
+            whole.add(np.asarray(kern[name]), np.asarray(sim[name]))
         for acc, name in zip(sims, outputs):
             acc.append(sim[name])
     axes = output_batch_axes(sim_sess)
@@ -290,7 +291,7 @@ def compare(
     worst = sorted(blamable, key=lambda x: x["cosine"] - x["inputs_cosine"])[:top]
     report = {
         "threshold": threshold,
-        "output_cosine": whole.cosine(),
+        "output_cosine": min(whole.cosine() for whole in wholes),
         "first": first,
         "worst": [x for x in worst if x["cosine"] < x["inputs_cosine"]],
         "exposure_changed_kernels": exposure_changed,

@@ -108,14 +108,19 @@ def detection_agreement(
     [N, A, C] scores alone (`box_values` 0: a head writing boxes to another output).
 
     On the anchors whose best reference score exceeds `score_threshold`: how often the best class is the same
-    ("class_agreement"), and the mean box error relative to the box size ("box_error"), the size being the mean
-    of the last two box values (width and height in YOLO's cx, cy, w, h). None when no anchor qualifies.
+    ("class_agreement"; with one class, how many of the anchors either scores above it both do), and the mean
+    box error relative to the box size ("box_error"), the size being the mean of the last two box values (width
+    and height in YOLO's cx, cy, w, h). None when no anchor qualifies.
     """
     rs, os_ = ref[..., box_values:], out[..., box_values:]
     keep = rs.max(-1) > score_threshold
     if not keep.any():
         return {"class_agreement": None, "box_error": None, "anchors": 0}
-    agree = float(np.mean(rs[keep].argmax(-1) == os_[keep].argmax(-1)))
+    if rs.shape[-1] == 1:  # one class (a pose head's person score): agreement on which anchors are scored
+        either = keep | (os_.max(-1) > score_threshold)
+        agree = float(np.mean(keep[either] == (os_.max(-1) > score_threshold)[either]))
+    else:
+        agree = float(np.mean(rs[keep].argmax(-1) == os_[keep].argmax(-1)))
     if not box_values:
         return {"class_agreement": agree, "box_error": None, "anchors": int(keep.sum())}
     rb, ob = ref[..., :4][keep].astype(np.float64), out[..., :4][keep].astype(np.float64)

@@ -20,6 +20,7 @@ heuristic is small on purpose: its reason is returned (`why`) and the caller can
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
@@ -48,6 +49,10 @@ _CLASS_NAMES = ("logit", "class", "prob", "score", "cls", "label", "pred")
 _EMBED_NAMES = ("emb", "feature", "feat", "hidden", "pool", "vector", "vec", "encod", "fingerprint", "descriptor")
 _SEQ_NAMES = ("ctc", "seq", "char", "text", "token")
 _SEG_NAMES = ("seg", "mask", "logit", "class", "prob")
+# names of a detector's per-anchor score output, and the row count from which softmax rows are anchors, not CTC steps
+_STATE_NAMES = ("present", "past", "cache", "state_out", "new_state")
+_DET_NAMES = ("score", "conf", "cls", "det", "anchor")
+SOFTMAX_ANCHORS = 1000
 # [N, T, F] probabilities named so are a speech enhancer's time-frequency mask or gains (VoiceFilter, DeepFilterNet):
 # read as a detector's anchor scores, argmax over time steps flipped between near-equal gains (63% "agreement" at
 # 52 dB SQNR, cosine 1.0000), a false alarm. They are compared as values.
@@ -65,11 +70,19 @@ class OutputKind:
     kind: Kind
     why: str
     variant: str = ""
+    classes: int = 0  # boxes: the score rows after the 4 box values (0: all of them; fewer when extras follow)
 
 
 def _hint(name: str, words: tuple[str, ...]) -> bool:
     low = name.lower()
     return any(w in low for w in words)
+
+
+def _is_state(name: str) -> bool:
+    """A decoder's key/value cache ([N, heads, T, head_dim], transformers' `present.0.key`) or a recurrent state:
+    read as a [N, K, H, W] map, its heads were "segmentation classes" and its scores a per-pixel arg-max."""
+    low = name.lower()
+    return _hint(low, _STATE_NAMES) or bool(re.search(r"(^|[._/])(key|value)s?$", low))
 
 
 def _is_prob(x: np.ndarray) -> bool:
@@ -109,13 +122,15 @@ def classify(ref: np.ndarray, name: str = "") -> OutputKind:
     squeezed = tuple(d for d in shape if d != 1)
     if len(squeezed) == 1:
         return _vector(x.reshape(len(x), -1), name)
+    if x.ndim >= 3 and _is_state(name):
+        return OutputKind("values", f"{x.ndim}-D output named like a key/value cache or state ({name!r})")
     if x.ndim == 4:
         return _map(x, name)
     if x.ndim == 3:
         # Scores alone first: with every value a probability, four score columns are no box (PicoDet's class 3)
         if _hint(name, _GAIN_NAMES) and _is_prob(x):
             return OutputKind("values", f"[N, {x.shape[1]}, {x.shape[2]}] in [0, 1] named like a mask or gains")
-        found = _anchor_scores(x) or _boxes(x)
+        found = _anchor_scores(x, name) or _boxes(x)
         return found if found is not None else _sequence(x, name)
     return OutputKind("values", f"{x.ndim}-D output of shape {list(shape)} per sample: no task pattern")
 
@@ -164,27 +179,48 @@ def _boxes(x: np.ndarray) -> OutputKind | None:
         if not 5 <= feats <= 4 + 1000 or anchors < 4 * feats:
             continue
         box = np.take(x, range(4), axis=feat_axis)
-        cls = np.take(x, range(4, feats), axis=feat_axis)
+        nc = _score_rows(x, feat_axis, feats)
+        cls = np.take(x, range(4, 4 + nc), axis=feat_axis)
         span_box, span_cls = float(np.ptp(box)), float(np.ptp(cls))
         if span_box > 8 * max(span_cls, 1e-6) or (_is_prob(cls) and not _is_prob(box) and span_box > 2 * span_cls):
+            extra = f" + {feats - 4 - nc} other values (mask coefficients, keypoints)" if nc < feats - 4 else ""
             why = (
-                f"{anchors} anchors x (4 box values + {feats - 4} scores); box values span {span_box:.3g}, "
+                f"{anchors} anchors x (4 box values + {nc} scores{extra}); box values span {span_box:.3g}, "
                 f"scores {span_cls:.3g} (a detector head)"
             )
-            return OutputKind("boxes", why, layout)
+            return OutputKind("boxes", why, layout, nc if nc < feats - 4 else 0)
     return None
 
 
-def _anchor_scores(x: np.ndarray) -> OutputKind | None:
+def _score_rows(x: np.ndarray, feat_axis: int, feats: int) -> int:
+    """How many rows after the 4 box values are scores: all of them, or (ultralytics' -seg and -pose heads, 4 + 80
+    classes + 32 mask coefficients, 4 + 1 + 17 x 3 keypoints) the leading run of probability rows when rows that
+    are not probabilities follow. Those extras are no classes: an arg-max over them measured nothing."""
+    probs = [_is_prob(np.take(x, k, axis=feat_axis)) for k in range(4, feats)]
+    if not probs[0] or all(probs):
+        return feats - 4
+    return probs.index(False)
+
+
+def _anchor_scores(x: np.ndarray, name: str = "") -> OutputKind | None:
     """[N, A, C] or [N, C, A] independent probabilities (sigmoid, not summing to 1) over many more anchors than
     classes: a detector head whose boxes are another output (PicoDet, NanoDet, RetinaNet-style exports). Measured as
-    boxes are, on the scores: SQNR would count the near-zero scores of empty anchors."""
+    boxes are, on the scores: SQNR would count the near-zero scores of empty anchors.
+
+    Rows summing to 1 are an SSD-style head's softmax over background + classes (torchvision's SSDLite: [N, 3234,
+    91]) or a recognizer's per-step CTC probabilities; they are a detector's when named like scores, or over
+    SOFTMAX_ANCHORS or more rows, which no CTC recognizer's steps reach (PaddleOCR's: 40-80; speech: ~50 a second)."""
     if not _is_prob(x):
         return None
     a, b = x.shape[1:]
     for layout, feat_axis, feats, anchors in (("scores_anchors_last", 1, a, b), ("scores_anchors_first", 2, b, a)):
-        if 2 <= feats <= 1000 and anchors >= max(64, 4 * feats) and not _sums_to_one(x, feat_axis):
+        if not (2 <= feats <= 1000 and anchors >= max(64, 4 * feats)):
+            continue
+        if not _sums_to_one(x, feat_axis):
             why = f"{anchors} anchors x {feats} independent class probabilities, no box values (a detector's scores)"
+            return OutputKind("boxes", why, layout)
+        if not _hint(name, _SEQ_NAMES) and (_hint(name, _DET_NAMES) or anchors >= SOFTMAX_ANCHORS):
+            why = f"{anchors} anchors x {feats} softmax class probabilities, no box values (an SSD head's scores)"
             return OutputKind("boxes", why, layout)
     return None
 
@@ -300,6 +336,8 @@ def output_fidelity(
         first = k.variant.endswith("anchors_first")
         rb, ob = (r, o) if first else (np.swapaxes(r, 1, 2), np.swapaxes(o, 1, 2))
         nb = 0 if k.variant.startswith("scores") else 4
+        if k.classes:  # scores followed by other values: measured on the boxes and scores only
+            rb, ob = rb[..., : nb + k.classes], ob[..., : nb + k.classes]
         if not _is_prob(rb[..., nb:]):  # logits: sigmoid them so the 0.25 score threshold means something
             rb, ob = rb.copy(), ob.copy()
             rb[..., nb:], ob[..., nb:] = _sigmoid(rb[..., nb:]), _sigmoid(ob[..., nb:])

@@ -164,10 +164,21 @@ def softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, ac
     rank = len(ctx.shapes[x])
     axis = a.get("axis", -1)
     axis = axis + rank if axis < 0 else axis
-    if axis != rank - 1:
-        raise fail(node, f"softmax over axis {axis} of {rank}; TFLite's SOFTMAX works on the last axis only")
     xin = ctx.get(x, kind, False)
-    ctx.op("SOFTMAX", [xin], [ctx.produce(y, kind, False)], "SoftmaxOptions", beta=1.0)
+    if axis == rank - 1:
+        ctx.op("SOFTMAX", [xin], [ctx.produce(y, kind, False)], "SoftmaxOptions", beta=1.0)
+        return
+    # TFLite's SOFTMAX works on the last axis only: swap the axis there and back (ultralytics' DFL head, a softmax
+    # over the 16 bins on axis 1 of [N, 16, 4, A], in every YOLOv8/YOLO11 export; the swap is its own inverse).
+    perm = list(range(rank))
+    perm[axis], perm[-1] = rank - 1, axis
+    swapped = tuple(ctx.shape(x, False)[i] for i in perm)
+    name = node.name or y
+    last_in = ctx.fm.add_tensor(ctx._tensor(x, kind, swapped, f"{x}_softmax_last"))
+    ctx.op("TRANSPOSE", [xin, ctx.const_int(perm, f"{name}_perm")], [last_in])
+    last_out = ctx.fm.add_tensor(ctx._tensor(y, kind, swapped, f"{y}_softmax_last"))
+    ctx.op("SOFTMAX", [last_in], [last_out], "SoftmaxOptions", beta=1.0)
+    ctx.op("TRANSPOSE", [last_out, ctx.const_int(perm, f"{name}_perm_back")], [ctx.produce(y, kind, False)])
 
 
 def log_softmax(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:

@@ -161,29 +161,23 @@ def moves(
     return found
 
 
-def best_moves(
-    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective, n: int = 1
-) -> list[dict[str, Precision]]:
-    """The `n` moves that lower `total` the most per estimated millisecond they add, best first (moves that cost no
-    time first, by the time they save; ties: graph order); none when no move lowers it."""
+def best_move(
+    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective
+) -> dict[str, Precision] | None:
+    """The move that lowers `total` the most per estimated millisecond it adds (moves that cost no time first, by
+    the time they save; ties: graph order); None when no move lowers it."""
     here_noise, here_ms = total(now), cost.ms(now)
-    keyed: list[tuple[tuple[float, float, float, int], dict[str, Precision]]] = []
+    best: tuple[float, float, float, int] | None = None
+    chosen: dict[str, Precision] | None = None
     for i, move in enumerate(moves(cost, options, now)):
         trial = {**now, **move}
         gain, added = here_noise - total(trial), cost.ms(trial) - here_ms
         if gain < 0 or (gain == 0 and added >= 0):
             continue
-        keyed.append(((float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i), move))
-    keyed.sort(key=lambda k: k[0], reverse=True)
-    return [move for _, move in keyed[:n]]
-
-
-def best_move(
-    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective
-) -> dict[str, Precision] | None:
-    """The move that lowers `total` the most per estimated millisecond it adds (`best_moves`' first)."""
-    found = best_moves(cost, options, now, total, 1)
-    return found[0] if found else None
+        key = (float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i)
+        if best is None or key > best:
+            best, chosen = key, move
+    return chosen
 
 
 def chain(
@@ -222,7 +216,6 @@ def repair(
     wrong: Callable[[dict[str, Precision]], frozenset[int] | None],
     target: Callable[[frozenset[int]], Objective],
     steps: int,
-    width: int = 1,
 ) -> dict[str, Precision] | None:
     """A measured greedy search for a passing assignment: measure, then take the move that most lowers the
     estimated error *of the samples the measured model gets wrong* per estimated ms, and measure again.
@@ -230,30 +223,18 @@ def repair(
     `wrong(a)` measures `a`: None when it meets the budget, else the samples it gets wrong; `target(samples)`: an
     estimate of the error on those samples (expected flips of just those answers). The chain ranks layers by their
     estimate on all samples; near the budget what matters is the one or two answers still wrong, and which
-    layers push them over. With `width` > 1, each step measures the `width` best moves by that estimate and goes
-    on from the one that measures fewest wrong answers (ties: the cheaper by the cost model); if some pass, the
-    cheapest of those is returned. The answers still wrong near the budget are near-ties that any change can
-    move either way, so the estimate ranks candidates and the measurement picks among them. Returns the first
-    passing assignment, or None after `steps` measurements."""
+    layers push them over. Returns the first passing assignment, or None after `steps` measurements."""
     options = options_of(cost, noise, start)
     now = dict(start)
-    bad = wrong(now)
-    used = 1
-    while bad is not None:
-        moves_now = best_moves(cost, options, now, target(bad), width)[: max(0, steps - used)]
-        if not moves_now:
+    for _ in range(steps):
+        bad = wrong(now)
+        if bad is None:
+            return now
+        move = best_move(cost, options, now, target(bad))
+        if move is None:
             return None
-        tried = []
-        for move in moves_now:
-            trial = {**now, **move}
-            tried.append((wrong(trial), cost.ms(trial), trial))
-            used += 1
-        passing = [(ms, a) for got, ms, a in tried if got is None]
-        if passing:
-            return min(passing, key=lambda p: p[0])[1]
-        fewest = min(tried, key=lambda t: (len(t[0] or ()), t[1]))
-        bad, now = fewest[0], fewest[2]
-    return now
+        now = {**now, **move}
+    return None
 
 
 def shortest_passing(n: int, passes: Callable[[int], bool]) -> int:

@@ -387,12 +387,14 @@ def auto(
         if passing and trim_steps > 0:
             for j, start_k in enumerate(passing):
                 start = assignments[start_k]
-                order = trim_order(cost, noise, start, objective, tuned)
+                order = trim_order(cost, noise, start, objective, tuned, spans=cost.runs > 0)
 
-                def again(a: dict[str, Precision]) -> list[str]:
-                    return trim_order(cost, noise, a, objective, tuned)
+                def again(a: dict[str, Precision]) -> list[str | tuple[str, ...]]:
+                    return trim_order(cost, noise, a, objective, tuned, spans=cost.runs > 0)
 
-                tell(f"trimming: up to {trim_steps} layers tried back at int8 ({len(order)} now), each measured ...")
+                tell(
+                    f"trimming: up to {trim_steps} layers or spans tried back at int8 ({len(order)} now), measured ..."
+                )
                 best = trim(
                     start,
                     order,

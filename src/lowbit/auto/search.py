@@ -11,7 +11,7 @@ measured is a point of the explored front.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .assign import VARIANTS, Layer, Precision
@@ -274,48 +274,66 @@ def trim_order(
     start: dict[str, Precision],
     objective: Objective | None = None,
     base: dict[str, Precision] | None = None,
-) -> list[str]:
+    spans: bool = False,
+) -> list[str | tuple[str, ...]]:
     """The layers of a passing assignment not at their int8 form (in `base`, default plain int8), in the order a
     measured trim tries them back at it: the most estimated milliseconds saved per noise alone added first (the
-    chain's own criterion, backwards); layers whose return saves no time are left out."""
+    chain's own criterion, backwards); layers whose return saves no time are left out.
+
+    With `spans`, also every contiguous span of 2 or more such layers (graph order), all back at once. Why: with a
+    run cost, a layer inside a float run saves nothing alone (its return opens two edges), but a whole stretch of
+    a run's middle can save more kernel time than its two new edges cost (measured on EfficientNet-Lite0: the float
+    prefix through block 5 without blocks 3-4, bench/RESULTS_AUTO.md, seventh round)."""
     here = cost.ms(start)
     home = base or {}
 
     def total(a: dict[str, Precision]) -> float:
         return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in cost.layers)
 
+    away = [
+        x.node
+        for x in cost.layers
+        if start[x.node] != home.get(x.node, "int8") and home.get(x.node, "int8") in noise[x.node]
+    ]
+    parts: list[tuple[str, ...]] = [(n,) for n in away]
+    if spans:
+        order = {x.node: i for i, x in enumerate(cost.layers)}
+        for i in range(len(away)):
+            j = i
+            while j + 1 < len(away) and order[away[j + 1]] == order[away[j]] + 1:
+                j += 1
+                parts.append(tuple(away[i : j + 1]))
+    here_total = total(start)
     keyed = []
-    for i, x in enumerate(cost.layers):
-        own = home.get(x.node, "int8")
-        if start[x.node] == own or own not in noise[x.node]:
-            continue
-        saved = here - cost.ms({**start, x.node: own})
-        added = total({**start, x.node: own}) - total(start)
+    for i, part in enumerate(parts):
+        trial = {**start, **{n: home.get(n, "int8") for n in part}}
+        saved, added = here - cost.ms(trial), total(trial) - here_total
         if saved > 0:
-            keyed.append((saved / max(added, 1e-12), i, x.node))
+            keyed.append((saved / max(added, 1e-12), i, part[0] if len(part) == 1 else part))
     return [n for *_, n in sorted(keyed, key=lambda k: (-k[0], k[1]))]
 
 
 def trim(
     start: dict[str, Precision],
-    order: list[str],
+    order: Sequence[str | tuple[str, ...]],
     passes: Callable[[dict[str, Precision]], bool],
     base: dict[str, Precision] | None = None,
-    reorder: Callable[[dict[str, Precision]], list[str]] | None = None,
+    reorder: Callable[[dict[str, Precision]], Sequence[str | tuple[str, ...]]] | None = None,
     steps: int | None = None,
 ) -> dict[str, Precision]:
-    """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to its int8
-    form (in `base`, default plain int8) when the assignment still passes, measured (not estimated); otherwise it
-    stays. The chain overshoots where its estimate ranks layers wrongly; this undoes the overshoot one measured
-    layer at a time. With `reorder`, the order is computed again after each layer that went back (layers not
-    tried yet only): with a run cost, the layer inside a float run saves nothing until its neighbour at the run's
-    end has gone back. At most `steps` measurements (default: no limit)."""
+    """A measured refinement of an assignment that meets the budget: each layer of `order` (or span of layers, a
+    tuple) goes back to its int8 form (in `base`, default plain int8) when the assignment still passes, measured
+    (not estimated); otherwise it stays. The chain overshoots where its estimate ranks layers wrongly; this undoes
+    the overshoot one measured layer at a time. With `reorder`, the order is computed again after each layer that
+    went back (layers not tried yet only): with a run cost, the layer inside a float run saves nothing until its
+    neighbour at the run's end has gone back. At most `steps` measurements (default: no limit)."""
     now = dict(start)
-    queue, tried = list(order), set[str]()
+    queue, tried = list(order), set[str | tuple[str, ...]]()
     while queue and (steps is None or len(tried) < steps):
-        node = queue.pop(0)
-        tried.add(node)
-        trial: dict[str, Precision] = {**now, node: (base or {}).get(node, "int8")}
+        item = queue.pop(0)
+        tried.add(item)
+        part = (item,) if isinstance(item, str) else item
+        trial: dict[str, Precision] = {**now, **{n: (base or {}).get(n, "int8") for n in part}}
         if passes(trial):
             now = trial
             if reorder is not None:

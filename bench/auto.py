@@ -120,7 +120,6 @@ def run_lowbit(args: argparse.Namespace) -> None:
         out,
         recipe=recipe,
         runs=args.runs,
-        repair_width=args.repair_width,
         repair_steps=args.repair_steps,
         edge_steps=args.edge_steps,
         **budget,
@@ -128,7 +127,6 @@ def run_lowbit(args: argparse.Namespace) -> None:
     seconds = time.perf_counter() - t
     info = {"seconds": seconds, "budget": r.budget, "base": args.base, "runs": args.runs}
     info |= {
-        "repair_width": args.repair_width,
         "repair_steps": args.repair_steps,
         "edge_steps": args.edge_steps,
         "auto": r.to_dict(),
@@ -444,7 +442,6 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=60, help="table: paired latency rounds")
     ap.add_argument("--base", default="default", choices=sorted(BASES), help="lowbit: auto's base recipe")
     ap.add_argument("--runs", type=int, default=3, help="lowbit: auto's --runs (0: per-tensor cost, single moves)")
-    ap.add_argument("--repair-width", type=int, default=1, help="lowbit: auto's repair_width (moves measured per step)")
     ap.add_argument("--repair-steps", type=int, default=30, help="lowbit: auto's repair_steps (models measured)")
     ap.add_argument("--edge-steps", type=int, default=60, help="lowbit: auto's edge_steps (float runs from the edges)")
     ap.add_argument("--save-bases", action="store_true", help="bases: save each model as a row of the table")

@@ -115,7 +115,6 @@ def test_cli_end_to_end(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
         (["--tune-steps", "-1"], "tune_steps must be a whole number >= 0"),
         (["--runs", "-2"], "runs must be a whole number >= 0"),
         (["--edge-steps", "-1"], "edge_steps must be a whole number >= 0"),
-        (["--repair-width", "-1"], "repair_width must be a whole number >= 0"),
     ],
 )
 def test_bad_input_is_one_line(data: tuple[Path, Path, Path], tmp_path: Path, extra: list[str], words: str) -> None:

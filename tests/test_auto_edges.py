@@ -1,4 +1,4 @@
-"""Float runs from the model's edges (edges.py) and the repair that measures several moves per step."""
+"""Float runs from the model's edges (edges.py), and moves offered once."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import lowbit
 from conftest import tiny_cnn
 from lowbit.auto.assign import Layer, Precision
 from lowbit.auto.edges import cheapest_edge_run, edge_runs
-from lowbit.auto.flips import Flips
-from lowbit.auto.search import CostModel, moves, options_of, repair
+from lowbit.auto.search import CostModel, moves, options_of
 
 NAMES = [f"l{i}" for i in range(6)]
 
@@ -89,39 +88,9 @@ def test_the_edge_search_keeps_to_its_cap_and_steps() -> None:
     assert len(measured) < len(edge_runs(NAMES, start))  # the dearer ones were never built
 
 
-def test_a_wider_repair_goes_on_from_the_move_that_measures_best() -> None:
-    """The estimate ranks a first (cheaper), then a and b together, then b; measured, a leaves sample 1 wrong and
-    any assignment with b float passes. Width 1 follows the estimate (a, then its best next move: three models);
-    width 3 measures all three moves and returns the cheapest that passes: b alone."""
-    layers = [Layer("a", "Conv", inputs=("x",), outputs=("t",)), Layer("b", "Conv", inputs=("t",), outputs=("y",))]
-    cost = CostModel(layers, {"int8": {"a": 1.0, "b": 1.0, "other": 0.0}, "float": {"a": 1.5, "b": 3.0}}, {})
-    noise = {n: {"int8": 0.1, "float": 0.0} for n in ("a", "b")}
-    margin = np.array([0.2, 0.2])
-    errors = {"a": {"int8": np.array([0.3, 0.3])}, "b": {"int8": np.array([0.3, 0.3])}}
-    flips = Flips(layers, margin, errors)
-    base: dict[str, Precision] = {"a": "int8", "b": "int8"}
-
-    def run(width: int) -> tuple[dict[str, Precision] | None, list[dict[str, Precision]]]:
-        measured: list[dict[str, Precision]] = []
-
-        def wrong(a: dict[str, Precision]) -> frozenset[int] | None:
-            measured.append(dict(a))
-            return None if a["b"] == "float" else frozenset({1} if a["a"] == "float" else {0, 1})
-
-        return repair(cost, noise, base, wrong, lambda bad: flips.only(sorted(bad)), 10, width), measured
-
-    narrow, narrow_measured = run(1)
-    assert narrow == {"a": "float", "b": "float"} and len(narrow_measured) == 3
-    wide, wide_measured = run(3)
-    assert wide == {"a": "int8", "b": "float"}  # the cheapest passing move, though the estimate ranked it last
-    assert wide_measured[:2] == [base, {"a": "float", "b": "int8"}] and len(wide_measured) == 4
-    assert {"a": "float", "b": "float"} in wide_measured
-    assert cost.ms(wide) < cost.ms(narrow)
-
-
 def test_moves_are_distinct() -> None:
-    """A layer's group with its neighbour is the neighbour's with it: offered once, so a wider repair never
-    measures the same move twice."""
+    """A layer's group with its neighbour is the neighbour's with it: offered once, so no search measures the
+    same move twice."""
     cost = line()
     cost.runs = 3
     noise = {n: {"int8": 0.1, "float": 0.0} for n in NAMES}

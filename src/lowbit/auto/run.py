@@ -110,7 +110,6 @@ def auto(
     latency_rounds: int = 30,
     trim_steps: int = 40,
     repair_steps: int = 30,
-    repair_width: int = 1,
     tune_steps: int = 24,
     edge_steps: int = 60,
     explore: int = 4,
@@ -131,8 +130,7 @@ def auto(
     the estimate of a passing point found already; the first that passes is one more passing point (edges.py).
     With top-1 answers (class scores, or `labels`), a measured repair also searches from the base int8 model: up to
     `repair_steps` assignments, each the last plus the move that most lowers the expected flips of the answers the
-    last one measured got wrong, per estimated ms; with `repair_width` > 1, each step measures that many of the best
-    moves by that estimate and goes on from the one with fewest wrong answers (the cheapest passing one ends it).
+    last one measured got wrong, per estimated ms.
     Before any of that, zero-cost candidates (variants.py: per layer, its output range by another calibration
     method, or its weights without the overflow guard; the same int8 kernels) are tried from the base, most
     estimated gain first, up to `tune_steps` of them, each measured and kept only if the model measures better
@@ -149,7 +147,6 @@ def auto(
     for name, value in (
         ("trim_steps", trim_steps),
         ("repair_steps", repair_steps),
-        ("repair_width", repair_width),
         ("tune_steps", tune_steps),
         ("edge_steps", edge_steps),
         ("explore", explore),
@@ -375,7 +372,7 @@ def auto(
                 return flips.only(rows) if rows else flips  # no wrong answer among the measured samples: all
 
             tell(f"repairing from the base: up to {repair_steps} assignments, each measured ...")
-            fixed = repair(cost, noise, tuned, wrong, target, repair_steps, max(1, repair_width))
+            fixed = repair(cost, noise, tuned, wrong, target, repair_steps)
             if fixed is not None:
                 passing.append(next(i for i in sorted(points, reverse=True) if assignments[i] == fixed))
         if edge_steps > 0:
@@ -390,12 +387,14 @@ def auto(
         if passing and trim_steps > 0:
             for j, start_k in enumerate(passing):
                 start = assignments[start_k]
-                order = trim_order(cost, noise, start, objective, tuned)
+                order = trim_order(cost, noise, start, objective, tuned, spans=cost.runs > 0)
 
-                def again(a: dict[str, Precision]) -> list[str]:
-                    return trim_order(cost, noise, a, objective, tuned)
+                def again(a: dict[str, Precision]) -> list[str | tuple[str, ...]]:
+                    return trim_order(cost, noise, a, objective, tuned, spans=cost.runs > 0)
 
-                tell(f"trimming: up to {trim_steps} layers tried back at int8 ({len(order)} now), each measured ...")
+                tell(
+                    f"trimming: up to {trim_steps} layers or spans tried back at int8 ({len(order)} now), measured ..."
+                )
                 best = trim(
                     start,
                     order,

@@ -11,7 +11,7 @@ measured is a point of the explored front.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .assign import VARIANTS, Layer, Precision
@@ -161,29 +161,23 @@ def moves(
     return found
 
 
-def best_moves(
-    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective, n: int = 1
-) -> list[dict[str, Precision]]:
-    """The `n` moves that lower `total` the most per estimated millisecond they add, best first (moves that cost no
-    time first, by the time they save; ties: graph order); none when no move lowers it."""
+def best_move(
+    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective
+) -> dict[str, Precision] | None:
+    """The move that lowers `total` the most per estimated millisecond it adds (moves that cost no time first, by
+    the time they save; ties: graph order); None when no move lowers it."""
     here_noise, here_ms = total(now), cost.ms(now)
-    keyed: list[tuple[tuple[float, float, float, int], dict[str, Precision]]] = []
+    best: tuple[float, float, float, int] | None = None
+    chosen: dict[str, Precision] | None = None
     for i, move in enumerate(moves(cost, options, now)):
         trial = {**now, **move}
         gain, added = here_noise - total(trial), cost.ms(trial) - here_ms
         if gain < 0 or (gain == 0 and added >= 0):
             continue
-        keyed.append(((float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i), move))
-    keyed.sort(key=lambda k: k[0], reverse=True)
-    return [move for _, move in keyed[:n]]
-
-
-def best_move(
-    cost: CostModel, options: dict[str, list[Precision]], now: dict[str, Precision], total: Objective
-) -> dict[str, Precision] | None:
-    """The move that lowers `total` the most per estimated millisecond it adds (`best_moves`' first)."""
-    found = best_moves(cost, options, now, total, 1)
-    return found[0] if found else None
+        key = (float("inf"), -added, gain, -i) if added <= 0 else (gain / added, gain, 0.0, -i)
+        if best is None or key > best:
+            best, chosen = key, move
+    return chosen
 
 
 def chain(
@@ -222,7 +216,6 @@ def repair(
     wrong: Callable[[dict[str, Precision]], frozenset[int] | None],
     target: Callable[[frozenset[int]], Objective],
     steps: int,
-    width: int = 1,
 ) -> dict[str, Precision] | None:
     """A measured greedy search for a passing assignment: measure, then take the move that most lowers the
     estimated error *of the samples the measured model gets wrong* per estimated ms, and measure again.
@@ -230,30 +223,18 @@ def repair(
     `wrong(a)` measures `a`: None when it meets the budget, else the samples it gets wrong; `target(samples)`: an
     estimate of the error on those samples (expected flips of just those answers). The chain ranks layers by their
     estimate on all samples; near the budget what matters is the one or two answers still wrong, and which
-    layers push them over. With `width` > 1, each step measures the `width` best moves by that estimate and goes
-    on from the one that measures fewest wrong answers (ties: the cheaper by the cost model); if some pass, the
-    cheapest of those is returned. The answers still wrong near the budget are near-ties that any change can
-    move either way, so the estimate ranks candidates and the measurement picks among them. Returns the first
-    passing assignment, or None after `steps` measurements."""
+    layers push them over. Returns the first passing assignment, or None after `steps` measurements."""
     options = options_of(cost, noise, start)
     now = dict(start)
-    bad = wrong(now)
-    used = 1
-    while bad is not None:
-        moves_now = best_moves(cost, options, now, target(bad), width)[: max(0, steps - used)]
-        if not moves_now:
+    for _ in range(steps):
+        bad = wrong(now)
+        if bad is None:
+            return now
+        move = best_move(cost, options, now, target(bad))
+        if move is None:
             return None
-        tried = []
-        for move in moves_now:
-            trial = {**now, **move}
-            tried.append((wrong(trial), cost.ms(trial), trial))
-            used += 1
-        passing = [(ms, a) for got, ms, a in tried if got is None]
-        if passing:
-            return min(passing, key=lambda p: p[0])[1]
-        fewest = min(tried, key=lambda t: (len(t[0] or ()), t[1]))
-        bad, now = fewest[0], fewest[2]
-    return now
+        now = {**now, **move}
+    return None
 
 
 def shortest_passing(n: int, passes: Callable[[int], bool]) -> int:
@@ -293,48 +274,66 @@ def trim_order(
     start: dict[str, Precision],
     objective: Objective | None = None,
     base: dict[str, Precision] | None = None,
-) -> list[str]:
+    spans: bool = False,
+) -> list[str | tuple[str, ...]]:
     """The layers of a passing assignment not at their int8 form (in `base`, default plain int8), in the order a
     measured trim tries them back at it: the most estimated milliseconds saved per noise alone added first (the
-    chain's own criterion, backwards); layers whose return saves no time are left out."""
+    chain's own criterion, backwards); layers whose return saves no time are left out.
+
+    With `spans`, also every contiguous span of 2 or more such layers (graph order), all back at once. Why: with a
+    run cost, a layer inside a float run saves nothing alone (its return opens two edges), but a whole stretch of
+    a run's middle can save more kernel time than its two new edges cost (measured on EfficientNet-Lite0: the float
+    prefix through block 5 without blocks 3-4, bench/RESULTS_AUTO.md, seventh round)."""
     here = cost.ms(start)
     home = base or {}
 
     def total(a: dict[str, Precision]) -> float:
         return objective(a) if objective is not None else sum(noise[x.node][a[x.node]] for x in cost.layers)
 
+    away = [
+        x.node
+        for x in cost.layers
+        if start[x.node] != home.get(x.node, "int8") and home.get(x.node, "int8") in noise[x.node]
+    ]
+    parts: list[tuple[str, ...]] = [(n,) for n in away]
+    if spans:
+        order = {x.node: i for i, x in enumerate(cost.layers)}
+        for i in range(len(away)):
+            j = i
+            while j + 1 < len(away) and order[away[j + 1]] == order[away[j]] + 1:
+                j += 1
+                parts.append(tuple(away[i : j + 1]))
+    here_total = total(start)
     keyed = []
-    for i, x in enumerate(cost.layers):
-        own = home.get(x.node, "int8")
-        if start[x.node] == own or own not in noise[x.node]:
-            continue
-        saved = here - cost.ms({**start, x.node: own})
-        added = total({**start, x.node: own}) - total(start)
+    for i, part in enumerate(parts):
+        trial = {**start, **{n: home.get(n, "int8") for n in part}}
+        saved, added = here - cost.ms(trial), total(trial) - here_total
         if saved > 0:
-            keyed.append((saved / max(added, 1e-12), i, x.node))
+            keyed.append((saved / max(added, 1e-12), i, part[0] if len(part) == 1 else part))
     return [n for *_, n in sorted(keyed, key=lambda k: (-k[0], k[1]))]
 
 
 def trim(
     start: dict[str, Precision],
-    order: list[str],
+    order: Sequence[str | tuple[str, ...]],
     passes: Callable[[dict[str, Precision]], bool],
     base: dict[str, Precision] | None = None,
-    reorder: Callable[[dict[str, Precision]], list[str]] | None = None,
+    reorder: Callable[[dict[str, Precision]], Sequence[str | tuple[str, ...]]] | None = None,
     steps: int | None = None,
 ) -> dict[str, Precision]:
-    """A measured refinement of an assignment that meets the budget: each layer of `order` goes back to its int8
-    form (in `base`, default plain int8) when the assignment still passes, measured (not estimated); otherwise it
-    stays. The chain overshoots where its estimate ranks layers wrongly; this undoes the overshoot one measured
-    layer at a time. With `reorder`, the order is computed again after each layer that went back (layers not
-    tried yet only): with a run cost, the layer inside a float run saves nothing until its neighbour at the run's
-    end has gone back. At most `steps` measurements (default: no limit)."""
+    """A measured refinement of an assignment that meets the budget: each layer of `order` (or span of layers, a
+    tuple) goes back to its int8 form (in `base`, default plain int8) when the assignment still passes, measured
+    (not estimated); otherwise it stays. The chain overshoots where its estimate ranks layers wrongly; this undoes
+    the overshoot one measured layer at a time. With `reorder`, the order is computed again after each layer that
+    went back (layers not tried yet only): with a run cost, the layer inside a float run saves nothing until its
+    neighbour at the run's end has gone back. At most `steps` measurements (default: no limit)."""
     now = dict(start)
-    queue, tried = list(order), set[str]()
+    queue, tried = list(order), set[str | tuple[str, ...]]()
     while queue and (steps is None or len(tried) < steps):
-        node = queue.pop(0)
-        tried.add(node)
-        trial: dict[str, Precision] = {**now, node: (base or {}).get(node, "int8")}
+        item = queue.pop(0)
+        tried.add(item)
+        part = (item,) if isinstance(item, str) else item
+        trial: dict[str, Precision] = {**now, **{n: (base or {}).get(n, "int8") for n in part}}
         if passes(trial):
             now = trial
             if reorder is not None:

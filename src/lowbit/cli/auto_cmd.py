@@ -72,14 +72,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="with --max-drop: single float runs from the model's input or output (each prefix and suffix of the "
         "layers), measured cheapest first by the cost model; 0: none (default 60)",
     )
-    p.add_argument(
-        "--repair-width",
-        type=int,
-        default=1,
-        metavar="N",
-        help="the repair measures the N best moves per step and goes on from the one with fewest wrong answers "
-        "(default 1)",
-    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_image_args(p)
@@ -138,7 +130,6 @@ def run(args: argparse.Namespace) -> int:
         tune_steps=args.tune_steps,
         runs=args.runs,
         edge_steps=args.edge_steps,
-        repair_width=args.repair_width,
         progress=not args.quiet,
     )
     print(result.to_json() if args.json else auto_text(result))

@@ -280,11 +280,14 @@ def grouping(args: argparse.Namespace) -> None:
         )
 
 
-def spans(args: argparse.Namespace) -> None:
-    """What one contiguous float run alone buys on the base: float prefixes (the target's float stem extended
-    through block k), single blocks, pairs of blocks and suffixes (block k to the classifier), each counted in lost
-    search answers and held-out answers (kernels), with its latency paired against float in one interleaved run
-    and what the fitted run cost predicts it adds."""
+def block(node: str) -> int:
+    """EfficientNet-Lite0's block of a layer; the head (conv, pool, classifier) is block 16."""
+    return int(node.split("/_blocks.")[1].split("/")[0]) if "/_blocks." in node else 16
+
+
+def span_setup(args: argparse.Namespace) -> tuple:
+    """What `spans` and auto_holes.py measure on: (float model path, calib, search and held-out crops, the float
+    model, a Builder on the base's plan, the all-int8 assignment, the layers that can stay float)."""
     from lowbit.auto.assign import Builder, find_layers
 
     float_path, calib, search = data(args)
@@ -294,10 +297,37 @@ def spans(args: argparse.Namespace) -> None:
     builder = Builder(model, base.plan, find_layers(model, base.plan))
     int8 = builder.everywhere("int8")
     able = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+    return float_path, calib, search, heldout, model, builder, int8, able
 
-    def block(node: str) -> int:  # the head (conv, pool, classifier) is block 16
-        return int(node.split("/_blocks.")[1].split("/")[0]) if "/_blocks." in node else 16
 
+def measure_runs(setup: tuple, runs: dict[str, list[str]]) -> tuple[dict, dict, dict]:
+    """Each float run on the all-int8 model: (layers, lost search and held-out answers with integer kernels), a
+    1-thread session of each (and of float, for paired latency), and each model."""
+    float_path, _, search, heldout, _, builder, int8, _ = setup
+    fl = session(str(float_path))
+    refs = {k: run_all(fl, [{"input": x}])[0].argmax(1) for k, x in (("search", search), ("heldout", heldout))}
+    sessions = {"float": session(str(float_path), threads=1)}
+    found, models = {}, {}
+    for name, part in runs.items():
+        m = builder.build({**int8, **dict.fromkeys(part, "float")})[0]
+        kernels = session(m, "kernels")
+        lost = {
+            k: len(x) - int(sum(batched_agreement(kernels, x, refs[k])))
+            for k, x in (("search", search), ("heldout", heldout))
+        }
+        found[name], models[name] = (len(part), lost), m
+        sessions[name] = session(m, threads=1)
+        print(f"{name}: {len(part)} float, lost search {lost['search']}, held-out {lost['heldout']}", flush=True)
+    return found, sessions, models
+
+
+def spans(args: argparse.Namespace) -> None:
+    """What one contiguous float run alone buys on the base: float prefixes (the target's float stem extended
+    through block k), single blocks, pairs of blocks and suffixes (block k to the classifier), each counted in lost
+    search answers and held-out answers (kernels), with its latency paired against float in one interleaved run
+    and what the fitted run cost predicts it adds."""
+    s = span_setup(args)
+    float_path, calib, search, heldout, model, builder, int8, able = s
     last = max(block(n) for n in able)
     runs: dict[str, list[str]] = {"int8": []}
     for k in range(0, 8):
@@ -308,21 +338,7 @@ def spans(args: argparse.Namespace) -> None:
         runs[f"blocks {b}-{b + 1}"] = [n for n in able if b <= block(n) <= b + 1]
     for k in range(11, last + 1):
         runs[f"suffix {k}-head"] = [n for n in able if block(n) >= k]
-    fl = session(str(float_path))
-    refs = {"search": run_all(fl, [{"input": search}])[0].argmax(1), "heldout": run_all(fl, [{"input": heldout}])[0]}
-    refs["heldout"] = refs["heldout"].argmax(1)
-    sessions = {"float": session(str(float_path), threads=1)}
-    found = {}
-    for name, part in runs.items():
-        m = builder.build({**int8, **dict.fromkeys(part, "float")})[0]
-        s = session(m, "kernels")
-        lost = {
-            k: len(x) - int(sum(batched_agreement(s, x, refs[k])))
-            for k, x in (("search", search), ("heldout", heldout))
-        }
-        found[name] = (len(part), lost)
-        sessions[name] = session(m, threads=1)
-        print(f"{name}: {len(part)} float, lost search {lost['search']}, held-out {lost['heldout']}", flush=True)
+    found, sessions, _ = measure_runs(s, runs)
     cost, _ = fitted_cost(model, builder, calib[:1])
     times = interleaved_latency(sessions, {"input": calib[:1]}, runs=args.rounds, warmup=3)
     ratio = {k: paired_ratio(times, k, "float") for k in sessions}

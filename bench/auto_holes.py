@@ -13,20 +13,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import auto  # noqa: E402
-import lowbit  # noqa: E402
-from auto import base_recipe, batched_agreement, data, save  # noqa: E402
-from lowbit.auto.assign import Builder, find_layers  # noqa: E402
+from auto import block, save  # noqa: E402
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio  # noqa: E402
-from lowbit.runtimes.ort import run_all, session  # noqa: E402
-from lowbit_zoo.zoo import photo_crops  # noqa: E402
-
-
-def block(node: str) -> int:  # the head (conv, pool, classifier) is block 16
-    return int(node.split("/_blocks.")[1].split("/")[0]) if "/_blocks." in node else 16
 
 
 def main() -> int:
@@ -40,13 +31,8 @@ def main() -> int:
     ap.add_argument("--search", type=int, default=128)
     ap.add_argument("--heldout", type=int, default=256)
     args = ap.parse_args()
-    float_path, calib, search = data(args)
-    heldout = photo_crops(args.heldout, "eval")
-    model = onnx.load(str(float_path))
-    base = lowbit.quantize(model, calib=calib, recipe=base_recipe(args.base), progress=False)
-    builder = Builder(model, base.plan, find_layers(model, base.plan))
-    int8 = builder.everywhere("int8")
-    able = [x.node for x in builder.layers if "float" in builder.precisions(x)]
+    setup = auto.span_setup(args)
+    calib, search, heldout, able = setup[1], setup[2], setup[3], setup[7]
     prefix = [n for n in able if block(n) <= args.last]
     name = f"prefix 0-{args.last}"
     runs: dict[str, list[str]] = {"int8": [], name: prefix}
@@ -57,23 +43,11 @@ def main() -> int:
     for n in prefix:
         if "expand" in n or "project" in n:
             runs[f"{name} minus {n.split('/_blocks.')[1]}"] = [m for m in prefix if m != n]
-    fl = session(str(float_path))
-    refs = {k: run_all(fl, [{"input": x}])[0].argmax(1) for k, x in (("search", search), ("heldout", heldout))}
-    sessions = {"float": session(str(float_path), threads=1)}
-    found = {}
+    found, sessions, models = auto.measure_runs(setup, runs)
     wanted = {f"{name} minus blocks {k}" for k in args.save.split(",") if k} | ({name} if args.save else set())
-    for label, part in runs.items():
-        m = builder.build({**int8, **dict.fromkeys(part, "float")})[0]
-        s = session(m, "kernels")
-        lost = {
-            k: len(x) - int(sum(batched_agreement(s, x, refs[k])))
-            for k, x in (("search", search), ("heldout", heldout))
-        }
-        found[label] = (len(part), lost)
-        sessions[label] = session(m, threads=1)
-        if label in wanted:
-            save(args.out, f"{label} ({args.base} base, no auto)", m, {"seconds": 0.0, "float_layers": part})
-        print(f"{label}: {len(part)} float, lost search {lost['search']}, held-out {lost['heldout']}", flush=True)
+    for label in wanted & set(models):
+        info = {"seconds": 0.0, "float_layers": runs[label]}
+        save(args.out, f"{label} ({args.base} base, no auto)", models[label], info)
     times = interleaved_latency(sessions, {"input": calib[:1]}, runs=args.rounds, warmup=3)
     ratio = {k: paired_ratio(times, k, "float") for k in sessions}
     print(f"\nfloat {1e3 * float(np.median(times['float'])):.2f} ms/crop, 1 thread, {args.rounds} paired rounds\n")

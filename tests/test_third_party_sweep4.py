@@ -17,6 +17,7 @@ from lowbit.data import input_specs, open_data
 from lowbit.evaluate.check import runtime_check
 from lowbit.evaluate.kernel_gap import gap_text
 from lowbit.evaluate.outputs import classify, output_fidelity
+from test_kernel_gap import _requantized
 
 D = 8
 
@@ -194,33 +195,16 @@ def test_yolo_seg_and_pose_heads_are_scored_on_their_classes_not_their_extras() 
 
 
 def _two_outputs_second_parts() -> onnx.ModelProto:
-    """Output `a` = Relu(x), the same under kernels and simulation; output `b` = Relu after a change of scale with no
-    op between, which ONNX Runtime's optimizer folds into one rounding (the simulation rounds twice)."""
-    inits = [
-        numpy_helper.from_array(np.array(0.01, np.float32), "s1"),
-        numpy_helper.from_array(np.array(128, np.uint8), "z1"),
-        numpy_helper.from_array(np.array(0.25, np.float32), "s2"),
-        numpy_helper.from_array(np.array(100, np.uint8), "z2"),
-    ]
-    nodes = [
-        helper.make_node("Relu", ["x"], ["a"], name="plain"),
-        helper.make_node("QuantizeLinear", ["x", "s1", "z1"], ["q1"], name="q_fine"),
-        helper.make_node("DequantizeLinear", ["q1", "s1", "z1"], ["d1"], name="dq_fine"),
-        helper.make_node("QuantizeLinear", ["d1", "s2", "z2"], ["q2"], name="q_coarse"),
-        helper.make_node("DequantizeLinear", ["q2", "s2", "z2"], ["d2"], name="dq_coarse"),
-        helper.make_node("Relu", ["d2"], ["b"], name="relu"),
-    ]
-    g = helper.make_graph(
-        nodes,
-        "two_outputs",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, (4, 64))],
-        [
-            helper.make_tensor_value_info("a", TensorProto.FLOAT, (4, 64)),
-            helper.make_tensor_value_info("b", TensorProto.FLOAT, (4, 64)),
-        ],
-        inits,
-    )
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    """test_kernel_gap's requantization (output `b`: Relu after a change of scale with no op between, which ONNX
+    Runtime's optimizer folds into one rounding while the simulation rounds twice) behind a first output `a` =
+    Relu(x), the same under kernels and simulation."""
+    m = _requantized()
+    g = m.graph
+    g.node.insert(0, helper.make_node("Relu", ["x"], ["a"], name="plain"))
+    g.node[-1].output[0] = "b"
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, (4, 64)) for n in ("a", "b")])
+    return m
 
 
 def test_the_check_names_where_kernels_part_on_any_output_not_only_the_first() -> None:

@@ -71,6 +71,7 @@ KEEP = "<!-- sections below are kept when bench/corpus.py rewrites this file -->
 LOAD = os.getloadavg()
 ORT_TARGET = "lowbit target=onnxruntime"
 NO_PEERS = False  # --no-peers: lowbit's default target only (comparing lowbit's own options)
+CHECK_SAMPLES = 32  # `lowbit quantize --check`'s default; the corpus's feeds hold one sample each
 
 
 def lowbit_static(
@@ -118,11 +119,13 @@ def latency_ratio(float_model: Path, quant_model: Path, feed: dict[str, np.ndarr
     return statistics.median(ratios)
 
 
-def summary_says(model: Path, out: Path, feed: dict[str, np.ndarray], ratio: float, ks: float | None) -> dict:
+def summary_says(model: Path, out: Path, calib: Feeds, ratio: float, ks: float | None) -> dict:
     """What `lowbit quantize`'s summary prints about this model where the criteria ask it to speak: its speed lines
-    (its own paired check, on one calibration sample) when int8 is not clearly faster here, and the line naming
-    where kernels and simulation part when their cosine is below 0.999."""
-    from lowbit.evaluate.kernel_gap import gap_text, locate
+    (its own paired check, on one calibration sample) when int8 is not clearly faster here, and, when kernels and
+    simulation part here (cosine below 0.999), what its check says about where: the check as `quantize` runs it
+    (`--check 32`: the first 32 calibration samples, the gap located over all of them when they part)."""
+    from lowbit.evaluate.check import runtime_check
+    from lowbit.evaluate.kernel_gap import gap_text
     from lowbit.evaluate.lint import lint
     from lowbit.evaluate.speed import speed_check, speed_text
     from lowbit.plan import Plan
@@ -131,9 +134,14 @@ def summary_says(model: Path, out: Path, feed: dict[str, np.ndarray], ratio: flo
     proto = onnx.load(str(out))
     if ratio > 0.95:
         plan = Plan.load(out.with_suffix(".plan.json"))
-        said["speed"] = speed_text(speed_check(str(model), proto, feed), lint(proto, plan=plan))
+        said["speed"] = speed_text(speed_check(str(model), proto, calib[0]), lint(proto, plan=plan))
     if ks is not None and ks < 0.999:
-        said["gap"] = gap_text(locate(proto, [feed]))
+        check = runtime_check(str(model), proto, calib[:CHECK_SAMPLES], locate_gap=True)
+        if "kernel_gap" in check:
+            said["gap"] = gap_text(check["kernel_gap"])
+        else:
+            low = min(o["kernels_vs_simulation"]["cosine"] for o in check["outputs"])
+            said["gap"] = f"(no line: its check's kernels vs simulation cosine is {low:.4f})"
     return said
 
 
@@ -179,7 +187,7 @@ def measure(entry: Entry, work: Path) -> dict:
                 worst = min(names, key=lambda n: cosine(sim[n], got[n]))
                 res["kern_vs_sim"] = cosine(sim[worst], got[worst])
                 res["kern_vs_sim_output"] = worst
-                res["summary"] = summary_says(model, out, calib[0], res["latency"], res["kern_vs_sim"])
+                res["summary"] = summary_says(model, out, calib, res["latency"], res["kern_vs_sim"])
         except Exception as e:
             res["error"] = one_line(e)
             if "--trace" in sys.argv:

@@ -19,8 +19,13 @@ import onnx
 from onnx import numpy_helper
 
 from ..runtimes.ort import join, output_batch_axes, session
+from .metrics import cosine
 
 GAP_COSINE = 0.999  # below this kernels-vs-simulation cosine, the quantize summary names where they part
+# A region whose own drop (inputs' cosine - its output's) is less than this share of the gap at its output did not
+# part alone: the gap built up before it (MobileNetV3-Small: 0.9991 -> 0.9989, one or two steps apart per region all
+# the way down). Naming it as "the kernel that differs" would send a user after an op that computes nothing wrong.
+DRIFT_SHARE = 0.5
 _Q = "QuantizeLinear"
 _DQ = "DequantizeLinear"
 # Ops that only select or move values compute nothing a kernel could round differently; a slice of a tensor can
@@ -215,7 +220,9 @@ def locate(
 
     Returns JSON-ready data: `first` (the first region, in graph order, whose output cosine falls below
     `threshold` while all its inputs stay at or above it; None if there is none), `worst` (the `top` regions that
-    lower the cosine most relative to their inputs) and `output_cosine` (the lowest over the model's outputs).
+    lower the cosine most relative to their inputs) and `output_cosine` (the lowest over the model's outputs of
+    the mean per-sample cosine, as the check measures it: one concatenation would let large samples hide small
+    ones' drift: MobileNetV3-Small's logits on 256 held-out crops read 0.9997 that way and 0.9990 per sample).
     `kernels`: the model's first output over these batches from its own kernel session (samples first, as
     `run_all` gives it), if the caller has it: it is what the exposed kernels must reproduce (not run again).
     """
@@ -246,7 +253,7 @@ def compare(
     zps = _zero_points(quant_model)
     outputs = [o.name for o in quant_model.graph.output]
     agree = {n: _Agreement(zps.get(n)) for n in names}
-    wholes = [_Agreement(None) for _ in outputs]  # each model output as it is (no zero point), for `output_cosine`
+    kouts: list[list[np.ndarray]] = [[] for _ in outputs]  # the kernels' model outputs, for `output_cosine`
     sims: list[list[np.ndarray]] = [[] for _ in outputs]
     seen: list[np.ndarray] = []  # the exposed kernels' first output, to hold against `kernels`
     exposure_changed = False
@@ -263,8 +270,8 @@ def compare(
             seen.append(kern[order[0]])
         for name in names:
             agree[name].add(np.asarray(kern[name]), np.asarray(sim[name]))
-        for whole, name in zip(wholes, outputs):
-            whole.add(np.asarray(kern[name]), np.asarray(sim[name]))
+        for acc, name in zip(kouts, outputs):
+            acc.append(kern[name])
         for acc, name in zip(sims, outputs):
             acc.append(sim[name])
     axes = output_batch_axes(sim_sess)
@@ -291,7 +298,13 @@ def compare(
     worst = sorted(blamable, key=lambda x: x["cosine"] - x["inputs_cosine"])[:top]
     report = {
         "threshold": threshold,
-        "output_cosine": min(whole.cosine() for whole in wholes),
+        "output_cosine": min(
+            cosine(join(s, axes.get(n, 0), counted), join(k, axes.get(n, 0), counted))
+            for s, k, n in zip(sims, kouts, outputs)
+            if s
+        )
+        if counted
+        else 1.0,
         "first": first,
         "worst": [x for x in worst if x["cosine"] < x["inputs_cosine"]],
         "exposure_changed_kernels": exposure_changed,
@@ -318,6 +331,13 @@ def gap_text(gap: dict) -> str:
         return (
             f"kernels vs simulation: no single region crosses cosine {gap['threshold']}; the largest drop is "
             f"{x['op_type']} '{x['node']}' (inputs {x['inputs_cosine']:.4f} -> output {x['cosine']:.4f})"
+        )
+    if first["inputs_cosine"] - first["cosine"] < DRIFT_SHARE * (1.0 - first["cosine"]):
+        return (
+            "kernels vs simulation drift apart over many ops, not at one: integer kernels round some values a step "
+            "away from the float simulation and the differences compound through the layers; they cross cosine "
+            f"{gap['threshold']} at {first['op_type']} '{first['node']}' (inputs {first['inputs_cosine']:.5f} -> "
+            f"output {first['cosine']:.5f}); judge the model by its task metric against float"
         )
     return (
         f"kernels vs simulation part at {first['op_type']} '{first['node']}' (region {'/'.join(first['ops'])}): "

@@ -134,7 +134,8 @@ def _residual() -> object:
     """Two convs whose outputs are added: the Add is quantized, with a scale of its own on each side."""
     nodes = [
         node("Conv", ["x", "w1"], ["a"], name="conv1"),
-        node("Conv", ["x", "w2"], ["b"], name="conv2"),
+        node("Conv", ["x", "w2"], ["c"], name="conv2"),
+        node("Relu", ["c"], ["b"], name="relu"),  # else the summed convs of one input merge
         node("Add", ["a", "b"], ["s"], name="add"),
         node("Conv", ["s", "w3"], ["y"], name="conv3"),
     ]

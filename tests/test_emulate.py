@@ -28,7 +28,8 @@ def conv_net() -> onnx.ModelProto:
         node("Relu", ["c2"], ["r2"]),
         node("Conv", ["r2", "w3", "b3"], ["c3"]),
         node("Conv", ["r2", "w4", "b4"], ["c4"]),
-        node("Add", ["c3", "c4"], ["a"]),
+        node("Relu", ["c4"], ["r4"]),  # two branches, not one conv: summed convs of one input would merge
+        node("Add", ["c3", "r4"], ["a"]),
         node("GlobalAveragePool", ["a"], ["g"]),
         node("Flatten", ["g"], ["f"]),
         node("Gemm", ["f", "w5", "b5"], ["y"], transB=1),

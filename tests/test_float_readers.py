@@ -23,7 +23,8 @@ def _fork() -> onnx.ModelProto:
         helper.make_node("Relu", ["a"], ["r"], name="relu"),
         helper.make_node("Conv", ["r", "w2"], ["b"], name="c2", pads=pads),
         helper.make_node("Conv", ["r", "w3"], ["c"], name="c3", pads=pads),
-        helper.make_node("Add", ["b", "c"], ["d"], name="add"),
+        helper.make_node("Relu", ["c"], ["rc"], name="relu3"),  # else the summed convs of one input merge
+        helper.make_node("Add", ["b", "rc"], ["d"], name="add"),
         helper.make_node("Conv", ["d", "w4"], ["y"], name="c4", pads=pads),
     ]
     graph = helper.make_graph(

@@ -235,7 +235,8 @@ def test_add_of_scales_too_far_apart_for_tflite_is_refused_not_crashed():
     ]
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["a"], name="conv1"),
-        helper.make_node("Conv", ["x", "w2"], ["b"], name="conv2"),
+        helper.make_node("Conv", ["x", "w2"], ["c"], name="conv2"),
+        helper.make_node("Relu", ["c"], ["b"], name="relu"),  # else the summed convs of one input merge
         helper.make_node("Add", ["a", "b"], ["y"], name="add"),
     ]
     model = _model(nodes, inits, [1, 4, 8, 8], [1, 4, 8, 8])

@@ -19,13 +19,15 @@ from .global_pool import reduce_mean_to_pool
 from .inline_if import inline_constant_ifs
 from .layernorm import fuse_layer_norm
 from .pad_depthwise import pad_depthwise
+from .reparam import merge_parallel_convs
 from .smooth import smooth
 from .transposes import sink_transposes
 
 
 def prepare(model: ir.Model) -> ir.Model:
     """Make weights initializers, fold constants, spell decomposed activations and layer norms as one op, fold
-    BatchNorm (the op, or constant per-channel Mul/Add after a conv) and zero Pads into convs, infer shapes."""
+    BatchNorm (the op, or constant per-channel Mul/Add after a conv) and zero Pads into convs, merge summed parallel
+    convs of one input (RepVGG's training form) into one, infer shapes."""
     common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     if widen_float16(model):
         warning = "the model computes in float16: lowbit quantizes its float32 twin (weights widened exactly)"
@@ -39,6 +41,7 @@ def prepare(model: ir.Model) -> ir.Model:
     fold_batchnorm(model)
     fold_affine(model)  # BatchNorm exported as Mul/Add, and constant scales or shifts after convs
     fold_pad(model)
+    merge_parallel_convs(model)  # after the folds: a branch is then one Conv, its BatchNorm in it
     common.RemoveUnusedNodesPass()(model)
     common.ShapeInferencePass()(model)
     reduce_mean_to_pool(model)  # after shape inference: it needs the mean's input rank
@@ -81,6 +84,7 @@ __all__ = [
     "fold_batchnorm",
     "fold_affine",
     "fold_pad",
+    "merge_parallel_convs",
     "sink_transposes",
     "pad_depthwise",
     "target_forms",

@@ -57,7 +57,7 @@ class LiteRTSession:
             raise LowbitError(f"{self.path} is not a TFLite model (no TFL3 identifier); re-export it")
         self.threads = threads
         self.xnnpack = xnnpack
-        self.nchw = self._lowbit_layout()
+        self.nchw, self.as_onnx = self._lowbit_layout()
         self._it = self._interpreter()
         self._inputs = self._it.get_input_details()
         self._outputs = self._it.get_output_details()
@@ -72,15 +72,20 @@ class LiteRTSession:
         self._shapes = [tuple(int(v) for v in d["shape"]) for d in self._inputs]  # as allocated now
 
     # -- loading ------------------------------------------------------------------------------------
-    def _lowbit_layout(self) -> bool:
-        """True when lowbit wrote the file from an NCHW ONNX model (its metadata says 4-D edges are NHWC)."""
+    def _lowbit_layout(self) -> tuple[bool, set[str]]:
+        """Whether lowbit wrote the file from an NCHW ONNX model (its metadata says 4-D edges are NHWC), and the
+        edges it declared as the ONNX model has them (channels-last there already: fed and read as they are)."""
         try:
             from ..export.tflite.writer import read_metadata
 
             meta = json.loads(read_metadata(self.data).get("lowbit", b"{}") or b"{}")
         except Exception:  # a file without (valid) lowbit metadata is simply not ours
-            return False
-        return "NHWC" in str(meta.get("layout", ""))
+            return False, set()
+        return "NHWC" in str(meta.get("layout", "")), set(meta.get("layout_as_onnx", []))
+
+    def _moved(self, d: dict, rank: int) -> bool:
+        """Whether this 4-D edge is NHWC in the file and NCHW in the ONNX model."""
+        return self.nchw and rank == 4 and d["name"] not in self.as_onnx
 
     def _interpreter(self) -> Any:
         try:
@@ -110,7 +115,7 @@ class LiteRTSession:
     # -- the ORT-like interface ---------------------------------------------------------------------
     def _logical_shape(self, d: dict, batch_free: bool) -> tuple[int | None, ...]:
         shape = [int(x) for x in d["shape"]]
-        if self.nchw and len(shape) == 4:
+        if self._moved(d, len(shape)):
             shape = [shape[i] for i in TO_NCHW]
         out: list[int | None] = list(shape)
         if batch_free and out and self._batch == 1:
@@ -147,7 +152,7 @@ class LiteRTSession:
             if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want, x.shape)):
                 shown = ", ".join("N" if w is None else str(w) for w in want)
                 raise LowbitError(f"input '{d['name']}' of {self.path} takes shape ({shown}), got {tuple(x.shape)}")
-            if self.nchw and x.ndim == 4:
+            if self._moved(d, x.ndim):
                 x = x.transpose(TO_NHWC)
             scale, zero = d["quantization"]
             if scale and np.issubdtype(d["dtype"], np.integer):
@@ -203,7 +208,7 @@ class LiteRTSession:
             scale, zero = d["quantization"]
             if scale and np.issubdtype(d["dtype"], np.integer):
                 y = ((y.astype(np.int32) - zero) * np.float32(scale)).astype(np.float32)
-            if self.nchw and y.ndim == 4:
+            if self._moved(d, y.ndim):
                 y = np.ascontiguousarray(y.transpose(TO_NCHW))
             outs.append(y)
         return outs

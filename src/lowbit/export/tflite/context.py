@@ -62,6 +62,7 @@ class Context:
         self.nhwc: dict[str, bool] = {}
         self.float_nodes: list[str] = []  # nodes that run in float inside a quantized graph
         self.transposes: list[str] = []  # values transposed inside the graph (should stay empty for CNNs)
+        self.as_onnx: list[str] = []  # 4-D inputs/outputs declared as the ONNX model has them (channels-last there)
         self.fallbacks: list[str] = []  # quantized in ONNX, float in TFLite (the user allowed it)
         self.quantized = False  # the model has Q/DQ pairs
         self.allow_fallback = False
@@ -86,6 +87,14 @@ class Context:
         if kind == "f" and self.quant(name) is not None and RAW_FLOAT_ROUNDED:
             self.raw_float.add(name)
         return idx
+
+    def alias(self, name: str, kind: str, nhwc: bool, idx: int) -> None:
+        """`name` is tensor `idx` already, in layout `nhwc`: a Transpose between the two layouts is a change of view
+        (NHWC of Transpose(x, 0,3,1,2) is x as it is), so no operator is written."""
+        self.nhwc[name] = nhwc
+        self.reps.setdefault(name, {})[(kind, nhwc)] = idx
+        if kind == "f" and self.quant(name) is not None and RAW_FLOAT_ROUNDED:
+            self.raw_float.add(name)
 
     def _tensor(self, name: str, kind: str, shape: tuple[int, ...], label: str | None = None) -> Tensor:
         if kind == "q":

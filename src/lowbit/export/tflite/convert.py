@@ -2,7 +2,10 @@
 
 Layout: 4-D inputs are declared NHWC in the .tflite file (what camera pipelines on phones hand over); the
 caller transposes NCHW data once, at the edge, and no TRANSPOSE is left inside a convolutional graph. 4-D outputs
-are NHWC too. Batch size is fixed at export (TFLite resizes inputs at run time, as `resize_tensor_input`).
+are NHWC too. An input the ONNX model already takes channels-last (every path from it reaches a Transpose to NCHW,
+as in tf2onnx's Keras models) is declared as it is, and so is an output made by a Transpose to NHWC (the
+metadata's `layout_as_onnx` lists them). Batch size is fixed at export (TFLite resizes inputs at run time, as
+`resize_tensor_input`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from ...passes import prepare
 from .branches import expose_reads, fix_inputs, resolve_conditions, settle_on_sizes
 from .chain1d import keep_expanded
 from .context import Context
-from .edges import edge_input, edge_output, quantize_float_outputs
+from .edges import channels_last, edge_input, edge_output, made_channels_last, quantize_float_outputs
 from .gelu import fuse_gelu
 from .hard import hard_sigmoid, hard_swish
 from .kinds import checkpoint, decide, fuse_activations
@@ -226,6 +229,7 @@ def convert(
             "io": io,
             "precision": ctx.precision,
             "layout": "4-D inputs and outputs are NHWC",
+            "layout_as_onnx": ctx.as_onnx,  # except these, channels-last in the ONNX model already
             "recipe": recipe,
         }
     ).encode()
@@ -317,7 +321,9 @@ def _build(
     for vi in proto.graph.input:
         if vi.name in inits:
             continue
-        inputs.append(edge_input(ctx, vi.name, io))
+        as_is = channels_last(g, vi.name)
+        ctx.as_onnx += [vi.name] if as_is else []
+        inputs.append(edge_input(ctx, vi.name, io, not as_is))
     fallbacks = ctx.fallbacks
     for node in g.nodes:
         conv = CONVERTERS.get(node.op_type)
@@ -349,7 +355,8 @@ def _build(
             ctx.float_nodes.append(f"{name} ({node.op_type})")
     ctx.fm.inputs = inputs
     if branch_of is None:
-        ctx.fm.outputs = [edge_output(ctx, g.name(o), o, io) for o in outputs]
+        ctx.as_onnx += [o for o in outputs if made_channels_last(g, g.name(o))]
+        ctx.fm.outputs = [edge_output(ctx, g.name(o), o, io, o not in ctx.as_onnx) for o in outputs]
     else:  # what the IF op hands on: float, 4-D maps NHWC, whatever layout the branch computed them in
         ctx.fm.outputs = [ctx.get(g.name(o), "f", len(shapes[g.name(o)]) == 4) for o in outputs]
     # the serving_default signature names them as the ONNX graph does

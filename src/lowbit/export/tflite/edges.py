@@ -72,31 +72,64 @@ def quantize_float_outputs(
         give(n, lo[n], hi[n])
 
 
-def edge_input(ctx: Context, name: str, io: str) -> int:
+def channels_last(g: Graph, name: str) -> bool:
+    """Whether input `name` reaches only Transposes from NHWC to NCHW, directly or through elementwise arithmetic
+    with constants (tf2onnx's Keras models: `x * 1/127.5 - 1`, then the layout change): declared as it is, the
+    .tflite takes the photo in the layout the ONNX model does, and those Transposes write nothing."""
+    seen, todo = set(), [name]
+    while todo:
+        value = todo.pop()
+        readers = [n for n in g.nodes if value in n.input]
+        if not readers:
+            return False
+        for n in readers:
+            perm = [list(a.ints) for a in n.attribute if a.name == "perm"]
+            if n.op_type == "Transpose" and perm == [[0, 3, 1, 2]]:
+                continue
+            if n.op_type not in ("Add", "Sub", "Mul", "Div") or any(i != value and i not in g.consts for i in n.input):
+                return False
+            if n.output[0] not in seen:
+                seen.add(n.output[0])
+                todo.append(n.output[0])
+    return True
+
+
+def edge_input(ctx: Context, name: str, io: str, nhwc: bool = True) -> int:
+    """The input as the .tflite declares it: 4-D NHWC (`nhwc`), or as the ONNX model has it (already channels-last:
+    its readers turn it to NCHW)."""
     q = ctx.quant(name)
     if io == "float" or q is None:
         if io != "float":
             raise LowbitError(f"--io {io}: input {name} is not quantized in the model; use --io float")
-        return ctx.produce(name, "f", True)
+        return ctx.produce(name, "f", nhwc)
     if io == "int8":
-        return ctx.produce(name, "q", True)
+        return ctx.produce(name, "q", nhwc)
     idx = ctx.fm.add_tensor(
-        Tensor(name, ctx.shape(name, True), "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
+        Tensor(name, ctx.shape(name, nhwc), "uint8", quant=QuantParams(q.scale, q.zero_point + 128))
     )
-    out = ctx.produce(name, "q", True)
+    out = ctx.produce(name, "q", nhwc)
     ctx.fm.tensors[out].name = f"{name}_int8"
     ctx.op("QUANTIZE", [idx], [out])
     return idx
 
 
-def edge_output(ctx: Context, name: str, onnx_name: str, io: str) -> int:
+def made_channels_last(g: Graph, name: str) -> bool:
+    """Whether output `name` is a Transpose from NCHW to NHWC: the ONNX model hands it on channels-last already,
+    so the .tflite declares it as it is (the Transpose writes nothing)."""
+    node = next((n for n in g.nodes if name in n.output), None)
+    perm = [list(a.ints) for a in node.attribute if a.name == "perm"] if node is not None else []
+    return node is not None and node.op_type == "Transpose" and perm == [[0, 2, 3, 1]]
+
+
+def edge_output(ctx: Context, name: str, onnx_name: str, io: str, nhwc: bool = True) -> int:
+    """The output as the .tflite declares it: 4-D NHWC (`nhwc`), whatever layout computed it, or as it is."""
     q = ctx.quant(name)
     if io == "float" or q is None:
         if io != "float":
             raise LowbitError(f"--io {io}: output {onnx_name} is not quantized in the model; use --io float")
-        idx = ctx.get(name, "f", True)  # 4-D outputs are NHWC, whatever layout computed them
+        idx = ctx.get(name, "f", nhwc)
     else:
-        idx = ctx.get(name, "q", True)
+        idx = ctx.get(name, "q", nhwc)
         if io == "uint8":
             src = idx
             idx = ctx.fm.add_tensor(

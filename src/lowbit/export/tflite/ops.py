@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from . import branches, spatial, transformer
-from .context import TO_NHWC, Context, nhwc_axis
+from .context import TO_NCHW, TO_NHWC, Context, nhwc_axis
 from .layers import conv, fail, fully_connected, mean, pool
 from .writer import QuantParams
 
@@ -216,6 +216,11 @@ def reshape(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, ac
 def transpose(ctx: Context, node: onnx.NodeProto, a: dict[str, Any], kind: str, act: int) -> None:
     x, y = node.input[0], node.output[0]
     perm = a.get("perm", list(reversed(range(len(ctx.shapes[x])))))
+    if len(perm) == 4 and tuple(perm) in (TO_NCHW, TO_NHWC):
+        # A layout change (tf2onnx's NHWC <-> NCHW around convs): y in one layout is x in the other, as it is.
+        to_nchw = tuple(perm) == TO_NCHW
+        ctx.alias(y, kind, to_nchw, ctx.get(x, kind, not to_nchw))
+        return
     xin = ctx.get(x, kind, False)
     out = ctx.produce(y, kind, False)
     ctx.op("TRANSPOSE", [xin, ctx.const_int(perm, f"{node.name or y}_perm")], [out])

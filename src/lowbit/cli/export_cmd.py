@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="write a float or quantized ONNX model as .tflite for LiteRT, or .ort for ONNX Runtime Mobile",
         description="Convert a float ONNX model, or lowbit's int8 QDQ, dynamic or float16 output, into "
         "a TensorFlow Lite flatbuffer that LiteRT runs (full-integer int8 for QDQ models). 4-D inputs "
-        "and outputs become NHWC: transpose NCHW data once before feeding it. --to ort: ONNX Runtime's "
+        "and outputs become NHWC: transpose NCHW data once before feeding it (an input the ONNX model takes "
+        "channels-last already stays as it is). --to ort: ONNX Runtime's "
         "ORT format (optimized once, as a phone's CPU runs it) and MODEL.required_operators.config beside "
         "it for a reduced-size build; the options below apply to tflite only. --to executorch: a PyTorch "
         "module (FILE.py:NAME) as an ExecuTorch .pte program for XNNPACK, int8 with lowbit's ranges when "

@@ -23,6 +23,7 @@ class Reason(StrEnum):
     FOLDED = "folded"
     FEEDS_ONLY_FLOAT = "feeds_only_float"
     ISOLATED_DATA_MOVEMENT = "isolated_data_movement"
+    ISOLATED = "isolated"
     SENTINEL = "sentinel"
     MIXED_RANGES = "mixed_ranges"
     CARRIES_MIXED = "carries_mixed"
@@ -94,6 +95,7 @@ TEMPLATES: dict[Reason, str] = {
     Reason.FOLDED: "folded into the output range of {into}",
     Reason.FEEDS_ONLY_FLOAT: "its output feeds only float ops (nothing to gain, only rounding)",
     Reason.ISOLATED_DATA_MOVEMENT: "data movement between float ops (nothing to gain)",
+    Reason.ISOLATED: "no quantized op feeds or reads it (nothing to gain, only rounding)",
     Reason.SENTINEL: "calibrated range reaches {edge:.3g} at '{tensor}' (observed, or a mask constant upstream): a "
     "value this large (a mask's sentinel, or an extreme such as the cube in a tanh GELU) would stretch any 8- or "
     "16-bit grid past the rest of the values; kept float",

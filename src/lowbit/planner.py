@@ -175,6 +175,7 @@ def make_layout(
     _float_image_stem(graph, layout, specs, recipe)
     _fold_activations(graph, layout, specs, fold_only)
     _drop_float_only_arithmetic(graph, layout, specs)
+    _drop_isolated(graph, layout, specs, set(keep_float))
     _drop_isolated_data_movement(graph, layout, specs)
     _collect_tensors(graph, layout, specs)
     for i, rule in enumerate(recipe.rules):
@@ -296,6 +297,44 @@ def _drop_float_only_arithmetic(graph: ir.Graph, layout: Layout, specs: dict[str
         if readers and not readers & specs.keys():
             del specs[_nm(node)]
             layout.nodes[_nm(node)].keep_float(Reason.FEEDS_ONLY_FLOAT)
+
+
+def _drop_isolated(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec], settled: set[str]) -> None:
+    """A Concat, Add or Mul that no quantized op feeds (through data movement) and none reads: quantizing it only
+    rounds what it hands on (a recurrent model's state output stacked from float LSTM states: Silero VAD's Concat
+    of h and c before its graph output). Graph inputs count as quantized (a full-integer model takes them int8), and
+    so do nodes `settled` float after calibration (a mixed-range Concat): what they carry stays float for their own
+    reason (settle.py)."""
+
+    def computes(spec: OpSpec | None) -> bool:
+        return spec is not None and not spec.needs_quantized_neighbour
+
+    def fed(v: ir.Value | None) -> bool:
+        while v is not None:
+            node = v.producer()
+            if node is None:  # a graph input is an edge a full-integer model (--io int8) takes quantized
+                return v.is_graph_input()
+            if _nm(node) in settled or computes(specs.get(_nm(node))):
+                return True
+            if _nm(node) not in specs or not node.inputs:
+                return False
+            v = node.inputs[0]
+        return False
+
+    def read(v: ir.Value) -> bool:
+        for use in v.uses():
+            spec = specs.get(_nm(use.node))
+            if computes(spec) or (spec is not None and any(read(o) for o in use.node.outputs)):
+                return True
+        return False
+
+    for node in graph:
+        if node.op_type not in ("Concat", "Add", "Mul") or _nm(node) not in specs or _nm(node) in layout.fused:
+            continue
+        if any(fed(v) for v in node.inputs) or any(read(o) for o in node.outputs):
+            continue
+        del specs[_nm(node)]
+        layout.nodes[_nm(node)].keep_float(Reason.ISOLATED)
 
 
 def _drop_isolated_data_movement(graph: ir.Graph, layout: Layout, specs: dict[str, OpSpec]) -> None:

@@ -108,6 +108,28 @@ def test_a_branch_read_elsewhere_is_kept() -> None:
     assert {"b3_3x3", "b3_1x1", "b3_add"} <= {n.name for n in p.graph.node}
 
 
+def test_a_repmixer_becomes_a_residual_conv() -> None:
+    """FastViT's RepMixer as the dynamo exporter writes it: x + s * ((dwconv(x) + BN(x)) - BN(x)), one BatchNorm
+    read by both the Add and the Sub: the Sub merges like an Add with the second term negated, the scale folds into
+    the merged conv, and x + conv(x) is left as a residual Add."""
+    bn, inits = _bn("bn", "x", "n", 12)
+    inits |= {"wd": weight((C, 1, 3, 3), 13), "s": weight((1, C, 1, 1), 14)}
+    nodes = [
+        node("Conv", ["x", "wd"], ["d"], name="dw", pads=[1, 1, 1, 1], group=C),
+        bn,
+        node("Add", ["d", "n"], ["mix"], name="mixer"),
+        node("Sub", ["mix", "n"], ["diff"], name="minus_norm"),
+        node("Mul", ["diff", "s"], ["scaled"], name="layer_scale"),
+        node("Add", ["x", "scaled"], ["y"], name="residual"),
+    ]
+    m = model(nodes, {"x": (1, C, 12, 12)}, {"y": (1, C, 12, 12)}, inits)
+    p = _prepared(m)
+    assert [n.op_type for n in p.graph.node] == ["Conv", "Add"]
+    for seed in range(2):
+        ref, got = _run(m, _x(seed)), _run(p, _x(seed))
+        assert np.max(np.abs(ref - got)) <= 1e-5 * np.max(np.abs(ref))
+
+
 def test_a_bare_residual_stays_an_add() -> None:
     # x + conv(x): the Add quantizes as it is; a unit tap in the kernel would coarsen the conv's own weights.
     m = model(

@@ -41,7 +41,8 @@ def prepare(model: ir.Model) -> ir.Model:
     fold_batchnorm(model)
     fold_affine(model)  # BatchNorm exported as Mul/Add, and constant scales or shifts after convs
     fold_pad(model)
-    merge_parallel_convs(model)  # after the folds: a branch is then one Conv, its BatchNorm in it
+    if merge_parallel_convs(model):  # after the folds: a branch is then one Conv, its BatchNorm in it
+        fold_affine(model)  # a scale after the merged conv (FastViT's layer scale after mixer(x) - BN(x))
     common.RemoveUnusedNodesPass()(model)
     common.ShapeInferencePass()(model)
     reduce_mean_to_pool(model)  # after shape inference: it needs the mean's input rank

@@ -48,7 +48,8 @@ def _term(v: ir.Value) -> tuple[str, ir.Node, ir.Value] | None:
     sole = node is not None and len(v.uses()) == 1 and not v.is_graph_output()
     if sole and node is not None and node.op_type == "Conv" and node.inputs[0] is not None:
         return "conv", node, node.inputs[0]
-    if sole and node is not None and node.op_type == "BatchNormalization" and _affine(node) is not None:
+    # A BatchNorm read elsewhere too stays for those readers (FastViT reads BN(x) in mixer(x) and in mixer - BN).
+    if node is not None and node.op_type == "BatchNormalization" and _affine(node) is not None:
         assert node.inputs[0] is not None  # BatchNormalization's input X is required
         return "identity", node, node.inputs[0]
     return None
@@ -84,7 +85,10 @@ def _merge(graph: ir.Graph, add: ir.Node) -> bool:
         return False  # no single conv has the largest kernel in every dimension
     total = np.zeros((ws[0].shape[0], ws[0].shape[1], *kernel), np.float32)
     bias = np.zeros(ws[0].shape[0], np.float32)
-    for w, bb, _, p in forms:
+    # Sub(a, b): the second term enters negated (FastViT's RepMixer: mixer(x) - BatchNorm(x)).
+    signs = {id(t[1]): (-1.0 if add.op_type == "Sub" and i == 1 else 1.0) for i, t in enumerate(terms)}
+    for c, (w, bb, _, p) in zip(convs, forms):
+        w, bb = w * np.float32(signs[id(c)]), bb * np.float32(signs[id(c)])
         off = [(kernel[d] - w.shape[2 + d]) // 2 for d in range(dims)]
         # Centred in the large kernel, the small one reads the same window only if its padding is the large one's
         # less the offset on both sides.
@@ -99,7 +103,7 @@ def _merge(graph: ir.Graph, add: ir.Node) -> bool:
         found = _affine(bn)
         if kind != "identity" or found is None:
             continue
-        scale, shift = found
+        scale, shift = (v * np.float32(signs[id(bn)]) for v in found)
         group, (c_out, per_in) = next(iter(groups)), ws[0].shape[:2]
         # The identity is one tap: stride 1, the output the input's size, as many outputs as inputs.
         if strides != {(1,) * dims} or per_in * group != c_out or scale.size not in (1, c_out):
@@ -124,17 +128,17 @@ def _merge(graph: ir.Graph, add: ir.Node) -> bool:
     keep.outputs[0].name = name
     graph.remove(add, safe=True)
     for _, node, _ in terms:
-        if node is not keep:
+        if node is not keep and not node.outputs[0].uses() and not node.outputs[0].is_graph_output():
             graph.remove(node, safe=True)
     return True
 
 
 def merge_parallel_convs(model: ir.Model) -> bool:
-    """Each Add of two convolutions of one tensor, or of one and the tensor's BatchNorm, becomes one conv; in graph
-    order, so a three-branch sum (conv + conv, then + BatchNorm) merges in two steps."""
+    """Each Add (or Sub) of two convolutions of one tensor, or of one and the tensor's BatchNorm, becomes one conv;
+    in graph order, so a three-branch sum (conv + conv, then + BatchNorm) merges in two steps."""
     graph = model.graph
     changed = False
     for node in list(graph):
-        if node.op_type == "Add" and node.graph is graph and len(node.inputs) == 2 and _merge(graph, node):
+        if node.op_type in ("Add", "Sub") and node.graph is graph and len(node.inputs) == 2 and _merge(graph, node):
             changed = True
     return changed

@@ -296,21 +296,17 @@ def compare(
     blamable = [x for x in rows if not set(x["ops"]) <= _MOVES | {_DQ}]
     first = next((x for x in blamable if x["cosine"] < threshold <= x["inputs_cosine"]), None)
     worst = sorted(blamable, key=lambda x: x["cosine"] - x["inputs_cosine"])[:top]
+    # Each output's simulation joined once: for `output_cosine` here, and returned for the check.
+    joined = [(join(s, axes.get(n, 0), counted), k, n) for s, k, n in zip(sims, kouts, outputs) if s]
     report = {
         "threshold": threshold,
-        "output_cosine": min(
-            cosine(join(s, axes.get(n, 0), counted), join(k, axes.get(n, 0), counted))
-            for s, k, n in zip(sims, kouts, outputs)
-            if s
-        )
-        if counted
-        else 1.0,
+        "output_cosine": min((cosine(s, join(k, axes.get(n, 0), counted)) for s, k, n in joined), default=1.0),
         "first": first,
         "worst": [x for x in worst if x["cosine"] < x["inputs_cosine"]],
         "exposure_changed_kernels": exposure_changed,
         "requantizations": requantizations(quant_model) if exposure_changed else [],
     }
-    return report, [join(acc, axes.get(name, 0), counted) for acc, name in zip(sims, outputs) if acc]
+    return report, [s for s, _, _ in joined]
 
 
 def gap_text(gap: dict) -> str:

@@ -72,6 +72,10 @@ def quantize_float_outputs(
         give(n, lo[n], hi[n])
 
 
+def _is_transpose(node: onnx.NodeProto, perm: list[int]) -> bool:
+    return node.op_type == "Transpose" and [list(a.ints) for a in node.attribute if a.name == "perm"] == [perm]
+
+
 def channels_last(g: Graph, name: str) -> bool:
     """Whether input `name` reaches only Transposes from NHWC to NCHW, directly or through elementwise arithmetic
     with constants (tf2onnx's Keras models: `x * 1/127.5 - 1`, then the layout change): declared as it is, the
@@ -83,8 +87,7 @@ def channels_last(g: Graph, name: str) -> bool:
         if not readers:
             return False
         for n in readers:
-            perm = [list(a.ints) for a in n.attribute if a.name == "perm"]
-            if n.op_type == "Transpose" and perm == [[0, 3, 1, 2]]:
+            if _is_transpose(n, [0, 3, 1, 2]):
                 continue
             if n.op_type not in ("Add", "Sub", "Mul", "Div") or any(i != value and i not in g.consts for i in n.input):
                 return False
@@ -117,8 +120,7 @@ def made_channels_last(g: Graph, name: str) -> bool:
     """Whether output `name` is a Transpose from NCHW to NHWC: the ONNX model hands it on channels-last already,
     so the .tflite declares it as it is (the Transpose writes nothing)."""
     node = next((n for n in g.nodes if name in n.output), None)
-    perm = [list(a.ints) for a in node.attribute if a.name == "perm"] if node is not None else []
-    return node is not None and node.op_type == "Transpose" and perm == [[0, 2, 3, 1]]
+    return node is not None and _is_transpose(node, [0, 2, 3, 1])
 
 
 def edge_output(ctx: Context, name: str, onnx_name: str, io: str, nhwc: bool = True) -> int:

@@ -30,6 +30,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import lowbit  # noqa: E402
+from lowbit.auto.sensitivity import noise_per_sample  # noqa: E402
 from lowbit.evaluate.bench import machine  # noqa: E402
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio  # noqa: E402
 from lowbit.evaluate.metrics import fidelity  # noqa: E402
@@ -406,7 +407,8 @@ def table(args: argparse.Namespace) -> None:
     rows = []
     for info in infos:
         m = models[info["name"]]
-        kern = fidelity(ref, run_all(session(m, "kernels"), batches)[0])
+        held = run_all(session(m, "kernels"), batches)[0]
+        kern = fidelity(ref, held)
         sim = fidelity(ref, run_all(session(m, "simulate"), batches)[0])
         skern = fidelity(sref, run_all(session(m, "kernels"), sbatches)[0])
         rows.append(
@@ -416,6 +418,10 @@ def table(args: argparse.Namespace) -> None:
                 "heldout_top1_kernels": kern["top1_agreement"],
                 "heldout_top1_simulation": sim["top1_agreement"],
                 "heldout_cosine": kern["cosine"],
+                "heldout_lost": int(np.sum(held.argmax(1) != ref.argmax(1))),
+                # output noise per crop, |int8 - float|^2 / |float|^2: continuous, so it separates models whose
+                # lost answers differ by chance
+                "heldout_noise": float(np.mean(noise_per_sample([ref], [held]))),
                 "mb": m.ByteSize() / 1e6,
                 "seconds": info.get("seconds", 0.0),
                 "float_nodes": float_compute(m),
@@ -431,13 +437,14 @@ def table(args: argparse.Namespace) -> None:
     (args.out / "table.results").write_text(json.dumps(out, indent=1))
     print(f"CPU {out['cpu']}; float {float_ms:.2f} ms/crop at 1 thread; {args.rounds} paired rounds\n")
     print(
-        "| tool | top-1 agreement, search data (kernels) | held-out, kernels | held-out, simulation | "
-        "latency vs float (1 thread) | size MB | Conv/Gemm left float | time |"
+        f"| tool | top-1 agreement, search data (kernels) | held-out, kernels (lost of {len(heldout)}) | held-out "
+        "noise (1e-3) | held-out, simulation | latency vs float (1 thread) | size MB | Conv/Gemm left float | time |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['tool']} | {r['search_top1']:.1%} | {r['heldout_top1_kernels']:.1%} | "
+            f"| {r['tool']} | {r['search_top1']:.1%} | {r['heldout_top1_kernels']:.1%} ({r['heldout_lost']}) | "
+            f"{1e3 * r['heldout_noise']:.2f} | "
             f"{r['heldout_top1_simulation']:.1%} | {r['latency_ratio']:.3f}x ({r['ms']:.2f} ms) | {r['mb']:.2f} | "
             f"{r['float_nodes']} | {r['seconds']:.0f} s |"
         )

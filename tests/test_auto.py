@@ -18,6 +18,7 @@ from lowbit.auto.score import Scorer
 from lowbit.auto.search import (
     CostModel,
     chain,
+    contradicted,
     longest_within,
     measured_mixed,
     pareto,
@@ -222,6 +223,21 @@ def test_pareto_drops_dominated_points() -> None:
     ]
     front = pareto(pts, (("latency_ratio", -1), ("score", 1), ("size_bytes", -1)))
     assert [p["step"] for p in front] == [0, 1]
+
+
+def test_a_pass_a_faster_quieter_failure_contradicts_is_not_taken() -> None:
+    def pt(step: int, drop: float, noise: float, ms: float, ratio: float) -> dict:
+        return {"step": step, "drop": drop, "noise": noise, "estimated_ms": ms, "latency_ratio": ratio}
+
+    lucky = pt(5, 0.8, 2.2e-3, 5.6, 0.60)
+    quieter_failure = pt(3, 3.1, 1.9e-3, 5.5, 0.58)
+    assert contradicted(lucky, [quieter_failure], max_drop=1.0) == 3
+    # no contradiction: the failure is noisier, or slower (by either measure), or itself within the budget
+    assert contradicted(lucky, [pt(3, 3.1, 2.3e-3, 5.5, 0.58)], max_drop=1.0) is None
+    assert contradicted(lucky, [pt(3, 3.1, 1.9e-3, 5.7, 0.58)], max_drop=1.0) is None
+    assert contradicted(lucky, [pt(3, 3.1, 1.9e-3, 5.5, 0.61)], max_drop=1.0) is None
+    assert contradicted(lucky, [pt(3, 0.9, 1.9e-3, 5.5, 0.58)], max_drop=1.0) is None
+    assert contradicted(lucky, [], max_drop=1.0) is None
 
 
 def test_profiler_names_map_back_to_layers() -> None:

@@ -38,6 +38,7 @@ from .score import Scorer
 from .search import (
     CostModel,
     chain,
+    contradicted,
     longest_within,
     measured_mixed,
     pareto,
@@ -340,7 +341,16 @@ def auto(
         return pt
 
     def passes(pt: dict[str, Any]) -> bool:
-        return bool(pt["drop"] <= budget["max_drop"] + 1e-9)
+        if pt["drop"] > budget["max_drop"] + 1e-9:
+            return False
+        against = contradicted(pt, [q for i, q in points.items() if i != pt["step"]], budget["max_drop"])
+        if against is not None and "contradicted_by" not in pt:
+            pt["contradicted_by"] = against
+            tell(
+                f"{pt['stage']} {pt['step']} is within the budget by count, but {against}, faster and less noisy, "
+                "is not: taken as the chance of these samples, not passed"
+            )
+        return against is None
 
     candidates = [(x.node, v) for x in builder.layers for v in builder.offered.get(x.node, ())]
     if candidates and tune_steps > 0:

@@ -349,7 +349,8 @@ def contradicted(point: dict, measured: Sequence[dict], max_drop: float) -> int 
     assignments, so some pass by the chance of which answers flip. The output noise is measured on the same
     samples but is continuous: the rate of flips rises with it. A point that passes while a faster point with
     less noise fails is one the count favoured, not one that errs less (EfficientNet-Lite0, bench/RESULTS_AUTO.md,
-    ninth round: such points kept 1-3 fewer answers of 1024 held-out crops than the points they were chosen over)."""
+    ninth round: the point written without this rule is contradicted so; on 1024 held-out crops it lost 33 answers
+    at output noise 2.75e-3, the point written with it 29 at 2.08e-3)."""
     for q in measured:
         if (
             q["drop"] > max_drop + 1e-9

@@ -4,8 +4,8 @@ Data (real photographs, lowbit_zoo): calibration = 128 crops of the calibration 
 evaluation data = 128 other crops of the same photos (seed 1); held-out = 1024 crops of the evaluation photos,
 which neither tool sees (rounds before the ninth used the first 256 of them: too few to tell two points that
 lose 2-3% of their answers apart). Both tools get the same calibration and search data and the same budget:
-top-1 agreement with float may drop by at most 1 point on the search data (NNCF: max_drop=0.01, absolute, with a validation
-function computing that agreement with ONNX Runtime's integer kernels).
+top-1 agreement with float may drop by at most 1 point on the search data (NNCF: max_drop=0.01, absolute, with a
+validation function computing that agreement with ONNX Runtime's integer kernels).
 
 Three stages, so that the slow ones can run apart (each writes its model and a JSON beside it in --out):
   python bench/auto.py lowbit [--max-drop 1 | --latency-budget 0.6] [--name NAME]   # lowbit auto

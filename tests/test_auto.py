@@ -230,14 +230,12 @@ def test_a_pass_a_faster_quieter_failure_contradicts_is_not_taken() -> None:
         return {"step": step, "drop": drop, "noise": noise, "estimated_ms": ms, "latency_ratio": ratio}
 
     lucky = pt(5, 0.8, 2.2e-3, 5.6, 0.60)
-    quieter_failure = pt(3, 3.1, 1.9e-3, 5.5, 0.58)
-    assert contradicted(lucky, [quieter_failure], max_drop=1.0) == 3
-    # no contradiction: the failure is noisier, or slower (by either measure), or itself within the budget
-    assert contradicted(lucky, [pt(3, 3.1, 2.3e-3, 5.5, 0.58)], max_drop=1.0) is None
-    assert contradicted(lucky, [pt(3, 3.1, 1.9e-3, 5.7, 0.58)], max_drop=1.0) is None
-    assert contradicted(lucky, [pt(3, 3.1, 1.9e-3, 5.5, 0.61)], max_drop=1.0) is None
-    assert contradicted(lucky, [pt(3, 0.9, 1.9e-3, 5.5, 0.58)], max_drop=1.0) is None
-    assert contradicted(lucky, [], max_drop=1.0) is None
+    assert contradicted(lucky, [pt(7, 3.1, 2.3e-3, 5.0, 0.55), pt(3, 3.1, 1.9e-3, 5.5, 0.58)]) == 3
+    # no contradiction: the failure is noisier, or slower by either measure
+    assert contradicted(lucky, [pt(3, 3.1, 2.3e-3, 5.5, 0.58)]) is None
+    assert contradicted(lucky, [pt(3, 3.1, 1.9e-3, 5.7, 0.58)]) is None
+    assert contradicted(lucky, [pt(3, 3.1, 1.9e-3, 5.5, 0.61)]) is None
+    assert contradicted(lucky, []) is None
 
 
 def test_profiler_names_map_back_to_layers() -> None:

@@ -340,15 +340,18 @@ def auto(
         )
         return pt
 
+    def over(pt: dict[str, Any]) -> bool:
+        return bool(pt["drop"] > budget["max_drop"] + 1e-9)
+
     def passes(pt: dict[str, Any]) -> bool:
-        if pt["drop"] > budget["max_drop"] + 1e-9:
+        if over(pt):
             return False
-        against = contradicted(pt, [q for i, q in points.items() if i != pt["step"]], budget["max_drop"])
+        against = contradicted(pt, [q for q in points.values() if over(q)])
         if against is not None and "contradicted_by" not in pt:
             pt["contradicted_by"] = against
             tell(
-                f"{pt['stage']} {pt['step']} is within the budget by count, but {against}, faster and less noisy, "
-                "is not: taken as the chance of these samples, not passed"
+                f"{pt['stage']} {pt['step']} is within the budget by count, but point {against}, faster and less "
+                "noisy, is not: taken as the chance of these samples, not passed"
             )
         return against is None
 

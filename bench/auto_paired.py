@@ -28,8 +28,7 @@ from lowbit_zoo.zoo import photo_crops  # noqa: E402
 
 
 def outputs(model: str, x: np.ndarray) -> np.ndarray:
-    s = session(model, "kernels")
-    return np.concatenate([run_all(s, [{"input": x[i : i + 32]}])[0] for i in range(0, len(x), 32)])
+    return run_all(session(model, "kernels"), [{"input": x[i : i + 32]} for i in range(0, len(x), 32)])[0]
 
 
 def main() -> int:
@@ -47,18 +46,20 @@ def main() -> int:
         return 2
     ref = outputs(str(args.out / "efficientnet_lite0.onnx"), held)
     other = outputs(names[args.against], held)
+    spans = sorted({min(args.first, len(held)), len(held)})
+    answers = {n: ref[:n].argmax(1) for n in spans}
+    theirs = {n: (other[:n].argmax(1) != answers[n], noise_per_sample([ref[:n]], [other[:n]])) for n in spans}
     print(f"| model | crops | lost, model / {args.against} (McNemar p) | noise 1e-3, model / it (Wilcoxon p) |")
     print("|---|---|---|---|")
     for name, path in names.items():
         if name == args.against:
             continue
         mine = outputs(path, held)
-        for n in sorted({min(args.first, len(held)), len(held)}):
-            answers = ref[:n].argmax(1)
-            lost_a, lost_b = mine[:n].argmax(1) != answers, other[:n].argmax(1) != answers
+        for n in spans:
+            (lost_b, nb), lost_a = theirs[n], mine[:n].argmax(1) != answers[n]
             only_a, only_b = int(np.sum(lost_a & ~lost_b)), int(np.sum(~lost_a & lost_b))
             p_lost = binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
-            na, nb = noise_per_sample([ref[:n]], [mine[:n]]), noise_per_sample([ref[:n]], [other[:n]])
+            na = noise_per_sample([ref[:n]], [mine[:n]])
             print(
                 f"| {name} | {n} | {lost_a.sum()} / {lost_b.sum()} ({p_lost:.2f}) | "
                 f"{1e3 * na.mean():.2f} / {1e3 * nb.mean():.2f} ({wilcoxon(na, nb).pvalue:.0e}) |",

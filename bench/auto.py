@@ -158,6 +158,14 @@ BASES = {
         "empirical_bias_correction": True,
         "target": "onnxruntime",
     },
+    # without the u8 x s8 overflow guard (the auto CLI's --no-overflow-guard): for CPUs whose kernels cannot saturate
+    "noguard+onnxruntime": {"avoid_overflow": False, "target": "onnxruntime"},
+    "noguard+empirical_bias+onnxruntime": {
+        "avoid_overflow": False,
+        "empirical_bias_correction": True,
+        "target": "onnxruntime",
+    },
+    "noguard+accurate+onnxruntime": {"avoid_overflow": False, "calibration": "layer_error", "target": "onnxruntime"},
     "minmax": {"calibration": "minmax"},
     "percentile": {"calibration": "percentile"},
     "mse": {"calibration": "mse"},

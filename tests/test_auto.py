@@ -144,6 +144,44 @@ def test_writing_over_the_model_is_refused(data: tuple[Path, Path, Path]) -> Non
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_writing_over_a_recipe_the_flags_change_is_refused(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """With --target or --no-overflow-guard the CLI reads --recipe itself; OUT.recipe.json may still not be it."""
+    model, calib, ev = data
+    out = tmp_path / "o.onnx"
+    recipe = out.with_name("o.recipe.json")
+    recipe.write_text(lowbit.Recipe().to_json())
+    before = recipe.read_bytes()
+    args = ["auto", str(model), "--calib", str(calib), "--eval", str(ev), "-o", str(out), "--quiet"]
+    res = run_cli(*args, "--recipe", str(recipe), "--no-overflow-guard")
+    assert res.returncode == 2 and "which this run reads" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert recipe.read_bytes() == before and not out.exists()
+
+
+def test_cli_target_and_guard_flags_reach_the_base_recipe(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    model, calib, ev = data
+    out = tmp_path / "o.onnx"
+    args = ["auto", str(model), "--calib", str(calib), "--eval", str(ev), "-o", str(out), "--quiet", "--json"]
+    res = run_cli(*args, "--target", "onnxruntime", "--no-overflow-guard", "--tune-steps", "0")
+    assert res.returncode == 0, res.stderr
+    written = lowbit.Recipe.load(out.with_name("o.recipe.json"))
+    assert written.target == "onnxruntime" and written.default.avoid_overflow is False
+    r = json.loads(res.stdout)
+    # top-1 agreement on 48 samples: a count, so its interval is given and holds the score
+    assert r["samples"] == 48 and r["score_interval"][0] <= r["score"] <= r["score_interval"][1]
+
+
+def test_the_interval_of_a_count_narrows_with_samples() -> None:
+    scorer = Scorer.__new__(Scorer)
+    scorer.metric, scorer.refs = "top1_agreement", [np.zeros((128, 10))]
+    lo, hi = scorer.interval(100 * 127 / 128)  # type: ignore[misc]
+    assert 95.0 < lo < 96.0 and 99.8 < hi < 100.0  # one answer lost of 128: anywhere from ~0.1 to ~4.3 points
+    scorer.refs = [np.zeros((1280, 10))]
+    lo10, hi10 = scorer.interval(100 * 1270 / 1280)  # type: ignore[misc]
+    assert lo < lo10 < 100 * 1270 / 1280 < hi10 < 100.0
+    scorer.metric = "cosine"
+    assert scorer.interval(99.0) is None  # a mean of cosines is no count
+
+
 def test_chain_takes_the_most_noise_per_ms_first() -> None:
     # x -> a -> b -> c (-> y): t1 between a and b, t2 between b and c
     layers = [

@@ -10,6 +10,7 @@ import onnx
 
 from ..data import ImagePreprocess, input_specs, open_data
 from ..errors import LowbitError
+from ..pipeline import outputs
 
 
 def recipe_path(output: str | Path) -> Path:
@@ -20,6 +21,11 @@ def recipe_path(output: str | Path) -> Path:
 def report_path(output: str | Path) -> Path:
     p = Path(output)
     return p.with_name(p.stem + ".auto.json")
+
+
+def auto_writes(output: str | Path) -> list[tuple[str, str | Path]]:
+    """What `auto(..., output)` writes, labelled for error messages."""
+    return [*outputs(output), ("recipe (beside -o)", recipe_path(output)), ("report (beside -o)", report_path(output))]
 
 
 def check_budget(max_drop: float | None, latency_budget: float | None) -> dict[str, Any]:

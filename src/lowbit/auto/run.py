@@ -24,14 +24,14 @@ from ..evaluate.jsonable import JsonResult, dumps
 from ..evaluate.latency import interleaved_latency, paired_ratio
 from ..graph.io import check_writable, load_proto
 from ..graph.write import check_output_path, check_paths, write_together
-from ..pipeline import outputs, quantize, reads, save
+from ..pipeline import quantize, reads, save
 from ..plan import Plan
 from ..recipe import Recipe
 from ..runtimes.ort import run_all, session
 from .assign import VARIANTS, Builder, Precision, find_layers
 from .edges import cheapest_edge_run
 from .flips import Flips, fragile, top_two
-from .inputs import batches_of, check_budget, head, recipe_path, report_path, take
+from .inputs import auto_writes, batches_of, check_budget, head, recipe_path, report_path, take
 from .profile import profile
 from .runcost import EdgeFit, elements, fit, fitting_assignments
 from .score import Scorer
@@ -84,6 +84,8 @@ class AutoResult(JsonResult):
     seconds: dict[str, float] = field(default_factory=dict)
     cpu: str = ""
     run_cost: dict[str, float] = field(default_factory=dict)  # the fitted edge price (runcost.EdgeFit), if any
+    samples: int = 0  # the --eval samples the score is measured on
+    score_interval: list[float] | None = None  # 95% Wilson interval of a count metric (Scorer.interval)
     output: Path | None = None
     _skip = ("model", "plan", "recipe", "output")
 
@@ -159,13 +161,8 @@ def auto(
         raise LowbitError(f"sensitivity_samples must be a positive integer, got {sensitivity_samples!r}")
     if output is not None:
         check_output_path(output, [model] if isinstance(model, (str, Path)) else [])
-        written = [
-            *outputs(output),
-            ("recipe (beside -o)", recipe_path(output)),
-            ("report (beside -o)", report_path(output)),
-        ]
         check_paths(
-            written,
+            auto_writes(output),
             [
                 *reads(model, calib, recipe, None),
                 ("evaluation data", eval_data),
@@ -475,6 +472,8 @@ def auto(
         seconds,
         machine()["cpu"],
         run_cost=_asdict(edge_fit),
+        samples=scorer.samples,
+        score_interval=None if (ci := scorer.interval(chosen["score"])) is None else [round(v, 2) for v in ci],
     )
     if output is not None:
         save(model_k, plan_k, output)

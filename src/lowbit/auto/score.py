@@ -8,6 +8,7 @@ evaluation samples to keep the float model's top-1 answer.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import numpy as np
@@ -74,6 +75,21 @@ class Scorer:
         self.last_wrong: frozenset[int] = frozenset()
         self.last_noise = 0.0
         self.last_noise_rows = np.zeros(0)
+
+    @property
+    def samples(self) -> int:
+        return len(self.refs[0])
+
+    def interval(self, points: float) -> tuple[float, float] | None:
+        """The 95% Wilson score interval, in points, of a count (top-1 agreement or accuracy: one answer per
+        sample) measured on these samples; None for other metrics. For one model measured once: the fastest of
+        many models that pass the same count is likelier than that to lose more on other data."""
+        if self.metric not in ("top1_agreement", "accuracy"):
+            return None
+        n, p, z = self.samples, points / 100.0, 1.959964
+        mid = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        return 100.0 * max(0.0, mid - half), 100.0 * min(1.0, mid + half)
 
     def _points(self, outs: list[np.ndarray]) -> float:
         if self.labels is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..recipe import PRESETS
@@ -47,6 +48,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--recipe", metavar="FILE", help="base recipe for the int8 layers (default: the default preset)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="base recipe from a preset")
+    p.add_argument(
+        "--target",
+        choices=["portable", "onnxruntime"],
+        help="the base recipe's target (as `lowbit quantize --target`): onnxruntime keeps scales as calibrated and "
+        "leaves an image stem float where ONNX Runtime's float kernel is the faster one",
+    )
+    p.add_argument(
+        "--no-overflow-guard",
+        action="store_true",
+        help="int8 weights at their full range (as `lowbit quantize --no-overflow-guard`): for CPUs with VNNI and "
+        "phones, whose kernels cannot saturate; x86 CPUs without VNNI may then saturate",
+    )
     p.add_argument("--sensitivity-samples", type=int, default=32, metavar="N", help="samples per layer (default 32)")
     p.add_argument(
         "--tune-steps",
@@ -87,7 +100,15 @@ def auto_text(r: AutoResult) -> str:
     lines = [
         f"chose {', '.join(f'{n} {p}' for p, n in sorted(r.counts().items()))} layers ({budget}: "
         f"{'met' if r.met else 'NOT met'})",
-        f"  {r.metric}: {r.score:.2f} (float {r.reference:.2f}) on the --eval data, integer kernels",
+        f"  {r.metric}: {r.score:.2f} (float {r.reference:.2f}) on the {r.samples} --eval samples, integer kernels",
+        *(
+            [
+                f"    95% interval {r.score_interval[0]:.1f}-{r.score_interval[1]:.1f} for one model counted on "
+                f"{r.samples} samples: the budget holds on these; check the model on data the search never saw"
+            ]
+            if r.score_interval
+            else []
+        ),
         f"  latency: {r.latency_ratio:.3f}x float (paired median, 1 thread, {r.cpu})",
         f"  size: {r.size_bytes / 1e6:.2f} MB ({r.size_bytes / r.float_bytes:.0%} of float)",
         "",
@@ -109,12 +130,23 @@ def auto_text(r: AutoResult) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..auto import auto
+    from ..auto.inputs import auto_writes
     from ..errors import LowbitError
-    from ..recipe import preset
+    from ..graph.write import check_paths
+    from ..recipe import Recipe, preset
 
     if args.recipe and args.preset:
         raise LowbitError("give --recipe or --preset, not both")
-    recipe = args.recipe or (preset(args.preset) if args.preset else None)
+    recipe: Recipe | str | None = args.recipe or (preset(args.preset) if args.preset else None)
+    if args.target or args.no_overflow_guard:
+        if args.recipe:  # read here, so `auto` no longer sees the path: refuse writing over it now
+            check_paths(auto_writes(args.output), [("recipe", args.recipe)])
+        base = Recipe.load(args.recipe) if args.recipe else recipe if isinstance(recipe, Recipe) else Recipe()
+        if args.target:
+            base = replace(base, target=args.target)
+        if args.no_overflow_guard:
+            base = replace(base, default=replace(base.default, avoid_overflow=False))
+        recipe = base
     result = auto(
         args.model,
         args.calib,

@@ -158,7 +158,7 @@ BASES = {
         "empirical_bias_correction": True,
         "target": "onnxruntime",
     },
-    # without the u8 x s8 overflow guard (the auto CLI's --no-overflow-guard): for CPUs whose kernels cannot saturate
+    # without the u8 x s8 overflow guard (auto's --no-overflow-guard): for CPUs whose kernels cannot saturate
     "noguard+onnxruntime": {"avoid_overflow": False, "target": "onnxruntime"},
     "noguard+empirical_bias+onnxruntime": {
         "avoid_overflow": False,
@@ -166,6 +166,7 @@ BASES = {
         "target": "onnxruntime",
     },
     "noguard+accurate+onnxruntime": {"avoid_overflow": False, "calibration": "layer_error", "target": "onnxruntime"},
+    "noguard+adaround+onnxruntime": {"avoid_overflow": False, "adaround": True, "target": "onnxruntime"},
     "minmax": {"calibration": "minmax"},
     "percentile": {"calibration": "percentile"},
     "mse": {"calibration": "mse"},
@@ -181,13 +182,15 @@ def base_recipe(name: str) -> lowbit.Recipe:
 
 
 def bases(args: argparse.Namespace) -> None:
-    """All-int8 top-1 agreement of each base recipe on the search crops and the held-out crops (kernels), and
-    how long its quantization took: the start `auto`'s search improves on, at int8 latency."""
+    """All-int8 top-1 agreement of each base recipe on the search crops and the held-out crops (kernels), the
+    held-out answers lost and output noise, and how long its quantization took: the start `auto`'s search
+    improves on, at int8 latency."""
     float_path, calib, search = data(args)
     heldout = photo_crops(args.heldout, "eval")
     fl = session(str(float_path))
-    refs = {"search": run_all(fl, [{"input": search}])[0].argmax(1), "heldout": run_all(fl, [{"input": heldout}])[0]}
-    refs["heldout"] = refs["heldout"].argmax(1)
+    outs = {k: run_all(fl, [{"input": x[i : i + 32]} for i in range(0, len(x), 32)])[0] for k, x in
+            (("search", search), ("heldout", heldout))}  # fmt: skip
+    refs = {k: o.argmax(1) for k, o in outs.items()}
     for name in args.bases.split(","):
         t = time.perf_counter()
         m = lowbit.quantize(str(float_path), calib=calib, recipe=base_recipe(name), progress=False).model
@@ -197,11 +200,14 @@ def bases(args: argparse.Namespace) -> None:
             k: float(np.mean(batched_agreement(s, x, refs[k]))) for k, x in (("search", search), ("heldout", heldout))
         }
         flips = int(round((1 - agree["search"]) * len(search)))
+        held = run_all(s, [{"input": heldout[i : i + 32]} for i in range(0, len(heldout), 32)])[0]
+        lost = int(np.sum(held.argmax(1) != refs["heldout"]))
+        noise = float(np.mean(noise_per_sample([outs["heldout"]], [held])))
         if args.save_bases:  # a row of the table
             save(args.out, f"lowbit int8 ({name} base)", m, {"seconds": seconds, "base": name})
         print(
-            f"| {name} | {agree['search']:.1%} ({flips} flips of {len(search)}) | {agree['heldout']:.1%} "
-            f"| {seconds:.0f} s |",
+            f"| {name} | {agree['search']:.1%} ({flips} flips of {len(search)}) | {agree['heldout']:.1%} ({lost}) "
+            f"| {1e3 * noise:.2f} | {seconds:.0f} s |",
             flush=True,
         )
 

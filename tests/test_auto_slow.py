@@ -65,7 +65,9 @@ def test_efficientnet_latency_budget_from_the_cli(tmp_path: Path, efficientnet_l
 
 
 @pytest.mark.slow
-def test_efficientnet_onnxruntime_target_without_the_guard_from_the_cli(tmp_path: Path, efficientnet_lite0: Path) -> None:
+def test_efficientnet_onnxruntime_target_without_the_guard_from_the_cli(
+    tmp_path: Path, efficientnet_lite0: Path
+) -> None:
     """`--target onnxruntime --no-overflow-guard`: the base the bench's best runs start from. Without the guard the
     int8 weights keep their full range, so the all-int8 start is closer to float than the guarded one (on this
     model's photographs: 19% less output noise, bench/RESULTS_AUTO.md), and the budget still holds on held-out

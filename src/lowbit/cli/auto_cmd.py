@@ -103,8 +103,8 @@ def auto_text(r: AutoResult) -> str:
         f"  {r.metric}: {r.score:.2f} (float {r.reference:.2f}) on the {r.samples} --eval samples, integer kernels",
         *(
             [
-                f"    95% interval {r.score_interval[0]:.1f}-{r.score_interval[1]:.1f} for one model counted on "
-                f"{r.samples} samples: the budget holds on these; check the model on data the search never saw"
+                f"    95% interval {r.score_interval[0]:.1f}-{r.score_interval[1]:.1f} (one model, {r.samples} "
+                "samples): the budget holds on these; check the model on data the search never saw"
             ]
             if r.score_interval
             else []

@@ -170,13 +170,30 @@ def test_cli_target_and_guard_flags_reach_the_base_recipe(data: tuple[Path, Path
     assert r["samples"] == 48 and r["score_interval"][0] <= r["score"] <= r["score_interval"][1]
 
 
+@pytest.mark.parametrize("vnni", [True, False])
+def test_a_vnni_cpu_hears_what_the_guard_costs(
+    data: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], vnni: bool
+) -> None:
+    import lowbit.auto.run as auto_run
+
+    model, calib, ev = data
+    monkeypatch.setattr(auto_run, "cpu_has_vnni", lambda: vnni)
+    assert lowbit.quantize(model, calib=calib, progress=False).plan.overflow_guard  # the base's guard acts here
+    lowbit.auto_quantize(model, calib, ev, tune_steps=0, edge_steps=0, progress=True)
+    said = "--no-overflow-guard if the model will not run on such CPUs" in capsys.readouterr().err
+    assert said == vnni
+    unguarded = lowbit.Recipe(default=lowbit.Scheme(avoid_overflow=False))
+    lowbit.auto_quantize(model, calib, ev, recipe=unguarded, tune_steps=0, edge_steps=0, progress=True)
+    assert "--no-overflow-guard" not in capsys.readouterr().err
+
+
 def test_the_interval_of_a_count_narrows_with_samples() -> None:
     scorer = Scorer.__new__(Scorer)
     scorer.metric, scorer.refs = "top1_agreement", [np.zeros((128, 10))]
-    lo, hi = scorer.interval(100 * 127 / 128)  # type: ignore[misc]
+    lo, hi = scorer.interval(100 * 127 / 128)
     assert 95.0 < lo < 96.0 and 99.8 < hi < 100.0  # one answer lost of 128: anywhere from ~0.1 to ~4.3 points
     scorer.refs = [np.zeros((1280, 10))]
-    lo10, hi10 = scorer.interval(100 * 1270 / 1280)  # type: ignore[misc]
+    lo10, hi10 = scorer.interval(100 * 1270 / 1280)
     assert lo < lo10 < 100 * 1270 / 1280 < hi10 < 100.0
     scorer.metric = "cosine"
     assert scorer.interval(99.0) is None  # a mean of cosines is no count

@@ -27,7 +27,7 @@ from ..graph.write import check_output_path, check_paths, write_together
 from ..pipeline import quantize, reads, save
 from ..plan import Plan
 from ..recipe import Recipe
-from ..runtimes.ort import run_all, session
+from ..runtimes.ort import cpu_has_vnni, run_all, session
 from .assign import VARIANTS, Builder, Precision, find_layers
 from .edges import cheapest_edge_run
 from .flips import Flips, fragile, top_two
@@ -192,6 +192,12 @@ def auto(
     builder.layers = find_layers(float_model, base.plan)
     if not builder.layers:
         raise LowbitError("the base recipe quantizes no layer of this model, so there is no precision to choose")
+    guarded = base.plan.overflow_guard
+    if guarded and cpu_has_vnni():
+        tell(
+            f"the overflow guard narrowed weights in {len(guarded)} layers for x86 CPUs without VNNI; this CPU has "
+            "VNNI, where it only adds rounding error: --no-overflow-guard if the model will not run on such CPUs"
+        )
     if tune_steps > 0:
         offer(builder, calib, preprocess, tell=tell)
     seconds["calibrate"] = time.perf_counter() - t

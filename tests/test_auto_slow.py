@@ -94,13 +94,15 @@ def test_efficientnet_onnxruntime_target_without_the_guard_from_the_cli(
     batches = [{"input": held[i : i + 32]} for i in range(0, len(held), 32)]
     ref = run_all(session(efficientnet_lite0), batches)
     assert top1_agreement(ref[0], run_all(session(out, "kernels"), batches)[0]) >= 0.95
-    # the flag's point: all int8, the unguarded base is closer to float on the held-out photos than the guarded
+    # the flag's point: all int8, the unguarded base is closer to float on the held-out photos than the guarded,
+    # where kernels cannot saturate (the float simulation: VNNI CPUs and phones compute it; on this machine's VNNI
+    # kernels 2.89e-3 vs 3.60e-3 on these crops)
     x = np.load(calib)
     noise = {}
     for guard in (True, False):
         recipe = lowbit.Recipe(target="onnxruntime", default=lowbit.Scheme(avoid_overflow=guard))
         m = lowbit.quantize(efficientnet_lite0, calib=x, recipe=recipe, progress=False).model
-        noise[guard] = noise_fraction(ref, run_all(session(m, "kernels"), batches))
+        noise[guard] = noise_fraction(ref, run_all(session(m, "simulate"), batches))
     assert noise[False] < 0.9 * noise[True]
 
 

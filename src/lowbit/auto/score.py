@@ -82,8 +82,8 @@ class Scorer:
 
     def interval(self, points: float) -> tuple[float, float] | None:
         """The 95% Wilson score interval, in points, of a count (top-1 agreement or accuracy: one answer per
-        sample) measured on these samples; None for other metrics. For one model measured once: the fastest of
-        many models that pass the same count is likelier than that to lose more on other data."""
+        sample) measured on these samples; None for other metrics. It holds for one model measured once: the
+        fastest of many models passing the same count tends to lose more on other data than its count says."""
         if self.metric not in ("top1_agreement", "accuracy"):
             return None
         n, p, z = self.samples, points / 100.0, 1.959964

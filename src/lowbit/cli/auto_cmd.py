@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target",
         choices=["portable", "onnxruntime"],
-        help="the base recipe's target (as `lowbit quantize --target`): onnxruntime keeps scales as calibrated and "
-        "leaves an image stem float where ONNX Runtime's float kernel is the faster one",
+        help="the base recipe's target, as for `lowbit quantize --target`: portable (the recipe's default) or "
+        "onnxruntime (scales as calibrated, an image stem float, ONNX Runtime's own integer forms)",
     )
     p.add_argument(
         "--no-overflow-guard",

@@ -21,6 +21,7 @@ from lowbit.auto.search import (
     contradicted,
     longest_within,
     measured_mixed,
+    most_accurate_within,
     pareto,
     repair,
     shortest_passing,
@@ -268,6 +269,17 @@ def test_bisection_measures_few_points() -> None:
     assert longest_within(100, lambda k: k <= 12) == 12
     assert longest_within(100, lambda k: False) is None
     assert shortest_passing(5, lambda k: True) == 0
+
+
+def test_the_latency_budget_takes_the_best_score_then_the_least_noise() -> None:
+    def pt(score: float, noise: float, ratio: float) -> dict:
+        return {"score": score, "noise": noise, "latency_ratio": ratio}
+
+    points = {0: pt(98.4, 3e-3, 0.45), 1: pt(99.2, 2.3e-3, 0.55), 2: pt(99.2, 1.6e-3, 0.61), 3: pt(100.0, 1e-3, 0.7)}
+    assert most_accurate_within(points, 0.62) == 2  # not the faster 1: at equal counts, less noise
+    assert most_accurate_within(points, 0.8) == 3  # the best score first
+    points[4] = pt(99.2, 1.6e-3, 0.58)
+    assert most_accurate_within(points, 0.62) == 4  # equal in both: the faster
 
 
 def test_pareto_drops_dominated_points() -> None:

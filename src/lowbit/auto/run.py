@@ -41,6 +41,7 @@ from .search import (
     contradicted,
     longest_within,
     measured_mixed,
+    most_accurate_within,
     pareto,
     repair,
     shortest_passing,
@@ -446,10 +447,7 @@ def auto(
     for i in sorted(set(extra) - set(points)):
         measure(i, stage="front")
     if budget["kind"] == "latency" and met:
-        # The chain's accuracy is not monotone (a layer float between int8 ones can lose more than it wins): of the
-        # points measured within the budget, the most accurate, then the fastest.
-        within = [i for i, pt in points.items() if pt["latency_ratio"] <= budget["ratio"]]
-        k = max(within, key=lambda i: (points[i]["score"], -points[i]["latency_ratio"], -i))
+        k = most_accurate_within(points, budget["ratio"])
     seconds["search"] = time.perf_counter() - t
     chosen = measure(k)
     model_k, plan_k, recipe_k = built_models[k]

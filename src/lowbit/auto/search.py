@@ -361,6 +361,15 @@ def contradicted(point: dict, failing: Sequence[dict]) -> int | None:
     return None
 
 
+def most_accurate_within(points: dict[int, dict], ratio: float) -> int:
+    """The latency budget's choice: of the points measured within `ratio`, the best score; among equal scores the
+    least output noise, then the fastest. The chain's accuracy is not monotone (a layer float between int8 ones
+    can lose more than it wins), so every measured point competes; and at equal counts which answers flip is
+    chance, where the noise, measured on the same samples, is the finer measure."""
+    within = [i for i, pt in points.items() if pt["latency_ratio"] <= ratio]
+    return max(within, key=lambda i: (points[i]["score"], -points[i]["noise"], -points[i]["latency_ratio"], -i))
+
+
 def pareto(points: list[dict], keys: tuple[tuple[str, int], ...]) -> list[dict]:
     """Points not dominated on `keys` ((name, +1 to maximize or -1 to minimize)), by the first key ascending."""
 

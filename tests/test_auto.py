@@ -197,7 +197,7 @@ def test_the_interval_of_a_count_narrows_with_samples() -> None:
     lo10, hi10 = scorer.interval(100 * 1270 / 1280)
     assert lo < lo10 < 100 * 1270 / 1280 < hi10 < 100.0
     scorer.metric = "cosine"
-    assert scorer.interval(99.0) is None  # a mean of cosines is no count
+    assert scorer.interval(99.0) is None and not scorer.counted  # a mean of cosines is no count
 
 
 def test_chain_takes_the_most_noise_per_ms_first() -> None:
@@ -271,15 +271,20 @@ def test_bisection_measures_few_points() -> None:
     assert shortest_passing(5, lambda k: True) == 0
 
 
-def test_the_latency_budget_takes_the_best_score_then_the_least_noise() -> None:
+def test_the_latency_budget_takes_the_least_noise_of_counts_and_the_best_mean() -> None:
     def pt(score: float, noise: float, ratio: float) -> dict:
         return {"score": score, "noise": noise, "latency_ratio": ratio}
 
-    points = {0: pt(98.4, 3e-3, 0.45), 1: pt(99.2, 2.3e-3, 0.55), 2: pt(99.2, 1.6e-3, 0.61), 3: pt(100.0, 1e-3, 0.7)}
-    assert most_accurate_within(points, 0.62) == 2  # not the faster 1: at equal counts, less noise
-    assert most_accurate_within(points, 0.8) == 3  # the best score first
-    points[4] = pt(99.2, 1.6e-3, 0.58)
-    assert most_accurate_within(points, 0.62) == 4  # equal in both: the faster
+    points = {0: pt(98.4, 3e-3, 0.45), 1: pt(99.2, 2.3e-3, 0.55), 2: pt(98.4, 1.6e-3, 0.61), 3: pt(100.0, 1e-3, 0.7)}
+    # a count (top-1 answers): the least noise, though 1 counts one answer more
+    assert most_accurate_within(points, 0.62, counted=True) == 2
+    assert most_accurate_within(points, 0.8, counted=True) == 3
+    # a mean (cosine): the best score first
+    assert most_accurate_within(points, 0.62, counted=False) == 1
+    points[4] = pt(98.4, 1.6e-3, 0.58)
+    assert most_accurate_within(points, 0.62, counted=True) == 4  # equal in both: the faster
+    points[5] = pt(99.2, 2.3e-3, 0.5)
+    assert most_accurate_within(points, 0.62, counted=False) == 5
 
 
 def test_pareto_drops_dominated_points() -> None:

@@ -35,7 +35,8 @@ def test_efficientnet_one_point_budget_holds_on_held_out_photos(tmp_path: Path, 
 
 @pytest.mark.slow
 def test_efficientnet_latency_budget_from_the_cli(tmp_path: Path, efficientnet_lite0: Path) -> None:
-    """`--latency-budget`: the most accurate measured point within the budget is the one written. The budget is
+    """`--latency-budget`: of the measured points within the budget, the least noisy (top-1 answers are a count) is
+    the one written. The budget is
     loose (all-int8 runs at about half of float's time), so it is met even on a loaded machine; the test checks the
     choice against the run's own measurements, never a time of its own."""
     from lowbit.evaluate.metrics import top1_agreement
@@ -53,14 +54,14 @@ def test_efficientnet_latency_budget_from_the_cli(tmp_path: Path, efficientnet_l
     assert r["budget"] == {"kind": "latency", "ratio": 0.8} and r["met"]
     within = [p for p in r["points"] if p["latency_ratio"] <= 0.8]
     chosen = next(p for p in r["points"] if p["step"] == r["step"])
-    assert chosen["latency_ratio"] <= 0.8 and chosen["score"] == max(p["score"] for p in within)
+    assert chosen["latency_ratio"] <= 0.8 and chosen["noise"] == min(p["noise"] for p in within)
     # the written model is the chosen one: its agreement with float on the search data, measured again here
     x = np.load(search)
     ref = run_all(session(efficientnet_lite0), [{"input": x}])[0]
     got = run_all(session(out, "kernels"), [{"input": x}])[0]
     assert 100 * top1_agreement(ref, got) == pytest.approx(r["score"])
     step0 = next(p for p in r["points"] if p["step"] == 0)  # all int8
-    assert r["score"] >= step0["score"]
+    assert chosen["noise"] < step0["noise"]  # the budget's slack bought float layers that bring it closer
     assert out.with_name("fast.recipe.json").is_file() and out.with_name("fast.plan.json").is_file()
 
 

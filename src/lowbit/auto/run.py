@@ -447,7 +447,7 @@ def auto(
     for i in sorted(set(extra) - set(points)):
         measure(i, stage="front")
     if budget["kind"] == "latency" and met:
-        k = most_accurate_within(points, budget["ratio"])
+        k = most_accurate_within(points, budget["ratio"], scorer.counted)
     seconds["search"] = time.perf_counter() - t
     chosen = measure(k)
     model_k, plan_k, recipe_k = built_models[k]

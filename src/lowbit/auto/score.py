@@ -80,11 +80,16 @@ class Scorer:
     def samples(self) -> int:
         return len(self.refs[0])
 
+    @property
+    def counted(self) -> bool:
+        """Is the metric a count of answers, one per sample (top-1 agreement, accuracy)?"""
+        return self.metric in ("top1_agreement", "accuracy")
+
     def interval(self, points: float) -> tuple[float, float] | None:
         """The 95% Wilson score interval, in points, of a count (top-1 agreement or accuracy: one answer per
         sample) measured on these samples; None for other metrics. It holds for one model measured once: the
         fastest of many models passing the same count tends to lose more on other data than its count says."""
-        if self.metric not in ("top1_agreement", "accuracy"):
+        if not self.counted:
             return None
         n, p, z = self.samples, points / 100.0, 1.959964
         mid = (p + z * z / (2 * n)) / (1 + z * z / n)

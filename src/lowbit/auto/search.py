@@ -361,13 +361,25 @@ def contradicted(point: dict, failing: Sequence[dict]) -> int | None:
     return None
 
 
-def most_accurate_within(points: dict[int, dict], ratio: float) -> int:
-    """The latency budget's choice: of the points measured within `ratio`, the best score; among equal scores the
-    least output noise, then the fastest. The chain's accuracy is not monotone (a layer float between int8 ones
-    can lose more than it wins), so every measured point competes; and at equal counts which answers flip is
-    chance, where the noise, measured on the same samples, is the finer measure."""
+def most_accurate_within(points: dict[int, dict], ratio: float, counted: bool) -> int:
+    """The latency budget's choice among the points measured within `ratio` (the chain's accuracy is not
+    monotone: a layer float between int8 ones can lose more than it wins, so every measured point competes).
+
+    `counted` (top-1 agreement, accuracy: a count of answers): the least output noise, then the best score, then
+    the fastest. Not the best count: the zero-cost candidates alone measure some twenty near-int8 models, and the
+    best of their counts is chance (EfficientNet-Lite0, bench/RESULTS_AUTO.md, tenth round: with a 0.62x budget it
+    took a point at 0.47x keeping 97.7% of the search crops at noise 2.78e-3 over one at 0.59x keeping 96.9% at
+    1.79e-3; on held-out crops the noise decides). Otherwise (cosine and other means): the best score, then the
+    least noise, then the fastest."""
     within = [i for i, pt in points.items() if pt["latency_ratio"] <= ratio]
-    return max(within, key=lambda i: (points[i]["score"], -points[i]["noise"], -points[i]["latency_ratio"], -i))
+
+    def key(i: int) -> tuple[float, ...]:
+        pt = points[i]
+        if counted:
+            return (-pt["noise"], pt["score"], -pt["latency_ratio"], -i)
+        return (pt["score"], -pt["noise"], -pt["latency_ratio"], -i)
+
+    return max(within, key=key)
 
 
 def pareto(points: list[dict], keys: tuple[tuple[str, int], ...]) -> list[dict]:

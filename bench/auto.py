@@ -188,21 +188,22 @@ def bases(args: argparse.Namespace) -> None:
     float_path, calib, search = data(args)
     heldout = photo_crops(args.heldout, "eval")
     fl = session(str(float_path))
-    outs = {k: run_all(fl, [{"input": x[i : i + 32]} for i in range(0, len(x), 32)])[0] for k, x in
-            (("search", search), ("heldout", heldout))}  # fmt: skip
-    refs = {k: o.argmax(1) for k, o in outs.items()}
+
+    def batched(s, x: np.ndarray) -> np.ndarray:
+        return run_all(s, [{"input": x[i : i + 32]} for i in range(0, len(x), 32)])[0]
+
+    ref_held = batched(fl, heldout)
+    refs = {"search": batched(fl, search).argmax(1), "heldout": ref_held.argmax(1)}
     for name in args.bases.split(","):
         t = time.perf_counter()
         m = lowbit.quantize(str(float_path), calib=calib, recipe=base_recipe(name), progress=False).model
         seconds = time.perf_counter() - t
         s = session(m, "kernels")
-        agree = {
-            k: float(np.mean(batched_agreement(s, x, refs[k]))) for k, x in (("search", search), ("heldout", heldout))
-        }
-        flips = int(round((1 - agree["search"]) * len(search)))
-        held = run_all(s, [{"input": heldout[i : i + 32]} for i in range(0, len(heldout), 32)])[0]
+        flips = int(np.sum(batched(s, search).argmax(1) != refs["search"]))
+        held = batched(s, heldout)
         lost = int(np.sum(held.argmax(1) != refs["heldout"]))
-        noise = float(np.mean(noise_per_sample([outs["heldout"]], [held])))
+        agree = {"search": 1 - flips / len(search), "heldout": 1 - lost / len(heldout)}
+        noise = float(np.mean(noise_per_sample([ref_held], [held])))
         if args.save_bases:  # a row of the table
             save(args.out, f"lowbit int8 ({name} base)", m, {"seconds": seconds, "base": name})
         print(

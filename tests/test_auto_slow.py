@@ -36,9 +36,8 @@ def test_efficientnet_one_point_budget_holds_on_held_out_photos(tmp_path: Path, 
 @pytest.mark.slow
 def test_efficientnet_latency_budget_from_the_cli(tmp_path: Path, efficientnet_lite0: Path) -> None:
     """`--latency-budget`: of the measured points within the budget, the least noisy (top-1 answers are a count) is
-    the one written. The budget is
-    loose (all-int8 runs at about half of float's time), so it is met even on a loaded machine; the test checks the
-    choice against the run's own measurements, never a time of its own."""
+    the one written. The budget is loose (all-int8 runs at about half of float's time), so it is met even on a
+    loaded machine; the test checks the choice against the run's own measurements, never a time of its own."""
     from lowbit.evaluate.metrics import top1_agreement
     from lowbit.runtimes.ort import run_all, session
     from lowbit_zoo.zoo import photo_crops

@@ -12,7 +12,7 @@ import pytest
 import lowbit
 from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
-from lowbit.auto.flips import Flips, fragile, gap_error, top_two
+from lowbit.auto.flips import Flips, expected_flips, fragile, gap_error, top_two
 from lowbit.auto.profile import layer_of
 from lowbit.auto.score import Scorer
 from lowbit.auto.search import (
@@ -169,6 +169,9 @@ def test_cli_target_and_guard_flags_reach_the_base_recipe(data: tuple[Path, Path
     r = json.loads(res.stdout)
     # top-1 agreement on 48 samples: a count, so its interval is given and holds the score
     assert r["samples"] == 48 and r["score_interval"][0] <= r["score"] <= r["score_interval"][1]
+    # and every point carries its expected drop on new samples; the written one's is reported
+    assert all(p["expected_drop"] >= 0.0 for p in r["points"]) and r["expected_drop"] is not None
+    assert any(p["expected_drop"] == r["expected_drop"] and p["score"] == r["score"] for p in r["points"])
 
 
 @pytest.mark.parametrize("vnni", [True, False])
@@ -401,6 +404,31 @@ def test_expected_flips_follow_the_margins() -> None:
     assert flips({"a": "int8", "b": "float"}) == pytest.approx(0.3694 + 0.0004, abs=1e-4)
     assert both > only_b >= 0.0
     assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event
+
+
+def test_the_expected_flips_of_a_model_do_not_depend_on_which_sample_drew_which_error() -> None:
+    """Half the samples are close calls (margin 0.1), half are not (margin 3); half the errors are large (one std
+    of the scores against the runner-up), half nil. Which half drew the large errors decides the count (0 or 16
+    flips of 32); the estimate pairs every margin with every error and reads a quarter of the answers either way."""
+    rng = np.random.default_rng(0)
+    background = rng.normal(0.0, 1.0, 100)
+    background[:3] = -10.0, -10.0, 5.0  # classes 0 and 1 are the top two, below; 2 the third
+    ref = np.tile(background, (32, 1))
+    ref[:, 0], ref[:, 1] = 8.0, 8.0 - np.where(np.arange(32) < 16, 0.1, 3.0)
+    big = np.where(np.arange(32) < 16, 0.0, 1.0)  # the large errors miss the close calls: a lucky draw
+    lucky, unlucky = ref.copy(), ref.copy()
+    lucky[:, 1] += big * ref.std(axis=1)
+    unlucky[:, 1] += big[::-1] * ref.std(axis=1)
+    assert int(np.sum(lucky.argmax(1) != 0)) == 0 and int(np.sum(unlucky.argmax(1) != 0)) == 16
+    assert expected_flips(ref, lucky) == pytest.approx(8.0, abs=0.2)
+    assert expected_flips(ref, unlucky) == pytest.approx(expected_flips(ref, lucky), rel=0.02)
+    assert expected_flips(ref, ref) == 0.0
+    everyone = ref.copy()
+    everyone[:, 1] += 5.0 * ref.std(axis=1)  # every runner-up overtakes, for every pairing
+    assert expected_flips(ref, everyone) == pytest.approx(32.0)
+    third = ref.copy()
+    third[:, 2] = 20.0  # the third class overtakes both: a flip all the same
+    assert expected_flips(ref, third) == pytest.approx(32.0)
 
 
 def test_repair_targets_the_answers_still_wrong() -> None:

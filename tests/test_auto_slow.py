@@ -21,7 +21,7 @@ def test_efficientnet_one_point_budget_holds_on_held_out_photos(tmp_path: Path, 
     from lowbit_zoo.zoo import photo_crops
 
     # calibration and the search's data: crops of the calibration photos (two seeds); held out: other photos
-    calib, search, held_out = photo_crops(128, "calib"), photo_crops(128, "calib", seed=1), photo_crops(256, "eval")
+    calib, search, held_out = photo_crops(128, "calib"), photo_crops(128, "calib", seed=1), photo_crops(1024, "eval")
     out = tmp_path / "lite0.auto.onnx"
     r = lowbit.auto_quantize(efficientnet_lite0, [calib], [search], out, max_drop=1.0, progress=False)
     assert r.met and r.score >= 99.0  # the budget, on the search's data
@@ -30,7 +30,13 @@ def test_efficientnet_one_point_budget_holds_on_held_out_photos(tmp_path: Path, 
     ref = run_all(session(efficientnet_lite0), batches)[0]
     got = run_all(session(out, "kernels"), batches)[0]
     # the bar on held-out photos (integer kernels); the search saw none of them
-    assert top1_agreement(ref, got) >= 0.95
+    held_agreement = top1_agreement(ref, got)
+    assert held_agreement >= 0.95
+    # The count that passed is the luckiest of many; the expected drop it reports reads the new photos better
+    # (measured: counted 0.8 points, expected 2.7-3.8, lost 2.8-4.2 of 1024 held-out crops; bench/RESULTS_AUTO.md).
+    lost = 100.0 * (1.0 - held_agreement)
+    assert r.expected_drop is not None and r.expected_drop > r.reference - r.score
+    assert abs(r.expected_drop - lost) < abs(r.reference - r.score - lost)
 
 
 @pytest.mark.slow

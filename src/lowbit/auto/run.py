@@ -87,6 +87,7 @@ class AutoResult(JsonResult):
     run_cost: dict[str, float] = field(default_factory=dict)  # the fitted edge price (runcost.EdgeFit), if any
     samples: int = 0  # the --eval samples the score is measured on
     score_interval: list[float] | None = None  # 95% Wilson interval of a count metric (Scorer.interval)
+    expected_drop: float | None = None  # top-1 agreement: points expected lost on new samples (flips.expected_flips)
     output: Path | None = None
     _skip = ("model", "plan", "recipe", "output")
 
@@ -327,6 +328,7 @@ def auto(
             "score": score,
             "drop": scorer.reference - score,
             "noise": scorer.last_noise,
+            "expected_drop": scorer.last_expected,
             "latency_ratio": paired_ratio(times, "candidate", "float"),
             "size_bytes": model_k.ByteSize(),
             "estimated_ms": cost.ms(assignment),
@@ -478,6 +480,7 @@ def auto(
         run_cost=_asdict(edge_fit),
         samples=scorer.samples,
         score_interval=None if (ci := scorer.interval(chosen["score"])) is None else [round(v, 2) for v in ci],
+        expected_drop=chosen["expected_drop"],
     )
     if output is not None:
         save(model_k, plan_k, output)

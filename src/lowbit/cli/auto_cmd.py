@@ -109,6 +109,14 @@ def auto_text(r: AutoResult) -> str:
             if r.score_interval
             else []
         ),
+        *(
+            [
+                f"    expected on new samples like these: {r.expected_drop:.1f} points below float (each sample's "
+                "top scores met with every sample's errors, so no lucky draw of errors counts)"
+            ]
+            if r.expected_drop is not None
+            else []
+        ),
         f"  latency: {r.latency_ratio:.3f}x float (paired median, 1 thread, {r.cpu})",
         f"  size: {r.size_bytes / 1e6:.2f} MB ({r.size_bytes / r.float_bytes:.0%} of float)",
         "",

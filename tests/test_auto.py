@@ -101,6 +101,8 @@ def test_cli_end_to_end(data: tuple[Path, Path, Path], tmp_path: Path) -> None:
     res = run_cli("auto", str(model), "--calib", str(calib), "--eval", str(ev), "-o", str(out), "--quiet")
     assert res.returncode == 0, res.stderr
     assert "explored front" in res.stdout and "latency" in res.stdout
+    # class scores: the summary and the front give the score expected on new samples beside the counted one
+    assert "expected on new samples like these:" in res.stdout and "  expected  " in res.stdout
     assert out.is_file() and out.with_name("cli.recipe.json").is_file()
 
 

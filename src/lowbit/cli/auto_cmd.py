@@ -97,6 +97,7 @@ def auto_text(r: AutoResult) -> str:
         if r.budget["kind"] == "accuracy"
         else f"latency <= {r.budget['ratio']:g}x float"
     )
+    expects = r.expected_drop is not None  # the front's points carry theirs too
     lines = [
         f"chose {', '.join(f'{n} {p}' for p, n in sorted(r.counts().items()))} layers ({budget}: "
         f"{'met' if r.met else 'NOT met'})",
@@ -121,12 +122,14 @@ def auto_text(r: AutoResult) -> str:
         f"  size: {r.size_bytes / 1e6:.2f} MB ({r.size_bytes / r.float_bytes:.0%} of float)",
         "",
         "explored front (not dominated on score, latency, size):",
-        f"  {'step':>4}  {'found by':>8}  {'score':>7}  {'latency':>8}  {'MB':>6}  precisions",
+        f"  {'step':>4}  {'found by':>8}  {'score':>7}{'  expected' if expects else ''}  {'latency':>8}  {'MB':>6}  "
+        "precisions",
     ]
     for pt in r.front:
         mix = ", ".join(f"{n} {p}" for p, n in sorted(pt["precisions"].items()))
+        drop = f"  {r.reference - pt['expected_drop']:8.2f}" if expects else ""
         lines.append(
-            f"  {pt['step']:>4}  {pt.get('stage', 'chain'):>8}  {pt['score']:7.2f}  {pt['latency_ratio']:7.3f}x  "
+            f"  {pt['step']:>4}  {pt.get('stage', 'chain'):>8}  {pt['score']:7.2f}{drop}  {pt['latency_ratio']:7.3f}x  "
             f"{pt['size_bytes'] / 1e6:6.2f}  {mix}"
         )
     took = ", ".join(f"{k} {v:.0f} s" for k, v in r.seconds.items())

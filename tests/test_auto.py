@@ -479,3 +479,20 @@ def test_a_layer_left_float_stays_float_in_onnx_runtime(tmp_path: Path, excluded
     kern = run_all(session(model, "kernels"), [{"x": x}])[0]
     sim = run_all(session(model, "simulate"), [{"x": x}])[0]
     assert np.abs(kern - sim).max() <= 1e-3 * np.abs(sim).max()
+
+
+def test_the_summary_says_when_the_expected_drop_is_above_the_budget() -> None:
+    from lowbit.auto.run import AutoResult
+    from lowbit.cli.auto_cmd import auto_text
+
+    point = {"step": 3, "score": 99.2, "expected_drop": 2.7, "latency_ratio": 0.6, "size_bytes": 5, "precisions": {}}
+    r = AutoResult(
+        None, None, lowbit.Recipe(), "top-1 agreement", 100.0, 99.2, 0.6, 5, 20, {"kind": "accuracy", "max_drop": 1.0},
+        True, {}, front=[point], samples=128, score_interval=[95.7, 99.9], expected_drop=2.7,
+    )  # fmt: skip
+    text = auto_text(r)
+    assert "expected on new samples like these: 2.7 points below float" in text
+    assert "that is above the budget: on 128 samples" in text
+    assert "   97.30    0.600x" in text  # the front's expected score: float's 100 less 2.7
+    r.expected_drop = point["expected_drop"] = 0.5
+    assert "above the budget" not in auto_text(r)

@@ -118,6 +118,14 @@ def auto_text(r: AutoResult) -> str:
             if r.expected_drop is not None
             else []
         ),
+        *(
+            [
+                f"    that is above the budget: on {r.samples} samples a pass by count is partly the chance of which "
+                "answers flip; more --eval samples narrow it (the front's expected column: what each point should keep)"
+            ]
+            if expects and r.budget["kind"] == "accuracy" and r.expected_drop > r.budget["max_drop"]
+            else []
+        ),
         f"  latency: {r.latency_ratio:.3f}x float (paired median, 1 thread, {r.cpu})",
         f"  size: {r.size_bytes / 1e6:.2f} MB ({r.size_bytes / r.float_bytes:.0%} of float)",
         "",

@@ -43,9 +43,10 @@ def expected_flips(ref: np.ndarray, out: np.ndarray) -> float:
     is the one whose errors happened to miss the close calls, and it flips more on new samples than on these. Here
     each sample's float top scores meet every sample's errors on its own top scores (rank by rank, each in its own
     sample's unit: the std of its float scores), and the flips are averaged: no draw decides it, so choosing a
-    model by its count leaves this nearly unbiased. Measured (bench/RESULTS_AUTO.md): EfficientNet-Lite0 points
-    `auto` wrote flip 1 of 128 search crops, are estimated here at 3-6 and flip 2.4-5.4 per 128 held-out crops; on
-    untrained MobileNetV3s, whose flat scores flip a third of the answers, within 10% on the same samples."""
+    model by its count leaves this nearly unbiased. Measured (bench/RESULTS_AUTO.md, eleventh round): ten
+    EfficientNet-Lite0 models (`auto`'s, NNCF's) whose counts on 128 search crops read 0.8-3.1 points lost are
+    expected here to lose 2.4-4.6 and lost 1.9-4.2% of 1024 held-out crops (mean gap 0.55 points; the count's 2.0);
+    on untrained MobileNetV3s, whose flat scores flip a third of the answers, within 10% (bench/expected_drop.py)."""
     n = len(ref)
     scores = ref.reshape(n, -1).astype(np.float64)
     errors = out.reshape(n, -1).astype(np.float64) - scores

@@ -31,7 +31,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import lowbit  # noqa: E402
-from lowbit.auto.flips import expected_flips  # noqa: E402
+from lowbit.auto.flips import expected_lost  # noqa: E402
 from lowbit.auto.sensitivity import noise_per_sample  # noqa: E402
 from lowbit.evaluate.bench import machine  # noqa: E402
 from lowbit.evaluate.latency import interleaved_latency, paired_ratio  # noqa: E402
@@ -439,7 +439,7 @@ def table(args: argparse.Namespace) -> None:
                 "tool": info["name"],
                 "search_top1": skern["top1_agreement"],
                 # what `auto` reports as expected on new samples, from the search crops alone
-                "search_expected_drop": 100.0 * expected_flips(sref, sout) / len(search),
+                "search_expected_drop": 100.0 * expected_lost(sref, sout) / len(search),
                 "heldout_top1_kernels": kern["top1_agreement"],
                 "heldout_top1_simulation": sim["top1_agreement"],
                 "heldout_cosine": kern["cosine"],

@@ -1,4 +1,4 @@
-"""How well `lowbit auto`'s expected drop (flips.expected_flips) reads a quantized classifier's lost answers, on
+"""How well `lowbit auto`'s expected drop (flips.expected_lost) reads a quantized classifier's lost answers, on
 models unlike EfficientNet-Lite0: MobileNetV3-Small and -Large, untrained (no trained weights install offline),
 whose flat scores flip a third or more of the answers. Each is quantized with two recipes; the count of flipped
 top-1 answers and the expected flips are measured on the search crops (128, the calibration photographs) and on
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import lowbit
-from lowbit.auto.flips import expected_flips
+from lowbit.auto.flips import expected_lost
 from lowbit.runtimes.ort import run_all, session
 from lowbit_zoo.mobilenet import mobilenet_v3_onnx
 from lowbit_zoo.zoo import photo_crops
@@ -51,7 +51,7 @@ def main() -> int:
                 ref, out = refs[part], outputs(q, x)
                 per = 128 / len(x)
                 flips = int(np.sum(out.argmax(1) != ref.argmax(1)))
-                cells.append(f"{flips * per:.1f} / {expected_flips(ref, out) * per:.1f}")
+                cells.append(f"{flips * per:.1f} / {expected_lost(ref, out) * per:.1f}")
             print(f"| MobileNetV3-{variant.capitalize()} (untrained) | {name} | {cells[0]} | {cells[1]} |", flush=True)
     return 0
 

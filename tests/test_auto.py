@@ -12,7 +12,7 @@ import pytest
 import lowbit
 from conftest import run_cli, tiny_cnn
 from lowbit.auto.assign import Layer
-from lowbit.auto.flips import Flips, expected_flips, fragile, gap_error, top_two
+from lowbit.auto.flips import Flips, expected_lost, fragile, gap_error, top_two
 from lowbit.auto.profile import layer_of
 from lowbit.auto.score import Scorer
 from lowbit.auto.search import (
@@ -408,7 +408,7 @@ def test_expected_flips_follow_the_margins() -> None:
     assert only_b == pytest.approx(0.0, abs=1e-12)  # 0.01 against a gap of 1: a 100-sigma event
 
 
-def test_the_expected_flips_of_a_model_do_not_depend_on_which_sample_drew_which_error() -> None:
+def test_the_expected_lost_of_a_model_do_not_depend_on_which_sample_drew_which_error() -> None:
     """Half the samples are close calls (margin 0.1), half are not (margin 3); half the errors are large (one std
     of the scores against the runner-up), half nil. Which half drew the large errors decides the count (0 or 16
     flips of 32); the estimate pairs every margin with every error and reads a quarter of the answers either way."""
@@ -422,15 +422,30 @@ def test_the_expected_flips_of_a_model_do_not_depend_on_which_sample_drew_which_
     lucky[:, 1] += big * ref.std(axis=1)
     unlucky[:, 1] += big[::-1] * ref.std(axis=1)
     assert int(np.sum(lucky.argmax(1) != 0)) == 0 and int(np.sum(unlucky.argmax(1) != 0)) == 16
-    assert expected_flips(ref, lucky) == pytest.approx(8.0, abs=0.2)
-    assert expected_flips(ref, unlucky) == pytest.approx(expected_flips(ref, lucky), rel=0.02)
-    assert expected_flips(ref, ref) == 0.0
+    assert expected_lost(ref, lucky) == pytest.approx(8.0, abs=0.2)
+    assert expected_lost(ref, unlucky) == pytest.approx(expected_lost(ref, lucky), rel=0.02)
+    assert expected_lost(ref, ref) == 0.0
     everyone = ref.copy()
     everyone[:, 1] += 5.0 * ref.std(axis=1)  # every runner-up overtakes, for every pairing
-    assert expected_flips(ref, everyone) == pytest.approx(32.0)
+    assert expected_lost(ref, everyone) == pytest.approx(32.0)
     third = ref.copy()
     third[:, 2] = 20.0  # the third class overtakes both: a flip all the same
-    assert expected_flips(ref, third) == pytest.approx(32.0)
+    assert expected_lost(ref, third) == pytest.approx(32.0)
+
+
+def test_with_labels_the_expected_loss_counts_right_answers_lost_less_wrong_ones_put_right() -> None:
+    """Four samples, classes 0 and 1 close (margin 0.1); every error pushes class 1 up past class 0. Where the label
+    is 0 a right answer is lost, where it is 1 a wrong one is put right, where it is 2 (neither) nothing changes."""
+    ref = np.tile([5.0, 4.9, 0.0, -1.0], (4, 1))
+    out = ref.copy()
+    out[:, 1] += 1.0
+    assert expected_lost(ref, out) == pytest.approx(4.0)  # against float's answers: all four flip
+    assert expected_lost(ref, out, np.array([0, 0, 0, 0])) == pytest.approx(4.0)
+    assert expected_lost(ref, out, np.array([0, 0, 1, 1])) == pytest.approx(0.0)  # two lost, two put right
+    assert expected_lost(ref, out, np.array([0, 1, 1, 2])) == pytest.approx(-1.0)  # one lost, two put right
+    assert expected_lost(ref, ref, np.array([0, 1, 2, 3])) == 0.0
+    noisy = ref + np.random.default_rng(0).normal(0.0, 0.3, ref.shape)
+    assert expected_lost(ref, noisy, ref.argmax(1)) == pytest.approx(expected_lost(ref, noisy))  # float's answers
 
 
 def test_repair_targets_the_answers_still_wrong() -> None:

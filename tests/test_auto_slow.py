@@ -156,4 +156,8 @@ def test_fashion_mnist_labels_hold_the_accuracy_budget(tmp_path: Path) -> None:
     assert r["score"] >= float_acc - 1.0
     # held out: 2000 test images the search never saw stay within 2 points of float
     held_x, held_y = xte[500:2500], yte[500:2500]
-    assert fm.ort_accuracy(str(out), held_x, held_y) >= fm.ort_accuracy(str(model), held_x, held_y) - 2.0
+    held_drop = fm.ort_accuracy(str(model), held_x, held_y) - fm.ort_accuracy(str(out), held_x, held_y)
+    assert held_drop <= 2.0
+    # the accuracy it expects lost on new images, right answers lost less wrong ones put right, reads the held-out
+    # images within a point (measured: 0.05 expected, 0.2 counted on the 500, 0.0 on the 2000)
+    assert r["expected_drop"] is not None and abs(r["expected_drop"] - held_drop) <= 1.0

@@ -36,13 +36,14 @@ RANKS = 16  # each sample's top classes whose order an error may change
 ERROR_DRAWS = 1024  # errors each sample is paired with, at most (evenly spaced): the cost stays n x 1024 x RANKS
 
 
-def expected_flips(ref: np.ndarray, out: np.ndarray) -> float:
-    """How many of these samples' top-1 answers a model with `out`'s errors is expected to flip, chance aside.
+def expected_lost(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> float:
+    """How many of these samples' answers a model with `out`'s errors is expected to lose, chance aside: top-1
+    answers that are no longer float's, or with `labels`, right answers lost less wrong ones put right.
 
-    The count of flips depends on which sample drew which error: the fastest of many models passing the same count
-    is the one whose errors happened to miss the close calls, and it flips more on new samples than on these. Here
-    each sample's float top scores meet every sample's errors on its own top scores (rank by rank, each in its own
-    sample's unit: the std of its float scores), and the flips are averaged: no draw decides it, so choosing a
+    The count depends on which sample drew which error: the fastest of many models passing the same count is the
+    one whose errors happened to miss the close calls, and it loses more on new samples than on these. Here each
+    sample's float top scores meet every sample's errors on its own top scores (rank by rank, each in its own
+    sample's unit: the std of its float scores), and the outcomes are averaged: no draw decides it, so choosing a
     model by its count leaves this nearly unbiased. Measured (bench/RESULTS_AUTO.md, eleventh round): ten
     EfficientNet-Lite0 models (`auto`'s, NNCF's) whose counts on 128 search crops read 0.8-3.1 points lost are
     expected here to lose 2.4-4.6 and lost 1.9-4.2% of 1024 held-out crops (mean gap 0.55 points; the count's 2.0);
@@ -56,10 +57,20 @@ def expected_flips(ref: np.ndarray, out: np.ndarray) -> float:
     top = np.take_along_axis(scores, order, axis=1) / unit
     moved = np.take_along_axis(errors, order, axis=1) / unit
     draws = moved[np.unique(np.linspace(0, n - 1, min(n, ERROR_DRAWS)).round().astype(int))]
-    flips = 0.0
+    right = None  # with labels: the label's place in each sample's float order (-1: below the top ranks kept)
+    if labels is not None:
+        k = order.shape[1]
+        at = np.where(order == np.asarray(labels).reshape(n, 1), np.arange(k), k).min(axis=1)
+        right = np.where(at < k, at, -1)
+    lost = 0.0
     for i in range(0, n, 64):  # 64 x draws x RANKS at a time
-        flips += float(np.sum(np.mean((top[i : i + 64, None, :] + draws[None]).argmax(axis=2) != 0, axis=1)))
-    return flips
+        first = (top[i : i + 64, None, :] + draws[None]).argmax(axis=2)  # each pairing's answer, as a float rank
+        if right is None:
+            lost += float(np.sum(np.mean(first != 0, axis=1)))
+        else:
+            now = np.mean(first == right[i : i + 64, None], axis=1)
+            lost += float(np.sum((right[i : i + 64] == 0) - now))
+    return lost
 
 
 def fragile(ref: np.ndarray, n: int) -> np.ndarray:

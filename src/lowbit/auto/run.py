@@ -87,7 +87,7 @@ class AutoResult(JsonResult):
     run_cost: dict[str, float] = field(default_factory=dict)  # the fitted edge price (runcost.EdgeFit), if any
     samples: int = 0  # the --eval samples the score is measured on
     score_interval: list[float] | None = None  # 95% Wilson interval of a count metric (Scorer.interval)
-    expected_drop: float | None = None  # top-1 agreement: points expected lost on new samples (flips.expected_flips)
+    expected_drop: float | None = None  # count metrics: points expected lost on new samples (flips.expected_lost)
     output: Path | None = None
     _skip = ("model", "plan", "recipe", "output")
 

@@ -17,7 +17,7 @@ import onnx
 from ..errors import LowbitError
 from ..evaluate.outputs import output_fidelity, resolve
 from ..runtimes.ort import run_all, session
-from .flips import expected_flips
+from .flips import expected_lost
 from .sensitivity import noise_fraction, noise_per_sample
 
 Metric = Literal["auto", "top1", "cosine", "accuracy"]
@@ -108,15 +108,16 @@ class Scorer:
         """The model's points with integer kernels (what ships), on every evaluation sample. Keeps in `last_wrong`
         the samples whose top-1 answer differs from the float model's (class scores; empty otherwise), and in
         `last_noise` its output noise against float's outputs (sensitivity.noise_fraction), a finer measure, and
-        in `last_noise_rows` the same per sample (what a paired comparison of two models needs). Top-1 agreement:
-        `last_expected` the points it is expected to lose on new samples like these (flips.expected_flips)."""
+        in `last_noise_rows` the same per sample (what a paired comparison of two models needs). Counts (top-1
+        agreement, accuracy): `last_expected` the points it is expected to lose on new samples like these
+        (flips.expected_lost)."""
         outs = run_all(session(model, "kernels"), self.batches)
         self.last_wrong = self._wrong(outs[0])
         self.last_noise = noise_fraction(self.refs, outs)
         self.last_noise_rows = noise_per_sample(self.refs, outs)
         self.last_expected = None
-        if self.metric == "top1_agreement":
-            self.last_expected = 100.0 * expected_flips(self.refs[0], outs[0]) / self.samples
+        if self.counted:
+            self.last_expected = 100.0 * expected_lost(self.refs[0], outs[0], self.labels) / self.samples
         return self._points(outs)
 
     def _wrong(self, out: np.ndarray) -> frozenset[int]:

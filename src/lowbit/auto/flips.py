@@ -5,6 +5,9 @@ the gap between the float model's top two scores, on the samples where that gap 
 layer's error alone is also kept per sample, as the change it makes to that gap, and an assignment's estimate is
 the number of samples whose gap its errors are expected to close: errors of different layers taken as independent
 and zero-mean (their variances add), P(flip) = Phi(-margin / sqrt(sum of squared gap errors)).
+
+For a model already measured, `expected_lost` reads from its whole outputs how many answers it is expected to lose
+on new samples like these: what `auto` reports beside the count its budget is held to.
 """
 
 from __future__ import annotations

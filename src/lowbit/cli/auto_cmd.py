@@ -115,7 +115,7 @@ def auto_text(r: AutoResult) -> str:
                 f"    expected on new samples like these: {r.expected_drop:.1f} points below float (each sample's "
                 "top scores met with every sample's errors, so no lucky draw of errors counts)"
             ]
-            if r.expected_drop is not None
+            if expects
             else []
         ),
         *(
